@@ -1,0 +1,47 @@
+"""flexible_attention: one attention semantics, many algorithms, for Haiku."""
+
+# pylint: disable=g-importing-member
+from flexible_attention import mechanisms as _mechanisms  # Registers all.
+from flexible_attention.core.inputs import AttentionInputs
+from flexible_attention.core.inputs import canonicalize
+from flexible_attention.core.masks import Visibility
+from flexible_attention.core.reference import reference_attention
+from flexible_attention.core.types import AttentionOutput
+from flexible_attention.core.types import BlockSizes
+from flexible_attention.core.types import KVCache
+from flexible_attention.core.types import init_cache
+from flexible_attention.mechanisms.auto import select_mechanism
+from flexible_attention.mechanisms.base import AttentionModule
+from flexible_attention.mechanisms.registry import AttentionRequest
+from flexible_attention.mechanisms.registry import Capabilities
+from flexible_attention.mechanisms.registry import available_mechanisms
+from flexible_attention.mechanisms.registry import capabilities
+from flexible_attention.mechanisms.registry import create_attention
+from flexible_attention.mechanisms.registry import register_mechanism
+from flexible_attention.mechanisms.registry import support_table
+from flexible_attention.sharding.mesh import PartitionAxis
+from flexible_attention.sharding.mesh import make_mesh
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AttentionInputs",
+    "AttentionModule",
+    "AttentionOutput",
+    "AttentionRequest",
+    "BlockSizes",
+    "Capabilities",
+    "KVCache",
+    "PartitionAxis",
+    "Visibility",
+    "available_mechanisms",
+    "canonicalize",
+    "capabilities",
+    "create_attention",
+    "init_cache",
+    "make_mesh",
+    "reference_attention",
+    "register_mechanism",
+    "select_mechanism",
+    "support_table",
+)

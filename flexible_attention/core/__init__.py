@@ -1,0 +1,1 @@
+"""Core semantics: inputs, masks, the reference and the dropout hash."""

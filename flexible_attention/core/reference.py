@@ -1,0 +1,147 @@
+"""The semantics as dense code: logits, masked softmax and the reference.
+
+`logits` and `masked_softmax` are the two steps every XLA-level kernel shares
+(the dense kernel here, the blockwise kernel per tile). `dense_attention`
+composes them over the whole problem; `reference_attention` is the same
+function in float32 at the highest matmul precision: the oracle of every test
+and of `fa.compare_attentions`, and (at the caller's dtype) the body of the
+`vanilla` mechanism.
+
+Glossary of shapes:
+- B: batch size.
+- Sq, Sk: query and key sequence lengths.
+- H, Hkv: query heads and key/value heads; G = H // Hkv.
+- D, Dv: query/key and value head sizes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.core import masks
+from flexible_attention.core.types import KernelOutput
+
+# A finite stand-in for -inf: masked logits use it so that no NaN can appear,
+# neither in the forward pass nor in gradients.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def logits(q, k, bias, *, sm_scale: float, softcap: float | None, precision,
+           softmax_dtype):
+  """Scaled, soft-capped and biased logits (semantics steps 1-3).
+
+  Args:
+    q: `[B, Sq, Hkv, G, D]` queries in the grouped layout.
+    k: `[B, Sk, Hkv, D]`.
+    bias: `[B|1, Hkv|1, G|1, Sq|1, Sk|1]` or `None`.
+    sm_scale: the softmax scale.
+    softcap: `c` of `c * tanh(s / c)`, or `None`.
+    precision: matmul precision.
+    softmax_dtype: accumulation dtype (float32).
+
+  Returns:
+    `(s, dcap)`: logits `[B, Hkv, G, Sq, Sk]` in `softmax_dtype`, and the
+    derivative of the soft cap with respect to its input (`None` without a
+    soft cap), which backward passes need.
+  """
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, precision=precision,
+                 preferred_element_type=softmax_dtype)
+  s = s * jnp.asarray(sm_scale, softmax_dtype)
+  dcap = None
+  if softcap is not None:
+    t = jnp.tanh(s / softcap)
+    s = softcap * t
+    dcap = 1.0 - t * t
+  if bias is not None:
+    s = s + bias.astype(softmax_dtype)
+  return s, dcap
+
+
+def masked_softmax(s, visible):
+  """Softmax over visible keys; a row with no visible key gives zeros.
+
+  Args:
+    s: `[..., Sq, Sk]` logits.
+    visible: bool, broadcastable to `s`.
+
+  Returns:
+    `(p, lse)`: probabilities like `s` and the log-sum-exp `[..., Sq]`
+    (`-inf` for empty rows).
+  """
+  s = jnp.where(visible, s, MASK_VALUE)
+  m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), MASK_VALUE)
+  e = jnp.where(visible, jnp.exp(s - m), 0.0)
+  l = jnp.sum(e, axis=-1, keepdims=True)
+  p = e / jnp.where(l > 0, l, 1.0)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return p, lse[..., 0]
+
+
+def group_query(q, num_kv_heads: int):
+  """`[B, Sq, H, D]` -> `[B, Sq, Hkv, G, D]`."""
+  b, sq, h, d = q.shape
+  return q.reshape(b, sq, num_kv_heads, h // num_kv_heads, d)
+
+
+def dense_attention(query, key, value, bias, visibility: masks.Visibility,
+                    dropout: dropout_lib.Dropout | None = None, *,
+                    sm_scale: float, softcap: float | None = None,
+                    precision=None, softmax_dtype=jnp.float32,
+                    return_weights: bool = False) -> KernelOutput:
+  """Attention over the whole score matrix at once (a pure function).
+
+  Args:
+    query: `[B, Sq, H, D]`.
+    key: `[B, Sk, Hkv, D]`.
+    value: `[B, Sk, Hkv, Dv]`.
+    bias: `[B|1, H|1, Sq|1, Sk|1]` or `None`.
+    visibility: the structured mask of the call.
+    dropout: a `Dropout`, or `None` for none.
+    sm_scale, softcap, precision, softmax_dtype: see `logits`.
+    return_weights: also return the applied probabilities.
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv] in query.dtype, lse [B, H, Sq],
+    weights [B, H, Sq, Sk] or None)`.
+  """
+  batch, q_len, num_heads, _ = query.shape
+  num_kv_heads = key.shape[2]
+  groups = num_heads // num_kv_heads
+  s, _ = logits(group_query(query, num_kv_heads), key,
+                masks.group_heads(bias, num_kv_heads), sm_scale=sm_scale,
+                softcap=softcap, precision=precision,
+                softmax_dtype=softmax_dtype)  # [B, Hkv, G, Sq, Sk]
+  visible = masks.group_heads(visibility.dense(), num_kv_heads)
+  p, lse = masked_softmax(s, visible)
+  if dropout is not None:
+    keep = dropout_lib.keep_grouped(dropout, visibility.q_positions,
+                                    visibility.kv_positions, num_kv_heads,
+                                    groups)
+    p = jnp.where(keep, p / (1.0 - dropout.rate), 0.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(value.dtype), value,
+                   precision=precision, preferred_element_type=softmax_dtype)
+  out = out.reshape(batch, q_len, num_heads, value.shape[-1])
+  weights = None
+  if return_weights:
+    weights = p.reshape(batch, num_heads, q_len, key.shape[1])
+  return KernelOutput(out.astype(query.dtype),
+                      lse.reshape(batch, num_heads, q_len), weights)
+
+
+def reference_attention(query, key, value, bias, visibility: masks.Visibility,
+                        dropout: dropout_lib.Dropout | None = None, *,
+                        sm_scale: float, softcap: float | None = None,
+                        return_weights: bool = False) -> KernelOutput:
+  """The float32 oracle: `dense_attention` on float32 inputs, HIGHEST precision.
+
+  Arguments as `dense_attention`; the outputs are float32.
+  """
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  return dense_attention(
+      f32(query), f32(key), f32(value), f32(bias), visibility, dropout,
+      sm_scale=sm_scale, softcap=softcap,
+      precision=jax.lax.Precision.HIGHEST, softmax_dtype=jnp.float32,
+      return_weights=return_weights)

@@ -1,0 +1,1 @@
+"""Pure attention kernels (no Haiku inside): functions of arrays."""

@@ -1,0 +1,313 @@
+"""Memory-efficient attention in pure JAX: online softmax over tiles.
+
+The forward pass walks query tiles; for each it walks key tiles, keeping a
+running maximum, normaliser and output accumulator (Milakov & Gimelshein,
+2018; Rabe & Staats, 2021; Dao et al., 2022). The backward pass is written by
+hand (`jax.custom_vjp`) and recomputes the probabilities of each tile from the
+saved log-sum-exp, so the only residuals are q, k, v, the output and the
+float32 log-sum-exp: memory stays O(S), never O(Sq * Sk).
+
+Tiles that the structured mask makes fully invisible (causal, window,
+segments, kv lengths: `Visibility.maybe_visible`) are skipped with `lax.cond`
+in both passes. Sequences of any length work: tiles are padded inside, with
+padded key slots invisible.
+
+Glossary of shapes:
+- B: batch size.
+- Sq, Sk: query and key sequence lengths; bq, bk: tile sizes.
+- H, Hkv: query and key/value heads; G = H // Hkv (grouped-query attention
+  never repeats K/V: queries are laid out as `[B, S, Hkv, G, D]`).
+- D, Dv: query/key and value head sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.core import masks
+from flexible_attention.core import reference
+from flexible_attention.core.inputs import AttentionInputs
+from flexible_attention.core.types import KernelOutput
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  sm_scale: float
+  softcap: float | None
+  precision: object
+  block_q: int
+  block_k: int
+  block_q_bwd: int
+  block_k_bwd: int
+
+
+def _tile_size(block: int, length: int) -> tuple[int, int]:
+  """Tile size and number of tiles for a sequence (one tile if it fits)."""
+  size = min(block, length)
+  return size, math.ceil(length / size)
+
+
+def _pad_seq(x, length: int):
+  """Pads axis 1 of `x` to `length` with zeros."""
+  pad = length - x.shape[1]
+  if pad == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
+class _Padded:
+  """The call's arrays padded to whole tiles, in the grouped layout."""
+
+  def __init__(self, q, k, v, bias, vis, bq, nq, bk, nk):
+    batch, self.q_len, num_heads, head_dim = q.shape
+    self.kv_len = k.shape[1]
+    self.num_kv_heads = k.shape[2]
+    self.groups = num_heads // self.num_kv_heads
+    self.bq, self.nq, self.bk, self.nk = bq, nq, bk, nk
+    q_pad, kv_pad = bq * nq - self.q_len, bk * nk - self.kv_len
+    self.q = reference.group_query(_pad_seq(q, bq * nq), self.num_kv_heads)
+    self.k = _pad_seq(k, bk * nk)
+    self.v = _pad_seq(v, bk * nk)
+    self.bias = masks.pad_broadcastable(bias, q_pad, kv_pad, 0.0)
+    self.vis = vis.pad(q_pad, kv_pad)
+
+  def q_rows(self, x, i, axis=1):
+    return jax.lax.dynamic_slice_in_dim(x, i * self.bq, self.bq, axis=axis)
+
+  def kv_rows(self, x, j, axis=1):
+    return jax.lax.dynamic_slice_in_dim(x, j * self.bk, self.bk, axis=axis)
+
+  def tile(self, i, j):
+    """`(visibility, grouped bias)` of tile (i, j)."""
+    qs, ks = i * self.bq, j * self.bk
+    bias = masks.slice_broadcastable(self.bias, qs, self.bq, ks, self.bk)
+    return (self.vis.slice(qs, self.bq, ks, self.bk),
+            masks.group_heads(bias, self.num_kv_heads))
+
+  def keep(self, dropout, vis):
+    return dropout_lib.keep_grouped(dropout, vis.q_positions,
+                                    vis.kv_positions, self.num_kv_heads,
+                                    self.groups)
+
+
+def _forward(cfg: _Config, q, k, v, bias, vis, dropout):
+  """Returns `out [B, Sq, H, Dv]` (q.dtype) and `lse [B, H, Sq]` (float32)."""
+  batch, q_len, num_heads, _ = q.shape
+  value_dim = v.shape[-1]
+  bq, nq = _tile_size(cfg.block_q, q_len)
+  bk, nk = _tile_size(cfg.block_k, k.shape[1])
+  t = _Padded(q, k, v, bias, vis, bq, nq, bk, nk)
+  hkv, groups = t.num_kv_heads, t.groups
+
+  def q_tile(i, buffers):
+    out_buf, lse_buf = buffers
+    q_i = t.q_rows(t.q, i)  # [B, bq, Hkv, G, D]
+
+    def kv_tile(j, carry):
+      vis_ij, bias_ij = t.tile(i, j)
+
+      def attend(carry):
+        acc, m, l = carry
+        s, _ = reference.logits(q_i, t.kv_rows(t.k, j), bias_ij,
+                                sm_scale=cfg.sm_scale, softcap=cfg.softcap,
+                                precision=cfg.precision,
+                                softmax_dtype=jnp.float32)
+        visible = masks.group_heads(vis_ij.dense(), hkv)
+        s = jnp.where(visible, s, reference.MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [B, Hkv, G, bq]
+        correction = jnp.exp(m - m_new)
+        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+        l = l * correction + jnp.sum(p, axis=-1)
+        if dropout is not None:
+          p = jnp.where(t.keep(dropout, vis_ij), p / (1.0 - dropout.rate), 0.)
+        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype),
+                        t.kv_rows(t.v, j), precision=cfg.precision,
+                        preferred_element_type=jnp.float32)
+        return acc * correction[..., None] + pv, m_new, l
+
+      return jax.lax.cond(vis_ij.maybe_visible(), attend, lambda c: c, carry)
+
+    stats_shape = (batch, hkv, groups, bq)
+    init = (jnp.zeros(stats_shape + (value_dim,), jnp.float32),
+            jnp.full(stats_shape, reference.MASK_VALUE, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, nk, kv_tile, init)
+    nonempty = l > 0
+    out_i = acc / jnp.where(nonempty, l, 1.0)[..., None]
+    lse_i = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)),
+                      -jnp.inf)
+    out_i = jnp.moveaxis(out_i, 3, 1).astype(q.dtype)  # [B, bq, Hkv, G, Dv]
+    out_buf = jax.lax.dynamic_update_slice_in_dim(out_buf, out_i, i * bq, 1)
+    lse_buf = jax.lax.dynamic_update_slice_in_dim(lse_buf, lse_i, i * bq, 3)
+    return out_buf, lse_buf
+
+  buffers = (jnp.zeros((batch, nq * bq, hkv, groups, value_dim), q.dtype),
+             jnp.zeros((batch, hkv, groups, nq * bq), jnp.float32))
+  out, lse = jax.lax.fori_loop(0, nq, q_tile, buffers)
+  out = out[:, :q_len].reshape(batch, q_len, num_heads, value_dim)
+  lse = lse[..., :q_len].reshape(batch, num_heads, q_len)
+  return out, lse
+
+
+def _reduce_to(x, shape):
+  """Sums `x` over the axes where `shape` broadcasts (has size 1)."""
+  axes = tuple(a for a, (n, m) in enumerate(zip(x.shape, shape))
+               if m == 1 and n != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _backward(cfg: _Config, q, k, v, bias, vis, dropout, out, lse, dout,
+              dlse):
+  """Gradients with respect to q, k, v and bias (FlashAttention-2 style)."""
+  batch, q_len, num_heads, head_dim = q.shape
+  bq, nq = _tile_size(cfg.block_q_bwd, q_len)
+  bk, nk = _tile_size(cfg.block_k_bwd, k.shape[1])
+  t = _Padded(q, k, v, bias, vis, bq, nq, bk, nk)
+  hkv, groups = t.num_kv_heads, t.groups
+  rate = None if dropout is None else dropout.rate
+
+  # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32),
+                     out.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - dlse
+  grouped = lambda x: x.reshape(batch, hkv, groups, -1)  # [B, Hkv, G, S]
+  delta = _pad_seq(grouped(delta).swapaxes(1, 3), nq * bq).swapaxes(1, 3)
+  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # Empty rows: p is 0 anyway.
+  lse = _pad_seq(grouped(lse).swapaxes(1, 3), nq * bq).swapaxes(1, 3)
+  do = reference.group_query(_pad_seq(dout, nq * bq), hkv)
+
+  def kv_tile(j, buffers):
+    dq_acc, dk_buf, dv_buf, dbias_acc = buffers
+    k_j, v_j = t.kv_rows(t.k, j), t.kv_rows(t.v, j)
+
+    def q_tile(i, carry):
+      vis_ij, bias_ij = t.tile(i, j)
+
+      def grads(carry):
+        dk_j, dv_j, dq_acc, dbias_acc = carry
+        q_i, do_i = t.q_rows(t.q, i), t.q_rows(do, i)
+        s, dcap = reference.logits(q_i, k_j, bias_ij, sm_scale=cfg.sm_scale,
+                                   softcap=cfg.softcap,
+                                   precision=cfg.precision,
+                                   softmax_dtype=jnp.float32)
+        visible = masks.group_heads(vis_ij.dense(), hkv)
+        p = jnp.where(visible, jnp.exp(s - t.q_rows(lse, i, 3)[..., None]),
+                      0.0)
+        dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_i, v_j,
+                        precision=cfg.precision,
+                        preferred_element_type=jnp.float32)
+        p_applied = p
+        if dropout is not None:
+          keep = t.keep(dropout, vis_ij)
+          p_applied = jnp.where(keep, p / (1.0 - rate), 0.0)
+          dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+        dv_j += jnp.einsum("bhgqk,bqhgd->bkhd", p_applied.astype(dout.dtype),
+                           do_i, precision=cfg.precision,
+                           preferred_element_type=jnp.float32)
+        ds = p * (dp - t.q_rows(delta, i, 3)[..., None])  # d/d(logits)
+        if dbias_acc is not None:
+          full = ds.reshape(batch, num_heads, bq, bk)
+          dbias_ij = _reduce_to(full, t.bias.shape)
+          start = [0, 0, i * bq if t.bias.shape[2] > 1 else 0,
+                   j * bk if t.bias.shape[3] > 1 else 0]
+          old = jax.lax.dynamic_slice(dbias_acc, start, dbias_ij.shape)
+          dbias_acc = jax.lax.dynamic_update_slice(dbias_acc, old + dbias_ij,
+                                                   start)
+        if dcap is not None:
+          ds = ds * dcap
+        ds = (ds * cfg.sm_scale).astype(q.dtype)
+        dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_j,
+                          precision=cfg.precision,
+                          preferred_element_type=jnp.float32)
+        dk_j += jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_i,
+                           precision=cfg.precision,
+                           preferred_element_type=jnp.float32)
+        dq_acc = jax.lax.dynamic_update_slice_in_dim(
+            dq_acc, t.q_rows(dq_acc, i) + dq_i, i * bq, 1)
+        return dk_j, dv_j, dq_acc, dbias_acc
+
+      return jax.lax.cond(vis_ij.maybe_visible(), grads, lambda c: c, carry)
+
+    init = (jnp.zeros((batch, bk, hkv, head_dim), jnp.float32),
+            jnp.zeros((batch, bk, hkv, v.shape[-1]), jnp.float32),
+            dq_acc, dbias_acc)
+    dk_j, dv_j, dq_acc, dbias_acc = jax.lax.fori_loop(0, nq, q_tile, init)
+    dk_buf = jax.lax.dynamic_update_slice_in_dim(
+        dk_buf, dk_j.astype(k.dtype), j * bk, 1)
+    dv_buf = jax.lax.dynamic_update_slice_in_dim(
+        dv_buf, dv_j.astype(v.dtype), j * bk, 1)
+    return dq_acc, dk_buf, dv_buf, dbias_acc
+
+  buffers = (jnp.zeros(t.q.shape, jnp.float32),
+             jnp.zeros(t.k.shape, k.dtype), jnp.zeros(t.v.shape, v.dtype),
+             None if bias is None else jnp.zeros(t.bias.shape, jnp.float32))
+  dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_tile, buffers)
+  dq = dq[:, :q_len].reshape(q.shape).astype(q.dtype)
+  dk, dv = dk[:, :k.shape[1]], dv[:, :k.shape[1]]
+  if dbias is not None:
+    dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+  return dq, dk, dv, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, bias, vis, dropout):
+  return _forward(cfg, q, k, v, bias, vis, dropout)
+
+
+def _attention_fwd(cfg, q, k, v, bias, vis, dropout):
+  out, lse = _forward(cfg, q, k, v, bias, vis, dropout)
+  return (out, lse), (q, k, v, bias, vis, dropout, out, lse)
+
+
+def _attention_bwd(cfg, residuals, cotangents):
+  q, k, v, bias, vis, dropout, out, lse = residuals
+  dout, dlse = cotangents
+  dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, vis, dropout, out, lse,
+                                dout, dlse)
+  return dq, dk, dv, dbias, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_attention(inputs: AttentionInputs,
+                        dropout: dropout_lib.Dropout | None = None, *,
+                        sm_scale: float, softcap: float | None = None,
+                        precision=None, block_q: int = DEFAULT_BLOCK_Q,
+                        block_k: int = DEFAULT_BLOCK_K,
+                        block_q_bwd: int | None = None,
+                        block_k_bwd: int | None = None) -> KernelOutput:
+  """Tiled attention with O(S) memory (a pure function).
+
+  Args:
+    inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
+      D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
+      and the `Visibility`.
+    dropout: a `Dropout`, or `None`.
+    sm_scale: the softmax scale.
+    softcap: logits soft cap, or `None`.
+    precision: matmul precision.
+    block_q, block_k: forward tile sizes (clipped to the sequence lengths).
+    block_q_bwd, block_k_bwd: backward tile sizes (default: the forward's).
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`. Both
+    outputs are differentiable (q, k, v and bias).
+  """
+  cfg = _Config(sm_scale=float(sm_scale), softcap=softcap,
+                precision=precision, block_q=block_q, block_k=block_k,
+                block_q_bwd=block_q_bwd or block_q,
+                block_k_bwd=block_k_bwd or block_k)
+  out, lse = _attention(cfg, inputs.query, inputs.key, inputs.value,
+                        inputs.bias, inputs.visibility, dropout)
+  return KernelOutput(out, lse, None)

@@ -1,0 +1,10 @@
+"""Attention mechanisms: one module per algorithm, all in the registry.
+
+Imported in registration order (the order of `fa.available_mechanisms()`).
+"""
+
+# pylint: disable=g-bad-import-order
+from flexible_attention.mechanisms import vanilla
+from flexible_attention.mechanisms import blockwise
+from flexible_attention.mechanisms import cudnn
+from flexible_attention.mechanisms import auto

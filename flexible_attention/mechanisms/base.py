@@ -1,0 +1,459 @@
+"""The base class of every attention mechanism.
+
+`AttentionModule` owns everything that is not the algorithm: validation and
+canonicalisation of the call, capability checks, the KV cache (explicit or in
+Haiku state), dropout keys, dtype handling and sharding over a mesh. A
+mechanism subclass declares its `Capabilities`, may refine
+`unsupported_reason`, and implements one hook, `make_kernel`, which returns a
+pure function `(AttentionInputs, Dropout | None) -> KernelOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.core import inputs as inputs_lib
+from flexible_attention.core.types import AttentionOutput
+from flexible_attention.core.types import BlockSizes
+from flexible_attention.core.types import KVCache
+from flexible_attention.mechanisms import registry
+from flexible_attention.sharding import shard as shard_lib
+from flexible_attention.sharding.mesh import PartitionAxis
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """The constructor options of an attention module (static, hashable)."""
+
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int
+  value_dim: int | None = None
+  sm_scale: float | None = None
+  dropout_rate: float = 0.0
+  logits_soft_cap: float | None = None
+  sliding_window: int | tuple[int, int] | None = None
+  dtype: Any = None
+  precision: Any = None
+  softmax_dtype: Any = jnp.float32
+  block_sizes: BlockSizes = BlockSizes()
+  mesh: jax.sharding.Mesh | None = None
+  partition_axis: PartitionAxis = PartitionAxis()
+  decode: bool = False
+  max_cache_length: int | None = None
+
+  @property
+  def scale(self) -> float:
+    return self.head_dim**-0.5 if self.sm_scale is None else self.sm_scale
+
+
+def _positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value <= 0):
+    raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  return int(value)
+
+
+def _unsupported_feature(mechanism: str, feature: str, what: str) -> str:
+  others = [m for m in registry.mechanisms_supporting(feature)
+            if m != mechanism]
+  return (f"{what} is not supported by mechanism {mechanism!r}; mechanisms "
+          f"that support it: {', '.join(others) or 'none'}.")
+
+
+class AttentionModule(hk.Module):
+  """Multi-head attention over given queries, keys and values.
+
+  Computes, per query head `h` and its KV head `h // (H // Hkv)`:
+
+    out = dropout(softmax(cap(q kᵀ * sm_scale) + bias, over visible keys)) v
+
+  with visibility from causal / sliding window / segment ids / kv lengths /
+  mask, positions aligned bottom-right by default, and a query that sees no
+  key giving zeros. The semantics are those of DESIGN.md; every subclass
+  computes the same function and refuses clearly what it cannot.
+
+  Glossary of shapes:
+  - B: batch size.
+  - Sq: query sequence length.
+  - Sk: key/value sequence length (the cache length L when decoding).
+  - H: number of query heads.
+  - Hkv: number of key/value heads (H is a multiple of it).
+  - D: query/key head size.
+  - Dv: value head size.
+  """
+
+  mechanism: ClassVar[str] = "base"
+  capabilities: ClassVar[registry.Capabilities] = registry.Capabilities()
+
+  def __init__(
+      self,
+      num_heads: int,
+      head_dim: int,
+      *,
+      num_kv_heads: int | None = None,
+      value_dim: int | None = None,
+      sm_scale: float | None = None,
+      dropout_rate: float = 0.0,
+      logits_soft_cap: float | None = None,
+      sliding_window: int | tuple[int, int] | None = None,
+      dtype: Any = None,
+      precision: Any = None,
+      softmax_dtype: Any = jnp.float32,
+      block_sizes: BlockSizes | None = None,
+      mesh: jax.sharding.Mesh | None = None,
+      partition_axis: PartitionAxis | None = None,
+      decode: bool = False,
+      max_cache_length: int | None = None,
+      name: str | None = None,
+  ):
+    """Initialises the module.
+
+    Args:
+      num_heads: H, the number of query heads.
+      head_dim: D, the query/key head size.
+      num_kv_heads: Hkv (default H); H must be a multiple of it.
+      value_dim: Dv (default D).
+      sm_scale: softmax scale (default `D ** -0.5`).
+      dropout_rate: attention dropout rate in [0, 1), applied when called
+        with `deterministic=False` (needs an rng: `hk.next_rng_key()`).
+      logits_soft_cap: `c` in `s = c * tanh(s / c)`, or None.
+      sliding_window: `int w` (`(w, 0)` with causal, `(w, w)` without) or
+        `(left, right)`: a key is visible iff
+        `q_pos - left <= kv_pos <= q_pos + right`.
+      dtype: compute dtype; q, k and v are cast to it and the output is cast
+        back to the query's dtype. Default: the inputs' dtype.
+      precision: matmul precision (`jax.lax.Precision`) for mechanisms that
+        run XLA matmuls.
+      softmax_dtype: dtype of logits and softmax statistics (float32).
+      block_sizes: `fa.BlockSizes` for mechanisms that tile.
+      mesh: a `jax.sharding.Mesh` to shard the computation over.
+      partition_axis: `fa.PartitionAxis` mapping attention axes to mesh axes
+        (default `fa.PartitionAxis()`).
+      decode: keep a KV cache in Haiku state (use `hk.transform_with_state`).
+      max_cache_length: L, the number of cache slots when `decode=True`.
+      name: module name.
+    """
+    super().__init__(name=name)
+    num_heads = _positive_int("num_heads", num_heads)
+    head_dim = _positive_int("head_dim", head_dim)
+    num_kv_heads = num_heads if num_kv_heads is None else _positive_int(
+        "num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads = {num_heads} must be a multiple of "
+                       f"num_kv_heads = {num_kv_heads}.")
+    if value_dim is not None:
+      value_dim = _positive_int("value_dim", value_dim)
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float))
+                                     and sm_scale > 0):
+      raise ValueError(f"sm_scale must be a positive number, got {sm_scale!r}.")
+    if not (isinstance(dropout_rate, (int, float)) and
+            0.0 <= dropout_rate < 1.0):
+      raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+    if logits_soft_cap is not None and not (
+        isinstance(logits_soft_cap, (int, float)) and logits_soft_cap > 0):
+      raise ValueError("logits_soft_cap must be a positive number or None, got "
+                       f"{logits_soft_cap!r}.")
+    inputs_lib.canonical_window(sliding_window, False)  # Type/value check.
+    if np.dtype(softmax_dtype) != np.float32:
+      raise ValueError("softmax_dtype must be float32 (the accumulation dtype "
+                       f"of every kernel), got {np.dtype(softmax_dtype)}.")
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"dtype must be a floating dtype, got {dtype!r}.")
+    if block_sizes is None:
+      block_sizes = BlockSizes()
+    if not isinstance(block_sizes, BlockSizes):
+      raise TypeError("block_sizes must be a fa.BlockSizes, got "
+                      f"{type(block_sizes)}.")
+    if partition_axis is None:
+      partition_axis = PartitionAxis()
+    if partition_axis is not None and mesh is None and (
+        partition_axis != PartitionAxis()):
+      raise ValueError("partition_axis was given without a mesh; pass mesh=.")
+    if mesh is not None:
+      from flexible_attention.sharding.mesh import validate_partition  # pylint: disable=g-import-not-at-top
+      validate_partition(mesh, partition_axis)
+    if decode:
+      max_cache_length = _positive_int("max_cache_length", max_cache_length)
+    elif max_cache_length is not None:
+      raise ValueError("max_cache_length is only used with decode=True.")
+    self.config = AttentionConfig(
+        num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv_heads,
+        value_dim=value_dim, sm_scale=sm_scale,
+        dropout_rate=float(dropout_rate), logits_soft_cap=logits_soft_cap,
+        sliding_window=sliding_window, dtype=dtype, precision=precision,
+        softmax_dtype=softmax_dtype, block_sizes=block_sizes, mesh=mesh,
+        partition_axis=partition_axis, decode=bool(decode),
+        max_cache_length=max_cache_length)
+
+  # --- The hook and the capability checks ---------------------------------
+
+  @classmethod
+  def make_kernel(cls, config: AttentionConfig,
+                  request: registry.AttentionRequest) -> shard_lib.Kernel:
+    """Returns the mechanism's pure kernel for a call. Subclasses implement.
+
+    Args:
+      config: the module's options.
+      request: the static description of the call (already accepted by
+        `unsupported_reason`).
+
+    Returns:
+      A pure function `(AttentionInputs, Dropout | None) -> KernelOutput`
+      (no `hk.*` inside) that computes the semantics on whatever part of the
+      problem it is given (all of it, or one shard).
+    """
+    raise NotImplementedError
+
+  @classmethod
+  def unsupported_reason(cls, request: registry.AttentionRequest
+                        ) -> str | None:
+    """Why this mechanism cannot serve `request` (None when it can).
+
+    The default checks platform, dtype, features, sequence sharding and block
+    size fields against `capabilities`; subclasses add their own limits.
+    """
+    caps, name = cls.capabilities, cls.mechanism
+    if request.platform not in caps.platforms:
+      return (f"mechanism {name!r} runs on {', '.join(caps.platforms)}, not "
+              f"on {request.platform!r}.")
+    if request.dtype not in caps.dtypes:
+      return (f"mechanism {name!r} supports dtypes {', '.join(caps.dtypes)}, "
+              f"not {request.dtype}.")
+    for feature in inputs_lib.FEATURES:
+      if feature in request.features and not caps.supports(feature):
+        return _unsupported_feature(name, feature, f"feature {feature!r}")
+    if request.sequence_sharded and not caps.sharded_sequence:
+      return _unsupported_feature(name, "sharded_sequence",
+                                  "sharding a sequence axis over the mesh")
+    extra = set(request.block_size_fields) - set(caps.block_size_fields)
+    if extra:
+      reads = ", ".join(caps.block_size_fields) or "none"
+      return (f"BlockSizes fields {sorted(extra)} are not read by mechanism "
+              f"{name!r} (it reads: {reads}); leave them None.")
+    return None
+
+  @classmethod
+  def resolve(cls, request: registry.AttentionRequest) -> type:
+    """The mechanism class that serves `request` (itself, except `auto`)."""
+    return cls
+
+  # --- The call -------------------------------------------------------------
+
+  def __call__(
+      self,
+      query: jax.Array,
+      key: jax.Array,
+      value: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      bias: jax.Array | None = None,
+      causal: bool = False,
+      segment_ids: Any = None,
+      kv_lengths: jax.Array | None = None,
+      q_positions: jax.Array | None = None,
+      kv_positions: jax.Array | None = None,
+      cache: KVCache | None = None,
+      deterministic: bool = True,
+      return_weights: bool = False,
+  ) -> AttentionOutput:
+    """Attends `query` to `key`/`value`.
+
+    Args:
+      query: `[B, Sq, H, D]`.
+      key: `[B, Sk, Hkv, D]` (with a cache: the `Sq` new keys).
+      value: `[B, Sk, Hkv, Dv]` (with a cache: the `Sq` new values).
+      mask: bool, broadcastable to `[B, H, Sq, Sk]`; True = visible.
+      bias: float, broadcastable to `[B, H, Sq, Sk]`, added to the logits.
+      causal: key `j` visible to query `i` only if `kv_pos[j] <= q_pos[i]`.
+      segment_ids: `(q_ids [B, Sq], kv_ids [B, Sk])` or one `[B, S]` array
+        (Sq == Sk); a key is visible only within its query's segment.
+      kv_lengths: `[B]`; key `j` of row `b` is visible only if
+        `j < kv_lengths[b]`.
+      q_positions: `[B, Sq]` ints (default `arange(Sq) + Sk - Sq`).
+      kv_positions: `[B, Sk]` ints (default `arange(Sk)`).
+      cache: a `fa.KVCache` `[B, L, Hkv, D|Dv]`: the new keys/values are
+        written at each row's length, the queries sit at those slots and
+        attend to the valid prefix (Sk = L); positions and kv lengths come
+        from the cache and must not be passed.
+      deterministic: when False and `dropout_rate > 0`, applies dropout with
+        a key from `hk.next_rng_key()`.
+      return_weights: also return the `[B, H, Sq, Sk]` applied weights.
+
+    Returns:
+      `fa.AttentionOutput(attention_outputs [B, Sq, H, Dv], attention_weights
+      [B, H, Sq, Sk] or None, cache)`.
+    """
+    config = self.config
+    out_dtype = getattr(query, "dtype", None)
+    if config.dtype is not None:
+      query, key, value = (jnp.asarray(x).astype(config.dtype)
+                           for x in (query, key, value))
+    uses_cache = cache is not None or config.decode
+    explicit_positions = (q_positions is not None or kv_positions is not None
+                          or uses_cache)
+    new_cache = None
+    if uses_cache:
+      if cache is not None and config.decode:
+        raise ValueError("pass either cache= or build the module with "
+                         "decode=True (Haiku state), not both.")
+      for name, arg in (("kv_lengths", kv_lengths), ("segment_ids",
+                                                      segment_ids),
+                        ("q_positions", q_positions),
+                        ("kv_positions", kv_positions)):
+        if arg is not None:
+          raise ValueError(f"{name} cannot be combined with a KV cache: the "
+                           "cache defines positions and lengths.")
+      if cache is None:
+        cache = self._state_cache(query, key, value)
+      (key, value, kv_lengths, q_positions, kv_positions,
+       new_cache) = _write_cache(cache, query, key, value)
+      if config.decode:
+        hk.set_state("cached_keys", new_cache.keys)
+        hk.set_state("cached_values", new_cache.values)
+        hk.set_state("cache_lengths", new_cache.lengths)
+        new_cache = None
+
+    inputs = inputs_lib.canonicalize(
+        query, key, value, mask=mask, bias=bias, causal=causal,
+        segment_ids=segment_ids, kv_lengths=kv_lengths,
+        q_positions=q_positions, kv_positions=kv_positions,
+        sliding_window=config.sliding_window)
+    self._check_dims(inputs.dims)
+    apply_dropout = config.dropout_rate > 0 and not deterministic
+    if not isinstance(return_weights, bool):
+      raise TypeError(f"return_weights must be a bool, got {return_weights!r}.")
+
+    sequence_sharded = False
+    if config.mesh is not None:
+      sequence_sharded = shard_lib.check_partition(
+          config.mesh, config.partition_axis, inputs)
+    features = inputs_lib.used_features(
+        inputs, explicit_positions=explicit_positions,
+        softcap=config.logits_soft_cap is not None, dropout=apply_dropout,
+        weights=return_weights, cache=uses_cache)
+    request = registry.AttentionRequest(
+        dims=inputs.dims, dtype=np.dtype(inputs.query.dtype).name,
+        platform=self._platform(), features=features,
+        block_size_fields=config.block_sizes.set_fields(),
+        sequence_sharded=sequence_sharded, window=inputs.visibility.window,
+        options=(("precision", config.precision),))
+    mechanism = self.resolve(request)
+    reason = mechanism.unsupported_reason(request)
+    if reason is not None:
+      raise NotImplementedError(reason)
+    if sequence_sharded:
+      raise NotImplementedError(
+          "sharding the query/key sequence over the mesh (partition_axis "
+          f"query_sequence_axis={config.partition_axis.query_sequence_axis!r},"
+          f" key_sequence_axis={config.partition_axis.key_sequence_axis!r} "
+          "of size > 1) is not implemented yet (context parallelism comes "
+          "with the `ring` mechanism); map the sequence axes to mesh axes of "
+          "size 1.")
+
+    dropout = None
+    if apply_dropout:
+      rng = hk.maybe_next_rng_key()
+      if rng is None:
+        raise ValueError(
+            f"dropout_rate={config.dropout_rate} with deterministic=False "
+            "needs a random key: pass an rng to the transformed function's "
+            "apply (or call with deterministic=True).")
+      dropout = dropout_lib.make_dropout(rng, config.dropout_rate)
+
+    kernel = mechanism.make_kernel(config, request)
+    if config.mesh is None:
+      result = kernel(inputs, dropout)
+    else:
+      probe = jax.eval_shape(kernel, inputs, dropout)
+      result = shard_lib.shard_kernel(
+          kernel, config.mesh, config.partition_axis, inputs, dropout,
+          return_lse=probe.lse is not None, return_weights=return_weights)
+    return AttentionOutput(
+        attention_outputs=result.out.astype(out_dtype),
+        attention_weights=result.weights if return_weights else None,
+        cache=new_cache)
+
+  # --- Helpers ------------------------------------------------------------
+
+  def _platform(self) -> str:
+    if self.config.mesh is not None:
+      return self.config.mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+  def _check_dims(self, dims: inputs_lib.AttentionDims):
+    config = self.config
+    expected = (("H (query heads)", dims.num_heads, config.num_heads),
+                ("D (head size)", dims.head_dim, config.head_dim),
+                ("Hkv (KV heads)", dims.num_kv_heads, config.num_kv_heads),
+                ("Dv (value size)", dims.value_dim,
+                 config.value_dim or config.head_dim))
+    for what, got, want in expected:
+      if got != want:
+        raise ValueError(f"{self.mechanism}: the module was built for "
+                         f"{what} = {want}, the inputs have {got}.")
+
+  def _state_cache(self, query, key, value) -> KVCache:
+    batch = query.shape[0]
+    length = self.config.max_cache_length
+    init = lambda shape, dtype: jnp.zeros(shape, dtype)
+    return KVCache(
+        keys=hk.get_state("cached_keys", (batch, length) + key.shape[2:],
+                          key.dtype, init=init),
+        values=hk.get_state("cached_values", (batch, length) + value.shape[2:],
+                            value.dtype, init=init),
+        lengths=hk.get_state("cache_lengths", (batch,), jnp.int32, init=init))
+
+
+def _write_cache(cache: KVCache, query, key, value):
+  """Writes the new keys/values at each row's length.
+
+  Returns `(keys, values, kv_lengths, q_positions, kv_positions, new_cache)`
+  for attending the new queries (at the new slots) to the valid prefix.
+  Callers keep `lengths + Sq <= L`: XLA clamps writes past the end.
+  """
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a fa.KVCache, got {type(cache)}.")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must have rank 4, got shape "
+                       f"{np.shape(x)}.")
+  batch, new_len = key.shape[:2]
+  length = cache.max_length
+  if query.shape[1] != new_len or value.shape[1] != new_len:
+    raise ValueError("with a KV cache, query, key and value hold the same new "
+                     f"tokens: got Sq = {query.shape[1]}, key length "
+                     f"{new_len}, value length {value.shape[1]}.")
+  if cache.keys.shape != (batch, length) + key.shape[2:]:
+    raise ValueError(f"cache.keys must be [B, L, Hkv, D] = "
+                     f"{(batch, length) + key.shape[2:]}, got "
+                     f"{cache.keys.shape}.")
+  if cache.values.shape != (batch, length) + value.shape[2:]:
+    raise ValueError(f"cache.values must be [B, L, Hkv, Dv] = "
+                     f"{(batch, length) + value.shape[2:]}, got "
+                     f"{cache.values.shape}.")
+  if cache.lengths.shape != (batch,):
+    raise ValueError(f"cache.lengths must be [B] = ({batch},), got "
+                     f"{cache.lengths.shape}.")
+  if new_len > length:
+    raise ValueError(f"{new_len} new tokens do not fit a cache of length "
+                     f"{length}.")
+  lengths = cache.lengths.astype(jnp.int32)
+  write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(
+      buf, new.astype(buf.dtype), start, axis=0))
+  keys = write(cache.keys, key, lengths)
+  values = write(cache.values, value, lengths)
+  new_lengths = lengths + new_len
+  q_positions = lengths[:, None] + jnp.arange(new_len, dtype=jnp.int32)
+  kv_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                  (batch, length))
+  new_cache = KVCache(keys, values, new_lengths)
+  return (keys.astype(key.dtype), values.astype(value.dtype), new_lengths,
+          q_positions, kv_positions, new_cache)

@@ -1,0 +1,40 @@
+"""`blockwise`: memory-efficient pure-JAX attention (online softmax)."""
+
+from __future__ import annotations
+
+import functools
+
+from flexible_attention.kernels import blockwise as blockwise_kernel
+from flexible_attention.mechanisms import base
+from flexible_attention.mechanisms import registry
+
+
+@registry.register_mechanism("blockwise")
+class BlockwiseAttention(base.AttentionModule):
+  """Tiled attention with O(S) memory on every platform.
+
+  Online softmax over `block_q x block_k` tiles with a hand-written backward
+  pass (`jax.custom_vjp`) whose residuals are q, k, v, the output and the
+  float32 log-sum-exp; tiles that causal / window / segments / kv lengths make
+  fully invisible are skipped. See `kernels/blockwise.py`.
+
+  Block sizes (`fa.BlockSizes`): `block_q`, `block_k` tile the forward pass
+  (default 512 each, clipped to the sequence lengths); `block_q_dkv`,
+  `block_k_dkv` tile the backward pass (default: the forward's).
+  """
+
+  capabilities = registry.Capabilities(
+      block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
+      notes="O(S) memory; skips fully-masked tiles.")
+
+  @classmethod
+  def make_kernel(cls, config, request):
+    blocks = config.block_sizes
+    block_q = blocks.block_q or blockwise_kernel.DEFAULT_BLOCK_Q
+    block_k = blocks.block_k or blockwise_kernel.DEFAULT_BLOCK_K
+    return functools.partial(
+        blockwise_kernel.blockwise_attention, sm_scale=config.scale,
+        softcap=config.logits_soft_cap, precision=config.precision,
+        block_q=block_q, block_k=block_k,
+        block_q_bwd=blocks.block_q_dkv or block_q,
+        block_k_bwd=blocks.block_k_dkv or block_k)

@@ -1,0 +1,176 @@
+"""The one registry: mechanism name -> module class and its capabilities.
+
+The factory (`create_attention`), `auto`, the comparison script, the README's
+support table and the test battery all read it. A new mechanism is one module
+class decorated with `@register_mechanism("name")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from flexible_attention.core.inputs import AttentionDims
+from flexible_attention.core.inputs import FEATURES
+
+_REGISTRY: dict[str, type] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """What a mechanism supports.
+
+  Attributes:
+    platforms: backends it runs on (`"cpu"`, `"gpu"`, `"tpu"`).
+    dtypes: input dtypes it accepts.
+    causal, window, segments, kv_lengths, positions, mask, bias, softcap,
+    dropout, weights, cache, gqa: the features of the semantics it computes
+      (see DESIGN.md); `weights` is `return_weights=True`, `positions` is
+      explicit `q_positions`/`kv_positions`, `gqa` is `Hkv < H`.
+    sharded_sequence: whether a mesh may shard the sequence axes.
+    block_size_fields: the `fa.BlockSizes` fields it reads.
+    notes: one line on limits the fields above do not capture.
+  """
+
+  platforms: tuple[str, ...] = ("cpu", "gpu", "tpu")
+  dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+  causal: bool = True
+  window: bool = True
+  segments: bool = True
+  kv_lengths: bool = True
+  positions: bool = True
+  mask: bool = True
+  bias: bool = True
+  softcap: bool = True
+  dropout: bool = True
+  weights: bool = False
+  cache: bool = True
+  gqa: bool = True
+  sharded_sequence: bool = False
+  block_size_fields: tuple[str, ...] = ()
+  notes: str = ""
+
+  def supports(self, feature: str) -> bool:
+    if feature not in FEATURES:
+      raise ValueError(f"unknown feature {feature!r}; known: {FEATURES}.")
+    return getattr(self, feature)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRequest:
+  """The static description of one call, which decides who can serve it.
+
+  Attributes:
+    dims: the sizes of the call.
+    dtype: the compute dtype (name, e.g. `"bfloat16"`).
+    platform: the backend the call runs on.
+    features: the feature names the call uses.
+    block_size_fields: the `BlockSizes` fields the user set.
+    sequence_sharded: whether the mesh shards a sequence axis.
+    window: the canonical `(left, right)` sliding window, or `None`.
+    options: other mechanism options that some mechanism may refuse
+      (`"precision"`, `"softmax_dtype"`), name -> value.
+  """
+
+  dims: AttentionDims
+  dtype: str
+  platform: str
+  features: frozenset[str]
+  block_size_fields: tuple[str, ...] = ()
+  sequence_sharded: bool = False
+  window: tuple[int, int] | None = None
+  options: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def score_elements(self) -> int:
+    d = self.dims
+    return d.batch * d.num_heads * d.q_len * d.kv_len
+
+
+def register_mechanism(name: str):
+  """Class decorator adding an attention module class to the registry."""
+
+  def decorator(cls):
+    if name in _REGISTRY:
+      raise ValueError(f"mechanism {name!r} is already registered.")
+    cls.mechanism = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return decorator
+
+
+def available_mechanisms() -> tuple[str, ...]:
+  """All registered mechanism names, in registration order."""
+  return tuple(_REGISTRY)
+
+
+def get_mechanism(name: str) -> type:
+  """The module class registered under `name` (a clear error otherwise)."""
+  if not isinstance(name, str) or name not in _REGISTRY:
+    raise ValueError(f"unknown attention mechanism {name!r}; valid names: "
+                     f"{', '.join(_REGISTRY)}.")
+  return _REGISTRY[name]
+
+
+def capabilities(mechanism: str) -> Capabilities:
+  """The `Capabilities` record of a registered mechanism."""
+  return get_mechanism(mechanism).capabilities
+
+
+def mechanisms_supporting(feature: str) -> tuple[str, ...]:
+  """Registered mechanisms whose capabilities include `feature`."""
+  return tuple(name for name, cls in _REGISTRY.items()
+               if cls.capabilities.supports(feature))
+
+
+def unsupported_reason(mechanism: str, request: AttentionRequest) -> str | None:
+  """Why `mechanism` would refuse `request`, or `None` if it serves it."""
+  return get_mechanism(mechanism).unsupported_reason(request)
+
+
+def create_attention(mechanism: str, *, num_heads: int, head_dim: int,
+                     num_kv_heads: int | None = None, **options):
+  """Creates the attention module of a mechanism by name.
+
+  Must be called inside `hk.transform` (or `hk.transform_with_state`), like
+  any Haiku module.
+
+  Args:
+    mechanism: a name from `available_mechanisms()`.
+    num_heads: H, the number of query heads.
+    head_dim: D, the query/key head size.
+    num_kv_heads: Hkv (default H); H must be a multiple of it.
+    **options: the common options of `fa.AttentionModule` (`sm_scale`,
+      `dropout_rate`, `logits_soft_cap`, `sliding_window`, `dtype`,
+      `precision`, `softmax_dtype`, `block_sizes`, `mesh`, `partition_axis`,
+      `decode`, `max_cache_length`, `value_dim`, `name`) and any option the
+      mechanism adds.
+
+  Returns:
+    The `hk.Module`.
+  """
+  return get_mechanism(mechanism)(num_heads, head_dim,
+                                  num_kv_heads=num_kv_heads, **options)
+
+
+def support_table() -> str:
+  """The mechanism x feature table (Markdown), generated from the registry."""
+  columns = ("platforms", "dtypes") + FEATURES + ("sharded_sequence",
+                                                  "block_size_fields")
+  short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+  lines = ["| mechanism | " + " | ".join(columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for name, cls in _REGISTRY.items():
+    caps = cls.capabilities
+    cells = []
+    for column in columns:
+      value = getattr(caps, column)
+      if isinstance(value, (bool, np.bool_)):
+        cells.append("yes" if value else "-")
+      else:
+        cells.append(", ".join(short.get(v, v) for v in value) or "-")
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+  return "\n".join(lines)

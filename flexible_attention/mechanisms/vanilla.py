@@ -1,0 +1,33 @@
+"""`vanilla`: dense XLA attention, the only mechanism that returns weights."""
+
+from __future__ import annotations
+
+import functools
+
+from flexible_attention.core import reference
+from flexible_attention.mechanisms import base
+from flexible_attention.mechanisms import registry
+
+
+@registry.register_mechanism("vanilla")
+class VanillaAttention(base.AttentionModule):
+  """Dense attention: the whole `[B, H, Sq, Sk]` score matrix at once.
+
+  The semantics' dense reference (`core/reference.py`) run at the inputs'
+  dtype and the configured precision, differentiated by JAX. Every feature is
+  supported, `return_weights=True` included; memory is O(Sq * Sk).
+  """
+
+  capabilities = registry.Capabilities(
+      weights=True, notes="O(Sq * Sk) memory; the only one returning weights.")
+
+  @classmethod
+  def make_kernel(cls, config, request):
+    kernel = functools.partial(
+        reference.dense_attention, sm_scale=config.scale,
+        softcap=config.logits_soft_cap, precision=config.precision,
+        softmax_dtype=config.softmax_dtype,
+        return_weights="weights" in request.features)
+    return lambda inputs, dropout: kernel(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, dropout)

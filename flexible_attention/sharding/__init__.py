@@ -1,0 +1,1 @@
+"""Meshes, partition axes and running kernels under `shard_map`."""
