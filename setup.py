@@ -1,0 +1,26 @@
+"""Installs flexible_attention: `pip install -e ".[test]"`."""
+
+import setuptools
+
+setuptools.setup(
+    name="flexible_attention",
+    version="0.1.0",
+    description=("Attention layers for JAX and dm-haiku: one semantics, many "
+                 "algorithms (dense, blockwise, fused kernels, cuDNN, "
+                 "context parallel)."),
+    packages=setuptools.find_packages(include=["flexible_attention",
+                                               "flexible_attention.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "jaxlib>=0.10,<0.12",
+        "dm-haiku>=0.0.16",
+        "numpy",
+        "absl-py",
+        "ml-collections",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "plots": ["matplotlib"],
+    },
+)
