@@ -2,6 +2,9 @@
 
 # pylint: disable=g-importing-member
 from flexible_attention import mechanisms as _mechanisms  # Registers all.
+from flexible_attention.comparison.compare import ComparisonReport
+from flexible_attention.comparison.compare import ComparisonRow
+from flexible_attention.comparison.compare import compare_attentions
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.masks import Visibility
@@ -19,6 +22,8 @@ from flexible_attention.mechanisms.registry import capabilities
 from flexible_attention.mechanisms.registry import create_attention
 from flexible_attention.mechanisms.registry import register_mechanism
 from flexible_attention.mechanisms.registry import support_table
+from flexible_attention.modules.facade import FlexibleAttentionModule
+from flexible_attention.modules.multi_head import MultiHeadAttention
 from flexible_attention.sharding.mesh import PartitionAxis
 from flexible_attention.sharding.mesh import make_mesh
 
@@ -31,12 +36,17 @@ __all__ = (
     "AttentionRequest",
     "BlockSizes",
     "Capabilities",
+    "ComparisonReport",
+    "ComparisonRow",
+    "FlexibleAttentionModule",
     "KVCache",
+    "MultiHeadAttention",
     "PartitionAxis",
     "Visibility",
     "available_mechanisms",
     "canonicalize",
     "capabilities",
+    "compare_attentions",
     "create_attention",
     "init_cache",
     "make_mesh",

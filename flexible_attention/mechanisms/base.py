@@ -192,6 +192,9 @@ class AttentionModule(hk.Module):
         softmax_dtype=softmax_dtype, block_sizes=block_sizes, mesh=mesh,
         partition_axis=partition_axis, decode=bool(decode),
         max_cache_length=max_cache_length)
+    # The mechanism that served the last call (differs from `mechanism` for
+    # `auto`); for logs and comparisons.
+    self.selected_mechanism = None
 
   # --- The hook and the capability checks ---------------------------------
 
@@ -346,6 +349,7 @@ class AttentionModule(hk.Module):
         sequence_sharded=sequence_sharded, window=inputs.visibility.window,
         options=(("precision", config.precision),))
     mechanism = self.resolve(request)
+    self.selected_mechanism = mechanism.mechanism
     reason = mechanism.unsupported_reason(request)
     if reason is not None:
       raise NotImplementedError(reason)

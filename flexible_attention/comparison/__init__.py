@@ -1,0 +1,1 @@
+"""Comparing and timing mechanisms against the reference."""

@@ -1,0 +1,298 @@
+"""`fa.compare_attentions`: mechanisms side by side against the reference.
+
+Each chosen mechanism runs on identical inputs (optionally on a mesh); its
+output and its gradients with respect to q, k and v are checked against the
+float32 reference before anything is timed, then compile time, median forward
+and forward+backward times and memory are measured. A mechanism that refuses
+the call is a row with status `unsupported: why`; one that fails or disagrees
+with the reference is a row with status `error: why`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flexible_attention.comparison import timing
+from flexible_attention.core.inputs import canonicalize
+from flexible_attention.core.reference import reference_attention
+from flexible_attention.core.types import BlockSizes
+from flexible_attention.mechanisms import registry
+from flexible_attention.sharding.mesh import PartitionAxis
+from flexible_attention.sharding.mesh import axis_names_of
+
+# Relative error (max |x - ref| / max |ref|) above which a mechanism's result
+# is reported as an error and not timed. float32 allows TF32-class matmuls.
+TOLERANCE = {"float32": 5e-3, "bfloat16": 6e-2, "float16": 1e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonSetup:
+  """The problem every mechanism of one comparison solves."""
+
+  batch_size: int = 2
+  q_len: int = 1024
+  kv_len: int = 1024
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  head_dim: int = 64
+  dtype: str = "float32"
+  causal: bool = True
+  sliding_window: Any = None
+  logits_soft_cap: float | None = None
+  num_segments: int = 0
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class ComparisonRow:
+  """One mechanism's result. Errors are max |x - ref| / max |ref|."""
+
+  mechanism: str
+  status: str
+  served_by: str | None = None
+  out_error: float | None = None
+  dq_error: float | None = None
+  dk_error: float | None = None
+  dv_error: float | None = None
+  compile_seconds: float | None = None
+  forward_ms: float | None = None
+  forward_backward_ms: float | None = None
+  temp_bytes: int | None = None
+  peak_bytes: int | None = None
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ComparisonReport:
+  """The rows of one comparison, with its setup and mesh description."""
+
+  setup: ComparisonSetup
+  mesh: dict[str, int] | None
+  rows: list[ComparisonRow]
+
+  def as_dict(self) -> dict[str, Any]:
+    return dict(setup=dataclasses.asdict(self.setup), mesh=self.mesh,
+                rows=[r.as_dict() for r in self.rows])
+
+  def to_json(self) -> str:
+    return json.dumps(self.as_dict(), indent=2, default=str)
+
+  def table(self) -> str:
+    """A fixed-width text table of the rows."""
+    fmt = lambda x, f: "-" if x is None else f.format(x)
+    mib = lambda b: None if b is None else b / 2**20
+    header = ("mechanism", "status", "served by", "out err", "dq err",
+              "dk err", "dv err", "compile s", "fwd ms", "fwd+bwd ms",
+              "temp MiB", "peak MiB")
+    lines = [header]
+    for r in self.rows:
+      status = r.status if len(r.status) <= 60 else r.status[:57] + "..."
+      lines.append((r.mechanism, status, r.served_by or "-",
+                    fmt(r.out_error, "{:.1e}"), fmt(r.dq_error, "{:.1e}"),
+                    fmt(r.dk_error, "{:.1e}"), fmt(r.dv_error, "{:.1e}"),
+                    fmt(r.compile_seconds, "{:.2f}"),
+                    fmt(r.forward_ms, "{:.2f}"),
+                    fmt(r.forward_backward_ms, "{:.2f}"),
+                    fmt(mib(r.temp_bytes), "{:.1f}"),
+                    fmt(mib(r.peak_bytes), "{:.1f}")))
+    widths = [max(len(str(line[i])) for line in lines)
+              for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths))
+                     for line in lines)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def _relative_error(x, ref) -> float:
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  scale = float(np.max(np.abs(ref))) or 1.0
+  return float(np.max(np.abs(x - ref))) / scale
+
+
+def _inputs(setup: ComparisonSetup):
+  """Random q, k, v, output cotangent and segment ids of a setup."""
+  rng = np.random.default_rng(setup.seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  b, sq, sk = setup.batch_size, setup.q_len, setup.kv_len
+  q = normal(b, sq, setup.num_heads, setup.head_dim)
+  k = normal(b, sk, setup.num_kv_heads, setup.head_dim)
+  v = normal(b, sk, setup.num_kv_heads, setup.head_dim)
+  ct = normal(b, sq, setup.num_heads, setup.head_dim)
+  segment_ids = None
+  if setup.num_segments > 1:
+    if sq != sk:
+      raise ValueError("compare_attentions: segments need q_len == kv_len.")
+    cuts = np.sort(rng.choice(np.arange(1, sk), setup.num_segments - 1,
+                              replace=False))
+    segment_ids = np.broadcast_to(
+        np.searchsorted(cuts, np.arange(sk), side="right"),
+        (b, sk)).astype(np.int32)
+  return q, k, v, ct, segment_ids
+
+
+def compare_attentions(
+    mechanisms: Sequence[str] | None = None,
+    *,
+    batch_size: int = 2,
+    sequence_length: int = 1024,
+    kv_sequence_length: int | None = None,
+    num_heads: int = 8,
+    num_kv_heads: int | None = None,
+    head_dim: int = 64,
+    dtype: str = "float32",
+    causal: bool = True,
+    sliding_window: Any = None,
+    logits_soft_cap: float | None = None,
+    num_segments: int = 0,
+    block_sizes: BlockSizes | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    partition_axis: PartitionAxis | None = None,
+    repeats: int = 10,
+    seed: int = 0,
+    time_it: bool = True,
+) -> ComparisonReport:
+  """Runs mechanisms on the same inputs and compares them with the reference.
+
+  Args:
+    mechanisms: names to compare (default: every registered mechanism).
+    batch_size: B.
+    sequence_length: Sq.
+    kv_sequence_length: Sk (default Sq).
+    num_heads: H.
+    num_kv_heads: Hkv (default H).
+    head_dim: D (= Dv).
+    dtype: input dtype name.
+    causal, sliding_window, logits_soft_cap: attention options.
+    num_segments: if > 1, packs each row into this many segments of random
+      lengths (segment ids).
+    block_sizes: given to the mechanisms that read every set field.
+    mesh, partition_axis: run sharded on this mesh.
+    repeats: timed calls per measurement (median reported).
+    seed: input seed.
+    time_it: measure times (else only check correctness).
+
+  Returns:
+    A `ComparisonReport` (print it for a table).
+  """
+  mechanisms = tuple(mechanisms or registry.available_mechanisms())
+  setup = ComparisonSetup(
+      batch_size=batch_size, q_len=sequence_length,
+      kv_len=kv_sequence_length or sequence_length, num_heads=num_heads,
+      num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim,
+      dtype=np.dtype(dtype).name, causal=causal,
+      sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+      num_segments=num_segments, seed=seed)
+  q, k, v, ct, segment_ids = _inputs(setup)
+  partition_axis = partition_axis or PartitionAxis()
+  ref_out, ref_grads = _reference(setup, q, k, v, ct, segment_ids)
+
+  cast = lambda x: jnp.asarray(x, setup.dtype)
+  args = (cast(q), cast(k), cast(v))
+  if mesh is not None:
+    spec = P(_spec(partition_axis.batch_axis), None,
+             _spec(partition_axis.head_axis), None)
+    args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
+  ct = jnp.asarray(ct, jnp.float32)
+  rows = []
+  for name in mechanisms:
+    rows.append(_compare_one(name, setup, args, ct, segment_ids, ref_out,
+                             ref_grads, block_sizes, mesh, partition_axis,
+                             repeats, time_it))
+  mesh_shape = None if mesh is None else dict(mesh.shape)
+  return ComparisonReport(setup, mesh_shape, rows)
+
+
+def _spec(axes):
+  names = axis_names_of(axes)
+  return None if not names else (names[0] if len(names) == 1 else names)
+
+
+def _reference(setup, q, k, v, ct, segment_ids):
+  def out_fn(q, k, v):
+    inputs = canonicalize(q, k, v, causal=setup.causal,
+                          sliding_window=setup.sliding_window,
+                          segment_ids=segment_ids)
+    return reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, sm_scale=setup.head_dim**-0.5,
+        softcap=setup.logits_soft_cap).out
+
+  loss = lambda q, k, v: jnp.sum(out_fn(q, k, v) * ct)
+  out = jax.jit(out_fn)(q, k, v)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  return out, grads
+
+
+def _compare_one(name, setup, args, ct, segment_ids, ref_out, ref_grads,
+                 block_sizes, mesh, partition_axis, repeats, time_it):
+  row = ComparisonRow(mechanism=name, status="ok")
+  served = []
+  reads = set(registry.capabilities(name).block_size_fields)
+  use_blocks = (block_sizes is not None and
+                set(block_sizes.set_fields()) <= reads)
+
+  def forward(q, k, v):
+    attention = registry.create_attention(
+        name, num_heads=setup.num_heads, head_dim=setup.head_dim,
+        num_kv_heads=setup.num_kv_heads,
+        logits_soft_cap=setup.logits_soft_cap,
+        sliding_window=setup.sliding_window,
+        block_sizes=block_sizes if use_blocks else None, mesh=mesh,
+        partition_axis=partition_axis if mesh is not None else None)
+    out = attention(q, k, v, causal=setup.causal,
+                    segment_ids=segment_ids).attention_outputs
+    served.append(attention.selected_mechanism)
+    return out
+
+  apply = hk.without_apply_rng(hk.transform(forward)).apply
+  fwd = lambda q, k, v: apply({}, q, k, v)
+
+  def fwd_bwd(q, k, v):
+    loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32) * ct)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  try:
+    compiled_fwd = timing.compile_fn(fwd, *args)
+    compiled = timing.compile_fn(fwd_bwd, *args)
+  except NotImplementedError as e:
+    row.status = f"unsupported: {e}"
+    return row
+  except Exception as e:  # pylint: disable=broad-except
+    row.status = f"error: {type(e).__name__}: {e}"
+    return row
+  row.served_by = served[-1] if served else None
+  row.compile_seconds = compiled.compile_seconds
+  row.temp_bytes = compiled.temp_bytes
+  try:
+    out = compiled_fwd.fn(*args)
+    _, grads = compiled.fn(*args)
+    row.out_error = _relative_error(out, ref_out)
+    row.dq_error, row.dk_error, row.dv_error = (
+        _relative_error(g, r) for g, r in zip(grads, ref_grads))
+  except Exception as e:  # pylint: disable=broad-except
+    row.status = f"error: {type(e).__name__}: {e}"
+    return row
+  worst = max(row.out_error, row.dq_error, row.dk_error, row.dv_error)
+  if not np.isfinite(worst) or worst > TOLERANCE[setup.dtype]:
+    row.status = (f"error: differs from the reference (relative error "
+                  f"{worst:.1e} > {TOLERANCE[setup.dtype]:.0e}); not timed")
+    return row
+  if time_it:
+    row.forward_ms = 1e3 * timing.median_seconds(compiled_fwd.fn, *args,
+                                                 repeats=repeats)
+    row.forward_backward_ms = 1e3 * timing.median_seconds(
+        compiled.fn, *args, repeats=repeats)
+    row.peak_bytes = timing.peak_device_bytes()
+  return row

@@ -1,0 +1,1 @@
+"""Drop-in Haiku modules built on the mechanisms."""

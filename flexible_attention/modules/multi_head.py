@@ -1,0 +1,188 @@
+"""`fa.MultiHeadAttention`: a drop-in for `hk.MultiHeadAttention`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from flexible_attention.mechanisms import registry
+
+
+class MultiHeadAttention(hk.Module):
+  """Multi-headed attention with a choice of attention mechanism.
+
+  A drop-in replacement for `hk.MultiHeadAttention`: the same constructor and
+  call arguments, the same parameters (`query`, `key`, `value` and `linear`,
+  each with `w` and `b`), so checkpoints load unchanged, and the same output
+  for the same parameters with `mechanism="vanilla"` (up to floating-point
+  rounding). It adds `mechanism=` (default `"auto"`), `num_kv_heads=`
+  (grouped-query attention: the `key`/`value` projections then have
+  `num_kv_heads * key_size` outputs) and the attention options of
+  `fa.create_attention`.
+
+  One deliberate difference: a query whose mask hides every key gets zeros
+  (Haiku's `-1e30` logits average the values uniformly instead).
+
+  Glossary of shapes:
+  - T: query sequence length; T': key/value sequence length.
+  - D: embedding size.
+  - H: number of query heads; Hkv: number of key/value heads.
+  - K: key size; V: value size.
+  """
+
+  def __init__(
+      self,
+      num_heads: int,
+      key_size: int,
+      w_init_scale: float | None = None,
+      *,
+      w_init: hk.initializers.Initializer | None = None,
+      with_bias: bool = True,
+      b_init: hk.initializers.Initializer | None = None,
+      value_size: int | None = None,
+      model_size: int | None = None,
+      mechanism: str = "auto",
+      num_kv_heads: int | None = None,
+      name: str | None = None,
+      **attention_options: Any,
+  ):
+    """Initialises the module.
+
+    Args:
+      num_heads: H.
+      key_size: K, the size of queries and keys per head.
+      w_init_scale: DEPRECATED (as in Haiku): use `w_init`.
+      w_init: initialiser of the projection weights (required unless
+        `w_init_scale` is given).
+      with_bias: whether the projections have biases.
+      b_init: initialiser of the biases (default zeros).
+      value_size: V (default K).
+      model_size: output size (default K * H).
+      mechanism: attention mechanism name (`fa.available_mechanisms()`).
+      num_kv_heads: Hkv (default H).
+      name: module name.
+      **attention_options: options of `fa.create_attention` (`sm_scale`,
+        `dropout_rate`, `logits_soft_cap`, `sliding_window`, `dtype`,
+        `precision`, `block_sizes`, `mesh`, `partition_axis`, `decode`,
+        `max_cache_length`, ...).
+    """
+    super().__init__(name=name)
+    if w_init_scale is not None:
+      warnings.warn("w_init_scale is deprecated; please pass an explicit "
+                    "weight initialiser instead.", DeprecationWarning)
+    if w_init and w_init_scale:
+      raise ValueError("Please provide only `w_init`, not `w_init_scale`.")
+    if w_init is None and w_init_scale is None:
+      raise ValueError("Please provide a weight initializer: `w_init`.")
+    if w_init is None:
+      w_init = hk.initializers.VarianceScaling(w_init_scale)
+    self.num_heads = num_heads
+    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    self.key_size = key_size
+    self.value_size = value_size or key_size
+    self.model_size = model_size or key_size * num_heads
+    self.w_init = w_init
+    self.with_bias = with_bias
+    self.b_init = b_init
+    registry.get_mechanism(mechanism)  # Fails early on an unknown name.
+    self.mechanism = mechanism
+    self.attention_options = attention_options
+
+  def __call__(
+      self,
+      query: jax.Array,
+      key: jax.Array,
+      value: jax.Array,
+      mask: jax.Array | None = None,
+      *,
+      bias: jax.Array | None = None,
+      causal: bool = False,
+      segment_ids: Any = None,
+      kv_lengths: jax.Array | None = None,
+      q_positions: jax.Array | None = None,
+      kv_positions: jax.Array | None = None,
+      deterministic: bool = True,
+  ) -> jax.Array:
+    """Computes (optionally masked) multi-head attention.
+
+    Broadcasts over zero or more leading batch dimensions `[...]`, which
+    query, key and value share.
+
+    Args:
+      query: `[..., T, D_q]` embeddings to compute queries from.
+      key: `[..., T', D_k]` embeddings to compute keys from.
+      value: `[..., T', D_v]` embeddings to compute values from.
+      mask: optional truthy mask `[..., H|1, T, T']` (rank of the logits, as
+        in Haiku): nonzero = visible.
+      bias: optional float `[..., H|1, T, T']` added to the logits.
+      causal, segment_ids, kv_lengths, q_positions, kv_positions,
+        deterministic: as `fa.AttentionModule.__call__`, with the batch axis
+        `B` = the flattened leading dimensions.
+
+    Returns:
+      `[..., T, model_size]`.
+    """
+    *leading, q_len, _ = query.shape
+    if tuple(key.shape[:-2]) != tuple(leading) or tuple(
+        value.shape[:-2]) != tuple(leading):
+      raise ValueError(
+          "query, key and value must share their leading dimensions, got "
+          f"{query.shape}, {key.shape}, {value.shape}.")
+    batch = math.prod(leading)
+    rank = len(leading) + 3  # Rank of Haiku's logits [..., H, T, T'].
+
+    def flat_batch(x, what):
+      if x is None:
+        return None
+      if x.ndim != rank:
+        raise ValueError(f"{what} dimensionality {x.ndim} must match logits "
+                         f"dimensionality {rank}.")
+      lead = x.shape[:len(leading)]
+      if all(d == 1 for d in lead):
+        return x.reshape((1,) + x.shape[len(leading):])
+      return x.reshape((batch,) + x.shape[len(leading):])
+
+    def flat_rows(x):
+      return None if x is None else jnp.reshape(x, (batch,) + x.shape[
+          len(leading):])
+
+    query_heads = self._projection(query, self.num_heads, self.key_size,
+                                   "query")  # [B, T, H, K]
+    key_heads = self._projection(key, self.num_kv_heads, self.key_size,
+                                 "key")  # [B, T', Hkv, K]
+    value_heads = self._projection(value, self.num_kv_heads, self.value_size,
+                                   "value")  # [B, T', Hkv, V]
+    if mask is not None:
+      mask = flat_batch(jnp.asarray(mask), "Mask") != 0
+    if segment_ids is not None:
+      segment_ids = (tuple(flat_rows(s) for s in segment_ids)
+                     if isinstance(segment_ids, (tuple, list)) else
+                     flat_rows(segment_ids))
+    options = dict(sm_scale=self.key_size**-0.5)
+    options.update(self.attention_options)
+    attention = registry.create_attention(
+        self.mechanism, num_heads=self.num_heads, head_dim=self.key_size,
+        num_kv_heads=self.num_kv_heads, value_dim=self.value_size,
+        name="attention", **options)
+    attn = attention(
+        query_heads, key_heads, value_heads, mask=mask,
+        bias=flat_batch(bias, "Bias"), causal=causal, segment_ids=segment_ids,
+        kv_lengths=flat_rows(kv_lengths), q_positions=flat_rows(q_positions),
+        kv_positions=flat_rows(kv_positions),
+        deterministic=deterministic).attention_outputs  # [B, T, H, V]
+    attn = attn.reshape((*leading, q_len, self.num_heads * self.value_size))
+    final_projection = hk.Linear(self.model_size, w_init=self.w_init,
+                                 with_bias=self.with_bias, b_init=self.b_init)
+    return final_projection(attn)  # [..., T, model_size]
+
+  @hk.transparent
+  def _projection(self, x, num_heads: int, head_size: int, name: str):
+    y = hk.Linear(num_heads * head_size, w_init=self.w_init,
+                  with_bias=self.with_bias, b_init=self.b_init, name=name)(x)
+    *leading, length, _ = x.shape
+    return y.reshape((math.prod(leading), length, num_heads, head_size))
