@@ -21,7 +21,8 @@ def make_mesh(axis_dims: Sequence[int] = (1, -1, 1, 1),
 
   Args:
     axis_dims: the size of each axis; one entry may be `-1`, taking the
-      devices left over by the others.
+      devices left over by the others. Without `-1` the mesh may use fewer
+      devices than given: the first `prod(axis_dims)` of them.
     axis_names: the name of each axis.
     devices: the devices to use (default: `jax.devices()`).
 
@@ -51,10 +52,11 @@ def make_mesh(axis_dims: Sequence[int] = (1, -1, 1, 1),
                        f"into axes {axis_dims}.")
     axis_dims = tuple(len(devices) // known if d == -1 else d
                       for d in axis_dims)
-  if math.prod(axis_dims) != len(devices):
+  if math.prod(axis_dims) > len(devices):
     raise ValueError(f"make_mesh: axes {dict(zip(axis_names, axis_dims))} "
                      f"need {math.prod(axis_dims)} devices, there are "
                      f"{len(devices)}.")
+  devices = devices[:math.prod(axis_dims)]
   return jax.make_mesh(axis_dims, axis_names,
                        axis_types=(AxisType.Auto,) * len(axis_names),
                        devices=devices)

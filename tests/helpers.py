@@ -1,0 +1,283 @@
+"""Shared test helpers: random inputs, the reference call, tolerances, runners.
+
+One place for what every test of the battery needs:
+
+- `rng_for(name)`: a numpy generator seeded from a test/case name, so each case
+  gets its own fresh random data (never zeros), reproducibly.
+- `random_qkv`, `random_like`: random query/key/value and cotangents.
+- `reference_vjp`: the float32 oracle (`fa.reference_attention` on the record
+  built by `fa.canonicalize`) with the gradients of q, k, v (and bias) for a
+  given cotangent.
+- `run_mechanism`: a mechanism through `fa.create_attention` inside
+  `hk.transform`, returning its output and the gradients of q, k, v (and bias)
+  for the loss `sum(out * ct)`.
+- `module_dropout_key`: the key a module's dropout uses for a given apply rng,
+  so the reference can apply the very same dropout.
+- `TOLERANCES` / `assert_close`: the comparison every test uses.
+
+Tolerances (measured, see `assert_close`): the error of an array is
+`max |actual - expected| / max |expected|` (relative to the largest reference
+magnitude; absolute when the reference is all zeros), against the float32
+reference computed from the very same (already rounded) inputs:
+
+  dtype      CPU     GPU / TPU
+  float32    2e-5    5e-3 / 2e-2  (default matmul precision: TF32 / bf16 passes)
+  bfloat16   2e-2    2e-2
+  float16    3e-3    3e-3
+
+On CPU the largest errors measured over the conformance cases were about
+1.5e-6 (float32, outputs and gradients), 9e-3 (bfloat16) and 1.1e-3
+(float16): the table keeps a margin of about 2x to 10x, and a real bug (a
+wrong mask, a missing scale, a flipped dropout decision) gives errors of
+order 1e-2 to 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from typing import Any, Callable
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention.core import dropout as dropout_lib
+
+# --- Tolerances -------------------------------------------------------------
+
+TOLERANCES = {
+    "cpu": {"float32": 2e-5, "bfloat16": 2e-2, "float16": 3e-3},
+    "gpu": {"float32": 5e-3, "bfloat16": 2e-2, "float16": 3e-3},
+    "tpu": {"float32": 2e-2, "bfloat16": 2e-2, "float16": 3e-3},
+}
+
+
+def tolerance(dtype, backend: str | None = None) -> float:
+  """The relative-to-max tolerance of `dtype` on `backend` (default: now)."""
+  backend = backend or jax.default_backend()
+  return TOLERANCES.get(backend, TOLERANCES["gpu"])[np.dtype(dtype).name]
+
+
+def relative_error(actual, expected) -> float:
+  """`max |actual - expected| / max |expected|` (absolute if expected is 0)."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  scale = np.max(np.abs(expected), initial=0.0)
+  err = np.max(np.abs(actual - expected), initial=0.0)
+  return float(err / scale) if scale > 0 else float(err)
+
+
+def assert_close(actual, expected, dtype, what: str):
+  """Asserts finite `actual` within `tolerance(dtype)` of `expected`."""
+  actual = np.asarray(jnp.asarray(actual).astype(jnp.float32))
+  assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
+  err = relative_error(actual, expected)
+  tol = tolerance(dtype)
+  assert err <= tol, (f"{what}: relative-to-max error {err:.3g} > "
+                      f"{tol:.3g} ({np.dtype(dtype).name})")
+
+
+# --- Random inputs ------------------------------------------------------------
+
+
+def rng_for(*names: Any) -> np.random.Generator:
+  """A numpy generator seeded from `names` (fresh data per case, reproducible)."""
+  return np.random.default_rng(zlib.crc32(repr(names).encode()))
+
+
+def random_array(rng: np.random.Generator, shape, dtype=jnp.float32,
+                 scale: float = 1.0) -> jax.Array:
+  """Standard normal values (times `scale`), cast to `dtype`."""
+  return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim,
+               value_dim=None, dtype=jnp.float32):
+  """Random `q [B, Sq, H, D]`, `k [B, Sk, Hkv, D]`, `v [B, Sk, Hkv, Dv]`.
+
+  Queries are scaled by 2 so that softmaxes are far from uniform (a wrong
+  mask or scale then shows clearly).
+  """
+  value_dim = value_dim or head_dim
+  q = random_array(rng, (batch, q_len, num_heads, head_dim), dtype, 2.0)
+  k = random_array(rng, (batch, kv_len, num_kv_heads, head_dim), dtype)
+  v = random_array(rng, (batch, kv_len, num_kv_heads, value_dim), dtype)
+  return q, k, v
+
+
+# --- The reference ------------------------------------------------------------
+
+
+def _split_call(call: dict[str, Any]):
+  """Splits call keyword arguments into static ones and array ones."""
+  static = {k: v for k, v in call.items()
+            if isinstance(v, (bool, type(None))) or k in ("causal",)}
+  arrays = {k: v for k, v in call.items() if k not in static}
+  return static, arrays
+
+
+def reference_vjp(q, k, v, ct, *, bias=None, call=None, sliding_window=None,
+                  sm_scale=None, logits_soft_cap=None, dropout=None,
+                  return_weights=False):
+  """The float32 oracle, its gradients, and (optionally) its weights.
+
+  Args:
+    q, k, v: the inputs (any float dtype; the reference works in float32).
+    ct: the cotangent of the output (`None`: no gradients).
+    bias: differentiable bias or `None`.
+    call: the other call arguments (mask, causal, segment_ids, kv_lengths,
+      q_positions, kv_positions).
+    sliding_window, sm_scale, logits_soft_cap: the module options.
+    dropout: a `Dropout` (see `module_dropout_key`) or `None`.
+    return_weights: also return the weights.
+
+  Returns:
+    `(out, grads, weights)`: float32 numpy output `[B, Sq, H, Dv]`, a tuple
+    of numpy gradients `(dq, dk, dv[, dbias])` (or `None`), and the weights
+    `[B, H, Sq, Sk]` (or `None`).
+  """
+  call = dict(call or {})
+  sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
+
+  def f(q, k, v, bias):
+    inputs = fa.canonicalize(q, k, v, bias=bias, sliding_window=sliding_window,
+                             **call)
+    result = fa.reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, dropout, sm_scale=sm_scale,
+        softcap=logits_soft_cap, return_weights=return_weights)
+    return result.out, result.weights
+
+  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+  (out, weights), vjp = jax.vjp(f, f32(q), f32(k), f32(v), f32(bias))
+  grads = None
+  if ct is not None:
+    grads = vjp((f32(ct), None if weights is None else jnp.zeros_like(weights)))
+    grads = tuple(np.asarray(g) for g in grads if g is not None)
+  weights = None if weights is None else np.asarray(weights)
+  return np.asarray(out), grads, weights
+
+
+def module_dropout_key(rng):
+  """The key a module's dropout draws for `apply(..., rng=rng)`.
+
+  The module calls `hk.next_rng_key()` exactly once per call; a transform
+  that calls it once in the same position gets the same key.
+  """
+  return hk.transform(hk.next_rng_key).apply({}, rng)
+
+
+def reference_dropout(rng, rate: float):
+  """The `Dropout` the module uses for `apply(..., rng=rng)`."""
+  return dropout_lib.make_dropout(module_dropout_key(rng), rate)
+
+
+# --- Running a mechanism ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MechanismResult:
+  """What `run_mechanism` returns (numpy arrays)."""
+
+  out: np.ndarray
+  grads: tuple[np.ndarray, ...] | None
+  weights: np.ndarray | None
+  dtype: Any
+
+
+def attention_fn(mechanism: str, num_heads: int, head_dim: int,
+                 num_kv_heads: int, options: dict[str, Any],
+                 static_call: dict[str, Any],
+                 wrap: Callable | None = None):
+  """A Haiku function `(q, k, v, bias, arrays) -> AttentionOutput`."""
+
+  def attend(q, k, v, bias, arrays):
+    attn = fa.create_attention(mechanism, num_heads=num_heads,
+                               head_dim=head_dim, num_kv_heads=num_kv_heads,
+                               **options)
+    kwargs = dict(static_call, **arrays)
+    if bias is not None:
+      kwargs["bias"] = bias
+    return attn(q, k, v, **kwargs)
+
+  if wrap is None:
+    return attend
+  return lambda *args: wrap(attend)(*args)
+
+
+def run_mechanism(mechanism: str, q, k, v, ct=None, *, bias=None, call=None,
+                  options=None, rng=None, jit: bool = True,
+                  wrap: Callable | None = None) -> MechanismResult:
+  """Runs `mechanism` (inside `hk.transform`) and differentiates it.
+
+  Args:
+    mechanism: a registered name.
+    q, k, v: inputs.
+    ct: cotangent of the output for the loss `sum(out * ct)`, or `None` for a
+      forward pass only.
+    bias: differentiable bias or `None`.
+    call: the other call arguments (static ones like `causal` and arrays).
+    options: module options for `fa.create_attention`.
+    rng: the apply rng (needed for dropout).
+    jit: whether to `jax.jit` the forward+backward.
+    wrap: a Haiku transform applied to the attention function (e.g.
+      `hk.remat`).
+
+  Returns:
+    A `MechanismResult`; `grads` is `(dq, dk, dv[, dbias])`.
+  """
+  static_call, arrays = _split_call(call or {})
+  fn = hk.transform(attention_fn(mechanism, q.shape[2], q.shape[3],
+                                 k.shape[2], options or {}, static_call,
+                                 wrap))
+
+  def fwd_bwd(q, k, v, bias, arrays, ct, rng):
+    def f(q, k, v, bias):
+      result = fn.apply({}, rng, q, k, v, bias, arrays)
+      return result.attention_outputs, result.attention_weights
+
+    if ct is None:
+      return f(q, k, v, bias), None
+    (out, weights), vjp = jax.vjp(f, q, k, v, bias)
+    grads = vjp((ct, None if weights is None else jnp.zeros_like(weights)))
+    return (out, weights), grads
+
+  if jit:
+    fwd_bwd = jax.jit(fwd_bwd)
+  (out, weights), grads = fwd_bwd(q, k, v, bias, arrays, ct, rng)
+  if grads is not None:
+    grads = tuple(np.asarray(g.astype(jnp.float32)) for g in grads
+                  if g is not None)
+  return MechanismResult(
+      out=np.asarray(out.astype(jnp.float32)), grads=grads,
+      weights=None if weights is None else np.asarray(weights),
+      dtype=q.dtype)
+
+
+def call_mechanism(mechanism: str, q, k, v, *, options=None, rng=None,
+                   **call):
+  """One forward call of `mechanism` (no jit): for refusals and errors."""
+  fn = hk.transform(functools.partial(
+      lambda q, k, v: fa.create_attention(
+          mechanism, num_heads=q.shape[2], head_dim=q.shape[3],
+          num_kv_heads=k.shape[2], **(options or {}))(q, k, v, **call)))
+  return fn.apply({}, rng, q, k, v)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dbias")
+
+
+def assert_matches_reference(result: MechanismResult, expected_out,
+                             expected_grads, what: str):
+  """Compares output and every gradient of `result` with the reference."""
+  assert_close(result.out, expected_out, result.dtype, f"{what}: output")
+  if expected_grads is not None:
+    assert result.grads is not None
+    assert len(result.grads) == len(expected_grads)
+    for name, got, want in zip(GRAD_NAMES, result.grads, expected_grads):
+      assert_close(got, want, result.dtype, f"{what}: {name}")
