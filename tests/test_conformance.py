@@ -1,0 +1,561 @@
+"""The conformance battery: every registered mechanism against the reference.
+
+Every test here is parametrised over `fa.available_mechanisms()` (read at
+collection time), so a mechanism registered later gets the whole battery for
+free. For each (mechanism, case) the test either
+
+- runs the mechanism (inside `hk.transform`, jitted unless the case is about
+  jit) and compares its output AND the gradients of q, k, v (and of the bias
+  when there is one) with the float32 reference (`fa.reference_attention` on
+  the record built by `fa.canonicalize`), within the per-dtype tolerances of
+  `helpers.TOLERANCES`; or
+- when the mechanism refuses what the case uses, asserts that the call raises
+  `NotImplementedError` with a message naming the refused feature. Nothing is
+  skipped silently.
+
+Which cases a mechanism refuses comes from the explicit, reviewed table
+`EXPECTED_REFUSALS` below for the known mechanisms (checked against
+`fa.capabilities` and the mechanisms' own refusal logic by
+`test_expected_refusals_match_capabilities`), and from `fa.capabilities` for
+mechanisms the table does not know. The table is backend-aware: a mechanism
+whose platforms exclude the current backend (`cudnn` on CPU) is checked for
+its clear refusal here and runs the real comparisons when this file runs on a
+GPU (`jax.default_backend() == "gpu"`).
+
+Covering design (compile time dominates on CPU, so this is not a cross
+product): each `Case` of `CASES` pins one feature or one shape corner
+(Sq != Sk both ways, Sq = 1, odd lengths against small `fa.BlockSizes` so
+several tiles and a partial tile are exercised, odd head sizes, MHA/GQA/MQA,
+each mask feature, bias and its gradient, fully-masked rows, dtypes), with
+GQA and lengths not divisible by the blocks as the default background so
+those corners are exercised by every case; one `everything` case combines all
+features at once. Cases run in the most precise dtype the mechanism accepts
+(float32 for all but cuDNN) unless the case is about a dtype. Then one test
+each, per mechanism, for dropout (bit-identical keep decisions with the
+reference), returned weights, the KV cache (explicit and Haiku-state),
+jit vs no-jit, `hk.remat`, `hk.layer_stack` and meshes (batch-, head- and
+both-sharded, with and without dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.core.inputs import FEATURES
+from flexible_attention.core.inputs import AttentionDims
+from flexible_attention.mechanisms import registry
+
+import helpers
+
+BACKEND = jax.default_backend()
+MECHANISMS = fa.available_mechanisms()
+DTYPES = ("float32", "bfloat16", "float16")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+# --- What each known mechanism refuses ----------------------------------------
+#
+# Traits are the features of `FEATURES`, the dtype names, the platform names,
+# "sharded_sequence", and the shape limits below (conditions some mechanism
+# refuses that capabilities cannot express).
+
+SHAPE_LIMITS = {
+    # D not a multiple of 8 (or too large for the GPU).
+    "head_dim_limit": r"head size D that is a multiple of 8",
+    # Dv != D.
+    "value_dim_differs": r"needs Dv == D",
+    # Causal or sliding window with Sq != Sk (bottom-right alignment).
+    "unaligned_causal_or_window": r"aligns causal masks and windows top-left",
+    # A window with a right extent, without causal.
+    "window_right_without_causal": r"right extent only together with causal",
+    # A bias with an odd Sq or Sk.
+    "bias_odd_lengths": r"even sequence lengths with a bias",
+}
+
+EXPECTED_REFUSALS = {
+    "vanilla": frozenset({"sharded_sequence"}),
+    "blockwise": frozenset({"weights", "sharded_sequence"}),
+    "cudnn": frozenset({
+        "cpu", "tpu", "float32", "segments", "positions", "mask", "softcap",
+        "dropout", "weights", "cache", "sharded_sequence", "head_dim_limit",
+        "value_dim_differs", "unaligned_causal_or_window",
+        "window_right_without_causal", "bias_odd_lengths"}),
+    # `auto` picks among vanilla, blockwise and cudnn, never one that refuses.
+    "auto": frozenset({"sharded_sequence"}),
+}
+
+# Extra module options some mechanisms need on some backends (DESIGN.md: the
+# Pallas mechanisms run on CPU only in interpret mode).
+EXTRA_OPTIONS = {
+    "flash": {"cpu": {"interpret": True}},
+    "splash": {"cpu": {"interpret": True}},
+}
+
+# Small tiles, so the cases' odd lengths (37, 21) span several tiles and end
+# in a partial one. Only the fields a mechanism reads are passed.
+SMALL_BLOCKS = {"block_q": 16, "block_k": 16, "block_q_dkv": 8,
+                "block_k_dkv": 32, "block_b": 1}
+SMALL_BLOCK_DEFAULT = 16
+
+
+def refusal_message(trait: str) -> str:
+  """A regex the refusal message of `trait` must match."""
+  if trait in FEATURES:
+    return rf"'{trait}'"
+  if trait in DTYPES:
+    return trait
+  if trait in PLATFORMS:
+    return rf"not on '{trait}'"
+  if trait == "sharded_sequence":
+    return r"sequence"
+  return SHAPE_LIMITS[trait]
+
+
+def refusals(mechanism: str) -> frozenset[str]:
+  """The traits `mechanism` refuses: the table, or its capabilities."""
+  if mechanism in EXPECTED_REFUSALS:
+    return EXPECTED_REFUSALS[mechanism]
+  return capability_refusals(fa.capabilities(mechanism))
+
+
+def capability_refusals(caps: fa.Capabilities) -> frozenset[str]:
+  refused = {f for f in FEATURES if not caps.supports(f)}
+  refused |= {d for d in DTYPES if d not in caps.dtypes}
+  refused |= {p for p in PLATFORMS if p not in caps.platforms}
+  if not caps.sharded_sequence:
+    refused.add("sharded_sequence")
+  return frozenset(refused)
+
+
+def preferred_dtype(mechanism: str) -> str:
+  """The most precise dtype `mechanism` accepts."""
+  for dtype in ("float32", "float16", "bfloat16"):
+    if dtype not in refusals(mechanism):
+      return dtype
+  raise AssertionError(f"{mechanism} accepts no dtype")
+
+
+# Mechanisms that get no small block sizes: `auto` reads the union of its
+# candidates' block fields, so block sizes would rule out `vanilla` (which
+# reads none) and hide auto's own choice.
+NO_SMALL_BLOCKS = frozenset({"auto"})
+
+
+def module_options(mechanism: str, **options) -> dict[str, Any]:
+  """`options` plus small block sizes and backend-specific extras."""
+  caps = fa.capabilities(mechanism)
+  if ("block_sizes" not in options and caps.block_size_fields and
+      mechanism not in NO_SMALL_BLOCKS):
+    options["block_sizes"] = fa.BlockSizes(**{
+        f: SMALL_BLOCKS.get(f, SMALL_BLOCK_DEFAULT)
+        for f in caps.block_size_fields})
+  options.update(EXTRA_OPTIONS.get(mechanism, {}).get(BACKEND, {}))
+  return options
+
+
+def expect_refusal(mechanism: str, traits, call) -> bool:
+  """If `mechanism` refuses any of `traits`, asserts `call()` raises a
+  `NotImplementedError` naming one of them and returns True."""
+  refused = refusals(mechanism) & frozenset(traits)
+  if not refused:
+    return False
+  pattern = "|".join(f"(?:{refusal_message(t)})" for t in sorted(refused))
+  with pytest.raises(NotImplementedError, match=pattern):
+    call()
+  return True
+
+
+# --- The cases -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One configuration of the battery (see the module docstring).
+
+  Attributes:
+    name: the test id.
+    batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, value_dim: sizes.
+    dtype: a dtype name, or `None` for the mechanism's most precise dtype.
+    causal: the call's `causal`.
+    window: the `sliding_window` option.
+    softcap: the `logits_soft_cap` option.
+    segments: `"pair"`, `"single"` or `None`.
+    kv_lengths: per-row kv lengths, or `None`.
+    positions: `"permuted"` (random positions), `"packed"` (restarting per
+      segment, with single segment ids) or `None`.
+    bias: the bias shape, as letters of "BHQK" or "1", or `None`.
+    mask: the mask shape, like `bias`.
+    empty_rows: query rows the mask makes fully invisible (needs `mask`).
+    return_weights: also compare the weights.
+  """
+
+  name: str
+  batch: int = 2
+  q_len: int = 37
+  kv_len: int = 37
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  value_dim: int | None = None
+  dtype: str | None = None
+  causal: bool = False
+  window: Any = None
+  softcap: float | None = None
+  segments: str | None = None
+  kv_lengths: tuple[int, ...] | None = None
+  positions: str | None = None
+  bias: str | None = None
+  mask: str | None = None
+  empty_rows: tuple[int, ...] = ()
+  return_weights: bool = False
+
+  def traits(self, dtype: str) -> frozenset[str]:
+    """Everything about the case a mechanism may refuse."""
+    used = {dtype, BACKEND}
+    for feature, on in (
+        ("causal", self.causal), ("window", self.window is not None),
+        ("softcap", self.softcap is not None),
+        ("segments", self.segments is not None),
+        ("kv_lengths", self.kv_lengths is not None),
+        ("positions", self.positions is not None),
+        ("bias", self.bias is not None), ("mask", self.mask is not None),
+        ("weights", self.return_weights),
+        ("gqa", self.num_heads != self.num_kv_heads)):
+      if on:
+        used.add(feature)
+    if self.head_dim % 8:
+      used.add("head_dim_limit")
+    if (self.value_dim or self.head_dim) != self.head_dim:
+      used.add("value_dim_differs")
+    if self.q_len != self.kv_len and (self.causal or self.window is not None):
+      used.add("unaligned_causal_or_window")
+    if (self.window is not None and not self.causal and
+        canonical_window(self.window, False)[1] > 0):
+      used.add("window_right_without_causal")
+    if self.bias is not None and (self.q_len % 2 or self.kv_len % 2):
+      used.add("bias_odd_lengths")
+    return frozenset(used)
+
+
+def canonical_window(window, causal):
+  if isinstance(window, int):
+    return (window, 0 if causal else window)
+  return tuple(window)
+
+
+CASES = (
+    # Shapes.
+    Case("mha_square", num_heads=3, num_kv_heads=3),
+    Case("sq_shorter_than_sk", q_len=21),
+    Case("sq_longer_than_sk", kv_len=21),
+    Case("single_query", q_len=1),
+    Case("odd_head_dims", head_dim=13, value_dim=7, num_kv_heads=4),
+    Case("mqa", num_heads=4, num_kv_heads=1, causal=True),
+    Case("one_tile", q_len=8, kv_len=8, head_dim=8, causal=True),
+    # Causal, bottom-right aligned.
+    Case("causal_square", causal=True),
+    Case("causal_sq_shorter_than_sk", q_len=21, causal=True),
+    Case("causal_sq_longer_than_sk_has_empty_rows", kv_len=21, causal=True),
+    Case("causal_single_query", q_len=1, causal=True),
+    # Sliding windows.
+    Case("window_int", window=5),
+    Case("window_int_causal", window=5, causal=True),
+    Case("window_pair", window=(3, 7), q_len=21),
+    Case("window_pair_causal", window=(9, 2), causal=True),
+    # Soft cap.
+    Case("softcap", softcap=2.5, causal=True),
+    # Segment ids.
+    Case("segments_pair", segments="pair", q_len=21),
+    Case("segments_single", segments="single"),
+    # kv lengths (a zero length: that row gives zeros).
+    Case("kv_lengths_with_zero", batch=3, kv_lengths=(0, 17, 37), q_len=21),
+    # Explicit positions.
+    Case("positions_permuted", positions="permuted", causal=True, window=11,
+         q_len=21),
+    Case("positions_packed", positions="packed", segments="single",
+         causal=True),
+    # Bias (gradient checked too).
+    Case("bias_full", bias="BHQK", q_len=32, kv_len=32),
+    Case("bias_broadcast", bias="1H1K", q_len=21, causal=True),
+    # Boolean masks (broadcast shapes).
+    Case("mask_rank2", mask="QK"),
+    Case("mask_broadcast_batch_keys", mask="B11K", q_len=21),
+    Case("mask_empty_rows", mask="BHQK", empty_rows=(0, 5, 36)),
+    # Returned weights.
+    Case("weights", return_weights=True, causal=True, mask="B1QK", q_len=21),
+    # Low precision.
+    Case("bfloat16", dtype="bfloat16", causal=True),
+    Case("bfloat16_bias", dtype="bfloat16", bias="1HQK", q_len=32, kv_len=32),
+    Case("float16", dtype="float16", window=(6, 0), kv_len=21, q_len=21),
+    # All features at once.
+    Case("everything", q_len=37, kv_len=37, causal=True, window=(13, 3),
+         softcap=5.0, segments="pair", kv_lengths=(30, 37),
+         positions="permuted", bias="BHQK", mask="B1QK", empty_rows=(4,)),
+)
+
+
+def _shape(spec: str, case: Case) -> tuple[int, ...]:
+  sizes = {"B": case.batch, "H": case.num_heads, "Q": case.q_len,
+           "K": case.kv_len, "1": 1}
+  return tuple(sizes[c] for c in spec)
+
+
+def build_inputs(case: Case, dtype: str):
+  """Random inputs of `case`: `(q, k, v, ct, bias, call)`."""
+  rng = helpers.rng_for("conformance", case.name)
+  q, k, v = helpers.random_qkv(rng, case.batch, case.q_len, case.kv_len,
+                               case.num_heads, case.num_kv_heads,
+                               case.head_dim, case.value_dim, dtype)
+  ct = helpers.random_array(rng, q.shape[:3] + v.shape[3:], dtype)
+  b, sq, sk = case.batch, case.q_len, case.kv_len
+  call: dict[str, Any] = {"causal": case.causal}
+  if case.return_weights:
+    call["return_weights"] = True
+  bias = None
+  if case.bias:
+    bias = helpers.random_array(rng, _shape(case.bias, case), dtype)
+  if case.mask:
+    mask = rng.random(_shape(case.mask, case)) < 0.7
+    if case.empty_rows:
+      full = np.broadcast_to(mask, (b, case.num_heads, sq, sk)).copy()
+      full[:, :, list(case.empty_rows), :] = False
+      mask = full
+    call["mask"] = jnp.asarray(mask)
+  if case.segments == "pair":
+    # Query segment 3 has no keys: those rows are fully masked.
+    q_ids = np.sort(rng.integers(0, 4, (b, sq)), axis=1)
+    kv_ids = np.sort(rng.integers(0, 3, (b, sk)), axis=1)
+    call["segment_ids"] = (jnp.asarray(q_ids), jnp.asarray(kv_ids))
+  elif case.segments == "single":
+    call["segment_ids"] = jnp.asarray(
+        np.sort(rng.integers(0, 3, (b, sq)), axis=1))
+  if case.kv_lengths is not None:
+    call["kv_lengths"] = jnp.asarray(case.kv_lengths, jnp.int32)
+  if case.positions == "permuted":
+    call["q_positions"] = jnp.asarray(
+        np.stack([rng.permutation(sk)[:sq] for _ in range(b)]), jnp.int32)
+    call["kv_positions"] = jnp.asarray(
+        np.stack([rng.permutation(sk) for _ in range(b)]), jnp.int32)
+  elif case.positions == "packed":
+    ids = np.asarray(call["segment_ids"])
+    starts = np.maximum.accumulate(
+        np.where(np.diff(ids, axis=1, prepend=-1) != 0,
+                 np.arange(sq)[None, :], 0), axis=1)
+    positions = jnp.asarray(np.arange(sq)[None, :] - starts, jnp.int32)
+    call["q_positions"] = call["kv_positions"] = positions
+  return q, k, v, ct, bias, call
+
+
+def case_options(mechanism: str, case: Case) -> dict[str, Any]:
+  options = {}
+  if case.window is not None:
+    options["sliding_window"] = case.window
+  if case.softcap is not None:
+    options["logits_soft_cap"] = case.softcap
+  if case.value_dim is not None:
+    options["value_dim"] = case.value_dim
+  return module_options(mechanism, **options)
+
+
+# --- The refusal table is the reviewed truth ------------------------------------
+
+
+def _request(platform="gpu", dtype="bfloat16", features=(), q_len=32,
+             kv_len=32, head_dim=64, value_dim=64, window=None):
+  dims = AttentionDims(batch=2, q_len=q_len, kv_len=kv_len, num_heads=4,
+                       num_kv_heads=4, head_dim=head_dim, value_dim=value_dim)
+  return fa.AttentionRequest(dims=dims, dtype=dtype, platform=platform,
+                             features=frozenset(features), window=window)
+
+
+# One minimal request per shape limit, exhibiting only that limit.
+SHAPE_LIMIT_REQUESTS = {
+    "head_dim_limit": dict(head_dim=60, value_dim=60),
+    "value_dim_differs": dict(value_dim=32),
+    "unaligned_causal_or_window": dict(q_len=16, features=("causal",)),
+    "window_right_without_causal": dict(features=("window",), window=(4, 4)),
+    "bias_odd_lengths": dict(q_len=31, kv_len=31, features=("bias",)),
+}
+
+
+@pytest.mark.parametrize("mechanism", sorted(EXPECTED_REFUSALS))
+def test_expected_refusals_match_capabilities(mechanism):
+  assert mechanism in MECHANISMS, f"{mechanism} is no longer registered"
+  table = EXPECTED_REFUSALS[mechanism]
+  known = set(FEATURES) | set(DTYPES) | set(PLATFORMS) | set(SHAPE_LIMITS) | {
+      "sharded_sequence"}
+  assert table <= known, f"unknown traits {sorted(table - known)}"
+  caps = fa.capabilities(mechanism)
+  assert table - set(SHAPE_LIMITS) == capability_refusals(caps)
+  # The shape limits, through the mechanism's own refusal logic on a
+  # platform and dtype it supports.
+  platform = caps.platforms[0]
+  dtype = caps.dtypes[0]
+  assert registry.unsupported_reason(
+      mechanism, _request(platform, dtype)) is None
+  for limit, request in SHAPE_LIMIT_REQUESTS.items():
+    reason = registry.unsupported_reason(
+        mechanism, _request(platform, dtype, **request))
+    if limit in table:
+      assert reason is not None and re.search(SHAPE_LIMITS[limit], reason), (
+          limit, reason)
+    else:
+      assert reason is None, (limit, reason)
+
+
+@pytest.mark.parametrize("mechanism", sorted(EXPECTED_REFUSALS))
+def test_feature_refusals_name_the_feature(mechanism):
+  """Each refused feature, on a platform the mechanism runs on, gets a
+  message naming the feature and the mechanisms that support it."""
+  caps = fa.capabilities(mechanism)
+  for feature in sorted(EXPECTED_REFUSALS[mechanism] & set(FEATURES)):
+    reason = registry.unsupported_reason(
+        mechanism, _request(caps.platforms[0], caps.dtypes[0], (feature,)))
+    assert reason is not None and f"'{feature}'" in reason, (feature, reason)
+    for other in registry.mechanisms_supporting(feature):
+      assert other in reason
+
+
+def test_every_feature_is_exercised_by_the_battery():
+  used = set().union(*(case.traits("float32") for case in CASES))
+  # Dropout, weights and the cache have dedicated tests below.
+  assert set(FEATURES) - {"dropout", "cache"} <= used
+
+
+# --- The battery ------------------------------------------------------------------
+
+
+_REFERENCES: dict[tuple[str, str], helpers.Reference] = {}
+
+
+def case_reference(case: Case, dtype: str) -> helpers.Reference:
+  """The reference of `case` (computed once, shared by the mechanisms)."""
+  if (case.name, dtype) not in _REFERENCES:
+    q, k, v, ct, bias, call = build_inputs(case, dtype)
+    _REFERENCES[case.name, dtype] = helpers.reference_vjp(
+        q, k, v, ct, bias=bias, call=call, sliding_window=case.window,
+        logits_soft_cap=case.softcap, return_weights=case.return_weights)
+  return _REFERENCES[case.name, dtype]
+
+
+# Cases built to contain queries that see no key.
+CASES_WITH_EMPTY_ROWS = ("kv_lengths_with_zero", "mask_empty_rows",
+                         "causal_sq_longer_than_sk_has_empty_rows",
+                         "segments_pair", "everything")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_matches_reference(mechanism, case):
+  dtype = case.dtype or preferred_dtype(mechanism)
+  q, k, v, ct, bias, call = build_inputs(case, dtype)
+  options = case_options(mechanism, case)
+  if expect_refusal(mechanism, case.traits(dtype),
+                    lambda: helpers.call_mechanism(
+                        mechanism, q, k, v, options=options, bias=bias,
+                        **call)):
+    return
+  result = helpers.run_mechanism(mechanism, q, k, v, ct, bias=bias,
+                                 call=call, options=options)
+  ref = case_reference(case, dtype)
+  what = f"{mechanism}/{case.name}/{dtype}"
+  helpers.assert_matches_reference(result, ref.out, ref.grads, what)
+  if case.return_weights:
+    helpers.assert_close(result.weights, ref.weights, dtype,
+                         f"{what}: weights")
+  # Queries that see no key give exactly zero (never NaN; gradients were
+  # checked finite above).
+  rows = np.broadcast_to(ref.empty_rows, result.out.shape[:3])
+  assert np.all(result.out[rows] == 0.0), f"{what}: empty rows are not 0"
+  if case.name in CASES_WITH_EMPTY_ROWS:
+    assert rows.any(), f"{case.name} is meant to have fully-masked rows"
+
+
+# --- Dropout ----------------------------------------------------------------------
+
+DROPOUT_RATE = 0.3
+# Dropout inputs: `value = [random | one-hot of the key index]`, so the last
+# Sk output features of a query are exactly its applied weights (zero where
+# dropped): the keep decisions of any mechanism can be read off its output
+# and compared bit for bit with the reference's.
+DROPOUT_SHAPE = dict(batch=2, q_len=21, kv_len=37, num_heads=4, num_kv_heads=2,
+                     head_dim=16)
+RANDOM_VALUE_DIM = 8
+
+
+def dropout_inputs(name: str, batch, q_len, kv_len, num_heads, num_kv_heads,
+                   head_dim, dtype="float32"):
+  """`(q, k, v, ct, value_dim)` with the one-hot value features appended."""
+  rng = helpers.rng_for("dropout", name)
+  q, k, v = helpers.random_qkv(rng, batch, q_len, kv_len, num_heads,
+                               num_kv_heads, head_dim, RANDOM_VALUE_DIM, dtype)
+  eye = jnp.broadcast_to(jnp.eye(kv_len, dtype=dtype)[None, :, None, :],
+                         (batch, kv_len, num_kv_heads, kv_len))
+  v = jnp.concatenate([v, eye], axis=-1)
+  ct = helpers.random_array(rng, q.shape[:3] + v.shape[3:], dtype)
+  return q, k, v, ct, v.shape[-1]
+
+
+def kept(out: np.ndarray) -> np.ndarray:
+  """The keep decisions `[B, H, Sq, Sk]` read off a dropout output."""
+  return np.moveaxis(out[..., RANDOM_VALUE_DIM:], 1, 2) != 0
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_dropout_is_bit_identical_to_reference_with_same_key(mechanism):
+  dtype = preferred_dtype(mechanism)
+  q, k, v, ct, value_dim = dropout_inputs("battery", dtype=dtype,
+                                          **DROPOUT_SHAPE)
+  with_weights = "weights" not in refusals(mechanism)
+  call = dict(causal=True, deterministic=False,
+              return_weights=with_weights)
+  options = module_options(mechanism, dropout_rate=DROPOUT_RATE,
+                           value_dim=value_dim)
+  rng = jax.random.key(42)
+  traits = {"dropout", "causal", "gqa", "value_dim_differs",
+            "unaligned_causal_or_window", dtype, BACKEND}
+  if expect_refusal(mechanism, traits, lambda: helpers.call_mechanism(
+      mechanism, q, k, v, options=options, rng=rng, **call)):
+    return
+  result = helpers.run_mechanism(mechanism, q, k, v, ct, call=call,
+                                 options=options, rng=rng)
+  ref = helpers.reference_vjp(
+      q, k, v, ct, call=call, return_weights=True,
+      dropout=helpers.reference_dropout(rng, DROPOUT_RATE))
+  helpers.assert_matches_reference(result, ref.out, ref.grads,
+                                   f"{mechanism}/dropout")
+  ref_kept = ref.weights != 0
+  np.testing.assert_array_equal(kept(result.out), ref_kept)
+  # The reference really drops about `rate` of the visible probabilities.
+  visible = np.asarray(fa.canonicalize(q, k, v, causal=True).visibility
+                       .dense())
+  fraction = 1.0 - ref_kept.sum() / np.broadcast_to(visible,
+                                                    ref_kept.shape).sum()
+  assert abs(fraction - DROPOUT_RATE) < 0.05, fraction
+  if with_weights:
+    # The returned weights are the applied (dropped, rescaled) ones.
+    helpers.assert_close(result.weights, ref.weights, dtype,
+                         f"{mechanism}/dropout: weights")
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_dropout_is_off_when_deterministic(mechanism):
+  case = Case("deterministic_dropout", causal=True)
+  dtype = preferred_dtype(mechanism)
+  q, k, v, _, _, call = build_inputs(case, dtype)
+  options = module_options(mechanism, dropout_rate=0.5)
+  if expect_refusal(mechanism, case.traits(dtype), lambda: (
+      helpers.call_mechanism(mechanism, q, k, v, options=options, **call))):
+    return
+  result = helpers.run_mechanism(mechanism, q, k, v, call=call,
+                                 options=options, rng=jax.random.key(0))
+  ref = helpers.reference_vjp(q, k, v, None, call=call)
+  helpers.assert_close(result.out, ref.out, dtype, f"{mechanism}: output")
