@@ -1,0 +1,28 @@
+r"""Times mechanisms over sequence lengths after checking them.
+
+  python scripts/benchmark.py --config=configs/benchmark.py \
+      --config.sequence_lengths='(512, 1024, 2048, 8192, 32768)'
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from flexible_attention.comparison import benchmark
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                           "benchmark.py"), "Benchmark config.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  benchmark.run_benchmark(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.FLAGS.logtostderr = True
+  app.run(main)

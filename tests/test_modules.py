@@ -1,0 +1,187 @@
+"""The drop-in modules: `fa.MultiHeadAttention` and `fa.FlexibleAttentionModule`.
+
+`MultiHeadAttention` is checked against `hk.MultiHeadAttention` itself (same
+parameters, same outputs and parameter gradients); the facade against the
+float32 reference. Tolerances: float32, 2e-5 relative to the largest value.
+"""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+
+RTOL_F32 = 2e-5
+
+
+def _close(x, ref, rtol=RTOL_F32):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  scale = max(float(np.max(np.abs(ref))), 1e-6)
+  np.testing.assert_allclose(x / scale, ref / scale, atol=rtol, rtol=0)
+
+
+def _embeddings(rng, *shape):
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def _haiku_mha(q, k, v, mask=None):
+  return hk.MultiHeadAttention(
+      num_heads=4, key_size=8, w_init=hk.initializers.VarianceScaling(1.0),
+      value_size=6, model_size=12, name="mha")(q, k, v, mask=mask)
+
+
+def _our_mha(mechanism, **options):
+  def forward(q, k, v, mask=None):
+    return fa.MultiHeadAttention(
+        num_heads=4, key_size=8, w_init=hk.initializers.VarianceScaling(1.0),
+        value_size=6, model_size=12, mechanism=mechanism, name="mha",
+        **options)(q, k, v, mask=mask)
+  return forward
+
+
+def test_parameter_tree_matches_haiku():
+  rng = np.random.default_rng(0)
+  q, kv = _embeddings(rng, 2, 5, 16), _embeddings(rng, 2, 7, 10)
+  key = jax.random.PRNGKey(0)
+  ours = hk.transform(_our_mha("vanilla")).init(key, q, kv, kv)
+  theirs = hk.transform(_haiku_mha).init(key, q, kv, kv)
+  shapes = lambda p: jax.tree.map(jnp.shape, p)
+  assert shapes(ours) == shapes(theirs)
+  assert set(ours["mha/query"]) == {"w", "b"}
+  # Same names, same initialisation order: checkpoints load unchanged.
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+@pytest.mark.parametrize("mechanism", ["vanilla", "blockwise", "auto"])
+def test_output_and_param_grads_match_haiku(mechanism):
+  rng = np.random.default_rng(1)
+  # Two leading batch dims, Sq != Sk, a truthy int mask [..., H=1, T, T'].
+  q, kv = _embeddings(rng, 2, 3, 5, 16), _embeddings(rng, 2, 3, 7, 10)
+  mask = (rng.random((2, 3, 1, 5, 7)) < 0.7).astype(np.int32)
+  mask[..., 0] = 1  # No fully masked row: there Haiku averages, we give 0.
+  theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
+  ours_fn = hk.without_apply_rng(hk.transform(_our_mha(mechanism)))
+  params = theirs_fn.init(jax.random.PRNGKey(2), q, kv, kv, mask)
+  ct = _embeddings(rng, 2, 3, 5, 12)
+
+  def loss(fn):
+    return lambda p: jnp.sum(fn.apply(p, q, kv, kv, jnp.asarray(mask)) * ct)
+
+  _close(ours_fn.apply(params, q, kv, kv, jnp.asarray(mask)),
+         theirs_fn.apply(params, q, kv, kv, jnp.asarray(mask)))
+  ours_grads = jax.grad(loss(ours_fn))(params)
+  theirs_grads = jax.grad(loss(theirs_fn))(params)
+  # One scale for all parameters: the key bias's gradient is zero in exact
+  # arithmetic (softmax ignores a per-query constant), so only noise remains.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(
+      theirs_grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, atol=RTOL_F32 * scale, rtol=0), ours_grads, theirs_grads)
+
+
+def test_unbatched_inputs_work_like_haiku():
+  rng = np.random.default_rng(3)
+  q, kv = _embeddings(rng, 5, 16), _embeddings(rng, 7, 10)
+  theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
+  ours_fn = hk.without_apply_rng(hk.transform(_our_mha("vanilla")))
+  params = theirs_fn.init(jax.random.PRNGKey(0), q, kv, kv)
+  _close(ours_fn.apply(params, q, kv, kv), theirs_fn.apply(params, q, kv, kv))
+
+
+def test_grouped_query_projections_have_kv_head_sizes():
+  rng = np.random.default_rng(4)
+  q = _embeddings(rng, 2, 5, 16)
+  params = hk.transform(_our_mha("vanilla", num_kv_heads=2)).init(
+      jax.random.PRNGKey(0), q, q, q)
+  assert params["mha/query"]["w"].shape == (16, 4 * 8)
+  assert params["mha/key"]["w"].shape == (16, 2 * 8)
+  assert params["mha/value"]["w"].shape == (16, 2 * 6)
+
+
+def test_mha_requires_an_initializer_and_a_known_mechanism():
+  with pytest.raises(ValueError, match="w_init"):
+    hk.transform(lambda x: fa.MultiHeadAttention(2, 4)(x, x, x)).init(
+        jax.random.PRNGKey(0), jnp.ones((3, 8)))
+  with pytest.raises(ValueError, match="valid names"):
+    hk.transform(lambda x: fa.MultiHeadAttention(
+        2, 4, w_init=jnp.zeros, mechanism="nope")(x, x, x)).init(
+            jax.random.PRNGKey(0), jnp.ones((3, 8)))
+
+
+def test_mha_rejects_a_mask_of_the_wrong_rank():
+  x = jnp.ones((2, 3, 8))
+  fn = hk.transform(lambda x, m: fa.MultiHeadAttention(
+      2, 4, w_init=jnp.ones, mechanism="vanilla")(x, x, x, mask=m))
+  with pytest.raises(ValueError, match="dimensionality"):
+    fn.init(jax.random.PRNGKey(0), x, jnp.ones((3, 3), bool))
+
+
+# --- The facade ---------------------------------------------------------------
+
+
+def _reference(q, k, v, **kwargs):
+  inputs = fa.canonicalize(q, k, v, **kwargs)
+  return fa.reference_attention(inputs.query, inputs.key, inputs.value,
+                                inputs.bias, inputs.visibility,
+                                sm_scale=q.shape[-1]**-0.5).out
+
+
+@pytest.mark.parametrize("mechanism", ["vanilla", "blockwise"])
+def test_facade_padding_mask_and_bias_match_reference(mechanism):
+  rng = np.random.default_rng(5)
+  b, s, h, hkv, d = 2, 9, 4, 2, 8
+  q = _embeddings(rng, b, s, h, d)
+  k, v = _embeddings(rng, b, s, hkv, d), _embeddings(rng, b, s, hkv, d)
+  padding = np.ones((b, s), np.int32)
+  padding[1, 6:] = 0  # The seed API's [B, Sk] attention_mask.
+  bias = _embeddings(rng, 1, h, s, s)
+
+  def forward(q, k, v):
+    return fa.FlexibleAttentionModule(
+        attn_mechanism=mechanism, num_attention_heads=h, head_dims=d,
+        num_key_value_heads=hkv)(
+            query_states=q, key_states=k, value_states=v, bias=bias,
+            attention_mask=jnp.asarray(padding), causal=True,
+            query_sequence_length=s, key_value_sequence_length=s)
+
+  out = hk.without_apply_rng(hk.transform(forward)).apply({}, q, k, v)
+  assert isinstance(out, fa.AttentionOutput)
+  expected = _reference(q, k, v, bias=bias, causal=True,
+                        mask=jnp.asarray(padding, bool)[:, None, None, :])
+  _close(out.attention_outputs, expected)
+
+
+def test_facade_checks_sequence_lengths_and_block_sizes():
+  q = jnp.ones((1, 4, 2, 8))
+
+  def call(**kwargs):
+    length = kwargs.pop("query_sequence_length", None)
+    return hk.transform(lambda q: fa.FlexibleAttentionModule(
+        num_attention_heads=2, head_dims=8, **kwargs)(
+            q, q, q, query_sequence_length=length)).init(None, q)
+
+  with pytest.raises(ValueError, match="query_sequence_length = 5"):
+    call(attn_mechanism="vanilla", query_sequence_length=5)
+  with pytest.raises(NotImplementedError, match="block_q"):
+    call(attn_mechanism="vanilla", block_q=64)
+  call(attn_mechanism="blockwise", block_q=2, block_k=2)  # Read: accepted.
+
+
+def test_facade_test_attentions_reports_every_mechanism():
+  report = fa.FlexibleAttentionModule.test_attentions(
+      axis_dims=(2, 1, 4, 1), sequence_length=32, num_attention_heads=4,
+      head_dims=8, chunk_size=16, repeats=1)
+  statuses = {row.mechanism: row.status for row in report.rows}
+  assert set(statuses) == set(fa.available_mechanisms())
+  assert report.mesh == {"dp": 2, "fsdp": 1, "tp": 4, "sp": 1}
+  # chunk_size tiles the mechanisms that read block sizes; the others run
+  # untiled. Every row was checked against the reference.
+  assert statuses["blockwise"] == statuses["vanilla"] == "ok"
+  for row in report.rows:
+    if row.status == "ok":
+      assert max(row.out_error, row.dq_error, row.dk_error,
+                 row.dv_error) < 1e-4
+  if jax.default_backend() != "gpu":
+    assert statuses["cudnn"].startswith("unsupported: ")
