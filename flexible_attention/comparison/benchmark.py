@@ -30,6 +30,8 @@ import numpy as np
 
 from flexible_attention.comparison import timing
 from flexible_attention.comparison.compare import TOLERANCE
+from flexible_attention.comparison.compare import format_table
+from flexible_attention.comparison.compare import relative_error
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.reference import reference_attention
 from flexible_attention.mechanisms import registry
@@ -68,11 +70,6 @@ def _available_bytes() -> int | None:
       return None
   stats = device.memory_stats() or {}
   return stats.get("bytes_limit")
-
-
-def _relative_error(x, ref) -> float:
-  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-  return float(np.max(np.abs(x - ref))) / (float(np.max(np.abs(ref))) or 1.0)
 
 
 def benchmark_one(name: str, config, seq_len: int) -> BenchmarkRow:
@@ -137,10 +134,10 @@ def benchmark_one(name: str, config, seq_len: int) -> BenchmarkRow:
       f32(q[:, -rows:]), f32(k), f32(v))
   out = compiled_fwd.fn(q, k, v)
   dq, dk, dv = compiled.fn(q, k, v, ct_check)
-  row.out_error = _relative_error(out[:, -rows:], ref_out)
-  row.grad_error = max(_relative_error(dq[:, -rows:], ref_grads[0]),
-                       _relative_error(dk, ref_grads[1]),
-                       _relative_error(dv, ref_grads[2]))
+  row.out_error = relative_error(out[:, -rows:], ref_out)
+  row.grad_error = max(relative_error(dq[:, -rows:], ref_grads[0]),
+                       relative_error(dk, ref_grads[1]),
+                       relative_error(dv, ref_grads[2]))
   worst = max(row.out_error, row.grad_error)
   if not np.isfinite(worst) or worst > TOLERANCE[np.dtype(config.dtype).name]:
     row.status = f"error: differs from the reference ({worst:.1e}); not timed"
@@ -168,9 +165,7 @@ def table(rows: list[BenchmarkRow]) -> str:
        fmt(r.forward_backward_tflops, "{:.3f}"),
        fmt(None if r.temp_bytes is None else r.temp_bytes / 2**20, "{:.1f}"))
       for r in rows]
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths))
-                   for line in lines)
+  return format_table(lines)
 
 
 def run_benchmark(config) -> list[BenchmarkRow]:

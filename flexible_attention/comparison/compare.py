@@ -106,16 +106,22 @@ class ComparisonReport:
                     fmt(r.forward_backward_ms, "{:.2f}"),
                     fmt(mib(r.temp_bytes), "{:.1f}"),
                     fmt(mib(r.peak_bytes), "{:.1f}")))
-    widths = [max(len(str(line[i])) for line in lines)
-              for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths))
-                     for line in lines)
+    return format_table(lines)
 
   def __str__(self) -> str:
     return self.table()
 
 
-def _relative_error(x, ref) -> float:
+def format_table(lines: Sequence[Sequence[Any]]) -> str:
+  """Left-aligned fixed-width columns; the first line is the header."""
+  widths = [max(len(str(line[i])) for line in lines)
+            for i in range(len(lines[0]))]
+  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths))
+                   for line in lines)
+
+
+def relative_error(x, ref) -> float:
+  """max |x - ref| / max |ref|, in float32."""
   x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
   scale = float(np.max(np.abs(ref))) or 1.0
   return float(np.max(np.abs(x - ref))) / scale
@@ -278,9 +284,9 @@ def _compare_one(name, setup, args, ct, segment_ids, ref_out, ref_grads,
   try:
     out = compiled_fwd.fn(*args)
     _, grads = compiled.fn(*args)
-    row.out_error = _relative_error(out, ref_out)
+    row.out_error = relative_error(out, ref_out)
     row.dq_error, row.dk_error, row.dv_error = (
-        _relative_error(g, r) for g, r in zip(grads, ref_grads))
+        relative_error(g, r) for g, r in zip(grads, ref_grads))
   except Exception as e:  # pylint: disable=broad-except
     row.status = f"error: {type(e).__name__}: {e}"
     return row
