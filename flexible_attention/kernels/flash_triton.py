@@ -1,0 +1,874 @@
+"""Fused flash attention written in Pallas and lowered through Triton (GPU).
+
+Three kernels, FlashAttention-2 style (Dao, 2023, https://arxiv.org/abs/2307.08691):
+
+- forward, grid `(Sq / bq, B, H)`: one query tile against the key tiles it
+  can see, with an online softmax; writes the output and the float32
+  log-sum-exp (the only residuals besides q, k, v);
+- dK/dV, grid `(Sk / bk, B, Hkv)`: one key tile against the query tiles that
+  can see it, for every query head of its group (grouped-query attention
+  never repeats K/V: the group's heads are a loop inside the program);
+- dQ, grid `(Sq / bq, B, H)`: one query tile against its key tiles.
+
+`delta = rowsum(dO * O)` is computed once by XLA before the backward kernels.
+The bias gradient, when one is asked for, comes from a fourth launch (the dQ
+kernel writing `d(loss)/d(logits)` tiles), so XLA drops it when nobody needs
+it.
+
+The structured mask stays structured: each program loads the position /
+segment / key-validity vectors of its tiles and evaluates causal, window,
+segment and kv-length visibility in registers. A dense mask or bias is read
+tile by tile only when the caller passed one. Block skipping: XLA computes,
+per batch row and tile, the range of tiles of the other sequence that may be
+visible (from per-tile minima and maxima of positions, segment ids and key
+validity) and, inside it, a run of tiles that are certainly fully visible;
+the kernel walks `[lo, flo)` and `[fhi, hi)` with masking and `[flo, fhi)`
+without, and never touches tiles outside `[lo, hi)`.
+
+Dropout calls the library's hash (`core/dropout.py`) on the tile's
+coordinates, so the keep mask is bit-identical to every other mechanism.
+
+Sequences of any length and head sizes up to 256 work: q/k/v are padded (by
+XLA, outside the kernels) to whole tiles and to a power-of-two head size, as
+Triton needs; padded keys are invisible and padded rows are sliced away.
+
+`interpret=True` runs the same kernels through Pallas' interpreter, on any
+backend (CPU tests).
+
+Glossary of shapes:
+- B: batch size.
+- Sq, Sk: query and key lengths; Sqp, Skp: padded to whole tiles.
+- H, Hkv: query and key/value heads; G = H // Hkv.
+- D, Dv: query/key and value head sizes; Dp, Dvp: padded to powers of two.
+- bq, bk: tile sizes along queries and keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.core import masks
+from flexible_attention.core import reference
+from flexible_attention.core.inputs import AttentionInputs
+from flexible_attention.core.types import BlockSizes
+from flexible_attention.core.types import KernelOutput
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MASK_VALUE = reference.MASK_VALUE
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16  # Triton's smallest dot operand side.
+
+
+# --- Launch configuration -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """Tile sizes and Triton settings of one kernel."""
+
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+  """The launches of the forward, dK/dV and dQ kernels."""
+
+  fwd: Launch
+  dkv: Launch
+  dq: Launch
+
+
+def default_launch_config(head_dim: int) -> LaunchConfig:
+  """Tiles, warps and stages per (padded) head size, for Hopper GPUs.
+
+  Starting points from the tuning probe in BENCH.md (JAX's Triton kernel at
+  D = 128: 128 x 64 tiles, 4 warps, 2 stages forward); the backward holds two
+  `[bk, D]` float32 accumulators, hence 8 warps from D = 128 on.
+  """
+  if head_dim <= 64:
+    return LaunchConfig(fwd=Launch(128, 64, 4, 3), dkv=Launch(64, 128, 4, 3),
+                        dq=Launch(128, 64, 4, 3))
+  if head_dim <= 128:
+    return LaunchConfig(fwd=Launch(128, 64, 4, 2), dkv=Launch(64, 128, 8, 2),
+                        dq=Launch(128, 64, 8, 2))
+  return LaunchConfig(fwd=Launch(64, 64, 4, 2), dkv=Launch(32, 64, 8, 2),
+                      dq=Launch(64, 32, 8, 2))
+
+
+def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
+  return 8 if block_q * block_k >= 128 * 64 and head_dim > 64 else 4
+
+
+def check_block_size(name: str, value: int | None):
+  """Flash tiles must be powers of two >= 16 (Triton's tensor shapes)."""
+  if value is None:
+    return
+  if value < MIN_BLOCK or value & (value - 1):
+    raise ValueError(f"BlockSizes.{name} must be a power of two >= "
+                     f"{MIN_BLOCK} for mechanism 'flash', got {value}.")
+
+
+def launch_config(head_dim: int, block_sizes: BlockSizes | None = None
+                  ) -> LaunchConfig:
+  """The default launches with the user's `fa.BlockSizes` applied."""
+  config = default_launch_config(head_dim)
+  if block_sizes is None:
+    return config
+
+  def override(launch: Launch, q_field: str, k_field: str) -> Launch:
+    block_q = getattr(block_sizes, q_field) or launch.block_q
+    block_k = getattr(block_sizes, k_field) or launch.block_k
+    check_block_size(q_field, block_q)
+    check_block_size(k_field, block_k)
+    if (block_q, block_k) == (launch.block_q, launch.block_k):
+      return launch
+    return Launch(block_q, block_k, _warps_for(block_q, block_k, head_dim),
+                  launch.num_stages)
+
+  return LaunchConfig(
+      fwd=override(config.fwd, "block_q", "block_k"),
+      dkv=override(config.dkv, "block_q_dkv", "block_k_dkv"),
+      dq=override(config.dq, "block_q_dq", "block_k_dq"))
+
+
+def _compiler_params(launch: Launch, interpret: bool):
+  if interpret:
+    return None
+  # jax >= 0.6 spells it `CompilerParams`; older ones `TritonCompilerParams`.
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(
+      plgpu, "TritonCompilerParams")
+  return cls(num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def _clip(launch: Launch, q_len: int, kv_len: int) -> Launch:
+  """Shrinks tiles to the (power-of-two rounded) sequence lengths."""
+  fit = lambda block, n: min(block, max(MIN_BLOCK, _next_power_of_2(n)))
+  return dataclasses.replace(launch, block_q=fit(launch.block_q, q_len),
+                             block_k=fit(launch.block_k, kv_len))
+
+
+# --- Static description of a call -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about a call (the custom_vjp's non-diff argument)."""
+
+  sm_scale: float
+  softcap: float | None
+  precision: Any
+  causal: bool
+  window: tuple[int, int] | None
+  segments: bool
+  mask: bool
+  bias_shape: tuple[int, int, int, int] | None  # Padded.
+  dropout_rate: float | None
+  groups: int
+  launch: LaunchConfig
+  interpret: bool
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _pad_dim(d: int) -> int:
+  return max(MIN_BLOCK, _next_power_of_2(d))
+
+
+def _pad_axis(x, axis: int, size: int, mode: str = "constant", value=0):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  if mode == "edge":
+    return jnp.pad(x, widths, mode="edge")
+  return jnp.pad(x, widths, constant_values=value)
+
+
+# --- Block skipping tables (XLA, O(B * S)) ------------------------------------
+
+
+def _tile_min_max(x, valid, block: int):
+  """Per-tile min and max of `x [B, S]` over `valid [B, S]` entries."""
+  b, s = x.shape
+  x = x.reshape(b, s // block, block)
+  valid = valid.reshape(b, s // block, block)
+  big = jnp.iinfo(jnp.int32).max
+  lo = jnp.min(jnp.where(valid, x, big), axis=-1)
+  hi = jnp.max(jnp.where(valid, x, -big), axis=-1)
+  return lo, hi
+
+
+def _tile_tables(st: _Static, aux, block_q: int, block_k: int):
+  """`(maybe, full)`, bool `[B, nq, nk]`: whether tile (i, j) may hold a
+  visible pair / certainly holds only visible pairs."""
+  q_pos, kv_pos, kv_ok = aux["q_pos"], aux["kv_pos"], aux["kv_ok"] != 0
+  q_all = jnp.ones(q_pos.shape, bool)
+  qmin, qmax = _tile_min_max(q_pos, q_all, block_q)  # [B, nq]
+  kmin, kmax = _tile_min_max(kv_pos, kv_ok, block_k)  # [B, nk]
+  b, sk = kv_ok.shape
+  ok = kv_ok.reshape(b, sk // block_k, block_k)
+  k_any, k_all = jnp.any(ok, -1), jnp.all(ok, -1)
+  qmin, qmax = qmin[:, :, None], qmax[:, :, None]
+  kmin, kmax = kmin[:, None, :], kmax[:, None, :]
+  maybe = jnp.broadcast_to(k_any[:, None, :], (b, qmin.shape[1],
+                                               kmin.shape[2]))
+  full = maybe & k_all[:, None, :]
+  if st.causal:
+    maybe &= kmin <= qmax
+    full &= kmax <= qmin
+  if st.window is not None:
+    left, right = st.window
+    maybe &= (kmax >= qmin - left) & (kmin <= qmax + right)
+    full &= (kmin >= qmax - left) & (kmax <= qmin + right)
+  if st.segments:
+    sqmin, sqmax = _tile_min_max(aux["q_seg"], q_all, block_q)
+    skmin, skmax = _tile_min_max(aux["kv_seg"], kv_ok, block_k)
+    sqmin, sqmax = sqmin[:, :, None], sqmax[:, :, None]
+    skmin, skmax = skmin[:, None, :], skmax[:, None, :]
+    maybe &= (skmax >= sqmin) & (skmin <= sqmax)
+    full &= (sqmin == sqmax) & (skmin == skmax) & (sqmin == skmin)
+  if st.mask:
+    full = jnp.zeros_like(full)
+  return maybe, full & maybe
+
+
+def _bounds(maybe, full):
+  """`[B, n, m]` tables -> int32 `[B, n, 4]`: `(lo, flo, fhi, hi)` per row.
+
+  Tiles `[lo, hi)` of the last axis may be visible; `[flo, fhi)` (inside it)
+  are certainly fully visible and need no mask.
+  """
+  m = maybe.shape[-1]
+  idx = jnp.arange(m)
+  any_maybe = jnp.any(maybe, -1)
+  lo = jnp.where(any_maybe, jnp.argmax(maybe, -1), 0)
+  hi = jnp.where(any_maybe, m - jnp.argmax(maybe[..., ::-1], -1), 0)
+  any_full = jnp.any(full, -1)
+  flo = jnp.where(any_full, jnp.argmax(full, -1), hi)
+  after = (idx >= flo[..., None]) & ~full
+  fhi = jnp.where(jnp.any(after, -1), jnp.argmax(after, -1), m)
+  fhi = jnp.where(any_full, fhi, hi)
+  flo = jnp.clip(flo, lo, hi)
+  fhi = jnp.clip(fhi, flo, hi)
+  return jnp.stack([lo, flo, fhi, hi], -1).astype(jnp.int32)
+
+
+# --- In-kernel helpers ------------------------------------------------------
+
+
+def _dot(a, b, st: _Static, *, trans_a: bool = False, trans_b: bool = False):
+  """A 2-D matmul with float32 accumulation (`a^T` / `b^T` when asked)."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=st.precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _scores(st: _Static, q, k, bias, transposed: bool = False):
+  """Logits of a tile in base 2 (`s * log2(e)`), and the soft cap's
+  derivative (or None); `[bq, bk]`, or `[bk, bq]` when `transposed` (then
+  `bias` must be transposed too)."""
+  if transposed:
+    s = _dot(k, q, st, trans_b=True)  # [bk, bq] f32
+  else:
+    s = _dot(q, k, st, trans_b=True)  # [bq, bk] f32
+  if st.softcap is None and bias is None:
+    return s * (st.sm_scale * LOG2E), None
+  s = s * st.sm_scale
+  dcap = None
+  if st.softcap is not None:
+    t = jnp.tanh(s * (1.0 / st.softcap))
+    s = st.softcap * t
+    dcap = 1.0 - t * t
+  if bias is not None:
+    s = s + bias.astype(jnp.float32)
+  return s * LOG2E, dcap
+
+
+def _outer(q_vec, kv_vec, transposed: bool):
+  """`(q[:, None], kv[None, :])`, or the transposed pair."""
+  if transposed:
+    return q_vec[None, :], kv_vec[:, None]
+  return q_vec[:, None], kv_vec[None, :]
+
+
+def _visible(st: _Static, shape, q_pos, kv_pos, kv_ok, q_seg, kv_seg,
+             mask, transposed: bool = False):
+  """Bool `[bq, bk]` (`[bk, bq]` if `transposed`, with `mask` transposed
+  too): the structured mask of a tile."""
+  qp, kp = _outer(q_pos, kv_pos, transposed)
+  vis = _outer(q_pos, kv_ok, transposed)[1] != 0
+  if st.causal:
+    vis = vis & (kp <= qp)
+  if st.window is not None:
+    left, right = st.window
+    vis = vis & (kp >= qp - left) & (kp <= qp + right)
+  if st.segments:
+    qs, ks = _outer(q_seg, kv_seg, transposed)
+    vis = vis & (qs == ks)
+  if mask is not None:
+    vis = vis & (mask != 0)
+  return jnp.broadcast_to(vis, shape)
+
+
+def _keep(st: _Static, seed_ref, batch, head, q_pos, kv_pos,
+          transposed: bool = False):
+  """The library's dropout keep mask `[bq, bk]` (or `[bk, bq]`) of a tile."""
+  seed = (seed_ref[0], seed_ref[1])
+  batch = batch.astype(jnp.uint32) + seed_ref[2]
+  head = head.astype(jnp.uint32) + seed_ref[3]
+  qp, kp = _outer(q_pos, kv_pos, transposed)
+  return dropout_lib.dropout_keep(seed, batch, head, qp, kp,
+                                  st.dropout_rate)
+
+
+def _tile_of(ref, q_slice, k_slice, head=None):
+  """Loads the `[bq|1, bk|1]` tile of a broadcastable bias/mask block."""
+  q_index = q_slice if ref.shape[-2] > 1 else slice(None)
+  k_index = k_slice if ref.shape[-1] > 1 else slice(None)
+  if head is None:
+    return ref[q_index, k_index]
+  return ref[head, q_index, k_index]
+
+
+def _loops(bounds_ref, row, body, carry):
+  """Runs `body(index, carry, masked)` over `[lo, flo)` and `[fhi, hi)`
+  with masking and over `[flo, fhi)` without."""
+  lo, flo = bounds_ref[row, 0], bounds_ref[row, 1]
+  fhi, hi = bounds_ref[row, 2], bounds_ref[row, 3]
+  masked = functools.partial(body, masked=True)
+  carry = lax.fori_loop(lo, flo, masked, carry)
+  carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False),
+                        carry)
+  return lax.fori_loop(fhi, hi, masked, carry)
+
+
+# --- Kernels ------------------------------------------------------------------
+
+
+def _forward_kernel(*refs, names, st: _Static, num_q_blocks: int):
+  r = dict(zip(names, refs))
+  launch = st.launch.fwd
+  bq, bk = launch.block_q, launch.block_k
+  i = num_q_blocks - 1 - pl.program_id(0)  # Heavy causal rows first.
+  b, h = pl.program_id(1), pl.program_id(2)
+  q = r["q"][...]  # [bq, Dp]
+  q_pos = r["q_pos"][...]  # [bq]
+  q_seg = r["q_seg"][...] if st.segments else None
+  q_rows = pl.ds(0, bq)
+  dv_pad = r["v"].shape[-1]
+
+  def body(j, carry, masked):
+    acc, m, l = carry
+    ks = pl.multiple_of(j * bk, bk)
+    kv = pl.ds(ks, bk)
+    k = r["k"][kv, :]  # [bk, Dp]
+    bias = _tile_of(r["bias"], q_rows, kv) if "bias" in r else None
+    s, _ = _scores(st, q, k, bias)  # [bq, bk]
+    kv_pos = r["kv_pos"][kv]
+    if masked:
+      vis = _visible(st, s.shape, q_pos, kv_pos, r["kv_ok"][kv], q_seg,
+                     r["kv_seg"][kv] if st.segments else None,
+                     _tile_of(r["mask"], q_rows, kv) if st.mask else None)
+      s = jnp.where(vis, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    if masked:
+      p = jnp.where(vis, p, 0.0)
+    l = l * alpha + jnp.sum(p, axis=1)
+    if st.dropout_rate is not None:
+      keep = _keep(st, r["seed"], b, h, q_pos, kv_pos)
+      p = jnp.where(keep, p * (1.0 / (1.0 - st.dropout_rate)), 0.0)
+    v = r["v"][kv, :]  # [bk, Dvp]
+    pv = _dot(p.astype(v.dtype), v, st)
+    return acc * alpha[:, None] + pv, m_new, l
+
+  init = (jnp.zeros((bq, dv_pad), jnp.float32),
+          jnp.full((bq,), MASK_VALUE, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = _loops(r["bounds"], i, body, init)
+  nonempty = l > 0.0
+  safe_l = jnp.where(nonempty, l, 1.0)
+  r["out"][...] = (acc / safe_l[:, None]).astype(r["out"].dtype)
+  r["lse"][...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
+
+
+def _dkdv_kernel(*refs, names, st: _Static):
+  r = dict(zip(names, refs))
+  launch = st.launch.dkv
+  bq, bk = launch.block_q, launch.block_k
+  j, b, hkv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  k = r["k"][...]  # [bk, Dp]
+  v = r["v"][...]  # [bk, Dvp]
+  kv_pos = r["kv_pos"][...]
+  kv_ok = r["kv_ok"][...]
+  kv_seg = r["kv_seg"][...] if st.segments else None
+  kv_cols = pl.ds(0, bk)
+  scale = st.sm_scale
+
+  def head(g, carry):
+    h = hkv * st.groups + g
+    bias_head = g if "bias" in r and r["bias"].shape[0] > 1 else 0
+    mask_head = g if st.mask and r["mask"].shape[0] > 1 else 0
+
+    def body(i, carry, masked):
+      # Transposed tiles ([bk, bq]): every matmul takes loaded operands in
+      # the layout it needs, no register tile is transposed.
+      dk, dv = carry
+      qs = pl.multiple_of(i * bq, bq)
+      rows = pl.ds(qs, bq)
+      q = r["q"][rows, g, :]  # [bq, Dp]
+      do = r["do"][rows, g, :]  # [bq, Dvp]
+      lse = r["lse"][g, rows]  # [bq], base 2
+      delta = r["delta"][g, rows]
+      q_pos = r["q_pos"][rows]
+      bias = (_tile_of(r["bias"], rows, kv_cols, bias_head).T
+              if "bias" in r else None)
+      s, dcap = _scores(st, q, k, bias, transposed=True)  # [bk, bq]
+      p = jnp.exp2(s - lse[None, :])
+      if masked:
+        vis = _visible(st, s.shape, q_pos, kv_pos, kv_ok,
+                       r["q_seg"][rows] if st.segments else None, kv_seg,
+                       _tile_of(r["mask"], rows, kv_cols, mask_head).T
+                       if st.mask else None, transposed=True)
+        p = jnp.where(vis, p, 0.0)
+      dp = _dot(v, do, st, trans_b=True)  # [bk, bq]
+      p_applied = p
+      if st.dropout_rate is not None:
+        inv = 1.0 / (1.0 - st.dropout_rate)
+        keep = _keep(st, r["seed"], b, h, q_pos, kv_pos, transposed=True)
+        p_applied = jnp.where(keep, p * inv, 0.0)
+        dp = jnp.where(keep, dp * inv, 0.0)
+      dv = dv + _dot(p_applied.astype(do.dtype), do, st)  # [bk, Dvp]
+      ds = p * (dp - delta[None, :])
+      if dcap is not None:
+        ds = ds * dcap
+      ds = (ds * scale).astype(q.dtype)
+      dk = dk + _dot(ds, q, st)  # [bk, Dp]
+      return dk, dv
+
+    return _loops(r["bounds"], j, body, carry)
+
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  if st.groups == 1:
+    dk, dv = head(0, init)
+  else:
+    dk, dv = lax.fori_loop(0, st.groups, head, init)
+  r["dk"][...] = dk.astype(r["dk"].dtype)
+  r["dv"][...] = dv.astype(r["dv"].dtype)
+
+
+def _dq_kernel(*refs, names, st: _Static, num_q_blocks: int,
+               write_ds: bool):
+  """dQ, or (`write_ds`) the logits' gradient tiles for the bias."""
+  r = dict(zip(names, refs))
+  launch = st.launch.dq
+  bq, bk = launch.block_q, launch.block_k
+  i = num_q_blocks - 1 - pl.program_id(0)
+  b, h = pl.program_id(1), pl.program_id(2)
+  q = r["q"][...]
+  do = r["do"][...]
+  lse = r["lse"][...]
+  delta = r["delta"][...]
+  q_pos = r["q_pos"][...]
+  q_seg = r["q_seg"][...] if st.segments else None
+  q_rows = pl.ds(0, bq)
+
+  def body(j, dq, masked):
+    ks = pl.multiple_of(j * bk, bk)
+    kv = pl.ds(ks, bk)
+    k = r["k"][kv, :]
+    v = r["v"][kv, :]
+    kv_pos = r["kv_pos"][kv]
+    bias = _tile_of(r["bias"], q_rows, kv) if "bias" in r else None
+    s, dcap = _scores(st, q, k, bias)
+    p = jnp.exp2(s - lse[:, None])
+    if masked:
+      vis = _visible(st, s.shape, q_pos, kv_pos, r["kv_ok"][kv], q_seg,
+                     r["kv_seg"][kv] if st.segments else None,
+                     _tile_of(r["mask"], q_rows, kv) if st.mask else None)
+      p = jnp.where(vis, p, 0.0)
+    dp = _dot(do, v, st, trans_b=True)
+    if st.dropout_rate is not None:
+      keep = _keep(st, r["seed"], b, h, q_pos, kv_pos)
+      dp = jnp.where(keep, dp * (1.0 / (1.0 - st.dropout_rate)), 0.0)
+    ds = p * (dp - delta[:, None])
+    if write_ds:
+      r["ds"][:, kv] = ds
+      return dq
+    if dcap is not None:
+      ds = ds * dcap
+    ds = (ds * st.sm_scale).astype(k.dtype)
+    return dq + _dot(ds, k, st)
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  if write_ds:
+    # Every tile is written (invisible ones with zeros): no skipping.
+    dq = lax.fori_loop(0, r["k"].shape[0] // bk,
+                       functools.partial(body, masked=True), dq)
+  else:
+    dq = _loops(r["bounds"], i, body, dq)
+    r["dq"][...] = dq.astype(r["dq"].dtype)
+
+
+# --- Launch wrappers ----------------------------------------------------------
+
+
+class _Call:
+  """Collects the named inputs and outputs of one `pallas_call`."""
+
+  def __init__(self):
+    self.names, self.arrays, self.specs = [], [], []
+    self.out_names, self.out_shapes, self.out_specs = [], [], []
+
+  def input(self, name, array, block_shape, index_map):
+    if array is None:
+      return
+    self.names.append(name)
+    self.arrays.append(array)
+    self.specs.append(pl.BlockSpec(block_shape, index_map))
+
+  def output(self, name, shape, dtype, block_shape, index_map):
+    self.out_names.append(name)
+    self.out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
+    self.out_specs.append(pl.BlockSpec(block_shape, index_map))
+
+  def __call__(self, kernel, grid, launch: Launch, interpret: bool,
+               name: str, **kwargs):
+    fn = functools.partial(kernel, names=tuple(self.names + self.out_names),
+                           **kwargs)
+    return pl.pallas_call(
+        fn, grid=grid, in_specs=self.specs, out_specs=self.out_specs,
+        out_shape=self.out_shapes,
+        compiler_params=_compiler_params(launch, interpret),
+        interpret=interpret, name=name)(*self.arrays)
+
+
+def _broadcast_block(shape, head_block, q_block, k_block, head_squeezed):
+  """Block shape of a `[B|1, H|1, Sq|1, Sk|1]` array (bias or mask)."""
+  _, hb, sq, sk = shape
+  head = (None if head_squeezed else (head_block if hb > 1 else 1))
+  return (None, head, q_block if sq > 1 else 1, k_block if sk > 1 else 1)
+
+
+def _broadcast_index(shape, b, h, i, j):
+  return (b if shape[0] > 1 else 0, h if shape[1] > 1 else 0,
+          i if shape[2] > 1 else 0, j if shape[3] > 1 else 0)
+
+
+def _add_structure(call: _Call, aux, st: _Static, q_block: int,
+                   k_block: int, q_index, k_index):
+  """The position / segment / validity vectors, tiled or whole."""
+  call.input("q_pos", aux["q_pos"], (None, q_block), q_index)
+  call.input("kv_pos", aux["kv_pos"], (None, k_block), k_index)
+  call.input("kv_ok", aux["kv_ok"], (None, k_block), k_index)
+  if st.segments:
+    call.input("q_seg", aux["q_seg"], (None, q_block), q_index)
+    call.input("kv_seg", aux["kv_seg"], (None, k_block), k_index)
+  if st.dropout_rate is not None:
+    call.input("seed", aux["seed"], (4,), lambda *_: (0,))
+
+
+def _forward(st: _Static, q, k, v, bias, aux):
+  """`out [B, Sqp, H, Dvp]` and natural-log `lse [B, H, Sqp]` (float32)."""
+  batch, q_len, num_heads, d_pad = q.shape
+  kv_len, dv_pad = k.shape[1], v.shape[-1]
+  bq, bk = st.launch.fwd.block_q, st.launch.fwd.block_k
+  nq = q_len // bq
+  groups = st.groups
+  qi = lambda i: nq - 1 - i
+  call = _Call()
+  call.input("q", q, (None, bq, None, d_pad),
+             lambda i, b, h: (b, qi(i), h, 0))
+  call.input("k", k, (None, kv_len, None, d_pad),
+             lambda i, b, h: (b, 0, h // groups, 0))
+  call.input("v", v, (None, kv_len, None, dv_pad),
+             lambda i, b, h: (b, 0, h // groups, 0))
+  _add_structure(call, aux, st, bq, kv_len, lambda i, b, h: (b, qi(i)),
+                 lambda i, b, h: (b, 0))
+  if bias is not None:
+    call.input("bias", bias,
+               _broadcast_block(bias.shape, 1, bq, kv_len, True),
+               lambda i, b, h: _broadcast_index(bias.shape, b, h, qi(i), 0))
+  if st.mask:
+    mask = aux["mask"]
+    call.input("mask", mask,
+               _broadcast_block(mask.shape, 1, bq, kv_len, True),
+               lambda i, b, h: _broadcast_index(mask.shape, b, h, qi(i), 0))
+  call.input("bounds", aux["bounds_fwd"], (None, nq, 4),
+             lambda i, b, h: (b, 0, 0))
+  call.output("out", (batch, q_len, num_heads, dv_pad), q.dtype,
+              (None, bq, None, dv_pad), lambda i, b, h: (b, qi(i), h, 0))
+  call.output("lse", (batch, num_heads, q_len), jnp.float32,
+              (None, None, bq), lambda i, b, h: (b, h, qi(i)))
+  out, lse = call(_forward_kernel, (nq, batch, num_heads), st.launch.fwd,
+                  st.interpret, "flash_forward", st=st, num_q_blocks=nq)
+  return out, lse
+
+
+def _dkdv(st: _Static, q, k, v, bias, aux, do, lse2, delta):
+  batch, q_len, num_heads, d_pad = q.shape
+  kv_len, num_kv_heads, dv_pad = k.shape[1], k.shape[2], v.shape[-1]
+  bq, bk = st.launch.dkv.block_q, st.launch.dkv.block_k
+  nk = kv_len // bk
+  groups = st.groups
+  call = _Call()
+  call.input("q", q, (None, q_len, groups, d_pad),
+             lambda j, b, hkv: (b, 0, hkv, 0))
+  call.input("k", k, (None, bk, None, d_pad), lambda j, b, hkv: (b, j, hkv, 0))
+  call.input("v", v, (None, bk, None, dv_pad), lambda j, b, hkv: (b, j, hkv, 0))
+  call.input("do", do, (None, q_len, groups, dv_pad),
+             lambda j, b, hkv: (b, 0, hkv, 0))
+  call.input("lse", lse2, (None, groups, q_len), lambda j, b, hkv: (b, hkv, 0))
+  call.input("delta", delta, (None, groups, q_len),
+             lambda j, b, hkv: (b, hkv, 0))
+  _add_structure(call, aux, st, q_len, bk, lambda j, b, hkv: (b, 0),
+                 lambda j, b, hkv: (b, j))
+  if bias is not None:
+    call.input("bias", bias,
+               _broadcast_block(bias.shape, groups, q_len, bk, False),
+               lambda j, b, hkv: _broadcast_index(bias.shape, b, hkv, 0, j))
+  if st.mask:
+    mask = aux["mask"]
+    call.input("mask", mask,
+               _broadcast_block(mask.shape, groups, q_len, bk, False),
+               lambda j, b, hkv: _broadcast_index(mask.shape, b, hkv, 0, j))
+  call.input("bounds", aux["bounds_dkv"], (None, nk, 4),
+             lambda j, b, hkv: (b, 0, 0))
+  call.output("dk", k.shape, k.dtype, (None, bk, None, d_pad),
+              lambda j, b, hkv: (b, j, hkv, 0))
+  call.output("dv", v.shape, v.dtype, (None, bk, None, dv_pad),
+              lambda j, b, hkv: (b, j, hkv, 0))
+  return call(_dkdv_kernel, (nk, batch, num_kv_heads), st.launch.dkv,
+              st.interpret, "flash_dkdv", st=st)
+
+
+def _dq(st: _Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool):
+  batch, q_len, num_heads, d_pad = q.shape
+  kv_len, dv_pad = k.shape[1], v.shape[-1]
+  bq, bk = st.launch.dq.block_q, st.launch.dq.block_k
+  nq = q_len // bq
+  groups = st.groups
+  qi = lambda i: nq - 1 - i
+  call = _Call()
+  call.input("q", q, (None, bq, None, d_pad),
+             lambda i, b, h: (b, qi(i), h, 0))
+  call.input("k", k, (None, kv_len, None, d_pad),
+             lambda i, b, h: (b, 0, h // groups, 0))
+  call.input("v", v, (None, kv_len, None, dv_pad),
+             lambda i, b, h: (b, 0, h // groups, 0))
+  call.input("do", do, (None, bq, None, dv_pad),
+             lambda i, b, h: (b, qi(i), h, 0))
+  call.input("lse", lse2, (None, None, bq), lambda i, b, h: (b, h, qi(i)))
+  call.input("delta", delta, (None, None, bq),
+             lambda i, b, h: (b, h, qi(i)))
+  _add_structure(call, aux, st, bq, kv_len, lambda i, b, h: (b, qi(i)),
+                 lambda i, b, h: (b, 0))
+  if bias is not None:
+    call.input("bias", bias,
+               _broadcast_block(bias.shape, 1, bq, kv_len, True),
+               lambda i, b, h: _broadcast_index(bias.shape, b, h, qi(i), 0))
+  if st.mask:
+    mask = aux["mask"]
+    call.input("mask", mask,
+               _broadcast_block(mask.shape, 1, bq, kv_len, True),
+               lambda i, b, h: _broadcast_index(mask.shape, b, h, qi(i), 0))
+  call.input("bounds", aux["bounds_dq"], (None, nq, 4),
+             lambda i, b, h: (b, 0, 0))
+  if write_ds:
+    call.output("ds", (batch, num_heads, q_len, kv_len), jnp.float32,
+                (None, None, bq, kv_len), lambda i, b, h: (b, h, qi(i), 0))
+    name = "flash_dbias"
+  else:
+    call.output("dq", q.shape, q.dtype, (None, bq, None, d_pad),
+                lambda i, b, h: (b, qi(i), h, 0))
+    name = "flash_dq"
+  (result,) = call(_dq_kernel, (nq, batch, num_heads), st.launch.dq,
+                   st.interpret, name, st=st, num_q_blocks=nq,
+                   write_ds=write_ds)
+  return result
+
+
+def _sum_to(x, shape):
+  """Sums `x` over the axes where `shape` broadcasts (has size 1)."""
+  axes = tuple(a for a, (n, m) in enumerate(zip(x.shape, shape))
+               if m == 1 and n != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse):
+  """Gradients of q, k, v and bias (all padded)."""
+  # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32),
+                     out.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
+  lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
+  dout = dout.astype(q.dtype)
+  dk, dv = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta)
+  dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False)
+  dbias = None
+  if bias is not None:
+    ds = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=True)
+    dbias = _sum_to(ds, bias.shape).astype(bias.dtype)
+  return dq, dk, dv, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st, q, k, v, bias, aux):
+  return _forward(st, q, k, v, bias, aux)
+
+
+def _flash_fwd(st, q, k, v, bias, aux):
+  out, lse = _forward(st, q, k, v, bias, aux)
+  return (out, lse), (q, k, v, bias, aux, out, lse)
+
+
+def _flash_bwd(st, residuals, cotangents):
+  q, k, v, bias, aux, out, lse = residuals
+  dout, dlse = cotangents
+  dq, dk, dv, dbias = _backward(st, q, k, v, bias, aux, out, lse, dout, dlse)
+  return dq, dk, dv, dbias, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --- Public entry point -------------------------------------------------------
+
+
+def flash_attention(inputs: AttentionInputs,
+                    dropout: dropout_lib.Dropout | None = None, *,
+                    sm_scale: float, softcap: float | None = None,
+                    precision=None, block_sizes: BlockSizes | None = None,
+                    launch: LaunchConfig | None = None,
+                    interpret: bool = False) -> KernelOutput:
+  """Fused attention (Pallas; Triton on GPU): a pure, differentiable function.
+
+  Args:
+    inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
+      D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
+      and the `Visibility` (any of causal, window, segments, kv lengths,
+      positions, dense mask).
+    dropout: a `Dropout` (the library's hash), or `None`.
+    sm_scale: the softmax scale.
+    softcap: logits soft cap, or `None`.
+    precision: matmul precision inside the kernels (`None`: Triton's default,
+      TF32 for float32 inputs; `HIGHEST`: exact float32).
+    block_sizes: `fa.BlockSizes` (fields `block_q`, `block_k`,
+      `block_q_dkv`, `block_k_dkv`, `block_q_dq`, `block_k_dq`; powers of
+      two >= 16) over the defaults for the head size.
+    launch: a full `LaunchConfig` (tiles, warps, stages), overriding
+      `block_sizes`; for tuning.
+    interpret: run the kernels in Pallas' interpreter (any backend).
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`; both
+    are differentiable with respect to q, k, v and bias.
+  """
+  q, k, v, bias = inputs.query, inputs.key, inputs.value, inputs.bias
+  vis = inputs.visibility
+  dims = inputs.dims
+  batch, q_len, kv_len = dims.batch, dims.q_len, dims.kv_len
+  if max(dims.head_dim, dims.value_dim) > MAX_HEAD_DIM:
+    raise ValueError(f"flash: head sizes must be at most {MAX_HEAD_DIM}, got "
+                     f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
+  d_pad, dv_pad = _pad_dim(dims.head_dim), _pad_dim(dims.value_dim)
+  if launch is None:
+    launch = launch_config(max(d_pad, dv_pad), block_sizes)
+  launch = LaunchConfig(*(_clip(x, q_len, kv_len) for x in
+                          (launch.fwd, launch.dkv, launch.dq)))
+  q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
+  k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
+  q_pad, kv_pad = _round_up(q_len, q_mult), _round_up(kv_len, k_mult)
+
+  def pad4(x, seq, dim):
+    return _pad_axis(_pad_axis(x, 1, seq), 3, dim)
+
+  qp, kp, vp = pad4(q, q_pad, d_pad), pad4(k, kv_pad, d_pad), pad4(
+      v, kv_pad, dv_pad)
+  if bias is not None:
+    bias = masks.pad_broadcastable(bias, q_pad - q_len, kv_pad - kv_len, 0.0)
+
+  # The structure, as O(B * S) vectors. Padded queries repeat the last real
+  # one (tighter skipping tables); padded keys are invalid.
+  kv_ok = jnp.broadcast_to(vis.kv_indices >= 0, (batch, kv_len))
+  if vis.kv_lengths is not None:
+    kv_ok = kv_ok & (vis.kv_indices[None, :] < vis.kv_lengths[:, None])
+  aux = {
+      "q_pos": _pad_axis(vis.q_positions.astype(jnp.int32), 1, q_pad, "edge"),
+      "kv_pos": _pad_axis(vis.kv_positions.astype(jnp.int32), 1, kv_pad),
+      "kv_ok": _pad_axis(kv_ok.astype(jnp.int32), 1, kv_pad),
+  }
+  if vis.has_segments:
+    aux["q_seg"] = _pad_axis(vis.q_segment_ids.astype(jnp.int32), 1, q_pad,
+                             "edge")
+    aux["kv_seg"] = _pad_axis(vis.kv_segment_ids.astype(jnp.int32), 1,
+                              kv_pad)
+  if vis.mask is not None:
+    aux["mask"] = masks.pad_broadcastable(vis.mask, q_pad - q_len,
+                                          kv_pad - kv_len,
+                                          False).astype(jnp.int8)
+  if dropout is not None:
+    aux["seed"] = jnp.concatenate([
+        dropout.seed.astype(jnp.uint32),
+        jnp.stack([dropout.batch_offset, dropout.head_offset]).astype(
+            jnp.uint32)])
+  if precision is not None and not isinstance(precision, lax.Precision):
+    precision = lax.Precision(precision)
+  st = _Static(
+      sm_scale=float(sm_scale),
+      softcap=None if softcap is None else float(softcap),
+      precision=precision, causal=vis.causal, window=vis.window,
+      segments=vis.has_segments, mask=vis.mask is not None,
+      bias_shape=None if bias is None else tuple(bias.shape),
+      dropout_rate=None if dropout is None else float(dropout.rate),
+      groups=dims.groups, launch=launch, interpret=bool(interpret))
+
+  fwd_maybe, fwd_full = _tile_tables(st, aux, launch.fwd.block_q,
+                                     launch.fwd.block_k)
+  aux["bounds_fwd"] = _bounds(fwd_maybe, fwd_full)
+  dq_maybe, dq_full = _tile_tables(st, aux, launch.dq.block_q,
+                                   launch.dq.block_k)
+  aux["bounds_dq"] = _bounds(dq_maybe, dq_full)
+  dkv_maybe, dkv_full = _tile_tables(st, aux, launch.dkv.block_q,
+                                     launch.dkv.block_k)
+  aux["bounds_dkv"] = _bounds(dkv_maybe.swapaxes(1, 2),
+                              dkv_full.swapaxes(1, 2))
+
+  out, lse = _flash(st, qp, kp, vp, bias, aux)
+  out = out[:, :q_len, :, :dims.value_dim]
+  lse = lse[:, :, :q_len]
+  return KernelOutput(out, lse, None)
+
+
+def flash_reference(inputs: AttentionInputs,
+                    dropout: dropout_lib.Dropout | None = None, *,
+                    sm_scale: float, softcap: float | None = None
+                    ) -> KernelOutput:
+  """What `flash_attention` computes, as the library's float32 reference."""
+  return reference.reference_attention(
+      inputs.query, inputs.key, inputs.value, inputs.bias, inputs.visibility,
+      dropout, sm_scale=sm_scale, softcap=softcap)
+
