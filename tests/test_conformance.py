@@ -559,3 +559,294 @@ def test_dropout_is_off_when_deterministic(mechanism):
                                  options=options, rng=jax.random.key(0))
   ref = helpers.reference_vjp(q, k, v, None, call=call)
   helpers.assert_close(result.out, ref.out, dtype, f"{mechanism}: output")
+
+
+# --- Returned weights -----------------------------------------------------------
+# (the `weights` case of CASES compares them without dropout; the dropout test
+# above with dropout.)
+
+# --- KV cache ---------------------------------------------------------------------
+
+CACHE_SHAPE = dict(batch=2, num_heads=4, num_kv_heads=2, head_dim=16)
+CACHE_LENGTH = 16  # L, the cache slots.
+PREFILL = 5  # Tokens written at once before decoding one at a time.
+TOTAL = 13  # Tokens in all.
+CACHE_TRAITS = {"cache", "positions", "kv_lengths", "causal", "gqa",
+                "unaligned_causal_or_window"}
+
+
+def _cache_inputs(dtype):
+  rng = helpers.rng_for("cache")
+  return helpers.random_qkv(rng, CACHE_SHAPE["batch"], TOTAL, TOTAL,
+                            CACHE_SHAPE["num_heads"],
+                            CACHE_SHAPE["num_kv_heads"],
+                            CACHE_SHAPE["head_dim"], dtype=dtype)
+
+
+def _decode(step, q, k, v, state):
+  """Prefill `PREFILL` tokens, then decode the rest one at a time."""
+  outs = []
+  for start, stop in [(0, PREFILL)] + [(t, t + 1)
+                                       for t in range(PREFILL, TOTAL)]:
+    out, state = step(q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                      state)
+    outs.append(out)
+  return np.concatenate([np.asarray(o, np.float32) for o in outs], axis=1)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_cache_decode_equals_full_causal_forward(mechanism):
+  dtype = preferred_dtype(mechanism)
+  q, k, v = _cache_inputs(dtype)
+  options = module_options(mechanism)
+  h, d, hkv = (CACHE_SHAPE["num_heads"], CACHE_SHAPE["head_dim"],
+               CACHE_SHAPE["num_kv_heads"])
+  make = lambda **extra: fa.create_attention(
+      mechanism, num_heads=h, head_dim=d, num_kv_heads=hkv, **options,
+      **extra)
+  empty = fa.init_cache(CACHE_SHAPE["batch"], CACHE_LENGTH, hkv, d, dtype)
+  if expect_refusal(mechanism, CACHE_TRAITS | {dtype, BACKEND},
+                    lambda: helpers.call_mechanism(
+                        mechanism, q, k, v, options=options, causal=True,
+                        cache=empty)):
+    return
+  expected = helpers.reference_vjp(q, k, v, None, call=dict(causal=True)).out
+
+  # Explicit cache=.
+  explicit = hk.without_apply_rng(hk.transform(
+      lambda q, k, v, cache: make()(q, k, v, causal=True, cache=cache)))
+
+  @jax.jit
+  def explicit_step(q, k, v, cache):
+    result = explicit.apply({}, q, k, v, cache)
+    return result.attention_outputs, result.cache
+
+  got = _decode(explicit_step, q, k, v, empty)
+  helpers.assert_close(got, expected, dtype, f"{mechanism}: cache= decode")
+
+  # Haiku state: decode=True, max_cache_length=.
+  stateful = hk.without_apply_rng(hk.transform_with_state(
+      lambda q, k, v: make(decode=True, max_cache_length=CACHE_LENGTH)(
+          q, k, v, causal=True).attention_outputs))
+  _, state = stateful.init(None, q[:, :PREFILL], k[:, :PREFILL],
+                           v[:, :PREFILL])
+  state_step = jax.jit(lambda q, k, v, state: stateful.apply({}, state, q, k,
+                                                              v))
+  got = _decode(state_step, q, k, v, state)
+  helpers.assert_close(got, expected, dtype, f"{mechanism}: decode=True")
+
+  # Rows at different lengths, with random (stale) slots past each length: one
+  # decode step writes each row's token at its own length and sees only its
+  # own valid prefix.
+  rng = helpers.rng_for("ragged cache")
+  lengths = np.array([3, 9], np.int32)
+  keys = helpers.random_array(rng, empty.keys.shape, dtype)
+  values = helpers.random_array(rng, empty.values.shape, dtype)
+  cache = fa.KVCache(keys, values, jnp.asarray(lengths))
+  new_q, new_k, new_v = (x[:, :1] for x in (q, k, v))
+  out, new_cache = explicit_step(new_q, new_k, new_v, cache)
+  want_keys, want_values = np.array(keys), np.array(values)
+  for b, length in enumerate(lengths):
+    want_keys[b, length] = new_k[b, 0]
+    want_values[b, length] = new_v[b, 0]
+  np.testing.assert_array_equal(np.asarray(new_cache.keys), want_keys)
+  np.testing.assert_array_equal(np.asarray(new_cache.values), want_values)
+  np.testing.assert_array_equal(np.asarray(new_cache.lengths), lengths + 1)
+  positions = np.broadcast_to(np.arange(CACHE_LENGTH), (2, CACHE_LENGTH))
+  expected = helpers.reference_vjp(
+      new_q, jnp.asarray(want_keys), jnp.asarray(want_values), None,
+      call=dict(causal=True, kv_lengths=jnp.asarray(lengths + 1),
+                q_positions=jnp.asarray(lengths[:, None]),
+                kv_positions=jnp.asarray(positions, jnp.int32))).out
+  helpers.assert_close(out, expected, dtype, f"{mechanism}: ragged decode")
+
+
+# --- Transforms: jit, remat, layer_stack ------------------------------------------
+
+
+def _named_case(name: str) -> Case:
+  return next(c for c in CASES if c.name == name)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_matches_reference_without_jit(mechanism):
+  case = _named_case("causal_sq_shorter_than_sk")
+  dtype = case.dtype or preferred_dtype(mechanism)
+  q, k, v, ct, bias, call = build_inputs(case, dtype)
+  options = case_options(mechanism, case)
+  if expect_refusal(mechanism, case.traits(dtype), lambda: (
+      helpers.call_mechanism(mechanism, q, k, v, options=options, **call))):
+    return
+  result = helpers.run_mechanism(mechanism, q, k, v, ct, call=call,
+                                 options=options, jit=False)
+  ref = case_reference(case, dtype)
+  helpers.assert_matches_reference(result, ref.out, ref.grads,
+                                   f"{mechanism}: no jit")
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_matches_reference_under_remat(mechanism):
+  case = _named_case("bias_broadcast")
+  dtype = case.dtype or preferred_dtype(mechanism)
+  q, k, v, ct, bias, call = build_inputs(case, dtype)
+  options = case_options(mechanism, case)
+  if expect_refusal(mechanism, case.traits(dtype), lambda: (
+      helpers.call_mechanism(mechanism, q, k, v, options=options, bias=bias,
+                             **call))):
+    return
+  result = helpers.run_mechanism(mechanism, q, k, v, ct, bias=bias, call=call,
+                                 options=options, wrap=hk.remat)
+  ref = case_reference(case, dtype)
+  helpers.assert_matches_reference(result, ref.out, ref.grads,
+                                   f"{mechanism}: hk.remat")
+
+
+LAYERS = 3
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_layer_stack_matches_reference(mechanism):
+  """`LAYERS` stacked residual attention layers (`hk.layer_stack`), each
+  with its own per-layer query scale, against the reference in a loop."""
+  batch, seq, heads, kv_heads, dim = 2, 21, 4, 2, 16
+  dtype = preferred_dtype(mechanism)
+  rng = helpers.rng_for("layer_stack")
+  x = helpers.random_array(rng, (batch, seq, heads, dim), dtype)
+  scales = jnp.asarray(rng.uniform(0.5, 2.0, (LAYERS,)), dtype)
+  ct = helpers.random_array(rng, x.shape, dtype)
+  options = module_options(mechanism)
+  split = lambda x: (x, x[:, :, ::heads // kv_heads], -x[:, :, 1::2])
+
+  def layer(x, scale):
+    q, k, v = split(x)
+    attn = fa.create_attention(mechanism, num_heads=heads, head_dim=dim,
+                               num_kv_heads=kv_heads, **options)
+    return x + attn(q * scale, k, v, causal=True).attention_outputs, None
+
+  traits = {"causal", "gqa", dtype, BACKEND}
+  if expect_refusal(mechanism, traits, lambda: hk.transform(
+      lambda x: layer(x, 1.0)).apply({}, None, x)):
+    return
+  stacked = hk.without_apply_rng(hk.transform(
+      lambda x, scales: hk.layer_stack(LAYERS, with_per_layer_inputs=True)(
+          layer)(x, scales)[0]))
+
+  @jax.jit
+  def got_fn(x, ct):
+    out, vjp = jax.vjp(lambda x: stacked.apply({}, x, scales), x)
+    return out, vjp(ct)[0]
+
+  def want_fn(x):
+    for scale in scales.astype(jnp.float32):
+      q, k, v = split(x)
+      inputs = fa.canonicalize(q * scale, k, v, causal=True)
+      x = x + fa.reference_attention(
+          inputs.query, inputs.key, inputs.value, None, inputs.visibility,
+          sm_scale=dim**-0.5).out
+    return x
+
+  @jax.jit
+  def want_vjp(x, ct):
+    out, vjp = jax.vjp(want_fn, x)
+    return out, vjp(ct)[0]
+
+  out, dx = got_fn(x, ct)
+  want_out, want_dx = want_vjp(x.astype(jnp.float32), ct.astype(jnp.float32))
+  helpers.assert_close(out, want_out, dtype, f"{mechanism}: layer_stack out")
+  helpers.assert_close(dx, want_dx, dtype, f"{mechanism}: layer_stack dx")
+
+
+# --- Meshes -------------------------------------------------------------------------
+
+
+def mesh_devices():
+  """The devices meshes use: the backend's, or the 8 virtual CPU devices
+  (tests/conftest.py) when the backend has fewer than 4."""
+  devices = jax.devices()
+  return devices if len(devices) >= 4 else jax.devices("cpu")
+
+
+def mesh_layout(name: str):
+  """`(axis_dims, batch, num_heads, num_kv_heads)` of a test mesh."""
+  n = len(mesh_devices())
+  if name == "batch":  # ("dp", "fsdp") shards the batch.
+    return (1, n, 1, 1), n, 4, 2
+  if name == "heads":  # "tp" shards the heads.
+    return (1, 1, n, 1), 1, 2 * n, n
+  assert name == "batch_and_heads"
+  return (2, 1, n // 2, 1), 2, n, n // 2
+
+
+SHARDED_FEATURES = ("causal", "kv_lengths", "bias", "segments", "mask")
+
+
+# Dropout runs on the mesh that offsets both batch and head indices.
+MESH_CASES = (("batch", False), ("heads", False), ("batch_and_heads", False),
+              ("batch_and_heads", True))
+
+
+@pytest.mark.parametrize(
+    "mesh_name,with_dropout", MESH_CASES,
+    ids=[f"{m}{'_dropout' if d else ''}" for m, d in MESH_CASES])
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_sharded_matches_reference(mechanism, mesh_name, with_dropout):
+  """Sharded over a mesh, a mechanism still computes the semantics, and its
+  dropout keep decisions are bit-identical to the unsharded reference's."""
+  axis_dims, batch, heads, kv_heads = mesh_layout(mesh_name)
+  mesh = fa.make_mesh(axis_dims, devices=mesh_devices())
+  platform = mesh.devices.flat[0].platform
+  dtype = preferred_dtype(mechanism)
+  seq, dim = 32, 16
+  traits = {dtype, platform, "causal"}
+  if kv_heads != heads:
+    traits.add("gqa")
+  if with_dropout:
+    traits |= {"dropout", "value_dim_differs"}
+    q, k, v, ct, value_dim = dropout_inputs(
+        f"sharded {mesh_name}", batch, seq, seq, heads, kv_heads, dim, dtype)
+    features = ("causal",)
+  else:
+    rng = helpers.rng_for("sharded", mesh_name)
+    q, k, v = helpers.random_qkv(rng, batch, seq, seq, heads, kv_heads, dim,
+                                 dtype=dtype)
+    ct = helpers.random_array(rng, q.shape, dtype)
+    value_dim = dim
+    # Each structured input is sharded with the batch (and bias/mask with the
+    # heads); keep those the mechanism supports (on any platform).
+    features = tuple(f for f in SHARDED_FEATURES
+                     if f not in refusals(mechanism))
+  call, bias = {"causal": True}, None
+  rng = helpers.rng_for("sharded inputs", mesh_name)
+  if "kv_lengths" in features:
+    call["kv_lengths"] = jnp.asarray(rng.integers(1, seq + 1, (batch,)),
+                                     jnp.int32)
+  if "bias" in features:
+    bias = helpers.random_array(rng, (batch, heads, seq, seq), dtype)
+  if "segments" in features:
+    call["segment_ids"] = jnp.asarray(
+        np.sort(rng.integers(0, 3, (batch, seq)), axis=1))
+  if "mask" in features:
+    call["mask"] = jnp.asarray(rng.random((batch, 1, seq, seq)) < 0.8)
+  options = module_options(mechanism, mesh=mesh, value_dim=value_dim,
+                           dropout_rate=DROPOUT_RATE if with_dropout else 0.)
+  rng_key = jax.random.key(7)
+  if with_dropout:
+    call["deterministic"] = False
+  if expect_refusal(mechanism, traits, lambda: helpers.call_mechanism(
+      mechanism, q, k, v, options=options, rng=rng_key, bias=bias, **call)):
+    return
+  # The kernel really runs under shard_map on this mesh.
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: helpers.call_mechanism(
+      mechanism, q, k, v, options=options, rng=rng_key, bias=bias, **call))(
+          q, k, v))
+  assert "shard_map" in jaxpr
+  result = helpers.run_mechanism(mechanism, q, k, v, ct, bias=bias,
+                                 call=call, options=options, rng=rng_key)
+  dropout = (helpers.reference_dropout(rng_key, DROPOUT_RATE)
+             if with_dropout else None)
+  ref = helpers.reference_vjp(q, k, v, ct, bias=bias, call=call,
+                              dropout=dropout, return_weights=with_dropout)
+  helpers.assert_matches_reference(result, ref.out, ref.grads,
+                                   f"{mechanism}/{mesh_name}")
+  if with_dropout:
+    np.testing.assert_array_equal(kept(result.out), ref.weights != 0)
