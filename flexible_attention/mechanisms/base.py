@@ -348,11 +348,6 @@ class AttentionModule(hk.Module):
         block_size_fields=config.block_sizes.set_fields(),
         sequence_sharded=sequence_sharded, window=inputs.visibility.window,
         options=(("precision", config.precision),))
-    mechanism = self.resolve(request)
-    self.selected_mechanism = mechanism.mechanism
-    reason = mechanism.unsupported_reason(request)
-    if reason is not None:
-      raise NotImplementedError(reason)
     if sequence_sharded:
       raise NotImplementedError(
           "sharding the query/key sequence over the mesh (partition_axis "
@@ -361,6 +356,11 @@ class AttentionModule(hk.Module):
           "of size > 1) is not implemented yet (context parallelism comes "
           "with the `ring` mechanism); map the sequence axes to mesh axes of "
           "size 1.")
+    mechanism = self.resolve(request)
+    self.selected_mechanism = mechanism.mechanism
+    reason = mechanism.unsupported_reason(request)
+    if reason is not None:
+      raise NotImplementedError(reason)
 
     dropout = None
     if apply_dropout:

@@ -53,8 +53,9 @@ class Capabilities:
   notes: str = ""
 
   def supports(self, feature: str) -> bool:
-    if feature not in FEATURES:
-      raise ValueError(f"unknown feature {feature!r}; known: {FEATURES}.")
+    known = FEATURES + ("sharded_sequence",)
+    if feature not in known:
+      raise ValueError(f"unknown feature {feature!r}; known: {known}.")
     return getattr(self, feature)
 
 
