@@ -93,16 +93,19 @@ EXPECTED_REFUSALS = {
 }
 
 # Extra module options some mechanisms need on some backends (DESIGN.md: the
-# Pallas mechanisms run on CPU only in interpret mode).
+# Pallas mechanisms run on CPU only in interpret mode, which lifts their
+# platform refusal there).
 EXTRA_OPTIONS = {
     "flash": {"cpu": {"interpret": True}},
     "splash": {"cpu": {"interpret": True}},
 }
 
-# Small tiles, so the cases' odd lengths (37, 21) span several tiles and end
-# in a partial one. Only the fields a mechanism reads are passed.
-SMALL_BLOCKS = {"block_q": 16, "block_k": 16, "block_q_dkv": 8,
-                "block_k_dkv": 32, "block_b": 1}
+# Small tiles (powers of two >= 16, which every tiling mechanism accepts), so
+# the cases' odd lengths (37, 21) span several tiles and end in a partial
+# one. Only the fields a mechanism reads are passed.
+SMALL_BLOCKS = {"block_q": 16, "block_k": 16, "block_q_dkv": 16,
+                "block_k_dkv": 32, "block_q_dq": 32, "block_k_dq": 16,
+                "block_b": 1}
 SMALL_BLOCK_DEFAULT = 16
 
 
@@ -120,10 +123,14 @@ def refusal_message(trait: str) -> str:
 
 
 def refusals(mechanism: str) -> frozenset[str]:
-  """The traits `mechanism` refuses: the table, or its capabilities."""
+  """The traits `mechanism` refuses here: the table, or its capabilities."""
   if mechanism in EXPECTED_REFUSALS:
-    return EXPECTED_REFUSALS[mechanism]
-  return capability_refusals(fa.capabilities(mechanism))
+    refused = EXPECTED_REFUSALS[mechanism]
+  else:
+    refused = capability_refusals(fa.capabilities(mechanism))
+  if EXTRA_OPTIONS.get(mechanism, {}).get(BACKEND, {}).get("interpret"):
+    refused -= {BACKEND}
+  return refused
 
 
 def capability_refusals(caps: fa.Capabilities) -> frozenset[str]:
