@@ -1,0 +1,471 @@
+"""Every misuse of DESIGN.md's "Bad input" section gets its clear error.
+
+Each test pins the exception type and a message fragment that names the
+argument (and, where the contract says so, the expected and actual values):
+rank and shape mismatches, a non-boolean mask, `H % Hkv != 0`, a dtype the
+mechanism does not support, a feature the mechanism does not support (the
+message names those that do), mesh axes that do not exist, sequence sharding
+(not implemented yet), KV heads or batch not divisible by their mesh axes,
+invalid block sizes, dropout without an rng key, unknown mechanism names
+(the message lists the valid ones), and misuse of the KV cache. The errors
+are raised while tracing, before anything is compiled: every call here runs
+under `jax.eval_shape`, which compiles nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.mechanisms import base
+from flexible_attention.mechanisms import registry
+from flexible_attention.mechanisms import vanilla
+
+import helpers
+
+B, SQ, SK, H, HKV, D = 2, 6, 10, 4, 2, 8
+
+
+def qkv(dtype=jnp.float32, batch=B, q_len=SQ, kv_len=SK, heads=H,
+        kv_heads=HKV, dim=D):
+  return helpers.random_qkv(helpers.rng_for("bad", batch, q_len, kv_len),
+                            batch, q_len, kv_len, heads, kv_heads, dim,
+                            dtype=dtype)
+
+
+def attend(q, k, v, mechanism="vanilla", *, rng=None, options=None, **call):
+  """Builds and calls a module under `jax.eval_shape` (no compilation)."""
+  options = dict(options or {})
+  num_heads = options.pop("num_heads", np.shape(q)[2])
+  head_dim = options.pop("head_dim", np.shape(q)[3])
+  num_kv_heads = options.pop("num_kv_heads", np.shape(k)[2])
+
+  def fn(q, k, v):
+    attn = fa.create_attention(mechanism, num_heads=num_heads,
+                               head_dim=head_dim, num_kv_heads=num_kv_heads,
+                               **options)
+    return attn(q, k, v, **call)
+
+  return jax.eval_shape(lambda q, k, v: hk.transform(fn).apply({}, rng, q, k,
+                                                                v), q, k, v)
+
+
+# --- Shapes, ranks and dtypes of q, k, v ------------------------------------------
+
+
+def test_query_of_wrong_rank_is_a_value_error_naming_query():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"query must have rank 4 .*\(2, 6, 32\)"):
+    fa.canonicalize(q.reshape(B, SQ, H * D), k, v)
+
+
+def test_key_and_value_of_wrong_rank_are_value_errors():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"key must have rank 4"):
+    fa.canonicalize(q, k[0], v)
+  with pytest.raises(ValueError, match=r"value must have rank 4"):
+    fa.canonicalize(q, k, v[..., None])
+
+
+def test_non_array_query_is_a_type_error():
+  _, k, v = qkv()
+  with pytest.raises(TypeError, match=r"query must be an array"):
+    fa.canonicalize([[1.0]], k, v)
+
+
+def test_batch_mismatch_names_the_batch_sizes():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"batch size B, got 2, 1, 1"):
+    fa.canonicalize(q, k[:1], v[:1])
+
+
+def test_key_head_size_must_match_the_query():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"key head size must equal the query's "
+                     r"D = 8"):
+    fa.canonicalize(q, k[..., :4], v)
+
+
+def test_value_must_match_key_length_and_heads():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"value must be \[B, Sk, Hkv, Dv\]"):
+    fa.canonicalize(q, k, v[:, :5])
+
+
+def test_heads_not_a_multiple_of_kv_heads_is_a_value_error():
+  q, _, _ = qkv()
+  _, k, v = qkv(kv_heads=3)
+  with pytest.raises(ValueError, match=r"H = 4 must be a multiple of .*Hkv = 3"):
+    fa.canonicalize(q, k, v)
+  with pytest.raises(ValueError, match=r"num_heads = 4 must be a multiple of "
+                     r"num_kv_heads = 3"):
+    attend(q, k, v, options=dict(num_kv_heads=3))
+
+
+def test_integer_or_mixed_dtypes_are_type_errors():
+  q, k, v = qkv()
+  with pytest.raises(TypeError, match=r"query must be a floating array"):
+    fa.canonicalize(q.astype(jnp.int32), k, v)
+  with pytest.raises(TypeError, match=r"share a dtype.*float32, bfloat16"):
+    fa.canonicalize(q, k.astype(jnp.bfloat16), v)
+
+
+def test_inputs_not_matching_the_module_sizes_are_value_errors():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"built for H \(query heads\) = 8, "
+                     r"the inputs have 4"):
+    attend(q, k, v, options=dict(num_heads=8, num_kv_heads=2))
+  with pytest.raises(ValueError, match=r"built for D \(head size\) = 16"):
+    attend(q, k, v, options=dict(head_dim=16))
+
+
+# --- Masks, bias and the structured inputs ----------------------------------------
+
+
+def test_non_boolean_mask_is_a_type_error_pointing_to_bias():
+  q, k, v = qkv()
+  with pytest.raises(TypeError, match=r"mask must be boolean.*float32.*bias"):
+    attend(q, k, v, mask=jnp.zeros((SQ, SK)))
+
+
+def test_mask_not_broadcastable_names_the_axis():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"mask must be broadcastable to "
+                     r"\[B, H, Sq, Sk\] = \(2, 4, 6, 10\).*axis 3 is 9"):
+    attend(q, k, v, mask=jnp.ones((SQ, 9), bool))
+  with pytest.raises(ValueError, match=r"mask must be broadcastable.*rank 5"):
+    attend(q, k, v, mask=jnp.ones((1, B, H, SQ, SK), bool))
+
+
+def test_bad_bias_dtype_and_shape():
+  q, k, v = qkv()
+  with pytest.raises(TypeError, match=r"bias must be a floating array"):
+    attend(q, k, v, bias=jnp.ones((SQ, SK), jnp.int32))
+  with pytest.raises(ValueError, match=r"bias must be broadcastable.*axis 1 "
+                     r"is 3"):
+    attend(q, k, v, bias=jnp.ones((B, 3, SQ, SK)))
+
+
+def test_bad_segment_ids():
+  q, k, v = qkv()
+  ids = jnp.zeros((B, SQ), jnp.int32)
+  with pytest.raises(ValueError, match=r"single segment_ids array needs "
+                     r"Sq == Sk"):
+    attend(q, k, v, segment_ids=ids)
+  with pytest.raises(ValueError, match=r"segment_ids \(keys\) must have shape "
+                     r"\[B, Sk\] = \(2, 10\), got \(2, 6\)"):
+    attend(q, k, v, segment_ids=(ids, ids))
+  with pytest.raises(TypeError, match=r"segment_ids \(queries\) must be an "
+                     r"integer array"):
+    attend(q, k, v, segment_ids=(ids.astype(jnp.float32),
+                                 jnp.zeros((B, SK), jnp.int32)))
+  with pytest.raises(ValueError, match=r"segment_ids must be one \[B, S\] "
+                     r"array or a \(q_ids, kv_ids\) pair, got 3 items"):
+    attend(q, k, v, segment_ids=(ids, ids, ids))
+
+
+def test_bad_kv_lengths_and_positions():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"kv_lengths must have shape \[B\]"):
+    attend(q, k, v, kv_lengths=jnp.ones((B, 1), jnp.int32))
+  with pytest.raises(TypeError, match=r"kv_lengths must be an integer"):
+    attend(q, k, v, kv_lengths=jnp.ones((B,)))
+  with pytest.raises(ValueError, match=r"q_positions must have shape "
+                     r"\[B, Sq\]"):
+    attend(q, k, v, q_positions=jnp.zeros((B, SK), jnp.int32))
+  with pytest.raises(TypeError, match=r"kv_positions must be an integer"):
+    attend(q, k, v, kv_positions=jnp.zeros((B, SK)))
+
+
+def test_bad_causal_and_window():
+  q, k, v = qkv()
+  with pytest.raises(TypeError, match=r"causal must be a python bool"):
+    attend(q, k, v, causal=1)
+  with pytest.raises(TypeError, match=r"sliding_window must be an int or a "
+                     r"\(left, right\) pair"):
+    attend(q, k, v, options=dict(sliding_window=(1, 2, 3)))
+  with pytest.raises(ValueError, match=r"sliding_window sizes must be >= 0"):
+    attend(q, k, v, options=dict(sliding_window=(-1, 2)))
+
+
+@pytest.mark.parametrize("option,value,error,match", [
+    ("dropout_rate", 1.0, ValueError, r"dropout_rate must be in \[0, 1\)"),
+    ("dropout_rate", -0.1, ValueError, r"dropout_rate must be in \[0, 1\)"),
+    ("sm_scale", -1.0, ValueError, r"sm_scale must be a positive number"),
+    ("logits_soft_cap", 0.0, ValueError, r"logits_soft_cap must be a positive"),
+    ("softmax_dtype", jnp.bfloat16, ValueError, r"softmax_dtype must be "
+     r"float32"),
+    ("dtype", jnp.int32, TypeError, r"dtype must be a floating dtype"),
+    ("value_dim", 0, ValueError, r"value_dim must be a positive int"),
+])
+def test_bad_module_options(option, value, error, match):
+  q, k, v = qkv()
+  with pytest.raises(error, match=match):
+    attend(q, k, v, options={option: value})
+
+
+def test_bad_structural_sizes():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"num_heads must be a positive int, "
+                     r"got 0"):
+    attend(q, k, v, options=dict(num_heads=0))
+  with pytest.raises(ValueError, match=r"head_dim must be a positive int"):
+    attend(q, k, v, options=dict(head_dim=2.5))
+
+
+def test_return_weights_must_be_a_bool():
+  q, k, v = qkv()
+  with pytest.raises(TypeError, match=r"return_weights must be a bool"):
+    attend(q, k, v, return_weights=1)
+
+
+# --- Mechanisms: names, dtypes, features, block sizes -----------------------------
+
+
+def test_unknown_mechanism_lists_the_valid_names():
+  q, k, v = qkv()
+  pattern = r"unknown attention mechanism 'flashy'; valid names: " + ", ".join(
+      fa.available_mechanisms())
+  with pytest.raises(ValueError, match=pattern):
+    attend(q, k, v, "flashy")
+  with pytest.raises(ValueError, match=pattern):
+    fa.capabilities("flashy")
+
+
+def test_unsupported_feature_names_the_mechanisms_that_support_it():
+  q, k, v = qkv()
+  supporting = registry.mechanisms_supporting("weights")
+  assert "vanilla" in supporting and "blockwise" not in supporting
+  with pytest.raises(NotImplementedError,
+                     match=r"feature 'weights' is not supported by mechanism "
+                     r"'blockwise'; mechanisms that support it: " +
+                     ", ".join(supporting)):
+    attend(q, k, v, "blockwise", return_weights=True)
+
+
+@contextlib.contextmanager
+def float32_only_mechanism():
+  """Registers `float32_only` (vanilla's kernel, float32 only) for a test."""
+
+  class Float32Only(base.AttentionModule):
+    capabilities = registry.Capabilities(dtypes=("float32",))
+    make_kernel = vanilla.VanillaAttention.make_kernel
+
+  registry.register_mechanism("float32_only")(Float32Only)
+  try:
+    yield "float32_only"
+  finally:
+    del registry._REGISTRY["float32_only"]  # pylint: disable=protected-access
+
+
+def test_unsupported_dtype_names_dtype_and_supported_ones():
+  with float32_only_mechanism() as name:
+    q, k, v = qkv(jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"mechanism 'float32_only' "
+                       r"supports dtypes float32, not bfloat16"):
+      attend(q, k, v, name)
+    # The compute dtype option counts, not the inputs' dtype.
+    with pytest.raises(NotImplementedError, match=r"not float16"):
+      attend(*qkv(), name, options=dict(dtype=jnp.float16))
+  assert "float32_only" not in fa.available_mechanisms()
+
+
+def test_cudnn_refuses_float32_and_other_platforms():
+  caps = fa.capabilities("cudnn")
+  dims = fa.canonicalize(*qkv()).dims
+  request = lambda platform, dtype: fa.AttentionRequest(
+      dims=dims, dtype=dtype, platform=platform, features=frozenset())
+  assert re.search(r"supports dtypes bfloat16, float16, not float32",
+                   registry.unsupported_reason("cudnn",
+                                               request("gpu", "float32")))
+  assert re.search(r"runs on gpu, not on 'cpu'",
+                   registry.unsupported_reason("cudnn",
+                                               request("cpu", "bfloat16")))
+  assert caps.platforms == ("gpu",)
+  q, k, v = qkv(jnp.bfloat16)
+  if jax.default_backend() == "gpu":
+    with pytest.raises(NotImplementedError, match=r"not float32"):
+      attend(*qkv(), "cudnn")
+  else:
+    with pytest.raises(NotImplementedError,
+                       match=rf"not on '{jax.default_backend()}'"):
+      attend(q, k, v, "cudnn")
+
+
+def test_invalid_block_sizes_are_value_errors():
+  with pytest.raises(ValueError, match=r"BlockSizes.block_q must be a "
+                     r"positive int or None, got 0"):
+    fa.BlockSizes(block_q=0)
+  with pytest.raises(ValueError, match=r"BlockSizes.block_k must be a "
+                     r"positive int or None, got 1.5"):
+    fa.BlockSizes(block_k=1.5)
+  with pytest.raises(ValueError, match=r"BlockSizes.block_b"):
+    fa.BlockSizes(block_b=True)
+  q, k, v = qkv()
+  with pytest.raises(TypeError, match=r"block_sizes must be a fa.BlockSizes"):
+    attend(q, k, v, "blockwise", options=dict(block_sizes={"block_q": 16}))
+
+
+def test_block_size_field_a_mechanism_does_not_read_is_refused():
+  q, k, v = qkv()
+  with pytest.raises(NotImplementedError, match=r"BlockSizes fields "
+                     r"\['block_q'\] are not read by mechanism 'vanilla' "
+                     r"\(it reads: none\)"):
+    attend(q, k, v, "vanilla", options=dict(
+        block_sizes=fa.BlockSizes(block_q=16)))
+  reads = ", ".join(fa.capabilities("blockwise").block_size_fields)
+  with pytest.raises(NotImplementedError, match=rf"BlockSizes fields "
+                     rf"\['block_b'\] are not read by mechanism 'blockwise' "
+                     rf"\(it reads: {reads}\)"):
+    attend(q, k, v, "blockwise", options=dict(
+        block_sizes=fa.BlockSizes(block_b=1)))
+
+
+def test_dropout_without_rng_names_the_rng():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"dropout_rate=0.1 with "
+                     r"deterministic=False needs a random key"):
+    attend(q, k, v, options=dict(dropout_rate=0.1), deterministic=False)
+
+
+# --- Meshes -----------------------------------------------------------------------
+
+
+def test_partition_axis_naming_a_missing_mesh_axis():
+  mesh = fa.make_mesh()
+  with pytest.raises(ValueError, match=r"partition_axis.head_axis names mesh "
+                     r"axis 'model', which the mesh does not have; mesh axes: "
+                     r"\('dp', 'fsdp', 'tp', 'sp'\)"):
+    attend(*qkv(), options=dict(mesh=mesh, partition_axis=fa.PartitionAxis(
+        head_axis="model")))
+
+
+def test_mesh_and_partition_axis_types():
+  with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh"):
+    attend(*qkv(), options=dict(mesh="dp"))
+  with pytest.raises(ValueError, match=r"partition_axis was given without a "
+                     r"mesh"):
+    attend(*qkv(), options=dict(partition_axis=fa.PartitionAxis(
+        head_axis="model")))
+
+
+@pytest.mark.parametrize("mechanism", fa.available_mechanisms())
+@pytest.mark.parametrize("axes", [dict(), dict(query_sequence_axis=None),
+                                  dict(key_sequence_axis=None)],
+                         ids=["both", "keys", "queries"])
+def test_sequence_sharding_is_not_implemented_yet(mechanism, axes):
+  if fa.capabilities(mechanism).sharded_sequence:
+    pytest.skip(f"{mechanism} shards sequences (covered by its own tests)")
+  mesh = fa.make_mesh((1, 1, 1, -1))
+  q, k, v = qkv(jnp.bfloat16, q_len=16, kv_len=16)
+  with pytest.raises(NotImplementedError, match=r"sequence .* is not "
+                     r"implemented yet"):
+    attend(q, k, v, mechanism, options=dict(
+        mesh=mesh, partition_axis=fa.PartitionAxis(**axes)))
+
+
+def test_kv_heads_not_divisible_by_the_head_axis():
+  mesh = fa.make_mesh((1, 2, 4, 1))
+  q, k, v = qkv()  # Hkv = 2 on 4 head shards.
+  with pytest.raises(ValueError, match=r"KV heads Hkv = 2 is not divisible "
+                     r"by the 4 shards of head_axis 'tp'"):
+    attend(q, k, v, options=dict(mesh=mesh))
+
+
+def test_batch_not_divisible_by_the_batch_axes():
+  mesh = fa.make_mesh()  # 8 batch shards.
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"batch size B = 2 is not divisible "
+                     r"by the 8 shards of batch_axis \('dp', 'fsdp'\)"):
+    attend(q, k, v, options=dict(mesh=mesh))
+
+
+def test_sharding_the_head_size_is_refused():
+  mesh = fa.make_mesh((2, 1, 1, 4), ("dp", "fsdp", "tp", "dim"))
+  with pytest.raises(NotImplementedError, match=r"attention_dim_axis='dim' "
+                     r"shards the head size D"):
+    attend(*qkv(), options=dict(mesh=mesh, partition_axis=fa.PartitionAxis(
+        attention_dim_axis="dim", query_sequence_axis=None,
+        key_sequence_axis=None)))
+
+
+def test_bad_make_mesh_arguments():
+  with pytest.raises(ValueError, match=r"at most one axis may be -1"):
+    fa.make_mesh((-1, -1, 1, 1))
+  with pytest.raises(ValueError, match=r"need 16 devices, there are 8"):
+    fa.make_mesh((2, 8, 1, 1))
+  with pytest.raises(ValueError, match=r"must have the same length"):
+    fa.make_mesh((1, -1), ("dp", "fsdp", "tp"))
+
+
+# --- The KV cache -----------------------------------------------------------------
+
+
+def cache_for(q_len=1, length=8, batch=B):
+  return fa.init_cache(batch, length, HKV, D)
+
+
+def test_cache_with_decode_mode_is_ambiguous():
+  q, k, v = qkv(q_len=1, kv_len=1)
+  with pytest.raises(ValueError, match=r"pass either cache= or build the "
+                     r"module with decode=True"):
+    attend(q, k, v, options=dict(decode=True, max_cache_length=8),
+           cache=cache_for())
+
+
+@pytest.mark.parametrize("argument", ["kv_lengths", "segment_ids",
+                                      "q_positions", "kv_positions"])
+def test_cache_defines_positions_and_lengths(argument):
+  q, k, v = qkv(q_len=1, kv_len=1)
+  value = {"kv_lengths": jnp.ones((B,), jnp.int32)}.get(
+      argument, jnp.zeros((B, 1), jnp.int32))
+  with pytest.raises(ValueError, match=rf"{argument} cannot be combined with "
+                     r"a KV cache"):
+    attend(q, k, v, cache=cache_for(), **{argument: value})
+
+
+def test_cache_of_the_wrong_type_or_shape():
+  q, k, v = qkv(q_len=1, kv_len=1)
+  with pytest.raises(TypeError, match=r"cache must be a fa.KVCache"):
+    attend(q, k, v, cache=(k, v))
+  bad = fa.init_cache(B, 8, HKV, 4)
+  with pytest.raises(ValueError, match=r"cache.keys must be \[B, L, Hkv, D\] "
+                     r"= \(2, 8, 2, 8\), got \(2, 8, 2, 4\)"):
+    attend(q, k, v, cache=bad)
+  with pytest.raises(ValueError, match=r"cache.lengths must be \[B\]"):
+    attend(q, k, v, cache=cache_for()._replace(
+        lengths=jnp.zeros((3,), jnp.int32)))
+
+
+def test_cache_needs_as_many_new_keys_as_queries_and_room_for_them():
+  q, k, v = qkv(q_len=2, kv_len=3)
+  with pytest.raises(ValueError, match=r"query, key and value hold the same "
+                     r"new tokens: got Sq = 2, key length 3"):
+    attend(q, k, v, cache=cache_for())
+  q, k, v = qkv(q_len=9, kv_len=9)
+  with pytest.raises(ValueError, match=r"9 new tokens do not fit a cache of "
+                     r"length 8"):
+    attend(q, k, v, cache=cache_for())
+
+
+def test_decode_mode_needs_a_cache_length():
+  q, k, v = qkv(q_len=1, kv_len=1)
+  with pytest.raises(ValueError, match=r"max_cache_length must be a positive "
+                     r"int, got None"):
+    attend(q, k, v, options=dict(decode=True))
+  with pytest.raises(ValueError, match=r"max_cache_length is only used with "
+                     r"decode=True"):
+    attend(q, k, v, options=dict(max_cache_length=8))
+
+
+def test_bad_init_cache_arguments():
+  with pytest.raises(ValueError, match=r"init_cache: max_length must be a "
+                     r"positive int, got 0"):
+    fa.init_cache(2, 0, 2, 8)
