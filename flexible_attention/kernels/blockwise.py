@@ -40,7 +40,9 @@ DEFAULT_BLOCK_K = 512
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class TileConfig:
+  """Static settings of the blockwise passes (hashable)."""
+
   sm_scale: float
   softcap: float | None
   precision: object
@@ -99,8 +101,11 @@ class _Padded:
                                     self.groups)
 
 
-def _forward(cfg: _Config, q, k, v, bias, vis, dropout):
-  """Returns `out [B, Sq, H, Dv]` (q.dtype) and `lse [B, H, Sq]` (float32)."""
+def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
+                 out_dtype=None):
+  """Returns `out [B, Sq, H, Dv]` (`out_dtype`, default q.dtype) and
+  `lse [B, H, Sq]` (float32)."""
+  out_dtype = q.dtype if out_dtype is None else out_dtype
   batch, q_len, num_heads, _ = q.shape
   value_dim = v.shape[-1]
   bq, nq = _tile_size(cfg.block_q, q_len)
@@ -145,12 +150,12 @@ def _forward(cfg: _Config, q, k, v, bias, vis, dropout):
     out_i = acc / jnp.where(nonempty, l, 1.0)[..., None]
     lse_i = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)),
                       -jnp.inf)
-    out_i = jnp.moveaxis(out_i, 3, 1).astype(q.dtype)  # [B, bq, Hkv, G, Dv]
+    out_i = jnp.moveaxis(out_i, 3, 1).astype(out_dtype)  # [B, bq, Hkv, G, Dv]
     out_buf = jax.lax.dynamic_update_slice_in_dim(out_buf, out_i, i * bq, 1)
     lse_buf = jax.lax.dynamic_update_slice_in_dim(lse_buf, lse_i, i * bq, 3)
     return out_buf, lse_buf
 
-  buffers = (jnp.zeros((batch, nq * bq, hkv, groups, value_dim), q.dtype),
+  buffers = (jnp.zeros((batch, nq * bq, hkv, groups, value_dim), out_dtype),
              jnp.zeros((batch, hkv, groups, nq * bq), jnp.float32))
   out, lse = jax.lax.fori_loop(0, nq, q_tile, buffers)
   out = out[:, :q_len].reshape(batch, q_len, num_heads, value_dim)
@@ -165,9 +170,13 @@ def _reduce_to(x, shape):
   return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _backward(cfg: _Config, q, k, v, bias, vis, dropout, out, lse, dout,
+def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
               dlse):
-  """Gradients with respect to q, k, v and bias (FlashAttention-2 style)."""
+  """Float32 gradients w.r.t. q, k, v and bias (FlashAttention-2 style).
+
+  `lse` is the log-sum-exp of the whole row (which may span more keys than
+  `k` holds: a ring passes the global one), `out` the whole output.
+  """
   batch, q_len, num_heads, head_dim = q.shape
   bq, nq = _tile_size(cfg.block_q_bwd, q_len)
   bk, nk = _tile_size(cfg.block_k_bwd, k.shape[1])
@@ -242,39 +251,40 @@ def _backward(cfg: _Config, q, k, v, bias, vis, dropout, out, lse, dout,
             jnp.zeros((batch, bk, hkv, v.shape[-1]), jnp.float32),
             dq_acc, dbias_acc)
     dk_j, dv_j, dq_acc, dbias_acc = jax.lax.fori_loop(0, nq, q_tile, init)
-    dk_buf = jax.lax.dynamic_update_slice_in_dim(
-        dk_buf, dk_j.astype(k.dtype), j * bk, 1)
-    dv_buf = jax.lax.dynamic_update_slice_in_dim(
-        dv_buf, dv_j.astype(v.dtype), j * bk, 1)
+    dk_buf = jax.lax.dynamic_update_slice_in_dim(dk_buf, dk_j, j * bk, 1)
+    dv_buf = jax.lax.dynamic_update_slice_in_dim(dv_buf, dv_j, j * bk, 1)
     return dq_acc, dk_buf, dv_buf, dbias_acc
 
   buffers = (jnp.zeros(t.q.shape, jnp.float32),
-             jnp.zeros(t.k.shape, k.dtype), jnp.zeros(t.v.shape, v.dtype),
+             jnp.zeros(t.k.shape, jnp.float32),
+             jnp.zeros(t.v.shape, jnp.float32),
              None if bias is None else jnp.zeros(t.bias.shape, jnp.float32))
   dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_tile, buffers)
-  dq = dq[:, :q_len].reshape(q.shape).astype(q.dtype)
+  dq = dq[:, :q_len].reshape(q.shape)
   dk, dv = dk[:, :k.shape[1]], dv[:, :k.shape[1]]
   if dbias is not None:
-    dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+    dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]]
   return dq, dk, dv, dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg, q, k, v, bias, vis, dropout):
-  return _forward(cfg, q, k, v, bias, vis, dropout)
+  return forward_pass(cfg, q, k, v, bias, vis, dropout)
 
 
 def _attention_fwd(cfg, q, k, v, bias, vis, dropout):
-  out, lse = _forward(cfg, q, k, v, bias, vis, dropout)
+  out, lse = forward_pass(cfg, q, k, v, bias, vis, dropout)
   return (out, lse), (q, k, v, bias, vis, dropout, out, lse)
 
 
 def _attention_bwd(cfg, residuals, cotangents):
   q, k, v, bias, vis, dropout, out, lse = residuals
   dout, dlse = cotangents
-  dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, vis, dropout, out, lse,
-                                dout, dlse)
-  return dq, dk, dv, dbias, None, None
+  dq, dk, dv, dbias = backward_pass(cfg, q, k, v, bias, vis, dropout, out,
+                                    lse, dout, dlse)
+  cast = lambda g, x: None if g is None else g.astype(x.dtype)
+  return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dbias, bias), None,
+          None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -304,7 +314,7 @@ def blockwise_attention(inputs: AttentionInputs,
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`. Both
     outputs are differentiable (q, k, v and bias).
   """
-  cfg = _Config(sm_scale=float(sm_scale), softcap=softcap,
+  cfg = TileConfig(sm_scale=float(sm_scale), softcap=softcap,
                 precision=precision, block_q=block_q, block_k=block_k,
                 block_q_bwd=block_q_bwd or block_q,
                 block_k_bwd=block_k_bwd or block_k)

@@ -1,0 +1,200 @@
+"""Ring attention: exact attention over a sequence sharded across devices.
+
+Runs inside `jax.shard_map`. Each of the `n` devices of the ring axis holds a
+shard of the queries and a shard of the keys/values. K/V blocks (at the KV
+head count, never repeated to H) travel around the ring with `lax.ppermute`
+together with their positions, kv indices and segment ids, so every
+structured mask stays exact under any token layout. Each step attends the
+local queries to the block in hand with a per-block kernel and merges the
+result through the float32 log-sum-exp (Liu et al., 2023, "Ring Attention
+with Blockwise Transformers").
+
+`jax.custom_vjp` spans the whole ring: the residuals are the local q, k, v,
+output and log-sum-exp; the backward pass is a second ring in which each
+block's dK/dV travel with it and arrive home after `n` steps. Blocks the
+structure makes fully invisible (e.g. future blocks under causal) are skipped
+in both passes. The per-block kernel is a `BlockKernel` (forward and backward
+passes), the blockwise pure-JAX kernel by default.
+
+The next block's `ppermute` is issued before the current block's compute, so
+XLA can overlap the transfer with the compute (see the README's note on XLA
+flags).
+
+Glossary of shapes (local to one device):
+- B: batch; Sq, Sk: local query and key lengths; H, Hkv: heads; D, Dv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flexible_attention.core.inputs import AttentionInputs
+from flexible_attention.core.masks import Visibility
+from flexible_attention.core.types import KernelOutput
+from flexible_attention.kernels import blockwise
+
+
+class BlockKernel(NamedTuple):
+  """A pluggable per-block attention kernel.
+
+  Attributes:
+    forward: `(q, k, v, vis, dropout) -> (out [B,Sq,H,Dv] float32,
+      lse [B,H,Sq] float32)` for one K/V block.
+    backward: `(q, k, v, vis, dropout, out, lse, dout, dlse) -> (dq, dk, dv)`
+      float32, where `out` and `lse` are those of the whole row (all blocks).
+  """
+
+  forward: Callable[..., Any]
+  backward: Callable[..., Any]
+
+
+def blockwise_block_kernel(cfg: blockwise.TileConfig) -> BlockKernel:
+  """The blockwise pure-JAX kernel as a ring block kernel."""
+
+  def forward(q, k, v, vis, dropout):
+    return blockwise.forward_pass(cfg, q, k, v, None, vis, dropout,
+                                  out_dtype=jnp.float32)
+
+  def backward(q, k, v, vis, dropout, out, lse, dout, dlse):
+    dq, dk, dv, _ = blockwise.backward_pass(cfg, q, k, v, None, vis, dropout,
+                                            out, lse, dout, dlse)
+    return dq, dk, dv
+
+  return BlockKernel(forward, backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingConfig:
+  """Static settings of a ring (hashable)."""
+
+  axis_name: Any  # The mesh axis of the ring, or None for a single device.
+  num_shards: int
+  block_kernel: BlockKernel
+
+
+def _kv_part(vis: Visibility):
+  """The parts of the structured mask that travel with the keys."""
+  return (vis.kv_positions, vis.kv_indices, vis.kv_segment_ids)
+
+
+def _with_kv_part(vis: Visibility, part) -> Visibility:
+  positions, indices, segments = part
+  return dataclasses.replace(vis, kv_positions=positions, kv_indices=indices,
+                             kv_segment_ids=segments)
+
+
+def _rotate(cfg: RingConfig, tree):
+  """Sends every array of `tree` to the next device of the ring."""
+  if cfg.num_shards == 1:
+    return tree
+  perm = [(i, (i + 1) % cfg.num_shards) for i in range(cfg.num_shards)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, cfg.axis_name, perm), tree)
+
+
+def _merge(out, lse, block_out, block_lse):
+  """Combines two partial softmax results through their log-sum-exps."""
+  new_lse = jnp.logaddexp(lse, block_lse)
+  safe = jnp.where(jnp.isneginf(new_lse), 0.0, new_lse)
+  weight = lambda x: jnp.where(jnp.isneginf(x), 0.0, jnp.exp(x - safe))
+  to_out = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,H,Sq]->[B,Sq,H,1]
+  return (out * to_out(weight(lse)) + block_out * to_out(weight(block_lse)),
+          new_lse)
+
+
+def _forward(cfg: RingConfig, q, k, v, vis, dropout):
+  batch, q_len, num_heads, _ = q.shape
+  out = jnp.zeros((batch, q_len, num_heads, v.shape[-1]), jnp.float32)
+  lse = jnp.full((batch, num_heads, q_len), -jnp.inf, jnp.float32)
+  block = (k, v, _kv_part(vis))
+  for step in range(cfg.num_shards):
+    # Issue the transfer of the next block before computing on this one.
+    following = _rotate(cfg, block) if step + 1 < cfg.num_shards else None
+    k_blk, v_blk, part = block
+    vis_blk = _with_kv_part(vis, part)
+
+    def attend(state, k_blk=k_blk, v_blk=v_blk, vis_blk=vis_blk):
+      block_out, block_lse = cfg.block_kernel.forward(q, k_blk, v_blk,
+                                                      vis_blk, dropout)
+      return _merge(*state, block_out, block_lse)
+
+    out, lse = jax.lax.cond(vis_blk.maybe_visible(), attend, lambda s: s,
+                            (out, lse))
+    block = following
+  return out.astype(q.dtype), lse
+
+
+def _backward(cfg: RingConfig, q, k, v, vis, dropout, out, lse, dout, dlse):
+  dq = jnp.zeros(q.shape, jnp.float32)
+  block = (k, v, _kv_part(vis), jnp.zeros(k.shape, jnp.float32),
+           jnp.zeros(v.shape, jnp.float32))
+  for step in range(cfg.num_shards):
+    k_blk, v_blk, part, dk_blk, dv_blk = block
+    vis_blk = _with_kv_part(vis, part)
+
+    def grads(state, k_blk=k_blk, v_blk=v_blk, vis_blk=vis_blk):
+      dq, dk_blk, dv_blk = state
+      dq_i, dk_i, dv_i = cfg.block_kernel.backward(
+          q, k_blk, v_blk, vis_blk, dropout, out, lse, dout, dlse)
+      return dq + dq_i, dk_blk + dk_i, dv_blk + dv_i
+
+    dq, dk_blk, dv_blk = jax.lax.cond(vis_blk.maybe_visible(), grads,
+                                      lambda s: s, (dq, dk_blk, dv_blk))
+    if step + 1 < cfg.num_shards:
+      block = _rotate(cfg, (k_blk, v_blk, part, dk_blk, dv_blk))
+    else:  # The last hop only brings the gradients home.
+      dk_blk, dv_blk = _rotate(cfg, (dk_blk, dv_blk))
+  return dq, dk_blk, dv_blk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg, q, k, v, vis, dropout):
+  return _forward(cfg, q, k, v, vis, dropout)
+
+
+def _ring_fwd(cfg, q, k, v, vis, dropout):
+  out, lse = _forward(cfg, q, k, v, vis, dropout)
+  return (out, lse), (q, k, v, vis, dropout, out, lse)
+
+
+def _ring_bwd(cfg, residuals, cotangents):
+  q, k, v, vis, dropout, out, lse = residuals
+  dout, dlse = cotangents
+  dq, dk, dv = _backward(cfg, q, k, v, vis, dropout, out, lse, dout, dlse)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
+                   num_shards: int, block_kernel: BlockKernel
+                  ) -> KernelOutput:
+  """Attention of local queries to keys spread over a ring of devices.
+
+  Call inside `jax.shard_map` over `axis_name` (or with `num_shards=1`
+  anywhere). The record holds this device's shards: queries, keys, values,
+  their positions/segments/kv indices; `kv_lengths` is global per row.
+
+  Args:
+    inputs: the local canonical record (no bias, no dense mask).
+    dropout: a `Dropout` (offsets for batch/head shards applied) or `None`.
+    axis_name: the mesh axis of the ring.
+    num_shards: its size n.
+    block_kernel: the per-block kernel.
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`,
+    differentiable with respect to q, k and v.
+  """
+  if inputs.bias is not None or inputs.visibility.mask is not None:
+    raise NotImplementedError("ring: a dense bias or mask is not supported.")
+  cfg = RingConfig(axis_name=axis_name, num_shards=num_shards,
+                   block_kernel=block_kernel)
+  out, lse = _ring(cfg, inputs.query, inputs.key, inputs.value,
+                   inputs.visibility, dropout)
+  return KernelOutput(out, lse, None)
