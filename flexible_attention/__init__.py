@@ -24,6 +24,10 @@ from flexible_attention.mechanisms.registry import register_mechanism
 from flexible_attention.mechanisms.registry import support_table
 from flexible_attention.modules.facade import FlexibleAttentionModule
 from flexible_attention.modules.multi_head import MultiHeadAttention
+from flexible_attention.sharding.layouts import LAYOUTS
+from flexible_attention.sharding.layouts import permute_sequence
+from flexible_attention.sharding.layouts import sequence_positions
+from flexible_attention.sharding.layouts import unpermute_sequence
 from flexible_attention.sharding.mesh import PartitionAxis
 from flexible_attention.sharding.mesh import make_mesh
 
@@ -40,6 +44,7 @@ __all__ = (
     "ComparisonRow",
     "FlexibleAttentionModule",
     "KVCache",
+    "LAYOUTS",
     "MultiHeadAttention",
     "PartitionAxis",
     "Visibility",
@@ -50,8 +55,11 @@ __all__ = (
     "create_attention",
     "init_cache",
     "make_mesh",
+    "permute_sequence",
     "reference_attention",
     "register_mechanism",
     "select_mechanism",
+    "sequence_positions",
     "support_table",
+    "unpermute_sequence",
 )

@@ -83,8 +83,10 @@ def test_blockwise_vjp_saves_only_qkv_output_and_logsumexp():
 
   def attention(q, k, v):
     inputs = fa.canonicalize(q, k, v, causal=True, sliding_window=9)
-    return blockwise_kernel.blockwise_attention(
-        inputs, sm_scale=dim**-0.5, block_q=16, block_k=16).out
+    tiles = blockwise_kernel.TileConfig(
+        sm_scale=dim**-0.5, softcap=None, precision=None, block_q=16,
+        block_k=16, block_q_bwd=16, block_k_bwd=16)
+    return blockwise_kernel.blockwise_attention(tiles, inputs).out
 
   residuals = _saved_residuals(attention, q, k, v)
   floats = sorted(shape for dtype, shape, _ in residuals

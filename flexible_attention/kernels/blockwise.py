@@ -290,34 +290,23 @@ def _attention_bwd(cfg, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blockwise_attention(inputs: AttentionInputs,
-                        dropout: dropout_lib.Dropout | None = None, *,
-                        sm_scale: float, softcap: float | None = None,
-                        precision=None, block_q: int = DEFAULT_BLOCK_Q,
-                        block_k: int = DEFAULT_BLOCK_K,
-                        block_q_bwd: int | None = None,
-                        block_k_bwd: int | None = None) -> KernelOutput:
+def blockwise_attention(cfg: TileConfig, inputs: AttentionInputs,
+                        dropout: dropout_lib.Dropout | None = None
+                       ) -> KernelOutput:
   """Tiled attention with O(S) memory (a pure function).
 
   Args:
+    cfg: scale, soft cap, precision and tile sizes (clipped to the sequence
+      lengths; the backward tiles default to the forward's).
     inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
       D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
       and the `Visibility`.
     dropout: a `Dropout`, or `None`.
-    sm_scale: the softmax scale.
-    softcap: logits soft cap, or `None`.
-    precision: matmul precision.
-    block_q, block_k: forward tile sizes (clipped to the sequence lengths).
-    block_q_bwd, block_k_bwd: backward tile sizes (default: the forward's).
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`. Both
     outputs are differentiable (q, k, v and bias).
   """
-  cfg = TileConfig(sm_scale=float(sm_scale), softcap=softcap,
-                precision=precision, block_q=block_q, block_k=block_k,
-                block_q_bwd=block_q_bwd or block_q,
-                block_k_bwd=block_k_bwd or block_k)
   out, lse = _attention(cfg, inputs.query, inputs.key, inputs.value,
                         inputs.bias, inputs.visibility, dropout)
   return KernelOutput(out, lse, None)

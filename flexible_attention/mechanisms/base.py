@@ -26,6 +26,7 @@ from flexible_attention.core.types import KVCache
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import PartitionAxis
+from flexible_attention.sharding.mesh import axis_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,12 @@ class AttentionModule(hk.Module):
 
   mechanism: ClassVar[str] = "base"
   capabilities: ClassVar[registry.Capabilities] = registry.Capabilities()
+  # The options record; a mechanism with options of its own subclasses
+  # `AttentionConfig` (adding fields with defaults) and names it here.
+  config_class: ClassVar[type] = AttentionConfig
+  # Whether `make_kernel`'s kernel shards the sequence itself (ring); other
+  # kernels get their query shard and all-gathered keys on a sequence mesh.
+  sequence_parallel: ClassVar[bool] = False
 
   def __init__(
       self,
@@ -113,6 +120,7 @@ class AttentionModule(hk.Module):
       decode: bool = False,
       max_cache_length: int | None = None,
       name: str | None = None,
+      **mechanism_options: Any,
   ):
     """Initialises the module.
 
@@ -140,6 +148,8 @@ class AttentionModule(hk.Module):
       decode: keep a KV cache in Haiku state (use `hk.transform_with_state`).
       max_cache_length: L, the number of cache slots when `decode=True`.
       name: module name.
+      **mechanism_options: options of this mechanism only (the extra fields
+        of its `config_class`, e.g. `ring`'s `layout`).
     """
     super().__init__(name=name)
     num_heads = _positive_int("num_heads", num_heads)
@@ -184,7 +194,15 @@ class AttentionModule(hk.Module):
       max_cache_length = _positive_int("max_cache_length", max_cache_length)
     elif max_cache_length is not None:
       raise ValueError("max_cache_length is only used with decode=True.")
-    self.config = AttentionConfig(
+    common = {f.name for f in dataclasses.fields(AttentionConfig)}
+    own = {f.name for f in dataclasses.fields(self.config_class)} - common
+    unknown = set(mechanism_options) - own
+    if unknown:
+      raise TypeError(
+          f"mechanism {self.mechanism!r} got unknown options "
+          f"{sorted(unknown)}; its own options: {sorted(own) or 'none'}.")
+    self.config = self.config_class(
+        **mechanism_options,
         num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv_heads,
         value_dim=value_dim, sm_scale=sm_scale,
         dropout_rate=float(dropout_rate), logits_soft_cap=logits_soft_cap,
@@ -242,6 +260,13 @@ class AttentionModule(hk.Module):
       return (f"BlockSizes fields {sorted(extra)} are not read by mechanism "
               f"{name!r} (it reads: {reads}); leave them None.")
     return None
+
+  @classmethod
+  def token_layout(cls, config: AttentionConfig) -> str:
+    """The token layout (`fa.LAYOUTS`) the kernel wants on a sequence mesh;
+    the base class permutes natural-order inputs into it and back."""
+    del config
+    return "contiguous"
 
   @classmethod
   def resolve(cls, request: registry.AttentionRequest) -> type:
@@ -348,14 +373,6 @@ class AttentionModule(hk.Module):
         block_size_fields=config.block_sizes.set_fields(),
         sequence_sharded=sequence_sharded, window=inputs.visibility.window,
         options=(("precision", config.precision),))
-    if sequence_sharded:
-      raise NotImplementedError(
-          "sharding the query/key sequence over the mesh (partition_axis "
-          f"query_sequence_axis={config.partition_axis.query_sequence_axis!r},"
-          f" key_sequence_axis={config.partition_axis.key_sequence_axis!r} "
-          "of size > 1) is not implemented yet (context parallelism comes "
-          "with the `ring` mechanism); map the sequence axes to mesh axes of "
-          "size 1.")
     mechanism = self.resolve(request)
     self.selected_mechanism = mechanism.mechanism
     reason = mechanism.unsupported_reason(request)
@@ -376,10 +393,17 @@ class AttentionModule(hk.Module):
     if config.mesh is None:
       result = kernel(inputs, dropout)
     else:
-      probe = jax.eval_shape(kernel, inputs, dropout)
+      layout = mechanism.token_layout(config) if sequence_sharded else (
+          "contiguous")
+      q_shards, kv_shards = (
+          axis_size(config.mesh, config.partition_axis.query_sequence_axis),
+          axis_size(config.mesh, config.partition_axis.key_sequence_axis))
+      inputs = shard_lib.permute_inputs(inputs, layout, q_shards, kv_shards)
       result = shard_lib.shard_kernel(
           kernel, config.mesh, config.partition_axis, inputs, dropout,
-          return_lse=probe.lse is not None, return_weights=return_weights)
+          return_weights=return_weights,
+          gather_keys=not mechanism.sequence_parallel)
+      result = shard_lib.unpermute_output(result, layout, q_shards, kv_shards)
     return AttentionOutput(
         attention_outputs=result.out.astype(out_dtype),
         attention_weights=result.weights if return_weights else None,

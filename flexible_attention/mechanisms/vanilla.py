@@ -19,7 +19,8 @@ class VanillaAttention(base.AttentionModule):
   """
 
   capabilities = registry.Capabilities(
-      weights=True, notes="O(Sq * Sk) memory; the only one returning weights.")
+      weights=True, sharded_sequence=True,
+      notes="O(Sq * Sk) memory; the only one returning weights.")
 
   @classmethod
   def make_kernel(cls, config, request):

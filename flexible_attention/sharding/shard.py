@@ -3,14 +3,25 @@
 Batch and heads are embarrassingly parallel for attention: each device runs
 the unchanged kernel on its batch rows and heads. Dropout stays bit-identical
 to the unsharded call because each shard offsets its local batch and head
-indices by its position on the mesh before hashing.
+indices by its position on the mesh before hashing (and positions, which the
+hash also uses, are global).
+
+Sequence axes (context parallelism) are handled in one of two ways:
+- kernels that are sequence-parallel themselves (`ring`) receive their local
+  query and key shards and communicate along the key sequence axis;
+- every other kernel gets its query shard and all of the keys: K/V and the
+  parts of the mask that belong to keys are all-gathered over the key
+  sequence axis inside the `shard_map` (exact and simple, but each device
+  then holds the whole K/V).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -18,6 +29,7 @@ from flexible_attention.core.dropout import Dropout
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
+from flexible_attention.sharding import layouts
 from flexible_attention.sharding.mesh import PartitionAxis
 from flexible_attention.sharding.mesh import axis_names_of
 from flexible_attention.sharding.mesh import axis_size
@@ -43,68 +55,133 @@ def check_partition(mesh: Mesh, axes: PartitionAxis, inputs: AttentionInputs):
         f"partition_axis.attention_dim_axis={axes.attention_dim_axis!r} "
         "shards the head size D, which attention contracts over; leave it "
         "None or map it to a mesh axis of size 1.")
-  batch_shards = axis_size(mesh, axes.batch_axis)
-  if dims.batch % batch_shards:
-    raise ValueError(
-        f"batch size B = {dims.batch} is not divisible by the "
-        f"{batch_shards} shards of batch_axis {axes.batch_axis!r}.")
-  head_shards = axis_size(mesh, axes.head_axis)
-  if dims.num_kv_heads % head_shards:
-    raise ValueError(
-        f"the number of KV heads Hkv = {dims.num_kv_heads} is not divisible "
-        f"by the {head_shards} shards of head_axis {axes.head_axis!r}.")
+  for what, size, field in (
+      ("batch size B", dims.batch, "batch_axis"),
+      ("number of KV heads Hkv", dims.num_kv_heads, "head_axis"),
+      ("query sequence length Sq", dims.q_len, "query_sequence_axis"),
+      ("key sequence length Sk", dims.kv_len, "key_sequence_axis")):
+    names = getattr(axes, field)
+    shards = axis_size(mesh, names)
+    if size % shards:
+      raise ValueError(f"the {what} = {size} is not divisible by the {shards} "
+                       f"shards of {field} {names!r}.")
   q_shards = axis_size(mesh, axes.query_sequence_axis)
   kv_shards = axis_size(mesh, axes.key_sequence_axis)
   return q_shards > 1 or kv_shards > 1
 
 
+def _permute_axis(x, perm, axis):
+  return None if x is None else x.take(perm, axis=axis)
+
+
+def permute_inputs(inputs: AttentionInputs, layout: str, q_shards: int,
+                   kv_shards: int) -> AttentionInputs:
+  """Reorders the tokens of a natural-order record into `layout`.
+
+  Positions, segment ids and kv indices move with their tokens, so the
+  permuted record describes exactly the same attention.
+  """
+  if layout == "contiguous":
+    return inputs
+  dims = inputs.dims
+  q_perm = layouts.layout_permutation(layout, dims.q_len, q_shards)
+  kv_perm = layouts.layout_permutation(layout, dims.kv_len, kv_shards)
+  vis = inputs.visibility
+
+  def broadcastable(x):  # [B|1, H|1, Sq|1, Sk|1]
+    if x is None:
+      return None
+    if x.shape[2] > 1:
+      x = x.take(q_perm, axis=2)
+    return x.take(kv_perm, axis=3) if x.shape[3] > 1 else x
+
+  return AttentionInputs(
+      query=inputs.query.take(q_perm, axis=1),
+      key=inputs.key.take(kv_perm, axis=1),
+      value=inputs.value.take(kv_perm, axis=1),
+      bias=broadcastable(inputs.bias),
+      visibility=dataclasses.replace(
+          vis, q_positions=vis.q_positions.take(q_perm, axis=1),
+          kv_positions=vis.kv_positions.take(kv_perm, axis=1),
+          kv_indices=vis.kv_indices.take(kv_perm, axis=0),
+          q_segment_ids=_permute_axis(vis.q_segment_ids, q_perm, 1),
+          kv_segment_ids=_permute_axis(vis.kv_segment_ids, kv_perm, 1),
+          mask=broadcastable(vis.mask)))
+
+
+def unpermute_output(result: KernelOutput, layout: str, q_shards: int,
+                     kv_shards: int) -> KernelOutput:
+  """Puts a kernel's output for a permuted record back in natural order."""
+  if layout == "contiguous":
+    return result
+  q_len = result.out.shape[1]
+  inverse = np.argsort(layouts.layout_permutation(layout, q_len, q_shards))
+  weights = result.weights
+  if weights is not None:
+    kv_inverse = np.argsort(layouts.layout_permutation(
+        layout, weights.shape[3], kv_shards))
+    weights = weights.take(inverse, axis=2).take(kv_inverse, axis=3)
+  return KernelOutput(
+      result.out.take(inverse, axis=1),
+      None if result.lse is None else result.lse.take(inverse, axis=2),
+      weights)
+
+
 def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
                  inputs: AttentionInputs, dropout: Dropout | None, *,
-                 return_lse: bool, return_weights: bool) -> KernelOutput:
-  """Runs `kernel(inputs, dropout)` with batch and heads sharded on `mesh`.
+                 return_weights: bool, gather_keys: bool) -> KernelOutput:
+  """Runs `kernel(inputs, dropout)` sharded over `mesh`.
 
   Args:
     kernel: a pure function of `(AttentionInputs, Dropout | None)`.
     mesh: the device mesh.
-    axes: the `PartitionAxis`; its sequence axes must have size 1 here
-      (`check_partition` first).
+    axes: the `PartitionAxis` (validated with `check_partition`).
     inputs: the canonical record of the whole problem.
     dropout: the call's `Dropout` or `None`.
-    return_lse: whether the kernel returns a log-sum-exp.
     return_weights: whether the kernel returns weights.
+    gather_keys: all-gather K/V over the key sequence axis before calling the
+      kernel (for kernels that are not sequence-parallel themselves).
 
   Returns:
-    The kernel's `KernelOutput` as global arrays.
+    The kernel's `KernelOutput` as global arrays, without the log-sum-exp
+    (which the modules do not return).
   """
   dims = inputs.dims
   batch, heads = _spec_axes(axes.batch_axis), _spec_axes(axes.head_axis)
+  q_seq = _spec_axes(axes.query_sequence_axis)
+  kv_seq = _spec_axes(axes.key_sequence_axis)
+  gather = gather_keys and axis_size(mesh, axes.key_sequence_axis) > 1
 
   def broadcastable(x):  # [B|1, H|1, Sq|1, Sk|1]
     if x is None:
       return None
     return P(batch if x.shape[0] > 1 else None,
-             heads if x.shape[1] > 1 else None, None, None)
+             heads if x.shape[1] > 1 else None,
+             q_seq if x.shape[2] > 1 else None,
+             kv_seq if x.shape[3] > 1 and not gather_keys else None)
 
   vis = inputs.visibility
-  per_row = lambda x: None if x is None else P(batch, None)
+  q_rows = lambda x: None if x is None else P(batch, q_seq)
+  kv_rows = lambda x: None if x is None else P(batch, kv_seq)
   in_specs = (
       AttentionInputs(
-          query=P(batch, None, heads, None), key=P(batch, None, heads, None),
-          value=P(batch, None, heads, None),
+          query=P(batch, q_seq, heads, None),
+          key=P(batch, kv_seq, heads, None),
+          value=P(batch, kv_seq, heads, None),
           bias=broadcastable(inputs.bias),
           visibility=Visibility(
-              q_positions=P(batch, None), kv_positions=P(batch, None),
-              kv_indices=P(None), q_segment_ids=per_row(vis.q_segment_ids),
-              kv_segment_ids=per_row(vis.kv_segment_ids),
+              q_positions=P(batch, q_seq), kv_positions=P(batch, kv_seq),
+              kv_indices=P(kv_seq), q_segment_ids=q_rows(vis.q_segment_ids),
+              kv_segment_ids=kv_rows(vis.kv_segment_ids),
               kv_lengths=None if vis.kv_lengths is None else P(batch),
               mask=broadcastable(vis.mask), causal=vis.causal,
               window=vis.window)),
       None if dropout is None else Dropout(
           seed=P(), batch_offset=P(), head_offset=P(), rate=dropout.rate))
   out_specs = KernelOutput(
-      out=P(batch, None, heads, None),
-      lse=P(batch, heads, None) if return_lse else None,
-      weights=P(batch, heads, None, None) if return_weights else None)
+      out=P(batch, q_seq, heads, None),
+      lse=None,
+      weights=P(batch, heads, q_seq, None) if return_weights else None)
   local_batch = dims.batch // axis_size(mesh, axes.batch_axis)
   local_heads = dims.num_heads // axis_size(mesh, axes.head_axis)
 
@@ -113,7 +190,22 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
       b = jax.lax.axis_index(batch) if batch else 0
       h = jax.lax.axis_index(heads) if heads else 0
       dropout = dropout.with_offsets(b * local_batch, h * local_heads)
-    return kernel(inputs, dropout)
+    if gather:
+      inputs = _gather_keys(inputs, kv_seq)
+    return kernel(inputs, dropout)._replace(lse=None)
 
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                        out_specs=out_specs, check_vma=False)(inputs, dropout)
+
+
+def _gather_keys(inputs: AttentionInputs, axis) -> AttentionInputs:
+  """All-gathers K/V and their mask parts over the key sequence axis."""
+  gather = lambda x, dim: None if x is None else jax.lax.all_gather(
+      x, axis, axis=dim, tiled=True)
+  vis = inputs.visibility
+  return dataclasses.replace(
+      inputs, key=gather(inputs.key, 1), value=gather(inputs.value, 1),
+      visibility=dataclasses.replace(
+          vis, kv_positions=gather(vis.kv_positions, 1),
+          kv_indices=gather(vis.kv_indices, 0),
+          kv_segment_ids=gather(vis.kv_segment_ids, 1)))
