@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from flexible_attention.comparison import sweep
+from flexible_attention.sharding import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs",
@@ -29,6 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize()  # --coordinator_address etc. for multi-process.
   sweep.run_sweep(_CONFIG.value)
 
 
