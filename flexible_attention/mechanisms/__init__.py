@@ -8,4 +8,5 @@ from flexible_attention.mechanisms import vanilla
 from flexible_attention.mechanisms import blockwise
 from flexible_attention.mechanisms import cudnn
 from flexible_attention.mechanisms import ring
+from flexible_attention.mechanisms import ulysses
 from flexible_attention.mechanisms import auto

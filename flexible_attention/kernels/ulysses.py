@@ -1,0 +1,60 @@
+"""Ulysses sequence parallelism: trade the sequence shard for a head shard.
+
+Runs inside `jax.shard_map`. Two all-to-alls turn `[B, S/n, H, D]` shards
+into `[B, S, H/n, D]` (every device gets the whole sequence for a slice of
+the heads), any local kernel attends, and one all-to-all turns the output
+back (Jacobs et al., 2023, "DeepSpeed Ulysses"). The positions, segment ids
+and kv indices of the sequence are all-gathered (they are `[B, S]` vectors).
+It needs the (local) KV head count to be divisible by the axis size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from flexible_attention.core.inputs import AttentionInputs
+from flexible_attention.core.types import KernelOutput
+
+
+def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
+                      num_shards: int, local_kernel) -> KernelOutput:
+  """Attention of sequence shards through a head-sharded local kernel.
+
+  Args:
+    inputs: this device's record: `query [B, S/n, H, D]`, `key`/`value`
+      `[B, Sk/n, Hkv, D|Dv]` and their mask parts (no bias or dense mask).
+    dropout: a `Dropout` (batch/head offsets of other axes applied) or None.
+    axis_name: the sequence mesh axis.
+    num_shards: its size n; `Hkv % n == 0`.
+    local_kernel: a pure kernel `(AttentionInputs, Dropout) -> KernelOutput`.
+
+  Returns:
+    `KernelOutput(out [B, S/n, H, Dv], None, None)`.
+  """
+  if inputs.bias is not None or inputs.visibility.mask is not None:
+    raise NotImplementedError("ulysses: a dense bias or mask is not "
+                              "supported.")
+  num_heads = inputs.query.shape[2]
+  to_heads = lambda x: jax.lax.all_to_all(x, axis_name, split_axis=2,
+                                          concat_axis=1, tiled=True)
+  gather = lambda x, dim: None if x is None else jax.lax.all_gather(
+      x, axis_name, axis=dim, tiled=True)
+  vis = inputs.visibility
+  local = AttentionInputs(
+      query=to_heads(inputs.query), key=to_heads(inputs.key),
+      value=to_heads(inputs.value), bias=None,
+      visibility=dataclasses.replace(
+          vis, q_positions=gather(vis.q_positions, 1),
+          kv_positions=gather(vis.kv_positions, 1),
+          kv_indices=gather(vis.kv_indices, 0),
+          q_segment_ids=gather(vis.q_segment_ids, 1),
+          kv_segment_ids=gather(vis.kv_segment_ids, 1)))
+  if dropout is not None:
+    first_head = jax.lax.axis_index(axis_name) * (num_heads // num_shards)
+    dropout = dropout.with_offsets(0, first_head)
+  out = local_kernel(local, dropout).out  # [B, S, H/n, Dv]
+  out = jax.lax.all_to_all(out, axis_name, split_axis=1, concat_axis=2,
+                           tiled=True)
+  return KernelOutput(out, None, None)

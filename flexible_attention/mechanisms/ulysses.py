@@ -1,0 +1,73 @@
+"""`ulysses`: sequence parallelism by all-to-all over heads."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from flexible_attention.kernels import ulysses as ulysses_kernel
+from flexible_attention.mechanisms import base
+from flexible_attention.mechanisms import registry
+from flexible_attention.sharding.mesh import axis_names_of
+from flexible_attention.sharding.mesh import axis_size
+
+
+@dataclasses.dataclass(frozen=True)
+class UlyssesConfig(base.AttentionConfig):
+  """`ulysses`'s options: the common ones plus `local_mechanism`.
+
+  Attributes:
+    local_mechanism: the mechanism that attends the whole sequence for each
+      device's slice of heads (default `"blockwise"`).
+  """
+
+  local_mechanism: str = "blockwise"
+
+
+@registry.register_mechanism("ulysses")
+class UlyssesAttention(base.AttentionModule):
+  """DeepSpeed-Ulysses context parallelism.
+
+  On a sequence-sharded mesh: all-to-all from sequence shards to head shards,
+  the local mechanism on the whole sequence, all-to-all back. Needs the KV
+  head count (per head shard) divisible by the sequence axis size. Without a
+  sequence axis it is its local mechanism. Dense masks and biases are not
+  supported; the features of the local mechanism are.
+  """
+
+  config_class = UlyssesConfig
+  sequence_parallel = True
+  capabilities = registry.Capabilities(
+      mask=False, bias=False, sharded_sequence=True,
+      block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
+      notes="all-to-all seq->heads; Hkv divisible by the sequence axis.")
+
+  @classmethod
+  def make_kernel(cls, config, request):
+    local_cls = registry.get_mechanism(config.local_mechanism)
+    local_request = dataclasses.replace(request, sequence_sharded=False)
+    reason = local_cls.unsupported_reason(local_request)
+    if reason is not None:
+      raise NotImplementedError(f"ulysses' local mechanism: {reason}")
+    local_kernel = local_cls.make_kernel(config, local_request)
+    if not request.sequence_sharded:
+      return local_kernel
+    axes = config.partition_axis
+    if axis_names_of(axes.query_sequence_axis) != axis_names_of(
+        axes.key_sequence_axis):
+      raise NotImplementedError(
+          "ulysses: the query and key sequences must be sharded over the "
+          "same mesh axis.")
+    num_shards = axis_size(config.mesh, axes.key_sequence_axis)
+    kv_heads = request.dims.num_kv_heads // axis_size(config.mesh,
+                                                      axes.head_axis)
+    if kv_heads % num_shards:
+      raise ValueError(
+          f"ulysses needs the KV heads per head shard ({kv_heads}) to be "
+          f"divisible by the {num_shards} shards of the sequence axis "
+          f"{axes.key_sequence_axis!r}; use ring, or fewer sequence shards.")
+    names = axis_names_of(axes.key_sequence_axis)
+    return functools.partial(
+        ulysses_kernel.ulysses_attention,
+        axis_name=names[0] if len(names) == 1 else names,
+        num_shards=num_shards, local_kernel=local_kernel)
