@@ -72,7 +72,12 @@ def masked_softmax(s, visible):
     (`-inf` for empty rows).
   """
   s = jnp.where(visible, s, MASK_VALUE)
-  m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), MASK_VALUE)
+  # The shift cancels out of p and lse, so it needs no gradient; stopping it
+  # also avoids max's JVP, which divides by the number of entries equal to
+  # the maximum: 0 (NaN gradients) when XLA recomputes `s` in two fusions
+  # with different rounding.
+  m = jax.lax.stop_gradient(
+      jnp.maximum(jnp.max(s, axis=-1, keepdims=True), MASK_VALUE))
   e = jnp.where(visible, jnp.exp(s - m), 0.0)
   l = jnp.sum(e, axis=-1, keepdims=True)
   p = e / jnp.where(l > 0, l, 1.0)
