@@ -1,0 +1,311 @@
+"""The `flash` Pallas kernels on CPU, in Pallas interpret mode.
+
+Outputs and dq/dk/dv (and dbias) of `kernels/flash_triton.flash_attention`
+against the float32 reference for every feature of the semantics, with
+tiles of 16 so that every case spans several tiles and exercises block
+skipping; plus the module (`create_attention("flash", interpret=True)`),
+dropout bit-identical to `vanilla`, and the refusals.
+
+Tolerance: relative to the largest reference magnitude, 2e-5 in float32 (the
+interpreted kernels measure ~1e-6) and 2e-2 in bfloat16.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.kernels import flash_triton
+from flexible_attention.mechanisms import registry
+
+TOL = {"float32": 2e-5, "bfloat16": 2e-2}
+SMALL_BLOCKS = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
+                             block_k_dkv=16, block_q_dq=16, block_k_dq=16)
+
+
+def _rng(name):
+  return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def _rel(actual, expected):
+  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert np.all(np.isfinite(actual)), "non-finite values"
+  scale = np.max(np.abs(expected), initial=0.0)
+  err = np.max(np.abs(actual - expected), initial=0.0)
+  return err / scale if scale > 0 else err
+
+
+def _inputs(name, *, b=2, sq=40, sk=40, h=2, hkv=2, d=16, dv=None,
+            dtype=jnp.float32, bias_shape=None):
+  rng = _rng(name)
+  arr = lambda shape, scale=1.0: jnp.asarray(
+      rng.standard_normal(shape) * scale, dtype)
+  q = arr((b, sq, h, d), 2.0)
+  k = arr((b, sk, hkv, d))
+  v = arr((b, sk, hkv, dv or d))
+  ct = arr((b, sq, h, dv or d))
+  bias = None if bias_shape is None else arr(bias_shape)
+  return q, k, v, ct, bias
+
+
+def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
+           blocks=SMALL_BLOCKS, **shape):
+  """Runs flash (interpreted) and the reference; compares out and grads."""
+  q, k, v, ct, bias = _inputs(name, **shape)
+  call = dict(call or {})
+  scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
+
+  def flash(q, k, v, bias):
+    inputs = fa.canonicalize(q, k, v, bias=bias, **call)
+    return flash_triton.flash_attention(
+        inputs, dropout, sm_scale=scale, softcap=softcap,
+        block_sizes=blocks, interpret=True).out
+
+  def ref(q, k, v, bias):
+    f32 = lambda x: None if x is None else x.astype(jnp.float32)
+    inputs = fa.canonicalize(f32(q), f32(k), f32(v), bias=f32(bias), **call)
+    return fa.reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, dropout, sm_scale=scale, softcap=softcap).out
+
+  def fwd_bwd(f):
+    def run(q, k, v, bias, ct):
+      out, vjp = jax.vjp(f, q, k, v, bias)
+      grads = vjp(ct.astype(out.dtype))
+      return (out,) + tuple(g for g in grads if g is not None)
+    return run
+
+  got = jax.jit(fwd_bwd(flash))(q, k, v, bias, ct)
+  want = jax.jit(fwd_bwd(ref))(q, k, v, bias, ct)
+  tol = TOL[jnp.dtype(q.dtype).name]
+  for what, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+    assert g.shape == w.shape, (what, g.shape, w.shape)
+    err = _rel(g, w)
+    assert err <= tol, f"{name}: {what} error {err:.3g} > {tol}"
+  return got, want
+
+
+def _sorted_ids(name, b, n, num):
+  rng = _rng(name)
+  return jnp.asarray(np.sort(rng.integers(0, num, (b, n)), axis=1),
+                     jnp.int32)
+
+
+# --- Kernel vs reference ------------------------------------------------------
+
+
+def test_plain():
+  _check("plain")
+
+
+def test_causal_with_fewer_queries_than_keys():
+  # Bottom-right alignment: the 24 queries are the last 24 of 56 positions.
+  _check("causal", dict(causal=True), sq=24, sk=56)
+
+
+def test_causal_with_more_queries_than_keys_has_empty_rows():
+  (out, *_), _ = _check("causal_long_q", dict(causal=True), sq=48, sk=20)
+  # Queries at positions < 0 see no key: zeros.
+  np.testing.assert_array_equal(np.asarray(out[:, :28]), 0.0)
+
+
+def test_sliding_window():
+  _check("window", dict(sliding_window=(7, 3)))
+  _check("window_causal", dict(causal=True, sliding_window=9))
+
+
+def test_segment_ids():
+  b, s = 2, 48
+  ids = _sorted_ids("segments", b, s, 4)
+  _check("segments", dict(segment_ids=ids, causal=True), b=b, sq=s, sk=s)
+
+
+def test_segment_ids_unsorted_pair():
+  # Unsorted ids: tiles are not skippable, the in-kernel mask must hold.
+  rng = _rng("segments_pair")
+  q_ids = jnp.asarray(rng.integers(0, 3, (2, 24)), jnp.int32)
+  kv_ids = jnp.asarray(rng.integers(0, 3, (2, 40)), jnp.int32)
+  _check("segments_pair", dict(segment_ids=(q_ids, kv_ids)), sq=24, sk=40)
+
+
+def test_kv_lengths_including_zero_gives_zero_rows():
+  lengths = jnp.array([0, 21], jnp.int32)
+  (out, dq, *_), _ = _check("kv_lengths", dict(kv_lengths=lengths), sk=40)
+  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+  np.testing.assert_array_equal(np.asarray(dq[0]), 0.0)
+
+
+def test_explicit_positions():
+  rng = _rng("positions")
+  kv_pos = jnp.asarray(np.stack([rng.permutation(40) for _ in range(2)]),
+                       jnp.int32)
+  q_pos = jnp.asarray(rng.integers(0, 40, (2, 24)), jnp.int32)
+  _check("positions", dict(q_positions=q_pos, kv_positions=kv_pos,
+                           causal=True), sq=24, sk=40)
+
+
+def test_grouped_query_heads():
+  _check("gqa", dict(causal=True), h=6, hkv=2, sq=32, sk=48)
+
+
+def test_multi_query_heads_with_window():
+  _check("mqa", dict(sliding_window=(5, 5)), h=2, hkv=1)
+
+
+def test_softcap():
+  _check("softcap", dict(causal=True), softcap=2.0)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 2, 40, 40), (1, 2, 1, 40)],
+                         ids=["full", "broadcast"])
+def test_bias_and_its_gradient(bias_shape):
+  _check(f"bias{bias_shape}", dict(causal=True), bias_shape=bias_shape)
+
+
+def test_dense_mask():
+  rng = _rng("mask")
+  mask = jnp.asarray(rng.random((2, 1, 40, 40)) > 0.3)
+  _check("mask", dict(mask=mask))
+
+
+def test_fully_masked_rows_give_zeros():
+  mask = np.ones((2, 2, 40, 40), bool)
+  mask[0, 1, 5:9] = False  # Four rows of one head see nothing.
+  (out, dq, *_), _ = _check("masked_rows", dict(mask=jnp.asarray(mask)))
+  np.testing.assert_array_equal(np.asarray(out[0, 5:9, 1]), 0.0)
+  np.testing.assert_array_equal(np.asarray(dq[0, 5:9, 1]), 0.0)
+
+
+def test_odd_lengths_and_head_sizes():
+  # Sq, Sk not multiples of the tiles; D, Dv not powers of two, Dv != D.
+  _check("odd", dict(causal=True), sq=37, sk=53, d=12, dv=20, h=3, hkv=1)
+
+
+def test_single_tile_and_default_blocks():
+  _check("default_blocks", dict(causal=True), sq=9, sk=13, d=8,
+         blocks=None)
+
+
+def test_bfloat16():
+  _check("bf16", dict(causal=True), dtype=jnp.bfloat16)
+
+
+def test_dropout_matches_reference_with_the_same_dropout():
+  dropout = dropout_lib.make_dropout(jax.random.key(3), 0.3)
+  _check("dropout", dict(causal=True), dropout=dropout, h=2, hkv=1)
+
+
+def test_log_sum_exp_matches_reference():
+  q, k, v, _, _ = _inputs("lse")
+  inputs = fa.canonicalize(q, k, v, causal=True,
+                           kv_lengths=jnp.array([0, 30]))
+  got = flash_triton.flash_attention(inputs, None, sm_scale=0.25,
+                                     block_sizes=SMALL_BLOCKS,
+                                     interpret=True).lse
+  want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
+                                inputs.visibility, sm_scale=0.25).lse
+  assert np.all(np.isneginf(np.asarray(got[0])))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_skipping_tables_skip_invisible_tiles():
+  # Causal, 64 x 64 in 16 x 16 tiles: query tile i sees key tiles [0, i],
+  # tiles [0, i) without masking (a row without such tiles: flo = fhi = hi).
+  q, k, v, _, _ = _inputs("tables", b=1, sq=64, sk=64, h=1, hkv=1)
+  vis = fa.canonicalize(q, k, v, causal=True).visibility
+  st = flash_triton._Static(  # pylint: disable=protected-access
+      sm_scale=1.0, softcap=None, precision=None, causal=True, window=None,
+      segments=False, mask=False, bias_shape=None, dropout_rate=None,
+      groups=1, launch=None, interpret=True)
+  aux = dict(q_pos=vis.q_positions, kv_pos=vis.kv_positions,
+             kv_ok=jnp.ones((1, 64), jnp.int32))
+  maybe, full = flash_triton._tile_tables(st, aux, 16, 16)  # pylint: disable=protected-access
+  bounds = np.asarray(flash_triton._bounds(maybe, full))[0]  # pylint: disable=protected-access
+  np.testing.assert_array_equal(bounds, [[0, 1, 1, 1], [0, 0, 1, 2],
+                                         [0, 0, 2, 3], [0, 0, 3, 4]])
+
+
+# --- The module ---------------------------------------------------------------
+
+
+@pytest.fixture(name="flash_registered")
+def _flash_registered():
+  """Registers "flash" for one test, unless the package already does.
+
+  Until `mechanisms/__init__.py` imports it, importing the module registers
+  the mechanism for the rest of the process; other tests pin the registry's
+  contents, so the registration is undone afterwards.
+  """
+  before = "flash" in fa.available_mechanisms()
+  from flexible_attention.mechanisms import flash  # pylint: disable=g-import-not-at-top
+  if not before:
+    registry._REGISTRY.setdefault("flash", flash.FlashAttention)  # pylint: disable=protected-access
+  yield
+  if not before:
+    registry._REGISTRY.pop("flash", None)  # pylint: disable=protected-access
+
+
+def _module_out(mechanism, q, k, v, rng, **options):
+  def f(q, k, v):
+    attn = fa.create_attention(mechanism, num_heads=q.shape[2],
+                               head_dim=q.shape[3], num_kv_heads=k.shape[2],
+                               **options)
+    return attn(q, k, v, causal=True, deterministic=False).attention_outputs
+  return hk.transform(f).apply({}, rng, q, k, v)
+
+
+def test_module_dropout_is_bit_identical_to_vanilla(flash_registered):
+  del flash_registered
+  q, k, v, _, _ = _inputs("module_dropout", h=2, hkv=1)
+  rng = jax.random.key(11)
+  flash = _module_out("flash", q, k, v, rng, interpret=True,
+                      dropout_rate=0.4, block_sizes=SMALL_BLOCKS)
+  vanilla = _module_out("vanilla", q, k, v, rng, dropout_rate=0.4)
+  # Same keep decisions: any flipped one would move an output by ~1e-1.
+  assert _rel(flash, np.asarray(vanilla)) <= 2e-5
+
+
+def test_module_refuses_cpu_without_interpret(flash_registered):
+  del flash_registered
+  q, k, v, _, _ = _inputs("refuse")
+  with pytest.raises(NotImplementedError, match="flash.*gpu"):
+    _module_out("flash", q, k, v, jax.random.key(0))
+
+
+def test_module_rejects_invalid_block_sizes(flash_registered):
+  del flash_registered
+  def f(q):
+    return fa.create_attention("flash", num_heads=2, head_dim=16,
+                               interpret=True,
+                               block_sizes=fa.BlockSizes(block_q=24))(q, q, q)
+  q = jnp.ones((1, 8, 2, 16))
+  with pytest.raises(ValueError, match="block_q.*power of two"):
+    hk.transform(f).apply({}, None, q)
+
+
+def test_module_refuses_head_dim_over_256(flash_registered):
+  del flash_registered
+  q = jnp.ones((1, 8, 1, 264))
+  def f(q):
+    return fa.create_attention("flash", num_heads=1, head_dim=264,
+                               interpret=True)(q, q, q)
+  with pytest.raises(NotImplementedError, match="up to 256"):
+    hk.transform(f).apply({}, None, q)
+
+
+def test_module_rejects_non_bool_interpret(flash_registered):
+  del flash_registered
+  def f(q):
+    return fa.create_attention("flash", num_heads=2, head_dim=16,
+                               interpret=1)(q, q, q)
+  with pytest.raises(TypeError, match="interpret"):
+    hk.transform(f).apply({}, None, jnp.ones((1, 8, 2, 16)))
