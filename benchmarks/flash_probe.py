@@ -239,8 +239,10 @@ def timing(results, sweep: bool):
                       (L(64, 128, 4, 2), L(128, 64, 4, 2))]
       if _QUICK.value:
         fwd_launches = []
-        bwd_launches = [(L(32, 128, 4, 3), base.dq), (base.dkv, L(128, 32, 4, 3)),
-                        (L(64, 128, 4, 3), base.dq), (L(32, 128, 8, 3), base.dq)]
+        bwd_launches = [(L(32, 128, 4, 3), base.dq),
+                        (base.dkv, L(128, 32, 4, 3)),
+                        (L(64, 128, 4, 3), base.dq),
+                        (L(32, 128, 8, 3), base.dq)]
       for fl in fwd_launches:
         if time.time() - _START > _BUDGET.value:
           break

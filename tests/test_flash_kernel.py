@@ -224,7 +224,7 @@ def test_skipping_tables_skip_invisible_tiles():
   vis = fa.canonicalize(q, k, v, causal=True).visibility
   st = flash_triton._Static(  # pylint: disable=protected-access
       sm_scale=1.0, softcap=None, precision=None, causal=True, window=None,
-      segments=False, mask=False, bias_shape=None, dropout_rate=None,
+      segments=False, mask=False, dropout_rate=None,
       groups=1, launch=None, interpret=True)
   aux = dict(q_pos=vis.q_positions, kv_pos=vis.kv_positions,
              kv_ok=jnp.ones((1, 64), jnp.int32))

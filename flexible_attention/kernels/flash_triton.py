@@ -1,6 +1,7 @@
 """Fused flash attention written in Pallas and lowered through Triton (GPU).
 
-Three kernels, FlashAttention-2 style (Dao, 2023, https://arxiv.org/abs/2307.08691):
+Three kernels, FlashAttention-2 style (Dao, 2023,
+https://arxiv.org/abs/2307.08691):
 
 - forward, grid `(Sq / bq, B, H)`: one query tile against the key tiles it
   can see, with an online softmax; writes the output and the float32
@@ -95,9 +96,10 @@ class LaunchConfig:
 def default_launch_config(head_dim: int) -> LaunchConfig:
   """Tiles, warps and stages per (padded) head size, for Hopper GPUs.
 
-  Starting points from the tuning probe in BENCH.md (JAX's Triton kernel at
-  D = 128: 128 x 64 tiles, 4 warps, 2 stages forward); the backward holds two
-  `[bk, D]` float32 accumulators, hence 8 warps from D = 128 on.
+  Forward at D = 128: 128 x 64 tiles, 4 warps, 2 stages measured best of
+  five launches on an H200 (benchmarks/flash_notes.md). The backward
+  launches are untuned starting points: the dK/dV kernel holds two `[bk, D]`
+  float32 accumulators, hence 8 warps from D = 128 on.
   """
   if head_dim <= 64:
     return LaunchConfig(fwd=Launch(128, 64, 4, 3), dkv=Launch(64, 128, 4, 3),
@@ -175,7 +177,6 @@ class _Static:
   window: tuple[int, int] | None
   segments: bool
   mask: bool
-  bias_shape: tuple[int, int, int, int] | None  # Padded.
   dropout_rate: float | None
   groups: int
   launch: LaunchConfig
@@ -842,7 +843,6 @@ def flash_attention(inputs: AttentionInputs,
       softcap=None if softcap is None else float(softcap),
       precision=precision, causal=vis.causal, window=vis.window,
       segments=vis.has_segments, mask=vis.mask is not None,
-      bias_shape=None if bias is None else tuple(bias.shape),
       dropout_rate=None if dropout is None else float(dropout.rate),
       groups=dims.groups, launch=launch, interpret=bool(interpret))
 
