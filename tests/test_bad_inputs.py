@@ -4,8 +4,8 @@ Each test pins the exception type and a message fragment that names the
 argument (and, where the contract says so, the expected and actual values):
 rank and shape mismatches, a non-boolean mask, `H % Hkv != 0`, a dtype the
 mechanism does not support, a feature the mechanism does not support (the
-message names those that do), mesh axes that do not exist, sequence sharding
-(not implemented yet), KV heads or batch not divisible by their mesh axes,
+message names those that do), mesh axes that do not exist, sequences, KV
+heads or batch not divisible by their mesh axes,
 invalid block sizes, dropout without an rng key, unknown mechanism names
 (the message lists the valid ones), and misuse of the KV cache. The errors
 are raised while tracing, before anything is compiled: every call here runs
@@ -356,19 +356,35 @@ def test_mesh_and_partition_axis_types():
         head_axis="model")))
 
 
-@pytest.mark.parametrize("mechanism", fa.available_mechanisms())
-@pytest.mark.parametrize("axes", [dict(), dict(query_sequence_axis=None),
-                                  dict(key_sequence_axis=None)],
-                         ids=["both", "keys", "queries"])
-def test_sequence_sharding_is_not_implemented_yet(mechanism, axes):
-  if fa.capabilities(mechanism).sharded_sequence:
-    pytest.skip(f"{mechanism} shards sequences (covered by its own tests)")
-  mesh = fa.make_mesh((1, 1, 1, -1))
-  q, k, v = qkv(jnp.bfloat16, q_len=16, kv_len=16)
-  with pytest.raises(NotImplementedError, match=r"sequence .* is not "
-                     r"implemented yet"):
-    attend(q, k, v, mechanism, options=dict(
-        mesh=mesh, partition_axis=fa.PartitionAxis(**axes)))
+@pytest.mark.parametrize("axes,which,length", [
+    (dict(), "query", "Sq = 12"),
+    (dict(query_sequence_axis=None), "key", "Sk = 12"),
+], ids=["queries", "keys"])
+def test_sequence_not_divisible_by_its_mesh_axis(axes, which, length):
+  mesh = fa.make_mesh((1, 1, 1, -1))  # 8 sequence shards.
+  q, k, v = qkv(q_len=12, kv_len=12)
+  with pytest.raises(ValueError, match=rf"the {which} sequence length "
+                     rf"{length} is not divisible by the 8 shards of "
+                     rf"{which}_sequence_axis 'sp'"):
+    attend(q, k, v, options=dict(mesh=mesh,
+                                 partition_axis=fa.PartitionAxis(**axes)))
+
+
+def test_sequence_sharding_refusal_names_the_mechanisms_that_do_it():
+  supporting = registry.mechanisms_supporting("sharded_sequence")
+  refusing = [m for m in fa.available_mechanisms() if m not in supporting]
+  assert "cudnn" in refusing and "ring" in supporting
+  dims = fa.canonicalize(*qkv(jnp.bfloat16)).dims
+  for name in refusing:
+    caps = fa.capabilities(name)
+    request = fa.AttentionRequest(
+        dims=dims, dtype=caps.dtypes[0], platform=caps.platforms[0],
+        features=frozenset(), sequence_sharded=True)
+    reason = registry.unsupported_reason(name, request)
+    assert reason is not None and re.search(
+        r"sharding a sequence axis over the mesh is not supported by "
+        rf"mechanism '{name}'; mechanisms that support it: " +
+        ", ".join(supporting), reason), reason
 
 
 def test_kv_heads_not_divisible_by_the_head_axis():

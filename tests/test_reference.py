@@ -174,7 +174,7 @@ def _inputs(setting: Setting):
 
 
 def _reference(q, k, v, call, setting, dropout=None):
-  @jax.jit
+  @helpers.jit
   def run(q, k, v, call, dropout):
     inputs = fa.canonicalize(q, k, v, causal=setting.causal,
                              sliding_window=setting.window, **call)

@@ -38,7 +38,7 @@ from flexible_attention.mechanisms import registry
 
 import helpers
 
-KNOWN = ("vanilla", "blockwise", "cudnn", "auto")
+KNOWN = ("vanilla", "blockwise", "cudnn", "ring", "ulysses", "auto")
 
 
 # --- The factory ------------------------------------------------------------------
@@ -59,8 +59,8 @@ def test_create_attention_builds_the_registered_class(mechanism):
   hk.transform(build).init(None)
 
 
-def test_known_mechanisms_are_registered_in_order():
-  assert fa.available_mechanisms()[:len(KNOWN)] == KNOWN
+def test_known_mechanisms_are_registered():
+  assert set(KNOWN) <= set(fa.available_mechanisms())
 
 
 def test_create_attention_outside_a_transform_is_haikus_error():
