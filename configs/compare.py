@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Comma-separated mechanism names; empty: every registered mechanism.
   config.mechanisms = ""
   config.batch_size = 8
-  config.sequence_length = 512
+  config.sequence_length = 256
   config.kv_sequence_length = config_dict.placeholder(int)  # Default: Sq.
   config.num_heads = 8
   config.num_kv_heads = config_dict.placeholder(int)  # Default: num_heads.
@@ -26,9 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.block_q = config_dict.placeholder(int)
   config.block_k = config_dict.placeholder(int)
   # Meshes to compare on, as sizes of `axis_names`; -1 takes the remaining
-  # devices. Default: one device; batch-sharded; head-sharded; both.
+  # devices. Default: one device; batch-sharded; head-sharded; dp x tp x sp;
+  # sequence-sharded (context parallel: ring, ulysses, all-gather others).
   config.axis_names = ("dp", "fsdp", "tp", "sp")
-  config.meshes = ((1, 1, 1, 1), (1, -1, 1, 1), (1, 1, -1, 1), (2, 1, -1, 1))
+  config.meshes = ((1, 1, 1, 1), (1, -1, 1, 1), (1, 1, -1, 1), (2, 1, 2, -1),
+                   (1, 1, 1, -1))
   config.repeats = 3
   config.output_dir = "outputs/compare"
   config.plot = True  # A PNG next to the JSON when matplotlib is installed.

@@ -242,8 +242,9 @@ class AttentionModule(hk.Module):
     size fields against `capabilities`; subclasses add their own limits.
     """
     caps, name = cls.capabilities, cls.mechanism
-    if request.platform not in caps.platforms:
-      return (f"mechanism {name!r} runs on {', '.join(caps.platforms)}, not "
+    platforms = cls.platforms(request)
+    if request.platform not in platforms:
+      return (f"mechanism {name!r} runs on {', '.join(platforms)}, not "
               f"on {request.platform!r}.")
     if request.dtype not in caps.dtypes:
       return (f"mechanism {name!r} supports dtypes {', '.join(caps.dtypes)}, "
@@ -260,6 +261,12 @@ class AttentionModule(hk.Module):
       return (f"BlockSizes fields {sorted(extra)} are not read by mechanism "
               f"{name!r} (it reads: {reads}); leave them None.")
     return None
+
+  @classmethod
+  def platforms(cls, request: registry.AttentionRequest) -> tuple[str, ...]:
+    """The platforms that can serve `request` (default: capabilities')."""
+    del request
+    return cls.capabilities.platforms
 
   @classmethod
   def token_layout(cls, config: AttentionConfig) -> str:
@@ -372,7 +379,7 @@ class AttentionModule(hk.Module):
         platform=self._platform(), features=features,
         block_size_fields=config.block_sizes.set_fields(),
         sequence_sharded=sequence_sharded, window=inputs.visibility.window,
-        options=(("precision", config.precision),))
+        options=(("precision", config.precision),) + self._own_options())
     mechanism = self.resolve(request)
     self.selected_mechanism = mechanism.mechanism
     reason = mechanism.unsupported_reason(request)
@@ -410,6 +417,14 @@ class AttentionModule(hk.Module):
         cache=new_cache)
 
   # --- Helpers ------------------------------------------------------------
+
+  def _own_options(self) -> tuple[tuple[str, Any], ...]:
+    """This mechanism's own options (fields of its `config_class` beyond the
+    common ones), so that `unsupported_reason` can see them."""
+    common = {f.name for f in dataclasses.fields(AttentionConfig)}
+    return tuple((f.name, getattr(self.config, f.name))
+                 for f in dataclasses.fields(self.config)
+                 if f.name not in common)
 
   def _platform(self) -> str:
     if self.config.mesh is not None:

@@ -13,6 +13,24 @@ _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                  "block_q_dq", "block_k_dq")
 
 
+@dataclasses.dataclass(frozen=True)
+class FlashConfig(base.AttentionConfig):
+  """`flash`'s options: the common ones plus `interpret`.
+
+  Attributes:
+    interpret: run the Pallas kernels in Pallas' interpreter (any backend;
+      slow: for tests on CPU).
+  """
+
+  interpret: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.interpret, bool):
+      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
+    for field in _BLOCK_FIELDS:
+      flash_triton.check_block_size(field, getattr(self.block_sizes, field))
+
+
 @registry.register_mechanism("flash")
 class FlashAttention(base.AttentionModule):
   """Fused flash attention: Pallas kernels lowered through Triton.
@@ -40,37 +58,17 @@ class FlashAttention(base.AttentionModule):
 
   capabilities = registry.Capabilities(
       platforms=("gpu",), weights=False, block_size_fields=_BLOCK_FIELDS,
+      sharded_sequence=True,
       notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU/TPU only with "
              "interpret=True."))
 
-  # Whether `make_kernel` builds the interpreted kernels (see
-  # `_InterpretedFlashAttention`).
-  interpret = False
+  config_class = FlashConfig
 
-  def __init__(self, num_heads: int, head_dim: int, *,
-               interpret: bool = False, **options):
-    """Initialises the module.
-
-    Args:
-      num_heads: H.
-      head_dim: D.
-      interpret: run the Pallas kernels in interpret mode (any backend;
-        for tests on CPU).
-      **options: the common options of `fa.AttentionModule`.
-    """
-    super().__init__(num_heads, head_dim, **options)
-    if not isinstance(interpret, bool):
-      raise TypeError(f"interpret must be a bool, got {interpret!r}.")
-    for field in _BLOCK_FIELDS:
-      flash_triton.check_block_size(field,
-                                    getattr(self.config.block_sizes, field))
-    self.interpret = interpret
-    if interpret:
-      # The base class asks `self.resolve(request)` which class serves a
-      # call; an interpreted module answers with the interpreted variant,
-      # whose capabilities admit every platform. (An instance attribute, so
-      # the class-level `resolve` of the registry stays untouched.)
-      self.resolve = lambda request: _InterpretedFlashAttention
+  @classmethod
+  def platforms(cls, request):
+    if dict(request.options).get("interpret"):
+      return ("cpu", "gpu", "tpu")
+    return cls.capabilities.platforms
 
   @classmethod
   def unsupported_reason(cls, request):
@@ -90,16 +88,4 @@ class FlashAttention(base.AttentionModule):
     return functools.partial(
         flash_triton.flash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, precision=config.precision,
-        block_sizes=config.block_sizes, interpret=cls.interpret)
-
-
-class _InterpretedFlashAttention(FlashAttention):
-  """`flash` with `interpret=True`: the same kernels, interpreted, anywhere.
-
-  Not registered: `create_attention("flash", ..., interpret=True)` builds a
-  `FlashAttention` whose `resolve` returns this class.
-  """
-
-  capabilities = dataclasses.replace(FlashAttention.capabilities,
-                                     platforms=("cpu", "gpu", "tpu"))
-  interpret = True
+        block_sizes=config.block_sizes, interpret=config.interpret)
