@@ -17,9 +17,11 @@ dense mechanism at a long sequence cannot take the process down.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
+import re
 from typing import Any
 
 from absl import logging
@@ -27,6 +29,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flexible_attention.comparison import timing
 from flexible_attention.comparison.compare import TOLERANCE
@@ -35,6 +39,7 @@ from flexible_attention.comparison.compare import relative_error
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.reference import reference_attention
 from flexible_attention.mechanisms import registry
+from flexible_attention.sharding.mesh import make_mesh
 
 
 @dataclasses.dataclass
@@ -53,6 +58,10 @@ class BenchmarkRow:
   forward_backward_tflops: float | None = None
   temp_bytes: int | None = None
   peak_bytes: int | None = None
+  devices: int = 1
+  # Context parallel rows: per-device TFLOP/s over the single-device
+  # TFLOP/s of the same block kernel at the per-device length.
+  fraction_of_single_device: float | None = None
 
 
 def attention_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
@@ -72,26 +81,68 @@ def _available_bytes() -> int | None:
   return stats.get("bytes_limit")
 
 
-def benchmark_one(name: str, config, seq_len: int) -> BenchmarkRow:
-  """Checks, then times one mechanism at one sequence length."""
-  row = BenchmarkRow(mechanism=name, sequence_length=seq_len, status="ok")
+def _random_inputs(config, seq_len: int, sharding):
+  """q, k, v, the checking and the timing cotangents, made on the devices."""
   b, h, d = config.batch_size, config.num_heads, config.head_dim
   hkv = config.num_kv_heads or h
-  rng = np.random.default_rng(config.seed)
-  normal = lambda *s: jnp.asarray(rng.standard_normal(s), config.dtype)
-  q, k, v = normal(b, seq_len, h, d), normal(b, seq_len, hkv, d), normal(
-      b, seq_len, hkv, d)
   rows = min(config.check_rows, seq_len)
-  ct_check = np.zeros((b, seq_len, h, d), np.float32)
-  ct_check[:, -rows:] = rng.standard_normal((b, rows, h, d))
-  ct_check = jnp.asarray(ct_check)
-  ct_time = jnp.asarray(rng.standard_normal((b, seq_len, h, d)), jnp.float32)
+  keys = jax.random.split(jax.random.PRNGKey(config.seed), 5)
+  jit = functools.partial(jax.jit, static_argnums=(1, 2))
+  if sharding is not None:
+    jit = functools.partial(jit, out_shardings=sharding)
+  normal = jit(lambda key, shape, dtype: jax.random.normal(key, shape, dtype))
+
+  @functools.partial(jax.jit, out_shardings=sharding) if sharding else jax.jit
+  def check_cotangent(key):
+    zeros = jnp.zeros((b, seq_len, h, d), jnp.float32)
+    return zeros.at[:, -rows:].set(jax.random.normal(key, (b, rows, h, d)))
+
+  q = normal(keys[0], (b, seq_len, h, d), np.dtype(config.dtype))
+  k = normal(keys[1], (b, seq_len, hkv, d), np.dtype(config.dtype))
+  v = normal(keys[2], (b, seq_len, hkv, d), np.dtype(config.dtype))
+  ct_time = normal(keys[4], (b, seq_len, h, d), np.dtype(np.float32))
+  return q, k, v, check_cotangent(keys[3]), ct_time, rows
+
+
+def benchmark_one(name: str, config, seq_len: int, *, mesh=None,
+                  options=None, label: str | None = None,
+                  repeats: int | None = None) -> BenchmarkRow:
+  """Checks, then times one mechanism at one sequence length.
+
+  Args:
+    name: mechanism.
+    config: the benchmark config (sizes, dtype, causal, check rows, ...).
+    seq_len: S.
+    mesh: run on this mesh (inputs sharded over its `sp` axis).
+    options: extra module options (e.g. `layout`).
+    label: the row's name (default `name`).
+    repeats: timed calls (default `config.repeats`).
+  """
+  try:
+    return _benchmark_one(name, config, seq_len, mesh, options, label,
+                          repeats or config.repeats)
+  except Exception as e:  # pylint: disable=broad-except
+    return BenchmarkRow(mechanism=label or name, sequence_length=seq_len,
+                        status=f"error: {type(e).__name__}: {str(e)[:300]}",
+                        devices=1 if mesh is None else mesh.size)
+
+
+def _benchmark_one(name, config, seq_len, mesh, options, label, repeats):
+  row = BenchmarkRow(mechanism=label or name, sequence_length=seq_len,
+                     status="ok", devices=1 if mesh is None else mesh.size)
+  b, h, d = config.batch_size, config.num_heads, config.head_dim
+  hkv = config.num_kv_heads or h
+  sharding = None
+  if mesh is not None:
+    sharding = NamedSharding(mesh, P(None, "sp", None, None))
+  q, k, v, ct_check, ct_time, rows = _random_inputs(config, seq_len, sharding)
   served = []
 
   def forward(q, k, v):
     attention = registry.create_attention(
         name, num_heads=h, head_dim=d, num_kv_heads=hkv,
-        logits_soft_cap=config.logits_soft_cap)
+        logits_soft_cap=config.logits_soft_cap, mesh=mesh,
+        **(options or {}))
     out = attention(q, k, v, causal=config.causal).attention_outputs
     served.append(attention.selected_mechanism)
     return out
@@ -126,9 +177,10 @@ def benchmark_one(name: str, config, seq_len: int) -> BenchmarkRow:
         inputs.query, inputs.key, inputs.value, None, inputs.visibility,
         sm_scale=d**-0.5, softcap=config.logits_soft_cap).out
 
-  f32 = lambda x: x.astype(jnp.float32)
-  ref_loss = lambda q_rows, k, v: jnp.sum(
-      reference(q_rows, k, v) * ct_check[:, -rows:])
+  one = jax.devices()[0]
+  f32 = lambda x: jax.device_put(x, one).astype(jnp.float32)
+  ct_rows = f32(ct_check[:, -rows:])
+  ref_loss = lambda q_rows, k, v: jnp.sum(reference(q_rows, k, v) * ct_rows)
   ref_out = jax.jit(reference)(f32(q[:, -rows:]), f32(k), f32(v))
   ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(
       f32(q[:, -rows:]), f32(k), f32(v))
@@ -143,9 +195,9 @@ def benchmark_one(name: str, config, seq_len: int) -> BenchmarkRow:
     row.status = f"error: differs from the reference ({worst:.1e}); not timed"
     return row
   row.forward_ms = 1e3 * timing.median_seconds(compiled_fwd.fn, q, k, v,
-                                               repeats=config.repeats)
+                                               repeats=repeats)
   row.forward_backward_ms = 1e3 * timing.median_seconds(
-      compiled.fn, q, k, v, ct_time, repeats=config.repeats)
+      compiled.fn, q, k, v, ct_time, repeats=repeats)
   flops = 3.5 * attention_flops(b, h, seq_len, seq_len, d, config.causal)
   row.forward_backward_tflops = flops / (row.forward_backward_ms * 1e-3) / 1e12
   row.peak_bytes = timing.peak_device_bytes()
@@ -156,16 +208,58 @@ def table(rows: list[BenchmarkRow]) -> str:
   """A fixed-width text table."""
   fmt = lambda x, f: "-" if x is None else f.format(x)
   header = ("mechanism", "S", "status", "out err", "grad err", "fwd ms",
-            "fwd+bwd ms", "TFLOP/s", "temp MiB")
+            "fwd+bwd ms", "TFLOP/s", "x single", "temp MiB")
   lines = [header] + [
       (r.mechanism, str(r.sequence_length),
        r.status if len(r.status) < 50 else r.status[:47] + "...",
        fmt(r.out_error, "{:.1e}"), fmt(r.grad_error, "{:.1e}"),
        fmt(r.forward_ms, "{:.1f}"), fmt(r.forward_backward_ms, "{:.1f}"),
        fmt(r.forward_backward_tflops, "{:.3f}"),
+       fmt(r.fraction_of_single_device, "{:.2f}"),
        fmt(None if r.temp_bytes is None else r.temp_bytes / 2**20, "{:.1f}"))
       for r in rows]
   return format_table(lines)
+
+
+def run_context_parallel(config) -> list[BenchmarkRow]:
+  """Ring attention across devices vs its block kernel on one device.
+
+  For each per-device length `s` of `config.local_lengths`: the block
+  kernel (`config.block_mechanism`) on one device at `s`, then `ring` over
+  `n` devices at `n * s` for each of `config.layouts`, reporting each ring
+  row's per-device throughput as a fraction of the single-device one. Then
+  `ring` (zigzag) at each of `config.longest_lengths` until one fails.
+  """
+  n = jax.device_count() if config.num_devices == -1 else config.num_devices
+  mesh = make_mesh((1, 1, 1, n), devices=jax.devices()[:n])
+  rows = []
+  for local in config.local_lengths:
+    single = benchmark_one(config.block_mechanism, config, local,
+                           label=f"{config.block_mechanism} x1")
+    _log_row(single)
+    rows.append(single)
+    for layout in config.layouts:
+      row = benchmark_one("ring", config, n * local, mesh=mesh,
+                          options={"layout": layout},
+                          label=f"ring {layout} x{n}")
+      if row.forward_backward_tflops and single.forward_backward_tflops:
+        row.fraction_of_single_device = (
+            row.forward_backward_tflops / n / single.forward_backward_tflops)
+      _log_row(row)
+      rows.append(row)
+  for length in config.longest_lengths:
+    row = benchmark_one("ring", config, length, mesh=mesh,
+                        options={"layout": "zigzag"},
+                        label=f"ring zigzag x{n} (longest)", repeats=1)
+    _log_row(row)
+    rows.append(row)
+    if row.status != "ok":
+      break
+  return rows
+
+
+def _log_row(row: BenchmarkRow):
+  logging.info("%s at S = %d: %s", row.mechanism, row.sequence_length, row)
 
 
 def run_benchmark(config) -> list[BenchmarkRow]:
@@ -176,15 +270,19 @@ def run_benchmark(config) -> list[BenchmarkRow]:
   logging.info("Benchmark on %s (%s), jax %s", device.device_kind,
                jax.default_backend(), jax.__version__)
   rows = []
+  if config.get("context_parallel"):
+    rows = run_context_parallel(config)
   for seq_len in config.sequence_lengths:
     for name in names:
       logging.info("%s at S = %d ...", name, seq_len)
       row = benchmark_one(name, config, seq_len)
-      logging.info("%s at S = %d: %s", name, seq_len, row)
+      _log_row(row)
       rows.append(row)
   logging.info("Results:\n%s", table(rows))
   os.makedirs(config.output_dir, exist_ok=True)
-  path = os.path.join(config.output_dir, config.output_name + ".json")
+  slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
+  name = config.output_name.format(device=slug, count=jax.device_count())
+  path = os.path.join(config.output_dir, name + ".json")
   environment: dict[str, Any] = dict(
       device_kind=device.device_kind, backend=jax.default_backend(),
       jax_version=jax.__version__, python=platform.python_version(),
