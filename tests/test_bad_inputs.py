@@ -33,6 +33,11 @@ import helpers
 B, SQ, SK, H, HKV, D = 2, 6, 10, 4, 2, 8
 
 
+def cpu_mesh(*args):
+  """`fa.make_mesh` over the 8 CPU devices (tests/conftest.py) on any host."""
+  return fa.make_mesh(*args, devices=jax.devices("cpu"))
+
+
 def qkv(dtype=jnp.float32, batch=B, q_len=SQ, kv_len=SK, heads=H,
         kv_heads=HKV, dim=D):
   return helpers.random_qkv(helpers.rng_for("bad", batch, q_len, kv_len),
@@ -339,7 +344,7 @@ def test_dropout_without_rng_names_the_rng():
 
 
 def test_partition_axis_naming_a_missing_mesh_axis():
-  mesh = fa.make_mesh()
+  mesh = cpu_mesh()
   with pytest.raises(ValueError, match=r"partition_axis.head_axis names mesh "
                      r"axis 'model', which the mesh does not have; mesh axes: "
                      r"\('dp', 'fsdp', 'tp', 'sp'\)"):
@@ -361,7 +366,7 @@ def test_mesh_and_partition_axis_types():
     (dict(query_sequence_axis=None), "key", "Sk = 12"),
 ], ids=["queries", "keys"])
 def test_sequence_not_divisible_by_its_mesh_axis(axes, which, length):
-  mesh = fa.make_mesh((1, 1, 1, -1))  # 8 sequence shards.
+  mesh = cpu_mesh((1, 1, 1, -1))  # 8 sequence shards.
   q, k, v = qkv(q_len=12, kv_len=12)
   with pytest.raises(ValueError, match=rf"the {which} sequence length "
                      rf"{length} is not divisible by the 8 shards of "
@@ -388,7 +393,7 @@ def test_sequence_sharding_refusal_names_the_mechanisms_that_do_it():
 
 
 def test_kv_heads_not_divisible_by_the_head_axis():
-  mesh = fa.make_mesh((1, 2, 4, 1))
+  mesh = cpu_mesh((1, 2, 4, 1))
   q, k, v = qkv()  # Hkv = 2 on 4 head shards.
   with pytest.raises(ValueError, match=r"KV heads Hkv = 2 is not divisible "
                      r"by the 4 shards of head_axis 'tp'"):
@@ -396,7 +401,7 @@ def test_kv_heads_not_divisible_by_the_head_axis():
 
 
 def test_batch_not_divisible_by_the_batch_axes():
-  mesh = fa.make_mesh()  # 8 batch shards.
+  mesh = cpu_mesh()  # 8 batch shards.
   q, k, v = qkv()
   with pytest.raises(ValueError, match=r"batch size B = 2 is not divisible "
                      r"by the 8 shards of batch_axis \('dp', 'fsdp'\)"):
@@ -404,7 +409,7 @@ def test_batch_not_divisible_by_the_batch_axes():
 
 
 def test_sharding_the_head_size_is_refused():
-  mesh = fa.make_mesh((2, 1, 1, 4), ("dp", "fsdp", "tp", "dim"))
+  mesh = cpu_mesh((2, 1, 1, 4), ("dp", "fsdp", "tp", "dim"))
   with pytest.raises(NotImplementedError, match=r"attention_dim_axis='dim' "
                      r"shards the head size D"):
     attend(*qkv(), options=dict(mesh=mesh, partition_axis=fa.PartitionAxis(
@@ -414,11 +419,11 @@ def test_sharding_the_head_size_is_refused():
 
 def test_bad_make_mesh_arguments():
   with pytest.raises(ValueError, match=r"at most one axis may be -1"):
-    fa.make_mesh((-1, -1, 1, 1))
+    cpu_mesh((-1, -1, 1, 1))
   with pytest.raises(ValueError, match=r"need 16 devices, there are 8"):
-    fa.make_mesh((2, 8, 1, 1))
+    cpu_mesh((2, 8, 1, 1))
   with pytest.raises(ValueError, match=r"must have the same length"):
-    fa.make_mesh((1, -1), ("dp", "fsdp", "tp"))
+    cpu_mesh((1, -1), ("dp", "fsdp", "tp"))
 
 
 # --- The KV cache -----------------------------------------------------------------

@@ -30,11 +30,18 @@ each mask feature, bias and its gradient, fully-masked rows, dtypes), with
 GQA and lengths not divisible by the blocks as the default background so
 those corners are exercised by every case; one `everything` case combines all
 features at once. Cases run in the most precise dtype the mechanism accepts
-(float32 for all but cuDNN) unless the case is about a dtype. Then one test
-each, per mechanism, for dropout (bit-identical keep decisions with the
-reference), returned weights, the KV cache (explicit and Haiku-state),
-jit vs no-jit, `hk.remat`, `hk.layer_stack` and meshes (batch-, head- and
-both-sharded, with and without dropout).
+(float32 for all but cuDNN) unless the case is about a dtype. Then a few
+tests per mechanism: dropout (keep decisions bit-identical to the
+reference's, read off the output; with returned weights where supported),
+dropout off when deterministic, the KV cache (explicit `cache=`, Haiku-state
+`decode=True`, and rows at different lengths), jit vs no-jit, `hk.remat`,
+`hk.layer_stack`, and meshes of the 8 CPU devices: batch-, head-, both-,
+sequence- and head+sequence-sharded, the last and batch+head with dropout
+(bit-identical keep decisions), each checked to really run under
+`shard_map`. Mechanisms a test needs options for on this backend (Pallas
+kernels in interpret mode on CPU) get them from `EXTRA_OPTIONS`.
+
+The battery on CPU takes about 30-40 s per mechanism that runs here.
 """
 
 from __future__ import annotations
