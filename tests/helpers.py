@@ -109,7 +109,8 @@ def assert_close(actual, expected, dtype, what: str):
 
 
 def rng_for(*names: Any) -> np.random.Generator:
-  """A numpy generator seeded from `names` (fresh data per case, reproducible)."""
+  """A numpy generator seeded from `names` (fresh data per case,
+  reproducible)."""
   return np.random.default_rng(zlib.crc32(repr(names).encode()))
 
 

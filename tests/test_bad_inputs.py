@@ -62,12 +62,13 @@ def attend(q, k, v, mechanism="vanilla", *, rng=None, options=None, **call):
                                                                 v), q, k, v)
 
 
-# --- Shapes, ranks and dtypes of q, k, v ------------------------------------------
+# --- Shapes, ranks and dtypes of q, k, v --------------------------------------
 
 
 def test_query_of_wrong_rank_is_a_value_error_naming_query():
   q, k, v = qkv()
-  with pytest.raises(ValueError, match=r"query must have rank 4 .*\(2, 6, 32\)"):
+  with pytest.raises(ValueError,
+                     match=r"query must have rank 4 .*\(2, 6, 32\)"):
     fa.canonicalize(q.reshape(B, SQ, H * D), k, v)
 
 
@@ -107,7 +108,8 @@ def test_value_must_match_key_length_and_heads():
 def test_heads_not_a_multiple_of_kv_heads_is_a_value_error():
   q, _, _ = qkv()
   _, k, v = qkv(kv_heads=3)
-  with pytest.raises(ValueError, match=r"H = 4 must be a multiple of .*Hkv = 3"):
+  with pytest.raises(ValueError,
+                     match=r"H = 4 must be a multiple of .*Hkv = 3"):
     fa.canonicalize(q, k, v)
   with pytest.raises(ValueError, match=r"num_heads = 4 must be a multiple of "
                      r"num_kv_heads = 3"):
@@ -131,7 +133,7 @@ def test_inputs_not_matching_the_module_sizes_are_value_errors():
     attend(q, k, v, options=dict(head_dim=16))
 
 
-# --- Masks, bias and the structured inputs ----------------------------------------
+# --- Masks, bias and the structured inputs ------------------------------------
 
 
 def test_non_boolean_mask_is_a_type_error_pointing_to_bias():
@@ -231,7 +233,7 @@ def test_return_weights_must_be_a_bool():
     attend(q, k, v, return_weights=1)
 
 
-# --- Mechanisms: names, dtypes, features, block sizes -----------------------------
+# --- Mechanisms: names, dtypes, features, block sizes -------------------------
 
 
 def test_unknown_mechanism_lists_the_valid_names():
@@ -340,7 +342,7 @@ def test_dropout_without_rng_names_the_rng():
     attend(q, k, v, options=dict(dropout_rate=0.1), deterministic=False)
 
 
-# --- Meshes -----------------------------------------------------------------------
+# --- Meshes -------------------------------------------------------------------
 
 
 def test_partition_axis_naming_a_missing_mesh_axis():
@@ -426,7 +428,7 @@ def test_bad_make_mesh_arguments():
     cpu_mesh((1, -1), ("dp", "fsdp", "tp"))
 
 
-# --- The KV cache -----------------------------------------------------------------
+# --- The KV cache -------------------------------------------------------------
 
 
 def cache_for(q_len=1, length=8, batch=B):

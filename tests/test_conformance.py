@@ -191,7 +191,7 @@ def expect_refusal(mechanism: str, traits, call) -> bool:
   return True
 
 
-# --- The cases -----------------------------------------------------------------
+# --- The cases ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +378,7 @@ def case_options(mechanism: str, case: Case) -> dict[str, Any]:
   return module_options(mechanism, **options)
 
 
-# --- The refusal table is the reviewed truth ------------------------------------
+# --- The refusal table is the reviewed truth ----------------------------------
 
 
 def _request(platform="gpu", dtype="bfloat16", features=(), q_len=32,
@@ -445,7 +445,7 @@ def test_every_feature_is_exercised_by_the_battery():
   assert set(FEATURES) - {"dropout", "cache"} <= used
 
 
-# --- The battery ------------------------------------------------------------------
+# --- The battery --------------------------------------------------------------
 
 
 _REFERENCES: dict[tuple[str, str], helpers.Reference] = {}
@@ -494,7 +494,7 @@ def test_matches_reference(mechanism, case):
     assert rows.any(), f"{case.name} is meant to have fully-masked rows"
 
 
-# --- Dropout ----------------------------------------------------------------------
+# --- Dropout ------------------------------------------------------------------
 
 DROPOUT_RATE = 0.3
 # Dropout inputs: `value = [random | one-hot of the key index]`, so the last
@@ -576,11 +576,11 @@ def test_dropout_is_off_when_deterministic(mechanism):
   helpers.assert_close(result.out, ref.out, dtype, f"{mechanism}: output")
 
 
-# --- Returned weights -----------------------------------------------------------
+# --- Returned weights ---------------------------------------------------------
 # (the `weights` case of CASES compares them without dropout; the dropout test
 # above with dropout.)
 
-# --- KV cache ---------------------------------------------------------------------
+# --- KV cache -----------------------------------------------------------------
 
 CACHE_SHAPE = dict(batch=2, num_heads=4, num_kv_heads=2, head_dim=16)
 CACHE_LENGTH = 16  # L, the cache slots.
@@ -645,8 +645,8 @@ def test_cache_decode_equals_full_causal_forward(mechanism):
           q, k, v, causal=True).attention_outputs))
   _, state = stateful.init(None, q[:, :PREFILL], k[:, :PREFILL],
                            v[:, :PREFILL])
-  state_step = helpers.jit(lambda q, k, v, state: stateful.apply({}, state, q, k,
-                                                              v))
+  state_step = helpers.jit(
+      lambda q, k, v, state: stateful.apply({}, state, q, k, v))
   got = _decode(state_step, q, k, v, state)
   helpers.assert_close(got, expected, dtype, f"{mechanism}: decode=True")
 
@@ -676,7 +676,7 @@ def test_cache_decode_equals_full_causal_forward(mechanism):
   helpers.assert_close(out, expected, dtype, f"{mechanism}: ragged decode")
 
 
-# --- Transforms: jit, remat, layer_stack ------------------------------------------
+# --- Transforms: jit, remat, layer_stack --------------------------------------
 
 
 def _named_case(name: str) -> Case:
@@ -771,7 +771,7 @@ def test_layer_stack_matches_reference(mechanism):
   helpers.assert_close(dx, want_dx, dtype, f"{mechanism}: layer_stack dx")
 
 
-# --- Meshes -------------------------------------------------------------------------
+# --- Meshes -------------------------------------------------------------------
 
 
 def mesh_devices():

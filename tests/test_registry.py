@@ -25,7 +25,6 @@ import itertools
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import flexible_attention as fa
@@ -41,7 +40,7 @@ import helpers
 KNOWN = ("vanilla", "blockwise", "cudnn", "ring", "ulysses", "auto")
 
 
-# --- The factory ------------------------------------------------------------------
+# --- The factory --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mechanism", fa.available_mechanisms())
@@ -71,13 +70,14 @@ def test_create_attention_outside_a_transform_is_haikus_error():
 def test_unknown_or_non_string_name_lists_the_valid_ones():
   valid = ", ".join(fa.available_mechanisms())
   for name in ("vanila", None):
+    build = lambda name=name: fa.create_attention(name, num_heads=2,
+                                                  head_dim=8)
     with pytest.raises(ValueError, match=rf"unknown attention mechanism "
                        rf"{name!r}; valid names: {valid}"):
-      hk.transform(lambda: fa.create_attention(  # pylint: disable=cell-var-from-loop
-          name, num_heads=2, head_dim=8)).init(None)
+      hk.transform(build).init(None)
 
 
-# --- Registering a mechanism ----------------------------------------------------------
+# --- Registering a mechanism --------------------------------------------------
 
 
 class ToyAttention(base.AttentionModule):
@@ -138,7 +138,7 @@ def test_registered_mechanism_is_known_everywhere_then_removed():
     fa.capabilities("toy")
 
 
-# --- Capabilities ------------------------------------------------------------------------
+# --- Capabilities -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mechanism", fa.available_mechanisms())
@@ -179,7 +179,7 @@ def test_known_capabilities():
   assert set(caps.block_size_fields) == set(blockwise.block_size_fields)
 
 
-# --- auto ----------------------------------------------------------------------------------
+# --- auto ---------------------------------------------------------------------
 
 
 def _request(platform, dtype, features=(), *, batch=2, q_len=128, kv_len=128,
