@@ -10,7 +10,7 @@
 - `fa.capabilities` records are well-formed (known platforms, dtypes and
   `BlockSizes` fields) and `vanilla` is the one mechanism returning weights.
 - `auto` follows its documented rule (CPU: vanilla for small score matrices,
-  blockwise for large ones; GPU: cudnn, then blockwise, then vanilla) and
+  blockwise for large ones; GPU: cudnn, flash, blockwise, then vanilla) and
   never picks a mechanism that would refuse the call: checked over a grid of
   requests, and through the module (which kernel actually runs is read off the
   traced program: blockwise's `custom_vjp` versus vanilla's dense scores).
@@ -37,7 +37,7 @@ from flexible_attention.mechanisms import registry
 
 import helpers
 
-KNOWN = ("vanilla", "blockwise", "cudnn", "ring", "ulysses", "auto")
+KNOWN = ("vanilla", "blockwise", "cudnn", "flash", "ring", "ulysses", "auto")
 
 
 # --- The factory --------------------------------------------------------------
@@ -173,10 +173,12 @@ def test_known_capabilities():
   assert set(cudnn.dtypes) == {"bfloat16", "float16"}
   # auto's record is the union of its candidates'.
   caps = fa.capabilities("auto")
+  candidates = ("vanilla", "blockwise", "cudnn", "flash")
   for f in FEATURES:
     assert caps.supports(f) == any(fa.capabilities(n).supports(f)
-                                   for n in ("vanilla", "blockwise", "cudnn"))
-  assert set(caps.block_size_fields) == set(blockwise.block_size_fields)
+                                   for n in candidates)
+  assert set(caps.block_size_fields) == {
+      field for n in candidates for field in fa.capabilities(n).block_size_fields}
 
 
 # --- auto ---------------------------------------------------------------------
@@ -209,18 +211,19 @@ LARGE = dict(batch=1, heads=4, q_len=4096, kv_len=4096)  # 2**26 scores.
     # Block sizes only blockwise reads move small CPU calls to it.
     (dict(platform="cpu", dtype="float32", blocks=("block_q",)),
      "blockwise"),
-    # GPU: cudnn when it accepts the call, else blockwise.
+    # GPU: cudnn when it accepts the call, else flash, else blockwise.
     (dict(platform="gpu", dtype="bfloat16", features=("causal", "gqa")),
      "cudnn"),
     (dict(platform="gpu", dtype="float16", **LARGE), "cudnn"),
-    (dict(platform="gpu", dtype="float32"), "blockwise"),
+    (dict(platform="gpu", dtype="float32"), "flash"),
     (dict(platform="gpu", dtype="bfloat16", features=("dropout",)),
-     "blockwise"),
+     "flash"),
     (dict(platform="gpu", dtype="bfloat16", features=("segments",)),
-     "blockwise"),
-    (dict(platform="gpu", dtype="bfloat16", head_dim=60), "blockwise"),
+     "flash"),
+    (dict(platform="gpu", dtype="bfloat16", head_dim=60), "flash"),
     (dict(platform="gpu", dtype="bfloat16", q_len=64,
-          features=("causal",)), "blockwise"),
+          features=("causal",)), "flash"),
+    (dict(platform="gpu", dtype="bfloat16", head_dim=320), "blockwise"),
     # TPU follows the CPU rule among the mechanisms that run there.
     (dict(platform="tpu", dtype="bfloat16"), "vanilla"),
     (dict(platform="tpu", dtype="bfloat16", **LARGE), "blockwise"),
@@ -263,7 +266,7 @@ def test_auto_never_picks_a_mechanism_that_refuses():
       assert name != "cudnn"
     picked.add((request.platform, name))
   assert {("cpu", "vanilla"), ("cpu", "blockwise"), ("gpu", "cudnn"),
-          ("gpu", "blockwise"), ("gpu", "vanilla")} <= picked
+          ("gpu", "flash"), ("gpu", "vanilla")} <= picked
   assert ("cpu", "cudnn") not in picked
 
 

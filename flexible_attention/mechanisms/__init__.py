@@ -7,6 +7,7 @@ Imported in registration order (the order of `fa.available_mechanisms()`).
 from flexible_attention.mechanisms import vanilla
 from flexible_attention.mechanisms import blockwise
 from flexible_attention.mechanisms import cudnn
+from flexible_attention.mechanisms import flash
 from flexible_attention.mechanisms import ring
 from flexible_attention.mechanisms import ulysses
 from flexible_attention.mechanisms import auto

@@ -3,7 +3,7 @@
 The rule (documented in the README):
 
 - candidates, in order of preference:
-  - GPU: `cudnn`, then `blockwise`, then `vanilla`;
+  - GPU: `cudnn`, then `flash`, then `blockwise`, then `vanilla`;
   - CPU and TPU: `vanilla` while the score matrix is small
     (B * H * Sq * Sk <= `DENSE_SCORE_LIMIT`), else `blockwise`, then
     `vanilla`;
@@ -11,7 +11,7 @@ The rule (documented in the README):
   size fields) serves it; `auto` never picks a mechanism that would refuse.
 
 So `return_weights=True` always lands on `vanilla`, and a feature cuDNN lacks
-(dropout, segment ids, soft cap, ...) moves a GPU call to `blockwise`.
+(dropout, segment ids, soft cap, ...) moves a GPU call to `flash`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flexible_attention.core.inputs import FEATURES
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import blockwise  # pylint: disable=unused-import
 from flexible_attention.mechanisms import cudnn  # pylint: disable=unused-import
+from flexible_attention.mechanisms import flash  # pylint: disable=unused-import
 from flexible_attention.mechanisms import registry
 from flexible_attention.mechanisms import vanilla  # pylint: disable=unused-import
 
@@ -33,7 +34,7 @@ DENSE_SCORE_LIMIT = 2**24
 def candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
   """The mechanisms `auto` considers for `request`, best first."""
   if request.platform == "gpu":
-    return ("cudnn", "blockwise", "vanilla")
+    return ("cudnn", "flash", "blockwise", "vanilla")
   if request.score_elements <= DENSE_SCORE_LIMIT:
     return ("vanilla", "blockwise")
   return ("blockwise", "vanilla")
@@ -77,7 +78,8 @@ class AutoAttention(base.AttentionModule):
   See the module docstring for the rule; `select_mechanism` applies it.
   """
 
-  capabilities = _union_capabilities(("vanilla", "blockwise", "cudnn"))
+  capabilities = _union_capabilities(("vanilla", "blockwise", "cudnn",
+                                      "flash"))
 
   @classmethod
   def resolve(cls, request):

@@ -88,4 +88,6 @@ class FlashAttention(base.AttentionModule):
     return functools.partial(
         flash_triton.flash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, precision=config.precision,
-        block_sizes=config.block_sizes, interpret=config.interpret)
+        block_sizes=config.block_sizes,
+        # `auto`'s options have no `interpret`: it runs the compiled kernels.
+        interpret=getattr(config, "interpret", False))
