@@ -33,7 +33,7 @@ class CudnnAttention(base.AttentionModule):
   dense masks (cuDNN turns them into a bias, under which a fully-masked row
   averages V instead of giving zeros), causal or windows when Sq != Sk
   (cuDNN aligns them top-left), windows with a right extent without causal,
-  a bias with odd sequence lengths, `precision`, and non-GPU platforms.
+  odd sequence lengths, `precision`, and non-GPU platforms.
   """
 
   capabilities = registry.Capabilities(
@@ -61,9 +61,12 @@ class CudnnAttention(base.AttentionModule):
     if window is not None and window[1] > 0 and "causal" not in features:
       return ("mechanism 'cudnn' supports a sliding window with a right "
               f"extent only together with causal, got window {window}.")
-    if "bias" in features and (dims.q_len % 2 or dims.kv_len % 2):
-      return ("mechanism 'cudnn' needs even sequence lengths with a bias, got "
-              f"Sq = {dims.q_len}, Sk = {dims.kv_len}.")
+    if dims.q_len % 2 or dims.kv_len % 2:
+      # Seen on H200 with jax 0.11.2: the fused backward rejects odd lengths
+      # ("Unsupported sequence length"), with or without a bias.
+      return ("mechanism 'cudnn' needs even sequence lengths (cuDNN's fused "
+              f"backward rejects odd ones), got Sq = {dims.q_len}, Sk = "
+              f"{dims.kv_len}.")
     if dict(request.options).get("precision") is not None:
       return ("mechanism 'cudnn' has no matmul precision setting; leave "
               "precision=None.")
