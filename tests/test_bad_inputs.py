@@ -492,3 +492,14 @@ def test_bad_init_cache_arguments():
   with pytest.raises(ValueError, match=r"init_cache: max_length must be a "
                      r"positive int, got 0"):
     fa.init_cache(2, 0, 2, 8)
+
+
+def test_cache_overflow_rows_give_nan_not_a_silent_result():
+  """Writing past a cache's end cannot raise under jit (lengths are traced):
+  the rows that overflow get NaN outputs; the others are unaffected."""
+  cache = fa.init_cache(2, 4, 2, 8)._replace(lengths=jnp.array([1, 3]))
+  x = helpers.random_array(helpers.rng_for("overflow"), (2, 2, 2, 8))
+  attend = hk.transform(lambda x, cache: fa.create_attention(
+      "vanilla", num_heads=2, head_dim=8)(x, x, x, cache=cache, causal=True))
+  out = jax.jit(attend.apply)({}, None, x, cache).attention_outputs
+  assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))

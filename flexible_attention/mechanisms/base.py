@@ -317,7 +317,8 @@ class AttentionModule(hk.Module):
       cache: a `fa.KVCache` `[B, L, Hkv, D|Dv]`: the new keys/values are
         written at each row's length, the queries sit at those slots and
         attend to the valid prefix (Sk = L); positions and kv lengths come
-        from the cache and must not be passed.
+        from the cache and must not be passed. A row whose new tokens do not
+        fit (`lengths + Sq > L`) gets NaN outputs.
       deterministic: when False and `dropout_rate > 0`, applies dropout with
         a key from `hk.next_rng_key()`.
       return_weights: also return the `[B, H, Sq, Sk]` applied weights.
@@ -331,6 +332,7 @@ class AttentionModule(hk.Module):
     if config.dtype is not None:
       query, key, value = (jnp.asarray(x).astype(config.dtype)
                            for x in (query, key, value))
+    overflow = None
     uses_cache = cache is not None or config.decode
     explicit_positions = (q_positions is not None or kv_positions is not None
                           or uses_cache)
@@ -350,6 +352,7 @@ class AttentionModule(hk.Module):
         cache = self._state_cache(query, key, value)
       (key, value, kv_lengths, q_positions, kv_positions,
        new_cache) = _write_cache(cache, query, key, value)
+      overflow = new_cache.lengths > new_cache.max_length  # [B]
       if config.decode:
         hk.set_state("cached_keys", new_cache.keys)
         hk.set_state("cached_values", new_cache.values)
@@ -411,8 +414,13 @@ class AttentionModule(hk.Module):
           return_weights=return_weights,
           gather_keys=not mechanism.sequence_parallel)
       result = shard_lib.unpermute_output(result, layout, q_shards, kv_shards)
+    out = result.out.astype(out_dtype)
+    if overflow is not None:
+      # Rows whose new tokens do not fit the cache: XLA clamped their writes,
+      # so their result would be wrong. NaN says so instead of hiding it.
+      out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     return AttentionOutput(
-        attention_outputs=result.out.astype(out_dtype),
+        attention_outputs=out,
         attention_weights=result.weights if return_weights else None,
         cache=new_cache)
 
@@ -460,7 +468,8 @@ def _write_cache(cache: KVCache, query, key, value):
 
   Returns `(keys, values, kv_lengths, q_positions, kv_positions, new_cache)`
   for attending the new queries (at the new slots) to the valid prefix.
-  Callers keep `lengths + Sq <= L`: XLA clamps writes past the end.
+  Callers keep `lengths + Sq <= L`: XLA clamps writes past the end (the
+  module then returns NaN for those rows).
   """
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a fa.KVCache, got {type(cache)}.")
