@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flexible_attention as fa
+from flexible_attention.comparison import timing
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash_triton as ft
 
@@ -164,14 +165,7 @@ def _save(results):
 
 def _bench(fn, *args):
   jax.block_until_ready(fn(*args))  # Compile.
-  for _ in range(3):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return timing.median_seconds(fn, *args, repeats=_REPEATS.value, warmup=3)
 
 
 def _timed(f, q, k, v, ct):
