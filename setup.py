@@ -10,6 +10,7 @@ setuptools.setup(
                  "context parallel)."),
     packages=setuptools.find_packages(include=["flexible_attention",
                                                "flexible_attention.*"]),
+    package_data={"flexible_attention.mechanisms": ["measured_winners.json"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.12",

@@ -7,8 +7,14 @@ The rule (documented in the README):
   - CPU and TPU: `vanilla` while the score matrix is small
     (B * H * Sq * Sk <= `DENSE_SCORE_LIMIT`), else `blockwise`, then
     `vanilla`;
+- a measured winner for the call's cell (`measured_winners.json`, from the
+  benchmark results) goes first, ahead of the rule's order;
 - the first candidate that accepts the call (dtype, features, shapes, block
   size fields) serves it; `auto` never picks a mechanism that would refuse.
+
+With `autotune=True`, `auto` instead times every candidate that accepts the
+call on its exact shapes and mesh on first use, and caches the winner on disk
+(`tuning.autotune`).
 
 So `return_weights=True` always lands on `vanilla`, and a feature cuDNN lacks
 (dropout, segment ids, soft cap, ...) moves a GPU call to `flash`.
@@ -24,6 +30,7 @@ from flexible_attention.mechanisms import blockwise  # pylint: disable=unused-im
 from flexible_attention.mechanisms import cudnn  # pylint: disable=unused-import
 from flexible_attention.mechanisms import flash  # pylint: disable=unused-import
 from flexible_attention.mechanisms import registry
+from flexible_attention.mechanisms import tuning
 from flexible_attention.mechanisms import vanilla  # pylint: disable=unused-import
 
 # 2**24 scores are 64 MiB in float32 per materialised [B, H, Sq, Sk] array;
@@ -31,13 +38,21 @@ from flexible_attention.mechanisms import vanilla  # pylint: disable=unused-impo
 DENSE_SCORE_LIMIT = 2**24
 
 
-def candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
-  """The mechanisms `auto` considers for `request`, best first."""
+def rule_candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
+  """The rule's order of mechanisms for `request`, best first."""
   if request.platform == "gpu":
     return ("cudnn", "flash", "blockwise", "vanilla")
   if request.score_elements <= DENSE_SCORE_LIMIT:
     return ("vanilla", "blockwise")
   return ("blockwise", "vanilla")
+
+
+def candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
+  """The mechanisms `auto` considers for `request`, best first: the
+  measured winner of its cell (if any), then the rule's order."""
+  winner = tuning.measured_winner(request)
+  order = rule_candidates(request)
+  return order if winner is None else tuple(dict.fromkeys((winner,) + order))
 
 
 def select_mechanism(request: registry.AttentionRequest) -> str:
@@ -71,6 +86,21 @@ def _union_capabilities(names) -> registry.Capabilities:
   return registry.Capabilities(**merged)
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoConfig(base.AttentionConfig):
+  """`auto`'s options: the common ones plus autotuning.
+
+  Attributes:
+    autotune: time the candidates on first use for the call's shapes and
+      mesh, and use the fastest (cached on disk).
+    autotune_cache: the JSON cache file (default
+      `tuning.default_cache_path()`).
+  """
+
+  autotune: bool = False
+  autotune_cache: str | None = None
+
+
 @registry.register_mechanism("auto")
 class AutoAttention(base.AttentionModule):
   """Attention that picks the best mechanism for each call.
@@ -78,12 +108,19 @@ class AutoAttention(base.AttentionModule):
   See the module docstring for the rule; `select_mechanism` applies it.
   """
 
+  config_class = AutoConfig
   capabilities = _union_capabilities(("vanilla", "blockwise", "cudnn",
                                       "flash"))
 
-  @classmethod
-  def resolve(cls, request):
-    return registry.get_mechanism(select_mechanism(request))
+  def resolve(self, request):  # pylint: disable=arguments-differ
+    """The mechanism serving `request`: autotuned or by the rule."""
+    if self.config.autotune:
+      select_mechanism(request)  # Refuses clearly if nobody accepts.
+      name = tuning.autotune(request, self.config, candidates(request),
+                             self.config.autotune_cache)
+    else:
+      name = select_mechanism(request)
+    return registry.get_mechanism(name)
 
   @classmethod
   def unsupported_reason(cls, request):
@@ -95,4 +132,7 @@ class AutoAttention(base.AttentionModule):
 
   @classmethod
   def make_kernel(cls, config, request):
-    return cls.resolve(request).make_kernel(config, request)
+    # The base class asks the resolved mechanism for its kernel; this path
+    # is for callers holding only the class.
+    return registry.get_mechanism(select_mechanism(request)).make_kernel(
+        config, request)
