@@ -100,6 +100,12 @@ EXPECTED_REFUSALS = {
     # K/V blocks or heads; no dense mask or bias.
     "ring": frozenset({"mask", "bias", "weights"}),
     "ulysses": frozenset({"mask", "bias", "weights"}),
+    # Splash's masks are static functions of the token index (no positions,
+    # hence no cache) and it has no bias or dense mask; Pallas TPU: no
+    # float16; CPU only in interpret mode (EXTRA_OPTIONS).
+    "splash": frozenset({
+        "cpu", "gpu", "float16", "positions", "mask", "bias", "dropout",
+        "weights", "cache", "sharded_sequence"}),
     # `auto` picks among vanilla, blockwise and cudnn, never one that refuses.
     "auto": frozenset(),
 }
@@ -109,7 +115,11 @@ EXPECTED_REFUSALS = {
 # platform refusal there).
 EXTRA_OPTIONS = {
     "flash": {"cpu": {"interpret": True}},
-    "splash": {"cpu": {"interpret": True}},
+    # splash's tiles are multiples of 128, not the battery's small tiles:
+    # `fa.BlockSizes()` lets it pick its own (one tile of 128 here).
+    "splash": {"cpu": {"interpret": True, "block_sizes": fa.BlockSizes()},
+               "gpu": {"block_sizes": fa.BlockSizes()},
+               "tpu": {"block_sizes": fa.BlockSizes()}},
 }
 
 # Small tiles (powers of two >= 16, which every tiling mechanism accepts), so

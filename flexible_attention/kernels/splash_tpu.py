@@ -120,14 +120,19 @@ def static_mask(q_len: int, kv_len: int, padded_shape: tuple[int, int],
 @functools.lru_cache(maxsize=64)
 def _make_kernel(q_len, kv_len, padded_shape, causal, window, num_heads,
                  mqa, blocks, softcap, interpret):
-  """Splash's kernel object for one static configuration (cached: building
-  it walks the mask tile by tile in numpy)."""
+  """Splash's kernel object for one static configuration.
+
+  Cached, because building it walks the mask tile by tile in numpy; its
+  tile tables are made as concrete arrays even when called under a trace
+  (`ensure_compile_time_eval`), so the cached object never holds a tracer.
+  """
   mask = static_mask(q_len, kv_len, padded_shape, causal, window)
   make = splash_kernel.make_splash_mqa if mqa else splash_kernel.make_splash_mha
-  return make(splash_mask.MultiHeadMask([mask] * num_heads),
-              block_sizes=blocks, head_shards=1, q_seq_shards=1,
-              attn_logits_soft_cap=softcap, mask_value=MASK_VALUE,
-              interpret=interpret)
+  with jax.ensure_compile_time_eval():
+    return make(splash_mask.MultiHeadMask([mask] * num_heads),
+                block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                attn_logits_soft_cap=softcap, mask_value=MASK_VALUE,
+                interpret=interpret)
 
 
 def splash_attention(inputs: AttentionInputs, dropout=None, *,

@@ -8,6 +8,7 @@ from flexible_attention.mechanisms import vanilla
 from flexible_attention.mechanisms import blockwise
 from flexible_attention.mechanisms import cudnn
 from flexible_attention.mechanisms import flash
+from flexible_attention.mechanisms import splash
 from flexible_attention.mechanisms import ring
 from flexible_attention.mechanisms import ulysses
 from flexible_attention.mechanisms import auto
