@@ -168,6 +168,11 @@ def rows_see_a_key(q_ids, kv_ids, last_key=None):
 def _tpu_block_sizes(block_sizes: BlockSizes | None, q_len: int, kv_len: int):
   """The kernel's `BlockSizes` and the padded lengths `(Sqp, Skp)`."""
   block_sizes = block_sizes or BlockSizes()
+  for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
+                "block_q_dq", "block_k_dq"):
+    reason = check_block(field, getattr(block_sizes, field))
+    if reason is not None:
+      raise ValueError(f"flash on TPU: {reason}")
   pick = lambda value: DEFAULT_BLOCK if value is None else value
   bq, bq_dkv, bq_dq = (pick(block_sizes.block_q), pick(block_sizes.block_q_dkv),
                        pick(block_sizes.block_q_dq))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from flexible_attention.kernels import flash_tpu
 from flexible_attention.kernels import flash_triton
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
@@ -50,6 +51,13 @@ class FlashAttention(base.AttentionModule):
   Runs on GPU. `interpret=True` runs the same kernels in Pallas' interpreter
   on any backend (slow; for tests on CPU).
 
+  On TPU (without `interpret`) it runs JAX's Pallas TPU flash kernel instead
+  (`kernels/flash_tpu.py`), which computes fewer features: causal only with
+  Sq == Sk, grouped-query heads only without causal, segment ids, kv
+  lengths, bias; windows, soft cap, dropout, dense masks, explicit positions,
+  caches, sequence sharding, float16 and `precision` are refused there, and
+  its tiles are multiples of 128.
+
   Block sizes (`fa.BlockSizes`, powers of two >= 16): `block_q`/`block_k`
   tile the forward pass, `block_q_dkv`/`block_k_dkv` the dK/dV kernel,
   `block_q_dq`/`block_k_dq` the dQ kernel; defaults depend on the head size
@@ -57,10 +65,11 @@ class FlashAttention(base.AttentionModule):
   """
 
   capabilities = registry.Capabilities(
-      platforms=("gpu",), weights=False, block_size_fields=_BLOCK_FIELDS,
-      sharded_sequence=True,
-      notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU/TPU only with "
-             "interpret=True."))
+      platforms=("gpu", "tpu"), weights=False,
+      block_size_fields=_BLOCK_FIELDS, sharded_sequence=True,
+      notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU only with "
+             "interpret=True; on TPU JAX's Pallas TPU kernel, with fewer "
+             "features (see the class docstring)."))
 
   config_class = FlashConfig
 
@@ -75,6 +84,8 @@ class FlashAttention(base.AttentionModule):
     reason = super().unsupported_reason(request)
     if reason is not None:
       return reason
+    if _uses_tpu_kernel(request):
+      return _tpu_unsupported_reason(request)
     dims = request.dims
     if max(dims.head_dim, dims.value_dim) > flash_triton.MAX_HEAD_DIM:
       return (f"mechanism 'flash' supports head sizes up to "
@@ -84,10 +95,62 @@ class FlashAttention(base.AttentionModule):
 
   @classmethod
   def make_kernel(cls, config, request):
-    del request
+    if _uses_tpu_kernel(request):
+      return functools.partial(flash_tpu.flash_attention,
+                               sm_scale=config.scale,
+                               block_sizes=config.block_sizes)
     return functools.partial(
         flash_triton.flash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, precision=config.precision,
         block_sizes=config.block_sizes,
         # `auto`'s options have no `interpret`: it runs the compiled kernels.
         interpret=getattr(config, "interpret", False))
+
+
+# --- TPU: JAX's Pallas TPU flash kernel (kernels/flash_tpu.py) ----------------
+
+# Features of the semantics that kernel cannot compute.
+_TPU_REFUSED = ("window", "positions", "mask", "softcap", "dropout", "cache")
+
+
+def _uses_tpu_kernel(request) -> bool:
+  """On TPU, flash runs JAX's TPU kernel (`interpret=True` keeps the
+  project's own kernels, interpreted, on any platform)."""
+  return request.platform == "tpu" and not dict(request.options).get(
+      "interpret")
+
+
+def _tpu_unsupported_reason(request) -> str | None:
+  """What the TPU kernel refuses, on top of the common checks."""
+  features, dims = request.features, request.dims
+
+  def refuse(feature, what):
+    others = [m for m in registry.mechanisms_supporting(feature)
+              if m != "flash"]
+    return (f"on TPU, {what} is not supported by mechanism 'flash' (JAX's "
+            f"Pallas TPU flash kernel); mechanisms that support it: "
+            f"{', '.join(others)}.")
+
+  for feature in _TPU_REFUSED:
+    if feature in features:
+      return refuse(feature, f"feature {feature!r}")
+  if {"gqa", "causal"} <= features:
+    # Grouped heads are folded into the query sequence, which the causal
+    # mask (a function of the row index) cannot see through.
+    return refuse("gqa", "feature 'gqa' together with 'causal'")
+  if "causal" in features and dims.q_len != dims.kv_len:
+    return ("on TPU, mechanism 'flash' (JAX's Pallas TPU flash kernel) "
+            "aligns its causal mask top-left, which matches the library's "
+            "bottom-right alignment only when Sq == Sk; got Sq = "
+            f"{dims.q_len}, Sk = {dims.kv_len} (mechanism 'splash' aligns "
+            "it bottom-right).")
+  if request.dtype == "float16":
+    return ("on TPU, mechanism 'flash' supports dtypes float32, bfloat16, "
+            "not float16.")
+  if request.sequence_sharded:
+    return refuse("sharded_sequence",
+                  "sharding a sequence axis over the mesh")
+  if dict(request.options).get("precision") is not None:
+    return ("on TPU, mechanism 'flash' has no matmul precision setting; "
+            "leave precision=None.")
+  return None
