@@ -239,3 +239,42 @@ def test_ring_refuses_a_dense_bias_naming_who_supports_it():
   with pytest.raises(NotImplementedError, match="'bias' is not supported by "
                      "mechanism 'ring'.*blockwise"):
     helpers.call_mechanism("ring", q, k, v, bias=jnp.zeros((1, 4, 16, 16)))
+
+
+def _ring_program(compiled: bool, num_shards: int) -> str:
+  devices = jax.devices()[:num_shards]
+  mesh = fa.make_mesh((1, 1, 1, num_shards), devices=devices)
+  q = jnp.ones((1, 64 * num_shards, 4, 16), jnp.bfloat16)
+  attend = hk.without_apply_rng(hk.transform(
+      lambda q, k, v: fa.create_attention(
+          "ring", num_heads=4, head_dim=16, mesh=mesh, layout="contiguous")(
+              q, k, v, causal=True).attention_outputs))
+  lowered = jax.jit(attend.apply).lower({}, q, q, q)
+  return lowered.compile().as_text() if compiled else lowered.as_text()
+
+
+def test_ring_issues_the_next_transfer_before_the_current_block():
+  """In the program the ring emits, each step's K/V (and mask parts)
+  `collective_permute` for the next step precedes that step's block compute
+  (`case`, the skip-or-attend conditional): XLA can run the transfer while
+  the block computes. The last step sends nothing."""
+  text = _ring_program(compiled=False, num_shards=4)
+  program = "".join("P" if op == "collective_permute" else "C"
+                    for op in re.findall(r"stablehlo\.(collective_permute|case)",
+                                         text))
+  # The forward ring comes first: per step, the transfer of k, v, kv
+  # positions and kv indices (P x 4), then the block (C); 4 steps.
+  assert program.startswith("PPPPC" * 3 + "C"), program
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2,
+                    reason="async collectives are a GPU compile")
+def test_ring_transfer_is_asynchronous_around_the_block_on_gpu():
+  """On GPUs XLA turns the ring's collective-permutes into start/done pairs;
+  the block's compute is scheduled between them."""
+  text = _ring_program(compiled=True, num_shards=2)
+  starts = [m.start() for m in re.finditer(r"collective-permute-start", text)]
+  dones = [m.start() for m in re.finditer(r"collective-permute-done", text)]
+  assert starts and dones, "no asynchronous collective-permute"
+  between = text[starts[0]:dones[0]]
+  assert re.search(r"conditional|fusion|custom-call", between), between[:2000]
