@@ -162,7 +162,7 @@ def rows_see_a_key(q_ids, kv_ids, last_key=None):
   return jax.vmap(one_row)(q_ids, kv_ids)
 
 
-# --- The kernel -----------------------------------------------------------------
+# --- The kernel ---------------------------------------------------------------
 
 
 def _tpu_block_sizes(block_sizes: BlockSizes | None, q_len: int, kv_len: int):
