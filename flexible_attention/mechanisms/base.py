@@ -264,8 +264,11 @@ class AttentionModule(hk.Module):
 
   @classmethod
   def platforms(cls, request: registry.AttentionRequest) -> tuple[str, ...]:
-    """The platforms that can serve `request` (default: capabilities')."""
-    del request
+    """The platforms that can serve `request`: the capabilities', or every
+    platform for Pallas mechanisms built with `interpret=True` (their
+    kernels then run in Pallas' interpreter)."""
+    if dict(request.options).get("interpret"):
+      return ("cpu", "gpu", "tpu")
     return cls.capabilities.platforms
 
   @classmethod

@@ -74,12 +74,6 @@ class FlashAttention(base.AttentionModule):
   config_class = FlashConfig
 
   @classmethod
-  def platforms(cls, request):
-    if dict(request.options).get("interpret"):
-      return ("cpu", "gpu", "tpu")
-    return cls.capabilities.platforms
-
-  @classmethod
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is not None:

@@ -66,12 +66,6 @@ class SplashAttention(base.AttentionModule):
   config_class = SplashConfig
 
   @classmethod
-  def platforms(cls, request):
-    if dict(request.options).get("interpret"):
-      return ("cpu", "gpu", "tpu")
-    return cls.capabilities.platforms
-
-  @classmethod
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is not None:
