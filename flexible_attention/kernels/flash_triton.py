@@ -591,11 +591,17 @@ def _add_structure(call: _Call, aux, st: _Static, q_block: int,
     call.input("seed", aux["seed"], (4,), lambda *_: (0,))
 
 
-def _forward(st: _Static, q, k, v, bias, aux):
-  """`out [B, Sqp, H, Dvp]` and natural-log `lse [B, H, Sqp]` (float32)."""
-  batch, q_len, num_heads, d_pad = q.shape
+def _query_grid_call(st: _Static, q, k, v, bias, aux, bq: int,
+                     bounds: str) -> tuple[_Call, Any]:
+  """A `_Call` over the grid (query block, batch, head) with the inputs the
+  forward and dQ kernels share: a query tile, its KV head's whole K/V, the
+  structure vectors, bias and mask tiles and the tile-skipping bounds.
+
+  Returns the call and the query block index map `qi` (heavy causal rows
+  first).
+  """
+  q_len, d_pad = q.shape[1], q.shape[3]
   kv_len, dv_pad = k.shape[1], v.shape[-1]
-  bq, bk = st.launch.fwd.block_q, st.launch.fwd.block_k
   nq = q_len // bq
   groups = st.groups
   qi = lambda i: nq - 1 - i
@@ -617,8 +623,17 @@ def _forward(st: _Static, q, k, v, bias, aux):
     call.input("mask", mask,
                _broadcast_block(mask.shape, 1, bq, kv_len, True),
                lambda i, b, h: _broadcast_index(mask.shape, b, h, qi(i), 0))
-  call.input("bounds", aux["bounds_fwd"], (None, nq, 4),
-             lambda i, b, h: (b, 0, 0))
+  call.input("bounds", aux[bounds], (None, nq, 4), lambda i, b, h: (b, 0, 0))
+  return call, qi
+
+
+def _forward(st: _Static, q, k, v, bias, aux):
+  """`out [B, Sqp, H, Dvp]` and natural-log `lse [B, H, Sqp]` (float32)."""
+  batch, q_len, num_heads, _ = q.shape
+  dv_pad = v.shape[-1]
+  bq = st.launch.fwd.block_q
+  nq = q_len // bq
+  call, qi = _query_grid_call(st, q, k, v, bias, aux, bq, "bounds_fwd")
   call.output("out", (batch, q_len, num_heads, dv_pad), q.dtype,
               (None, bq, None, dv_pad), lambda i, b, h: (b, qi(i), h, 0))
   call.output("lse", (batch, num_heads, q_len), jnp.float32,
@@ -668,35 +683,14 @@ def _dkdv(st: _Static, q, k, v, bias, aux, do, lse2, delta):
 def _dq(st: _Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool):
   batch, q_len, num_heads, d_pad = q.shape
   kv_len, dv_pad = k.shape[1], v.shape[-1]
-  bq, bk = st.launch.dq.block_q, st.launch.dq.block_k
+  bq = st.launch.dq.block_q
   nq = q_len // bq
-  groups = st.groups
-  qi = lambda i: nq - 1 - i
-  call = _Call()
-  call.input("q", q, (None, bq, None, d_pad),
-             lambda i, b, h: (b, qi(i), h, 0))
-  call.input("k", k, (None, kv_len, None, d_pad),
-             lambda i, b, h: (b, 0, h // groups, 0))
-  call.input("v", v, (None, kv_len, None, dv_pad),
-             lambda i, b, h: (b, 0, h // groups, 0))
+  call, qi = _query_grid_call(st, q, k, v, bias, aux, bq, "bounds_dq")
   call.input("do", do, (None, bq, None, dv_pad),
              lambda i, b, h: (b, qi(i), h, 0))
   call.input("lse", lse2, (None, None, bq), lambda i, b, h: (b, h, qi(i)))
   call.input("delta", delta, (None, None, bq),
              lambda i, b, h: (b, h, qi(i)))
-  _add_structure(call, aux, st, bq, kv_len, lambda i, b, h: (b, qi(i)),
-                 lambda i, b, h: (b, 0))
-  if bias is not None:
-    call.input("bias", bias,
-               _broadcast_block(bias.shape, 1, bq, kv_len, True),
-               lambda i, b, h: _broadcast_index(bias.shape, b, h, qi(i), 0))
-  if st.mask:
-    mask = aux["mask"]
-    call.input("mask", mask,
-               _broadcast_block(mask.shape, 1, bq, kv_len, True),
-               lambda i, b, h: _broadcast_index(mask.shape, b, h, qi(i), 0))
-  call.input("bounds", aux["bounds_dq"], (None, nq, 4),
-             lambda i, b, h: (b, 0, 0))
   if write_ds:
     call.output("ds", (batch, num_heads, q_len, kv_len), jnp.float32,
                 (None, None, bq, kv_len), lambda i, b, h: (b, h, qi(i), 0))
