@@ -1,14 +1,30 @@
-"""Config of scripts/benchmark.py (speed and memory over sequence lengths).
+"""Config of scripts/benchmark.py: speed and memory, checked before timed.
 
-The default is the CPU measurement of the core issue: B=1, H=4, D=64,
-float32, causal; e.g. `--config.sequence_lengths='(8192, 32768)'`.
+Three variants, chosen with ml_collections' `path:argument` syntax:
+
+- `--config=configs/benchmark.py` (`cpu`, the default): the CPU measurement
+  of the core issue, B=1, H=4, D=64, float32, causal, vanilla vs blockwise;
+  e.g. `--config.sequence_lengths='(8192, 32768)'`.
+- `--config=configs/benchmark.py:gpu`: the standard GPU grid of BENCH.md,
+  B*S = 16k tokens, H*D = 2048, S in {512, ..., 16k}, D in {64, 128, 256},
+  causal and not, bfloat16; plus grouped-query (H=32, Hkv=8, D=128, causal)
+  and packed documents (segment ids, documents of 64..2048 tokens, causal),
+  where cuDNN is also given the equivalent dense mask. Every mechanism of a
+  cell runs back to back (cuDNN and XLA baselines included); split a long
+  sweep with e.g. `--config.grid_head_dims='(128,)'`.
+- `--config=configs/benchmark.py:context_parallel`: ring attention over all
+  devices (`num_devices=-1`) against its block kernel on one device, bf16,
+  H*D = 2048 (H = 16, D = 128), causal, forward+backward.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
+  if variant not in ("cpu", "gpu", "context_parallel"):
+    raise ValueError("configs/benchmark.py: the variant must be cpu, gpu or "
+                     f"context_parallel, got {variant!r}.")
   config = ml_collections.ConfigDict()
   config.mechanisms = "vanilla,blockwise"  # Comma-separated; empty: all.
   config.sequence_lengths = (512, 1024, 2048)
@@ -26,5 +42,34 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.output_dir = "benchmarks/results"
   config.output_name = "cpu"
+  if variant == "gpu":
+    config.mechanisms = "flash,cudnn,blockwise,vanilla"
+    config.standard_grid = True
+    config.grid_tokens = 16384
+    config.grid_hidden = 2048
+    config.grid_lengths = (512, 1024, 2048, 4096, 8192, 16384)
+    config.grid_head_dims = (64, 128, 256)
+    config.grid_extra_lengths = (16384,)
+    config.packed_baselines = "cudnn_dense_mask"
+    config.sequence_lengths = ()
+    config.dtype = "bfloat16"
+    config.check_rows = 64
+    config.repeats = 20
+    config.output_name = "{device}"
+  elif variant == "context_parallel":
+    config.mechanisms = "blockwise"
+    config.sequence_lengths = ()  # Only the context-parallel sweep.
+    config.context_parallel = True
+    config.num_devices = -1
+    config.block_mechanism = "blockwise"
+    config.local_lengths = (4096, 16384, 65536)
+    config.layouts = ("zigzag", "contiguous")
+    config.longest_lengths = (1048576, 2097152, 4194304)
+    config.num_heads = 16
+    config.head_dim = 128
+    config.dtype = "bfloat16"
+    config.check_rows = 16
+    config.repeats = 3
+    config.output_name = "{device}-x{count}-context-parallel"
   config.lock()
   return config
