@@ -81,4 +81,5 @@ class SplashAttention(base.AttentionModule):
     return functools.partial(
         splash_tpu.splash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, block_sizes=config.block_sizes,
-        interpret=config.interpret)
+        # `auto`'s options have no `interpret`: it runs the compiled kernels.
+        interpret=getattr(config, "interpret", False))
