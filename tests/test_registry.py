@@ -10,10 +10,13 @@
 - `fa.capabilities` records are well-formed (known platforms, dtypes and
   `BlockSizes` fields) and `vanilla` is the one mechanism returning weights.
 - `auto` follows its documented rule (CPU: vanilla for small score matrices,
-  blockwise for large ones; GPU: cudnn, flash, blockwise, then vanilla) and
-  never picks a mechanism that would refuse the call: checked over a grid of
-  requests, and through the module (which kernel actually runs is read off the
-  traced program: blockwise's `custom_vjp` versus vanilla's dense scores).
+  blockwise for large ones; GPU: cudnn, flash, blockwise, then vanilla; TPU:
+  splash, flash, then the CPU order) and never picks a mechanism that would
+  refuse the call: checked over a grid of requests, and through the module
+  (which kernel actually runs is read off the traced program: blockwise's
+  `custom_vjp` versus vanilla's dense scores). The TPU choices are pure
+  selection tests (no TPU needed), with the reasons of the kernels passed
+  over, and a check that auto's options build the compiled TPU kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import re
 
 import haiku as hk
 import jax
@@ -31,13 +35,16 @@ import flexible_attention as fa
 from flexible_attention.core import reference
 from flexible_attention.core.inputs import FEATURES
 from flexible_attention.core.inputs import AttentionDims
+from flexible_attention.kernels import flash_tpu
+from flexible_attention.kernels import splash_tpu
 from flexible_attention.mechanisms import auto
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
 import helpers
 
-KNOWN = ("vanilla", "blockwise", "cudnn", "flash", "ring", "ulysses", "auto")
+KNOWN = ("vanilla", "blockwise", "cudnn", "flash", "splash", "ring",
+         "ulysses", "auto")
 
 
 # --- The factory --------------------------------------------------------------
@@ -173,7 +180,11 @@ def test_known_capabilities():
   assert set(cudnn.dtypes) == {"bfloat16", "float16"}
   # auto's record is the union of its candidates'.
   caps = fa.capabilities("auto")
-  candidates = ("vanilla", "blockwise", "cudnn", "flash")
+  candidates = ("vanilla", "blockwise", "cudnn", "flash", "splash")
+  assert set(caps.platforms) == {
+      p for n in candidates for p in fa.capabilities(n).platforms}
+  assert set(caps.dtypes) == {
+      d for n in candidates for d in fa.capabilities(n).dtypes}
   for f in FEATURES:
     assert caps.supports(f) == any(fa.capabilities(n).supports(f)
                                    for n in candidates)
@@ -224,12 +235,75 @@ LARGE = dict(batch=1, heads=4, q_len=4096, kv_len=4096)  # 2**26 scores.
     (dict(platform="gpu", dtype="bfloat16", q_len=64,
           features=("causal",)), "flash"),
     (dict(platform="gpu", dtype="bfloat16", head_dim=320), "blockwise"),
-    # TPU follows the CPU rule among the mechanisms that run there.
-    (dict(platform="tpu", dtype="bfloat16"), "vanilla"),
-    (dict(platform="tpu", dtype="bfloat16", **LARGE), "blockwise"),
+    # TPU: splash, then flash (JAX's TPU kernels), then the CPU rule.
+    (dict(platform="tpu", dtype="bfloat16", features=("causal",)), "splash"),
+    (dict(platform="tpu", dtype="float32", **LARGE), "splash"),
+    (dict(platform="tpu", dtype="bfloat16", features=("causal", "bias")),
+     "flash"),
+    (dict(platform="tpu", dtype="bfloat16", features=("dropout",)),
+     "vanilla"),
+    (dict(platform="tpu", dtype="bfloat16", features=("dropout",), **LARGE),
+     "blockwise"),
 ])
 def test_auto_follows_its_rule(request_kwargs, expected):
   assert fa.select_mechanism(_request(**request_kwargs)) == expected
+
+
+_SPLASH_REFUSES_BIAS = r"feature 'bias' is not supported by mechanism 'splash'"
+
+
+@pytest.mark.parametrize("dtype,features,shape,expected,passed_over", [
+    # A plain causal call: splash.
+    ("bfloat16", ("causal",), {}, "splash", {}),
+    # A bias: of the TPU kernels, only flash's has one.
+    ("bfloat16", ("causal", "bias"), {}, "flash",
+     {"splash": _SPLASH_REFUSES_BIAS}),
+    # What both TPU kernels refuse: the CPU rule.
+    ("bfloat16", ("dropout",), {}, "vanilla", {
+        "splash": r"feature 'dropout' is not supported by mechanism 'splash'",
+        "flash": r"on TPU, feature 'dropout' is not supported by mechanism "
+                 r"'flash'"}),
+    ("float32", ("mask",), LARGE, "blockwise", {
+        "splash": r"feature 'mask' is not supported by mechanism 'splash'",
+        "flash": r"on TPU, feature 'mask' is not supported by mechanism "
+                 r"'flash'"}),
+    ("float16", ("causal",), {}, "vanilla", {
+        "splash": r"supports dtypes float32, bfloat16, not float16",
+        "flash": r"on TPU, mechanism 'flash' supports dtypes float32, "
+                 r"bfloat16, not float16"}),
+    # A bias with what flash's TPU kernel refuses besides the features.
+    ("bfloat16", ("causal", "gqa", "bias"), dict(kv_heads=2), "vanilla", {
+        "splash": _SPLASH_REFUSES_BIAS,
+        "flash": r"feature 'gqa' together with 'causal'"}),
+    ("bfloat16", ("causal", "bias"), dict(q_len=64), "vanilla", {
+        "splash": _SPLASH_REFUSES_BIAS,
+        "flash": r"aligns its causal mask top-left"}),
+])
+def test_auto_on_tpu_passes_over_the_kernels_that_refuse(
+    dtype, features, shape, expected, passed_over):
+  """On TPU, auto tries splash, then flash, then the CPU order, and passes
+  over exactly the kernels that refuse the call, for their reasons."""
+  request = _request("tpu", dtype, features, **shape)
+  order = auto.candidates(request)
+  assert order[:2] == ("splash", "flash")
+  assert fa.select_mechanism(request) == expected
+  assert set(order[:order.index(expected)]) == set(passed_over)
+  for name, pattern in passed_over.items():
+    reason = registry.unsupported_reason(name, request)
+    assert reason is not None and re.search(pattern, reason), (name, reason)
+
+
+def test_auto_builds_the_compiled_tpu_kernels():
+  """auto's options have no `interpret`: on TPU, splash and flash build
+  their compiled Pallas TPU kernels from them."""
+  config = auto.AutoConfig(num_heads=8, head_dim=64, num_kv_heads=8)
+  kernel = auto.AutoAttention.make_kernel(
+      config, _request("tpu", "bfloat16", ("causal",)))
+  assert kernel.func is splash_tpu.splash_attention
+  assert kernel.keywords["interpret"] is False
+  kernel = auto.AutoAttention.make_kernel(
+      config, _request("tpu", "bfloat16", ("causal", "bias")))
+  assert kernel.func is flash_tpu.flash_attention
 
 
 def _request_grid():
@@ -266,7 +340,8 @@ def test_auto_never_picks_a_mechanism_that_refuses():
       assert name != "cudnn"
     picked.add((request.platform, name))
   assert {("cpu", "vanilla"), ("cpu", "blockwise"), ("gpu", "cudnn"),
-          ("gpu", "flash"), ("gpu", "vanilla")} <= picked
+          ("gpu", "flash"), ("gpu", "vanilla"), ("tpu", "splash"),
+          ("tpu", "flash"), ("tpu", "vanilla"), ("tpu", "blockwise")} <= picked
   assert ("cpu", "cudnn") not in picked
 
 

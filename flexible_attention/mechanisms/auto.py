@@ -4,9 +4,11 @@ The rule (documented in the README):
 
 - candidates, in order of preference:
   - GPU: `cudnn`, then `flash`, then `blockwise`, then `vanilla`;
-  - CPU and TPU: `vanilla` while the score matrix is small
+  - CPU: `vanilla` while the score matrix is small
     (B * H * Sq * Sk <= `DENSE_SCORE_LIMIT`), else `blockwise`, then
     `vanilla`;
+  - TPU: `splash`, then `flash` (JAX's Pallas TPU flash kernel there), then
+    the CPU order;
 - a measured winner for the call's cell (`measured_winners.json`, from the
   benchmark results) goes first, ahead of the rule's order;
 - the first candidate that accepts the call (dtype, features, shapes, block
@@ -17,7 +19,10 @@ call on its exact shapes and mesh on first use, and caches the winner on disk
 (`tuning.autotune`).
 
 So `return_weights=True` always lands on `vanilla`, and a feature cuDNN lacks
-(dropout, segment ids, soft cap, ...) moves a GPU call to `flash`.
+(dropout, segment ids, soft cap, ...) moves a GPU call to `flash`. On TPU a
+bias moves a call from `splash` to `flash`, and what both TPU kernels refuse
+(dropout, a dense mask, explicit positions, a KV cache, float16, `precision`,
+a sequence-sharded mesh) moves it on to `vanilla` or `blockwise`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flexible_attention.mechanisms import blockwise  # pylint: disable=unused-im
 from flexible_attention.mechanisms import cudnn  # pylint: disable=unused-import
 from flexible_attention.mechanisms import flash  # pylint: disable=unused-import
 from flexible_attention.mechanisms import registry
+from flexible_attention.mechanisms import splash  # pylint: disable=unused-import
 from flexible_attention.mechanisms import tuning
 from flexible_attention.mechanisms import vanilla  # pylint: disable=unused-import
 
@@ -43,8 +49,12 @@ def rule_candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
   if request.platform == "gpu":
     return ("cudnn", "flash", "blockwise", "vanilla")
   if request.score_elements <= DENSE_SCORE_LIMIT:
-    return ("vanilla", "blockwise")
-  return ("blockwise", "vanilla")
+    order = ("vanilla", "blockwise")
+  else:
+    order = ("blockwise", "vanilla")
+  if request.platform == "tpu":
+    return ("splash", "flash") + order
+  return order
 
 
 def candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
@@ -110,7 +120,7 @@ class AutoAttention(base.AttentionModule):
 
   config_class = AutoConfig
   capabilities = _union_capabilities(("vanilla", "blockwise", "cudnn",
-                                      "flash"))
+                                      "flash", "splash"))
 
   def resolve(self, request):  # pylint: disable=arguments-differ
     """The mechanism serving `request`: autotuned or by the rule."""
