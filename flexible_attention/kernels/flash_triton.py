@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -627,14 +627,15 @@ def _query_grid_call(st: _Static, q, k, v, bias, aux, bq: int,
   return call, qi
 
 
-def _forward(st: _Static, q, k, v, bias, aux):
-  """`out [B, Sqp, H, Dvp]` and natural-log `lse [B, H, Sqp]` (float32)."""
+def _forward(st: _Static, q, k, v, bias, aux, out_dtype=None):
+  """`out [B, Sqp, H, Dvp]` (out_dtype, default q's) and natural-log
+  `lse [B, H, Sqp]` (float32)."""
   batch, q_len, num_heads, _ = q.shape
   dv_pad = v.shape[-1]
   bq = st.launch.fwd.block_q
   nq = q_len // bq
   call, qi = _query_grid_call(st, q, k, v, bias, aux, bq, "bounds_fwd")
-  call.output("out", (batch, q_len, num_heads, dv_pad), q.dtype,
+  call.output("out", (batch, q_len, num_heads, dv_pad), out_dtype or q.dtype,
               (None, bq, None, dv_pad), lambda i, b, h: (b, qi(i), h, 0))
   call.output("lse", (batch, num_heads, q_len), jnp.float32,
               (None, None, bq), lambda i, b, h: (b, h, qi(i)))
@@ -643,7 +644,7 @@ def _forward(st: _Static, q, k, v, bias, aux):
   return out, lse
 
 
-def _dkdv(st: _Static, q, k, v, bias, aux, do, lse2, delta):
+def _dkdv(st: _Static, q, k, v, bias, aux, do, lse2, delta, grad_dtype):
   batch, q_len, num_heads, d_pad = q.shape
   kv_len, num_kv_heads, dv_pad = k.shape[1], k.shape[2], v.shape[-1]
   bq, bk = st.launch.dkv.block_q, st.launch.dkv.block_k
@@ -672,15 +673,16 @@ def _dkdv(st: _Static, q, k, v, bias, aux, do, lse2, delta):
                lambda j, b, hkv: _broadcast_index(mask.shape, b, hkv, 0, j))
   call.input("bounds", aux["bounds_dkv"], (None, nk, 4),
              lambda j, b, hkv: (b, 0, 0))
-  call.output("dk", k.shape, k.dtype, (None, bk, None, d_pad),
+  call.output("dk", k.shape, grad_dtype or k.dtype, (None, bk, None, d_pad),
               lambda j, b, hkv: (b, j, hkv, 0))
-  call.output("dv", v.shape, v.dtype, (None, bk, None, dv_pad),
+  call.output("dv", v.shape, grad_dtype or v.dtype, (None, bk, None, dv_pad),
               lambda j, b, hkv: (b, j, hkv, 0))
   return call(_dkdv_kernel, (nk, batch, num_kv_heads), st.launch.dkv,
               st.interpret, "flash_dkdv", st=st)
 
 
-def _dq(st: _Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool):
+def _dq(st: _Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool,
+        grad_dtype=None):
   batch, q_len, num_heads, d_pad = q.shape
   kv_len, dv_pad = k.shape[1], v.shape[-1]
   bq = st.launch.dq.block_q
@@ -696,7 +698,7 @@ def _dq(st: _Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool):
                 (None, None, bq, kv_len), lambda i, b, h: (b, h, qi(i), 0))
     name = "flash_dbias"
   else:
-    call.output("dq", q.shape, q.dtype, (None, bq, None, d_pad),
+    call.output("dq", q.shape, grad_dtype or q.dtype, (None, bq, None, d_pad),
                 lambda i, b, h: (b, qi(i), h, 0))
     name = "flash_dq"
   (result,) = call(_dq_kernel, (nq, batch, num_heads), st.launch.dq,
@@ -712,8 +714,10 @@ def _sum_to(x, shape):
   return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse):
-  """Gradients of q, k, v and bias (all padded)."""
+def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse,
+              grad_dtype=None):
+  """Gradients of q, k, v (in grad_dtype, default their own) and bias (all
+  padded)."""
   # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
   delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32),
                      out.astype(jnp.float32))
@@ -721,8 +725,9 @@ def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse):
     delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
   dout = dout.astype(q.dtype)
-  dk, dv = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta)
-  dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False)
+  dk, dv = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
+  dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False,
+           grad_dtype=grad_dtype)
   dbias = None
   if bias is not None:
     ds = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=True)
@@ -750,37 +755,46 @@ def _flash_bwd(st, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-# --- Public entry point -------------------------------------------------------
+# --- Public entry points ------------------------------------------------------
 
 
-def flash_attention(inputs: AttentionInputs,
-                    dropout: dropout_lib.Dropout | None = None, *,
-                    sm_scale: float, softcap: float | None = None,
-                    precision=None, block_sizes: BlockSizes | None = None,
-                    launch: LaunchConfig | None = None,
-                    interpret: bool = False) -> KernelOutput:
-  """Fused attention (Pallas; Triton on GPU): a pure, differentiable function.
+class Prepared(NamedTuple):
+  """A call made ready for the kernels: padded operands and static settings.
 
-  Args:
-    inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
-      D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
-      and the `Visibility` (any of causal, window, segments, kv lengths,
-      positions, dense mask).
-    dropout: a `Dropout` (the library's hash), or `None`.
-    sm_scale: the softmax scale.
-    softcap: logits soft cap, or `None`.
-    precision: matmul precision inside the kernels (`None`: Triton's default,
-      TF32 for float32 inputs; `HIGHEST`: exact float32).
-    block_sizes: `fa.BlockSizes` (fields `block_q`, `block_k`,
-      `block_q_dkv`, `block_k_dkv`, `block_q_dq`, `block_k_dq`; powers of
-      two >= 16) over the defaults for the head size.
-    launch: a full `LaunchConfig` (tiles, warps, stages), overriding
-      `block_sizes`; for tuning.
-    interpret: run the kernels in Pallas' interpreter (any backend).
+  Attributes:
+    static: the call's static description (launches, features, dtype...).
+    q: `[B, Sqp, H, Dp]`.
+    k: `[B, Skp, Hkv, Dp]`.
+    v: `[B, Skp, Hkv, Dvp]`.
+    bias: `[B|1, H|1, Sqp|1, Skp|1]` or None.
+    aux: the structure vectors (`[B, Sqp]` / `[B, Skp]` int32), dense mask,
+      dropout seed and the tile-skipping bounds of each kernel.
+    q_len, kv_len, head_dim, value_dim: Sq, Sk, D, Dv before padding.
+  """
 
-  Returns:
-    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`; both
-    are differentiable with respect to q, k, v and bias.
+  static: _Static
+  q: Any
+  k: Any
+  v: Any
+  bias: Any
+  aux: dict[str, Any]
+  q_len: int
+  kv_len: int
+  head_dim: int
+  value_dim: int
+
+
+def prepare(inputs: AttentionInputs,
+            dropout: dropout_lib.Dropout | None = None, *,
+            sm_scale: float, softcap: float | None = None, precision=None,
+            block_sizes: BlockSizes | None = None,
+            launch: LaunchConfig | None = None,
+            interpret: bool = False) -> Prepared:
+  """Pads a call to whole tiles and builds its structure tables (XLA).
+
+  Arguments as `flash_attention`'s. The result feeds `forward_pass` and
+  `backward_pass`, the kernels without the `custom_vjp` (for callers that
+  combine blocks themselves, like the ring's block kernel).
   """
   q, k, v, bias = inputs.query, inputs.key, inputs.value, inputs.bias
   vis = inputs.visibility
@@ -850,10 +864,97 @@ def flash_attention(inputs: AttentionInputs,
                                      launch.dkv.block_k)
   aux["bounds_dkv"] = _bounds(dkv_maybe.swapaxes(1, 2),
                               dkv_full.swapaxes(1, 2))
+  return Prepared(st, qp, kp, vp, bias, aux, q_len, kv_len, dims.head_dim,
+                  dims.value_dim)
 
-  out, lse = _flash(st, qp, kp, vp, bias, aux)
-  out = out[:, :q_len, :, :dims.value_dim]
-  lse = lse[:, :, :q_len]
+
+def _pad_rows(call: Prepared, x, axis: int, value=0.0):
+  """Pads the query axis of an `[.., Sq, ..]` array to the tiles."""
+  return _pad_axis(x, axis, call.q.shape[1], value=value)
+
+
+def forward_pass(call: Prepared, out_dtype=None) -> KernelOutput:
+  """The forward kernel alone (not differentiable).
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv] in out_dtype (default: q's), lse [B, H,
+    Sq] float32, None)`; rows that see no key have out 0 and lse -inf.
+  """
+  out, lse = _forward(call.static, call.q, call.k, call.v, call.bias,
+                      call.aux, out_dtype)
+  return KernelOutput(out[:, :call.q_len, :, :call.value_dim],
+                      lse[:, :, :call.q_len], None)
+
+
+def backward_pass(call: Prepared, out, lse, dout, dlse=None,
+                  grad_dtype=None):
+  """The backward kernels alone, given the output and log-sum-exp of the
+  rows (which may span more keys than this call's: a ring passes those of
+  all its blocks, and gets this block's share of dq back).
+
+  Args:
+    call: from `prepare`.
+    out: `[B, Sq, H, Dv]`, the rows' attention output.
+    lse: `[B, H, Sq]` float32, their natural log-sum-exp (-inf if empty).
+    dout: `[B, Sq, H, Dv]`, the output's cotangent.
+    dlse: `[B, H, Sq]`, the log-sum-exp's cotangent, or None.
+    grad_dtype: dtype of the gradients (default: the inputs').
+
+  Returns:
+    `(dq [B, Sq, H, D], dk [B, Sk, Hkv, D], dv [B, Sk, Hkv, Dv], dbias)`,
+    with dbias None unless the call has a bias.
+  """
+  pad_q = lambda x: _pad_axis(_pad_rows(call, x, 1), 3, call.v.shape[3])
+  out, dout = pad_q(out), pad_q(dout)
+  lse = _pad_rows(call, lse, 2, value=-jnp.inf)
+  if dlse is not None:
+    dlse = _pad_rows(call, dlse, 2)
+  dq, dk, dv, dbias = _backward(call.static, call.q, call.k, call.v,
+                                call.bias, call.aux, out, lse, dout, dlse,
+                                grad_dtype)
+  if dbias is not None:
+    dbias = dbias[..., :call.q_len if dbias.shape[-2] > 1 else 1,
+                  :call.kv_len if dbias.shape[-1] > 1 else 1]
+  return (dq[:, :call.q_len, :, :call.head_dim],
+          dk[:, :call.kv_len, :, :call.head_dim],
+          dv[:, :call.kv_len, :, :call.value_dim], dbias)
+
+
+def flash_attention(inputs: AttentionInputs,
+                    dropout: dropout_lib.Dropout | None = None, *,
+                    sm_scale: float, softcap: float | None = None,
+                    precision=None, block_sizes: BlockSizes | None = None,
+                    launch: LaunchConfig | None = None,
+                    interpret: bool = False) -> KernelOutput:
+  """Fused attention (Pallas; Triton on GPU): a pure, differentiable function.
+
+  Args:
+    inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
+      D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
+      and the `Visibility` (any of causal, window, segments, kv lengths,
+      positions, dense mask).
+    dropout: a `Dropout` (the library's hash), or `None`.
+    sm_scale: the softmax scale.
+    softcap: logits soft cap, or `None`.
+    precision: matmul precision inside the kernels (`None`: Triton's default,
+      TF32 for float32 inputs; `HIGHEST`: exact float32).
+    block_sizes: `fa.BlockSizes` (fields `block_q`, `block_k`,
+      `block_q_dkv`, `block_k_dkv`, `block_q_dq`, `block_k_dq`; powers of
+      two >= 16) over the defaults for the head size.
+    launch: a full `LaunchConfig` (tiles, warps, stages), overriding
+      `block_sizes`; for tuning.
+    interpret: run the kernels in Pallas' interpreter (any backend).
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`; both
+    are differentiable with respect to q, k, v and bias.
+  """
+  call = prepare(inputs, dropout, sm_scale=sm_scale, softcap=softcap,
+                 precision=precision, block_sizes=block_sizes, launch=launch,
+                 interpret=interpret)
+  out, lse = _flash(call.static, call.q, call.k, call.v, call.bias, call.aux)
+  out = out[:, :call.q_len, :, :call.value_dim]
+  lse = lse[:, :, :call.q_len]
   return KernelOutput(out, lse, None)
 
 

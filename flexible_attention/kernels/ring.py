@@ -14,7 +14,7 @@ output and log-sum-exp; the backward pass is a second ring in which each
 block's dK/dV travel with it and arrive home after `n` steps. Blocks the
 structure makes fully invisible (e.g. future blocks under causal) are skipped
 in both passes. The per-block kernel is a `BlockKernel` (forward and backward
-passes), the blockwise pure-JAX kernel by default.
+passes): the blockwise pure-JAX kernel or the fused `flash` kernels.
 
 The next block's `ppermute` is issued before the current block's compute, so
 XLA can overlap the transfer with the compute (see the README's note on XLA
@@ -37,6 +37,7 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels import blockwise
+from flexible_attention.kernels import flash_triton
 
 
 class BlockKernel(NamedTuple):
@@ -63,6 +64,32 @@ def blockwise_block_kernel(cfg: blockwise.TileConfig) -> BlockKernel:
   def backward(q, k, v, vis, dropout, out, lse, dout, dlse):
     dq, dk, dv, _ = blockwise.backward_pass(cfg, q, k, v, None, vis, dropout,
                                             out, lse, dout, dlse)
+    return dq, dk, dv
+
+  return BlockKernel(forward, backward)
+
+
+def flash_block_kernel(**flash_options) -> BlockKernel:
+  """The fused Pallas kernels (`kernels/flash_triton.py`) as a ring block
+  kernel: the forward writes a float32 partial output for the merge, and
+  the backward kernels take the whole row's output and log-sum-exp, so each
+  block's dq/dk/dv share comes out in float32.
+
+  Args:
+    **flash_options: `flash_triton.prepare`'s keyword arguments (`sm_scale`,
+      `softcap`, `precision`, `block_sizes`, `interpret`).
+  """
+  prepare = functools.partial(flash_triton.prepare, **flash_options)
+
+  def forward(q, k, v, vis, dropout):
+    call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
+    out, lse, _ = flash_triton.forward_pass(call, out_dtype=jnp.float32)
+    return out, lse
+
+  def backward(q, k, v, vis, dropout, out, lse, dout, dlse):
+    call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
+    dq, dk, dv, _ = flash_triton.backward_pass(call, out, lse, dout, dlse,
+                                               grad_dtype=jnp.float32)
     return dq, dk, dv
 
   return BlockKernel(forward, backward)
