@@ -36,6 +36,13 @@ def _sequence_mechanisms():
           m != "auto"]
 
 
+# Variants of a mechanism run as their own cases: `ring` with the fused
+# flash block kernel (interpreted off GPU).
+VARIANTS = {"ring[flash]": ("ring", {"block_kernel": "flash",
+                                     "interpret": jax.default_backend()
+                                     != "gpu"})}
+
+
 def _case(feature: str, rng, num_shards: int):
   """`(kv_heads, call, options, permute)` of a feature."""
   call, options, kv_heads, permute = {"causal": True}, {}, HEADS, None
@@ -64,7 +71,7 @@ def _case(feature: str, rng, num_shards: int):
 
 def _cases():
   cases = []
-  for mechanism in _sequence_mechanisms():
+  for mechanism in _sequence_mechanisms() + list(VARIANTS):
     for i, feature in enumerate(FEATURES):
       mesh = list(MESHES)[i % len(MESHES)]
       cases.append(pytest.param(mechanism, feature, mesh,
@@ -88,7 +95,10 @@ def test_sequence_sharded_matches_unsharded_reference(mechanism, feature,
   expected = helpers.reference_vjp(
       q, k, v, ct, call={**call, "q_positions": None, "kv_positions": None},
       sliding_window=options.get("sliding_window"), dropout=dropout)
-  if mechanism in ("ring",):
+  if mechanism in VARIANTS:
+    mechanism, variant_options = VARIANTS[mechanism]
+    options.update(variant_options)
+  elif mechanism == "ring":
     options["block_sizes"] = fa.BlockSizes(block_q=4, block_k=4)
   if mechanism == "ring" and permute:
     options["layout"] = "contiguous"  # Already balanced by the user.
@@ -239,6 +249,25 @@ def test_ring_refuses_a_dense_bias_naming_who_supports_it():
   with pytest.raises(NotImplementedError, match="'bias' is not supported by "
                      "mechanism 'ring'.*blockwise"):
     helpers.call_mechanism("ring", q, k, v, bias=jnp.zeros((1, 4, 16, 16)))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU/TPU only")
+def test_ring_flash_block_kernel_runs_on_gpu_or_interpreted():
+  q, k, v = helpers.random_qkv(helpers.rng_for("ring-flash"), 1, 16, 16, 4,
+                               4, 8)
+  with pytest.raises(NotImplementedError, match="runs on gpu"):
+    helpers.call_mechanism("ring", q, k, v,
+                           options={"block_kernel": "flash"})
+  with pytest.raises(ValueError, match="interpret=True applies to "
+                     "block_kernel='flash'"):
+    helpers.call_mechanism("ring", q, k, v, options={"interpret": True})
+  with pytest.raises(ValueError, match="block_q_dq is read by "
+                     "block_kernel='flash' only"):
+    helpers.call_mechanism(
+        "ring", q, k, v,
+        options={"block_sizes": fa.BlockSizes(block_q_dq=16)})
+  with pytest.raises(ValueError, match="block_kernel must be one of"):
+    helpers.call_mechanism("ring", q, k, v, options={"block_kernel": "cudnn"})
 
 
 def _ring_program(compiled: bool, num_shards: int) -> str:

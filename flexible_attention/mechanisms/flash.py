@@ -10,7 +10,7 @@ from flexible_attention.kernels import flash_triton
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
-_BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
+BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                  "block_q_dq", "block_k_dq")
 
 
@@ -28,7 +28,7 @@ class FlashConfig(base.AttentionConfig):
   def __post_init__(self):
     if not isinstance(self.interpret, bool):
       raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
-    for field in _BLOCK_FIELDS:
+    for field in BLOCK_FIELDS:
       flash_triton.check_block_size(field, getattr(self.block_sizes, field))
 
 
@@ -66,7 +66,7 @@ class FlashAttention(base.AttentionModule):
 
   capabilities = registry.Capabilities(
       platforms=("gpu", "tpu"), weights=False,
-      block_size_fields=_BLOCK_FIELDS, sharded_sequence=True,
+      block_size_fields=BLOCK_FIELDS, sharded_sequence=True,
       notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU only with "
              "interpret=True; on TPU JAX's Pallas TPU kernel, with fewer "
              "features (see the class docstring)."))
@@ -80,12 +80,7 @@ class FlashAttention(base.AttentionModule):
       return reason
     if _uses_tpu_kernel(request):
       return _tpu_unsupported_reason(request)
-    dims = request.dims
-    if max(dims.head_dim, dims.value_dim) > flash_triton.MAX_HEAD_DIM:
-      return (f"mechanism 'flash' supports head sizes up to "
-              f"{flash_triton.MAX_HEAD_DIM}, got D = {dims.head_dim}, "
-              f"Dv = {dims.value_dim}.")
-    return None
+    return head_dim_reason(request.dims)
 
   @classmethod
   def make_kernel(cls, config, request):
@@ -99,6 +94,15 @@ class FlashAttention(base.AttentionModule):
         block_sizes=config.block_sizes,
         # `auto`'s options have no `interpret`: it runs the compiled kernels.
         interpret=getattr(config, "interpret", False))
+
+
+def head_dim_reason(dims, mechanism: str = "flash") -> str | None:
+  """The Triton kernels' head size limit, as a refusal (or None)."""
+  if max(dims.head_dim, dims.value_dim) > flash_triton.MAX_HEAD_DIM:
+    return (f"mechanism {mechanism!r} with the flash kernels supports head "
+            f"sizes up to {flash_triton.MAX_HEAD_DIM}, got D = "
+            f"{dims.head_dim}, Dv = {dims.value_dim}.")
+  return None
 
 
 # --- TPU: JAX's Pallas TPU flash kernel (kernels/flash_tpu.py) ----------------

@@ -7,16 +7,22 @@ import functools
 
 from flexible_attention.kernels import ring as ring_kernel
 from flexible_attention.mechanisms import base
+from flexible_attention.kernels import flash_triton
 from flexible_attention.mechanisms import blockwise
+from flexible_attention.mechanisms import flash
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import layouts
 from flexible_attention.sharding.mesh import axis_names_of
 from flexible_attention.sharding.mesh import axis_size
 
 
+BLOCK_KERNELS = ("blockwise", "flash")
+_FLASH_ONLY_FIELDS = ("block_q_dq", "block_k_dq")
+
+
 @dataclasses.dataclass(frozen=True)
 class RingAttentionConfig(base.AttentionConfig):
-  """`ring`'s options: the common ones plus `layout`.
+  """`ring`'s options: the common ones plus layout and block kernel.
 
   Attributes:
     layout: token layout on a sequence-sharded mesh (`"zigzag"`, default,
@@ -24,14 +30,36 @@ class RingAttentionConfig(base.AttentionConfig):
       it and the output back, which balances causal work across devices; the
       result never depends on it. Inputs already in a balanced layout (with
       explicit positions) want `"contiguous"`.
+    block_kernel: the kernel of each ring step: `"blockwise"` (pure JAX,
+      any platform; default) or `"flash"` (the fused Pallas kernels of
+      mechanism `flash`; GPU, or any platform with `interpret=True`).
+    interpret: run the `flash` block kernel in Pallas' interpreter.
   """
 
   layout: str = "zigzag"
+  block_kernel: str = "blockwise"
+  interpret: bool = False
 
   def __post_init__(self):
     if self.layout not in layouts.LAYOUTS:
       raise ValueError(f"ring: layout must be one of {layouts.LAYOUTS}, got "
                        f"{self.layout!r}.")
+    if self.block_kernel not in BLOCK_KERNELS:
+      raise ValueError(f"ring: block_kernel must be one of {BLOCK_KERNELS}, "
+                       f"got {self.block_kernel!r}.")
+    if not isinstance(self.interpret, bool):
+      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
+    if self.block_kernel == "flash":
+      for field in flash.BLOCK_FIELDS:
+        flash_triton.check_block_size(field, getattr(self.block_sizes, field))
+      return
+    if self.interpret:
+      raise ValueError("ring: interpret=True applies to block_kernel='flash' "
+                       "only.")
+    for field in _FLASH_ONLY_FIELDS:
+      if getattr(self.block_sizes, field) is not None:
+        raise ValueError(f"ring: BlockSizes.{field} is read by "
+                         "block_kernel='flash' only; leave it None.")
 
 
 @registry.register_mechanism("ring")
@@ -42,9 +70,10 @@ class RingAttention(base.AttentionModule):
   segment ids and kv indices) travel around the ring with `lax.ppermute`
   while each device attends to the block in hand, merging through the
   float32 log-sum-exp; the backward pass is a second ring that brings each
-  block's dK/dV home. The per-block kernel is the blockwise one (its
-  `fa.BlockSizes` fields apply per block). On a mesh without a sequence axis
-  (or without a mesh) it is the blockwise kernel on one device.
+  block's dK/dV home. The per-block kernel is `block_kernel`: the
+  blockwise one (default) or the fused `flash` kernels (on GPU), and its
+  `fa.BlockSizes` fields apply per block. On a mesh without a sequence axis
+  (or without a mesh) it is that kernel on one device.
 
   The query and key sequences must be sharded over the same mesh axis.
   Dense masks and biases are not supported (the structured mask is).
@@ -54,8 +83,24 @@ class RingAttention(base.AttentionModule):
   sequence_parallel = True
   capabilities = registry.Capabilities(
       mask=False, bias=False, sharded_sequence=True,
-      block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
-      notes="K/V travel by ppermute; zigzag layout balances causal work.")
+      block_size_fields=flash.BLOCK_FIELDS,
+      notes=("K/V travel by ppermute; zigzag layout balances causal work; "
+             "block kernel blockwise or flash (GPU)."))
+
+  @classmethod
+  def platforms(cls, request):
+    options = dict(request.options)
+    if options.get("block_kernel") == "flash" and not options.get(
+        "interpret"):
+      return ("gpu",)
+    return super().platforms(request)
+
+  @classmethod
+  def unsupported_reason(cls, request):
+    reason = super().unsupported_reason(request)
+    if reason is None and dict(request.options).get("block_kernel") == "flash":
+      return flash.head_dim_reason(request.dims, "ring")
+    return reason
 
   @classmethod
   def token_layout(cls, config):
@@ -76,8 +121,14 @@ class RingAttention(base.AttentionModule):
       names = axis_names_of(axes.key_sequence_axis)
       axis_name = names[0] if len(names) == 1 else names
       num_shards = axis_size(config.mesh, axes.key_sequence_axis)
+    if config.block_kernel == "flash":
+      block_kernel = ring_kernel.flash_block_kernel(
+          sm_scale=config.scale, softcap=config.logits_soft_cap,
+          precision=config.precision, block_sizes=config.block_sizes,
+          interpret=config.interpret)
+    else:
+      block_kernel = ring_kernel.blockwise_block_kernel(
+          blockwise.tile_config(config))
     return functools.partial(
         ring_kernel.ring_attention, axis_name=axis_name,
-        num_shards=num_shards,
-        block_kernel=ring_kernel.blockwise_block_kernel(
-            blockwise.tile_config(config)))
+        num_shards=num_shards, block_kernel=block_kernel)
