@@ -1,19 +1,22 @@
-"""Checks the compiled `flash` kernels against the reference, then times them.
+"""Checks the compiled `flash` kernels against the reference, then tunes them.
 
 One command on the GPU machine (see benchmarks/flash_notes.md):
 
   python3 benchmarks/flash_probe.py --out=$OUT/flash_probe.json
 
 1. Correctness: outputs and dq/dk/dv (and dbias) of the compiled Triton
-   kernels against the float32 reference, for a few shapes and features.
-2. Only if the bf16 cases pass: forward and forward+backward timing at
-   B*S = 16k tokens, H = 16, D = 128, S = 4096, causal and not, with cuDNN
-   (and JAX's in-tree Pallas-Triton kernel, while it imports) in the same
-   process; TFLOP/s as BENCH.md counts them; then a small launch sweep.
+   kernels against the float32 reference, for a few shapes and features
+   (and that the bias-gradient launch is dropped when unused).
+2. Only if the bf16 cases pass: the launch sweep (`tune`), each kernel's
+   candidate tiles / warps / stages timed alone at B*S = 16k tokens,
+   S = 4096, H*D = 2048, bf16, each checked against the float32 reference
+   first. The mechanism comparisons (flash vs cuDNN, XLA, JAX's in-tree
+   Pallas kernel) are `scripts/benchmark.py`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -32,14 +35,16 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _BUDGET = flags.DEFINE_float("budget_s", 330.0,
                              "Stop sweeping after this many seconds.")
 _CHECK = flags.DEFINE_bool("check", True, "Run the correctness cases.")
-_TIME = flags.DEFINE_bool("time", True, "Run the timings.")
-_SWEEP = flags.DEFINE_bool("sweep", True, "Run the launch sweep.")
+_TIME = flags.DEFINE_bool("time", True, "Run the launch sweep.")
 _REPEATS = flags.DEFINE_integer("repeats", 30, "Timed runs per cell.")
 _SEQ = flags.DEFINE_integer("seq", 4096, "S of the timed cells.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S of the timed cells.")
+_INTERPRET = flags.DEFINE_bool(
+    "interpret", False, "Run the kernels in Pallas' interpreter (a CPU smoke "
+    "test of this script; the timings then mean nothing).")
 _QUICK = flags.DEFINE_bool(
-    "quick", False, "A few correctness cases, no DCE check, and a backward "
-    "sweep only (for a short device call).")
+    "quick", False, "Only a few correctness cases and no DCE check before "
+    "the sweep (for a short device call).")
 
 _START = time.time()
 TOL = {"bfloat16": 2e-2, "float16": 3e-3, "float32": 5e-3}
@@ -168,106 +173,123 @@ def _bench(fn, *args):
   return timing.median_seconds(fn, *args, repeats=_REPEATS.value, warmup=3)
 
 
-def _timed(f, q, k, v, ct):
-  fwd = jax.jit(f)
+L = ft.Launch
+# Candidate launches per padded head size: (forward, dK/dV, dQ) lists, each
+# starting with the current default. Tiles are block_q x block_k.
+CANDIDATES = {
+    64: ([L(128, 64, 4, 3), L(128, 64, 4, 2), L(128, 128, 4, 3),
+          L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3)],
+         [L(64, 128, 4, 3), L(32, 128, 4, 3), L(32, 128, 4, 5),
+          L(64, 64, 4, 3), L(128, 128, 8, 2), L(64, 128, 8, 3),
+          L(128, 64, 4, 3)],
+         [L(128, 64, 4, 3), L(128, 32, 4, 3), L(128, 32, 4, 5),
+          L(128, 128, 8, 3), L(64, 64, 4, 3), L(64, 128, 4, 3)]),
+    128: ([L(128, 64, 4, 2), L(128, 64, 4, 3), L(128, 128, 8, 2),
+           L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3),
+           L(64, 128, 4, 2)],
+          [L(64, 128, 8, 2), L(32, 128, 4, 3), L(32, 128, 4, 4),
+           L(32, 128, 4, 5), L(64, 128, 4, 2), L(64, 128, 4, 3),
+           L(64, 64, 4, 3), L(128, 128, 8, 2), L(64, 128, 8, 3),
+           L(32, 64, 4, 3)],
+          [L(128, 64, 8, 2), L(128, 32, 4, 3), L(128, 32, 4, 5),
+           L(128, 64, 4, 2), L(128, 64, 4, 3), L(64, 64, 4, 3),
+           L(128, 128, 8, 2), L(64, 128, 4, 2), L(64, 32, 4, 3)]),
+    256: ([L(64, 64, 4, 2), L(64, 32, 4, 2), L(128, 64, 8, 2),
+           L(64, 64, 8, 2), L(64, 64, 4, 3), L(128, 32, 8, 2)],
+          [L(32, 64, 8, 2), L(32, 64, 4, 2), L(64, 64, 8, 2),
+           L(32, 32, 4, 2), L(16, 64, 4, 2), L(32, 128, 8, 2)],
+          [L(64, 32, 8, 2), L(64, 32, 4, 2), L(64, 64, 8, 2),
+           L(32, 64, 4, 2), L(128, 32, 8, 2), L(32, 32, 4, 2)]),
+}
 
-  def run(q, k, v, ct):
-    out, vjp = jax.vjp(f, q, k, v)
-    return vjp(ct)
 
-  return _bench(fwd, q, k, v), _bench(jax.jit(run), q, k, v, ct)
+def _tune_cell(rows, d, causal):
+  """Times each candidate launch of each kernel alone at one grid cell.
 
-
-def timing(results, sweep: bool):
-  s, h, d = _SEQ.value, 16, 128
-  b = max(1, _TOKENS.value // s)
+  The forward and backward passes are timed without the custom_vjp
+  (`ft.forward_pass` / `ft.backward_pass`), one kernel's launch varied at a
+  time (the others at their defaults: the backward's time is dK/dV + dQ, so
+  the best of each list is the best pair). Every launch's result is checked
+  against the float32 reference before it is timed.
+  """
+  s = _SEQ.value
+  b, h = max(1, _TOKENS.value // s), 2048 // d
   rng = np.random.default_rng(1)
   mk = lambda: jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16)
-  q, k, v, ct = mk(), mk(), mk(), mk()
-  rows = results.setdefault("timing", [])
-  for causal in (False, True):
-    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    tf = lambda t, m=1.0: m * flops / t / 1e12
+  q, k, v, dout = mk(), mk(), mk(), mk()
+  flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref_inputs = fa.canonicalize(f32(q), f32(k), f32(v), causal=causal)
 
-    def flash(q, k, v, launch=None, causal=causal):
-      inputs = fa.canonicalize(q, k, v, causal=causal)
-      return ft.flash_attention(inputs, None, sm_scale=d**-0.5,
-                                launch=launch).out
+  def reference(q, k, v):
+    return fa.reference_attention(q, k, v, None, ref_inputs.visibility,
+                                  sm_scale=d**-0.5).out
 
-    def cudnn(q, k, v, causal=causal):
-      return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                          implementation="cudnn")
-
-    cells = [("flash (default)", flash), ("cudnn", cudnn)]
+  ref_out, ref_vjp = jax.vjp(reference, ref_inputs.query, ref_inputs.key,
+                             ref_inputs.value)
+  ref_grads = ref_vjp(f32(dout))
+  default = ft.default_launch_config(d)
+  prepare = functools.partial(ft.prepare, sm_scale=d**-0.5,
+                              interpret=_INTERPRET.value)
+  out, lse = jax.jit(lambda q, k, v: ft.forward_pass(prepare(
+      fa.canonicalize(q, k, v, causal=causal), launch=default))[:2])(q, k, v)
+  fwd_cands, dkv_cands, dq_cands = CANDIDATES[d]
+  trials = ([("fwd", ft.LaunchConfig(c, default.dkv, default.dq))
+             for c in fwd_cands] +
+            [("dkv", ft.LaunchConfig(default.fwd, c, default.dq))
+             for c in dkv_cands] +
+            [("dq", ft.LaunchConfig(default.fwd, default.dkv, c))
+             for c in dq_cands])
+  for kernel, config in trials:
+    if time.time() - _START > _BUDGET.value:
+      print("budget spent: stopping the sweep", flush=True)
+      return
+    launch = getattr(config, kernel)
+    row = dict(D=d, causal=causal, S=s, B=b, H=h, kernel=kernel,
+               launch=f"{launch.block_q}x{launch.block_k}/"
+                      f"{launch.num_warps}w/{launch.num_stages}s",
+               default=launch == getattr(default, kernel))
     try:
-      if _QUICK.value:
-        raise ImportError("skipped in --quick")
-      from jax.experimental.pallas.ops.gpu import attention as jax_pallas  # pylint: disable=g-import-not-at-top
-
-      def in_tree(q, k, v, causal=causal):
-        return jax_pallas.mha(q, k, v, None, sm_scale=d**-0.5, causal=causal)
-
-      cells.append(("jax in-tree pallas", in_tree))
+      if kernel == "fwd":
+        fn = jax.jit(lambda q, k, v, c=config: ft.forward_pass(prepare(
+            fa.canonicalize(q, k, v, causal=causal), launch=c)).out)
+        args = (q, k, v)
+        row["error"] = _rel(fn(*args), ref_out)
+      else:
+        fn = jax.jit(lambda q, k, v, out, lse, dout, c=config: ft.
+                     backward_pass(prepare(
+                         fa.canonicalize(q, k, v, causal=causal), launch=c),
+                                   out, lse, dout)[:3])
+        args = (q, k, v, out, lse, dout)
+        row["error"] = max(_rel(g, w) for g, w in zip(fn(*args), ref_grads))
+      if row["error"] > TOL["bfloat16"]:
+        row["status"] = "differs from the reference: not timed"
+      else:
+        t = _bench(fn, *args)
+        row["ms"] = t * 1e3
+        # Forward: its FLOPs; backward: 2.5x the forward's.
+        row["tflops"] = (1.0 if kernel == "fwd" else 2.5) * flops / t / 1e12
+        row["status"] = "ok"
     except Exception as e:  # pylint: disable=broad-except
-      print(f"in-tree pallas unavailable: {e}")
-    for name, f in cells:
-      try:
-        t_fwd, t_all = _timed(f, q, k, v, ct)
-        row = dict(mechanism=name, causal=causal, S=s, B=b, H=h, D=d,
-                   fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_all * 1e3,
-                   fwd_tflops=tf(t_fwd), fwd_bwd_tflops=tf(t_all, 3.5))
-      except Exception as e:  # pylint: disable=broad-except
-        row = dict(mechanism=name, causal=causal, error=str(e)[:500])
-      print(row, flush=True)
-      rows.append(row)
-      _save(results)
-    if sweep and not (_QUICK.value and causal):
-      base = ft.default_launch_config(d)
-      L = ft.Launch
-      fwd_launches = [L(128, 64, 4, 3), L(128, 128, 8, 3), L(128, 64, 8, 3),
-                      L(64, 64, 4, 3), L(128, 32, 4, 3)]
-      bwd_launches = [(L(64, 128, 8, 3), L(128, 64, 8, 3)),
-                      (L(32, 128, 4, 3), L(128, 32, 4, 3)),
-                      (L(64, 64, 4, 3), L(64, 64, 4, 3)),
-                      (L(128, 128, 8, 2), L(128, 128, 8, 2)),
-                      (L(64, 128, 4, 2), L(128, 64, 4, 2))]
-      if _QUICK.value:
-        fwd_launches = []
-        bwd_launches = [(L(32, 128, 4, 3), base.dq),
-                        (base.dkv, L(128, 32, 4, 3)),
-                        (L(64, 128, 4, 3), base.dq),
-                        (L(32, 128, 8, 3), base.dq)]
-      for fl in fwd_launches:
-        if time.time() - _START > _BUDGET.value:
-          break
-        cfg = ft.LaunchConfig(fl, base.dkv, base.dq)
-        try:
-          t = _bench(jax.jit(lambda q, k, v, c=cfg: flash(q, k, v, c)),
-                     q, k, v)
-          row = dict(mechanism="flash sweep fwd", causal=causal,
-                     launch=str(fl), fwd_ms=t * 1e3, fwd_tflops=tf(t))
-        except Exception as e:  # pylint: disable=broad-except
-          row = dict(mechanism="flash sweep fwd", launch=str(fl),
-                     error=str(e)[:300])
-        print(row, flush=True)
-        rows.append(row)
-      for dkv, dq in bwd_launches:
-        if time.time() - _START > _BUDGET.value:
-          break
-        cfg = ft.LaunchConfig(base.fwd, dkv, dq)
-        try:
-          _, t = _timed(lambda q, k, v, c=cfg: flash(q, k, v, c), q, k, v,
-                        ct)
-          row = dict(mechanism="flash sweep bwd", causal=causal,
-                     launch=f"dkv={dkv} dq={dq}", fwd_bwd_ms=t * 1e3,
-                     fwd_bwd_tflops=tf(t, 3.5))
-        except Exception as e:  # pylint: disable=broad-except
-          row = dict(mechanism="flash sweep bwd", launch=f"{dkv} {dq}",
-                     error=str(e)[:300])
-        print(row, flush=True)
-        rows.append(row)
-        _save(results)
-  results["timing"] = rows
+      row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+    print(row, flush=True)
+    rows.append(row)
+
+
+def tune(results):
+  """The launch sweep: D = 128 causal and not, D = 64 and 256 not causal
+  (B * S = `--tokens`, S = `--seq`, H * D = 2048, bf16)."""
+  rows = results.setdefault("tune", [])
+  for d, causal in ((128, False), (128, True), (64, False), (256, False)):
+    _tune_cell(rows, d, causal)
+    _save(results)
+  print("\n| D | causal | kernel | launch | default | ms | TFLOP/s |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    if r["status"] == "ok":
+      print(f"| {r['D']} | {r['causal']} | {r['kernel']} | {r['launch']} | "
+            f"{'*' if r['default'] else ''} | {r['ms']:.3f} | "
+            f"{r['tflops']:.0f} |")
   return rows
 
 
@@ -305,17 +327,7 @@ def main(argv):
     except Exception as e:  # pylint: disable=broad-except
       print("dce check failed:", e)
   if _TIME.value and correct:
-    rows = timing(results, _SWEEP.value)
-    print("\n| mechanism | causal | launch | fwd TFLOP/s | fwd+bwd TFLOP/s |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-      if "error" in r:
-        continue
-      fwd = r.get("fwd_tflops")
-      all_ = r.get("fwd_bwd_tflops")
-      print(f"| {r['mechanism']} | {r['causal']} | {r.get('launch', '')} | "
-            f"{'' if fwd is None else f'{fwd:.0f}'} | "
-            f"{'' if all_ is None else f'{all_:.0f}'} |")
+    tune(results)
   elif _TIME.value:
     print("bf16 correctness failed: no timing.")
   _save(results)
