@@ -8,13 +8,34 @@ Three variants, chosen with ml_collections' `path:argument` syntax:
 - `--config=configs/benchmark.py:gpu`: the standard GPU grid of BENCH.md,
   B*S = 16k tokens, H*D = 2048, S in {512, ..., 16k}, D in {64, 128, 256},
   causal and not, bfloat16; plus grouped-query (H=32, Hkv=8, D=128, causal)
-  and packed documents (segment ids, documents of 64..2048 tokens, causal),
-  where cuDNN is also given the equivalent dense mask. Every mechanism of a
-  cell runs back to back (cuDNN and XLA baselines included); split a long
-  sweep with e.g. `--config.grid_head_dims='(128,)'`.
+  and packed documents (segment ids, documents of 64..2048 tokens, causal).
+  Every mechanism of a cell runs back to back (`auto` included), then the
+  baselines: JAX's in-tree Pallas-Triton kernel (`pallas_in_tree`) on every
+  cell, and cuDNN given the equivalent dense mask (`cudnn_dense_mask`) on
+  packed documents. The D = 128 cells at S = 16k also get a fresh-process
+  peak for flash and the baselines. Split a long sweep with e.g.
+  `--config.grid_head_dims='(128,)'`.
 - `--config=configs/benchmark.py:context_parallel`: ring attention over all
   devices (`num_devices=-1`) against its block kernel on one device, bf16,
   H*D = 2048 (H = 16, D = 128), causal, forward+backward.
+
+Rows and baselines:
+- `mechanisms`: registered mechanisms, comma-separated (empty: all);
+  `baselines`: baselines run on every cell, `packed_baselines`: only on
+  packed cells (`benchmark.BASELINES`: `cudnn_dense_mask`, `pallas_in_tree`).
+
+Memory (each row has `minimum_bytes`, `program_bytes` and `memory_ratio`,
+see flexible_attention/comparison/benchmark.py):
+- `fresh_process_peak`: also measure `peak_bytes_in_use` around one
+  forward+backward in a fresh process (`fresh_peak_bytes`,
+  `fresh_peak_ratio`; None on backends without memory statistics, e.g. CPU),
+  for the rows of `peak_mechanisms` (comma-separated), `peak_lengths` and
+  `peak_head_dims` (each empty: all). About 10 s of device time a row.
+
+Summary (JSON key `summary`, and a markdown table in the log), per cell:
+`summary_subject`'s forward+backward speed against each of `summary_versus`
+(comma-separated), `auto` against the fastest row, and the subject's memory
+ratios.
 """
 
 import ml_collections
@@ -42,8 +63,17 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.seed = 0
   config.output_dir = "benchmarks/results"
   config.output_name = "cpu"
+  config.baselines = ""  # Comma-separated; on every cell.
+  config.packed_baselines = ""  # Comma-separated; on packed cells only.
+  config.fresh_process_peak = False
+  config.peak_mechanisms = ""  # Empty: every row.
+  config.peak_lengths = ()  # Empty: every length.
+  config.peak_head_dims = ()  # Empty: every head dimension.
+  config.summary_subject = "blockwise"
+  config.summary_versus = "vanilla"
   if variant == "gpu":
-    config.mechanisms = "flash,cudnn,blockwise,vanilla"
+    config.mechanisms = "flash,cudnn,blockwise,vanilla,auto"
+    config.baselines = "pallas_in_tree"
     config.standard_grid = True
     config.grid_tokens = 16384
     config.grid_hidden = 2048
@@ -56,6 +86,12 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.check_rows = 64
     config.repeats = 20
     config.output_name = "{device}"
+    config.fresh_process_peak = True
+    config.peak_mechanisms = "flash,cudnn,cudnn_dense_mask,pallas_in_tree"
+    config.peak_lengths = (16384,)
+    config.peak_head_dims = (128,)
+    config.summary_subject = "flash"
+    config.summary_versus = "cudnn,cudnn_dense_mask,pallas_in_tree"
   elif variant == "context_parallel":
     config.mechanisms = "blockwise"
     config.sequence_lengths = ()  # Only the context-parallel sweep.

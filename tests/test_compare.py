@@ -1,15 +1,19 @@
-"""`fa.compare_attentions` and the absl scripts built on it."""
+"""`fa.compare_attentions`, the benchmark rows and the absl scripts."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.comparison import benchmark
+from flexible_attention.comparison import timing
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.mechanisms import registry
 
@@ -95,15 +99,127 @@ def test_benchmark_script_checks_before_timing(tmp_path):
   _run_script(
       "scripts/benchmark.py", "--config=configs/benchmark.py",
       "--config.sequence_lengths=(64, 96)", "--config.check_rows=16",
-      "--config.repeats=1", f"--config.output_dir={tmp_path}")
+      "--config.repeats=1", f"--config.output_dir={tmp_path}",
+      "--config.baselines=pallas_in_tree", "--config.fresh_process_peak=True",
+      "--config.peak_mechanisms=blockwise", "--config.peak_lengths=(64,)")
   results = json.loads((tmp_path / "cpu.json").read_text())
   rows = results["rows"]
   assert [(r["mechanism"], r["sequence_length"]) for r in rows] == [
-      ("vanilla", 64), ("blockwise", 64), ("vanilla", 96), ("blockwise", 96)]
+      (name, length) for length in (64, 96)
+      for name in ("vanilla", "blockwise", "pallas_in_tree")]
   for row in rows:
+    if row["mechanism"] == "pallas_in_tree":
+      if jax.default_backend() != "gpu":
+        assert row["status"].startswith(("unsupported: ", "unavailable: "))
+      continue
     assert row["status"] == "ok"
     assert row["out_error"] < 1e-5 and row["grad_error"] < 1e-5
+    assert row["memory_ratio"] == row["program_bytes"] / row["minimum_bytes"]
+  assert [s["cell"] for s in results["summary"]] == [
+      "S64 D64 causal", "S96 D64 causal"]
+  assert results["summary"][0]["speed_vs"]["vanilla"] > 0
   assert results["environment"]["jax_version"] == jax.__version__
+
+
+def _benchmark_config(**overrides):
+  """The cpu variant of configs/benchmark.py with `overrides`."""
+  spec = importlib.util.spec_from_file_location(
+      "benchmark_config", os.path.join(ROOT, "configs", "benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update(dict(check_rows=16, repeats=1, **overrides))
+  return config
+
+
+# Grouped-query and packed: K/V at the KV-head count, segment ids.
+_TINY = benchmark.Cell(batch=2, seq_len=64, num_heads=4, num_kv_heads=2,
+                       head_dim=8, causal=True, packed=True)
+
+
+def test_minimum_bytes_counts_fused_inputs_outputs_and_logsumexp():
+  # Q, O, dO, dQ: 2*64*4*8 = 4096 elements; K, V, dK, dV: 2048; bf16 (2 B);
+  # the float32 log-sum-exp [B, H, S]: 512 elements.
+  assert benchmark.minimum_bytes(_TINY, "bfloat16") == (
+      2 * (4 * 4096 + 4 * 2048) + 4 * 512)
+  assert benchmark.minimum_bytes(_TINY, "float32") == (
+      4 * (4 * 4096 + 4 * 2048) + 4 * 512)
+
+
+def test_forward_backward_program_holds_q_k_v_ct_and_returns_grads():
+  forward = benchmark.forward_fn("vanilla", _TINY)
+  q = jnp.ones((2, 64, 4, 8), jnp.bfloat16)
+  kv = jnp.ones((2, 64, 2, 8), jnp.bfloat16)
+  compiled = timing.compile_fn(benchmark.forward_backward_fn(forward),
+                               q, kv, kv, q)
+  assert compiled.fn.memory_analysis().argument_size_in_bytes == (
+      2 * q.nbytes + 2 * kv.nbytes)
+  assert [(o.shape, o.dtype) for o in compiled.fn.out_info] == [
+      (q.shape, q.dtype), (kv.shape, kv.dtype), (kv.shape, kv.dtype)]
+
+
+@pytest.mark.parametrize("name", ["vanilla", "blockwise"])
+def test_benchmark_row_checks_vjp_gradients_and_reports_memory(name):
+  row = benchmark.benchmark_one(name, _benchmark_config(), _TINY)
+  assert row.status == "ok", row.status
+  assert row.out_error < 1e-5 and row.grad_error < 1e-5
+  assert row.forward_backward_ms > 0
+  assert row.minimum_bytes == benchmark.minimum_bytes(_TINY, "float32")
+  assert row.program_bytes > 0
+  assert row.memory_ratio == row.program_bytes / row.minimum_bytes
+  assert row.fresh_peak_bytes is None  # Not asked for (cpu variant).
+
+
+def test_pallas_in_tree_row_is_a_clean_refusal_off_gpu():
+  config = _benchmark_config()
+  mha = benchmark.Cell(batch=1, seq_len=128, num_heads=2, num_kv_heads=2,
+                       head_dim=16, causal=True)
+  rows = [benchmark.benchmark_one("pallas_in_tree", config, cell)
+          for cell in (mha, _TINY)]
+  if jax.default_backend() != "gpu":
+    assert rows[0].status.startswith(("unsupported: ", "unavailable: "))
+  assert rows[1].status.startswith(("unsupported: ", "unavailable: "))
+  if rows[1].status.startswith("unsupported: "):
+    assert "grouped-query" in rows[1].status
+  assert all(r.forward_ms is None for r in rows)
+
+
+def test_fresh_process_peak_is_none_without_memory_statistics():
+  if jax.devices()[0].memory_stats():
+    pytest.skip("this backend keeps memory statistics")
+  # Raises if the fresh process fails.
+  assert benchmark.fresh_process_peak("blockwise", _TINY,
+                                      dtype="bfloat16") is None
+
+
+def test_summary_ratios_from_hand_made_rows():
+  row = lambda name, cell, ms=None, status="ok", **kw: benchmark.BenchmarkRow(
+      name, 1024, status, cell=cell, forward_backward_ms=ms, **kw)
+  rows = [
+      row("flash", "A", 2.0, memory_ratio=1.1, fresh_peak_ratio=1.3),
+      row("cudnn", "A", 1.0),
+      row("vanilla", "A", status="skipped: needs 90 GiB"),
+      row("auto", "A", 1.25, served_by="cudnn"),
+      row("pallas_in_tree", "A", 4.0),
+      row("flash", "B", 1.0),
+      row("cudnn", "B", status="unsupported: segment ids"),
+      row("cudnn_dense_mask", "B", 12.0),
+  ]
+  a, b = benchmark.summarize(rows)
+  assert a == dict(
+      cell="A", subject="flash", subject_ms=2.0,
+      speed_vs=dict(cudnn=0.5, cudnn_dense_mask=None, pallas_in_tree=2.0),
+      fastest="cudnn", fastest_ms=1.0, auto_served_by="cudnn",
+      auto_vs_fastest=0.8, memory_ratio=1.1, fresh_peak_ratio=1.3)
+  assert b["speed_vs"] == dict(cudnn=None, cudnn_dense_mask=12.0,
+                               pallas_in_tree=None)
+  assert (b["fastest"], b["auto_vs_fastest"]) == ("flash", None)
+  lines = benchmark.summary_table(rows).splitlines()
+  assert lines[0].startswith("| cell | flash fwd+bwd ms | flash / cudnn |")
+  assert lines[2] == ("| A | 2.00 | 0.50 | - | 2.00 | cudnn | 0.80 (cudnn) "
+                      "| 1.10 | 1.30 |")
+  assert benchmark.summarize(rows, subject="cudnn", versus=["flash"])[0][
+      "speed_vs"] == dict(flash=2.0)
 
 
 def test_readme_support_table_is_generated_from_the_registry():

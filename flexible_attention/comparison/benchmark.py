@@ -2,16 +2,37 @@
 
 `run_benchmark(config)` (called by `scripts/benchmark.py`) times forward and
 forward+backward of each mechanism at each sequence length, after checking the
-result against the float32 reference. The check stays cheap at any length:
-with default (bottom-right) positions the last `check_rows` queries of the
-full problem are exactly the problem of those queries alone, so the reference
-runs on `[B, check_rows]` queries against all keys; gradients are checked the
-same way, by giving the timed backward a cotangent that is zero outside those
-rows (dq of the rows, dk and dv in full).
+result against the float32 reference. Forward+backward is `jax.vjp` of the
+forward applied to a cotangent of the output's dtype, so the program's
+arguments are exactly q, k, v and dO, and its outputs dq, dk and dv. The check
+stays cheap at any length: with default (bottom-right) positions the last
+`check_rows` queries of the full problem are exactly the problem of those
+queries alone, so the reference runs on `[B, check_rows]` queries against all
+keys; gradients are checked the same way, by giving the backward a cotangent
+that is zero outside those rows (dq of the rows, dk and dv in full).
+
+Besides the registered mechanisms, a row may be a baseline (`BASELINES`):
+cuDNN given the dense mask equivalent to the cell's structure, or JAX's
+in-tree Pallas-Triton kernel.
+
+Memory, per row:
+- `minimum_bytes`: what a fused forward+backward cannot go below: Q, K, V,
+  O, dO, dQ, dK, dV in the cell's dtype and the float32 log-sum-exp
+  `[B, H, S]` (per device on a mesh);
+- `program_bytes`: the compiled forward+backward program's arguments, outputs
+  and temporaries (XLA's buffer assignment), and `memory_ratio` =
+  program_bytes / minimum_bytes;
+- with `config.fresh_process_peak`, `fresh_peak_bytes`: the device's
+  `peak_bytes_in_use` around one forward+backward in a fresh process
+  (`fresh_process_peak`), and `fresh_peak_ratio` over minimum_bytes.
 
 A mechanism whose compiled program would need more memory than the machine
 has (`memory_analysis`) is recorded as `skipped: needs ...` and not run, so a
 dense mechanism at a long sequence cannot take the process down.
+
+`summarize(rows)` (in the JSON as `summary`, and as markdown from
+`summary_table`) puts, per cell, one mechanism's forward+backward time against
+the others', `auto` against the fastest row, and the memory ratios.
 """
 
 from __future__ import annotations
@@ -22,7 +43,9 @@ import json
 import os
 import platform
 import re
-from typing import Any
+import subprocess
+import sys
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import haiku as hk
@@ -41,10 +64,16 @@ from flexible_attention.core.reference import reference_attention
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding.mesh import make_mesh
 
+# The directory holding the `flexible_attention` package, put on the fresh
+# process's PYTHONPATH so that it imports this very copy.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+_FRESH_PEAK_TIMEOUT_S = 600
+
 
 @dataclasses.dataclass
 class BenchmarkRow:
-  """One (mechanism, sequence length) measurement."""
+  """One (mechanism, cell) measurement. Bytes are per device."""
 
   mechanism: str
   sequence_length: int
@@ -58,8 +87,13 @@ class BenchmarkRow:
   forward_backward_ms: float | None = None
   forward_tflops: float | None = None
   forward_backward_tflops: float | None = None
+  # Forward+backward memory (see the module docstring).
   temp_bytes: int | None = None
-  peak_bytes: int | None = None
+  minimum_bytes: int | None = None
+  program_bytes: int | None = None
+  memory_ratio: float | None = None
+  fresh_peak_bytes: int | None = None
+  fresh_peak_ratio: float | None = None
   devices: int = 1
   # Context parallel rows: per-device TFLOP/s over the single-device
   # TFLOP/s of the same block kernel at the per-device length.
@@ -133,6 +167,19 @@ def attention_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
   return flops / 2 if causal else flops
 
 
+def minimum_bytes(cell: Cell, dtype: str) -> int:
+  """Bytes a fused forward+backward of `cell` cannot go below.
+
+  Q, O, dO, dQ `[B, S, H, D]` and K, V, dK, dV `[B, S, Hkv, D]` in `dtype`,
+  plus the float32 log-sum-exp `[B, H, S]` the backward needs.
+  """
+  tokens = cell.batch * cell.seq_len
+  q_elements = tokens * cell.num_heads * cell.head_dim
+  kv_elements = tokens * cell.num_kv_heads * cell.head_dim
+  lse_bytes = 4 * tokens * cell.num_heads
+  return np.dtype(dtype).itemsize * 4 * (q_elements + kv_elements) + lse_bytes
+
+
 def _available_bytes() -> int | None:
   device = jax.devices()[0]
   if device.platform == "cpu":
@@ -145,9 +192,14 @@ def _available_bytes() -> int | None:
 
 
 def _random_inputs(config, cell: Cell, sharding):
-  """q, k, v, the checking and the timing cotangents, made on the devices."""
+  """q, k, v, the checking and the timing cotangents, made on the devices.
+
+  The cotangents have the output's dtype (`config.dtype`); the checking one
+  is zero outside the last `rows` queries.
+  """
   b, h, d, hkv = cell.batch, cell.num_heads, cell.head_dim, cell.num_kv_heads
   seq_len = cell.seq_len
+  dtype = np.dtype(config.dtype)
   rows = min(config.check_rows, seq_len)
   keys = jax.random.split(jax.random.PRNGKey(config.seed), 5)
   jit = functools.partial(jax.jit, static_argnums=(1, 2))
@@ -157,24 +209,154 @@ def _random_inputs(config, cell: Cell, sharding):
 
   @functools.partial(jax.jit, out_shardings=sharding) if sharding else jax.jit
   def check_cotangent(key):
-    zeros = jnp.zeros((b, seq_len, h, d), jnp.float32)
-    return zeros.at[:, -rows:].set(jax.random.normal(key, (b, rows, h, d)))
+    zeros = jnp.zeros((b, seq_len, h, d), dtype)
+    return zeros.at[:, -rows:].set(
+        jax.random.normal(key, (b, rows, h, d), dtype))
 
-  q = normal(keys[0], (b, seq_len, h, d), np.dtype(config.dtype))
-  k = normal(keys[1], (b, seq_len, hkv, d), np.dtype(config.dtype))
-  v = normal(keys[2], (b, seq_len, hkv, d), np.dtype(config.dtype))
-  ct_time = normal(keys[4], (b, seq_len, h, d), np.dtype(np.float32))
+  q = normal(keys[0], (b, seq_len, h, d), dtype)
+  k = normal(keys[1], (b, seq_len, hkv, d), dtype)
+  v = normal(keys[2], (b, seq_len, hkv, d), dtype)
+  ct_time = normal(keys[4], (b, seq_len, h, d), dtype)
   return q, k, v, check_cotangent(keys[3]), ct_time, rows
+
+
+class BaselineUnavailable(Exception):
+  """A baseline's code is not in this installation (the row says why)."""
+
+
+def _require_gpu(name: str):
+  if jax.default_backend() != "gpu":
+    raise NotImplementedError(
+        f"{name} runs on GPU only; the backend is {jax.default_backend()}.")
+
+
+def _cudnn_dense_mask(cell: Cell, segment_ids, logits_soft_cap):
+  """cuDNN given the dense `[B, 1, S, S]` mask equivalent to the cell."""
+  _require_gpu("cudnn_dense_mask")
+  if logits_soft_cap is not None:
+    raise NotImplementedError("cudnn_dense_mask has no logits soft cap.")
+  mask = None
+  if segment_ids is not None:
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if cell.causal:
+    causal = np.tril(np.ones((cell.seq_len,) * 2, bool))[None, None]
+    mask = causal if mask is None else mask & causal
+  return lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=None if mask is None else jnp.asarray(mask),
+      scale=cell.head_dim**-0.5, implementation="cudnn")
+
+
+def _pallas_in_tree(cell: Cell, segment_ids, logits_soft_cap):
+  """JAX's in-tree Pallas-Triton kernel, `pallas.ops.gpu.attention.mha`.
+
+  It takes `[B, S, H, D]` inputs and `[B, S]` segment ids, with top-left
+  causal alignment (the same as ours, since Sq == Sk here).
+  """
+  try:
+    # Optional: JAX may move or drop it; the row then says so.
+    from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise BaselineUnavailable(
+        f"jax {jax.__version__} has no jax.experimental.pallas.ops.gpu."
+        f"attention ({e})") from e
+  if not hasattr(attention, "mha"):
+    raise BaselineUnavailable(
+        f"jax {jax.__version__}'s pallas.ops.gpu.attention has no mha")
+  if cell.num_kv_heads != cell.num_heads:
+    raise NotImplementedError(
+        "pallas_in_tree has no grouped-query attention (H = "
+        f"{cell.num_heads}, Hkv = {cell.num_kv_heads}).")
+  if logits_soft_cap is not None:
+    raise NotImplementedError("pallas_in_tree has no logits soft cap.")
+  _require_gpu("pallas_in_tree (Triton lowering)")
+  return lambda q, k, v: attention.mha(
+      q, k, v, None if segment_ids is None else jnp.asarray(segment_ids),
+      sm_scale=cell.head_dim**-0.5, causal=cell.causal)
+
+
+# Baselines: rows that call another library directly instead of a
+# registered mechanism. Name -> (what serves it, builder of the forward
+# `(q, k, v) -> out` from (cell, `[B, S]` segment ids or None, soft cap)).
+BASELINES = {
+    "cudnn_dense_mask": ("cudnn", _cudnn_dense_mask),
+    "pallas_in_tree": ("pallas_in_tree", _pallas_in_tree),
+}
+
+
+def forward_fn(name: str, cell: Cell, *, logits_soft_cap=None,
+               segment_ids=None, mesh=None, options=None,
+               served=None) -> Callable:
+  """The forward `(q, k, v) -> out` of one row.
+
+  Args:
+    name: a mechanism or a baseline (`BASELINES`).
+    cell: the problem.
+    logits_soft_cap: the soft cap of the logits, or None.
+    segment_ids: `[B, S]` int document ids (packed cells), or None.
+    mesh: run the mechanism on this mesh.
+    options: extra module options (e.g. `layout`).
+    served: a list to which tracing appends the mechanism that ran.
+
+  Returns:
+    `(q [B, S, H, D], k [B, S, Hkv, D], v [B, S, Hkv, D]) -> [B, S, H, D]`.
+
+  Raises:
+    BaselineUnavailable: the baseline is not in this installation.
+    NotImplementedError: the baseline does not support the cell, a mesh or
+      options here (the mechanisms raise it when traced).
+  """
+  served = [] if served is None else served
+  h, d, hkv = cell.num_heads, cell.head_dim, cell.num_kv_heads
+  if name in BASELINES:
+    if mesh is not None or options:
+      raise NotImplementedError(
+          f"{name} runs on one device with no options; got mesh={mesh}, "
+          f"options={options}.")
+    served_by, build = BASELINES[name]
+    baseline = build(cell, segment_ids, logits_soft_cap)
+
+    def forward_baseline(q, k, v):
+      served.append(served_by)
+      return baseline(q, k, v)
+
+    return forward_baseline
+
+  def forward(q, k, v):
+    attention = registry.create_attention(
+        name, num_heads=h, head_dim=d, num_kv_heads=hkv,
+        logits_soft_cap=logits_soft_cap, mesh=mesh, **(options or {}))
+    out = attention(q, k, v, causal=cell.causal,
+                    segment_ids=segment_ids).attention_outputs
+    served.append(attention.selected_mechanism)
+    return out
+
+  apply = hk.without_apply_rng(hk.transform(forward)).apply
+  return lambda q, k, v: apply({}, q, k, v)
+
+
+def forward_backward_fn(forward: Callable) -> Callable:
+  """`(q, k, v, ct) -> (dq, dk, dv)` of `forward`, through `jax.vjp`.
+
+  The cotangent `ct` `[B, S, H, D]` has the output's dtype, so the program's
+  arguments are exactly q, k, v, ct and its outputs dq, dk, dv.
+  """
+
+  def forward_backward(q, k, v, ct):
+    _, f_vjp = jax.vjp(forward, q, k, v)
+    return f_vjp(ct)
+
+  return forward_backward
 
 
 def benchmark_one(name: str, config, cell: Cell | int, *, mesh=None,
                   options=None, label: str | None = None,
                   repeats: int | None = None) -> BenchmarkRow:
-  """Checks, then times one mechanism on one cell.
+  """Checks, then times one mechanism (or baseline) on one cell.
 
   Args:
-    name: mechanism, or `"cudnn_dense_mask"`: the cuDNN baseline given the
-      dense mask equivalent to the cell's structure (packed documents).
+    name: a mechanism or a baseline of `BASELINES`: `"cudnn_dense_mask"`
+      (cuDNN given the dense mask equivalent to the cell's structure) or
+      `"pallas_in_tree"` (JAX's Pallas-Triton `mha`).
     config: the benchmark config (dtype, check rows, repeats, ...).
     cell: the problem, or a sequence length (sizes from `config`).
     mesh: run on this mesh (inputs sharded over its `sp` axis).
@@ -194,36 +376,6 @@ def benchmark_one(name: str, config, cell: Cell | int, *, mesh=None,
                         devices=1 if mesh is None else mesh.size)
 
 
-def _forward_fn(name, config, cell: Cell, mesh, options, segment_ids,
-                served):
-  """The forward function `(q, k, v) -> out` of a row."""
-  h, d, hkv = cell.num_heads, cell.head_dim, cell.num_kv_heads
-  if name == "cudnn_dense_mask":
-    mask = None
-    if segment_ids is not None:
-      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    if cell.causal:
-      causal = np.tril(np.ones((cell.seq_len,) * 2, bool))[None, None]
-      mask = causal if mask is None else mask & causal
-    served.append("cudnn")
-    return lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, mask=None if mask is None else jnp.asarray(mask),
-        scale=d**-0.5, implementation="cudnn")
-
-  def forward(q, k, v):
-    attention = registry.create_attention(
-        name, num_heads=h, head_dim=d, num_kv_heads=hkv,
-        logits_soft_cap=config.logits_soft_cap, mesh=mesh,
-        **(options or {}))
-    out = attention(q, k, v, causal=cell.causal,
-                    segment_ids=segment_ids).attention_outputs
-    served.append(attention.selected_mechanism)
-    return out
-
-  apply = hk.without_apply_rng(hk.transform(forward)).apply
-  return lambda q, k, v: apply({}, q, k, v)
-
-
 def _benchmark_one(name, config, cell, mesh, options, label, repeats):
   row = BenchmarkRow(mechanism=label or name, sequence_length=cell.seq_len,
                      status="ok", devices=1 if mesh is None else mesh.size,
@@ -237,21 +389,26 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats):
   if cell.packed:
     segment_ids = packed_segment_ids(cell.batch, seq_len, config.seed)
   served = []
-  fwd = _forward_fn(name, config, cell, mesh, options, segment_ids, served)
-
-  def fwd_bwd(q, k, v, ct):
-    loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32) * ct)
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
   try:
+    fwd = forward_fn(name, cell, logits_soft_cap=config.logits_soft_cap,
+                     segment_ids=segment_ids, mesh=mesh, options=options,
+                     served=served)
     compiled_fwd = timing.compile_fn(fwd, q, k, v)
-    compiled = timing.compile_fn(fwd_bwd, q, k, v, ct_time)
+    compiled = timing.compile_fn(forward_backward_fn(fwd), q, k, v, ct_time)
+  except BaselineUnavailable as e:
+    row.status = f"unavailable: {e}"
+    return row
   except NotImplementedError as e:
     row.status = f"unsupported: {e}"
     return row
   row.served_by = served[-1] if served else None
   row.compile_seconds = compiled.compile_seconds
   row.temp_bytes = compiled.temp_bytes
+  # Every array is sharded along the sequence on a mesh.
+  row.minimum_bytes = minimum_bytes(cell, config.dtype) // row.devices
+  row.program_bytes = compiled.total_bytes
+  if row.program_bytes is not None:
+    row.memory_ratio = row.program_bytes / row.minimum_bytes
   available = _available_bytes()
   if (available and compiled.total_bytes and
       compiled.total_bytes > config.memory_fraction * available):
@@ -295,15 +452,173 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats):
   row.forward_tflops = flops / (row.forward_ms * 1e-3) / 1e12
   row.forward_backward_tflops = (3.5 * flops /
                                  (row.forward_backward_ms * 1e-3) / 1e12)
-  row.peak_bytes = timing.peak_device_bytes()
+  if mesh is None and _wants_fresh_peak(config, name, cell):
+    _measure_fresh_peak(row, name, config, cell, options)
   return row
+
+
+def _names(text: str) -> list[str]:
+  """The names of a comma-separated config string."""
+  return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _wants_fresh_peak(config, name: str, cell: Cell) -> bool:
+  """Whether the config asks a fresh-process peak of this row."""
+  chosen = lambda values, value: not values or value in values
+  return (config.fresh_process_peak and
+          chosen(_names(config.peak_mechanisms), name) and
+          chosen(config.peak_lengths, cell.seq_len) and
+          chosen(config.peak_head_dims, cell.head_dim))
+
+
+def _measure_fresh_peak(row, name, config, cell, options):
+  """Fills the row's fresh-process peak; a failure is logged, not raised."""
+  try:
+    row.fresh_peak_bytes = fresh_process_peak(
+        name, cell, dtype=config.dtype, seed=config.seed,
+        logits_soft_cap=config.logits_soft_cap, options=options)
+  except RuntimeError as e:
+    logging.warning("%s on %s: no fresh-process peak: %s", name, cell.name, e)
+    return
+  if row.fresh_peak_bytes is not None:
+    row.fresh_peak_ratio = row.fresh_peak_bytes / row.minimum_bytes
+
+
+def fresh_process_peak(name: str, cell: Cell, *, dtype: str, seed: int = 0,
+                       logits_soft_cap: float | None = None,
+                       options: dict[str, Any] | None = None) -> int | None:
+  """Peak device bytes of one forward+backward, in a fresh process.
+
+  Runs `python -m flexible_attention.comparison.fresh_peak` (see there) with
+  this environment, this copy of the package first on PYTHONPATH, and
+  `XLA_PYTHON_CLIENT_PREALLOCATE=false` (this process may hold its
+  preallocated pool; `peak_bytes_in_use` counts the buffers either way).
+
+  Args:
+    name: a mechanism or a baseline.
+    cell: the problem.
+    dtype: the inputs' dtype.
+    seed: seed of the packed documents' lengths.
+    logits_soft_cap: the soft cap of the logits, or None.
+    options: extra module options (JSON-serialisable).
+
+  Returns:
+    `peak_bytes_in_use` after one forward+backward (where only q, k, v and
+    the cotangent were ever allocated besides the program's buffers), or
+    None where the backend has no memory statistics (e.g. CPU).
+
+  Raises:
+    RuntimeError: the process failed (e.g. out of memory) or timed out.
+  """
+  spec = dict(mechanism=name, cell=dataclasses.asdict(cell), dtype=dtype,
+              seed=seed, logits_soft_cap=logits_soft_cap,
+              options=options or {})
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  env["PYTHONPATH"] = os.pathsep.join(
+      [_PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+  command = [sys.executable, "-m", "flexible_attention.comparison.fresh_peak",
+             json.dumps(spec)]
+  try:
+    result = subprocess.run(command, env=env, capture_output=True, text=True,
+                            timeout=_FRESH_PEAK_TIMEOUT_S, check=False)
+  except subprocess.TimeoutExpired as e:
+    raise RuntimeError(f"timed out after {_FRESH_PEAK_TIMEOUT_S} s") from e
+  if result.returncode != 0:
+    raise RuntimeError(f"exit status {result.returncode}: "
+                       f"{result.stderr.strip()[-1000:]}")
+  peaks = json.loads(result.stdout.strip().splitlines()[-1])
+  peak, compile_peak = peaks["peak_bytes_in_use"], peaks["compile_peak_bytes"]
+  if peak is not None and compile_peak is not None and compile_peak >= peak:
+    logging.warning("%s on %s: the fresh-process peak (%d bytes) was reached "
+                    "while compiling, before the inputs existed: it bounds "
+                    "the run's from above.", name, cell.name, peak)
+  return peak
+
+
+# What the summary compares `flash` with by default (the fused-kernels issue).
+_VERSUS = ("cudnn", "cudnn_dense_mask", "pallas_in_tree")
+
+
+def _ratio(numerator, denominator) -> float | None:
+  if numerator is None or not denominator:
+    return None
+  return numerator / denominator
+
+
+def summarize(rows: Sequence[BenchmarkRow], *, subject: str = "flash",
+              versus: Sequence[str] = _VERSUS) -> list[dict[str, Any]]:
+  """Per cell, `subject` against the other rows, by forward+backward time.
+
+  Args:
+    rows: benchmark rows (one per mechanism or baseline and cell).
+    subject: the row name measured.
+    versus: the row names it is compared with.
+
+  Returns:
+    One dict per cell, in the rows' order, with
+    - `subject`, `subject_ms`: its name and forward+backward ms;
+    - `speed_vs`: `{name: name's ms / subject's ms}` for each of `versus`
+      (> 1: the subject is faster), None where either was not timed;
+    - `fastest`, `fastest_ms`: the fastest timed row other than `auto`;
+    - `auto_served_by`, `auto_vs_fastest`: fastest_ms / auto's ms (1: auto
+      is as fast as the fastest row);
+    - `memory_ratio`, `fresh_peak_ratio`: the subject's (bytes over the
+      minimum).
+  """
+  by_cell: dict[str, dict[str, BenchmarkRow]] = {}
+  for row in rows:
+    by_cell.setdefault(row.cell or str(row.sequence_length), {})[
+        row.mechanism] = row
+  summary = []
+  for cell, named in by_cell.items():
+    ms = lambda name: getattr(named.get(name), "forward_backward_ms", None)
+    timed = {n: ms(n) for n in named if n != "auto" and ms(n) is not None}
+    fastest = min(timed, key=timed.get) if timed else None
+    mine = named.get(subject)
+    summary.append(dict(
+        cell=cell, subject=subject, subject_ms=ms(subject),
+        speed_vs={n: _ratio(ms(n), ms(subject)) for n in versus},
+        fastest=fastest, fastest_ms=timed.get(fastest),
+        auto_served_by=getattr(named.get("auto"), "served_by", None),
+        auto_vs_fastest=_ratio(timed.get(fastest), ms("auto")),
+        memory_ratio=getattr(mine, "memory_ratio", None),
+        fresh_peak_ratio=getattr(mine, "fresh_peak_ratio", None)))
+  return summary
+
+
+def summary_table(rows: Sequence[BenchmarkRow], *, subject: str = "flash",
+                  versus: Sequence[str] = _VERSUS) -> str:
+  """`summarize(rows, ...)` as a markdown table.
+
+  A `subject / name` column is a speed ratio: name's forward+backward time
+  over the subject's.
+  """
+  fmt = lambda x, f: "-" if x is None else f.format(x)
+  header = (["cell", f"{subject} fwd+bwd ms"] +
+            [f"{subject} / {n}" for n in versus] +
+            ["fastest", "auto (served by) / fastest",
+             f"{subject} program / minimum",
+             f"{subject} fresh peak / minimum"])
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for s in summarize(rows, subject=subject, versus=versus):
+    auto = fmt(s["auto_vs_fastest"], "{:.2f}")
+    if s["auto_served_by"]:
+      auto += f" ({s['auto_served_by']})"
+    cells = ([s["cell"], fmt(s["subject_ms"], "{:.2f}")] +
+             [fmt(s["speed_vs"][n], "{:.2f}") for n in versus] +
+             [s["fastest"] or "-", auto, fmt(s["memory_ratio"], "{:.2f}"),
+              fmt(s["fresh_peak_ratio"], "{:.2f}")])
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def table(rows: list[BenchmarkRow]) -> str:
   """A fixed-width text table."""
   fmt = lambda x, f: "-" if x is None else f.format(x)
   header = ("mechanism", "cell", "status", "out err", "grad err", "fwd ms",
-            "fwd+bwd ms", "TFLOP/s", "x single", "temp MiB")
+            "fwd+bwd ms", "TFLOP/s", "x single", "temp MiB", "prog/min",
+            "peak/min")
   lines = [header] + [
       (r.mechanism, r.cell or str(r.sequence_length),
        r.status if len(r.status) < 50 else r.status[:47] + "...",
@@ -311,7 +626,8 @@ def table(rows: list[BenchmarkRow]) -> str:
        fmt(r.forward_ms, "{:.1f}"), fmt(r.forward_backward_ms, "{:.1f}"),
        fmt(r.forward_backward_tflops, "{:.3f}"),
        fmt(r.fraction_of_single_device, "{:.2f}"),
-       fmt(None if r.temp_bytes is None else r.temp_bytes / 2**20, "{:.1f}"))
+       fmt(None if r.temp_bytes is None else r.temp_bytes / 2**20, "{:.1f}"),
+       fmt(r.memory_ratio, "{:.2f}"), fmt(r.fresh_peak_ratio, "{:.2f}"))
       for r in rows]
   return format_table(lines)
 
@@ -357,8 +673,13 @@ def _log_row(row: BenchmarkRow):
   logging.info("%s at S = %d: %s", row.mechanism, row.sequence_length, row)
 
 
+def _summary_names(config) -> dict[str, Any]:
+  return dict(subject=config.summary_subject,
+              versus=_names(config.summary_versus))
+
+
 def _write(config, rows) -> str:
-  """Writes the rows so far as JSON; returns the path."""
+  """Writes the rows so far and their summary as JSON; returns the path."""
   device = jax.devices()[0]
   os.makedirs(config.output_dir, exist_ok=True)
   slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
@@ -371,15 +692,15 @@ def _write(config, rows) -> str:
       machine=platform.machine())
   with open(path, "w") as f:
     json.dump(dict(environment=environment, config=config.to_dict(),
-                   rows=[dataclasses.asdict(r) for r in rows]), f, indent=2,
-              default=str)
+                   rows=[dataclasses.asdict(r) for r in rows],
+                   summary=summarize(rows, **_summary_names(config))),
+              f, indent=2, default=str)
   return path
 
 
 def run_benchmark(config) -> list[BenchmarkRow]:
   """Runs `config` (see configs/benchmark.py); writes JSON; returns rows."""
-  names = [n.strip() for n in config.mechanisms.split(",") if n.strip()]
-  names = names or list(registry.available_mechanisms())
+  names = _names(config.mechanisms) or list(registry.available_mechanisms())
   device = jax.devices()[0]
   logging.info("Benchmark on %s (%s), jax %s", device.device_kind,
                jax.default_backend(), jax.__version__)
@@ -389,16 +710,17 @@ def run_benchmark(config) -> list[BenchmarkRow]:
   cells = [config_cell(config, s) for s in config.sequence_lengths]
   if config.get("standard_grid"):
     cells = standard_grid(config)
-  baselines = [n.strip() for n in config.get("packed_baselines", "").split(",")
-               if n.strip()]  # Only for packed documents.
+  baselines = _names(config.baselines)
+  packed_baselines = _names(config.packed_baselines)
   for i, cell in enumerate(cells):
     logging.info("Cell %d/%d: %s", i + 1, len(cells), cell)
-    for name in names + (baselines if cell.packed else []):
+    for name in names + baselines + (packed_baselines if cell.packed else []):
       row = benchmark_one(name, config, cell)
       _log_row(row)
       rows.append(row)
       _write(config, rows)  # After every row: a cut-short run keeps them.
   logging.info("Results:\n%s", table(rows))
+  logging.info("Summary:\n%s", summary_table(rows, **_summary_names(config)))
   path = _write(config, rows)
   logging.info("Wrote %s", path)
   return rows
