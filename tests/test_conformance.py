@@ -13,14 +13,24 @@ free. For each (mechanism, case) the test either
   `NotImplementedError` with a message naming the refused feature. Nothing is
   skipped silently.
 
-Which cases a mechanism refuses comes from the explicit, reviewed table
-`EXPECTED_REFUSALS` below for the known mechanisms (checked against
-`fa.capabilities` and the mechanisms' own refusal logic by
-`test_expected_refusals_match_capabilities`), and from `fa.capabilities` for
-mechanisms the table does not know. The table is backend-aware: a mechanism
-whose platforms exclude the current backend (`cudnn` on CPU) is checked for
-its clear refusal here and runs the real comparisons when this file runs on a
-GPU (`jax.default_backend() == "gpu"`).
+Which cases a mechanism refuses comes from `fa.capabilities` for mechanisms
+the explicit, reviewed tables below do not know, and from those tables for
+the known ones: `EXPECTED_REFUSALS`, replaced on one backend by a
+`PLATFORM_REFUSALS` entry where the mechanism refuses more there (`flash` on
+TPU runs JAX's Pallas TPU flash kernel: no window, soft cap, dropout, dense
+mask, explicit positions, cache, float16 or sequence sharding; causal only
+with Sq == Sk and without grouped heads). On any backend, for every platform
+a mechanism runs on, the tables are checked against `fa.capabilities`
+(`test_expected_refusals_match_capabilities`) and against the mechanisms' own
+refusal logic on requests for that platform
+(`test_refusal_tables_match_the_refusal_logic`), and the battery's verdict on
+every case for the platforms this host is not is checked against the modules
+there, up to building the kernel
+(`test_cases_on_other_platforms_get_the_tables_verdict`): the TPU rows are
+checked without a TPU. The tables are backend-aware: a mechanism whose
+platforms exclude the current backend (`cudnn` on CPU) is checked for its
+clear refusal here and runs the real comparisons when this file runs on its
+platform (`jax.default_backend()`: `cudnn` on `"gpu"`, `splash` on `"tpu"`).
 
 Covering design (compile time dominates on CPU, so this is not a cross
 product): each `Case` of `CASES` pins one feature or one shape corner
@@ -39,7 +49,8 @@ dropout off when deterministic, the KV cache (explicit `cache=`, Haiku-state
 sequence- and head+sequence-sharded, the last and batch+head with dropout
 (bit-identical keep decisions), each checked to really run under
 `shard_map`. Mechanisms a test needs options for on this backend (Pallas
-kernels in interpret mode on CPU) get them from `EXTRA_OPTIONS`.
+kernels in interpret mode on CPU, tiles of 128 for the TPU kernels) get them
+from `EXTRA_OPTIONS`.
 
 The battery on CPU takes about 30-40 s per mechanism that runs here.
 """
@@ -60,6 +71,7 @@ import pytest
 import flexible_attention as fa
 from flexible_attention.core.inputs import FEATURES
 from flexible_attention.core.inputs import AttentionDims
+from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
 import helpers
@@ -81,11 +93,15 @@ SHAPE_LIMITS = {
     # Dv != D.
     "value_dim_differs": r"needs Dv == D",
     # Causal or sliding window with Sq != Sk (bottom-right alignment).
-    "unaligned_causal_or_window": r"aligns causal masks and windows top-left",
+    "unaligned_causal_or_window":
+        r"aligns (?:causal masks and windows|its causal mask) top-left",
     # A window with a right extent, without causal.
     "window_right_without_causal": r"right extent only together with causal",
     # An odd Sq or Sk (cuDNN's fused backward rejects them).
     "odd_lengths": r"needs even sequence lengths",
+    # Grouped-query heads together with causal (`expect_refusal` adds it to
+    # any traits holding both).
+    "gqa_with_causal": r"'gqa' together with 'causal'",
 }
 
 EXPECTED_REFUSALS = {
@@ -96,6 +112,9 @@ EXPECTED_REFUSALS = {
         "dropout", "weights", "cache", "sharded_sequence", "head_dim_limit",
         "value_dim_differs", "unaligned_causal_or_window",
         "window_right_without_causal", "odd_lengths"}),
+    # The Triton kernels (CPU only in interpret mode: EXTRA_OPTIONS); on TPU
+    # JAX's TPU kernel, which refuses more (PLATFORM_REFUSALS).
+    "flash": frozenset({"cpu", "weights"}),
     # The sequence-parallel ones pass the structured mask along with the
     # K/V blocks or heads; no dense mask or bias.
     "ring": frozenset({"mask", "bias", "weights"}),
@@ -106,15 +125,30 @@ EXPECTED_REFUSALS = {
     "splash": frozenset({
         "cpu", "gpu", "float16", "positions", "mask", "bias", "dropout",
         "weights", "cache", "sharded_sequence"}),
-    # `auto` picks among vanilla, blockwise and cudnn, never one that refuses.
+    # `auto` picks among its candidates, never one that refuses.
     "auto": frozenset(),
+}
+
+# What a mechanism refuses when the battery's backend is a given platform,
+# where that differs from its `EXPECTED_REFUSALS` entry (which it replaces
+# there): mechanism -> platform -> traits.
+PLATFORM_REFUSALS = {
+    # On TPU (without interpret) flash runs JAX's Pallas TPU flash kernel:
+    # no window, positions (hence cache), mask, soft cap, dropout, float16 or
+    # sequence sharding; causal only with Sq == Sk and without grouped heads.
+    "flash": {"tpu": EXPECTED_REFUSALS["flash"] | frozenset({
+        "window", "positions", "mask", "softcap", "dropout", "cache",
+        "float16", "sharded_sequence", "unaligned_causal_or_window",
+        "gqa_with_causal"})},
 }
 
 # Extra module options some mechanisms need on some backends (DESIGN.md: the
 # Pallas mechanisms run on CPU only in interpret mode, which lifts their
 # platform refusal there).
 EXTRA_OPTIONS = {
-    "flash": {"cpu": {"interpret": True}},
+    # On TPU JAX's kernel, whose tiles are multiples of 128 (as splash's).
+    "flash": {"cpu": {"interpret": True},
+              "tpu": {"block_sizes": fa.BlockSizes()}},
     # splash's tiles are multiples of 128, not the battery's small tiles:
     # `fa.BlockSizes()` lets it pick its own (one tile of 128 here).
     "splash": {"cpu": {"interpret": True, "block_sizes": fa.BlockSizes()},
@@ -144,14 +178,22 @@ def refusal_message(trait: str) -> str:
   return SHAPE_LIMITS[trait]
 
 
-def refusals(mechanism: str) -> frozenset[str]:
-  """The traits `mechanism` refuses here: the table, or its capabilities."""
+def expected_refusals(mechanism: str, platform: str) -> frozenset[str]:
+  """The reviewed traits `mechanism` refuses on `platform` (no extra
+  options): its `PLATFORM_REFUSALS` entry, else its `EXPECTED_REFUSALS`."""
+  return PLATFORM_REFUSALS.get(mechanism, {}).get(
+      platform, EXPECTED_REFUSALS[mechanism])
+
+
+def refusals(mechanism: str, backend: str = BACKEND) -> frozenset[str]:
+  """The traits `mechanism` refuses on `backend` with the battery's options:
+  the tables, or its capabilities."""
   if mechanism in EXPECTED_REFUSALS:
-    refused = EXPECTED_REFUSALS[mechanism]
+    refused = expected_refusals(mechanism, backend)
   else:
     refused = capability_refusals(fa.capabilities(mechanism))
-  if EXTRA_OPTIONS.get(mechanism, {}).get(BACKEND, {}).get("interpret"):
-    refused -= {BACKEND}
+  if EXTRA_OPTIONS.get(mechanism, {}).get(backend, {}).get("interpret"):
+    refused -= {backend}
   return refused
 
 
@@ -169,12 +211,15 @@ def capability_refusals(caps: fa.Capabilities) -> frozenset[str]:
 FORCED_DTYPE = os.environ.get("FA_TEST_DTYPE")
 
 
-def preferred_dtype(mechanism: str, forced: bool = True) -> str:
-  """The most precise dtype `mechanism` accepts (or `FA_TEST_DTYPE`)."""
-  if forced and FORCED_DTYPE and FORCED_DTYPE not in refusals(mechanism):
+def preferred_dtype(mechanism: str, forced: bool = True,
+                    backend: str = BACKEND) -> str:
+  """The most precise dtype `mechanism` accepts on `backend` (or
+  `FA_TEST_DTYPE`)."""
+  refused = refusals(mechanism, backend)
+  if forced and FORCED_DTYPE and FORCED_DTYPE not in refused:
     return FORCED_DTYPE
   for dtype in ("float32", "float16", "bfloat16"):
-    if dtype not in refusals(mechanism):
+    if dtype not in refused:
       return dtype
   raise AssertionError(f"{mechanism} accepts no dtype")
 
@@ -185,22 +230,27 @@ def preferred_dtype(mechanism: str, forced: bool = True) -> str:
 NO_SMALL_BLOCKS = frozenset({"auto"})
 
 
-def module_options(mechanism: str, **options) -> dict[str, Any]:
-  """`options` plus small block sizes and backend-specific extras."""
+def module_options(mechanism: str, *, backend: str = BACKEND,
+                   **options) -> dict[str, Any]:
+  """`options` plus small block sizes and `backend`-specific extras."""
   caps = fa.capabilities(mechanism)
   if ("block_sizes" not in options and caps.block_size_fields and
       mechanism not in NO_SMALL_BLOCKS):
     options["block_sizes"] = fa.BlockSizes(**{
         f: SMALL_BLOCKS.get(f, SMALL_BLOCK_DEFAULT)
         for f in caps.block_size_fields})
-  options.update(EXTRA_OPTIONS.get(mechanism, {}).get(BACKEND, {}))
+  options.update(EXTRA_OPTIONS.get(mechanism, {}).get(backend, {}))
   return options
 
 
-def expect_refusal(mechanism: str, traits, call) -> bool:
-  """If `mechanism` refuses any of `traits`, asserts `call()` raises a
-  `NotImplementedError` naming one of them and returns True."""
-  refused = refusals(mechanism) & frozenset(traits)
+def expect_refusal(mechanism: str, traits, call,
+                   backend: str = BACKEND) -> bool:
+  """If `mechanism` refuses any of `traits` on `backend`, asserts `call()`
+  raises a `NotImplementedError` naming one of them and returns True."""
+  traits = frozenset(traits)
+  if {"gqa", "causal"} <= traits:
+    traits |= {"gqa_with_causal"}
+  refused = refusals(mechanism, backend) & traits
   if not refused:
     return False
   pattern = "|".join(f"(?:{refusal_message(t)})" for t in sorted(refused))
@@ -253,9 +303,9 @@ class Case:
   empty_rows: tuple[int, ...] = ()
   return_weights: bool = False
 
-  def traits(self, dtype: str) -> frozenset[str]:
-    """Everything about the case a mechanism may refuse."""
-    used = {dtype, BACKEND}
+  def traits(self, dtype: str, backend: str = BACKEND) -> frozenset[str]:
+    """Everything about the case a mechanism may refuse on `backend`."""
+    used = {dtype, backend}
     for feature, on in (
         ("causal", self.causal), ("window", self.window is not None),
         ("softcap", self.softcap is not None),
@@ -385,7 +435,8 @@ def build_inputs(case: Case, dtype: str):
   return q, k, v, ct, bias, call
 
 
-def case_options(mechanism: str, case: Case) -> dict[str, Any]:
+def case_options(mechanism: str, case: Case,
+                 backend: str = BACKEND) -> dict[str, Any]:
   options = {}
   if case.window is not None:
     options["sliding_window"] = case.window
@@ -393,16 +444,18 @@ def case_options(mechanism: str, case: Case) -> dict[str, Any]:
     options["logits_soft_cap"] = case.softcap
   if case.value_dim is not None:
     options["value_dim"] = case.value_dim
-  return module_options(mechanism, **options)
+  return module_options(mechanism, backend=backend, **options)
 
 
 # --- The refusal table is the reviewed truth ----------------------------------
 
 
 def _request(platform="gpu", dtype="bfloat16", features=(), q_len=32,
-             kv_len=32, head_dim=64, value_dim=64, window=None):
+             kv_len=32, num_kv_heads=4, head_dim=64, value_dim=64,
+             window=None):
   dims = AttentionDims(batch=2, q_len=q_len, kv_len=kv_len, num_heads=4,
-                       num_kv_heads=4, head_dim=head_dim, value_dim=value_dim)
+                       num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       value_dim=value_dim)
   return fa.AttentionRequest(dims=dims, dtype=dtype, platform=platform,
                              features=frozenset(features), window=window)
 
@@ -414,34 +467,97 @@ SHAPE_LIMIT_REQUESTS = {
     "unaligned_causal_or_window": dict(q_len=16, features=("causal",)),
     "window_right_without_causal": dict(features=("window",), window=(4, 4)),
     "odd_lengths": dict(q_len=31, kv_len=31),
+    "gqa_with_causal": dict(num_kv_heads=2, features=("gqa", "causal")),
 }
+
+
+def trait_requests(platform: str, dtype: str):
+  """One minimal request per trait, exhibiting only that trait: on
+  `platform` in `dtype`, except for the other platforms and dtypes."""
+  requests = {}
+  for feature in FEATURES:
+    requests[feature] = _request(
+        platform, dtype, (feature,), num_kv_heads=2 if feature == "gqa" else 4,
+        window=(4, 0) if feature == "window" else None)
+  requests.update({d: _request(platform, d) for d in DTYPES if d != dtype})
+  requests.update({p: _request(p, dtype) for p in PLATFORMS if p != platform})
+  requests["sharded_sequence"] = dataclasses.replace(
+      _request(platform, dtype), sequence_sharded=True)
+  for limit, kwargs in SHAPE_LIMIT_REQUESTS.items():
+    requests[limit] = _request(platform, dtype, **kwargs)
+  return requests
 
 
 @pytest.mark.parametrize("mechanism", sorted(EXPECTED_REFUSALS))
 def test_expected_refusals_match_capabilities(mechanism):
+  """The tables name known traits, and `EXPECTED_REFUSALS` (the shape
+  limits aside) is what `fa.capabilities` says."""
   assert mechanism in MECHANISMS, f"{mechanism} is no longer registered"
-  table = EXPECTED_REFUSALS[mechanism]
   known = set(FEATURES) | set(DTYPES) | set(PLATFORMS) | set(SHAPE_LIMITS) | {
       "sharded_sequence"}
-  assert table <= known, f"unknown traits {sorted(table - known)}"
-  caps = fa.capabilities(mechanism)
-  assert table - set(SHAPE_LIMITS) == capability_refusals(caps)
-  # The shape limits, through the mechanism's own refusal logic on a
-  # platform and dtype it supports.
-  platform = caps.platforms[0]
-  dtype = caps.dtypes[0]
+  for table in (EXPECTED_REFUSALS[mechanism],
+                *PLATFORM_REFUSALS.get(mechanism, {}).values()):
+    assert table <= known, f"unknown traits {sorted(table - known)}"
+  table = EXPECTED_REFUSALS[mechanism]
+  assert table - set(SHAPE_LIMITS) == capability_refusals(
+      fa.capabilities(mechanism))
+
+
+@pytest.mark.parametrize("mechanism,platform", [
+    (m, p) for m in sorted(EXPECTED_REFUSALS) for p in PLATFORMS
+    if p not in expected_refusals(m, p)])
+def test_refusal_tables_match_the_refusal_logic(mechanism, platform):
+  """On each platform a known mechanism runs on without extra options (so
+  flash on TPU runs JAX's TPU kernel), its mechanism's own refusal logic
+  refuses exactly the traits of its table there, naming each."""
+  table = expected_refusals(mechanism, platform)
+  dtype = next(d for d in DTYPES if d not in table)
   assert registry.unsupported_reason(
       mechanism, _request(platform, dtype)) is None
-  for limit, request in SHAPE_LIMIT_REQUESTS.items():
-    if set(request.get("features", ())) & table:
-      continue  # The feature itself is refused (checked above).
-    reason = registry.unsupported_reason(
-        mechanism, _request(platform, dtype, **request))
-    if limit in table:
-      assert reason is not None and re.search(SHAPE_LIMITS[limit], reason), (
-          limit, reason)
+  for trait, request in trait_requests(platform, dtype).items():
+    if trait in SHAPE_LIMITS and request.features & table:
+      continue  # The feature itself is refused (checked too).
+    reason = registry.unsupported_reason(mechanism, request)
+    if trait in table:
+      assert reason is not None and re.search(refusal_message(trait),
+                                              reason), (trait, reason)
     else:
-      assert reason is None, (limit, reason)
+      assert reason is None, (trait, reason)
+
+
+class _KernelBuilt(Exception):
+  """Raised instead of building a kernel: the call passed every check."""
+
+
+def _stop_at_kernel(config, request):
+  del config, request
+  raise _KernelBuilt
+
+
+@pytest.mark.parametrize("mechanism,platform", [
+    (m, p) for m in sorted(EXPECTED_REFUSALS) for p in PLATFORMS
+    if p != BACKEND])
+def test_cases_on_other_platforms_get_the_tables_verdict(
+    mechanism, platform, monkeypatch):
+  """The battery's verdict on each case on a platform this host is not (a
+  refusal naming a refused trait, or a run) is the module's there, up to
+  building the kernel: the modules see `platform` as their backend, and
+  building a kernel stops the call."""
+  monkeypatch.setattr(base.AttentionModule, "_platform",
+                      lambda self: platform)
+  for name in MECHANISMS:
+    monkeypatch.setattr(registry.get_mechanism(name), "make_kernel",
+                        staticmethod(_stop_at_kernel))
+  for case in CASES:
+    dtype = case.dtype or preferred_dtype(mechanism, backend=platform)
+    q, k, v, _, bias, call = build_inputs(case, dtype)
+    options = case_options(mechanism, case, platform)
+    run = lambda: helpers.call_mechanism(  # pylint: disable=cell-var-from-loop
+        mechanism, q, k, v, options=options, bias=bias, **call)
+    if not expect_refusal(mechanism, case.traits(dtype, platform), run,
+                          platform):
+      with pytest.raises(_KernelBuilt):
+        run()
 
 
 @pytest.mark.parametrize("mechanism", sorted(EXPECTED_REFUSALS))
