@@ -42,6 +42,9 @@ _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S of the timed cells.")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "Run the kernels in Pallas' interpreter (a CPU smoke "
     "test of this script; the timings then mean nothing).")
+_CELLS = flags.DEFINE_list(
+    "cells", ["128:full", "128:causal", "64:full", "256:full"],
+    "Sweep cells, `D:full` or `D:causal`.")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Only a few correctness cases and no DCE check before "
     "the sweep (for a short device call).")
@@ -177,9 +180,9 @@ L = ft.Launch
 # Candidate launches per padded head size: (forward, dK/dV, dQ) lists, each
 # starting with the current default. Tiles are block_q x block_k.
 CANDIDATES = {
-    64: ([L(128, 64, 4, 3), L(128, 64, 4, 2), L(128, 128, 4, 3),
+    64: ([L(128, 128, 4, 3), L(128, 64, 4, 3), L(128, 64, 4, 2),
           L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3)],
-         [L(64, 128, 4, 3), L(32, 128, 4, 3), L(32, 128, 4, 5),
+         [L(32, 128, 4, 3), L(64, 128, 4, 3), L(32, 128, 4, 5),
           L(64, 64, 4, 3), L(128, 128, 8, 2), L(64, 128, 8, 3),
           L(128, 64, 4, 3)],
          [L(128, 64, 4, 3), L(128, 32, 4, 3), L(128, 32, 4, 5),
@@ -228,7 +231,7 @@ def _tune_cell(rows, d, causal):
   ref_out, ref_vjp = jax.vjp(reference, ref_inputs.query, ref_inputs.key,
                              ref_inputs.value)
   ref_grads = ref_vjp(f32(dout))
-  default = ft.default_launch_config(d)
+  default = ft.default_launch_config(d, causal)
   prepare = functools.partial(ft.prepare, sm_scale=d**-0.5,
                               interpret=_INTERPRET.value)
   out, lse = jax.jit(lambda q, k, v: ft.forward_pass(prepare(
@@ -277,11 +280,12 @@ def _tune_cell(rows, d, causal):
 
 
 def tune(results):
-  """The launch sweep: D = 128 causal and not, D = 64 and 256 not causal
-  (B * S = `--tokens`, S = `--seq`, H * D = 2048, bf16)."""
+  """The launch sweep over `--cells` (B * S = `--tokens`, S = `--seq`,
+  H * D = 2048, bf16)."""
   rows = results.setdefault("tune", [])
-  for d, causal in ((128, False), (128, True), (64, False), (256, False)):
-    _tune_cell(rows, d, causal)
+  for cell in _CELLS.value:
+    d, kind = cell.split(":")
+    _tune_cell(rows, int(d), kind == "causal")
     _save(results)
   print("\n| D | causal | kernel | launch | default | ms | TFLOP/s |")
   print("|---|---|---|---|---|---|---|")

@@ -93,20 +93,23 @@ class LaunchConfig:
   dq: Launch
 
 
-def default_launch_config(head_dim: int) -> LaunchConfig:
+def default_launch_config(head_dim: int, causal: bool = False
+                          ) -> LaunchConfig:
   """Tiles, warps and stages per (padded) head size, for Hopper GPUs.
 
-  Forward at D = 128: 128 x 64 tiles, 4 warps, 2 stages measured best of
-  five launches on an H200 (benchmarks/flash_notes.md). The backward
-  launches are untuned starting points: the dK/dV kernel holds two `[bk, D]`
-  float32 accumulators, hence 8 warps from D = 128 on.
+  Measured on an H200 (jax 0.11.2, bf16, B*S = 16k, S = 4096, H*D = 2048),
+  each kernel's launches timed alone by `benchmarks/flash_probe.py`; the
+  sweep and its numbers are in benchmarks/flash_notes.md. At D = 128 the
+  causal forward prefers 64 x 64 tiles (less work on the diagonal), the
+  non-causal one 128 x 64.
   """
   if head_dim <= 64:
-    return LaunchConfig(fwd=Launch(128, 64, 4, 3), dkv=Launch(64, 128, 4, 3),
+    return LaunchConfig(fwd=Launch(128, 128, 4, 3), dkv=Launch(32, 128, 4, 3),
                         dq=Launch(128, 64, 4, 3))
   if head_dim <= 128:
-    return LaunchConfig(fwd=Launch(128, 64, 4, 2), dkv=Launch(64, 128, 8, 2),
-                        dq=Launch(128, 64, 8, 2))
+    fwd = Launch(64, 64, 4, 3) if causal else Launch(128, 64, 4, 2)
+    return LaunchConfig(fwd=fwd, dkv=Launch(64, 128, 8, 3),
+                        dq=Launch(128, 32, 4, 3))
   return LaunchConfig(fwd=Launch(64, 64, 4, 2), dkv=Launch(32, 64, 8, 2),
                       dq=Launch(64, 32, 8, 2))
 
@@ -124,10 +127,10 @@ def check_block_size(name: str, value: int | None):
                      f"{MIN_BLOCK} for mechanism 'flash', got {value}.")
 
 
-def launch_config(head_dim: int, block_sizes: BlockSizes | None = None
-                  ) -> LaunchConfig:
+def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
+                  causal: bool = False) -> LaunchConfig:
   """The default launches with the user's `fa.BlockSizes` applied."""
-  config = default_launch_config(head_dim)
+  config = default_launch_config(head_dim, causal)
   if block_sizes is None:
     return config
 
@@ -805,7 +808,7 @@ def prepare(inputs: AttentionInputs,
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = _pad_dim(dims.head_dim), _pad_dim(dims.value_dim)
   if launch is None:
-    launch = launch_config(max(d_pad, dv_pad), block_sizes)
+    launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal)
   launch = LaunchConfig(*(_clip(x, q_len, kv_len) for x in
                           (launch.fwd, launch.dkv, launch.dq)))
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
