@@ -17,7 +17,8 @@ Three variants, chosen with ml_collections' `path:argument` syntax:
   `--config.grid_head_dims='(128,)'`.
 - `--config=configs/benchmark.py:context_parallel`: ring attention over all
   devices (`num_devices=-1`) against its block kernel on one device, bf16,
-  H*D = 2048 (H = 16, D = 128), causal, forward+backward.
+  H*D = 2048 (H = 16, D = 128), causal, forward+backward. The block kernel
+  is `block_mechanism`: `flash` (default, GPU) or `blockwise`.
 
 Rows and baselines:
 - `mechanisms`: registered mechanisms, comma-separated (empty: all);
@@ -97,7 +98,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.sequence_lengths = ()  # Only the context-parallel sweep.
     config.context_parallel = True
     config.num_devices = -1
-    config.block_mechanism = "blockwise"
+    config.block_mechanism = "flash"
     config.local_lengths = (4096, 16384, 65536)
     config.layouts = ("zigzag", "contiguous")
     config.longest_lengths = (1048576, 2097152, 4194304)

@@ -261,11 +261,15 @@ def test_ring_flash_block_kernel_runs_on_gpu_or_interpreted():
   with pytest.raises(ValueError, match="interpret=True applies to "
                      "block_kernel='flash'"):
     helpers.call_mechanism("ring", q, k, v, options={"interpret": True})
-  with pytest.raises(ValueError, match="block_q_dq is read by "
-                     "block_kernel='flash' only"):
+  with pytest.raises(NotImplementedError, match=r"\['block_q_dq'\] are not "
+                     "read by mechanism 'ring'"):
     helpers.call_mechanism(
-        "ring", q, k, v,
-        options={"block_sizes": fa.BlockSizes(block_q_dq=16)})
+        "ring", q, k, v, options={"block_kernel": "flash", "interpret": True,
+                                  "block_sizes": fa.BlockSizes(block_q_dq=16)})
+  with pytest.raises(ValueError, match="power of two"):
+    helpers.call_mechanism(
+        "ring", q, k, v, options={"block_kernel": "flash", "interpret": True,
+                                  "block_sizes": fa.BlockSizes(block_q=24)})
   with pytest.raises(ValueError, match="block_kernel must be one of"):
     helpers.call_mechanism("ring", q, k, v, options={"block_kernel": "cudnn"})
 

@@ -350,7 +350,8 @@ def forward_backward_fn(forward: Callable) -> Callable:
 
 def benchmark_one(name: str, config, cell: Cell | int, *, mesh=None,
                   options=None, label: str | None = None,
-                  repeats: int | None = None) -> BenchmarkRow:
+                  repeats: int | None = None,
+                  warmup: int = 2) -> BenchmarkRow:
   """Checks, then times one mechanism (or baseline) on one cell.
 
   Args:
@@ -363,12 +364,13 @@ def benchmark_one(name: str, config, cell: Cell | int, *, mesh=None,
     options: extra module options (e.g. `layout`).
     label: the row's name (default `name`).
     repeats: timed calls (default `config.repeats`).
+    warmup: untimed calls before them (after the checked call).
   """
   if isinstance(cell, int):
     cell = config_cell(config, cell)
   try:
     return _benchmark_one(name, config, cell, mesh, options, label,
-                          repeats or config.repeats)
+                          repeats or config.repeats, warmup)
   except Exception as e:  # pylint: disable=broad-except
     return BenchmarkRow(mechanism=label or name, sequence_length=cell.seq_len,
                         cell=cell.name,
@@ -376,7 +378,8 @@ def benchmark_one(name: str, config, cell: Cell | int, *, mesh=None,
                         devices=1 if mesh is None else mesh.size)
 
 
-def _benchmark_one(name, config, cell, mesh, options, label, repeats):
+def _benchmark_one(name, config, cell, mesh, options, label, repeats,
+                   warmup):
   row = BenchmarkRow(mechanism=label or name, sequence_length=cell.seq_len,
                      status="ok", devices=1 if mesh is None else mesh.size,
                      cell=cell.name)
@@ -444,9 +447,10 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats):
     row.status = f"error: differs from the reference ({worst:.1e}); not timed"
     return row
   row.forward_ms = 1e3 * timing.median_seconds(compiled_fwd.fn, q, k, v,
-                                               repeats=repeats)
+                                               repeats=repeats,
+                                               warmup=warmup)
   row.forward_backward_ms = 1e3 * timing.median_seconds(
-      compiled.fn, q, k, v, ct_time, repeats=repeats)
+      compiled.fn, q, k, v, ct_time, repeats=repeats, warmup=warmup)
   flops = attention_flops(cell.batch, cell.num_heads, seq_len, seq_len, d,
                           cell.causal)
   row.forward_tflops = flops / (row.forward_ms * 1e-3) / 1e12
@@ -639,10 +643,14 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
   kernel (`config.block_mechanism`) on one device at `s`, then `ring` over
   `n` devices at `n * s` for each of `config.layouts`, reporting each ring
   row's per-device throughput as a fraction of the single-device one. Then
-  `ring` (zigzag) at each of `config.longest_lengths` until one fails.
+  `ring` (zigzag) at each of `config.longest_lengths` until one fails (one
+  timed call each, no warm-up beyond the checked call).
+
+  The ring's block kernel is the block mechanism: `blockwise` or `flash`.
   """
   n = jax.device_count() if config.num_devices == -1 else config.num_devices
   mesh = make_mesh((1, 1, 1, n), devices=jax.devices()[:n])
+  ring_options = {"block_kernel": config.block_mechanism}
   rows = []
   for local in config.local_lengths:
     single = benchmark_one(config.block_mechanism, config, local,
@@ -651,7 +659,7 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
     rows.append(single)
     for layout in config.layouts:
       row = benchmark_one("ring", config, n * local, mesh=mesh,
-                          options={"layout": layout},
+                          options={**ring_options, "layout": layout},
                           label=f"ring {layout} x{n}")
       if row.forward_backward_tflops and single.forward_backward_tflops:
         row.fraction_of_single_device = (
@@ -660,8 +668,9 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
       rows.append(row)
   for length in config.longest_lengths:
     row = benchmark_one("ring", config, length, mesh=mesh,
-                        options={"layout": "zigzag"},
-                        label=f"ring zigzag x{n} (longest)", repeats=1)
+                        options={**ring_options, "layout": "zigzag"},
+                        label=f"ring zigzag x{n} (longest)", repeats=1,
+                        warmup=0)
     _log_row(row)
     rows.append(row)
     if row.status != "ok":
