@@ -191,17 +191,49 @@ def _available_bytes() -> int | None:
   return stats.get("bytes_limit")
 
 
-def _random_inputs(config, cell: Cell, sharding):
-  """q, k, v, the checking and the timing cotangents, made on the devices.
+@dataclasses.dataclass(frozen=True)
+class _CellInputs:
+  """The arrays every row of a cell runs on (made on the devices)."""
 
-  The cotangents have the output's dtype (`config.dtype`); the checking one
-  is zero outside the last `rows` queries.
+  q: jax.Array  # [B, S, H, D]
+  k: jax.Array  # [B, S, Hkv, D]
+  v: jax.Array  # [B, S, Hkv, D]
+  ct_check: jax.Array  # [B, S, H, D], zero outside the last `rows` queries.
+  ct_time: jax.Array  # [B, S, H, D]
+  rows: int  # The queries checked against the reference.
+  segment_ids: np.ndarray | None  # [B, S] for packed cells.
+
+
+class _CellCache:
+  """One cell's inputs and reference, shared by the cell's rows.
+
+  A cell's rows run back to back, so neither is rebuilt (nor recompiled) per
+  row; the previous cell's arrays are dropped before the next cell's are
+  made, so at most one cell's are ever alive.
   """
+
+  def __init__(self):
+    self._key, self._values = None, {}
+
+  def get(self, key, what: str, build: Callable[[], Any]):
+    if key != self._key:
+      self._key, self._values = key, {}
+    if what not in self._values:
+      self._values[what] = build()
+    return self._values[what]
+
+
+_CELL_CACHE = _CellCache()
+
+
+def _random_inputs(cell: Cell, dtype: str, seed: int, check_rows: int,
+                   sharding) -> _CellInputs:
+  """The cell's random inputs; the cotangents have the output's dtype."""
   b, h, d, hkv = cell.batch, cell.num_heads, cell.head_dim, cell.num_kv_heads
   seq_len = cell.seq_len
-  dtype = np.dtype(config.dtype)
-  rows = min(config.check_rows, seq_len)
-  keys = jax.random.split(jax.random.PRNGKey(config.seed), 5)
+  dtype = np.dtype(dtype)
+  rows = min(check_rows, seq_len)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   jit = functools.partial(jax.jit, static_argnums=(1, 2))
   if sharding is not None:
     jit = functools.partial(jit, out_shardings=sharding)
@@ -213,11 +245,47 @@ def _random_inputs(config, cell: Cell, sharding):
     return zeros.at[:, -rows:].set(
         jax.random.normal(key, (b, rows, h, d), dtype))
 
-  q = normal(keys[0], (b, seq_len, h, d), dtype)
-  k = normal(keys[1], (b, seq_len, hkv, d), dtype)
-  v = normal(keys[2], (b, seq_len, hkv, d), dtype)
-  ct_time = normal(keys[4], (b, seq_len, h, d), dtype)
-  return q, k, v, check_cotangent(keys[3]), ct_time, rows
+  return _CellInputs(
+      q=normal(keys[0], (b, seq_len, h, d), dtype),
+      k=normal(keys[1], (b, seq_len, hkv, d), dtype),
+      v=normal(keys[2], (b, seq_len, hkv, d), dtype),
+      ct_check=check_cotangent(keys[3]),
+      ct_time=normal(keys[4], (b, seq_len, h, d), dtype),
+      rows=rows,
+      segment_ids=(packed_segment_ids(b, seq_len, seed) if cell.packed
+                   else None))
+
+
+def _reference(cell: Cell, inputs: _CellInputs, logits_soft_cap):
+  """The float32 reference on the checked rows, on one device.
+
+  With default (bottom-right) positions the last `rows` queries alone are
+  the same problem as within the full sequence.
+
+  Returns:
+    `(out [B, rows, H, D], (dq [B, rows, H, D], dk, dv [B, S, Hkv, D]))` for
+    the last `rows` queries against all keys, and the checking cotangent.
+  """
+  rows, segment_ids = inputs.rows, inputs.segment_ids
+
+  def reference(q_rows, k, v):
+    ids = None
+    if segment_ids is not None:
+      ids = (jnp.asarray(segment_ids[:, -rows:]), jnp.asarray(segment_ids))
+    canonical = canonicalize(q_rows, k, v, causal=cell.causal,
+                             segment_ids=ids)
+    return reference_attention(
+        canonical.query, canonical.key, canonical.value, None,
+        canonical.visibility, sm_scale=cell.head_dim**-0.5,
+        softcap=logits_soft_cap).out
+
+  one = jax.devices()[0]
+  f32 = lambda x: jax.device_put(x, one).astype(jnp.float32)
+  q_rows, k, v = f32(inputs.q[:, -rows:]), f32(inputs.k), f32(inputs.v)
+  ct_rows = f32(inputs.ct_check[:, -rows:])
+  loss = lambda q_rows, k, v: jnp.sum(reference(q_rows, k, v) * ct_rows)
+  return (jax.jit(reference)(q_rows, k, v),
+          jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q_rows, k, v))
 
 
 class BaselineUnavailable(Exception):
@@ -383,19 +451,18 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats,
   row = BenchmarkRow(mechanism=label or name, sequence_length=cell.seq_len,
                      status="ok", devices=1 if mesh is None else mesh.size,
                      cell=cell.name)
-  seq_len, d = cell.seq_len, cell.head_dim
   sharding = None
   if mesh is not None:
     sharding = NamedSharding(mesh, P(None, "sp", None, None))
-  q, k, v, ct_check, ct_time, rows = _random_inputs(config, cell, sharding)
-  segment_ids = None
-  if cell.packed:
-    segment_ids = packed_segment_ids(cell.batch, seq_len, config.seed)
+  cell_args = (cell, config.dtype, config.seed, config.check_rows, sharding)
+  key = cell_args + (config.logits_soft_cap,)
+  inputs = _CELL_CACHE.get(key, "inputs", lambda: _random_inputs(*cell_args))
+  q, k, v, ct_time = inputs.q, inputs.k, inputs.v, inputs.ct_time
   served = []
   try:
     fwd = forward_fn(name, cell, logits_soft_cap=config.logits_soft_cap,
-                     segment_ids=segment_ids, mesh=mesh, options=options,
-                     served=served)
+                     segment_ids=inputs.segment_ids, mesh=mesh,
+                     options=options, served=served)
     compiled_fwd = timing.compile_fn(fwd, q, k, v)
     compiled = timing.compile_fn(forward_backward_fn(fwd), q, k, v, ct_time)
   except BaselineUnavailable as e:
@@ -419,25 +486,13 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats,
                   f"the device has {available / 2**30:.1f} GiB")
     return row
 
-  # Check against the reference on the last `rows` queries.
-  def reference(q_rows, k, v):
-    ids = None
-    if segment_ids is not None:
-      ids = (jnp.asarray(segment_ids[:, -rows:]), jnp.asarray(segment_ids))
-    inputs = canonicalize(q_rows, k, v, causal=cell.causal, segment_ids=ids)
-    return reference_attention(
-        inputs.query, inputs.key, inputs.value, None, inputs.visibility,
-        sm_scale=d**-0.5, softcap=config.logits_soft_cap).out
-
-  one = jax.devices()[0]
-  f32 = lambda x: jax.device_put(x, one).astype(jnp.float32)
-  ct_rows = f32(ct_check[:, -rows:])
-  ref_loss = lambda q_rows, k, v: jnp.sum(reference(q_rows, k, v) * ct_rows)
-  ref_out = jax.jit(reference)(f32(q[:, -rows:]), f32(k), f32(v))
-  ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(
-      f32(q[:, -rows:]), f32(k), f32(v))
+  # Check the last `rows` queries (and dk, dv in full) against the reference.
+  rows = inputs.rows
+  ref_out, ref_grads = _CELL_CACHE.get(
+      key, "reference",
+      lambda: _reference(cell, inputs, config.logits_soft_cap))
   out = compiled_fwd.fn(q, k, v)
-  dq, dk, dv = compiled.fn(q, k, v, ct_check)
+  dq, dk, dv = compiled.fn(q, k, v, inputs.ct_check)
   row.out_error = relative_error(out[:, -rows:], ref_out)
   row.grad_error = max(relative_error(dq[:, -rows:], ref_grads[0]),
                        relative_error(dk, ref_grads[1]),
@@ -451,8 +506,8 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats,
                                                warmup=warmup)
   row.forward_backward_ms = 1e3 * timing.median_seconds(
       compiled.fn, q, k, v, ct_time, repeats=repeats, warmup=warmup)
-  flops = attention_flops(cell.batch, cell.num_heads, seq_len, seq_len, d,
-                          cell.causal)
+  flops = attention_flops(cell.batch, cell.num_heads, cell.seq_len,
+                          cell.seq_len, cell.head_dim, cell.causal)
   row.forward_tflops = flops / (row.forward_ms * 1e-3) / 1e12
   row.forward_backward_tflops = (3.5 * flops /
                                  (row.forward_backward_ms * 1e-3) / 1e12)
