@@ -16,9 +16,10 @@ cuDNN given the dense mask equivalent to the cell's structure, or JAX's
 in-tree Pallas-Triton kernel.
 
 Memory, per row:
-- `minimum_bytes`: what a fused forward+backward cannot go below: Q, K, V,
-  O, dO, dQ, dK, dV in the cell's dtype and the float32 log-sum-exp
-  `[B, H, S]` (per device on a mesh);
+- `minimum_bytes`: what a fused forward+backward holds when each of Q, K,
+  V, O, dO, dQ, dK, dV (in the cell's dtype) and the float32 log-sum-exp
+  `[B, H, S]` has a buffer of its own (per device on a mesh); a program can
+  go below it by reusing a dead buffer (e.g. O's) for a later one;
 - `program_bytes`: the compiled forward+backward program's arguments, outputs
   and temporaries (XLA's buffer assignment), and `memory_ratio` =
   program_bytes / minimum_bytes;
@@ -45,6 +46,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -168,7 +170,7 @@ def attention_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
 
 
 def minimum_bytes(cell: Cell, dtype: str) -> int:
-  """Bytes a fused forward+backward of `cell` cannot go below.
+  """The bytes of what a fused forward+backward of `cell` holds.
 
   Q, O, dO, dQ `[B, S, H, D]` and K, V, dK, dV `[B, S, Hkv, D]` in `dtype`,
   plus the float32 log-sum-exp `[B, H, S]` the backward needs.
@@ -548,10 +550,14 @@ def fresh_process_peak(name: str, cell: Cell, *, dtype: str, seed: int = 0,
                        options: dict[str, Any] | None = None) -> int | None:
   """Peak device bytes of one forward+backward, in a fresh process.
 
-  Runs `python -m flexible_attention.comparison.fresh_peak` (see there) with
-  this environment, this copy of the package first on PYTHONPATH, and
-  `XLA_PYTHON_CLIENT_PREALLOCATE=false` (this process may hold its
-  preallocated pool; `peak_bytes_in_use` counts the buffers either way).
+  Runs `python -m flexible_attention.comparison.fresh_peak` (see there)
+  twice, with this environment and this copy of the package first on
+  PYTHONPATH: `compile` fills a fresh persistent compilation cache, then
+  `measure` loads the executable from it (so no compile-time allocation,
+  e.g. XLA's autotuning buffers, counts), runs it once and reads the
+  device's `peak_bytes_in_use`. Both run with
+  `XLA_PYTHON_CLIENT_PREALLOCATE=false`: this process may hold its
+  preallocated pool, and `peak_bytes_in_use` counts the buffers either way.
 
   Args:
     name: a mechanism or a baseline.
@@ -562,36 +568,48 @@ def fresh_process_peak(name: str, cell: Cell, *, dtype: str, seed: int = 0,
     options: extra module options (JSON-serialisable).
 
   Returns:
-    `peak_bytes_in_use` after one forward+backward (where only q, k, v and
-    the cotangent were ever allocated besides the program's buffers), or
+    The peak bytes in use after one forward+backward (where only q, k, v
+    and the cotangent were ever allocated besides the program's buffers), or
     None where the backend has no memory statistics (e.g. CPU).
 
   Raises:
-    RuntimeError: the process failed (e.g. out of memory) or timed out.
+    RuntimeError: a process failed (e.g. out of memory) or timed out.
   """
-  spec = dict(mechanism=name, cell=dataclasses.asdict(cell), dtype=dtype,
-              seed=seed, logits_soft_cap=logits_soft_cap,
-              options=options or {})
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  env["PYTHONPATH"] = os.pathsep.join(
-      [_PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+  spec = json.dumps(dict(mechanism=name, cell=dataclasses.asdict(cell),
+                         dtype=dtype, seed=seed,
+                         logits_soft_cap=logits_soft_cap,
+                         options=options or {}))
+  with tempfile.TemporaryDirectory() as cache_dir:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+    _run_fresh_peak("compile", spec, env)
+    peaks = json.loads(_run_fresh_peak("measure", spec, env))
+  peak, compile_peak = peaks["peak_bytes_in_use"], peaks["compile_peak_bytes"]
+  if compile_peak:  # The executable was not loaded from the cache.
+    logging.warning("%s on %s: the measuring process compiled (no cache "
+                    "hit); its peak of %d bytes may be compiling's (%d).",
+                    name, cell.name, peak, compile_peak)
+  return peak
+
+
+def _run_fresh_peak(mode: str, spec: str, env: dict[str, str]) -> str:
+  """Runs `fresh_peak <mode> <spec>`; returns its last line of output."""
   command = [sys.executable, "-m", "flexible_attention.comparison.fresh_peak",
-             json.dumps(spec)]
+             mode, spec]
   try:
     result = subprocess.run(command, env=env, capture_output=True, text=True,
                             timeout=_FRESH_PEAK_TIMEOUT_S, check=False)
   except subprocess.TimeoutExpired as e:
-    raise RuntimeError(f"timed out after {_FRESH_PEAK_TIMEOUT_S} s") from e
+    raise RuntimeError(
+        f"fresh_peak {mode} timed out after {_FRESH_PEAK_TIMEOUT_S} s") from e
   if result.returncode != 0:
-    raise RuntimeError(f"exit status {result.returncode}: "
+    raise RuntimeError(f"fresh_peak {mode}: exit status {result.returncode}: "
                        f"{result.stderr.strip()[-1000:]}")
-  peaks = json.loads(result.stdout.strip().splitlines()[-1])
-  peak, compile_peak = peaks["peak_bytes_in_use"], peaks["compile_peak_bytes"]
-  if peak is not None and compile_peak is not None and compile_peak >= peak:
-    logging.warning("%s on %s: the fresh-process peak (%d bytes) was reached "
-                    "while compiling, before the inputs existed: it bounds "
-                    "the run's from above.", name, cell.name, peak)
-  return peak
+  return (result.stdout.strip().splitlines() or [""])[-1]
 
 
 # What the summary compares `flash` with by default (the fused-kernels issue).
@@ -691,7 +709,7 @@ def table(rows: list[BenchmarkRow]) -> str:
   return format_table(lines)
 
 
-def run_context_parallel(config) -> list[BenchmarkRow]:
+def run_context_parallel(config, on_row=None) -> list[BenchmarkRow]:
   """Ring attention across devices vs its block kernel on one device.
 
   For each per-device length `s` of `config.local_lengths`: the block
@@ -702,6 +720,7 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
   timed call each, no warm-up beyond the checked call).
 
   The ring's block kernel is the block mechanism: `blockwise` or `flash`.
+  `on_row(rows)`, if given, is called with the rows so far after each one.
   """
   n = jax.device_count() if config.num_devices == -1 else config.num_devices
   mesh = make_mesh((1, 1, 1, n), devices=jax.devices()[:n])
@@ -712,6 +731,8 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
                            label=f"{config.block_mechanism} x1")
     _log_row(single)
     rows.append(single)
+    if on_row:
+      on_row(rows)
     for layout in config.layouts:
       row = benchmark_one("ring", config, n * local, mesh=mesh,
                           options={**ring_options, "layout": layout},
@@ -721,6 +742,8 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
             row.forward_backward_tflops / n / single.forward_backward_tflops)
       _log_row(row)
       rows.append(row)
+      if on_row:
+        on_row(rows)
   for length in config.longest_lengths:
     row = benchmark_one("ring", config, length, mesh=mesh,
                         options={**ring_options, "layout": "zigzag"},
@@ -728,6 +751,8 @@ def run_context_parallel(config) -> list[BenchmarkRow]:
                         warmup=0)
     _log_row(row)
     rows.append(row)
+    if on_row:
+      on_row(rows)
     if row.status != "ok":
       break
   return rows
@@ -770,7 +795,7 @@ def run_benchmark(config) -> list[BenchmarkRow]:
                jax.default_backend(), jax.__version__)
   rows = []
   if config.get("context_parallel"):
-    rows = run_context_parallel(config)
+    rows = run_context_parallel(config, lambda rows: _write(config, rows))
   cells = [config_cell(config, s) for s in config.sequence_lengths]
   if config.get("standard_grid"):
     cells = standard_grid(config)
