@@ -31,7 +31,9 @@ see flexible_attention/comparison/benchmark.py):
   forward+backward in a fresh process (`fresh_peak_bytes`,
   `fresh_peak_ratio`; None on backends without memory statistics, e.g. CPU),
   for the rows of `peak_mechanisms` (comma-separated), `peak_lengths` and
-  `peak_head_dims` (each empty: all). About 10 s of device time a row.
+  `peak_head_dims` (each empty: all). Two fresh processes a row (compile,
+  then measure with the executable loaded from a persistent compilation
+  cache), about 10-20 s of device time.
 
 Summary (JSON key `summary`, and a markdown table in the log), per cell:
 `summary_subject`'s forward+backward speed against each of `summary_versus`
