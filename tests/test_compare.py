@@ -119,6 +119,35 @@ def test_benchmark_script_checks_before_timing(tmp_path):
       "S64 D64 causal", "S96 D64 causal"]
   assert results["summary"][0]["speed_vs"]["vanilla"] > 0
   assert results["environment"]["jax_version"] == jax.__version__
+  has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+  assert (tmp_path / "cpu.png").exists() == has_matplotlib
+
+
+def test_plot_writes_a_png_and_closes_its_figure(tmp_path):
+  pytest.importorskip("matplotlib")
+  row = lambda mechanism, cell, length, tflops: benchmark.BenchmarkRow(
+      mechanism=mechanism, sequence_length=length, status="ok", cell=cell,
+      forward_backward_tflops=tflops)
+  rows = [row("flash", "S1024 D128 causal", 1024, 100.0),
+          row("flash", "S4096 D128 causal", 4096, 200.0),
+          row("cudnn", "S4096 D64 full", 4096, 300.0),
+          benchmark.BenchmarkRow(mechanism="cudnn", sequence_length=4096,
+                                 status="unsupported: x", cell="S4096 D64 "
+                                 "packed")]
+  path = tmp_path / "plot.png"
+  benchmark.plot(rows, str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  assert not plt.get_fignums()  # Closed after saving.
+
+
+def test_plot_without_matplotlib_writes_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(benchmark.plotting, "pyplot", lambda: None)
+  path = tmp_path / "plot.png"
+  benchmark.plot([benchmark.BenchmarkRow(
+      mechanism="flash", sequence_length=64, status="ok", cell="S64 D8 full",
+      forward_backward_tflops=1.0)], str(path))
+  assert not path.exists()
 
 
 def _benchmark_config(**overrides):

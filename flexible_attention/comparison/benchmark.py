@@ -57,6 +57,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flexible_attention.comparison import plotting
 from flexible_attention.comparison import timing
 from flexible_attention.comparison.compare import TOLERANCE
 from flexible_attention.comparison.compare import format_table
@@ -787,6 +788,60 @@ def _write(config, rows) -> str:
   return path
 
 
+def plot(rows: list[BenchmarkRow], path: str, title: str = ""):
+  """Forward+backward TFLOP/s against S, one line per mechanism and one
+  panel per cell kind (head size, mask, heads), as a PNG (needs
+  matplotlib; logs and returns otherwise)."""
+  plt = plotting.pyplot()
+  if plt is None:
+    return
+  panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+  for row in rows:
+    if row.forward_backward_tflops is None or row.cell is None:
+      continue
+    kind = row.cell.split(" ", 1)[1] if " " in row.cell else row.cell
+    panels.setdefault(kind, {}).setdefault(row.mechanism, []).append(
+        (row.sequence_length, row.forward_backward_tflops))
+  if not panels:
+    logging.info("No timed rows: no plot.")
+    return
+  columns = min(len(panels), 3)
+  lines = -(-len(panels) // columns)
+  fig, axes = plt.subplots(lines, columns, figsize=(4.5 * columns,
+                                                    3.2 * lines),
+                           squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.set_visible(False)
+  for ax, (kind, series) in zip(axes.flat, panels.items()):
+    for mechanism, points in sorted(series.items()):
+      points.sort()
+      ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+              label=mechanism)
+    ax.set_xscale("log", base=2)
+    ax.set_title(kind, fontsize="medium")
+    ax.set_xlabel("S")
+    ax.set_ylabel("fwd+bwd TFLOP/s")
+    ax.legend(fontsize="x-small")
+  if title:
+    fig.suptitle(title)
+  plotting.save(plt, fig, path)
+
+
+def plot_json(path: str) -> str:
+  """Plots a results JSON written by `run_benchmark` next to it; returns
+  the PNG's path."""
+  with open(path) as f:
+    results = json.load(f)
+  fields = {f.name for f in dataclasses.fields(BenchmarkRow)}
+  rows = [BenchmarkRow(**{k: v for k, v in r.items() if k in fields})
+          for r in results["rows"]]
+  env = results.get("environment", {})
+  png = os.path.splitext(path)[0] + ".png"
+  plot(rows, png, f"{env.get('device_kind', '')}, jax "
+                  f"{env.get('jax_version', '')}")
+  return png
+
+
 def run_benchmark(config) -> list[BenchmarkRow]:
   """Runs `config` (see configs/benchmark.py); writes JSON; returns rows."""
   names = _names(config.mechanisms) or list(registry.available_mechanisms())
@@ -812,4 +867,5 @@ def run_benchmark(config) -> list[BenchmarkRow]:
   logging.info("Summary:\n%s", summary_table(rows, **_summary_names(config)))
   path = _write(config, rows)
   logging.info("Wrote %s", path)
+  plot_json(path)
   return rows

@@ -15,6 +15,7 @@ from typing import Any
 from absl import logging
 import jax
 
+from flexible_attention.comparison import plotting
 from flexible_attention.comparison.compare import ComparisonReport
 from flexible_attention.comparison.compare import compare_attentions
 from flexible_attention.core.types import BlockSizes
@@ -80,12 +81,8 @@ def _write(config, reports):
 
 
 def _plot(reports, path):
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.info("matplotlib is not installed: no plot.")
+  plt = plotting.pyplot()
+  if plt is None:
     return
   fig, ax = plt.subplots(figsize=(8, 4))
   names = [r.mechanism for r in reports[0].rows]
@@ -100,7 +97,4 @@ def _plot(reports, path):
   ax.set_ylabel("forward+backward ms (median)")
   ax.set_title("flexible_attention: mechanisms per mesh (0 = not run)")
   ax.legend(fontsize="small")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  logging.info("Wrote %s", path)
+  plotting.save(plt, fig, path)
