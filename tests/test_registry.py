@@ -293,6 +293,44 @@ def test_auto_on_tpu_passes_over_the_kernels_that_refuse(
     assert reason is not None and re.search(pattern, reason), (name, reason)
 
 
+@pytest.mark.parametrize("platform,block_q,expected,passed_over", [
+    ("tpu", 64, "blockwise", {"splash": "multiple of 128",
+                              "flash": "multiple of 128",
+                              "vanilla": "not read by mechanism 'vanilla'"}),
+    ("tpu", 256, "splash", {}),
+    ("gpu", 48, "blockwise", {"cudnn": "not read by mechanism 'cudnn'",
+                              "flash": "power of two >= 16"}),
+    ("gpu", 64, "flash", {"cudnn": "not read by mechanism 'cudnn'"}),
+])
+def test_auto_passes_over_kernels_that_cannot_use_the_tile_sizes(
+    platform, block_q, expected, passed_over):
+  """A module's request carries the BlockSizes values: auto skips the
+  kernels whose tile constraints they break instead of failing in them."""
+  blocks = fa.BlockSizes(block_q=block_q)
+  request = dataclasses.replace(
+      _request(platform, "bfloat16", ("causal",), blocks=("block_q",)),
+      block_sizes=blocks)
+  assert fa.select_mechanism(request) == expected
+  for name, pattern in passed_over.items():
+    reason = registry.refusal_reason(name, request)
+    assert reason is not None and re.search(pattern, reason), (name, reason)
+
+
+def test_module_requests_carry_the_block_size_values(monkeypatch):
+  seen = []
+  select = auto.select_mechanism
+  monkeypatch.setattr(auto, "select_mechanism",
+                      lambda request: seen.append(request) or select(request))
+  blocks = fa.BlockSizes(block_q=16)
+  q = jnp.zeros((1, 16, 2, 8))
+  module = hk.transform(lambda q: fa.create_attention(
+      "auto", num_heads=2, head_dim=8, block_sizes=blocks)(
+          q, q, q).attention_outputs)
+  module.apply(module.init(jax.random.PRNGKey(0), q), None, q)
+  assert seen and all(r.block_sizes == blocks for r in seen)
+  assert seen[0].block_size_fields == ("block_q",)
+
+
 def test_auto_builds_the_compiled_tpu_kernels():
   """auto's options have no `interpret`: on TPU, splash and flash build
   their compiled Pallas TPU kernels from them."""

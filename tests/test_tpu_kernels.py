@@ -204,8 +204,8 @@ def test_flash_tpu_runs_the_tpu_kernel(on_tpu):
       "flash", q, q, q, causal=True))(q))
   # JAX's TPU kernel (its custom_vjp), not the project's Triton kernels.
   assert "name=_flash_attention" in jaxpr and "flash_forward" not in jaxpr
-  with pytest.raises(ValueError, match=r"flash on TPU: BlockSizes.block_q "
-                     r"must be a multiple of 128"):
+  with pytest.raises(ValueError, match=r"'flash': BlockSizes.block_q must "
+                     r"be a multiple of 128"):
     helpers.call_mechanism("flash", q, q, q,
                            options=dict(block_sizes=fa.BlockSizes(block_q=64)))
 

@@ -118,13 +118,20 @@ def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
   return 8 if block_q * block_k >= 128 * 64 and head_dim > 64 else 4
 
 
+def block_size_reason(name: str, value: int | None) -> str | None:
+  """Why a tile size cannot serve the Triton kernels (None when it can):
+  they must be powers of two >= 16 (Triton's tensor shapes)."""
+  if value is not None and (value < MIN_BLOCK or value & (value - 1)):
+    return (f"BlockSizes.{name} must be a power of two >= {MIN_BLOCK} for "
+            f"the flash kernels, got {value}.")
+  return None
+
+
 def check_block_size(name: str, value: int | None):
-  """Flash tiles must be powers of two >= 16 (Triton's tensor shapes)."""
-  if value is None:
-    return
-  if value < MIN_BLOCK or value & (value - 1):
-    raise ValueError(f"BlockSizes.{name} must be a power of two >= "
-                     f"{MIN_BLOCK} for mechanism 'flash', got {value}.")
+  """Raises `ValueError` for a tile size the Triton kernels cannot use."""
+  reason = block_size_reason(name, value)
+  if reason is not None:
+    raise ValueError(reason)
 
 
 def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,

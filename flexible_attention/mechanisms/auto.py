@@ -74,7 +74,7 @@ def select_mechanism(request: registry.AttentionRequest) -> str:
   """
   reasons = []
   for name in candidates(request):
-    reason = registry.unsupported_reason(name, request)
+    reason = registry.refusal_reason(name, request)
     if reason is None:
       return name
     reasons.append(reason)

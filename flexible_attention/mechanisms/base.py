@@ -263,6 +263,17 @@ class AttentionModule(hk.Module):
     return None
 
   @classmethod
+  def block_size_reason(cls, request: registry.AttentionRequest
+                        ) -> str | None:
+    """Why the request's `BlockSizes` values cannot serve this mechanism
+    (None when they can): a bad argument (`ValueError` when called), where
+    `unsupported_reason` is a missing capability. Only tile constraints
+    that depend on the call (e.g. the platform) live here; the rest are
+    checked when the module is built."""
+    del request
+    return None
+
+  @classmethod
   def platforms(cls, request: registry.AttentionRequest) -> tuple[str, ...]:
     """The platforms that can serve `request`: the capabilities', or every
     platform for Pallas mechanisms built with `interpret=True` (their
@@ -384,6 +395,7 @@ class AttentionModule(hk.Module):
         dims=inputs.dims, dtype=np.dtype(inputs.query.dtype).name,
         platform=self._platform(), features=features,
         block_size_fields=config.block_sizes.set_fields(),
+        block_sizes=config.block_sizes,
         sequence_sharded=sequence_sharded, window=inputs.visibility.window,
         options=(("precision", config.precision),) + self._own_options())
     mechanism = self.resolve(request)
@@ -391,6 +403,9 @@ class AttentionModule(hk.Module):
     reason = mechanism.unsupported_reason(request)
     if reason is not None:
       raise NotImplementedError(reason)
+    reason = mechanism.block_size_reason(request)
+    if reason is not None:
+      raise ValueError(f"mechanism {mechanism.mechanism!r}: {reason}")
 
     dropout = None
     if apply_dropout:

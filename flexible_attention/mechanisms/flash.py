@@ -83,6 +83,15 @@ class FlashAttention(base.AttentionModule):
     return head_dim_reason(request.dims)
 
   @classmethod
+  def block_size_reason(cls, request):
+    # FlashConfig checks powers of two when built; `auto`'s options do not,
+    # and the TPU kernel needs multiples of 128 instead.
+    if _uses_tpu_kernel(request):
+      return request.block_size_reason(BLOCK_FIELDS, flash_tpu.check_block)
+    return request.block_size_reason(BLOCK_FIELDS,
+                                     flash_triton.block_size_reason)
+
+  @classmethod
   def make_kernel(cls, config, request):
     if _uses_tpu_kernel(request):
       return functools.partial(flash_tpu.flash_attention,

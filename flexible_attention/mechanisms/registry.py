@@ -14,6 +14,7 @@ import numpy as np
 
 from flexible_attention.core.inputs import AttentionDims
 from flexible_attention.core.inputs import FEATURES
+from flexible_attention.core.types import BlockSizes
 
 _REGISTRY: dict[str, type] = {}
 
@@ -69,6 +70,9 @@ class AttentionRequest:
     platform: the backend the call runs on.
     features: the feature names the call uses.
     block_size_fields: the `BlockSizes` fields the user set.
+    block_sizes: their values, where known (a module's call fills it; a
+      request built by hand may leave it None): mechanisms with constraints
+      on tile sizes refuse values they cannot use.
     sequence_sharded: whether the mesh shards a sequence axis.
     window: the canonical `(left, right)` sliding window, or `None`.
     options: other mechanism options that some mechanism may refuse
@@ -80,9 +84,21 @@ class AttentionRequest:
   platform: str
   features: frozenset[str]
   block_size_fields: tuple[str, ...] = ()
+  block_sizes: BlockSizes | None = None
   sequence_sharded: bool = False
   window: tuple[int, int] | None = None
   options: tuple[tuple[str, Any], ...] = ()
+
+  def block_size_reason(self, fields, check) -> str | None:
+    """The first refusal `check(field, value)` gives for a set field of
+    `fields` (None when every value passes or the values are unknown)."""
+    if self.block_sizes is None:
+      return None
+    for field in fields:
+      reason = check(field, getattr(self.block_sizes, field))
+      if reason is not None:
+        return reason
+    return None
 
   @property
   def score_elements(self) -> int:
@@ -130,6 +146,14 @@ def mechanisms_supporting(feature: str) -> tuple[str, ...]:
 def unsupported_reason(mechanism: str, request: AttentionRequest) -> str | None:
   """Why `mechanism` would refuse `request`, or `None` if it serves it."""
   return get_mechanism(mechanism).unsupported_reason(request)
+
+
+def refusal_reason(mechanism: str, request: AttentionRequest) -> str | None:
+  """Why `mechanism` cannot serve `request`: a missing capability
+  (`unsupported_reason`) or tile sizes it cannot use (`block_size_reason`);
+  `None` if it serves it. What `auto` checks of each candidate."""
+  cls = get_mechanism(mechanism)
+  return cls.unsupported_reason(request) or cls.block_size_reason(request)
 
 
 def create_attention(mechanism: str, *, num_heads: int, head_dim: int,

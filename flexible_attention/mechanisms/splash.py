@@ -76,6 +76,12 @@ class SplashAttention(base.AttentionModule):
     return None
 
   @classmethod
+  def block_size_reason(cls, request):
+    # SplashConfig checks them when built; `auto`'s options do not.
+    return request.block_size_reason(splash_tpu.BLOCK_FIELDS,
+                                     splash_tpu.check_block)
+
+  @classmethod
   def make_kernel(cls, config, request):
     del request
     return functools.partial(

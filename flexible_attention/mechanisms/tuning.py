@@ -146,7 +146,7 @@ def autotune(request: registry.AttentionRequest, config, candidates,
   call = _synthetic_call(request, rng)
   seconds = {}
   for name in candidates:
-    if registry.unsupported_reason(name, request) is not None:
+    if registry.refusal_reason(name, request) is not None:
       continue
     try:
       seconds[name] = _time_candidate(name, request, config, call, inputs)
