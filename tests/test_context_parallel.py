@@ -292,9 +292,18 @@ def test_ring_issues_the_next_transfer_before_the_current_block():
   (`case`, the skip-or-attend conditional): XLA can run the transfer while
   the block computes. The last step sends nothing."""
   text = _ring_program(compiled=False, num_shards=4)
-  program = "".join("P" if op == "collective_permute" else "C"
-                    for op in re.findall(r"stablehlo\.(collective_permute|case)",
-                                         text))
+  # The ring's own ops, at the nesting depth of its first transfer (newer
+  # jax inlines the block kernel's inner conditionals into the case
+  # regions, older jax outlines them into functions).
+  ops, depth = [], 0
+  for line in text.splitlines():
+    found = re.search(r"stablehlo\.(collective_permute|case)", line)
+    if found:
+      ops.append((depth, "P" if found.group(1) == "collective_permute"
+                  else "C"))
+    depth += line.count("({") - line.count("})")
+  ring_depth = next(d for d, op in ops if op == "P")
+  program = "".join(op for d, op in ops if d == ring_depth)
   # The forward ring comes first: per step, the transfer of k, v, kv
   # positions and kv indices (P x 4), then the block (C); 4 steps.
   assert program.startswith("PPPPC" * 3 + "C"), program
