@@ -189,7 +189,8 @@ def test_known_capabilities():
     assert caps.supports(f) == any(fa.capabilities(n).supports(f)
                                    for n in candidates)
   assert set(caps.block_size_fields) == {
-      field for n in candidates for field in fa.capabilities(n).block_size_fields}
+      field for n in candidates
+      for field in fa.capabilities(n).block_size_fields}
 
 
 # --- auto ---------------------------------------------------------------------
