@@ -260,7 +260,7 @@ def _random_inputs(cell: Cell, dtype: str, seed: int, check_rows: int,
 
 
 def _reference(cell: Cell, inputs: _CellInputs, logits_soft_cap):
-  """The float32 reference on the checked rows, on one device.
+  """The float32 reference on the checked rows, where the inputs live.
 
   With default (bottom-right) positions the last `rows` queries alone are
   the same problem as within the full sequence.
@@ -282,8 +282,10 @@ def _reference(cell: Cell, inputs: _CellInputs, logits_soft_cap):
         canonical.visibility, sm_scale=cell.head_dim**-0.5,
         softcap=logits_soft_cap).out
 
-  one = jax.devices()[0]
-  f32 = lambda x: jax.device_put(x, one).astype(jnp.float32)
+  # In place: sequence-sharded K/V stay sharded, so on a mesh the reference
+  # runs over the mesh (XLA partitions it) instead of gathering the full
+  # float32 K/V and their gradients onto one device.
+  f32 = lambda x: x.astype(jnp.float32)
   q_rows, k, v = f32(inputs.q[:, -rows:]), f32(inputs.k), f32(inputs.v)
   ct_rows = f32(inputs.ct_check[:, -rows:])
   loss = lambda q_rows, k, v: jnp.sum(reference(q_rows, k, v) * ct_rows)
