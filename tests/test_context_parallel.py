@@ -122,7 +122,23 @@ def test_sequence_sharded_matches_unsharded_reference(mechanism, feature,
                                    f"{mechanism} {feature} on {mesh_name}")
 
 
-def _ring_errors(dtype, num_shards_list):
+# Per block kernel of the ring: the ring's options and the single-device
+# mechanism running the same kernel.
+BLOCK_KERNELS = {
+    "blockwise": ({"block_sizes": fa.BlockSizes(block_q=8, block_k=8)},
+                  "blockwise"),
+    "flash": ({"block_kernel": "flash", **VARIANTS["ring[flash]"][1]},
+              "flash"),
+}
+
+
+def _block_kernel_options(block_kernel):
+  options, mechanism = BLOCK_KERNELS[block_kernel]
+  single = {k: v for k, v in options.items() if k != "block_kernel"}
+  return dict(options), mechanism, single
+
+
+def _ring_errors(dtype, num_shards_list, block_kernel="blockwise"):
   """Relative errors (output, max grad) of ring per ring size."""
   rng = helpers.rng_for("ring-size", str(dtype))
   q, k, v = helpers.random_qkv(rng, 1, 64, 64, 4, 4, 16, dtype=dtype)
@@ -130,7 +146,7 @@ def _ring_errors(dtype, num_shards_list):
   expected = helpers.reference_vjp(q, k, v, ct, call={"causal": True})
   errors = {}
   for n in num_shards_list:
-    options = {"block_sizes": fa.BlockSizes(block_q=8, block_k=8)}
+    options = _block_kernel_options(block_kernel)[0]
     if n > 1:
       options["mesh"] = fa.make_mesh((1, 1, 1, n))
     result = helpers.run_mechanism("ring", q, k, v, ct, call={"causal": True},
@@ -141,8 +157,9 @@ def _ring_errors(dtype, num_shards_list):
   return errors, (q, k, v, ct, expected)
 
 
-def test_ring_gradient_error_does_not_grow_with_ring_size():
-  errors, _ = _ring_errors(jnp.float32, (1, 2, 4, 8))
+@pytest.mark.parametrize("block_kernel", sorted(BLOCK_KERNELS))
+def test_ring_gradient_error_does_not_grow_with_ring_size(block_kernel):
+  errors, _ = _ring_errors(jnp.float32, (1, 2, 4, 8), block_kernel)
   single = max(errors[1][1], 1e-7)
   for n, (out_error, grad_error) in errors.items():
     assert out_error <= helpers.tolerance(jnp.float32)
@@ -150,7 +167,9 @@ def test_ring_gradient_error_does_not_grow_with_ring_size():
     assert grad_error <= 4 * single, errors
 
 
-def test_bfloat16_ring_error_no_worse_than_its_dense_block_kernel():
+@pytest.mark.parametrize("block_kernel", sorted(BLOCK_KERNELS))
+def test_bfloat16_ring_error_no_worse_than_its_dense_block_kernel(
+    block_kernel):
   """The ring adds no error in bfloat16 to the kernel it runs per block.
 
   (Like FlashAttention, that kernel's backward uses the bfloat16 output in
@@ -158,10 +177,11 @@ def test_bfloat16_ring_error_no_worse_than_its_dense_block_kernel():
   autodiff backward runs in float32. Both stay within the bfloat16
   tolerance.)
   """
-  errors, (q, k, v, ct, expected) = _ring_errors(jnp.bfloat16, (4,))
-  dense = helpers.run_mechanism(
-      "blockwise", q, k, v, ct, call={"causal": True},
-      options={"block_sizes": fa.BlockSizes(block_q=8, block_k=8)})
+  errors, (q, k, v, ct, expected) = _ring_errors(jnp.bfloat16, (4,),
+                                                 block_kernel)
+  _, mechanism, single = _block_kernel_options(block_kernel)
+  dense = helpers.run_mechanism(mechanism, q, k, v, ct, call={"causal": True},
+                                options=single)
   dense_out = helpers.relative_error(dense.out, expected.out)
   dense_grad = max(helpers.relative_error(g, e)
                    for g, e in zip(dense.grads, expected.grads))
@@ -171,14 +191,17 @@ def test_bfloat16_ring_error_no_worse_than_its_dense_block_kernel():
   assert max(ring_out, ring_grad) <= helpers.tolerance(jnp.bfloat16)
 
 
-def test_ring_saves_only_qkv_output_and_logsumexp():
+@pytest.mark.parametrize("block_kernel", sorted(BLOCK_KERNELS))
+def test_ring_saves_only_qkv_output_and_logsumexp(block_kernel):
   mesh = fa.make_mesh((1, 1, 1, 4))
   q, k, v = helpers.random_qkv(helpers.rng_for("ring-res"), 1, 32, 32, 4, 2,
                                8)
+  options = _block_kernel_options(block_kernel)[0]
   attend = hk.without_apply_rng(hk.transform(
       lambda q, k, v: fa.create_attention(
           "ring", num_heads=4, head_dim=8, num_kv_heads=2, mesh=mesh,
-          layout="contiguous")(q, k, v, causal=True).attention_outputs))
+          layout="contiguous", **options)(
+              q, k, v, causal=True).attention_outputs))
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     ad_checkpoint.print_saved_residuals(
