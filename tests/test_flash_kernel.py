@@ -292,6 +292,20 @@ def test_module_rejects_invalid_block_sizes(flash_registered):
     hk.transform(f).apply({}, None, q)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_launches_per_gpu_generation(head_dim, causal):
+  hopper = flash_triton.default_launch_config(head_dim, causal)
+  assert flash_triton.default_launch_config(head_dim, causal, 9.0) == hopper
+  ampere = flash_triton.default_launch_config(head_dim, causal, 8.0)
+  for kernel in ("fwd", "dkv", "dq"):
+    old, new = getattr(hopper, kernel), getattr(ampere, kernel)
+    # Same tiles and warps; at most 2 stages (less shared memory).
+    assert (new.block_q, new.block_k, new.num_warps) == (
+        old.block_q, old.block_k, old.num_warps)
+    assert new.num_stages == min(old.num_stages, 2)
+
+
 def test_module_refuses_head_dim_over_256(flash_registered):
   del flash_registered
   q = jnp.ones((1, 8, 1, 264))

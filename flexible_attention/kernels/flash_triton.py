@@ -63,6 +63,7 @@ from flexible_attention.core import reference
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
+from flexible_attention.kernels import gpu
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -93,16 +94,30 @@ class LaunchConfig:
   dq: Launch
 
 
-def default_launch_config(head_dim: int, causal: bool = False
-                          ) -> LaunchConfig:
-  """Tiles, warps and stages per (padded) head size, for Hopper GPUs.
+def default_launch_config(head_dim: int, causal: bool = False,
+                          capability: float | None = None) -> LaunchConfig:
+  """Tiles, warps and stages per (padded) head size and GPU generation.
 
-  Measured on an H200 (jax 0.11.2, bf16, B*S = 16k, S = 4096, H*D = 2048),
-  each kernel's launches timed alone by `benchmarks/flash_probe.py`; the
-  sweep and its numbers are in benchmarks/flash_notes.md. At D = 128 the
-  causal forward prefers 64 x 64 tiles (less work on the diagonal), the
-  non-causal one 128 x 64.
+  Hopper (compute capability 9.x, and `capability=None`): measured on an
+  H200 (jax 0.11.2, bf16, B*S = 16k, S = 4096, H*D = 2048), each kernel's
+  launches timed alone by `benchmarks/flash_probe.py`; the sweep and its
+  numbers are in benchmarks/flash_notes.md. At D = 128 the causal forward
+  prefers 64 x 64 tiles (less work on the diagonal), the non-causal one
+  128 x 64.
+
+  Earlier GPUs (capability < 9) have less shared memory per block (164 KiB
+  on an A100 against 227 KiB): the same tiles with at most 2 pipeline
+  stages, an untuned starting point (no pre-Hopper GPU was measured).
   """
+  config = _hopper_launch_config(head_dim, causal)
+  if capability is None or capability >= 9.0:
+    return config
+  cap = lambda launch: dataclasses.replace(
+      launch, num_stages=min(launch.num_stages, 2))
+  return LaunchConfig(cap(config.fwd), cap(config.dkv), cap(config.dq))
+
+
+def _hopper_launch_config(head_dim: int, causal: bool) -> LaunchConfig:
   if head_dim <= 64:
     return LaunchConfig(fwd=Launch(128, 128, 4, 3), dkv=Launch(32, 128, 4, 3),
                         dq=Launch(128, 64, 4, 3))
@@ -135,9 +150,10 @@ def check_block_size(name: str, value: int | None):
 
 
 def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
-                  causal: bool = False) -> LaunchConfig:
+                  causal: bool = False, capability: float | None = None
+                  ) -> LaunchConfig:
   """The default launches with the user's `fa.BlockSizes` applied."""
-  config = default_launch_config(head_dim, causal)
+  config = default_launch_config(head_dim, causal, capability)
   if block_sizes is None:
     return config
 
@@ -815,7 +831,8 @@ def prepare(inputs: AttentionInputs,
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = _pad_dim(dims.head_dim), _pad_dim(dims.value_dim)
   if launch is None:
-    launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal)
+    launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
+                           None if interpret else gpu.compute_capability())
   launch = LaunchConfig(*(_clip(x, q_len, kv_len) for x in
                           (launch.fwd, launch.dkv, launch.dq)))
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import functools
 
-import jax
-
 from flexible_attention.kernels import cudnn as cudnn_kernel
+from flexible_attention.kernels import gpu
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
 
 def _max_head_dim() -> int:
   """cuDNN's head-size limit: 256 from Hopper (compute capability 9.0) on."""
-  try:
-    capability = float(jax.devices("gpu")[0].compute_capability)
-  except (RuntimeError, AttributeError, ValueError):
-    return 128
-  return 256 if capability >= 9.0 else 128
+  capability = gpu.compute_capability()
+  return 256 if capability is not None and capability >= 9.0 else 128
 
 
 @registry.register_mechanism("cudnn")
