@@ -52,6 +52,27 @@ def pad_broadcastable(x, q_pad, kv_pad, value):
   return _pad_axis(_pad_axis(x, 2, q_pad, value), 3, kv_pad, value)
 
 
+def pair_visible(visible, q_pos, kv_pos, *, causal: bool,
+                 window: tuple[int, int] | None, q_seg=None, kv_seg=None):
+  """`visible` restricted by the structural rule of the semantics for
+  (query, key) pairs: causal, sliding window and segment ids (key validity,
+  kv lengths and dense masks are the callers' own, e.g. in `visible`).
+  Inputs broadcast against each other (e.g. `[.., Sq, 1]` with `[.., 1,
+  Sk]`); plain jnp, so Pallas kernels call it on tiles.
+
+  Returns:
+    Bool of the broadcast shape (True = visible).
+  """
+  if causal:
+    visible = visible & (kv_pos <= q_pos)
+  if window is not None:
+    left, right = window
+    visible = visible & (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
+  if q_seg is not None:
+    visible = visible & (q_seg == kv_seg)
+  return visible
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Visibility:
@@ -131,15 +152,12 @@ class Visibility:
     q_pos = self.q_positions[:, None, :, None]  # [B, 1, Sq, 1]
     kv_pos = self.kv_positions[:, None, None, :]  # [B, 1, 1, Sk]
     kv_idx = self.kv_indices[None, None, None, :]  # [1, 1, 1, Sk]
-    visible = kv_idx >= 0
-    if self.causal:
-      visible = visible & (kv_pos <= q_pos)
-    if self.window is not None:
-      left, right = self.window
-      visible = visible & (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
+    q_seg = kv_seg = None
     if self.has_segments:
-      visible = visible & (self.q_segment_ids[:, None, :, None] ==
-                           self.kv_segment_ids[:, None, None, :])
+      q_seg = self.q_segment_ids[:, None, :, None]
+      kv_seg = self.kv_segment_ids[:, None, None, :]
+    visible = pair_visible(kv_idx >= 0, q_pos, kv_pos, causal=self.causal,
+                           window=self.window, q_seg=q_seg, kv_seg=kv_seg)
     if self.kv_lengths is not None:
       visible = visible & (kv_idx < self.kv_lengths[:, None, None, None])
     batch, _, sq, sk = jnp.broadcast_shapes(

@@ -344,15 +344,12 @@ def _visible(st: _Static, shape, q_pos, kv_pos, kv_ok, q_seg, kv_seg,
   """Bool `[bq, bk]` (`[bk, bq]` if `transposed`, with `mask` transposed
   too): the structured mask of a tile."""
   qp, kp = _outer(q_pos, kv_pos, transposed)
-  vis = _outer(q_pos, kv_ok, transposed)[1] != 0
-  if st.causal:
-    vis = vis & (kp <= qp)
-  if st.window is not None:
-    left, right = st.window
-    vis = vis & (kp >= qp - left) & (kp <= qp + right)
+  qs = ks = None
   if st.segments:
     qs, ks = _outer(q_seg, kv_seg, transposed)
-    vis = vis & (qs == ks)
+  vis = masks.pair_visible(_outer(q_pos, kv_ok, transposed)[1] != 0, qp, kp,
+                           causal=st.causal, window=st.window, q_seg=qs,
+                           kv_seg=ks)
   if mask is not None:
     vis = vis & (mask != 0)
   return jnp.broadcast_to(vis, shape)
