@@ -45,6 +45,8 @@ _INTERPRET = flags.DEFINE_bool(
 _CELLS = flags.DEFINE_list(
     "cells", ["128:full", "128:causal", "64:full", "256:full"],
     "Sweep cells, `D:full` or `D:causal`.")
+_KERNELS = flags.DEFINE_list(
+    "kernels", ["fwd", "dkv", "dq"], "Which kernels' launches to sweep.")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Only a few correctness cases and no DCE check before "
     "the sweep (for a short device call).")
@@ -181,12 +183,14 @@ L = ft.Launch
 # starting with the current default. Tiles are block_q x block_k.
 CANDIDATES = {
     64: ([L(128, 128, 4, 3), L(128, 64, 4, 3), L(128, 64, 4, 2),
-          L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3)],
+          L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3),
+          L(64, 128, 4, 3), L(64, 64, 4, 4), L(64, 32, 4, 3)],
          [L(32, 128, 4, 3), L(64, 128, 4, 3), L(32, 128, 4, 5),
           L(64, 64, 4, 3), L(128, 128, 8, 2), L(64, 128, 8, 3),
           L(128, 64, 4, 3)],
          [L(128, 64, 4, 3), L(128, 32, 4, 3), L(128, 32, 4, 5),
-          L(128, 128, 8, 3), L(64, 64, 4, 3), L(64, 128, 4, 3)]),
+          L(128, 128, 8, 3), L(64, 64, 4, 3), L(64, 128, 4, 3),
+          L(64, 32, 4, 3), L(128, 64, 8, 3)]),
     128: ([L(128, 64, 4, 2), L(128, 64, 4, 3), L(128, 128, 8, 2),
            L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3),
            L(64, 128, 4, 2)],
@@ -197,12 +201,15 @@ CANDIDATES = {
           [L(128, 64, 8, 2), L(128, 32, 4, 3), L(128, 32, 4, 5),
            L(128, 64, 4, 2), L(128, 64, 4, 3), L(64, 64, 4, 3),
            L(128, 128, 8, 2), L(64, 128, 4, 2), L(64, 32, 4, 3)]),
-    256: ([L(64, 64, 4, 2), L(64, 32, 4, 2), L(128, 64, 8, 2),
-           L(64, 64, 8, 2), L(64, 64, 4, 3), L(128, 32, 8, 2)],
-          [L(32, 64, 8, 2), L(32, 64, 4, 2), L(64, 64, 8, 2),
-           L(32, 32, 4, 2), L(16, 64, 4, 2), L(32, 128, 8, 2)],
-          [L(64, 32, 8, 2), L(64, 32, 4, 2), L(64, 64, 8, 2),
-           L(32, 64, 4, 2), L(128, 32, 8, 2), L(32, 32, 4, 2)]),
+    256: ([L(64, 64, 4, 3), L(64, 64, 4, 2), L(64, 64, 8, 2),
+           L(128, 64, 8, 2), L(64, 32, 4, 2), L(64, 32, 4, 3),
+           L(32, 64, 4, 3), L(128, 32, 8, 2)],
+          [L(64, 64, 8, 2), L(32, 64, 8, 2), L(32, 64, 8, 3),
+           L(32, 32, 4, 2), L(32, 32, 8, 2), L(64, 32, 8, 2),
+           L(64, 32, 4, 2)],
+          [L(128, 32, 8, 2), L(64, 16, 4, 3), L(64, 32, 4, 2),
+           L(128, 16, 8, 2), L(128, 32, 4, 2), L(64, 16, 4, 2),
+           L(128, 16, 4, 3)]),
 }
 
 
@@ -243,6 +250,7 @@ def _tune_cell(rows, d, causal):
              for c in dkv_cands] +
             [("dq", ft.LaunchConfig(default.fwd, default.dkv, c))
              for c in dq_cands])
+  trials = [t for t in trials if t[0] in _KERNELS.value]
   for kernel, config in trials:
     if time.time() - _START > _BUDGET.value:
       print("budget spent: stopping the sweep", flush=True)

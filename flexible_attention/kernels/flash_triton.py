@@ -101,9 +101,10 @@ def default_launch_config(head_dim: int, causal: bool = False,
   Hopper (compute capability 9.x, and `capability=None`): measured on an
   H200 (jax 0.11.2, bf16, B*S = 16k, S = 4096, H*D = 2048), each kernel's
   launches timed alone by `benchmarks/flash_probe.py`; the sweep and its
-  numbers are in benchmarks/flash_notes.md. At D = 128 the causal forward
-  prefers 64 x 64 tiles (less work on the diagonal), the non-causal one
-  128 x 64.
+  numbers are in benchmarks/flash_notes.md. At D <= 128 the causal forward
+  prefers 64 x 64 tiles (less work on the diagonal). At D = 256 the
+  shared memory (227 KiB a block) bounds the tiles: two float32 `[bk, 256]`
+  accumulators make the dK/dV kernel's best tile 64 x 32 at 4 warps.
 
   Earlier GPUs (capability < 9) have less shared memory per block (164 KiB
   on an A100 against 227 KiB): the same tiles with at most 2 pipeline
@@ -119,14 +120,16 @@ def default_launch_config(head_dim: int, causal: bool = False,
 
 def _hopper_launch_config(head_dim: int, causal: bool) -> LaunchConfig:
   if head_dim <= 64:
-    return LaunchConfig(fwd=Launch(128, 128, 4, 3), dkv=Launch(32, 128, 4, 3),
-                        dq=Launch(128, 64, 4, 3))
+    fwd = Launch(64, 64, 4, 3) if causal else Launch(128, 128, 4, 3)
+    dq = Launch(128, 32, 4, 3) if causal else Launch(128, 64, 4, 3)
+    return LaunchConfig(fwd=fwd, dkv=Launch(32, 128, 4, 3), dq=dq)
   if head_dim <= 128:
     fwd = Launch(64, 64, 4, 3) if causal else Launch(128, 64, 4, 2)
     return LaunchConfig(fwd=fwd, dkv=Launch(64, 128, 8, 3),
                         dq=Launch(128, 32, 4, 3))
-  return LaunchConfig(fwd=Launch(64, 64, 4, 2), dkv=Launch(32, 64, 8, 2),
-                      dq=Launch(64, 32, 8, 2))
+  fwd = Launch(128, 64, 8, 2) if causal else Launch(64, 64, 4, 3)
+  return LaunchConfig(fwd=fwd, dkv=Launch(64, 32, 4, 2),
+                      dq=Launch(128, 32, 8, 2))
 
 
 def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
