@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +257,27 @@ def test_readme_support_table_is_generated_from_the_registry():
     readme = f.read()
   assert fa.support_table() in readme, (
       "README.md's mechanism table is stale; paste fa.support_table().")
+
+
+def test_timing_samples_round_robin_and_batches_short_calls():
+  """Each sample of a short call batches several calls (so host dispatch
+  does not dominate it); the samples of the compared calls alternate."""
+  log = []
+
+  def fast():
+    log.append("fast")
+
+  def slow():
+    log.append("slow")
+    time.sleep(2e-3)
+
+  seconds = timing.median_seconds_each([(fast, ()), (slow, ())], repeats=3,
+                                       warmup=1, min_sample_seconds=1e-3)
+  assert seconds[1] >= 2e-3 > 1e-3 > seconds[0]
+  # Warm-up and one calibration call each, then three rounds: a batch of
+  # fast calls, one slow call.
+  assert log[:4] == ["fast", "fast", "slow", "slow"]
+  rounds = "".join("s" if entry == "slow" else "f" for entry in log[4:])
+  batches = rounds.split("s")
+  assert len(batches) == 4 and batches[-1] == ""
+  assert len(set(batches[:3])) == 1 and len(batches[0]) > 1

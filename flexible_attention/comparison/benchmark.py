@@ -436,24 +436,70 @@ def benchmark_one(name: str, config, cell: Cell | int, *, mesh=None,
     mesh: run on this mesh (inputs sharded over its `sp` axis).
     options: extra module options (e.g. `layout`).
     label: the row's name (default `name`).
-    repeats: timed calls (default `config.repeats`).
+    repeats: timed samples (default `config.repeats`).
     warmup: untimed calls before them (after the checked call).
   """
   if isinstance(cell, int):
     cell = config_cell(config, cell)
+  return benchmark_cell([name], config, cell, mesh=mesh, options=options,
+                        labels=[label] if label else None, repeats=repeats,
+                        warmup=warmup)[0]
+
+
+def benchmark_cell(names: Sequence[str], config, cell: Cell, *, mesh=None,
+                   options=None, labels: Sequence[str] | None = None,
+                   repeats: int | None = None,
+                   warmup: int = 2) -> list[BenchmarkRow]:
+  """Checks, then times several mechanisms (or baselines) on one cell.
+
+  Each is compiled and checked against the reference first; those that pass
+  are then timed together, their samples taken round-robin
+  (`timing.median_seconds_each`), so the ratios between them are not skewed
+  by the device's drift during the run. Arguments as `benchmark_one`'s;
+  one row per name, in order.
+  """
+  labels = list(labels) if labels else list(names)
+  prepared = [_prepare_row(name, config, cell, mesh, options, label)
+              for name, label in zip(names, labels)]
+  timed = [(row, calls) for row, calls in prepared if calls is not None]
   try:
-    return _benchmark_one(name, config, cell, mesh, options, label,
-                          repeats or config.repeats, warmup)
+    seconds = timing.median_seconds_each(
+        [call for _, calls in timed for call in calls],
+        repeats=repeats or config.repeats, warmup=warmup)
   except Exception as e:  # pylint: disable=broad-except
-    return BenchmarkRow(mechanism=label or name, sequence_length=cell.seq_len,
+    for row, _ in timed:
+      row.status = f"error: {type(e).__name__}: {str(e)[:300]}"
+    return [row for row, _ in prepared]
+  flops = attention_flops(cell.batch, cell.num_heads, cell.seq_len,
+                          cell.seq_len, cell.head_dim, cell.causal)
+  for n, (row, _) in enumerate(timed):
+    row.forward_ms = 1e3 * seconds[2 * n]
+    row.forward_backward_ms = 1e3 * seconds[2 * n + 1]
+    row.forward_tflops = flops / (row.forward_ms * 1e-3) / 1e12
+    row.forward_backward_tflops = (3.5 * flops /
+                                   (row.forward_backward_ms * 1e-3) / 1e12)
+  for name, (row, calls) in zip(names, prepared):
+    if calls is not None and mesh is None and _wants_fresh_peak(
+        config, name, cell):
+      _measure_fresh_peak(row, name, config, cell, options)
+  return [row for row, _ in prepared]
+
+
+def _prepare_row(name, config, cell, mesh, options, label):
+  """`(row, calls)`: the row compiled and checked, and its forward and
+  forward+backward calls `(fn, args)` to time (None when the row ends
+  here: refused, unavailable, too large, wrong or failed)."""
+  try:
+    return _compile_and_check(name, config, cell, mesh, options, label)
+  except Exception as e:  # pylint: disable=broad-except
+    return BenchmarkRow(mechanism=label, sequence_length=cell.seq_len,
                         cell=cell.name,
                         status=f"error: {type(e).__name__}: {str(e)[:300]}",
-                        devices=1 if mesh is None else mesh.size)
+                        devices=1 if mesh is None else mesh.size), None
 
 
-def _benchmark_one(name, config, cell, mesh, options, label, repeats,
-                   warmup):
-  row = BenchmarkRow(mechanism=label or name, sequence_length=cell.seq_len,
+def _compile_and_check(name, config, cell, mesh, options, label):
+  row = BenchmarkRow(mechanism=label, sequence_length=cell.seq_len,
                      status="ok", devices=1 if mesh is None else mesh.size,
                      cell=cell.name)
   sharding = None
@@ -472,10 +518,10 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats,
     compiled = timing.compile_fn(forward_backward_fn(fwd), q, k, v, ct_time)
   except BaselineUnavailable as e:
     row.status = f"unavailable: {e}"
-    return row
+    return row, None
   except NotImplementedError as e:
     row.status = f"unsupported: {e}"
-    return row
+    return row, None
   row.served_by = served[-1] if served else None
   row.compile_seconds = compiled.compile_seconds
   row.temp_bytes = compiled.temp_bytes
@@ -489,7 +535,7 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats,
       compiled.total_bytes > config.memory_fraction * available):
     row.status = (f"skipped: needs {compiled.total_bytes / 2**30:.1f} GiB, "
                   f"the device has {available / 2**30:.1f} GiB")
-    return row
+    return row, None
 
   # Check the last `rows` queries (and dk, dv in full) against the reference.
   rows = inputs.rows
@@ -505,20 +551,9 @@ def _benchmark_one(name, config, cell, mesh, options, label, repeats,
   worst = max(row.out_error, row.grad_error)
   if not np.isfinite(worst) or worst > TOLERANCE[np.dtype(config.dtype).name]:
     row.status = f"error: differs from the reference ({worst:.1e}); not timed"
-    return row
-  row.forward_ms = 1e3 * timing.median_seconds(compiled_fwd.fn, q, k, v,
-                                               repeats=repeats,
-                                               warmup=warmup)
-  row.forward_backward_ms = 1e3 * timing.median_seconds(
-      compiled.fn, q, k, v, ct_time, repeats=repeats, warmup=warmup)
-  flops = attention_flops(cell.batch, cell.num_heads, cell.seq_len,
-                          cell.seq_len, cell.head_dim, cell.causal)
-  row.forward_tflops = flops / (row.forward_ms * 1e-3) / 1e12
-  row.forward_backward_tflops = (3.5 * flops /
-                                 (row.forward_backward_ms * 1e-3) / 1e12)
-  if mesh is None and _wants_fresh_peak(config, name, cell):
-    _measure_fresh_peak(row, name, config, cell, options)
-  return row
+    return row, None
+  return row, [(compiled_fwd.fn, (q, k, v)),
+               (compiled.fn, (q, k, v, ct_time))]
 
 
 def _names(text: str) -> list[str]:
@@ -860,11 +895,12 @@ def run_benchmark(config) -> list[BenchmarkRow]:
   packed_baselines = _names(config.packed_baselines)
   for i, cell in enumerate(cells):
     logging.info("Cell %d/%d: %s", i + 1, len(cells), cell)
-    for name in names + baselines + (packed_baselines if cell.packed else []):
-      row = benchmark_one(name, config, cell)
+    cell_names = names + baselines + (packed_baselines if cell.packed
+                                      else [])
+    for row in benchmark_cell(cell_names, config, cell):
       _log_row(row)
       rows.append(row)
-      _write(config, rows)  # After every row: a cut-short run keeps them.
+    _write(config, rows)  # After every cell: a cut-short run keeps them.
   logging.info("Results:\n%s", table(rows))
   logging.info("Summary:\n%s", summary_table(rows, **_summary_names(config)))
   path = _write(config, rows)

@@ -1,16 +1,18 @@
 """Compiling, timing and memory readings: the one timing loop of the project.
 
 Every figure the comparison and benchmark scripts report comes from here:
-compile once (timed separately), warm up, then time `repeats` calls, each
-waited for with `block_until_ready`, and report the median.
+compile once (timed separately), warm up, then take `repeats` samples of
+back-to-back calls waited for with `block_until_ready` (round-robin over
+the programs compared), and report the median time of one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -43,16 +45,51 @@ def compile_fn(fn: Callable, *args) -> Compiled:
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 20,
-                   warmup: int = 2) -> float:
-  """Median wall time of `fn(*args)`, each call waited for on the device."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
+                   warmup: int = 2, min_sample_seconds: float = 2e-3) -> float:
+  """Median device time of one `fn(*args)` call (see `median_seconds_each`)."""
+  return median_seconds_each([(fn, args)], repeats=repeats, warmup=warmup,
+                             min_sample_seconds=min_sample_seconds)[0]
+
+
+def median_seconds_each(calls: Sequence[tuple[Callable, tuple[Any, ...]]], *,
+                        repeats: int = 20, warmup: int = 2,
+                        min_sample_seconds: float = 2e-3) -> list[float]:
+  """Median device time of one call of each `(fn, args)` of `calls`.
+
+  A sample of `fn` dispatches `n` calls back to back and waits for the last
+  (a device runs one program after another, so the last done means all
+  done), then divides by `n`, with `n` chosen per function so a sample lasts
+  at least `min_sample_seconds`. Short programs are then timed by the
+  device's throughput, not by the host's dispatch and wait (tens to hundreds
+  of microseconds a call), which would otherwise dominate sub-millisecond
+  cells; a program longer than `min_sample_seconds` is timed one call at a
+  time.
+
+  The `repeats` samples of the functions are taken round-robin (one sample
+  of each, `repeats` times), so slow drifts of the device (clocks,
+  temperature, other tenants) fall on every function alike and the ratios
+  between them stay fair.
+
+  Returns:
+    Seconds per call, one per entry of `calls`.
+  """
+  batch = []
+  for fn, args in calls:
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    single = time.perf_counter() - start
+    batch.append(max(1, math.ceil(min_sample_seconds / max(single, 1e-9))))
+  samples = [[] for _ in calls]
+  for _ in range(repeats):
+    for (fn, args), n, times in zip(calls, batch, samples):
+      start = time.perf_counter()
+      for _ in range(n - 1):
+        fn(*args)
+      jax.block_until_ready(fn(*args))
+      times.append((time.perf_counter() - start) / n)
+  return [statistics.median(times) for times in samples]
 
 
 def peak_device_bytes(device: jax.Device | None = None) -> int | None:
