@@ -46,7 +46,9 @@ _CELLS = flags.DEFINE_list(
     "cells", ["128:full", "128:causal", "64:full", "256:full"],
     "Sweep cells, `D:full` or `D:causal`.")
 _KERNELS = flags.DEFINE_list(
-    "kernels", ["fwd", "dkv", "dq"], "Which kernels' launches to sweep.")
+    "kernels", ["fwd", "dkv", "dq", "atomic"],
+    "Which kernels' launches to sweep (`atomic`: the dK/dV launches with "
+    "`atomic_dq`, the backward as one kernel).")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Only a few correctness cases and no DCE check before "
     "the sweep (for a short device call).")
@@ -249,17 +251,21 @@ def _tune_cell(rows, d, causal):
             [("dkv", ft.LaunchConfig(default.fwd, c, default.dq))
              for c in dkv_cands] +
             [("dq", ft.LaunchConfig(default.fwd, default.dkv, c))
-             for c in dq_cands])
+             for c in dq_cands] +
+            # One backward kernel: dK/dV tiles that also add dQ atomically.
+            [("atomic", ft.LaunchConfig(default.fwd, c, default.dq,
+                                        atomic_dq=True))
+             for c in dkv_cands])
   trials = [t for t in trials if t[0] in _KERNELS.value]
   for kernel, config in trials:
     if time.time() - _START > _BUDGET.value:
       print("budget spent: stopping the sweep", flush=True)
       return
-    launch = getattr(config, kernel)
+    launch = config.dkv if kernel == "atomic" else getattr(config, kernel)
     row = dict(D=d, causal=causal, S=s, B=b, H=h, kernel=kernel,
                launch=f"{launch.block_q}x{launch.block_k}/"
                       f"{launch.num_warps}w/{launch.num_stages}s",
-               default=launch == getattr(default, kernel))
+               default=config == default)
     try:
       if kernel == "fwd":
         fn = jax.jit(lambda q, k, v, c=config: ft.forward_pass(prepare(

@@ -12,6 +12,7 @@ interpreted kernels measure ~1e-6) and 2e-2 in bfloat16.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import haiku as hk
@@ -57,8 +58,9 @@ def _inputs(name, *, b=2, sq=40, sk=40, h=2, hkv=2, d=16, dv=None,
 
 
 def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
-           blocks=SMALL_BLOCKS, **shape):
-  """Runs flash (interpreted) and the reference; compares out and grads."""
+           blocks=SMALL_BLOCKS, launch=None, **shape):
+  """Runs flash (interpreted) and the reference; compares out and grads.
+  `launch` (a `LaunchConfig`), when given, replaces `blocks`."""
   q, k, v, ct, bias = _inputs(name, **shape)
   call = dict(call or {})
   scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
@@ -67,7 +69,7 @@ def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
     inputs = fa.canonicalize(q, k, v, bias=bias, **call)
     return flash_triton.flash_attention(
         inputs, dropout, sm_scale=scale, softcap=softcap,
-        block_sizes=blocks, interpret=True).out
+        block_sizes=blocks, launch=launch, interpret=True).out
 
   def ref(q, k, v, bias):
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
@@ -201,6 +203,48 @@ def test_bfloat16():
 def test_dropout_matches_reference_with_the_same_dropout():
   dropout = dropout_lib.make_dropout(jax.random.key(3), 0.3)
   _check("dropout", dict(causal=True), dropout=dropout, h=2, hkv=1)
+
+
+ATOMIC_DQ = dataclasses.replace(flash_triton.launch_config(16, SMALL_BLOCKS),
+                                atomic_dq=True)
+
+
+@pytest.mark.parametrize("case", [
+    dict(name="atomic plain"),
+    dict(name="atomic gqa causal odd", call=dict(causal=True), sq=37, sk=45,
+         h=4, hkv=2),
+    dict(name="atomic window kv lengths",
+         call=dict(sliding_window=(5, 2), kv_lengths=jnp.array([0, 29]))),
+    dict(name="atomic softcap bias", softcap=5.0, bias_shape=(1, 2, 40, 40)),
+], ids=lambda case: case["name"])
+def test_backward_with_atomic_dq(case):
+  """dQ added into float32 by the dK/dV kernel (one backward kernel)."""
+  _check(launch=ATOMIC_DQ, **case)
+
+
+def test_atomic_dq_backward_is_one_kernel():
+  q = jnp.ones((1, 32, 2, 16))
+
+  def kernels(launch):
+    def loss(q):
+      inputs = fa.canonicalize(q, q, q, causal=True)
+      return jnp.sum(flash_triton.flash_attention(
+          inputs, sm_scale=0.25, launch=launch, interpret=True).out)
+    return str(jax.make_jaxpr(jax.grad(loss))(q)).count("pallas_call[")
+
+  split = dataclasses.replace(ATOMIC_DQ, atomic_dq=False)
+  # Forward, dK/dV and dQ; or forward and dK/dV (with dQ).
+  assert (kernels(split), kernels(ATOMIC_DQ)) == (3, 2)
+
+
+def test_backward_with_atomic_dq_segments_and_dropout():
+  b, s = 2, 48
+  ids = _sorted_ids("atomic segments", b, s, 4)
+  _check("atomic segments", dict(segment_ids=ids, causal=True), b=b, sq=s,
+         sk=s, launch=ATOMIC_DQ, h=4, hkv=1)
+  dropout = dropout_lib.make_dropout(jax.random.key(3), 0.2)
+  _check("atomic dropout", dict(causal=True), dropout=dropout,
+         launch=ATOMIC_DQ)
 
 
 def test_log_sum_exp_matches_reference():

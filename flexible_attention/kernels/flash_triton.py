@@ -87,11 +87,21 @@ class Launch:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-  """The launches of the forward, dK/dV and dQ kernels."""
+  """The launches of the forward, dK/dV and dQ kernels.
+
+  With `atomic_dq`, the backward is one kernel: the dK/dV kernel also adds
+  each tile pair's share of dQ (`ds^T k`) into a float32 buffer with atomic
+  adds, as FlashAttention-2's CUDA backward does, so `dq` (its launch then
+  unused) is not launched: 5 matmuls per tile pair instead of the split
+  backward's 7. The float32 sums then run in the order the GPU schedules
+  the programs, so dQ is not bitwise reproducible from run to run (within
+  float32 rounding of the same sum). Off by default until measured faster.
+  """
 
   fwd: Launch
   dkv: Launch
   dq: Launch
+  atomic_dq: bool = False
 
 
 def default_launch_config(head_dim: int, causal: bool = False,
@@ -115,7 +125,8 @@ def default_launch_config(head_dim: int, causal: bool = False,
     return config
   cap = lambda launch: dataclasses.replace(
       launch, num_stages=min(launch.num_stages, 2))
-  return LaunchConfig(cap(config.fwd), cap(config.dkv), cap(config.dq))
+  return dataclasses.replace(config, fwd=cap(config.fwd),
+                             dkv=cap(config.dkv), dq=cap(config.dq))
 
 
 def _hopper_launch_config(head_dim: int, causal: bool) -> LaunchConfig:
@@ -170,8 +181,8 @@ def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
     return Launch(block_q, block_k, _warps_for(block_q, block_k, head_dim),
                   launch.num_stages)
 
-  return LaunchConfig(
-      fwd=override(config.fwd, "block_q", "block_k"),
+  return dataclasses.replace(
+      config, fwd=override(config.fwd, "block_q", "block_k"),
       dkv=override(config.dkv, "block_q_dkv", "block_k_dkv"),
       dq=override(config.dq, "block_q_dq", "block_k_dq"))
 
@@ -493,6 +504,10 @@ def _dkdv_kernel(*refs, names, st: _Static):
         ds = ds * dcap
       ds = (ds * scale).astype(q.dtype)
       dk = dk + _dot(ds, q, st)  # [bk, Dp]
+      if st.launch.atomic_dq:
+        plgpu.atomic_add(r["dq"], (rows, jnp.asarray(g, jnp.int32),
+                                   slice(None)),
+                         _dot(ds, k, st, trans_a=True))  # [bq, Dp]
       return dk, dv
 
     return _loops(r["bounds"], j, body, carry)
@@ -568,6 +583,7 @@ class _Call:
   def __init__(self):
     self.names, self.arrays, self.specs = [], [], []
     self.out_names, self.out_shapes, self.out_specs = [], [], []
+    self.aliases = {}
 
   def input(self, name, array, block_shape, index_map):
     if array is None:
@@ -581,6 +597,13 @@ class _Call:
     self.out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
     self.out_specs.append(pl.BlockSpec(block_shape, index_map))
 
+  def accumulator(self, name, array, block_shape, index_map):
+    """An output that starts as `array` (aliased to it: the kernel adds
+    into it); the kernel sees it as `name` (its input as `name + "_in"`)."""
+    self.aliases[len(self.arrays)] = len(self.out_names)
+    self.input(name + "_in", array, block_shape, index_map)
+    self.output(name, array.shape, array.dtype, block_shape, index_map)
+
   def __call__(self, kernel, grid, launch: Launch, interpret: bool,
                name: str, **kwargs):
     fn = functools.partial(kernel, names=tuple(self.names + self.out_names),
@@ -589,7 +612,8 @@ class _Call:
         fn, grid=grid, in_specs=self.specs, out_specs=self.out_specs,
         out_shape=self.out_shapes,
         compiler_params=_compiler_params(launch, interpret),
-        interpret=interpret, name=name)(*self.arrays)
+        input_output_aliases=self.aliases, interpret=interpret,
+        name=name)(*self.arrays)
 
 
 def _broadcast_block(shape, head_block, q_block, k_block, head_squeezed):
@@ -703,6 +727,10 @@ def _dkdv(st: _Static, q, k, v, bias, aux, do, lse2, delta, grad_dtype):
               lambda j, b, hkv: (b, j, hkv, 0))
   call.output("dv", v.shape, grad_dtype or v.dtype, (None, bk, None, dv_pad),
               lambda j, b, hkv: (b, j, hkv, 0))
+  if st.launch.atomic_dq:
+    call.accumulator("dq", jnp.zeros(q.shape, jnp.float32),
+                     (None, q_len, groups, d_pad),
+                     lambda j, b, hkv: (b, 0, hkv, 0))
   return call(_dkdv_kernel, (nk, batch, num_kv_heads), st.launch.dkv,
               st.interpret, "flash_dkdv", st=st)
 
@@ -751,9 +779,13 @@ def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse,
     delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
   dout = dout.astype(q.dtype)
-  dk, dv = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
-  dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False,
-           grad_dtype=grad_dtype)
+  if st.launch.atomic_dq:
+    dk, dv, dq = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
+    dq = dq.astype(grad_dtype or q.dtype)
+  else:
+    dk, dv = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
+    dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False,
+             grad_dtype=grad_dtype)
   dbias = None
   if bias is not None:
     ds = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=True)
@@ -833,8 +865,9 @@ def prepare(inputs: AttentionInputs,
   if launch is None:
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
                            None if interpret else gpu.compute_capability())
-  launch = LaunchConfig(*(_clip(x, q_len, kv_len) for x in
-                          (launch.fwd, launch.dkv, launch.dq)))
+  launch = dataclasses.replace(
+      launch, fwd=_clip(launch.fwd, q_len, kv_len),
+      dkv=_clip(launch.dkv, q_len, kv_len), dq=_clip(launch.dq, q_len, kv_len))
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad, kv_pad = _round_up(q_len, q_mult), _round_up(kv_len, k_mult)
