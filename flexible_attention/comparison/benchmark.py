@@ -2,7 +2,10 @@
 
 `run_benchmark(config)` (called by `scripts/benchmark.py`) times forward and
 forward+backward of each mechanism at each sequence length, after checking the
-result against the float32 reference. Forward+backward is `jax.vjp` of the
+result against the float32 reference. The mechanisms of one cell are timed
+together, their samples taken round-robin (`benchmark_cell`), so the device's
+drift during a run falls on all of them alike; the JSON is rewritten after
+every cell. Forward+backward is `jax.vjp` of the
 forward applied to a cotangent of the output's dtype, so the program's
 arguments are exactly q, k, v and dO, and its outputs dq, dk and dv. The check
 stays cheap at any length: with default (bottom-right) positions the last
