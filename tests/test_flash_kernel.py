@@ -367,3 +367,60 @@ def test_module_rejects_non_bool_interpret(flash_registered):
                                interpret=1)(q, q, q)
   with pytest.raises(TypeError, match="interpret"):
     hk.transform(f).apply({}, None, jnp.ones((1, 8, 2, 16)))
+
+
+def test_module_launch_sets_every_kernel_and_the_atomic_backward(
+    flash_registered):
+  """`launch=` reaches the kernels: the one-kernel backward's gradients
+  match vanilla's (grads through the module, dropout off)."""
+  del flash_registered
+  q, k, v, ct, _ = _inputs("module_launch", sq=40, sk=40, h=4, hkv=2)
+  launch = fa.FlashLaunchConfig(
+      fwd=fa.FlashLaunch(16, 32, 4, 2), dkv=fa.FlashLaunch(32, 16, 4, 2),
+      dq=fa.FlashLaunch(16, 16, 4, 2), atomic_dq=True)
+
+  def grads(mechanism, **options):
+    def f(q, k, v):
+      return jnp.sum(_module_out(mechanism, q, k, v, None, **options) * ct)
+    return jax.grad(f, argnums=(0, 1, 2))
+
+  got = grads("flash", interpret=True, launch=launch)(q, k, v)
+  want = grads("vanilla")(q, k, v)
+  for what, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert _rel(g, np.asarray(w)) <= TOL["float32"], what
+  # The forward and the one backward kernel: the dQ kernel is not launched.
+  traced = str(jax.make_jaxpr(grads("flash", interpret=True,
+                                    launch=launch))(q, k, v))
+  assert traced.count("pallas_call[") == 2
+
+
+@pytest.mark.parametrize("launch, error, match", [
+    ("not a launch", TypeError, "LaunchConfig"),
+    (flash_triton.LaunchConfig(flash_triton.Launch(24, 16, 4, 2),
+                               flash_triton.Launch(16, 16, 4, 2),
+                               flash_triton.Launch(16, 16, 4, 2)),
+     ValueError, r"fwd\.block_q must be a power of two"),
+    (flash_triton.LaunchConfig(flash_triton.Launch(16, 16, 4, 2),
+                               flash_triton.Launch(16, 16, 3, 2),
+                               flash_triton.Launch(16, 16, 4, 2)),
+     ValueError, r"dkv\.num_warps"),
+    (flash_triton.LaunchConfig(flash_triton.Launch(16, 16, 4, 2),
+                               flash_triton.Launch(16, 16, 4, 2),
+                               flash_triton.Launch(16, 16, 4, 0)),
+     ValueError, r"dq\.num_stages"),
+], ids=["type", "tile", "warps", "stages"])
+def test_module_rejects_invalid_launches(flash_registered, launch, error,
+                                         match):
+  del flash_registered
+  q = jnp.ones((1, 8, 2, 16))
+  with pytest.raises(error, match=match):
+    _module_out("flash", q, q, q, None, interpret=True, launch=launch)
+
+
+def test_module_rejects_launch_with_block_sizes(flash_registered):
+  del flash_registered
+  q = jnp.ones((1, 8, 2, 16))
+  with pytest.raises(ValueError, match="either in `launch` or in"):
+    _module_out("flash", q, q, q, None, interpret=True,
+                launch=flash_triton.default_launch_config(16),
+                block_sizes=fa.BlockSizes(block_q=16))

@@ -163,6 +163,38 @@ def check_block_size(name: str, value: int | None):
     raise ValueError(reason)
 
 
+def check_launch_config(config: LaunchConfig):
+  """Raises `TypeError` / `ValueError` for launches the kernels cannot use:
+  tiles must be powers of two >= 16, warps a power of two from 1 to 32,
+  stages >= 1."""
+  if not isinstance(config, LaunchConfig):
+    raise TypeError(f"launch must be a LaunchConfig, got {config!r}.")
+  if not isinstance(config.atomic_dq, bool):
+    raise TypeError(
+        f"LaunchConfig.atomic_dq must be a bool, got {config.atomic_dq!r}.")
+  for kernel in ("fwd", "dkv", "dq"):
+    launch = getattr(config, kernel)
+    if not isinstance(launch, Launch):
+      raise TypeError(f"LaunchConfig.{kernel} must be a Launch, got "
+                      f"{launch!r}.")
+    for name in ("block_q", "block_k", "num_warps", "num_stages"):
+      value = getattr(launch, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LaunchConfig.{kernel}.{name} must be an int, got "
+                        f"{value!r}.")
+    for name in ("block_q", "block_k"):
+      value = getattr(launch, name)
+      if value < MIN_BLOCK or value & (value - 1):
+        raise ValueError(f"LaunchConfig.{kernel}.{name} must be a power of "
+                         f"two >= {MIN_BLOCK}, got {value}.")
+    if launch.num_warps not in (1, 2, 4, 8, 16, 32):
+      raise ValueError(f"LaunchConfig.{kernel}.num_warps must be a power of "
+                       f"two from 1 to 32, got {launch.num_warps}.")
+    if launch.num_stages < 1:
+      raise ValueError(f"LaunchConfig.{kernel}.num_stages must be >= 1, got "
+                       f"{launch.num_stages}.")
+
+
 def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
                   causal: bool = False, capability: float | None = None
                   ) -> LaunchConfig:

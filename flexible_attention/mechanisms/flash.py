@@ -16,20 +16,35 @@ BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
 
 @dataclasses.dataclass(frozen=True)
 class FlashConfig(base.AttentionConfig):
-  """`flash`'s options: the common ones plus `interpret`.
+  """`flash`'s options: the common ones plus `interpret` and `launch`.
 
   Attributes:
     interpret: run the Pallas kernels in Pallas' interpreter (any backend;
       slow: for tests on CPU).
+    launch: the Triton launches in full (`fa.FlashLaunchConfig`: tiles,
+      warps and pipeline stages of the forward, dK/dV and dQ kernels, and
+      `atomic_dq`, the one-kernel backward), replacing the defaults of
+      `flash_triton.default_launch_config`; None keeps them (with the
+      tiles of `block_sizes`, if any). Setting both `launch` and flash's
+      `block_sizes` fields is an error. Not read by the TPU kernel, which
+      refuses it.
   """
 
   interpret: bool = False
+  launch: flash_triton.LaunchConfig | None = None
 
   def __post_init__(self):
     if not isinstance(self.interpret, bool):
       raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
     for field in BLOCK_FIELDS:
       flash_triton.check_block_size(field, getattr(self.block_sizes, field))
+    if self.launch is not None:
+      flash_triton.check_launch_config(self.launch)
+      both = [f for f in BLOCK_FIELDS if getattr(self.block_sizes, f)]
+      if both:
+        raise ValueError(
+            f"flash: pass the tiles either in `launch` or in `block_sizes`, "
+            f"not both (block_sizes sets {both}).")
 
 
 @registry.register_mechanism("flash")
@@ -61,7 +76,10 @@ class FlashAttention(base.AttentionModule):
   Block sizes (`fa.BlockSizes`, powers of two >= 16): `block_q`/`block_k`
   tile the forward pass, `block_q_dkv`/`block_k_dkv` the dK/dV kernel,
   `block_q_dq`/`block_k_dq` the dQ kernel; defaults depend on the head size
-  (`flash_triton.default_launch_config`).
+  and GPU generation (`flash_triton.default_launch_config`). `launch=`
+  (`fa.FlashLaunchConfig`) sets tiles, warps and stages of every kernel at
+  once, and can select the one-kernel backward (`atomic_dq=True`: dQ by
+  float32 atomic adds, not bitwise reproducible run to run).
   """
 
   capabilities = registry.Capabilities(
@@ -101,7 +119,9 @@ class FlashAttention(base.AttentionModule):
         flash_triton.flash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, precision=config.precision,
         block_sizes=config.block_sizes,
-        # `auto`'s options have no `interpret`: it runs the compiled kernels.
+        # `auto`'s options have neither: it runs the compiled kernels with
+        # their default launches.
+        launch=getattr(config, "launch", None),
         interpret=getattr(config, "interpret", False))
 
 
@@ -160,4 +180,8 @@ def _tpu_unsupported_reason(request) -> str | None:
   if dict(request.options).get("precision") is not None:
     return ("on TPU, mechanism 'flash' has no matmul precision setting; "
             "leave precision=None.")
+  if dict(request.options).get("launch") is not None:
+    return ("on TPU, mechanism 'flash' (JAX's Pallas TPU flash kernel) has "
+            "no Triton launches; leave launch=None (its tiles are "
+            "`block_sizes`).")
   return None
