@@ -148,11 +148,16 @@ def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
 
 
 def block_size_reason(name: str, value: int | None) -> str | None:
-  """Why a tile size cannot serve the Triton kernels (None when it can):
-  they must be powers of two >= 16 (Triton's tensor shapes)."""
+  """Why `fa.BlockSizes.<name>` cannot serve the Triton kernels (None when
+  it can)."""
+  return _tile_reason(f"BlockSizes.{name}", value)
+
+
+def _tile_reason(label: str, value: int | None) -> str | None:
+  """Tiles must be powers of two >= 16 (Triton's tensor shapes)."""
   if value is not None and (value < MIN_BLOCK or value & (value - 1)):
-    return (f"BlockSizes.{name} must be a power of two >= {MIN_BLOCK} for "
-            f"the flash kernels, got {value}.")
+    return (f"{label} must be a power of two >= {MIN_BLOCK} for the flash "
+            f"kernels, got {value}.")
   return None
 
 
@@ -183,10 +188,10 @@ def check_launch_config(config: LaunchConfig):
         raise TypeError(f"LaunchConfig.{kernel}.{name} must be an int, got "
                         f"{value!r}.")
     for name in ("block_q", "block_k"):
-      value = getattr(launch, name)
-      if value < MIN_BLOCK or value & (value - 1):
-        raise ValueError(f"LaunchConfig.{kernel}.{name} must be a power of "
-                         f"two >= {MIN_BLOCK}, got {value}.")
+      reason = _tile_reason(f"LaunchConfig.{kernel}.{name}",
+                            getattr(launch, name))
+      if reason is not None:
+        raise ValueError(reason)
     if launch.num_warps not in (1, 2, 4, 8, 16, 32):
       raise ValueError(f"LaunchConfig.{kernel}.num_warps must be a power of "
                        f"two from 1 to 32, got {launch.num_warps}.")
