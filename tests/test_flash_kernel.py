@@ -69,7 +69,8 @@ def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
     inputs = fa.canonicalize(q, k, v, bias=bias, **call)
     return flash_triton.flash_attention(
         inputs, dropout, sm_scale=scale, softcap=softcap,
-        block_sizes=blocks, launch=launch, interpret=True).out
+        block_sizes=None if launch is not None else blocks, launch=launch,
+        interpret=True).out
 
   def ref(q, k, v, bias):
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
@@ -220,6 +221,14 @@ ATOMIC_DQ = dataclasses.replace(flash_triton.launch_config(16, SMALL_BLOCKS),
 def test_backward_with_atomic_dq(case):
   """dQ added into float32 by the dK/dV kernel (one backward kernel)."""
   _check(launch=ATOMIC_DQ, **case)
+
+
+def test_launch_with_tile_sizes_is_an_error():
+  q, k, v, _, _ = _inputs("launch and blocks")
+  with pytest.raises(ValueError, match="either in `launch` or in"):
+    flash_triton.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.25,
+                                 block_sizes=SMALL_BLOCKS, launch=ATOMIC_DQ,
+                                 interpret=True)
 
 
 def test_atomic_dq_backward_is_one_kernel():

@@ -70,6 +70,9 @@ LN2 = math.log(2.0)
 MASK_VALUE = reference.MASK_VALUE
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16  # Triton's smallest dot operand side.
+# The `fa.BlockSizes` fields the kernels read: (q, k) tiles of each kernel.
+TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
+               "block_q_dq", "block_k_dq")
 
 
 # --- Launch configuration -------------------------------------------------
@@ -168,10 +171,18 @@ def check_block_size(name: str, value: int | None):
     raise ValueError(reason)
 
 
-def check_launch_config(config: LaunchConfig):
-  """Raises `TypeError` / `ValueError` for launches the kernels cannot use:
-  tiles must be powers of two >= 16, warps a power of two from 1 to 32,
-  stages >= 1."""
+def check_launch_config(config: LaunchConfig,
+                        block_sizes: BlockSizes | None = None):
+  """Raises `TypeError` / `ValueError` for launches the kernels cannot use
+  (tiles must be powers of two >= 16, warps a power of two from 1 to 32,
+  stages >= 1), or given together with tile sizes in `block_sizes` (which
+  would be ignored)."""
+  both = [f for f in TILE_FIELDS
+          if block_sizes is not None and getattr(block_sizes, f) is not None]
+  if both:
+    raise ValueError(
+        f"flash: pass the tiles either in `launch` or in `block_sizes`, not "
+        f"both (block_sizes sets {both}).")
   if not isinstance(config, LaunchConfig):
     raise TypeError(f"launch must be a LaunchConfig, got {config!r}.")
   if not isinstance(config.atomic_dq, bool):
@@ -899,7 +910,9 @@ def prepare(inputs: AttentionInputs,
     raise ValueError(f"flash: head sizes must be at most {MAX_HEAD_DIM}, got "
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = _pad_dim(dims.head_dim), _pad_dim(dims.value_dim)
-  if launch is None:
+  if launch is not None:
+    check_launch_config(launch, block_sizes)
+  else:
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
                            None if interpret else gpu.compute_capability())
   launch = dataclasses.replace(
@@ -1038,8 +1051,8 @@ def flash_attention(inputs: AttentionInputs,
     block_sizes: `fa.BlockSizes` (fields `block_q`, `block_k`,
       `block_q_dkv`, `block_k_dkv`, `block_q_dq`, `block_k_dq`; powers of
       two >= 16) over the defaults for the head size.
-    launch: a full `LaunchConfig` (tiles, warps, stages), overriding
-      `block_sizes`; for tuning.
+    launch: a full `LaunchConfig` (tiles, warps, stages, `atomic_dq`) in
+      place of the defaults; an error together with tiles in `block_sizes`.
     interpret: run the kernels in Pallas' interpreter (any backend).
 
   Returns:

@@ -10,8 +10,7 @@ from flexible_attention.kernels import flash_triton
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
-BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
-                 "block_q_dq", "block_k_dq")
+BLOCK_FIELDS = flash_triton.TILE_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +38,7 @@ class FlashConfig(base.AttentionConfig):
     for field in BLOCK_FIELDS:
       flash_triton.check_block_size(field, getattr(self.block_sizes, field))
     if self.launch is not None:
-      flash_triton.check_launch_config(self.launch)
-      both = [f for f in BLOCK_FIELDS if getattr(self.block_sizes, f)]
-      if both:
-        raise ValueError(
-            f"flash: pass the tiles either in `launch` or in `block_sizes`, "
-            f"not both (block_sizes sets {both}).")
+      flash_triton.check_launch_config(self.launch, self.block_sizes)
 
 
 @registry.register_mechanism("flash")
