@@ -312,14 +312,16 @@ def _cudnn_dense_mask(cell: Cell, segment_ids, logits_soft_cap):
   if logits_soft_cap is not None:
     raise NotImplementedError("cudnn_dense_mask has no logits soft cap.")
   mask = None
-  if segment_ids is not None:
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  if cell.causal:
-    causal = np.tril(np.ones((cell.seq_len,) * 2, bool))[None, None]
-    mask = causal if mask is None else mask & causal
+  if cell.causal or segment_ids is not None:
+    # The library's own mask rule (`Visibility.dense`), expanded.
+    shape = (cell.batch, cell.seq_len, 1, 1)
+    mask = canonicalize(
+        jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape),
+        causal=cell.causal,
+        segment_ids=None if segment_ids is None else jnp.asarray(segment_ids)
+    ).visibility.dense()  # [B, 1, S, S]
   return lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, mask=None if mask is None else jnp.asarray(mask),
-      scale=cell.head_dim**-0.5, implementation="cudnn")
+      q, k, v, mask=mask, scale=cell.head_dim**-0.5, implementation="cudnn")
 
 
 def _pallas_in_tree(cell: Cell, segment_ids, logits_soft_cap):
