@@ -144,16 +144,20 @@ def autotune(request: registry.AttentionRequest, config, candidates,
       (dims.batch, dims.kv_len, dims.num_kv_heads, dims.head_dim),
       (dims.batch, dims.kv_len, dims.num_kv_heads, dims.value_dim)))
   call = _synthetic_call(request, rng)
-  seconds = {}
+  seconds, reasons = {}, []
   for name in candidates:
-    if registry.refusal_reason(name, request) is not None:
+    reason = registry.refusal_reason(name, request)
+    if reason is not None:
+      reasons.append(reason)
       continue
     try:
       seconds[name] = _time_candidate(name, request, config, call, inputs)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("autotune: %s failed (%s); not a candidate.", name, e)
+      reasons.append(f"{name} failed when timed: {type(e).__name__}: {e}")
   if not seconds:
-    raise NotImplementedError("auto: no mechanism accepts this call.")
+    raise NotImplementedError("auto: no mechanism accepts this call: " +
+                              "; ".join(reasons))
   winner = min(seconds, key=seconds.get)
   logging.info("autotune: %s wins (%s).", winner, seconds)
   cache[key] = dict(winner=winner, seconds=seconds)
