@@ -11,8 +11,17 @@ custom calls carry it as MLIR bytecode) and reports per kernel: warps,
 stages, the matmuls (`tt.dot`) in its inner loop body with their operand
 shapes, the tile transposes feeding them (`tt.trans`), the elementwise
 functions it calls from libdevice, and the memory semantics of its atomics.
-This is the program Triton receives; what Triton's Hopper passes make of it
-(`wgmma`, software pipelining, registers) is only visible on the GPU.
+This is the program Triton receives.
+
+With `--compile` (needs the standalone `triton` package, not a GPU) each
+kernel's IR is also compiled by that Triton for `--arch` (sm_90 by
+default) with the kernel's own warps and stages, and the report adds what the
+Triton IR cannot show: registers per thread, spilled bytes, shared memory,
+and instruction counts of the PTX (`wgmma` vs `mma.sync`, atomics, local
+memory traffic) and, through `cuobjdump`, of the machine code (`HGMMA` vs
+`HMMA`). XLA compiles the same IR with its own copy of Triton, so the
+counts describe what Triton makes of these kernels, not byte for byte the
+binary XLA runs; `--write_dir` keeps the IR, PTX and SASS of every kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +29,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 
 from absl import app
 from absl import flags
@@ -37,6 +51,18 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal cells.")
 _SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
 _ATOMIC = flags.DEFINE_bool("atomic_dq", False,
                             "The one-kernel backward (`atomic_dq`).")
+_COMPILE = flags.DEFINE_bool(
+    "compile", False, "Also compile each kernel with the standalone Triton "
+    "(no GPU needed) and report registers, spills and instructions.")
+_WRITE_DIR = flags.DEFINE_string(
+    "write_dir", None, "Keep each kernel's .ttir (and with --compile its "
+    ".ttgir, .ptx and .sass) and a summary.json here.")
+_RUN = flags.DEFINE_bool(
+    "run", False, "Also run each cell's forward and backward once on the "
+    "attached GPU, so that a profiler wrapped around this command (ncu) "
+    "reads the binaries XLA itself built.")
+_ARCH = flags.DEFINE_integer(
+    "arch", 90, "Compute capability to compile for with --compile.")
 _DEVICE_KIND = flags.DEFINE_string(
     "device_kind", "NVIDIA H200",
     "The GPU to lower for (jax >= 0.11 asks for one when none is attached).")
@@ -113,8 +139,79 @@ def _summary(config, module) -> dict:
                                     text))))
 
 
+_PTX_COUNTS = {
+    "wgmma": r"\bwgmma\.mma_async",
+    "wgmma_wait": r"\bwgmma\.wait_group",
+    "mma_sync": r"\bmma\.sync",
+    "ldmatrix": r"\bldmatrix",
+    "cp_async": r"\bcp\.async\.(?:ca|cg)",
+    "cp_async_bulk": r"\bcp\.async\.bulk",
+    "atom_red": r"\b(?:atom|red)\.global",
+    "local_mem": r"\b(?:ld|st)\.local",
+    "ex2": r"\bex2\.approx",
+    "bar_sync": r"\bbar\.sync|\bbarrier\.sync",
+}
+_SASS_COUNTS = {
+    "HGMMA": r"\bHGMMA\.", "HMMA": r"\bHMMA\.", "MUFU_EX2": r"MUFU\.EX2",
+    "RED_ATOM": r"\b(?:RED|ATOM|ATOMG)\.", "LDL_STL": r"\b(?:LDL|STL)\b",
+}
+
+
+def _count(patterns, text):
+  return {k: len(re.findall(p, text)) for k, p in patterns.items()}
+
+
+def _cuobjdump():
+  """cuobjdump from the PATH, else the copy Triton's wheel carries."""
+  import triton  # pylint: disable=g-import-not-at-top
+  bundled = os.path.join(os.path.dirname(triton.__file__), "backends",
+                         "nvidia", "bin", "cuobjdump")
+  return shutil.which("cuobjdump") or (
+      bundled if os.path.exists(bundled) else None)
+
+
+def _compile(config, module, write_dir):
+  """Compiles one kernel's Triton IR with the standalone Triton; the stats.
+
+  Needs no GPU: Triton's wheel carries ptxas and cuobjdump, and registers,
+  spills (local memory) and shared memory are read off the cubin.
+  """
+  import triton  # pylint: disable=g-import-not-at-top
+  from triton.backends import compiler  # pylint: disable=g-import-not-at-top
+  name = ir.StringAttr(config["name"]).value
+  target = compiler.GPUTarget("cuda", _ARCH.value, 32)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, f"{name}.ttir")
+    with open(path, "w") as f:
+      f.write(module.operation.get_asm(enable_debug_info=False))
+    kernel = triton.compile(path, target=target, options=dict(
+        num_warps=_int(config["num_warps"]),
+        num_stages=_int(config["num_stages"])))
+    cubin = os.path.join(tmp, f"{name}.cubin")
+    with open(cubin, "wb") as f:
+      f.write(kernel.asm["cubin"])
+    tool = _cuobjdump()
+    sass = usage = ""
+    if tool:
+      run = lambda *a: subprocess.run([tool, *a, cubin], capture_output=True,
+                                      text=True, check=True).stdout
+      sass, usage = run("--dump-sass"), run("--dump-resource-usage")
+    if write_dir:
+      for ext, text in (("ttgir", kernel.asm["ttgir"]),
+                        ("ptx", kernel.asm["ptx"]), ("sass", sass)):
+        with open(os.path.join(write_dir, f"{name}.{ext}"), "w") as f:
+          f.write(text)
+  resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+  return dict(triton=triton.__version__, arch=f"sm_{_ARCH.value}",
+              resources={k: int(v) for k, v in resources.items()},
+              shared_bytes=kernel.metadata.shared,
+              ptx=_count(_PTX_COUNTS, kernel.asm["ptx"]),
+              sass=_count(_SASS_COUNTS, sass) if sass else None)
+
+
 def main(argv):
   del argv
+  summaries = []
   for d in map(int, _HEAD_DIMS.value):
     x = jax.ShapeDtypeStruct((1, _SEQ.value, 2048 // d, d), jnp.bfloat16)
     launch = dataclasses.replace(ft.default_launch_config(d, _CAUSAL.value),
@@ -129,16 +226,42 @@ def main(argv):
     with _gpu_target():
       lowered = jax.jit(fwd_bwd).trace(x, x, x, x).lower(
           lowering_platforms=("cuda",))
+    if _RUN.value:
+      keys = jax.random.split(jax.random.key(0), 4)
+      args = [jax.random.normal(key, x.shape, x.dtype) for key in keys]
+      jax.block_until_ready(jax.jit(fwd_bwd)(*args))
     print(f"\nD = {d}, causal = {_CAUSAL.value}, atomic_dq = "
           f"{_ATOMIC.value}: {launch}")
     print("| kernel | warps | stages | loops | matmuls in the inner loop "
           "(bf16 tiles) | tile transposes | libdevice calls | atomics |")
     print("|---|---|---|---|---|---|---|---|")
+    compiled = []
     for config, module in _triton_calls(lowered):
       s = _summary(config, module)
       print(f"| {s['kernel']} | {s['warps']} | {s['stages']} | {s['loops']} "
             f"| {len(s['dots_per_tile'])}: {'; '.join(s['dots_per_tile'])} "
             f"| {s['transposes']} | {s['libdevice']} | {s['atomics']} |")
+      if _WRITE_DIR.value:
+        os.makedirs(_WRITE_DIR.value, exist_ok=True)
+        with open(os.path.join(_WRITE_DIR.value, f"{s['kernel']}.ttir"),
+                  "w") as f:
+          f.write(module.operation.get_asm(enable_debug_info=False))
+      if _COMPILE.value:
+        compiled.append(dict(s, d=d, causal=_CAUSAL.value,
+                             **_compile(config, module, _WRITE_DIR.value)))
+    if compiled:
+      print(f"\nCompiled by Triton {compiled[0]['triton']} for "
+            f"{compiled[0]['arch']}:")
+      print("| kernel | resources per thread (bytes) | shared bytes | PTX "
+            "counts | SASS counts |")
+      print("|---|---|---|---|---|")
+      for c in compiled:
+        print(f"| {c['kernel']} | {c['resources']} | {c['shared_bytes']} | "
+              f"{c['ptx']} | {c['sass']} |")
+      summaries.extend(compiled)
+  if summaries and _WRITE_DIR.value:
+    with open(os.path.join(_WRITE_DIR.value, "summary.json"), "w") as f:
+      json.dump(summaries, f, indent=1)
 
 
 if __name__ == "__main__":
