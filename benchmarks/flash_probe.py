@@ -49,6 +49,9 @@ _KERNELS = flags.DEFINE_list(
     "kernels", ["fwd", "dkv", "dq", "atomic"],
     "Which kernels' launches to sweep (`atomic`: the dK/dV launches with "
     "`atomic_dq`, the backward as one kernel).")
+_MAX_CANDIDATES = flags.DEFINE_integer(
+    "max_candidates", 0, "Time only the first this many candidate launches "
+    "of each kernel (the default first); 0: all.")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Only a few correctness cases and no DCE check before "
     "the sweep (for a short device call).")
@@ -245,7 +248,8 @@ def _tune_cell(rows, d, causal):
                               interpret=_INTERPRET.value)
   out, lse = jax.jit(lambda q, k, v: ft.forward_pass(prepare(
       fa.canonicalize(q, k, v, causal=causal), launch=default))[:2])(q, k, v)
-  fwd_cands, dkv_cands, dq_cands = CANDIDATES[d]
+  fwd_cands, dkv_cands, dq_cands = (
+      c[:_MAX_CANDIDATES.value or None] for c in CANDIDATES[d])
   trials = ([("fwd", ft.LaunchConfig(c, default.dkv, default.dq))
              for c in fwd_cands] +
             [("dkv", ft.LaunchConfig(default.fwd, c, default.dq))

@@ -259,25 +259,34 @@ def test_readme_support_table_is_generated_from_the_registry():
       "README.md's mechanism table is stale; paste fa.support_table().")
 
 
-def test_timing_samples_round_robin_and_batches_short_calls():
+def test_timing_samples_round_robin_in_shuffled_order_and_batches_short_calls(
+    monkeypatch):
   """Each sample of a short call batches several calls (so host dispatch
-  does not dominate it); the samples of the compared calls alternate."""
+  does not dominate it); every round takes one sample of each compared
+  call, in an order that changes from round to round."""
   log = []
 
-  def fast():
-    log.append("fast")
+  def make(name, sleep):
+    def fn():
+      log.append(name)
+      time.sleep(sleep)
+    return fn
 
-  def slow():
-    log.append("slow")
-    time.sleep(2e-3)
-
-  seconds = timing.median_seconds_each([(fast, ()), (slow, ())], repeats=3,
-                                       warmup=1, min_sample_seconds=1e-3)
-  assert seconds[1] >= 2e-3 > 1e-3 > seconds[0]
-  # Warm-up and one calibration call each, then three rounds: a batch of
-  # fast calls, one slow call.
-  assert log[:4] == ["fast", "fast", "slow", "slow"]
-  rounds = "".join("s" if entry == "slow" else "f" for entry in log[4:])
-  batches = rounds.split("s")
-  assert len(batches) == 4 and batches[-1] == ""
-  assert len(set(batches[:3])) == 1 and len(batches[0]) > 1
+  wait = jax.block_until_ready
+  monkeypatch.setattr(jax, "block_until_ready",
+                      lambda x: (log.append("|"), wait(x))[1])
+  calls = [(make("f", 0.0), ()), (make("a", 2e-3), ()), (make("b", 2e-3), ())]
+  seconds = timing.median_seconds_each(calls, repeats=8, warmup=1,
+                                       min_sample_seconds=1e-3)
+  assert seconds[1] >= 2e-3 and seconds[2] >= 2e-3
+  assert seconds[0] < 1e-3
+  samples = "".join(log).split("|")[:-1]
+  # Warm-up and one calibration call each, one call per wait.
+  assert samples[:6] == ["f", "f", "a", "a", "b", "b"]
+  rounds = [samples[i:i + 3] for i in range(6, len(samples), 3)]
+  assert len(rounds) == 8
+  for r in rounds:
+    assert sorted(s[0] for s in r) == ["a", "b", "f"]
+    assert all(len(s) == 1 for s in r if s[0] != "f")
+    assert all(len(s) > 1 for s in r if s[0] == "f")  # Batched.
+  assert len({tuple(s[0] for s in r) for r in rounds}) > 1  # Shuffled.

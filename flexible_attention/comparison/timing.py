@@ -3,13 +3,15 @@
 Every figure the comparison and benchmark scripts report comes from here:
 compile once (timed separately), warm up, then take `repeats` samples of
 back-to-back calls waited for with `block_until_ready` (round-robin over
-the programs compared), and report the median time of one call.
+the programs compared, in a fresh order each round), and report the median
+time of one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -45,7 +47,7 @@ def compile_fn(fn: Callable, *args) -> Compiled:
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 20,
-                   warmup: int = 2, min_sample_seconds: float = 2e-3) -> float:
+                   warmup: int = 2, min_sample_seconds: float = 1e-2) -> float:
   """Median device time of one `fn(*args)` call (see `median_seconds_each`)."""
   return median_seconds_each([(fn, args)], repeats=repeats, warmup=warmup,
                              min_sample_seconds=min_sample_seconds)[0]
@@ -53,7 +55,8 @@ def median_seconds(fn: Callable, *args, repeats: int = 20,
 
 def median_seconds_each(calls: Sequence[tuple[Callable, tuple[Any, ...]]], *,
                         repeats: int = 20, warmup: int = 2,
-                        min_sample_seconds: float = 2e-3) -> list[float]:
+                        min_sample_seconds: float = 1e-2,
+                        seed: int = 0) -> list[float]:
   """Median device time of one call of each `(fn, args)` of `calls`.
 
   A sample of `fn` dispatches `n` calls back to back and waits for the last
@@ -68,7 +71,12 @@ def median_seconds_each(calls: Sequence[tuple[Callable, tuple[Any, ...]]], *,
   The `repeats` samples of the functions are taken round-robin (one sample
   of each, `repeats` times), so slow drifts of the device (clocks,
   temperature, other tenants) fall on every function alike and the ratios
-  between them stay fair.
+  between them stay fair. Each round visits the functions in a fresh order
+  (shuffled with `seed`), so that no function always runs right after the
+  same other one (with a fixed order and 2 ms samples, one program came out
+  up to 14% apart from an identical one on an H200: what ran just before,
+  its clocks, power draw and what it left in L2, is the suspect;
+  benchmarks/BENCHMARKS.md).
 
   Returns:
     Seconds per call, one per entry of `calls`.
@@ -82,8 +90,12 @@ def median_seconds_each(calls: Sequence[tuple[Callable, tuple[Any, ...]]], *,
     single = time.perf_counter() - start
     batch.append(max(1, math.ceil(min_sample_seconds / max(single, 1e-9))))
   samples = [[] for _ in calls]
+  order = list(range(len(calls)))
+  shuffle = random.Random(seed).shuffle
   for _ in range(repeats):
-    for (fn, args), n, times in zip(calls, batch, samples):
+    shuffle(order)
+    for i in order:
+      (fn, args), n, times = calls[i], batch[i], samples[i]
       start = time.perf_counter()
       for _ in range(n - 1):
         fn(*args)
