@@ -52,6 +52,10 @@ _KERNELS = flags.DEFINE_list(
 _MAX_CANDIDATES = flags.DEFINE_integer(
     "max_candidates", 0, "Time only the first this many candidate launches "
     "of each kernel (the default first); 0: all.")
+_LAUNCHES = flags.DEFINE_list(
+    "launches", [], "Instead of the candidate lists: time each kernel's "
+    "default launch and these, written kernel:QxK/warps/stages (e.g. "
+    "fwd:128x64/8/2, atomic:64x64/8/3).")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Only a few correctness cases and no DCE check before "
     "the sweep (for a short device call).")
@@ -218,6 +222,18 @@ CANDIDATES = {
 }
 
 
+def _parse_launches(kernel):
+  """The `--launches` of one kernel as `Launch`es."""
+  launches = []
+  for entry in _LAUNCHES.value:
+    name, spec = entry.split(":")
+    if name == kernel:
+      tiles, warps, stages = spec.split("/")
+      block_q, block_k = tiles.split("x")
+      launches.append(L(int(block_q), int(block_k), int(warps), int(stages)))
+  return launches
+
+
 def _tune_cell(rows, d, causal):
   """Times each candidate launch of each kernel alone at one grid cell.
 
@@ -250,6 +266,14 @@ def _tune_cell(rows, d, causal):
       fa.canonicalize(q, k, v, causal=causal), launch=default))[:2])(q, k, v)
   fwd_cands, dkv_cands, dq_cands = (
       c[:_MAX_CANDIDATES.value or None] for c in CANDIDATES[d])
+  if _LAUNCHES.value:
+    fwd_cands, dkv_cands, dq_cands = [default.fwd], [default.dkv], [default.dq]
+    atomic_cands = [default.dkv] + _parse_launches("atomic")
+    fwd_cands += _parse_launches("fwd")
+    dkv_cands += _parse_launches("dkv")
+    dq_cands += _parse_launches("dq")
+  else:
+    atomic_cands = dkv_cands
   trials = ([("fwd", ft.LaunchConfig(c, default.dkv, default.dq))
              for c in fwd_cands] +
             [("dkv", ft.LaunchConfig(default.fwd, c, default.dq))
@@ -259,7 +283,7 @@ def _tune_cell(rows, d, causal):
             # One backward kernel: dK/dV tiles that also add dQ atomically.
             [("atomic", ft.LaunchConfig(default.fwd, c, default.dq,
                                         atomic_dq=True))
-             for c in dkv_cands])
+             for c in atomic_cands])
   trials = [t for t in trials if t[0] in _KERNELS.value]
   for kernel, config in trials:
     if time.time() - _START > _BUDGET.value:
