@@ -50,6 +50,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -464,8 +465,10 @@ def benchmark_cell(names: Sequence[str], config, cell: Cell, *, mesh=None,
   one row per name, in order.
   """
   labels = list(labels) if labels else list(names)
+  start = time.perf_counter()
   prepared = [_prepare_row(name, config, cell, mesh, options, label)
               for name, label in zip(names, labels)]
+  checked = time.perf_counter()
   timed = [(row, calls) for row, calls in prepared if calls is not None]
   try:
     seconds = timing.median_seconds_each(
@@ -475,6 +478,11 @@ def benchmark_cell(names: Sequence[str], config, cell: Cell, *, mesh=None,
     for row, _ in timed:
       row.status = f"error: {type(e).__name__}: {str(e)[:300]}"
     return [row for row, _ in prepared]
+  logging.info(
+      "%s: inputs, reference, compiling and checking %.1f s (compiling the "
+      "forward+backward programs %.1f s), timing %.1f s", cell.name,
+      checked - start, sum(row.compile_seconds or 0.0 for row, _ in prepared),
+      time.perf_counter() - checked)
   flops = attention_flops(cell.batch, cell.num_heads, cell.seq_len,
                           cell.seq_len, cell.head_dim, cell.causal)
   for n, (row, _) in enumerate(timed):
