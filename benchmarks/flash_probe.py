@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 
 from absl import app
@@ -222,15 +223,23 @@ CANDIDATES = {
 }
 
 
+_LAUNCH_RE = re.compile(r"(fwd|dkv|dq|atomic):(\d+)x(\d+)/(\d+)/(\d+)")
+
+
 def _parse_launches(kernel):
   """The `--launches` of one kernel as `Launch`es."""
   launches = []
   for entry in _LAUNCHES.value:
-    name, spec = entry.split(":")
-    if name == kernel:
-      tiles, warps, stages = spec.split("/")
-      block_q, block_k = tiles.split("x")
-      launches.append(L(int(block_q), int(block_k), int(warps), int(stages)))
+    match = _LAUNCH_RE.fullmatch(entry)
+    if match is None:
+      raise app.UsageError(
+          f"--launches: {entry!r} is not kernel:QxK/warps/stages with kernel "
+          "fwd, dkv, dq or atomic (e.g. fwd:128x64/8/2).")
+    if match[1] not in _KERNELS.value:
+      raise app.UsageError(f"--launches: {entry!r} names a kernel not in "
+                           f"--kernels={','.join(_KERNELS.value)}.")
+    if match[1] == kernel:
+      launches.append(L(*map(int, match.groups()[1:])))
   return launches
 
 
@@ -358,8 +367,18 @@ def dce_check(results):
   results["dce"] = counts
 
 
+def _check_flags():
+  """Bad `--launches` fail before any GPU time is spent."""
+  if _LAUNCHES.value and _MAX_CANDIDATES.value:
+    raise app.UsageError("--launches replaces the candidate lists: leave "
+                         "--max_candidates at 0.")
+  for kernel in ("fwd", "dkv", "dq", "atomic"):
+    _parse_launches(kernel)
+
+
 def main(argv):
   del argv
+  _check_flags()
   results = dict(device=str(jax.devices()[0].device_kind),
                  jax=jax.__version__)
   print(results, flush=True)

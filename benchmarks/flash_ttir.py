@@ -170,11 +170,11 @@ def _cuobjdump():
       bundled if os.path.exists(bundled) else None)
 
 
-def _compile(config, module, write_dir):
+def _compile(config, ttir: str, write_dir):
   """Compiles one kernel's Triton IR with the standalone Triton; the stats.
 
   Needs no GPU: Triton's wheel carries ptxas and cuobjdump, and registers,
-  spills (local memory) and shared memory are read off the cubin.
+  stack (spills) and shared memory are read off the cubin.
   """
   import triton  # pylint: disable=g-import-not-at-top
   from triton.backends import compiler  # pylint: disable=g-import-not-at-top
@@ -183,7 +183,7 @@ def _compile(config, module, write_dir):
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, f"{name}.ttir")
     with open(path, "w") as f:
-      f.write(module.operation.get_asm(enable_debug_info=False))
+      f.write(ttir)
     kernel = triton.compile(path, target=target, options=dict(
         num_warps=_int(config["num_warps"]),
         num_stages=_int(config["num_stages"])))
@@ -191,11 +191,12 @@ def _compile(config, module, write_dir):
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
     tool = _cuobjdump()
-    sass = usage = ""
-    if tool:
-      run = lambda *a: subprocess.run([tool, *a, cubin], capture_output=True,
-                                      text=True, check=True).stdout
-      sass, usage = run("--dump-sass"), run("--dump-resource-usage")
+    if tool is None:
+      raise RuntimeError("--compile reads registers and SASS with cuobjdump: "
+                         "none on the PATH nor in Triton's wheel.")
+    run = lambda *a: subprocess.run([tool, *a, cubin], capture_output=True,
+                                    text=True, check=True).stdout
+    sass, usage = run("--dump-sass"), run("--dump-resource-usage")
     if write_dir:
       for ext, text in (("ttgir", kernel.asm["ttgir"]),
                         ("ptx", kernel.asm["ptx"]), ("sass", sass)):
@@ -206,7 +207,7 @@ def _compile(config, module, write_dir):
               resources={k: int(v) for k, v in resources.items()},
               shared_bytes=kernel.metadata.shared,
               ptx=_count(_PTX_COUNTS, kernel.asm["ptx"]),
-              sass=_count(_SASS_COUNTS, sass) if sass else None)
+              sass=_count(_SASS_COUNTS, sass))
 
 
 def main(argv):
@@ -241,14 +242,15 @@ def main(argv):
       print(f"| {s['kernel']} | {s['warps']} | {s['stages']} | {s['loops']} "
             f"| {len(s['dots_per_tile'])}: {'; '.join(s['dots_per_tile'])} "
             f"| {s['transposes']} | {s['libdevice']} | {s['atomics']} |")
+      ttir = module.operation.get_asm(enable_debug_info=False)
       if _WRITE_DIR.value:
         os.makedirs(_WRITE_DIR.value, exist_ok=True)
         with open(os.path.join(_WRITE_DIR.value, f"{s['kernel']}.ttir"),
                   "w") as f:
-          f.write(module.operation.get_asm(enable_debug_info=False))
+          f.write(ttir)
       if _COMPILE.value:
         compiled.append(dict(s, d=d, causal=_CAUSAL.value,
-                             **_compile(config, module, _WRITE_DIR.value)))
+                             **_compile(config, ttir, _WRITE_DIR.value)))
     if compiled:
       print(f"\nCompiled by Triton {compiled[0]['triton']} for "
             f"{compiled[0]['arch']}:")

@@ -98,7 +98,9 @@ class LaunchConfig:
   unused) is not launched: 5 matmuls per tile pair instead of the split
   backward's 7. The float32 sums then run in the order the GPU schedules
   the programs, so dQ is not bitwise reproducible from run to run (within
-  float32 rounding of the same sum). Off by default until measured faster.
+  float32 rounding of the same sum). Off by default: on an H200 it is 2.7x
+  slower than the split backward at D = 128 (its float32 atomics are
+  acquire-release, with fences; benchmarks/flash_notes.md).
   """
 
   fwd: Launch
