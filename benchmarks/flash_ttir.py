@@ -170,6 +170,28 @@ def _cuobjdump():
       bundled if os.path.exists(bundled) else None)
 
 
+def _make_ttir(ttir: str, target, scratch: str) -> str:
+  """Runs Triton's `make_ttir` stage (canonicalize, combine, CSE, ...) on
+  the IR Pallas emits, as XLA's Triton pipeline does first.
+
+  `triton.compile` treats a `.ttir` file as already past that stage, and
+  without it every `acc + dot(a, b)` stays a matmul into zeros plus an add
+  (no accumulating `wgmma`), which is not what XLA compiles.
+  """
+  from triton._C.libtriton import ir as triton_ir  # pylint: disable=g-import-not-at-top
+  from triton.backends import nvidia  # pylint: disable=g-import-not-at-top
+  with open(scratch, "w") as f:
+    f.write(ttir)
+  backend = nvidia.compiler.CUDABackend(target)
+  context = triton_ir.context()
+  triton_ir.load_dialects(context)
+  backend.load_dialects(context)
+  module = triton_ir.parse_mlir_module(scratch, context)
+  module.context = context
+  backend.make_ttir(module, {}, None, target.arch)
+  return str(module)
+
+
 def _compile(config, ttir: str, write_dir):
   """Compiles one kernel's Triton IR with the standalone Triton; the stats.
 
@@ -183,7 +205,7 @@ def _compile(config, ttir: str, write_dir):
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, f"{name}.ttir")
     with open(path, "w") as f:
-      f.write(ttir)
+      f.write(_make_ttir(ttir, target, os.path.join(tmp, "pallas.ttir")))
     kernel = triton.compile(path, target=target, options=dict(
         num_warps=_int(config["num_warps"]),
         num_stages=_int(config["num_stages"])))
