@@ -125,6 +125,20 @@ def test_sliding_window():
   _check("window_causal", dict(causal=True, sliding_window=9))
 
 
+def test_large_scale_with_masked_tiles():
+  # The forward scales row maxima of the raw logits; with sm_scale * log2(e)
+  # > 1 the masked logits' scaled value overflows to -inf, which must still
+  # give exact zeros.
+  _check("large_scale", dict(causal=True, sliding_window=9), sm_scale=3.0)
+
+
+def test_kernel_refuses_non_positive_scale():
+  q, k, v, _, _ = _inputs("scale")
+  with pytest.raises(ValueError, match="sm_scale must be positive"):
+    flash_triton.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.0,
+                                 interpret=True)
+
+
 def test_segment_ids():
   b, s = 2, 48
   ids = _sorted_ids("segments", b, s, 4)

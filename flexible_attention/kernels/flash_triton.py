@@ -376,15 +376,22 @@ def _dot(a, b, st: _Static, *, trans_a: bool = False, trans_b: bool = False):
 
 
 def _scores(st: _Static, q, k, bias, transposed: bool = False):
-  """Logits of a tile in base 2 (`s * log2(e)`), and the soft cap's
-  derivative (or None); `[bq, bk]`, or `[bk, bq]` when `transposed` (then
-  `bias` must be transposed too)."""
+  """A tile's logits as `(s, scale, dcap)`: `s * scale` are the logits in
+  base 2 (`logits * log2(e)`), `dcap` the soft cap's derivative (or None);
+  `[bq, bk]`, or `[bk, bq]` when `transposed` (then `bias` must be
+  transposed too).
+
+  Without soft cap and bias, `s` is the raw `q k^T` and `scale` folds the
+  softmax scale: the callers apply it in `_exp2`, one FMA with the
+  subtraction of the row maximum or log-sum-exp, not a multiply of its own
+  per element (`scale > 0`, so row maxima of `s` scale too).
+  """
   if transposed:
     s = _dot(k, q, st, trans_b=True)  # [bk, bq] f32
   else:
     s = _dot(q, k, st, trans_b=True)  # [bq, bk] f32
   if st.softcap is None and bias is None:
-    return s * (st.sm_scale * LOG2E), None
+    return s, st.sm_scale * LOG2E, None
   s = s * st.sm_scale
   dcap = None
   if st.softcap is not None:
@@ -393,7 +400,12 @@ def _scores(st: _Static, q, k, bias, transposed: bool = False):
     dcap = 1.0 - t * t
   if bias is not None:
     s = s + bias.astype(jnp.float32)
-  return s * LOG2E, dcap
+  return s * LOG2E, 1.0, dcap
+
+
+def _exp2(s, scale: float, shift):
+  """`2 ** (s * scale - shift)`, the multiply and subtraction one FMA."""
+  return jnp.exp2(s * scale - shift if scale != 1.0 else s - shift)
 
 
 def _outer(q_vec, kv_vec, transposed: bool):
@@ -472,16 +484,17 @@ def _forward_kernel(*refs, names, st: _Static, num_q_blocks: int):
     kv = pl.ds(ks, bk)
     k = r["k"][kv, :]  # [bk, Dp]
     bias = _tile_of(r["bias"], q_rows, kv) if "bias" in r else None
-    s, _ = _scores(st, q, k, bias)  # [bq, bk]
+    s, scale, _ = _scores(st, q, k, bias)  # [bq, bk]
     kv_pos = r["kv_pos"][kv]
     if masked:
       vis = _visible(st, s.shape, q_pos, kv_pos, r["kv_ok"][kv], q_seg,
                      r["kv_seg"][kv] if st.segments else None,
                      _tile_of(r["mask"], q_rows, kv) if st.mask else None)
       s = jnp.where(vis, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # The running maximum `m` is in base 2 (scaled), as are `lse` and `m_new`.
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
     alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
+    p = _exp2(s, scale, m_new[:, None])
     if masked:
       p = jnp.where(vis, p, 0.0)
     l = l * alpha + jnp.sum(p, axis=1)
@@ -513,7 +526,6 @@ def _dkdv_kernel(*refs, names, st: _Static):
   kv_ok = r["kv_ok"][...]
   kv_seg = r["kv_seg"][...] if st.segments else None
   kv_cols = pl.ds(0, bk)
-  scale = st.sm_scale
 
   def head(g, carry):
     h = hkv * st.groups + g
@@ -533,8 +545,8 @@ def _dkdv_kernel(*refs, names, st: _Static):
       q_pos = r["q_pos"][rows]
       bias = (_tile_of(r["bias"], rows, kv_cols, bias_head).T
               if "bias" in r else None)
-      s, dcap = _scores(st, q, k, bias, transposed=True)  # [bk, bq]
-      p = jnp.exp2(s - lse[None, :])
+      s, scale, dcap = _scores(st, q, k, bias, transposed=True)  # [bk, bq]
+      p = _exp2(s, scale, lse[None, :])
       if masked:
         vis = _visible(st, s.shape, q_pos, kv_pos, kv_ok,
                        r["q_seg"][rows] if st.segments else None, kv_seg,
@@ -552,7 +564,7 @@ def _dkdv_kernel(*refs, names, st: _Static):
       ds = p * (dp - delta[None, :])
       if dcap is not None:
         ds = ds * dcap
-      ds = (ds * scale).astype(q.dtype)
+      ds = (ds * st.sm_scale).astype(q.dtype)
       dk = dk + _dot(ds, q, st)  # [bk, Dp]
       if st.launch.atomic_dq:
         plgpu.atomic_add(r["dq"], (rows, jnp.asarray(g, jnp.int32),
@@ -594,8 +606,8 @@ def _dq_kernel(*refs, names, st: _Static, num_q_blocks: int,
     v = r["v"][kv, :]
     kv_pos = r["kv_pos"][kv]
     bias = _tile_of(r["bias"], q_rows, kv) if "bias" in r else None
-    s, dcap = _scores(st, q, k, bias)
-    p = jnp.exp2(s - lse[:, None])
+    s, scale, dcap = _scores(st, q, k, bias)
+    p = _exp2(s, scale, lse[:, None])
     if masked:
       vis = _visible(st, s.shape, q_pos, kv_pos, r["kv_ok"][kv], q_seg,
                      r["kv_seg"][kv] if st.segments else None,
@@ -823,8 +835,9 @@ def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse,
   """Gradients of q, k, v (in grad_dtype, default their own) and bias (all
   padded)."""
   # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
-  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32),
-                     out.astype(jnp.float32))
+  # One fused multiply-and-reduce over dO and O.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32),
+                  axis=-1).transpose(0, 2, 1)
   if dlse is not None:
     delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
@@ -908,6 +921,8 @@ def prepare(inputs: AttentionInputs,
   vis = inputs.visibility
   dims = inputs.dims
   batch, q_len, kv_len = dims.batch, dims.q_len, dims.kv_len
+  if not sm_scale > 0:  # The kernels scale row maxima (`_scores`).
+    raise ValueError(f"flash: sm_scale must be positive, got {sm_scale!r}.")
   if max(dims.head_dim, dims.value_dim) > MAX_HEAD_DIM:
     raise ValueError(f"flash: head sizes must be at most {MAX_HEAD_DIM}, got "
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
@@ -1046,7 +1061,7 @@ def flash_attention(inputs: AttentionInputs,
       and the `Visibility` (any of causal, window, segments, kv lengths,
       positions, dense mask).
     dropout: a `Dropout` (the library's hash), or `None`.
-    sm_scale: the softmax scale.
+    sm_scale: the softmax scale (positive).
     softcap: logits soft cap, or `None`.
     precision: matmul precision inside the kernels (`None`: Triton's default,
       TF32 for float32 inputs; `HIGHEST`: exact float32).
