@@ -1,0 +1,147 @@
+"""Times this tree's `flash` kernels against another version of them.
+
+One command on the GPU machine (see benchmarks/flash_notes.md):
+
+  python3 benchmarks/flash_ab.py --baselines=OLD/flash_triton.py \\
+      --cells=128:full,128:causal,256:full --out=$OUT/flash_ab.json
+
+`--baselines` are other versions of `kernels/flash_triton.py` (e.g. from
+`git show REV:flexible_attention/kernels/flash_triton.py`); they are
+imported beside this tree's, in the same process, so all run on the same
+device in the same state. Per cell (bf16, B * S = `--tokens`, H * D = 2048, default
+launches of each version):
+
+1. each version's forward output and dq/dk/dv are checked against the
+   float32 reference (relative to its largest entry); a version that
+   differs by more than the bf16 tolerance is not timed;
+2. the forward pass (`forward_pass`, with its `prepare`) and the backward
+   (`backward_pass`: delta, dK/dV, dQ) of every version are timed
+   round-robin (`timing.median_seconds_each`), so drifts of the device fall
+   on all alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention.comparison import timing
+from flexible_attention.kernels import flash_triton
+
+_BASELINES = flags.DEFINE_list(
+    "baselines", None, "Paths of other versions of flash_triton.py (each "
+    "named after its file).", required=True)
+_CELLS = flags.DEFINE_list("cells", ["128:full", "128:causal"],
+                           "Cells, `D:full` or `D:causal`.")
+_SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+_INTERPRET = flags.DEFINE_bool(
+    "interpret", False, "Run the kernels in Pallas' interpreter (a CPU smoke "
+    "test of this script; the timings then mean nothing).")
+
+TOL = 2e-2  # bf16, relative to the largest entry.
+
+
+def _load(path: str):
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # Its dataclasses look themselves up.
+  spec.loader.exec_module(module)
+  return module
+
+
+def _rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("inf")
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _passes(kernels, d: int, causal: bool):
+  """The jitted forward `(q, k, v) -> (out, lse)` and backward `(q, k, v,
+  out, lse, dout) -> (dq, dk, dv)` of one version of the kernels."""
+
+  def prepare(q, k, v):
+    return kernels.prepare(fa.canonicalize(q, k, v, causal=causal),
+                           sm_scale=d**-0.5, interpret=_INTERPRET.value)
+
+  forward = jax.jit(lambda q, k, v: kernels.forward_pass(prepare(q, k, v))[:2])
+  backward = jax.jit(lambda q, k, v, out, lse, dout: kernels.backward_pass(
+      prepare(q, k, v), out, lse, dout)[:3])
+  return forward, backward
+
+
+def _cell(d: int, causal: bool, versions) -> list[dict]:
+  s = _SEQ.value
+  b, h = max(1, _TOKENS.value // s), 2048 // d
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, dout = (jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
+                   for key in keys)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref_in = fa.canonicalize(f32(q), f32(k), f32(v), causal=causal)
+  reference = lambda q, k, v: fa.reference_attention(
+      q, k, v, None, ref_in.visibility, sm_scale=d**-0.5).out
+  ref_out, ref_vjp = jax.vjp(reference, ref_in.query, ref_in.key,
+                             ref_in.value)
+  ref_grads = ref_vjp(f32(dout))
+
+  rows, calls = [], []
+  for name, kernels in versions:
+    forward, backward = _passes(kernels, d, causal)
+    out, lse = forward(q, k, v)
+    grads = backward(q, k, v, out, lse, dout)
+    error = max([_rel(out, ref_out)] +
+                [_rel(g, w) for g, w in zip(grads, ref_grads)])
+    row = dict(version=name, D=d, causal=causal, S=s, B=b, H=h,
+               error=error)
+    rows.append(row)
+    if error > TOL:
+      row["status"] = "differs from the reference: not timed"
+      continue
+    row["status"] = "ok"
+    calls += [(row, "forward_ms", forward, (q, k, v)),
+              (row, "backward_ms", backward, (q, k, v, out, lse, dout))]
+  seconds = timing.median_seconds_each([(fn, args) for *_, fn, args in calls],
+                                       repeats=_REPEATS.value)
+  for (row, key, *_), t in zip(calls, seconds):
+    row[key] = t * 1e3
+  return rows
+
+
+def main(argv):
+  del argv
+  versions = [(os.path.splitext(os.path.basename(path))[0], _load(path))
+              for path in _BASELINES.value] + [("this tree", flash_triton)]
+  rows = []
+  for cell in _CELLS.value:
+    d, mask = cell.split(":")
+    rows += _cell(int(d), mask == "causal", versions)
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(dict(device=jax.devices()[0].device_kind,
+                       jax=jax.__version__, rows=rows), f, indent=1)
+  print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print("| D | mask | version | error | forward ms | backward ms |")
+  print("|---|---|---|---|---|---|")
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"
+  for r in rows:
+    print(f"| {r['D']} | {'causal' if r['causal'] else 'full'} | "
+          f"{r['version']} | {r['error']:.1e} | {fmt(r.get('forward_ms'))} | "
+          f"{fmt(r.get('backward_ms'))} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
