@@ -15,7 +15,8 @@ This is the program Triton receives.
 
 With `--compile` (needs the standalone `triton` package, not a GPU) each
 kernel's IR is also compiled by that Triton for `--arch` (sm_90 by
-default) with the kernel's own warps and stages, and the report adds what the
+default) with the kernel's own warps and stages, after Triton's `make_ttir`
+passes (which XLA's Triton pipeline runs too), and the report adds what the
 Triton IR cannot show: registers per thread, spilled bytes, shared memory,
 and instruction counts of the PTX (`wgmma` vs `mma.sync`, atomics, local
 memory traffic) and, through `cuobjdump`, of the machine code (`HGMMA` vs
