@@ -189,8 +189,9 @@ def _bench(fn, *args):
 
 
 L = ft.Launch
-# Candidate launches per padded head size: (forward, dK/dV, dQ) lists, each
-# starting with the current default. Tiles are block_q x block_k.
+# Candidate launches per padded head size: (forward, dK/dV, dQ) lists. The
+# cell's default launch (`ft.default_launch_config`) is timed first, then
+# these, without repeats. Tiles are block_q x block_k.
 CANDIDATES = {
     64: ([L(128, 128, 4, 3), L(128, 64, 4, 3), L(128, 64, 4, 2),
           L(128, 128, 8, 3), L(64, 64, 4, 3), L(128, 32, 4, 3),
@@ -243,6 +244,11 @@ def _parse_launches(kernel):
   return launches
 
 
+def _default_first(default, candidates):
+  """`candidates` with `default` first and no launch twice."""
+  return [default] + [c for c in candidates if c != default]
+
+
 def _tune_cell(rows, d, causal):
   """Times each candidate launch of each kernel alone at one grid cell.
 
@@ -274,7 +280,9 @@ def _tune_cell(rows, d, causal):
   out, lse = jax.jit(lambda q, k, v: ft.forward_pass(prepare(
       fa.canonicalize(q, k, v, causal=causal), launch=default))[:2])(q, k, v)
   fwd_cands, dkv_cands, dq_cands = (
-      c[:_MAX_CANDIDATES.value or None] for c in CANDIDATES[d])
+      _default_first(first, c)[:_MAX_CANDIDATES.value or None]
+      for first, c in zip((default.fwd, default.dkv, default.dq),
+                          CANDIDATES[d]))
   if _LAUNCHES.value:
     fwd_cands, dkv_cands, dq_cands = [default.fwd], [default.dkv], [default.dq]
     atomic_cands = [default.dkv] + _parse_launches("atomic")
