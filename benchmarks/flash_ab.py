@@ -1,4 +1,4 @@
-"""Times this tree's `flash` kernels against another version of them.
+"""Times this tree's `flash` kernels against other versions of them.
 
 One command on the GPU machine (see benchmarks/flash_notes.md):
 
@@ -8,8 +8,8 @@ One command on the GPU machine (see benchmarks/flash_notes.md):
 `--baselines` are other versions of `kernels/flash_triton.py` (e.g. from
 `git show REV:flexible_attention/kernels/flash_triton.py`); they are
 imported beside this tree's, in the same process, so all run on the same
-device in the same state. Per cell (bf16, B * S = `--tokens`, H * D = 2048, default
-launches of each version):
+device in the same state. Per cell (bf16, B * S = `--tokens`, H * D = 2048,
+default launches of each version):
 
 1. each version's forward output and dq/dk/dv are checked against the
    float32 reference (relative to its largest entry); a version that
