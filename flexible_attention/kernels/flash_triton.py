@@ -63,6 +63,7 @@ from flexible_attention.core import reference
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
+from flexible_attention.kernels import flash_hopper
 from flexible_attention.kernels import gpu
 
 LOG2E = math.log2(math.e)
@@ -73,6 +74,7 @@ MIN_BLOCK = 16  # Triton's smallest dot operand side.
 # The `fa.BlockSizes` fields the kernels read: (q, k) tiles of each kernel.
 TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                "block_q_dq", "block_k_dq")
+FWD_BACKENDS = ("triton", "mosaic")
 
 
 # --- Launch configuration -------------------------------------------------
@@ -101,12 +103,23 @@ class LaunchConfig:
   float32 rounding of the same sum). Off by default: on an H200 it is 2.7x
   slower than the split backward at D = 128 (its float32 atomics are
   acquire-release, with fences; benchmarks/flash_notes.md).
+
+  `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
+  `"mosaic"`, the Hopper kernel of `flash_hopper` (Mosaic GPU: TMA, warp
+  specialisation, asynchronous `wgmma`), for the calls it serves
+  (`flash_hopper.unsupported_reason`; an error otherwise) with `fwd` tiles
+  `flash_hopper.BLOCK_Q x flash_hopper.block_k(Dp)`. The Mosaic kernel
+  writes the inputs' dtype, so `forward_pass(out_dtype=float32)` (a ring's
+  blocks) runs the Triton forward on the same tiles. On Hopper the default
+  launches use `"mosaic"` wherever it serves the call and the forward
+  tiles are not the user's (`prepare`).
   """
 
   fwd: Launch
   dkv: Launch
   dq: Launch
   atomic_dq: bool = False
+  fwd_backend: str = "triton"
 
 
 def default_launch_config(head_dim: int, causal: bool = False,
@@ -190,6 +203,9 @@ def check_launch_config(config: LaunchConfig,
   if not isinstance(config.atomic_dq, bool):
     raise TypeError(
         f"LaunchConfig.atomic_dq must be a bool, got {config.atomic_dq!r}.")
+  if config.fwd_backend not in FWD_BACKENDS:
+    raise ValueError(f"LaunchConfig.fwd_backend must be one of "
+                     f"{FWD_BACKENDS}, got {config.fwd_backend!r}.")
   for kernel in ("fwd", "dkv", "dq"):
     launch = getattr(config, kernel)
     if not isinstance(launch, Launch):
@@ -235,6 +251,27 @@ def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
       config, fwd=override(config.fwd, "block_q", "block_k"),
       dkv=override(config.dkv, "block_q_dkv", "block_k_dkv"),
       dq=override(config.dq, "block_q_dq", "block_k_dq"))
+
+
+def _mosaic_launch(head_dim: int) -> Launch:
+  """The forward tiles of the Mosaic GPU kernel, with the Triton settings
+  that run the Triton forward on them (`forward_pass(out_dtype=...)`)."""
+  return Launch(flash_hopper.BLOCK_Q, flash_hopper.block_k(head_dim), 8, 2)
+
+
+def _check_mosaic_launch(config: LaunchConfig, head_dim: int,
+                         reason: str | None):
+  """Raises `ValueError` unless the Mosaic forward can serve the call with
+  the launch's forward tiles."""
+  if reason is not None:
+    raise ValueError(f"flash: fwd_backend='mosaic' cannot serve this call: "
+                     f"{reason}.")
+  want = _mosaic_launch(head_dim)
+  if (config.fwd.block_q, config.fwd.block_k) != (want.block_q, want.block_k):
+    raise ValueError(
+        f"flash: fwd_backend='mosaic' takes forward tiles {want.block_q} x "
+        f"{want.block_k} at padded head size {head_dim}, got "
+        f"{config.fwd.block_q} x {config.fwd.block_k}.")
 
 
 def _compiler_params(launch: Launch, interpret: bool):
@@ -739,9 +776,26 @@ def _query_grid_call(st: _Static, q, k, v, bias, aux, bq: int,
   return call, qi
 
 
+def _mosaic_forward(st: _Static, q, k, v, aux):
+  """`_forward` through the Hopper kernel (`fwd_backend="mosaic"`)."""
+  structure = flash_hopper.Structure(
+      sm_scale=st.sm_scale, softcap=st.softcap, causal=st.causal,
+      window=st.window, segments=st.segments, groups=st.groups)
+  q_names, kv_names = structure.vectors()
+  batch, q_len = q.shape[:2]
+  q_vectors = (jnp.stack([aux[name] for name in q_names], 1) if q_names
+               else jnp.zeros((batch, 1, q_len), jnp.int32))
+  kv_vectors = jnp.stack([aux[name] for name in kv_names], 1)
+  return flash_hopper.forward(structure, q, k, v, aux["bounds_fwd"],
+                              q_vectors, kv_vectors)
+
+
 def _forward(st: _Static, q, k, v, bias, aux, out_dtype=None):
   """`out [B, Sqp, H, Dvp]` (out_dtype, default q's) and natural-log
   `lse [B, H, Sqp]` (float32)."""
+  if (st.launch.fwd_backend == "mosaic"
+      and jnp.dtype(out_dtype or q.dtype) == q.dtype):
+    return _mosaic_forward(st, q, k, v, aux)
   batch, q_len, num_heads, _ = q.shape
   dv_pad = v.shape[-1]
   bq = st.launch.fwd.block_q
@@ -927,14 +981,32 @@ def prepare(inputs: AttentionInputs,
     raise ValueError(f"flash: head sizes must be at most {MAX_HEAD_DIM}, got "
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = _pad_dim(dims.head_dim), _pad_dim(dims.value_dim)
+  mosaic_reason = flash_hopper.unsupported_reason(
+      dtype=q.dtype, head_dim=d_pad, value_dim=dv_pad,
+      bias=bias is not None, mask=vis.mask is not None,
+      dropout=dropout is not None, interpret=interpret, precision=precision)
   if launch is not None:
     check_launch_config(launch, block_sizes)
+    if launch.fwd_backend == "mosaic":
+      _check_mosaic_launch(launch, d_pad, mosaic_reason)
   else:
+    capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
-                           None if interpret else gpu.compute_capability())
+                           capability)
+    user_tiles = block_sizes is not None and (
+        block_sizes.block_q is not None or block_sizes.block_k is not None)
+    if (capability is not None and 9.0 <= capability < 10.0
+        and mosaic_reason is None and not user_tiles
+        and q_len >= flash_hopper.BLOCK_Q
+        and kv_len >= flash_hopper.block_k(d_pad)):
+      launch = dataclasses.replace(launch, fwd=_mosaic_launch(d_pad),
+                                   fwd_backend="mosaic")
+  fwd = launch.fwd
+  if launch.fwd_backend == "triton":
+    fwd = _clip(fwd, q_len, kv_len)
   launch = dataclasses.replace(
-      launch, fwd=_clip(launch.fwd, q_len, kv_len),
-      dkv=_clip(launch.dkv, q_len, kv_len), dq=_clip(launch.dq, q_len, kv_len))
+      launch, fwd=fwd, dkv=_clip(launch.dkv, q_len, kv_len),
+      dq=_clip(launch.dq, q_len, kv_len))
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad, kv_pad = _round_up(q_len, q_mult), _round_up(kv_len, k_mult)
