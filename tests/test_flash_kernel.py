@@ -6,12 +6,18 @@ tiles of 16 so that every case spans several tiles and exercises block
 skipping; plus the module (`create_attention("flash", interpret=True)`),
 dropout bit-identical to `vanilla`, and the refusals.
 
+The Hopper forward (`kernels/flash_hopper.py`, Mosaic GPU) has no
+interpreter: on CPU each of its cases is lowered for CUDA; on an sm_90 GPU
+each is run and compared like the others.
+
 Tolerance: relative to the largest reference magnitude, 2e-5 in float32 (the
-interpreted kernels measure ~1e-6) and 2e-2 in bfloat16.
+interpreted kernels measure ~1e-6), 2e-2 in bfloat16 and 5e-3 in float16
+(the Hopper kernel measures ~3e-3 and ~5e-4 at S = 4096).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 
@@ -23,10 +29,12 @@ import pytest
 
 import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.kernels import flash_hopper
 from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import gpu
 from flexible_attention.mechanisms import registry
 
-TOL = {"float32": 2e-5, "bfloat16": 2e-2}
+TOL = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 5e-3}
 SMALL_BLOCKS = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
                              block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
@@ -57,20 +65,25 @@ def _inputs(name, *, b=2, sq=40, sk=40, h=2, hkv=2, d=16, dv=None,
   return q, k, v, ct, bias
 
 
-def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
-           blocks=SMALL_BLOCKS, launch=None, **shape):
-  """Runs flash (interpreted) and the reference; compares out and grads.
-  `launch` (a `LaunchConfig`), when given, replaces `blocks`."""
-  q, k, v, ct, bias = _inputs(name, **shape)
-  call = dict(call or {})
-  scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
-
+def _flash(call, dropout, scale, softcap, blocks, launch, interpret):
+  """`(q, k, v, bias) -> out` of the flash kernels."""
   def flash(q, k, v, bias):
     inputs = fa.canonicalize(q, k, v, bias=bias, **call)
     return flash_triton.flash_attention(
         inputs, dropout, sm_scale=scale, softcap=softcap,
         block_sizes=None if launch is not None else blocks, launch=launch,
-        interpret=True).out
+        interpret=interpret).out
+  return flash
+
+
+def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
+           blocks=SMALL_BLOCKS, launch=None, interpret=True, **shape):
+  """Runs flash (interpreted unless told) and the reference; compares out
+  and grads. `launch` (a `LaunchConfig`), when given, replaces `blocks`."""
+  q, k, v, ct, bias = _inputs(name, **shape)
+  call = dict(call or {})
+  scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
+  flash = _flash(call, dropout, scale, softcap, blocks, launch, interpret)
 
   def ref(q, k, v, bias):
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
@@ -299,6 +312,144 @@ def test_skipping_tables_skip_invisible_tiles():
   bounds = np.asarray(flash_triton._bounds(maybe, full))[0]  # pylint: disable=protected-access
   np.testing.assert_array_equal(bounds, [[0, 1, 1, 1], [0, 0, 1, 2],
                                          [0, 0, 2, 3], [0, 0, 3, 4]])
+
+
+# --- The Hopper forward (Mosaic GPU) -----------------------------------------
+
+ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
+
+
+def _mosaic(head_dim: int, causal: bool) -> flash_triton.LaunchConfig:
+  """The default Hopper launches with the Mosaic forward (padded D)."""
+  return dataclasses.replace(
+      flash_triton.default_launch_config(head_dim, causal, 9.0),
+      fwd=flash_triton.mosaic_launch(head_dim), fwd_backend="mosaic")
+
+
+def _hopper_case(name):
+  """`(call, shape and options)` of a Hopper case; every structure the
+  kernel serves, at lengths over one 128-row tile and not multiples of it."""
+  b = 2
+  ids = lambda s: _sorted_ids(name, b, s, 5)
+  rng = _rng(name)
+  cases = {
+      "plain": ({}, dict(sq=256, sk=384)),
+      "causal_fewer_queries": (dict(causal=True), dict(sq=200, sk=328)),
+      "causal_empty_rows": (dict(causal=True), dict(sq=300, sk=140, d=64)),
+      "window": (dict(sliding_window=(40, 8)), dict(sq=260, sk=260)),
+      "segments": (dict(segment_ids=ids(272), causal=True),
+                   dict(sq=272, sk=272, h=4, hkv=2)),
+      "kv_lengths_with_zero": (dict(kv_lengths=jnp.array([0, 150])),
+                               dict(sq=130, sk=256)),
+      "positions": (dict(q_positions=jnp.asarray(
+          rng.integers(0, 256, (b, 140)), jnp.int32), kv_positions=jnp.asarray(
+              np.stack([rng.permutation(256) for _ in range(b)]), jnp.int32),
+                         causal=True), dict(sq=140, sk=256)),
+      "mqa_softcap": (dict(causal=True), dict(h=4, hkv=1, softcap=5.0)),
+      "odd_head_dim": (dict(causal=True), dict(sq=131, sk=259, d=96, h=3,
+                                               hkv=1)),
+      "head_dim_256": (dict(causal=True), dict(sq=192, sk=192, d=256)),
+      "float16": (dict(causal=True), dict(dtype=jnp.float16)),
+  }
+  call, shape = cases[name]
+  shape = dict(dict(b=b, sq=256, sk=256, d=128, dtype=jnp.bfloat16), **shape)
+  return call, shape
+
+
+HOPPER_CASES = ("plain", "causal_fewer_queries", "causal_empty_rows",
+                "window", "segments", "kv_lengths_with_zero", "positions",
+                "mqa_softcap", "odd_head_dim", "head_dim_256", "float16")
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", HOPPER_CASES)
+def test_hopper_forward_matches_reference(name):
+  call, shape = _hopper_case(name)
+  launch = _mosaic(flash_triton._pad_dim(shape["d"]),  # pylint: disable=protected-access
+                   call.get("causal", False))
+  _check(f"hopper {name}", call, launch=launch, interpret=False, **shape)
+
+
+def _lower_for_cuda(fn, *args) -> str:
+  """`fn`'s StableHLO for CUDA, lowered on any machine."""
+  device = getattr(jax.sharding, "AbstractDevice", None)
+  context = contextlib.nullcontext()
+  if device is not None:  # Mosaic GPU reads the device kind.
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+    context = jax.sharding.use_abstract_mesh(mesh)
+  with context:
+    return jax.jit(fn).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", HOPPER_CASES)
+def test_hopper_forward_lowers_for_cuda(name):
+  """Forward (Mosaic GPU) and backward (Triton) of every case lower."""
+  call, shape = _hopper_case(name)
+  softcap = shape.pop("softcap", None)
+  q, k, v, ct, _ = _inputs(name, **shape)
+  d = flash_triton._pad_dim(shape["d"])  # pylint: disable=protected-access
+  flash = _flash(call, None, 0.125, softcap, None,
+                 _mosaic(d, call.get("causal", False)), False)
+
+  def loss(q, k, v):
+    return jnp.sum(flash(q, k, v, None).astype(jnp.float32) * ct)
+
+  forward = _lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q, k, v)
+  assert "mosaic_gpu" in forward and "triton" not in forward
+  backward = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
+  assert "mosaic_gpu" in backward and "triton" in backward
+
+
+def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
+             block_sizes=None, launch=None, interpret=False, **call):
+  monkeypatch.setattr(gpu, "compute_capability", lambda: capability)
+  q = jnp.zeros((1, q_len, 2, 128), dtype)
+  k = jnp.zeros((1, 256, 2, 128), dtype)
+  return flash_triton.prepare(fa.canonicalize(q, k, k, **call), sm_scale=0.1,
+                              block_sizes=block_sizes, launch=launch,
+                              interpret=interpret).static.launch
+
+
+@pytest.mark.parametrize("capability, options, backend", [
+    (9.0, {}, "mosaic"),
+    (9.0, dict(causal=True, sliding_window=8), "mosaic"),
+    (8.0, {}, "triton"),  # No wgmma before Hopper,
+    (10.0, {}, "triton"),  # nor after it.
+    (9.0, dict(dtype=jnp.float32), "triton"),
+    (9.0, dict(q_len=64), "triton"),  # Shorter than one 128-row tile.
+    (9.0, dict(block_sizes=fa.BlockSizes(block_q=64)), "triton"),
+    (9.0, dict(bias=jnp.zeros((1, 2, 256, 256))), "triton"),
+], ids=["hopper", "hopper_window", "ampere", "blackwell", "float32", "short",
+        "user_tiles", "bias"])
+def test_default_forward_backend(capability, options, backend, monkeypatch):
+  launch = _prepare(capability, monkeypatch, **options)
+  assert launch.fwd_backend == backend
+  if backend == "mosaic":
+    assert (launch.fwd.block_q, launch.fwd.block_k) == (
+        flash_hopper.BLOCK_Q, flash_hopper.block_k(128))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(interpret=True), "no interpreter"),
+    (dict(dtype=jnp.float32), "bfloat16 or float16"),
+    (dict(bias=jnp.zeros((1, 2, 256, 256))), "no bias"),
+    (dict(launch=dataclasses.replace(_mosaic(128, False),
+                                     fwd=flash_triton.Launch(64, 64, 4, 2))),
+     "takes forward tiles 128 x 128"),
+])
+def test_mosaic_forward_refuses_what_it_cannot_serve(options, match,
+                                                     monkeypatch):
+  options.setdefault("launch", _mosaic(128, False))
+  with pytest.raises(ValueError, match=match):
+    _prepare(9.0, monkeypatch, **options)
+
+
+def test_forward_backend_must_be_known():
+  with pytest.raises(ValueError, match="fwd_backend must be one of"):
+    flash_triton.check_launch_config(dataclasses.replace(
+        _mosaic(128, False), fwd_backend="cuda"))
 
 
 # --- The module ---------------------------------------------------------------

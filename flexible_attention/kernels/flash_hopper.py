@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -53,12 +54,26 @@ STAGES = 2  # Shared-memory slots of K and V.
 HEAD_DIMS = (64, 128, 256)
 _SWIZZLE = 128  # Bytes; a row of 64 bf16 / fp16 values.
 _BOUNDS = 32  # Each tile's 4 bounds, padded: TMA copies 128-byte multiples.
+_LOAD_TAKES_INDEX = (
+    inspect.signature(plgpu.load).parameters["idx"].default
+    is inspect.Parameter.empty)
 
 
 def block_k(head_dim: int) -> int:
-  """The key tile: 128, or 64 at Dp = 256 (shared memory: Q, and K and V in
-  `STAGES` slots, must fit the 227 KiB of a block)."""
-  return 64 if head_dim > 128 else 128
+  """The key tile per padded head size: 256, 128 and 64 at Dp = 64, 128 and
+  256. Measured on an H200 (benchmarks/flash_notes.md): at Dp = 64, 256 is
+  12% faster than 128; at Dp = 128, 128 is 22% faster than 64. Q, and K
+  and V in `STAGES` slots, fill 80-160 KiB of the 227 KiB of shared memory
+  a block has; three slots of 128-key tiles at Dp = 128 do not fit.
+  """
+  return {64: 256, 128: 128}.get(head_dim, 64)
+
+
+def _load_vector(ref, layout):
+  """`ref`'s vector in registers (jax 0.10 takes an index argument)."""
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
@@ -145,8 +160,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
                               qvec_smem.at[wg], qvec_ready.at[wg])
       plgpu.barrier_wait(qvec_ready.at[wg])
       for n, name in enumerate(q_names):
-        vec = plgpu.load(qvec_smem.at[wg, n], (),
-                         layout=plgpu.Layout.WGMMA.reduce(1))
+        vec = _load_vector(qvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1))
         q_vec[name] = lax.broadcast_in_dim(vec, (ROWS, bk), [0])
     plgpu.barrier_wait(q_ready.at[wg])
 
@@ -167,9 +181,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
       vis = None
       if masked:
         kv = {name: lax.broadcast_in_dim(
-            plgpu.load(kvvec_smem.at[slot, n], (),
-                       layout=plgpu.Layout.WGMMA.reduce(0)), (ROWS, bk), [1])
-              for n, name in enumerate(kv_names)}
+            _load_vector(kvvec_smem.at[slot, n], plgpu.Layout.WGMMA.reduce(0)),
+            (ROWS, bk), [1]) for n, name in enumerate(kv_names)}
         vis = masks.pair_visible(
             kv["kv_ok"] != 0, q_vec.get("q_pos"), kv.get("kv_pos"),
             causal=st.causal, window=st.window, q_seg=q_vec.get("q_seg"),

@@ -253,7 +253,7 @@ def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
       dq=override(config.dq, "block_q_dq", "block_k_dq"))
 
 
-def _mosaic_launch(head_dim: int) -> Launch:
+def mosaic_launch(head_dim: int) -> Launch:
   """The forward tiles of the Mosaic GPU kernel, with the Triton settings
   that run the Triton forward on them (`forward_pass(out_dtype=...)`)."""
   return Launch(flash_hopper.BLOCK_Q, flash_hopper.block_k(head_dim), 8, 2)
@@ -266,7 +266,7 @@ def _check_mosaic_launch(config: LaunchConfig, head_dim: int,
   if reason is not None:
     raise ValueError(f"flash: fwd_backend='mosaic' cannot serve this call: "
                      f"{reason}.")
-  want = _mosaic_launch(head_dim)
+  want = mosaic_launch(head_dim)
   if (config.fwd.block_q, config.fwd.block_k) != (want.block_q, want.block_k):
     raise ValueError(
         f"flash: fwd_backend='mosaic' takes forward tiles {want.block_q} x "
@@ -999,7 +999,7 @@ def prepare(inputs: AttentionInputs,
         and mosaic_reason is None and not user_tiles
         and q_len >= flash_hopper.BLOCK_Q
         and kv_len >= flash_hopper.block_k(d_pad)):
-      launch = dataclasses.replace(launch, fwd=_mosaic_launch(d_pad),
+      launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
                                    fwd_backend="mosaic")
   fwd = launch.fwd
   if launch.fwd_backend == "triton":
