@@ -36,6 +36,11 @@ Triton needs; padded keys are invisible and padded rows are sliced away.
 `interpret=True` runs the same kernels through Pallas' interpreter, on any
 backend (CPU tests).
 
+On Hopper the forward may run through `flash_hopper` (Mosaic GPU) instead:
+`LaunchConfig.fwd_backend`, chosen in `prepare`; it takes the same padded
+operands, structure vectors and skipping bounds and returns the same `out`
+and `lse`, so the custom VJP and the backward are shared.
+
 Glossary of shapes:
 - B: batch size.
 - Sq, Sk: query and key lengths; Sqp, Skp: padded to whole tiles.

@@ -57,8 +57,13 @@ class FlashAttention(base.AttentionModule):
   library's hash (bit-identical to `vanilla`). Any Sq, Sk and head sizes up
   to 256 (padded inside). See `kernels/flash_triton.py`.
 
-  Runs on GPU. `interpret=True` runs the same kernels in Pallas' interpreter
-  on any backend (slow; for tests on CPU).
+  Runs on GPU. On Hopper (sm_90) the forward of the calls it serves runs
+  through a Mosaic GPU kernel instead (`kernels/flash_hopper.py`: TMA,
+  warp-specialised `wgmma`; bf16 / fp16, head sizes padding to 64, 128 or
+  256, no bias, dense mask or dropout), the same function; `launch=` with
+  `fwd_backend="triton"` or `"mosaic"` picks it explicitly. `interpret=True`
+  runs the Triton kernels in Pallas' interpreter on any backend (slow; for
+  tests on CPU).
 
   On TPU (without `interpret`) it runs JAX's Pallas TPU flash kernel instead
   (`kernels/flash_tpu.py`), which computes fewer features: causal only with
