@@ -319,11 +319,17 @@ def test_skipping_tables_skip_invisible_tiles():
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _mosaic(head_dim: int, causal: bool) -> flash_triton.LaunchConfig:
-  """The default Hopper launches with the Mosaic forward (padded D)."""
-  return dataclasses.replace(
+def _mosaic(head_dim: int, causal: bool,
+            dkv: bool = True) -> flash_triton.LaunchConfig:
+  """The default Hopper launches with the Mosaic forward (padded D), and
+  the Mosaic dK/dV kernel where it serves the head size (and `dkv`)."""
+  launch = dataclasses.replace(
       flash_triton.default_launch_config(head_dim, causal, 9.0),
       fwd=flash_triton.mosaic_launch(head_dim), fwd_backend="mosaic")
+  if dkv and head_dim in flash_hopper.DKV_HEAD_DIMS:
+    launch = dataclasses.replace(launch, dkv=flash_triton.mosaic_dkv_launch(),
+                                 dkv_backend="mosaic")
+  return launch
 
 
 def _hopper_case(name):
@@ -385,7 +391,8 @@ def _lower_for_cuda(fn, *args) -> str:
 
 @pytest.mark.parametrize("name", HOPPER_CASES)
 def test_hopper_forward_lowers_for_cuda(name):
-  """Forward (Mosaic GPU) and backward (Triton) of every case lower."""
+  """Forward (Mosaic GPU) and backward (dK/dV through Mosaic GPU at D <= 128,
+  dQ through Triton) of every case lower."""
   call, shape = _hopper_case(name)
   softcap = shape.pop("softcap", None)
   q, k, v, ct, _ = _inputs(name, **shape)
@@ -399,7 +406,9 @@ def test_hopper_forward_lowers_for_cuda(name):
   forward = _lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q, k, v)
   assert "mosaic_gpu" in forward and "triton" not in forward
   backward = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
-  assert "mosaic_gpu" in backward and "triton" in backward
+  mosaic_kernels = 2 if d in flash_hopper.DKV_HEAD_DIMS else 1
+  assert backward.count("mosaic_gpu") >= mosaic_kernels
+  assert "triton" in backward
 
 
 def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
@@ -437,7 +446,7 @@ def test_default_forward_backend(capability, options, backend, monkeypatch):
     (dict(bias=jnp.zeros((1, 2, 256, 256))), "no bias"),
     (dict(launch=dataclasses.replace(_mosaic(128, False),
                                      fwd=flash_triton.Launch(64, 64, 4, 2))),
-     "takes forward tiles 128 x 128"),
+     "takes fwd tiles 128 x 128"),
 ])
 def test_mosaic_forward_refuses_what_it_cannot_serve(options, match,
                                                      monkeypatch):
@@ -450,6 +459,28 @@ def test_forward_backend_must_be_known():
   with pytest.raises(ValueError, match="fwd_backend must be one of"):
     flash_triton.check_launch_config(dataclasses.replace(
         _mosaic(128, False), fwd_backend="cuda"))
+
+
+@pytest.mark.parametrize("launch, match", [
+    (dataclasses.replace(_mosaic(128, False), atomic_dq=True),
+     "has no atomic_dq"),
+    (dataclasses.replace(_mosaic(128, False), dkv=flash_triton.Launch(
+        32, 128, 4, 3)), "takes dkv tiles 64 x 128"),
+])
+def test_mosaic_dkv_refusals(launch, match, monkeypatch):
+  with pytest.raises(ValueError, match=match):
+    _prepare(9.0, monkeypatch, launch=launch)
+
+
+def test_mosaic_dkv_refuses_head_dim_256(monkeypatch):
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  q = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)
+  launch = dataclasses.replace(_mosaic(256, False, dkv=False),
+                               dkv=flash_triton.mosaic_dkv_launch(),
+                               dkv_backend="mosaic")
+  with pytest.raises(ValueError, match="dK/dV kernel takes padded head"):
+    flash_triton.prepare(fa.canonicalize(q, q, q), sm_scale=0.1,
+                         launch=launch)
 
 
 # --- The module ---------------------------------------------------------------

@@ -331,3 +331,223 @@ def forward(st: Structure, q, k, v, bounds, q_vectors, kv_vectors):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, bounds, q_vectors, kv_vectors)
+
+
+# --- dK / dV -------------------------------------------------------------------
+
+DKV_HEAD_DIMS = (64, 128)  # Two [64, Dp] float32 accumulators a warpgroup.
+DKV_BLOCK_Q = 64  # Query rows per step: `[64, 64]` score tiles.
+
+
+def dkdv_unsupported_reason(head_dim: int, **kwargs) -> str | None:
+  """Why the dK/dV kernel cannot serve a call (`unsupported_reason`'s
+  arguments), or None."""
+  if head_dim not in DKV_HEAD_DIMS:
+    return (f"its dK/dV kernel takes padded head sizes in {DKV_HEAD_DIMS}, "
+            f"got {head_dim}")
+  return unsupported_reason(head_dim=head_dim, **kwargs)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref,
+                 qvec_ref, kvvec_ref, dk_ref, dv_ref, scratch, *,
+                 st: Structure, bq: int):
+  """One program: `BLOCK_Q` keys of one (batch, KV head), every query head
+  of its group; warpgroup w < 2 owns keys `[64 w, 64 w + 64)`."""
+  (k_smem, v_smem, kvvec_smem, q_smem, do_smem, stats_smem, qvec_smem,
+   bounds_smem, own_ready, ready, free) = scratch
+  k_ready, v_ready, kvvec_ready, bounds_ready = own_ready
+  q_ready, do_ready, stats_ready, qvec_ready = ready
+  dtype = q_ref.dtype
+  q_names, kv_names = st.vectors()
+  tile, batch, kv_head = (lax.axis_index("k"), lax.axis_index("b"),
+                          lax.axis_index("h"))
+  wg = lax.axis_index("wg")
+
+  plgpu.copy_gmem_to_smem(bounds_ref.at[batch, tile], bounds_smem.at[wg],
+                          bounds_ready.at[wg])
+  plgpu.barrier_wait(bounds_ready.at[wg])
+  lo, flo, fhi, hi = (bounds_smem[wg, i] for i in range(4))
+  steps = hi - lo  # Per query head.
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    keys = pl.ds(tile * BLOCK_Q + wg * ROWS, ROWS)
+    k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_tile,
+                            k_ready.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_tile,
+                            v_ready.at[wg])
+    plgpu.copy_gmem_to_smem(kvvec_ref.at[batch, :, keys], kvvec_smem.at[wg],
+                            kvvec_ready.at[wg])
+    plgpu.barrier_wait(kvvec_ready.at[wg])
+    kv_vec = {name: lax.broadcast_in_dim(
+        _load_vector(kvvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1)),
+        (ROWS, bq), [0]) for n, name in enumerate(kv_names)}
+    plgpu.barrier_wait(k_ready.at[wg])
+    plgpu.barrier_wait(v_ready.at[wg])
+    column = lambda ref: lax.broadcast_in_dim(
+        _load_vector(ref, plgpu.Layout.WGMMA.reduce(0)), (ROWS, bq), [1])
+
+    def step(i, carry, masked: bool, base):
+      dk, dv = carry
+      slot = lax.rem(base + i - lo, STAGES)
+      plgpu.barrier_wait(q_ready.at[slot])
+      plgpu.barrier_wait(do_ready.at[slot])
+
+      def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
+        plgpu.wgmma(s_ref, k_tile, q_smem.at[slot].transpose((1, 0)))
+        plgpu.wgmma(dp_ref, v_tile, do_smem.at[slot].transpose((1, 0)))
+        return s_ref[...], dp_ref[...]
+
+      s, dp = pl.run_scoped(transposed_scores,
+                            plgpu.ACC((ROWS, bq), jnp.float32),
+                            plgpu.ACC((ROWS, bq), jnp.float32))
+      plgpu.barrier_wait(stats_ready.at[slot])
+      plgpu.barrier_wait(qvec_ready.at[slot])
+      lse = column(stats_smem.at[slot, 0])  # Base 2.
+      delta = column(stats_smem.at[slot, 1])
+      dcap = None
+      scale = st.sm_scale * LOG2E
+      if st.softcap is not None:
+        t = jnp.tanh(s * (st.sm_scale / st.softcap))
+        s, scale = (st.softcap * LOG2E) * t, 1.0
+        dcap = 1.0 - t * t
+      p = jnp.exp2(s * scale - lse)
+      if masked:
+        q_vec = {name: column(qvec_smem.at[slot, n])
+                 for n, name in enumerate(q_names)}
+        vis = masks.pair_visible(
+            kv_vec["kv_ok"] != 0, q_vec.get("q_pos"), kv_vec.get("kv_pos"),
+            causal=st.causal, window=st.window, q_seg=q_vec.get("q_seg"),
+            kv_seg=kv_vec.get("kv_seg"))
+        p = jnp.where(vis, p, 0.0)
+      ds = p * (dp - delta)
+      if dcap is not None:
+        ds = ds * dcap
+      ds = (ds * st.sm_scale).astype(dtype)
+
+      def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles).
+        dv_ref, dk_ref = refs
+        plgpu.wgmma(dv_ref, p.astype(dtype), do_smem.at[slot])
+        plgpu.wgmma(dk_ref, ds, q_smem.at[slot])
+
+      dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv),
+                                         plgpu.ACC.init(dk)))
+      plgpu.barrier_arrive(free.at[slot])
+      return dk, dv
+
+    def head(g, carry):
+      base = g * steps
+      masked = functools.partial(step, masked=True, base=base)
+      carry = lax.fori_loop(lo, flo, masked, carry)
+      carry = lax.fori_loop(
+          flo, fhi, functools.partial(step, masked=False, base=base), carry)
+      return lax.fori_loop(fhi, hi, masked, carry)
+
+    zeros = lambda ref: plgpu.layout_cast(
+        jnp.zeros((ROWS, ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+    dk, dv = lax.fori_loop(0, st.groups, head, (zeros(k_ref), zeros(v_ref)))
+    k_tile[...] = dk.astype(dtype)  # K and V are spent: reuse their tiles.
+    v_tile[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, kv_head])
+    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    per_head = jnp.maximum(steps, 1)
+
+    def load(n, slot):  # The n-th step: query head g, query tile i.
+      g, i = lax.div(n, per_head), lo + lax.rem(n, per_head)
+      head = kv_head * st.groups + g
+      rows = pl.ds(i * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot],
+                              q_ready.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head],
+                              do_smem.at[slot], do_ready.at[slot])
+      plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, rows],
+                              stats_smem.at[slot], stats_ready.at[slot])
+      plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, rows], qvec_smem.at[slot],
+                              qvec_ready.at[slot])
+
+    total = st.groups * steps
+    for slot in range(STAGES):
+      pl.when(slot < total)(functools.partial(load, slot, slot))
+
+    def refill(n, _):
+      slot = lax.rem(n, STAGES)
+      plgpu.barrier_wait(free.at[slot])
+      load(n, slot)
+
+    lax.fori_loop(STAGES, total, refill, None)
+
+
+def dkdv(st: Structure, q, k, v, do, lse2, delta, bounds, q_vectors,
+         kv_vectors):
+  """dK and dV on padded operands (the Triton dK/dV kernel's function).
+
+  Args:
+    st: the call's static structure.
+    q: `[B, Sqp, H, Dp]`, bf16 or fp16, Sqp a multiple of `DKV_BLOCK_Q`.
+    k: `[B, Skp, Hkv, Dp]`, Skp a multiple of `BLOCK_Q`.
+    v: `[B, Skp, Hkv, Dp]`.
+    do: `[B, Sqp, H, Dp]`, the output's cotangent.
+    lse2: float32 `[B, H, Sqp]`, the rows' log-sum-exp in base 2 (0 for
+      rows that see no key).
+    delta: float32 `[B, H, Sqp]`, `rowsum(dO * O)` (less the lse's
+      cotangent).
+    bounds: int32 `[B, Skp // BLOCK_Q, 4]`, per key tile the query tiles
+      (`DKV_BLOCK_Q` rows) that may see it, as `forward`'s.
+    q_vectors: int32 `[B, Nq, Sqp]` (a zero `[B, 1, Sqp]` when Nq = 0).
+    kv_vectors: int32 `[B, Nk, Skp]`.
+
+  Returns:
+    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp])` in k's dtype.
+  """
+  batch, q_len, _, d = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  bq = DKV_BLOCK_Q
+  if q_len % bq or kv_len % BLOCK_Q:
+    raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
+                     f"must be multiples of {bq} and {BLOCK_Q}.")
+  swizzled = (plgpu.TilingTransform((8, _SWIZZLE // q.dtype.itemsize)),
+              plgpu.SwizzleTransform(_SWIZZLE))
+  nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
+  stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
+  bounds = jnp.pad(bounds, ((0, 0), (0, 0), (0, _BOUNDS - bounds.shape[-1])))
+
+  def body(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
+           kvvec_ref, dk_ref, dv_ref):
+    smem = (
+        plgpu.SMEM((CONSUMERS, ROWS, d), k.dtype, transforms=swizzled),
+        plgpu.SMEM((CONSUMERS, ROWS, d), v.dtype, transforms=swizzled),
+        plgpu.SMEM((CONSUMERS, nkv, ROWS), jnp.int32),
+        plgpu.SMEM((STAGES, bq, d), q.dtype, transforms=swizzled),
+        plgpu.SMEM((STAGES, bq, d), do.dtype, transforms=swizzled),
+        plgpu.SMEM((STAGES, 2, bq), jnp.float32),
+        plgpu.SMEM((STAGES, nqv, bq), jnp.int32),
+        plgpu.SMEM((CONSUMERS + 1, _BOUNDS), jnp.int32),
+    )
+    own = (plgpu.Barrier(num_barriers=CONSUMERS),) * 3 + (
+        plgpu.Barrier(num_barriers=CONSUMERS + 1),)
+    ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
+    free = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)
+
+    def scoped(smem_refs, own_refs, ready_refs, free_ref):
+      _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref,
+                   qvec_ref, kvvec_ref, dk_ref, dv_ref,
+                   (*smem_refs, own_refs, ready_refs, free_ref), st=st, bq=bq)
+
+    pl.run_scoped(scoped, smem, own, ready, free, collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype),
+              jax.ShapeDtypeStruct(v.shape, v.dtype))
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(kv_len // BLOCK_Q, batch, kv_heads),
+      grid_names=("k", "b", "h"), num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, do, stats, bounds, q_vectors, kv_vectors)

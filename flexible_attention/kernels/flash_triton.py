@@ -79,7 +79,7 @@ MIN_BLOCK = 16  # Triton's smallest dot operand side.
 # The `fa.BlockSizes` fields the kernels read: (q, k) tiles of each kernel.
 TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                "block_q_dq", "block_k_dq")
-FWD_BACKENDS = ("triton", "mosaic")
+BACKENDS = ("triton", "mosaic")  # Of the forward and dK/dV kernels.
 
 
 # --- Launch configuration -------------------------------------------------
@@ -118,6 +118,11 @@ class LaunchConfig:
   blocks) runs the Triton forward on the same tiles. On Hopper the default
   launches use `"mosaic"` wherever it serves the call and the forward
   tiles are not the user's (`prepare`).
+
+  `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
+  `flash_hopper.dkdv` (padded head sizes 64 and 128; `dkv` tiles
+  `flash_hopper.DKV_BLOCK_Q x flash_hopper.BLOCK_Q`; not with `atomic_dq`);
+  a float32 `grad_dtype` (a ring's blocks) runs the Triton one.
   """
 
   fwd: Launch
@@ -125,6 +130,7 @@ class LaunchConfig:
   dq: Launch
   atomic_dq: bool = False
   fwd_backend: str = "triton"
+  dkv_backend: str = "triton"
 
 
 def default_launch_config(head_dim: int, causal: bool = False,
@@ -208,9 +214,12 @@ def check_launch_config(config: LaunchConfig,
   if not isinstance(config.atomic_dq, bool):
     raise TypeError(
         f"LaunchConfig.atomic_dq must be a bool, got {config.atomic_dq!r}.")
-  if config.fwd_backend not in FWD_BACKENDS:
-    raise ValueError(f"LaunchConfig.fwd_backend must be one of "
-                     f"{FWD_BACKENDS}, got {config.fwd_backend!r}.")
+  for field in ("fwd_backend", "dkv_backend"):
+    if getattr(config, field) not in BACKENDS:
+      raise ValueError(f"LaunchConfig.{field} must be one of {BACKENDS}, "
+                       f"got {getattr(config, field)!r}.")
+  if config.dkv_backend == "mosaic" and config.atomic_dq:
+    raise ValueError("LaunchConfig: dkv_backend='mosaic' has no atomic_dq.")
   for kernel in ("fwd", "dkv", "dq"):
     launch = getattr(config, kernel)
     if not isinstance(launch, Launch):
@@ -264,19 +273,23 @@ def mosaic_launch(head_dim: int) -> Launch:
   return Launch(flash_hopper.BLOCK_Q, flash_hopper.block_k(head_dim), 8, 2)
 
 
-def _check_mosaic_launch(config: LaunchConfig, head_dim: int,
-                         reason: str | None):
-  """Raises `ValueError` unless the Mosaic forward can serve the call with
-  the launch's forward tiles."""
+def mosaic_dkv_launch() -> Launch:
+  """The dK/dV tiles of the Mosaic GPU kernel, with Triton settings."""
+  return Launch(flash_hopper.DKV_BLOCK_Q, flash_hopper.BLOCK_Q, 8, 3)
+
+
+def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
+                         head_dim: int, reason: str | None):
+  """Raises `ValueError` unless a Mosaic kernel (`"fwd"` or `"dkv"`) can
+  serve the call with the launch's tiles."""
   if reason is not None:
-    raise ValueError(f"flash: fwd_backend='mosaic' cannot serve this call: "
-                     f"{reason}.")
-  want = mosaic_launch(head_dim)
-  if (config.fwd.block_q, config.fwd.block_k) != (want.block_q, want.block_k):
+    raise ValueError(f"flash: {kernel}_backend='mosaic' cannot serve this "
+                     f"call: {reason}.")
+  if (launch.block_q, launch.block_k) != (want.block_q, want.block_k):
     raise ValueError(
-        f"flash: fwd_backend='mosaic' takes forward tiles {want.block_q} x "
-        f"{want.block_k} at padded head size {head_dim}, got "
-        f"{config.fwd.block_q} x {config.fwd.block_k}.")
+        f"flash: {kernel}_backend='mosaic' takes {kernel} tiles "
+        f"{want.block_q} x {want.block_k} at padded head size {head_dim}, "
+        f"got {launch.block_q} x {launch.block_k}.")
 
 
 def _compiler_params(launch: Launch, interpret: bool):
@@ -781,8 +794,8 @@ def _query_grid_call(st: _Static, q, k, v, bias, aux, bq: int,
   return call, qi
 
 
-def _mosaic_forward(st: _Static, q, k, v, aux):
-  """`_forward` through the Hopper kernel (`fwd_backend="mosaic"`)."""
+def _mosaic_operands(st: _Static, q, aux):
+  """The Hopper kernels' `Structure` and structure vectors."""
   structure = flash_hopper.Structure(
       sm_scale=st.sm_scale, softcap=st.softcap, causal=st.causal,
       window=st.window, segments=st.segments, groups=st.groups)
@@ -791,6 +804,12 @@ def _mosaic_forward(st: _Static, q, k, v, aux):
   q_vectors = (jnp.stack([aux[name] for name in q_names], 1) if q_names
                else jnp.zeros((batch, 1, q_len), jnp.int32))
   kv_vectors = jnp.stack([aux[name] for name in kv_names], 1)
+  return structure, q_vectors, kv_vectors
+
+
+def _mosaic_forward(st: _Static, q, k, v, aux):
+  """`_forward` through the Hopper kernel (`fwd_backend="mosaic"`)."""
+  structure, q_vectors, kv_vectors = _mosaic_operands(st, q, aux)
   return flash_hopper.forward(structure, q, k, v, aux["bounds_fwd"],
                               q_vectors, kv_vectors)
 
@@ -904,6 +923,13 @@ def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse,
   if st.launch.atomic_dq:
     dk, dv, dq = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
     dq = dq.astype(grad_dtype or q.dtype)
+  elif (st.launch.dkv_backend == "mosaic"
+        and jnp.dtype(grad_dtype or k.dtype) == k.dtype):
+    structure, q_vectors, kv_vectors = _mosaic_operands(st, q, aux)
+    dk, dv = flash_hopper.dkdv(structure, q, k, v, dout, lse2, delta,
+                               aux["bounds_dkv"], q_vectors, kv_vectors)
+    dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False,
+             grad_dtype=grad_dtype)
   else:
     dk, dv = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
     dq = _dq(st, q, k, v, bias, aux, dout, lse2, delta, write_ds=False,
@@ -986,14 +1012,19 @@ def prepare(inputs: AttentionInputs,
     raise ValueError(f"flash: head sizes must be at most {MAX_HEAD_DIM}, got "
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = _pad_dim(dims.head_dim), _pad_dim(dims.value_dim)
-  mosaic_reason = flash_hopper.unsupported_reason(
+  call_traits = dict(
       dtype=q.dtype, head_dim=d_pad, value_dim=dv_pad,
       bias=bias is not None, mask=vis.mask is not None,
       dropout=dropout is not None, interpret=interpret, precision=precision)
+  mosaic_reason = flash_hopper.unsupported_reason(**call_traits)
   if launch is not None:
     check_launch_config(launch, block_sizes)
     if launch.fwd_backend == "mosaic":
-      _check_mosaic_launch(launch, d_pad, mosaic_reason)
+      _check_mosaic_launch("fwd", launch.fwd, mosaic_launch(d_pad), d_pad,
+                           mosaic_reason)
+    if launch.dkv_backend == "mosaic":
+      _check_mosaic_launch("dkv", launch.dkv, mosaic_dkv_launch(), d_pad,
+                           flash_hopper.dkdv_unsupported_reason(**call_traits))
   else:
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
@@ -1006,12 +1037,13 @@ def prepare(inputs: AttentionInputs,
         and kv_len >= flash_hopper.block_k(d_pad)):
       launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
                                    fwd_backend="mosaic")
-  fwd = launch.fwd
+  fwd, dkv = launch.fwd, launch.dkv
   if launch.fwd_backend == "triton":
     fwd = _clip(fwd, q_len, kv_len)
-  launch = dataclasses.replace(
-      launch, fwd=fwd, dkv=_clip(launch.dkv, q_len, kv_len),
-      dq=_clip(launch.dq, q_len, kv_len))
+  if launch.dkv_backend == "triton":
+    dkv = _clip(dkv, q_len, kv_len)
+  launch = dataclasses.replace(launch, fwd=fwd, dkv=dkv,
+                               dq=_clip(launch.dq, q_len, kv_len))
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad, kv_pad = _round_up(q_len, q_mult), _round_up(kv_len, k_mult)
