@@ -369,7 +369,7 @@ HOPPER_CASES = ("plain", "causal_fewer_queries", "causal_empty_rows",
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 @pytest.mark.parametrize("name", HOPPER_CASES)
-def test_hopper_forward_matches_reference(name):
+def test_hopper_kernels_match_reference(name):
   call, shape = _hopper_case(name)
   launch = _mosaic(flash_triton._pad_dim(shape["d"]),  # pylint: disable=protected-access
                    call.get("causal", False))
@@ -390,7 +390,7 @@ def _lower_for_cuda(fn, *args) -> str:
 
 
 @pytest.mark.parametrize("name", HOPPER_CASES)
-def test_hopper_forward_lowers_for_cuda(name):
+def test_hopper_kernels_lower_for_cuda(name):
   """Forward (Mosaic GPU) and backward (dK/dV through Mosaic GPU at D <= 128,
   dQ through Triton) of every case lower."""
   call, shape = _hopper_case(name)
