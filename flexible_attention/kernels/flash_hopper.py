@@ -16,7 +16,11 @@ al., 2024, https://arxiv.org/abs/2407.08608) rather than through Triton:
 
 It serves the calls `unsupported_reason` accepts (bf16 / fp16, padded head
 sizes 64, 128 or 256 with D == Dv, no bias, dense mask or dropout); the
-Triton kernel serves every other one, and the backward of both is Triton's.
+Triton kernel serves every other one.
+
+`dkdv` is the backward's dK/dV kernel in the same style (a producer
+streaming query-side tiles, two consumers of 64 keys each accumulating dK
+and dV with `wgmma`), for padded head sizes 64 and 128; dQ stays Triton's.
 Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
 that it lowers for every structure it serves and the GPU machine runs the
 conformance battery through it (benchmarks/flash_notes.md).
