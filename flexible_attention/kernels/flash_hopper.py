@@ -1,6 +1,7 @@
-"""Flash attention's forward for Hopper GPUs, through Pallas' Mosaic GPU.
+"""Flash attention's forward and dK/dV kernels for Hopper, in Mosaic GPU.
 
-The same function as `flash_triton`'s forward kernel (same inputs, padding,
+`forward` computes the same function as `flash_triton`'s forward kernel
+(same inputs, padding,
 structure vectors and tile-skipping bounds; same `out` and natural-log
 `lse`), written for sm_90 the way FlashAttention-3 describes it (Shah et
 al., 2024, https://arxiv.org/abs/2407.08608) rather than through Triton:
