@@ -1,10 +1,10 @@
 """Flash attention's forward and dK/dV kernels for Hopper, in Mosaic GPU.
 
 `forward` computes the same function as `flash_triton`'s forward kernel
-(same inputs, padding,
-structure vectors and tile-skipping bounds; same `out` and natural-log
-`lse`), written for sm_90 the way FlashAttention-3 describes it (Shah et
-al., 2024, https://arxiv.org/abs/2407.08608) rather than through Triton:
+(same inputs, padding, structure vectors and tile-skipping bounds; same
+`out` and natural-log `lse`), written for sm_90 the way FlashAttention-3
+describes it (Shah et al., 2024, https://arxiv.org/abs/2407.08608) rather
+than through Triton:
 
 - three warpgroups per program: a producer that streams K, V (and the keys'
   structure vectors) into a ring of shared-memory slots with TMA, and two
