@@ -31,7 +31,9 @@ Glossary of shapes:
 - Sqp, Skp: query and key lengths padded to whole tiles (`BLOCK_Q`, bk).
 - Dp: the padded head size (64, 128 or 256).
 - Nq, Nk: the number of query / key structure vectors (`vectors`).
-- nq: Sqp // BLOCK_Q, the number of query tiles.
+- nq: Sqp // BLOCK_Q, the number of query tiles of the forward.
+- bk: the forward's key tile (`block_k`); the dK/dV kernel's tiles are
+  `BLOCK_Q` keys by `DKV_BLOCK_Q` queries.
 """
 
 from __future__ import annotations
@@ -121,12 +123,47 @@ class Structure:
 
   def vectors(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The names of the query and key vectors the masked tiles read."""
-    q_names = (("q_pos",) if self.causal or self.window else ()) + (
+    positions = self.causal or self.window is not None
+    q_names = (("q_pos",) if positions else ()) + (
         ("q_seg",) if self.segments else ())
-    kv_names = ("kv_ok",) + (
-        ("kv_pos",) if self.causal or self.window else ()) + (
-            ("kv_seg",) if self.segments else ())
+    kv_names = ("kv_ok",) + (("kv_pos",) if positions else ()) + (
+        ("kv_seg",) if self.segments else ())
     return q_names, kv_names
+
+
+# --- Pieces both kernels use ---------------------------------------------------
+
+
+def _swizzled(dtype) -> tuple[Any, ...]:
+  """The shared-memory transforms of a `wgmma` operand: `[8, 64]` tiles of
+  16-bit values, 128-byte swizzle."""
+  return (plgpu.TilingTransform((8, _SWIZZLE // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(_SWIZZLE))
+
+
+def _pad_bounds(bounds):
+  """`[B, n, 4]` -> `[B, n, _BOUNDS]`: rows TMA can copy."""
+  return jnp.pad(bounds, ((0, 0), (0, 0), (0, _BOUNDS - bounds.shape[-1])))
+
+
+def _tile_bounds(gmem_row, smem_row, ready):
+  """This program's `(lo, flo, fhi, hi)`, read by a warpgroup through its
+  own shared-memory row."""
+  plgpu.copy_gmem_to_smem(gmem_row, smem_row, ready)
+  plgpu.barrier_wait(ready)
+  return tuple(smem_row[i] for i in range(4))
+
+
+def _visible(st: Structure, q_vec: dict, kv_vec: dict):
+  """The structured mask of a tile from its vectors, each broadcast to the
+  tile's shape (`Structure.vectors` names them)."""
+  return masks.pair_visible(
+      kv_vec["kv_ok"] != 0, q_vec.get("q_pos"), kv_vec.get("kv_pos"),
+      causal=st.causal, window=st.window, q_seg=q_vec.get("q_seg"),
+      kv_seg=kv_vec.get("kv_seg"))
+
+
+# --- Forward -------------------------------------------------------------------
 
 
 def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
@@ -143,10 +180,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
   wg = lax.axis_index("wg")
 
   # Every warpgroup reads the tile's bounds through shared memory.
-  plgpu.copy_gmem_to_smem(bounds_ref.at[batch, tile], bounds_smem.at[wg],
-                          bounds_ready.at[wg])
-  plgpu.barrier_wait(bounds_ready.at[wg])
-  lo, flo, fhi, hi = (bounds_smem[wg, i] for i in range(4))
+  lo, flo, fhi, hi = _tile_bounds(bounds_ref.at[batch, tile],
+                                  bounds_smem.at[wg], bounds_ready.at[wg])
 
   def sync():  # Both consumers meet: the ping-pong of FlashAttention-3.
     plgpu.barrier_arrive(sched)
@@ -188,10 +223,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
         kv = {name: lax.broadcast_in_dim(
             _load_vector(kvvec_smem.at[slot, n], plgpu.Layout.WGMMA.reduce(0)),
             (ROWS, bk), [1]) for n, name in enumerate(kv_names)}
-        vis = masks.pair_visible(
-            kv["kv_ok"] != 0, q_vec.get("q_pos"), kv.get("kv_pos"),
-            causal=st.causal, window=st.window, q_seg=q_vec.get("q_seg"),
-            kv_seg=kv.get("kv_seg"))
+        vis = _visible(st, q_vec, kv)
       plgpu.barrier_arrive(k_free.at[slot])
       if st.softcap is not None:
         s = s * st.sm_scale
@@ -295,10 +327,9 @@ def forward(st: Structure, q, k, v, bounds, q_vectors, kv_vectors):
   if q_len % BLOCK_Q or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {BLOCK_Q} and {bk}.")
-  swizzled = (plgpu.TilingTransform((8, _SWIZZLE // q.dtype.itemsize)),
-              plgpu.SwizzleTransform(_SWIZZLE))
+  swizzled = _swizzled(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
-  bounds = jnp.pad(bounds, ((0, 0), (0, 0), (0, _BOUNDS - bounds.shape[-1])))
+  bounds = _pad_bounds(bounds)
 
   def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
            lse_ref):
@@ -368,10 +399,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref,
                           lax.axis_index("h"))
   wg = lax.axis_index("wg")
 
-  plgpu.copy_gmem_to_smem(bounds_ref.at[batch, tile], bounds_smem.at[wg],
-                          bounds_ready.at[wg])
-  plgpu.barrier_wait(bounds_ready.at[wg])
-  lo, flo, fhi, hi = (bounds_smem[wg, i] for i in range(4))
+  lo, flo, fhi, hi = _tile_bounds(bounds_ref.at[batch, tile],
+                                  bounds_smem.at[wg], bounds_ready.at[wg])
   steps = hi - lo  # Per query head.
 
   @pl.when(wg < CONSUMERS)
@@ -422,10 +451,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref,
       if masked:
         q_vec = {name: column(qvec_smem.at[slot, n])
                  for n, name in enumerate(q_names)}
-        vis = masks.pair_visible(
-            kv_vec["kv_ok"] != 0, q_vec.get("q_pos"), kv_vec.get("kv_pos"),
-            causal=st.causal, window=st.window, q_seg=q_vec.get("q_seg"),
-            kv_seg=kv_vec.get("kv_seg"))
+        vis = _visible(st, q_vec, kv_vec)
         p = jnp.where(vis, p, 0.0)
       ds = p * (dp - delta)
       if dcap is not None:
@@ -518,11 +544,10 @@ def dkdv(st: Structure, q, k, v, do, lse2, delta, bounds, q_vectors,
   if q_len % bq or kv_len % BLOCK_Q:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {BLOCK_Q}.")
-  swizzled = (plgpu.TilingTransform((8, _SWIZZLE // q.dtype.itemsize)),
-              plgpu.SwizzleTransform(_SWIZZLE))
+  swizzled = _swizzled(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  bounds = jnp.pad(bounds, ((0, 0), (0, 0), (0, _BOUNDS - bounds.shape[-1])))
+  bounds = _pad_bounds(bounds)
 
   def body(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
            kvvec_ref, dk_ref, dv_ref):
