@@ -278,6 +278,20 @@ def mosaic_dkv_launch() -> Launch:
   return Launch(flash_hopper.DKV_BLOCK_Q, flash_hopper.BLOCK_Q, 8, 3)
 
 
+def _mosaic_forward_by_default(capability: float | None, reason: str | None,
+                               block_sizes: BlockSizes | None, q_len: int,
+                               kv_len: int, head_dim: int) -> bool:
+  """Whether the default launches take the Mosaic forward: on Hopper (no
+  `wgmma` elsewhere), for a call it serves that spans one tile each way,
+  unless the user set the forward's tiles (which are Triton's)."""
+  user_tiles = block_sizes is not None and (
+      block_sizes.block_q is not None or block_sizes.block_k is not None)
+  return (capability is not None and 9.0 <= capability < 10.0
+          and reason is None and not user_tiles
+          and q_len >= flash_hopper.BLOCK_Q
+          and kv_len >= flash_hopper.block_k(head_dim))
+
+
 def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
                          head_dim: int, reason: str | None):
   """Raises `ValueError` unless a Mosaic kernel (`"fwd"` or `"dkv"`) can
@@ -1029,12 +1043,8 @@ def prepare(inputs: AttentionInputs,
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
                            capability)
-    user_tiles = block_sizes is not None and (
-        block_sizes.block_q is not None or block_sizes.block_k is not None)
-    if (capability is not None and 9.0 <= capability < 10.0
-        and mosaic_reason is None and not user_tiles
-        and q_len >= flash_hopper.BLOCK_Q
-        and kv_len >= flash_hopper.block_k(d_pad)):
+    if _mosaic_forward_by_default(capability, mosaic_reason, block_sizes,
+                                  q_len, kv_len, d_pad):
       launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
                                    fwd_backend="mosaic")
   fwd, dkv = launch.fwd, launch.dkv
