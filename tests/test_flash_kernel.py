@@ -6,9 +6,10 @@ tiles of 16 so that every case spans several tiles and exercises block
 skipping; plus the module (`create_attention("flash", interpret=True)`),
 dropout bit-identical to `vanilla`, and the refusals.
 
-The Hopper forward (`kernels/flash_hopper.py`, Mosaic GPU) has no
-interpreter: on CPU each of its cases is lowered for CUDA; on an sm_90 GPU
-each is run and compared like the others.
+The Hopper kernels (`kernels/flash_hopper.py`, Mosaic GPU: the forward,
+and dK/dV at D <= 128) have no interpreter: on CPU each of their cases is
+lowered for CUDA; on an sm_90 GPU each is run and compared like the
+others.
 
 Tolerance: relative to the largest reference magnitude, 2e-5 in float32 (the
 interpreted kernels measure ~1e-6), 2e-2 in bfloat16 and 5e-3 in float16
@@ -314,7 +315,7 @@ def test_skipping_tables_skip_invisible_tiles():
                                          [0, 0, 2, 3], [0, 0, 3, 4]])
 
 
-# --- The Hopper forward (Mosaic GPU) -----------------------------------------
+# --- The Hopper kernels (Mosaic GPU) -----------------------------------------
 
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
@@ -334,7 +335,7 @@ def _mosaic(head_dim: int, causal: bool,
 
 def _hopper_case(name):
   """`(call, shape and options)` of a Hopper case; every structure the
-  kernel serves, at lengths over one 128-row tile and not multiples of it."""
+  kernels serve, at lengths over one 128-row tile and not multiples of it."""
   b = 2
   ids = lambda s: _sorted_ids(name, b, s, 5)
   rng = _rng(name)
