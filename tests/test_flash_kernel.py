@@ -413,13 +413,16 @@ def test_hopper_kernels_lower_for_cuda(name):
 
 
 def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
-             block_sizes=None, launch=None, interpret=False, **call):
+             block_sizes=None, launch=None, interpret=False,
+             float32_results=False, full=False, **call):
   monkeypatch.setattr(gpu, "compute_capability", lambda: capability)
   q = jnp.zeros((1, q_len, 2, 128), dtype)
   k = jnp.zeros((1, 256, 2, 128), dtype)
-  return flash_triton.prepare(fa.canonicalize(q, k, k, **call), sm_scale=0.1,
-                              block_sizes=block_sizes, launch=launch,
-                              interpret=interpret).static.launch
+  prepared = flash_triton.prepare(
+      fa.canonicalize(q, k, k, **call), sm_scale=0.1,
+      block_sizes=block_sizes, launch=launch, interpret=interpret,
+      float32_results=float32_results)
+  return prepared if full else prepared.static.launch
 
 
 @pytest.mark.parametrize("capability, options, backend", [
@@ -431,8 +434,9 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
     (9.0, dict(q_len=64), "triton"),  # Shorter than one 128-row tile.
     (9.0, dict(block_sizes=fa.BlockSizes(block_q=64)), "triton"),
     (9.0, dict(bias=jnp.zeros((1, 2, 256, 256))), "triton"),
+    (9.0, dict(float32_results=True), "triton"),  # A ring's blocks.
 ], ids=["hopper", "hopper_window", "ampere", "blackwell", "float32", "short",
-        "user_tiles", "bias"])
+        "user_tiles", "bias", "float32_results"])
 def test_default_forward_backend(capability, options, backend, monkeypatch):
   launch = _prepare(capability, monkeypatch, **options)
   assert launch.fwd_backend == backend
@@ -448,12 +452,26 @@ def test_default_forward_backend(capability, options, backend, monkeypatch):
     (dict(launch=dataclasses.replace(_mosaic(128, False),
                                      fwd=flash_triton.Launch(64, 64, 4, 2))),
      "takes fwd tiles 128 x 128"),
+    (dict(float32_results=True), "caller wants float32 results"),
 ])
 def test_mosaic_forward_refuses_what_it_cannot_serve(options, match,
                                                      monkeypatch):
   options.setdefault("launch", _mosaic(128, False))
   with pytest.raises(ValueError, match=match):
     _prepare(9.0, monkeypatch, **options)
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_mosaic_kernels_refuse_float32_results_they_were_not_prepared_for(
+    kernel, monkeypatch):
+  call = _prepare(9.0, monkeypatch, launch=_mosaic(128, False), full=True)
+  rows = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="float32_results=True"):
+    if kernel == "forward":
+      flash_triton.forward_pass(call, out_dtype=jnp.float32)
+    else:
+      flash_triton.backward_pass(call, rows, jnp.zeros((1, 2, 256)), rows,
+                                 grad_dtype=jnp.float32)
 
 
 def test_forward_backend_must_be_known():

@@ -113,16 +113,17 @@ class LaunchConfig:
   `"mosaic"`, the Hopper kernel of `flash_hopper` (Mosaic GPU: TMA, warp
   specialisation, asynchronous `wgmma`), for the calls it serves
   (`flash_hopper.unsupported_reason`; an error otherwise) with `fwd` tiles
-  `flash_hopper.BLOCK_Q x flash_hopper.block_k(Dp)`. The Mosaic kernel
-  writes the inputs' dtype, so `forward_pass(out_dtype=float32)` (a ring's
-  blocks) runs the Triton forward on the same tiles. On Hopper the default
-  launches use `"mosaic"` wherever it serves the call and the forward
-  tiles are not the user's (`prepare`).
+  `flash_hopper.BLOCK_Q x flash_hopper.block_k(Dp)`. On Hopper the
+  default launches use `"mosaic"` wherever it serves the call and the
+  forward tiles are not the user's (`prepare`).
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
   `flash_hopper.dkdv` (padded head sizes 64 and 128; `dkv` tiles
-  `flash_hopper.DKV_BLOCK_Q x flash_hopper.BLOCK_Q`; not with `atomic_dq`);
-  a float32 `grad_dtype` (a ring's blocks) runs the Triton one.
+  `flash_hopper.DKV_BLOCK_Q x flash_hopper.BLOCK_Q`; not with `atomic_dq`).
+
+  The Mosaic kernels write the inputs' dtype: a call prepared with
+  `float32_results=True` (a ring's blocks) never uses them by default and
+  refuses them when asked.
   """
 
   fwd: Launch
@@ -808,6 +809,16 @@ def _query_grid_call(st: _Static, q, k, v, bias, aux, bq: int,
   return call, qi
 
 
+def _check_mosaic_dtype(name: str, dtype, inputs_dtype):
+  """The Mosaic kernels write the inputs' dtype (`prepare`'s
+  `float32_results` keeps them out of calls that want others)."""
+  if dtype is not None and jnp.dtype(dtype) != jnp.dtype(inputs_dtype):
+    raise ValueError(
+        f"flash: the Mosaic GPU kernels write {jnp.dtype(inputs_dtype)}, not "
+        f"{name}={jnp.dtype(dtype)}; prepare the call with "
+        f"float32_results=True.")
+
+
 def _mosaic_operands(st: _Static, q, aux):
   """The Hopper kernels' `Structure` and structure vectors."""
   structure = flash_hopper.Structure(
@@ -831,8 +842,8 @@ def _mosaic_forward(st: _Static, q, k, v, aux):
 def _forward(st: _Static, q, k, v, bias, aux, out_dtype=None):
   """`out [B, Sqp, H, Dvp]` (out_dtype, default q's) and natural-log
   `lse [B, H, Sqp]` (float32)."""
-  if (st.launch.fwd_backend == "mosaic"
-      and jnp.dtype(out_dtype or q.dtype) == q.dtype):
+  if st.launch.fwd_backend == "mosaic":
+    _check_mosaic_dtype("out_dtype", out_dtype, q.dtype)
     return _mosaic_forward(st, q, k, v, aux)
   batch, q_len, num_heads, _ = q.shape
   dv_pad = v.shape[-1]
@@ -937,8 +948,8 @@ def _backward(st: _Static, q, k, v, bias, aux, out, lse, dout, dlse,
   if st.launch.atomic_dq:
     dk, dv, dq = _dkdv(st, q, k, v, bias, aux, dout, lse2, delta, grad_dtype)
     dq = dq.astype(grad_dtype or q.dtype)
-  elif (st.launch.dkv_backend == "mosaic"
-        and jnp.dtype(grad_dtype or k.dtype) == k.dtype):
+  elif st.launch.dkv_backend == "mosaic":
+    _check_mosaic_dtype("grad_dtype", grad_dtype, k.dtype)
     structure, q_vectors, kv_vectors = _mosaic_operands(st, q, aux)
     dk, dv = flash_hopper.dkdv(structure, q, k, v, dout, lse2, delta,
                                aux["bounds_dkv"], q_vectors, kv_vectors)
@@ -1009,12 +1020,17 @@ def prepare(inputs: AttentionInputs,
             sm_scale: float, softcap: float | None = None, precision=None,
             block_sizes: BlockSizes | None = None,
             launch: LaunchConfig | None = None,
-            interpret: bool = False) -> Prepared:
+            interpret: bool = False,
+            float32_results: bool = False) -> Prepared:
   """Pads a call to whole tiles and builds its structure tables (XLA).
 
-  Arguments as `flash_attention`'s. The result feeds `forward_pass` and
-  `backward_pass`, the kernels without the `custom_vjp` (for callers that
-  combine blocks themselves, like the ring's block kernel).
+  Arguments as `flash_attention`'s, and `float32_results`: the caller will
+  ask `forward_pass` and `backward_pass` for a float32 output and
+  gradients (`out_dtype`, `grad_dtype`), which the Mosaic GPU kernels
+  cannot write (they are then not chosen, and an error when `launch` asks
+  for them). The result feeds `forward_pass` and `backward_pass`, the
+  kernels without the `custom_vjp` (for callers that combine blocks
+  themselves, like the ring's block kernel).
   """
   q, k, v, bias = inputs.query, inputs.key, inputs.value, inputs.bias
   vis = inputs.visibility
@@ -1031,6 +1047,11 @@ def prepare(inputs: AttentionInputs,
       bias=bias is not None, mask=vis.mask is not None,
       dropout=dropout is not None, interpret=interpret, precision=precision)
   mosaic_reason = flash_hopper.unsupported_reason(**call_traits)
+  dkv_reason = flash_hopper.dkdv_unsupported_reason(**call_traits)
+  if float32_results and q.dtype != jnp.float32:
+    mosaic_reason = dkv_reason = (
+        f"it writes the inputs' {jnp.dtype(q.dtype)}, and the caller wants "
+        f"float32 results")
   if launch is not None:
     check_launch_config(launch, block_sizes)
     if launch.fwd_backend == "mosaic":
@@ -1038,7 +1059,7 @@ def prepare(inputs: AttentionInputs,
                            mosaic_reason)
     if launch.dkv_backend == "mosaic":
       _check_mosaic_launch("dkv", launch.dkv, mosaic_dkv_launch(), d_pad,
-                           flash_hopper.dkdv_unsupported_reason(**call_traits))
+                           dkv_reason)
   else:
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,

@@ -79,7 +79,8 @@ def flash_block_kernel(**flash_options) -> BlockKernel:
     **flash_options: `flash_triton.prepare`'s keyword arguments (`sm_scale`,
       `softcap`, `precision`, `block_sizes`, `interpret`).
   """
-  prepare = functools.partial(flash_triton.prepare, **flash_options)
+  prepare = functools.partial(flash_triton.prepare, float32_results=True,
+                              **flash_options)
 
   def forward(q, k, v, vis, dropout):
     call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
