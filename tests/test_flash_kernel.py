@@ -485,6 +485,9 @@ def test_forward_backend_must_be_known():
      "has no atomic_dq"),
     (dataclasses.replace(_mosaic(128, False), dkv=flash_triton.Launch(
         32, 128, 4, 3)), "takes dkv tiles 64 x 128"),
+    # The tiles right, the warps not: nothing passed may go unused.
+    (dataclasses.replace(_mosaic(128, False), fwd=flash_triton.Launch(
+        128, 128, 4, 2)), "takes fwd tiles 128 x 128 with 8 warps"),
 ])
 def test_mosaic_dkv_refusals(launch, match, monkeypatch):
   with pytest.raises(ValueError, match=match):

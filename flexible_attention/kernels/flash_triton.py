@@ -269,14 +269,17 @@ def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
 
 
 def mosaic_launch(head_dim: int) -> Launch:
-  """The forward tiles of the Mosaic GPU kernel, with the Triton settings
-  that run the Triton forward on them (`forward_pass(out_dtype=...)`)."""
-  return Launch(flash_hopper.BLOCK_Q, flash_hopper.block_k(head_dim), 8, 2)
+  """The Mosaic GPU forward's fixed launch at a padded head size: its
+  tiles, the 8 warps of its two consumer warpgroups (a producer warpgroup
+  runs beside them) and its shared-memory slots as stages."""
+  return Launch(flash_hopper.BLOCK_Q, flash_hopper.block_k(head_dim),
+                4 * flash_hopper.CONSUMERS, flash_hopper.STAGES)
 
 
 def mosaic_dkv_launch() -> Launch:
-  """The dK/dV tiles of the Mosaic GPU kernel, with Triton settings."""
-  return Launch(flash_hopper.DKV_BLOCK_Q, flash_hopper.BLOCK_Q, 8, 3)
+  """The Mosaic GPU dK/dV kernel's fixed launch, as `mosaic_launch`'s."""
+  return Launch(flash_hopper.DKV_BLOCK_Q, flash_hopper.BLOCK_Q,
+                4 * flash_hopper.CONSUMERS, flash_hopper.STAGES)
 
 
 def _mosaic_forward_by_default(capability: float | None, reason: str | None,
@@ -296,15 +299,17 @@ def _mosaic_forward_by_default(capability: float | None, reason: str | None,
 def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
                          head_dim: int, reason: str | None):
   """Raises `ValueError` unless a Mosaic kernel (`"fwd"` or `"dkv"`) can
-  serve the call with the launch's tiles."""
+  serve the call with the given launch: its own, fixed one (`want`), so
+  that no tile, warp or stage count passed is left unused."""
   if reason is not None:
     raise ValueError(f"flash: {kernel}_backend='mosaic' cannot serve this "
                      f"call: {reason}.")
-  if (launch.block_q, launch.block_k) != (want.block_q, want.block_k):
+  if launch != want:
     raise ValueError(
         f"flash: {kernel}_backend='mosaic' takes {kernel} tiles "
-        f"{want.block_q} x {want.block_k} at padded head size {head_dim}, "
-        f"got {launch.block_q} x {launch.block_k}.")
+        f"{want.block_q} x {want.block_k} with {want.num_warps} warps and "
+        f"{want.num_stages} stages at padded head size {head_dim} (its fixed "
+        f"launch), got {launch}.")
 
 
 def _compiler_params(launch: Launch, interpret: bool):
@@ -816,7 +821,7 @@ def _check_mosaic_dtype(name: str, dtype, inputs_dtype):
     raise ValueError(
         f"flash: the Mosaic GPU kernels write {jnp.dtype(inputs_dtype)}, not "
         f"{name}={jnp.dtype(dtype)}; prepare the call with "
-        f"float32_results=True.")
+        f"float32_results=True (which keeps it on the Triton kernels).")
 
 
 def _mosaic_operands(st: _Static, q, aux):
