@@ -112,14 +112,14 @@ class LaunchConfig:
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `flash_hopper` (Mosaic GPU: TMA, warp
   specialisation, asynchronous `wgmma`), for the calls it serves
-  (`flash_hopper.unsupported_reason`; an error otherwise) with `fwd` tiles
-  `flash_hopper.BLOCK_Q x flash_hopper.block_k(Dp)`. On Hopper the
-  default launches use `"mosaic"` wherever it serves the call and the
-  forward tiles are not the user's (`prepare`).
+  (`flash_hopper.unsupported_reason`; an error otherwise), with
+  `fwd=mosaic_launch(Dp)`, its fixed launch (another is an error). On
+  Hopper the default launches use `"mosaic"` wherever it serves the call
+  and the forward tiles are not the user's (`prepare`).
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
-  `flash_hopper.dkdv` (padded head sizes 64 and 128; `dkv` tiles
-  `flash_hopper.DKV_BLOCK_Q x flash_hopper.BLOCK_Q`; not with `atomic_dq`).
+  `flash_hopper.dkdv` (padded head sizes 64 and 128;
+  `dkv=mosaic_dkv_launch()`; not with `atomic_dq`).
 
   The Mosaic kernels write the inputs' dtype: a call prepared with
   `float32_results=True` (a ring's blocks) never uses them by default and
