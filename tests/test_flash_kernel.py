@@ -412,12 +412,23 @@ def test_hopper_kernels_lower_for_cuda(name):
   assert "triton" in backward
 
 
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("shape", [dict(sq=100, sk=300), dict(sq=300, sk=200)],
+                         ids=["triton_forward", "mosaic_forward"])
+def test_hopper_default_launches_match_reference(shape):
+  """The launches `prepare` picks on Hopper: the Mosaic dK/dV kernel beside
+  the Triton forward (fewer queries than the Mosaic forward's tile), and
+  beside the Mosaic forward."""
+  _check("hopper default", dict(causal=True), blocks=None, interpret=False,
+         b=2, d=128, dtype=jnp.bfloat16, **shape)
+
+
 def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
-             block_sizes=None, launch=None, interpret=False,
+             head_dim=128, block_sizes=None, launch=None, interpret=False,
              float32_results=False, full=False, **call):
   monkeypatch.setattr(gpu, "compute_capability", lambda: capability)
-  q = jnp.zeros((1, q_len, 2, 128), dtype)
-  k = jnp.zeros((1, 256, 2, 128), dtype)
+  q = jnp.zeros((1, q_len, 2, head_dim), dtype)
+  k = jnp.zeros((1, 256, 2, head_dim), dtype)
   prepared = flash_triton.prepare(
       fa.canonicalize(q, k, k, **call), sm_scale=0.1,
       block_sizes=block_sizes, launch=launch, interpret=interpret,
@@ -425,24 +436,32 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
   return prepared if full else prepared.static.launch
 
 
-@pytest.mark.parametrize("capability, options, backend", [
-    (9.0, {}, "mosaic"),
-    (9.0, dict(causal=True, sliding_window=8), "mosaic"),
-    (8.0, {}, "triton"),  # No wgmma before Hopper,
-    (10.0, {}, "triton"),  # nor after it.
-    (9.0, dict(dtype=jnp.float32), "triton"),
-    (9.0, dict(q_len=64), "triton"),  # Shorter than one 128-row tile.
-    (9.0, dict(block_sizes=fa.BlockSizes(block_q=64)), "triton"),
-    (9.0, dict(bias=jnp.zeros((1, 2, 256, 256))), "triton"),
-    (9.0, dict(float32_results=True), "triton"),  # A ring's blocks.
+@pytest.mark.parametrize("capability, options, backends", [
+    (9.0, {}, ("mosaic", "mosaic")),
+    (9.0, dict(causal=True, sliding_window=8), ("mosaic", "mosaic")),
+    (8.0, {}, ("triton", "triton")),  # No wgmma before Hopper,
+    (10.0, {}, ("triton", "triton")),  # nor after it.
+    (9.0, dict(dtype=jnp.float32), ("triton", "triton")),
+    # Shorter than the forward's 128-row tile, not than dK/dV's 64 queries.
+    (9.0, dict(q_len=64), ("triton", "mosaic")),
+    (9.0, dict(q_len=32), ("triton", "triton")),
+    (9.0, dict(head_dim=256), ("mosaic", "triton")),  # dK/dV: D <= 128.
+    (9.0, dict(block_sizes=fa.BlockSizes(block_q=64)), ("triton", "mosaic")),
+    (9.0, dict(block_sizes=fa.BlockSizes(block_k_dkv=32)),
+     ("mosaic", "triton")),
+    (9.0, dict(bias=jnp.zeros((1, 2, 256, 256))), ("triton", "triton")),
+    (9.0, dict(float32_results=True), ("triton", "triton")),  # A ring's.
 ], ids=["hopper", "hopper_window", "ampere", "blackwell", "float32", "short",
-        "user_tiles", "bias", "float32_results"])
-def test_default_forward_backend(capability, options, backend, monkeypatch):
+        "shorter", "head_dim_256", "user_fwd_tiles", "user_dkv_tiles", "bias",
+        "float32_results"])
+def test_default_backends(capability, options, backends, monkeypatch):
   launch = _prepare(capability, monkeypatch, **options)
-  assert launch.fwd_backend == backend
-  if backend == "mosaic":
-    assert (launch.fwd.block_q, launch.fwd.block_k) == (
-        flash_hopper.BLOCK_Q, flash_hopper.block_k(128))
+  assert (launch.fwd_backend, launch.dkv_backend) == backends
+  d = options.get("head_dim", 128)
+  if launch.fwd_backend == "mosaic":
+    assert launch.fwd == flash_triton.mosaic_launch(d)
+  if launch.dkv_backend == "mosaic":
+    assert launch.dkv == flash_triton.mosaic_dkv_launch()
 
 
 @pytest.mark.parametrize("options, match", [

@@ -119,7 +119,9 @@ class LaunchConfig:
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
   `flash_hopper.dkdv` (padded head sizes 64 and 128;
-  `dkv=mosaic_dkv_launch()`; not with `atomic_dq`).
+  `dkv=mosaic_dkv_launch()`; not with `atomic_dq`), and the default
+  launches use it on Hopper wherever it serves the call and the dK/dV
+  tiles are not the user's. dQ is always Triton's.
 
   The Mosaic kernels write the inputs' dtype: a call prepared with
   `float32_results=True` (a ring's blocks) never uses them by default and
@@ -282,18 +284,16 @@ def mosaic_dkv_launch() -> Launch:
                 4 * flash_hopper.CONSUMERS, flash_hopper.STAGES)
 
 
-def _mosaic_forward_by_default(capability: float | None, reason: str | None,
-                               block_sizes: BlockSizes | None, q_len: int,
-                               kv_len: int, head_dim: int) -> bool:
-  """Whether the default launches take the Mosaic forward: on Hopper (no
-  `wgmma` elsewhere), for a call it serves that spans one tile each way,
-  unless the user set the forward's tiles (which are Triton's)."""
-  user_tiles = block_sizes is not None and (
-      block_sizes.block_q is not None or block_sizes.block_k is not None)
+def _mosaic_by_default(capability: float | None, reason: str | None,
+                       user_tiles: bool, q_len: int, kv_len: int,
+                       launch: Launch) -> bool:
+  """Whether the default launches take a Mosaic kernel (its fixed `launch`):
+  on Hopper (no `wgmma` elsewhere), for a call it serves that spans one of
+  its tiles each way, unless the user set that kernel's tiles (which are
+  Triton's)."""
   return (capability is not None and 9.0 <= capability < 10.0
           and reason is None and not user_tiles
-          and q_len >= flash_hopper.BLOCK_Q
-          and kv_len >= flash_hopper.block_k(head_dim))
+          and q_len >= launch.block_q and kv_len >= launch.block_k)
 
 
 def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
@@ -1069,10 +1069,18 @@ def prepare(inputs: AttentionInputs,
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
                            capability)
-    if _mosaic_forward_by_default(capability, mosaic_reason, block_sizes,
-                                  q_len, kv_len, d_pad):
+    tiles = block_sizes or BlockSizes()
+    if _mosaic_by_default(capability, mosaic_reason,
+                          tiles.block_q is not None or tiles.block_k is not None,
+                          q_len, kv_len, mosaic_launch(d_pad)):
       launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
                                    fwd_backend="mosaic")
+    if _mosaic_by_default(
+        capability, dkv_reason,
+        tiles.block_q_dkv is not None or tiles.block_k_dkv is not None,
+        q_len, kv_len, mosaic_dkv_launch()):
+      launch = dataclasses.replace(launch, dkv=mosaic_dkv_launch(),
+                                   dkv_backend="mosaic")
   fwd, dkv = launch.fwd, launch.dkv
   if launch.fwd_backend == "triton":
     fwd = _clip(fwd, q_len, kv_len)
