@@ -58,7 +58,7 @@ def _flash(d: int, causal: bool, fwd: str, dkv: str):
     launch = dataclasses.replace(launch, fwd=flash_triton.mosaic_launch(d),
                                  fwd_backend="mosaic")
   if dkv == "mosaic":
-    launch = dataclasses.replace(launch, dkv=flash_triton.mosaic_dkv_launch(),
+    launch = dataclasses.replace(launch, dkv=flash_triton.mosaic_dkv_launch(d),
                                  dkv_backend="mosaic")
 
   def attend(q, k, v):

@@ -322,14 +322,15 @@ ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 def _mosaic(head_dim: int, causal: bool,
             dkv: bool = True) -> flash_triton.LaunchConfig:
-  """The default Hopper launches with the Mosaic forward (padded D), and
-  the Mosaic dK/dV kernel where it serves the head size (and `dkv`)."""
+  """The Hopper launches with the Mosaic forward (padded D) and, with
+  `dkv`, the Mosaic dK/dV kernel."""
   launch = dataclasses.replace(
       flash_triton.default_launch_config(head_dim, causal, 9.0),
       fwd=flash_triton.mosaic_launch(head_dim), fwd_backend="mosaic")
-  if dkv and head_dim in flash_hopper.DKV_HEAD_DIMS:
-    launch = dataclasses.replace(launch, dkv=flash_triton.mosaic_dkv_launch(),
-                                 dkv_backend="mosaic")
+  if dkv:
+    launch = dataclasses.replace(
+        launch, dkv=flash_triton.mosaic_dkv_launch(head_dim),
+        dkv_backend="mosaic")
   return launch
 
 
@@ -392,8 +393,8 @@ def _lower_for_cuda(fn, *args) -> str:
 
 @pytest.mark.parametrize("name", HOPPER_CASES)
 def test_hopper_kernels_lower_for_cuda(name):
-  """Forward (Mosaic GPU) and backward (dK/dV through Mosaic GPU at D <= 128,
-  dQ through Triton) of every case lower."""
+  """Forward (Mosaic GPU) and backward (dK/dV through Mosaic GPU, dQ
+  through Triton) of every case lower."""
   call, shape = _hopper_case(name)
   softcap = shape.pop("softcap", None)
   q, k, v, ct, _ = _inputs(name, **shape)
@@ -407,8 +408,7 @@ def test_hopper_kernels_lower_for_cuda(name):
   forward = _lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q, k, v)
   assert "mosaic_gpu" in forward and "triton" not in forward
   backward = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
-  mosaic_kernels = 2 if d in flash_hopper.DKV_HEAD_DIMS else 1
-  assert backward.count("mosaic_gpu") >= mosaic_kernels
+  assert backward.count("mosaic_gpu") >= 2
   assert "triton" in backward
 
 
@@ -445,7 +445,8 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
     # Shorter than the forward's 128-row tile, not than dK/dV's 64 queries.
     (9.0, dict(q_len=64), ("triton", "mosaic")),
     (9.0, dict(q_len=32), ("triton", "triton")),
-    (9.0, dict(head_dim=256), ("mosaic", "triton")),  # dK/dV: D <= 128.
+    # dK/dV splits its columns across the consumers at D = 256.
+    (9.0, dict(head_dim=256), ("mosaic", "mosaic")),
     (9.0, dict(block_sizes=fa.BlockSizes(block_q=64)), ("triton", "mosaic")),
     (9.0, dict(block_sizes=fa.BlockSizes(block_k_dkv=32)),
      ("mosaic", "triton")),
@@ -461,7 +462,7 @@ def test_default_backends(capability, options, backends, monkeypatch):
   if launch.fwd_backend == "mosaic":
     assert launch.fwd == flash_triton.mosaic_launch(d)
   if launch.dkv_backend == "mosaic":
-    assert launch.dkv == flash_triton.mosaic_dkv_launch()
+    assert launch.dkv == flash_triton.mosaic_dkv_launch(d)
 
 
 @pytest.mark.parametrize("options, match", [
@@ -499,29 +500,21 @@ def test_forward_backend_must_be_known():
         _mosaic(128, False), fwd_backend="cuda"))
 
 
-@pytest.mark.parametrize("launch, match", [
-    (dataclasses.replace(_mosaic(128, False), atomic_dq=True),
+@pytest.mark.parametrize("head_dim, launch, match", [
+    (128, dataclasses.replace(_mosaic(128, False), atomic_dq=True),
      "has no atomic_dq"),
-    (dataclasses.replace(_mosaic(128, False), dkv=flash_triton.Launch(
+    (128, dataclasses.replace(_mosaic(128, False), dkv=flash_triton.Launch(
         32, 128, 4, 3)), "takes dkv tiles 64 x 128"),
     # The tiles right, the warps not: nothing passed may go unused.
-    (dataclasses.replace(_mosaic(128, False), fwd=flash_triton.Launch(
+    (128, dataclasses.replace(_mosaic(128, False), fwd=flash_triton.Launch(
         128, 128, 4, 2)), "takes fwd tiles 128 x 128 with 8 warps"),
+    # D = 256 has 64-key programs.
+    (256, dataclasses.replace(_mosaic(256, False), dkv=_mosaic(128, False).dkv),
+     "takes dkv tiles 64 x 64 .* at padded head size 256"),
 ])
-def test_mosaic_dkv_refusals(launch, match, monkeypatch):
+def test_mosaic_dkv_refusals(head_dim, launch, match, monkeypatch):
   with pytest.raises(ValueError, match=match):
-    _prepare(9.0, monkeypatch, launch=launch)
-
-
-def test_mosaic_dkv_refuses_head_dim_256(monkeypatch):
-  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
-  q = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)
-  launch = dataclasses.replace(_mosaic(256, False, dkv=False),
-                               dkv=flash_triton.mosaic_dkv_launch(),
-                               dkv_backend="mosaic")
-  with pytest.raises(ValueError, match="dK/dV kernel takes padded head"):
-    flash_triton.prepare(fa.canonicalize(q, q, q), sm_scale=0.1,
-                         launch=launch)
+    _prepare(9.0, monkeypatch, launch=launch, head_dim=head_dim)
 
 
 # --- The module ---------------------------------------------------------------

@@ -119,7 +119,7 @@ class LaunchConfig:
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
   `flash_hopper.dkdv` (padded head sizes 64 and 128;
-  `dkv=mosaic_dkv_launch()`; not with `atomic_dq`), and the default
+  `dkv=mosaic_dkv_launch(d_pad)`; not with `atomic_dq`), and the default
   launches use it on Hopper wherever it serves the call and the dK/dV
   tiles are not the user's. dQ is always Triton's.
 
@@ -278,9 +278,10 @@ def mosaic_launch(head_dim: int) -> Launch:
                 4 * flash_hopper.CONSUMERS, flash_hopper.STAGES)
 
 
-def mosaic_dkv_launch() -> Launch:
-  """The Mosaic GPU dK/dV kernel's fixed launch, as `mosaic_launch`'s."""
-  return Launch(flash_hopper.DKV_BLOCK_Q, flash_hopper.BLOCK_Q,
+def mosaic_dkv_launch(head_dim: int) -> Launch:
+  """The Mosaic GPU dK/dV kernel's fixed launch at a padded head size, as
+  `mosaic_launch`'s."""
+  return Launch(flash_hopper.DKV_BLOCK_Q, flash_hopper.dkv_block_k(head_dim),
                 4 * flash_hopper.CONSUMERS, flash_hopper.STAGES)
 
 
@@ -1052,9 +1053,8 @@ def prepare(inputs: AttentionInputs,
       bias=bias is not None, mask=vis.mask is not None,
       dropout=dropout is not None, interpret=interpret, precision=precision)
   mosaic_reason = flash_hopper.unsupported_reason(**call_traits)
-  dkv_reason = flash_hopper.dkdv_unsupported_reason(**call_traits)
   if float32_results and q.dtype != jnp.float32:
-    mosaic_reason = dkv_reason = (
+    mosaic_reason = (
         f"it writes the inputs' {jnp.dtype(q.dtype)}, and the caller wants "
         f"float32 results")
   if launch is not None:
@@ -1063,8 +1063,8 @@ def prepare(inputs: AttentionInputs,
       _check_mosaic_launch("fwd", launch.fwd, mosaic_launch(d_pad), d_pad,
                            mosaic_reason)
     if launch.dkv_backend == "mosaic":
-      _check_mosaic_launch("dkv", launch.dkv, mosaic_dkv_launch(), d_pad,
-                           dkv_reason)
+      _check_mosaic_launch("dkv", launch.dkv, mosaic_dkv_launch(d_pad), d_pad,
+                           mosaic_reason)
   else:
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
@@ -1076,10 +1076,10 @@ def prepare(inputs: AttentionInputs,
       launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
                                    fwd_backend="mosaic")
     if _mosaic_by_default(
-        capability, dkv_reason,
+        capability, mosaic_reason,
         tiles.block_q_dkv is not None or tiles.block_k_dkv is not None,
-        q_len, kv_len, mosaic_dkv_launch()):
-      launch = dataclasses.replace(launch, dkv=mosaic_dkv_launch(),
+        q_len, kv_len, mosaic_dkv_launch(d_pad)):
+      launch = dataclasses.replace(launch, dkv=mosaic_dkv_launch(d_pad),
                                    dkv_backend="mosaic")
   fwd, dkv = launch.fwd, launch.dkv
   if launch.fwd_backend == "triton":
