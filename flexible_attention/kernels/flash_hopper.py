@@ -19,9 +19,13 @@ It serves the calls `unsupported_reason` accepts (bf16 / fp16, padded head
 sizes 64, 128 or 256 with D == Dv, no bias, dense mask or dropout); the
 Triton kernel serves every other one.
 
-`dkdv` is the backward's dK/dV kernel in the same style (a producer
-streaming query-side tiles, two consumers of 64 keys each accumulating dK
-and dV with `wgmma`), for padded head sizes 64 and 128; dQ stays Triton's.
+`dkdv` is the backward's dK/dV kernel in the same style, for the same
+calls: a producer streams query-side tiles; at Dp <= 128 two consumers own
+64 keys each and accumulate their dK and dV with `wgmma`; at Dp = 256,
+where those accumulators fill both consumers' registers, the consumers
+share 64 keys and split dK's and dV's columns, exchanging `p`, `dp - delta`
+and `ds` through shared memory (FlashAttention-3's hdim-256 layout). dQ
+stays Triton's.
 Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
 that it lowers for every structure it serves and the GPU machine runs the
 conformance battery through it (benchmarks/flash_notes.md).
@@ -33,7 +37,7 @@ Glossary of shapes:
 - Nq, Nk: the number of query / key structure vectors (`vectors`).
 - nq: Sqp // BLOCK_Q, the number of query tiles of the forward.
 - bk: the forward's key tile (`block_k`); the dK/dV kernel's tiles are
-  `BLOCK_Q` keys by `DKV_BLOCK_Q` queries.
+  `dkv_block_k(Dp)` keys by `DKV_BLOCK_Q` queries.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ class Structure:
     return q_names, kv_names
 
 
-# --- Pieces both kernels use ---------------------------------------------------
+# --- Pieces both kernels use --------------------------------------------------
 
 
 def _swizzled(dtype) -> tuple[Any, ...]:
@@ -163,7 +167,7 @@ def _visible(st: Structure, q_vec: dict, kv_vec: dict):
       kv_seg=kv_vec.get("kv_seg"))
 
 
-# --- Forward -------------------------------------------------------------------
+# --- Forward ------------------------------------------------------------------
 
 
 def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
@@ -369,7 +373,7 @@ def forward(st: Structure, q, k, v, bounds, q_vectors, kv_vectors):
   )(q, k, v, bounds, q_vectors, kv_vectors)
 
 
-# --- dK / dV -------------------------------------------------------------------
+# --- dK / dV ------------------------------------------------------------------
 
 DKV_BLOCK_Q = 64  # Query rows per step: `[64, 64]` score tiles.
 _SPLIT_HEAD_DIM = 256  # From here on the consumers split dK/dV's columns.

@@ -36,10 +36,11 @@ Triton needs; padded keys are invisible and padded rows are sliced away.
 `interpret=True` runs the same kernels through Pallas' interpreter, on any
 backend (CPU tests).
 
-On Hopper the forward may run through `flash_hopper` (Mosaic GPU) instead:
-`LaunchConfig.fwd_backend`, chosen in `prepare`; it takes the same padded
-operands, structure vectors and skipping bounds and returns the same `out`
-and `lse`, so the custom VJP and the backward are shared.
+On Hopper the forward and the dK/dV kernel may run through `flash_hopper`
+(Mosaic GPU) instead: `LaunchConfig.fwd_backend` and `dkv_backend`, chosen
+in `prepare`; they take the same padded operands, structure vectors and
+skipping bounds and return the same `out` and `lse`, dK and dV, so the
+custom VJP and the dQ kernel are shared.
 
 Glossary of shapes:
 - B: batch size.
@@ -118,8 +119,8 @@ class LaunchConfig:
   and the forward tiles are not the user's (`prepare`).
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
-  `flash_hopper.dkdv` (padded head sizes 64 and 128;
-  `dkv=mosaic_dkv_launch(d_pad)`; not with `atomic_dq`), and the default
+  `flash_hopper.dkdv` (the calls the forward serves;
+  `dkv=mosaic_dkv_launch(Dp)`; not with `atomic_dq`), and the default
   launches use it on Hopper wherever it serves the call and the dK/dV
   tiles are not the user's. dQ is always Triton's.
 
@@ -1070,9 +1071,10 @@ def prepare(inputs: AttentionInputs,
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
                            capability)
     tiles = block_sizes or BlockSizes()
-    if _mosaic_by_default(capability, mosaic_reason,
-                          tiles.block_q is not None or tiles.block_k is not None,
-                          q_len, kv_len, mosaic_launch(d_pad)):
+    if _mosaic_by_default(
+        capability, mosaic_reason,
+        tiles.block_q is not None or tiles.block_k is not None,
+        q_len, kv_len, mosaic_launch(d_pad)):
       launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
                                    fwd_backend="mosaic")
     if _mosaic_by_default(
