@@ -424,7 +424,7 @@ class _DkdvRefs:
      self.kvvec, self.dk, self.dv) = operands
     (self.k_smem, self.v_smem, self.kvvec_smem, self.q_smem, self.do_smem,
      self.stats_smem, self.qvec_smem, self.bounds_smem, self.exchange,
-     own_ready, ready, self.free, self.meet) = scratch
+     own_ready, ready, self.free) = scratch
     (self.k_ready, self.v_ready, self.kvvec_ready,
      self.bounds_ready) = own_ready
     (self.q_ready, self.do_ready, self.stats_ready,
@@ -579,7 +579,8 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
   other has read the last ones (`mm_done`).
   """
   scores = w == 0
-  p_smem, x_smem, ds_smem, p_ready, x_ready, ds_ready, mm_done = r.exchange
+  (p_smem, x_smem, ds_smem, p_ready, x_ready, ds_ready, mm_done,
+   both_done) = r.exchange
   batch, kv_head, bq, dtype = r.batch, r.kv_head, r.bq, r.dtype
   half = r.k.shape[-1] // CONSUMERS
   cols = pl.ds(w * half, half)
@@ -657,8 +658,8 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
   dk, dv = r.loop(lo, flo, fhi, hi, step, (_zeros(half), _zeros(half)))
 
   def meet():
-    plgpu.barrier_arrive(r.meet)
-    plgpu.barrier_wait(r.meet)
+    plgpu.barrier_arrive(both_done)
+    plgpu.barrier_wait(both_done)
 
   meet()  # K and V are spent: both warpgroups write their columns there.
   k_tile.at[:, cols][...] = dk.astype(dtype)
@@ -740,21 +741,20 @@ def dkdv(st: Structure, q, k, v, do, lse2, delta, bounds, q_vectors,
         plgpu.SMEM((CONSUMERS + 1, _BOUNDS), jnp.int32),
     )
     exchange = ()
-    if key_tiles == 1:  # p^T, dp^T - delta and ds^T; their signals.
+    if key_tiles == 1:  # p^T, dp^T - delta and ds^T; the signals.
       exchange = ((plgpu.SMEM((ROWS, bq), q.dtype, transforms=swizzled),) * 3
-                  + (plgpu.Barrier(),) * 4)
+                  + (plgpu.Barrier(),) * 4
+                  + (plgpu.Barrier(num_arrivals=CONSUMERS),))
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
     free = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)
-    meet = plgpu.Barrier(num_arrivals=CONSUMERS)
 
-    def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref,
-               meet_ref):
+    def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref):
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
-                               ready_refs, free_ref, meet_ref), st=st, bq=bq)
+                               ready_refs, free_ref), st=st, bq=bq)
 
-    pl.run_scoped(scoped, smem, exchange, own, ready, free, meet,
+    pl.run_scoped(scoped, smem, exchange, own, ready, free,
                   collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype),
