@@ -517,6 +517,15 @@ def test_mosaic_dkv_refusals(head_dim, launch, match, monkeypatch):
     _prepare(9.0, monkeypatch, launch=launch, head_dim=head_dim)
 
 
+def test_mosaic_dkv_alone_refuses_what_it_cannot_serve(monkeypatch):
+  launch = dataclasses.replace(  # The Triton forward, the Mosaic dK/dV.
+      _mosaic(128, False), fwd=flash_triton.default_launch_config(128).fwd,
+      fwd_backend="triton")
+  with pytest.raises(ValueError, match="dkv_backend='mosaic' cannot serve "
+                     "this call: it takes bfloat16 or float16"):
+    _prepare(9.0, monkeypatch, launch=launch, dtype=jnp.float32)
+
+
 # --- The module ---------------------------------------------------------------
 
 
