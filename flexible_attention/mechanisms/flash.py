@@ -57,11 +57,12 @@ class FlashAttention(base.AttentionModule):
   library's hash (bit-identical to `vanilla`). Any Sq, Sk and head sizes up
   to 256 (padded inside). See `kernels/flash_triton.py`.
 
-  Runs on GPU. On Hopper (sm_90) the forward of the calls it serves runs
-  through a Mosaic GPU kernel instead (`kernels/flash_hopper.py`: TMA,
-  warp-specialised `wgmma`; bf16 / fp16, head sizes padding to 64, 128 or
-  256, no bias, dense mask or dropout), the same function; `launch=` with
-  `fwd_backend="triton"` or `"mosaic"` picks it explicitly. `interpret=True`
+  Runs on GPU. On Hopper (sm_90) the forward and dK/dV kernels of the calls
+  they serve run through Mosaic GPU kernels instead
+  (`kernels/flash_hopper.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
+  head sizes padding to 64, 128 or 256, no bias, dense mask or dropout),
+  the same function; `launch=` with `fwd_backend` / `dkv_backend`
+  `"triton"` or `"mosaic"` picks them explicitly. `interpret=True`
   runs the Triton kernels in Pallas' interpreter on any backend (slow; for
   tests on CPU).
 
