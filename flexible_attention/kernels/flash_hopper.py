@@ -505,6 +505,7 @@ class _DkdvRefs:
 
 
 def _zeros(cols: int):
+  """A zero `[64, cols]` float32 accumulator in the `wgmma` layout."""
   return plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32),
                            plgpu.Layout.WGMMA)
 
