@@ -1058,38 +1058,33 @@ def prepare(inputs: AttentionInputs,
     mosaic_reason = (
         f"it writes the inputs' {jnp.dtype(q.dtype)}, and the caller wants "
         f"float32 results")
+  # The kernels with a Mosaic GPU version: its fixed launch, and the
+  # `fa.BlockSizes` fields of the kernel's (Triton) tiles.
+  mosaic = {"fwd": (mosaic_launch(d_pad), ("block_q", "block_k")),
+            "dkv": (mosaic_dkv_launch(d_pad), ("block_q_dkv", "block_k_dkv"))}
   if launch is not None:
     check_launch_config(launch, block_sizes)
-    if launch.fwd_backend == "mosaic":
-      _check_mosaic_launch("fwd", launch.fwd, mosaic_launch(d_pad), d_pad,
-                           mosaic_reason)
-    if launch.dkv_backend == "mosaic":
-      _check_mosaic_launch("dkv", launch.dkv, mosaic_dkv_launch(d_pad), d_pad,
-                           mosaic_reason)
+    for kernel, (fixed, _) in mosaic.items():
+      if getattr(launch, f"{kernel}_backend") == "mosaic":
+        _check_mosaic_launch(kernel, getattr(launch, kernel), fixed, d_pad,
+                             mosaic_reason)
   else:
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(d_pad, dv_pad), block_sizes, vis.causal,
                            capability)
-    tiles = block_sizes or BlockSizes()
-    if _mosaic_by_default(
-        capability, mosaic_reason,
-        tiles.block_q is not None or tiles.block_k is not None,
-        q_len, kv_len, mosaic_launch(d_pad)):
-      launch = dataclasses.replace(launch, fwd=mosaic_launch(d_pad),
-                                   fwd_backend="mosaic")
-    if _mosaic_by_default(
-        capability, mosaic_reason,
-        tiles.block_q_dkv is not None or tiles.block_k_dkv is not None,
-        q_len, kv_len, mosaic_dkv_launch(d_pad)):
-      launch = dataclasses.replace(launch, dkv=mosaic_dkv_launch(d_pad),
-                                   dkv_backend="mosaic")
-  fwd, dkv = launch.fwd, launch.dkv
-  if launch.fwd_backend == "triton":
-    fwd = _clip(fwd, q_len, kv_len)
-  if launch.dkv_backend == "triton":
-    dkv = _clip(dkv, q_len, kv_len)
-  launch = dataclasses.replace(launch, fwd=fwd, dkv=dkv,
-                               dq=_clip(launch.dq, q_len, kv_len))
+    for kernel, (fixed, fields) in mosaic.items():
+      user_tiles = block_sizes is not None and any(
+          getattr(block_sizes, field) is not None for field in fields)
+      if _mosaic_by_default(capability, mosaic_reason, user_tiles, q_len,
+                            kv_len, fixed):
+        launch = dataclasses.replace(
+            launch, **{kernel: fixed, f"{kernel}_backend": "mosaic"})
+  # Triton tiles shrink to short calls; a Mosaic kernel's launch is fixed.
+  launch = dataclasses.replace(launch, **{
+      kernel: getattr(launch, kernel)
+      if getattr(launch, f"{kernel}_backend", "triton") == "mosaic"
+      else _clip(getattr(launch, kernel), q_len, kv_len)
+      for kernel in ("fwd", "dkv", "dq")})
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad, kv_pad = _round_up(q_len, q_mult), _round_up(kv_len, k_mult)
