@@ -176,6 +176,15 @@ def _hopper_launch_config(head_dim: int, causal: bool) -> LaunchConfig:
                       dq=Launch(128, 32, 8, 2))
 
 
+def head_dim_reason(dims, mechanism: str = "flash") -> str | None:
+  """The kernels' head size limit as a refusal for `mechanism` (or None)."""
+  if max(dims.head_dim, dims.value_dim) > MAX_HEAD_DIM:
+    return (f"mechanism {mechanism!r} with the flash kernels supports head "
+            f"sizes up to {MAX_HEAD_DIM}, got D = {dims.head_dim}, Dv = "
+            f"{dims.value_dim}.")
+  return None
+
+
 def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
   return 8 if block_q * block_k >= 128 * 64 and head_dim > 64 else 4
 

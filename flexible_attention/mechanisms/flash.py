@@ -98,7 +98,7 @@ class FlashAttention(base.AttentionModule):
       return reason
     if _uses_tpu_kernel(request):
       return _tpu_unsupported_reason(request)
-    return head_dim_reason(request.dims)
+    return flash_triton.head_dim_reason(request.dims)
 
   @classmethod
   def block_size_reason(cls, request):
@@ -123,15 +123,6 @@ class FlashAttention(base.AttentionModule):
         # their default launches.
         launch=getattr(config, "launch", None),
         interpret=getattr(config, "interpret", False))
-
-
-def head_dim_reason(dims, mechanism: str = "flash") -> str | None:
-  """The Triton kernels' head size limit, as a refusal (or None)."""
-  if max(dims.head_dim, dims.value_dim) > flash_triton.MAX_HEAD_DIM:
-    return (f"mechanism {mechanism!r} with the flash kernels supports head "
-            f"sizes up to {flash_triton.MAX_HEAD_DIM}, got D = "
-            f"{dims.head_dim}, Dv = {dims.value_dim}.")
-  return None
 
 
 # --- TPU: JAX's Pallas TPU flash kernel (kernels/flash_tpu.py) ----------------

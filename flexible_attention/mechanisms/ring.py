@@ -9,7 +9,6 @@ from flexible_attention.kernels import ring as ring_kernel
 from flexible_attention.mechanisms import base
 from flexible_attention.kernels import flash_triton
 from flexible_attention.mechanisms import blockwise
-from flexible_attention.mechanisms import flash
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import layouts
 from flexible_attention.sharding.mesh import axis_names_of
@@ -97,7 +96,7 @@ class RingAttention(base.AttentionModule):
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is None and dict(request.options).get("block_kernel") == "flash":
-      return flash.head_dim_reason(request.dims, "ring")
+      return flash_triton.head_dim_reason(request.dims, "ring")
     return reason
 
   @classmethod
