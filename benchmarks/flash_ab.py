@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import flexible_attention as fa
+from flexible_attention import timing
 from flexible_attention.comparison import compare
-from flexible_attention.comparison import timing
 from flexible_attention.kernels import flash_triton
 
 _BASELINES = flags.DEFINE_list(

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 import flexible_attention as fa
+from flexible_attention import timing
 from flexible_attention.comparison import compare
-from flexible_attention.comparison import timing
 from flexible_attention.kernels import flash_triton
 
 _CELLS = flags.DEFINE_list(

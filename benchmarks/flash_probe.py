@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flexible_attention as fa
-from flexible_attention.comparison import timing
+from flexible_attention import timing
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash_triton as ft
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention import timing
 from flexible_attention.comparison import benchmark
-from flexible_attention.comparison import timing
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.mechanisms import registry
 

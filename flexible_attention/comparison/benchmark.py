@@ -61,8 +61,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flexible_attention import timing
 from flexible_attention.comparison import plotting
-from flexible_attention.comparison import timing
 from flexible_attention.comparison.compare import TOLERANCE
 from flexible_attention.comparison.compare import format_table
 from flexible_attention.comparison.compare import relative_error

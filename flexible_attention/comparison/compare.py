@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flexible_attention.comparison import timing
+from flexible_attention import timing
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.reference import reference_attention
 from flexible_attention.core.types import BlockSizes

@@ -26,8 +26,8 @@ from absl import app
 import jax
 import numpy as np
 
+from flexible_attention import timing
 from flexible_attention.comparison import benchmark
-from flexible_attention.comparison import timing
 
 _MODES = ("compile", "measure")
 

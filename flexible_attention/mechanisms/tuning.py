@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexible_attention.comparison import timing
+from flexible_attention import timing
 from flexible_attention.mechanisms import registry
 
 AUTOTUNE_REPEATS = 5

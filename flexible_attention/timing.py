@@ -1,10 +1,14 @@
 """Compiling, timing and memory readings: the one timing loop of the project.
 
-Every figure the comparison and benchmark scripts report comes from here:
-compile once (timed separately), warm up, then take `repeats` samples of
+Every figure the comparison and benchmark scripts report, and every timing
+`auto`'s autotuning (`mechanisms/tuning.py`) makes, comes from here: compile
+once (timed separately), warm up, then take `repeats` samples of
 back-to-back calls waited for with `block_until_ready` (round-robin over
 the programs compared, in a fresh order each round), and report the median
 time of one call.
+
+A leaf module: it imports only the standard library and JAX, so that both
+`mechanisms/` and `comparison/` import it downward.
 """
 
 from __future__ import annotations
