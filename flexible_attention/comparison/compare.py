@@ -6,13 +6,17 @@ float32 reference before anything is timed, then compile time, median forward
 and forward+backward times and memory are measured. A mechanism that refuses
 the call is a row with status `unsupported: why`; one that fails or disagrees
 with the reference is a row with status `error: why`.
+
+The check against the reference (`reference_outputs`, then
+`check_against_reference`) and a mechanism's pure forward
+(`mechanism_forward`) are the benchmark's too (`comparison/measure.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import haiku as hk
 import jax
@@ -90,7 +94,7 @@ class ComparisonReport:
 
   def table(self) -> str:
     """A fixed-width text table of the rows."""
-    fmt = lambda x, f: "-" if x is None else f.format(x)
+    fmt = format_value
     mib = lambda b: None if b is None else b / 2**20
     header = ("mechanism", "status", "served by", "out err", "dq err",
               "dk err", "dv err", "compile s", "fwd ms", "fwd+bwd ms",
@@ -112,6 +116,11 @@ class ComparisonReport:
     return self.table()
 
 
+def format_value(x, spec: str) -> str:
+  """`spec.format(x)`, or "-" for None (a table's empty cell)."""
+  return "-" if x is None else spec.format(x)
+
+
 def format_table(lines: Sequence[Sequence[Any]]) -> str:
   """Left-aligned fixed-width columns; the first line is the header."""
   widths = [max(len(str(line[i])) for line in lines)
@@ -125,6 +134,132 @@ def relative_error(x, ref) -> float:
   x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
   scale = float(np.max(np.abs(ref))) or 1.0
   return float(np.max(np.abs(x - ref))) / scale
+
+
+def reference_outputs(q, k, v, ct, *, causal: bool, sm_scale: float,
+                      sliding_window: Any = None, segment_ids=None,
+                      logits_soft_cap: float | None = None,
+                      rows: int | None = None):
+  """The float32 reference's output and gradients for the last `rows` queries.
+
+  With default (bottom-right) positions the last `rows` queries alone are
+  the same problem as within the full sequence, so a long problem is checked
+  on a few rows against all keys: the backward of `sum(out * ct)` over those
+  rows gives their dq and dk, dv in full. The arrays are used where they
+  live: sequence-sharded K/V stay sharded, so on a mesh the reference runs
+  over the mesh (XLA partitions it) instead of gathering the full float32
+  K/V and their gradients onto one device.
+
+  Args:
+    q: `[B, Sq, H, D]`.
+    k: `[B, Sk, Hkv, D]`.
+    v: `[B, Sk, Hkv, Dv]`.
+    ct: `[B, Sq, H, Dv]`, the output's cotangent (its last `rows` queries).
+    causal, sm_scale, sliding_window, logits_soft_cap: attention options.
+    segment_ids: `[B, S]` int document ids (Sq == Sk), or None.
+    rows: the last queries checked (default all Sq).
+
+  Returns:
+    `(out [B, rows, H, Dv], (dq [B, rows, H, D], dk [B, Sk, Hkv, D],
+    dv [B, Sk, Hkv, Dv]))`, float32.
+  """
+  rows = q.shape[1] if rows is None else rows
+  ids = None
+  if segment_ids is not None:
+    ids = (jnp.asarray(segment_ids[:, -rows:]), jnp.asarray(segment_ids))
+
+  def out_fn(q_rows, k, v):
+    inputs = canonicalize(q_rows, k, v, causal=causal,
+                          sliding_window=sliding_window, segment_ids=ids)
+    return reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, sm_scale=sm_scale, softcap=logits_soft_cap).out
+
+  loss = lambda q_rows, k, v, ct_rows: jnp.sum(out_fn(q_rows, k, v) * ct_rows)
+  f32 = lambda x: x.astype(jnp.float32)
+  q_rows, k, v = f32(q[:, -rows:]), f32(k), f32(v)
+  ct_rows = f32(ct[:, -rows:])
+  return (jax.jit(out_fn)(q_rows, k, v),
+          jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q_rows, k, v, ct_rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceCheck:
+  """Relative errors of an output and its gradients against the reference."""
+
+  out_error: float
+  dq_error: float
+  dk_error: float
+  dv_error: float
+  tolerance: float  # TOLERANCE of the inputs' dtype.
+
+  @property
+  def grad_error(self) -> float:
+    """The largest gradient error (NaN if any is)."""
+    return float(np.max([self.dq_error, self.dk_error, self.dv_error]))
+
+  @property
+  def failure(self) -> str | None:
+    """The row's status if the check fails (an error that is not finite or
+    is above the tolerance), else None."""
+    worst = float(np.max([self.out_error, self.grad_error]))
+    if np.isfinite(worst) and worst <= self.tolerance:
+      return None
+    return (f"error: differs from the reference (relative error "
+            f"{worst:.1e} > {self.tolerance:.0e}); not timed")
+
+
+def check_against_reference(out, grads, reference, dtype: str, *,
+                            rows: int | None = None) -> ReferenceCheck:
+  """The errors of `out` and `grads` against `reference_outputs`'.
+
+  Args:
+    out: the mechanism's output `[B, Sq, H, Dv]`.
+    grads: its `(dq, dk, dv)` for the same cotangent as the reference's.
+    reference: what `reference_outputs` returned, for the same `rows`.
+    dtype: the inputs' dtype (which tolerance applies).
+    rows: the last queries the reference covers (default all).
+  """
+  ref_out, (ref_dq, ref_dk, ref_dv) = reference
+  dq, dk, dv = grads
+  last = (lambda x: x) if rows is None else (lambda x: x[:, -rows:])
+  return ReferenceCheck(
+      out_error=relative_error(last(out), ref_out),
+      dq_error=relative_error(last(dq), ref_dq),
+      dk_error=relative_error(dk, ref_dk),
+      dv_error=relative_error(dv, ref_dv),
+      tolerance=TOLERANCE[np.dtype(dtype).name])
+
+
+def mechanism_forward(name: str, *, num_heads: int, head_dim: int,
+                      num_kv_heads: int, call: dict[str, Any] | None = None,
+                      served: list[str] | None = None,
+                      **options) -> Callable:
+  """The pure forward `(q, k, v) -> out` of one registered mechanism.
+
+  Args:
+    name: the mechanism.
+    num_heads, head_dim, num_kv_heads: its sizes.
+    call: keyword arguments of the module call (`causal`, `segment_ids`).
+    served: a list to which tracing appends the mechanism that ran.
+    **options: the module's options (`mesh`, `logits_soft_cap`, ...).
+
+  Returns:
+    `(q [B, Sq, H, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]) ->
+    [B, Sq, H, Dv]`.
+  """
+
+  def forward(q, k, v):
+    attention = registry.create_attention(
+        name, num_heads=num_heads, head_dim=head_dim,
+        num_kv_heads=num_kv_heads, **options)
+    out = attention(q, k, v, **(call or {})).attention_outputs
+    if served is not None:
+      served.append(attention.selected_mechanism)
+    return out
+
+  apply = hk.without_apply_rng(hk.transform(forward)).apply
+  return lambda q, k, v: apply({}, q, k, v)
 
 
 def _inputs(setup: ComparisonSetup):
@@ -202,7 +337,10 @@ def compare_attentions(
       num_segments=num_segments, seed=seed)
   q, k, v, ct, segment_ids = _inputs(setup)
   partition_axis = partition_axis or PartitionAxis()
-  ref_out, ref_grads = _reference(setup, q, k, v, ct, segment_ids)
+  reference = reference_outputs(
+      q, k, v, ct, causal=setup.causal, sm_scale=setup.head_dim**-0.5,
+      sliding_window=setup.sliding_window, segment_ids=segment_ids,
+      logits_soft_cap=setup.logits_soft_cap)
 
   cast = lambda x: jnp.asarray(x, setup.dtype)
   args = (cast(q), cast(k), cast(v))
@@ -213,9 +351,9 @@ def compare_attentions(
   ct = jnp.asarray(ct, jnp.float32)
   rows = []
   for name in mechanisms:
-    rows.append(_compare_one(name, setup, args, ct, segment_ids, ref_out,
-                             ref_grads, block_sizes, mesh, partition_axis,
-                             repeats, time_it))
+    rows.append(_compare_one(name, setup, args, ct, segment_ids, reference,
+                             block_sizes, mesh, partition_axis, repeats,
+                             time_it))
   mesh_shape = None if mesh is None else dict(mesh.shape)
   return ComparisonReport(setup, mesh_shape, rows)
 
@@ -225,45 +363,21 @@ def _spec(axes):
   return None if not names else (names[0] if len(names) == 1 else names)
 
 
-def _reference(setup, q, k, v, ct, segment_ids):
-  def out_fn(q, k, v):
-    inputs = canonicalize(q, k, v, causal=setup.causal,
-                          sliding_window=setup.sliding_window,
-                          segment_ids=segment_ids)
-    return reference_attention(
-        inputs.query, inputs.key, inputs.value, inputs.bias,
-        inputs.visibility, sm_scale=setup.head_dim**-0.5,
-        softcap=setup.logits_soft_cap).out
-
-  loss = lambda q, k, v: jnp.sum(out_fn(q, k, v) * ct)
-  out = jax.jit(out_fn)(q, k, v)
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  return out, grads
-
-
-def _compare_one(name, setup, args, ct, segment_ids, ref_out, ref_grads,
-                 block_sizes, mesh, partition_axis, repeats, time_it):
+def _compare_one(name, setup, args, ct, segment_ids, reference, block_sizes,
+                 mesh, partition_axis, repeats, time_it):
   row = ComparisonRow(mechanism=name, status="ok")
   served = []
   reads = set(registry.capabilities(name).block_size_fields)
   use_blocks = (block_sizes is not None and
                 set(block_sizes.set_fields()) <= reads)
-
-  def forward(q, k, v):
-    attention = registry.create_attention(
-        name, num_heads=setup.num_heads, head_dim=setup.head_dim,
-        num_kv_heads=setup.num_kv_heads,
-        logits_soft_cap=setup.logits_soft_cap,
-        sliding_window=setup.sliding_window,
-        block_sizes=block_sizes if use_blocks else None, mesh=mesh,
-        partition_axis=partition_axis if mesh is not None else None)
-    out = attention(q, k, v, causal=setup.causal,
-                    segment_ids=segment_ids).attention_outputs
-    served.append(attention.selected_mechanism)
-    return out
-
-  apply = hk.without_apply_rng(hk.transform(forward)).apply
-  fwd = lambda q, k, v: apply({}, q, k, v)
+  fwd = mechanism_forward(
+      name, num_heads=setup.num_heads, head_dim=setup.head_dim,
+      num_kv_heads=setup.num_kv_heads,
+      call=dict(causal=setup.causal, segment_ids=segment_ids), served=served,
+      logits_soft_cap=setup.logits_soft_cap,
+      sliding_window=setup.sliding_window,
+      block_sizes=block_sizes if use_blocks else None, mesh=mesh,
+      partition_axis=partition_axis if mesh is not None else None)
 
   def fwd_bwd(q, k, v):
     loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32) * ct)
@@ -284,16 +398,15 @@ def _compare_one(name, setup, args, ct, segment_ids, ref_out, ref_grads,
   try:
     out = compiled_fwd.fn(*args)
     _, grads = compiled.fn(*args)
-    row.out_error = relative_error(out, ref_out)
-    row.dq_error, row.dk_error, row.dv_error = (
-        relative_error(g, r) for g, r in zip(grads, ref_grads))
+    check = check_against_reference(out, grads, reference, setup.dtype)
   except Exception as e:  # pylint: disable=broad-except
     row.status = f"error: {type(e).__name__}: {e}"
     return row
-  worst = max(row.out_error, row.dq_error, row.dk_error, row.dv_error)
-  if not np.isfinite(worst) or worst > TOLERANCE[setup.dtype]:
-    row.status = (f"error: differs from the reference (relative error "
-                  f"{worst:.1e} > {TOLERANCE[setup.dtype]:.0e}); not timed")
+  row.out_error = check.out_error
+  row.dq_error, row.dk_error, row.dv_error = (check.dq_error, check.dk_error,
+                                              check.dv_error)
+  if check.failure:
+    row.status = check.failure
     return row
   if time_it:
     row.forward_ms = 1e3 * timing.median_seconds(compiled_fwd.fn, *args,
