@@ -23,7 +23,7 @@ Three variants, chosen with ml_collections' `path:argument` syntax:
 Rows and baselines:
 - `mechanisms`: registered mechanisms, comma-separated (empty: all);
   `baselines`: baselines run on every cell, `packed_baselines`: only on
-  packed cells (`benchmark.BASELINES`: `cudnn_dense_mask`, `pallas_in_tree`).
+  packed cells (`baselines.BASELINES`: `cudnn_dense_mask`, `pallas_in_tree`).
 
 Memory (each row has `minimum_bytes`, `program_bytes` and `memory_ratio`,
 see flexible_attention/comparison/benchmark.py):

@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from flexible_attention.comparison import benchmark
+from flexible_attention.comparison import report
 from flexible_attention.sharding import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _PLOT_FROM.value:
-    benchmark.plot_json(_PLOT_FROM.value)
+    report.plot_json(_PLOT_FROM.value)
     return
   distributed.initialize()  # --coordinator_address etc. for multi-process.
   benchmark.run_benchmark(_CONFIG.value)

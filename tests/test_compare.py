@@ -14,7 +14,11 @@ import pytest
 
 import flexible_attention as fa
 from flexible_attention import timing
-from flexible_attention.comparison import benchmark
+from flexible_attention.comparison import baselines
+from flexible_attention.comparison import cells
+from flexible_attention.comparison import fresh_peak
+from flexible_attention.comparison import measure
+from flexible_attention.comparison import report
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.mechanisms import registry
 
@@ -126,26 +130,26 @@ def test_benchmark_script_checks_before_timing(tmp_path):
 
 def test_plot_writes_a_png_and_closes_its_figure(tmp_path):
   pytest.importorskip("matplotlib")
-  row = lambda mechanism, cell, length, tflops: benchmark.BenchmarkRow(
+  row = lambda mechanism, cell, length, tflops: measure.BenchmarkRow(
       mechanism=mechanism, sequence_length=length, status="ok", cell=cell,
       forward_backward_tflops=tflops)
   rows = [row("flash", "S1024 D128 causal", 1024, 100.0),
           row("flash", "S4096 D128 causal", 4096, 200.0),
           row("cudnn", "S4096 D64 full", 4096, 300.0),
-          benchmark.BenchmarkRow(mechanism="cudnn", sequence_length=4096,
+          measure.BenchmarkRow(mechanism="cudnn", sequence_length=4096,
                                  status="unsupported: x", cell="S4096 D64 "
                                  "packed")]
   path = tmp_path / "plot.png"
-  benchmark.plot(rows, str(path))
+  report.plot(rows, str(path))
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   assert not plt.get_fignums()  # Closed after saving.
 
 
 def test_plot_without_matplotlib_writes_nothing(tmp_path, monkeypatch):
-  monkeypatch.setattr(benchmark.plotting, "pyplot", lambda: None)
+  monkeypatch.setattr(report.plotting, "pyplot", lambda: None)
   path = tmp_path / "plot.png"
-  benchmark.plot([benchmark.BenchmarkRow(
+  report.plot([measure.BenchmarkRow(
       mechanism="flash", sequence_length=64, status="ok", cell="S64 D8 full",
       forward_backward_tflops=1.0)], str(path))
   assert not path.exists()
@@ -163,24 +167,24 @@ def _benchmark_config(**overrides):
 
 
 # Grouped-query and packed: K/V at the KV-head count, segment ids.
-_TINY = benchmark.Cell(batch=2, seq_len=64, num_heads=4, num_kv_heads=2,
+_TINY = cells.Cell(batch=2, seq_len=64, num_heads=4, num_kv_heads=2,
                        head_dim=8, causal=True, packed=True)
 
 
 def test_minimum_bytes_counts_fused_inputs_outputs_and_logsumexp():
   # Q, O, dO, dQ: 2*64*4*8 = 4096 elements; K, V, dK, dV: 2048; bf16 (2 B);
   # the float32 log-sum-exp [B, H, S]: 512 elements.
-  assert benchmark.minimum_bytes(_TINY, "bfloat16") == (
+  assert cells.minimum_bytes(_TINY, "bfloat16") == (
       2 * (4 * 4096 + 4 * 2048) + 4 * 512)
-  assert benchmark.minimum_bytes(_TINY, "float32") == (
+  assert cells.minimum_bytes(_TINY, "float32") == (
       4 * (4 * 4096 + 4 * 2048) + 4 * 512)
 
 
 def test_forward_backward_program_holds_q_k_v_ct_and_returns_grads():
-  forward = benchmark.forward_fn("vanilla", _TINY)
+  forward = baselines.forward_fn("vanilla", _TINY)
   q = jnp.ones((2, 64, 4, 8), jnp.bfloat16)
   kv = jnp.ones((2, 64, 2, 8), jnp.bfloat16)
-  compiled = timing.compile_fn(benchmark.forward_backward_fn(forward),
+  compiled = timing.compile_fn(baselines.forward_backward_fn(forward),
                                q, kv, kv, q)
   assert compiled.fn.memory_analysis().argument_size_in_bytes == (
       2 * q.nbytes + 2 * kv.nbytes)
@@ -190,11 +194,11 @@ def test_forward_backward_program_holds_q_k_v_ct_and_returns_grads():
 
 @pytest.mark.parametrize("name", ["vanilla", "blockwise"])
 def test_benchmark_row_checks_vjp_gradients_and_reports_memory(name):
-  row = benchmark.benchmark_one(name, _benchmark_config(), _TINY)
+  row = measure.benchmark_one(name, _benchmark_config(), _TINY)
   assert row.status == "ok", row.status
   assert row.out_error < 1e-5 and row.grad_error < 1e-5
   assert row.forward_backward_ms > 0
-  assert row.minimum_bytes == benchmark.minimum_bytes(_TINY, "float32")
+  assert row.minimum_bytes == cells.minimum_bytes(_TINY, "float32")
   assert row.program_bytes > 0
   assert row.memory_ratio == row.program_bytes / row.minimum_bytes
   assert row.fresh_peak_bytes is None  # Not asked for (cpu variant).
@@ -202,9 +206,9 @@ def test_benchmark_row_checks_vjp_gradients_and_reports_memory(name):
 
 def test_pallas_in_tree_row_is_a_clean_refusal_off_gpu():
   config = _benchmark_config()
-  mha = benchmark.Cell(batch=1, seq_len=128, num_heads=2, num_kv_heads=2,
+  mha = cells.Cell(batch=1, seq_len=128, num_heads=2, num_kv_heads=2,
                        head_dim=16, causal=True)
-  rows = [benchmark.benchmark_one("pallas_in_tree", config, cell)
+  rows = [measure.benchmark_one("pallas_in_tree", config, cell)
           for cell in (mha, _TINY)]
   if jax.default_backend() != "gpu":
     assert rows[0].status.startswith(("unsupported: ", "unavailable: "))
@@ -218,12 +222,12 @@ def test_fresh_process_peak_is_none_without_memory_statistics():
   if jax.devices()[0].memory_stats():
     pytest.skip("this backend keeps memory statistics")
   # Raises if the fresh process fails.
-  assert benchmark.fresh_process_peak("blockwise", _TINY,
+  assert fresh_peak.fresh_process_peak("blockwise", _TINY,
                                       dtype="bfloat16") is None
 
 
 def test_summary_ratios_from_hand_made_rows():
-  row = lambda name, cell, ms=None, status="ok", **kw: benchmark.BenchmarkRow(
+  row = lambda name, cell, ms=None, status="ok", **kw: measure.BenchmarkRow(
       name, 1024, status, cell=cell, forward_backward_ms=ms, **kw)
   rows = [
       row("flash", "A", 2.0, memory_ratio=1.1, fresh_peak_ratio=1.3),
@@ -235,7 +239,7 @@ def test_summary_ratios_from_hand_made_rows():
       row("cudnn", "B", status="unsupported: segment ids"),
       row("cudnn_dense_mask", "B", 12.0),
   ]
-  a, b = benchmark.summarize(rows)
+  a, b = report.summarize(rows)
   assert a == dict(
       cell="A", subject="flash", subject_ms=2.0,
       speed_vs=dict(cudnn=0.5, cudnn_dense_mask=None, pallas_in_tree=2.0),
@@ -244,11 +248,11 @@ def test_summary_ratios_from_hand_made_rows():
   assert b["speed_vs"] == dict(cudnn=None, cudnn_dense_mask=12.0,
                                pallas_in_tree=None)
   assert (b["fastest"], b["auto_vs_fastest"]) == ("flash", None)
-  lines = benchmark.summary_table(rows).splitlines()
+  lines = report.summary_table(rows).splitlines()
   assert lines[0].startswith("| cell | flash fwd+bwd ms | flash / cudnn |")
   assert lines[2] == ("| A | 2.00 | 0.50 | - | 2.00 | cudnn | 0.80 (cudnn) "
                       "| 1.10 | 1.30 |")
-  assert benchmark.summarize(rows, subject="cudnn", versus=["flash"])[0][
+  assert report.summarize(rows, subject="cudnn", versus=["flash"])[0][
       "speed_vs"] == dict(flash=2.0)
 
 
