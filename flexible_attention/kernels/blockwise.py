@@ -33,6 +33,7 @@ from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
 from flexible_attention.core import reference
 from flexible_attention.core.inputs import AttentionInputs
+from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 
 DEFAULT_BLOCK_Q = 512
@@ -50,6 +51,20 @@ class TileConfig:
   block_k: int
   block_q_bwd: int
   block_k_bwd: int
+
+
+def tile_config(block_sizes: BlockSizes, *, sm_scale: float,
+                softcap: float | None, precision) -> TileConfig:
+  """The passes' settings from `fa.BlockSizes` (defaults where unset):
+  `block_q`/`block_k` tile the forward pass, `block_q_dkv`/`block_k_dkv`
+  the backward (default: the forward's)."""
+  block_q = block_sizes.block_q or DEFAULT_BLOCK_Q
+  block_k = block_sizes.block_k or DEFAULT_BLOCK_K
+  return TileConfig(
+      sm_scale=float(sm_scale), softcap=softcap, precision=precision,
+      block_q=block_q, block_k=block_k,
+      block_q_bwd=block_sizes.block_q_dkv or block_q,
+      block_k_bwd=block_sizes.block_k_dkv or block_k)
 
 
 def _tile_size(block: int, length: int) -> tuple[int, int]:

@@ -21,8 +21,8 @@ call on its exact shapes and mesh on first use, and caches the winner on disk
 So `return_weights=True` always lands on `vanilla`, and a feature cuDNN lacks
 (dropout, segment ids, soft cap, ...) moves a GPU call to `flash`. On TPU a
 bias moves a call from `splash` to `flash`, and what both TPU kernels refuse
-(dropout, a dense mask, explicit positions, a KV cache, float16, `precision`,
-a sequence-sharded mesh) moves it on to `vanilla` or `blockwise`.
+(`fa.capabilities("splash")`, `fa.capabilities("flash", "tpu")`) moves it on
+to `vanilla` or `blockwise`.
 """
 
 from __future__ import annotations
@@ -144,5 +144,6 @@ class AutoAttention(base.AttentionModule):
   def make_kernel(cls, config, request):
     # The base class asks the resolved mechanism for its kernel; this path
     # is for callers holding only the class.
-    return registry.get_mechanism(select_mechanism(request)).make_kernel(
-        config, request)
+    mechanism = registry.get_mechanism(select_mechanism(request))
+    return mechanism.make_kernel(
+        config.for_mechanism(mechanism.config_class), request)

@@ -1,17 +1,63 @@
-"""The base class of every attention mechanism.
+"""The base class of every attention mechanism, and how to write one.
 
-`AttentionModule` owns everything that is not the algorithm: validation and
-canonicalisation of the call, capability checks, the KV cache (explicit or in
-Haiku state), dropout keys, dtype handling and sharding over a mesh. A
-mechanism subclass declares its `Capabilities`, may refine
-`unsupported_reason`, and implements one hook, `make_kernel`, which returns a
-pure function `(AttentionInputs, Dropout | None) -> KernelOutput`.
+`AttentionModule` owns everything that is not the algorithm: canonicalisation
+of the call, capability checks, the KV cache (explicit or in Haiku state),
+dropout keys, dtype handling and sharding over a mesh. Its options live in an
+`AttentionConfig`, which validates itself when built (by the module or by
+hand). A call runs in five steps: attach the cache, canonicalise the
+arguments into `AttentionInputs`, describe the call as an `AttentionRequest`,
+select the mechanism that serves it (refusing clearly what it cannot), and
+run its pure kernel, under `shard_map` when there is a mesh.
+
+Writing a mechanism: subclass `AttentionModule`, decorate it with
+`@fa.register_mechanism("name")` and override what applies:
+
+- `make_kernel(config, request)` (required): the pure function
+  `(AttentionInputs, Dropout | None) -> KernelOutput` of the call; no `hk.*`
+  inside. `request` is the call's static description, already accepted.
+- `capabilities`: a `fa.Capabilities` record of the platforms, dtypes,
+  features, `precision` support and `BlockSizes` fields it supports; the
+  default `unsupported_reason`, `auto`, the README's table and the
+  conformance battery all read it.
+- `platform_capabilities`: `{platform: Capabilities}` for platforms where
+  the mechanism runs other kernels that support less (`flash` on TPU). It
+  replaces `capabilities` for calls on that platform (unless the call runs
+  in Pallas' interpreter, `interpret=True`) and adds a row to the table.
+- `config_class`: an `AttentionConfig` subclass with the mechanism's own
+  options as fields with defaults (its `__post_init__` calls
+  `super().__post_init__()`, then checks them); its extra fields become
+  keyword options of the module, and the request's `options` carry them.
+  `InterpretConfig` adds the `interpret` flag of Pallas mechanisms.
+- `unsupported_reason(request)`: why it cannot serve a call (None when it
+  can). The default checks `platforms`, dtypes, features, sequence
+  sharding, block size fields and `precision` against the capabilities;
+  override it (calling `super()` first) for limits a record cannot say,
+  such as shape constraints. A refusal becomes `NotImplementedError`.
+- `block_size_reason(request)`: why the `BlockSizes` values cannot serve
+  this call when that depends on the call (e.g. the platform's tile rule);
+  it becomes `ValueError`. Checks that do not depend on the call belong in
+  the config.
+- `platforms(request)`: the platforms that can serve the call (default: the
+  capabilities', or all of them with `interpret=True`).
+- `token_layout(config)`: the token layout (`fa.LAYOUTS`) its kernel wants on
+  a sequence-sharded mesh (default `"contiguous"`); the base class permutes
+  the inputs into it and the output back.
+- `sequence_parallel`: True when the kernel shards the sequence itself
+  (`ring`, `ulysses`: it receives its local query and key shards and
+  communicates); otherwise it gets its query shard and all-gathered keys.
+- `resolve(request)`: the class that serves the call (itself; `auto`
+  returns the mechanism it picks, which receives `config.for_mechanism(
+  its config_class)`).
+
+A registered mechanism gets the conformance battery (`tests/
+test_conformance.py`) for free: its capabilities decide which cases it must
+run against the reference and which it must refuse.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import haiku as hk
 import jax
@@ -22,16 +68,33 @@ from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core.types import AttentionOutput
 from flexible_attention.core.types import BlockSizes
+from flexible_attention.core.types import KernelOutput
 from flexible_attention.core.types import KVCache
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import PartitionAxis
-from flexible_attention.sharding.mesh import axis_size
+from flexible_attention.sharding.mesh import validate_partition
+
+
+def _positive_int(name, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value <= 0):
+    raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  return int(value)
+
+
+def _positive_number(value) -> bool:
+  return isinstance(value, (int, float)) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """The constructor options of an attention module (static, hashable)."""
+  """The constructor options of an attention module (static, hashable).
+
+  Built by the module (which resolves the defaults, e.g. `num_kv_heads`
+  from `num_heads`) or by hand; either way it validates itself, raising the
+  same errors. Fields are those of `AttentionModule.__init__`.
+  """
 
   num_heads: int
   head_dim: int
@@ -50,23 +113,115 @@ class AttentionConfig:
   decode: bool = False
   max_cache_length: int | None = None
 
+  def __post_init__(self):
+    set_field = lambda name, value: object.__setattr__(self, name, value)
+    for name in ("num_heads", "head_dim", "num_kv_heads"):
+      set_field(name, _positive_int(name, getattr(self, name)))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads = {self.num_heads} must be a multiple of "
+                       f"num_kv_heads = {self.num_kv_heads}.")
+    if self.value_dim is not None:
+      set_field("value_dim", _positive_int("value_dim", self.value_dim))
+    if self.sm_scale is not None and not _positive_number(self.sm_scale):
+      raise ValueError("sm_scale must be a positive number, got "
+                       f"{self.sm_scale!r}.")
+    if not (isinstance(self.dropout_rate, (int, float)) and
+            0.0 <= self.dropout_rate < 1.0):
+      raise ValueError("dropout_rate must be in [0, 1), got "
+                       f"{self.dropout_rate!r}.")
+    set_field("dropout_rate", float(self.dropout_rate))
+    if self.logits_soft_cap is not None and not _positive_number(
+        self.logits_soft_cap):
+      raise ValueError("logits_soft_cap must be a positive number or None, "
+                       f"got {self.logits_soft_cap!r}.")
+    inputs_lib.canonical_window(self.sliding_window, False)  # Type/values.
+    if np.dtype(self.softmax_dtype) != np.float32:
+      raise ValueError("softmax_dtype must be float32 (the accumulation dtype "
+                       f"of every kernel), got {np.dtype(self.softmax_dtype)}.")
+    if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
+      raise TypeError(f"dtype must be a floating dtype, got {self.dtype!r}.")
+    if not isinstance(self.block_sizes, BlockSizes):
+      raise TypeError("block_sizes must be a fa.BlockSizes, got "
+                      f"{type(self.block_sizes)}.")
+    if self.mesh is None and self.partition_axis != PartitionAxis():
+      raise ValueError("partition_axis was given without a mesh; pass mesh=.")
+    if self.mesh is not None:
+      validate_partition(self.mesh, self.partition_axis)
+    if self.decode:
+      set_field("max_cache_length", _positive_int("max_cache_length",
+                                                  self.max_cache_length))
+    elif self.max_cache_length is not None:
+      raise ValueError("max_cache_length is only used with decode=True.")
+    set_field("decode", bool(self.decode))
+
   @property
   def scale(self) -> float:
     return self.head_dim**-0.5 if self.sm_scale is None else self.sm_scale
 
+  @classmethod
+  def own_fields(cls) -> tuple[str, ...]:
+    """The names of this config's own options (beyond the common ones)."""
+    common = {f.name for f in dataclasses.fields(AttentionConfig)}
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.name not in common)
 
-def _positive_int(name, value):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value <= 0):
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  return int(value)
+  def for_mechanism(self, config_class: type) -> AttentionConfig:
+    """These options as a `config_class` (what `auto` and `ulysses` hand
+    the mechanism they run): itself if it is one, else the common options,
+    with that class's defaults for its own."""
+    if isinstance(self, config_class):
+      return self
+    common = {f.name: getattr(self, f.name)
+              for f in dataclasses.fields(AttentionConfig)}
+    return config_class(**common)
+
+  def request_options(self) -> registry.Options:
+    """The options a call's request carries: `precision` and this config's
+    own (so that `unsupported_reason` can see them)."""
+    names = ("precision",) + self.own_fields()
+    return registry.Options((n, getattr(self, n)) for n in names)
 
 
-def _unsupported_feature(mechanism: str, feature: str, what: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class InterpretConfig(AttentionConfig):
+  """The common options plus `interpret`, for mechanisms with Pallas kernels.
+
+  Attributes:
+    interpret: run the Pallas kernels in Pallas' interpreter (any backend;
+      slow: for tests on CPU).
+  """
+
+  interpret: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not isinstance(self.interpret, bool):
+      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
+
+
+def feature_refusal(mechanism: str, feature: str, what: str) -> str:
+  """The refusal of a feature, naming the mechanisms that support it."""
   others = [m for m in registry.mechanisms_supporting(feature)
             if m != mechanism]
   return (f"{what} is not supported by mechanism {mechanism!r}; mechanisms "
           f"that support it: {', '.join(others) or 'none'}.")
+
+
+class _Keys(NamedTuple):
+  """The key side of a call once the KV cache, if any, is attached."""
+
+  key: jax.Array  # [B, Sk, Hkv, D]
+  value: jax.Array  # [B, Sk, Hkv, Dv]
+  kv_lengths: jax.Array | None  # [B]
+  q_positions: jax.Array | None  # [B, Sq]
+  kv_positions: jax.Array | None  # [B, Sk]
+  uses_cache: bool = False
+  cache: KVCache | None = None  # The updated cache to return.
+  overflow: jax.Array | None = None  # [B]: new tokens did not fit.
+
+  @property
+  def explicit_positions(self) -> bool:
+    return self.q_positions is not None or self.kv_positions is not None
 
 
 class AttentionModule(hk.Module):
@@ -79,7 +234,8 @@ class AttentionModule(hk.Module):
   with visibility from causal / sliding window / segment ids / kv lengths /
   mask, positions aligned bottom-right by default, and a query that sees no
   key giving zeros. The semantics are those of DESIGN.md; every subclass
-  computes the same function and refuses clearly what it cannot.
+  computes the same function and refuses clearly what it cannot (see the
+  module docstring for what a subclass overrides).
 
   Glossary of shapes:
   - B: batch size.
@@ -93,6 +249,9 @@ class AttentionModule(hk.Module):
 
   mechanism: ClassVar[str] = "base"
   capabilities: ClassVar[registry.Capabilities] = registry.Capabilities()
+  # Records replacing `capabilities` on one platform, where the mechanism
+  # runs other kernels (e.g. `flash` on TPU): platform -> Capabilities.
+  platform_capabilities: ClassVar[dict[str, registry.Capabilities]] = {}
   # The options record; a mechanism with options of its own subclasses
   # `AttentionConfig` (adding fields with defaults) and names it here.
   config_class: ClassVar[type] = AttentionConfig
@@ -152,69 +311,29 @@ class AttentionModule(hk.Module):
         of its `config_class`, e.g. `ring`'s `layout`).
     """
     super().__init__(name=name)
-    num_heads = _positive_int("num_heads", num_heads)
-    head_dim = _positive_int("head_dim", head_dim)
-    num_kv_heads = num_heads if num_kv_heads is None else _positive_int(
-        "num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads:
-      raise ValueError(f"num_heads = {num_heads} must be a multiple of "
-                       f"num_kv_heads = {num_kv_heads}.")
-    if value_dim is not None:
-      value_dim = _positive_int("value_dim", value_dim)
-    if sm_scale is not None and not (isinstance(sm_scale, (int, float))
-                                     and sm_scale > 0):
-      raise ValueError(f"sm_scale must be a positive number, got {sm_scale!r}.")
-    if not (isinstance(dropout_rate, (int, float)) and
-            0.0 <= dropout_rate < 1.0):
-      raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
-    if logits_soft_cap is not None and not (
-        isinstance(logits_soft_cap, (int, float)) and logits_soft_cap > 0):
-      raise ValueError("logits_soft_cap must be a positive number or None, got "
-                       f"{logits_soft_cap!r}.")
-    inputs_lib.canonical_window(sliding_window, False)  # Type/value check.
-    if np.dtype(softmax_dtype) != np.float32:
-      raise ValueError("softmax_dtype must be float32 (the accumulation dtype "
-                       f"of every kernel), got {np.dtype(softmax_dtype)}.")
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"dtype must be a floating dtype, got {dtype!r}.")
-    if block_sizes is None:
-      block_sizes = BlockSizes()
-    if not isinstance(block_sizes, BlockSizes):
-      raise TypeError("block_sizes must be a fa.BlockSizes, got "
-                      f"{type(block_sizes)}.")
-    if partition_axis is None:
-      partition_axis = PartitionAxis()
-    if partition_axis is not None and mesh is None and (
-        partition_axis != PartitionAxis()):
-      raise ValueError("partition_axis was given without a mesh; pass mesh=.")
-    if mesh is not None:
-      from flexible_attention.sharding.mesh import validate_partition  # pylint: disable=g-import-not-at-top
-      validate_partition(mesh, partition_axis)
-    if decode:
-      max_cache_length = _positive_int("max_cache_length", max_cache_length)
-    elif max_cache_length is not None:
-      raise ValueError("max_cache_length is only used with decode=True.")
-    common = {f.name for f in dataclasses.fields(AttentionConfig)}
-    own = {f.name for f in dataclasses.fields(self.config_class)} - common
-    unknown = set(mechanism_options) - own
+    own = self.config_class.own_fields()
+    unknown = set(mechanism_options) - set(own)
     if unknown:
       raise TypeError(
           f"mechanism {self.mechanism!r} got unknown options "
           f"{sorted(unknown)}; its own options: {sorted(own) or 'none'}.")
     self.config = self.config_class(
         **mechanism_options,
-        num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv_heads,
-        value_dim=value_dim, sm_scale=sm_scale,
-        dropout_rate=float(dropout_rate), logits_soft_cap=logits_soft_cap,
-        sliding_window=sliding_window, dtype=dtype, precision=precision,
-        softmax_dtype=softmax_dtype, block_sizes=block_sizes, mesh=mesh,
-        partition_axis=partition_axis, decode=bool(decode),
-        max_cache_length=max_cache_length)
+        num_heads=num_heads, head_dim=head_dim,
+        num_kv_heads=num_heads if num_kv_heads is None else num_kv_heads,
+        value_dim=value_dim, sm_scale=sm_scale, dropout_rate=dropout_rate,
+        logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
+        dtype=dtype, precision=precision, softmax_dtype=softmax_dtype,
+        block_sizes=BlockSizes() if block_sizes is None else block_sizes,
+        mesh=mesh,
+        partition_axis=(PartitionAxis() if partition_axis is None else
+                        partition_axis),
+        decode=decode, max_cache_length=max_cache_length)
     # The mechanism that served the last call (differs from `mechanism` for
     # `auto`); for logs and comparisons.
     self.selected_mechanism = None
 
-  # --- The hook and the capability checks ---------------------------------
+  # --- The hooks (see the module docstring) ---------------------------------
 
   @classmethod
   def make_kernel(cls, config: AttentionConfig,
@@ -222,7 +341,7 @@ class AttentionModule(hk.Module):
     """Returns the mechanism's pure kernel for a call. Subclasses implement.
 
     Args:
-      config: the module's options.
+      config: the module's options, as this mechanism's `config_class`.
       request: the static description of the call (already accepted by
         `unsupported_reason`).
 
@@ -234,32 +353,50 @@ class AttentionModule(hk.Module):
     raise NotImplementedError
 
   @classmethod
+  def capabilities_for(cls, request: registry.AttentionRequest
+                      ) -> registry.Capabilities:
+    """The record that decides `request`: its platform's entry of
+    `platform_capabilities` when there is one and the call runs compiled
+    (not `interpret=True`, which runs the portable kernels), else
+    `capabilities`."""
+    if request.options.get("interpret"):
+      return cls.capabilities
+    return cls.platform_capabilities.get(request.platform, cls.capabilities)
+
+  @classmethod
   def unsupported_reason(cls, request: registry.AttentionRequest
                         ) -> str | None:
     """Why this mechanism cannot serve `request` (None when it can).
 
-    The default checks platform, dtype, features, sequence sharding and block
-    size fields against `capabilities`; subclasses add their own limits.
+    The default checks platform, dtype, features, sequence sharding, block
+    size fields and `precision` against `capabilities_for(request)` (a
+    platform's own record is named in the message: "on TPU, ...");
+    subclasses add their own limits.
     """
-    caps, name = cls.capabilities, cls.mechanism
+    caps, name = cls.capabilities_for(request), cls.mechanism
+    where = ("" if caps is cls.capabilities else
+             f"on {request.platform.upper()}, ")
     platforms = cls.platforms(request)
     if request.platform not in platforms:
       return (f"mechanism {name!r} runs on {', '.join(platforms)}, not "
               f"on {request.platform!r}.")
     if request.dtype not in caps.dtypes:
-      return (f"mechanism {name!r} supports dtypes {', '.join(caps.dtypes)}, "
-              f"not {request.dtype}.")
+      return (f"{where}mechanism {name!r} supports dtypes "
+              f"{', '.join(caps.dtypes)}, not {request.dtype}.")
     for feature in inputs_lib.FEATURES:
       if feature in request.features and not caps.supports(feature):
-        return _unsupported_feature(name, feature, f"feature {feature!r}")
+        return where + feature_refusal(name, feature, f"feature {feature!r}")
     if request.sequence_sharded and not caps.sharded_sequence:
-      return _unsupported_feature(name, "sharded_sequence",
-                                  "sharding a sequence axis over the mesh")
+      return where + feature_refusal(name, "sharded_sequence",
+                                     "sharding a sequence axis over the mesh")
     extra = set(request.block_size_fields) - set(caps.block_size_fields)
     if extra:
       reads = ", ".join(caps.block_size_fields) or "none"
-      return (f"BlockSizes fields {sorted(extra)} are not read by mechanism "
-              f"{name!r} (it reads: {reads}); leave them None.")
+      return (f"{where}BlockSizes fields {sorted(extra)} are not read by "
+              f"mechanism {name!r} (it reads: {reads}); leave them None.")
+    if not caps.precision and request.options.get("precision") is not None:
+      return (f"{where}mechanism {name!r} has no matmul precision setting; "
+              "leave precision=None.")
     return None
 
   @classmethod
@@ -269,7 +406,7 @@ class AttentionModule(hk.Module):
     (None when they can): a bad argument (`ValueError` when called), where
     `unsupported_reason` is a missing capability. Only tile constraints
     that depend on the call (e.g. the platform) live here; the rest are
-    checked when the module is built."""
+    checked when the config is built."""
     del request
     return None
 
@@ -278,7 +415,7 @@ class AttentionModule(hk.Module):
     """The platforms that can serve `request`: the capabilities', or every
     platform for Pallas mechanisms built with `interpret=True` (their
     kernels then run in Pallas' interpreter)."""
-    if dict(request.options).get("interpret"):
+    if request.options.get("interpret"):
       return ("cpu", "gpu", "tpu")
     return cls.capabilities.platforms
 
@@ -292,6 +429,7 @@ class AttentionModule(hk.Module):
   @classmethod
   def resolve(cls, request: registry.AttentionRequest) -> type:
     """The mechanism class that serves `request` (itself, except `auto`)."""
+    del request
     return cls
 
   # --- The call -------------------------------------------------------------
@@ -341,63 +479,95 @@ class AttentionModule(hk.Module):
       `fa.AttentionOutput(attention_outputs [B, Sq, H, Dv], attention_weights
       [B, H, Sq, Sk] or None, cache)`.
     """
-    config = self.config
     out_dtype = getattr(query, "dtype", None)
-    if config.dtype is not None:
-      query, key, value = (jnp.asarray(x).astype(config.dtype)
+    if self.config.dtype is not None:
+      query, key, value = (jnp.asarray(x).astype(self.config.dtype)
                            for x in (query, key, value))
-    overflow = None
-    uses_cache = cache is not None or config.decode
-    explicit_positions = (q_positions is not None or kv_positions is not None
-                          or uses_cache)
-    new_cache = None
-    if uses_cache:
-      if cache is not None and config.decode:
-        raise ValueError("pass either cache= or build the module with "
-                         "decode=True (Haiku state), not both.")
-      for name, arg in (("kv_lengths", kv_lengths), ("segment_ids",
-                                                      segment_ids),
-                        ("q_positions", q_positions),
-                        ("kv_positions", kv_positions)):
-        if arg is not None:
-          raise ValueError(f"{name} cannot be combined with a KV cache: the "
-                           "cache defines positions and lengths.")
-      if cache is None:
-        cache = self._state_cache(query, key, value)
-      (key, value, kv_lengths, q_positions, kv_positions,
-       new_cache) = _write_cache(cache, query, key, value)
-      overflow = new_cache.lengths > new_cache.max_length  # [B]
-      if config.decode:
-        hk.set_state("cached_keys", new_cache.keys)
-        hk.set_state("cached_values", new_cache.values)
-        hk.set_state("cache_lengths", new_cache.lengths)
-        new_cache = None
-
-    inputs = inputs_lib.canonicalize(
-        query, key, value, mask=mask, bias=bias, causal=causal,
-        segment_ids=segment_ids, kv_lengths=kv_lengths,
-        q_positions=q_positions, kv_positions=kv_positions,
-        sliding_window=config.sliding_window)
-    self._check_dims(inputs.dims)
-    apply_dropout = config.dropout_rate > 0 and not deterministic
+    keys = self._attach_cache(
+        query, _Keys(key, value, kv_lengths, q_positions, kv_positions),
+        cache, segment_ids)
+    inputs = self._canonicalize(query, keys, mask=mask, bias=bias,
+                                causal=causal, segment_ids=segment_ids)
+    apply_dropout = self.config.dropout_rate > 0 and not deterministic
     if not isinstance(return_weights, bool):
       raise TypeError(f"return_weights must be a bool, got {return_weights!r}.")
+    request = self._request(inputs, keys, dropout=apply_dropout,
+                            weights=return_weights)
+    mechanism = self._select(request)
+    dropout = self._dropout() if apply_dropout else None
+    result = self._run(mechanism, request, inputs, dropout)
+    out = result.out.astype(out_dtype)  # [B, Sq, H, Dv]
+    if keys.overflow is not None:
+      # Rows whose new tokens do not fit the cache: XLA clamped their writes,
+      # so their result would be wrong. NaN says so instead of hiding it.
+      out = jnp.where(keys.overflow[:, None, None, None], jnp.nan, out)
+    return AttentionOutput(
+        attention_outputs=out,
+        attention_weights=result.weights if return_weights else None,
+        cache=keys.cache)
 
-    sequence_sharded = False
-    if config.mesh is not None:
-      sequence_sharded = shard_lib.check_partition(
-          config.mesh, config.partition_axis, inputs)
+  # --- The steps of a call ----------------------------------------------------
+
+  def _attach_cache(self, query, keys: _Keys, cache: KVCache | None,
+                    segment_ids) -> _Keys:
+    """Writes the new keys into the cache (explicit, or Haiku state with
+    `decode=True`) and returns the cache as the call's keys; `keys`
+    unchanged without a cache."""
+    config = self.config
+    if cache is None and not config.decode:
+      return keys
+    if cache is not None and config.decode:
+      raise ValueError("pass either cache= or build the module with "
+                       "decode=True (Haiku state), not both.")
+    for name, arg in (("kv_lengths", keys.kv_lengths),
+                      ("segment_ids", segment_ids),
+                      ("q_positions", keys.q_positions),
+                      ("kv_positions", keys.kv_positions)):
+      if arg is not None:
+        raise ValueError(f"{name} cannot be combined with a KV cache: the "
+                         "cache defines positions and lengths.")
+    if cache is None:
+      cache = self._state_cache(query, keys.key, keys.value)
+    (key, value, kv_lengths, q_positions, kv_positions,
+     new_cache) = _write_cache(cache, query, keys.key, keys.value)
+    overflow = new_cache.lengths > new_cache.max_length  # [B]
+    if config.decode:
+      hk.set_state("cached_keys", new_cache.keys)
+      hk.set_state("cached_values", new_cache.values)
+      hk.set_state("cache_lengths", new_cache.lengths)
+      new_cache = None
+    return _Keys(key, value, kv_lengths, q_positions, kv_positions,
+                 uses_cache=True, cache=new_cache, overflow=overflow)
+
+  def _canonicalize(self, query, keys: _Keys, **call
+                   ) -> inputs_lib.AttentionInputs:
+    """The call's `AttentionInputs`, checked against the module's sizes."""
+    inputs = inputs_lib.canonicalize(
+        query, keys.key, keys.value, kv_lengths=keys.kv_lengths,
+        q_positions=keys.q_positions, kv_positions=keys.kv_positions,
+        sliding_window=self.config.sliding_window, **call)
+    self._check_dims(inputs.dims)
+    return inputs
+
+  def _request(self, inputs: inputs_lib.AttentionInputs, keys: _Keys,
+               **flags: bool) -> registry.AttentionRequest:
+    """The static description of the call (`flags`: dropout, weights)."""
+    config = self.config
+    sequence_sharded = config.mesh is not None and shard_lib.check_partition(
+        config.mesh, config.partition_axis, inputs)
     features = inputs_lib.used_features(
-        inputs, explicit_positions=explicit_positions,
-        softcap=config.logits_soft_cap is not None, dropout=apply_dropout,
-        weights=return_weights, cache=uses_cache)
-    request = registry.AttentionRequest(
+        inputs, explicit_positions=keys.explicit_positions,
+        softcap=config.logits_soft_cap is not None, cache=keys.uses_cache,
+        **flags)
+    return registry.AttentionRequest(
         dims=inputs.dims, dtype=np.dtype(inputs.query.dtype).name,
         platform=self._platform(), features=features,
         block_size_fields=config.block_sizes.set_fields(),
-        block_sizes=config.block_sizes,
-        sequence_sharded=sequence_sharded, window=inputs.visibility.window,
-        options=(("precision", config.precision),) + self._own_options())
+        block_sizes=config.block_sizes, sequence_sharded=sequence_sharded,
+        window=inputs.visibility.window, options=config.request_options())
+
+  def _select(self, request: registry.AttentionRequest) -> type:
+    """The mechanism class that serves `request`; raises its refusal."""
     mechanism = self.resolve(request)
     self.selected_mechanism = mechanism.mechanism
     reason = mechanism.unsupported_reason(request)
@@ -406,51 +576,33 @@ class AttentionModule(hk.Module):
     reason = mechanism.block_size_reason(request)
     if reason is not None:
       raise ValueError(f"mechanism {mechanism.mechanism!r}: {reason}")
+    return mechanism
 
-    dropout = None
-    if apply_dropout:
-      rng = hk.maybe_next_rng_key()
-      if rng is None:
-        raise ValueError(
-            f"dropout_rate={config.dropout_rate} with deterministic=False "
-            "needs a random key: pass an rng to the transformed function's "
-            "apply (or call with deterministic=True).")
-      dropout = dropout_lib.make_dropout(rng, config.dropout_rate)
+  def _dropout(self) -> dropout_lib.Dropout:
+    rng = hk.maybe_next_rng_key()
+    if rng is None:
+      raise ValueError(
+          f"dropout_rate={self.config.dropout_rate} with deterministic=False "
+          "needs a random key: pass an rng to the transformed function's "
+          "apply (or call with deterministic=True).")
+    return dropout_lib.make_dropout(rng, self.config.dropout_rate)
 
+  def _run(self, mechanism: type, request: registry.AttentionRequest,
+           inputs: inputs_lib.AttentionInputs,
+           dropout: dropout_lib.Dropout | None) -> KernelOutput:
+    """Runs the mechanism's kernel, under `shard_map` on a mesh."""
+    config = self.config.for_mechanism(mechanism.config_class)
     kernel = mechanism.make_kernel(config, request)
     if config.mesh is None:
-      result = kernel(inputs, dropout)
-    else:
-      layout = mechanism.token_layout(config) if sequence_sharded else (
-          "contiguous")
-      q_shards, kv_shards = (
-          axis_size(config.mesh, config.partition_axis.query_sequence_axis),
-          axis_size(config.mesh, config.partition_axis.key_sequence_axis))
-      inputs = shard_lib.permute_inputs(inputs, layout, q_shards, kv_shards)
-      result = shard_lib.shard_kernel(
-          kernel, config.mesh, config.partition_axis, inputs, dropout,
-          return_weights=return_weights,
-          gather_keys=not mechanism.sequence_parallel)
-      result = shard_lib.unpermute_output(result, layout, q_shards, kv_shards)
-    out = result.out.astype(out_dtype)
-    if overflow is not None:
-      # Rows whose new tokens do not fit the cache: XLA clamped their writes,
-      # so their result would be wrong. NaN says so instead of hiding it.
-      out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
-    return AttentionOutput(
-        attention_outputs=out,
-        attention_weights=result.weights if return_weights else None,
-        cache=new_cache)
+      return kernel(inputs, dropout)
+    return shard_lib.run_sharded(
+        kernel, config.mesh, config.partition_axis, inputs, dropout,
+        layout=(mechanism.token_layout(config) if request.sequence_sharded
+                else "contiguous"),
+        return_weights="weights" in request.features,
+        gather_keys=not mechanism.sequence_parallel)
 
   # --- Helpers ------------------------------------------------------------
-
-  def _own_options(self) -> tuple[tuple[str, Any], ...]:
-    """This mechanism's own options (fields of its `config_class` beyond the
-    common ones), so that `unsupported_reason` can see them."""
-    common = {f.name for f in dataclasses.fields(AttentionConfig)}
-    return tuple((f.name, getattr(self.config, f.name))
-                 for f in dataclasses.fields(self.config)
-                 if f.name not in common)
 
   def _platform(self) -> str:
     if self.config.mesh is not None:

@@ -35,6 +35,7 @@ class CudnnAttention(base.AttentionModule):
   capabilities = registry.Capabilities(
       platforms=("gpu",), dtypes=("bfloat16", "float16"), segments=False,
       positions=False, mask=False, softcap=False, dropout=False, cache=False,
+      precision=False,
       notes="causal/window need Sq == Sk; D % 8 == 0, D <= 256 (Hopper).")
 
   @classmethod
@@ -63,9 +64,6 @@ class CudnnAttention(base.AttentionModule):
       return ("mechanism 'cudnn' needs even sequence lengths (cuDNN's fused "
               f"backward rejects odd ones), got Sq = {dims.q_len}, Sk = "
               f"{dims.kv_len}.")
-    if dict(request.options).get("precision") is not None:
-      return ("mechanism 'cudnn' has no matmul precision setting; leave "
-              "precision=None.")
     return None
 
   @classmethod

@@ -7,6 +7,7 @@ class decorated with `@register_mechanism("name")`.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 from typing import Any
 
@@ -31,6 +32,8 @@ class Capabilities:
       (see DESIGN.md); `weights` is `return_weights=True`, `positions` is
       explicit `q_positions`/`kv_positions`, `gqa` is `Hkv < H`.
     sharded_sequence: whether a mesh may shard the sequence axes.
+    precision: whether it honours the `precision` option (matmul
+      precision); one that does not refuses any `precision` but None.
     block_size_fields: the `fa.BlockSizes` fields it reads.
     notes: one line on limits the fields above do not capture.
   """
@@ -50,6 +53,7 @@ class Capabilities:
   cache: bool = True
   gqa: bool = True
   sharded_sequence: bool = False
+  precision: bool = True
   block_size_fields: tuple[str, ...] = ()
   notes: str = ""
 
@@ -58,6 +62,30 @@ class Capabilities:
     if feature not in known:
       raise ValueError(f"unknown feature {feature!r}; known: {known}.")
     return getattr(self, feature)
+
+
+class Options(collections.abc.Mapping):
+  """A read-only, hashable `name -> value` mapping: a request's options."""
+
+  __slots__ = ("_items",)
+
+  def __init__(self, items: Any = ()):
+    self._items = dict(items)
+
+  def __getitem__(self, name: str) -> Any:
+    return self._items[name]
+
+  def __iter__(self):
+    return iter(self._items)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __hash__(self) -> int:
+    return hash(frozenset(self._items.items()))
+
+  def __repr__(self) -> str:
+    return f"Options({self._items!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +103,9 @@ class AttentionRequest:
       on tile sizes refuse values they cannot use.
     sequence_sharded: whether the mesh shards a sequence axis.
     window: the canonical `(left, right)` sliding window, or `None`.
-    options: other mechanism options that some mechanism may refuse
-      (`"precision"`, `"softmax_dtype"`), name -> value.
+    options: the module's options that some mechanism may refuse
+      (`"precision"` and the mechanism's own, e.g. `"interpret"`), as a
+      read-only `Options` mapping (built from any mapping or pairs).
   """
 
   dims: AttentionDims
@@ -87,7 +116,11 @@ class AttentionRequest:
   block_sizes: BlockSizes | None = None
   sequence_sharded: bool = False
   window: tuple[int, int] | None = None
-  options: tuple[tuple[str, Any], ...] = ()
+  options: Options = Options()
+
+  def __post_init__(self):
+    if not isinstance(self.options, Options):
+      object.__setattr__(self, "options", Options(self.options))
 
   def block_size_reason(self, fields, check) -> str | None:
     """The first refusal `check(field, value)` gives for a set field of
@@ -132,9 +165,19 @@ def get_mechanism(name: str) -> type:
   return _REGISTRY[name]
 
 
-def capabilities(mechanism: str) -> Capabilities:
-  """The `Capabilities` record of a registered mechanism."""
-  return get_mechanism(mechanism).capabilities
+def capabilities(mechanism: str, platform: str | None = None) -> Capabilities:
+  """The `Capabilities` record of a registered mechanism.
+
+  Args:
+    mechanism: a registered name.
+    platform: `"cpu"`, `"gpu"` or `"tpu"` for the record of the kernels the
+      mechanism runs there (e.g. `flash` on TPU runs JAX's Pallas TPU kernel,
+      which supports less), or None for its record over all platforms.
+  """
+  cls = get_mechanism(mechanism)
+  if platform is None:
+    return cls.capabilities
+  return cls.platform_capabilities.get(platform, cls.capabilities)
 
 
 def mechanisms_supporting(feature: str) -> tuple[str, ...]:
@@ -188,8 +231,12 @@ def support_table() -> str:
   short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
   lines = ["| mechanism | " + " | ".join(columns) + " |",
            "|---" * (len(columns) + 1) + "|"]
+  rows = []
   for name, cls in _REGISTRY.items():
-    caps = cls.capabilities
+    rows.append((name, cls.capabilities))
+    rows.extend((f"{name} ({platform})", caps) for platform, caps in
+                cls.platform_capabilities.items())
+  for name, caps in rows:
     cells = []
     for column in columns:
       value = getattr(caps, column)

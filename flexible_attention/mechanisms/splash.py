@@ -11,19 +11,13 @@ from flexible_attention.mechanisms import registry
 
 
 @dataclasses.dataclass(frozen=True)
-class SplashConfig(base.AttentionConfig):
-  """`splash`'s options: the common ones plus `interpret`.
-
-  Attributes:
-    interpret: run the Pallas TPU kernels in Pallas' interpreter (any
-      backend; slow: for tests on CPU).
-  """
-
-  interpret: bool = False
+class SplashConfig(base.InterpretConfig):
+  """`splash`'s options: the common ones plus `interpret` (run the Pallas
+  TPU kernels in Pallas' interpreter, on any backend; slow: for tests on
+  CPU)."""
 
   def __post_init__(self):
-    if not isinstance(self.interpret, bool):
-      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
+    super().__post_init__()
     splash_tpu.check_block_sizes(self.block_sizes)
 
 
@@ -59,21 +53,11 @@ class SplashAttention(base.AttentionModule):
   capabilities = registry.Capabilities(
       platforms=("tpu",), dtypes=("float32", "bfloat16"), positions=False,
       mask=False, bias=False, dropout=False, weights=False, cache=False,
-      block_size_fields=tuple(splash_tpu.BLOCK_FIELDS),
+      precision=False, block_size_fields=tuple(splash_tpu.BLOCK_FIELDS),
       notes=("JAX's Pallas TPU splash kernels; tiles of multiples of 128 "
              "(sequences padded inside); CPU only with interpret=True."))
 
   config_class = SplashConfig
-
-  @classmethod
-  def unsupported_reason(cls, request):
-    reason = super().unsupported_reason(request)
-    if reason is not None:
-      return reason
-    if dict(request.options).get("precision") is not None:
-      return ("mechanism 'splash' has no matmul precision setting; leave "
-              "precision=None.")
-    return None
 
   @classmethod
   def block_size_reason(cls, request):
@@ -87,5 +71,4 @@ class SplashAttention(base.AttentionModule):
     return functools.partial(
         splash_tpu.splash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, block_sizes=config.block_sizes,
-        # `auto`'s options have no `interpret`: it runs the compiled kernels.
-        interpret=getattr(config, "interpret", False))
+        interpret=config.interpret)

@@ -8,8 +8,8 @@ import functools
 from flexible_attention.kernels import ulysses as ulysses_kernel
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
-from flexible_attention.sharding.mesh import axis_names_of
 from flexible_attention.sharding.mesh import axis_size
+from flexible_attention.sharding.mesh import shared_sequence_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +45,18 @@ class UlyssesAttention(base.AttentionModule):
   @classmethod
   def make_kernel(cls, config, request):
     local_cls = registry.get_mechanism(config.local_mechanism)
-    local_request = dataclasses.replace(request, sequence_sharded=False)
+    local_config = config.for_mechanism(local_cls.config_class)
+    local_request = dataclasses.replace(
+        request, sequence_sharded=False,
+        options=local_config.request_options())
     reason = local_cls.unsupported_reason(local_request)
     if reason is not None:
       raise NotImplementedError(f"ulysses' local mechanism: {reason}")
-    local_kernel = local_cls.make_kernel(config, local_request)
+    local_kernel = local_cls.make_kernel(local_config, local_request)
     if not request.sequence_sharded:
       return local_kernel
     axes = config.partition_axis
-    if axis_names_of(axes.query_sequence_axis) != axis_names_of(
-        axes.key_sequence_axis):
-      raise NotImplementedError(
-          "ulysses: the query and key sequences must be sharded over the "
-          "same mesh axis.")
+    axis_name = shared_sequence_axis("ulysses", axes)
     num_shards = axis_size(config.mesh, axes.key_sequence_axis)
     kv_heads = request.dims.num_kv_heads // axis_size(config.mesh,
                                                       axes.head_axis)
@@ -66,8 +65,6 @@ class UlyssesAttention(base.AttentionModule):
           f"ulysses needs the KV heads per head shard ({kv_heads}) to be "
           f"divisible by the {num_shards} shards of the sequence axis "
           f"{axes.key_sequence_axis!r}; use ring, or fewer sequence shards.")
-    names = axis_names_of(axes.key_sequence_axis)
     return functools.partial(
-        ulysses_kernel.ulysses_attention,
-        axis_name=names[0] if len(names) == 1 else names,
+        ulysses_kernel.ulysses_attention, axis_name=axis_name,
         num_shards=num_shards, local_kernel=local_kernel)

@@ -89,9 +89,38 @@ class PartitionAxis:
 
 
 def axis_names_of(axes: AxisNames) -> tuple[str, ...]:
+  """The mesh axis names of a `PartitionAxis` field, as a tuple."""
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def spec_entry(axes: AxisNames) -> str | tuple[str, ...] | None:
+  """The `PartitionSpec` entry (and collective axis name) of `axes`: None,
+  one name, or a tuple of names."""
+  names = axis_names_of(axes)
+  if not names:
+    return None
+  return names[0] if len(names) == 1 else names
+
+
+def shared_sequence_axis(mechanism: str, axes: PartitionAxis
+                        ) -> str | tuple[str, ...] | None:
+  """The `spec_entry` of the one mesh axis that shards both the query and
+  the key sequences, for a sequence-parallel `mechanism`.
+
+  Raises:
+    NotImplementedError: when the query and key sequences are sharded over
+      different mesh axes.
+  """
+  if axis_names_of(axes.query_sequence_axis) != axis_names_of(
+      axes.key_sequence_axis):
+    raise NotImplementedError(
+        f"{mechanism}: the query and key sequences must be sharded over the "
+        f"same mesh axis, got query_sequence_axis="
+        f"{axes.query_sequence_axis!r}, key_sequence_axis="
+        f"{axes.key_sequence_axis!r}.")
+  return spec_entry(axes.key_sequence_axis)
 
 
 def axis_size(mesh: Mesh, axes: AxisNames) -> int:

@@ -31,18 +31,11 @@ from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.sharding import layouts
 from flexible_attention.sharding.mesh import PartitionAxis
-from flexible_attention.sharding.mesh import axis_names_of
 from flexible_attention.sharding.mesh import axis_size
+from flexible_attention.sharding.mesh import spec_entry
 from flexible_attention.sharding.mesh import validate_partition
 
 Kernel = Callable[[AttentionInputs, Dropout | None], KernelOutput]
-
-
-def _spec_axes(axes):
-  names = axis_names_of(axes)
-  if not names:
-    return None
-  return names[0] if len(names) == 1 else names
 
 
 def check_partition(mesh: Mesh, axes: PartitionAxis, inputs: AttentionInputs):
@@ -127,6 +120,20 @@ def unpermute_output(result: KernelOutput, layout: str, q_shards: int,
       weights)
 
 
+def run_sharded(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
+                inputs: AttentionInputs, dropout: Dropout | None, *,
+                layout: str, return_weights: bool,
+                gather_keys: bool) -> KernelOutput:
+  """`shard_kernel` on the tokens permuted into `layout` (the kernel's
+  token layout on a sequence mesh), the output put back in natural order."""
+  q_shards = axis_size(mesh, axes.query_sequence_axis)
+  kv_shards = axis_size(mesh, axes.key_sequence_axis)
+  inputs = permute_inputs(inputs, layout, q_shards, kv_shards)
+  result = shard_kernel(kernel, mesh, axes, inputs, dropout,
+                        return_weights=return_weights, gather_keys=gather_keys)
+  return unpermute_output(result, layout, q_shards, kv_shards)
+
+
 def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
                  inputs: AttentionInputs, dropout: Dropout | None, *,
                  return_weights: bool, gather_keys: bool) -> KernelOutput:
@@ -147,9 +154,9 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
     (which the modules do not return).
   """
   dims = inputs.dims
-  batch, heads = _spec_axes(axes.batch_axis), _spec_axes(axes.head_axis)
-  q_seq = _spec_axes(axes.query_sequence_axis)
-  kv_seq = _spec_axes(axes.key_sequence_axis)
+  batch, heads = spec_entry(axes.batch_axis), spec_entry(axes.head_axis)
+  q_seq = spec_entry(axes.query_sequence_axis)
+  kv_seq = spec_entry(axes.key_sequence_axis)
   gather = gather_keys and axis_size(mesh, axes.key_sequence_axis) > 1
 
   def broadcastable(x):  # [B|1, H|1, Sq|1, Sk|1]
