@@ -2,13 +2,18 @@
 
 One command on the GPU machine (see benchmarks/flash_notes.md):
 
-  python3 benchmarks/flash_ab.py --baselines=OLD/flash_triton.py \\
+  git archive REV flexible_attention/kernels/flash | tar -x -C /tmp/old
+  python3 benchmarks/flash_ab.py \\
+      --baselines=/tmp/old/flexible_attention/kernels/flash \\
       --cells=128:full,128:causal,256:full --out=$OUT/flash_ab.json
 
-`--baselines` are other versions of `kernels/flash_triton.py` (e.g. from
-`git show REV:flexible_attention/kernels/flash_triton.py`); they are
-imported beside this tree's, in the same process, so all run on the same
-device in the same state. Per cell (bf16, B * S = `--tokens`, H * D = 2048,
+`--baselines` are other versions of the `kernels/flash/` package (folders,
+e.g. from `git archive` as above); each is copied under a name of its own,
+its imports of itself renamed to that name, and imported beside this
+tree's, in the same process, so all run on the same device in the same
+state. (Versions from before the package, single `flash_triton.py` files,
+imported a `flash_hopper` module this tree no longer has: check such a
+revision out whole to time it.) Per cell (bf16, B * S = `--tokens`, H * D = 2048,
 default launches of each version):
 
 1. each version's forward output and dq/dk/dv are checked against the
@@ -22,10 +27,13 @@ default launches of each version):
 
 from __future__ import annotations
 
-import importlib.util
+import glob
+import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -36,11 +44,12 @@ import numpy as np
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 
 _BASELINES = flags.DEFINE_list(
-    "baselines", None, "Paths of other versions of flash_triton.py (each "
-    "named after its file).", required=True)
+    "baselines", None, "Folders holding other versions of the "
+    "kernels/flash package (each named after its parent folders).",
+    required=True)
 _CELLS = flags.DEFINE_list("cells", ["128:full", "128:causal"],
                            "Cells, `D:full` or `D:causal`.")
 _SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
@@ -54,13 +63,20 @@ _INTERPRET = flags.DEFINE_bool(
 TOL = 2e-2  # bf16, relative to the largest entry (flash_probe.py's).
 
 
-def _load(path: str):
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # Its dataclasses look themselves up.
-  spec.loader.exec_module(module)
-  return module
+def _load(path: str, index: int):
+  """Imports the `kernels/flash` package at `path` as `baseline_<index>`:
+  a copy whose imports of `flexible_attention.kernels.flash` name the copy
+  (the library modules it imports besides, `core`, are this tree's)."""
+  name = f"baseline_{index}"
+  root = tempfile.mkdtemp()
+  shutil.copytree(path, os.path.join(root, name))
+  for file in glob.glob(os.path.join(root, name, "*.py")):
+    with open(file) as f:
+      text = f.read()
+    with open(file, "w") as f:
+      f.write(text.replace("flexible_attention.kernels.flash", name))
+  sys.path.insert(0, root)
+  return importlib.import_module(name)
 
 
 def _passes(kernels, d: int, causal: bool):
@@ -116,8 +132,9 @@ def _cell(d: int, causal: bool, versions) -> list[dict]:
 
 def main(argv):
   del argv
-  versions = [(os.path.splitext(os.path.basename(path))[0], _load(path))
-              for path in _BASELINES.value] + [("this tree", flash_triton)]
+  versions = [(os.path.normpath(path), _load(path, i))
+              for i, path in enumerate(_BASELINES.value)]
+  versions.append(("this tree", flash_kernel))
   rows = []
   for cell in _CELLS.value:
     d, mask = cell.split(":")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 
 _CELLS = flags.DEFINE_list(
     "cells", ["128:4096:full", "128:4096:causal", "64:4096:full"],
@@ -53,17 +53,17 @@ TOL = 2e-2  # bf16, relative to the largest entry (flash_probe.py's).
 
 
 def _flash(d: int, causal: bool, fwd: str, dkv: str):
-  launch = flash_triton.default_launch_config(d, causal, 9.0)
+  launch = flash_kernel.default_launch_config(d, causal, 9.0)
   if fwd == "mosaic":
-    launch = dataclasses.replace(launch, fwd=flash_triton.mosaic_launch(d),
+    launch = dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(d),
                                  fwd_backend="mosaic")
   if dkv == "mosaic":
-    launch = dataclasses.replace(launch, dkv=flash_triton.mosaic_dkv_launch(d),
+    launch = dataclasses.replace(launch, dkv=flash_kernel.mosaic_dkv_launch(d),
                                  dkv_backend="mosaic")
 
   def attend(q, k, v):
     inputs = fa.canonicalize(q, k, v, causal=causal)
-    return flash_triton.flash_attention(inputs, sm_scale=d**-0.5,
+    return flash_kernel.flash_attention(inputs, sm_scale=d**-0.5,
                                         launch=launch,
                                         interpret=_INTERPRET.value).out
   return attend

@@ -30,7 +30,7 @@ import numpy as np
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.core import dropout as dropout_lib
-from flexible_attention.kernels import flash_triton as ft
+from flexible_attention.kernels import flash as ft
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _BUDGET = flags.DEFINE_float("budget_s", 330.0,

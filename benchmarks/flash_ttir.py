@@ -45,7 +45,7 @@ from jax._src.lib.triton import dialect as tt_dialect  # pylint: disable=g-direc
 import jax.numpy as jnp
 
 import flexible_attention as fa
-from flexible_attention.kernels import flash_triton as ft
+from flexible_attention.kernels import flash as ft
 
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["128"], "Head sizes.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal cells.")

@@ -13,8 +13,8 @@ from flexible_attention.core.types import AttentionOutput
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KVCache
 from flexible_attention.core.types import init_cache
-from flexible_attention.kernels.flash_triton import Launch as FlashLaunch
-from flexible_attention.kernels.flash_triton import LaunchConfig as FlashLaunchConfig
+from flexible_attention.kernels.flash import Launch as FlashLaunch
+from flexible_attention.kernels.flash import LaunchConfig as FlashLaunchConfig
 from flexible_attention.mechanisms.auto import select_mechanism
 from flexible_attention.mechanisms.base import AttentionModule
 from flexible_attention.mechanisms.registry import AttentionRequest

@@ -1,13 +1,13 @@
 """The `flash` Pallas kernels on CPU, in Pallas interpret mode.
 
-Outputs and dq/dk/dv (and dbias) of `kernels/flash_triton.flash_attention`
+Outputs and dq/dk/dv (and dbias) of `kernels/flash`'s `flash_attention`
 against the float32 reference for every feature of the semantics, with
 tiles of 16 so that every case spans several tiles and exercises block
 skipping; plus the module (`create_attention("flash", interpret=True)`),
 dropout bit-identical to `vanilla`, and the refusals.
 
-The Hopper kernels (`kernels/flash_hopper.py`, Mosaic GPU: the forward,
-and dK/dV at D <= 128) have no interpreter: on CPU each of their cases is
+The Hopper kernels (`kernels/flash/mosaic_*.py`, Mosaic GPU: the forward
+and dK/dV) have no interpreter: on CPU each of their cases is
 lowered for CUDA; on an sm_90 GPU each is run and compared like the
 others.
 
@@ -30,9 +30,9 @@ import pytest
 
 import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
-from flexible_attention.kernels import flash_hopper
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -70,7 +70,7 @@ def _flash(call, dropout, scale, softcap, blocks, launch, interpret):
   """`(q, k, v, bias) -> out` of the flash kernels."""
   def flash(q, k, v, bias):
     inputs = fa.canonicalize(q, k, v, bias=bias, **call)
-    return flash_triton.flash_attention(
+    return flash_kernel.flash_attention(
         inputs, dropout, sm_scale=scale, softcap=softcap,
         block_sizes=None if launch is not None else blocks, launch=launch,
         interpret=interpret).out
@@ -149,7 +149,7 @@ def test_large_scale_with_masked_tiles():
 def test_kernel_refuses_non_positive_scale():
   q, k, v, _, _ = _inputs("scale")
   with pytest.raises(ValueError, match="sm_scale must be positive"):
-    flash_triton.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.0,
+    flash_kernel.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.0,
                                  interpret=True)
 
 
@@ -234,7 +234,7 @@ def test_dropout_matches_reference_with_the_same_dropout():
   _check("dropout", dict(causal=True), dropout=dropout, h=2, hkv=1)
 
 
-ATOMIC_DQ = dataclasses.replace(flash_triton.launch_config(16, SMALL_BLOCKS),
+ATOMIC_DQ = dataclasses.replace(flash_kernel.launch_config(16, SMALL_BLOCKS),
                                 atomic_dq=True)
 
 
@@ -254,7 +254,7 @@ def test_backward_with_atomic_dq(case):
 def test_launch_with_tile_sizes_is_an_error():
   q, k, v, _, _ = _inputs("launch and blocks")
   with pytest.raises(ValueError, match="either in `launch` or in"):
-    flash_triton.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.25,
+    flash_kernel.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.25,
                                  block_sizes=SMALL_BLOCKS, launch=ATOMIC_DQ,
                                  interpret=True)
 
@@ -265,7 +265,7 @@ def test_atomic_dq_backward_is_one_kernel():
   def kernels(launch):
     def loss(q):
       inputs = fa.canonicalize(q, q, q, causal=True)
-      return jnp.sum(flash_triton.flash_attention(
+      return jnp.sum(flash_kernel.flash_attention(
           inputs, sm_scale=0.25, launch=launch, interpret=True).out)
     return str(jax.make_jaxpr(jax.grad(loss))(q)).count("pallas_call[")
 
@@ -288,7 +288,7 @@ def test_log_sum_exp_matches_reference():
   q, k, v, _, _ = _inputs("lse")
   inputs = fa.canonicalize(q, k, v, causal=True,
                            kv_lengths=jnp.array([0, 30]))
-  got = flash_triton.flash_attention(inputs, None, sm_scale=0.25,
+  got = flash_kernel.flash_attention(inputs, None, sm_scale=0.25,
                                      block_sizes=SMALL_BLOCKS,
                                      interpret=True).lse
   want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
@@ -303,14 +303,14 @@ def test_skipping_tables_skip_invisible_tiles():
   # tiles [0, i) without masking (a row without such tiles: flo = fhi = hi).
   q, k, v, _, _ = _inputs("tables", b=1, sq=64, sk=64, h=1, hkv=1)
   vis = fa.canonicalize(q, k, v, causal=True).visibility
-  st = flash_triton._Static(  # pylint: disable=protected-access
+  st = structure.Static(
       sm_scale=1.0, softcap=None, precision=None, causal=True, window=None,
       segments=False, mask=False, dropout_rate=None,
       groups=1, launch=None, interpret=True)
   aux = dict(q_pos=vis.q_positions, kv_pos=vis.kv_positions,
              kv_ok=jnp.ones((1, 64), jnp.int32))
-  maybe, full = flash_triton._tile_tables(st, aux, 16, 16)  # pylint: disable=protected-access
-  bounds = np.asarray(flash_triton._bounds(maybe, full))[0]  # pylint: disable=protected-access
+  maybe, full = structure.tile_tables(st, aux, 16, 16)
+  bounds = np.asarray(structure.bounds_table(maybe, full))[0]
   np.testing.assert_array_equal(bounds, [[0, 1, 1, 1], [0, 0, 1, 2],
                                          [0, 0, 2, 3], [0, 0, 3, 4]])
 
@@ -321,15 +321,15 @@ ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
 def _mosaic(head_dim: int, causal: bool,
-            dkv: bool = True) -> flash_triton.LaunchConfig:
+            dkv: bool = True) -> flash_kernel.LaunchConfig:
   """The Hopper launches with the Mosaic forward (padded D) and, with
   `dkv`, the Mosaic dK/dV kernel."""
   launch = dataclasses.replace(
-      flash_triton.default_launch_config(head_dim, causal, 9.0),
-      fwd=flash_triton.mosaic_launch(head_dim), fwd_backend="mosaic")
+      flash_kernel.default_launch_config(head_dim, causal, 9.0),
+      fwd=flash_kernel.mosaic_launch(head_dim), fwd_backend="mosaic")
   if dkv:
     launch = dataclasses.replace(
-        launch, dkv=flash_triton.mosaic_dkv_launch(head_dim),
+        launch, dkv=flash_kernel.mosaic_dkv_launch(head_dim),
         dkv_backend="mosaic")
   return launch
 
@@ -373,7 +373,7 @@ HOPPER_CASES = ("plain", "causal_fewer_queries", "causal_empty_rows",
 @pytest.mark.parametrize("name", HOPPER_CASES)
 def test_hopper_kernels_match_reference(name):
   call, shape = _hopper_case(name)
-  launch = _mosaic(flash_triton._pad_dim(shape["d"]),  # pylint: disable=protected-access
+  launch = _mosaic(structure.pad_dim(shape["d"]),
                    call.get("causal", False))
   _check(f"hopper {name}", call, launch=launch, interpret=False, **shape)
 
@@ -398,7 +398,7 @@ def test_hopper_kernels_lower_for_cuda(name):
   call, shape = _hopper_case(name)
   softcap = shape.pop("softcap", None)
   q, k, v, ct, _ = _inputs(name, **shape)
-  d = flash_triton._pad_dim(shape["d"])  # pylint: disable=protected-access
+  d = structure.pad_dim(shape["d"])
   flash = _flash(call, None, 0.125, softcap, None,
                  _mosaic(d, call.get("causal", False)), False)
 
@@ -429,7 +429,7 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
   monkeypatch.setattr(gpu, "compute_capability", lambda: capability)
   q = jnp.zeros((1, q_len, 2, head_dim), dtype)
   k = jnp.zeros((1, 256, 2, head_dim), dtype)
-  prepared = flash_triton.prepare(
+  prepared = flash_kernel.prepare(
       fa.canonicalize(q, k, k, **call), sm_scale=0.1,
       block_sizes=block_sizes, launch=launch, interpret=interpret,
       float32_results=float32_results)
@@ -460,9 +460,9 @@ def test_default_backends(capability, options, backends, monkeypatch):
   assert (launch.fwd_backend, launch.dkv_backend) == backends
   d = options.get("head_dim", 128)
   if launch.fwd_backend == "mosaic":
-    assert launch.fwd == flash_triton.mosaic_launch(d)
+    assert launch.fwd == flash_kernel.mosaic_launch(d)
   if launch.dkv_backend == "mosaic":
-    assert launch.dkv == flash_triton.mosaic_dkv_launch(d)
+    assert launch.dkv == flash_kernel.mosaic_dkv_launch(d)
 
 
 @pytest.mark.parametrize("options, match", [
@@ -470,7 +470,7 @@ def test_default_backends(capability, options, backends, monkeypatch):
     (dict(dtype=jnp.float32), "bfloat16 or float16"),
     (dict(bias=jnp.zeros((1, 2, 256, 256))), "no bias"),
     (dict(launch=dataclasses.replace(_mosaic(128, False),
-                                     fwd=flash_triton.Launch(64, 64, 4, 2))),
+                                     fwd=flash_kernel.Launch(64, 64, 4, 2))),
      "takes fwd tiles 128 x 128"),
     (dict(float32_results=True), "caller wants float32 results"),
 ])
@@ -488,25 +488,25 @@ def test_mosaic_kernels_refuse_float32_results_they_were_not_prepared_for(
   rows = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   with pytest.raises(ValueError, match="float32_results=True"):
     if kernel == "forward":
-      flash_triton.forward_pass(call, out_dtype=jnp.float32)
+      flash_kernel.forward_pass(call, out_dtype=jnp.float32)
     else:
-      flash_triton.backward_pass(call, rows, jnp.zeros((1, 2, 256)), rows,
+      flash_kernel.backward_pass(call, rows, jnp.zeros((1, 2, 256)), rows,
                                  grad_dtype=jnp.float32)
 
 
 def test_forward_backend_must_be_known():
   with pytest.raises(ValueError, match="fwd_backend must be one of"):
-    flash_triton.check_launch_config(dataclasses.replace(
+    flash_kernel.check_launch_config(dataclasses.replace(
         _mosaic(128, False), fwd_backend="cuda"))
 
 
 @pytest.mark.parametrize("head_dim, launch, match", [
     (128, dataclasses.replace(_mosaic(128, False), atomic_dq=True),
      "has no atomic_dq"),
-    (128, dataclasses.replace(_mosaic(128, False), dkv=flash_triton.Launch(
+    (128, dataclasses.replace(_mosaic(128, False), dkv=flash_kernel.Launch(
         32, 128, 4, 3)), "takes dkv tiles 64 x 128"),
     # The tiles right, the warps not: nothing passed may go unused.
-    (128, dataclasses.replace(_mosaic(128, False), fwd=flash_triton.Launch(
+    (128, dataclasses.replace(_mosaic(128, False), fwd=flash_kernel.Launch(
         128, 128, 4, 2)), "takes fwd tiles 128 x 128 with 8 warps"),
     # D = 256 has 64-key programs.
     (256, dataclasses.replace(_mosaic(256, False), dkv=_mosaic(128, False).dkv),
@@ -519,7 +519,7 @@ def test_mosaic_dkv_refusals(head_dim, launch, match, monkeypatch):
 
 def test_mosaic_dkv_alone_refuses_what_it_cannot_serve(monkeypatch):
   launch = dataclasses.replace(  # The Triton forward, the Mosaic dK/dV.
-      _mosaic(128, False), fwd=flash_triton.default_launch_config(128).fwd,
+      _mosaic(128, False), fwd=flash_kernel.default_launch_config(128).fwd,
       fwd_backend="triton")
   with pytest.raises(ValueError, match="dkv_backend='mosaic' cannot serve "
                      "this call: it takes bfloat16 or float16"):
@@ -587,9 +587,9 @@ def test_module_rejects_invalid_block_sizes(flash_registered):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_launches_per_gpu_generation(head_dim, causal):
-  hopper = flash_triton.default_launch_config(head_dim, causal)
-  assert flash_triton.default_launch_config(head_dim, causal, 9.0) == hopper
-  ampere = flash_triton.default_launch_config(head_dim, causal, 8.0)
+  hopper = flash_kernel.default_launch_config(head_dim, causal)
+  assert flash_kernel.default_launch_config(head_dim, causal, 9.0) == hopper
+  ampere = flash_kernel.default_launch_config(head_dim, causal, 8.0)
   for kernel in ("fwd", "dkv", "dq"):
     old, new = getattr(hopper, kernel), getattr(ampere, kernel)
     # Same tiles and warps; at most 2 stages (less shared memory).
@@ -651,17 +651,17 @@ def test_module_launch_sets_every_kernel_and_the_atomic_backward(
 
 @pytest.mark.parametrize("launch, error, match", [
     ("not a launch", TypeError, "LaunchConfig"),
-    (flash_triton.LaunchConfig(flash_triton.Launch(24, 16, 4, 2),
-                               flash_triton.Launch(16, 16, 4, 2),
-                               flash_triton.Launch(16, 16, 4, 2)),
+    (flash_kernel.LaunchConfig(flash_kernel.Launch(24, 16, 4, 2),
+                               flash_kernel.Launch(16, 16, 4, 2),
+                               flash_kernel.Launch(16, 16, 4, 2)),
      ValueError, r"fwd\.block_q must be a power of two"),
-    (flash_triton.LaunchConfig(flash_triton.Launch(16, 16, 4, 2),
-                               flash_triton.Launch(16, 16, 3, 2),
-                               flash_triton.Launch(16, 16, 4, 2)),
+    (flash_kernel.LaunchConfig(flash_kernel.Launch(16, 16, 4, 2),
+                               flash_kernel.Launch(16, 16, 3, 2),
+                               flash_kernel.Launch(16, 16, 4, 2)),
      ValueError, r"dkv\.num_warps"),
-    (flash_triton.LaunchConfig(flash_triton.Launch(16, 16, 4, 2),
-                               flash_triton.Launch(16, 16, 4, 2),
-                               flash_triton.Launch(16, 16, 4, 0)),
+    (flash_kernel.LaunchConfig(flash_kernel.Launch(16, 16, 4, 2),
+                               flash_kernel.Launch(16, 16, 4, 2),
+                               flash_kernel.Launch(16, 16, 4, 0)),
      ValueError, r"dq\.num_stages"),
 ], ids=["type", "tile", "warps", "stages"])
 def test_module_rejects_invalid_launches(flash_registered, launch, error,
@@ -677,5 +677,5 @@ def test_module_rejects_launch_with_block_sizes(flash_registered):
   q = jnp.ones((1, 8, 2, 16))
   with pytest.raises(ValueError, match="either in `launch` or in"):
     _module_out("flash", q, q, q, None, interpret=True,
-                launch=flash_triton.default_launch_config(16),
+                launch=flash_kernel.default_launch_config(16),
                 block_sizes=fa.BlockSizes(block_q=16))

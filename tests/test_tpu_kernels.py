@@ -27,7 +27,7 @@ import pytest
 
 import flexible_attention as fa
 from flexible_attention.core.inputs import AttentionDims
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.mechanisms import flash as flash_mechanism
 from flexible_attention.mechanisms import registry
 
@@ -232,7 +232,7 @@ def test_flash_tpu_refusals():
   assert "not float16" in reason("tpu", "float16")
   assert "sequence" in reason("tpu", sharded=True)
   assert "precision" in reason("tpu", options=(("precision", "highest"),))
-  launch = flash_triton.default_launch_config(128)
+  launch = flash_kernel.default_launch_config(128)
   assert "launch" in reason("tpu", options=(("launch", launch),))
   assert reason("gpu", options=(("launch", launch),)) is None
   # interpret=True keeps the project's own kernels, which compute windows.

@@ -37,7 +37,7 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels import blockwise
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 
 
 class BlockKernel(NamedTuple):
@@ -70,26 +70,26 @@ def blockwise_block_kernel(cfg: blockwise.TileConfig) -> BlockKernel:
 
 
 def flash_block_kernel(**flash_options) -> BlockKernel:
-  """The fused Pallas kernels (`kernels/flash_triton.py`) as a ring block
+  """The fused Pallas kernels (`kernels/flash/`) as a ring block
   kernel: the forward writes a float32 partial output for the merge, and
   the backward kernels take the whole row's output and log-sum-exp, so each
   block's dq/dk/dv share comes out in float32.
 
   Args:
-    **flash_options: `flash_triton.prepare`'s keyword arguments (`sm_scale`,
+    **flash_options: `flash_kernel.prepare`'s keyword arguments (`sm_scale`,
       `softcap`, `precision`, `block_sizes`, `interpret`).
   """
-  prepare = functools.partial(flash_triton.prepare, float32_results=True,
+  prepare = functools.partial(flash_kernel.prepare, float32_results=True,
                               **flash_options)
 
   def forward(q, k, v, vis, dropout):
     call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
-    out, lse, _ = flash_triton.forward_pass(call, out_dtype=jnp.float32)
+    out, lse, _ = flash_kernel.forward_pass(call, out_dtype=jnp.float32)
     return out, lse
 
   def backward(q, k, v, vis, dropout, out, lse, dout, dlse):
     call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
-    dq, dk, dv, _ = flash_triton.backward_pass(call, out, lse, dout, dlse,
+    dq, dk, dv, _ = flash_kernel.backward_pass(call, out, lse, dout, dlse,
                                                grad_dtype=jnp.float32)
     return dq, dk, dv
 

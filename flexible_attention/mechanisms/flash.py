@@ -6,11 +6,11 @@ import dataclasses
 import functools
 
 from flexible_attention.kernels import flash_tpu
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
-BLOCK_FIELDS = flash_triton.TILE_FIELDS
+BLOCK_FIELDS = flash_kernel.TILE_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,22 +23,22 @@ class FlashConfig(base.AttentionConfig):
     launch: the Triton launches in full (`fa.FlashLaunchConfig`: tiles,
       warps and pipeline stages of the forward, dK/dV and dQ kernels, and
       `atomic_dq`, the one-kernel backward), replacing the defaults of
-      `flash_triton.default_launch_config`; None keeps them (with the
+      `flash_kernel.default_launch_config`; None keeps them (with the
       tiles of `block_sizes`, if any). Setting both `launch` and flash's
       `block_sizes` fields is an error. Not read by the TPU kernel, which
       refuses it.
   """
 
   interpret: bool = False
-  launch: flash_triton.LaunchConfig | None = None
+  launch: flash_kernel.LaunchConfig | None = None
 
   def __post_init__(self):
     if not isinstance(self.interpret, bool):
       raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
     for field in BLOCK_FIELDS:
-      flash_triton.check_block_size(field, getattr(self.block_sizes, field))
+      flash_kernel.check_block_size(field, getattr(self.block_sizes, field))
     if self.launch is not None:
-      flash_triton.check_launch_config(self.launch, self.block_sizes)
+      flash_kernel.check_launch_config(self.launch, self.block_sizes)
 
 
 @registry.register_mechanism("flash")
@@ -55,11 +55,11 @@ class FlashAttention(base.AttentionModule):
   through the launch's index maps (K/V are never repeated); soft cap, bias
   (and its gradient), a dense mask when one is passed, and dropout with the
   library's hash (bit-identical to `vanilla`). Any Sq, Sk and head sizes up
-  to 256 (padded inside). See `kernels/flash_triton.py`.
+  to 256 (padded inside). See `kernels/flash/`.
 
   Runs on GPU. On Hopper (sm_90) the forward and dK/dV kernels of the calls
   they serve run through Mosaic GPU kernels instead
-  (`kernels/flash_hopper.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
+  (`kernels/flash/mosaic_fwd.py`, `mosaic_bwd.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
   head sizes padding to 64, 128 or 256, no bias, dense mask or dropout),
   the same function; `launch=` with `fwd_backend` / `dkv_backend`
   `"triton"` or `"mosaic"` picks them explicitly. `interpret=True`
@@ -76,7 +76,7 @@ class FlashAttention(base.AttentionModule):
   Block sizes (`fa.BlockSizes`, powers of two >= 16): `block_q`/`block_k`
   tile the forward pass, `block_q_dkv`/`block_k_dkv` the dK/dV kernel,
   `block_q_dq`/`block_k_dq` the dQ kernel; defaults depend on the head size
-  and GPU generation (`flash_triton.default_launch_config`). `launch=`
+  and GPU generation (`flash_kernel.default_launch_config`). `launch=`
   (`fa.FlashLaunchConfig`) sets tiles, warps and stages of every kernel at
   once, and can select the one-kernel backward (`atomic_dq=True`: dQ by
   float32 atomic adds, not bitwise reproducible run to run).
@@ -98,7 +98,7 @@ class FlashAttention(base.AttentionModule):
       return reason
     if _uses_tpu_kernel(request):
       return _tpu_unsupported_reason(request)
-    return flash_triton.head_dim_reason(request.dims)
+    return flash_kernel.head_dim_reason(request.dims)
 
   @classmethod
   def block_size_reason(cls, request):
@@ -107,7 +107,7 @@ class FlashAttention(base.AttentionModule):
     if _uses_tpu_kernel(request):
       return request.block_size_reason(BLOCK_FIELDS, flash_tpu.check_block)
     return request.block_size_reason(BLOCK_FIELDS,
-                                     flash_triton.block_size_reason)
+                                     flash_kernel.block_size_reason)
 
   @classmethod
   def make_kernel(cls, config, request):
@@ -116,7 +116,7 @@ class FlashAttention(base.AttentionModule):
                                sm_scale=config.scale,
                                block_sizes=config.block_sizes)
     return functools.partial(
-        flash_triton.flash_attention, sm_scale=config.scale,
+        flash_kernel.flash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, precision=config.precision,
         block_sizes=config.block_sizes,
         # `auto`'s options have neither: it runs the compiled kernels with

@@ -7,7 +7,7 @@ import functools
 
 from flexible_attention.kernels import ring as ring_kernel
 from flexible_attention.mechanisms import base
-from flexible_attention.kernels import flash_triton
+from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.mechanisms import blockwise
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import layouts
@@ -50,7 +50,7 @@ class RingAttentionConfig(base.AttentionConfig):
       raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
     if self.block_kernel == "flash":
       for field in _BLOCK_FIELDS:
-        flash_triton.check_block_size(field, getattr(self.block_sizes, field))
+        flash_kernel.check_block_size(field, getattr(self.block_sizes, field))
     elif self.interpret:
       raise ValueError("ring: interpret=True applies to block_kernel='flash' "
                        "only.")
@@ -96,7 +96,7 @@ class RingAttention(base.AttentionModule):
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is None and dict(request.options).get("block_kernel") == "flash":
-      return flash_triton.head_dim_reason(request.dims, "ring")
+      return flash_kernel.head_dim_reason(request.dims, "ring")
     return reason
 
   @classmethod

@@ -1,0 +1,67 @@
+"""flash: the project's own fused attention kernels, in Pallas (GPU).
+
+FlashAttention-2's algorithm (Dao, 2023, https://arxiv.org/abs/2307.08691)
+with every feature of the library's semantics evaluated inside the kernels:
+causal, sliding window, segment ids, kv lengths and explicit positions from
+O(B * S) vectors, with fully invisible tiles skipped; grouped-query heads
+read through the launch's index maps (K/V never repeated); soft cap, bias
+(and its gradient), a dense mask when one is passed, and dropout with the
+library's hash. Any Sq, Sk and head sizes up to 256 (padded inside).
+
+Two backends, neither importing the other, under one launch policy:
+
+- `triton_common`, `triton_fwd`, `triton_bwd`: the Pallas kernels lowered
+  through Triton, which serve every call (any GPU; Pallas' interpreter with
+  `interpret=True`, how CI runs them on CPU);
+- `mosaic_common`, `mosaic_fwd`, `mosaic_bwd`: Mosaic GPU kernels for
+  Hopper (TMA, warp-specialised `wgmma`), the forward and dK/dV of the calls
+  they serve;
+- `launch`: the launch records, the per-GPU defaults, the checks, and which
+  backend serves each kernel of a call (its docstring says which path
+  serves what);
+- `structure`: the one static record of a call (`Static`), padding, the
+  structure vectors and the tile-skipping bounds both backends read;
+- `interface`: `prepare`, the `custom_vjp`, `flash_attention` and the
+  un-differentiated `forward_pass` / `backward_pass`.
+"""
+
+# pylint: disable=g-importing-member
+from flexible_attention.kernels.flash.interface import Prepared
+from flexible_attention.kernels.flash.interface import backward_pass
+from flexible_attention.kernels.flash.interface import flash_attention
+from flexible_attention.kernels.flash.interface import forward_pass
+from flexible_attention.kernels.flash.interface import prepare
+from flexible_attention.kernels.flash.launch import BACKENDS
+from flexible_attention.kernels.flash.launch import TILE_FIELDS
+from flexible_attention.kernels.flash.launch import Launch
+from flexible_attention.kernels.flash.launch import LaunchConfig
+from flexible_attention.kernels.flash.launch import block_size_reason
+from flexible_attention.kernels.flash.launch import check_block_size
+from flexible_attention.kernels.flash.launch import check_launch_config
+from flexible_attention.kernels.flash.launch import default_launch_config
+from flexible_attention.kernels.flash.launch import head_dim_reason
+from flexible_attention.kernels.flash.launch import launch_config
+from flexible_attention.kernels.flash.launch import mosaic_dkv_launch
+from flexible_attention.kernels.flash.launch import mosaic_launch
+from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
+
+__all__ = (
+    "BACKENDS",
+    "Launch",
+    "LaunchConfig",
+    "MAX_HEAD_DIM",
+    "Prepared",
+    "TILE_FIELDS",
+    "backward_pass",
+    "block_size_reason",
+    "check_block_size",
+    "check_launch_config",
+    "default_launch_config",
+    "flash_attention",
+    "forward_pass",
+    "head_dim_reason",
+    "launch_config",
+    "mosaic_dkv_launch",
+    "mosaic_launch",
+    "prepare",
+)

@@ -1,0 +1,373 @@
+"""The launch policy of the flash kernels: which backend and tiles serve a call.
+
+This module sits above the two backends (`triton_*`, `mosaic_*`), which never
+import each other or it. It holds:
+
+- the launch records, `Launch` (one kernel's tiles, warps, stages) and
+  `LaunchConfig` (the forward, dK/dV and dQ kernels, their backends);
+- the per-GPU defaults (`default_launch_config`, measured on an H200) and
+  the user's `fa.BlockSizes` over them (`launch_config`);
+- the checks of tiles and launches (`check_block_size`,
+  `check_launch_config`);
+- the choice (`choose_launch`): which backend serves each kernel of a call.
+
+Which path serves what (the README has it too):
+
+- forward: on Hopper (sm_90) by default the Mosaic GPU kernel wherever it
+  serves the call (`mosaic_common.unsupported_reason`: bf16 / fp16, padded
+  D == Dv in 64, 128, 256, no bias, dense mask, dropout or `precision`;
+  Sq and Sk at least one of its tiles; forward tiles not set by the user),
+  else Triton;
+- dK/dV: likewise on Hopper (its own tiles), else Triton;
+- dQ and the bias gradient: Triton;
+- GPUs before Hopper and `interpret=True`: Triton for every kernel.
+
+`LaunchConfig(fwd_backend=..., dkv_backend=...)` asks for a backend
+explicitly; a Mosaic kernel asked for a call it cannot serve is an error
+(never a silent fallback). A call whose results must be float32 (a ring's
+blocks: `float32_results=True`) stays on Triton, whose kernels write any
+dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from flexible_attention.core.types import BlockSizes
+from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
+from flexible_attention.kernels.flash.structure import MIN_BLOCK
+from flexible_attention.kernels.flash.structure import next_power_of_2
+
+# The `fa.BlockSizes` fields the kernels read: (q, k) tiles of each kernel.
+TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
+               "block_q_dq", "block_k_dq")
+BACKENDS = ("triton", "mosaic")  # Of the forward and dK/dV kernels.
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """Tile sizes and Triton settings of one kernel."""
+
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+  """The launches of the forward, dK/dV and dQ kernels.
+
+  With `atomic_dq`, the backward is one kernel: the dK/dV kernel also adds
+  each tile pair's share of dQ (`ds^T k`) into a float32 buffer with atomic
+  adds, as FlashAttention-2's CUDA backward does, so `dq` (its launch then
+  unused) is not launched: 5 matmuls per tile pair instead of the split
+  backward's 7. The float32 sums then run in the order the GPU schedules
+  the programs, so dQ is not bitwise reproducible from run to run (within
+  float32 rounding of the same sum). Off by default: on an H200 it is 2.7x
+  slower than the split backward at D = 128 (its float32 atomics are
+  acquire-release, with fences; benchmarks/flash_notes.md).
+
+  `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
+  `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
+  specialisation, asynchronous `wgmma`), for the calls it serves
+  (`mosaic_common.unsupported_reason`; an error otherwise), with
+  `fwd=mosaic_launch(Dp)`, its fixed launch (another is an error). On
+  Hopper the default launches use `"mosaic"` wherever it serves the call
+  and the forward tiles are not the user's (`choose_launch`).
+
+  `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
+  `mosaic_bwd.dkdv` (the calls the forward serves;
+  `dkv=mosaic_dkv_launch(Dp)`; not with `atomic_dq`), and the default
+  launches use it on Hopper wherever it serves the call and the dK/dV
+  tiles are not the user's. dQ is always Triton's.
+
+  The Mosaic kernels write the inputs' dtype: a call prepared with
+  `float32_results=True` (a ring's blocks) never uses them by default and
+  refuses them when asked.
+  """
+
+  fwd: Launch
+  dkv: Launch
+  dq: Launch
+  atomic_dq: bool = False
+  fwd_backend: str = "triton"
+  dkv_backend: str = "triton"
+
+
+
+def default_launch_config(head_dim: int, causal: bool = False,
+                          capability: float | None = None) -> LaunchConfig:
+  """Tiles, warps and stages per (padded) head size and GPU generation.
+
+  Hopper (compute capability 9.x, and `capability=None`): measured on an
+  H200 (jax 0.11.2, bf16, B*S = 16k, S = 4096, H*D = 2048), each kernel's
+  launches timed alone by `benchmarks/flash_probe.py`; the sweep and its
+  numbers are in benchmarks/flash_notes.md. At D <= 128 the causal forward
+  prefers 64 x 64 tiles (less work on the diagonal). At D = 256 the
+  shared memory (227 KiB a block) bounds the tiles: two float32 `[bk, 256]`
+  accumulators make the dK/dV kernel's best tile 64 x 32 at 4 warps.
+
+  Earlier GPUs (capability < 9) have less shared memory per block (164 KiB
+  on an A100 against 227 KiB): the same tiles with at most 2 pipeline
+  stages, an untuned starting point (no pre-Hopper GPU was measured).
+  """
+  config = _hopper_launch_config(head_dim, causal)
+  if capability is None or capability >= 9.0:
+    return config
+  cap = lambda launch: dataclasses.replace(
+      launch, num_stages=min(launch.num_stages, 2))
+  return dataclasses.replace(config, fwd=cap(config.fwd),
+                             dkv=cap(config.dkv), dq=cap(config.dq))
+
+
+def _hopper_launch_config(head_dim: int, causal: bool) -> LaunchConfig:
+  if head_dim <= 64:
+    fwd = Launch(64, 64, 4, 3) if causal else Launch(128, 128, 4, 3)
+    dq = Launch(128, 32, 4, 3) if causal else Launch(128, 64, 4, 3)
+    return LaunchConfig(fwd=fwd, dkv=Launch(32, 128, 4, 3), dq=dq)
+  if head_dim <= 128:
+    fwd = Launch(64, 64, 4, 3) if causal else Launch(128, 64, 4, 2)
+    return LaunchConfig(fwd=fwd, dkv=Launch(64, 128, 8, 3),
+                        dq=Launch(128, 32, 4, 3))
+  fwd = Launch(128, 64, 8, 2) if causal else Launch(64, 64, 4, 3)
+  return LaunchConfig(fwd=fwd, dkv=Launch(64, 32, 4, 2),
+                      dq=Launch(128, 32, 8, 2))
+
+
+
+def head_dim_reason(dims, mechanism: str = "flash") -> str | None:
+  """The kernels' head size limit as a refusal for `mechanism` (or None)."""
+  if max(dims.head_dim, dims.value_dim) > MAX_HEAD_DIM:
+    return (f"mechanism {mechanism!r} with the flash kernels supports head "
+            f"sizes up to {MAX_HEAD_DIM}, got D = {dims.head_dim}, Dv = "
+            f"{dims.value_dim}.")
+  return None
+
+
+
+def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
+  return 8 if block_q * block_k >= 128 * 64 and head_dim > 64 else 4
+
+
+def block_size_reason(name: str, value: int | None) -> str | None:
+  """Why `fa.BlockSizes.<name>` cannot serve the Triton kernels (None when
+  it can)."""
+  return _tile_reason(f"BlockSizes.{name}", value)
+
+
+def _tile_reason(label: str, value: int | None) -> str | None:
+  """Tiles must be powers of two >= 16 (Triton's tensor shapes)."""
+  if value is not None and (value < MIN_BLOCK or value & (value - 1)):
+    return (f"{label} must be a power of two >= {MIN_BLOCK} for the flash "
+            f"kernels, got {value}.")
+  return None
+
+
+def check_block_size(name: str, value: int | None):
+  """Raises `ValueError` for a tile size the Triton kernels cannot use."""
+  reason = block_size_reason(name, value)
+  if reason is not None:
+    raise ValueError(reason)
+
+
+def check_launch_config(config: LaunchConfig,
+                        block_sizes: BlockSizes | None = None):
+  """Raises `TypeError` / `ValueError` for launches the kernels cannot use
+  (tiles must be powers of two >= 16, warps a power of two from 1 to 32,
+  stages >= 1), or given together with tile sizes in `block_sizes` (which
+  would be ignored)."""
+  both = [f for f in TILE_FIELDS
+          if block_sizes is not None and getattr(block_sizes, f) is not None]
+  if both:
+    raise ValueError(
+        f"flash: pass the tiles either in `launch` or in `block_sizes`, not "
+        f"both (block_sizes sets {both}).")
+  if not isinstance(config, LaunchConfig):
+    raise TypeError(f"launch must be a LaunchConfig, got {config!r}.")
+  if not isinstance(config.atomic_dq, bool):
+    raise TypeError(
+        f"LaunchConfig.atomic_dq must be a bool, got {config.atomic_dq!r}.")
+  for field in ("fwd_backend", "dkv_backend"):
+    if getattr(config, field) not in BACKENDS:
+      raise ValueError(f"LaunchConfig.{field} must be one of {BACKENDS}, "
+                       f"got {getattr(config, field)!r}.")
+  if config.dkv_backend == "mosaic" and config.atomic_dq:
+    raise ValueError("LaunchConfig: dkv_backend='mosaic' has no atomic_dq.")
+  for kernel in ("fwd", "dkv", "dq"):
+    launch = getattr(config, kernel)
+    if not isinstance(launch, Launch):
+      raise TypeError(f"LaunchConfig.{kernel} must be a Launch, got "
+                      f"{launch!r}.")
+    for name in ("block_q", "block_k", "num_warps", "num_stages"):
+      value = getattr(launch, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LaunchConfig.{kernel}.{name} must be an int, got "
+                        f"{value!r}.")
+    for name in ("block_q", "block_k"):
+      reason = _tile_reason(f"LaunchConfig.{kernel}.{name}",
+                            getattr(launch, name))
+      if reason is not None:
+        raise ValueError(reason)
+    if launch.num_warps not in (1, 2, 4, 8, 16, 32):
+      raise ValueError(f"LaunchConfig.{kernel}.num_warps must be a power of "
+                       f"two from 1 to 32, got {launch.num_warps}.")
+    if launch.num_stages < 1:
+      raise ValueError(f"LaunchConfig.{kernel}.num_stages must be >= 1, got "
+                       f"{launch.num_stages}.")
+
+
+def launch_config(head_dim: int, block_sizes: BlockSizes | None = None,
+                  causal: bool = False, capability: float | None = None
+                  ) -> LaunchConfig:
+  """The default launches with the user's `fa.BlockSizes` applied."""
+  config = default_launch_config(head_dim, causal, capability)
+  if block_sizes is None:
+    return config
+
+  def override(launch: Launch, q_field: str, k_field: str) -> Launch:
+    block_q = getattr(block_sizes, q_field) or launch.block_q
+    block_k = getattr(block_sizes, k_field) or launch.block_k
+    check_block_size(q_field, block_q)
+    check_block_size(k_field, block_k)
+    if (block_q, block_k) == (launch.block_q, launch.block_k):
+      return launch
+    return Launch(block_q, block_k, _warps_for(block_q, block_k, head_dim),
+                  launch.num_stages)
+
+  return dataclasses.replace(
+      config, fwd=override(config.fwd, "block_q", "block_k"),
+      dkv=override(config.dkv, "block_q_dkv", "block_k_dkv"),
+      dq=override(config.dq, "block_q_dq", "block_k_dq"))
+
+
+def mosaic_launch(head_dim: int) -> Launch:
+  """The Mosaic GPU forward's fixed launch at a padded head size: its
+  tiles, the 8 warps of its two consumer warpgroups (a producer warpgroup
+  runs beside them) and its shared-memory slots as stages."""
+  return Launch(mosaic_common.BLOCK_Q, mosaic_common.block_k(head_dim),
+                4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
+
+
+def mosaic_dkv_launch(head_dim: int) -> Launch:
+  """The Mosaic GPU dK/dV kernel's fixed launch at a padded head size, as
+  `mosaic_launch`'s."""
+  return Launch(mosaic_common.DKV_BLOCK_Q, mosaic_common.dkv_block_k(head_dim),
+                4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
+
+
+def _mosaic_by_default(capability: float | None, reason: str | None,
+                       user_tiles: bool, q_len: int, kv_len: int,
+                       launch: Launch) -> bool:
+  """Whether the default launches take a Mosaic kernel (its fixed `launch`):
+  on Hopper (no `wgmma` elsewhere), for a call it serves that spans one of
+  its tiles each way, unless the user set that kernel's tiles (which are
+  Triton's)."""
+  return (capability is not None and 9.0 <= capability < 10.0
+          and reason is None and not user_tiles
+          and q_len >= launch.block_q and kv_len >= launch.block_k)
+
+
+def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
+                         head_dim: int, reason: str | None):
+  """Raises `ValueError` unless a Mosaic kernel (`"fwd"` or `"dkv"`) can
+  serve the call with the given launch: its own, fixed one (`want`), so
+  that no tile, warp or stage count passed is left unused."""
+  if reason is not None:
+    raise ValueError(f"flash: {kernel}_backend='mosaic' cannot serve this "
+                     f"call: {reason}.")
+  if launch != want:
+    raise ValueError(
+        f"flash: {kernel}_backend='mosaic' takes {kernel} tiles "
+        f"{want.block_q} x {want.block_k} with {want.num_warps} warps and "
+        f"{want.num_stages} stages at padded head size {head_dim} (its fixed "
+        f"launch), got {launch}.")
+
+
+
+def _clip(launch: Launch, q_len: int, kv_len: int) -> Launch:
+  """Shrinks tiles to the (power-of-two rounded) sequence lengths."""
+  fit = lambda block, n: min(block, max(MIN_BLOCK, next_power_of_2(n)))
+  return dataclasses.replace(launch, block_q=fit(launch.block_q, q_len),
+                             block_k=fit(launch.block_k, kv_len))
+
+
+
+
+def check_result_dtype(name: str, dtype, launch: LaunchConfig, kernel: str,
+                       inputs_dtype):
+  """Raises `ValueError` when `kernel`'s (`"fwd"` / `"dkv"`) Mosaic backend
+  would have to write `dtype`: it writes the inputs' dtype only
+  (`choose_launch`'s `float32_results` keeps such calls on Triton)."""
+  if getattr(launch, f"{kernel}_backend") != "mosaic":
+    return
+  if dtype is not None and jnp.dtype(dtype) != jnp.dtype(inputs_dtype):
+    raise ValueError(
+        f"flash: the Mosaic GPU kernels write {jnp.dtype(inputs_dtype)}, not "
+        f"{name}={jnp.dtype(dtype)}; prepare the call with "
+        f"float32_results=True (which keeps it on the Triton kernels).")
+
+
+def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
+                  kv_len: int, causal: bool, bias: bool, mask: bool,
+                  dropout: bool, precision, interpret: bool,
+                  block_sizes: BlockSizes | None,
+                  launch: LaunchConfig | None,
+                  float32_results: bool) -> LaunchConfig:
+  """The launches that serve a call: the user's `launch` (checked), or the
+  defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
+  kernels wherever they serve the call; Triton tiles clipped to the call.
+
+  Args:
+    dtype: the inputs' dtype.
+    head_dim, value_dim: Dp and Dvp, the padded head sizes.
+    q_len, kv_len: Sq and Sk.
+    causal, bias, mask, dropout: whether the call has them.
+    precision: the matmul precision asked for, or None.
+    interpret: Pallas' interpreter (Triton kernels only).
+    block_sizes: the user's `fa.BlockSizes`, or None.
+    launch: the user's `LaunchConfig`, or None.
+    float32_results: the caller wants float32 outputs and gradients.
+
+  Returns:
+    The `LaunchConfig` the call runs with.
+  """
+  mosaic_reason = mosaic_common.unsupported_reason(
+      dtype=dtype, head_dim=head_dim, value_dim=value_dim, bias=bias,
+      mask=mask, dropout=dropout, interpret=interpret, precision=precision)
+  if float32_results and jnp.dtype(dtype) != jnp.float32:
+    mosaic_reason = (
+        f"it writes the inputs' {jnp.dtype(dtype)}, and the caller wants "
+        f"float32 results")
+  # The kernels with a Mosaic GPU version: its fixed launch, and the
+  # `fa.BlockSizes` fields of the kernel's (Triton) tiles.
+  mosaic = {"fwd": (mosaic_launch(head_dim), ("block_q", "block_k")),
+            "dkv": (mosaic_dkv_launch(head_dim),
+                    ("block_q_dkv", "block_k_dkv"))}
+  if launch is not None:
+    check_launch_config(launch, block_sizes)
+    for kernel, (fixed, _) in mosaic.items():
+      if getattr(launch, f"{kernel}_backend") == "mosaic":
+        _check_mosaic_launch(kernel, getattr(launch, kernel), fixed,
+                             head_dim, mosaic_reason)
+  else:
+    capability = None if interpret else gpu.compute_capability()
+    launch = launch_config(max(head_dim, value_dim), block_sizes, causal,
+                           capability)
+    for kernel, (fixed, fields) in mosaic.items():
+      user_tiles = block_sizes is not None and any(
+          getattr(block_sizes, field) is not None for field in fields)
+      if _mosaic_by_default(capability, mosaic_reason, user_tiles, q_len,
+                            kv_len, fixed):
+        launch = dataclasses.replace(
+            launch, **{kernel: fixed, f"{kernel}_backend": "mosaic"})
+  # Triton tiles shrink to short calls; a Mosaic kernel's launch is fixed.
+  return dataclasses.replace(launch, **{
+      kernel: getattr(launch, kernel)
+      if getattr(launch, f"{kernel}_backend", "triton") == "mosaic"
+      else _clip(getattr(launch, kernel), q_len, kv_len)
+      for kernel in ("fwd", "dkv", "dq")})

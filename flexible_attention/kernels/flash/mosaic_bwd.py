@@ -1,0 +1,428 @@
+"""flash's dK/dV kernel for Hopper, in Mosaic GPU.
+
+Computes what the Triton dK/dV kernel (`triton_bwd`) computes, for the
+calls the Mosaic forward serves, in the same style (`mosaic_fwd`): a
+producer warpgroup streams the query-side tiles (q, dO, the rows' base-2
+log-sum-exp and `delta`, their structure vectors) into shared-memory slots;
+
+- at Dp <= 128 ("rows" layout) two consumers own 64 keys each and
+  accumulate their dK and dV with `wgmma`;
+- at Dp = 256 ("columns" layout), where those accumulators fill both
+  consumers' registers, the consumers share 64 keys and split dK's and dV's
+  columns, exchanging `p`, `dp - delta` and `ds` through shared memory
+  (FlashAttention-3's hdim-256 layout).
+
+dQ stays Triton's (`triton_bwd.dq`).
+
+Glossary of shapes:
+- B: batch size; H, Hkv: query and key/value heads; G = H // Hkv.
+- Sqp, Skp: query and key lengths padded to whole tiles.
+- Dp: the padded head size (64, 128 or 256).
+- Nq, Nk: the number of query / key structure vectors (`Static.vectors`).
+- bq, bk: `DKV_BLOCK_Q` query rows per step, `dkv_block_k(Dp)` keys per
+  program.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
+from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import ROWS
+from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
+from flexible_attention.kernels.flash.mosaic_common import STAGES
+from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
+from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import pad_bounds
+from flexible_attention.kernels.flash.mosaic_common import read_bounds
+from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.mosaic_common import visible
+from flexible_attention.kernels.flash.structure import LOG2E
+from flexible_attention.kernels.flash.structure import Static
+
+
+def _probabilities(st: Static, s, lse, visible):
+  """`(p, dcap)` of a transposed score tile: `p = exp(s - lse)`, 0 where
+  not `visible` (None: all are), and the soft cap's derivative `dcap` (None
+  without a cap). `lse` is in base 2, broadcast to the tile."""
+  dcap = None
+  scale = st.sm_scale * LOG2E
+  if st.softcap is not None:
+    t = jnp.tanh(s * (st.sm_scale / st.softcap))
+    s, scale = (st.softcap * LOG2E) * t, 1.0
+    dcap = 1.0 - t * t
+  p = jnp.exp2(s * scale - lse)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  return p, dcap
+
+
+def _score_grads(st: Static, p, dcap, dp_minus_delta, dtype):
+  """`ds` of a tile in `dtype`: `p (dp - delta)`, through the soft cap,
+  times the softmax scale."""
+  ds = p * dp_minus_delta
+  if dcap is not None:
+    ds = ds * dcap
+  return (ds * st.sm_scale).astype(dtype)
+
+
+class _DkdvRefs:
+  """The operands, outputs and scratch of one dK/dV program, and what
+  every warpgroup reads the same way."""
+
+  def __init__(self, st: Static, bq: int, operands, scratch):
+    (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
+     self.kvvec, self.dk, self.dv) = operands
+    (self.k_smem, self.v_smem, self.kvvec_smem, self.q_smem, self.do_smem,
+     self.stats_smem, self.qvec_smem, self.bounds_smem, self.exchange,
+     own_ready, ready, self.free) = scratch
+    (self.k_ready, self.v_ready, self.kvvec_ready,
+     self.bounds_ready) = own_ready
+    (self.q_ready, self.do_ready, self.stats_ready,
+     self.qvec_ready) = ready
+    self.st, self.bq = st, bq
+    self.dtype = self.q.dtype
+    self.q_names, self.kv_names = st.vectors()
+    self.tile, self.batch, self.kv_head = (
+        lax.axis_index("k"), lax.axis_index("b"), lax.axis_index("h"))
+    self.wg = lax.axis_index("wg")
+
+  def column(self, ref):
+    """A per-query `[bq]` vector in shared memory, across a `[64, bq]`
+    transposed tile."""
+    return lax.broadcast_in_dim(
+        load_vector(ref, plgpu.Layout.WGMMA.reduce(0)), (ROWS, self.bq), [1])
+
+  def key_vectors(self, smem):
+    """The keys' structure vectors, across a `[64, bq]` transposed tile."""
+    return {name: lax.broadcast_in_dim(
+        load_vector(smem.at[n], plgpu.Layout.WGMMA.reduce(1)),
+        (ROWS, self.bq), [0]) for n, name in enumerate(self.kv_names)}
+
+  def visible(self, slot, kv_vec):
+    """The structured mask of step `slot`'s transposed tile."""
+    q_vec = {name: self.column(self.qvec_smem.at[slot, n])
+             for n, name in enumerate(self.q_names)}
+    return visible(self.st, q_vec, kv_vec)
+
+  def loop(self, lo, flo, fhi, hi, step, carry):
+    """Runs `step(i, carry, masked, base)` over every query head's tiles
+    `[lo, hi)`, those outside `[flo, fhi)` masked; returns the carry."""
+    steps = hi - lo
+
+    def head(g, carry):
+      base = g * steps
+      masked = functools.partial(step, masked=True, base=base)
+      carry = lax.fori_loop(lo, flo, masked, carry)
+      carry = lax.fori_loop(
+          flo, fhi, functools.partial(step, masked=False, base=base), carry)
+      return lax.fori_loop(fhi, hi, masked, carry)
+
+    return lax.fori_loop(0, self.st.groups, head, carry)
+
+  def produce(self, lo, hi):
+    """The producer warpgroup: streams every step's q, dO, stats and query
+    vectors into the `STAGES` slots."""
+    plgpu.set_max_registers(40, action="decrease")
+    steps = hi - lo
+    per_head = jnp.maximum(steps, 1)
+    bq = self.bq
+
+    def load(n, slot):  # The n-th step: query head g, query tile i.
+      g, i = lax.div(n, per_head), lo + lax.rem(n, per_head)
+      head = self.kv_head * self.st.groups + g
+      rows = pl.ds(i * bq, bq)
+      plgpu.copy_gmem_to_smem(self.q.at[self.batch, rows, head],
+                              self.q_smem.at[slot], self.q_ready.at[slot])
+      plgpu.copy_gmem_to_smem(self.do.at[self.batch, rows, head],
+                              self.do_smem.at[slot], self.do_ready.at[slot])
+      plgpu.copy_gmem_to_smem(self.stats.at[self.batch, head, :, rows],
+                              self.stats_smem.at[slot],
+                              self.stats_ready.at[slot])
+      plgpu.copy_gmem_to_smem(self.qvec.at[self.batch, :, rows],
+                              self.qvec_smem.at[slot],
+                              self.qvec_ready.at[slot])
+
+    total = self.st.groups * steps
+    for slot in range(STAGES):
+      pl.when(slot < total)(functools.partial(load, slot, slot))
+
+    def refill(n, _):
+      slot = lax.rem(n, STAGES)
+      plgpu.barrier_wait(self.free.at[slot])
+      load(n, slot)
+
+    lax.fori_loop(STAGES, total, refill, None)
+
+
+def _zeros(cols: int):
+  """A zero `[64, cols]` float32 accumulator in the `wgmma` layout."""
+  return plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32),
+                           plgpu.Layout.WGMMA)
+
+
+def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
+  """Dp <= 128: warpgroup w < 2 owns keys `[64 w, 64 w + 64)` of the
+  program's 128 and all of their dK and dV columns."""
+  wg, batch, kv_head, bq = r.wg, r.batch, r.kv_head, r.bq
+  keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
+  k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
+  plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
+                          r.k_ready.at[wg])
+  plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
+                          r.v_ready.at[wg])
+  plgpu.copy_gmem_to_smem(r.kvvec.at[batch, :, keys], r.kvvec_smem.at[wg],
+                          r.kvvec_ready.at[wg])
+  plgpu.barrier_wait(r.kvvec_ready.at[wg])
+  kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
+  plgpu.barrier_wait(r.k_ready.at[wg])
+  plgpu.barrier_wait(r.v_ready.at[wg])
+
+  def step(i, carry, masked: bool, base):
+    dk, dv = carry
+    slot = lax.rem(base + i - lo, STAGES)
+    plgpu.barrier_wait(r.q_ready.at[slot])
+    plgpu.barrier_wait(r.do_ready.at[slot])
+
+    def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
+      plgpu.wgmma(s_ref, k_tile, r.q_smem.at[slot].transpose((1, 0)))
+      plgpu.wgmma(dp_ref, v_tile, r.do_smem.at[slot].transpose((1, 0)))
+      return s_ref[...], dp_ref[...]
+
+    s, dp = pl.run_scoped(transposed_scores,
+                          plgpu.ACC((ROWS, bq), jnp.float32),
+                          plgpu.ACC((ROWS, bq), jnp.float32))
+    plgpu.barrier_wait(r.stats_ready.at[slot])
+    plgpu.barrier_wait(r.qvec_ready.at[slot])
+    p, dcap = _probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
+                             r.visible(slot, kv_vec) if masked else None)
+    ds = _score_grads(r.st, p, dcap, dp - r.column(r.stats_smem.at[slot, 1]),
+                      r.dtype)
+
+    def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles).
+      dv_ref, dk_ref = refs
+      plgpu.wgmma(dv_ref, p.astype(r.dtype), r.do_smem.at[slot])
+      plgpu.wgmma(dk_ref, ds, r.q_smem.at[slot])
+
+    dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv),
+                                       plgpu.ACC.init(dk)))
+    plgpu.barrier_arrive(r.free.at[slot])
+    return dk, dv
+
+  dk, dv = r.loop(lo, flo, fhi, hi, step, (_zeros(r.k.shape[-1]),
+                                           _zeros(r.v.shape[-1])))
+  k_tile[...] = dk.astype(r.dtype)  # K and V are spent: reuse their tiles.
+  v_tile[...] = dv.astype(r.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_tile, r.dk.at[batch, keys, kv_head])
+  plgpu.copy_smem_to_gmem(v_tile, r.dv.at[batch, keys, kv_head])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
+  """Dp = 256: the program's 64 keys; warpgroup w owns dK's and dV's
+  columns `[128 w, 128 w + 128)`.
+
+  Per step, warpgroup 0 computes `s^T = k q^T` and
+  `p^T`, the other `dp^T = v do^T` and passes `dp^T - delta` to it through
+  shared memory; the first forms `ds^T` and passes it and `p^T` back. Each
+  then accumulates its columns: `dv_w += p^T do_w`, `dk_w += ds^T q_w`. The
+  exchange tiles are single: warpgroup 0 writes `p^T` and `ds^T` once the
+  other has read the last ones (`mm_done`).
+  """
+  scores = w == 0
+  (p_smem, x_smem, ds_smem, p_ready, x_ready, ds_ready, mm_done,
+   both_done) = r.exchange
+  batch, kv_head, bq, dtype = r.batch, r.kv_head, r.bq, r.dtype
+  half = r.k.shape[-1] // CONSUMERS
+  cols = pl.ds(w * half, half)
+  keys = pl.ds(r.tile * ROWS, ROWS)
+  k_tile, v_tile = r.k_smem.at[0], r.v_smem.at[0]
+  if scores:
+    plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
+                            r.k_ready.at[0])
+    plgpu.copy_gmem_to_smem(r.kvvec.at[batch, :, keys], r.kvvec_smem.at[0],
+                            r.kvvec_ready.at[0])
+    plgpu.barrier_wait(r.kvvec_ready.at[0])
+    kv_vec = r.key_vectors(r.kvvec_smem.at[0])
+    plgpu.barrier_wait(r.k_ready.at[0])
+  else:
+    plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
+                            r.v_ready.at[0])
+    plgpu.barrier_wait(r.v_ready.at[0])
+    plgpu.barrier_arrive(mm_done)  # The exchange tiles start free.
+
+  def step(i, carry, masked: bool, base):
+    dk, dv = carry
+    slot = lax.rem(base + i - lo, STAGES)
+    plgpu.barrier_wait(r.q_ready.at[slot])
+    plgpu.barrier_wait(r.do_ready.at[slot])
+    plgpu.barrier_wait(r.stats_ready.at[slot])
+    q_cols, do_cols = r.q_smem.at[slot, :, cols], r.do_smem.at[slot, :, cols]
+
+    def transposed(operand, tile):  # operand @ tile^T, [64, bq].
+      def matmul(acc_ref):
+        plgpu.wgmma(acc_ref, operand, tile.transpose((1, 0)))
+        return acc_ref[...]
+      return pl.run_scoped(matmul, plgpu.ACC((ROWS, bq), jnp.float32))
+
+    if scores:
+      s = transposed(k_tile, r.q_smem.at[slot])
+      plgpu.barrier_wait(r.qvec_ready.at[slot])
+      p, dcap = _probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
+                               r.visible(slot, kv_vec) if masked else None)
+      p_low = p.astype(dtype)
+      plgpu.barrier_wait(mm_done)  # The other has read the last p, ds.
+      p_smem[...] = p_low
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(p_ready)
+
+      def accumulate(refs):
+        dv_ref, dk_ref = refs
+        plgpu.wgmma(dv_ref, p_low, do_cols)
+        plgpu.barrier_wait(x_ready)
+        x = load_vector(x_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
+        ds = _score_grads(r.st, p, dcap, x, dtype)
+        ds_smem[...] = ds
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ds_ready)
+        plgpu.wgmma(dk_ref, ds, q_cols)
+    else:
+      dp = transposed(v_tile, r.do_smem.at[slot])
+      x_smem[...] = (dp - r.column(r.stats_smem.at[slot, 1])).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(x_ready)
+
+      def accumulate(refs):
+        dv_ref, dk_ref = refs
+        plgpu.barrier_wait(p_ready)
+        plgpu.wgmma(dv_ref, p_smem, do_cols)
+        plgpu.barrier_wait(ds_ready)
+        plgpu.wgmma(dk_ref, ds_smem, q_cols)
+
+    dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv),
+                                       plgpu.ACC.init(dk)))
+    if not scores:
+      plgpu.barrier_arrive(mm_done)
+    plgpu.barrier_arrive(r.free.at[slot])
+    return dk, dv
+
+  dk, dv = r.loop(lo, flo, fhi, hi, step, (_zeros(half), _zeros(half)))
+
+  def meet():
+    plgpu.barrier_arrive(both_done)
+    plgpu.barrier_wait(both_done)
+
+  meet()  # K and V are spent: both warpgroups write their columns there.
+  k_tile.at[:, cols][...] = dk.astype(dtype)
+  v_tile.at[:, cols][...] = dv.astype(dtype)
+  plgpu.commit_smem()
+  meet()
+  out, tile = (r.dk, k_tile) if scores else (r.dv, v_tile)
+  plgpu.copy_smem_to_gmem(tile, out.at[batch, keys, kv_head])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkdv_kernel(*refs, st: Static, bq: int):
+  """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
+  query head of its group."""
+  r = _DkdvRefs(st, bq, refs[:10], refs[10])
+  lo, flo, fhi, hi = read_bounds(r.bounds.at[r.batch, r.tile],
+                                  r.bounds_smem.at[r.wg],
+                                  r.bounds_ready.at[r.wg])
+  columns = r.k.shape[-1] >= SPLIT_HEAD_DIM
+
+  @pl.when(r.wg < CONSUMERS)
+  def _consumers():
+    plgpu.set_max_registers(232, action="increase")
+    if not columns:
+      _dkdv_rows_consumer(r, lo, flo, fhi, hi)
+    else:
+      for w in range(CONSUMERS):
+        pl.when(r.wg == w)(functools.partial(
+            _dkdv_columns_consumer, r, lo, flo, fhi, hi, w=w))
+
+  @pl.when(r.wg == CONSUMERS)
+  def _producer():
+    r.produce(lo, hi)
+
+
+def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
+         kv_vectors):
+  """dK and dV on padded operands (the Triton dK/dV kernel's function).
+
+  Args:
+    st: the call's static structure.
+    q: `[B, Sqp, H, Dp]`, bf16 or fp16, Sqp a multiple of `DKV_BLOCK_Q`.
+    k: `[B, Skp, Hkv, Dp]`, Skp a multiple of `dkv_block_k(Dp)`.
+    v: `[B, Skp, Hkv, Dp]`.
+    do: `[B, Sqp, H, Dp]`, the output's cotangent.
+    lse2: float32 `[B, H, Sqp]`, the rows' log-sum-exp in base 2 (0 for
+      rows that see no key).
+    delta: float32 `[B, H, Sqp]`, `rowsum(dO * O)` (less the lse's
+      cotangent).
+    bounds: int32 `[B, Skp // dkv_block_k(Dp), 4]`, per key tile the query
+      tiles (`DKV_BLOCK_Q` rows) that may see it, as `forward`'s.
+    q_vectors: int32 `[B, Nq, Sqp]` (a zero `[B, 1, Sqp]` when Nq = 0).
+    kv_vectors: int32 `[B, Nk, Skp]`.
+
+  Returns:
+    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp])` in k's dtype.
+  """
+  batch, q_len, _, d = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  bq, bk = DKV_BLOCK_Q, dkv_block_k(d)
+  if q_len % bq or kv_len % bk:
+    raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
+                     f"must be multiples of {bq} and {bk}.")
+  swizzled = wgmma_transforms(q.dtype)
+  nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
+  stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
+  bounds = pad_bounds(bounds)
+  key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
+
+  def body(*operands):
+    smem = (
+        plgpu.SMEM((key_tiles, ROWS, d), k.dtype, transforms=swizzled),
+        plgpu.SMEM((key_tiles, ROWS, d), v.dtype, transforms=swizzled),
+        plgpu.SMEM((key_tiles, nkv, ROWS), jnp.int32),
+        plgpu.SMEM((STAGES, bq, d), q.dtype, transforms=swizzled),
+        plgpu.SMEM((STAGES, bq, d), do.dtype, transforms=swizzled),
+        plgpu.SMEM((STAGES, 2, bq), jnp.float32),
+        plgpu.SMEM((STAGES, nqv, bq), jnp.int32),
+        plgpu.SMEM((CONSUMERS + 1, BOUNDS_ROW), jnp.int32),
+    )
+    exchange = ()
+    if key_tiles == 1:  # p^T, dp^T - delta and ds^T; the signals.
+      exchange = ((plgpu.SMEM((ROWS, bq), q.dtype, transforms=swizzled),) * 3
+                  + (plgpu.Barrier(),) * 4
+                  + (plgpu.Barrier(num_arrivals=CONSUMERS),))
+    own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
+        plgpu.Barrier(num_barriers=CONSUMERS + 1),)
+    ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
+    free = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)
+
+    def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref):
+      _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
+                               ready_refs, free_ref), st=st, bq=bq)
+
+    pl.run_scoped(scoped, smem, exchange, own, ready, free,
+                  collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype),
+              jax.ShapeDtypeStruct(v.shape, v.dtype))
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(kv_len // bk, batch, kv_heads),
+      grid_names=("k", "b", "h"), num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, do, stats, bounds, q_vectors, kv_vectors)

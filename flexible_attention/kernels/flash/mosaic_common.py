@@ -1,0 +1,140 @@
+"""What flash's Mosaic GPU (Hopper) kernels share: tiles, operands, masking.
+
+The forward (`mosaic_fwd`) and the dK/dV kernel (`mosaic_bwd`) are written
+for sm_90 the way FlashAttention-3 describes it (Shah et al., 2024,
+https://arxiv.org/abs/2407.08608): a producer warpgroup streams tiles into
+shared memory with TMA, two consumer warpgroups of `ROWS` rows run
+asynchronous `wgmma`s. This module holds their fixed tiles (which the launch
+policy reads), `unsupported_reason` (what they cannot serve), and the pieces
+both kernels use: the swizzled shared-memory layout, the stacked structure
+vectors and the structured mask of a tile (`masks.pair_visible`, the
+library's one mask rule).
+
+Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
+that both kernels lower for every structure they serve, and the GPU machine
+runs them against the reference (benchmarks/flash_notes.md).
+
+Glossary of shapes:
+- B: batch size.
+- Sqp, Skp: query and key lengths padded to whole tiles.
+- Dp: the padded head size (64, 128 or 256).
+- Nq, Nk: the number of query / key structure vectors (`Static.vectors`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from flexible_attention.core import masks
+
+ROWS = 64  # Query rows per consumer warpgroup: wgmma's M.
+CONSUMERS = 2
+BLOCK_Q = ROWS * CONSUMERS
+STAGES = 2  # Shared-memory slots of K and V.
+HEAD_DIMS = (64, 128, 256)
+SWIZZLE = 128  # Bytes; a row of 64 bf16 / fp16 values.
+BOUNDS_ROW = 32  # A tile's 4 bounds, padded: TMA copies 128-byte rows.
+_LOAD_TAKES_INDEX = (
+    inspect.signature(plgpu.load).parameters["idx"].default
+    is inspect.Parameter.empty)
+
+
+def block_k(head_dim: int) -> int:
+  """The key tile per padded head size: 256, 128 and 64 at Dp = 64, 128 and
+  256. Measured on an H200 (benchmarks/flash_notes.md): at Dp = 64, 256 is
+  12% faster than 128; at Dp = 128, 128 is 22% faster than 64. Q, and K
+  and V in `STAGES` slots, fill 80-160 KiB of the 227 KiB of shared memory
+  a block has; three slots of 128-key tiles at Dp = 128 do not fit.
+  """
+  return {64: 256, 128: 128}.get(head_dim, 64)
+
+
+
+def load_vector(ref, layout):
+  """`ref`'s vector in registers (jax 0.10 takes an index argument)."""
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+
+def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
+                       bias: bool, mask: bool, dropout: bool,
+                       interpret: bool, precision: Any) -> str | None:
+  """Why this kernel cannot serve a call (padded head sizes), or None."""
+  if interpret:
+    return "it has no interpreter (interpret=True)"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"it takes bfloat16 or float16 inputs, not {jnp.dtype(dtype)}"
+  if head_dim != value_dim or head_dim not in HEAD_DIMS:
+    return (f"it takes padded head sizes D == Dv in {HEAD_DIMS}, got D = "
+            f"{head_dim}, Dv = {value_dim}")
+  if bias or mask or dropout:
+    return "it takes no bias, dense mask or dropout"
+  if precision is not None:
+    return "it has one matmul precision (the inputs' type, float32 sums)"
+  return None
+
+
+
+DKV_BLOCK_Q = 64  # Query rows per step: `[64, 64]` score tiles.
+SPLIT_HEAD_DIM = 256  # From here on the consumers split dK/dV's columns.
+
+
+def dkv_block_k(head_dim: int) -> int:
+  """Keys per program of the dK/dV kernel at a padded head size.
+
+  At Dp <= 128 each consumer owns 64 keys (two `[64, Dp]` float32
+  accumulators fit its registers): 128 keys. At Dp = 256 those accumulators
+  take both consumers' registers, so a program owns 64 keys and each
+  consumer half of dK's and dV's columns.
+  """
+  return ROWS if head_dim >= SPLIT_HEAD_DIM else BLOCK_Q
+
+
+
+
+def wgmma_transforms(dtype) -> tuple[Any, ...]:
+  """The shared-memory transforms of a `wgmma` operand: `[8, 64]` tiles of
+  16-bit values, 128-byte swizzle."""
+  return (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(SWIZZLE))
+
+
+def pad_bounds(bounds):
+  """`[B, n, 4]` -> `[B, n, BOUNDS_ROW]`: rows TMA can copy."""
+  return jnp.pad(bounds, ((0, 0), (0, 0), (0, BOUNDS_ROW - bounds.shape[-1])))
+
+
+def read_bounds(gmem_row, smem_row, ready):
+  """This program's `(lo, flo, fhi, hi)`, read by a warpgroup through its
+  own shared-memory row."""
+  plgpu.copy_gmem_to_smem(gmem_row, smem_row, ready)
+  plgpu.barrier_wait(ready)
+  return tuple(smem_row[i] for i in range(4))
+
+
+def visible(st, q_vec: dict, kv_vec: dict):
+  """The structured mask of a tile from its vectors, each broadcast to the
+  tile's shape (`Static.vectors` names them)."""
+  return masks.pair_visible(
+      kv_vec["kv_ok"] != 0, q_vec.get("q_pos"), kv_vec.get("kv_pos"),
+      causal=st.causal, window=st.window, q_seg=q_vec.get("q_seg"),
+      kv_seg=kv_vec.get("kv_seg"))
+
+
+
+
+def stacked_vectors(st, aux, batch: int, q_len: int):
+  """The kernels' structure operands: `(q_vectors [B, Nq, Sqp], kv_vectors
+  [B, Nk, Skp])`, int32, the vectors `st.vectors()` names stacked in its
+  order (`kv_ok` first; a zero `[B, 1, Sqp]` when Nq = 0)."""
+  q_names, kv_names = st.vectors()
+  q_vectors = (jnp.stack([aux[name] for name in q_names], 1) if q_names
+               else jnp.zeros((batch, 1, q_len), jnp.int32))
+  kv_vectors = jnp.stack([aux[name] for name in kv_names], 1)
+  return q_vectors, kv_vectors

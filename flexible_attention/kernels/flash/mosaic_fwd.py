@@ -1,0 +1,258 @@
+"""flash's forward kernel for Hopper, in Mosaic GPU.
+
+Computes what the Triton forward (`triton_fwd`) computes, from the same
+padded operands, structure vectors and skipping bounds, with the same `out`
+and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
+(Shah et al., 2024, https://arxiv.org/abs/2407.08608):
+
+- three warpgroups per program: a producer that streams K, V (and the keys'
+  structure vectors) into a ring of shared-memory slots with TMA, and two
+  consumers of 64 query rows each (one `wgmma` M tile);
+- the consumers run `q k^T` and `p v` as asynchronous `wgmma`s on operands
+  in shared memory and ping-pong through a named barrier, so one
+  warpgroup's softmax overlaps the other's matmuls;
+- the softmax keeps the raw logits and the row maxima in base 2, one FMA
+  per element (as the Triton kernel does).
+
+It serves the calls `mosaic_common.unsupported_reason` accepts (bf16 /
+fp16, padded head sizes 64, 128 or 256 with D == Dv, no bias, dense mask or
+dropout); the launch policy (`launch.py`) sends every other call to Triton.
+
+Glossary of shapes:
+- B: batch size; H, Hkv: query and key/value heads; G = H // Hkv.
+- Sqp, Skp: query and key lengths padded to whole tiles (`BLOCK_Q`, bk).
+- Dp: the padded head size (64, 128 or 256).
+- Nq, Nk: the number of query / key structure vectors (`Static.vectors`).
+- nq: Sqp // BLOCK_Q, the number of query tiles.
+- bk: the key tile (`block_k(Dp)`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
+from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import ROWS
+from flexible_attention.kernels.flash.mosaic_common import STAGES
+from flexible_attention.kernels.flash.mosaic_common import block_k
+from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import pad_bounds
+from flexible_attention.kernels.flash.mosaic_common import read_bounds
+from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.mosaic_common import visible
+from flexible_attention.kernels.flash.structure import LN2
+from flexible_attention.kernels.flash.structure import LOG2E
+from flexible_attention.kernels.flash.structure import Static
+
+
+def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
+            lse_ref, scratch, *, st: Static, bk: int, nq: int):
+  """One program: `BLOCK_Q` query rows of one (batch, head) pair."""
+  (q_smem, k_smem, v_smem, qvec_smem, kvvec_smem, bounds_smem, lse_smem,
+   ready, free, sched) = scratch
+  (q_ready, qvec_ready, k_ready, v_ready, kvvec_ready, bounds_ready) = ready
+  k_free, v_free = free
+  dtype = q_ref.dtype
+  q_names, kv_names = st.vectors()
+  tile = nq - 1 - lax.axis_index("q")  # Heavy causal rows first.
+  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  wg = lax.axis_index("wg")
+
+  # Every warpgroup reads the tile's bounds through shared memory.
+  lo, flo, fhi, hi = read_bounds(bounds_ref.at[batch, tile],
+                                  bounds_smem.at[wg], bounds_ready.at[wg])
+
+  def sync():  # Both consumers meet: the ping-pong of FlashAttention-3.
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    rows = tile * BLOCK_Q + wg * ROWS
+    q_tile = q_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head], q_tile,
+                            q_ready.at[wg])
+    q_vec = {}
+    if q_names:
+      plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
+                              qvec_smem.at[wg], qvec_ready.at[wg])
+      plgpu.barrier_wait(qvec_ready.at[wg])
+      for n, name in enumerate(q_names):
+        vec = load_vector(qvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1))
+        q_vec[name] = lax.broadcast_in_dim(vec, (ROWS, bk), [0])
+    plgpu.barrier_wait(q_ready.at[wg])
+
+    scale = st.sm_scale * LOG2E if st.softcap is None else 1.0
+
+    def step(t, carry, masked: bool):
+      acc, m, l = carry
+      slot = lax.rem(t - lo, STAGES)
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def scores(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+        sync()  # The other consumer's matmuls go next.
+        return acc_ref[...]
+
+      s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
+      plgpu.barrier_wait(kvvec_ready.at[slot])
+      vis = None
+      if masked:
+        kv = {name: lax.broadcast_in_dim(
+            load_vector(kvvec_smem.at[slot, n], plgpu.Layout.WGMMA.reduce(0)),
+            (ROWS, bk), [1]) for n, name in enumerate(kv_names)}
+        vis = visible(st, q_vec, kv)
+      plgpu.barrier_arrive(k_free.at[slot])
+      if st.softcap is not None:
+        s = s * st.sm_scale
+        s = (st.softcap * LOG2E) * jnp.tanh(s * (1.0 / st.softcap))
+      if masked:
+        s = jnp.where(vis, s, -jnp.inf)
+      # Row maxima in base 2; `masked` rows of a tile may all be -inf.
+      m_new = jnp.maximum(m, s.max(axis=1) * scale)
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      p = p.astype(dtype)
+      plgpu.barrier_arrive(sched)  # Softmax done.
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(sched)  # The tensor cores are ours again.
+
+      def values(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+      acc = pl.run_state(values)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    reduced = plgpu.Layout.WGMMA.reduce(1)
+    carry = (plgpu.layout_cast(jnp.zeros((ROWS, v_ref.shape[-1]), jnp.float32),
+                               plgpu.Layout.WGMMA),
+             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                               reduced),
+             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduced))
+    pl.when(wg == 1)(sync)  # Consumer 1 starts one phase behind.
+    masked = functools.partial(step, masked=True)
+    carry = lax.fori_loop(lo, flo, masked, carry)
+    carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False),
+                          carry)
+    acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
+    pl.when(wg == 0)(sync)
+
+    nonempty = l > 0.0
+    inv_l = 1.0 / jnp.where(nonempty, l, 1.0)
+    acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+    q_tile[...] = acc.astype(dtype)  # The query tile is spent: reuse it.
+    lse_smem.at[wg][...] = jnp.where(
+        nonempty, m * LN2 + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, pl.ds(rows, ROWS), head])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                            lse_ref.at[batch, head, pl.ds(rows, ROWS)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
+
+    def load(t, slot):
+      keys = pl.ds(t * bk, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
+                              k_ready.at[slot])
+      plgpu.copy_gmem_to_smem(kvvec_ref.at[batch, :, keys],
+                              kvvec_smem.at[slot], kvvec_ready.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot],
+                              v_ready.at[slot])
+
+    for slot in range(STAGES):
+      pl.when(lo + slot < hi)(functools.partial(load, lo + slot, slot))
+
+    def refill(t, _):
+      slot = lax.rem(t - lo, STAGES)
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+      load(t, slot)
+
+    lax.fori_loop(lo + STAGES, hi, refill, None)
+
+
+def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors):
+  """The forward kernel on padded operands.
+
+  Args:
+    st: the call's static structure.
+    q: `[B, Sqp, H, Dp]`, bf16 or fp16, Sqp a multiple of `BLOCK_Q`.
+    k: `[B, Skp, Hkv, Dp]`, Skp a multiple of `block_k(Dp)`.
+    v: `[B, Skp, Hkv, Dp]`.
+    bounds: int32 `[B, nq, 4]`, per query tile the key tiles `[lo, hi)` that
+      may be visible and, inside, `[flo, fhi)` that are fully visible
+      (`structure.bounds_table` for tiles `BLOCK_Q x block_k(Dp)`).
+    q_vectors: int32 `[B, Nq, Sqp]` (`st.vectors()[0]`, in order; a zero
+      `[B, 1, Sqp]` when Nq = 0).
+    kv_vectors: int32 `[B, Nk, Skp]` (`st.vectors()[1]`; `kv_ok` first).
+
+  Returns:
+    `(out [B, Sqp, H, Dp] in q's dtype, lse [B, H, Sqp] float32)`: natural
+    log, -inf (and out 0) for rows that see no key.
+  """
+  batch, q_len, heads, d = q.shape
+  kv_len = k.shape[1]
+  bk = block_k(d)
+  nq = q_len // BLOCK_Q
+  if q_len % BLOCK_Q or kv_len % bk:
+    raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
+                     f"must be multiples of {BLOCK_Q} and {bk}.")
+  swizzled = wgmma_transforms(q.dtype)
+  nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
+  bounds = pad_bounds(bounds)
+
+  def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
+           lse_ref):
+    smem = (
+        plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=swizzled),
+        plgpu.SMEM((STAGES, bk, d), k.dtype, transforms=swizzled),
+        plgpu.SMEM((STAGES, bk, d), v.dtype, transforms=swizzled),
+        plgpu.SMEM((CONSUMERS, nqv, ROWS), jnp.int32),
+        plgpu.SMEM((STAGES, nkv, bk), jnp.int32),
+        plgpu.SMEM((CONSUMERS + 1, BOUNDS_ROW), jnp.int32),
+        plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
+    )
+    ready = (plgpu.Barrier(num_barriers=CONSUMERS),
+             plgpu.Barrier(num_barriers=CONSUMERS),
+             plgpu.Barrier(num_barriers=STAGES),
+             plgpu.Barrier(num_barriers=STAGES),
+             plgpu.Barrier(num_barriers=STAGES),
+             plgpu.Barrier(num_barriers=CONSUMERS + 1))
+    free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
+    sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
+
+    def scoped(*scratch):
+      (smem_refs, ready_refs, free_refs, sched_ref) = scratch
+      _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
+              lse_ref, (*smem_refs, ready_refs, free_refs, sched_ref),
+              st=st, bk=bk, nq=nq)
+
+    pl.run_scoped(scoped, smem, ready, free, sched, collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+              jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(nq, batch, heads),
+      grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, bounds, q_vectors, kv_vectors)
+
+

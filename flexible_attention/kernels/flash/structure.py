@@ -1,0 +1,233 @@
+"""The one static record of a flash call, and its structure tables (XLA).
+
+Every backend of the flash kernels (`triton_*`, `mosaic_*`) reads a call
+through the same two things, built here before any kernel runs:
+
+- `Static`: what is static about the call (scale, soft cap, which structured
+  features it uses, grouped heads, the launches, interpret mode); hashable,
+  the `custom_vjp`'s non-differentiable argument;
+- the structure as `O(B * S)` int32 vectors (`structure_vectors`: positions,
+  segment ids, key validity) and, per kernel, the tile-skipping bounds
+  (`tile_bounds`): for each tile of one sequence the run `[lo, hi)` of
+  tiles of the other that may hold a visible pair and, inside it, the run
+  `[flo, fhi)` that certainly holds only visible pairs (no mask needed).
+
+Padding to whole tiles also lives here: the backends take the same padded
+operands.
+
+Glossary of shapes:
+- B: batch size.
+- Sq, Sk: query and key lengths; Sqp, Skp: padded to whole tiles.
+- nq, nk: the number of query and key tiles of one kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from flexible_attention.core import masks
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16  # The smallest tile and padded head size (Triton's dot side).
+
+# --- Static description of a call -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything static about a call (the custom_vjp's non-diff argument).
+
+  Attributes:
+    sm_scale: the softmax scale (positive).
+    softcap: logits soft cap, or None.
+    precision: matmul precision of the Triton kernels, or None.
+    causal: `kv_pos <= q_pos`.
+    window: `(left, right)` around `q_pos`, or None.
+    segments: segment ids must match.
+    mask: a dense mask is passed (`aux["mask"]`).
+    dropout_rate: the rate, or None without dropout.
+    groups: G = H // Hkv, query heads per key/value head.
+    launch: the kernels' `launch.LaunchConfig` (tiles and backends).
+    interpret: run the Triton kernels in Pallas' interpreter.
+  """
+
+  sm_scale: float
+  softcap: float | None
+  precision: Any
+  causal: bool
+  window: tuple[int, int] | None
+  segments: bool
+  mask: bool
+  dropout_rate: float | None
+  groups: int
+  launch: Any  # launch.LaunchConfig
+  interpret: bool
+
+  def vectors(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of the query and key vectors a masked tile reads (the
+    Mosaic kernels stack exactly these)."""
+    positions = self.causal or self.window is not None
+    q_names = (("q_pos",) if positions else ()) + (
+        ("q_seg",) if self.segments else ())
+    kv_names = ("kv_ok",) + (("kv_pos",) if positions else ()) + (
+        ("kv_seg",) if self.segments else ())
+    return q_names, kv_names
+
+
+
+def next_power_of_2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def pad_dim(d: int) -> int:
+  return max(MIN_BLOCK, next_power_of_2(d))
+
+
+def pad_axis(x, axis: int, size: int, mode: str = "constant", value=0):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  if mode == "edge":
+    return jnp.pad(x, widths, mode="edge")
+  return jnp.pad(x, widths, constant_values=value)
+
+
+
+# --- Block skipping tables (XLA, O(B * S)) ------------------------------------
+
+
+def _tile_min_max(x, valid, block: int):
+  """Per-tile min and max of `x [B, S]` over `valid [B, S]` entries."""
+  b, s = x.shape
+  x = x.reshape(b, s // block, block)
+  valid = valid.reshape(b, s // block, block)
+  big = jnp.iinfo(jnp.int32).max
+  lo = jnp.min(jnp.where(valid, x, big), axis=-1)
+  hi = jnp.max(jnp.where(valid, x, -big), axis=-1)
+  return lo, hi
+
+
+def tile_tables(st: Static, aux, block_q: int, block_k: int):
+  """`(maybe, full)`, bool `[B, nq, nk]`: whether tile (i, j) may hold a
+  visible pair / certainly holds only visible pairs."""
+  q_pos, kv_pos, kv_ok = aux["q_pos"], aux["kv_pos"], aux["kv_ok"] != 0
+  q_all = jnp.ones(q_pos.shape, bool)
+  qmin, qmax = _tile_min_max(q_pos, q_all, block_q)  # [B, nq]
+  kmin, kmax = _tile_min_max(kv_pos, kv_ok, block_k)  # [B, nk]
+  b, sk = kv_ok.shape
+  ok = kv_ok.reshape(b, sk // block_k, block_k)
+  k_any, k_all = jnp.any(ok, -1), jnp.all(ok, -1)
+  qmin, qmax = qmin[:, :, None], qmax[:, :, None]
+  kmin, kmax = kmin[:, None, :], kmax[:, None, :]
+  maybe = jnp.broadcast_to(k_any[:, None, :], (b, qmin.shape[1],
+                                               kmin.shape[2]))
+  full = maybe & k_all[:, None, :]
+  if st.causal:
+    maybe &= kmin <= qmax
+    full &= kmax <= qmin
+  if st.window is not None:
+    left, right = st.window
+    maybe &= (kmax >= qmin - left) & (kmin <= qmax + right)
+    full &= (kmin >= qmax - left) & (kmax <= qmin + right)
+  if st.segments:
+    sqmin, sqmax = _tile_min_max(aux["q_seg"], q_all, block_q)
+    skmin, skmax = _tile_min_max(aux["kv_seg"], kv_ok, block_k)
+    sqmin, sqmax = sqmin[:, :, None], sqmax[:, :, None]
+    skmin, skmax = skmin[:, None, :], skmax[:, None, :]
+    maybe &= (skmax >= sqmin) & (skmin <= sqmax)
+    full &= (sqmin == sqmax) & (skmin == skmax) & (sqmin == skmin)
+  if st.mask:
+    full = jnp.zeros_like(full)
+  return maybe, full & maybe
+
+
+def bounds_table(maybe, full):
+  """`[B, n, m]` tables -> int32 `[B, n, 4]`: `(lo, flo, fhi, hi)` per row.
+
+  Tiles `[lo, hi)` of the last axis may be visible; `[flo, fhi)` (inside it)
+  are certainly fully visible and need no mask.
+  """
+  m = maybe.shape[-1]
+  idx = jnp.arange(m)
+  any_maybe = jnp.any(maybe, -1)
+  lo = jnp.where(any_maybe, jnp.argmax(maybe, -1), 0)
+  hi = jnp.where(any_maybe, m - jnp.argmax(maybe[..., ::-1], -1), 0)
+  any_full = jnp.any(full, -1)
+  flo = jnp.where(any_full, jnp.argmax(full, -1), hi)
+  after = (idx >= flo[..., None]) & ~full
+  fhi = jnp.where(jnp.any(after, -1), jnp.argmax(after, -1), m)
+  fhi = jnp.where(any_full, fhi, hi)
+  flo = jnp.clip(flo, lo, hi)
+  fhi = jnp.clip(fhi, flo, hi)
+  return jnp.stack([lo, flo, fhi, hi], -1).astype(jnp.int32)
+
+
+
+
+def structure_vectors(inputs, dropout, q_pad: int, kv_pad: int
+                      ) -> dict[str, Any]:
+  """The call's structure as padded int vectors, its dense mask and seed.
+
+  Args:
+    inputs: the canonical `AttentionInputs` (its `visibility`).
+    dropout: a `Dropout`, or None.
+    q_pad, kv_pad: Sqp and Skp.
+
+  Returns:
+    `aux`: `q_pos [B, Sqp]`, `kv_pos [B, Skp]`, `kv_ok [B, Skp]` (key
+    validity), with segment ids `q_seg [B, Sqp]`, `kv_seg [B, Skp]`, a dense
+    mask `mask [B|1, H|1, Sqp|1, Skp|1]` int8 and the dropout seed `seed
+    [4]` uint32 when the call has them. Padded queries repeat the last real
+    one (tighter skipping tables); padded keys are invalid.
+  """
+  vis, dims = inputs.visibility, inputs.dims
+  batch, q_len, kv_len = dims.batch, dims.q_len, dims.kv_len
+  kv_ok = jnp.broadcast_to(vis.kv_indices >= 0, (batch, kv_len))
+  if vis.kv_lengths is not None:
+    kv_ok = kv_ok & (vis.kv_indices[None, :] < vis.kv_lengths[:, None])
+  aux = {
+      "q_pos": pad_axis(vis.q_positions.astype(jnp.int32), 1, q_pad, "edge"),
+      "kv_pos": pad_axis(vis.kv_positions.astype(jnp.int32), 1, kv_pad),
+      "kv_ok": pad_axis(kv_ok.astype(jnp.int32), 1, kv_pad),
+  }
+  if vis.has_segments:
+    aux["q_seg"] = pad_axis(vis.q_segment_ids.astype(jnp.int32), 1, q_pad,
+                            "edge")
+    aux["kv_seg"] = pad_axis(vis.kv_segment_ids.astype(jnp.int32), 1,
+                             kv_pad)
+  if vis.mask is not None:
+    aux["mask"] = masks.pad_broadcastable(vis.mask, q_pad - q_len,
+                                          kv_pad - kv_len,
+                                          False).astype(jnp.int8)
+  if dropout is not None:
+    aux["seed"] = jnp.concatenate([
+        dropout.seed.astype(jnp.uint32),
+        jnp.stack([dropout.batch_offset, dropout.head_offset]).astype(
+            jnp.uint32)])
+  return aux
+
+
+def tile_bounds(st: Static, aux) -> dict[str, Any]:
+  """Each kernel's skipping bounds, int32 `[B, n, 4]` (`bounds_table`):
+  `bounds_fwd` and `bounds_dq` per query tile, `bounds_dkv` per key tile,
+  for the tiles of `st.launch`."""
+  launch = st.launch
+  fwd = bounds_table(*tile_tables(st, aux, launch.fwd.block_q,
+                                  launch.fwd.block_k))
+  dq = bounds_table(*tile_tables(st, aux, launch.dq.block_q,
+                                 launch.dq.block_k))
+  maybe, full = tile_tables(st, aux, launch.dkv.block_q, launch.dkv.block_k)
+  dkv = bounds_table(maybe.swapaxes(1, 2), full.swapaxes(1, 2))
+  return {"bounds_fwd": fwd, "bounds_dq": dq, "bounds_dkv": dkv}
