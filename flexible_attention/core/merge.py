@@ -1,0 +1,100 @@
+"""Combining attentions over disjoint key sets through their log-sum-exps.
+
+If `out_i` and `lse_i` are the attention of the same queries over key sets
+`K_i` that share no key, then over their union
+
+  lse = log(sum_i exp(lse_i)),  out = sum_i exp(lse_i - lse) * out_i,
+
+which equals one call over the concatenated keys (a row with no visible key
+in any set keeps out 0 and lse -inf). The ring's steps, the decode kernels'
+key splits and `fa.merge_attention` (cascade decoding, a shared prefix kept
+once) all merge this one way.
+
+Glossary of shapes:
+- B: batch size; Sq: queries; H: query heads; Dv: value head size.
+- N: the number of partial results merged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _weights(lses, total):
+  """`exp(lse_i - total)`, 0 where `lse_i` is -inf (a set with no visible
+  key), with `total` -inf-safe."""
+  safe = jnp.where(jnp.isneginf(total), 0.0, total)
+  return jnp.where(jnp.isneginf(lses), 0.0, jnp.exp(lses - safe))
+
+
+def merge_stacked(outs: jax.Array, lses: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Merges partial results stacked on a leading axis, in float32.
+
+  Args:
+    outs: `[N, B, Sq, H, Dv]`.
+    lses: `[N, B, H, Sq]`, natural log, -inf where a set has no visible key.
+
+  Returns:
+    `(out [B, Sq, H, Dv] float32, lse [B, H, Sq] float32)`.
+  """
+  lses = lses.astype(jnp.float32)
+  total = jax.nn.logsumexp(lses, axis=0)
+  total = jnp.where(jnp.all(jnp.isneginf(lses), axis=0), -jnp.inf, total)
+  weights = jnp.swapaxes(_weights(lses, total[None]), 2, 3)[..., None]
+  out = jnp.sum(outs.astype(jnp.float32) * weights, axis=0)
+  return out, total
+
+
+def merge_pair(out, lse, other_out, other_lse):
+  """Merges two float32 partial results (`[B, Sq, H, Dv]`, `[B, H, Sq]`);
+  the ring's step, without stacking."""
+  total = jnp.logaddexp(lse, other_lse)
+  to_out = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,H,Sq]->[B,Sq,H,1]
+  return (out * to_out(_weights(lse, total)) +
+          other_out * to_out(_weights(other_lse, total)), total)
+
+
+def merge_attention(outputs: Sequence[jax.Array], lses: Sequence[jax.Array]
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Combines attentions of the same queries over disjoint key sets.
+
+  The result equals one attention call over the union of the keys (the
+  sets must not share a key: a key in two sets counts twice). Each part is
+  a mechanism's `attention_outputs` and its `lse` (`return_lse=True`).
+
+  Args:
+    outputs: a sequence of `[B, Sq, H, Dv]` arrays.
+    lses: the matching sequence of `[B, H, Sq]` float32 log-sum-exps (-inf
+      for a row with no visible key in that set).
+
+  Returns:
+    `(output [B, Sq, H, Dv], lse [B, H, Sq] float32)`; the output has the
+    outputs' (promoted) dtype and is computed in float32.
+
+  Raises:
+    ValueError: no parts, a different number of outputs and lses, or
+      shapes that do not match.
+  """
+  outputs, lses = tuple(outputs), tuple(lses)
+  if not outputs or len(outputs) != len(lses):
+    raise ValueError(
+        f"merge_attention needs as many outputs as lses, at least one; got "
+        f"{len(outputs)} outputs and {len(lses)} lses.")
+  shape = jnp.shape(outputs[0])
+  if len(shape) != 4:
+    raise ValueError(f"outputs must be [B, Sq, H, Dv], got shape {shape}.")
+  lse_shape = (shape[0], shape[2], shape[1])
+  for i, (out, lse) in enumerate(zip(outputs, lses)):
+    if jnp.shape(out) != shape:
+      raise ValueError(f"outputs[{i}] has shape {jnp.shape(out)}, outputs[0] "
+                       f"{shape}.")
+    if jnp.shape(lse) != lse_shape:
+      raise ValueError(f"lses[{i}] must be [B, H, Sq] = {lse_shape}, got "
+                       f"{jnp.shape(lse)}.")
+  dtype = jnp.result_type(*outputs)
+  out, lse = merge_stacked(jnp.stack(outputs), jnp.stack(lses))
+  return out.astype(dtype), lse
