@@ -1,5 +1,6 @@
 """`fa.compare_attentions`, the benchmark rows and the absl scripts."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import baselines
 from flexible_attention.comparison import cells
+from flexible_attention.comparison import compare
 from flexible_attention.comparison import fresh_peak
 from flexible_attention.comparison import measure
 from flexible_attention.comparison import report
@@ -294,3 +296,36 @@ def test_timing_samples_round_robin_in_shuffled_order_and_batches_short_calls(
     assert all(len(s) == 1 for s in r if s[0] != "f")
     assert all(len(s) > 1 for s in r if s[0] == "f")  # Batched.
   assert len({tuple(s[0] for s in r) for r in rounds}) > 1  # Shuffled.
+
+def test_reference_check_fails_a_nan_gradient_whatever_its_place():
+  """One rule for `compare_attentions` and the benchmark: every error must
+  be finite and within the dtype's tolerance (a NaN in any place fails)."""
+  q = jnp.ones((1, 8, 2, 4))
+  kv = jnp.ones((1, 8, 2, 4))
+  reference = compare.reference_outputs(q, kv, kv, q, causal=True,
+                                        sm_scale=0.5, rows=4)
+  out, (dq, dk, dv) = reference
+  assert out.shape == dq.shape == (1, 4, 2, 4) and dk.shape == (1, 8, 2, 4)
+  full = lambda x: jnp.concatenate([jnp.zeros_like(x), x], axis=1)
+  check = compare.check_against_reference(full(out), (full(dq), dk, dv),
+                                          reference, "float32", rows=4)
+  assert check.failure is None and check.grad_error == 0.0
+  for bad in range(3):
+    grads = [full(dq), dk, dv]
+    grads[bad] = grads[bad].at[0, -1, 0, 0].set(jnp.nan)
+    check = compare.check_against_reference(full(out), grads, reference,
+                                            "float32", rows=4)
+    assert np.isnan(check.grad_error)
+    assert check.failure.startswith("error: differs from the reference")
+
+
+def test_fresh_peak_does_not_import_the_benchmark_that_starts_it():
+  path = os.path.join(ROOT, "flexible_attention", "comparison",
+                      "fresh_peak.py")
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  imported = {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module
+              for alias in node.names}
+  assert not imported & {"flexible_attention.comparison.benchmark",
+                         "flexible_attention.comparison.measure"}
