@@ -5,9 +5,12 @@ from flexible_attention import mechanisms as _mechanisms  # Registers all.
 from flexible_attention.comparison.compare import ComparisonReport
 from flexible_attention.comparison.compare import ComparisonRow
 from flexible_attention.comparison.compare import compare_attentions
+from flexible_attention.core.cache import PagedKVCache
+from flexible_attention.core.cache import init_paged_cache
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.masks import Visibility
+from flexible_attention.core.merge import merge_attention
 from flexible_attention.core.reference import reference_attention
 from flexible_attention.core.types import AttentionOutput
 from flexible_attention.core.types import BlockSizes
@@ -50,6 +53,7 @@ __all__ = (
     "KVCache",
     "LAYOUTS",
     "MultiHeadAttention",
+    "PagedKVCache",
     "PartitionAxis",
     "Visibility",
     "available_mechanisms",
@@ -58,7 +62,9 @@ __all__ = (
     "compare_attentions",
     "create_attention",
     "init_cache",
+    "init_paged_cache",
     "make_mesh",
+    "merge_attention",
     "permute_sequence",
     "reference_attention",
     "register_mechanism",

@@ -1,0 +1,274 @@
+"""KV caches for incremental decoding: the dense and the paged one.
+
+Both are pytrees that a call takes as `cache=` and returns updated in
+`AttentionOutput.cache`. This module holds what every mechanism does with
+them, once:
+
+- `write`: the call's new keys and values go to each row's slots
+  `lengths[b] + i` for its `i < q_lengths[b]` new tokens (all `Sq` without
+  `q_lengths`), by a scatter that XLA runs in place when the caller donates
+  the cache; padded query slots write nothing. A row whose new tokens do
+  not fit (past `L` in a dense cache; past its pages, or through a page-table
+  slot that names no page, in a paged one) is *overflowing*: what does not
+  fit is dropped and the module returns NaN for that row (a condition a
+  jitted call cannot raise; never silently wrong).
+- `dense_view`: the cache as dense `[B, L, Hkv, D]` keys and values
+  (a paged cache gathered through its table, `L = max_pages * page_size`),
+  for the mechanisms that read dense keys; XLA drops the gather when the
+  kernel reads the pages instead (flash's decode kernels).
+- `query_slots`: the new queries' positions (their token indices) and
+  which query slots hold a token (`q_lengths`).
+
+The paged cache's contract (the caller allocates pages): row `b`'s token `t`
+lives in page `page_table[b, t // page_size]`, slot `t % page_size`; rows may
+share pages (a common prefix) as long as no call writes into a shared page
+(writes go to slots at and after each row's length); a page-table slot no
+token reaches is never read; `UNASSIGNED` (-1) marks a slot with no page
+(`init_paged_cache` fills the table with it).
+
+Glossary of shapes:
+- B: batch size; Sq: new tokens per call (query slots).
+- L: tokens per row of a dense cache.
+- P: pages in the pool; page_size: tokens per page; max_pages: page-table
+  slots per row.
+- Hkv: key/value heads; D, Dv: key and value head sizes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexible_attention.core.types import KVCache
+
+UNASSIGNED = -1  # A page-table slot that names no page.
+
+
+class PagedKVCache(NamedTuple):
+  """A paged key/value cache (a pytree): a pool of pages and a page table.
+
+  Attributes:
+    key_pages: `[P, page_size, Hkv, D]`.
+    value_pages: `[P, page_size, Hkv, Dv]`.
+    page_table: `[B, max_pages]` int32: row b's token t is in page
+      `page_table[b, t // page_size]`, slot `t % page_size`; `UNASSIGNED`
+      (-1) where the row has no page.
+    lengths: `[B]` int32, how many tokens each row holds.
+  """
+
+  key_pages: jax.Array
+  value_pages: jax.Array
+  page_table: jax.Array
+  lengths: jax.Array
+
+  @property
+  def page_size(self) -> int:
+    return self.key_pages.shape[1]
+
+  @property
+  def max_length(self) -> int:
+    """L: the tokens a row can reach through its table."""
+    return self.page_table.shape[1] * self.page_size
+
+
+def init_paged_cache(num_pages: int, page_size: int, num_kv_heads: int,
+                     head_dim: int, dtype=jnp.float32, *, batch_size: int,
+                     max_pages_per_row: int,
+                     value_dim: int | None = None) -> PagedKVCache:
+  """Returns an empty `PagedKVCache`: zero pages, an unassigned table.
+
+  The caller assigns pages: `cache._replace(page_table=table)` with its
+  `[B, max_pages_per_row]` int32 table (the module docstring says how it is
+  read).
+
+  Args:
+    num_pages: P, the pages in the pool.
+    page_size: tokens per page.
+    num_kv_heads: Hkv.
+    head_dim: D, the key size.
+    dtype: dtype of the stored keys and values.
+    batch_size: B.
+    max_pages_per_row: page-table slots per row.
+    value_dim: Dv (default D).
+
+  Returns:
+    A `PagedKVCache` with `key_pages [P, page_size, Hkv, D]`, `value_pages
+    [P, page_size, Hkv, Dv]` zeros, `page_table [B, max_pages_per_row]` all
+    `UNASSIGNED` and `lengths [B]` zeros.
+  """
+  for name, value in (("num_pages", num_pages), ("page_size", page_size),
+                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                      ("batch_size", batch_size),
+                      ("max_pages_per_row", max_pages_per_row)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"init_paged_cache: {name} must be a positive int, "
+                       f"got {value!r}.")
+  value_dim = head_dim if value_dim is None else value_dim
+  return PagedKVCache(
+      key_pages=jnp.zeros((num_pages, page_size, num_kv_heads, head_dim),
+                          dtype),
+      value_pages=jnp.zeros((num_pages, page_size, num_kv_heads, value_dim),
+                            dtype),
+      page_table=jnp.full((batch_size, max_pages_per_row), UNASSIGNED,
+                          jnp.int32),
+      lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(np.shape(x))
+
+
+def check(cache, key, value, q_lengths=None):
+  """Raises `TypeError` / `ValueError` unless `cache` can take the call's
+  new `key [B, Sq, Hkv, D]` and `value [B, Sq, Hkv, Dv]` (same dtype, shapes
+  that match) and `q_lengths` is `[B]` ints."""
+  if not isinstance(cache, (KVCache, PagedKVCache)):
+    raise TypeError("cache must be a fa.KVCache or fa.PagedKVCache, got "
+                    f"{type(cache)}.")
+  batch, new_len = _shape(key)[:2]
+  heads = _shape(key)[2:]
+  if isinstance(cache, KVCache):
+    stores = (("cache.keys", cache.keys, key, "[B, L, Hkv, D]"),
+              ("cache.values", cache.values, value, "[B, L, Hkv, Dv]"))
+    for name, buf, new, form in stores:
+      want = (batch, cache.max_length) + _shape(new)[2:]
+      if _shape(buf) != want:
+        raise ValueError(f"{name} must be {form} = {want}, got "
+                         f"{_shape(buf)}.")
+  else:
+    stores = (("cache.key_pages", cache.key_pages, key,
+               "[P, page_size, Hkv, D]"),
+              ("cache.value_pages", cache.value_pages, value,
+               "[P, page_size, Hkv, Dv]"))
+    pages, page_size = _shape(cache.key_pages)[:2]
+    for name, buf, new, form in stores:
+      want = (pages, page_size) + _shape(new)[2:]
+      if _shape(buf) != want:
+        raise ValueError(f"{name} must be {form} = {want} (keys {heads}), "
+                         f"got {_shape(buf)}.")
+    table = cache.page_table
+    if len(_shape(table)) != 2 or _shape(table)[0] != batch:
+      raise ValueError(f"cache.page_table must be [B, max_pages] with B = "
+                       f"{batch}, got {_shape(table)}.")
+    if not jnp.issubdtype(jnp.asarray(table).dtype, jnp.integer):
+      raise TypeError("cache.page_table must hold ints, got "
+                      f"{jnp.asarray(table).dtype}.")
+  for name, buf, new, _ in stores:
+    if jnp.dtype(buf.dtype) != jnp.dtype(new.dtype):
+      raise TypeError(f"{name} holds {jnp.dtype(buf.dtype)}, the call's new "
+                      f"entries are {jnp.dtype(new.dtype)}: cast one to the "
+                      "other (a cache keeps one dtype).")
+  if _shape(cache.lengths) != (batch,):
+    raise ValueError(f"cache.lengths must be [B] = ({batch},), got "
+                     f"{_shape(cache.lengths)}.")
+  if new_len > cache.max_length:
+    raise ValueError(f"{new_len} new tokens do not fit a cache of length "
+                     f"{cache.max_length}.")
+  if q_lengths is not None:
+    if _shape(q_lengths) != (batch,):
+      raise ValueError(f"q_lengths must be [B] = ({batch},), got "
+                       f"{_shape(q_lengths)}.")
+    if not jnp.issubdtype(jnp.asarray(q_lengths).dtype, jnp.integer):
+      raise TypeError(f"q_lengths must hold ints, got "
+                      f"{jnp.asarray(q_lengths).dtype}.")
+    concrete = _concrete(q_lengths)
+    if concrete is not None and (concrete.min() < 0 or
+                                 concrete.max() > new_len):
+      raise ValueError(f"q_lengths must be in [0, Sq = {new_len}], got "
+                       f"{concrete.tolist()}.")
+
+
+def _concrete(x) -> np.ndarray | None:
+  """`x` as numpy when it is known at trace time, else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None
+
+
+def query_slots(cache, new_len: int, q_lengths=None):
+  """`(q_positions [B, Sq] int32, q_valid [B, Sq] bool)`: slot i of row b
+  holds the token `lengths[b] + i`, and a token only for `i <
+  q_lengths[b]` (every slot without `q_lengths`)."""
+  lengths = jnp.asarray(cache.lengths, jnp.int32)
+  slots = jnp.arange(new_len, dtype=jnp.int32)
+  q_positions = lengths[:, None] + slots
+  if q_lengths is None:
+    return q_positions, jnp.ones(q_positions.shape, bool)
+  return q_positions, slots[None, :] < jnp.asarray(q_lengths, jnp.int32)[:,
+                                                                         None]
+
+
+def write(cache, key, value, q_lengths=None):
+  """Writes the new tokens at each row's length (module docstring).
+
+  Args:
+    cache: a `KVCache` or `PagedKVCache` (checked by `check`).
+    key: `[B, Sq, Hkv, D]`, the new keys.
+    value: `[B, Sq, Hkv, Dv]`, the new values.
+    q_lengths: `[B]` new tokens per row (default Sq).
+
+  Returns:
+    `(new_cache, overflow [B] bool)`: the cache with the tokens written and
+    `lengths + q_lengths`, and the rows whose tokens did not all fit.
+  """
+  batch, new_len = key.shape[:2]
+  positions, valid = query_slots(cache, new_len, q_lengths)  # [B, Sq]
+  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], positions.shape)
+  new_lengths = cache.lengths.astype(jnp.int32) + jnp.sum(valid, 1,
+                                                          dtype=jnp.int32)
+  if isinstance(cache, KVCache):
+    fits = positions < cache.max_length
+    # Out of range (L) means dropped: padded slots and overflow write nothing.
+    slot = jnp.where(valid & fits, positions, cache.max_length)
+    keys = cache.keys.at[rows, slot].set(key, mode="drop")
+    values = cache.values.at[rows, slot].set(value, mode="drop")
+    new_cache = KVCache(keys, values, new_lengths)
+  else:
+    pages, page_size = cache.key_pages.shape[:2]
+    max_pages = cache.page_table.shape[1]
+    index = positions // page_size
+    page = jnp.take_along_axis(cache.page_table.astype(jnp.int32),
+                               jnp.minimum(index, max_pages - 1), axis=1)
+    fits = (index < max_pages) & (page >= 0) & (page < pages)
+    page = jnp.where(valid & fits, page, pages)  # Dropped.
+    slot = positions % page_size
+    new_cache = PagedKVCache(
+        cache.key_pages.at[page, slot].set(key, mode="drop"),
+        cache.value_pages.at[page, slot].set(value, mode="drop"),
+        cache.page_table, new_lengths)
+  overflow = jnp.any(valid & ~fits, axis=1)
+  if isinstance(cache, PagedKVCache):
+    # Every token a row holds needs a page: a row whose table lost one (or
+    # never had it) stays flagged on every later call, as a dense row past
+    # `L` does.
+    table = cache.page_table.astype(jnp.int32)
+    needed = (jnp.arange(max_pages) * page_size)[None, :] < new_lengths[:,
+                                                                        None]
+    overflow |= jnp.any(needed & ((table < 0) | (table >= pages)), axis=1)
+    overflow |= new_lengths > cache.max_length
+  return new_cache, overflow
+
+
+def dense_view(cache) -> tuple[jax.Array, jax.Array]:
+  """The cache as `(keys [B, L, Hkv, D], values [B, L, Hkv, Dv])`.
+
+  A paged cache is gathered through its table (`L = max_pages *
+  page_size`); an unassigned slot reads page 0 (only past a row's length,
+  or in a row `write` flags as overflowing).
+  """
+  if isinstance(cache, KVCache):
+    return cache.keys, cache.values
+  batch, max_pages = cache.page_table.shape
+  pages = jnp.clip(cache.page_table.astype(jnp.int32), 0,
+                   cache.key_pages.shape[0] - 1)
+
+  def gather(store):  # [P, ps, Hkv, X] -> [B, max_pages * ps, Hkv, X]
+    return store[pages].reshape((batch, max_pages * store.shape[1]) +
+                                store.shape[2:])
+
+  return gather(cache.key_pages), gather(cache.value_pages)

@@ -1,0 +1,181 @@
+"""The KV caches' writes and views (`core/cache.py`) and `merge_attention`.
+
+The dense and the paged cache hold the same tokens after the same writes
+(random, non-contiguous page tables, shared prefix pages, ragged new
+tokens); padded query slots and overflowing rows write nothing, and
+overflow is flagged; `merge_attention` of attentions over disjoint key sets
+equals one attention over their union (float32 reference, tolerance 1e-5).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.core import cache as cache_lib
+from flexible_attention.core import merge
+
+B, HKV, D = 3, 2, 4
+
+
+def _tokens(seed, batch, count):
+  rng = np.random.default_rng(seed)
+  new = rng.normal(size=(batch, count, HKV, D)).astype(np.float32)
+  return jnp.asarray(new), jnp.asarray(new + 100.0)
+
+
+def _paged(lengths, page_size=4, max_pages=5, num_pages=20, seed=0):
+  """A paged cache with a random, non-contiguous table; rows 0 and 1 share
+  their first page (a common prefix) when both are at least a page long."""
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(num_pages)[:B * max_pages].reshape(B, max_pages)
+  if min(lengths[0], lengths[1]) >= page_size:
+    order[1, 0] = order[0, 0]
+  cache = fa.init_paged_cache(num_pages, page_size, HKV, D, batch_size=B,
+                              max_pages_per_row=max_pages)
+  return cache._replace(page_table=jnp.asarray(order, jnp.int32))
+
+
+def _dense(lengths, length=20):
+  return fa.init_cache(B, length, HKV, D)
+
+
+def _fill(cache, lengths, seed=1):
+  """Writes a prefix of `lengths[b]` tokens per row in one ragged call, as a
+  prefill would; rows 0 and 1 get the same prefix (they may share a page)."""
+  k, v = _tokens(seed, B, max(lengths))
+  k, v = k.at[1].set(k[0]), v.at[1].set(v[0])
+  new, overflow = cache_lib.write(cache, k, v, jnp.asarray(lengths))
+  assert not np.any(overflow)
+  return new
+
+
+def test_paged_and_dense_hold_the_same_tokens_after_ragged_writes():
+  lengths = [6, 4, 0]  # Rows 0, 1 share their first page (read-only).
+  dense, paged = _fill(_dense(lengths), [4, 4, 0]), _fill(
+      _paged(lengths), [4, 4, 0])
+  k, v = _tokens(2, B, 3)
+  q_lengths = jnp.asarray([2, 0, 3])
+  dense, dense_over = cache_lib.write(dense, k, v, q_lengths)
+  paged, paged_over = cache_lib.write(paged, k, v, q_lengths)
+  assert not np.any(dense_over) and not np.any(paged_over)
+  np.testing.assert_array_equal(dense.lengths, [6, 4, 3])
+  np.testing.assert_array_equal(paged.lengths, [6, 4, 3])
+  keys, values = cache_lib.dense_view(paged)
+  for b, n in enumerate([6, 4, 3]):
+    np.testing.assert_array_equal(keys[b, :n], dense.keys[b, :n])
+    np.testing.assert_array_equal(values[b, :n], dense.values[b, :n])
+  # Padded slots wrote nothing: row 1's slots past its length are zeros.
+  np.testing.assert_array_equal(dense.keys[1, 4:], 0.0)
+  np.testing.assert_array_equal(keys[1, 4:], 0.0)
+
+
+def test_overflow_is_flagged_and_drops_the_tokens_that_do_not_fit():
+  dense = _dense([0, 0, 0], length=4)._replace(
+      lengths=jnp.asarray([3, 0, 4], jnp.int32))
+  k, v = _tokens(3, B, 2)
+  new, overflow = cache_lib.write(dense, k, v)
+  np.testing.assert_array_equal(overflow, [True, False, True])
+  np.testing.assert_array_equal(new.keys[0, 3], k[0, 0])  # What fits.
+  paged = _paged([0, 0, 0])
+  table = paged.page_table.at[1, 1].set(cache_lib.UNASSIGNED)
+  paged = paged._replace(page_table=table,
+                         lengths=jnp.asarray([18, 3, 0], jnp.int32))
+  new, overflow = cache_lib.write(paged, k, v)
+  np.testing.assert_array_equal(overflow, [False, True, False])
+  # A row whose table lost a page it holds tokens in stays flagged.
+  later, overflow = cache_lib.write(new, k, v, jnp.asarray([0, 0, 1]))
+  np.testing.assert_array_equal(overflow, [False, True, False])
+  np.testing.assert_array_equal(later.lengths, [20, 5, 3])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(key_pages=jnp.zeros((20, 4, 2, 8))), "key_pages"),
+    (dict(value_pages=jnp.zeros((20, 4, 2, 4), jnp.bfloat16)),
+     "value_pages holds bfloat16"),
+    (dict(page_table=jnp.zeros((2, 5), jnp.int32)), "page_table"),
+    (dict(page_table=jnp.zeros((3, 5), jnp.float32)), "page_table must hold"),
+    (dict(lengths=jnp.zeros((2,), jnp.int32)), "lengths"),
+])
+def test_bad_paged_caches_are_refused(bad, match):
+  cache = _paged([0, 0, 0])._replace(**bad)
+  k, v = _tokens(0, B, 2)
+  with pytest.raises((ValueError, TypeError), match=match):
+    cache_lib.check(cache, k, v)
+
+
+@pytest.mark.parametrize("q_lengths, match", [
+    (jnp.asarray([1, 2]), r"q_lengths must be \[B\]"),
+    (jnp.asarray([1, 3, 0]), r"q_lengths must be in \[0, Sq = 2\]"),
+    (jnp.asarray([1.0, 1.0, 1.0]), "q_lengths must hold ints"),
+])
+def test_bad_q_lengths_are_refused(q_lengths, match):
+  k, v = _tokens(0, B, 2)
+  with pytest.raises((ValueError, TypeError), match=match):
+    cache_lib.check(_dense([0, 0, 0]), k, v, q_lengths)
+
+
+def test_init_paged_cache_is_empty_and_unassigned():
+  cache = fa.init_paged_cache(7, 16, 2, 8, jnp.bfloat16, batch_size=3,
+                              max_pages_per_row=4, value_dim=6)
+  assert cache.key_pages.shape == (7, 16, 2, 8)
+  assert cache.value_pages.shape == (7, 16, 2, 6)
+  assert cache.key_pages.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(cache.page_table, cache_lib.UNASSIGNED)
+  np.testing.assert_array_equal(cache.lengths, 0)
+  assert cache.max_length == 64
+  with pytest.raises(ValueError, match="page_size must be a positive int"):
+    fa.init_paged_cache(7, 0, 2, 8, batch_size=3, max_pages_per_row=4)
+
+
+def _reference(q, k, v, **call):
+  inputs = fa.canonicalize(q, k, v, **call)
+  return fa.reference_attention(inputs.query, inputs.key, inputs.value,
+                                inputs.bias, inputs.visibility, None,
+                                sm_scale=0.5)
+
+
+def test_merge_attention_equals_one_call_over_the_union():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  # Row 1 sees nothing of the middle set (kv_lengths 0 there).
+  parts = [(0, 5, None), (5, 9, jnp.asarray([4, 0])), (9, 12, None)]
+  outs, lses = [], []
+  for lo, hi, lengths in parts:
+    result = _reference(q, k[:, lo:hi], v[:, lo:hi], kv_lengths=lengths)
+    outs.append(result.out)
+    lses.append(result.lse)
+  visible = jnp.ones((2, 12), bool).at[1, 5:9].set(False)
+  want = _reference(q, k, v, mask=visible[:, None, None, :])
+  out, lse = fa.merge_attention(outs, lses)
+  np.testing.assert_allclose(out, want.out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, want.lse, rtol=1e-5, atol=1e-5)
+  pair_out, pair_lse = merge.merge_pair(outs[0], lses[0], outs[2], lses[2])
+  part = _reference(q, jnp.concatenate([k[:, :5], k[:, 9:]], 1),
+                    jnp.concatenate([v[:, :5], v[:, 9:]], 1))
+  np.testing.assert_allclose(pair_out, part.out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(pair_lse, part.lse, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_attention_of_empty_sets_gives_zeros():
+  out = jnp.ones((1, 2, 3, 4))
+  empty = jnp.full((1, 3, 2), -jnp.inf)
+  merged, lse = fa.merge_attention([out * 0, out * 0], [empty, empty])
+  np.testing.assert_array_equal(merged, 0.0)
+  assert np.all(np.isneginf(lse))
+
+
+@pytest.mark.parametrize("outputs, lses, match", [
+    ([], [], "at least one"),
+    ([jnp.zeros((1, 2, 3, 4))], [], "as many outputs as lses"),
+    ([jnp.zeros((1, 2, 3, 4))], [jnp.zeros((1, 2, 3))], r"lses\[0\]"),
+    ([jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 3, 5))],
+     [jnp.zeros((1, 3, 2))] * 2, r"outputs\[1\]"),
+])
+def test_merge_attention_refuses_mismatched_parts(outputs, lses, match):
+  with pytest.raises(ValueError, match=match):
+    fa.merge_attention(outputs, lses)
