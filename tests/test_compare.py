@@ -95,10 +95,11 @@ def test_compare_script_writes_one_report_per_mesh(tmp_path):
   assert [r["mesh"] for r in results["reports"]] == [
       {"dp": 1, "fsdp": 1, "tp": 1, "sp": 1},
       {"dp": 2, "fsdp": 1, "tp": 4, "sp": 1}]
-  for report in results["reports"]:
-    names = [row["mechanism"] for row in report["rows"]]
+  for mesh_report in results["reports"]:
+    names = [row["mechanism"] for row in mesh_report["rows"]]
     assert names == list(fa.available_mechanisms())
-    statuses = {row["mechanism"]: row["status"] for row in report["rows"]}
+    statuses = {row["mechanism"]: row["status"]
+                for row in mesh_report["rows"]}
     assert statuses["vanilla"] == statuses["blockwise"] == "ok"
 
 
