@@ -26,6 +26,10 @@ Two backends, neither importing the other, under one launch policy:
 """
 
 # pylint: disable=g-importing-member
+from flexible_attention.kernels.flash.decode import decode_attention
+from flexible_attention.kernels.flash.decode import decode_launch
+from flexible_attention.kernels.flash.decode import decode_unsupported_reason
+from flexible_attention.kernels.flash.decode import dense_as_pages
 from flexible_attention.kernels.flash.interface import Prepared
 from flexible_attention.kernels.flash.interface import backward_pass
 from flexible_attention.kernels.flash.interface import flash_attention
@@ -44,9 +48,11 @@ from flexible_attention.kernels.flash.launch import launch_config
 from flexible_attention.kernels.flash.launch import mosaic_dkv_launch
 from flexible_attention.kernels.flash.launch import mosaic_launch
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
+from flexible_attention.kernels.flash.triton_decode import DecodeLaunch
 
 __all__ = (
     "BACKENDS",
+    "DecodeLaunch",
     "Launch",
     "LaunchConfig",
     "MAX_HEAD_DIM",
@@ -56,7 +62,11 @@ __all__ = (
     "block_size_reason",
     "check_block_size",
     "check_launch_config",
+    "decode_attention",
+    "decode_launch",
+    "decode_unsupported_reason",
     "default_launch_config",
+    "dense_as_pages",
     "flash_attention",
     "forward_pass",
     "head_dim_reason",

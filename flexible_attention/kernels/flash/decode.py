@@ -1,0 +1,509 @@
+"""Decoding against a paged (or dense) KV cache: flash's decode entry point.
+
+`decode_attention` is the pure, differentiable function a cache call with
+few new tokens runs: it checks its arguments, lays the queries out as one
+block of rows per KV head, chooses the launch (`decode_launch`: pages per
+block and the key splits), runs the split-KV kernel (`triton_decode`), and
+merges the splits by their log-sum-exps (`core.merge.merge_stacked`, a
+small XLA step). A dense cache is served by the same kernel through a free
+reshape (`dense_as_pages`). The backward does not rerun the forward: it
+gathers the pages into a dense `[B, M * ps, Hkv, D]` copy and runs flash's
+general backward kernels with the forward's output and log-sum-exp
+(`interface.backward_pass`, the structure of the call as `canonicalize`
+records it: kv lengths, q positions, key positions `arange(M * ps)`, causal,
+window); gradients reach q, the key pages and the value pages (a page shared
+by several rows, or several table entries, sums their gradients).
+
+Split rule (`decode_launch`): a row's page table is cut into S splits of
+`pages_per_split` entries (a whole number of blocks); the grid is
+`B * Hkv * S` programs. By default S is the smallest count that gives at
+least `WAVES` (2) programs per streaming multiprocessor of the GPU
+(`jax.devices()[0].core_count`; 1 without a GPU), but no more splits than
+keep `MIN_BLOCKS_PER_SPLIT` (4) blocks in each, then trimmed so that no
+split starts past the table. The count is planned on the table's capacity
+`M * ps` (the lengths are not static); splits past a row's length exit at
+once and merge as empty. `num_splits` overrides it.
+
+Page blocking: `pages_per_block` (n) pages are gathered per loop step: by
+default `BLOCK_TOKENS` (128; 64 for head sizes over 128) tokens' worth of
+pages, and at least 16 tokens (Triton's smallest dot side).
+
+Glossary of shapes:
+- B: batch size; Sq: new queries per row (1 to ~16).
+- H, Hkv: query and key/value heads; G = H // Hkv.
+- P: pages in the pool; ps: tokens per page; M: page-table entries per row.
+- D, Dv: query/key and value head sizes.
+- L: a dense cache's length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from flexible_attention.core import merge
+from flexible_attention.core.inputs import canonical_window
+from flexible_attention.core.inputs import canonicalize
+from flexible_attention.core.types import BlockSizes
+from flexible_attention.core.types import KernelOutput
+from flexible_attention.kernels.flash import interface
+from flexible_attention.kernels.flash import structure
+from flexible_attention.kernels.flash import triton_decode
+from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
+from flexible_attention.kernels.flash.structure import MIN_BLOCK
+from flexible_attention.kernels.flash.structure import next_power_of_2
+from flexible_attention.kernels.flash.triton_decode import DecodeLaunch
+from flexible_attention.kernels.flash.triton_decode import DecodeStatic
+
+WAVES = 2  # Programs per streaming multiprocessor the default split aims at.
+MIN_BLOCKS_PER_SPLIT = 4  # A split reads at least this many blocks.
+BLOCK_TOKENS = 128  # Tokens gathered per loop step (64 for D > 128).
+MAX_PAGE_SIZE = 128  # The largest page `dense_as_pages` makes.
+
+
+def _is_power_of_2(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def _positive_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x > 0
+
+
+def _sm_count() -> int | None:
+  """Streaming multiprocessors of the default GPU, or None without one."""
+  try:
+    return int(jax.devices("gpu")[0].core_count)
+  except (RuntimeError, AttributeError, TypeError, ValueError):
+    return None
+
+
+def decode_unsupported_reason(head_dim: int, value_dim: int, page_size: int
+                       ) -> str | None:
+  """Why the decode kernel cannot serve these sizes, or None if it can.
+
+  It reads the cache where it lies (no padded copy), and Triton's tensors
+  have power-of-two sides: D and Dv must be powers of two in [16, 256] and
+  the page size a power of two.
+  """
+  for name, d in (("head_dim", head_dim), ("value_dim", value_dim)):
+    if not (_is_power_of_2(d) and MIN_BLOCK <= d <= MAX_HEAD_DIM):
+      return (f"the decode kernel needs {name} a power of two in "
+              f"[{MIN_BLOCK}, {MAX_HEAD_DIM}], got {d}")
+  if not _is_power_of_2(page_size):
+    return f"the decode kernel needs a power-of-two page size, got {page_size}"
+  return None
+
+
+def decode_launch(batch: int, num_kv_heads: int, table_len: int,
+                  page_size: int, head_dim: int, *,
+                  num_splits: int | None = None,
+                  pages_per_block: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None,
+                  core_count: int | None = None) -> DecodeLaunch:
+  """The decode kernel's launch: the defaults (module docstring) with the
+  given fields over them.
+
+  Args:
+    batch, num_kv_heads: B and Hkv.
+    table_len: M, page-table entries per row.
+    page_size: ps (a power of two).
+    head_dim: the larger of D and Dv.
+    num_splits: S, or None for the split rule.
+    pages_per_block: n (a power of two, `n * ps >= 16`), or None.
+    num_warps, num_stages: Triton's settings, or None (4 and 2).
+    core_count: the GPU's streaming multiprocessors (default: the default
+      GPU's; 1 without a GPU).
+
+  Returns:
+    A `DecodeLaunch`.
+  """
+  min_pages = max(1, MIN_BLOCK // page_size)
+  if pages_per_block is None:
+    tokens = BLOCK_TOKENS if head_dim <= 128 else BLOCK_TOKENS // 2
+    pages_per_block = max(min_pages, min(max(1, tokens // page_size),
+                                         next_power_of_2(table_len)))
+  elif not (_positive_int(pages_per_block) and
+            _is_power_of_2(pages_per_block) and
+            pages_per_block >= min_pages):
+    raise ValueError(
+        f"pages_per_block must be a power of two with pages_per_block * "
+        f"page_size >= {MIN_BLOCK} (page_size = {page_size}: at least "
+        f"{min_pages}), got {pages_per_block!r}.")
+  n = int(pages_per_block)
+  blocks = -(-table_len // n)
+  if num_splits is None:
+    cores = core_count or _sm_count() or 1
+    want = -(-WAVES * cores // (batch * num_kv_heads))
+    splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT))
+    pages_per_split = -(-blocks // splits) * n
+    splits = -(-table_len // pages_per_split)
+  elif _positive_int(num_splits):
+    splits = int(num_splits)
+    pages_per_split = -(-blocks // splits) * n
+  else:
+    raise ValueError(f"num_splits must be a positive int or None, got "
+                     f"{num_splits!r}.")
+  for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+    if value is not None and not _positive_int(value):
+      raise ValueError(f"{name} must be a positive int or None, got "
+                       f"{value!r}.")
+  return DecodeLaunch(pages_per_block=n, num_splits=splits,
+                      pages_per_split=pages_per_split,
+                      num_warps=num_warps or 4, num_stages=num_stages or 2)
+
+
+def dense_as_pages(keys, values):
+  """A dense cache seen as pages, without copying it.
+
+  `keys [B, L, Hkv, D]` is row-major, so `keys.reshape(B * L // ps, ps, Hkv,
+  D)` is free (no data moves) and row b's token t lies in page
+  `b * (L // ps) + t // ps`, slot `t % ps`. The page size is the largest
+  power of two <= 128 dividing L. Every L has one (at worst ps = 1, for odd
+  L): a small page only makes the table longer (4 bytes per page against
+  `2 * Hkv * D * itemsize` bytes of K/V per token) and the kernel gathers
+  more pages per block (at least 16 tokens' worth), so any L is served
+  copy-free.
+
+  Args:
+    keys: `[B, L, Hkv, D]`.
+    values: `[B, L, Hkv, Dv]`.
+
+  Returns:
+    `(key_pages [B * L / ps, ps, Hkv, D], value_pages [B * L / ps, ps, Hkv,
+    Dv], page_table [B, L / ps] int32)`.
+  """
+  for name, x in (("keys", keys), ("values", values)):
+    if np.ndim(x) != 4:
+      raise ValueError(f"{name} must be [B, L, Hkv, D], got shape "
+                       f"{np.shape(x)}.")
+  if keys.shape[:3] != values.shape[:3]:
+    raise ValueError(f"values must be [B, L, Hkv, Dv] with the keys' B, L, "
+                     f"Hkv = {keys.shape[:3]}, got {values.shape}.")
+  batch, length = keys.shape[:2]
+  if length == 0:
+    raise ValueError("keys must hold at least one slot per row, got L = 0.")
+  page_size = math.gcd(length, MAX_PAGE_SIZE)  # The largest power of 2.
+  pages = length // page_size
+  key_pages = keys.reshape(batch * pages, page_size, *keys.shape[2:])
+  value_pages = values.reshape(batch * pages, page_size, *values.shape[2:])
+  table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * pages +
+           jnp.arange(pages, dtype=jnp.int32)[None, :])
+  return key_pages, value_pages, table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The custom_vjp's static argument: the kernel's record and the tiles of
+  the backward's flash kernels."""
+
+  static: DecodeStatic
+  block_sizes: BlockSizes | None
+
+
+def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
+             q_positions, q_valid):
+  """`(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`."""
+  st = cfg.static
+  launch = st.launch
+  batch, q_len, num_heads, head_dim = q.shape
+  _, page_size, num_kv_heads, value_dim = value_pages.shape
+  groups = num_heads // num_kv_heads
+  table_len = page_table.shape[1]
+  rows = max(MIN_BLOCK, next_power_of_2(groups * q_len))
+  # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
+  qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
+                                           q_len * groups, head_dim)
+  pad = rows - q_len * groups
+  qr = jnp.pad(qr, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1), ((0, 0), (0, pad)),
+                    mode="edge")
+  row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),
+                   ((0, 0), (0, pad)))
+  # Per row: its key count and the token range its queries may see.
+  capacity = table_len * page_size
+  big = 2**30
+  length = jnp.clip(kv_lengths, 0, capacity)
+  pos = jnp.clip(q_positions, -big, big)
+  pmax = jnp.max(jnp.where(q_valid, pos, -big), axis=1)
+  pmin = jnp.min(jnp.where(q_valid, pos, big), axis=1)
+  lo, hi = jnp.zeros_like(length), length
+  if st.causal:
+    hi = jnp.minimum(hi, pmax + 1)
+  if st.window is not None:
+    left, right = (min(w, capacity) for w in st.window)
+    lo = jnp.maximum(lo, pmin - left)
+    hi = jnp.minimum(hi, pmax + right + 1)
+  hi = jnp.where(jnp.any(q_valid, axis=1), hi, 0)
+  info = jnp.stack([length, lo, hi, jnp.zeros_like(length)],
+                   axis=1).astype(jnp.int32)
+  # The splits' whole blocks of table entries (no copy when M fills them).
+  table = structure.pad_axis(
+      page_table, 1, launch.num_splits * launch.pages_per_split)
+  outs, lses = triton_decode.decode_partials(
+      st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
+  # [S, B, Hkv, R, Dv] -> [S, B, Sq, H, Dv]; [S, B, Hkv, R] -> [S, B, H, Sq].
+  splits = launch.num_splits
+  outs = outs[:, :, :, :q_len * groups].reshape(
+      splits, batch, num_kv_heads, q_len, groups, value_dim)
+  outs = outs.transpose(0, 1, 3, 2, 4, 5).reshape(splits, batch, q_len,
+                                                  num_heads, value_dim)
+  lses = lses[:, :, :, :q_len * groups].reshape(splits, batch, num_kv_heads,
+                                                q_len, groups)
+  lses = lses.transpose(0, 1, 2, 4, 3).reshape(splits, batch, num_heads,
+                                               q_len)
+  if splits == 1:
+    out, lse = outs[0], lses[0]
+  else:
+    out, lse = merge.merge_stacked(outs, lses)
+  return out.astype(q.dtype), lse
+
+
+def _gather_dense(key_pages, value_pages, page_table):
+  """The pages of each row in token order: `[B, M * ps, Hkv, D|Dv]` (table
+  entries clamped to the pool, as the kernel reads them)."""
+  ids = jnp.clip(page_table, 0, key_pages.shape[0] - 1)  # [B, M]
+  def rows(pages):
+    x = jnp.take(pages, ids, axis=0)  # [B, M, ps, Hkv, D]
+    return x.reshape(ids.shape[0], -1, *pages.shape[2:])
+  return rows(key_pages), rows(value_pages)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode(cfg, q, key_pages, value_pages, page_table, kv_lengths,
+            q_positions, q_valid):
+  return _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
+                  q_positions, q_valid)
+
+
+def _decode_fwd(cfg, q, key_pages, value_pages, page_table, kv_lengths,
+                q_positions, q_valid):
+  out, lse = _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
+                      q_positions, q_valid)
+  return (out, lse), (q, key_pages, value_pages, page_table, kv_lengths,
+                      q_positions, q_valid, out, lse)
+
+
+def _decode_bwd(cfg, residuals, cotangents):
+  (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
+   out, lse) = residuals
+  dout, dlse = cotangents
+  st = cfg.static
+  (k, v), gather_vjp = jax.vjp(
+      lambda kp, vp: _gather_dense(kp, vp, page_table), key_pages,
+      value_pages)
+  inputs = canonicalize(q, k, v, causal=st.causal, kv_lengths=kv_lengths,
+                        q_positions=q_positions, sliding_window=st.window)
+  call = interface.prepare(inputs, sm_scale=st.sm_scale, softcap=st.softcap,
+                           precision=st.precision,
+                           block_sizes=cfg.block_sizes,
+                           interpret=st.interpret)
+  # Padded query slots: no gradient (flash's kernels see them as queries).
+  dout = jnp.where(q_valid[:, :, None, None], dout, jnp.zeros_like(dout))
+  dlse = jnp.where(q_valid[:, None, :], dlse, 0.0)
+  dq, dk, dv, _ = interface.backward_pass(call, out, lse, dout, dlse)
+  dkp, dvp = gather_vjp((dk, dv))
+  return dq, dkp, dvp, None, None, None, None
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def _check_rank(name: str, x, rank: int, expected: str):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array {expected}, got {type(x)}.")
+  if x.ndim != rank:
+    raise ValueError(f"{name} must be {expected} (rank {rank}), got shape "
+                     f"{tuple(x.shape)}.")
+
+
+def _check_int(name: str, x, shape: tuple[int, ...], expected: str):
+  _check_rank(name, x, len(shape), expected)
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{name} must be {expected} = {shape}, got shape "
+                     f"{tuple(x.shape)}.")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array {expected}, got dtype "
+                    f"{x.dtype}.")
+  return x.astype(jnp.int32)
+
+
+def _positive_float(name: str, x) -> float:
+  """`x` as a positive finite python float (static), or a ValueError."""
+  try:
+    value = float(x)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    value = math.nan
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f"{name} must be a positive finite number, got {x!r}.")
+  return value
+
+
+def _concrete(x):
+  """`x` as numpy when it is a concrete value (not traced), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _check_table_values(page_table, kv_lengths, num_pages: int,
+                        page_size: int):
+  """Checks the table entries of every valid token, when not traced."""
+  table, lengths = _concrete(page_table), _concrete(kv_lengths)
+  if table is None or lengths is None:
+    return
+  capacity = table.shape[1] * page_size
+  for b, length in enumerate(lengths):
+    if not 0 <= length <= capacity:
+      raise ValueError(
+          f"kv_lengths[{b}] = {length} is outside [0, {capacity}] (the page "
+          f"table holds {table.shape[1]} pages of {page_size} tokens).")
+    used = table[b, :-(-int(length) // page_size)]
+    bad = np.flatnonzero((used < 0) | (used >= num_pages))
+    if bad.size:
+      j = int(bad[0])
+      raise ValueError(
+          f"page_table[{b}, {j}] = {used[j]} holds tokens of row {b} "
+          f"(kv_lengths[{b}] = {length}) but is outside the pool's pages "
+          f"[0, {num_pages}).")
+
+
+def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
+                     q_positions, *, sm_scale: float,
+                     softcap: float | None = None, causal: bool = True,
+                     window=None, q_valid=None, precision=None,
+                     num_splits: int | None = None,
+                     pages_per_block: int | None = None,
+                     num_warps: int | None = None,
+                     num_stages: int | None = None,
+                     block_sizes: BlockSizes | None = None,
+                     interpret: bool = False) -> KernelOutput:
+  """Attention of a few new queries per row against a paged KV cache.
+
+  Query `i` of row `b` (at token index `q_positions[b, i]`) attends to the
+  tokens `t` of row b (`t < kv_lengths[b]`, key position `t`) with the
+  library's semantics: float32 logits `q . k * sm_scale`, soft cap,
+  causal (`t <= q_pos`), window (`q_pos - left <= t <= q_pos + right`), a
+  softmax over visible keys; a query that sees no key gives out 0, lse
+  -inf. Query head h reads KV head `h // (H // Hkv)`. A dense cache is
+  passed through `dense_as_pages`.
+
+  Args:
+    q: `[B, Sq, H, D]`, the new tokens' queries (float; the pages' dtype).
+    key_pages: `[P, ps, Hkv, D]`.
+    value_pages: `[P, ps, Hkv, Dv]`.
+    page_table: `[B, M]` ints: row b's token t is in page
+      `page_table[b, t // ps]`, slot `t % ps`. Entries for tokens at or past
+      the row's length are never used (any value). Entries outside `[0, P)`
+      for valid tokens are an error: raised here when the table and lengths
+      are concrete; under `jit` they cannot be checked, and the kernel (and
+      the backward's gather) clamps them into `[0, P)`, so they read another
+      page's keys (never out of bounds).
+    kv_lengths: `[B]` ints, valid tokens per row (the new ones included),
+      in `[0, M * ps]` (checked when concrete; clamped under `jit`).
+    q_positions: `[B, Sq]` ints, each query's token index.
+    sm_scale: the softmax scale (positive).
+    softcap: logits soft cap `c` (`c * tanh(s / c)`), or None.
+    causal: key `t` visible only if `t <= q_pos`.
+    window: `int` or `(left, right)` (an int w is `(w, 0)` with causal,
+      `(w, w)` without), or None.
+    q_valid: `[B, Sq]` bool, False for padded query slots (out 0, lse -inf,
+      no gradient), or None (all real).
+    precision: matmul precision in the kernels (None: Triton's default,
+      TF32 for float32 inputs).
+    num_splits: key splits per row (None: the split rule, module
+      docstring); splits past a row's keys merge as empty.
+    pages_per_block: pages gathered per loop step (a power of two, at least
+      16 tokens), or None.
+    num_warps, num_stages: the Triton launch (None: 4 and 2).
+    block_sizes: `fa.BlockSizes` of the flash kernels of the backward
+      (as `flash_attention`'s), or None.
+    interpret: run the kernel in Pallas' interpreter (CPU tests).
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32,
+    None)`; both differentiable with respect to q, key_pages and
+    value_pages.
+
+  Raises:
+    ValueError / TypeError: naming the argument, for shapes, ranks and
+      dtypes that do not match, head or page sizes the kernel cannot read
+      (`decode_unsupported_reason`), bad scales or launch fields, and, when
+      concrete, out-of-range table entries or lengths.
+  """
+  _check_rank("q", q, 4, "[B, Sq, H, D]")
+  _check_rank("key_pages", key_pages, 4, "[P, ps, Hkv, D]")
+  _check_rank("value_pages", value_pages, 4, "[P, ps, Hkv, Dv]")
+  batch, q_len, num_heads, head_dim = q.shape
+  num_pages, page_size, num_kv_heads, _ = key_pages.shape
+  value_dim = value_pages.shape[-1]
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise TypeError(f"q must be a floating array, got dtype {q.dtype}.")
+  for name, x in (("key_pages", key_pages), ("value_pages", value_pages)):
+    if x.dtype != q.dtype:
+      raise TypeError(f"{name} must have q's dtype {q.dtype}, got "
+                      f"{x.dtype}.")
+  if key_pages.shape[3] != head_dim:
+    raise ValueError(f"key_pages must be [P, ps, Hkv, D] with q's D = "
+                     f"{head_dim}, got shape {tuple(key_pages.shape)}.")
+  if value_pages.shape[:3] != key_pages.shape[:3]:
+    raise ValueError(
+        f"value_pages must be [P, ps, Hkv, Dv] with key_pages' P, ps, Hkv = "
+        f"{tuple(key_pages.shape[:3])}, got shape "
+        f"{tuple(value_pages.shape)}.")
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    raise ValueError(
+        f"q's heads H = {num_heads} must be a multiple of key_pages' KV heads "
+        f"Hkv = {num_kv_heads}.")
+  if num_pages == 0 or q_len == 0:
+    raise ValueError(f"key_pages needs at least one page and q one query, got "
+                     f"P = {num_pages}, Sq = {q_len}.")
+  reason = decode_unsupported_reason(head_dim, value_dim, page_size)
+  if reason is not None:
+    raise ValueError(f"key_pages / value_pages: {reason}.")
+  _check_rank("page_table", page_table, 2, "[B, M]")
+  page_table = _check_int("page_table", page_table,
+                          (batch, page_table.shape[1]), "[B, M]")
+  table_len = page_table.shape[1]
+  if table_len == 0:
+    raise ValueError("page_table must have at least one entry per row, got "
+                     f"shape {tuple(page_table.shape)}.")
+  kv_lengths = _check_int("kv_lengths", kv_lengths, (batch,), "[B]")
+  q_positions = _check_int("q_positions", q_positions, (batch, q_len),
+                           "[B, Sq]")
+  if q_valid is None:
+    q_valid = jnp.ones((batch, q_len), bool)
+  else:
+    _check_rank("q_valid", q_valid, 2, "[B, Sq]")
+    if tuple(q_valid.shape) != (batch, q_len):
+      raise ValueError(f"q_valid must be [B, Sq] = {(batch, q_len)}, got "
+                       f"shape {tuple(q_valid.shape)}.")
+    if q_valid.dtype != jnp.bool_:
+      raise TypeError(f"q_valid must be boolean, got dtype {q_valid.dtype}.")
+  sm_scale = _positive_float("sm_scale", sm_scale)
+  softcap = None if softcap is None else _positive_float("softcap", softcap)
+  if not isinstance(causal, (bool, np.bool_)):
+    raise TypeError(f"causal must be a python bool, got {causal!r}.")
+  window = canonical_window(window, bool(causal))
+  if precision is not None and not isinstance(precision, lax.Precision):
+    precision = lax.Precision(precision)
+  _check_table_values(page_table, kv_lengths, num_pages, page_size)
+  launch = decode_launch(batch, num_kv_heads, table_len, page_size,
+                         max(head_dim, value_dim), num_splits=num_splits,
+                         pages_per_block=pages_per_block,
+                         num_warps=num_warps, num_stages=num_stages)
+  st = DecodeStatic(
+      sm_scale=sm_scale, softcap=softcap,
+      precision=precision, causal=bool(causal), window=window,
+      launch=launch, interpret=bool(interpret))
+  out, lse = _decode(_Config(st, block_sizes), q, key_pages, value_pages,
+                     page_table, kv_lengths, q_positions, q_valid)
+  return KernelOutput(out, lse, None)

@@ -1,0 +1,396 @@
+"""flash's decode kernel (`kernels/flash/decode.py`) on CPU, interpreted.
+
+`decode_attention` against the float32 reference (`fa.reference_attention`
+on the pages gathered into a dense cache): paged caches with random,
+non-contiguous tables, unassigned (-1) entries past the lengths and rows
+sharing prefix pages; ragged lengths (0, and not a page multiple); 4 new
+tokens with causal, a window (causal and not) and soft cap; GQA and MQA;
+forced splits with empty ones; padded query slots (`q_valid`); a dense cache
+through `dense_as_pages`; bfloat16; gradients of q and the pages. Plus the
+launch rule, the Triton lowering for CUDA (on any machine) and the refusals.
+
+Tolerance: relative to the largest reference magnitude, 2e-5 in float32 (the
+interpreted kernel measures <= 3e-7 for outputs and lse, <= 5e-7 for
+gradients) and 2e-2 in bfloat16 (measured 3e-3: the reference sees the same
+bfloat16 inputs, the kernel rounds p to bfloat16 before `p . v`, as flash's
+forward does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels.flash import decode
+
+TOL = {"float32": 2e-5, "bfloat16": 2e-2}
+# Compiling dominates on CPU: XLA's optimisation level 0 halves it.
+JIT_OPTIONS = ({"xla_backend_optimization_level": 0}
+               if jax.default_backend() == "cpu" else None)
+BACKWARD_TILES = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
+                               block_k_dkv=16, block_q_dq=16, block_k_dq=16)
+
+
+def _rng(name):
+  return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def _rel(actual, expected):
+  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert np.all(np.isfinite(actual)), "non-finite values"
+  scale = np.max(np.abs(expected), initial=0.0)
+  err = np.max(np.abs(actual - expected), initial=0.0)
+  return err / scale if scale > 0 else err
+
+
+def _paged(name, *, b=4, sq=4, h=8, hkv=2, d=16, ps=4, max_pages=8,
+           lengths=(29, 0, 13, 3), shared=3, dtype=jnp.float32):
+  """Random q, pages and a non-contiguous table: rows 0 and 2 share their
+  first `shared` pages, entries past each row's pages are -1 (unassigned).
+  Queries are the last `sq` tokens of each row."""
+  rng = _rng(name)
+  used = [-(-n // ps) for n in lengths]
+  pool = sum(used) + 3  # A few pages nobody uses.
+  ids = iter(rng.permutation(pool))
+  table = np.full((b, max_pages), -1, np.int32)
+  for row, n in enumerate(used):
+    for j in range(n):
+      table[row, j] = next(ids)
+  if shared and len(lengths) > 2:
+    table[2, :min(shared, used[0], used[2])] = table[0, :min(
+        shared, used[0], used[2])]
+  arr = lambda shape, scale=1.0: jnp.asarray(
+      rng.standard_normal(shape) * scale, dtype)
+  q = arr((b, sq, h, d), 2.0)
+  kp = arr((pool, ps, hkv, d))
+  vp = arr((pool, ps, hkv, d))
+  lengths = jnp.asarray(lengths, jnp.int32)
+  q_pos = lengths[:, None] - sq + jnp.arange(sq, dtype=jnp.int32)[None, :]
+  return q, kp, vp, jnp.asarray(table), lengths, q_pos
+
+
+def _reference(q, kp, vp, table, lengths, q_pos, *, sm_scale, softcap=None,
+               causal=True, window=None, q_valid=None):
+  """The float32 oracle on the pages gathered into a dense cache."""
+  b, max_pages = table.shape
+  ids = jnp.clip(table, 0, kp.shape[0] - 1)
+  dense = lambda p: p[ids].reshape(b, max_pages * p.shape[1], *p.shape[2:])
+  inputs = fa.canonicalize(q, dense(kp), dense(vp), causal=causal,
+                           kv_lengths=lengths, q_positions=q_pos,
+                           sliding_window=window)
+  res = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
+                               inputs.visibility, sm_scale=sm_scale,
+                               softcap=softcap)
+  out, lse = res.out, res.lse
+  if q_valid is not None:
+    out = jnp.where(q_valid[:, :, None, None], out, 0.0)
+    lse = jnp.where(q_valid[:, None, :], lse, -jnp.inf)
+  return out, lse
+
+
+# Jitted: eagerly the reference would dominate the file's time.
+_reference_jit = jax.jit(_reference, static_argnames=(
+    "sm_scale", "softcap", "causal", "window"), compiler_options=JIT_OPTIONS)
+
+
+def _compare(got, want, tol, name):
+  (out, lse), (ref_out, ref_lse) = got, want
+  assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+  err = _rel(out, ref_out)
+  assert err <= tol, f"{name}: out error {err:.3g} > {tol}"
+  lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse),
+                                err_msg=f"{name}: empty rows differ")
+  finite = np.isfinite(ref_lse)
+  err = _rel(lse[finite], ref_lse[finite])
+  assert err <= tol, f"{name}: lse error {err:.3g} > {tol}"
+
+
+def _check(name, inputs, *, q_valid=None, **kw):
+  """Runs the interpreted kernel (jitted) and the reference; compares."""
+  kw.setdefault("sm_scale", 0.3)
+  options = {k: kw.pop(k) for k in ("num_splits", "pages_per_block")
+             if k in kw}
+  fn = functools.partial(decode.decode_attention, interpret=True,
+                         **options, **kw)
+  res = jax.jit(fn, compiler_options=JIT_OPTIONS)(*inputs, q_valid=q_valid)
+  assert res.out.dtype == inputs[0].dtype and res.lse.dtype == jnp.float32
+  assert res.weights is None
+  want = _reference_jit(*inputs, q_valid=q_valid, **kw)
+  _compare((res.out, res.lse), want, TOL[jnp.dtype(inputs[0].dtype).name],
+           name)
+  return res
+
+
+# --- Kernel vs reference -----------------------------------------------------
+
+
+@pytest.mark.parametrize("splits", [(None, None), (3, 4)],
+                         ids=["default_split", "forced_splits_some_empty"])
+def test_paged_gqa_ragged_causal_matches_reference(splits):
+  """GQA 8/2, 4 new tokens, causal; lengths 29, 0 (zeros, lse -inf), 13
+  and 3 (< Sq; not page multiples); shared prefix pages; -1 entries past
+  the lengths. (3, 4): 3 splits of one 4-page block over an 8-page table,
+  so the third split and most of the short rows' splits are empty."""
+  inputs = _paged("paged_gqa")
+  num_splits, pages_per_block = splits
+  res = _check(f"paged_gqa {splits}", inputs, causal=True,
+               num_splits=num_splits, pages_per_block=pages_per_block)
+  np.testing.assert_array_equal(np.asarray(res.out[1]), 0.0)
+  assert np.all(np.isneginf(np.asarray(res.lse[1])))
+
+
+def test_window_softcap_mqa_with_padded_queries_matches_reference():
+  """MQA (H = 4, Hkv = 1), causal window 5 and soft cap, two splits; row 0
+  has 4 real new tokens, row 1 one, row 2 none (q_valid)."""
+  inputs = _paged("mqa_window", b=3, h=4, hkv=1, lengths=(30, 17, 9))
+  q_valid = jnp.asarray([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+  res = _check("mqa_window", inputs, q_valid=q_valid, causal=True, window=5,
+               softcap=2.0, num_splits=2, pages_per_block=4)
+  np.testing.assert_array_equal(np.asarray(res.out[1, 1:]), 0.0)
+  assert np.all(np.isneginf(np.asarray(res.lse[2])))
+
+
+def test_non_causal_two_sided_window_matches_reference():
+  """Without causal, window (6, 2): keys after the query are visible up to
+  the row's length, and blocks before `q_pos - 6` are skipped."""
+  inputs = _paged("two_sided", lengths=(31, 20, 5, 12), shared=0)
+  _check("two_sided", inputs, causal=False, window=(6, 2), num_splits=4,
+         pages_per_block=4)
+
+
+def test_dense_cache_through_dense_as_pages_matches_reference():
+  """A dense [B, L, Hkv, D] cache with an odd L (page size 1, 16 pages per
+  block), GQA 4/2, ragged lengths, causal."""
+  rng = _rng("dense")
+  b, length, sq, h, hkv, d = 2, 21, 3, 4, 2, 16
+  keys = jnp.asarray(rng.standard_normal((b, length, hkv, d)), jnp.float32)
+  values = jnp.asarray(rng.standard_normal((b, length, hkv, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((b, sq, h, d)), jnp.float32)
+  lengths = jnp.asarray([21, 7], jnp.int32)
+  q_pos = lengths[:, None] - sq + jnp.arange(sq)[None, :]
+  kp, vp, table = decode.dense_as_pages(keys, values)
+  assert kp.shape == (b * length, 1, hkv, d) and table.shape == (b, length)
+  res = jax.jit(functools.partial(
+      decode.decode_attention, sm_scale=0.25, causal=True, interpret=True),
+                compiler_options=JIT_OPTIONS)(q, kp, vp, table, lengths,
+                                              q_pos)
+  inputs = fa.canonicalize(q, keys, values, causal=True, kv_lengths=lengths,
+                           q_positions=q_pos)
+  want = jax.jit(functools.partial(fa.reference_attention, sm_scale=0.25),
+                 compiler_options=JIT_OPTIONS)(
+                     inputs.query, inputs.key, inputs.value, None,
+                     inputs.visibility)
+  _compare((res.out, res.lse), (want.out, want.lse), TOL["float32"], "dense")
+
+
+def test_dense_as_pages_is_a_reshape():
+  """The page size is the largest power of two <= 128 dividing L, the
+  pages are the cache's own layout and the table counts them in order."""
+  for length, page_size in ((256, 128), (24, 8), (9, 1), (640, 128)):
+    keys = jnp.arange(2 * length * 2 * 16, dtype=jnp.float32).reshape(
+        2, length, 2, 16)
+    kp, vp, table = decode.dense_as_pages(keys, keys[..., :8])
+    assert kp.shape[1] == page_size and vp.shape[-1] == 8
+    np.testing.assert_array_equal(
+        np.asarray(kp), np.asarray(keys).reshape(-1, page_size, 2, 16))
+    np.testing.assert_array_equal(
+        np.asarray(table).ravel(), np.arange(2 * length // page_size))
+
+
+def test_bfloat16_matches_reference():
+  """bf16 inputs, GQA, causal, two splits (tolerance 2e-2)."""
+  inputs = _paged("bf16", dtype=jnp.bfloat16, lengths=(32, 25, 8, 1))
+  _check("bf16", inputs, causal=True, num_splits=2, pages_per_block=4)
+
+
+# --- Gradients ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["gqa_causal_padded", "mqa_window_softcap"])
+def test_gradients_match_reference(case):
+  """d/dq, d/dkey_pages and d/dvalue_pages of a loss of out and lse (shared
+  pages sum their rows' gradients) against the reference's."""
+  if case == "gqa_causal_padded":
+    inputs = _paged(case, b=3, lengths=(22, 0, 13))
+    kw = dict(causal=True, window=None, softcap=None)
+    q_valid = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], bool)
+  else:
+    inputs = _paged(case, b=2, h=2, hkv=1, lengths=(27, 11))
+    kw = dict(causal=True, window=6, softcap=2.5)
+    q_valid = None
+  q, kp, vp, table, lengths, q_pos = inputs
+  rng = _rng(case + " ct")
+  ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  ct_lse = jnp.asarray(rng.standard_normal((q.shape[0], q.shape[2],
+                                            q.shape[1])), jnp.float32)
+
+  def loss(fn):
+    def run(q, kp, vp):
+      out, lse = fn(q, kp, vp)
+      lse = jnp.where(jnp.isneginf(lse), 0.0, lse)
+      return jnp.sum(out * ct) + jnp.sum(lse * ct_lse)
+    return run
+
+  def kernel(q, kp, vp):
+    res = decode.decode_attention(
+        q, kp, vp, table, lengths, q_pos, sm_scale=0.3, q_valid=q_valid,
+        num_splits=2, pages_per_block=4, block_sizes=BACKWARD_TILES,
+        interpret=True, **kw)
+    return res.out, res.lse
+
+  def reference(q, kp, vp):
+    return _reference(q, kp, vp, table, lengths, q_pos, sm_scale=0.3,
+                      q_valid=q_valid, **kw)
+
+  got = jax.jit(jax.grad(loss(kernel), (0, 1, 2)),
+                compiler_options=JIT_OPTIONS)(q, kp, vp)
+  want = jax.jit(jax.grad(loss(reference), (0, 1, 2)),
+                 compiler_options=JIT_OPTIONS)(q, kp, vp)
+  for what, g, w in zip(("dq", "dkey_pages", "dvalue_pages"), got, want):
+    assert g.shape == w.shape
+    err = _rel(g, w)
+    assert err <= TOL["float32"], f"{case}: {what} error {err:.3g}"
+
+
+# --- Launch rule and lowering ------------------------------------------------
+
+
+def test_split_rule_fills_the_gpu():
+  """Splits fill ~2 waves of the SMs, each split a whole number of blocks
+  and at least 4 of them; an explicit count is kept (even if empty)."""
+  one_row = decode.decode_launch(1, 8, 1024, 128, 128, core_count=132)
+  assert one_row.pages_per_block == 1 and one_row.num_splits == 32
+  assert one_row.num_splits * one_row.pages_per_split >= 1024
+  small = decode.decode_launch(8, 8, 256, 16, 128, core_count=132)
+  assert small.pages_per_block == 8
+  assert small.pages_per_split % 8 == 0 and small.num_splits == 5
+  big_batch = decode.decode_launch(64, 8, 256, 16, 128, core_count=132)
+  assert big_batch.num_splits == 1
+  short = decode.decode_launch(1, 1, 12, 16, 128, core_count=132)
+  assert short.num_splits == 1  # 2 blocks: too few to split.
+  forced = decode.decode_launch(2, 2, 8, 4, 16, num_splits=8,
+                                pages_per_block=4)
+  assert forced.num_splits == 8 and forced.pages_per_split == 4
+  assert decode.decode_launch(2, 2, 8, 4, 256).pages_per_block == 8
+
+
+def _lower_for_cuda(fn, *args) -> str:
+  """`fn`'s StableHLO for CUDA, lowered on any machine (the Triton
+  kernel's lowering runs: shapes Triton refuses fail here)."""
+  device = getattr(jax.sharding, "AbstractDevice", None)
+  context = contextlib.nullcontext()
+  if device is not None:
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+    context = jax.sharding.use_abstract_mesh(mesh)
+  with context:
+    return jax.jit(fn).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("sq,page_size", [(1, 16), (4, 128)])
+def test_kernel_lowers_for_cuda(sq, page_size):
+  """bf16, D = 128, GQA 32/8, window and soft cap: the compiled (Triton)
+  path lowers."""
+  s = jax.ShapeDtypeStruct
+  b, h, hkv, d, pool, max_pages = 2, 32, 8, 128, 64, 32
+  args = (s((b, sq, h, d), jnp.bfloat16),
+          s((pool, page_size, hkv, d), jnp.bfloat16),
+          s((pool, page_size, hkv, d), jnp.bfloat16),
+          s((b, max_pages), jnp.int32), s((b,), jnp.int32),
+          s((b, sq), jnp.int32))
+  fn = functools.partial(decode.decode_attention, sm_scale=0.1, window=64,
+                         softcap=30.0, num_splits=4)
+  assert "triton" in _lower_for_cuda(fn, *args)
+
+
+# --- Bad inputs -------------------------------------------------------------
+
+
+def _bad_cases():
+  q, kp, vp, table, lengths, q_pos = _paged("bad", b=2, lengths=(9, 5))
+  ok = dict(q=q, key_pages=kp, value_pages=vp, page_table=table,
+            kv_lengths=lengths, q_positions=q_pos)
+  cases = {
+      "key_pages_rank": (dict(key_pages=kp[0]), ValueError, "key_pages"),
+      "key_pages_head_size": (dict(key_pages=kp[..., :8]), ValueError,
+                              "key_pages"),
+      "value_pages_shape": (dict(value_pages=vp[:-1]), ValueError,
+                            "value_pages"),
+      "key_pages_dtype": (dict(key_pages=kp.astype(jnp.bfloat16)), TypeError,
+                          "key_pages"),
+      "mismatched_hkv": (dict(value_pages=vp[:, :, :1]), ValueError,
+                         "value_pages"),
+      "heads_not_a_multiple_of_hkv": (
+          dict(key_pages=jnp.concatenate([kp, kp[:, :, :1]], 2),
+               value_pages=jnp.concatenate([vp, vp[:, :, :1]], 2)),
+          ValueError, "Hkv = 3"),
+      "page_size_not_power_of_2": (dict(key_pages=kp[:, :3],
+                                        value_pages=vp[:, :3]), ValueError,
+                                   "page size"),
+      "page_table_shape": (dict(page_table=table[:1]), ValueError,
+                           "page_table"),
+      "page_table_dtype": (dict(page_table=table.astype(jnp.float32)),
+                           TypeError, "page_table"),
+      "kv_lengths_shape": (dict(kv_lengths=lengths[:, None]), ValueError,
+                           "kv_lengths"),
+      "q_positions_shape": (dict(q_positions=q_pos[:, :2]), ValueError,
+                            "q_positions"),
+      "q_valid_shape": (dict(q_valid=jnp.ones((2, 3), bool)), ValueError,
+                        "q_valid"),
+      "q_valid_dtype": (dict(q_valid=jnp.ones((2, 4), jnp.int32)), TypeError,
+                        "q_valid"),
+      "page_table_out_of_range": (dict(page_table=table.at[1, 1].set(999)),
+                                  ValueError, r"page_table\[1, 1\]"),
+      "kv_lengths_over_capacity": (dict(kv_lengths=lengths.at[0].set(33)),
+                                   ValueError, r"kv_lengths\[0\]"),
+      "sm_scale": (dict(sm_scale=0.0), ValueError, "sm_scale"),
+      "softcap": (dict(softcap=float("inf")), ValueError, "softcap"),
+      "num_splits": (dict(num_splits=0), ValueError, "num_splits"),
+      "pages_per_block": (dict(pages_per_block=2), ValueError,
+                          "pages_per_block"),
+  }
+  return ok, cases
+
+
+_OK, _BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", sorted(_BAD))
+def test_bad_inputs_raise_naming_the_argument(case):
+  change, error, match = _BAD[case]
+  args = dict(_OK, sm_scale=0.3, interpret=True)
+  args.update(change)
+  with pytest.raises(error, match=match):
+    decode.decode_attention(**args)
+
+
+def test_unassigned_entries_past_the_lengths_are_never_read():
+  """Table entries past a row's length may hold anything (here -1 and a
+  huge index), eagerly and under jit."""
+  inputs = _paged("unassigned", b=2, lengths=(9, 5))
+  q, kp, vp, table, lengths, q_pos = inputs
+  # Row 0 uses pages 0..2, row 1 pages 0..1: entries 3.. share their block.
+  junk = table.at[:, 3:].set(jnp.asarray([10**6, -1, -7, 3, 2], jnp.int32))
+  fn = functools.partial(decode.decode_attention, sm_scale=0.3, interpret=True,
+                         pages_per_block=4)
+  got = jax.jit(fn, compiler_options=JIT_OPTIONS)(q, kp, vp, junk, lengths,
+                                                  q_pos)
+  _compare(got[:2], _reference_jit(*inputs, sm_scale=0.3), TOL["float32"],
+           "unassigned")
+
+
+def test_exported_from_the_package():
+  assert flash_kernel.decode_attention is decode.decode_attention
+  assert flash_kernel.dense_as_pages is decode.dense_as_pages
+  assert flash_kernel.DecodeLaunch is decode.DecodeLaunch
