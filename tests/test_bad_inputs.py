@@ -202,7 +202,7 @@ def test_bad_causal_and_window():
     attend(q, k, v, options=dict(sliding_window=(-1, 2)))
 
 
-@pytest.mark.parametrize("option,value,error,match", [
+BAD_OPTIONS = [
     ("dropout_rate", 1.0, ValueError, r"dropout_rate must be in \[0, 1\)"),
     ("dropout_rate", -0.1, ValueError, r"dropout_rate must be in \[0, 1\)"),
     ("sm_scale", -1.0, ValueError, r"sm_scale must be a positive number"),
@@ -211,11 +211,45 @@ def test_bad_causal_and_window():
      r"float32"),
     ("dtype", jnp.int32, TypeError, r"dtype must be a floating dtype"),
     ("value_dim", 0, ValueError, r"value_dim must be a positive int"),
-])
+    ("num_kv_heads", 3, ValueError, r"num_heads = 4 must be a multiple of "
+     r"num_kv_heads = 3"),
+    ("sliding_window", (1, 2, 3), TypeError, r"sliding_window must be"),
+    ("block_sizes", {"block_q": 16}, TypeError, r"block_sizes must be a "
+     r"fa.BlockSizes"),
+    ("max_cache_length", 8, ValueError, r"max_cache_length is only used "
+     r"with decode=True"),
+    ("decode", True, ValueError, r"max_cache_length must be a positive int"),
+    ("partition_axis", fa.PartitionAxis(head_axis="model"), ValueError,
+     r"partition_axis was given without a mesh"),
+]
+
+
+@pytest.mark.parametrize("option,value,error,match", BAD_OPTIONS)
 def test_bad_module_options(option, value, error, match):
   q, k, v = qkv()
   with pytest.raises(error, match=match):
     attend(q, k, v, options={option: value})
+
+
+@pytest.mark.parametrize("config_class", [
+    registry.get_mechanism(m).config_class for m in fa.available_mechanisms()
+], ids=fa.available_mechanisms())
+@pytest.mark.parametrize("option,value,error,match", BAD_OPTIONS)
+def test_configs_built_directly_are_validated_like_modules(
+    config_class, option, value, error, match):
+  """Every mechanism's config checks the common options itself, with the
+  module's errors (a config built by hand is no way around them)."""
+  options = dict(num_heads=H, head_dim=D, num_kv_heads=HKV)
+  options[option] = value
+  with pytest.raises(error, match=match):
+    config_class(**options)
+
+
+@pytest.mark.parametrize("mechanism", ["flash", "splash", "ring"])
+def test_interpret_must_be_a_bool(mechanism):
+  config_class = registry.get_mechanism(mechanism).config_class
+  with pytest.raises(TypeError, match=r"interpret must be a bool, got 1"):
+    config_class(num_heads=H, head_dim=D, num_kv_heads=HKV, interpret=1)
 
 
 def test_bad_structural_sizes():

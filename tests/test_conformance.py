@@ -15,12 +15,13 @@ free. For each (mechanism, case) the test either
 
 Which cases a mechanism refuses comes from `fa.capabilities` for mechanisms
 the explicit, reviewed tables below do not know, and from those tables for
-the known ones: `EXPECTED_REFUSALS`, replaced on one backend by a
-`PLATFORM_REFUSALS` entry where the mechanism refuses more there (`flash` on
-TPU runs JAX's Pallas TPU flash kernel: no window, soft cap, dropout, dense
-mask, explicit positions, cache, float16 or sequence sharding; causal only
-with Sq == Sk and without grouped heads). On any backend, for every platform
-a mechanism runs on, the tables are checked against `fa.capabilities`
+the known ones: `EXPECTED_REFUSALS`, replaced on a platform where the
+mechanism has its own capability record (`flash` on TPU runs JAX's Pallas
+TPU flash kernel: `fa.capabilities("flash", "tpu")`) by that record's
+refusals plus the reviewed shape limits of `PLATFORM_SHAPE_LIMITS`
+(causal only with Sq == Sk and without grouped heads). On any backend, for
+every platform a mechanism runs on, the tables are checked against
+`fa.capabilities`
 (`test_expected_refusals_match_capabilities`) and against the mechanisms' own
 refusal logic on requests for that platform
 (`test_refusal_tables_match_the_refusal_logic`), and the battery's verdict on
@@ -113,7 +114,7 @@ EXPECTED_REFUSALS = {
         "value_dim_differs", "unaligned_causal_or_window",
         "window_right_without_causal", "odd_lengths"}),
     # The Triton kernels (CPU only in interpret mode: EXTRA_OPTIONS); on TPU
-    # JAX's TPU kernel, which refuses more (PLATFORM_REFUSALS).
+    # JAX's TPU kernel, which refuses more (`platform_refusals`).
     "flash": frozenset({"cpu", "weights"}),
     # The sequence-parallel ones pass the structured mask along with the
     # K/V blocks or heads; no dense mask or bias.
@@ -129,18 +130,30 @@ EXPECTED_REFUSALS = {
     "auto": frozenset(),
 }
 
-# What a mechanism refuses when the battery's backend is a given platform,
-# where that differs from its `EXPECTED_REFUSALS` entry (which it replaces
-# there): mechanism -> platform -> traits.
-PLATFORM_REFUSALS = {
-    # On TPU (without interpret) flash runs JAX's Pallas TPU flash kernel:
-    # no window, positions (hence cache), mask, soft cap, dropout, float16 or
-    # sequence sharding; causal only with Sq == Sk and without grouped heads.
-    "flash": {"tpu": EXPECTED_REFUSALS["flash"] | frozenset({
-        "window", "positions", "mask", "softcap", "dropout", "cache",
-        "float16", "sharded_sequence", "unaligned_causal_or_window",
-        "gqa_with_causal"})},
+# What a mechanism refuses on a platform where it has its own capability
+# record (`fa.capabilities(name, platform)`: flash on TPU, without interpret,
+# runs JAX's Pallas TPU flash kernel), where that replaces its
+# `EXPECTED_REFUSALS` entry: the record's refusals, the entry's platforms,
+# and these reviewed shape limits the record cannot say: mechanism ->
+# platform -> traits. Causal with Sq != Sk (that kernel aligns it top-left)
+# and grouped heads with causal.
+PLATFORM_SHAPE_LIMITS = {
+    "flash": {"tpu": frozenset({"unaligned_causal_or_window",
+                                "gqa_with_causal"})},
 }
+
+
+def platform_refusals(mechanism: str, platform: str) -> frozenset[str] | None:
+  """The traits `mechanism` refuses on `platform` by its own record there,
+  or None when it has no such record."""
+  if platform not in registry.get_mechanism(
+      mechanism).platform_capabilities:
+    return None
+  record = capability_refusals(fa.capabilities(mechanism, platform))
+  return ((record - set(PLATFORMS)) |
+          (EXPECTED_REFUSALS[mechanism] & set(PLATFORMS)) |
+          PLATFORM_SHAPE_LIMITS.get(mechanism, {}).get(platform, frozenset()))
+
 
 # Extra module options some mechanisms need on some backends (DESIGN.md: the
 # Pallas mechanisms run on CPU only in interpret mode, which lifts their
@@ -179,10 +192,10 @@ def refusal_message(trait: str) -> str:
 
 
 def expected_refusals(mechanism: str, platform: str) -> frozenset[str]:
-  """The reviewed traits `mechanism` refuses on `platform` (no extra
-  options): its `PLATFORM_REFUSALS` entry, else its `EXPECTED_REFUSALS`."""
-  return PLATFORM_REFUSALS.get(mechanism, {}).get(
-      platform, EXPECTED_REFUSALS[mechanism])
+  """The traits `mechanism` refuses on `platform` (no extra options): its
+  `platform_refusals` there, else its `EXPECTED_REFUSALS`."""
+  refused = platform_refusals(mechanism, platform)
+  return EXPECTED_REFUSALS[mechanism] if refused is None else refused
 
 
 def refusals(mechanism: str, backend: str = BACKEND) -> frozenset[str]:
@@ -496,7 +509,7 @@ def test_expected_refusals_match_capabilities(mechanism):
   known = set(FEATURES) | set(DTYPES) | set(PLATFORMS) | set(SHAPE_LIMITS) | {
       "sharded_sequence"}
   for table in (EXPECTED_REFUSALS[mechanism],
-                *PLATFORM_REFUSALS.get(mechanism, {}).values()):
+                *PLATFORM_SHAPE_LIMITS.get(mechanism, {}).values()):
     assert table <= known, f"unknown traits {sorted(table - known)}"
   table = EXPECTED_REFUSALS[mechanism]
   assert table - set(SHAPE_LIMITS) == capability_refusals(

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.sharding import mesh as mesh_lib
 import helpers
 
 # (dp, fsdp, tp, sp) over the 8 devices.
@@ -272,6 +273,27 @@ def test_ring_refuses_a_dense_bias_naming_who_supports_it():
   with pytest.raises(NotImplementedError, match="'bias' is not supported by "
                      "mechanism 'ring'.*blockwise"):
     helpers.call_mechanism("ring", q, k, v, bias=jnp.zeros((1, 4, 16, 16)))
+
+
+@pytest.mark.parametrize("mechanism", ["ring", "ulysses"])
+def test_query_and_key_sequences_must_share_one_mesh_axis(mechanism):
+  q, k, v = helpers.random_qkv(helpers.rng_for("axes"), 1, 16, 16, 4, 4, 8)
+  mesh = fa.make_mesh((1, 1, 2, 4), devices=jax.devices("cpu"))
+  axes = fa.PartitionAxis(batch_axis=None, head_axis=None,
+                          query_sequence_axis="sp", key_sequence_axis="tp")
+  with pytest.raises(NotImplementedError, match=(
+      rf"{mechanism}: the query and key sequences must be sharded over the "
+      r"same mesh axis, got query_sequence_axis='sp', "
+      r"key_sequence_axis='tp'")):
+    helpers.call_mechanism(mechanism, q, k, v,
+                           options=dict(mesh=mesh, partition_axis=axes))
+
+
+def test_axis_names_as_partition_spec_entries():
+  entries = {None: None, (): None, "sp": "sp", ("sp",): "sp",
+             ("dp", "fsdp"): ("dp", "fsdp")}
+  for axes, entry in entries.items():
+    assert mesh_lib.spec_entry(axes) == entry
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU/TPU only")

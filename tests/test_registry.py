@@ -39,6 +39,7 @@ from flexible_attention.kernels import flash_tpu
 from flexible_attention.kernels import splash_tpu
 from flexible_attention.mechanisms import auto
 from flexible_attention.mechanisms import base
+from flexible_attention.mechanisms import flash
 from flexible_attention.mechanisms import registry
 
 import helpers
@@ -343,6 +344,47 @@ def test_auto_builds_the_compiled_tpu_kernels():
   kernel = auto.AutoAttention.make_kernel(
       config, _request("tpu", "bfloat16", ("causal", "bias")))
   assert kernel.func is flash_tpu.flash_attention
+
+
+def test_auto_hands_the_mechanism_it_picks_that_mechanisms_config(
+    monkeypatch):
+  """The mechanism `auto` runs receives its own config type, the common
+  options carried over and its own at their defaults."""
+  seen = []
+  vanilla = registry.get_mechanism("vanilla")
+  make_kernel = vanilla.make_kernel
+  monkeypatch.setattr(vanilla, "make_kernel", classmethod(
+      lambda cls, config, request: seen.append(config) or make_kernel(
+          config, request)))
+  q = jnp.zeros((1, 8, 2, 8))
+  module = hk.transform(lambda q: fa.create_attention(
+      "auto", num_heads=2, head_dim=8, sm_scale=0.5)(
+          q, q, q, return_weights=True).attention_outputs)
+  module.apply(module.init(jax.random.PRNGKey(0), q), None, q)
+  assert seen and all(type(c) is base.AttentionConfig for c in seen)
+  assert seen[0].sm_scale == 0.5
+  config = auto.AutoConfig(num_heads=2, head_dim=8, num_kv_heads=1,
+                           autotune=True)
+  as_flash = config.for_mechanism(flash.FlashConfig)
+  assert type(as_flash) is flash.FlashConfig
+  assert (as_flash.num_kv_heads, as_flash.interpret, as_flash.launch) == (
+      1, False, None)
+  assert config.for_mechanism(auto.AutoConfig) is config
+
+
+def test_request_options_are_a_read_only_hashable_mapping():
+  request = dataclasses.replace(_request("tpu", "bfloat16"),
+                                options=(("precision", "highest"),))
+  assert isinstance(request.options, registry.Options)
+  assert request.options == {"precision": "highest"}
+  assert request.options.get("interpret") is None
+  with pytest.raises(TypeError):
+    request.options["precision"] = None  # pytype: disable=unsupported-operands
+  assert hash(request) == hash(dataclasses.replace(
+      request, options={"precision": "highest"}))
+  config = flash.FlashConfig(num_heads=2, head_dim=8, num_kv_heads=2)
+  assert dict(config.request_options()) == dict(
+      precision=None, interpret=False, launch=None)
 
 
 def _request_grid():

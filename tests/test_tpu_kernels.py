@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.core.inputs import FEATURES
 from flexible_attention.core.inputs import AttentionDims
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.mechanisms import flash as flash_mechanism
@@ -211,8 +212,20 @@ def test_flash_tpu_runs_the_tpu_kernel(on_tpu):
                            options=dict(block_sizes=fa.BlockSizes(block_q=64)))
 
 
-@pytest.mark.parametrize("feature", ["window", "softcap", "dropout", "mask",
-                                     "positions", "cache"])
+# What flash's TPU record (JAX's Pallas TPU kernel) refuses.
+FLASH_TPU_REFUSED = tuple(
+    f for f in FEATURES if not fa.capabilities("flash", "tpu").supports(f)
+    and fa.capabilities("flash").supports(f))
+
+
+def test_flash_has_its_own_record_on_tpu_only():
+  assert FLASH_TPU_REFUSED
+  assert fa.capabilities("flash", "tpu") is (
+      flash_mechanism.FlashAttention.platform_capabilities["tpu"])
+  assert fa.capabilities("flash", "gpu") is fa.capabilities("flash")
+
+
+@pytest.mark.parametrize("feature", FLASH_TPU_REFUSED)
 def test_flash_tpu_refuses_features_naming_who_supports_them(feature):
   reason = registry.unsupported_reason("flash", _request("tpu", features=(
       feature,)))

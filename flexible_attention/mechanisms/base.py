@@ -167,9 +167,9 @@ class AttentionConfig:
 
   def for_mechanism(self, config_class: type) -> AttentionConfig:
     """These options as a `config_class` (what `auto` and `ulysses` hand
-    the mechanism they run): itself if it is one, else the common options,
-    with that class's defaults for its own."""
-    if isinstance(self, config_class):
+    the mechanism they run): itself if it is of that type, else the common
+    options, with that class's defaults for its own."""
+    if type(self) is config_class:  # pylint: disable=unidiomatic-typecheck
       return self
     common = {f.name: getattr(self, f.name)
               for f in dataclasses.fields(AttentionConfig)}

@@ -30,17 +30,8 @@ class BlockwiseAttention(base.AttentionModule):
 
   @classmethod
   def make_kernel(cls, config, request):
-    return functools.partial(blockwise_kernel.blockwise_attention,
-                             tile_config(config))
-
-
-def tile_config(config: base.AttentionConfig) -> blockwise_kernel.TileConfig:
-  """The blockwise tiles of a module's options (defaults where unset)."""
-  blocks = config.block_sizes
-  block_q = blocks.block_q or blockwise_kernel.DEFAULT_BLOCK_Q
-  block_k = blocks.block_k or blockwise_kernel.DEFAULT_BLOCK_K
-  return blockwise_kernel.TileConfig(
-      sm_scale=float(config.scale), softcap=config.logits_soft_cap,
-      precision=config.precision, block_q=block_q, block_k=block_k,
-      block_q_bwd=blocks.block_q_dkv or block_q,
-      block_k_bwd=blocks.block_k_dkv or block_k)
+    del request
+    tiles = blockwise_kernel.tile_config(
+        config.block_sizes, sm_scale=config.scale,
+        softcap=config.logits_soft_cap, precision=config.precision)
+    return functools.partial(blockwise_kernel.blockwise_attention, tiles)

@@ -14,11 +14,11 @@ BLOCK_FIELDS = flash_kernel.TILE_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
-class FlashConfig(base.AttentionConfig):
+class FlashConfig(base.InterpretConfig):
   """`flash`'s options: the common ones plus `interpret` and `launch`.
 
   Attributes:
-    interpret: run the Pallas kernels in Pallas' interpreter (any backend;
+    interpret: run the Triton kernels in Pallas' interpreter (any backend;
       slow: for tests on CPU).
     launch: the Triton launches in full (`fa.FlashLaunchConfig`: tiles,
       warps and pipeline stages of the forward, dK/dV and dQ kernels, and
@@ -29,16 +29,33 @@ class FlashConfig(base.AttentionConfig):
       refuses it.
   """
 
-  interpret: bool = False
   launch: flash_kernel.LaunchConfig | None = None
 
   def __post_init__(self):
-    if not isinstance(self.interpret, bool):
-      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
+    super().__post_init__()
     for field in BLOCK_FIELDS:
-      flash_kernel.check_block_size(field, getattr(self.block_sizes, field))
+      _check_block_size(field, getattr(self.block_sizes, field))
     if self.launch is not None:
       flash_kernel.check_launch_config(self.launch, self.block_sizes)
+
+
+def _check_block_size(field: str, value: int | None):
+  """Raises the Triton kernels' `ValueError` for a tile size that neither
+  flash's Triton kernels nor its TPU kernel can use (which one runs is known
+  per call: `FlashAttention.block_size_reason`)."""
+  if flash_tpu.check_block(field, value) is not None:
+    flash_kernel.check_block_size(field, value)
+
+
+# On TPU (without `interpret`) flash runs JAX's Pallas TPU flash kernel
+# (`kernels/flash_tpu.py`), which computes fewer features.
+TPU_CAPABILITIES = registry.Capabilities(
+    platforms=("tpu",), dtypes=("float32", "bfloat16"), window=False,
+    positions=False, mask=False, softcap=False, dropout=False, weights=False,
+    cache=False, precision=False, block_size_fields=BLOCK_FIELDS,
+    notes=("JAX's Pallas TPU flash kernel: causal only with Sq == Sk, "
+           "grouped heads only without causal, no launch=; tiles of "
+           "multiples of 128."))
 
 
 @registry.register_mechanism("flash")
@@ -59,7 +76,7 @@ class FlashAttention(base.AttentionModule):
 
   Runs on GPU. On Hopper (sm_90) the forward and dK/dV kernels of the calls
   they serve run through Mosaic GPU kernels instead
-  (`kernels/flash/mosaic_fwd.py`, `mosaic_bwd.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
+  (`kernels/flash/mosaic_*.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
   head sizes padding to 64, 128 or 256, no bias, dense mask or dropout),
   the same function; `launch=` with `fwd_backend` / `dkv_backend`
   `"triton"` or `"mosaic"` picks them explicitly. `interpret=True`
@@ -67,11 +84,11 @@ class FlashAttention(base.AttentionModule):
   tests on CPU).
 
   On TPU (without `interpret`) it runs JAX's Pallas TPU flash kernel instead
-  (`kernels/flash_tpu.py`), which computes fewer features: causal only with
-  Sq == Sk, grouped-query heads only without causal, segment ids, kv
-  lengths, bias; windows, soft cap, dropout, dense masks, explicit positions,
-  caches, sequence sharding, float16 and `precision` are refused there, and
-  its tiles are multiples of 128.
+  (`kernels/flash_tpu.py`), which computes fewer features: its own record,
+  `TPU_CAPABILITIES` (`fa.capabilities("flash", "tpu")`, the README's
+  `flash (tpu)` row), says which; on top of it, causal only with Sq == Sk,
+  grouped-query heads only without causal, no `launch`, and tiles that are
+  multiples of 128.
 
   Block sizes (`fa.BlockSizes`, powers of two >= 16): `block_q`/`block_k`
   tile the forward pass, `block_q_dkv`/`block_k_dkv` the dK/dV kernel,
@@ -86,8 +103,9 @@ class FlashAttention(base.AttentionModule):
       platforms=("gpu", "tpu"), weights=False,
       block_size_fields=BLOCK_FIELDS, sharded_sequence=True,
       notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU only with "
-             "interpret=True; on TPU JAX's Pallas TPU kernel, with fewer "
-             "features (see the class docstring)."))
+             "interpret=True; on TPU JAX's Pallas TPU kernel (its own "
+             "record: fa.capabilities('flash', 'tpu'))."))
+  platform_capabilities = {"tpu": TPU_CAPABILITIES}
 
   config_class = FlashConfig
 
@@ -97,13 +115,13 @@ class FlashAttention(base.AttentionModule):
     if reason is not None:
       return reason
     if _uses_tpu_kernel(request):
-      return _tpu_unsupported_reason(request)
+      return _tpu_limit_reason(request)
     return flash_kernel.head_dim_reason(request.dims)
 
   @classmethod
   def block_size_reason(cls, request):
-    # FlashConfig checks powers of two when built; `auto`'s options do not,
-    # and the TPU kernel needs multiples of 128 instead.
+    # FlashConfig only refuses tiles no flash kernel can use; `auto`'s
+    # options not even that. Which kernel runs decides here.
     if _uses_tpu_kernel(request):
       return request.block_size_reason(BLOCK_FIELDS, flash_tpu.check_block)
     return request.block_size_reason(BLOCK_FIELDS,
@@ -118,60 +136,34 @@ class FlashAttention(base.AttentionModule):
     return functools.partial(
         flash_kernel.flash_attention, sm_scale=config.scale,
         softcap=config.logits_soft_cap, precision=config.precision,
-        block_sizes=config.block_sizes,
-        # `auto`'s options have neither: it runs the compiled kernels with
-        # their default launches.
-        launch=getattr(config, "launch", None),
-        interpret=getattr(config, "interpret", False))
+        block_sizes=config.block_sizes, launch=config.launch,
+        interpret=config.interpret)
 
 
 # --- TPU: JAX's Pallas TPU flash kernel (kernels/flash_tpu.py) ----------------
-
-# Features of the semantics that kernel cannot compute.
-_TPU_REFUSED = ("window", "positions", "mask", "softcap", "dropout", "cache")
 
 
 def _uses_tpu_kernel(request) -> bool:
   """On TPU, flash runs JAX's TPU kernel (`interpret=True` keeps the
   project's own kernels, interpreted, on any platform)."""
-  return request.platform == "tpu" and not dict(request.options).get(
-      "interpret")
+  return FlashAttention.capabilities_for(request) is TPU_CAPABILITIES
 
 
-def _tpu_unsupported_reason(request) -> str | None:
-  """What the TPU kernel refuses, on top of the common checks."""
+def _tpu_limit_reason(request) -> str | None:
+  """The TPU kernel's limits that `TPU_CAPABILITIES` cannot say."""
   features, dims = request.features, request.dims
-
-  def refuse(feature, what):
-    others = [m for m in registry.mechanisms_supporting(feature)
-              if m != "flash"]
-    return (f"on TPU, {what} is not supported by mechanism 'flash' (JAX's "
-            f"Pallas TPU flash kernel); mechanisms that support it: "
-            f"{', '.join(others)}.")
-
-  for feature in _TPU_REFUSED:
-    if feature in features:
-      return refuse(feature, f"feature {feature!r}")
   if {"gqa", "causal"} <= features:
     # Grouped heads are folded into the query sequence, which the causal
     # mask (a function of the row index) cannot see through.
-    return refuse("gqa", "feature 'gqa' together with 'causal'")
+    return "on TPU, " + base.feature_refusal(
+        "flash", "gqa", "feature 'gqa' together with 'causal'")
   if "causal" in features and dims.q_len != dims.kv_len:
     return ("on TPU, mechanism 'flash' (JAX's Pallas TPU flash kernel) "
             "aligns its causal mask top-left, which matches the library's "
             "bottom-right alignment only when Sq == Sk; got Sq = "
             f"{dims.q_len}, Sk = {dims.kv_len} (mechanism 'splash' aligns "
             "it bottom-right).")
-  if request.dtype == "float16":
-    return ("on TPU, mechanism 'flash' supports dtypes float32, bfloat16, "
-            "not float16.")
-  if request.sequence_sharded:
-    return refuse("sharded_sequence",
-                  "sharding a sequence axis over the mesh")
-  if dict(request.options).get("precision") is not None:
-    return ("on TPU, mechanism 'flash' has no matmul precision setting; "
-            "leave precision=None.")
-  if dict(request.options).get("launch") is not None:
+  if request.options.get("launch") is not None:
     return ("on TPU, mechanism 'flash' (JAX's Pallas TPU flash kernel) has "
             "no Triton launches; leave launch=None (its tiles are "
             "`block_sizes`).")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from flexible_attention.kernels import blockwise as blockwise_kernel
+from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import ring as ring_kernel
 from flexible_attention.mechanisms import base
-from flexible_attention.kernels import flash as flash_kernel
-from flexible_attention.mechanisms import blockwise
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import layouts
-from flexible_attention.sharding.mesh import axis_names_of
 from flexible_attention.sharding.mesh import axis_size
+from flexible_attention.sharding.mesh import shared_sequence_axis
 
 
 BLOCK_KERNELS = ("blockwise", "flash")
@@ -20,7 +20,7 @@ _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv")
 
 
 @dataclasses.dataclass(frozen=True)
-class RingAttentionConfig(base.AttentionConfig):
+class RingAttentionConfig(base.InterpretConfig):
   """`ring`'s options: the common ones plus layout and block kernel.
 
   Attributes:
@@ -37,17 +37,15 @@ class RingAttentionConfig(base.AttentionConfig):
 
   layout: str = "zigzag"
   block_kernel: str = "blockwise"
-  interpret: bool = False
 
   def __post_init__(self):
+    super().__post_init__()
     if self.layout not in layouts.LAYOUTS:
       raise ValueError(f"ring: layout must be one of {layouts.LAYOUTS}, got "
                        f"{self.layout!r}.")
     if self.block_kernel not in BLOCK_KERNELS:
       raise ValueError(f"ring: block_kernel must be one of {BLOCK_KERNELS}, "
                        f"got {self.block_kernel!r}.")
-    if not isinstance(self.interpret, bool):
-      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
     if self.block_kernel == "flash":
       for field in _BLOCK_FIELDS:
         flash_kernel.check_block_size(field, getattr(self.block_sizes, field))
@@ -86,7 +84,7 @@ class RingAttention(base.AttentionModule):
 
   @classmethod
   def platforms(cls, request):
-    options = dict(request.options)
+    options = request.options
     if options.get("block_kernel") == "flash" and not options.get(
         "interpret"):
       return ("gpu",)
@@ -95,7 +93,7 @@ class RingAttention(base.AttentionModule):
   @classmethod
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
-    if reason is None and dict(request.options).get("block_kernel") == "flash":
+    if reason is None and request.options.get("block_kernel") == "flash":
       return flash_kernel.head_dim_reason(request.dims, "ring")
     return reason
 
@@ -108,15 +106,7 @@ class RingAttention(base.AttentionModule):
     axis_name, num_shards = None, 1
     if request.sequence_sharded:
       axes = config.partition_axis
-      if axis_names_of(axes.query_sequence_axis) != axis_names_of(
-          axes.key_sequence_axis):
-        raise NotImplementedError(
-            "ring: the query and key sequences must be sharded over the same "
-            f"mesh axis, got query_sequence_axis="
-            f"{axes.query_sequence_axis!r}, key_sequence_axis="
-            f"{axes.key_sequence_axis!r}.")
-      names = axis_names_of(axes.key_sequence_axis)
-      axis_name = names[0] if len(names) == 1 else names
+      axis_name = shared_sequence_axis("ring", axes)
       num_shards = axis_size(config.mesh, axes.key_sequence_axis)
     if config.block_kernel == "flash":
       block_kernel = ring_kernel.flash_block_kernel(
@@ -125,7 +115,9 @@ class RingAttention(base.AttentionModule):
           interpret=config.interpret)
     else:
       block_kernel = ring_kernel.blockwise_block_kernel(
-          blockwise.tile_config(config))
+          blockwise_kernel.tile_config(
+              config.block_sizes, sm_scale=config.scale,
+              softcap=config.logits_soft_cap, precision=config.precision))
     return functools.partial(
         ring_kernel.ring_attention, axis_name=axis_name,
         num_shards=num_shards, block_kernel=block_kernel)
