@@ -344,6 +344,18 @@ def test_auto_builds_the_compiled_tpu_kernels():
   kernel = auto.AutoAttention.make_kernel(
       config, _request("tpu", "bfloat16", ("causal", "bias")))
   assert kernel.func is flash_tpu.flash_attention
+  # A TPU tile that is no power of two: flash's config (which auto hands
+  # it) leaves the tile rule to the platform's kernel.
+  blocks = fa.BlockSizes(block_q=384)
+  config = dataclasses.replace(config, block_sizes=blocks)
+  request = dataclasses.replace(
+      _request("tpu", "bfloat16", ("bias",), blocks=("block_q",)),
+      block_sizes=blocks)
+  assert fa.select_mechanism(request) == "flash"
+  kernel = auto.AutoAttention.make_kernel(config, request)
+  assert kernel.keywords["block_sizes"] == blocks
+  assert "power of two" in registry.refusal_reason(
+      "flash", dataclasses.replace(request, platform="gpu"))
 
 
 def test_auto_hands_the_mechanism_it_picks_that_mechanisms_config(
