@@ -2,7 +2,8 @@
 
 The factory (`create_attention`), `auto`, the comparison script, the README's
 support table and the test battery all read it. A new mechanism is one module
-class decorated with `@register_mechanism("name")`.
+class decorated with `@register_mechanism("name")` (what it may override:
+`mechanisms/base.py`'s docstring).
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ def create_attention(mechanism: str, *, num_heads: int, head_dim: int,
 
 
 def support_table() -> str:
-  """The mechanism x feature table (Markdown), generated from the registry."""
+  """The mechanism x feature table (Markdown), generated from the registry:
+  a row per mechanism, then one per platform record of it (`flash (tpu)`)."""
   columns = ("platforms", "dtypes") + FEATURES + ("sharded_sequence",
                                                   "block_size_fields")
   short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
