@@ -1,0 +1,145 @@
+"""flash's decode kernel alone against a hand-written XLA decode, on a GPU.
+
+One command on the GPU machine:
+
+  python3 benchmarks/decode_probe.py --out=$OUT/decode_probe.json
+
+Per cell (bf16, H = 32, Hkv = 8, D = 128, caches filled to L tokens per
+row): the kernel (`kernels/flash/decode.decode_attention`, default launch)
+on a dense cache (the copy-free page view) and on paged caches with a
+shuffled page table, and the XLA decode (einsum of the queries against the
+whole dense cache, a length mask, softmax, einsum with V). Each is first
+checked against a float32 einsum reference on the first two rows (a wrong
+kernel is not timed), then timed (`timing.median_seconds_each`, all rows of
+a cell round-robin). Reported: µs per call and the bytes of K and V the
+call must read (2 B L Hkv D itemsize) per second, as TB/s and as a fraction
+of the card's peak. The cache write is not in this probe (the decode
+benchmark times whole module calls with the donated cache).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexible_attention import timing
+from flexible_attention.kernels.flash import decode
+
+_CELLS = flags.DEFINE_list(
+    "cells", ["8:4096", "64:4096", "8:32768", "1:131072", "8:131072"],
+    "Cells `B:L`.")
+_NEW = flags.DEFINE_list("new_tokens", ["1", "4"], "New tokens per row.")
+_PAGES = flags.DEFINE_list("page_sizes", ["dense", "16", "128"],
+                           "`dense` or a page size.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+
+H, HKV, D = 32, 8, 128
+TOL = 2e-2  # bf16, relative to the largest reference entry.
+PEAK_TBS = {"NVIDIA H200": 4.8, "NVIDIA H100 80GB HBM3": 3.35}
+
+
+def _xla_decode(q, keys, values, lengths, q_pos, scale):
+  """`[B, Sq, H, D]` against a dense `[B, L, Hkv, D]` cache, by einsums."""
+  b, sq, h, d = q.shape
+  hkv = keys.shape[2]
+  qg = q.reshape(b, sq, hkv, h // hkv, d)
+  s = jnp.einsum("bqkgd,blkd->bkgql", qg, keys,
+                 preferred_element_type=jnp.float32) * scale
+  t = jnp.arange(keys.shape[1])
+  visible = (t[None, None, :] < lengths[:, None, None]) & (
+      t[None, None, :] <= q_pos[:, :, None])  # [B, Sq, L]
+  s = jnp.where(visible[:, None, None], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1).astype(values.dtype)
+  out = jnp.einsum("bkgql,blkd->bqkgd", p, values,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, sq, h, -1).astype(q.dtype)
+
+
+def _cell(batch, length, new, page, rng):
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  kq, kk, kv = jax.random.split(key, 3)
+  keys = jax.random.normal(kk, (batch, length, HKV, D), jnp.bfloat16)
+  values = jax.random.normal(kv, (batch, length, HKV, D), jnp.bfloat16)
+  q = jax.random.normal(kq, (batch, new, H, D), jnp.bfloat16)
+  lengths = jnp.full((batch,), length, jnp.int32)
+  q_pos = lengths[:, None] - new + jnp.arange(new, dtype=jnp.int32)
+  scale = D**-0.5
+  if page == "dense":
+    key_pages, value_pages, table = decode.dense_as_pages(keys, values)
+  else:
+    ps = int(page)
+    per_row = length // ps
+    order = rng.permutation(batch * per_row)
+    table = jnp.asarray(order.reshape(batch, per_row), jnp.int32)
+    # Page p holds the tokens the table sends to it.
+    inverse = np.argsort(order)
+    key_pages = keys.reshape(batch * per_row, ps, HKV, D)[inverse]
+    value_pages = values.reshape(batch * per_row, ps, HKV, D)[inverse]
+
+  kernel = jax.jit(lambda q, kp, vp, tb, n, qp: decode.decode_attention(
+      q, kp, vp, tb, n, qp, sm_scale=scale).out)
+  xla = jax.jit(lambda q, k, v, n, qp: _xla_decode(q, k, v, n, qp, scale))
+  want = _xla_decode(q[:2].astype(jnp.float32), keys[:2].astype(jnp.float32),
+                     values[:2].astype(jnp.float32), lengths[:2], q_pos[:2],
+                     scale)
+  rows = []
+  bytes_read = 2 * batch * length * HKV * D * 2
+  for name, fn, args in (
+      ("flash decode", kernel, (q, key_pages, value_pages, table, lengths,
+                                q_pos)),
+      ("xla einsum", xla, (q, keys, values, lengths, q_pos))):
+    if name == "xla einsum" and page != "dense":
+      continue
+    got = fn(*args)[:2].astype(jnp.float32)
+    error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    row = dict(mechanism=name, B=batch, L=length, new_tokens=new,
+               cache=page, error=error, bytes=bytes_read)
+    row["status"] = "ok" if error <= TOL else "differs: not timed"
+    rows.append((row, fn, args))
+  timed = [(fn, args) for row, fn, args in rows if row["status"] == "ok"]
+  seconds = iter(timing.median_seconds_each(timed, repeats=_REPEATS.value))
+  for row, _, _ in rows:
+    if row["status"] == "ok":
+      t = next(seconds)
+      row["us"] = t * 1e6
+      row["tb_s"] = bytes_read / t / 1e12
+  return [row for row, _, _ in rows]
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  peak = PEAK_TBS.get(device.device_kind)
+  rng = np.random.default_rng(0)
+  results = []
+  for cell in _CELLS.value:
+    batch, length = (int(x) for x in cell.split(":"))
+    for page in _PAGES.value:
+      for new in _NEW.value:
+        results += _cell(batch, length, int(new), page, rng)
+        if _OUT.value:
+          with open(_OUT.value, "w") as f:
+            json.dump(dict(device=device.device_kind, jax=jax.__version__,
+                           H=H, Hkv=HKV, D=D, dtype="bfloat16",
+                           rows=results), f, indent=1)
+  print(f"\n{device.device_kind}, jax {jax.__version__}, bf16, H {H}, "
+        f"Hkv {HKV}, D {D}")
+  print("| B | L | new | cache | mechanism | error | us | TB/s | of peak |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in results:
+    tbs = r.get("tb_s")
+    frac = f"{tbs / peak:.0%}" if tbs and peak else "-"
+    print(f"| {r['B']} | {r['L']} | {r['new_tokens']} | {r['cache']} | "
+          f"{r['mechanism']} | {r['error']:.1e} | "
+          f"{r.get('us', float('nan')):.1f} | "
+          f"{tbs if tbs is None else round(tbs, 2)} | {frac} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
