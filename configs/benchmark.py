@@ -15,6 +15,16 @@ Three variants, chosen with ml_collections' `path:argument` syntax:
   packed documents. The D = 128 cells at S = 16k also get a fresh-process
   peak for flash and the baselines. Split a long sweep with e.g.
   `--config.grid_head_dims='(128,)'`.
+- `--config=configs/benchmark.py:decode`: one decoding call against a full
+  KV cache (flexible_attention/comparison/decode.py): B in {1, 8, 64}, L in
+  {4k, 32k, 128k} tokens per row, H/Hkv in {32/8, 8/8}, D in {128, 64},
+  bfloat16, dense and paged caches (page sizes 16 and 128), 1 and 4 new
+  tokens; rows `mechanisms` and the hand-written XLA decode (`baselines`:
+  `xla_decode`). Reports microseconds per call, K/V bytes read per second
+  and the fraction of the card's peak HBM bandwidth. Split a sweep with
+  e.g. `--config.decode_heads='((32, 8),)' --config.decode_head_dims='(128,)'`
+  or `--config.decode_caches=dense`. `decode_cpu`: the same on tiny cells,
+  float32, `vanilla` and `blockwise` (seconds on a CPU).
 - `--config=configs/benchmark.py:context_parallel`: ring attention over all
   devices (`num_devices=-1`) against its block kernel on one device, bf16,
   H*D = 2048 (H = 16, D = 128), causal, forward+backward. The block kernel
@@ -46,9 +56,10 @@ from ml_collections import config_dict
 
 
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
-  if variant not in ("cpu", "gpu", "context_parallel"):
-    raise ValueError("configs/benchmark.py: the variant must be cpu, gpu or "
-                     f"context_parallel, got {variant!r}.")
+  variants = ("cpu", "gpu", "context_parallel", "decode", "decode_cpu")
+  if variant not in variants:
+    raise ValueError(f"configs/benchmark.py: the variant must be one of "
+                     f"{variants}, got {variant!r}.")
   config = ml_collections.ConfigDict()
   config.mechanisms = "vanilla,blockwise"  # Comma-separated; empty: all.
   config.sequence_lengths = (512, 1024, 2048)
@@ -110,5 +121,31 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.check_rows = 16
     config.repeats = 3
     config.output_name = "{device}-x{count}-context-parallel"
+  elif variant in ("decode", "decode_cpu"):
+    config.decode = True
+    config.sequence_lengths = ()  # Only the decode cells.
+    config.mechanisms = "flash,auto,vanilla"
+    config.baselines = "xla_decode"
+    config.decode_batches = (1, 8, 64)
+    config.decode_lengths = (4096, 32768, 131072)
+    config.decode_heads = ((32, 8), (8, 8))  # (H, Hkv) pairs.
+    config.decode_head_dims = (128, 64)
+    config.decode_caches = "dense,paged16,paged128"  # paged<page size>.
+    config.decode_new_tokens = (1, 4)
+    config.page_order = "shuffled"  # Or contiguous page ids per row.
+    config.interpret = config_dict.placeholder(bool)  # Default: on CPU.
+    config.dtype = "bfloat16"
+    config.repeats = 20
+    config.output_name = "{device}-decode"
+    if variant == "decode_cpu":
+      config.mechanisms = "vanilla,blockwise"
+      config.decode_batches = (1, 4)
+      config.decode_lengths = (200, 1024)
+      config.decode_heads = ((4, 2),)
+      config.decode_head_dims = (32,)
+      config.decode_caches = "dense,paged16"
+      config.dtype = "float32"
+      config.repeats = 5
+      config.output_name = "cpu-decode"
   config.lock()
   return config

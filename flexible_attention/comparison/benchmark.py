@@ -48,6 +48,7 @@ from absl import logging
 import jax
 
 from flexible_attention.comparison import cells
+from flexible_attention.comparison import decode
 from flexible_attention.comparison import measure
 from flexible_attention.comparison import report
 from flexible_attention.comparison.measure import BenchmarkRow
@@ -108,12 +109,15 @@ def _log_row(row: BenchmarkRow):
 
 
 def run_benchmark(config) -> list[BenchmarkRow]:
-  """Runs `config` (see configs/benchmark.py); writes JSON; returns rows."""
+  """Runs `config` (see configs/benchmark.py); writes JSON; returns rows
+  (the decode variant's are `decode.DecodeRow`s, see comparison/decode.py)."""
   names = (cells.config_names(config.mechanisms) or
            list(registry.available_mechanisms()))
   device = jax.devices()[0]
   logging.info("Benchmark on %s (%s), jax %s", device.device_kind,
                jax.default_backend(), jax.__version__)
+  if config.get("decode"):
+    return decode.run_decode_benchmark(config)
   rows = []
   if config.get("context_parallel"):
     rows = run_context_parallel(config,

@@ -129,24 +129,32 @@ def table(rows: list[BenchmarkRow]) -> str:
   return format_table(lines)
 
 
-def write_json(config, rows: Sequence[BenchmarkRow]) -> str:
-  """Writes the rows so far and their summary as JSON; returns the path.
-
-  The file is `config.output_dir/config.output_name.json`, the name's
-  `{device}` and `{count}` filled with the device kind and count.
-  """
+def output_path(config) -> str:
+  """`config.output_dir/config.output_name.json`, the name's `{device}` and
+  `{count}` filled with the device kind and count (the folder made)."""
   device = jax.devices()[0]
   os.makedirs(config.output_dir, exist_ok=True)
   slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
   name = config.output_name.format(device=slug, count=jax.device_count())
-  path = os.path.join(config.output_dir, name + ".json")
-  environment: dict[str, Any] = dict(
+  return os.path.join(config.output_dir, name + ".json")
+
+
+def environment() -> dict[str, Any]:
+  """The machine a run is on: device kind and count, jax, python."""
+  device = jax.devices()[0]
+  return dict(
       device_kind=device.device_kind, backend=jax.default_backend(),
       device_count=jax.device_count(), jax_version=jax.__version__,
       python=platform.python_version(), cpu_count=os.cpu_count(),
       machine=platform.machine())
+
+
+def write_json(config, rows: Sequence[BenchmarkRow]) -> str:
+  """Writes the rows so far and their summary as JSON; returns the path
+  (`output_path`)."""
+  path = output_path(config)
   with open(path, "w") as f:
-    json.dump(dict(environment=environment, config=config.to_dict(),
+    json.dump(dict(environment=environment(), config=config.to_dict(),
                    rows=[dataclasses.asdict(r) for r in rows],
                    summary=summarize(rows, **summary_names(config))),
               f, indent=2, default=str)

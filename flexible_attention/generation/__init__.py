@@ -1,0 +1,1 @@
+"""Generation: a small decoder-only transformer and its greedy decoding job."""

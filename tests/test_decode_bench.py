@@ -1,0 +1,112 @@
+"""The decode benchmark: cells, the XLA baseline, check before timing."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.comparison import benchmark
+from flexible_attention.comparison import decode
+from flexible_attention.core.types import KernelOutput
+from flexible_attention.mechanisms import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  """The decode_cpu variant of configs/benchmark.py with `overrides`."""
+  spec = importlib.util.spec_from_file_location(
+      "benchmark_config", os.path.join(ROOT, "configs", "benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("decode_cpu")
+  config.update(dict(repeats=2, **overrides))
+  return config
+
+
+@pytest.fixture
+def wrong_mechanism():
+  """A registered mechanism whose output is 1% off (its cache is right)."""
+
+  @fa.register_mechanism("test_wrong_decode")
+  class Wrong(fa.AttentionModule):
+    capabilities = fa.Capabilities()
+
+    @classmethod
+    def make_kernel(cls, config, request):
+      vanilla = registry.get_mechanism("vanilla").make_kernel(config, request)
+      return lambda inputs, dropout: KernelOutput(
+          vanilla(inputs, dropout).out * 1.01)
+
+  yield "test_wrong_decode"
+  del registry._REGISTRY["test_wrong_decode"]  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("cache", ["dense", "paged16"])
+def test_rows_are_checked_against_the_reference_then_timed(cache,
+                                                           wrong_mechanism):
+  # L = 40 does not fill a row's last page; 3 new tokens attend causally.
+  cell = decode.DecodeCell(batch=2, length=40, num_heads=4, num_kv_heads=2,
+                           head_dim=8, dtype="float32", cache=cache,
+                           new_tokens=3)
+  rows = decode.benchmark_decode_cell(
+      ["vanilla", "xla_decode", wrong_mechanism], _config(), cell)
+  by_name = {r.mechanism: r for r in rows}
+  for name in ("vanilla", "xla_decode"):
+    row = by_name[name]
+    assert row.status == "ok", row.status
+    assert row.out_error < 1e-5
+    assert row.microseconds > 0 and row.compile_seconds > 0
+    assert row.kv_bytes == 2 * 2 * 40 * 2 * 8 * 4
+    assert row.tb_per_second == pytest.approx(
+        row.kv_bytes / row.microseconds / 1e6)
+    assert row.fraction_of_peak is None  # No peak known for a CPU.
+  assert by_name["vanilla"].served_by == "vanilla"
+  wrong = by_name[wrong_mechanism]
+  assert wrong.status.startswith("error: differs from the reference")
+  assert wrong.microseconds is None
+
+
+def test_a_cell_whose_cache_does_not_fit_is_skipped():
+  cell = decode.DecodeCell(batch=1, length=64, num_heads=2, num_kv_heads=2,
+                           head_dim=8, dtype="float32", cache="dense",
+                           new_tokens=1)
+  rows = decode.benchmark_decode_cell(["vanilla"], _config(
+      memory_fraction=1e-12), cell)
+  assert rows[0].status.startswith("skipped: the cache needs")
+
+
+def test_cells_cover_every_combination_and_count_bytes():
+  cells = decode.decode_cells(_config())
+  assert len(cells) == 2 * 2 * 1 * 1 * 2 * 2
+  paged = [c for c in cells if c.cache == "paged16" and c.length == 200]
+  assert paged[0].pages_per_row == 13
+  assert paged[0].cache_bytes == paged[0].kv_bytes * 208 // 200
+  assert cells[0].name == "B1 L200 H4/2 D32 dense new1"
+  assert decode.DecodeCell(8, 32768, 32, 8, 128, "bfloat16", "paged128",
+                           4).name == "B8 L32k H32/8 D128 paged128 new4"
+  with pytest.raises(ValueError, match="paged<page size>"):
+    decode.page_size_of("pages16")
+
+
+def test_peak_bandwidth_by_device_kind():
+  assert decode.peak_bandwidth_tbps("NVIDIA H200") == 4.8
+  assert decode.peak_bandwidth_tbps("NVIDIA H100 80GB HBM3") == 3.35
+  assert decode.peak_bandwidth_tbps("cpu") is None
+
+
+def test_the_benchmark_runs_the_decode_variant_and_writes_json(tmp_path):
+  config = _config(mechanisms="", decode_batches=(2,), decode_lengths=(48,),
+                   decode_new_tokens=(1,), decode_caches="dense",
+                   output_dir=str(tmp_path))
+  rows = benchmark.run_benchmark(config)
+  assert [(r.mechanism, r.cell, r.status) for r in rows] == [
+      ("xla_decode", "B2 L48 H4/2 D32 dense new1", "ok")]
+  results = json.loads((tmp_path / "cpu-decode.json").read_text())
+  assert results["rows"][0]["microseconds"] == rows[0].microseconds
+  assert results["environment"]["jax_version"] == jax.__version__
+  assert results["environment"]["peak_hbm_tbps"] is None
+  assert "TB/s" in decode.table(rows)
