@@ -103,7 +103,7 @@ def test_bad_paged_caches_are_refused(bad, match):
   cache = _paged([0, 0, 0])._replace(**bad)
   k, v = _tokens(0, B, 2)
   with pytest.raises((ValueError, TypeError), match=match):
-    cache_lib.check(cache, k, v)
+    cache_lib.check(cache, k, k, v)
 
 
 @pytest.mark.parametrize("q_lengths, match", [
@@ -114,7 +114,7 @@ def test_bad_paged_caches_are_refused(bad, match):
 def test_bad_q_lengths_are_refused(q_lengths, match):
   k, v = _tokens(0, B, 2)
   with pytest.raises((ValueError, TypeError), match=match):
-    cache_lib.check(_dense([0, 0, 0]), k, v, q_lengths)
+    cache_lib.check(_dense([0, 0, 0]), k, k, v, q_lengths)
 
 
 def test_init_paged_cache_is_empty_and_unassigned():

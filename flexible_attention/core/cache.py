@@ -121,14 +121,24 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
-def check(cache, key, value, q_lengths=None):
+def check(cache, query, key, value, q_lengths=None):
   """Raises `TypeError` / `ValueError` unless `cache` can take the call's
-  new `key [B, Sq, Hkv, D]` and `value [B, Sq, Hkv, Dv]` (same dtype, shapes
-  that match) and `q_lengths` is `[B]` ints."""
+  `query [B, Sq, H, D]` and new `key [B, Sq, Hkv, D]` and `value [B, Sq,
+  Hkv, Dv]` (same dtype, shapes that match) and `q_lengths` is `[B]`
+  ints."""
   if not isinstance(cache, (KVCache, PagedKVCache)):
     raise TypeError("cache must be a fa.KVCache or fa.PagedKVCache, got "
                     f"{type(cache)}.")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if len(_shape(x)) != 4:
+      raise ValueError(f"{name} must have rank 4, got shape {_shape(x)}.")
   batch, new_len = _shape(key)[:2]
+  if _shape(query)[:2] != (batch, new_len) or _shape(value)[:2] != (
+      batch, new_len):
+    raise ValueError(
+        "with a KV cache, query, key and value hold the same new tokens of "
+        f"the same rows: got query {_shape(query)}, key {_shape(key)}, value "
+        f"{_shape(value)}.")
   heads = _shape(key)[2:]
   if isinstance(cache, KVCache):
     stores = (("cache.keys", cache.keys, key, "[B, L, Hkv, D]"),

@@ -26,7 +26,7 @@ from flexible_attention.core.masks import Visibility
 
 # Feature names, as used by capabilities, `auto` and errors.
 FEATURES = ("causal", "window", "segments", "kv_lengths", "positions", "mask",
-            "bias", "softcap", "dropout", "weights", "cache", "gqa")
+            "bias", "softcap", "dropout", "weights", "lse", "cache", "gqa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,11 @@ class AttentionInputs:
     value: `[B, Sk, Hkv, Dv]`.
     bias: `[B|1, H|1, Sq|1, Sk|1]` float or `None`.
     visibility: the structured mask.
+    pages: with a paged KV cache, the updated `PagedKVCache` whose dense
+      view (gathered through its page table) `key` and `value` are, for
+      kernels that read the pages themselves (XLA drops the gather when
+      nothing reads it); `None` otherwise (and on a mesh, where kernels
+      read the dense view).
   """
 
   query: jax.Array
@@ -64,6 +69,7 @@ class AttentionInputs:
   value: jax.Array
   bias: jax.Array | None
   visibility: Visibility
+  pages: Any = None
 
   @property
   def dims(self) -> AttentionDims:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,12 +60,17 @@ class AttentionOutput(NamedTuple):
     attention_outputs: `[B, Sq, H, Dv]`, in the query's dtype.
     attention_weights: `[B, H, Sq, Sk]` probabilities actually applied to the
       values (after dropout), or `None` unless `return_weights=True`.
-    cache: the updated `KVCache` when the call was given one, else `None`.
+    cache: the updated cache (`KVCache` or `PagedKVCache`, the kind the
+      call was given) when the call was given one, else `None`.
+    lse: `[B, H, Sq]` float32 log-sum-exp of each query's visible logits
+      (-inf for a query that sees no key) when `return_lse=True`, else
+      `None`; `fa.merge_attention` combines calls over disjoint keys by it.
   """
 
   attention_outputs: jax.Array
   attention_weights: jax.Array | None = None
-  cache: KVCache | None = None
+  cache: Any = None
+  lse: jax.Array | None = None
 
 
 class KVCache(NamedTuple):

@@ -31,7 +31,8 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
     local_kernel: a pure kernel `(AttentionInputs, Dropout) -> KernelOutput`.
 
   Returns:
-    `KernelOutput(out [B, S/n, H, Dv], None, None)`.
+    `KernelOutput(out [B, S/n, H, Dv], lse [B, H, S/n] or None, None)`:
+    the local kernel's log-sum-exp, when it gives one, sharded back.
   """
   if inputs.bias is not None or inputs.visibility.mask is not None:
     raise NotImplementedError("ulysses: a dense bias or mask is not "
@@ -54,7 +55,12 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
   if dropout is not None:
     first_head = jax.lax.axis_index(axis_name) * (num_heads // num_shards)
     dropout = dropout.with_offsets(0, first_head)
-  out = local_kernel(local, dropout).out  # [B, S, H/n, Dv]
-  out = jax.lax.all_to_all(out, axis_name, split_axis=1, concat_axis=2,
-                           tiled=True)
-  return KernelOutput(out, None, None)
+  result = local_kernel(local, dropout)
+  # [B, S, H/n, Dv] -> [B, S/n, H, Dv]
+  out = jax.lax.all_to_all(result.out, axis_name, split_axis=1,
+                           concat_axis=2, tiled=True)
+  lse = result.lse  # [B, H/n, S]
+  if lse is not None:
+    lse = jax.lax.all_to_all(lse, axis_name, split_axis=2, concat_axis=1,
+                             tiled=True)
+  return KernelOutput(out, lse, None)

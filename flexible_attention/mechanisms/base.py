@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexible_attention.core import cache as cache_lib
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core.types import AttentionOutput
@@ -216,8 +217,10 @@ class _Keys(NamedTuple):
   q_positions: jax.Array | None  # [B, Sq]
   kv_positions: jax.Array | None  # [B, Sk]
   uses_cache: bool = False
-  cache: KVCache | None = None  # The updated cache to return.
+  cache: Any = None  # The updated cache to return.
   overflow: jax.Array | None = None  # [B]: new tokens did not fit.
+  q_valid: jax.Array | None = None  # [B, Sq]: slots holding a new token.
+  pages: Any = None  # The updated paged cache, for kernels that read pages.
 
   @property
   def explicit_positions(self) -> bool:
@@ -447,9 +450,11 @@ class AttentionModule(hk.Module):
       kv_lengths: jax.Array | None = None,
       q_positions: jax.Array | None = None,
       kv_positions: jax.Array | None = None,
-      cache: KVCache | None = None,
+      cache: Any = None,
+      q_lengths: jax.Array | None = None,
       deterministic: bool = True,
       return_weights: bool = False,
+      return_lse: bool = False,
   ) -> AttentionOutput:
     """Attends `query` to `key`/`value`.
 
@@ -466,55 +471,61 @@ class AttentionModule(hk.Module):
         `j < kv_lengths[b]`.
       q_positions: `[B, Sq]` ints (default `arange(Sq) + Sk - Sq`).
       kv_positions: `[B, Sk]` ints (default `arange(Sk)`).
-      cache: a `fa.KVCache` `[B, L, Hkv, D|Dv]`: the new keys/values are
-        written at each row's length, the queries sit at those slots and
-        attend to the valid prefix (Sk = L); positions and kv lengths come
-        from the cache and must not be passed. A row whose new tokens do not
-        fit (`lengths + Sq > L`) gets NaN outputs.
+      cache: a `fa.KVCache` (`[B, L, Hkv, D|Dv]`) or a `fa.PagedKVCache`
+        (`core/cache.py`): the new keys/values are written at each row's
+        length, the queries sit at those slots (positions = token indices)
+        and attend to the row's tokens (Sk = L, a paged cache's `max_pages
+        * page_size`); positions and kv lengths come from the cache and must
+        not be passed. A row whose new tokens do not fit gets NaN outputs.
+      q_lengths: `[B]` ints in `[0, Sq]`, with a cache: the new tokens of
+        each row (default all `Sq`); a row's slots from `q_lengths[b]` on
+        are padding: they give zeros (lse -inf) and write nothing.
       deterministic: when False and `dropout_rate > 0`, applies dropout with
         a key from `hk.next_rng_key()`.
       return_weights: also return the `[B, H, Sq, Sk]` applied weights.
+      return_lse: also return the `[B, H, Sq]` float32 log-sum-exp.
 
     Returns:
       `fa.AttentionOutput(attention_outputs [B, Sq, H, Dv], attention_weights
-      [B, H, Sq, Sk] or None, cache)`.
+      [B, H, Sq, Sk] or None, cache, lse [B, H, Sq] or None)`.
     """
+    for name, flag in (("deterministic", deterministic),
+                       ("return_weights", return_weights),
+                       ("return_lse", return_lse)):
+      if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {flag!r}.")
     out_dtype = getattr(query, "dtype", None)
     if self.config.dtype is not None:
       query, key, value = (jnp.asarray(x).astype(self.config.dtype)
                            for x in (query, key, value))
     keys = self._attach_cache(
         query, _Keys(key, value, kv_lengths, q_positions, kv_positions),
-        cache, segment_ids)
+        cache, segment_ids, q_lengths)
     inputs = self._canonicalize(query, keys, mask=mask, bias=bias,
                                 causal=causal, segment_ids=segment_ids)
     apply_dropout = self.config.dropout_rate > 0 and not deterministic
-    if not isinstance(return_weights, bool):
-      raise TypeError(f"return_weights must be a bool, got {return_weights!r}.")
     request = self._request(inputs, keys, dropout=apply_dropout,
-                            weights=return_weights)
+                            weights=bool(return_weights),
+                            lse=bool(return_lse))
     mechanism = self._select(request)
     dropout = self._dropout() if apply_dropout else None
     result = self._run(mechanism, request, inputs, dropout)
-    out = result.out.astype(out_dtype)  # [B, Sq, H, Dv]
-    if keys.overflow is not None:
-      # Rows whose new tokens do not fit the cache: XLA clamped their writes,
-      # so their result would be wrong. NaN says so instead of hiding it.
-      out = jnp.where(keys.overflow[:, None, None, None], jnp.nan, out)
-    return AttentionOutput(
-        attention_outputs=out,
-        attention_weights=result.weights if return_weights else None,
-        cache=keys.cache)
+    return _output(result, keys, out_dtype, bool(return_weights),
+                   bool(return_lse))
 
   # --- The steps of a call ----------------------------------------------------
 
-  def _attach_cache(self, query, keys: _Keys, cache: KVCache | None,
-                    segment_ids) -> _Keys:
+  def _attach_cache(self, query, keys: _Keys, cache, segment_ids,
+                    q_lengths) -> _Keys:
     """Writes the new keys into the cache (explicit, or Haiku state with
-    `decode=True`) and returns the cache as the call's keys; `keys`
-    unchanged without a cache."""
+    `decode=True`) and returns the cache as the call's keys (`cache_lib`);
+    `keys` unchanged without a cache."""
     config = self.config
     if cache is None and not config.decode:
+      if q_lengths is not None:
+        raise ValueError("q_lengths counts the new tokens of each row of a "
+                         "cache call; pass cache= (or build the module with "
+                         "decode=True).")
       return keys
     if cache is not None and config.decode:
       raise ValueError("pass either cache= or build the module with "
@@ -528,16 +539,26 @@ class AttentionModule(hk.Module):
                          "cache defines positions and lengths.")
     if cache is None:
       cache = self._state_cache(query, keys.key, keys.value)
-    (key, value, kv_lengths, q_positions, kv_positions,
-     new_cache) = _write_cache(cache, query, keys.key, keys.value)
-    overflow = new_cache.lengths > new_cache.max_length  # [B]
+    cache_lib.check(cache, query, keys.key, keys.value, q_lengths)
+    new_len = keys.key.shape[1]
+    q_positions, q_valid = cache_lib.query_slots(cache, new_len, q_lengths)
+    new_cache, overflow = cache_lib.write(cache, keys.key, keys.value,
+                                          q_lengths)
+    key, value = cache_lib.dense_view(new_cache)
+    batch, length = key.shape[:2]
+    kv_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                    (batch, length))
+    pages = new_cache if isinstance(new_cache, cache_lib.PagedKVCache) else (
+        None)
+    kv_lengths = new_cache.lengths
     if config.decode:
       hk.set_state("cached_keys", new_cache.keys)
       hk.set_state("cached_values", new_cache.values)
       hk.set_state("cache_lengths", new_cache.lengths)
       new_cache = None
     return _Keys(key, value, kv_lengths, q_positions, kv_positions,
-                 uses_cache=True, cache=new_cache, overflow=overflow)
+                 uses_cache=True, cache=new_cache, overflow=overflow,
+                 q_valid=None if q_lengths is None else q_valid, pages=pages)
 
   def _canonicalize(self, query, keys: _Keys, **call
                    ) -> inputs_lib.AttentionInputs:
@@ -547,11 +568,12 @@ class AttentionModule(hk.Module):
         q_positions=keys.q_positions, kv_positions=keys.kv_positions,
         sliding_window=self.config.sliding_window, **call)
     self._check_dims(inputs.dims)
-    return inputs
+    return dataclasses.replace(inputs, pages=keys.pages)
 
   def _request(self, inputs: inputs_lib.AttentionInputs, keys: _Keys,
                **flags: bool) -> registry.AttentionRequest:
-    """The static description of the call (`flags`: dropout, weights)."""
+    """The static description of the call (`flags`: dropout, weights,
+    lse)."""
     config = self.config
     sequence_sharded = config.mesh is not None and shard_lib.check_partition(
         config.mesh, config.partition_axis, inputs)
@@ -595,11 +617,14 @@ class AttentionModule(hk.Module):
     kernel = mechanism.make_kernel(config, request)
     if config.mesh is None:
       return kernel(inputs, dropout)
+    # On a mesh, kernels read a paged cache through its dense view.
     return shard_lib.run_sharded(
-        kernel, config.mesh, config.partition_axis, inputs, dropout,
+        kernel, config.mesh, config.partition_axis,
+        dataclasses.replace(inputs, pages=None), dropout,
         layout=(mechanism.token_layout(config) if request.sequence_sharded
                 else "contiguous"),
         return_weights="weights" in request.features,
+        return_lse="lse" in request.features,
         gather_keys=not mechanism.sequence_parallel)
 
   # --- Helpers ------------------------------------------------------------
@@ -633,49 +658,30 @@ class AttentionModule(hk.Module):
         lengths=hk.get_state("cache_lengths", (batch,), jnp.int32, init=init))
 
 
-def _write_cache(cache: KVCache, query, key, value):
-  """Writes the new keys/values at each row's length.
-
-  Returns `(keys, values, kv_lengths, q_positions, kv_positions, new_cache)`
-  for attending the new queries (at the new slots) to the valid prefix.
-  Callers keep `lengths + Sq <= L`: XLA clamps writes past the end (the
-  module then returns NaN for those rows).
-  """
-  if not isinstance(cache, KVCache):
-    raise TypeError(f"cache must be a fa.KVCache, got {type(cache)}.")
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must have rank 4, got shape "
-                       f"{np.shape(x)}.")
-  batch, new_len = key.shape[:2]
-  length = cache.max_length
-  if query.shape[1] != new_len or value.shape[1] != new_len:
-    raise ValueError("with a KV cache, query, key and value hold the same new "
-                     f"tokens: got Sq = {query.shape[1]}, key length "
-                     f"{new_len}, value length {value.shape[1]}.")
-  if cache.keys.shape != (batch, length) + key.shape[2:]:
-    raise ValueError(f"cache.keys must be [B, L, Hkv, D] = "
-                     f"{(batch, length) + key.shape[2:]}, got "
-                     f"{cache.keys.shape}.")
-  if cache.values.shape != (batch, length) + value.shape[2:]:
-    raise ValueError(f"cache.values must be [B, L, Hkv, Dv] = "
-                     f"{(batch, length) + value.shape[2:]}, got "
-                     f"{cache.values.shape}.")
-  if cache.lengths.shape != (batch,):
-    raise ValueError(f"cache.lengths must be [B] = ({batch},), got "
-                     f"{cache.lengths.shape}.")
-  if new_len > length:
-    raise ValueError(f"{new_len} new tokens do not fit a cache of length "
-                     f"{length}.")
-  lengths = cache.lengths.astype(jnp.int32)
-  write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(
-      buf, new.astype(buf.dtype), start, axis=0))
-  keys = write(cache.keys, key, lengths)
-  values = write(cache.values, value, lengths)
-  new_lengths = lengths + new_len
-  q_positions = lengths[:, None] + jnp.arange(new_len, dtype=jnp.int32)
-  kv_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
-                                  (batch, length))
-  new_cache = KVCache(keys, values, new_lengths)
-  return (keys.astype(key.dtype), values.astype(value.dtype), new_lengths,
-          q_positions, kv_positions, new_cache)
+def _output(result: KernelOutput, keys: _Keys, out_dtype,
+            return_weights: bool, return_lse: bool) -> AttentionOutput:
+  """The call's `AttentionOutput` from its kernel's: padded query slots
+  (`q_lengths`) give zeros (weights 0, lse -inf), and rows whose new tokens
+  did not fit the cache give NaN."""
+  out = result.out.astype(out_dtype)  # [B, Sq, H, Dv]
+  weights = result.weights if return_weights else None  # [B, H, Sq, Sk]
+  lse = result.lse if return_lse else None  # [B, H, Sq]
+  if return_lse and lse is None:
+    raise RuntimeError("the mechanism's kernel returned no log-sum-exp "
+                       "although its capabilities say it does.")
+  if keys.q_valid is not None:
+    valid = keys.q_valid  # [B, Sq]
+    out = jnp.where(valid[:, :, None, None], out, 0)
+    if weights is not None:
+      weights = jnp.where(valid[:, None, :, None], weights, 0)
+    if lse is not None:
+      lse = jnp.where(valid[:, None, :], lse, -jnp.inf)
+  if keys.overflow is not None:
+    # Rows whose new tokens did not fit the cache: what did not fit was
+    # dropped, so their result would be wrong. NaN says so.
+    overflow = keys.overflow  # [B]
+    out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+    if lse is not None:
+      lse = jnp.where(overflow[:, None, None], jnp.nan, lse)
+  return AttentionOutput(attention_outputs=out, attention_weights=weights,
+                         cache=keys.cache, lse=lse)

@@ -34,8 +34,8 @@ class CudnnAttention(base.AttentionModule):
 
   capabilities = registry.Capabilities(
       platforms=("gpu",), dtypes=("bfloat16", "float16"), segments=False,
-      positions=False, mask=False, softcap=False, dropout=False, cache=False,
-      precision=False,
+      positions=False, mask=False, softcap=False, dropout=False, lse=False,
+      cache=False, precision=False,
       notes="causal/window need Sq == Sk; D % 8 == 0, D <= 256 (Hopper).")
 
   @classmethod

@@ -52,7 +52,7 @@ def _check_block_size(field: str, value: int | None):
 TPU_CAPABILITIES = registry.Capabilities(
     platforms=("tpu",), dtypes=("float32", "bfloat16"), window=False,
     positions=False, mask=False, softcap=False, dropout=False, weights=False,
-    cache=False, precision=False, block_size_fields=BLOCK_FIELDS,
+    lse=False, cache=False, precision=False, block_size_fields=BLOCK_FIELDS,
     notes=("JAX's Pallas TPU flash kernel: causal only with Sq == Sk, "
            "grouped heads only without causal, no launch=; tiles of "
            "multiples of 128."))
@@ -133,11 +133,13 @@ class FlashAttention(base.AttentionModule):
       return functools.partial(flash_tpu.flash_attention,
                                sm_scale=config.scale,
                                block_sizes=config.block_sizes)
+    # A KV-cache call goes to the decode kernel when it can serve it.
+    attend = (flash_kernel.cache_attention if "cache" in request.features
+              else flash_kernel.flash_attention)
     return functools.partial(
-        flash_kernel.flash_attention, sm_scale=config.scale,
-        softcap=config.logits_soft_cap, precision=config.precision,
-        block_sizes=config.block_sizes, launch=config.launch,
-        interpret=config.interpret)
+        attend, sm_scale=config.scale, softcap=config.logits_soft_cap,
+        precision=config.precision, block_sizes=config.block_sizes,
+        launch=config.launch, interpret=config.interpret)
 
 
 # --- TPU: JAX's Pallas TPU flash kernel (kernels/flash_tpu.py) ----------------

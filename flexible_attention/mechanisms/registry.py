@@ -29,9 +29,11 @@ class Capabilities:
     platforms: backends it runs on (`"cpu"`, `"gpu"`, `"tpu"`).
     dtypes: input dtypes it accepts.
     causal, window, segments, kv_lengths, positions, mask, bias, softcap,
-    dropout, weights, cache, gqa: the features of the semantics it computes
-      (see DESIGN.md); `weights` is `return_weights=True`, `positions` is
-      explicit `q_positions`/`kv_positions`, `gqa` is `Hkv < H`.
+    dropout, weights, lse, cache, gqa: the features of the semantics it
+      computes (see DESIGN.md); `weights` is `return_weights=True`, `lse`
+      is `return_lse=True`, `positions` is explicit `q_positions` /
+      `kv_positions`, `cache` a dense or paged KV cache (with `q_lengths`),
+      `gqa` is `Hkv < H`.
     sharded_sequence: whether a mesh may shard the sequence axes.
     precision: whether it honours the `precision` option (matmul
       precision); one that does not refuses any `precision` but None.
@@ -51,6 +53,7 @@ class Capabilities:
   softcap: bool = True
   dropout: bool = True
   weights: bool = False
+  lse: bool = True
   cache: bool = True
   gqa: bool = True
   sharded_sequence: bool = False

@@ -52,8 +52,8 @@ class SplashAttention(base.AttentionModule):
 
   capabilities = registry.Capabilities(
       platforms=("tpu",), dtypes=("float32", "bfloat16"), positions=False,
-      mask=False, bias=False, dropout=False, weights=False, cache=False,
-      precision=False, block_size_fields=tuple(splash_tpu.BLOCK_FIELDS),
+      mask=False, bias=False, dropout=False, weights=False, lse=False,
+      cache=False, precision=False, block_size_fields=tuple(splash_tpu.BLOCK_FIELDS),
       notes=("JAX's Pallas TPU splash kernels; tiles of multiples of 128 "
              "(sequences padded inside); CPU only with interpret=True."))
 

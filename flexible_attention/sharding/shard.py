@@ -123,20 +123,22 @@ def unpermute_output(result: KernelOutput, layout: str, q_shards: int,
 def run_sharded(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
                 inputs: AttentionInputs, dropout: Dropout | None, *,
                 layout: str, return_weights: bool,
-                gather_keys: bool) -> KernelOutput:
+                gather_keys: bool, return_lse: bool = False) -> KernelOutput:
   """`shard_kernel` on the tokens permuted into `layout` (the kernel's
   token layout on a sequence mesh), the output put back in natural order."""
   q_shards = axis_size(mesh, axes.query_sequence_axis)
   kv_shards = axis_size(mesh, axes.key_sequence_axis)
   inputs = permute_inputs(inputs, layout, q_shards, kv_shards)
   result = shard_kernel(kernel, mesh, axes, inputs, dropout,
-                        return_weights=return_weights, gather_keys=gather_keys)
+                        return_weights=return_weights, gather_keys=gather_keys,
+                        return_lse=return_lse)
   return unpermute_output(result, layout, q_shards, kv_shards)
 
 
 def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
                  inputs: AttentionInputs, dropout: Dropout | None, *,
-                 return_weights: bool, gather_keys: bool) -> KernelOutput:
+                 return_weights: bool, gather_keys: bool,
+                 return_lse: bool = False) -> KernelOutput:
   """Runs `kernel(inputs, dropout)` sharded over `mesh`.
 
   Args:
@@ -148,10 +150,11 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
     return_weights: whether the kernel returns weights.
     gather_keys: all-gather K/V over the key sequence axis before calling the
       kernel (for kernels that are not sequence-parallel themselves).
+    return_lse: whether the kernel's log-sum-exp comes back (else it is
+      dropped).
 
   Returns:
-    The kernel's `KernelOutput` as global arrays, without the log-sum-exp
-    (which the modules do not return).
+    The kernel's `KernelOutput` as global arrays.
   """
   dims = inputs.dims
   batch, heads = spec_entry(axes.batch_axis), spec_entry(axes.head_axis)
@@ -187,7 +190,7 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
           seed=P(), batch_offset=P(), head_offset=P(), rate=dropout.rate))
   out_specs = KernelOutput(
       out=P(batch, q_seq, heads, None),
-      lse=None,
+      lse=P(batch, heads, q_seq) if return_lse else None,
       weights=P(batch, heads, q_seq, None) if return_weights else None)
   local_batch = dims.batch // axis_size(mesh, axes.batch_axis)
   local_heads = dims.num_heads // axis_size(mesh, axes.head_axis)
@@ -199,7 +202,8 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
       dropout = dropout.with_offsets(b * local_batch, h * local_heads)
     if gather:
       inputs = _gather_keys(inputs, kv_seq)
-    return kernel(inputs, dropout)._replace(lse=None)
+    result = kernel(inputs, dropout)
+    return result if return_lse else result._replace(lse=None)
 
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                        out_specs=out_specs, check_vma=False)(inputs, dropout)

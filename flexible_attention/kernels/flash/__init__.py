@@ -22,10 +22,16 @@ Two backends, neither importing the other, under one launch policy:
 - `structure`: the one static record of a call (`Static`), padding, the
   structure vectors and the tile-skipping bounds both backends read;
 - `interface`: `prepare`, the `custom_vjp`, `flash_attention` and the
-  un-differentiated `forward_pass` / `backward_pass`.
+  un-differentiated `forward_pass` / `backward_pass`;
+- `triton_decode`, `decode`: the decode kernel (split-KV over a paged or
+  dense KV cache, all query heads of a KV head in one program) and
+  `cache_attention`, which serves a KV-cache call with it, or with the
+  general kernels when the call has more new tokens, a bias, a dense mask
+  or dropout (`decode.cache_call_reason`).
 """
 
 # pylint: disable=g-importing-member
+from flexible_attention.kernels.flash.decode import cache_attention
 from flexible_attention.kernels.flash.decode import decode_attention
 from flexible_attention.kernels.flash.decode import decode_launch
 from flexible_attention.kernels.flash.decode import decode_unsupported_reason
@@ -62,6 +68,7 @@ __all__ = (
     "block_size_reason",
     "check_block_size",
     "check_launch_config",
+    "cache_attention",
     "decode_attention",
     "decode_launch",
     "decode_unsupported_reason",

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexible_attention.core import merge
+from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonical_window
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.types import BlockSizes
@@ -507,3 +508,70 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   out, lse = _decode(_Config(st, block_sizes), q, key_pages, value_pages,
                      page_table, kv_lengths, q_positions, q_valid)
   return KernelOutput(out, lse, None)
+
+
+MAX_DECODE_QUERIES = 16  # New tokens per row the decode kernel takes.
+
+
+def cache_call_reason(inputs: AttentionInputs, dropout) -> str | None:
+  """Why a cache call goes to the general flash kernels rather than the
+  decode kernel (None: the decode kernel serves it).
+
+  The decode kernel computes the cache-call semantics (kv lengths, the
+  queries' positions, causal, window, soft cap, grouped heads) for up to
+  `MAX_DECODE_QUERIES` new tokens per row, from a paged cache (`pages`) or
+  a dense one (`dense_as_pages`), with power-of-two head and page sizes;
+  a bias, a dense mask or dropout go to the general kernels, which compute
+  the same function on the dense view.
+  """
+  dims, vis = inputs.dims, inputs.visibility
+  if dims.q_len > MAX_DECODE_QUERIES:
+    return (f"{dims.q_len} new tokens per row (the decode kernel takes up to "
+            f"{MAX_DECODE_QUERIES})")
+  if inputs.bias is not None or vis.mask is not None or dropout is not None:
+    return "a bias, dense mask or dropout"
+  page_size = (inputs.pages.page_size if inputs.pages is not None else
+               math.gcd(dims.kv_len, MAX_PAGE_SIZE))
+  return decode_unsupported_reason(dims.head_dim, dims.value_dim, page_size)
+
+
+def cache_attention(inputs: AttentionInputs, dropout=None, *,
+                    sm_scale: float, softcap: float | None = None,
+                    precision=None, block_sizes: BlockSizes | None = None,
+                    launch=None, interpret: bool = False) -> KernelOutput:
+  """flash on a KV-cache call (the canonical record a module builds from
+  its cache): the decode kernel when `cache_call_reason` allows, reading
+  `inputs.pages` (a paged cache) or the dense cache in place; else
+  `interface.flash_attention` on the record's dense keys. Both compute the
+  same function; `launch` (the general kernels' launches) makes the call
+  take the general kernels.
+
+  Args:
+    inputs: the record: `query [B, Sq, H, D]`, the cache's dense view as
+      `key [B, L, Hkv, D]` / `value [B, L, Hkv, Dv]`, its pages (or None),
+      and the visibility (kv lengths, query positions = token indices, key
+      positions `arange(L)`, causal, window).
+    dropout, sm_scale, softcap, precision, block_sizes, interpret: as
+      `interface.flash_attention`'s.
+    launch: a `LaunchConfig` for the general kernels, or None.
+
+  Returns:
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`.
+  """
+  if launch is not None or cache_call_reason(inputs, dropout) is not None:
+    return interface.flash_attention(
+        inputs, dropout, sm_scale=sm_scale, softcap=softcap,
+        precision=precision, block_sizes=block_sizes, launch=launch,
+        interpret=interpret)
+  vis = inputs.visibility
+  if inputs.pages is not None:
+    pages = inputs.pages
+    key_pages, value_pages, table = (pages.key_pages, pages.value_pages,
+                                     pages.page_table)
+  else:
+    key_pages, value_pages, table = dense_as_pages(inputs.key, inputs.value)
+  return decode_attention(
+      inputs.query, key_pages, value_pages, table, vis.kv_lengths,
+      vis.q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
+      window=vis.window, precision=precision, block_sizes=block_sizes,
+      interpret=interpret)
