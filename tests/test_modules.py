@@ -14,6 +14,9 @@ import pytest
 import flexible_attention as fa
 
 RTOL_F32 = 2e-5
+# XLA's backend optimisation level 0 on CPU: faster compiles, same results.
+_FAST_COMPILE = ({"xla_backend_optimization_level": 0}
+                 if jax.default_backend() == "cpu" else None)
 
 
 def _close(x, ref, rtol=RTOL_F32):
@@ -164,9 +167,55 @@ def test_facade_checks_sequence_lengths_and_block_sizes():
 
   with pytest.raises(ValueError, match="query_sequence_length = 5"):
     call(attn_mechanism="vanilla", query_sequence_length=5)
-  with pytest.raises(NotImplementedError, match="block_q"):
-    call(attn_mechanism="vanilla", block_q=64)
-  call(attn_mechanism="blockwise", block_q=2, block_k=2)  # Read: accepted.
+  with pytest.raises(ValueError, match="BlockSizes.block_b"):
+    call(attn_mechanism="vanilla", block_b=0)
+  # Tile hints: a mechanism gets the fields it reads (and checks them).
+  call(attn_mechanism="blockwise", block_q=2, block_k=2, block_b=1,
+       block_k_major=64)
+  call(attn_mechanism="vanilla", block_q=64, block_q_dq=64)
+  call(attn_mechanism="auto", block_q=3, block_k_major=5)
+
+
+def test_facade_seed_only_arguments_have_their_documented_meaning():
+  rng = np.random.default_rng(6)
+  b, s, h, d = 4, 8, 2, 8
+  q, k, v = (_embeddings(rng, b, s, h, d) for _ in range(3))
+  mesh = fa.make_mesh((2, 2, 1, 2))
+
+  def run(**kwargs):
+    fn = hk.transform(lambda q, k, v: fa.FlexibleAttentionModule(
+        num_attention_heads=h, head_dims=d, **kwargs)(
+            q, k, v, causal=True).attention_outputs)
+    return jax.jit(fn.apply, compiler_options=_FAST_COMPILE)({}, None, q, k,
+                                                             v)
+
+  expected = _reference(q, k, v, causal=True)
+  for mechanism, shard in (("wise_ring", True), ("jax_flash_attn2", False)):
+    _close(run(attn_mechanism=mechanism, mesh=mesh,
+               partition_axis=fa.PartitionAxis(),
+               shard_attention_computation=shard, scan_ring_attention=False,
+               force_float32_tpu=True, precision="fastest"), expected)
+  # force_float32_tpu acts on TPUs only: a bf16 call stays bf16 elsewhere.
+  fn = hk.transform(lambda q: fa.FlexibleAttentionModule(
+      attn_mechanism="vanilla", num_attention_heads=h, head_dims=d,
+      force_float32_tpu=True)(q, q, q).attention_outputs)
+  assert fn.apply({}, None, q.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  with pytest.raises(TypeError, match="scan_ring_attention"):
+    run(scan_ring_attention="yes")
+  with pytest.raises(TypeError, match="shard_attention_computation"):
+    run(shard_attention_computation=1)
+  with pytest.raises(ValueError, match="unknown attention mechanism"):
+    run(attn_mechanism="flash_attn3")
+  # Mechanism options reach the mechanism (and are checked by it).
+  with pytest.raises(TypeError, match="unknown options"):
+    run(attn_mechanism="vanilla", interpret=True)
+  # Precision.DEFAULT is the backend's default, as None; others pass on.
+  def precision_of(precision):
+    return hk.transform(lambda: fa.FlexibleAttentionModule(
+        num_attention_heads=h, head_dims=d,
+        precision=precision).options["precision"]).apply({}, None)
+  assert precision_of(jax.lax.Precision.DEFAULT) is None
+  assert precision_of("highest") == jax.lax.Precision.HIGHEST
 
 
 def test_facade_test_attentions_reports_every_mechanism():

@@ -85,6 +85,33 @@ def test_unknown_or_non_string_name_lists_the_valid_ones():
       hk.transform(build).init(None)
 
 
+EASYDEL_ALIASES = {
+    "flash_attn2": "flash", "pallas_flash": "flash",
+    "jax_flash_attn2": "blockwise", "sharded_vanilla": "vanilla",
+    "legacy_sharded_vanilla": "vanilla", "local_ring": "ring",
+    "wise_ring": "ring", "sdpa": "auto",
+}
+
+
+@pytest.mark.parametrize("alias, name", EASYDEL_ALIASES.items())
+def test_easydel_names_are_documented_aliases(alias, name):
+  assert registry.ALIASES[alias] == name
+  assert alias not in fa.available_mechanisms()
+  assert registry.get_mechanism(alias) is registry.get_mechanism(name)
+  assert fa.capabilities(alias) == fa.capabilities(name)
+
+  def build():
+    module = fa.create_attention(alias, num_heads=4, head_dim=8)
+    assert module.mechanism == name  # The real name, in errors too.
+
+  hk.transform(build).init(None)
+
+
+def test_an_alias_cannot_be_registered():
+  with pytest.raises(ValueError, match="alias of mechanism 'flash'"):
+    registry.register_mechanism("flash_attn2")(ToyAttention)
+
+
 # --- Registering a mechanism --------------------------------------------------
 
 

@@ -20,6 +20,24 @@ from flexible_attention.core.types import BlockSizes
 
 _REGISTRY: dict[str, type] = {}
 
+# The mechanism names EasyDeL users have in their configs, and what they
+# stand for here. `sdpa` (EasyDeL: `jax.nn.dot_product_attention`, which
+# uses cuDNN where it can and XLA otherwise) is `auto`, which likewise
+# prefers `cudnn` on a GPU and falls back to a mechanism that serves the
+# call, everywhere. `create_attention`, `capabilities` and the modules'
+# `mechanism=` accept them; `available_mechanisms()` lists only the real
+# names.
+ALIASES: dict[str, str] = {
+    "flash_attn2": "flash",
+    "pallas_flash": "flash",
+    "jax_flash_attn2": "blockwise",
+    "sharded_vanilla": "vanilla",
+    "legacy_sharded_vanilla": "vanilla",
+    "local_ring": "ring",
+    "wise_ring": "ring",
+    "sdpa": "auto",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -149,6 +167,9 @@ def register_mechanism(name: str):
   def decorator(cls):
     if name in _REGISTRY:
       raise ValueError(f"mechanism {name!r} is already registered.")
+    if name in ALIASES:
+      raise ValueError(f"{name!r} is an alias of mechanism "
+                       f"{ALIASES[name]!r}; register under another name.")
     cls.mechanism = name
     _REGISTRY[name] = cls
     return cls
@@ -157,16 +178,28 @@ def register_mechanism(name: str):
 
 
 def available_mechanisms() -> tuple[str, ...]:
-  """All registered mechanism names, in registration order."""
+  """All registered mechanism names, in registration order (not the
+  aliases of `ALIASES`)."""
   return tuple(_REGISTRY)
 
 
-def get_mechanism(name: str) -> type:
-  """The module class registered under `name` (a clear error otherwise)."""
+def resolve_name(name: str) -> str:
+  """The registered name that `name` (a registered name or an alias of
+  `ALIASES`) stands for (a clear error otherwise)."""
+  if isinstance(name, str):
+    name = ALIASES.get(name, name)
   if not isinstance(name, str) or name not in _REGISTRY:
     raise ValueError(f"unknown attention mechanism {name!r}; valid names: "
-                     f"{', '.join(_REGISTRY)}.")
-  return _REGISTRY[name]
+                     f"{', '.join(_REGISTRY)} (aliases: "
+                     f"{', '.join(f'{a} -> {m}' for a, m in ALIASES.items())}"
+                     ").")
+  return name
+
+
+def get_mechanism(name: str) -> type:
+  """The module class registered under `name` or the name an alias stands
+  for (`ALIASES`); a clear error otherwise."""
+  return _REGISTRY[resolve_name(name)]
 
 
 def capabilities(mechanism: str, platform: str | None = None) -> Capabilities:
@@ -211,7 +244,8 @@ def create_attention(mechanism: str, *, num_heads: int, head_dim: int,
   any Haiku module.
 
   Args:
-    mechanism: a name from `available_mechanisms()`.
+    mechanism: a name from `available_mechanisms()` or an alias of
+      `ALIASES` (e.g. EasyDeL's `"flash_attn2"`, standing for `"flash"`).
     num_heads: H, the number of query heads.
     head_dim: D, the query/key head size.
     num_kv_heads: Hkv (default H); H must be a multiple of it.
