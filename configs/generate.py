@@ -8,10 +8,10 @@ Two variants, chosen with ml_collections' `path:argument` syntax:
   CPU cores. `--config.mechanisms=flash` runs flash's kernels in Pallas'
   interpreter.
 - `--config=configs/generate.py:gpu`: sized for one H200: B=8, a 32k-token
-  cache (prompt 32512 + 256 new tokens), H=32, Hkv=8, D=128, M=4096, 4
-  layers, bfloat16, `flash`, dense and paged (page size 16), prefilled in
-  4k-token chunks; also reports the share of a decoding step spent in
-  attention (`attention_fraction`).
+  cache (prompt 32256 + 512 new tokens), H=32, Hkv=8, D=128, M=4096, MLP
+  16384, 4 layers, vocabulary 32000, bfloat16, `flash`, dense and paged
+  (page size 16), prefilled in chunks of 4608 tokens; also reports the
+  share of a decoding step spent in attention (`attention_fraction`).
 
 Fields:
 - `mechanisms`, `caches`: comma-separated mechanism names and cache kinds
@@ -65,9 +65,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.check_mechanism = "auto"
     config.batch_size = 8
     config.prompt_length = 0  # cache_length - new_tokens.
-    config.new_tokens = 256
+    config.new_tokens = 512
     config.cache_length = 32768
-    config.prefill_chunk = 4096
+    config.prefill_chunk = 4608  # 7 chunks of the 32256-token prompt.
     config.vocab_size = 32000
     config.num_layers = 4
     config.num_heads = 32

@@ -85,3 +85,15 @@ def test_the_prompt_and_new_tokens_must_fit_the_cache(params, prompt):
   with pytest.raises(ValueError, match="cache length"):
     gen.generate(_generator("vanilla", "dense"), params, prompt, 14,
                  check_model=_MODEL)
+
+
+def test_paged_layers_own_their_buffers():
+  # The decoding loop donates the caches: a buffer shared by two layers
+  # would be donated twice.
+  model = TransformerConfig(num_layers=3, max_length=16)
+  caches = gen.Generator(model, "paged", batch_size=2, page_size=4
+                        ).init_cache()
+  buffers = [x.unsafe_buffer_pointer() for c in caches for x in c]
+  assert len(set(buffers)) == len(buffers) == 3 * 4
+  assert all((np.asarray(c.page_table) == np.asarray(caches[0].page_table)
+              ).all() for c in caches)

@@ -456,11 +456,7 @@ def benchmark_decode_cell(names: Sequence[str], config,
     try:
       out, holder["cache"] = compiled(holder["cache"], q, k, v)
       row.out_error = relative_error(out, reference)
-      written_k, written_v = _slots(holder["cache"], positions)
-      wrote = (bool(jnp.array_equal(written_k, k)) and
-               bool(jnp.array_equal(written_v, v)) and
-               bool(jnp.array_equal(holder["cache"].lengths,
-                                    cache_lengths_of(cell))))
+      wrote = bool(_wrote(holder["cache"], positions, k, v))
     except Exception as e:  # pylint: disable=broad-except
       row.status = _error(e)
       holder["cache"] = build()[0]  # The donated cache may be gone.
@@ -493,9 +489,13 @@ def benchmark_decode_cell(names: Sequence[str], config,
   return rows
 
 
-def cache_lengths_of(cell: DecodeCell) -> jax.Array:
-  """The lengths a cell's cache holds before (and, fed back, after) a call."""
-  return jnp.full((cell.batch,), cell.length - cell.new_tokens, jnp.int32)
+@jax.jit
+def _wrote(cache, positions, k, v) -> jax.Array:
+  """Whether `cache` holds `k`, `v` at `positions [B, n]` and the lengths
+  it held before the call (`positions[:, 0]`)."""
+  keys, values = _slots(cache, positions)
+  return (jnp.array_equal(keys, k) & jnp.array_equal(values, v) &
+          jnp.array_equal(cache.lengths, positions[:, 0]))
 
 
 def _program_bytes(compiled) -> int | None:

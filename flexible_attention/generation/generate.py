@@ -138,12 +138,15 @@ class Generator:
                               tokens, tokens)[1]
       return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     pages_per_row = -(-m.max_length // self.page_size)
-    table = jnp.asarray(allocate_pages(batch, pages_per_row,
-                                       order=self.page_order, seed=self.seed))
+    table = allocate_pages(batch, pages_per_row, order=self.page_order,
+                           seed=self.seed)
+    # Every layer gets buffers of its own (the cache is donated: one buffer
+    # must not be two arguments), the same page ids.
     return [init_paged_cache(
         batch * pages_per_row, self.page_size, m.num_kv_heads, m.head_dim,
         jnp.dtype(m.dtype), batch_size=batch,
-        max_pages_per_row=pages_per_row)._replace(page_table=table)
+        max_pages_per_row=pages_per_row)._replace(
+            page_table=jnp.array(table))
             for _ in range(m.num_layers)]
 
   def _compile(self, name: str, fn: Callable, *args, static=()):
