@@ -84,6 +84,81 @@ def test_output_and_param_grads_match_haiku(mechanism):
       a, b, atol=RTOL_F32 * scale, rtol=0), ours_grads, theirs_grads)
 
 
+def _apply_both(mechanism, *args, **options):
+  """(ours, Haiku's) outputs for the same parameters (Haiku's init)."""
+  theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
+  ours_fn = hk.without_apply_rng(hk.transform(_our_mha(mechanism,
+                                                       **options)))
+  params = jax.jit(theirs_fn.init)(jax.random.PRNGKey(0), *args)
+  both = lambda params, *args: (ours_fn.apply(params, *args),
+                                theirs_fn.apply(params, *args))
+  return jax.jit(both, compiler_options=_FAST_COMPILE)(params, *args)
+
+
+def test_leading_dims_of_masks_and_keys_broadcast_like_haiku():
+  rng = np.random.default_rng(7)
+  q = _embeddings(rng, 2, 3, 5, 16)  # [2, 3, T, D]
+  kv = _embeddings(rng, 3, 7, 10)  # [3, T', D]: broadcast over the 2.
+  mask = rng.random((2, 1, 1, 5, 7)) < 0.7  # [2, 1, 1, T, T']
+  mask[..., 0] = True
+  ours, theirs = _apply_both("vanilla", q, kv, kv, jnp.asarray(mask))
+  assert ours.shape == theirs.shape == (2, 3, 5, 12)
+  _close(ours, theirs)
+
+
+def test_leading_dims_of_a_bias_broadcast():
+  rng = np.random.default_rng(8)
+  q, kv = _embeddings(rng, 2, 3, 5, 16), _embeddings(rng, 1, 3, 7, 10)
+  bias = _embeddings(rng, 2, 1, 1, 5, 7)
+
+  def forward(bias):
+    return fa.MultiHeadAttention(
+        num_heads=4, key_size=8, w_init=hk.initializers.VarianceScaling(1.0),
+        mechanism="vanilla", name="mha")(q, kv, kv, bias=bias)
+
+  fn = hk.without_apply_rng(hk.transform(forward))
+  params = fn.init(jax.random.PRNGKey(0), bias)
+  apply = jax.jit(fn.apply, compiler_options=_FAST_COMPILE)
+  _close(apply(params, bias),
+         apply(params, jnp.broadcast_to(bias, (2, 3, 1, 5, 7))))
+
+
+def test_leading_dims_that_do_not_broadcast_are_an_error():
+  x = jnp.ones((2, 3, 5, 8))
+  fn = lambda q, k, m=None: fa.MultiHeadAttention(
+      2, 4, w_init=jnp.ones, mechanism="vanilla")(q, k, k, mask=m)
+  init = lambda *a: hk.transform(fn).init(jax.random.PRNGKey(0), *a)
+  with pytest.raises(ValueError, match=r"leading dimensions of key"):
+    init(x, jnp.ones((4, 3, 5, 8)))
+  with pytest.raises(ValueError, match=r"leading dimensions of Mask"):
+    init(x, x, jnp.ones((3, 3, 1, 5, 5), bool))
+  with pytest.raises(ValueError, match=r"query must be"):
+    init(jnp.ones((8,)), x)
+
+
+@pytest.mark.parametrize("mechanism", ["vanilla", "blockwise", "auto"])
+def test_float64_is_computed_in_float64_like_haiku(mechanism):
+  rng = np.random.default_rng(9)
+  with jax.enable_x64(True):
+    q = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float64)
+    kv = jnp.asarray(rng.standard_normal((2, 7, 10)), jnp.float64)
+    ours, theirs = _apply_both(mechanism, q, kv, kv)
+    assert ours.dtype == theirs.dtype == jnp.float64
+    np.testing.assert_allclose(ours, theirs, rtol=0,
+                               atol=1e-12 * float(jnp.max(jnp.abs(theirs))))
+
+
+def test_float64_is_refused_clearly_where_it_cannot_be_computed():
+  with jax.enable_x64(True):
+    x = jnp.ones((1, 4, 2, 8), jnp.float64)
+    fn = hk.transform(lambda x: fa.create_attention(
+        "ring", num_heads=2, head_dim=8)(x, x, x))
+    with pytest.raises(NotImplementedError, match="not float64"):
+      fn.init(None, x)
+  assert "float64" not in fa.capabilities("flash").dtypes
+  assert "float64" in fa.capabilities("auto").dtypes
+
+
 def test_unbatched_inputs_work_like_haiku():
   rng = np.random.default_rng(3)
   q, kv = _embeddings(rng, 5, 16), _embeddings(rng, 7, 10)

@@ -182,7 +182,7 @@ def test_capabilities_record_is_well_formed(mechanism):
   assert isinstance(caps, fa.Capabilities)
   assert caps.platforms and set(caps.platforms) <= {"cpu", "gpu", "tpu"}
   assert caps.dtypes and set(caps.dtypes) <= {"float32", "bfloat16",
-                                              "float16"}
+                                              "float16", "float64"}
   block_fields = {f.name for f in dataclasses.fields(fa.BlockSizes)}
   assert set(caps.block_size_fields) <= block_fields
   for feature in FEATURES + ("sharded_sequence",):

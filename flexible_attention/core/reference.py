@@ -29,6 +29,13 @@ from flexible_attention.core.types import KernelOutput
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+def accumulation_dtype(dtype, softmax_dtype=jnp.float32):
+  """The dtype logits, softmax statistics and outputs accumulate in:
+  `softmax_dtype` (float32), or float64 for float64 inputs (with
+  `jax_enable_x64`), which float32 would round."""
+  return jnp.promote_types(dtype, softmax_dtype)
+
+
 def logits(q, k, bias, *, sm_scale: float, softcap: float | None, precision,
            softmax_dtype):
   """Scaled, soft-capped and biased logits (semantics steps 1-3).
@@ -40,23 +47,25 @@ def logits(q, k, bias, *, sm_scale: float, softcap: float | None, precision,
     sm_scale: the softmax scale.
     softcap: `c` of `c * tanh(s / c)`, or `None`.
     precision: matmul precision.
-    softmax_dtype: accumulation dtype (float32).
+    softmax_dtype: accumulation dtype (float32; float64 for float64 inputs,
+      `accumulation_dtype`).
 
   Returns:
-    `(s, dcap)`: logits `[B, Hkv, G, Sq, Sk]` in `softmax_dtype`, and the
+    `(s, dcap)`: logits `[B, Hkv, G, Sq, Sk]` in the accumulation dtype, and the
     derivative of the soft cap with respect to its input (`None` without a
     soft cap), which backward passes need.
   """
+  acc = accumulation_dtype(q.dtype, softmax_dtype)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, precision=precision,
-                 preferred_element_type=softmax_dtype)
-  s = s * jnp.asarray(sm_scale, softmax_dtype)
+                 preferred_element_type=acc)
+  s = s * jnp.asarray(sm_scale, acc)
   dcap = None
   if softcap is not None:
     t = jnp.tanh(s / softcap)
     s = softcap * t
     dcap = 1.0 - t * t
   if bias is not None:
-    s = s + bias.astype(softmax_dtype)
+    s = s + bias.astype(acc)
   return s, dcap
 
 
@@ -110,7 +119,8 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in query.dtype, lse [B, H, Sq],
-    weights [B, H, Sq, Sk] or None)`.
+    weights [B, H, Sq, Sk] or None)`; lse and weights in float32 (float64
+    for float64 inputs).
   """
   batch, q_len, num_heads, _ = query.shape
   num_kv_heads = key.shape[2]
@@ -127,7 +137,9 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
                                     groups)
     p = jnp.where(keep, p / (1.0 - dropout.rate), 0.0)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(value.dtype), value,
-                   precision=precision, preferred_element_type=softmax_dtype)
+                   precision=precision,
+                   preferred_element_type=accumulation_dtype(value.dtype,
+                                                             softmax_dtype))
   out = out.reshape(batch, q_len, num_heads, value.shape[-1])
   weights = None
   if return_weights:
@@ -142,9 +154,11 @@ def reference_attention(query, key, value, bias, visibility: masks.Visibility,
                         return_weights: bool = False) -> KernelOutput:
   """The float32 oracle: `dense_attention` on float32 inputs, HIGHEST precision.
 
-  Arguments as `dense_attention`; the outputs are float32.
+  Arguments as `dense_attention`; the outputs are float32 (float64 inputs,
+  with `jax_enable_x64`, are kept and computed in float64).
   """
-  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  f32 = lambda x: None if x is None else x.astype(
+      accumulation_dtype(x.dtype))
   return dense_attention(
       f32(query), f32(key), f32(value), f32(bias), visibility, dropout,
       sm_scale=sm_scale, softcap=softcap,

@@ -119,8 +119,9 @@ class _Padded:
 def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
                  out_dtype=None):
   """Returns `out [B, Sq, H, Dv]` (`out_dtype`, default q.dtype) and
-  `lse [B, H, Sq]` (float32)."""
+  `lse [B, H, Sq]` (float32; float64 for float64 inputs)."""
   out_dtype = q.dtype if out_dtype is None else out_dtype
+  acc_dtype = reference.accumulation_dtype(q.dtype)
   batch, q_len, num_heads, _ = q.shape
   value_dim = v.shape[-1]
   bq, nq = _tile_size(cfg.block_q, q_len)
@@ -151,15 +152,15 @@ def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
           p = jnp.where(t.keep(dropout, vis_ij), p / (1.0 - dropout.rate), 0.)
         pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype),
                         t.kv_rows(t.v, j), precision=cfg.precision,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=acc_dtype)
         return acc * correction[..., None] + pv, m_new, l
 
       return jax.lax.cond(vis_ij.maybe_visible(), attend, lambda c: c, carry)
 
     stats_shape = (batch, hkv, groups, bq)
-    init = (jnp.zeros(stats_shape + (value_dim,), jnp.float32),
-            jnp.full(stats_shape, reference.MASK_VALUE, jnp.float32),
-            jnp.zeros(stats_shape, jnp.float32))
+    init = (jnp.zeros(stats_shape + (value_dim,), acc_dtype),
+            jnp.full(stats_shape, reference.MASK_VALUE, acc_dtype),
+            jnp.zeros(stats_shape, acc_dtype))
     acc, m, l = jax.lax.fori_loop(0, nk, kv_tile, init)
     nonempty = l > 0
     out_i = acc / jnp.where(nonempty, l, 1.0)[..., None]
@@ -171,7 +172,7 @@ def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
     return out_buf, lse_buf
 
   buffers = (jnp.zeros((batch, nq * bq, hkv, groups, value_dim), out_dtype),
-             jnp.zeros((batch, hkv, groups, nq * bq), jnp.float32))
+             jnp.zeros((batch, hkv, groups, nq * bq), acc_dtype))
   out, lse = jax.lax.fori_loop(0, nq, q_tile, buffers)
   out = out[:, :q_len].reshape(batch, q_len, num_heads, value_dim)
   lse = lse[..., :q_len].reshape(batch, num_heads, q_len)
@@ -187,7 +188,8 @@ def _reduce_to(x, shape):
 
 def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
               dlse):
-  """Float32 gradients w.r.t. q, k, v and bias (FlashAttention-2 style).
+  """Float32 gradients w.r.t. q, k, v and bias (FlashAttention-2 style;
+  float64 for float64 inputs).
 
   `lse` is the log-sum-exp of the whole row (which may span more keys than
   `k` holds: a ring passes the global one), `out` the whole output.
@@ -198,10 +200,10 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
   t = _Padded(q, k, v, bias, vis, bq, nq, bk, nk)
   hkv, groups = t.num_kv_heads, t.groups
   rate = None if dropout is None else dropout.rate
+  acc = reference.accumulation_dtype(q.dtype)
 
   # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
-  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32),
-                     out.astype(jnp.float32))
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(acc), out.astype(acc))
   if dlse is not None:
     delta = delta - dlse
   grouped = lambda x: x.reshape(batch, hkv, groups, -1)  # [B, Hkv, G, S]
@@ -229,7 +231,7 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
                       0.0)
         dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_i, v_j,
                         precision=cfg.precision,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=acc)
         p_applied = p
         if dropout is not None:
           keep = t.keep(dropout, vis_ij)
@@ -237,7 +239,7 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
           dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
         dv_j += jnp.einsum("bhgqk,bqhgd->bkhd", p_applied.astype(dout.dtype),
                            do_i, precision=cfg.precision,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=acc)
         ds = p * (dp - t.q_rows(delta, i, 3)[..., None])  # d/d(logits)
         if dbias_acc is not None:
           full = ds.reshape(batch, num_heads, bq, bk)
@@ -252,28 +254,27 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
         ds = (ds * cfg.sm_scale).astype(q.dtype)
         dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_j,
                           precision=cfg.precision,
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=acc)
         dk_j += jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_i,
                            precision=cfg.precision,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=acc)
         dq_acc = jax.lax.dynamic_update_slice_in_dim(
             dq_acc, t.q_rows(dq_acc, i) + dq_i, i * bq, 1)
         return dk_j, dv_j, dq_acc, dbias_acc
 
       return jax.lax.cond(vis_ij.maybe_visible(), grads, lambda c: c, carry)
 
-    init = (jnp.zeros((batch, bk, hkv, head_dim), jnp.float32),
-            jnp.zeros((batch, bk, hkv, v.shape[-1]), jnp.float32),
+    init = (jnp.zeros((batch, bk, hkv, head_dim), acc),
+            jnp.zeros((batch, bk, hkv, v.shape[-1]), acc),
             dq_acc, dbias_acc)
     dk_j, dv_j, dq_acc, dbias_acc = jax.lax.fori_loop(0, nq, q_tile, init)
     dk_buf = jax.lax.dynamic_update_slice_in_dim(dk_buf, dk_j, j * bk, 1)
     dv_buf = jax.lax.dynamic_update_slice_in_dim(dv_buf, dv_j, j * bk, 1)
     return dq_acc, dk_buf, dv_buf, dbias_acc
 
-  buffers = (jnp.zeros(t.q.shape, jnp.float32),
-             jnp.zeros(t.k.shape, jnp.float32),
-             jnp.zeros(t.v.shape, jnp.float32),
-             None if bias is None else jnp.zeros(t.bias.shape, jnp.float32))
+  buffers = (jnp.zeros(t.q.shape, acc), jnp.zeros(t.k.shape, acc),
+             jnp.zeros(t.v.shape, acc),
+             None if bias is None else jnp.zeros(t.bias.shape, acc))
   dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_tile, buffers)
   dq = dq[:, :q_len].reshape(q.shape)
   dk, dv = dk[:, :k.shape[1]], dv[:, :k.shape[1]]

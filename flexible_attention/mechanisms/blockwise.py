@@ -16,7 +16,8 @@ class BlockwiseAttention(base.AttentionModule):
   Online softmax over `block_q x block_k` tiles with a hand-written backward
   pass (`jax.custom_vjp`) whose residuals are q, k, v, the output and the
   float32 log-sum-exp; tiles that causal / window / segments / kv lengths make
-  fully invisible are skipped. See `kernels/blockwise.py`.
+  fully invisible are skipped. Float64 inputs (with `jax_enable_x64`) are
+  computed in float64. See `kernels/blockwise.py`.
 
   Block sizes (`fa.BlockSizes`): `block_q`, `block_k` tile the forward pass
   (default 512 each, clipped to the sequence lengths); `block_q_dkv`,
@@ -24,6 +25,7 @@ class BlockwiseAttention(base.AttentionModule):
   """
 
   capabilities = registry.Capabilities(
+      dtypes=("float32", "bfloat16", "float16", "float64"),
       block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
       sharded_sequence=True,
       notes="O(S) memory; skips fully-masked tiles.")

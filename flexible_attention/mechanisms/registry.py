@@ -267,7 +267,8 @@ def support_table() -> str:
   a row per mechanism, then one per platform record of it (`flash (tpu)`)."""
   columns = ("platforms", "dtypes") + FEATURES + ("sharded_sequence",
                                                   "block_size_fields")
-  short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+  short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16",
+           "float64": "f64"}
   lines = ["| mechanism | " + " | ".join(columns) + " |",
            "|---" * (len(columns) + 1) + "|"]
   rows = []

@@ -15,10 +15,12 @@ class VanillaAttention(base.AttentionModule):
 
   The semantics' dense reference (`core/reference.py`) run at the inputs'
   dtype and the configured precision, differentiated by JAX. Every feature is
-  supported, `return_weights=True` included; memory is O(Sq * Sk).
+  supported, `return_weights=True` included, and float64 (with
+  `jax_enable_x64`; computed in float64); memory is O(Sq * Sk).
   """
 
   capabilities = registry.Capabilities(
+      dtypes=("float32", "bfloat16", "float16", "float64"),
       weights=True, sharded_sequence=True,
       notes="O(Sq * Sk) memory; the only one returning weights.")
 

@@ -25,8 +25,24 @@ class MultiHeadAttention(hk.Module):
   `num_kv_heads * key_size` outputs) and the attention options of
   `fa.create_attention`.
 
-  One deliberate difference: a query whose mask hides every key gets zeros
-  (Haiku's `-1e30` logits average the values uniformly instead).
+  Leading dimensions of key, value, mask and bias broadcast against the
+  query's as in Haiku; float64 inputs (with `jax_enable_x64`) are computed in
+  float64 by the mechanisms that can (`vanilla`, `blockwise`; `auto` picks
+  them) and refused clearly by the others. The differences from Haiku (the
+  README lists the same):
+
+  - a query whose mask hides every key gets zeros (Haiku's `-1e30` logits
+    average the values uniformly instead);
+  - logits are `(q . k) * K ** -0.5` accumulated in float32 (float64 for
+    float64 inputs), where Haiku computes `(q . k) / sqrt(K)` and the softmax
+    in the inputs' dtype: rounding-level differences in float32, smaller
+    errors than Haiku's in bfloat16 / float16;
+  - the default `mechanism="auto"` may run another algorithm than Haiku's
+    dense one (cuDNN, the fused kernels, blockwise): the same function up to
+    rounding; `mechanism="vanilla"` is the dense one;
+  - key, value, mask or bias leading dimensions that do not broadcast to
+    the query's (e.g. larger ones, on which Haiku fails in a final reshape)
+    are a `ValueError` before anything runs.
 
   Glossary of shapes:
   - T: query sequence length; T': key/value sequence length.
@@ -110,8 +126,10 @@ class MultiHeadAttention(hk.Module):
   ) -> jax.Array:
     """Computes (optionally masked) multi-head attention.
 
-    Broadcasts over zero or more leading batch dimensions `[...]`, which
-    query, key and value share.
+    Broadcasts over zero or more leading batch dimensions `[...]` (the
+    query's), as Haiku does: the leading dimensions of key, value, mask,
+    bias and the per-row arguments may be 1 or missing (key/value) where
+    the query's are larger.
 
     Args:
       query: `[..., T, D_q]` embeddings to compute queries from.
@@ -122,47 +140,88 @@ class MultiHeadAttention(hk.Module):
       bias: optional float `[..., H|1, T, T']` added to the logits.
       causal, segment_ids, kv_lengths, q_positions, kv_positions,
         deterministic: as `fa.AttentionModule.__call__`, with the batch axis
-        `B` = the flattened leading dimensions.
+        `B` = the flattened leading dimensions (`[...]`, `[..., T]`,
+        `[..., T']`).
 
     Returns:
       `[..., T, model_size]`.
     """
+    if getattr(query, "ndim", 0) < 2:
+      raise ValueError("query must be [..., T, D_q] (rank >= 2), got shape "
+                       f"{jnp.shape(query)}.")
     *leading, q_len, _ = query.shape
-    if tuple(key.shape[:-2]) != tuple(leading) or tuple(
-        value.shape[:-2]) != tuple(leading):
-      raise ValueError(
-          "query, key and value must share their leading dimensions, got "
-          f"{query.shape}, {key.shape}, {value.shape}.")
+    leading = tuple(leading)
     batch = math.prod(leading)
     rank = len(leading) + 3  # Rank of Haiku's logits [..., H, T, T'].
 
-    def flat_batch(x, what):
+    def check_leading(what, lead):
+      """`lead` broadcasts to the query's leading dimensions."""
+      try:
+        ok = jnp.broadcast_shapes(tuple(lead), leading) == leading
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(
+            f"the leading dimensions of {what}, {tuple(lead)}, must "
+            f"broadcast to the query's, {leading}.")
+
+    for what, x in (("key", key), ("value", value)):
+      if getattr(x, "ndim", 0) < 2:
+        raise ValueError(f"{what} must be [..., T', D] (rank >= 2), got "
+                         f"shape {jnp.shape(x)}.")
+      check_leading(what, x.shape[:-2])
+
+    def flat(x, trailing: int, what: str):
+      """`[*lead, *rest]` (lead broadcasting to the query's) ->
+      `[B|1, *rest]`, where `rest` are the last `trailing` axes."""
+      if x is None:
+        return None
+      x = jnp.asarray(x)
+      lead, rest = x.shape[:x.ndim - trailing], x.shape[x.ndim - trailing:]
+      check_leading(what, lead)
+      if all(d == 1 for d in lead):
+        return x.reshape((1,) + rest)
+      x = jnp.broadcast_to(x, leading + rest)
+      return x.reshape((batch,) + rest)
+
+    def flat_logits(x, what):  # [..., H|1, T, T'] -> [B|1, H|1, T, T'].
       if x is None:
         return None
       if x.ndim != rank:
         raise ValueError(f"{what} dimensionality {x.ndim} must match logits "
                          f"dimensionality {rank}.")
-      lead = x.shape[:len(leading)]
-      if all(d == 1 for d in lead):
-        return x.reshape((1,) + x.shape[len(leading):])
-      return x.reshape((batch,) + x.shape[len(leading):])
+      return flat(x, 3, what)
 
-    def flat_rows(x):
-      return None if x is None else jnp.reshape(x, (batch,) + x.shape[
-          len(leading):])
+    def flat_rows(x, trailing, what):  # Per-row arguments: always [B, ...].
+      if x is None:
+        return None
+      x = jnp.asarray(x)
+      if x.ndim != len(leading) + trailing:
+        raise ValueError(f"{what} must have the query's leading dimensions "
+                         f"{leading} then {trailing} more, got shape "
+                         f"{x.shape}.")
+      x = flat(x, trailing, what)
+      return jnp.broadcast_to(x, (batch,) + x.shape[1:])
 
-    query_heads = self._projection(query, self.num_heads, self.key_size,
-                                   "query")  # [B, T, H, K]
-    key_heads = self._projection(key, self.num_kv_heads, self.key_size,
-                                 "key")  # [B, T', Hkv, K]
-    value_heads = self._projection(value, self.num_kv_heads, self.value_size,
-                                   "value")  # [B, T', Hkv, V]
+    def flat_heads(x):  # [..., T', H, K] -> [B, T', H, K].
+      # Fewer leading dimensions than the query's broadcast, as in einsum.
+      x = x.reshape((1,) * (len(leading) + 3 - x.ndim) + x.shape)
+      return flat_rows(x, 3, "key/value")
+
+    query_heads = flat_heads(self._projection(
+        query, self.num_heads, self.key_size, "query"))  # [B, T, H, K]
+    key_heads = flat_heads(self._projection(
+        key, self.num_kv_heads, self.key_size, "key"))  # [B, T', Hkv, K]
+    value_heads = flat_heads(self._projection(
+        value, self.num_kv_heads, self.value_size,
+        "value"))  # [B, T', Hkv, V]
     if mask is not None:
-      mask = flat_batch(jnp.asarray(mask), "Mask") != 0
+      mask = flat_logits(jnp.asarray(mask), "Mask") != 0
     if segment_ids is not None:
-      segment_ids = (tuple(flat_rows(s) for s in segment_ids)
+      segment_ids = (tuple(flat_rows(s, 1, "segment_ids") for s in
+                           segment_ids)
                      if isinstance(segment_ids, (tuple, list)) else
-                     flat_rows(segment_ids))
+                     flat_rows(segment_ids, 1, "segment_ids"))
     options = dict(sm_scale=self.key_size**-0.5)
     options.update(self.attention_options)
     attention = registry.create_attention(
@@ -171,9 +230,11 @@ class MultiHeadAttention(hk.Module):
         name="attention", **options)
     attn = attention(
         query_heads, key_heads, value_heads, mask=mask,
-        bias=flat_batch(bias, "Bias"), causal=causal, segment_ids=segment_ids,
-        kv_lengths=flat_rows(kv_lengths), q_positions=flat_rows(q_positions),
-        kv_positions=flat_rows(kv_positions),
+        bias=flat_logits(bias, "Bias"), causal=causal,
+        segment_ids=segment_ids,
+        kv_lengths=flat_rows(kv_lengths, 0, "kv_lengths"),
+        q_positions=flat_rows(q_positions, 1, "q_positions"),
+        kv_positions=flat_rows(kv_positions, 1, "kv_positions"),
         deterministic=deterministic).attention_outputs  # [B, T, H, V]
     attn = attn.reshape((*leading, q_len, self.num_heads * self.value_size))
     final_projection = hk.Linear(self.model_size, w_init=self.w_init,
@@ -184,5 +245,4 @@ class MultiHeadAttention(hk.Module):
   def _projection(self, x, num_heads: int, head_size: int, name: str):
     y = hk.Linear(num_heads * head_size, w_init=self.w_init,
                   with_bias=self.with_bias, b_init=self.b_init, name=name)(x)
-    *leading, length, _ = x.shape
-    return y.reshape((math.prod(leading), length, num_heads, head_size))
+    return y.reshape((*x.shape[:-1], num_heads, head_size))  # [..., T, H, K]
