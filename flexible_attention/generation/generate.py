@@ -297,7 +297,13 @@ def check_logits(step_logits, full, dtype: str) -> LogitCheck:
 
 @dataclasses.dataclass
 class GenerationResult:
-  """One (mechanism, cache kind) run of the job."""
+  """One (mechanism, cache kind) run of the job.
+
+  Seconds exclude compiling (prefill: its wall time less its programs'
+  compile time; decode: one run of the compiled loop). Tokens per second
+  count every row: `B * T / prefill_seconds`, `B * N / decode_seconds`.
+  `attention_fraction` = `attention_ms / step_ms` (`generate`).
+  """
 
   mechanism: str
   cache: str
