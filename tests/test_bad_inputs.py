@@ -205,8 +205,13 @@ def test_bad_causal_and_window():
 BAD_OPTIONS = [
     ("dropout_rate", 1.0, ValueError, r"dropout_rate must be in \[0, 1\)"),
     ("dropout_rate", -0.1, ValueError, r"dropout_rate must be in \[0, 1\)"),
-    ("sm_scale", -1.0, ValueError, r"sm_scale must be a positive number"),
-    ("logits_soft_cap", 0.0, ValueError, r"logits_soft_cap must be a positive"),
+    ("sm_scale", -1.0, ValueError, r"sm_scale must be a finite positive"),
+    ("sm_scale", float("inf"), ValueError, r"sm_scale must be a finite"),
+    ("sm_scale", float("nan"), ValueError, r"sm_scale must be a finite"),
+    ("logits_soft_cap", 0.0, ValueError, r"logits_soft_cap must be a finite "
+     r"positive"),
+    ("logits_soft_cap", float("inf"), ValueError, r"logits_soft_cap must be "
+     r"a finite"),
     ("softmax_dtype", jnp.bfloat16, ValueError, r"softmax_dtype must be "
      r"float32"),
     ("dtype", jnp.int32, TypeError, r"dtype must be a floating dtype"),
@@ -436,14 +441,6 @@ def test_kv_heads_not_divisible_by_the_head_axis():
     attend(q, k, v, options=dict(mesh=mesh))
 
 
-def test_batch_not_divisible_by_the_batch_axes():
-  mesh = cpu_mesh()  # 8 batch shards.
-  q, k, v = qkv()
-  with pytest.raises(ValueError, match=r"batch size B = 2 is not divisible "
-                     r"by the 8 shards of batch_axis \('dp', 'fsdp'\)"):
-    attend(q, k, v, options=dict(mesh=mesh))
-
-
 def test_sharding_the_head_size_is_refused():
   mesh = cpu_mesh((2, 1, 1, 4), ("dp", "fsdp", "tp", "dim"))
   with pytest.raises(NotImplementedError, match=r"attention_dim_axis='dim' "
@@ -504,7 +501,8 @@ def test_cache_of_the_wrong_type_or_shape():
 def test_cache_needs_as_many_new_keys_as_queries_and_room_for_them():
   q, k, v = qkv(q_len=2, kv_len=3)
   with pytest.raises(ValueError, match=r"query, key and value hold the same "
-                     r"new tokens: got Sq = 2, key length 3"):
+                     r"new tokens of the same rows: got query \(2, 2, 4, 8\), "
+                     r"key \(2, 3, 2, 8\)"):
     attend(q, k, v, cache=cache_for())
   q, k, v = qkv(q_len=9, kv_len=9)
   with pytest.raises(ValueError, match=r"9 new tokens do not fit a cache of "
@@ -537,3 +535,77 @@ def test_cache_overflow_rows_give_nan_not_a_silent_result():
       "vanilla", num_heads=2, head_dim=8)(x, x, x, cache=cache, causal=True))
   out = jax.jit(attend.apply)({}, None, x, cache).attention_outputs
   assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
+
+
+# --- Empty axes, int32 positions, rank ----------------------------------------
+
+
+@pytest.mark.parametrize("mechanism", ["vanilla", "blockwise", "ring",
+                                       "flash", "auto"])
+def test_an_empty_batch_or_sequence_is_one_clear_error_everywhere(mechanism):
+  """B, Sq or Sk = 0: the same ValueError for every mechanism (H or D = 0
+  are refused by the module's sizes)."""
+  q, k, v = qkv()
+  options = dict(interpret=True) if mechanism == "flash" else {}
+  for args, name in (((q[:0], k[:0], v[:0]), "query"),
+                     ((q[:, :0], k, v), "query"),
+                     ((q, k[:, :0], v[:, :0]), "key")):
+    with pytest.raises(ValueError, match=rf"{name} \[B, S.*has an empty "
+                       r"axis"):
+      attend(*args, mechanism, options=options)
+
+
+def test_an_empty_query_sequence_is_an_error():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match=r"query \[B, Sq, H, D\] has an empty "
+                     r"axis: shape \(2, 0, 4, 8\)"):
+    attend(q[:, :0], k, v, "blockwise")
+
+
+def test_a_rank_3_query_is_a_value_error_everywhere():
+  q, k, v = qkv()
+  def call(mechanism, **kwargs):
+    return hk.transform(lambda: fa.create_attention(
+        mechanism, num_heads=H, head_dim=D, num_kv_heads=HKV)(
+            q[0], k, v, **kwargs)).init(None)
+
+  for mechanism in ("vanilla", "auto", "ulysses"):
+    with pytest.raises(ValueError, match=r"query must have rank 4"):
+      call(mechanism)
+  with pytest.raises(ValueError, match=r"query must have rank 4"):
+    call("vanilla", cache=fa.init_cache(B, SK, HKV, D))
+  with pytest.raises(ValueError, match=r"query_sequence_length was given"):
+    hk.transform(lambda: fa.FlexibleAttentionModule(
+        num_attention_heads=H, head_dims=D)(
+            q[0], k, v, query_sequence_length=SQ)).init(None)
+
+
+@pytest.mark.parametrize("mechanism", ["vanilla", "blockwise"])
+def test_windows_at_the_ends_of_int32_positions_saturate(mechanism):
+  """`q_pos + right` past int32's end admits every key, as it should,
+  instead of wrapping to a negative bound that hides them all."""
+  big, small = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+  q, k, v = qkv(q_len=4, kv_len=4)
+  window = (2**30, 2**30)
+  for base_pos in (big - 3, small):
+    pos = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32) + base_pos, (B, 4))
+    result = helpers.run_mechanism(
+        mechanism, q, k, v, call=dict(q_positions=pos, kv_positions=pos),
+        options=dict(sliding_window=window))
+    expected = helpers.reference_vjp(q, k, v, None).out  # Every key visible.
+    helpers.assert_close(result.out, expected, jnp.float32, f"{base_pos}")
+
+
+def test_the_librarys_own_padding_is_zeros_never_non_finite():
+  """Non-finite values in hidden keys' values may reach visible rows (0 x
+  NaN; README): the library's own padding never holds any."""
+  dense = fa.init_cache(B, 8, HKV, D)
+  paged = fa.init_paged_cache(4, 4, HKV, D, batch_size=B, max_pages_per_row=2)
+  for array in (dense.keys, dense.values, paged.key_pages, paged.value_pages):
+    assert np.all(np.asarray(array) == 0)
+  state = hk.transform_with_state(lambda q: fa.create_attention(
+      "vanilla", num_heads=H, head_dim=D, num_kv_heads=HKV, decode=True,
+      max_cache_length=8)(q, q[:, :, :HKV], q[:, :, :HKV])).init(
+          None, jnp.ones((B, 1, H, D)))[1]
+  for array in jax.tree.leaves(state):
+    assert np.all(np.asarray(array) == 0)

@@ -163,6 +163,13 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
   _check_array("query", query, 4, "[B, Sq, H, D]")
   _check_array("key", key, 4, "[B, Sk, Hkv, D]")
   _check_array("value", value, 4, "[B, Sk, Hkv, Dv]")
+  for name, x, axes in (("query", query, "[B, Sq, H, D]"),
+                        ("key", key, "[B, Sk, Hkv, D]"),
+                        ("value", value, "[B, Sk, Hkv, Dv]")):
+    if 0 in x.shape:
+      # One answer for every mechanism (kernels cannot tile an empty axis).
+      raise ValueError(f"{name} {axes} has an empty axis: shape "
+                       f"{_shape(x)}; every size must be at least 1.")
   batch, q_len, num_heads, head_dim = query.shape
   _, kv_len, num_kv_heads, _ = key.shape
   for name, x in (("query", query), ("key", key), ("value", value)):

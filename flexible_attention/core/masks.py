@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _dynamic_slice_axis(x, axis, start, size):
@@ -52,6 +53,23 @@ def pad_broadcastable(x, q_pad, kv_pad, value):
   return _pad_axis(_pad_axis(x, 2, q_pad, value), 3, kv_pad, value)
 
 
+_INT32_MIN = int(np.iinfo(np.int32).min)
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def window_bounds(q_pos, window: tuple[int, int]):
+  """`(q_pos - left, q_pos + right)` for int32 positions, saturating at the
+  ends of int32 instead of wrapping. Saturation keeps the window test exact:
+  a bound past the end of int32 admits every int32 key position, and so
+  does the saturated one. Plain jnp (Pallas kernels call it too)."""
+  left, right = window
+  lo = q_pos if left == 0 else jnp.where(
+      q_pos < _INT32_MIN + left, _INT32_MIN, q_pos - left)
+  hi = q_pos if right == 0 else jnp.where(
+      q_pos > _INT32_MAX - right, _INT32_MAX, q_pos + right)
+  return lo, hi
+
+
 def pair_visible(visible, q_pos, kv_pos, *, causal: bool,
                  window: tuple[int, int] | None, q_seg=None, kv_seg=None):
   """`visible` restricted by the structural rule of the semantics for
@@ -66,8 +84,8 @@ def pair_visible(visible, q_pos, kv_pos, *, causal: bool,
   if causal:
     visible = visible & (kv_pos <= q_pos)
   if window is not None:
-    left, right = window
-    visible = visible & (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
+    lo, hi = window_bounds(q_pos, window)
+    visible = visible & (kv_pos >= lo) & (kv_pos <= hi)
   if q_seg is not None:
     visible = visible & (q_seg == kv_seg)
   return visible
@@ -191,9 +209,10 @@ class Visibility:
     if self.causal:
       per_row &= kv_min(self.kv_positions) <= q_max
     if self.window is not None:
-      left, right = self.window
-      per_row &= kv_max(self.kv_positions) >= q_min - left
-      per_row &= kv_min(self.kv_positions) <= q_max + right
+      per_row &= kv_max(self.kv_positions) >= window_bounds(q_min,
+                                                            self.window)[0]
+      per_row &= kv_min(self.kv_positions) <= window_bounds(q_max,
+                                                            self.window)[1]
     if self.has_segments:
       per_row &= kv_max(self.kv_segment_ids) >= jnp.min(self.q_segment_ids, -1)
       per_row &= kv_min(self.kv_segment_ids) <= jnp.max(self.q_segment_ids, -1)

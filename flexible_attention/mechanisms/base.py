@@ -123,18 +123,20 @@ class AttentionConfig:
                        f"num_kv_heads = {self.num_kv_heads}.")
     if self.value_dim is not None:
       set_field("value_dim", _positive_int("value_dim", self.value_dim))
-    if self.sm_scale is not None and not _positive_number(self.sm_scale):
-      raise ValueError("sm_scale must be a positive number, got "
+    if self.sm_scale is not None and not (_positive_number(self.sm_scale)
+                                          and np.isfinite(self.sm_scale)):
+      raise ValueError("sm_scale must be a finite positive number, got "
                        f"{self.sm_scale!r}.")
     if not (isinstance(self.dropout_rate, (int, float)) and
             0.0 <= self.dropout_rate < 1.0):
       raise ValueError("dropout_rate must be in [0, 1), got "
                        f"{self.dropout_rate!r}.")
     set_field("dropout_rate", float(self.dropout_rate))
-    if self.logits_soft_cap is not None and not _positive_number(
-        self.logits_soft_cap):
-      raise ValueError("logits_soft_cap must be a positive number or None, "
-                       f"got {self.logits_soft_cap!r}.")
+    if self.logits_soft_cap is not None and not (
+        _positive_number(self.logits_soft_cap) and
+        np.isfinite(self.logits_soft_cap)):
+      raise ValueError("logits_soft_cap must be a finite positive number or "
+                       f"None, got {self.logits_soft_cap!r}.")
     inputs_lib.canonical_window(self.sliding_window, False)  # Type/values.
     if np.dtype(self.softmax_dtype) != np.float32:
       raise ValueError("softmax_dtype must be float32 (the accumulation dtype "
