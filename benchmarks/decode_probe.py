@@ -37,6 +37,10 @@ _NEW = flags.DEFINE_list("new_tokens", ["1", "4"], "New tokens per row.")
 _PAGES = flags.DEFINE_list("page_sizes", ["dense", "16", "128"],
                            "`dense` or a page size.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
+_SWEEP = flags.DEFINE_list(
+    "sweep", None, "Launches to time instead of the default one, each "
+    "`warps:stages:block_tokens:split_factor` (split_factor multiplies the "
+    "default split count; 0 keeps it).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 
 H, HKV, D = 32, 8, 128
@@ -82,18 +86,31 @@ def _cell(batch, length, new, page, rng):
     key_pages = keys.reshape(batch * per_row, ps, HKV, D)[inverse]
     value_pages = values.reshape(batch * per_row, ps, HKV, D)[inverse]
 
-  kernel = jax.jit(lambda q, kp, vp, tb, n, qp: decode.decode_attention(
-      q, kp, vp, tb, n, qp, sm_scale=scale).out)
+  def kernel_with(launch: str | None):
+    options = {}
+    if launch:
+      warps, stages, tokens, factor = (int(x) for x in launch.split(":"))
+      ps = key_pages.shape[1]
+      default = decode.decode_launch(batch, HKV, table.shape[1], ps, D)
+      options = dict(num_warps=warps, num_stages=stages,
+                     pages_per_block=max(1, tokens // ps))
+      if factor:
+        options["num_splits"] = max(1, default.num_splits * factor)
+    return jax.jit(lambda q, kp, vp, tb, n, qp: decode.decode_attention(
+        q, kp, vp, tb, n, qp, sm_scale=scale, **options).out)
+
   xla = jax.jit(lambda q, k, v, n, qp: _xla_decode(q, k, v, n, qp, scale))
   want = _xla_decode(q[:2].astype(jnp.float32), keys[:2].astype(jnp.float32),
                      values[:2].astype(jnp.float32), lengths[:2], q_pos[:2],
                      scale)
   rows = []
   bytes_read = 2 * batch * length * HKV * D * 2
-  for name, fn, args in (
-      ("flash decode", kernel, (q, key_pages, value_pages, table, lengths,
-                                q_pos)),
-      ("xla einsum", xla, (q, keys, values, lengths, q_pos))):
+  kernel_args = (q, key_pages, value_pages, table, lengths, q_pos)
+  candidates = [(f"flash decode {launch}", kernel_with(launch), kernel_args)
+                for launch in (_SWEEP.value or [])] or [
+                    ("flash decode", kernel_with(None), kernel_args)]
+  candidates.append(("xla einsum", xla, (q, keys, values, lengths, q_pos)))
+  for name, fn, args in candidates:
     if name == "xla einsum" and page != "dense":
       continue
     got = fn(*args)[:2].astype(jnp.float32)

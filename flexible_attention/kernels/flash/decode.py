@@ -18,7 +18,10 @@ Split rule (`decode_launch`): a row's page table is cut into S splits of
 `pages_per_split` entries (a whole number of blocks); the grid is
 `B * Hkv * S` programs. By default S is the smallest count that gives at
 least `WAVES` (2) programs per streaming multiprocessor of the GPU
-(`jax.devices()[0].core_count`; 1 without a GPU), but no more splits than
+(`jax.devices()[0].core_count`; 1 without a GPU), and at least 2 while the
+grid holds fewer than `2 * WAVES` programs per multiprocessor (measured on
+an H200 at B = 64, L = 4k, Hkv = 8: one split reads K/V at 36% of peak, two
+at 47%; benchmarks/BENCHMARKS.md), but no more splits than
 keep `MIN_BLOCKS_PER_SPLIT` (4) blocks in each, then trimmed so that no
 split starts past the table. The count is planned on the table's capacity
 `M * ps` (the lengths are not static); splits past a row's length exit at
@@ -141,6 +144,8 @@ def decode_launch(batch: int, num_kv_heads: int, table_len: int,
   if num_splits is None:
     cores = core_count or _sm_count() or 1
     want = -(-WAVES * cores // (batch * num_kv_heads))
+    if batch * num_kv_heads * want < 2 * WAVES * cores:
+      want = max(want, 2)
     splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT))
     pages_per_split = -(-blocks // splits) * n
     splits = -(-table_len // pages_per_split)
