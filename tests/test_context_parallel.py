@@ -10,6 +10,7 @@ every mesh and every feature, not their full product).
 
 import contextlib
 import io
+import math
 import re
 
 import haiku as hk
@@ -21,6 +22,7 @@ import pytest
 
 import flexible_attention as fa
 from flexible_attention.sharding import mesh as mesh_lib
+from flexible_attention.sharding import shard
 import helpers
 
 # (dp, fsdp, tp, sp) over the 8 devices.
@@ -104,8 +106,9 @@ def test_sequence_sharded_matches_unsharded_reference(mechanism, feature,
   if mechanism == "ring" and permute:
     options["layout"] = "contiguous"  # Already balanced by the user.
   options["mesh"] = fa.make_mesh(dims)
-  if mechanism == "ulysses" and kv_heads // dims[2] % num_shards:
-    with pytest.raises(ValueError, match="divisible by the .* shards"):
+  if mechanism == "ulysses" and (HEADS // dims[2]) % math.lcm(
+      kv_heads // dims[2], num_shards):
+    with pytest.raises(ValueError, match="must divide the query heads"):
       helpers.run_mechanism(mechanism, q, k, v, ct, call=call,
                             options=options, rng=apply_rng)
     return
@@ -365,3 +368,47 @@ def test_ring_transfer_is_asynchronous_around_the_block_on_gpu():
   assert starts and dones, "no asynchronous collective-permute"
   between = text[starts[0]:dones[0]]
   assert re.search(r"conditional|fusion|custom-call", between), between[:2000]
+
+
+# --- Any batch on any mesh ----------------------------------------------------
+
+
+def test_a_batch_the_batch_axes_do_not_divide_is_sharded_where_it_can():
+  """B = 2 on dp = 2, fsdp = 4: sharded over dp, replicated over fsdp;
+  dropout stays that of the unsharded call."""
+  mesh = fa.make_mesh((2, 4, 1, 1))
+  assert fa.PartitionAxis().batch_axis == ("dp", "fsdp")
+  assert shard.batch_axes(mesh, fa.PartitionAxis(), 2) == ("dp",)
+  assert shard.batch_axes(mesh, fa.PartitionAxis(), 4) == ("dp",)
+  assert shard.batch_axes(mesh, fa.PartitionAxis(), 1) is None
+  assert shard.batch_axes(mesh, fa.PartitionAxis(), 16) == ("dp", "fsdp")
+  rng = helpers.rng_for("batch-on-mesh")
+  q, k, v = helpers.random_qkv(rng, 2, 8, 8, 2, 2, 8)
+  ct = helpers.random_array(rng, q.shape)
+  apply_rng = jax.random.PRNGKey(3)
+  dropout = helpers.reference_dropout(apply_rng, 0.25)
+  call = {"causal": True, "deterministic": False}
+  expected = helpers.reference_vjp(q, k, v, ct, call=call, dropout=dropout)
+  result = helpers.run_mechanism(
+      "vanilla", q, k, v, ct, call=call, rng=apply_rng,
+      options={"mesh": mesh, "dropout_rate": 0.25})
+  helpers.assert_matches_reference(result, expected.out, expected.grads,
+                                   "B = 2 on dp = 2, fsdp = 4")
+
+
+def test_decoding_one_row_on_a_data_parallel_mesh():
+  mesh = fa.make_mesh((1, 8, 1, 1))
+  rng = helpers.rng_for("decode-on-mesh")
+  q, k, v = helpers.random_qkv(rng, 1, 3, 3, 4, 2, 8)
+
+  def step(q, k, v):
+    attention = fa.create_attention("blockwise", num_heads=4, head_dim=8,
+                                    num_kv_heads=2, mesh=mesh)
+    cache = fa.init_cache(1, 8, 2, 8)
+    prefill = attention(q[:, :2], k[:, :2], v[:, :2], cache=cache)
+    return attention(q[:, 2:], k[:, 2:], v[:, 2:],
+                     cache=prefill.cache).attention_outputs
+
+  out = jax.jit(hk.transform(step).apply)({}, None, q, k, v)
+  expected = helpers.reference_vjp(q, k, v, None, call={"causal": True}).out
+  helpers.assert_close(out, expected[:, 2:], jnp.float32, "decode B = 1")

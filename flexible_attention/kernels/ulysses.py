@@ -5,7 +5,9 @@ into `[B, S, H/n, D]` (every device gets the whole sequence for a slice of
 the heads), any local kernel attends, and one all-to-all turns the output
 back (Jacobs et al., 2023, "DeepSpeed Ulysses"). The positions, segment ids
 and kv indices of the sequence are all-gathered (they are `[B, S]` vectors).
-It needs the (local) KV head count to be divisible by the axis size.
+It needs the (local) KV head count to be divisible by the axis size: with
+fewer KV heads, each is repeated `kv_repeats` times first (query head `h`
+then uses repeated head `h // (G / r)`, a copy of its own KV head `h // G`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import KernelOutput
 
 
 def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
-                      num_shards: int, local_kernel) -> KernelOutput:
+                      num_shards: int, local_kernel,
+                      kv_repeats: int = 1) -> KernelOutput:
   """Attention of sequence shards through a head-sharded local kernel.
 
   Args:
@@ -27,8 +31,10 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
       `[B, Sk/n, Hkv, D|Dv]` and their mask parts (no bias or dense mask).
     dropout: a `Dropout` (batch/head offsets of other axes applied) or None.
     axis_name: the sequence mesh axis.
-    num_shards: its size n; `Hkv % n == 0`.
+    num_shards: its size n; `(Hkv * kv_repeats) % n == 0`.
     local_kernel: a pure kernel `(AttentionInputs, Dropout) -> KernelOutput`.
+    kv_repeats: r, how many times each KV head is repeated before the
+      all-to-all (H must stay a multiple of `Hkv * r`).
 
   Returns:
     `KernelOutput(out [B, S/n, H, Dv], lse [B, H, S/n] or None, None)`:
@@ -43,9 +49,11 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
   gather = lambda x, dim: None if x is None else jax.lax.all_gather(
       x, axis_name, axis=dim, tiled=True)
   vis = inputs.visibility
+  repeat = lambda x: x if kv_repeats == 1 else jnp.repeat(
+      x, kv_repeats, axis=2)  # [B, S/n, Hkv * r, D]
   local = AttentionInputs(
-      query=to_heads(inputs.query), key=to_heads(inputs.key),
-      value=to_heads(inputs.value), bias=None,
+      query=to_heads(inputs.query), key=to_heads(repeat(inputs.key)),
+      value=to_heads(repeat(inputs.value)), bias=None,
       visibility=dataclasses.replace(
           vis, q_positions=gather(vis.q_positions, 1),
           kv_positions=gather(vis.kv_positions, 1),

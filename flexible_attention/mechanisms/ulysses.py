@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 from flexible_attention.kernels import ulysses as ulysses_kernel
 from flexible_attention.mechanisms import base
@@ -29,8 +30,11 @@ class UlyssesAttention(base.AttentionModule):
   """DeepSpeed-Ulysses context parallelism.
 
   On a sequence-sharded mesh: all-to-all from sequence shards to head shards,
-  the local mechanism on the whole sequence, all-to-all back. Needs the KV
-  head count (per head shard) divisible by the sequence axis size. Without a
+  the local mechanism on the whole sequence, all-to-all back. The heads of
+  each head shard are split over the n sequence shards: with fewer KV heads
+  than that (Hkv = 2, n = 8), each KV head is repeated r times, the least r
+  making Hkv * r divisible by n (K/V then travel r times), which needs the
+  query heads divisible by Hkv * r. Without a
   sequence axis it is its local mechanism. Dense masks and biases are not
   supported; the features of the local mechanism are.
   """
@@ -40,7 +44,8 @@ class UlyssesAttention(base.AttentionModule):
   capabilities = registry.Capabilities(
       mask=False, bias=False, sharded_sequence=True,
       block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
-      notes="all-to-all seq->heads; Hkv divisible by the sequence axis.")
+      notes=("all-to-all seq->heads; KV heads repeated to fill the sequence "
+             "axis; H divisible by it."))
 
   @classmethod
   def make_kernel(cls, config, request):
@@ -58,13 +63,19 @@ class UlyssesAttention(base.AttentionModule):
     axes = config.partition_axis
     axis_name = shared_sequence_axis("ulysses", axes)
     num_shards = axis_size(config.mesh, axes.key_sequence_axis)
-    kv_heads = request.dims.num_kv_heads // axis_size(config.mesh,
-                                                      axes.head_axis)
-    if kv_heads % num_shards:
+    head_shards = axis_size(config.mesh, axes.head_axis)
+    heads = request.dims.num_heads // head_shards
+    kv_heads = request.dims.num_kv_heads // head_shards
+    # Fewer KV heads than sequence shards: repeat each KV head r times (the
+    # least r making them divisible), if the query heads allow it.
+    repeats = num_shards // math.gcd(kv_heads, num_shards)
+    if heads % (kv_heads * repeats):
       raise ValueError(
-          f"ulysses needs the KV heads per head shard ({kv_heads}) to be "
-          f"divisible by the {num_shards} shards of the sequence axis "
-          f"{axes.key_sequence_axis!r}; use ring, or fewer sequence shards.")
+          f"ulysses splits the heads of each head shard over the {num_shards} "
+          f"shards of the sequence axis {axes.key_sequence_axis!r}: the KV "
+          f"heads ({kv_heads}, repeated {repeats}x to "
+          f"{kv_heads * repeats}) must divide the query heads ({heads}); "
+          "use ring, or fewer sequence shards.")
     return functools.partial(
         ulysses_kernel.ulysses_attention, axis_name=axis_name,
-        num_shards=num_shards, local_kernel=local_kernel)
+        num_shards=num_shards, local_kernel=local_kernel, kv_repeats=repeats)

@@ -1,7 +1,9 @@
 """Running a pure attention kernel under `jax.shard_map`.
 
 Batch and heads are embarrassingly parallel for attention: each device runs
-the unchanged kernel on its batch rows and heads. Dropout stays bit-identical
+the unchanged kernel on its batch rows and heads. A batch that the batch
+axes do not divide is sharded over those that do and replicated over the
+rest (`batch_axes`). Dropout stays bit-identical
 to the unsharded call because each shard offsets its local batch and head
 indices by its position on the mesh before hashing (and positions, which the
 hash also uses, are global).
@@ -31,6 +33,7 @@ from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.sharding import layouts
 from flexible_attention.sharding.mesh import PartitionAxis
+from flexible_attention.sharding.mesh import axis_names_of
 from flexible_attention.sharding.mesh import axis_size
 from flexible_attention.sharding.mesh import spec_entry
 from flexible_attention.sharding.mesh import validate_partition
@@ -38,9 +41,32 @@ from flexible_attention.sharding.mesh import validate_partition
 Kernel = Callable[[AttentionInputs, Dropout | None], KernelOutput]
 
 
+def batch_axes(mesh: Mesh, axes: PartitionAxis, batch: int
+              ) -> tuple[str, ...] | None:
+  """The mesh axes of `axes.batch_axis` that shard a batch of `batch` rows.
+
+  In order, each axis whose size divides the rows each shard still holds
+  shards them; the batch is replicated over the other axes (every device of
+  those computes the same rows). E.g. B = 2 on `dp = 2, fsdp = 4`: sharded
+  over `dp`, replicated over `fsdp`; B = 1: replicated over both.
+  """
+  chosen, shards = [], 1
+  for name in axis_names_of(axes.batch_axis):
+    if batch % (shards * mesh.shape[name]) == 0:
+      chosen.append(name)
+      shards *= mesh.shape[name]
+  return tuple(chosen) or None
+
+
+def effective_partition(mesh: Mesh, axes: PartitionAxis, batch: int
+                       ) -> PartitionAxis:
+  """`axes` with the batch axis narrowed to `batch_axes`."""
+  return dataclasses.replace(axes, batch_axis=batch_axes(mesh, axes, batch))
+
+
 def check_partition(mesh: Mesh, axes: PartitionAxis, inputs: AttentionInputs):
   """Validates a mesh/partition for a call; returns whether a sequence axis
-  is sharded (size > 1)."""
+  is sharded (size > 1). Any batch size is accepted (`batch_axes`)."""
   validate_partition(mesh, axes)
   dims = inputs.dims
   if axis_size(mesh, axes.attention_dim_axis) > 1:
@@ -49,7 +75,6 @@ def check_partition(mesh: Mesh, axes: PartitionAxis, inputs: AttentionInputs):
         "shards the head size D, which attention contracts over; leave it "
         "None or map it to a mesh axis of size 1.")
   for what, size, field in (
-      ("batch size B", dims.batch, "batch_axis"),
       ("number of KV heads Hkv", dims.num_kv_heads, "head_axis"),
       ("query sequence length Sq", dims.q_len, "query_sequence_axis"),
       ("key sequence length Sk", dims.kv_len, "key_sequence_axis")):
@@ -128,6 +153,7 @@ def run_sharded(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   token layout on a sequence mesh), the output put back in natural order."""
   q_shards = axis_size(mesh, axes.query_sequence_axis)
   kv_shards = axis_size(mesh, axes.key_sequence_axis)
+  axes = effective_partition(mesh, axes, inputs.dims.batch)
   inputs = permute_inputs(inputs, layout, q_shards, kv_shards)
   result = shard_kernel(kernel, mesh, axes, inputs, dropout,
                         return_weights=return_weights, gather_keys=gather_keys,
@@ -144,7 +170,8 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   Args:
     kernel: a pure function of `(AttentionInputs, Dropout | None)`.
     mesh: the device mesh.
-    axes: the `PartitionAxis` (validated with `check_partition`).
+    axes: the `PartitionAxis` (validated with `check_partition`), whose
+      batch axes divide the batch (`effective_partition`).
     inputs: the canonical record of the whole problem.
     dropout: the call's `Dropout` or `None`.
     return_weights: whether the kernel returns weights.
