@@ -1,4 +1,5 @@
-"""Installs flexible_attention: `pip install -e ".[test]"`."""
+"""Installs flexible_attention: `pip install -e ".[test]"` (CPU jax), or
+`pip install -e ".[cuda,test]"` for CUDA-enabled jax on an NVIDIA GPU."""
 
 import setuptools
 
@@ -23,5 +24,10 @@ setuptools.setup(
     extras_require={
         "test": ["pytest"],
         "plots": ["matplotlib"],
+        # CUDA-enabled jax from pip (NVIDIA driver >= 525 for CUDA 12,
+        # >= 580 for CUDA 13), pinned to the jax versions supported here.
+        "cuda": ["jax[cuda12]>=0.10,<0.12"],
+        "cuda12": ["jax[cuda12]>=0.10,<0.12"],
+        "cuda13": ["jax[cuda13]>=0.10,<0.12"],
     },
 )
