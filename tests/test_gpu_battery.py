@@ -1,7 +1,7 @@
 """GPU battery: odd shapes x head sizes x features, compiled on a real GPU.
 
 Skipped unless a GPU is present. For each head size D in {59, 64, 111, 128,
-256}, four grouped cases (few compiles: one case combines several
+256}, five grouped cases (few compiles: one case combines several
 features) run in bfloat16 and float16 through `fa.create_attention` inside
 `hk.transform` (`helpers.run_mechanism`: jitted forward + backward), for
 `flash`, `cudnn` and `auto`; the output and dq / dk / dv are checked against
@@ -16,6 +16,9 @@ the float32 reference (`helpers.reference_vjp`, the same dropout):
   causal, window 64, kv lengths (one row sees no key), dropout 0.1;
 - `even_bias_lengths_gqa`: Sq = 96, Sk = 224, H = 8, Hkv = 2, a
   `[1, H, Sq, Sk]` bias and kv lengths: a call cuDNN serves when D allows.
+- `long_causal_window_softcap`: Sq = 200, Sk = 333, H = Hkv = 4, causal,
+  window 100, soft cap 30: on Hopper at D = 64, 128, 256 the Mosaic GPU
+  forward and dK/dV kernels serve it (structure only, Sq >= 128).
 
 Lengths are multiples of no tile (except the last case's, for cuDNN). A
 refusal (`NotImplementedError`) is an acceptable outcome only for `cudnn`,
@@ -28,7 +31,7 @@ picks `flash`, which the battery already compiled in float16).
 Tolerances (relative to the largest reference magnitude,
 `helpers.TOLERANCES["gpu"]`): bfloat16 1.5e-2, float16 2e-3.
 
-Run on the GPU machine (about 70 compiles):
+Run on the GPU machine (about 85 jitted forward + backward compiles):
   python -m pytest -q tests/test_gpu_battery.py
 """
 
@@ -77,6 +80,9 @@ CASES = (
          causal=True, window=64, dropout=0.1),
     Case("even_bias_lengths_gqa", 2, 96, 224, 8, 2,
          frozenset({"bias", "kv_lengths", "gqa"})),
+    Case("long_causal_window_softcap", 1, 200, 333, 4, 4,
+         frozenset({"causal", "window", "softcap"}), causal=True, window=100,
+         softcap=30.0),
 )
 
 
@@ -177,6 +183,7 @@ def test_gpu_battery(case, head_dim):
 def test_cudnn_computes_the_case_it_serves():
   """The battery's refusal rule is not vacuous: cuDNN serves the even case
   at D = 64, 128, 256 (the assertions are in `test_gpu_battery`)."""
-  case = CASES[-1]
+  case = CASES[3]
+  assert case.name == "even_bias_lengths_gqa"
   for head_dim in (64, 128, 256):
     assert not _cudnn_may_refuse(case, head_dim)
