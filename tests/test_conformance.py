@@ -110,12 +110,12 @@ EXPECTED_REFUSALS = {
     "blockwise": frozenset({"weights"}),
     "cudnn": frozenset({
         "cpu", "tpu", "float32", "segments", "positions", "mask", "softcap",
-        "dropout", "weights", "lse", "cache", "sharded_sequence",
+        "dropout", "weights", "lse", "cache", "sharded_sequence", "sinks",
         "head_dim_limit", "value_dim_differs", "unaligned_causal_or_window",
         "window_right_without_causal", "odd_lengths"}),
     # The Triton kernels (CPU only in interpret mode: EXTRA_OPTIONS); on TPU
     # JAX's TPU kernel, which refuses more (`platform_refusals`).
-    "flash": frozenset({"cpu", "weights"}),
+    "flash": frozenset({"cpu", "weights", "sinks"}),
     # The sequence-parallel ones pass the structured mask along with the
     # K/V blocks or heads; no dense mask or bias.
     "ring": frozenset({"mask", "bias", "weights"}),
@@ -125,7 +125,7 @@ EXPECTED_REFUSALS = {
     # float16; CPU only in interpret mode (EXTRA_OPTIONS).
     "splash": frozenset({
         "cpu", "gpu", "float16", "positions", "mask", "bias", "dropout",
-        "weights", "lse", "cache", "sharded_sequence"}),
+        "weights", "lse", "cache", "sharded_sequence", "sinks"}),
     # `auto` picks among its candidates, never one that refuses.
     "auto": frozenset(),
 }
@@ -589,8 +589,9 @@ def test_feature_refusals_name_the_feature(mechanism):
 def test_every_feature_is_exercised_by_the_battery():
   used = set().union(*(case.traits("float32") for case in CASES))
   # Dropout, weights and the cache have dedicated tests below; the
-  # log-sum-exp and paged caches in tests/test_decoding.py.
-  assert set(FEATURES) - {"dropout", "cache", "lse"} <= used
+  # log-sum-exp and paged caches in tests/test_decoding.py, sinks in
+  # tests/test_sinks.py.
+  assert set(FEATURES) - {"dropout", "cache", "lse", "sinks"} <= used
 
 
 # --- The battery --------------------------------------------------------------

@@ -26,7 +26,8 @@ from flexible_attention.core.masks import Visibility
 
 # Feature names, as used by capabilities, `auto` and errors.
 FEATURES = ("causal", "window", "segments", "kv_lengths", "positions", "mask",
-            "bias", "softcap", "dropout", "weights", "lse", "cache", "gqa")
+            "bias", "softcap", "dropout", "weights", "lse", "cache", "gqa",
+            "sinks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,8 @@ class AttentionInputs:
       kernels that read the pages themselves (XLA drops the gather when
       nothing reads it); `None` otherwise (and on a mesh, where kernels
       read the dense view).
+    sinks: `[H]` float32 sink logits (semantics step 6: head h's softmax
+      denominator gains `exp(sinks[h])`), or `None`.
   """
 
   query: jax.Array
@@ -70,6 +73,7 @@ class AttentionInputs:
   bias: jax.Array | None
   visibility: Visibility
   pages: Any = None
+  sinks: jax.Array | None = None
 
   @property
   def dims(self) -> AttentionDims:
@@ -114,6 +118,23 @@ def _rank4_broadcastable(name: str, x, full: tuple[int, int, int, int]):
   return x
 
 
+def check_sinks(sinks, num_heads: int):
+  """Checks `sinks` (a float `[H]` array of logits); returns it as float32
+  (float64 kept), or None."""
+  if sinks is None:
+    return None
+  if not hasattr(sinks, "shape") or not hasattr(sinks, "dtype"):
+    raise TypeError(f"sinks must be a float array [H] = ({num_heads},), got "
+                    f"{type(sinks)}.")
+  if _shape(sinks) != (num_heads,):
+    raise ValueError(f"sinks must have shape [H] = ({num_heads},) (one logit "
+                     f"per query head), got {_shape(sinks)}.")
+  if not jnp.issubdtype(sinks.dtype, jnp.floating):
+    raise TypeError(f"sinks must be a floating array, got dtype "
+                    f"{sinks.dtype}.")
+  return sinks.astype(jnp.promote_types(sinks.dtype, jnp.float32))
+
+
 def canonical_window(sliding_window, causal: bool) -> tuple[int, int] | None:
   """`int w` -> `(w, 0)` with causal, `(w, w)` without; checks the values."""
   if sliding_window is None:
@@ -138,7 +159,7 @@ def canonical_window(sliding_window, causal: bool) -> tuple[int, int] | None:
 def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
                  segment_ids=None, kv_lengths=None, q_positions=None,
                  kv_positions=None, sliding_window=None,
-                 kv_indices=None) -> AttentionInputs:
+                 kv_indices=None, sinks=None) -> AttentionInputs:
   """Checks a call's arguments and builds its `AttentionInputs`.
 
   Args:
@@ -156,6 +177,7 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
     sliding_window: `int` or `(left, right)`.
     kv_indices: `[Sk]` ints, the index of each key slot (default
       `arange(Sk)`); only set by the library (caches, sequence shards).
+    sinks: `[H]` float sink logits, one per query head.
 
   Returns:
     The `AttentionInputs` of the call.
@@ -245,7 +267,8 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
       kv_indices=kv_indices, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
       kv_lengths=kv_lengths, mask=mask, causal=bool(causal),
       window=canonical_window(sliding_window, bool(causal)))
-  return AttentionInputs(query, key, value, bias, visibility)
+  return AttentionInputs(query, key, value, bias, visibility,
+                         sinks=check_sinks(sinks, num_heads))
 
 
 def used_features(inputs: AttentionInputs, *, explicit_positions: bool,
@@ -265,7 +288,8 @@ def used_features(inputs: AttentionInputs, *, explicit_positions: bool,
       ("kv_lengths", vis.kv_lengths is not None),
       ("positions", explicit_positions), ("mask", vis.mask is not None),
       ("bias", inputs.bias is not None),
-      ("gqa", dims.num_heads != dims.num_kv_heads)) if on}
+      ("gqa", dims.num_heads != dims.num_kv_heads),
+      ("sinks", inputs.sinks is not None)) if on}
   unknown = set(options) - set(FEATURES)
   if unknown:
     raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}.")

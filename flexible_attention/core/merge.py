@@ -10,6 +10,10 @@ in any set keeps out 0 and lse -inf). The ring's steps, the decode kernels'
 key splits and `fa.merge_attention` (cascade decoding, a shared prefix kept
 once) all merge this one way.
 
+Attention sinks (semantics step 6) are one more part of the same kind: a
+key with logit `sinks[h]` and a zero value, i.e. out 0 and lse `sinks[h]`
+(`merge_sinks`), merged once; `sink_gradient` is its gradient.
+
 Glossary of shapes:
 - B: batch size; Sq: queries; H: query heads; Dv: value head size.
 - N: the number of partial results merged.
@@ -56,6 +60,48 @@ def merge_pair(out, lse, other_out, other_lse):
   to_out = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,H,Sq]->[B,Sq,H,1]
   return (out * to_out(_weights(lse, total)) +
           other_out * to_out(_weights(other_lse, total)), total)
+
+
+def merge_sinks(out, lse, sinks):
+  """Merges the sink part (out 0, lse `sinks[h]`) into a result.
+
+  Args:
+    out: `[B, Sq, H, Dv]` float32 attention over the keys.
+    lse: `[B, H, Sq]` their log-sum-exp (-inf for a row with no key).
+    sinks: `[H]` sink logits.
+
+  Returns:
+    `(out [B, Sq, H, Dv], lse [B, H, Sq])` with the sink counted: an empty
+    row keeps out 0 and gets lse `sinks[h]`. Differentiable.
+  """
+  sink = jnp.broadcast_to(sinks.astype(lse.dtype)[None, :, None], lse.shape)
+  total = jnp.logaddexp(lse, sink)
+  weight = _weights(lse, total)  # [B, H, Sq]
+  return out * jnp.swapaxes(weight, 1, 2)[..., None].astype(out.dtype), total
+
+
+def sink_gradient(sinks, out, lse, dout, dlse=None):
+  """The gradient of the sink logits from a call's output and cotangents.
+
+  `dsinks[h] = -sum_{b, q} exp(sinks[h] - lse) * (rowsum(dout * out) -
+  dlse)`: the sink's probability times the cotangent of its logit.
+
+  Args:
+    sinks: `[H]`.
+    out: `[B, Sq, H, Dv]`, the output (sink counted).
+    lse: `[B, H, Sq]`, the log-sum-exp (sink counted: finite).
+    dout: `[B, Sq, H, Dv]`, the output's cotangent.
+    dlse: `[B, H, Sq]`, the log-sum-exp's cotangent, or None.
+
+  Returns:
+    `dsinks [H]` in the dtype of `sinks`.
+  """
+  acc = jnp.promote_types(lse.dtype, jnp.float32)
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(acc), out.astype(acc))
+  if dlse is not None:
+    delta = delta - dlse.astype(acc)
+  p_sink = jnp.exp(sinks.astype(acc)[None, :, None] - lse.astype(acc))
+  return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
 
 
 def merge_attention(outputs: Sequence[jax.Array], lses: Sequence[jax.Array]

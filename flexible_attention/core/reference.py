@@ -69,26 +69,33 @@ def logits(q, k, bias, *, sm_scale: float, softcap: float | None, precision,
   return s, dcap
 
 
-def masked_softmax(s, visible):
+def masked_softmax(s, visible, sink=None):
   """Softmax over visible keys; a row with no visible key gives zeros.
 
   Args:
     s: `[..., Sq, Sk]` logits.
     visible: bool, broadcastable to `s`.
+    sink: the sink logit, broadcastable to `[..., 1, 1]`, or None: the
+      denominator gains `exp(sink)` (a key with a zero value).
 
   Returns:
     `(p, lse)`: probabilities like `s` and the log-sum-exp `[..., Sq]`
-    (`-inf` for empty rows).
+    (`-inf` for empty rows; with a sink, it counts the sink: the sink's
+    logit for empty rows).
   """
   s = jnp.where(visible, s, MASK_VALUE)
   # The shift cancels out of p and lse, so it needs no gradient; stopping it
   # also avoids max's JVP, which divides by the number of entries equal to
   # the maximum: 0 (NaN gradients) when XLA recomputes `s` in two fusions
   # with different rounding.
-  m = jax.lax.stop_gradient(
-      jnp.maximum(jnp.max(s, axis=-1, keepdims=True), MASK_VALUE))
+  m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), MASK_VALUE)
+  if sink is not None:
+    m = jnp.maximum(m, sink)
+  m = jax.lax.stop_gradient(m)
   e = jnp.where(visible, jnp.exp(s - m), 0.0)
   l = jnp.sum(e, axis=-1, keepdims=True)
+  if sink is not None:
+    l = l + jnp.exp(sink - m)
   p = e / jnp.where(l > 0, l, 1.0)
   lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
   return p, lse[..., 0]
@@ -104,7 +111,8 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
                     dropout: dropout_lib.Dropout | None = None, *,
                     sm_scale: float, softcap: float | None = None,
                     precision=None, softmax_dtype=jnp.float32,
-                    return_weights: bool = False) -> KernelOutput:
+                    return_weights: bool = False,
+                    sinks=None) -> KernelOutput:
   """Attention over the whole score matrix at once (a pure function).
 
   Args:
@@ -116,6 +124,9 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
     dropout: a `Dropout`, or `None` for none.
     sm_scale, softcap, precision, softmax_dtype: see `logits`.
     return_weights: also return the applied probabilities.
+    sinks: `[H]` sink logits, or None: head h's denominator gains
+      `exp(sinks[h])` (semantics step 6; the weights then sum to less than
+      one, and lse counts the sink).
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in query.dtype, lse [B, H, Sq],
@@ -130,7 +141,10 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
                 softcap=softcap, precision=precision,
                 softmax_dtype=softmax_dtype)  # [B, Hkv, G, Sq, Sk]
   visible = masks.group_heads(visibility.dense(), num_kv_heads)
-  p, lse = masked_softmax(s, visible)
+  sink = None
+  if sinks is not None:
+    sink = sinks.astype(s.dtype).reshape(num_kv_heads, groups, 1, 1)
+  p, lse = masked_softmax(s, visible, sink)
   if dropout is not None:
     keep = dropout_lib.keep_grouped(dropout, visibility.q_positions,
                                     visibility.kv_positions, num_kv_heads,
@@ -151,7 +165,8 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
 def reference_attention(query, key, value, bias, visibility: masks.Visibility,
                         dropout: dropout_lib.Dropout | None = None, *,
                         sm_scale: float, softcap: float | None = None,
-                        return_weights: bool = False) -> KernelOutput:
+                        return_weights: bool = False,
+                        sinks=None) -> KernelOutput:
   """The float32 oracle: `dense_attention` on float32 inputs, HIGHEST precision.
 
   Arguments as `dense_attention`; the outputs are float32 (float64 inputs,
@@ -163,4 +178,4 @@ def reference_attention(query, key, value, bias, visibility: masks.Visibility,
       f32(query), f32(key), f32(value), f32(bias), visibility, dropout,
       sm_scale=sm_scale, softcap=softcap,
       precision=jax.lax.Precision.HIGHEST, softmax_dtype=jnp.float32,
-      return_weights=return_weights)
+      return_weights=return_weights, sinks=f32(sinks))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
+from flexible_attention.core import merge
 from flexible_attention.core import reference
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
@@ -117,9 +118,10 @@ class _Padded:
 
 
 def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
-                 out_dtype=None):
+                 out_dtype=None, sinks=None):
   """Returns `out [B, Sq, H, Dv]` (`out_dtype`, default q.dtype) and
-  `lse [B, H, Sq]` (float32; float64 for float64 inputs)."""
+  `lse [B, H, Sq]` (float32; float64 for float64 inputs); `sinks [H]`
+  (or None) enter each row's final normalisation and its lse."""
   out_dtype = q.dtype if out_dtype is None else out_dtype
   acc_dtype = reference.accumulation_dtype(q.dtype)
   batch, q_len, num_heads, _ = q.shape
@@ -162,6 +164,13 @@ def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
             jnp.full(stats_shape, reference.MASK_VALUE, acc_dtype),
             jnp.zeros(stats_shape, acc_dtype))
     acc, m, l = jax.lax.fori_loop(0, nk, kv_tile, init)
+    if sinks is not None:  # One more key: logit sinks[h], value 0.
+      sink = sinks.astype(acc_dtype).reshape(1, hkv, groups, 1)
+      m_new = jnp.maximum(m, sink)
+      correction = jnp.exp(m - m_new)
+      acc, l = acc * correction[..., None], l * correction + jnp.exp(
+          sink - m_new)
+      m = m_new
     nonempty = l > 0
     out_i = acc / jnp.where(nonempty, l, 1.0)[..., None]
     lse_i = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)),
@@ -284,23 +293,27 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, bias, vis, dropout):
-  return forward_pass(cfg, q, k, v, bias, vis, dropout)
+def _attention(cfg, q, k, v, bias, vis, dropout, sinks):
+  return forward_pass(cfg, q, k, v, bias, vis, dropout, sinks=sinks)
 
 
-def _attention_fwd(cfg, q, k, v, bias, vis, dropout):
-  out, lse = forward_pass(cfg, q, k, v, bias, vis, dropout)
-  return (out, lse), (q, k, v, bias, vis, dropout, out, lse)
+def _attention_fwd(cfg, q, k, v, bias, vis, dropout, sinks):
+  out, lse = forward_pass(cfg, q, k, v, bias, vis, dropout, sinks=sinks)
+  return (out, lse), (q, k, v, bias, vis, dropout, sinks, out, lse)
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-  q, k, v, bias, vis, dropout, out, lse = residuals
+  q, k, v, bias, vis, dropout, sinks, out, lse = residuals
   dout, dlse = cotangents
+  # With sinks, lse counts them, so p = exp(s - lse) and dq, dk, dv are
+  # unchanged; the sinks' own gradient needs only out, lse and cotangents.
   dq, dk, dv, dbias = backward_pass(cfg, q, k, v, bias, vis, dropout, out,
                                     lse, dout, dlse)
+  dsinks = None if sinks is None else merge.sink_gradient(
+      sinks, out, lse, dout, dlse)
   cast = lambda g, x: None if g is None else g.astype(x.dtype)
   return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dbias, bias), None,
-          None)
+          None, dsinks)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -316,13 +329,14 @@ def blockwise_attention(cfg: TileConfig, inputs: AttentionInputs,
       lengths; the backward tiles default to the forward's).
     inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
       D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
-      and the `Visibility`.
+      and the `Visibility`; its `sinks [H]`, if any, join each row's
+      denominator.
     dropout: a `Dropout`, or `None`.
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`. Both
-    outputs are differentiable (q, k, v and bias).
+    outputs are differentiable (q, k, v, bias and sinks).
   """
   out, lse = _attention(cfg, inputs.query, inputs.key, inputs.value,
-                        inputs.bias, inputs.visibility, dropout)
+                        inputs.bias, inputs.visibility, dropout, inputs.sinks)
   return KernelOutput(out, lse, None)

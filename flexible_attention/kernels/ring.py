@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flexible_attention.core import merge
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
@@ -134,7 +135,7 @@ def _merge(out, lse, block_out, block_lse):
           new_lse)
 
 
-def _forward(cfg: RingConfig, q, k, v, vis, dropout):
+def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks):
   batch, q_len, num_heads, _ = q.shape
   out = jnp.zeros((batch, q_len, num_heads, v.shape[-1]), jnp.float32)
   lse = jnp.full((batch, num_heads, q_len), -jnp.inf, jnp.float32)
@@ -153,6 +154,8 @@ def _forward(cfg: RingConfig, q, k, v, vis, dropout):
     out, lse = jax.lax.cond(vis_blk.maybe_visible(), attend, lambda s: s,
                             (out, lse))
     block = following
+  if sinks is not None:  # The sink: one more part (out 0, lse sinks[h]).
+    out, lse = merge.merge_sinks(out, lse, sinks)
   return out.astype(q.dtype), lse
 
 
@@ -180,20 +183,25 @@ def _backward(cfg: RingConfig, q, k, v, vis, dropout, out, lse, dout, dlse):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(cfg, q, k, v, vis, dropout):
-  return _forward(cfg, q, k, v, vis, dropout)
+def _ring(cfg, q, k, v, vis, dropout, sinks):
+  return _forward(cfg, q, k, v, vis, dropout, sinks)
 
 
-def _ring_fwd(cfg, q, k, v, vis, dropout):
-  out, lse = _forward(cfg, q, k, v, vis, dropout)
-  return (out, lse), (q, k, v, vis, dropout, out, lse)
+def _ring_fwd(cfg, q, k, v, vis, dropout, sinks):
+  out, lse = _forward(cfg, q, k, v, vis, dropout, sinks)
+  return (out, lse), (q, k, v, vis, dropout, sinks, out, lse)
 
 
 def _ring_bwd(cfg, residuals, cotangents):
-  q, k, v, vis, dropout, out, lse = residuals
+  q, k, v, vis, dropout, sinks, out, lse = residuals
   dout, dlse = cotangents
+  # The lse counts the sinks, so the blocks' dq, dk, dv are unchanged; the
+  # sinks' gradient covers the local queries (shard_map sums the shards').
   dq, dk, dv = _backward(cfg, q, k, v, vis, dropout, out, lse, dout, dlse)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  dsinks = None if sinks is None else merge.sink_gradient(
+      sinks, out, lse, dout, dlse)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
+          None, dsinks)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -209,7 +217,8 @@ def ring_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
   their positions/segments/kv indices; `kv_lengths` is global per row.
 
   Args:
-    inputs: the local canonical record (no bias, no dense mask).
+    inputs: the local canonical record (no bias, no dense mask); its
+      `sinks [H]`, if any, are merged once, after the ring.
     dropout: a `Dropout` (offsets for batch/head shards applied) or `None`.
     axis_name: the mesh axis of the ring.
     num_shards: its size n.
@@ -217,12 +226,12 @@ def ring_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`,
-    differentiable with respect to q, k and v.
+    differentiable with respect to q, k, v and sinks.
   """
   if inputs.bias is not None or inputs.visibility.mask is not None:
     raise NotImplementedError("ring: a dense bias or mask is not supported.")
   cfg = RingConfig(axis_name=axis_name, num_shards=num_shards,
                    block_kernel=block_kernel)
   out, lse = _ring(cfg, inputs.query, inputs.key, inputs.value,
-                   inputs.visibility, dropout)
+                   inputs.visibility, dropout, inputs.sinks)
   return KernelOutput(out, lse, None)

@@ -28,7 +28,8 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
 
   Args:
     inputs: this device's record: `query [B, S/n, H, D]`, `key`/`value`
-      `[B, Sk/n, Hkv, D|Dv]` and their mask parts (no bias or dense mask).
+      `[B, Sk/n, Hkv, D|Dv]`, their mask parts (no bias or dense mask) and
+      `sinks [H]` or None (each device passes its heads' slice on).
     dropout: a `Dropout` (batch/head offsets of other axes applied) or None.
     axis_name: the sequence mesh axis.
     num_shards: its size n; `(Hkv * kv_repeats) % n == 0`.
@@ -60,8 +61,11 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
           kv_indices=gather(vis.kv_indices, 0),
           q_segment_ids=gather(vis.q_segment_ids, 1),
           kv_segment_ids=gather(vis.kv_segment_ids, 1)))
+  first_head = jax.lax.axis_index(axis_name) * (num_heads // num_shards)
+  if inputs.sinks is not None:
+    local = dataclasses.replace(local, sinks=jax.lax.dynamic_slice_in_dim(
+        inputs.sinks, first_head, num_heads // num_shards))
   if dropout is not None:
-    first_head = jax.lax.axis_index(axis_name) * (num_heads // num_shards)
     dropout = dropout.with_offsets(0, first_head)
   result = local_kernel(local, dropout)
   # [B, S, H/n, Dv] -> [B, S/n, H, Dv]

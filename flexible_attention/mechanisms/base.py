@@ -454,6 +454,7 @@ class AttentionModule(hk.Module):
       kv_positions: jax.Array | None = None,
       cache: Any = None,
       q_lengths: jax.Array | None = None,
+      sinks: jax.Array | None = None,
       deterministic: bool = True,
       return_weights: bool = False,
       return_lse: bool = False,
@@ -482,6 +483,8 @@ class AttentionModule(hk.Module):
       q_lengths: `[B]` ints in `[0, Sq]`, with a cache: the new tokens of
         each row (default all `Sq`); a row's slots from `q_lengths[b]` on
         are padding: they give zeros (lse -inf) and write nothing.
+      sinks: `[H]` float sink logits: head h's softmax denominator gains
+        `exp(sinks[h])` (a key with a zero value; lse counts it).
       deterministic: when False and `dropout_rate > 0`, applies dropout with
         a key from `hk.next_rng_key()`.
       return_weights: also return the `[B, H, Sq, Sk]` applied weights.
@@ -504,7 +507,8 @@ class AttentionModule(hk.Module):
         query, _Keys(key, value, kv_lengths, q_positions, kv_positions),
         cache, segment_ids, q_lengths)
     inputs = self._canonicalize(query, keys, mask=mask, bias=bias,
-                                causal=causal, segment_ids=segment_ids)
+                                causal=causal, segment_ids=segment_ids,
+                                sinks=sinks)
     apply_dropout = self.config.dropout_rate > 0 and not deterministic
     request = self._request(inputs, keys, dropout=apply_dropout,
                             weights=bool(return_weights),

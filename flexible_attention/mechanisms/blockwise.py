@@ -27,7 +27,7 @@ class BlockwiseAttention(base.AttentionModule):
   capabilities = registry.Capabilities(
       dtypes=("float32", "bfloat16", "float16", "float64"),
       block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
-      sharded_sequence=True,
+      sharded_sequence=True, sinks=True,
       notes="O(S) memory; skips fully-masked tiles.")
 
   @classmethod

@@ -47,11 +47,12 @@ class Capabilities:
     platforms: backends it runs on (`"cpu"`, `"gpu"`, `"tpu"`).
     dtypes: input dtypes it accepts.
     causal, window, segments, kv_lengths, positions, mask, bias, softcap,
-    dropout, weights, lse, cache, gqa: the features of the semantics it
-      computes (see DESIGN.md); `weights` is `return_weights=True`, `lse`
-      is `return_lse=True`, `positions` is explicit `q_positions` /
+    dropout, weights, lse, cache, gqa, sinks: the features of the semantics
+      it computes (see DESIGN.md); `weights` is `return_weights=True`,
+      `lse` is `return_lse=True`, `positions` is explicit `q_positions` /
       `kv_positions`, `cache` a dense or paged KV cache (with `q_lengths`),
-      `gqa` is `Hkv < H`.
+      `gqa` is `Hkv < H`, `sinks` learnable sink logits (`sinks=`, with
+      their gradient).
     sharded_sequence: whether a mesh may shard the sequence axes.
     precision: whether it honours the `precision` option (matmul
       precision); one that does not refuses any `precision` but None.
@@ -74,6 +75,7 @@ class Capabilities:
   lse: bool = True
   cache: bool = True
   gqa: bool = True
+  sinks: bool = False
   sharded_sequence: bool = False
   precision: bool = True
   block_size_fields: tuple[str, ...] = ()

@@ -77,7 +77,7 @@ class RingAttention(base.AttentionModule):
   config_class = RingAttentionConfig
   sequence_parallel = True
   capabilities = registry.Capabilities(
-      mask=False, bias=False, sharded_sequence=True,
+      mask=False, bias=False, sharded_sequence=True, sinks=True,
       block_size_fields=_BLOCK_FIELDS,
       notes=("K/V travel by ppermute; zigzag layout balances causal work; "
              "block kernel blockwise or flash (GPU)."))

@@ -21,7 +21,7 @@ class VanillaAttention(base.AttentionModule):
 
   capabilities = registry.Capabilities(
       dtypes=("float32", "bfloat16", "float16", "float64"),
-      weights=True, sharded_sequence=True,
+      weights=True, sinks=True, sharded_sequence=True,
       notes="O(Sq * Sk) memory; the only one returning weights.")
 
   @classmethod
@@ -33,4 +33,4 @@ class VanillaAttention(base.AttentionModule):
         return_weights="weights" in request.features)
     return lambda inputs, dropout: kernel(
         inputs.query, inputs.key, inputs.value, inputs.bias,
-        inputs.visibility, dropout)
+        inputs.visibility, dropout, sinks=inputs.sinks)

@@ -124,7 +124,8 @@ def permute_inputs(inputs: AttentionInputs, layout: str, q_shards: int,
           kv_indices=vis.kv_indices.take(kv_perm, axis=0),
           q_segment_ids=_permute_axis(vis.q_segment_ids, q_perm, 1),
           kv_segment_ids=_permute_axis(vis.kv_segment_ids, kv_perm, 1),
-          mask=broadcastable(vis.mask)))
+          mask=broadcastable(vis.mask)),
+      sinks=inputs.sinks)
 
 
 def unpermute_output(result: KernelOutput, layout: str, q_shards: int,
@@ -212,7 +213,8 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
               kv_segment_ids=kv_rows(vis.kv_segment_ids),
               kv_lengths=None if vis.kv_lengths is None else P(batch),
               mask=broadcastable(vis.mask), causal=vis.causal,
-              window=vis.window)),
+              window=vis.window),
+          sinks=None if inputs.sinks is None else P(heads)),
       None if dropout is None else Dropout(
           seed=P(), batch_offset=P(), head_offset=P(), rate=dropout.rate))
   out_specs = KernelOutput(
