@@ -7,6 +7,7 @@ import functools
 
 from flexible_attention.kernels import flash_tpu
 from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels import ragged_paged_tpu
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 
@@ -48,14 +49,30 @@ def _check_block_size(field: str, value: int | None):
 
 
 # On TPU (without `interpret`) flash runs JAX's Pallas TPU flash kernel
-# (`kernels/flash_tpu.py`), which computes fewer features.
+# (`kernels/flash_tpu.py`), which computes fewer features, and serves KV-cache
+# calls with JAX's ragged paged attention kernel (`kernels/ragged_paged_tpu.py`)
+# under its own record, `TPU_CACHE_CAPABILITIES` (`capabilities_for`).
 TPU_CAPABILITIES = registry.Capabilities(
     platforms=("tpu",), dtypes=("float32", "bfloat16"), window=False,
     positions=False, mask=False, softcap=False, dropout=False, weights=False,
-    lse=False, cache=False, precision=False, block_size_fields=BLOCK_FIELDS,
+    lse=False, cache=True, precision=False, block_size_fields=BLOCK_FIELDS,
     notes=("JAX's Pallas TPU flash kernel: causal only with Sq == Sk, "
            "grouped heads only without causal, no launch=; tiles of "
-           "multiples of 128."))
+           "multiples of 128. KV-cache calls: JAX's ragged paged attention "
+           "kernel (flash.TPU_CACHE_CAPABILITIES: causal, window, soft cap, "
+           "GQA; no lse; forward only; a fused copy of the K/V pool per "
+           "call)."))
+
+# A cache call on TPU (the positions and kv lengths are the cache's):
+# JAX's ragged paged attention kernel.
+TPU_CACHE_CAPABILITIES = registry.Capabilities(
+    platforms=("tpu",), dtypes=("float32", "bfloat16"), segments=False,
+    mask=False, bias=False, dropout=False, weights=False, lse=False,
+    precision=False, block_size_fields=ragged_paged_tpu.BLOCK_FIELDS,
+    notes=("JAX's Pallas TPU ragged paged attention kernel, for KV-cache "
+           "calls: a non-causal window only with one new token; Hkv that "
+           "the kernel tiles; forward only; K/V pools fused (copied) per "
+           "call."))
 
 
 @registry.register_mechanism("flash")
@@ -88,7 +105,11 @@ class FlashAttention(base.AttentionModule):
   `TPU_CAPABILITIES` (`fa.capabilities("flash", "tpu")`, the README's
   `flash (tpu)` row), says which; on top of it, causal only with Sq == Sk,
   grouped-query heads only without causal, no `launch`, and tiles that are
-  multiples of 128.
+  multiples of 128. KV-cache calls on TPU go to JAX's ragged paged
+  attention kernel (`kernels/ragged_paged_tpu.py`), decided by
+  `TPU_CACHE_CAPABILITIES`: causal (or one new token), sliding window, soft
+  cap, grouped heads, ragged `q_lengths`, dense or paged caches; no lse,
+  bias, mask or dropout, and no backward; `block_q`/`block_k` tile it.
 
   Block sizes (`fa.BlockSizes`, powers of two >= 16): `block_q`/`block_k`
   tile the forward pass, `block_q_dkv`/`block_k_dkv` the dK/dV kernel,
@@ -110,6 +131,13 @@ class FlashAttention(base.AttentionModule):
   config_class = FlashConfig
 
   @classmethod
+  def capabilities_for(cls, request):
+    caps = super().capabilities_for(request)
+    if caps is TPU_CAPABILITIES and "cache" in request.features:
+      return TPU_CACHE_CAPABILITIES  # The ragged paged kernel serves it.
+    return caps
+
+  @classmethod
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is not None:
@@ -123,6 +151,8 @@ class FlashAttention(base.AttentionModule):
     # FlashConfig only refuses tiles no flash kernel can use; `auto`'s
     # options not even that. Which kernel runs decides here.
     if _uses_tpu_kernel(request):
+      if "cache" in request.features:
+        return None  # The ragged kernel takes any positive tiles.
       return request.block_size_reason(BLOCK_FIELDS, flash_tpu.check_block)
     return request.block_size_reason(BLOCK_FIELDS,
                                      flash_kernel.block_size_reason)
@@ -130,6 +160,11 @@ class FlashAttention(base.AttentionModule):
   @classmethod
   def make_kernel(cls, config, request):
     if _uses_tpu_kernel(request):
+      if "cache" in request.features:
+        return functools.partial(ragged_paged_tpu.ragged_paged_attention,
+                                 sm_scale=config.scale,
+                                 softcap=config.logits_soft_cap,
+                                 block_sizes=config.block_sizes)
       return functools.partial(flash_tpu.flash_attention,
                                sm_scale=config.scale,
                                block_sizes=config.block_sizes)
@@ -146,14 +181,31 @@ class FlashAttention(base.AttentionModule):
 
 
 def _uses_tpu_kernel(request) -> bool:
-  """On TPU, flash runs JAX's TPU kernel (`interpret=True` keeps the
+  """On TPU, flash runs JAX's TPU kernels (`interpret=True` keeps the
   project's own kernels, interpreted, on any platform)."""
-  return FlashAttention.capabilities_for(request) is TPU_CAPABILITIES
+  return FlashAttention.capabilities_for(request) in (TPU_CAPABILITIES,
+                                                      TPU_CACHE_CAPABILITIES)
 
 
 def _tpu_limit_reason(request) -> str | None:
-  """The TPU kernel's limits that `TPU_CAPABILITIES` cannot say."""
+  """The TPU kernels' limits that their records cannot say."""
   features, dims = request.features, request.dims
+  if request.options.get("launch") is not None:
+    return ("on TPU, mechanism 'flash' (JAX's Pallas TPU kernels) has "
+            "no Triton launches; leave launch=None (its tiles are "
+            "`block_sizes`).")
+  if "cache" in features:
+    reason = ragged_paged_tpu.unsupported_reason(
+        dims, request.dtype, causal="causal" in features,
+        window=request.window)
+    if reason is None:
+      return None
+    others = [m for m in registry.mechanisms_supporting("cache")
+              if m != "flash" and all(
+                  registry.capabilities(m).supports(f) for f in features)]
+    return (f"on TPU, mechanism 'flash' cannot serve this KV-cache call: "
+            f"{reason}; mechanisms that can: {', '.join(others)} (or flash "
+            "on GPU).")
   if {"gqa", "causal"} <= features:
     # Grouped heads are folded into the query sequence, which the causal
     # mask (a function of the row index) cannot see through.
@@ -165,8 +217,4 @@ def _tpu_limit_reason(request) -> str | None:
             "bottom-right alignment only when Sq == Sk; got Sq = "
             f"{dims.q_len}, Sk = {dims.kv_len} (mechanism 'splash' aligns "
             "it bottom-right).")
-  if request.options.get("launch") is not None:
-    return ("on TPU, mechanism 'flash' (JAX's Pallas TPU flash kernel) has "
-            "no Triton launches; leave launch=None (its tiles are "
-            "`block_sizes`).")
   return None
