@@ -5,7 +5,9 @@ from flexible_attention import mechanisms as _mechanisms  # Registers all.
 from flexible_attention.comparison.compare import ComparisonReport
 from flexible_attention.comparison.compare import ComparisonRow
 from flexible_attention.comparison.compare import compare_attentions
+from flexible_attention.core.cache import KVCache
 from flexible_attention.core.cache import PagedKVCache
+from flexible_attention.core.cache import init_cache
 from flexible_attention.core.cache import init_paged_cache
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonicalize
@@ -14,8 +16,6 @@ from flexible_attention.core.merge import merge_attention
 from flexible_attention.core.reference import reference_attention
 from flexible_attention.core.types import AttentionOutput
 from flexible_attention.core.types import BlockSizes
-from flexible_attention.core.types import KVCache
-from flexible_attention.core.types import init_cache
 from flexible_attention.kernels.flash import Launch as FlashLaunch
 from flexible_attention.kernels.flash import LaunchConfig as FlashLaunchConfig
 from flexible_attention.mechanisms.auto import select_mechanism

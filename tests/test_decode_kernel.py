@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ import pytest
 import flexible_attention as fa
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import decode
+import helpers
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
 # Compiling dominates on CPU: XLA's optimisation level 0 halves it.
@@ -39,17 +39,11 @@ BACKWARD_TILES = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
                                block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
 
-def _rng(name):
-  return np.random.default_rng(zlib.crc32(name.encode()))
-
-
 def _rel(actual, expected):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  expected = np.asarray(expected, np.float64)
+  """`helpers.relative_error` of a finite `actual`."""
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
   assert np.all(np.isfinite(actual)), "non-finite values"
-  scale = np.max(np.abs(expected), initial=0.0)
-  err = np.max(np.abs(actual - expected), initial=0.0)
-  return err / scale if scale > 0 else err
+  return helpers.relative_error(actual, expected)
 
 
 def _paged(name, *, b=4, sq=4, h=8, hkv=2, d=16, ps=4, max_pages=8,
@@ -57,7 +51,7 @@ def _paged(name, *, b=4, sq=4, h=8, hkv=2, d=16, ps=4, max_pages=8,
   """Random q, pages and a non-contiguous table: rows 0 and 2 share their
   first `shared` pages, entries past each row's pages are -1 (unassigned).
   Queries are the last `sq` tokens of each row."""
-  rng = _rng(name)
+  rng = helpers.rng_for(name)
   used = [-(-n // ps) for n in lengths]
   pool = sum(used) + 3  # A few pages nobody uses.
   ids = iter(rng.permutation(pool))
@@ -171,7 +165,7 @@ def test_non_causal_two_sided_window_matches_reference():
 def test_dense_cache_through_dense_as_pages_matches_reference():
   """A dense [B, L, Hkv, D] cache with an odd L (page size 1, 16 pages per
   block), GQA 4/2, ragged lengths, causal."""
-  rng = _rng("dense")
+  rng = helpers.rng_for("dense")
   b, length, sq, h, hkv, d = 2, 21, 3, 4, 2, 16
   keys = jnp.asarray(rng.standard_normal((b, length, hkv, d)), jnp.float32)
   values = jnp.asarray(rng.standard_normal((b, length, hkv, d)), jnp.float32)
@@ -229,7 +223,7 @@ def test_gradients_match_reference(case):
     kw = dict(causal=True, window=6, softcap=2.5)
     q_valid = None
   q, kp, vp, table, lengths, q_pos = inputs
-  rng = _rng(case + " ct")
+  rng = helpers.rng_for(case + " ct")
   ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   ct_lse = jnp.asarray(rng.standard_normal((q.shape[0], q.shape[2],
                                             q.shape[1])), jnp.float32)

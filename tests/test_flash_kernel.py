@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import zlib
 
 import haiku as hk
 import jax
@@ -34,6 +33,7 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
+import helpers
 
 # Interpreted on a GPU, float32 matmuls default to TF32 (~1e-3 relative).
 TOL = {"float32": 2e-5 if jax.default_backend() == "cpu" else 2e-3,
@@ -42,22 +42,16 @@ SMALL_BLOCKS = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
                              block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
 
-def _rng(name):
-  return np.random.default_rng(zlib.crc32(name.encode()))
-
-
 def _rel(actual, expected):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  expected = np.asarray(expected, np.float64)
+  """`helpers.relative_error` of a finite `actual`."""
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
   assert np.all(np.isfinite(actual)), "non-finite values"
-  scale = np.max(np.abs(expected), initial=0.0)
-  err = np.max(np.abs(actual - expected), initial=0.0)
-  return err / scale if scale > 0 else err
+  return helpers.relative_error(actual, expected)
 
 
 def _inputs(name, *, b=2, sq=40, sk=40, h=2, hkv=2, d=16, dv=None,
             dtype=jnp.float32, bias_shape=None):
-  rng = _rng(name)
+  rng = helpers.rng_for(name)
   arr = lambda shape, scale=1.0: jnp.asarray(
       rng.standard_normal(shape) * scale, dtype)
   q = arr((b, sq, h, d), 2.0)
@@ -113,7 +107,7 @@ def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
 
 
 def _sorted_ids(name, b, n, num):
-  rng = _rng(name)
+  rng = helpers.rng_for(name)
   return jnp.asarray(np.sort(rng.integers(0, num, (b, n)), axis=1),
                      jnp.int32)
 
@@ -163,7 +157,7 @@ def test_segment_ids():
 
 def test_segment_ids_unsorted_pair():
   # Unsorted ids: tiles are not skippable, the in-kernel mask must hold.
-  rng = _rng("segments_pair")
+  rng = helpers.rng_for("segments_pair")
   q_ids = jnp.asarray(rng.integers(0, 3, (2, 24)), jnp.int32)
   kv_ids = jnp.asarray(rng.integers(0, 3, (2, 40)), jnp.int32)
   _check("segments_pair", dict(segment_ids=(q_ids, kv_ids)), sq=24, sk=40)
@@ -177,7 +171,7 @@ def test_kv_lengths_including_zero_gives_zero_rows():
 
 
 def test_explicit_positions():
-  rng = _rng("positions")
+  rng = helpers.rng_for("positions")
   kv_pos = jnp.asarray(np.stack([rng.permutation(40) for _ in range(2)]),
                        jnp.int32)
   q_pos = jnp.asarray(rng.integers(0, 40, (2, 24)), jnp.int32)
@@ -204,7 +198,7 @@ def test_bias_and_its_gradient(bias_shape):
 
 
 def test_dense_mask():
-  rng = _rng("mask")
+  rng = helpers.rng_for("mask")
   mask = jnp.asarray(rng.random((2, 1, 40, 40)) > 0.3)
   _check("mask", dict(mask=mask))
 
@@ -341,7 +335,7 @@ def _hopper_case(name):
   kernels serve, at lengths over one 128-row tile and not multiples of it."""
   b = 2
   ids = lambda s: _sorted_ids(name, b, s, 5)
-  rng = _rng(name)
+  rng = helpers.rng_for(name)
   cases = {
       "plain": ({}, dict(sq=256, sk=384)),
       "causal_fewer_queries": (dict(causal=True), dict(sq=200, sk=328)),

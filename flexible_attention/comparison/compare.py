@@ -31,7 +31,7 @@ from flexible_attention.core.reference import reference_attention
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding.mesh import PartitionAxis
-from flexible_attention.sharding.mesh import axis_names_of
+from flexible_attention.sharding.mesh import spec_entry
 
 # Relative error (max |x - ref| / max |ref|) above which a mechanism's result
 # is reported as an error and not timed. float32 allows TF32-class matmuls.
@@ -345,8 +345,8 @@ def compare_attentions(
   cast = lambda x: jnp.asarray(x, setup.dtype)
   args = (cast(q), cast(k), cast(v))
   if mesh is not None:
-    spec = P(_spec(partition_axis.batch_axis), None,
-             _spec(partition_axis.head_axis), None)
+    spec = P(spec_entry(partition_axis.batch_axis), None,
+             spec_entry(partition_axis.head_axis), None)
     args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
   ct = jnp.asarray(ct, jnp.float32)
   rows = []
@@ -356,11 +356,6 @@ def compare_attentions(
                              time_it))
   mesh_shape = None if mesh is None else dict(mesh.shape)
   return ComparisonReport(setup, mesh_shape, rows)
-
-
-def _spec(axes):
-  names = axis_names_of(axes)
-  return None if not names else (names[0] if len(names) == 1 else names)
 
 
 def _compare_one(name, setup, args, ct, segment_ids, reference, block_sizes,

@@ -60,17 +60,17 @@ from flexible_attention.comparison.compare import TOLERANCE
 from flexible_attention.comparison.compare import format_table
 from flexible_attention.comparison.compare import format_value
 from flexible_attention.comparison.compare import relative_error
+from flexible_attention.core.cache import KVCache
 from flexible_attention.core.cache import PagedKVCache
+from flexible_attention.core.cache import allocate_pages
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.reference import reference_attention
-from flexible_attention.core.types import KVCache
 from flexible_attention.mechanisms import registry
 
 # Peak HBM bandwidth in TB/s, by a substring of `device.device_kind`.
 PEAK_HBM_TBPS = (("H200", 4.8), ("H100 80GB HBM3", 3.35), ("H100 SXM", 3.35))
 
 BASELINES = ("xla_decode",)
-PAGE_ORDERS = ("contiguous", "shuffled")
 
 
 def peak_bandwidth_tbps(device_kind: str) -> float | None:
@@ -79,29 +79,6 @@ def peak_bandwidth_tbps(device_kind: str) -> float | None:
     if name in device_kind:
       return tbps
   return None
-
-
-def allocate_pages(batch_size: int, pages_per_row: int, *,
-                   order: str = "shuffled", seed: int = 0) -> np.ndarray:
-  """A page table giving each row its own `pages_per_row` pages.
-
-  Args:
-    batch_size: B.
-    pages_per_row: pages each row gets.
-    order: `"contiguous"` (row b holds pages `b * pages_per_row + i`) or
-      `"shuffled"` (a random permutation of the pool's pages).
-    seed: the shuffle's seed.
-
-  Returns:
-    `[B, pages_per_row]` int32 page ids, all distinct, in
-    `[0, B * pages_per_row)`.
-  """
-  if order not in PAGE_ORDERS:
-    raise ValueError(f"order must be one of {PAGE_ORDERS}, got {order!r}.")
-  pages = np.arange(batch_size * pages_per_row, dtype=np.int32)
-  if order == "shuffled":
-    pages = np.random.default_rng(seed).permutation(pages)
-  return pages.reshape(batch_size, pages_per_row)
 
 
 def page_size_of(cache_kind: str) -> int | None:

@@ -42,9 +42,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexible_attention.core.types import KVCache
 
 UNASSIGNED = -1  # A page-table slot that names no page.
+PAGE_ORDERS = ("contiguous", "shuffled")  # `allocate_pages`' orders.
+
+
+class KVCache(NamedTuple):
+  """A dense key/value cache for incremental decoding (a pytree).
+
+  Attributes:
+    keys: `[B, L, Hkv, D]` where `L` is the maximum cache length.
+    values: `[B, L, Hkv, Dv]`.
+    lengths: `[B]` int32, how many slots of each row hold valid entries.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  lengths: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.keys.shape[1]
+
+
+def _check_sizes(function: str, **sizes):
+  for name, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{function}: {name} must be a positive int, got "
+                       f"{value!r}.")
+
+
+def init_cache(batch_size: int, max_length: int, num_kv_heads: int,
+               head_dim: int, dtype=jnp.float32, *,
+               value_dim: int | None = None) -> KVCache:
+  """Returns an empty `KVCache` (all lengths zero).
+
+  Args:
+    batch_size: B.
+    max_length: L, the number of slots per row.
+    num_kv_heads: Hkv.
+    head_dim: D, the key size.
+    dtype: dtype of the stored keys and values.
+    value_dim: Dv, the value size (defaults to `head_dim`).
+
+  Returns:
+    A `KVCache` with `keys [B, L, Hkv, D]`, `values [B, L, Hkv, Dv]` zeros and
+    `lengths [B]` zeros.
+  """
+  _check_sizes("init_cache", batch_size=batch_size, max_length=max_length,
+               num_kv_heads=num_kv_heads, head_dim=head_dim)
+  value_dim = head_dim if value_dim is None else value_dim
+  return KVCache(
+      keys=jnp.zeros((batch_size, max_length, num_kv_heads, head_dim), dtype),
+      values=jnp.zeros((batch_size, max_length, num_kv_heads, value_dim),
+                       dtype),
+      lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
 class PagedKVCache(NamedTuple):
@@ -99,13 +151,9 @@ def init_paged_cache(num_pages: int, page_size: int, num_kv_heads: int,
     [P, page_size, Hkv, Dv]` zeros, `page_table [B, max_pages_per_row]` all
     `UNASSIGNED` and `lengths [B]` zeros.
   """
-  for name, value in (("num_pages", num_pages), ("page_size", page_size),
-                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                      ("batch_size", batch_size),
-                      ("max_pages_per_row", max_pages_per_row)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"init_paged_cache: {name} must be a positive int, "
-                       f"got {value!r}.")
+  _check_sizes("init_paged_cache", num_pages=num_pages, page_size=page_size,
+               num_kv_heads=num_kv_heads, head_dim=head_dim,
+               batch_size=batch_size, max_pages_per_row=max_pages_per_row)
   value_dim = head_dim if value_dim is None else value_dim
   return PagedKVCache(
       key_pages=jnp.zeros((num_pages, page_size, num_kv_heads, head_dim),
@@ -115,6 +163,30 @@ def init_paged_cache(num_pages: int, page_size: int, num_kv_heads: int,
       page_table=jnp.full((batch_size, max_pages_per_row), UNASSIGNED,
                           jnp.int32),
       lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def allocate_pages(batch_size: int, pages_per_row: int, *,
+                   order: str = "shuffled", seed: int = 0) -> np.ndarray:
+  """A simple page table giving each row its own `pages_per_row` pages (for
+  tests, benchmarks and the generation job; a server allocates its own).
+
+  Args:
+    batch_size: B.
+    pages_per_row: pages each row gets.
+    order: `"contiguous"` (row b holds pages `b * pages_per_row + i`) or
+      `"shuffled"` (a random permutation of the pool's pages).
+    seed: the shuffle's seed.
+
+  Returns:
+    `[B, pages_per_row]` int32 page ids, all distinct, in
+    `[0, B * pages_per_row)`.
+  """
+  if order not in PAGE_ORDERS:
+    raise ValueError(f"order must be one of {PAGE_ORDERS}, got {order!r}.")
+  pages = np.arange(batch_size * pages_per_row, dtype=np.int32)
+  if order == "shuffled":
+    pages = np.random.default_rng(seed).permutation(pages)
+  return pages.reshape(batch_size, pages_per_row)
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Public value types: block sizes, the attention output and the KV cache."""
+"""Public value types: block sizes and the attention and kernel outputs
+(the KV caches are in `core/cache.py`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,8 @@ class AttentionOutput(NamedTuple):
     attention_outputs: `[B, Sq, H, Dv]`, in the query's dtype.
     attention_weights: `[B, H, Sq, Sk]` probabilities actually applied to the
       values (after dropout), or `None` unless `return_weights=True`.
-    cache: the updated cache (`KVCache` or `PagedKVCache`, the kind the
-      call was given) when the call was given one, else `None`.
+    cache: the updated cache (`fa.KVCache` or `fa.PagedKVCache`, the kind
+      the call was given) when the call was given one, else `None`.
     lse: `[B, H, Sq]` float32 log-sum-exp of each query's visible logits
       (-inf for a query that sees no key) when `return_lse=True`, else
       `None`; `fa.merge_attention` combines calls over disjoint keys by it.
@@ -71,54 +71,6 @@ class AttentionOutput(NamedTuple):
   attention_weights: jax.Array | None = None
   cache: Any = None
   lse: jax.Array | None = None
-
-
-class KVCache(NamedTuple):
-  """A key/value cache for incremental decoding (a pytree).
-
-  Attributes:
-    keys: `[B, L, Hkv, D]` where `L` is the maximum cache length.
-    values: `[B, L, Hkv, Dv]`.
-    lengths: `[B]` int32, how many slots of each row hold valid entries.
-  """
-
-  keys: jax.Array
-  values: jax.Array
-  lengths: jax.Array
-
-  @property
-  def max_length(self) -> int:
-    return self.keys.shape[1]
-
-
-def init_cache(batch_size: int, max_length: int, num_kv_heads: int,
-               head_dim: int, dtype=jnp.float32, *,
-               value_dim: int | None = None) -> KVCache:
-  """Returns an empty `KVCache` (all lengths zero).
-
-  Args:
-    batch_size: B.
-    max_length: L, the number of slots per row.
-    num_kv_heads: Hkv.
-    head_dim: D, the key size.
-    dtype: dtype of the stored keys and values.
-    value_dim: Dv, the value size (defaults to `head_dim`).
-
-  Returns:
-    A `KVCache` with `keys [B, L, Hkv, D]`, `values [B, L, Hkv, Dv]` zeros and
-    `lengths [B]` zeros.
-  """
-  for name, value in (("batch_size", batch_size), ("max_length", max_length),
-                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"init_cache: {name} must be a positive int, "
-                       f"got {value!r}.")
-  value_dim = head_dim if value_dim is None else value_dim
-  return KVCache(
-      keys=jnp.zeros((batch_size, max_length, num_kv_heads, head_dim), dtype),
-      values=jnp.zeros((batch_size, max_length, num_kv_heads, value_dim),
-                       dtype),
-      lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
 class KernelOutput(NamedTuple):

@@ -12,7 +12,7 @@ cache in place. It does so for each chosen mechanism and cache kind:
   through the loop; pages come from `allocate_pages` (the job is the caller
   that owns page allocation): row b gets `ceil(L / page_size)` pages,
   numbered in order (`contiguous`) or a random permutation of the pool
-  (`shuffled`) (`comparison.decode.allocate_pages`, the decode benchmark's
+  (`shuffled`) (`core.cache.allocate_pages`, the decode benchmark's
   allocator too).
 
 It reports tokens per second (compile time apart) and checks the logits
@@ -49,9 +49,9 @@ from flexible_attention.comparison.compare import format_table
 from flexible_attention.comparison.compare import format_value
 from flexible_attention.comparison.compare import relative_error
 from flexible_attention.comparison.decode import FedBack
-from flexible_attention.comparison.decode import allocate_pages
+from flexible_attention.core.cache import allocate_pages
 from flexible_attention.core.cache import init_paged_cache
-from flexible_attention.core.types import KVCache
+from flexible_attention.core.cache import KVCache
 from flexible_attention.generation.transformer import Transformer
 from flexible_attention.generation.transformer import TransformerConfig
 from flexible_attention.mechanisms import registry

@@ -70,7 +70,7 @@ from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core.types import AttentionOutput
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
-from flexible_attention.core.types import KVCache
+from flexible_attention.core.cache import KVCache
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import PartitionAxis

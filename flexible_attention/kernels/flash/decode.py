@@ -50,6 +50,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from flexible_attention.core import cache as cache_lib
 from flexible_attention.core import merge
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonical_window
@@ -271,16 +272,6 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   return out.astype(q.dtype), lse
 
 
-def _gather_dense(key_pages, value_pages, page_table):
-  """The pages of each row in token order: `[B, M * ps, Hkv, D|Dv]` (table
-  entries clamped to the pool, as the kernel reads them)."""
-  ids = jnp.clip(page_table, 0, key_pages.shape[0] - 1)  # [B, M]
-  def rows(pages):
-    x = jnp.take(pages, ids, axis=0)  # [B, M, ps, Hkv, D]
-    return x.reshape(ids.shape[0], -1, *pages.shape[2:])
-  return rows(key_pages), rows(value_pages)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _decode(cfg, q, key_pages, value_pages, page_table, kv_lengths,
             q_positions, q_valid):
@@ -302,8 +293,8 @@ def _decode_bwd(cfg, residuals, cotangents):
   dout, dlse = cotangents
   st = cfg.static
   (k, v), gather_vjp = jax.vjp(
-      lambda kp, vp: _gather_dense(kp, vp, page_table), key_pages,
-      value_pages)
+      lambda kp, vp: cache_lib.dense_view(cache_lib.PagedKVCache(
+          kp, vp, page_table, kv_lengths)), key_pages, value_pages)
   inputs = canonicalize(q, k, v, causal=st.causal, kv_lengths=kv_lengths,
                         q_positions=q_positions, sliding_window=st.window)
   call = interface.prepare(inputs, sm_scale=st.sm_scale, softcap=st.softcap,

@@ -138,9 +138,11 @@ def tile_tables(st: Static, aux, block_q: int, block_k: int):
     maybe &= kmin <= qmax
     full &= kmax <= qmin
   if st.window is not None:
-    left, right = st.window
-    maybe &= (kmax >= qmin - left) & (kmin <= qmax + right)
-    full &= (kmin >= qmax - left) & (kmax <= qmin + right)
+    # The window's ends saturate at int32's (`masks.window_bounds`).
+    lo_min, hi_min = masks.window_bounds(qmin, st.window)
+    lo_max, hi_max = masks.window_bounds(qmax, st.window)
+    maybe &= (kmax >= lo_min) & (kmin <= hi_max)
+    full &= (kmin >= lo_max) & (kmax <= hi_min)
   if st.segments:
     sqmin, sqmax = _tile_min_max(aux["q_seg"], q_all, block_q)
     skmin, skmax = _tile_min_max(aux["kv_seg"], kv_ok, block_k)
