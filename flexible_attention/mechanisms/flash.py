@@ -121,7 +121,7 @@ class FlashAttention(base.AttentionModule):
   """
 
   capabilities = registry.Capabilities(
-      platforms=("gpu", "tpu"), weights=False,
+      platforms=("gpu", "tpu"), weights=False, sinks=True,
       block_size_fields=BLOCK_FIELDS, sharded_sequence=True,
       notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU only with "
              "interpret=True; on TPU JAX's Pallas TPU kernel (its own "

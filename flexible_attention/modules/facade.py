@@ -93,6 +93,7 @@ class FlexibleAttentionModule(hk.Module):
       shard_attention_computation: bool = True,
       force_float32_tpu: bool = False,
       scan_ring_attention: bool = True,
+      sinks: bool = False,
       name: str | None = None,
       **mechanism_options: Any,
   ):
@@ -138,6 +139,8 @@ class FlexibleAttentionModule(hk.Module):
         steps; `ring` here always unrolls them (so that each step's
         transfer overlaps the previous step's compute), which computes the
         same result. Must be a bool.
+      sinks: learn one attention-sink logit per query head (an `[H]`
+        parameter `"sinks"`, zeros at init; the README's semantics).
       name: module name.
       **mechanism_options: options of the mechanism itself (e.g. `flash`'s
         `interpret=True`, `ring`'s `layout=`, `ulysses`'
@@ -151,6 +154,7 @@ class FlexibleAttentionModule(hk.Module):
                                          force_float32_tpu)
     self.scan_ring_attention = _check_bool("scan_ring_attention",
                                            scan_ring_attention)
+    self.sinks = _check_bool("sinks", sinks)
     blocks = BlockSizes(
         block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv,
         block_k_dkv=block_k_dkv, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
@@ -249,9 +253,11 @@ class FlexibleAttentionModule(hk.Module):
     attention = registry.create_attention(
         self.attn_mechanism, num_heads=self.num_attention_heads,
         head_dim=self.head_dims, name="attention", **options)
+    sinks = (hk.get_parameter("sinks", [self.num_attention_heads],
+                              init=jnp.zeros) if self.sinks else None)  # [H]
     return attention(query_states, key_states, value_states, mask=mask,
                      bias=bias, causal=causal, segment_ids=segment_ids,
-                     deterministic=deterministic,
+                     sinks=sinks, deterministic=deterministic,
                      return_weights=return_weights)
 
   @staticmethod

@@ -64,6 +64,7 @@ class MultiHeadAttention(hk.Module):
       model_size: int | None = None,
       mechanism: str = "auto",
       num_kv_heads: int | None = None,
+      sinks: bool = False,
       name: str | None = None,
       **attention_options: Any,
   ):
@@ -81,6 +82,10 @@ class MultiHeadAttention(hk.Module):
       model_size: output size (default K * H).
       mechanism: attention mechanism name (`fa.available_mechanisms()`).
       num_kv_heads: Hkv (default H).
+      sinks: learn one attention-sink logit per query head: an `[H]`
+        parameter `"sinks"` (initialised to zeros) whose `exp` joins each
+        head's softmax denominator (the README's semantics). Off, the
+        parameter tree is Haiku's.
       name: module name.
       **attention_options: options of `fa.create_attention` (`sm_scale`,
         `dropout_rate`, `logits_soft_cap`, `sliding_window`, `dtype`,
@@ -107,6 +112,9 @@ class MultiHeadAttention(hk.Module):
     self.b_init = b_init
     registry.get_mechanism(mechanism)  # Fails early on an unknown name.
     self.mechanism = mechanism
+    if not isinstance(sinks, bool):
+      raise TypeError(f"sinks must be a bool, got {sinks!r}.")
+    self.sinks = sinks
     self.attention_options = attention_options
 
   def __call__(
@@ -235,6 +243,8 @@ class MultiHeadAttention(hk.Module):
         kv_lengths=flat_rows(kv_lengths, 0, "kv_lengths"),
         q_positions=flat_rows(q_positions, 1, "q_positions"),
         kv_positions=flat_rows(kv_positions, 1, "kv_positions"),
+        sinks=(hk.get_parameter("sinks", [self.num_heads], init=jnp.zeros)
+               if self.sinks else None),  # [H]
         deterministic=deterministic).attention_outputs  # [B, T, H, V]
     attn = attn.reshape((*leading, q_len, self.num_heads * self.value_size))
     final_projection = hk.Linear(self.model_size, w_init=self.w_init,

@@ -54,6 +54,7 @@ from flexible_attention.core import cache as cache_lib
 from flexible_attention.core import merge
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonical_window
+from flexible_attention.core.inputs import check_sinks
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
@@ -214,8 +215,9 @@ class _Config:
 
 
 def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
-             q_positions, q_valid):
-  """`(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`."""
+             q_positions, q_valid, sinks):
+  """`(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`; `sinks
+  [H]` (or None) merge as one more part after the key splits."""
   st = cfg.static
   launch = st.launch
   batch, q_len, num_heads, head_dim = q.shape
@@ -269,27 +271,29 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
     out, lse = outs[0], lses[0]
   else:
     out, lse = merge.merge_stacked(outs, lses)
+  if sinks is not None:
+    out, lse = merge.merge_sinks(out.astype(jnp.float32), lse, sinks)
   return out.astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _decode(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-            q_positions, q_valid):
+            q_positions, q_valid, sinks):
   return _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                  q_positions, q_valid)
+                  q_positions, q_valid, sinks)
 
 
 def _decode_fwd(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                q_positions, q_valid):
+                q_positions, q_valid, sinks):
   out, lse = _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                      q_positions, q_valid)
+                      q_positions, q_valid, sinks)
   return (out, lse), (q, key_pages, value_pages, page_table, kv_lengths,
-                      q_positions, q_valid, out, lse)
+                      q_positions, q_valid, sinks, out, lse)
 
 
 def _decode_bwd(cfg, residuals, cotangents):
   (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
-   out, lse) = residuals
+   sinks, out, lse) = residuals
   dout, dlse = cotangents
   st = cfg.static
   (k, v), gather_vjp = jax.vjp(
@@ -304,9 +308,12 @@ def _decode_bwd(cfg, residuals, cotangents):
   # Padded query slots: no gradient (flash's kernels see them as queries).
   dout = jnp.where(q_valid[:, :, None, None], dout, jnp.zeros_like(dout))
   dlse = jnp.where(q_valid[:, None, :], dlse, 0.0)
+  # With sinks the lse counts them: dq, dk, dv unchanged (p = exp(s - lse)).
   dq, dk, dv, _ = interface.backward_pass(call, out, lse, dout, dlse)
   dkp, dvp = gather_vjp((dk, dv))
-  return dq, dkp, dvp, None, None, None, None
+  dsinks = None if sinks is None else merge.sink_gradient(
+      sinks, out, lse, dout, dlse)
+  return dq, dkp, dvp, None, None, None, None, dsinks
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
@@ -382,7 +389,8 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                      num_warps: int | None = None,
                      num_stages: int | None = None,
                      block_sizes: BlockSizes | None = None,
-                     interpret: bool = False) -> KernelOutput:
+                     interpret: bool = False,
+                     sinks=None) -> KernelOutput:
   """Attention of a few new queries per row against a paged KV cache.
 
   Query `i` of row `b` (at token index `q_positions[b, i]`) attends to the
@@ -424,11 +432,13 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     block_sizes: `fa.BlockSizes` of the flash kernels of the backward
       (as `flash_attention`'s), or None.
     interpret: run the kernel in Pallas' interpreter (CPU tests).
+    sinks: `[H]` float sink logits (semantics step 6), or None; merged
+      after the key splits as one more part (out 0, lse `sinks[h]`).
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32,
-    None)`; both differentiable with respect to q, key_pages and
-    value_pages.
+    None)`; both differentiable with respect to q, key_pages, value_pages
+    and sinks.
 
   Raises:
     ValueError / TypeError: naming the argument, for shapes, ranks and
@@ -501,8 +511,10 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
       sm_scale=sm_scale, softcap=softcap,
       precision=precision, causal=bool(causal), window=window,
       launch=launch, interpret=bool(interpret))
+  if sinks is not None:
+    sinks = check_sinks(sinks, num_heads)
   out, lse = _decode(_Config(st, block_sizes), q, key_pages, value_pages,
-                     page_table, kv_lengths, q_positions, q_valid)
+                     page_table, kv_lengths, q_positions, q_valid, sinks)
   return KernelOutput(out, lse, None)
 
 
@@ -570,4 +582,4 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
       inputs.query, key_pages, value_pages, table, vis.kv_lengths,
       vis.q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
       window=vis.window, precision=precision, block_sizes=block_sizes,
-      interpret=interpret)
+      interpret=interpret, sinks=inputs.sinks)

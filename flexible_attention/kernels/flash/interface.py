@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
+from flexible_attention.core import merge
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
@@ -48,15 +49,17 @@ def _mosaic_operands(st: Static, q, aux, bounds: str):
                                                         q.shape[1])
 
 
-def _forward(st: Static, q, k, v, bias, aux, out_dtype=None):
+def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None):
   """`out [B, Sqp, H, Dvp]` (out_dtype, default q's) and natural-log
-  `lse [B, H, Sqp]` (float32), by the forward's backend."""
+  `lse [B, H, Sqp]` (float32), by the forward's backend (Triton with
+  `sinks [H]`: `launch.choose_launch`)."""
   if st.launch.fwd_backend == "mosaic":
+    assert sinks is None, "the Mosaic forward has no sinks"
     launch_lib.check_result_dtype("out_dtype", out_dtype, st.launch, "fwd",
                                   q.dtype)
     return mosaic_fwd.forward(st, q, k, v,
                               *_mosaic_operands(st, q, aux, "bounds_fwd"))
-  return triton_fwd.forward(st, q, k, v, bias, aux, out_dtype)
+  return triton_fwd.forward(st, q, k, v, bias, aux, out_dtype, sinks)
 
 
 def _sum_to(x, shape):
@@ -103,20 +106,24 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q, k, v, bias, aux):
-  return _forward(st, q, k, v, bias, aux)
+def _flash(st, q, k, v, bias, aux, sinks):
+  return _forward(st, q, k, v, bias, aux, sinks=sinks)
 
 
-def _flash_fwd(st, q, k, v, bias, aux):
-  out, lse = _forward(st, q, k, v, bias, aux)
-  return (out, lse), (q, k, v, bias, aux, out, lse)
+def _flash_fwd(st, q, k, v, bias, aux, sinks):
+  out, lse = _forward(st, q, k, v, bias, aux, sinks=sinks)
+  return (out, lse), (q, k, v, bias, aux, sinks, out, lse)
 
 
 def _flash_bwd(st, residuals, cotangents):
-  q, k, v, bias, aux, out, lse = residuals
+  q, k, v, bias, aux, sinks, out, lse = residuals
   dout, dlse = cotangents
+  # The lse counts the sinks, so the kernels' p = exp(s - lse) and their
+  # dq, dk, dv are unchanged; dsinks in XLA (`merge.sink_gradient`).
   dq, dk, dv, dbias = _backward(st, q, k, v, bias, aux, out, lse, dout, dlse)
-  return dq, dk, dv, dbias, None
+  dsinks = None if sinks is None else merge.sink_gradient(
+      sinks, out, lse, dout, dlse)
+  return dq, dk, dv, dbias, None, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -181,7 +188,8 @@ def prepare(inputs: AttentionInputs,
       kv_len=kv_len, causal=vis.causal, bias=bias is not None,
       mask=vis.mask is not None, dropout=dropout is not None,
       precision=precision, interpret=interpret, block_sizes=block_sizes,
-      launch=launch, float32_results=float32_results)
+      launch=launch, float32_results=float32_results,
+      sinks=inputs.sinks is not None)
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad = structure.round_up(q_len, q_mult)
@@ -275,7 +283,8 @@ def flash_attention(inputs: AttentionInputs,
     inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
       D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
       and the `Visibility` (any of causal, window, segments, kv lengths,
-      positions, dense mask).
+      positions, dense mask), and `sinks [H]` or None (the Triton forward
+      folds them into each row's normalisation).
     dropout: a `Dropout` (the library's hash), or `None`.
     sm_scale: the softmax scale (positive).
     softcap: logits soft cap, or `None`.
@@ -290,12 +299,13 @@ def flash_attention(inputs: AttentionInputs,
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`; both
-    are differentiable with respect to q, k, v and bias.
+    are differentiable with respect to q, k, v, bias and sinks.
   """
   call = prepare(inputs, dropout, sm_scale=sm_scale, softcap=softcap,
                  precision=precision, block_sizes=block_sizes, launch=launch,
                  interpret=interpret)
-  out, lse = _flash(call.static, call.q, call.k, call.v, call.bias, call.aux)
+  out, lse = _flash(call.static, call.q, call.k, call.v, call.bias, call.aux,
+                    inputs.sinks)
   out = out[:, :call.q_len, :, :call.value_dim]
   lse = lse[:, :, :call.q_len]
   return KernelOutput(out, lse, None)

@@ -317,7 +317,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   dropout: bool, precision, interpret: bool,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
-                  float32_results: bool) -> LaunchConfig:
+                  float32_results: bool, sinks: bool = False) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
   kernels wherever they serve the call; Triton tiles clipped to the call.
@@ -332,6 +332,10 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     block_sizes: the user's `fa.BlockSizes`, or None.
     launch: the user's `LaunchConfig`, or None.
     float32_results: the caller wants float32 outputs and gradients.
+    sinks: the call has attention sinks, which the Triton forward folds
+      into its normalisation (the Mosaic forward has none, so such calls
+      take the Triton forward: the same function; the backward kernels,
+      Mosaic's dK/dV included, only read the log-sum-exp).
 
   Returns:
     The `LaunchConfig` the call runs with.
@@ -348,12 +352,15 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   mosaic = {"fwd": (mosaic_launch(head_dim), ("block_q", "block_k")),
             "dkv": (mosaic_dkv_launch(head_dim),
                     ("block_q_dkv", "block_k_dkv"))}
+  reasons = {"fwd": mosaic_reason or (
+      "it has no attention sinks (the Triton forward has)" if sinks
+      else None), "dkv": mosaic_reason}
   if launch is not None:
     check_launch_config(launch, block_sizes)
     for kernel, (fixed, _) in mosaic.items():
       if getattr(launch, f"{kernel}_backend") == "mosaic":
         _check_mosaic_launch(kernel, getattr(launch, kernel), fixed,
-                             head_dim, mosaic_reason)
+                             head_dim, reasons[kernel])
   else:
     capability = None if interpret else gpu.compute_capability()
     launch = launch_config(max(head_dim, value_dim), block_sizes, causal,
@@ -361,7 +368,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     for kernel, (fixed, fields) in mosaic.items():
       user_tiles = block_sizes is not None and any(
           getattr(block_sizes, field) is not None for field in fields)
-      if _mosaic_by_default(capability, mosaic_reason, user_tiles, q_len,
+      if _mosaic_by_default(capability, reasons[kernel], user_tiles, q_len,
                             kv_len, fixed):
         launch = dataclasses.replace(
             launch, **{kernel: fixed, f"{kernel}_backend": "mosaic"})

@@ -2,7 +2,9 @@
 
 Grid `(Sq / bq, B, H)`: one query tile against the key tiles it can see,
 with an online softmax (FlashAttention-2); writes the output and the float32
-log-sum-exp, the only residuals besides q, k and v. See `triton_common` for
+log-sum-exp, the only residuals besides q, k and v. Attention sinks join
+each row's final normalisation (one more key: logit `sinks[h]`, value 0),
+so the log-sum-exp counts them and the backward kernels need no change. See `triton_common` for
 what the Triton kernels share.
 
 Glossary of shapes: as `triton_common`'s.
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 
 from flexible_attention.core.reference import MASK_VALUE
 from flexible_attention.kernels.flash.structure import LN2
+from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.triton_common import dot
 from flexible_attention.kernels.flash.triton_common import exp2
@@ -69,6 +72,13 @@ def _forward_kernel(*refs, names, st: Static, num_q_blocks: int):
           jnp.full((bq,), MASK_VALUE, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   acc, m, l = loops(r["bounds"], i, body, init)
+  if "sink" in r:  # The sink's logit, in base 2 like `m`.
+    sink = r["sink"][...]  # [bq]
+    m_new = jnp.maximum(m, sink)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * alpha[:, None]
+    l = l * alpha + jnp.exp2(sink - m_new)
+    m = m_new
   nonempty = l > 0.0
   safe_l = jnp.where(nonempty, l, 1.0)
   r["out"][...] = (acc / safe_l[:, None]).astype(r["out"].dtype)
@@ -76,7 +86,7 @@ def _forward_kernel(*refs, names, st: Static, num_q_blocks: int):
 
 
 
-def forward(st: Static, q, k, v, bias, aux, out_dtype=None):
+def forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None):
   """The forward on padded operands.
 
   Args:
@@ -88,16 +98,22 @@ def forward(st: Static, q, k, v, bias, aux, out_dtype=None):
     aux: the structure vectors, dense mask, seed and `bounds_fwd`
       (`structure.structure_vectors`, `structure.tile_bounds`).
     out_dtype: the output's dtype (default q's).
+    sinks: `[H]` float32 sink logits, or None.
 
   Returns:
     `(out [B, Sqp, H, Dvp], lse [B, H, Sqp] float32)`: natural log, -inf
-    (and out 0) for rows that see no key.
+    (and out 0) for rows that see no key (with sinks: the sink's logit).
   """
   batch, q_len, num_heads, _ = q.shape
   dv_pad = v.shape[-1]
   bq = st.launch.fwd.block_q
   nq = q_len // bq
   call, qi = query_grid_call(st, q, k, v, bias, aux, bq, "bounds_fwd")
+  if sinks is not None:
+    # Per head, broadcast over the rows (a tile-shaped load), in base 2.
+    rows = jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None],
+                            (num_heads, q_len))
+    call.input("sink", rows, (None, bq), lambda i, b, h: (h, qi(i)))
   call.output("out", (batch, q_len, num_heads, dv_pad), out_dtype or q.dtype,
               (None, bq, None, dv_pad), lambda i, b, h: (b, qi(i), h, 0))
   call.output("lse", (batch, num_heads, q_len), jnp.float32,

@@ -1,0 +1,304 @@
+"""Learnable attention sinks (semantics step 6): forward and backward.
+
+Every mechanism that declares the `sinks` capability and runs on CPU
+(`flash` in Pallas' interpreter) is checked against the float32 reference
+with sinks (`core/reference.py`): outputs, log-sum-exps and the gradients of
+q, k, v and the sinks, on a causal grouped-query call whose second batch row
+sees no key (it must give zeros, with lse = the sink's logit), on one device
+and on meshes of 8 CPU devices (ring, ulysses); `flash`'s decode kernel
+through a cache call; `merge_attention` with the sink counted once; and the
+misuse errors. Tolerance: 2e-5 relative to the largest reference entry
+(float32; everything here is float32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.core import inputs as inputs_lib
+from flexible_attention.core import reference
+from flexible_attention.kernels.flash import decode as decode_lib
+from flexible_attention.mechanisms import registry
+import helpers
+
+B, S, H, HKV, D = 2, 16, 4, 2, 16  # D = 16: the decode kernel's least.
+TOL = 2e-5
+# The CPU mechanisms with sinks and the options they need here.
+MECHANISMS = {
+    "vanilla": {}, "blockwise": {"block_sizes": fa.BlockSizes(4, 8)},
+    "flash": {"interpret": True}, "ring": {}, "ulysses": {},
+}
+# Row 1 sees no key at all (kv_lengths 0): zeros, lse = the sink.
+KV_LENGTHS = jnp.asarray([S - 3, 0], jnp.int32)
+
+
+def _rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  # Sinks around the logits' size, so p_sink is neither ~0 nor ~1.
+  return arr(B, S, H, D) * 2, arr(B, S, HKV, D), arr(B, S, HKV, D), arr(H)
+
+
+def _loss(out, lse):
+  """A loss that reaches both outputs (so dlse is exercised), with lse
+  finite on every row once sinks count."""
+  return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(lse))
+
+
+def _value_and_grads(f, *args):
+  """`(out, lse, (dq, dk, dv, dsinks))` of `f(q, k, v, sinks) -> (out,
+  lse)` in one compiled function (opt level 0 on CPU: `helpers.jit`)."""
+
+  def loss(*a):
+    out, lse = f(*a)
+    return _loss(out, lse), (out, lse)
+
+  (_, (out, lse)), grads = helpers.jit(
+      jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+  return out, lse, grads
+
+
+def _reference_fn(q, k, v, sinks):
+  record = inputs_lib.canonicalize(q, k, v, causal=True,
+                                   kv_lengths=KV_LENGTHS, sinks=sinks)
+  result = reference.reference_attention(
+      record.query, record.key, record.value, None, record.visibility,
+      sm_scale=D**-0.5, sinks=record.sinks)
+  return result.out, result.lse
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(seed=0):
+  """`(out, lse, (dq, dk, dv, dsinks))` of the float32 reference on
+  `_inputs(seed)` (computed once)."""
+  return _value_and_grads(_reference_fn, *_inputs(seed))
+
+
+def _module_fn(mechanism, **options):
+  def f(q, k, v, sinks):
+    attn = fa.create_attention(mechanism, num_heads=H, head_dim=D,
+                               num_kv_heads=HKV, **options)
+    result = attn(q, k, v, causal=True, kv_lengths=KV_LENGTHS, sinks=sinks,
+                  return_lse=True)
+    return result.attention_outputs, result.lse
+  return hk.without_apply_rng(hk.transform(f)).apply
+
+
+def _check(mechanism, apply):
+  q, k, v, sinks = _inputs()
+  want_out, want_lse, want_grads = _reference()
+  out, lse, grads = _value_and_grads(lambda *a: apply({}, *a), q, k, v,
+                                     sinks)
+  assert _rel(out, want_out) < TOL, mechanism
+  assert _rel(lse, want_lse) < TOL, mechanism
+  # The row that sees no key: zeros, and lse is the sink's logit.
+  np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
+  np.testing.assert_allclose(np.asarray(lse[1]),
+                             np.broadcast_to(np.asarray(sinks)[:, None],
+                                             (H, S)), rtol=1e-6)
+  for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads,
+                             want_grads):
+    assert _rel(got, want) < TOL, (mechanism, name, _rel(got, want))
+
+
+def test_reference_matches_the_written_formula():
+  """The oracle itself: the sink is a key with logit sinks[h], value 0."""
+  q, k, v, sinks = _inputs(1)
+  out, lse = jax.jit(_reference_fn)(q, k, v, sinks)
+  want, want_lse = jax.jit(_written_formula)(q, k, v, sinks)
+  assert _rel(out, want) < TOL and _rel(lse, want_lse) < TOL
+
+
+def _written_formula(q, k, v, sinks):
+  kk, vv = (jnp.repeat(x, H // HKV, axis=2) for x in (k, v))
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kk,
+                 precision="highest") * D**-0.5
+  visible = (jnp.tril(jnp.ones((S, S), bool))[None, None] &
+             (jnp.arange(S) < KV_LENGTHS[:, None])[:, None, None, :])
+  s = jnp.where(visible, s, -jnp.inf)
+  with_sink = jnp.concatenate(
+      [s, jnp.broadcast_to(sinks[None, :, None, None], (B, H, S, 1))], -1)
+  want_lse = jax.nn.logsumexp(with_sink, axis=-1)
+  want = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - want_lse[..., None]), vv,
+                    precision="highest")
+  return want, want_lse
+
+
+@pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
+def test_sinks_match_the_reference(mechanism):
+  """Outputs, lse and dq/dk/dv/dsinks of a causal GQA call with a row that
+  sees no key (zeros; lse = the sink)."""
+  assert fa.capabilities(mechanism).sinks
+  _check(mechanism, _module_fn(mechanism, **MECHANISMS[mechanism]))
+
+
+@pytest.mark.parametrize("mechanism,dims", [
+    ("ring", (2, 1, 1, 4)),  # dp = 2, sp = 4.
+    ("ring", (1, 1, 2, 4)),  # tp = 2 shards the sinks with the heads.
+    ("ulysses", (1, 2, 2, 2)),
+])
+def test_sinks_on_a_mesh(mechanism, dims):
+  """Sharded over a mesh of 8 CPU devices (the sinks over the head axis;
+  their gradient summed over the batch and sequence shards)."""
+  mesh = fa.make_mesh(axis_dims=dims, axis_names=("dp", "fsdp", "tp", "sp"))
+  _check(f"{mechanism}{dims}", _module_fn(mechanism, mesh=mesh))
+
+
+def test_flash_decode_kernel_takes_sinks(monkeypatch):
+  """A cache call on flash runs its decode kernel (which merges the sink
+  after its key splits); equal to the reference without a cache."""
+  served = []
+  kernel = decode_lib.decode_attention
+  monkeypatch.setattr(decode_lib, "decode_attention",
+                      lambda *a, **kw: served.append(1) or kernel(*a, **kw))
+  q, k, v, sinks = _inputs(2)
+  new = 3
+
+  def f(cache, q, k, v, sinks):
+    attn = fa.create_attention("flash", num_heads=H, head_dim=D,
+                               num_kv_heads=HKV, interpret=True)
+    result = attn(q, k, v, cache=cache, causal=True, sinks=sinks,
+                  return_lse=True)
+    return result.attention_outputs, result.lse
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  cache = fa.init_cache(B, S, HKV, D)
+  cache = cache._replace(keys=cache.keys.at[:, :S - new].set(k[:, :S - new]),
+                         values=cache.values.at[:, :S - new].set(
+                             v[:, :S - new]),
+                         lengths=jnp.full((B,), S - new, jnp.int32))
+  qn, kn, vn = q[:, -new:], k[:, -new:], v[:, -new:]
+  out, lse, grads = _value_and_grads(
+      lambda qn, kn, vn, sinks: apply({}, cache, qn, kn, vn, sinks), qn, kn,
+      vn, sinks)
+
+  def ref(qn, kn, vn, sinks):
+    del kn, vn  # Already in k and v (the reference has no cache).
+    rec = inputs_lib.canonicalize(qn, k, v, causal=True, sinks=sinks)
+    res = reference.reference_attention(
+        rec.query, rec.key, rec.value, None, rec.visibility,
+        sm_scale=D**-0.5, sinks=rec.sinks)
+    return res.out, res.lse
+
+  want_out, want_lse, want_grads = _value_and_grads(ref, qn, kn, vn, sinks)
+  assert served, "the decode kernel did not serve the cache call"
+  assert _rel(out, want_out) < TOL and _rel(lse, want_lse) < TOL
+  for i in (0, 3):  # dq and dsinks (the new keys' gradients: other tests).
+    assert _rel(grads[i], want_grads[i]) < TOL
+
+
+def test_merge_attention_counts_the_sink_once():
+  """A call with sinks over the first keys merged with a call without
+  sinks over the rest equals one call with sinks over all of them."""
+  q, k, v, sinks = _inputs(3)
+
+  def f(q, k, v, sinks, lengths):
+    attn = fa.create_attention("vanilla", num_heads=H, head_dim=D,
+                               num_kv_heads=HKV)
+    result = attn(q, k, v, kv_lengths=lengths, sinks=sinks, return_lse=True)
+    return result.attention_outputs, result.lse
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  half = S // 2
+  lengths = jnp.full((B,), half, jnp.int32)
+
+  @jax.jit
+  def parts_and_whole(q, k, v, sinks):
+    first = apply({}, q, k[:, :half], v[:, :half], sinks, lengths)
+    second = apply({}, q, k[:, half:], v[:, half:], None, lengths)
+    whole = apply({}, q, k, v, sinks, lengths * 2)
+    return fa.merge_attention((first[0], second[0]),
+                              (first[1], second[1])), whole
+
+  (out, lse), whole = parts_and_whole(q, k, v, sinks)
+  assert _rel(out, whole[0]) < TOL and _rel(lse, whole[1]) < TOL
+
+
+def test_sinks_of_the_wrong_shape_or_dtype_raise():
+  q, k, v, sinks = _inputs()
+  apply = _module_fn("vanilla")
+  with pytest.raises(ValueError, match=r"sinks must have shape \[H\] = \(4,\)"):
+    apply({}, q, k, v, sinks[:3])
+  with pytest.raises(ValueError, match=r"sinks must have shape"):
+    apply({}, q, k, v, sinks[None])
+  with pytest.raises(TypeError, match="sinks must be a floating array"):
+    apply({}, q, k, v, jnp.zeros((H,), jnp.int32))
+  with pytest.raises(TypeError, match="sinks must be a float array"):
+    apply({}, q, k, v, [0.0] * H)
+
+
+@pytest.mark.parametrize("mechanism", ["cudnn", "splash"])
+def test_mechanisms_without_sinks_refuse_them(mechanism):
+  """The refusal names the feature and the mechanisms that have it."""
+  caps = fa.capabilities(mechanism)
+  assert not caps.sinks
+  request = registry.AttentionRequest(
+      dims=inputs_lib.AttentionDims(B, S, S, H, H, 64, 64), dtype="bfloat16",
+      platform=caps.platforms[0], features=frozenset({"sinks"}))
+  reason = registry.unsupported_reason(mechanism, request)
+  assert reason is not None and "'sinks'" in reason and "vanilla" in reason
+
+
+def test_auto_picks_a_mechanism_with_sinks():
+  q, k, v, sinks = _inputs()
+
+  def f(q, k, v, sinks):
+    attn = fa.create_attention("auto", num_heads=H, head_dim=D,
+                               num_kv_heads=HKV)
+    out = attn(q, k, v, causal=True, sinks=sinks).attention_outputs
+    return out, attn.selected_mechanism
+
+  out, chosen = hk.without_apply_rng(hk.transform(f)).apply({}, q, k, v,
+                                                          sinks)
+  assert fa.capabilities(chosen).sinks
+
+
+def test_modules_learn_sinks():
+  """`fa.MultiHeadAttention(..., sinks=True)` and the facade own an `[H]`
+  parameter "sinks" (zeros at init) that reaches the attention and gets a
+  gradient; without it the parameter trees are unchanged."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(B, S, 8)), jnp.float32)
+  q, k, v, _ = _inputs(4)
+
+  def mha(x, sinks):
+    return fa.MultiHeadAttention(H, D, w_init=hk.initializers.VarianceScaling(
+        1.0), mechanism="vanilla", sinks=sinks)(x, x, x)
+
+  def facade(q, k, v, sinks):
+    return fa.FlexibleAttentionModule(
+        num_attention_heads=H, head_dims=D, num_key_value_heads=HKV,
+        attn_mechanism="blockwise", sinks=sinks)(
+            q, k, v, causal=True).attention_outputs
+
+  for fn, args in ((mha, (x,)), (facade, (q, k, v))):
+    with_sinks = hk.without_apply_rng(hk.transform(
+        lambda *a, fn=fn: fn(*a, True)))
+    params = with_sinks.init(jax.random.PRNGKey(0), *args)
+    plain = hk.without_apply_rng(hk.transform(
+        lambda *a, fn=fn: fn(*a, False))).init(jax.random.PRNGKey(0), *args)
+    sink_params = [(m, n) for m, ps in params.items() for n in ps
+                   if n == "sinks"]
+    assert len(sink_params) == 1 and all(
+        n != "sinks" for ps in plain.values() for n in ps)
+    module = sink_params[0][0]
+    np.testing.assert_array_equal(params[module]["sinks"], np.zeros(H))
+    grads = jax.grad(lambda p: jnp.sum(with_sinks.apply(p, *args)**2))(params)
+    assert np.all(np.asarray(grads[module]["sinks"]) != 0)
+    # A large sink takes nearly all the attention: the output shrinks.
+    big = {m: dict(ps) for m, ps in params.items()}
+    big[module]["sinks"] = jnp.full((H,), 30.0)
+    assert (np.abs(with_sinks.apply(big, *args)).max() <
+            1e-3 * np.abs(with_sinks.apply(params, *args)).max() + 1e-3)
