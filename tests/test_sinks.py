@@ -13,6 +13,7 @@ misuse errors. Tolerance: 2e-5 relative to the largest reference entry
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import haiku as hk
@@ -24,6 +25,8 @@ import pytest
 import flexible_attention as fa
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
+from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import decode as decode_lib
 from flexible_attention.mechanisms import registry
 import helpers
@@ -214,7 +217,7 @@ def test_merge_attention_counts_the_sink_once():
   half = S // 2
   lengths = jnp.full((B,), half, jnp.int32)
 
-  @jax.jit
+  @helpers.jit
   def parts_and_whole(q, k, v, sinks):
     first = apply({}, q, k[:, :half], v[:, :half], sinks, lengths)
     second = apply({}, q, k[:, half:], v[:, half:], None, lengths)
@@ -286,19 +289,43 @@ def test_modules_learn_sinks():
   for fn, args in ((mha, (x,)), (facade, (q, k, v))):
     with_sinks = hk.without_apply_rng(hk.transform(
         lambda *a, fn=fn: fn(*a, True)))
-    params = with_sinks.init(jax.random.PRNGKey(0), *args)
-    plain = hk.without_apply_rng(hk.transform(
-        lambda *a, fn=fn: fn(*a, False))).init(jax.random.PRNGKey(0), *args)
+    key = jax.random.PRNGKey(0)
+    params = helpers.jit(with_sinks.init)(key, *args)
+    plain = jax.eval_shape(hk.without_apply_rng(hk.transform(
+        lambda *a, fn=fn: fn(*a, False))).init, key, *args)
     sink_params = [(m, n) for m, ps in params.items() for n in ps
                    if n == "sinks"]
     assert len(sink_params) == 1 and all(
         n != "sinks" for ps in plain.values() for n in ps)
     module = sink_params[0][0]
     np.testing.assert_array_equal(params[module]["sinks"], np.zeros(H))
-    grads = jax.grad(lambda p: jnp.sum(with_sinks.apply(p, *args)**2))(params)
+
+    @helpers.jit
+    def grads_and_big(params, args=args, module=module):
+      grads = jax.grad(lambda p: jnp.sum(with_sinks.apply(p, *args)**2))(
+          params)
+      # A large sink takes nearly all the attention: the output shrinks.
+      big = {m: dict(ps) for m, ps in params.items()}
+      big[module]["sinks"] = jnp.full((H,), 30.0)
+      return grads, with_sinks.apply(big, *args), with_sinks.apply(params,
+                                                                  *args)
+
+    grads, big_out, out = grads_and_big(params)
     assert np.all(np.asarray(grads[module]["sinks"]) != 0)
-    # A large sink takes nearly all the attention: the output shrinks.
-    big = {m: dict(ps) for m, ps in params.items()}
-    big[module]["sinks"] = jnp.full((H,), 30.0)
-    assert (np.abs(with_sinks.apply(big, *args)).max() <
-            1e-3 * np.abs(with_sinks.apply(params, *args)).max() + 1e-3)
+    assert np.abs(big_out).max() < 1e-3 * np.abs(out).max() + 1e-3
+
+
+def test_calls_with_sinks_take_the_triton_forward_on_hopper(monkeypatch):
+  """The Mosaic GPU forward has no sinks: by default such calls take the
+  Triton forward (the same function) and keep Mosaic's dK/dV (which reads
+  only the lse); asking for the Mosaic forward says why it cannot."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  record = inputs_lib.canonicalize(q, q, q, sinks=jnp.zeros((2,)))
+  launch = flash_kernel.prepare(record, sm_scale=0.1).static.launch
+  assert (launch.fwd_backend, launch.dkv_backend) == ("triton", "mosaic")
+  plain = flash_kernel.prepare(dataclasses.replace(record, sinks=None),
+                               sm_scale=0.1).static.launch
+  assert plain.fwd_backend == "mosaic"
+  with pytest.raises(ValueError, match="no attention sinks"):
+    flash_kernel.prepare(record, sm_scale=0.1, launch=plain)

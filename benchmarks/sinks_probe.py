@@ -1,0 +1,161 @@
+"""Sinks on a GPU: flash's compiled kernels against the float32 reference,
+and the cost of sinks in flash's forward+backward (issue 16).
+
+Prints one JSON line per check. Run on a GPU machine:
+  python3 benchmarks/sinks_probe.py
+Off a GPU the kernels run in Pallas' interpreter (`--smoke`: small shapes, no
+timing), which checks the script, not the compiled kernels. Not yet run on
+a GPU (the session that wrote it had no device time left).
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention.core import inputs as inputs_lib
+from flexible_attention.core import reference
+from flexible_attention.kernels.flash import launch as launch_lib
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def _rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _fn(mechanism, h, hkv, d, kv_lengths, **options):
+  def f(q, k, v, sinks):
+    attn = fa.create_attention(mechanism, num_heads=h, head_dim=d,
+                               num_kv_heads=hkv, interpret=INTERPRET,
+                               **options)
+    r = attn(q, k, v, causal=True, kv_lengths=kv_lengths, sinks=sinks,
+             return_lse=True)
+    return r.attention_outputs, r.lse
+  return hk.without_apply_rng(hk.transform(f)).apply
+
+
+def _ref(h, hkv, d, kv_lengths):
+  def f(q, k, v, sinks):
+    rec = inputs_lib.canonicalize(q, k, v, causal=True, kv_lengths=kv_lengths,
+                                  sinks=sinks)
+    r = reference.reference_attention(rec.query, rec.key, rec.value, None,
+                                      rec.visibility, sm_scale=d**-0.5,
+                                      sinks=rec.sinks)
+    return r.out, r.lse
+  return f
+
+
+def _vg(f, *args):
+  def loss(*a):
+    out, lse = f(*a)
+    out32 = out.astype(jnp.float32)
+    return jnp.sum(out32 * jnp.cos(out32)) + jnp.sum(jnp.sin(lse)), (out, lse)
+  (_, (out, lse)), grads = jax.jit(jax.value_and_grad(
+      loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+  return out, lse, grads
+
+
+def check(dtype, b=2, s=512, h=8, hkv=2, d=128):
+  rng = np.random.default_rng(0)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, k, v, sinks = arr(b, s, h, d), arr(b, s, hkv, d), arr(b, s, hkv, d), arr(h)
+  kvl = jnp.asarray([s - s // 8 - 1] + [0] * (b - 1), jnp.int32)
+  want = _vg(_ref(h, hkv, d, kvl), q, k, v, sinks)
+  cast = lambda x: x.astype(dtype)
+  got = _vg(lambda q, k, v, sk: _fn("flash", h, hkv, d, kvl)({}, q, k, v, sk),
+            cast(q), cast(k), cast(v), sinks)
+  launch = launch_lib.choose_launch(
+      dtype=dtype, head_dim=d, value_dim=d, q_len=s, kv_len=s, causal=True,
+      bias=False, mask=False, dropout=False, precision=None,
+      interpret=INTERPRET,
+      block_sizes=None, launch=None, float32_results=False, sinks=True)
+  row = {"check": "flash", "dtype": jnp.dtype(dtype).name,
+         "fwd_backend": launch.fwd_backend,
+         "dkv_backend": launch.dkv_backend,
+         "out": _rel(got[0], want[0]), "lse": _rel(got[1], want[1]),
+         "empty_row_out_max": float(jnp.max(jnp.abs(
+             got[0][1].astype(jnp.float32)))),
+         "empty_row_lse_err": float(jnp.max(jnp.abs(got[1][1] -
+                                                    sinks[:, None])))}
+  for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got[2], want[2]):
+    row[name] = _rel(g.astype(jnp.float32), w)
+  print(json.dumps(row), flush=True)
+
+
+def check_decode(dtype, b=2, length=256, new=2, h=8, hkv=2, d=128):
+  rng = np.random.default_rng(1)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, k, v, sinks = (arr(b, new, h, d), arr(b, length, hkv, d),
+                    arr(b, length, hkv, d), arr(h))
+  cache = fa.init_cache(b, length, hkv, d, dtype)
+  old = length - new
+  cache = cache._replace(
+      keys=cache.keys.at[:, :old].set(k[:, :old].astype(dtype)),
+      values=cache.values.at[:, :old].set(v[:, :old].astype(dtype)),
+      lengths=jnp.full((b,), old, jnp.int32))
+
+  def f(q, kn, vn, sinks):
+    attn = fa.create_attention("flash", num_heads=h, head_dim=d,
+                               num_kv_heads=hkv, interpret=INTERPRET)
+    r = attn(q, kn, vn, cache=cache, causal=True, sinks=sinks,
+             return_lse=True)
+    return r.attention_outputs, r.lse
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  got = _vg(lambda *a: apply({}, *a), q.astype(dtype),
+            k[:, old:].astype(dtype), v[:, old:].astype(dtype), sinks)
+  full = jnp.full((b,), length, jnp.int32)
+  want = _vg(lambda q, kn, vn, sk: _ref(h, hkv, d, full)(
+      q, k.at[:, old:].set(kn), v.at[:, old:].set(vn), sk), q, k[:, old:],
+             v[:, old:], sinks)
+  row = {"check": "flash_decode", "dtype": jnp.dtype(dtype).name,
+         "out": _rel(got[0], want[0]), "lse": _rel(got[1], want[1]),
+         "dq": _rel(got[2][0].astype(jnp.float32), want[2][0]),
+         "dsinks": _rel(got[2][3], want[2][3])}
+  print(json.dumps(row), flush=True)
+
+
+def timing(b=1, s=4096, h=32, hkv=8, d=128, runs=20):
+  rng = np.random.default_rng(2)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  q, k, v = arr(b, s, h, d), arr(b, s, hkv, d), arr(b, s, hkv, d)
+  sinks = jnp.zeros((h,), jnp.float32)
+  rows = {}
+  for name, sk in (("off", None), ("on", sinks)):
+    def f(q, k, v, sk=sk):
+      attn = fa.create_attention("flash", num_heads=h, head_dim=d,
+                                 num_kv_heads=hkv)
+      return attn(q, k, v, causal=True, sinks=sk).attention_outputs
+    apply = hk.without_apply_rng(hk.transform(f)).apply
+    step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+        apply({}, q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    jax.block_until_ready(step(q, k, v))
+    times = []
+    for _ in range(runs):
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(q, k, v))
+      times.append(time.perf_counter() - t0)
+    rows[name] = statistics.median(times) * 1e3
+  print(json.dumps({"check": "timing_fwd_bwd_ms", "B": b, "S": s, "H": h,
+                    "Hkv": hkv, "D": d, **rows,
+                    "overhead": rows["on"] / rows["off"] - 1}), flush=True)
+
+
+if __name__ == "__main__":
+  print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__}))
+  if "--smoke" in sys.argv:
+    check(jnp.float32, s=32, h=4, d=16)
+    check_decode(jnp.float32, length=32, h=4, d=16)
+  else:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      check(dtype)
+    check_decode(jnp.bfloat16)
+    timing()
