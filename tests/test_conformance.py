@@ -125,7 +125,7 @@ EXPECTED_REFUSALS = {
     # float16; CPU only in interpret mode (EXTRA_OPTIONS).
     "splash": frozenset({
         "cpu", "gpu", "float16", "positions", "mask", "bias", "dropout",
-        "weights", "lse", "cache", "sharded_sequence", "sinks"}),
+        "weights", "lse", "cache", "sharded_sequence"}),
     # `auto` picks among its candidates, never one that refuses.
     "auto": frozenset(),
 }

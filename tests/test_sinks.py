@@ -1,13 +1,14 @@
 """Learnable attention sinks (semantics step 6): forward and backward.
 
 Every mechanism that declares the `sinks` capability and runs on CPU
-(`flash` in Pallas' interpreter) is checked against the float32 reference
-with sinks (`core/reference.py`): outputs, log-sum-exps and the gradients of
-q, k, v and the sinks, on a causal grouped-query call whose second batch row
-sees no key (it must give zeros, with lse = the sink's logit), on one device
-and on meshes of 8 CPU devices (ring, ulysses); `flash`'s decode kernel
-through a cache call; `merge_attention` with the sink counted once; and the
-misuse errors. Tolerance: 2e-5 relative to the largest reference entry
+(`flash` in Pallas' interpreter, `splash` in its TPU interpreter) is checked
+against the float32 reference with sinks (`core/reference.py`): outputs,
+log-sum-exps (splash has none) and the gradients of q, k, v and the sinks,
+on a causal grouped-query call whose second batch row sees no key (it must
+give zeros, with lse = the sink's logit), on one device and on meshes of 8
+CPU devices (ring, ulysses); `flash`'s decode kernel through a cache call;
+`merge_attention` with the sink counted once; the modules' parameter; the
+launch policy on Hopper; and the misuse errors. Tolerance: 2e-5 relative to the largest reference entry
 (float32; everything here is float32).
 """
 
@@ -148,8 +149,9 @@ def test_sinks_match_the_reference(mechanism):
 
 
 @pytest.mark.parametrize("mechanism,dims", [
-    ("ring", (2, 1, 1, 4)),  # dp = 2, sp = 4.
-    ("ring", (1, 1, 2, 4)),  # tp = 2 shards the sinks with the heads.
+    # tp = 2 shards the sinks with the heads; dp / fsdp and sp shard the
+    # rows whose shares of dsinks shard_map sums.
+    ("ring", (2, 1, 2, 2)),
     ("ulysses", (1, 2, 2, 2)),
 ])
 def test_sinks_on_a_mesh(mechanism, dims):
@@ -242,16 +244,42 @@ def test_sinks_of_the_wrong_shape_or_dtype_raise():
     apply({}, q, k, v, [0.0] * H)
 
 
-@pytest.mark.parametrize("mechanism", ["cudnn", "splash"])
-def test_mechanisms_without_sinks_refuse_them(mechanism):
-  """The refusal names the feature and the mechanisms that have it."""
-  caps = fa.capabilities(mechanism)
-  assert not caps.sinks
+@pytest.mark.parametrize("mechanism,platform", [("cudnn", "gpu"),
+                                                ("flash", "tpu")])
+def test_mechanisms_without_sinks_refuse_them(mechanism, platform):
+  """cuDNN and flash's TPU kernel refuse sinks, naming the feature and the
+  mechanisms that have it."""
+  assert not fa.capabilities(mechanism, platform).sinks
   request = registry.AttentionRequest(
       dims=inputs_lib.AttentionDims(B, S, S, H, H, 64, 64), dtype="bfloat16",
-      platform=caps.platforms[0], features=frozenset({"sinks"}))
+      platform=platform, features=frozenset({"sinks"}))
   reason = registry.unsupported_reason(mechanism, request)
   assert reason is not None and "'sinks'" in reason and "vanilla" in reason
+
+
+def test_splash_native_sinks():
+  """splash (in Pallas' TPU interpreter) runs the call's sinks through its
+  own: output and dq/dk/dv/dsinks match the reference (splash returns no
+  lse, so the loss reads the output only)."""
+  q, k, v, sinks = _inputs()
+
+  def f(q, k, v, sinks):
+    attn = fa.create_attention("splash", num_heads=H, head_dim=D,
+                               num_kv_heads=HKV, interpret=True)
+    out = attn(q, k, v, causal=True, kv_lengths=KV_LENGTHS,
+               sinks=sinks).attention_outputs
+    return out, jnp.zeros((B, H, S))  # No lse: a constant for `_loss`.
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  out, _, grads = _value_and_grads(lambda *a: apply({}, *a), q, k, v, sinks)
+  want_out, _, want_grads = _value_and_grads(
+      lambda *a: (_reference_fn(*a)[0], jnp.zeros((B, H, S))), q, k, v,
+      sinks)
+  assert _rel(out, want_out) < TOL
+  np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
+  for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads,
+                             want_grads):
+    assert _rel(got, want) < TOL, (name, _rel(got, want))
 
 
 def test_auto_picks_a_mechanism_with_sinks():

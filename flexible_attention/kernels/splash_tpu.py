@@ -26,7 +26,11 @@ logit soft cap, grouped-query heads (`make_splash_mha` with fewer KV heads;
   exactly invisible (`exp` underflows to 0) next to any real logit, above
   every masked one, and its value is zero, so a row with no visible key
   comes out as 0 -- in the forward pass and in the gradients -- as the
-  semantics say.
+  semantics say;
+- the call's attention sinks (semantics step 6) are splash's own: passed
+  in place of that sink logit (raised to it at least, which no real sink
+  logit is below), they give the semantics' denominator and an empty row
+  still comes out as 0; splash's backward gives their gradient.
 
 The kernels need tiles that are multiples of 128 along both sequences;
 head sizes are passed as they are (splash's own tests use 128 and 256).
@@ -144,7 +148,8 @@ def splash_attention(inputs: AttentionInputs, dropout=None, *,
   Args:
     inputs: the canonical record; its visibility may use causal, a window,
       segment ids and kv lengths (default positions); no bias or dense mask
-      (`mechanisms/splash.py` refuses them before this is called).
+      (`mechanisms/splash.py` refuses them before this is called); its
+      `sinks [H]`, if any, differentiable.
     dropout: must be `None`.
     sm_scale: the softmax scale.
     softcap: `c` of `c * tanh(s / c)`, or `None`.
@@ -185,6 +190,8 @@ def splash_attention(inputs: AttentionInputs, dropout=None, *,
                                     mask_padded_keys=not vis.causal)
   segment_ids = None if ids is None else splash_kernel.SegmentIds(*ids)
   sinks = jnp.full((dims.num_heads,), SINK_VALUE, jnp.float32)
+  if inputs.sinks is not None:  # [H] logits: splash's own sinks.
+    sinks = jnp.maximum(inputs.sinks.astype(jnp.float32), sinks)
 
   def one_row(q, k, v, segment_ids):
     return kernel(q, k, v, segment_ids=segment_ids, sinks=sinks)

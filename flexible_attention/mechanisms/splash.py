@@ -34,7 +34,9 @@ class SplashAttention(base.AttentionModule):
   multi-query heads are native (K/V are never repeated). Sequences of any
   length are padded inside to whole tiles (multiples of 128). A query that
   sees no key gives zeros (an attention sink below every real logit; see
-  `kernels/splash_tpu.py`). Forward and backward are splash's kernels.
+  `kernels/splash_tpu.py`); the call's own sinks (`sinks=`) are splash's
+  native ones, gradient included. Forward and backward are splash's
+  kernels.
 
   Refused with a clear error: bias, dense masks, dropout, returned weights,
   explicit positions and KV caches (splash's masks are static functions of
@@ -53,7 +55,8 @@ class SplashAttention(base.AttentionModule):
   capabilities = registry.Capabilities(
       platforms=("tpu",), dtypes=("float32", "bfloat16"), positions=False,
       mask=False, bias=False, dropout=False, weights=False, lse=False,
-      cache=False, precision=False, block_size_fields=tuple(splash_tpu.BLOCK_FIELDS),
+      cache=False, precision=False, sinks=True,
+      block_size_fields=tuple(splash_tpu.BLOCK_FIELDS),
       notes=("JAX's Pallas TPU splash kernels; tiles of multiples of 128 "
              "(sequences padded inside); CPU only with interpret=True."))
 
