@@ -4,12 +4,12 @@ Every mechanism that declares the `sinks` capability and runs on CPU
 (`flash` in Pallas' interpreter, `splash` in its TPU interpreter) is checked
 against the float32 reference with sinks (`core/reference.py`): outputs,
 log-sum-exps (splash has none) and the gradients of q, k, v and the sinks,
-on a causal grouped-query call whose second batch row sees no key (it must
-give zeros, with lse = the sink's logit), on one device and on meshes of 8
-CPU devices (ring, ulysses); `flash`'s decode kernel through a cache call;
-`merge_attention` with the sink counted once; the modules' parameter; the
-launch policy on Hopper; and the misuse errors. Tolerance: 2e-5 relative to the largest reference entry
-(float32; everything here is float32).
+on a causal grouped-query call with dropout whose second batch row sees no
+key (it must give zeros, with lse = the sink's logit), on one device and on
+meshes of 8 CPU devices (ring, ulysses); `flash`'s decode kernel through a
+cache call; `merge_attention` with the sink counted once; the modules'
+parameter; the launch policy on Hopper; and the misuse errors. Tolerance:
+2e-5 relative to the largest reference entry (everything here is float32).
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ MECHANISMS = {
 }
 # Row 1 sees no key at all (kv_lengths 0): zeros, lse = the sink.
 KV_LENGTHS = jnp.asarray([S - 3, 0], jnp.int32)
+# The single-device checks drop probabilities (after the softmax that
+# counts the sink) with the library's hash, identical in every mechanism.
+DROPOUT_RATE = 0.25
+RNG = jax.random.PRNGKey(3)
 
 
 def _rel(got, want):
@@ -74,35 +78,41 @@ def _value_and_grads(f, *args):
   return out, lse, grads
 
 
-def _reference_fn(q, k, v, sinks):
+def _reference_fn(q, k, v, sinks, dropout=None):
   record = inputs_lib.canonicalize(q, k, v, causal=True,
                                    kv_lengths=KV_LENGTHS, sinks=sinks)
   result = reference.reference_attention(
       record.query, record.key, record.value, None, record.visibility,
-      sm_scale=D**-0.5, sinks=record.sinks)
+      dropout, sm_scale=D**-0.5, sinks=record.sinks)
   return result.out, result.lse
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(seed=0):
+def _reference(dropout: bool):
   """`(out, lse, (dq, dk, dv, dsinks))` of the float32 reference on
-  `_inputs(seed)` (computed once)."""
-  return _value_and_grads(_reference_fn, *_inputs(seed))
+  `_inputs()`, with the modules' dropout or without (computed once)."""
+  dropout = helpers.reference_dropout(RNG, DROPOUT_RATE) if dropout else None
+  return _value_and_grads(
+      lambda *a: _reference_fn(*a, dropout=dropout), *_inputs())
 
 
-def _module_fn(mechanism, **options):
+def _module_fn(mechanism, dropout=False, **options):
+  """`apply(params, q, k, v, sinks) -> (out, lse)` of a module call, with
+  dropout (key `RNG`) or without."""
   def f(q, k, v, sinks):
     attn = fa.create_attention(mechanism, num_heads=H, head_dim=D,
-                               num_kv_heads=HKV, **options)
+                               num_kv_heads=HKV, dropout_rate=DROPOUT_RATE,
+                               **options)
     result = attn(q, k, v, causal=True, kv_lengths=KV_LENGTHS, sinks=sinks,
-                  return_lse=True)
+                  deterministic=not dropout, return_lse=True)
     return result.attention_outputs, result.lse
-  return hk.without_apply_rng(hk.transform(f)).apply
+  apply = hk.transform(f).apply
+  return lambda params, *args: apply(params, RNG, *args)
 
 
-def _check(mechanism, apply):
+def _check(mechanism, apply, dropout=False):
   q, k, v, sinks = _inputs()
-  want_out, want_lse, want_grads = _reference()
+  want_out, want_lse, want_grads = _reference(dropout)
   out, lse, grads = _value_and_grads(lambda *a: apply({}, *a), q, k, v,
                                      sinks)
   assert _rel(out, want_out) < TOL, mechanism
@@ -142,10 +152,11 @@ def _written_formula(q, k, v, sinks):
 
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
 def test_sinks_match_the_reference(mechanism):
-  """Outputs, lse and dq/dk/dv/dsinks of a causal GQA call with a row that
-  sees no key (zeros; lse = the sink)."""
+  """Outputs, lse and dq/dk/dv/dsinks of a causal GQA call with dropout
+  and a row that sees no key (zeros; lse = the sink)."""
   assert fa.capabilities(mechanism).sinks
-  _check(mechanism, _module_fn(mechanism, **MECHANISMS[mechanism]))
+  _check(mechanism, _module_fn(mechanism, dropout=True,
+                               **MECHANISMS[mechanism]), dropout=True)
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -233,7 +244,7 @@ def test_merge_attention_counts_the_sink_once():
 
 def test_sinks_of_the_wrong_shape_or_dtype_raise():
   q, k, v, sinks = _inputs()
-  apply = _module_fn("vanilla")
+  apply = _module_fn("vanilla")  # Raises before it draws a key.
   with pytest.raises(ValueError, match=r"sinks must have shape \[H\] = \(4,\)"):
     apply({}, q, k, v, sinks[:3])
   with pytest.raises(ValueError, match=r"sinks must have shape"):
@@ -350,10 +361,17 @@ def test_calls_with_sinks_take_the_triton_forward_on_hopper(monkeypatch):
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   record = inputs_lib.canonicalize(q, q, q, sinks=jnp.zeros((2,)))
-  launch = flash_kernel.prepare(record, sm_scale=0.1).static.launch
+
+  def launch_of(record, **options):  # Traced only: no kernel runs.
+    launches = []
+    jax.eval_shape(lambda r: launches.append(flash_kernel.prepare(
+        r, sm_scale=0.1, **options).static.launch), record)
+    return launches[0]
+
+  launch = launch_of(record)
   assert (launch.fwd_backend, launch.dkv_backend) == ("triton", "mosaic")
-  plain = flash_kernel.prepare(dataclasses.replace(record, sinks=None),
-                               sm_scale=0.1).static.launch
+  plain = launch_of(dataclasses.replace(record, sinks=None))
   assert plain.fwd_backend == "mosaic"
   with pytest.raises(ValueError, match="no attention sinks"):
-    flash_kernel.prepare(record, sm_scale=0.1, launch=plain)
+    launch_of(record, launch=plain)
+

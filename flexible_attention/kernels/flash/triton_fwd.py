@@ -4,8 +4,8 @@ Grid `(Sq / bq, B, H)`: one query tile against the key tiles it can see,
 with an online softmax (FlashAttention-2); writes the output and the float32
 log-sum-exp, the only residuals besides q, k and v. Attention sinks join
 each row's final normalisation (one more key: logit `sinks[h]`, value 0),
-so the log-sum-exp counts them and the backward kernels need no change. See `triton_common` for
-what the Triton kernels share.
+so the log-sum-exp counts them and the backward kernels need no change.
+See `triton_common` for what the Triton kernels share.
 
 Glossary of shapes: as `triton_common`'s.
 """
