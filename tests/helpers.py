@@ -36,6 +36,7 @@ comparison's error when re-measuring.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import zlib
@@ -48,6 +49,8 @@ import numpy as np
 
 import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.core.types import KernelOutput
+from flexible_attention.mechanisms import registry
 
 # --- Compilation ------------------------------------------------------------
 
@@ -90,6 +93,13 @@ def relative_error(actual, expected) -> float:
   scale = np.max(np.abs(expected), initial=0.0)
   err = np.max(np.abs(actual - expected), initial=0.0)
   return float(err / scale) if scale > 0 else float(err)
+
+
+def finite_relative_error(actual, expected) -> float:
+  """`relative_error` of an `actual` that must be finite."""
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  assert np.all(np.isfinite(actual)), "non-finite values"
+  return relative_error(actual, expected)
 
 
 def assert_close(actual, expected, dtype, what: str):
@@ -345,3 +355,23 @@ def assert_matches_reference(result: MechanismResult, expected_out,
     assert len(result.grads) == len(expected_grads)
     for name, got, want in zip(GRAD_NAMES, result.grads, expected_grads):
       assert_close(got, want, result.dtype, f"{what}: {name}")
+
+
+@contextlib.contextmanager
+def wrong_mechanism(name: str):
+  """Registers `name`: `vanilla` with its output 1% off (a mechanism that
+  every reference check must catch); unregistered on exit."""
+  @fa.register_mechanism(name)
+  class Wrong(fa.AttentionModule):  # pylint: disable=unused-variable
+    capabilities = fa.Capabilities()
+
+    @classmethod
+    def make_kernel(cls, config, request):
+      vanilla = registry.get_mechanism("vanilla").make_kernel(config, request)
+      return lambda inputs, dropout: KernelOutput(
+          vanilla(inputs, dropout).out * 1.01)
+
+  try:
+    yield name
+  finally:
+    del registry._REGISTRY[name]  # pylint: disable=protected-access

@@ -21,28 +21,16 @@ from flexible_attention.comparison import compare
 from flexible_attention.comparison import fresh_peak
 from flexible_attention.comparison import measure
 from flexible_attention.comparison import report
-from flexible_attention.core.types import KernelOutput
-from flexible_attention.mechanisms import registry
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def wrong_mechanism():
-  """A registered mechanism that returns a slightly wrong output."""
-
-  @fa.register_mechanism("test_wrong")
-  class Wrong(fa.AttentionModule):
-    capabilities = fa.Capabilities()
-
-    @classmethod
-    def make_kernel(cls, config, request):
-      vanilla = registry.get_mechanism("vanilla").make_kernel(config, request)
-      return lambda inputs, dropout: KernelOutput(
-          vanilla(inputs, dropout).out * 1.01)
-
-  yield "test_wrong"
-  del registry._REGISTRY["test_wrong"]  # pylint: disable=protected-access
+  """A registered mechanism whose output is 1% off."""
+  with helpers.wrong_mechanism("test_wrong") as name:
+    yield name
 
 
 def test_rows_check_every_mechanism_against_the_reference(wrong_mechanism):

@@ -8,11 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-import flexible_attention as fa
 from flexible_attention.comparison import benchmark
 from flexible_attention.comparison import decode
-from flexible_attention.core.types import KernelOutput
-from flexible_attention.mechanisms import registry
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,20 +28,9 @@ def _config(**overrides):
 
 @pytest.fixture
 def wrong_mechanism():
-  """A registered mechanism whose output is 1% off (its cache is right)."""
-
-  @fa.register_mechanism("test_wrong_decode")
-  class Wrong(fa.AttentionModule):
-    capabilities = fa.Capabilities()
-
-    @classmethod
-    def make_kernel(cls, config, request):
-      vanilla = registry.get_mechanism("vanilla").make_kernel(config, request)
-      return lambda inputs, dropout: KernelOutput(
-          vanilla(inputs, dropout).out * 1.01)
-
-  yield "test_wrong_decode"
-  del registry._REGISTRY["test_wrong_decode"]  # pylint: disable=protected-access
+  """A registered mechanism whose output is 1% off."""
+  with helpers.wrong_mechanism("test_wrong_decode") as name:
+    yield name
 
 
 @pytest.mark.parametrize("cache", ["dense", "paged16"])

@@ -39,11 +39,7 @@ BACKWARD_TILES = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
                                block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
 
-def _rel(actual, expected):
-  """`helpers.relative_error` of a finite `actual`."""
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
-  assert np.all(np.isfinite(actual)), "non-finite values"
-  return helpers.relative_error(actual, expected)
+_rel = helpers.finite_relative_error
 
 
 def _paged(name, *, b=4, sq=4, h=8, hkv=2, d=16, ps=4, max_pages=8,

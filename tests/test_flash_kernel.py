@@ -42,11 +42,7 @@ SMALL_BLOCKS = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16,
                              block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
 
-def _rel(actual, expected):
-  """`helpers.relative_error` of a finite `actual`."""
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
-  assert np.all(np.isfinite(actual)), "non-finite values"
-  return helpers.relative_error(actual, expected)
+_rel = helpers.finite_relative_error
 
 
 def _inputs(name, *, b=2, sq=40, sk=40, h=2, hkv=2, d=16, dv=None,
