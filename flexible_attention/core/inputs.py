@@ -86,7 +86,9 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
-def _check_array(name: str, x, rank: int, expected: str):
+def check_array(name: str, x, rank: int, expected: str):
+  """Raises `TypeError` unless `x` is an array, `ValueError` unless it has
+  rank `rank` (`expected` describes its shape, e.g. `"[B, Sq, H, D]"`)."""
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array {expected}, got {type(x)}.")
   if x.ndim != rank:
@@ -182,9 +184,9 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
   Returns:
     The `AttentionInputs` of the call.
   """
-  _check_array("query", query, 4, "[B, Sq, H, D]")
-  _check_array("key", key, 4, "[B, Sk, Hkv, D]")
-  _check_array("value", value, 4, "[B, Sk, Hkv, Dv]")
+  check_array("query", query, 4, "[B, Sq, H, D]")
+  check_array("key", key, 4, "[B, Sk, Hkv, D]")
+  check_array("value", value, 4, "[B, Sk, Hkv, Dv]")
   for name, x, axes in (("query", query, "[B, Sq, H, D]"),
                         ("key", key, "[B, Sk, Hkv, D]"),
                         ("value", value, "[B, Sk, Hkv, Dv]")):

@@ -54,6 +54,7 @@ from flexible_attention.core import cache as cache_lib
 from flexible_attention.core import merge
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonical_window
+from flexible_attention.core.inputs import check_array
 from flexible_attention.core.inputs import check_sinks
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.types import BlockSizes
@@ -319,16 +320,8 @@ def _decode_bwd(cfg, residuals, cotangents):
 _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
-def _check_rank(name: str, x, rank: int, expected: str):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise TypeError(f"{name} must be an array {expected}, got {type(x)}.")
-  if x.ndim != rank:
-    raise ValueError(f"{name} must be {expected} (rank {rank}), got shape "
-                     f"{tuple(x.shape)}.")
-
-
 def _check_int(name: str, x, shape: tuple[int, ...], expected: str):
-  _check_rank(name, x, len(shape), expected)
+  check_array(name, x, len(shape), expected)
   if tuple(x.shape) != shape:
     raise ValueError(f"{name} must be {expected} = {shape}, got shape "
                      f"{tuple(x.shape)}.")
@@ -446,9 +439,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
       (`decode_unsupported_reason`), bad scales or launch fields, and, when
       concrete, out-of-range table entries or lengths.
   """
-  _check_rank("q", q, 4, "[B, Sq, H, D]")
-  _check_rank("key_pages", key_pages, 4, "[P, ps, Hkv, D]")
-  _check_rank("value_pages", value_pages, 4, "[P, ps, Hkv, Dv]")
+  check_array("q", q, 4, "[B, Sq, H, D]")
+  check_array("key_pages", key_pages, 4, "[P, ps, Hkv, D]")
+  check_array("value_pages", value_pages, 4, "[P, ps, Hkv, Dv]")
   batch, q_len, num_heads, head_dim = q.shape
   num_pages, page_size, num_kv_heads, _ = key_pages.shape
   value_dim = value_pages.shape[-1]
@@ -476,7 +469,7 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   reason = decode_unsupported_reason(head_dim, value_dim, page_size)
   if reason is not None:
     raise ValueError(f"key_pages / value_pages: {reason}.")
-  _check_rank("page_table", page_table, 2, "[B, M]")
+  check_array("page_table", page_table, 2, "[B, M]")
   page_table = _check_int("page_table", page_table,
                           (batch, page_table.shape[1]), "[B, M]")
   table_len = page_table.shape[1]
@@ -489,7 +482,7 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   if q_valid is None:
     q_valid = jnp.ones((batch, q_len), bool)
   else:
-    _check_rank("q_valid", q_valid, 2, "[B, Sq]")
+    check_array("q_valid", q_valid, 2, "[B, Sq]")
     if tuple(q_valid.shape) != (batch, q_len):
       raise ValueError(f"q_valid must be [B, Sq] = {(batch, q_len)}, got "
                        f"shape {tuple(q_valid.shape)}.")
