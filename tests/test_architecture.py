@@ -59,6 +59,7 @@ def test_mechanisms_import_neither_comparison_nor_each_other(name, path):
     return
   shared = {"flexible_attention.mechanisms",  # As in `from ... import base`.
             "flexible_attention.mechanisms.base",
+            "flexible_attention.mechanisms.config",
             "flexible_attention.mechanisms.registry",
             "flexible_attention.mechanisms.tuning"}
   others = {n for n in _modules("mechanisms") if n != name} - shared

@@ -111,11 +111,12 @@ EXPECTED_REFUSALS = {
     "cudnn": frozenset({
         "cpu", "tpu", "float32", "segments", "positions", "mask", "softcap",
         "dropout", "weights", "lse", "cache", "sharded_sequence", "sinks",
-        "head_dim_limit", "value_dim_differs", "unaligned_causal_or_window",
+        "score_mod", "mask_mod", "head_dim_limit", "value_dim_differs", "unaligned_causal_or_window",
         "window_right_without_causal", "odd_lengths"}),
     # The Triton kernels (CPU only in interpret mode: EXTRA_OPTIONS); on TPU
     # JAX's TPU kernel, which refuses more (`platform_refusals`).
-    "flash": frozenset({"cpu", "weights"}),
+    # Score / mask mods: not yet traced into the kernels.
+    "flash": frozenset({"cpu", "weights", "score_mod", "mask_mod"}),
     # The sequence-parallel ones pass the structured mask along with the
     # K/V blocks or heads; no dense mask or bias.
     "ring": frozenset({"mask", "bias", "weights"}),
@@ -125,7 +126,8 @@ EXPECTED_REFUSALS = {
     # float16; CPU only in interpret mode (EXTRA_OPTIONS).
     "splash": frozenset({
         "cpu", "gpu", "float16", "positions", "mask", "bias", "dropout",
-        "weights", "lse", "cache", "sharded_sequence"}),
+        "weights", "lse", "cache", "sharded_sequence", "score_mod",
+        "mask_mod"}),
     # `auto` picks among its candidates, never one that refuses.
     "auto": frozenset(),
 }
@@ -590,8 +592,9 @@ def test_every_feature_is_exercised_by_the_battery():
   used = set().union(*(case.traits("float32") for case in CASES))
   # Dropout, weights and the cache have dedicated tests below; the
   # log-sum-exp and paged caches in tests/test_decoding.py, sinks in
-  # tests/test_sinks.py.
-  assert set(FEATURES) - {"dropout", "cache", "lse", "sinks"} <= used
+  # tests/test_sinks.py, score / mask mods in tests/test_mods.py.
+  assert set(FEATURES) - {"dropout", "cache", "lse", "sinks", "score_mod",
+                          "mask_mod"} <= used
 
 
 # --- The battery --------------------------------------------------------------

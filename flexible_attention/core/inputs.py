@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexible_attention.core import mods as mods_lib
 from flexible_attention.core.masks import Visibility
 
 # Feature names, as used by capabilities, `auto` and errors.
 FEATURES = ("causal", "window", "segments", "kv_lengths", "positions", "mask",
             "bias", "softcap", "dropout", "weights", "lse", "cache", "gqa",
-            "sinks")
+            "sinks", "score_mod", "mask_mod")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,8 @@ class AttentionInputs:
       read the dense view).
     sinks: `[H]` float32 sink logits (semantics step 6: head h's softmax
       denominator gains `exp(sinks[h])`), or `None`.
+    mods: the call's score / mask modifications (`core/mods.py`: the user's
+      functions, `mod_args` and the shard's batch/head offsets), or `None`.
   """
 
   query: jax.Array
@@ -74,6 +77,7 @@ class AttentionInputs:
   visibility: Visibility
   pages: Any = None
   sinks: jax.Array | None = None
+  mods: mods_lib.Mods | None = None
 
   @property
   def dims(self) -> AttentionDims:
@@ -161,7 +165,8 @@ def canonical_window(sliding_window, causal: bool) -> tuple[int, int] | None:
 def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
                  segment_ids=None, kv_lengths=None, q_positions=None,
                  kv_positions=None, sliding_window=None,
-                 kv_indices=None, sinks=None) -> AttentionInputs:
+                 kv_indices=None, sinks=None, score_mod=None, mask_mod=None,
+                 mod_args=()) -> AttentionInputs:
   """Checks a call's arguments and builds its `AttentionInputs`.
 
   Args:
@@ -180,6 +185,9 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
     kv_indices: `[Sk]` ints, the index of each key slot (default
       `arange(Sk)`); only set by the library (caches, sequence shards).
     sinks: `[H]` float sink logits, one per query head.
+    score_mod, mask_mod: the module's modifications (`core/mods.py` has the
+      contract), or None; checked here by tracing them on the call's shapes.
+    mod_args: their extra arguments, a tuple of arrays (empty without mods).
 
   Returns:
     The `AttentionInputs` of the call.
@@ -269,8 +277,11 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
       kv_indices=kv_indices, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
       kv_lengths=kv_lengths, mask=mask, causal=bool(causal),
       window=canonical_window(sliding_window, bool(causal)))
+  mods = mods_lib.make_mods(score_mod, mask_mod, mod_args, shape=full,
+                            score_dtype=jnp.promote_types(query.dtype,
+                                                          jnp.float32))
   return AttentionInputs(query, key, value, bias, visibility,
-                         sinks=check_sinks(sinks, num_heads))
+                         sinks=check_sinks(sinks, num_heads), mods=mods)
 
 
 def used_features(inputs: AttentionInputs, *, explicit_positions: bool,
@@ -283,7 +294,7 @@ def used_features(inputs: AttentionInputs, *, explicit_positions: bool,
     **options: `softcap`, `dropout`, `weights`, `cache` flags.
   """
   vis = inputs.visibility
-  dims = inputs.dims
+  dims, mods = inputs.dims, inputs.mods
   used = {name for name, on in (
       ("causal", vis.causal), ("window", vis.window is not None),
       ("segments", vis.has_segments),
@@ -291,7 +302,9 @@ def used_features(inputs: AttentionInputs, *, explicit_positions: bool,
       ("positions", explicit_positions), ("mask", vis.mask is not None),
       ("bias", inputs.bias is not None),
       ("gqa", dims.num_heads != dims.num_kv_heads),
-      ("sinks", inputs.sinks is not None)) if on}
+      ("sinks", inputs.sinks is not None),
+      ("score_mod", mods is not None and mods.score_mod is not None),
+      ("mask_mod", mods is not None and mods.mask_mod is not None)) if on}
   unknown = set(options) - set(FEATURES)
   if unknown:
     raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}.")

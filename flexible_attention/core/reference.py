@@ -22,6 +22,7 @@ import numpy as np
 
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
+from flexible_attention.core import mods as mods_lib
 from flexible_attention.core.types import KernelOutput
 
 # A finite stand-in for -inf: masked logits use it so that no NaN can appear,
@@ -112,7 +113,8 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
                     sm_scale: float, softcap: float | None = None,
                     precision=None, softmax_dtype=jnp.float32,
                     return_weights: bool = False,
-                    sinks=None) -> KernelOutput:
+                    sinks=None, mods: mods_lib.Mods | None = None
+                   ) -> KernelOutput:
   """Attention over the whole score matrix at once (a pure function).
 
   Args:
@@ -127,6 +129,9 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
     sinks: `[H]` sink logits, or None: head h's denominator gains
       `exp(sinks[h])` (semantics step 6; the weights then sum to less than
       one, and lse counts the sink).
+    mods: the call's `Mods` or None: `score_mod` rewrites the logits after
+      soft cap and bias, `mask_mod` and-s into `visibility` (differentiable
+      with respect to `mods.args`).
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in query.dtype, lse [B, H, Sq],
@@ -141,6 +146,12 @@ def dense_attention(query, key, value, bias, visibility: masks.Visibility,
                 softcap=softcap, precision=precision,
                 softmax_dtype=softmax_dtype)  # [B, Hkv, G, Sq, Sk]
   visible = masks.group_heads(visibility.dense(), num_kv_heads)
+  if mods is not None:
+    positions = (visibility.q_positions, visibility.kv_positions)
+    s = mods.score_grouped(s, *positions)
+    if mods.mask_mod is not None:
+      visible = visible & mods.visible_grouped(batch, num_kv_heads, groups,
+                                               *positions)
   sink = None
   if sinks is not None:
     sink = sinks.astype(s.dtype).reshape(num_kv_heads, groups, 1, 1)
@@ -166,7 +177,7 @@ def reference_attention(query, key, value, bias, visibility: masks.Visibility,
                         dropout: dropout_lib.Dropout | None = None, *,
                         sm_scale: float, softcap: float | None = None,
                         return_weights: bool = False,
-                        sinks=None) -> KernelOutput:
+                        sinks=None, mods=None) -> KernelOutput:
   """The float32 oracle: `dense_attention` on float32 inputs, HIGHEST precision.
 
   Arguments as `dense_attention`; the outputs are float32 (float64 inputs,
@@ -178,4 +189,4 @@ def reference_attention(query, key, value, bias, visibility: masks.Visibility,
       f32(query), f32(key), f32(value), f32(bias), visibility, dropout,
       sm_scale=sm_scale, softcap=softcap,
       precision=jax.lax.Precision.HIGHEST, softmax_dtype=jnp.float32,
-      return_weights=return_weights, sinks=f32(sinks))
+      return_weights=return_weights, sinks=f32(sinks), mods=mods)

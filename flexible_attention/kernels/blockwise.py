@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
 from flexible_attention.core import merge
+from flexible_attention.core import mods as mods_lib
 from flexible_attention.core import reference
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
@@ -111,6 +112,16 @@ class _Padded:
     return (self.vis.slice(qs, self.bq, ks, self.bk),
             masks.group_heads(bias, self.num_kv_heads))
 
+  def visible(self, vis, mods):
+    """Grouped visibility `[B, Hkv|1, G|1, bq, bk]` of a tile's record,
+    and-ed with the call's `mask_mod` (if any)."""
+    visible = masks.group_heads(vis.dense(), self.num_kv_heads)
+    if mods is not None and mods.mask_mod is not None:
+      visible = visible & mods.visible_grouped(
+          vis.q_positions.shape[0], self.num_kv_heads, self.groups,
+          vis.q_positions, vis.kv_positions)
+    return visible
+
   def keep(self, dropout, vis):
     return dropout_lib.keep_grouped(dropout, vis.q_positions,
                                     vis.kv_positions, self.num_kv_heads,
@@ -118,10 +129,11 @@ class _Padded:
 
 
 def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
-                 out_dtype=None, sinks=None):
+                 out_dtype=None, sinks=None, mods=None):
   """Returns `out [B, Sq, H, Dv]` (`out_dtype`, default q.dtype) and
   `lse [B, H, Sq]` (float32; float64 for float64 inputs); `sinks [H]`
-  (or None) enter each row's final normalisation and its lse."""
+  (or None) enter each row's final normalisation and its lse; `mods` (a
+  `core.mods.Mods` or None) modify each tile's logits and visibility."""
   out_dtype = q.dtype if out_dtype is None else out_dtype
   acc_dtype = reference.accumulation_dtype(q.dtype)
   batch, q_len, num_heads, _ = q.shape
@@ -144,7 +156,9 @@ def forward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout,
                                 sm_scale=cfg.sm_scale, softcap=cfg.softcap,
                                 precision=cfg.precision,
                                 softmax_dtype=jnp.float32)
-        visible = masks.group_heads(vis_ij.dense(), hkv)
+        if mods is not None:
+          s = mods.score_grouped(s, vis_ij.q_positions, vis_ij.kv_positions)
+        visible = t.visible(vis_ij, mods)
         s = jnp.where(visible, s, reference.MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [B, Hkv, G, bq]
         correction = jnp.exp(m - m_new)
@@ -196,9 +210,11 @@ def _reduce_to(x, shape):
 
 
 def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
-              dlse):
-  """Float32 gradients w.r.t. q, k, v and bias (FlashAttention-2 style;
-  float64 for float64 inputs).
+                  dlse, mods=None):
+  """Float32 gradients w.r.t. q, k, v, bias and `mods.args` (FlashAttention-2
+  style; float64 for float64 inputs): `(dq, dk, dv, dbias, dargs)`, `dbias`
+  None without a bias, `dargs` None without a `score_mod` (else like
+  `mods.args`, None at integer leaves; from the score_mod's VJP per tile).
 
   `lse` is the log-sum-exp of the whole row (which may span more keys than
   `k` holds: a ring passes the global one), `out` the whole output.
@@ -221,21 +237,26 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
   lse = _pad_seq(grouped(lse).swapaxes(1, 3), nq * bq).swapaxes(1, 3)
   do = reference.group_query(_pad_seq(dout, nq * bq), hkv)
 
+  score_mod = mods is not None and mods.score_mod is not None
+
   def kv_tile(j, buffers):
-    dq_acc, dk_buf, dv_buf, dbias_acc = buffers
+    dq_acc, dk_buf, dv_buf, dbias_acc, dargs_acc = buffers
     k_j, v_j = t.kv_rows(t.k, j), t.kv_rows(t.v, j)
 
     def q_tile(i, carry):
       vis_ij, bias_ij = t.tile(i, j)
 
       def grads(carry):
-        dk_j, dv_j, dq_acc, dbias_acc = carry
+        dk_j, dv_j, dq_acc, dbias_acc, dargs_acc = carry
         q_i, do_i = t.q_rows(t.q, i), t.q_rows(do, i)
         s, dcap = reference.logits(q_i, k_j, bias_ij, sm_scale=cfg.sm_scale,
                                    softcap=cfg.softcap,
                                    precision=cfg.precision,
                                    softmax_dtype=jnp.float32)
-        visible = masks.group_heads(vis_ij.dense(), hkv)
+        if score_mod:  # s = score_mod(s): its VJP pulls ds back below.
+          s, mod_back = mods.score_vjp(s, vis_ij.q_positions,
+                                       vis_ij.kv_positions)
+        visible = t.visible(vis_ij, mods)
         p = jnp.where(visible, jnp.exp(s - t.q_rows(lse, i, 3)[..., None]),
                       0.0)
         dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_i, v_j,
@@ -250,6 +271,9 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
                            do_i, precision=cfg.precision,
                            preferred_element_type=acc)
         ds = p * (dp - t.q_rows(delta, i, 3)[..., None])  # d/d(logits)
+        if score_mod:  # d/d(the logits before score_mod), d/d(mod_args).
+          ds, dargs_ij = mod_back(ds)
+          dargs_acc = mods_lib.add_grads(dargs_acc, dargs_ij)
         if dbias_acc is not None:
           full = ds.reshape(batch, num_heads, bq, bk)
           dbias_ij = _reduce_to(full, t.bias.shape)
@@ -269,51 +293,55 @@ def backward_pass(cfg: TileConfig, q, k, v, bias, vis, dropout, out, lse, dout,
                            preferred_element_type=acc)
         dq_acc = jax.lax.dynamic_update_slice_in_dim(
             dq_acc, t.q_rows(dq_acc, i) + dq_i, i * bq, 1)
-        return dk_j, dv_j, dq_acc, dbias_acc
+        return dk_j, dv_j, dq_acc, dbias_acc, dargs_acc
 
       return jax.lax.cond(vis_ij.maybe_visible(), grads, lambda c: c, carry)
 
     init = (jnp.zeros((batch, bk, hkv, head_dim), acc),
             jnp.zeros((batch, bk, hkv, v.shape[-1]), acc),
-            dq_acc, dbias_acc)
-    dk_j, dv_j, dq_acc, dbias_acc = jax.lax.fori_loop(0, nq, q_tile, init)
+            dq_acc, dbias_acc, dargs_acc)
+    dk_j, dv_j, dq_acc, dbias_acc, dargs_acc = jax.lax.fori_loop(
+        0, nq, q_tile, init)
     dk_buf = jax.lax.dynamic_update_slice_in_dim(dk_buf, dk_j, j * bk, 1)
     dv_buf = jax.lax.dynamic_update_slice_in_dim(dv_buf, dv_j, j * bk, 1)
-    return dq_acc, dk_buf, dv_buf, dbias_acc
+    return dq_acc, dk_buf, dv_buf, dbias_acc, dargs_acc
 
   buffers = (jnp.zeros(t.q.shape, acc), jnp.zeros(t.k.shape, acc),
              jnp.zeros(t.v.shape, acc),
-             None if bias is None else jnp.zeros(t.bias.shape, acc))
-  dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_tile, buffers)
+             None if bias is None else jnp.zeros(t.bias.shape, acc),
+             mods.zero_grads(acc) if score_mod else None)
+  dq, dk, dv, dbias, dargs = jax.lax.fori_loop(0, nk, kv_tile, buffers)
   dq = dq[:, :q_len].reshape(q.shape)
   dk, dv = dk[:, :k.shape[1]], dv[:, :k.shape[1]]
   if dbias is not None:
     dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]]
-  return dq, dk, dv, dbias
+  return dq, dk, dv, dbias, dargs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, bias, vis, dropout, sinks):
-  return forward_pass(cfg, q, k, v, bias, vis, dropout, sinks=sinks)
+def _attention(cfg, q, k, v, bias, vis, dropout, sinks, mods):
+  return forward_pass(cfg, q, k, v, bias, vis, dropout, sinks=sinks,
+                      mods=mods)
 
 
-def _attention_fwd(cfg, q, k, v, bias, vis, dropout, sinks):
-  out, lse = forward_pass(cfg, q, k, v, bias, vis, dropout, sinks=sinks)
-  return (out, lse), (q, k, v, bias, vis, dropout, sinks, out, lse)
+def _attention_fwd(cfg, q, k, v, bias, vis, dropout, sinks, mods):
+  out, lse = forward_pass(cfg, q, k, v, bias, vis, dropout, sinks=sinks,
+                          mods=mods)
+  return (out, lse), (q, k, v, bias, vis, dropout, sinks, mods, out, lse)
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-  q, k, v, bias, vis, dropout, sinks, out, lse = residuals
+  q, k, v, bias, vis, dropout, sinks, mods, out, lse = residuals
   dout, dlse = cotangents
   # With sinks, lse counts them, so p = exp(s - lse) and dq, dk, dv are
   # unchanged; the sinks' own gradient needs only out, lse and cotangents.
-  dq, dk, dv, dbias = backward_pass(cfg, q, k, v, bias, vis, dropout, out,
-                                    lse, dout, dlse)
+  dq, dk, dv, dbias, dargs = backward_pass(cfg, q, k, v, bias, vis, dropout,
+                                           out, lse, dout, dlse, mods)
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)
   cast = lambda g, x: None if g is None else g.astype(x.dtype)
   return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dbias, bias), None,
-          None, dsinks)
+          None, dsinks, None if mods is None else mods.cotangent(dargs))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -330,13 +358,15 @@ def blockwise_attention(cfg: TileConfig, inputs: AttentionInputs,
     inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
       D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
       and the `Visibility`; its `sinks [H]`, if any, join each row's
-      denominator.
+      denominator; its `mods`, if any, modify each tile's logits and
+      visibility.
     dropout: a `Dropout`, or `None`.
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`. Both
-    outputs are differentiable (q, k, v, bias and sinks).
+    outputs are differentiable (q, k, v, bias, sinks and `mod_args`).
   """
   out, lse = _attention(cfg, inputs.query, inputs.key, inputs.value,
-                        inputs.bias, inputs.visibility, dropout, inputs.sinks)
+                        inputs.bias, inputs.visibility, dropout, inputs.sinks,
+                        inputs.mods)
   return KernelOutput(out, lse, None)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from flexible_attention.core import merge
+from flexible_attention.core import mods as mods_lib
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import KernelOutput
@@ -45,10 +46,12 @@ class BlockKernel(NamedTuple):
   """A pluggable per-block attention kernel.
 
   Attributes:
-    forward: `(q, k, v, vis, dropout) -> (out [B,Sq,H,Dv] float32,
+    forward: `(q, k, v, vis, dropout, mods) -> (out [B,Sq,H,Dv] float32,
       lse [B,H,Sq] float32)` for one K/V block.
-    backward: `(q, k, v, vis, dropout, out, lse, dout, dlse) -> (dq, dk, dv)`
-      float32, where `out` and `lse` are those of the whole row (all blocks).
+    backward: `(q, k, v, vis, dropout, mods, out, lse, dout, dlse) -> (dq,
+      dk, dv, dargs)` float32, where `out` and `lse` are those of the whole
+      row (all blocks) and `dargs` the block's share of the gradient of
+      `mods.args` (None without a score_mod).
   """
 
   forward: Callable[..., Any]
@@ -58,14 +61,14 @@ class BlockKernel(NamedTuple):
 def blockwise_block_kernel(cfg: blockwise.TileConfig) -> BlockKernel:
   """The blockwise pure-JAX kernel as a ring block kernel."""
 
-  def forward(q, k, v, vis, dropout):
+  def forward(q, k, v, vis, dropout, mods):
     return blockwise.forward_pass(cfg, q, k, v, None, vis, dropout,
-                                  out_dtype=jnp.float32)
+                                  out_dtype=jnp.float32, mods=mods)
 
-  def backward(q, k, v, vis, dropout, out, lse, dout, dlse):
-    dq, dk, dv, _ = blockwise.backward_pass(cfg, q, k, v, None, vis, dropout,
-                                            out, lse, dout, dlse)
-    return dq, dk, dv
+  def backward(q, k, v, vis, dropout, mods, out, lse, dout, dlse):
+    dq, dk, dv, _, dargs = blockwise.backward_pass(
+        cfg, q, k, v, None, vis, dropout, out, lse, dout, dlse, mods)
+    return dq, dk, dv, dargs
 
   return BlockKernel(forward, backward)
 
@@ -79,22 +82,32 @@ def flash_block_kernel(**flash_options) -> BlockKernel:
   Args:
     **flash_options: `flash_kernel.prepare`'s keyword arguments (`sm_scale`,
       `softcap`, `precision`, `block_sizes`, `interpret`).
+
+  It has no score or mask mods (`mechanisms/ring.py` refuses them).
   """
   prepare = functools.partial(flash_kernel.prepare, float32_results=True,
                               **flash_options)
 
-  def forward(q, k, v, vis, dropout):
+  def forward(q, k, v, vis, dropout, mods):
+    _no_mods(mods)
     call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
     out, lse, _ = flash_kernel.forward_pass(call, out_dtype=jnp.float32)
     return out, lse
 
-  def backward(q, k, v, vis, dropout, out, lse, dout, dlse):
+  def backward(q, k, v, vis, dropout, mods, out, lse, dout, dlse):
+    _no_mods(mods)
     call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
     dq, dk, dv, _ = flash_kernel.backward_pass(call, out, lse, dout, dlse,
                                                grad_dtype=jnp.float32)
-    return dq, dk, dv
+    return dq, dk, dv, None
 
   return BlockKernel(forward, backward)
+
+
+def _no_mods(mods):
+  if mods is not None:
+    raise NotImplementedError("ring: block_kernel='flash' has no score or "
+                              "mask mods; use block_kernel='blockwise'.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +148,7 @@ def _merge(out, lse, block_out, block_lse):
           new_lse)
 
 
-def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks):
+def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks, mods):
   batch, q_len, num_heads, _ = q.shape
   out = jnp.zeros((batch, q_len, num_heads, v.shape[-1]), jnp.float32)
   lse = jnp.full((batch, num_heads, q_len), -jnp.inf, jnp.float32)
@@ -148,7 +161,7 @@ def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks):
 
     def attend(state, k_blk=k_blk, v_blk=v_blk, vis_blk=vis_blk):
       block_out, block_lse = cfg.block_kernel.forward(q, k_blk, v_blk,
-                                                      vis_blk, dropout)
+                                                      vis_blk, dropout, mods)
       return _merge(*state, block_out, block_lse)
 
     out, lse = jax.lax.cond(vis_blk.maybe_visible(), attend, lambda s: s,
@@ -159,8 +172,14 @@ def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks):
   return out.astype(q.dtype), lse
 
 
-def _backward(cfg: RingConfig, q, k, v, vis, dropout, out, lse, dout, dlse):
+def _backward(cfg: RingConfig, q, k, v, vis, dropout, mods, out, lse, dout,
+              dlse):
+  """`(dq, dk, dv, dargs)`: dargs (this device's queries' share of the
+  gradient of `mods.args`, None without a score_mod) stays here, as dq."""
   dq = jnp.zeros(q.shape, jnp.float32)
+  dargs = None
+  if mods is not None and mods.score_mod is not None:
+    dargs = mods.zero_grads(jnp.float32)
   block = (k, v, _kv_part(vis), jnp.zeros(k.shape, jnp.float32),
            jnp.zeros(v.shape, jnp.float32))
   for step in range(cfg.num_shards):
@@ -168,40 +187,45 @@ def _backward(cfg: RingConfig, q, k, v, vis, dropout, out, lse, dout, dlse):
     vis_blk = _with_kv_part(vis, part)
 
     def grads(state, k_blk=k_blk, v_blk=v_blk, vis_blk=vis_blk):
-      dq, dk_blk, dv_blk = state
-      dq_i, dk_i, dv_i = cfg.block_kernel.backward(
-          q, k_blk, v_blk, vis_blk, dropout, out, lse, dout, dlse)
-      return dq + dq_i, dk_blk + dk_i, dv_blk + dv_i
+      dq, dk_blk, dv_blk, dargs = state
+      dq_i, dk_i, dv_i, dargs_i = cfg.block_kernel.backward(
+          q, k_blk, v_blk, vis_blk, dropout, mods, out, lse, dout, dlse)
+      if dargs is not None:
+        dargs = mods_lib.add_grads(dargs, dargs_i)
+      return dq + dq_i, dk_blk + dk_i, dv_blk + dv_i, dargs
 
-    dq, dk_blk, dv_blk = jax.lax.cond(vis_blk.maybe_visible(), grads,
-                                      lambda s: s, (dq, dk_blk, dv_blk))
+    dq, dk_blk, dv_blk, dargs = jax.lax.cond(
+        vis_blk.maybe_visible(), grads, lambda s: s,
+        (dq, dk_blk, dv_blk, dargs))
     if step + 1 < cfg.num_shards:
       block = _rotate(cfg, (k_blk, v_blk, part, dk_blk, dv_blk))
     else:  # The last hop only brings the gradients home.
       dk_blk, dv_blk = _rotate(cfg, (dk_blk, dv_blk))
-  return dq, dk_blk, dv_blk
+  return dq, dk_blk, dv_blk, dargs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(cfg, q, k, v, vis, dropout, sinks):
-  return _forward(cfg, q, k, v, vis, dropout, sinks)
+def _ring(cfg, q, k, v, vis, dropout, sinks, mods):
+  return _forward(cfg, q, k, v, vis, dropout, sinks, mods)
 
 
-def _ring_fwd(cfg, q, k, v, vis, dropout, sinks):
-  out, lse = _forward(cfg, q, k, v, vis, dropout, sinks)
-  return (out, lse), (q, k, v, vis, dropout, sinks, out, lse)
+def _ring_fwd(cfg, q, k, v, vis, dropout, sinks, mods):
+  out, lse = _forward(cfg, q, k, v, vis, dropout, sinks, mods)
+  return (out, lse), (q, k, v, vis, dropout, sinks, mods, out, lse)
 
 
 def _ring_bwd(cfg, residuals, cotangents):
-  q, k, v, vis, dropout, sinks, out, lse = residuals
+  q, k, v, vis, dropout, sinks, mods, out, lse = residuals
   dout, dlse = cotangents
   # The lse counts the sinks, so the blocks' dq, dk, dv are unchanged; the
-  # sinks' gradient covers the local queries (shard_map sums the shards').
-  dq, dk, dv = _backward(cfg, q, k, v, vis, dropout, out, lse, dout, dlse)
+  # gradients of the sinks and of `mod_args` cover the local queries
+  # (shard_map sums the shards').
+  dq, dk, dv, dargs = _backward(cfg, q, k, v, vis, dropout, mods, out, lse,
+                                dout, dlse)
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
-          None, dsinks)
+          None, dsinks, None if mods is None else mods.cotangent(dargs))
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -218,7 +242,8 @@ def ring_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
 
   Args:
     inputs: the local canonical record (no bias, no dense mask); its
-      `sinks [H]`, if any, are merged once, after the ring.
+      `sinks [H]`, if any, are merged once, after the ring; its `mods`, if
+      any, reach the block kernel with each block's key positions.
     dropout: a `Dropout` (offsets for batch/head shards applied) or `None`.
     axis_name: the mesh axis of the ring.
     num_shards: its size n.
@@ -226,12 +251,12 @@ def ring_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`,
-    differentiable with respect to q, k, v and sinks.
+    differentiable with respect to q, k, v, sinks and `mod_args`.
   """
   if inputs.bias is not None or inputs.visibility.mask is not None:
     raise NotImplementedError("ring: a dense bias or mask is not supported.")
   cfg = RingConfig(axis_name=axis_name, num_shards=num_shards,
                    block_kernel=block_kernel)
   out, lse = _ring(cfg, inputs.query, inputs.key, inputs.value,
-                   inputs.visibility, dropout, inputs.sinks)
+                   inputs.visibility, dropout, inputs.sinks, inputs.mods)
   return KernelOutput(out, lse, None)

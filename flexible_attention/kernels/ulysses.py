@@ -29,7 +29,9 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
   Args:
     inputs: this device's record: `query [B, S/n, H, D]`, `key`/`value`
       `[B, Sk/n, Hkv, D|Dv]`, their mask parts (no bias or dense mask) and
-      `sinks [H]` or None (each device passes its heads' slice on).
+      `sinks [H]` or None (each device passes its heads' slice on), and
+      `mods` or None (passed on with the head offset of the device's slice,
+      `mod_args` whole).
     dropout: a `Dropout` (batch/head offsets of other axes applied) or None.
     axis_name: the sequence mesh axis.
     num_shards: its size n; `(Hkv * kv_repeats) % n == 0`.
@@ -67,6 +69,9 @@ def ulysses_attention(inputs: AttentionInputs, dropout=None, *, axis_name,
         inputs.sinks, first_head, num_heads // num_shards))
   if dropout is not None:
     dropout = dropout.with_offsets(0, first_head)
+  if inputs.mods is not None:  # The mods see global head indices.
+    local = dataclasses.replace(local, mods=inputs.mods.with_offsets(
+        0, first_head))
   result = local_kernel(local, dropout)
   # [B, S, H/n, Dv] -> [B, S/n, H, Dv]
   out = jax.lax.all_to_all(result.out, axis_name, split_axis=1,

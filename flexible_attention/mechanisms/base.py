@@ -3,9 +3,9 @@
 `AttentionModule` owns everything that is not the algorithm: canonicalisation
 of the call, capability checks, the KV cache (explicit or in Haiku state),
 dropout keys, dtype handling and sharding over a mesh. Its options live in an
-`AttentionConfig`, which validates itself when built (by the module or by
-hand). A call runs in five steps: attach the cache, canonicalise the
-arguments into `AttentionInputs`, describe the call as an `AttentionRequest`,
+`AttentionConfig` (`config.py`), which validates itself when built (by the
+module or by hand). A call runs in five steps: attach the cache, canonicalise
+the arguments into `AttentionInputs`, describe the call as an `AttentionRequest`,
 select the mechanism that serves it (refusing clearly what it cannot), and
 run its pure kernel, under `shard_map` when there is a mesh.
 
@@ -57,7 +57,7 @@ run against the reference and which it must refuse.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import haiku as hk
 import jax
@@ -72,134 +72,11 @@ from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.core.cache import KVCache
 from flexible_attention.mechanisms import registry
+from flexible_attention.mechanisms.config import AttentionConfig
+# Mechanisms subclass `base.InterpretConfig`; it lives in `config.py`.
+from flexible_attention.mechanisms.config import InterpretConfig  # pylint: disable=unused-import
 from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import PartitionAxis
-from flexible_attention.sharding.mesh import validate_partition
-
-
-def _positive_int(name, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value <= 0):
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  return int(value)
-
-
-def _positive_number(value) -> bool:
-  return isinstance(value, (int, float)) and value > 0
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  """The constructor options of an attention module (static, hashable).
-
-  Built by the module (which resolves the defaults, e.g. `num_kv_heads`
-  from `num_heads`) or by hand; either way it validates itself, raising the
-  same errors. Fields are those of `AttentionModule.__init__`.
-  """
-
-  num_heads: int
-  head_dim: int
-  num_kv_heads: int
-  value_dim: int | None = None
-  sm_scale: float | None = None
-  dropout_rate: float = 0.0
-  logits_soft_cap: float | None = None
-  sliding_window: int | tuple[int, int] | None = None
-  dtype: Any = None
-  precision: Any = None
-  softmax_dtype: Any = jnp.float32
-  block_sizes: BlockSizes = BlockSizes()
-  mesh: jax.sharding.Mesh | None = None
-  partition_axis: PartitionAxis = PartitionAxis()
-  decode: bool = False
-  max_cache_length: int | None = None
-
-  def __post_init__(self):
-    set_field = lambda name, value: object.__setattr__(self, name, value)
-    for name in ("num_heads", "head_dim", "num_kv_heads"):
-      set_field(name, _positive_int(name, getattr(self, name)))
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads = {self.num_heads} must be a multiple of "
-                       f"num_kv_heads = {self.num_kv_heads}.")
-    if self.value_dim is not None:
-      set_field("value_dim", _positive_int("value_dim", self.value_dim))
-    if self.sm_scale is not None and not (_positive_number(self.sm_scale)
-                                          and np.isfinite(self.sm_scale)):
-      raise ValueError("sm_scale must be a finite positive number, got "
-                       f"{self.sm_scale!r}.")
-    if not (isinstance(self.dropout_rate, (int, float)) and
-            0.0 <= self.dropout_rate < 1.0):
-      raise ValueError("dropout_rate must be in [0, 1), got "
-                       f"{self.dropout_rate!r}.")
-    set_field("dropout_rate", float(self.dropout_rate))
-    if self.logits_soft_cap is not None and not (
-        _positive_number(self.logits_soft_cap) and
-        np.isfinite(self.logits_soft_cap)):
-      raise ValueError("logits_soft_cap must be a finite positive number or "
-                       f"None, got {self.logits_soft_cap!r}.")
-    inputs_lib.canonical_window(self.sliding_window, False)  # Type/values.
-    if np.dtype(self.softmax_dtype) != np.float32:
-      raise ValueError("softmax_dtype must be float32 (the accumulation dtype "
-                       f"of every kernel), got {np.dtype(self.softmax_dtype)}.")
-    if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
-      raise TypeError(f"dtype must be a floating dtype, got {self.dtype!r}.")
-    if not isinstance(self.block_sizes, BlockSizes):
-      raise TypeError("block_sizes must be a fa.BlockSizes, got "
-                      f"{type(self.block_sizes)}.")
-    if self.mesh is None and self.partition_axis != PartitionAxis():
-      raise ValueError("partition_axis was given without a mesh; pass mesh=.")
-    if self.mesh is not None:
-      validate_partition(self.mesh, self.partition_axis)
-    if self.decode:
-      set_field("max_cache_length", _positive_int("max_cache_length",
-                                                  self.max_cache_length))
-    elif self.max_cache_length is not None:
-      raise ValueError("max_cache_length is only used with decode=True.")
-    set_field("decode", bool(self.decode))
-
-  @property
-  def scale(self) -> float:
-    return self.head_dim**-0.5 if self.sm_scale is None else self.sm_scale
-
-  @classmethod
-  def own_fields(cls) -> tuple[str, ...]:
-    """The names of this config's own options (beyond the common ones)."""
-    common = {f.name for f in dataclasses.fields(AttentionConfig)}
-    return tuple(f.name for f in dataclasses.fields(cls)
-                 if f.name not in common)
-
-  def for_mechanism(self, config_class: type) -> AttentionConfig:
-    """These options as a `config_class` (what `auto` and `ulysses` hand
-    the mechanism they run): itself if it is of that type, else the common
-    options, with that class's defaults for its own."""
-    if type(self) is config_class:  # pylint: disable=unidiomatic-typecheck
-      return self
-    common = {f.name: getattr(self, f.name)
-              for f in dataclasses.fields(AttentionConfig)}
-    return config_class(**common)
-
-  def request_options(self) -> registry.Options:
-    """The options a call's request carries: `precision` and this config's
-    own (so that `unsupported_reason` can see them)."""
-    names = ("precision",) + self.own_fields()
-    return registry.Options((n, getattr(self, n)) for n in names)
-
-
-@dataclasses.dataclass(frozen=True)
-class InterpretConfig(AttentionConfig):
-  """The common options plus `interpret`, for mechanisms with Pallas kernels.
-
-  Attributes:
-    interpret: run the Pallas kernels in Pallas' interpreter (any backend;
-      slow: for tests on CPU).
-  """
-
-  interpret: bool = False
-
-  def __post_init__(self):
-    super().__post_init__()
-    if not isinstance(self.interpret, bool):
-      raise TypeError(f"interpret must be a bool, got {self.interpret!r}.")
 
 
 def feature_refusal(mechanism: str, feature: str, what: str) -> str:
@@ -234,11 +111,13 @@ class AttentionModule(hk.Module):
 
   Computes, per query head `h` and its KV head `h // (H // Hkv)`:
 
-    out = dropout(softmax(cap(q kᵀ * sm_scale) + bias, over visible keys)) v
+    out = dropout(softmax(mod(cap(q kᵀ * sm_scale) + bias), over visible
+                  keys)) v
 
   with visibility from causal / sliding window / segment ids / kv lengths /
-  mask, positions aligned bottom-right by default, and a query that sees no
-  key giving zeros. The semantics are those of DESIGN.md; every subclass
+  mask / `mask_mod`, `mod` the user's `score_mod` (if any), positions
+  aligned bottom-right by default, and a query that sees no key giving
+  zeros. The semantics are those of DESIGN.md; every subclass
   computes the same function and refuses clearly what it cannot (see the
   module docstring for what a subclass overrides).
 
@@ -283,6 +162,8 @@ class AttentionModule(hk.Module):
       partition_axis: PartitionAxis | None = None,
       decode: bool = False,
       max_cache_length: int | None = None,
+      score_mod: Callable | None = None,
+      mask_mod: Callable | None = None,
       name: str | None = None,
       **mechanism_options: Any,
   ):
@@ -311,6 +192,12 @@ class AttentionModule(hk.Module):
         (default `fa.PartitionAxis()`).
       decode: keep a KV cache in Haiku state (use `hk.transform_with_state`).
       max_cache_length: L, the number of cache slots when `decode=True`.
+      score_mod: `score_mod(score, batch, head, q_pos, kv_pos, *mod_args)
+        -> score`, applied to the logits after soft cap and bias; and
+      mask_mod: `mask_mod(batch, head, q_pos, kv_pos, *mod_args) -> bool`,
+        and-ed with the structured mask: pure JAX functions called on
+        broadcast arrays (the contract: `core/mods.py`), their arrays
+        passed per call as `mod_args`.
       name: module name.
       **mechanism_options: options of this mechanism only (the extra fields
         of its `config_class`, e.g. `ring`'s `layout`).
@@ -333,7 +220,8 @@ class AttentionModule(hk.Module):
         mesh=mesh,
         partition_axis=(PartitionAxis() if partition_axis is None else
                         partition_axis),
-        decode=decode, max_cache_length=max_cache_length)
+        decode=decode, max_cache_length=max_cache_length,
+        score_mod=score_mod, mask_mod=mask_mod)
     # The mechanism that served the last call (differs from `mechanism` for
     # `auto`); for logs and comparisons.
     self.selected_mechanism = None
@@ -455,6 +343,7 @@ class AttentionModule(hk.Module):
       cache: Any = None,
       q_lengths: jax.Array | None = None,
       sinks: jax.Array | None = None,
+      mod_args: tuple[Any, ...] = (),
       deterministic: bool = True,
       return_weights: bool = False,
       return_lse: bool = False,
@@ -485,6 +374,9 @@ class AttentionModule(hk.Module):
         are padding: they give zeros (lse -inf) and write nothing.
       sinks: `[H]` float sink logits: head h's softmax denominator gains
         `exp(sinks[h])` (a key with a zero value; lse counts it).
+      mod_args: the extra arguments of the module's `score_mod` /
+        `mask_mod` (a tuple of arrays, whole on every shard; gradients flow
+        to its floating ones); only with a mod.
       deterministic: when False and `dropout_rate > 0`, applies dropout with
         a key from `hk.next_rng_key()`.
       return_weights: also return the `[B, H, Sq, Sk]` applied weights.
@@ -508,7 +400,7 @@ class AttentionModule(hk.Module):
         cache, segment_ids, q_lengths)
     inputs = self._canonicalize(query, keys, mask=mask, bias=bias,
                                 causal=causal, segment_ids=segment_ids,
-                                sinks=sinks)
+                                sinks=sinks, mod_args=mod_args)
     apply_dropout = self.config.dropout_rate > 0 and not deterministic
     request = self._request(inputs, keys, dropout=apply_dropout,
                             weights=bool(return_weights),
@@ -569,10 +461,12 @@ class AttentionModule(hk.Module):
   def _canonicalize(self, query, keys: _Keys, **call
                    ) -> inputs_lib.AttentionInputs:
     """The call's `AttentionInputs`, checked against the module's sizes."""
+    config = self.config
     inputs = inputs_lib.canonicalize(
         query, keys.key, keys.value, kv_lengths=keys.kv_lengths,
         q_positions=keys.q_positions, kv_positions=keys.kv_positions,
-        sliding_window=self.config.sliding_window, **call)
+        sliding_window=config.sliding_window, score_mod=config.score_mod,
+        mask_mod=config.mask_mod, **call)
     self._check_dims(inputs.dims)
     return dataclasses.replace(inputs, pages=keys.pages)
 

@@ -16,8 +16,10 @@ class BlockwiseAttention(base.AttentionModule):
   Online softmax over `block_q x block_k` tiles with a hand-written backward
   pass (`jax.custom_vjp`) whose residuals are q, k, v, the output and the
   float32 log-sum-exp; tiles that causal / window / segments / kv lengths make
-  fully invisible are skipped. Float64 inputs (with `jax_enable_x64`) are
-  computed in float64. See `kernels/blockwise.py`.
+  fully invisible are skipped. Score and mask mods are evaluated per tile
+  (the `mod_args` gradients by the score_mod's VJP per tile). Float64
+  inputs (with `jax_enable_x64`) are computed in float64. See
+  `kernels/blockwise.py`.
 
   Block sizes (`fa.BlockSizes`): `block_q`, `block_k` tile the forward pass
   (default 512 each, clipped to the sequence lengths); `block_q_dkv`,
@@ -27,7 +29,7 @@ class BlockwiseAttention(base.AttentionModule):
   capabilities = registry.Capabilities(
       dtypes=("float32", "bfloat16", "float16", "float64"),
       block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
-      sharded_sequence=True, sinks=True,
+      sharded_sequence=True, sinks=True, score_mod=True, mask_mod=True,
       notes="O(S) memory; skips fully-masked tiles.")
 
   @classmethod

@@ -47,12 +47,14 @@ class Capabilities:
     platforms: backends it runs on (`"cpu"`, `"gpu"`, `"tpu"`).
     dtypes: input dtypes it accepts.
     causal, window, segments, kv_lengths, positions, mask, bias, softcap,
-    dropout, weights, lse, cache, gqa, sinks: the features of the semantics
-      it computes (see DESIGN.md); `weights` is `return_weights=True`,
-      `lse` is `return_lse=True`, `positions` is explicit `q_positions` /
-      `kv_positions`, `cache` a dense or paged KV cache (with `q_lengths`),
-      `gqa` is `Hkv < H`, `sinks` learnable sink logits (`sinks=`, with
-      their gradient).
+    dropout, weights, lse, cache, gqa, sinks, score_mod, mask_mod: the
+      features of the semantics it computes (see DESIGN.md); `weights` is
+      `return_weights=True`, `lse` is `return_lse=True`, `positions` is
+      explicit `q_positions` / `kv_positions`, `cache` a dense or paged KV
+      cache (with `q_lengths`), `gqa` is `Hkv < H`, `sinks` learnable sink
+      logits (`sinks=`, with their gradient), `score_mod` / `mask_mod` the
+      user's modifications (`core/mods.py`; with the gradients of
+      `mod_args`).
     sharded_sequence: whether a mesh may shard the sequence axes.
     precision: whether it honours the `precision` option (matmul
       precision); one that does not refuses any `precision` but None.
@@ -76,6 +78,8 @@ class Capabilities:
   cache: bool = True
   gqa: bool = True
   sinks: bool = False
+  score_mod: bool = False
+  mask_mod: bool = False
   sharded_sequence: bool = False
   precision: bool = True
   block_size_fields: tuple[str, ...] = ()
@@ -254,8 +258,8 @@ def create_attention(mechanism: str, *, num_heads: int, head_dim: int,
     **options: the common options of `fa.AttentionModule` (`sm_scale`,
       `dropout_rate`, `logits_soft_cap`, `sliding_window`, `dtype`,
       `precision`, `softmax_dtype`, `block_sizes`, `mesh`, `partition_axis`,
-      `decode`, `max_cache_length`, `value_dim`, `name`) and any option the
-      mechanism adds.
+      `decode`, `max_cache_length`, `value_dim`, `score_mod`, `mask_mod`,
+      `name`) and any option the mechanism adds.
 
   Returns:
     The `hk.Module`.

@@ -71,14 +71,16 @@ class RingAttention(base.AttentionModule):
   device.
 
   The query and key sequences must be sharded over the same mesh axis.
-  Dense masks and biases are not supported (the structured mask is).
+  Dense masks and biases are not supported (the structured mask is, and
+  score / mask mods with the blockwise block kernel: each block's key
+  positions travel with it, so the mods see global positions).
   """
 
   config_class = RingAttentionConfig
   sequence_parallel = True
   capabilities = registry.Capabilities(
       mask=False, bias=False, sharded_sequence=True, sinks=True,
-      block_size_fields=_BLOCK_FIELDS,
+      score_mod=True, mask_mod=True, block_size_fields=_BLOCK_FIELDS,
       notes=("K/V travel by ppermute; zigzag layout balances causal work; "
              "block kernel blockwise or flash (GPU)."))
 
@@ -94,6 +96,11 @@ class RingAttention(base.AttentionModule):
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is None and request.options.get("block_kernel") == "flash":
+      mods = sorted(request.features & {"score_mod", "mask_mod"})
+      if mods:
+        return (f"ring's block_kernel='flash' has no {' or '.join(mods)} "
+                "(the fused kernels take no mods yet); use "
+                "block_kernel='blockwise' (the default).")
       return flash_kernel.head_dim_reason(request.dims, "ring")
     return reason
 

@@ -36,14 +36,15 @@ class UlyssesAttention(base.AttentionModule):
   making Hkv * r divisible by n (K/V then travel r times), which needs the
   query heads divisible by Hkv * r. Without a
   sequence axis it is its local mechanism. Dense masks and biases are not
-  supported; the features of the local mechanism are.
+  supported; the features of the local mechanism are (score / mask mods see
+  global head indices and positions).
   """
 
   config_class = UlyssesConfig
   sequence_parallel = True
   capabilities = registry.Capabilities(
       mask=False, bias=False, sharded_sequence=True, sinks=True,
-      block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
+      score_mod=True, mask_mod=True, block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
       notes=("all-to-all seq->heads; KV heads repeated to fill the sequence "
              "axis; H divisible by it."))
 

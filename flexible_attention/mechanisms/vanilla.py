@@ -21,7 +21,8 @@ class VanillaAttention(base.AttentionModule):
 
   capabilities = registry.Capabilities(
       dtypes=("float32", "bfloat16", "float16", "float64"),
-      weights=True, sinks=True, sharded_sequence=True,
+      weights=True, sinks=True, score_mod=True, mask_mod=True,
+      sharded_sequence=True,
       notes="O(Sq * Sk) memory; the only one returning weights.")
 
   @classmethod
@@ -33,4 +34,4 @@ class VanillaAttention(base.AttentionModule):
         return_weights="weights" in request.features)
     return lambda inputs, dropout: kernel(
         inputs.query, inputs.key, inputs.value, inputs.bias,
-        inputs.visibility, dropout, sinks=inputs.sinks)
+        inputs.visibility, dropout, sinks=inputs.sinks, mods=inputs.mods)

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from flexible_attention.core.dropout import Dropout
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
+from flexible_attention.core.mods import Mods
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.sharding import layouts
 from flexible_attention.sharding.mesh import PartitionAxis
@@ -125,7 +126,7 @@ def permute_inputs(inputs: AttentionInputs, layout: str, q_shards: int,
           q_segment_ids=_permute_axis(vis.q_segment_ids, q_perm, 1),
           kv_segment_ids=_permute_axis(vis.kv_segment_ids, kv_perm, 1),
           mask=broadcastable(vis.mask)),
-      sinks=inputs.sinks)
+      sinks=inputs.sinks, mods=inputs.mods)
 
 
 def unpermute_output(result: KernelOutput, layout: str, q_shards: int,
@@ -214,7 +215,8 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
               kv_lengths=None if vis.kv_lengths is None else P(batch),
               mask=broadcastable(vis.mask), causal=vis.causal,
               window=vis.window),
-          sinks=None if inputs.sinks is None else P(heads)),
+          sinks=None if inputs.sinks is None else P(heads),
+          mods=_replicated(inputs.mods)),
       None if dropout is None else Dropout(
           seed=P(), batch_offset=P(), head_offset=P(), rate=dropout.rate))
   out_specs = KernelOutput(
@@ -225,10 +227,13 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   local_heads = dims.num_heads // axis_size(mesh, axes.head_axis)
 
   def local(inputs, dropout):
+    b = jax.lax.axis_index(batch) if batch else 0
+    h = jax.lax.axis_index(heads) if heads else 0
     if dropout is not None:
-      b = jax.lax.axis_index(batch) if batch else 0
-      h = jax.lax.axis_index(heads) if heads else 0
       dropout = dropout.with_offsets(b * local_batch, h * local_heads)
+    if inputs.mods is not None:  # Global batch and head indices.
+      inputs = dataclasses.replace(inputs, mods=inputs.mods.with_offsets(
+          b * local_batch, h * local_heads))
     if gather:
       inputs = _gather_keys(inputs, kv_seq)
     result = kernel(inputs, dropout)
@@ -236,6 +241,16 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
 
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                        out_specs=out_specs, check_vma=False)(inputs, dropout)
+
+
+def _replicated(mods: Mods | None) -> Mods | None:
+  """The spec of a call's mods: replicated (`mod_args` whole on every
+  device, indexed by global batch/head indices and positions; shard_map
+  sums their gradients over the devices)."""
+  if mods is None:
+    return None
+  return dataclasses.replace(mods, args=jax.tree.map(lambda _: P(), mods.args),
+                             batch_offset=P(), head_offset=P())
 
 
 def _gather_keys(inputs: AttentionInputs, axis) -> AttentionInputs:
