@@ -38,9 +38,10 @@ _PAGES = flags.DEFINE_list("page_sizes", ["dense", "16", "128"],
                            "`dense` or a page size.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
 _SWEEP = flags.DEFINE_list(
-    "sweep", None, "Launches to time instead of the default one, each "
-    "`warps:stages:block_tokens:split_factor` (split_factor multiplies the "
-    "default split count; 0 keeps it).")
+    "sweep", ["triton", "mosaic"], "Launches to time: a backend's default "
+    "(`triton`, `mosaic`) or `triton:warps:stages:block_tokens:factor`, "
+    "`mosaic:block_tokens:stages:factor` (factor multiplies the default "
+    "split count; 0 keeps it).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 
 H, HKV, D = 32, 8, 128
@@ -86,16 +87,27 @@ def _cell(batch, length, new, page, rng):
     key_pages = keys.reshape(batch * per_row, ps, HKV, D)[inverse]
     value_pages = values.reshape(batch * per_row, ps, HKV, D)[inverse]
 
-  def kernel_with(launch: str | None):
-    options = {}
-    if launch:
-      warps, stages, tokens, factor = (int(x) for x in launch.split(":"))
-      ps = key_pages.shape[1]
+  def kernel_with(launch: str):
+    """`backend[:fields...]`: `triton:warps:stages:block_tokens:factor` or
+    `mosaic:block_tokens:stages:factor` (factor multiplies the default
+    split count; 0 keeps it)."""
+    backend, *fields = launch.split(":")
+    fields = [int(x) for x in fields]
+    ps = key_pages.shape[1]
+    options = dict(backend=backend)
+    if backend == "triton" and fields:
+      warps, stages, tokens, factor = fields
       default = decode.decode_launch(batch, HKV, table.shape[1], ps, D)
-      options = dict(num_warps=warps, num_stages=stages,
+      options.update(num_warps=warps, num_stages=stages,
                      pages_per_block=max(1, tokens // ps))
-      if factor:
-        options["num_splits"] = max(1, default.num_splits * factor)
+    elif backend == "mosaic" and fields:
+      tokens, stages, factor = fields
+      default = decode.mosaic_decode_launch(batch, HKV, table.shape[1], ps, D)
+      options.update(block_tokens=tokens, stages=stages)
+    else:
+      factor = 0
+    if factor:
+      options["num_splits"] = max(1, default.num_splits * factor)
     return jax.jit(lambda q, kp, vp, tb, n, qp: decode.decode_attention(
         q, kp, vp, tb, n, qp, sm_scale=scale, **options).out)
 
@@ -107,8 +119,7 @@ def _cell(batch, length, new, page, rng):
   bytes_read = 2 * batch * length * HKV * D * 2
   kernel_args = (q, key_pages, value_pages, table, lengths, q_pos)
   candidates = [(f"flash decode {launch}", kernel_with(launch), kernel_args)
-                for launch in (_SWEEP.value or [])] or [
-                    ("flash decode", kernel_with(None), kernel_args)]
+                for launch in _SWEEP.value]
   candidates.append(("xla einsum", xla, (q, keys, values, lengths, q_pos)))
   for name, fn, args in candidates:
     if name == "xla einsum" and page != "dense":

@@ -27,7 +27,10 @@ import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.core import merge
 from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import decode
 import helpers
 
@@ -387,3 +390,119 @@ def test_exported_from_the_package():
   assert flash_kernel.decode_attention is decode.decode_attention
   assert flash_kernel.dense_as_pages is decode.dense_as_pages
   assert flash_kernel.DecodeLaunch is decode.DecodeLaunch
+
+
+# --- The Mosaic GPU (Hopper) decode kernel -----------------------------------
+# Mosaic GPU has no interpreter here: on CPU the kernel's lowering for CUDA
+# runs (layouts, tiling, TMA shapes are checked there); on an sm_90 GPU it is
+# run against the reference (bf16: TOL["bfloat16"]).
+
+_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
+
+
+@pytest.mark.parametrize("sq,h,d,page_size,kw", [
+    (1, 32, 128, 16, {}),
+    (4, 32, 64, 128, dict(window=64, softcap=30.0)),
+    (16, 16, 256, 8, dict(causal=False, window=(8, 8))),
+], ids=["decode_d128_ps16", "four_new_d64_ps128_window_softcap",
+        "sixteen_new_d256_ps8_two_sided_window"])
+def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
+  """bf16, Hkv = 4 (up to 64 query rows per KV head): the Mosaic GPU
+  kernel (and no Triton kernel) lowers."""
+  s = jax.ShapeDtypeStruct
+  b, hkv, pool, max_pages = 2, 4, 64, 32
+  args = (s((b, sq, h, d), jnp.bfloat16),
+          s((pool, page_size, hkv, d), jnp.bfloat16),
+          s((pool, page_size, hkv, d), jnp.bfloat16),
+          s((b, max_pages), jnp.int32), s((b,), jnp.int32),
+          s((b, sq), jnp.int32))
+  fn = functools.partial(decode.decode_attention, sm_scale=0.1, num_splits=3,
+                         backend="mosaic", **kw)
+  text = _lower_for_cuda(fn, *args)
+  assert "mosaic_gpu" in text and "triton" not in text
+
+
+def test_mosaic_launch_rule():
+  """Slots per head size; splits of whole blocks and whole pages that
+  cover the table; the shared-memory budget is checked."""
+  one_row = decode.mosaic_decode_launch(1, 8, 8192, 16, 128, core_count=132)
+  assert (one_row.block_tokens, one_row.stages) == (64, 4)
+  assert one_row.num_splits == 33
+  assert one_row.tokens_per_split % 64 == 0
+  assert one_row.num_splits * one_row.tokens_per_split >= 8192 * 16
+  big_page = decode.mosaic_decode_launch(8, 8, 32, 128, 128, num_splits=5)
+  assert big_page.tokens_per_split % 128 == 0 and big_page.num_splits == 5
+  assert decode.mosaic_decode_launch(2, 2, 8, 16, 256).stages == 2
+  with pytest.raises(ValueError, match="shared memory"):
+    decode.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=128, stages=4)
+  with pytest.raises(ValueError, match="block_tokens"):
+    decode.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=32)
+
+
+def test_backend_policy_refuses_what_it_cannot_serve():
+  """Triton without a Hopper GPU; asking for Mosaic where it cannot serve,
+  or giving the other backend's launch fields, is an error."""
+  q, kp, vp, table, lengths, q_pos = _paged("policy", b=2, lengths=(9, 5))
+  args = dict(q=q, key_pages=kp, value_pages=vp, page_table=table,
+              kv_lengths=lengths, q_positions=q_pos, sm_scale=0.3)
+  choose = flash_launch.choose_decode_backend
+  assert choose(None, mosaic_reason="x", triton_fields=False,
+                mosaic_fields=False, interpret=True) == "triton"
+  with pytest.raises(ValueError, match="no interpreter"):
+    decode.decode_attention(**args, backend="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="float32"):
+    decode.decode_attention(**args, block_tokens=64)
+  with pytest.raises(ValueError, match="unused"):
+    choose("triton", mosaic_reason=None, triton_fields=False,
+           mosaic_fields=True, interpret=False)
+  with pytest.raises(ValueError, match="backend"):
+    decode.decode_attention(**args, backend="cuda", interpret=True)
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("case", [
+    "gqa_paged16_causal_ragged", "four_new_paged128_window_softcap",
+    "mqa_paged8_padded_queries_splits", "dense_d64", "sinks_d256"])
+def test_mosaic_kernel_matches_reference_on_hopper(case):
+  """The Mosaic kernel (bf16) against the float32 reference: shuffled
+  tables with shared prefix pages and -1 entries, ragged lengths (0 and not
+  a page multiple), several splits (some empty), windows, soft cap, padded
+  query slots, a dense cache, sinks."""
+  lengths = (1000, 0, 357, 3)
+  kw, q_valid, sinks = dict(causal=True), None, None
+  if case == "gqa_paged16_causal_ragged":
+    inputs = _paged(case, d=128, ps=16, max_pages=64, lengths=lengths,
+                    dtype=jnp.bfloat16)
+  elif case == "four_new_paged128_window_softcap":
+    inputs = _paged(case, h=32, hkv=8, d=128, ps=128, max_pages=8,
+                    lengths=lengths, dtype=jnp.bfloat16)
+    kw.update(window=200, softcap=5.0, num_splits=3)
+  elif case == "mqa_paged8_padded_queries_splits":
+    inputs = _paged(case, b=3, sq=16, h=4, hkv=1, d=64, ps=8, max_pages=128,
+                    lengths=(1024, 500, 9), dtype=jnp.bfloat16)
+    q_valid = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [1], [0]]))
+    kw.update(num_splits=7)
+  elif case == "dense_d64":
+    rng = helpers.rng_for(case)
+    keys, values = (jnp.asarray(rng.standard_normal((3, 768, 2, 64)),
+                                jnp.bfloat16) for _ in range(2))
+    kp, vp, table = decode.dense_as_pages(keys, values)
+    n = jnp.asarray([768, 130, 64], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, 2, 8, 64)), jnp.bfloat16)
+    inputs = (q, kp, vp, table, n, n[:, None] - 2 + jnp.arange(2)[None, :])
+  else:
+    inputs = _paged(case, d=256, ps=16, max_pages=32, lengths=(500, 0, 37, 3),
+                    dtype=jnp.bfloat16)
+    sinks = jnp.asarray(helpers.rng_for(case).standard_normal(8),
+                        jnp.float32)
+  decode_kw = {k: kw.pop(k) for k in ("num_splits",) if k in kw}
+  res = jax.jit(functools.partial(
+      decode.decode_attention, sm_scale=0.125, backend="mosaic", sinks=sinks,
+      q_valid=q_valid, **decode_kw, **kw))(*inputs)
+  f32 = [x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+         for x in inputs]
+  out, lse = _reference(*f32, sm_scale=0.125, q_valid=q_valid, **kw)
+  if sinks is not None:
+    out, lse = merge.merge_sinks(out, lse, sinks)
+  _compare((res.out.astype(jnp.float32), res.lse), (out, lse),
+           TOL["bfloat16"], case)

@@ -60,6 +60,8 @@ from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels.flash import interface
+from flexible_attention.kernels.flash import launch as launch_policy
+from flexible_attention.kernels.flash import mosaic_decode
 from flexible_attention.kernels.flash import structure
 from flexible_attention.kernels.flash import triton_decode
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
@@ -67,11 +69,18 @@ from flexible_attention.kernels.flash.structure import MIN_BLOCK
 from flexible_attention.kernels.flash.structure import next_power_of_2
 from flexible_attention.kernels.flash.triton_decode import DecodeLaunch
 from flexible_attention.kernels.flash.triton_decode import DecodeStatic
+from flexible_attention.kernels.flash.mosaic_decode import MosaicDecodeLaunch
 
 WAVES = 2  # Programs per streaming multiprocessor the default split aims at.
 MIN_BLOCKS_PER_SPLIT = 4  # A split reads at least this many blocks.
 BLOCK_TOKENS = 128  # Tokens gathered per loop step (64 for D > 128).
 MAX_PAGE_SIZE = 128  # The largest page `dense_as_pages` makes.
+# The Mosaic kernel's default (tokens per slot, slots) per head size: its
+# slots, query and float32 output tiles fill ~176 KiB of shared memory.
+MOSAIC_BLOCKS = {64: (128, 4), 128: (64, 4), 256: (64, 2)}
+MOSAIC_WAVES = 2
+SHARED_MEMORY = 227 * 1024  # Bytes of shared memory a Hopper block may use.
+SHARED_MEMORY_SLACK = 4096  # Barriers, row vectors, alignment.
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -105,6 +114,25 @@ def decode_unsupported_reason(head_dim: int, value_dim: int, page_size: int
   if not _is_power_of_2(page_size):
     return f"the decode kernel needs a power-of-two page size, got {page_size}"
   return None
+
+
+def _split_count(batch: int, num_kv_heads: int, blocks: int,
+                 num_splits: int | None, core_count: int | None,
+                 waves: int = WAVES) -> tuple[int, int]:
+  """`(S, blocks per split)` for a row of `blocks` loop steps: the split
+  rule (module docstring) or the user's `num_splits`."""
+  if num_splits is None:
+    cores = core_count or _sm_count() or 1
+    want = -(-waves * cores // (batch * num_kv_heads))
+    if batch * num_kv_heads * want < 2 * waves * cores:
+      want = max(want, 2)
+    splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT))
+  elif _positive_int(num_splits):
+    splits = int(num_splits)
+  else:
+    raise ValueError(f"num_splits must be a positive int or None, got "
+                     f"{num_splits!r}.")
+  return splits, -(-blocks // splits)
 
 
 def decode_launch(batch: int, num_kv_heads: int, table_len: int,
@@ -143,21 +171,11 @@ def decode_launch(batch: int, num_kv_heads: int, table_len: int,
         f"page_size >= {MIN_BLOCK} (page_size = {page_size}: at least "
         f"{min_pages}), got {pages_per_block!r}.")
   n = int(pages_per_block)
-  blocks = -(-table_len // n)
-  if num_splits is None:
-    cores = core_count or _sm_count() or 1
-    want = -(-WAVES * cores // (batch * num_kv_heads))
-    if batch * num_kv_heads * want < 2 * WAVES * cores:
-      want = max(want, 2)
-    splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT))
-    pages_per_split = -(-blocks // splits) * n
+  splits, blocks_per_split = _split_count(
+      batch, num_kv_heads, -(-table_len // n), num_splits, core_count)
+  pages_per_split = blocks_per_split * n
+  if num_splits is None:  # No split starts past the table.
     splits = -(-table_len // pages_per_split)
-  elif _positive_int(num_splits):
-    splits = int(num_splits)
-    pages_per_split = -(-blocks // splits) * n
-  else:
-    raise ValueError(f"num_splits must be a positive int or None, got "
-                     f"{num_splits!r}.")
   for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
     if value is not None and not _positive_int(value):
       raise ValueError(f"{name} must be a positive int or None, got "
@@ -165,6 +183,65 @@ def decode_launch(batch: int, num_kv_heads: int, table_len: int,
   return DecodeLaunch(pages_per_block=n, num_splits=splits,
                       pages_per_split=pages_per_split,
                       num_warps=num_warps or 4, num_stages=num_stages or 2)
+
+
+def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
+                         page_size: int, head_dim: int, *,
+                         num_splits: int | None = None,
+                         block_tokens: int | None = None,
+                         stages: int | None = None,
+                         core_count: int | None = None) -> MosaicDecodeLaunch:
+  """The Mosaic GPU decode kernel's launch: `MOSAIC_BLOCKS`' tile and slots
+  for the head size and the split rule (module docstring, with
+  `MOSAIC_WAVES`) over blocks of `block_tokens`, with the given fields over
+  them. A split holds whole blocks and whole pages.
+
+  Args:
+    batch, num_kv_heads: B and Hkv.
+    table_len: M, page-table entries per row.
+    page_size: ps (a power of two >= 8).
+    head_dim: D (== Dv; 64, 128 or 256).
+    num_splits: S, or None for the split rule.
+    block_tokens: tokens per shared-memory slot (a power of two in [64,
+      256]), or None.
+    stages: shared-memory slots (>= 1), or None.
+    core_count: the GPU's streaming multiprocessors (default: the default
+      GPU's; 1 without a GPU).
+
+  Returns:
+    A `MosaicDecodeLaunch`.
+  """
+  default_tokens, default_stages = MOSAIC_BLOCKS.get(head_dim, (64, 2))
+  bk = default_tokens if block_tokens is None else block_tokens
+  if not (_positive_int(bk) and _is_power_of_2(bk) and
+          mosaic_decode.MIN_BLOCK_TOKENS <= bk <= 256):
+    raise ValueError(f"block_tokens must be a power of two in "
+                     f"[{mosaic_decode.MIN_BLOCK_TOKENS}, 256], got "
+                     f"{block_tokens!r}.")
+  stages = default_stages if stages is None else stages
+  if not _positive_int(stages):
+    raise ValueError(f"stages must be a positive int or None, got "
+                     f"{stages!r}.")
+  itemsize = 2  # bf16 / fp16.
+  smem = (mosaic_decode.ROWS * head_dim * itemsize + mosaic_decode.ROWS *
+          min(head_dim, mosaic_decode.OUT_COLUMNS) * 4 +
+          stages * bk * 2 * head_dim * itemsize + SHARED_MEMORY_SLACK)
+  if smem > SHARED_MEMORY:
+    raise ValueError(
+        f"block_tokens = {bk} with stages = {stages} needs {smem} bytes of "
+        f"shared memory at head size {head_dim}; a block has "
+        f"{SHARED_MEMORY}.")
+  unit = max(bk, page_size)  # Splits hold whole blocks and whole pages.
+  units = -(-table_len * page_size // unit)
+  splits, blocks_per_split = _split_count(
+      batch, num_kv_heads, units * (unit // bk), num_splits, core_count,
+      MOSAIC_WAVES)
+  tokens_per_split = -(-blocks_per_split * bk // unit) * unit
+  if num_splits is None:
+    splits = -(-table_len * page_size // tokens_per_split)
+  return MosaicDecodeLaunch(block_tokens=int(bk), num_splits=splits,
+                            tokens_per_split=tokens_per_split,
+                            stages=int(stages))
 
 
 def dense_as_pages(keys, values):
@@ -225,7 +302,9 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   _, page_size, num_kv_heads, value_dim = value_pages.shape
   groups = num_heads // num_kv_heads
   table_len = page_table.shape[1]
-  rows = max(MIN_BLOCK, next_power_of_2(groups * q_len))
+  mosaic = isinstance(launch, MosaicDecodeLaunch)
+  rows = (mosaic_decode.ROWS if mosaic else
+          max(MIN_BLOCK, next_power_of_2(groups * q_len)))
   # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
   qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
   qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
@@ -254,10 +333,17 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   info = jnp.stack([length, lo, hi, jnp.zeros_like(length)],
                    axis=1).astype(jnp.int32)
   # The splits' whole blocks of table entries (no copy when M fills them).
-  table = structure.pad_axis(
-      page_table, 1, launch.num_splits * launch.pages_per_split)
-  outs, lses = triton_decode.decode_partials(
-      st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
+  if mosaic:
+    table = structure.pad_axis(
+        page_table, 1, launch.num_splits * launch.tokens_per_split // page_size)
+    outs, lses = mosaic_decode.decode_partials(
+        st, qr, key_pages, value_pages, table, row_pos, row_ok, info,
+        rows_out=-(-groups * q_len // 8) * 8)
+  else:
+    table = structure.pad_axis(
+        page_table, 1, launch.num_splits * launch.pages_per_split)
+    outs, lses = triton_decode.decode_partials(
+        st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
   # [S, B, Hkv, R, Dv] -> [S, B, Sq, H, Dv]; [S, B, Hkv, R] -> [S, B, H, Sq].
   splits = launch.num_splits
   outs = outs[:, :, :, :q_len * groups].reshape(
@@ -381,6 +467,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                      pages_per_block: int | None = None,
                      num_warps: int | None = None,
                      num_stages: int | None = None,
+                     block_tokens: int | None = None,
+                     stages: int | None = None,
+                     backend: str | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool = False,
                      sinks=None) -> KernelOutput:
@@ -422,6 +511,11 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     pages_per_block: pages gathered per loop step (a power of two, at least
       16 tokens), or None.
     num_warps, num_stages: the Triton launch (None: 4 and 2).
+    block_tokens, stages: the Mosaic GPU launch: tokens per shared-memory
+      slot and slots (None: `MOSAIC_BLOCKS`).
+    backend: `"triton"`, `"mosaic"` (Hopper) or None: the launch policy
+      (`launch.choose_decode_backend`: Mosaic GPU on Hopper where it serves
+      the call, else Triton).
     block_sizes: `fa.BlockSizes` of the flash kernels of the backward
       (as `flash_attention`'s), or None.
     interpret: run the kernel in Pallas' interpreter (CPU tests).
@@ -496,10 +590,24 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   if precision is not None and not isinstance(precision, lax.Precision):
     precision = lax.Precision(precision)
   _check_table_values(page_table, kv_lengths, num_pages, page_size)
-  launch = decode_launch(batch, num_kv_heads, table_len, page_size,
-                         max(head_dim, value_dim), num_splits=num_splits,
-                         pages_per_block=pages_per_block,
-                         num_warps=num_warps, num_stages=num_stages)
+  backend = launch_policy.choose_decode_backend(
+      backend, mosaic_reason=mosaic_decode.unsupported_reason(
+          dtype=q.dtype, head_dim=head_dim, value_dim=value_dim,
+          page_size=page_size, rows=num_heads // num_kv_heads * q_len,
+          interpret=bool(interpret), precision=precision),
+      triton_fields=any(x is not None for x in
+                        (pages_per_block, num_warps, num_stages)),
+      mosaic_fields=block_tokens is not None or stages is not None,
+      interpret=bool(interpret))
+  if backend == "mosaic":
+    launch = mosaic_decode_launch(
+        batch, num_kv_heads, table_len, page_size, head_dim,
+        num_splits=num_splits, block_tokens=block_tokens, stages=stages)
+  else:
+    launch = decode_launch(batch, num_kv_heads, table_len, page_size,
+                           max(head_dim, value_dim), num_splits=num_splits,
+                           pages_per_block=pages_per_block,
+                           num_warps=num_warps, num_stages=num_stages)
   st = DecodeStatic(
       sm_scale=sm_scale, softcap=softcap,
       precision=precision, causal=bool(causal), window=window,

@@ -21,6 +21,12 @@ Which path serves what (the README has it too):
 - dK/dV: likewise on Hopper (its own tiles), else Triton;
 - dQ and the bias gradient: Triton;
 - GPUs before Hopper and `interpret=True`: Triton for every kernel.
+- decode (a cache call with few new tokens, `decode.py`): on Hopper the
+  Mosaic GPU decode kernel (`mosaic_decode`) wherever it serves the call
+  (bf16 / fp16, D == Dv in 64, 128, 256, power-of-two pages of at least 8
+  tokens, `G * Sq <= 64` query rows per KV head, no `precision`) and no
+  Triton launch field is set, else Triton's (`triton_decode`)
+  (`choose_decode_backend`).
 
 `LaunchConfig(fwd_backend=..., dkv_backend=...)` asks for a backend
 explicitly; a Mosaic kernel asked for a call it cannot serve is an error
@@ -45,7 +51,7 @@ from flexible_attention.kernels.flash.structure import next_power_of_2
 # The `fa.BlockSizes` fields the kernels read: (q, k) tiles of each kernel.
 TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                "block_q_dq", "block_k_dq")
-BACKENDS = ("triton", "mosaic")  # Of the forward and dK/dV kernels.
+BACKENDS = ("triton", "mosaic")  # Of the forward, dK/dV and decode kernels.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,3 +384,46 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       if getattr(launch, f"{kernel}_backend", "triton") == "mosaic"
       else _clip(getattr(launch, kernel), q_len, kv_len)
       for kernel in ("fwd", "dkv", "dq")})
+
+
+def choose_decode_backend(backend: str | None, *, mosaic_reason: str | None,
+                          triton_fields: bool, mosaic_fields: bool,
+                          interpret: bool) -> str:
+  """The backend of a decode call: the user's `backend` (checked), or
+  Mosaic GPU on Hopper wherever it serves the call and no Triton launch
+  field is set, else Triton.
+
+  Args:
+    backend: `"triton"`, `"mosaic"` or None (the policy).
+    mosaic_reason: why the Mosaic kernel cannot serve the call, or None.
+    triton_fields, mosaic_fields: whether the caller set launch fields only
+      the Triton (`pages_per_block`, `num_warps`, `num_stages`) or only the
+      Mosaic kernel (`block_tokens`, `stages`) reads.
+    interpret: Pallas' interpreter (Triton only).
+
+  Returns:
+    `"triton"` or `"mosaic"`.
+
+  Raises:
+    ValueError: for an unknown backend, a Mosaic kernel that cannot serve
+      the call, or launch fields of the other backend.
+  """
+  if backend is None:
+    capability = None if interpret else gpu.compute_capability()
+    hopper = capability is not None and 9.0 <= capability < 10.0
+    backend = ("mosaic" if mosaic_fields or (
+        hopper and mosaic_reason is None and not triton_fields) else "triton")
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got "
+                     f"{backend!r}.")
+  if backend == "mosaic" and mosaic_reason is not None:
+    raise ValueError(f"flash decode: the Mosaic GPU kernel cannot serve this "
+                     f"call: {mosaic_reason}.")
+  if (backend == "mosaic" and triton_fields) or (
+      backend == "triton" and mosaic_fields):
+    raise ValueError(
+        "flash decode: pages_per_block, num_warps and num_stages are the "
+        "Triton kernel's launch fields and block_tokens, stages the Mosaic "
+        f"kernel's; the call runs backend={backend!r}, so the other's "
+        "fields would be unused.")
+  return backend

@@ -1,0 +1,303 @@
+"""flash's decode kernel for Hopper, in Mosaic GPU: split-KV over pages.
+
+Computes what the Triton decode kernel (`triton_decode`) computes, from the
+same operands (`decode.py` lays them out), for sm_90: each split's float32
+partial output and natural log-sum-exp, which `decode.py` merges.
+
+Grid `(S, B, Hkv)`; program `(s, b, h)` holds all the query rows of KV head
+`h` in row `b` (`G * Sq` of them, padded to one `wgmma` tile of `ROWS`), so
+each key and value is read once per KV head, and runs two warpgroups:
+
+- a producer that streams the split's keys and values into a ring of
+  `stages` shared-memory slots with TMA. A slot holds `block_tokens` tokens:
+  one copy per page for pages smaller than a block (the page id read from
+  the table, in global memory, before the slot is waited on, so the read
+  overlaps the wait), a slice of one page for larger pages. No dense copy
+  of the cache is ever made, and a dense cache is a table of consecutive
+  pages (`decode.dense_as_pages`);
+- a consumer that runs `q k^T` and `p v` as `wgmma`s on the slots and the
+  online softmax (base 2, raw logits, as `mosaic_fwd`), masking every block
+  with the library's rule (`masks.pair_visible`: a real query row, a token
+  below the row's length, causal / window for the row's position).
+
+Blocks outside the tokens the program's rows can see (past the row's length,
+after its last query under causal, outside the window) are never loaded; a
+split with none writes out 0 and lse -inf. Page ids read from the table are
+clamped to `[0, P)` (as the Triton kernel does).
+
+Shared memory: the query tile `[ROWS, D]`, the slots `stages * block_tokens
+* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 128)]` (wider
+outputs go out 128 columns at a time): about 176 KiB at D = Dv = 128 with 4
+slots of 64 tokens (192 KiB at D = 256 with 2), one program per
+multiprocessor.
+
+Glossary of shapes:
+- B: batch size; Hkv: key/value heads; S: key splits.
+- R: `ROWS` (64), query rows of a program (`G * Sq` real ones);
+  Ro: rows written back (`G * Sq` rounded up to 8).
+- P: pages in the pool; ps: tokens per page; M: page-table entries per row.
+- D, Dv: query/key and value head sizes (D == Dv in 64, 128, 256).
+- bk: `block_tokens`, tokens per slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from flexible_attention.core import masks
+from flexible_attention.kernels.flash.mosaic_common import HEAD_DIMS
+from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.structure import LN2
+from flexible_attention.kernels.flash.structure import LOG2E
+
+ROWS = 64  # Query rows of a program: one wgmma M tile.
+MIN_PAGE_SIZE = 8  # The swizzled slots' row tiling.
+OUT_COLUMNS = 128  # Columns of the float32 output tile in shared memory.
+MIN_BLOCK_TOKENS = 64  # `p v`'s contraction: one 128-byte swizzle of 16 bits.
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeLaunch:
+  """The launch of the Mosaic GPU decode kernel (all fields resolved).
+
+  Attributes:
+    block_tokens: bk, tokens per shared-memory slot (a power of two in
+      [64, 256]: `wgmma`'s N for `q k^T`, its K for `p v`).
+    num_splits: S, the key splits of each row.
+    tokens_per_split: tokens of each split (a multiple of bk and of the page
+      size).
+    stages: shared-memory slots of K and V.
+  """
+
+  block_tokens: int
+  num_splits: int
+  tokens_per_split: int
+  stages: int
+
+
+def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
+                       page_size: int, rows: int, interpret: bool,
+                       precision) -> str | None:
+  """Why this kernel cannot serve a decode call (`rows = G * Sq` query rows
+  per KV head), or None."""
+  if interpret:
+    return "it has no interpreter (interpret=True)"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"it takes bfloat16 or float16 inputs, not {jnp.dtype(dtype)}"
+  if head_dim != value_dim or head_dim not in HEAD_DIMS:
+    return (f"it takes head sizes D == Dv in {HEAD_DIMS}, got D = "
+            f"{head_dim}, Dv = {value_dim}")
+  if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
+    return (f"it takes power-of-two page sizes >= {MIN_PAGE_SIZE}, got "
+            f"{page_size}")
+  if rows > ROWS:
+    return (f"it holds up to {ROWS} query rows per KV head (G * Sq), got "
+            f"{rows}")
+  if precision is not None:
+    return "it has one matmul precision (the inputs' type, float32 sums)"
+  return None
+
+
+def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
+            lse_ref, scratch, *, st, rows_out: int):
+  (q_smem, k_smem, v_smem, vec_smem, out_smem, lse_smem, q_ready, k_ready,
+   v_ready, k_free, v_free) = scratch
+  launch = st.launch
+  bk, stages = launch.block_tokens, launch.stages
+  num_pages, page_size = k_ref.shape[0], k_ref.shape[1]
+  chunk = min(page_size, bk)  # Tokens per copy.
+  split, batch = lax.axis_index("s"), lax.axis_index("b")
+  head, wg = lax.axis_index("h"), lax.axis_index("wg")
+
+  length, lo_token, hi_token = (info_ref[batch, i] for i in range(3))
+  start = split * launch.tokens_per_split
+  lo = jnp.maximum(start, lo_token)
+  hi = jnp.minimum(start + launch.tokens_per_split, hi_token)
+  lo_block = lax.div(lo, bk)
+  hi_block = jnp.where(hi > lo, lax.div(hi + bk - 1, bk), lo_block)
+
+  @pl.when(wg == 0)
+  def _consumer():
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, head], q_smem, q_ready.at[0])
+    plgpu.copy_gmem_to_smem(rowvec_ref.at[batch], vec_smem, q_ready.at[1])
+    plgpu.barrier_wait(q_ready.at[1])
+    rows = plgpu.Layout.WGMMA.reduce(1)
+    shape = (ROWS, bk)
+    row_pos = lax.broadcast_in_dim(load_vector(vec_smem.at[0], rows),
+                                   shape, [0])
+    row_ok = lax.broadcast_in_dim(load_vector(vec_smem.at[1], rows),
+                                  shape, [0]) != 0
+    slots = plgpu.broadcasted_iota(jnp.int32, shape, 1,
+                                   layout=plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_ready.at[0])
+    scale = st.sm_scale * LOG2E if st.softcap is None else LOG2E
+
+    def step(j, carry):
+      acc, m, l = carry
+      slot = lax.rem(j - lo_block, stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def scores(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+
+      s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      if st.softcap is not None:
+        s = st.softcap * jnp.tanh(s * (st.sm_scale / st.softcap))
+      tokens = slots + j * bk
+      vis = masks.pair_visible(row_ok & (tokens < length), row_pos, tokens,
+                               causal=st.causal, window=st.window)
+      s = jnp.where(vis, s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(axis=1) * scale)  # Base 2.
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, shape, [0]))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      plgpu.barrier_wait(v_ready.at[slot])
+
+      def values(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(q_smem.dtype), v_smem.at[slot])
+
+      acc = pl.run_state(values)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    carry = (plgpu.layout_cast(jnp.zeros((ROWS, v_ref.shape[-1]), jnp.float32),
+                               plgpu.Layout.WGMMA),
+             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), rows),
+             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), rows))
+    acc, m, l = lax.fori_loop(lo_block, hi_block, step, carry)
+    nonempty = l > 0.0
+    safe_l = jnp.where(nonempty, l, 1.0)
+    acc = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
+    lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
+    cols = out_smem.shape[1]  # The output goes out `cols` columns at a time.
+    for c in range(acc.shape[1] // cols):
+      if c:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      out_smem[...] = acc[:, c * cols:(c + 1) * cols]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          out_smem.at[pl.ds(0, rows_out)],
+          out_ref.at[split, batch, head, :, pl.ds(c * cols, cols)])
+    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, rows_out)],
+                            lse_ref.at[split, batch, head])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 1)
+  def _producer():
+    def page_ids(j):
+      """The `(page, offset)` of each copy of block j."""
+      ids = []
+      for c in range(bk // chunk):
+        token = j * bk + c * chunk
+        page = jnp.clip(table_ref[batch, lax.div(token, page_size)], 0,
+                        num_pages - 1)
+        ids.append((page, lax.rem(token, page_size) if chunk < page_size
+                    else 0))
+      return ids
+
+    def copy(ref, smem, ready, ids):
+      for c, (page, offset) in enumerate(ids):
+        plgpu.copy_gmem_to_smem(ref.at[page, pl.ds(offset, chunk), head],
+                                smem.at[pl.ds(c * chunk, chunk)], ready)
+
+    def load(j, slot):
+      ids = page_ids(j)
+      copy(k_ref, k_smem.at[slot], k_ready.at[slot], ids)
+      copy(v_ref, v_smem.at[slot], v_ready.at[slot], ids)
+
+    for slot in range(stages):
+      pl.when(lo_block + slot < hi_block)(
+          functools.partial(load, lo_block + slot, slot))
+
+    def refill(j, _):
+      slot = lax.rem(j - lo_block, stages)
+      ids = page_ids(j)  # Read before the wait: the reads overlap it.
+      plgpu.barrier_wait(k_free.at[slot])
+      copy(k_ref, k_smem.at[slot], k_ready.at[slot], ids)
+      plgpu.barrier_wait(v_free.at[slot])
+      copy(v_ref, v_smem.at[slot], v_ready.at[slot], ids)
+
+    lax.fori_loop(lo_block + stages, hi_block, refill, None)
+
+
+def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
+                    row_ok, info, *, rows_out: int):
+  """The decode kernel: each split's partial attention.
+
+  Args:
+    st: the call's `triton_decode.DecodeStatic`, with a `MosaicDecodeLaunch`
+      (its `precision` None, `softcap` None or positive).
+    q: `[B, Hkv, R, D]` bf16 / fp16, row `r` of KV head `h` the query head
+      `h * G + r % G` of new token `r // G` (rows past `G * Sq` padding).
+    key_pages: `[P, ps, Hkv, D]`.
+    value_pages: `[P, ps, Hkv, Dv]`.
+    page_table: `[B, M]` int32, `M * ps >= S * tokens_per_split`.
+    row_pos: `[B, R]` int32, each row's query position.
+    row_ok: `[B, R]` int32, 1 for a real query row.
+    info: `[B, 4]` int32: the row's key count, and the token range
+      `[lo, hi)` outside which none of its queries sees a key.
+    rows_out: Ro, the rows written back (a multiple of 8, at most R).
+
+  Returns:
+    `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
+    split's normalised output and natural log-sum-exp (0 and -inf where the
+    split holds no visible key).
+  """
+  launch = st.launch
+  batch, num_kv_heads, rows, head_dim = q.shape
+  value_dim = value_pages.shape[-1]
+  bk, stages, splits = (launch.block_tokens, launch.stages,
+                        launch.num_splits)
+  if rows != ROWS or rows_out % 8 or not 0 < rows_out <= ROWS:
+    raise ValueError(f"mosaic decode: q must hold R = {ROWS} rows and Ro "
+                     f"a multiple of 8 in (0, {ROWS}], got {rows}, {rows_out}.")
+  chunk = min(key_pages.shape[1], bk)
+  swizzled = wgmma_transforms(q.dtype)
+  rowvec = jnp.stack([row_pos, row_ok], axis=1).astype(jnp.int32)  # [B,2,R]
+
+  def body(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
+           lse_ref):
+    smem = (
+        plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
+        plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=swizzled),
+        plgpu.SMEM((stages, bk, value_dim), q.dtype, transforms=swizzled),
+        plgpu.SMEM((2, ROWS), jnp.int32),
+        plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), jnp.float32),
+        plgpu.SMEM((ROWS,), jnp.float32),
+    )
+    barriers = (
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+    )
+
+    def scoped(smem_refs, barrier_refs):
+      _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
+              lse_ref, (*smem_refs, *barrier_refs), st=st, rows_out=rows_out)
+
+    pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
+
+  out_type = (
+      jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out, value_dim),
+                           jnp.float32),
+      jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out),
+                           jnp.float32))
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(splits, batch, num_kv_heads),
+      grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, key_pages, value_pages, page_table, rowvec, info)
