@@ -13,6 +13,13 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.merge import merge_attention
+from flexible_attention.core.mods import Mods
+from flexible_attention.core.named_mods import T5ScoreMod
+from flexible_attention.core.named_mods import alibi_score_mod
+from flexible_attention.core.named_mods import alibi_slopes
+from flexible_attention.core.named_mods import document_mask_mod
+from flexible_attention.core.named_mods import prefix_lm_mask_mod
+from flexible_attention.core.named_mods import t5_relative_position_bucket
 from flexible_attention.core.reference import reference_attention
 from flexible_attention.core.types import AttentionOutput
 from flexible_attention.core.types import BlockSizes
@@ -52,24 +59,31 @@ __all__ = (
     "FlexibleAttentionModule",
     "KVCache",
     "LAYOUTS",
+    "Mods",
     "MultiHeadAttention",
     "PagedKVCache",
     "PartitionAxis",
+    "T5ScoreMod",
     "Visibility",
+    "alibi_score_mod",
+    "alibi_slopes",
     "available_mechanisms",
     "canonicalize",
     "capabilities",
     "compare_attentions",
     "create_attention",
+    "document_mask_mod",
     "init_cache",
     "init_paged_cache",
     "make_mesh",
     "merge_attention",
     "permute_sequence",
+    "prefix_lm_mask_mod",
     "reference_attention",
     "register_mechanism",
     "select_mechanism",
     "sequence_positions",
     "support_table",
+    "t5_relative_position_bucket",
     "unpermute_sequence",
 )

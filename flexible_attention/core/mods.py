@@ -218,7 +218,8 @@ def _trace(name: str, fn, expected: str, *args):
   except Exception as e:  # pylint: disable=broad-except
     kind = TypeError if isinstance(e, TypeError) else ValueError
     raise kind(f"{name} failed when traced as {expected} (the contract: "
-               f"fa.core.mods): {type(e).__name__}: {e}") from e
+               f"flexible_attention/core/mods.py): {type(e).__name__}: "
+               f"{e}") from e
 
 
 def make_mods(score_mod, mask_mod, mod_args, *, shape: tuple[int, ...],
@@ -248,7 +249,7 @@ def make_mods(score_mod, mask_mod, mod_args, *, shape: tuple[int, ...],
   if score_mod is None and mask_mod is None:
     if mod_args:
       raise ValueError(
-          f"mod_args were given ({len(mod_args)} arrays) but the module has "
+          f"mod_args were given ({len(mod_args)} items) but the module has "
           "no score_mod or mask_mod: build it with score_mod= or mask_mod=.")
     return None
   leaves = jax.tree.leaves(tuple(mod_args))

@@ -5,9 +5,9 @@ of the call, capability checks, the KV cache (explicit or in Haiku state),
 dropout keys, dtype handling and sharding over a mesh. Its options live in an
 `AttentionConfig` (`config.py`), which validates itself when built (by the
 module or by hand). A call runs in five steps: attach the cache, canonicalise
-the arguments into `AttentionInputs`, describe the call as an `AttentionRequest`,
-select the mechanism that serves it (refusing clearly what it cannot), and
-run its pure kernel, under `shard_map` when there is a mesh.
+the arguments into `AttentionInputs`, describe the call as an
+`AttentionRequest`, select the mechanism that serves it (refusing clearly what
+it cannot), and run its pure kernel, under `shard_map` when there is a mesh.
 
 Writing a mechanism: subclass `AttentionModule`, decorate it with
 `@fa.register_mechanism("name")` and override what applies:
@@ -74,7 +74,8 @@ from flexible_attention.core.cache import KVCache
 from flexible_attention.mechanisms import registry
 from flexible_attention.mechanisms.config import AttentionConfig
 # Mechanisms subclass `base.InterpretConfig`; it lives in `config.py`.
-from flexible_attention.mechanisms.config import InterpretConfig  # pylint: disable=unused-import
+# pylint: disable-next=unused-import
+from flexible_attention.mechanisms.config import InterpretConfig
 from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import PartitionAxis
 

@@ -44,7 +44,8 @@ class UlyssesAttention(base.AttentionModule):
   sequence_parallel = True
   capabilities = registry.Capabilities(
       mask=False, bias=False, sharded_sequence=True, sinks=True,
-      score_mod=True, mask_mod=True, block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
+      score_mod=True, mask_mod=True,
+      block_size_fields=("block_q", "block_k", "block_q_dkv", "block_k_dkv"),
       notes=("all-to-all seq->heads; KV heads repeated to fill the sequence "
              "axis; H divisible by it."))
 

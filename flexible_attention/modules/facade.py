@@ -11,7 +11,7 @@ changes the result is dropped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import haiku as hk
 import jax
@@ -94,6 +94,8 @@ class FlexibleAttentionModule(hk.Module):
       force_float32_tpu: bool = False,
       scan_ring_attention: bool = True,
       sinks: bool = False,
+      score_mod: Callable | None = None,
+      mask_mod: Callable | None = None,
       name: str | None = None,
       **mechanism_options: Any,
   ):
@@ -141,6 +143,9 @@ class FlexibleAttentionModule(hk.Module):
         same result. Must be a bool.
       sinks: learn one attention-sink logit per query head (an `[H]`
         parameter `"sinks"`, zeros at init; the README's semantics).
+      score_mod, mask_mod: user score / mask modifications (as
+        `fa.create_attention`; the contract: `core/mods.py`), whose arrays
+        each call passes as `mod_args`.
       name: module name.
       **mechanism_options: options of the mechanism itself (e.g. `flash`'s
         `interpret=True`, `ring`'s `layout=`, `ulysses`'
@@ -171,7 +176,7 @@ class FlexibleAttentionModule(hk.Module):
         sm_scale=sm_scale, dtype=dtype,
         precision=_canonical_precision(precision),
         logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
-        **mechanism_options)
+        score_mod=score_mod, mask_mod=mask_mod, **mechanism_options)
     if shard_attention_computation:
       self.options.update(mesh=mesh, partition_axis=partition_axis)
     elif partition_axis is not None and mesh is None:
@@ -206,6 +211,7 @@ class FlexibleAttentionModule(hk.Module):
       query_sequence_length: int | None = None,
       key_value_sequence_length: int | None = None,
       return_weights: bool = False,
+      mod_args: tuple[Any, ...] = (),
   ) -> AttentionOutput:
     """Runs the chosen mechanism.
 
@@ -224,6 +230,7 @@ class FlexibleAttentionModule(hk.Module):
       query_sequence_length, key_value_sequence_length: optional checks of
         Sq and Sk (the seed API passed them); a mismatch is an error.
       return_weights: also return attention weights (vanilla only).
+      mod_args: the arrays of `score_mod` / `mask_mod` (only with a mod).
 
     Returns:
       `fa.AttentionOutput`.
@@ -257,7 +264,8 @@ class FlexibleAttentionModule(hk.Module):
                               init=jnp.zeros) if self.sinks else None)  # [H]
     return attention(query_states, key_states, value_states, mask=mask,
                      bias=bias, causal=causal, segment_ids=segment_ids,
-                     sinks=sinks, deterministic=deterministic,
+                     sinks=sinks, mod_args=mod_args,
+                     deterministic=deterministic,
                      return_weights=return_weights)
 
   @staticmethod

@@ -90,7 +90,7 @@ class MultiHeadAttention(hk.Module):
       **attention_options: options of `fa.create_attention` (`sm_scale`,
         `dropout_rate`, `logits_soft_cap`, `sliding_window`, `dtype`,
         `precision`, `block_sizes`, `mesh`, `partition_axis`, `decode`,
-        `max_cache_length`, ...).
+        `max_cache_length`, `score_mod`, `mask_mod`, ...).
     """
     super().__init__(name=name)
     if w_init_scale is not None:
@@ -131,6 +131,7 @@ class MultiHeadAttention(hk.Module):
       q_positions: jax.Array | None = None,
       kv_positions: jax.Array | None = None,
       deterministic: bool = True,
+      mod_args: tuple[Any, ...] = (),
   ) -> jax.Array:
     """Computes (optionally masked) multi-head attention.
 
@@ -150,6 +151,9 @@ class MultiHeadAttention(hk.Module):
         deterministic: as `fa.AttentionModule.__call__`, with the batch axis
         `B` = the flattened leading dimensions (`[...]`, `[..., T]`,
         `[..., T']`).
+      mod_args: the arrays of the `score_mod` / `mask_mod` options (only
+        with a mod); their `batch` index is the row of the flattened
+        leading dimensions.
 
     Returns:
       `[..., T, model_size]`.
@@ -245,6 +249,7 @@ class MultiHeadAttention(hk.Module):
         kv_positions=flat_rows(kv_positions, 1, "kv_positions"),
         sinks=(hk.get_parameter("sinks", [self.num_heads], init=jnp.zeros)
                if self.sinks else None),  # [H]
+        mod_args=mod_args,
         deterministic=deterministic).attention_outputs  # [B, T, H, V]
     attn = attn.reshape((*leading, q_len, self.num_heads * self.value_size))
     final_projection = hk.Linear(self.model_size, w_init=self.w_init,

@@ -1,0 +1,535 @@
+"""User score and mask modifications (`score_mod`, `mask_mod`, `mod_args`).
+
+Every CPU mechanism that declares the `score_mod` and `mask_mod`
+capabilities (the list comes from the registry) is checked against the
+float32 reference with the same mods (`core/reference.py`): outputs,
+log-sum-exps and the gradients of q, k, v, the sinks, the bias (where the
+mechanism takes one) and every floating `mod_args` array, on one odd-sized
+causal call that combines a sliding window, a soft cap, segment ids,
+grouped heads, sinks and dropout, with mods that read all four indices
+(head-dependent empty rows: zeros; lse = the sink), on 8-device meshes
+(ring, ulysses: global batch/head indices and positions per shard), and
+through a KV cache. The reference itself is checked against the written
+formula, the named mods (ALiBi, T5 buckets, prefix-LM, documents) against
+the equivalent dense bias / mask passed as `bias=` / `mask=`, and misuse
+raises clear errors. Tolerances: `helpers.tolerance` per dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexible_attention as fa
+from flexible_attention.core import inputs as inputs_lib
+from flexible_attention.core import reference
+from flexible_attention.mechanisms import registry
+import helpers
+
+B, H, HKV, D = 2, 4, 2, 8
+S_ODD, S_MESH = 13, 16
+WINDOW, CAP, RATE = 6, 5.0, 0.2
+RNG = jax.random.PRNGKey(7)
+# The CPU mechanisms with both mods, and the options they need here.
+MECHANISMS = {m: {} for m in fa.available_mechanisms()
+              if fa.capabilities(m).score_mod and fa.capabilities(m).mask_mod
+              and "cpu" in fa.capabilities(m).platforms and m != "auto"}
+MECHANISMS["blockwise"] = {"block_sizes": fa.BlockSizes(4, 8)}
+
+
+def _score_mod(score, batch, head, q_pos, kv_pos, slopes, scale, doc):
+  """Non-linear in the score, reads every index and two float arrays."""
+  del doc
+  return (score * scale[batch] - slopes[head] * jnp.abs(q_pos - kv_pos)
+          + 0.1 * jnp.sin(score))
+
+
+def _mask_mod(batch, head, q_pos, kv_pos, slopes, scale, doc):
+  """Same document, and a head-dependent hole: query positions with
+  (head + q_pos) % 5 == 0 see no key at all (position 0 sees only key 0)."""
+  del slopes, scale
+  same_doc = doc[batch, q_pos] == doc[batch, kv_pos]
+  return same_doc & (((head + q_pos) % 5 != 0) | (kv_pos > q_pos))
+
+
+def _data(s):
+  """Inputs of a call of length `s`: q, k, v, sinks, slopes, scale, bias
+  (floats) and segment ids, doc ids (ints)."""
+  rng = helpers.rng_for("mods", s)
+  q, k, v = helpers.random_qkv(rng, B, s, s, H, HKV, D)
+  arr = lambda *shape: helpers.random_array(rng, shape)
+  seg = np.zeros((B, s), np.int32)
+  seg[0, s // 2 + 1:] = 1  # Two segments in row 0.
+  doc = np.zeros((B, s), np.int32)
+  doc[1, s // 3:] = 1  # Two documents in row 1 (other boundary).
+  slopes = jnp.abs(arr(H)) * 0.3
+  scale = 1.0 + 0.2 * arr(B)
+  return ((q, k, v, arr(H), slopes, scale, arr(1, H, s, s)),
+          (jnp.asarray(seg), jnp.asarray(doc)))
+
+
+def _loss(out, lse):
+  """Reaches out and lse (finite everywhere: the sinks count)."""
+  return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(lse))
+
+
+def _value_and_grads(f, floats, ints):
+  """`(out, lse, grads of floats)` of `f(*floats, *ints) -> (out, lse)`."""
+  def loss(floats, ints):
+    out, lse = f(*floats, *ints)
+    return _loss(out, lse), (out, lse)
+  (_, (out, lse)), grads = helpers.jit(jax.value_and_grad(loss, has_aux=True))(
+      floats, ints)
+  return out, lse, grads
+
+
+def _reference_fn(q, k, v, sinks, slopes, scale, bias, seg, doc, *,
+                  dropout=None):
+  record = inputs_lib.canonicalize(
+      q, k, v, causal=True, segment_ids=seg, sliding_window=WINDOW,
+      bias=bias, sinks=sinks, score_mod=_score_mod, mask_mod=_mask_mod,
+      mod_args=(slopes, scale, doc))
+  result = reference.reference_attention(
+      record.query, record.key, record.value, record.bias,
+      record.visibility, dropout, sm_scale=D**-0.5, softcap=CAP,
+      sinks=record.sinks, mods=record.mods)
+  return result.out, result.lse
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(s: int, bias: bool, dropout: bool):
+  """The reference's `(out, lse, grads)`, with the modules' dropout or
+  without."""
+  floats, ints = _data(s)
+  if not bias:
+    floats = floats[:-1] + (None,)
+  dropout = helpers.reference_dropout(RNG, RATE) if dropout else None
+  return _value_and_grads(functools.partial(_reference_fn, dropout=dropout),
+                          floats, ints)
+
+
+def _module_fn(mechanism, dropout=True, **options):
+  def f(q, k, v, sinks, slopes, scale, bias, seg, doc):
+    attn = fa.create_attention(
+        mechanism, num_heads=H, head_dim=D, num_kv_heads=HKV,
+        sliding_window=WINDOW, logits_soft_cap=CAP, dropout_rate=RATE,
+        score_mod=_score_mod, mask_mod=_mask_mod, **options)
+    result = attn(q, k, v, causal=True, segment_ids=seg, bias=bias,
+                  sinks=sinks, mod_args=(slopes, scale, doc),
+                  deterministic=not dropout, return_lse=True)
+    return result.attention_outputs, result.lse
+  apply = hk.transform(f).apply
+  return lambda *args: apply({}, RNG, *args)
+
+
+GRADS = ("dq", "dk", "dv", "dsinks", "dslopes", "dscale", "dbias")
+
+
+def _check(what, s, apply, bias, dtype=jnp.float32, dropout=True):
+  floats, ints = _data(s)
+  if not bias:
+    floats = floats[:-1] + (None,)
+  cast = lambda x: None if x is None else x.astype(dtype)
+  floats = tuple(cast(x) for x in floats[:3]) + floats[3:]
+  want_out, want_lse, want_grads = _reference(s, bias, dropout)
+  out, lse, grads = _value_and_grads(apply, floats, ints)
+  helpers.assert_close(out, want_out, dtype, f"{what}: out")
+  helpers.assert_close(lse, want_lse, dtype, f"{what}: lse")
+  # Query position 0 of head 0 (and 5 of head 0, 4 of head 1, ...) sees
+  # no key: zeros, and lse is the sink's logit.
+  np.testing.assert_array_equal(np.asarray(out[:, 0, 0], np.float32), 0.0)
+  np.testing.assert_allclose(np.asarray(lse[:, 0, 0]),
+                             np.full((B,), floats[3][0]), rtol=1e-6)
+  for name, got, want in zip(GRADS, grads, want_grads):
+    if want is not None:
+      helpers.assert_close(got, want, dtype, f"{what}: {name}")
+
+
+def test_reference_matches_the_written_formula():
+  """The oracle: the mod after soft cap and bias, the mask and-ed."""
+  (q, k, v, sinks, slopes, scale, bias), (seg, doc) = _data(S_ODD)
+  args = (q, k, v, sinks, slopes, scale, bias, seg, doc)
+  out, lse = jax.jit(_reference_fn)(*args)
+  want, want_lse = jax.jit(_written_formula)(*args)
+  helpers.assert_close(out, want, jnp.float32, "out")
+  helpers.assert_close(lse, want_lse, jnp.float32, "lse")
+
+
+def _written_formula(q, k, v, sinks, slopes, scale, bias, seg, doc):
+  s_len = q.shape[1]
+  kk, vv = (jnp.repeat(x, H // HKV, axis=2) for x in (k, v))
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kk, precision="highest") * D**-0.5
+  s = CAP * jnp.tanh(s / CAP) + bias
+  b = jnp.arange(B)[:, None, None, None]
+  h = jnp.arange(H)[None, :, None, None]
+  qp = jnp.arange(s_len)[None, None, :, None]
+  kp = jnp.arange(s_len)[None, None, None, :]
+  s = _score_mod(s, b, h, qp, kp, slopes, scale, doc)
+  visible = ((kp <= qp) & (kp >= qp - WINDOW) &
+             (seg[:, None, :, None] == seg[:, None, None, :]) &
+             _mask_mod(b, h, qp, kp, slopes, scale, doc))
+  s = jnp.where(visible, s, -jnp.inf)
+  with_sink = jnp.concatenate(
+      [s, jnp.broadcast_to(sinks[None, :, None, None], (B, H, s_len, 1))],
+      -1)
+  lse = jax.nn.logsumexp(with_sink, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vv,
+                   precision="highest")
+  return out, lse
+
+
+@pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
+def test_mods_match_the_reference(mechanism):
+  """Odd lengths, causal + window + soft cap + segments + GQA + sinks +
+  dropout (+ bias where the mechanism takes one): out, lse and the
+  gradients of q, k, v, sinks, the float mod_args (and bias)."""
+  bias = fa.capabilities(mechanism).bias
+  _check(mechanism, S_ODD, _module_fn(mechanism, **MECHANISMS[mechanism]),
+         bias)
+
+
+def test_mods_in_bfloat16():
+  """blockwise on bfloat16 inputs (float32 logits, mods and mod_args),
+  without bias and dropout (which alone take bfloat16's errors near the
+  tolerance here, mods or not)."""
+  _check("blockwise-bf16", S_ODD,
+         _module_fn("blockwise", dropout=False, **MECHANISMS["blockwise"]),
+         False, jnp.bfloat16, dropout=False)
+
+
+@pytest.mark.parametrize("mechanism,dims", [
+    # dp shards the batch, tp the heads, sp the sequence (ring: zigzag).
+    ("ring", (2, 1, 2, 2)),
+    # fsdp = 2 shards the batch, ulysses' head slices on top of tp's.
+    ("ulysses", (1, 2, 2, 2)),
+])
+def test_mods_on_a_mesh(mechanism, dims):
+  """The mods see global batch / head indices and positions on every
+  shard; the gradients of mod_args are summed over the devices."""
+  mesh = fa.make_mesh(axis_dims=dims, axis_names=("dp", "fsdp", "tp", "sp"))
+  _check(f"{mechanism}{dims}", S_MESH, _module_fn(mechanism, mesh=mesh),
+         False)
+
+
+@pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
+def test_mods_through_a_kv_cache(mechanism):
+  """A cache call: the queries sit at the cache's slots, the keys at its
+  token indices; equal to the reference over the full keys."""
+  (q, k, v, sinks, slopes, scale, _), (_, doc) = _data(S_ODD)
+  new = 3
+  cache = fa.init_cache(B, S_ODD, HKV, D)
+  old = S_ODD - new
+  cache = cache._replace(keys=cache.keys.at[:, :old].set(k[:, :old]),
+                         values=cache.values.at[:, :old].set(v[:, :old]),
+                         lengths=jnp.full((B,), old, jnp.int32))
+
+  def f(cache, q, k, v):
+    attn = fa.create_attention(
+        mechanism, num_heads=H, head_dim=D, num_kv_heads=HKV,
+        score_mod=_score_mod, mask_mod=_mask_mod, **MECHANISMS[mechanism])
+    result = attn(q, k, v, cache=cache, causal=True, sinks=sinks,
+                  mod_args=(slopes, scale, doc), return_lse=True)
+    return result.attention_outputs, result.lse
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  out, lse = helpers.jit(apply)({}, cache, q[:, old:], k[:, old:],
+                                v[:, old:])
+
+  def ref(q):
+    rec = inputs_lib.canonicalize(
+        q, k, v, causal=True, sinks=sinks, score_mod=_score_mod,
+        mask_mod=_mask_mod, mod_args=(slopes, scale, doc))
+    res = reference.reference_attention(
+        rec.query, rec.key, rec.value, None, rec.visibility,
+        sm_scale=D**-0.5, sinks=rec.sinks, mods=rec.mods)
+    return res.out, res.lse
+
+  want_out, want_lse = jax.jit(ref)(q[:, old:])
+  helpers.assert_close(out, want_out, jnp.float32, f"{mechanism}: out")
+  helpers.assert_close(lse, want_lse, jnp.float32, f"{mechanism}: lse")
+
+
+# --- The named mods against dense biases and masks ---------------------------
+
+
+def _t5_bucket(relative_position, bidirectional, num_buckets, max_distance):
+  """T5X's `_relative_position_bucket`, in numpy (the rule to match)."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  val_if_large = max_exact + (
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) /
+      np.log(max_distance / max_exact) *
+      (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = np.minimum(val_if_large, num_buckets - 1)
+  return ret + np.where(is_small, n, val_if_large)
+
+
+def _pair_of_calls(mechanism, mod_kind, mod, call):
+  """`f(q, k, v, arg, dense) -> (out with the mod and mod_args=(arg,),
+  out with `dense` as bias or mask)`: the mod on `mechanism`, the dense
+  one on vanilla."""
+  def f(q, k, v, arg, dense):
+    with_mod = fa.create_attention(mechanism, num_heads=H, head_dim=D,
+                                   num_kv_heads=HKV, **{mod_kind: mod})
+    plain = fa.create_attention("vanilla", num_heads=H, head_dim=D,
+                                num_kv_heads=HKV)
+    dense_arg = {"bias" if mod_kind == "score_mod" else "mask": dense}
+    return (with_mod(q, k, v, mod_args=(arg,), **call).attention_outputs,
+            plain(q, k, v, **dense_arg, **call).attention_outputs)
+  return hk.without_apply_rng(hk.transform(f)).apply
+
+
+def _assert_same_function(name, apply, q, k, v, arg, dense_fn):
+  """Outputs and gradients (q, k, v and, for float args, the arg) of the
+  mod and of the dense bias/mask built from the same arg, in one jit."""
+  diff_arg = jnp.issubdtype(arg.dtype, jnp.floating)
+  ct = helpers.random_array(helpers.rng_for(name, "ct"), q.shape)
+
+  @helpers.jit
+  def both(q, k, v, arg):
+    def loss(which, q, k, v, arg):
+      return jnp.sum(apply({}, q, k, v, arg, dense_fn(arg))[which] * ct)
+    argnums = (1, 2, 3, 4) if diff_arg else (1, 2, 3)
+    return [(apply({}, q, k, v, arg, dense_fn(arg))[i],
+             jax.grad(loss, argnums)(i, q, k, v, arg)) for i in (0, 1)]
+
+  (out, grads), (want, want_grads) = both(q, k, v, arg)
+  helpers.assert_close(out, want, jnp.float32, f"{name}: out")
+  for g, w, n in zip(grads, want_grads, ("dq", "dk", "dv", "darg")):
+    helpers.assert_close(g, w, jnp.float32, f"{name}: {n}")
+
+
+def _qkv(s=S_ODD):
+  return helpers.random_qkv(helpers.rng_for("named", s), B, s, s, H, HKV, D)
+
+
+def test_alibi_equals_its_dense_bias():
+  q, k, v = _qkv()
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  np.testing.assert_allclose(fa.alibi_slopes(8),
+                             2.0**-np.arange(1, 9, dtype=np.float32))
+  assert fa.alibi_slopes(6).shape == (6,)
+  distance = np.abs(np.arange(S_ODD)[:, None] - np.arange(S_ODD)[None, :])
+  _assert_same_function(
+      "alibi", _pair_of_calls("blockwise", "score_mod", fa.alibi_score_mod,
+                              dict(causal=True)), q, k, v, slopes,
+      lambda sl: -sl[None, :, None, None] * distance.astype(np.float32))
+
+
+@pytest.mark.parametrize("bidirectional,causal", [(True, False),
+                                                  (False, True)])
+def test_t5_bias_equals_its_dense_bias(bidirectional, causal):
+  """T5's buckets (8 buckets, max distance 6: exact and log buckets both
+  used at S = 13) from a learned [buckets, H] table."""
+  q, k, v = _qkv()
+  mod = fa.T5ScoreMod(bidirectional=bidirectional, num_buckets=8,
+                      max_distance=6)
+  table = helpers.random_array(helpers.rng_for("t5", bidirectional), (8, H))
+  relative = np.arange(S_ODD)[None, :] - np.arange(S_ODD)[:, None]  # kv - q
+  buckets = _t5_bucket(relative, bidirectional, 8, 6)
+  assert buckets.max() == 7 and len(np.unique(buckets)) >= 7
+  _assert_same_function(
+      f"t5-{bidirectional}", _pair_of_calls(
+          "blockwise", "score_mod", mod, dict(causal=causal)), q, k, v, table,
+      lambda t: jnp.moveaxis(t[buckets], -1, 0)[None])
+
+
+def test_prefix_lm_equals_its_dense_mask():
+  q, k, v = _qkv()
+  prefix = jnp.asarray([4, 9], jnp.int32)
+  pos = np.arange(S_ODD)
+  _assert_same_function(
+      "prefix-lm", _pair_of_calls("blockwise", "mask_mod",
+                                  fa.prefix_lm_mask_mod, {}), q, k, v, prefix,
+      lambda p: ((pos[None, None, None, :] < p[:, None, None, None]) |
+                 (pos[None, :] <= pos[:, None])[None, None]))
+
+
+def test_document_mask_equals_its_dense_mask():
+  """doc_ids [B, P] indexed by position: with Sq < Sk the queries are the
+  last positions (bottom-right), and the mod reads their documents."""
+  q, k, v = _qkv()
+  q = q[:, -5:]  # Positions 8..12.
+  doc = jnp.asarray(np.repeat([[0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4],
+                               [0] * 6 + [1] * 7], 1, 0), jnp.int32)
+  _assert_same_function(
+      "document", _pair_of_calls("blockwise", "mask_mod",
+                                 fa.document_mask_mod, dict(causal=True)),
+      q, k, v, doc,
+      lambda d: (d[:, -5:, None] == d[:, None, :])[:, None])
+
+
+# --- Modules, auto ----------------------------------------------------------
+
+
+def test_modules_take_mods_and_mod_args():
+  """`fa.MultiHeadAttention(..., score_mod=)` with mod_args equals the same
+  parameters with the dense bias; the facade passes mask_mod / mod_args
+  on (to auto, which picks a mechanism that has mods)."""
+  x = helpers.random_array(helpers.rng_for("modules"), (B, S_ODD, 8))
+  distance = np.abs(np.arange(S_ODD)[:, None] - np.arange(S_ODD)[None, :])
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+
+  def mha(x, with_mod):
+    init = hk.initializers.VarianceScaling(1.0)
+    if with_mod:
+      return fa.MultiHeadAttention(
+          H, D, w_init=init, mechanism="vanilla",
+          score_mod=fa.alibi_score_mod)(x, x, x, mod_args=(slopes,))
+    bias = (-slopes[:, None, None] * distance)[None]  # [1, H, T, T]
+    return fa.MultiHeadAttention(H, D, w_init=init, mechanism="vanilla")(
+        x, x, x, bias=bias)
+
+  f, g = (hk.without_apply_rng(hk.transform(functools.partial(mha, with_mod=m)))
+          for m in (True, False))
+  params = helpers.jit(f.init)(jax.random.PRNGKey(0), x)
+  helpers.assert_close(helpers.jit(f.apply)(params, x),
+                       helpers.jit(g.apply)(params, x), jnp.float32, "mha")
+  q, k, v = _qkv()
+  prefix = jnp.asarray([4, 9], jnp.int32)
+  chosen = []
+
+  def facade(q, k, v):
+    attn = fa.FlexibleAttentionModule(
+        num_attention_heads=H, head_dims=D, num_key_value_heads=HKV,
+        attn_mechanism="auto", mask_mod=fa.prefix_lm_mask_mod)
+    auto = fa.create_attention("auto", num_heads=H, head_dim=D,
+                               num_kv_heads=HKV,
+                               mask_mod=fa.prefix_lm_mask_mod)
+    auto(q, k, v, mod_args=(prefix,))
+    chosen.append(auto.selected_mechanism)
+    return attn(q, k, v, mod_args=(prefix,)).attention_outputs
+
+  out = helpers.jit(hk.without_apply_rng(hk.transform(facade)).apply)(
+      {}, q, k, v)
+  assert fa.capabilities(chosen[0]).mask_mod
+  pos = np.arange(S_ODD)
+  mask = ((pos[None, None, None, :] < np.asarray(prefix)[:, None, None,
+                                                         None]) |
+          (pos[None, :] <= pos[:, None])[None, None])
+  want = helpers.reference_vjp(q, k, v, None, call=dict(mask=mask)).out
+  helpers.assert_close(out, want, jnp.float32, "facade")
+
+
+# --- Misuse -----------------------------------------------------------------
+
+
+def _call(mechanism="vanilla", mod_args=(), **options):
+  """One unjitted call (everything below raises while tracing)."""
+  q, k, v = _qkv()
+
+  def f(q, k, v):
+    attn = fa.create_attention(mechanism, num_heads=H, head_dim=D,
+                               num_kv_heads=HKV, **options)
+    return attn(q, k, v, causal=True, mod_args=mod_args)
+
+  return hk.without_apply_rng(hk.transform(f)).apply({}, q, k, v)
+
+
+SLOPES = (jnp.ones((H,)),)
+
+
+@pytest.mark.parametrize("options,mod_args,error,match", [
+    (dict(score_mod="alibi"), (), TypeError,
+     r"score_mod must be a callable .* got str"),
+    (dict(mask_mod=1.0), (), TypeError, r"mask_mod must be a callable"),
+    # Signatures that cannot take (score, batch, head, q_pos, kv_pos, *args).
+    (dict(score_mod=lambda s, b, h, q: s), (), TypeError,
+     r"score_mod must be callable as score_mod\(score, batch, head, q_pos, "
+     r"kv_pos, \*mod_args\): 5 positional arguments with the call's 0 "
+     r"mod_args, but its signature is <lambda>\(s, b, h, q\)"),
+    (dict(score_mod=fa.alibi_score_mod), (), TypeError,
+     r"score_mod must be callable as .*: 5 positional arguments with the "
+     r"call's 0 mod_args, but its signature is alibi_score_mod"),
+    (dict(mask_mod=fa.prefix_lm_mask_mod), (jnp.ones((B,), jnp.int32),) * 2,
+     TypeError, r"mask_mod must be callable as mask_mod\(batch, head, q_pos, "
+     r"kv_pos, \*mod_args\): 6 positional arguments with the call's 2"),
+    # Results of the wrong dtype or shape.
+    (dict(score_mod=lambda s, b, h, q, k, sl: s.astype(jnp.bfloat16)),
+     SLOPES, TypeError, r"score_mod must return an array of the score's "
+     r"shape \[B, H, Sq, Sk\] = \(2, 4, 13, 13\) and dtype float32, got "
+     r"shape \(2, 4, 13, 13\) dtype bfloat16"),
+    (dict(score_mod=lambda s, b, h, q, k, sl: sl[h] * s[..., :1]), SLOPES,
+     TypeError, r"score_mod must return .* got shape \(2, 4, 13, 1\)"),
+    (dict(score_mod=lambda s, b, h, q, k, sl: (s, s)), SLOPES, TypeError,
+     r"score_mod must return .* got tuple"),
+    (dict(mask_mod=lambda b, h, q, k: (q - k).astype(jnp.float32)), (),
+     TypeError, r"mask_mod must return a bool array broadcastable to \[B, H, "
+     r"Sq, Sk\] = \(2, 4, 13, 13\) \(True = visible\), got shape "
+     r"\(2, 1, 13, 13\) dtype float32"),
+    (dict(mask_mod=lambda b, h, q, k: jnp.ones((3,), bool)), (), TypeError,
+     r"mask_mod must return a bool array .* got shape \(3,\)"),
+    # A mod that fails when traced (a Python branch on a traced value).
+    (dict(mask_mod=lambda b, h, q, k: q > k if k.sum() > 0 else q < k), (),
+     TypeError, r"mask_mod failed when traced as mask_mod\(batch, head, "
+     r"q_pos, kv_pos, \*mod_args\) .*TracerBoolConversionError"),
+    # mod_args without a mod, or not a tuple of arrays.
+    ({}, SLOPES, ValueError, r"mod_args were given \(1 items\) but the "
+     r"module has no score_mod or mask_mod"),
+    (dict(score_mod=fa.alibi_score_mod), jnp.ones((H,)), TypeError,
+     r"mod_args must be a tuple of arrays"),
+    (dict(score_mod=fa.alibi_score_mod), ("slopes",), TypeError,
+     r"mod_args must hold arrays; leaf 0 is str"),
+    (dict(score_mod=fa.T5ScoreMod(num_buckets=8)), (jnp.ones((4, H)),),
+     ValueError, r"score_mod failed when traced .* the T5 table must be "
+     r"\[num_buckets, H\] = \[8, H\], got shape \(4, 4\)"),
+])
+def test_misuse_raises_naming_the_argument(options, mod_args, error, match):
+  with pytest.raises(error, match=match):
+    _call(mod_args=mod_args, **options)
+
+
+@pytest.mark.parametrize("mechanism,options", [
+    ("flash", dict(interpret=True)),
+    ("ring", dict(block_kernel="flash", interpret=True)),
+])
+def test_mechanisms_without_mods_refuse_them(mechanism, options):
+  """A mechanism (or option) without mods refuses clearly, naming the
+  mechanisms that take them."""
+  for kind, mod, args in (("score_mod", fa.alibi_score_mod, SLOPES),
+                          ("mask_mod", fa.prefix_lm_mask_mod,
+                           (jnp.ones((B,), jnp.int32),))):
+    want = (rf"feature '{kind}' is not supported by mechanism 'flash'; "
+            r"mechanisms that support it: vanilla, blockwise, ring, "
+            r"ulysses, auto" if mechanism == "flash" else
+            rf"ring's block_kernel='flash' has no {kind}.*block_kernel="
+            r"'blockwise'")
+    with pytest.raises(NotImplementedError, match=want):
+      _call(mechanism, mod_args=args, **{kind: mod}, **options)
+
+
+@pytest.mark.parametrize("mechanism,platform", [
+    ("cudnn", "gpu"), ("splash", "tpu"), ("flash", "tpu"), ("flash", "gpu")])
+def test_capabilities_refuse_mods_elsewhere(mechanism, platform):
+  for feature in ("score_mod", "mask_mod"):
+    assert not fa.capabilities(mechanism, platform).supports(feature)
+    request = registry.AttentionRequest(
+        dims=inputs_lib.AttentionDims(B, 128, 128, H, H, 64, 64),
+        dtype="bfloat16", platform=platform, features=frozenset({feature}))
+    reason = registry.unsupported_reason(mechanism, request)
+    assert f"'{feature}'" in reason and "vanilla, blockwise" in reason, (
+        reason)
+
+
+def test_t5_options_are_checked():
+  with pytest.raises(ValueError, match=r"num_buckets must be an int >= 4"):
+    fa.T5ScoreMod(num_buckets=2)
+  with pytest.raises(ValueError, match=r"max_distance must be an int >= 9"):
+    fa.T5ScoreMod(num_buckets=32, max_distance=8)
+  with pytest.raises(TypeError, match=r"bidirectional must be a bool"):
+    fa.T5ScoreMod(bidirectional=1)
+  with pytest.raises(ValueError, match=r"num_heads must be a positive int"):
+    fa.alibi_slopes(0)
