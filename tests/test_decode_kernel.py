@@ -402,9 +402,11 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 @pytest.mark.parametrize("sq,h,d,page_size,kw", [
     (1, 32, 128, 16, {}),
+    (1, 32, 128, 128, {}),
     (4, 32, 64, 128, dict(window=64, softcap=30.0)),
     (16, 16, 256, 8, dict(causal=False, window=(8, 8))),
-], ids=["decode_d128_ps16", "four_new_d64_ps128_window_softcap",
+], ids=["decode_d128_ps16", "decode_d128_ps128_page_slices",
+        "four_new_d64_ps128_window_softcap",
         "sixteen_new_d256_ps8_two_sided_window"])
 def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   """bf16, Hkv = 4 (up to 64 query rows per KV head): the Mosaic GPU
@@ -424,10 +426,14 @@ def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
 
 def test_mosaic_launch_rule():
   """Slots per head size; splits of whole blocks and whole pages that
-  cover the table; the shared-memory budget is checked."""
+  cover the table, in whole waves of programs; the shared-memory budget is
+  checked."""
   one_row = decode.mosaic_decode_launch(1, 8, 8192, 16, 128, core_count=132)
   assert (one_row.block_tokens, one_row.stages) == (64, 4)
-  assert one_row.num_splits == 33
+  assert one_row.num_splits == 16  # 128 programs: one wave.
+  eight_rows = decode.mosaic_decode_launch(8, 8, 2048, 16, 128,
+                                           core_count=132)
+  assert eight_rows.num_splits == 2  # 128 programs of 256 blocks.
   assert one_row.tokens_per_split % 64 == 0
   assert one_row.num_splits * one_row.tokens_per_split >= 8192 * 16
   big_page = decode.mosaic_decode_launch(8, 8, 32, 128, 128, num_splits=5)

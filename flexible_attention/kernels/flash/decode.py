@@ -77,10 +77,12 @@ BLOCK_TOKENS = 128  # Tokens gathered per loop step (64 for D > 128).
 MAX_PAGE_SIZE = 128  # The largest page `dense_as_pages` makes.
 # The Mosaic kernel's default (tokens per slot, slots) per head size: its
 # slots, query and float32 output tiles fill ~176 KiB of shared memory.
-MOSAIC_BLOCKS = {64: (128, 4), 128: (64, 4), 256: (64, 2)}
-MOSAIC_WAVES = 2
+MOSAIC_BLOCKS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
+MOSAIC_SPLIT_OVERHEAD = 4  # A program's fixed cost, in blocks (a guess).
 SHARED_MEMORY = 227 * 1024  # Bytes of shared memory a Hopper block may use.
 SHARED_MEMORY_SLACK = 4096  # Barriers, row vectors, alignment.
+SHARED_MEMORY_PER_CORE = 228 * 1024  # A multiprocessor's (1 KiB per block
+# reserved).
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -185,6 +187,18 @@ def decode_launch(batch: int, num_kv_heads: int, table_len: int,
                       num_warps=num_warps or 4, num_stages=num_stages or 2)
 
 
+def _wave_split(rows: int, blocks: int, cores: int) -> int:
+  """The Mosaic kernel's split count: programs run in waves of `cores` (the
+  programs that fit in the multiprocessors' shared memory), and the time is
+  about `waves * (blocks per split + MOSAIC_SPLIT_OVERHEAD)` blocks; the
+  count that minimises it (the smallest on ties), with at least
+  `MIN_BLOCKS_PER_SPLIT` blocks per split."""
+  most = max(1, blocks // MIN_BLOCKS_PER_SPLIT)
+  cost = lambda s: (-(-rows * s // cores) *
+                    (-(-blocks // s) + MOSAIC_SPLIT_OVERHEAD), s)
+  return min(range(1, most + 1), key=cost)
+
+
 def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
                          page_size: int, head_dim: int, *,
                          num_splits: int | None = None,
@@ -192,9 +206,9 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
                          stages: int | None = None,
                          core_count: int | None = None) -> MosaicDecodeLaunch:
   """The Mosaic GPU decode kernel's launch: `MOSAIC_BLOCKS`' tile and slots
-  for the head size and the split rule (module docstring, with
-  `MOSAIC_WAVES`) over blocks of `block_tokens`, with the given fields over
-  them. A split holds whole blocks and whole pages.
+  for the head size and `_wave_split`'s count over blocks of
+  `block_tokens`, with the given fields over them. A split holds whole
+  blocks and whole pages.
 
   Args:
     batch, num_kv_heads: B and Hkv.
@@ -233,10 +247,17 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
         f"{SHARED_MEMORY}.")
   unit = max(bk, page_size)  # Splits hold whole blocks and whole pages.
   units = -(-table_len * page_size // unit)
-  splits, blocks_per_split = _split_count(
-      batch, num_kv_heads, units * (unit // bk), num_splits, core_count,
-      MOSAIC_WAVES)
-  tokens_per_split = -(-blocks_per_split * bk // unit) * unit
+  blocks = units * (unit // bk)
+  if num_splits is None:
+    per_core = max(1, SHARED_MEMORY_PER_CORE // (smem + 1024))
+    splits = _wave_split(batch * num_kv_heads, blocks,
+                         per_core * (core_count or _sm_count() or 1))
+  elif _positive_int(num_splits):
+    splits = int(num_splits)
+  else:
+    raise ValueError(f"num_splits must be a positive int or None, got "
+                     f"{num_splits!r}.")
+  tokens_per_split = -(-blocks // splits * bk // unit) * unit
   if num_splits is None:
     splits = -(-table_len * page_size // tokens_per_split)
   return MosaicDecodeLaunch(block_tokens=int(bk), num_splits=splits,

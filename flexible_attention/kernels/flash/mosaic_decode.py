@@ -10,9 +10,9 @@ each key and value is read once per KV head, and runs two warpgroups:
 
 - a producer that streams the split's keys and values into a ring of
   `stages` shared-memory slots with TMA. A slot holds `block_tokens` tokens:
-  one copy per page for pages smaller than a block (the page id read from
-  the table, in global memory, before the slot is waited on, so the read
-  overlaps the wait), a slice of one page for larger pages. No dense copy
+  one copy per page for pages smaller than a block (the page ids read from
+  the table, in global memory, one block ahead, so that their latency
+  overlaps the copies), a slice of one page for larger pages. No dense copy
   of the cache is ever made, and a dense cache is a table of consecutive
   pages (`decode.dense_as_pages`);
 - a consumer that runs `q k^T` and `p v` as `wgmma`s on the slots and the
@@ -26,10 +26,10 @@ split with none writes out 0 and lse -inf. Page ids read from the table are
 clamped to `[0, P)` (as the Triton kernel does).
 
 Shared memory: the query tile `[ROWS, D]`, the slots `stages * block_tokens
-* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 128)]` (wider
-outputs go out 128 columns at a time): about 176 KiB at D = Dv = 128 with 4
-slots of 64 tokens (192 KiB at D = 256 with 2), one program per
-multiprocessor.
+* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 64)]` (wider
+outputs go out 64 columns at a time): 164 KiB at D = Dv = 128 with 2 slots
+of 128 tokens (one program per multiprocessor), 100 KiB with 2 slots of 64
+(two).
 
 Glossary of shapes:
 - B: batch size; Hkv: key/value heads; S: key splits.
@@ -60,7 +60,7 @@ from flexible_attention.kernels.flash.structure import LOG2E
 
 ROWS = 64  # Query rows of a program: one wgmma M tile.
 MIN_PAGE_SIZE = 8  # The swizzled slots' row tiling.
-OUT_COLUMNS = 128  # Columns of the float32 output tile in shared memory.
+OUT_COLUMNS = 64  # Columns of the float32 output tile in shared memory.
 MIN_BLOCK_TOKENS = 64  # `p v`'s contraction: one 128-byte swizzle of 16 bits.
 
 
@@ -196,40 +196,45 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
 
   @pl.when(wg == 1)
   def _producer():
-    def page_ids(j):
-      """The `(page, offset)` of each copy of block j."""
-      ids = []
-      for c in range(bk // chunk):
-        token = j * bk + c * chunk
-        page = jnp.clip(table_ref[batch, lax.div(token, page_size)], 0,
-                        num_pages - 1)
-        ids.append((page, lax.rem(token, page_size) if chunk < page_size
-                    else 0))
-      return ids
+    last_block = table_ref.shape[1] * page_size // bk - 1
 
-    def copy(ref, smem, ready, ids):
-      for c, (page, offset) in enumerate(ids):
+    def page_ids(j):
+      """The page of each copy of block j (any j: the table is read inside
+      its bounds)."""
+      j = jnp.clip(j, 0, last_block)
+      return [jnp.clip(table_ref[batch, lax.div(j * bk + c * chunk,
+                                                page_size)], 0, num_pages - 1)
+              for c in range(bk // chunk)]
+
+    def copy(ref, smem, ready, j, pages):
+      for c, page in enumerate(pages):
+        offset = (lax.rem(j * bk + c * chunk, page_size) if chunk < page_size
+                  else 0)
         plgpu.copy_gmem_to_smem(ref.at[page, pl.ds(offset, chunk), head],
                                 smem.at[pl.ds(c * chunk, chunk)], ready)
 
     def load(j, slot):
       ids = page_ids(j)
-      copy(k_ref, k_smem.at[slot], k_ready.at[slot], ids)
-      copy(v_ref, v_smem.at[slot], v_ready.at[slot], ids)
+      copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
+      copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
 
     for slot in range(stages):
       pl.when(lo_block + slot < hi_block)(
           functools.partial(load, lo_block + slot, slot))
 
-    def refill(j, _):
+    def refill(j, ids):
       slot = lax.rem(j - lo_block, stages)
-      ids = page_ids(j)  # Read before the wait: the reads overlap it.
+      # The next block's page ids are read a step ahead: their latency
+      # overlaps this step's waits and copies.
+      next_ids = page_ids(j + 1)
       plgpu.barrier_wait(k_free.at[slot])
-      copy(k_ref, k_smem.at[slot], k_ready.at[slot], ids)
+      copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
       plgpu.barrier_wait(v_free.at[slot])
-      copy(v_ref, v_smem.at[slot], v_ready.at[slot], ids)
+      copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
+      return next_ids
 
-    lax.fori_loop(lo_block + stages, hi_block, refill, None)
+    first = lo_block + stages
+    lax.fori_loop(first, hi_block, refill, page_ids(first))
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
