@@ -429,12 +429,12 @@ def test_mosaic_launch_rule():
   cover the table, in whole waves of programs; the shared-memory budget is
   checked."""
   one_row = decode.mosaic_decode_launch(1, 8, 8192, 16, 128, core_count=132)
-  assert (one_row.block_tokens, one_row.stages) == (64, 4)
+  assert (one_row.block_tokens, one_row.stages) == (128, 2)
   assert one_row.num_splits == 16  # 128 programs: one wave.
   eight_rows = decode.mosaic_decode_launch(8, 8, 2048, 16, 128,
                                            core_count=132)
   assert eight_rows.num_splits == 2  # 128 programs of 256 blocks.
-  assert one_row.tokens_per_split % 64 == 0
+  assert one_row.tokens_per_split % 128 == 0
   assert one_row.num_splits * one_row.tokens_per_split >= 8192 * 16
   big_page = decode.mosaic_decode_launch(8, 8, 32, 128, 128, num_splits=5)
   assert big_page.tokens_per_split % 128 == 0 and big_page.num_splits == 5
