@@ -304,6 +304,45 @@ def _clip(launch: Launch, q_len: int, kv_len: int) -> Launch:
 
 
 
+TRITON_SHARED_MEMORY = 200 * 1024  # The estimate's budget (227 KiB a
+# block on Hopper, less Triton's own buffers).
+
+
+def _triton_shared_memory(kernel: str, launch: Launch, head_dim: int,
+                          itemsize: int) -> int:
+  """A Triton kernel's shared memory, estimated: its resident tiles (fwd: q;
+  dkv: k, v; dq: q, dO) and `num_stages` copies of the streamed ones (fwd,
+  dq: k, v; dkv: q, dO)."""
+  resident, streamed = ((launch.block_q, 2 * launch.block_k)
+                        if kernel == "fwd" else
+                        (2 * launch.block_k, 2 * launch.block_q)
+                        if kernel == "dkv" else
+                        (2 * launch.block_q, 2 * launch.block_k))
+  return (resident + launch.num_stages * streamed) * head_dim * itemsize
+
+
+def fit_shared_memory(kernel: str, launch: Launch, head_dim: int,
+                      itemsize: int) -> Launch:
+  """A default Triton launch shrunk until its estimated shared memory fits
+  (`_triton_shared_memory` <= `TRITON_SHARED_MEMORY`): at most 2 stages,
+  then the streamed tile halved, then the resident one, then 1 stage, never
+  under `MIN_BLOCK`. The 16-bit defaults fit as they are; float32 inputs
+  (twice the bytes) shrink."""
+  streamed = "block_k" if kernel in ("fwd", "dq") else "block_q"
+  resident = "block_q" if streamed == "block_k" else "block_k"
+  steps = [("num_stages", 2), (streamed, None), (resident, None),
+           ("num_stages", 1)]
+  for field, value in steps:
+    while _triton_shared_memory(kernel, launch, head_dim,
+                                itemsize) > TRITON_SHARED_MEMORY:
+      current = getattr(launch, field)
+      new = value if value is not None else max(MIN_BLOCK, current // 2)
+      if new >= current:
+        break
+      launch = dataclasses.replace(launch, **{field: new})
+  return launch
+
+
 def check_result_dtype(name: str, dtype, launch: LaunchConfig, kernel: str,
                        inputs_dtype):
   """Raises `ValueError` when `kernel`'s (`"fwd"` / `"dkv"`) Mosaic backend
@@ -361,6 +400,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   reasons = {"fwd": mosaic_reason or (
       "it has no attention sinks (the Triton forward has)" if sinks
       else None), "dkv": mosaic_reason}
+  user_launch = launch is not None
   if launch is not None:
     check_launch_config(launch, block_sizes)
     for kernel, (fixed, _) in mosaic.items():
@@ -378,11 +418,16 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                             kv_len, fixed):
         launch = dataclasses.replace(
             launch, **{kernel: fixed, f"{kernel}_backend": "mosaic"})
-  # Triton tiles shrink to short calls; a Mosaic kernel's launch is fixed.
+  # Triton tiles shrink to short calls (and the defaults to the shared
+  # memory of wider dtypes); a Mosaic kernel's launch is fixed.
+  itemsize = jnp.dtype(dtype).itemsize
+  triton = lambda kernel: getattr(launch, f"{kernel}_backend",
+                                  "triton") != "mosaic"
+  fitted = lambda kernel, x: (x if user_launch else fit_shared_memory(
+      kernel, x, max(head_dim, value_dim), itemsize))
   return dataclasses.replace(launch, **{
-      kernel: getattr(launch, kernel)
-      if getattr(launch, f"{kernel}_backend", "triton") == "mosaic"
-      else _clip(getattr(launch, kernel), q_len, kv_len)
+      kernel: fitted(kernel, _clip(getattr(launch, kernel), q_len, kv_len))
+      if triton(kernel) else getattr(launch, kernel)
       for kernel in ("fwd", "dkv", "dq")})
 
 
