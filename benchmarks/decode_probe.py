@@ -29,6 +29,7 @@ import numpy as np
 
 from flexible_attention import timing
 from flexible_attention.kernels.flash import decode
+from flexible_attention.kernels import flash as flash_kernel
 
 _CELLS = flags.DEFINE_list(
     "cells", ["8:4096", "64:4096", "8:32768", "1:131072", "8:131072"],
@@ -97,12 +98,12 @@ def _cell(batch, length, new, page, rng):
     options = dict(backend=backend)
     if backend == "triton" and fields:
       warps, stages, tokens, factor = fields
-      default = decode.decode_launch(batch, HKV, table.shape[1], ps, D)
+      default = flash_kernel.decode_launch(batch, HKV, table.shape[1], ps, D)
       options.update(num_warps=warps, num_stages=stages,
                      pages_per_block=max(1, tokens // ps))
     elif backend == "mosaic" and fields:
       tokens, stages, factor = fields
-      default = decode.mosaic_decode_launch(batch, HKV, table.shape[1], ps, D)
+      default = flash_kernel.mosaic_decode_launch(batch, HKV, table.shape[1], ps, D)
       options.update(block_tokens=tokens, stages=stages)
     else:
       factor = 0

@@ -262,22 +262,22 @@ def test_split_rule_fills_the_gpu():
   """Splits fill ~2 waves of the SMs (at least 2 splits under 4 waves),
   each split a whole number of blocks and at least 4 of them; an explicit
   count is kept (even if empty)."""
-  one_row = decode.decode_launch(1, 8, 1024, 128, 128, core_count=132)
+  one_row = flash_kernel.decode_launch(1, 8, 1024, 128, 128, core_count=132)
   assert one_row.pages_per_block == 1 and one_row.num_splits == 32
   assert one_row.num_splits * one_row.pages_per_split >= 1024
-  small = decode.decode_launch(8, 8, 256, 16, 128, core_count=132)
+  small = flash_kernel.decode_launch(8, 8, 256, 16, 128, core_count=132)
   assert small.pages_per_block == 8
   assert small.pages_per_split % 8 == 0 and small.num_splits == 5
-  big_batch = decode.decode_launch(64, 8, 256, 16, 128, core_count=132)
+  big_batch = flash_kernel.decode_launch(64, 8, 256, 16, 128, core_count=132)
   assert big_batch.num_splits == 2  # 512 programs: under 4 waves.
-  bigger = decode.decode_launch(128, 8, 256, 16, 128, core_count=132)
+  bigger = flash_kernel.decode_launch(128, 8, 256, 16, 128, core_count=132)
   assert bigger.num_splits == 1
-  short = decode.decode_launch(1, 1, 12, 16, 128, core_count=132)
+  short = flash_kernel.decode_launch(1, 1, 12, 16, 128, core_count=132)
   assert short.num_splits == 1  # 2 blocks: too few to split.
-  forced = decode.decode_launch(2, 2, 8, 4, 16, num_splits=8,
+  forced = flash_kernel.decode_launch(2, 2, 8, 4, 16, num_splits=8,
                                 pages_per_block=4)
   assert forced.num_splits == 8 and forced.pages_per_split == 4
-  assert decode.decode_launch(2, 2, 8, 4, 256).pages_per_block == 8
+  assert flash_kernel.decode_launch(2, 2, 8, 4, 256).pages_per_block == 8
 
 
 def _lower_for_cuda(fn, *args) -> str:
@@ -428,21 +428,21 @@ def test_mosaic_launch_rule():
   """Slots per head size; splits of whole blocks and whole pages that
   cover the table, in whole waves of programs; the shared-memory budget is
   checked."""
-  one_row = decode.mosaic_decode_launch(1, 8, 8192, 16, 128, core_count=132)
+  one_row = flash_kernel.mosaic_decode_launch(1, 8, 8192, 16, 128, core_count=132)
   assert (one_row.block_tokens, one_row.stages) == (128, 2)
   assert one_row.num_splits == 16  # 128 programs: one wave.
-  eight_rows = decode.mosaic_decode_launch(8, 8, 2048, 16, 128,
+  eight_rows = flash_kernel.mosaic_decode_launch(8, 8, 2048, 16, 128,
                                            core_count=132)
   assert eight_rows.num_splits == 2  # 128 programs of 256 blocks.
   assert one_row.tokens_per_split % 128 == 0
   assert one_row.num_splits * one_row.tokens_per_split >= 8192 * 16
-  big_page = decode.mosaic_decode_launch(8, 8, 32, 128, 128, num_splits=5)
+  big_page = flash_kernel.mosaic_decode_launch(8, 8, 32, 128, 128, num_splits=5)
   assert big_page.tokens_per_split % 128 == 0 and big_page.num_splits == 5
-  assert decode.mosaic_decode_launch(2, 2, 8, 16, 256).stages == 2
+  assert flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 256).stages == 2
   with pytest.raises(ValueError, match="shared memory"):
-    decode.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=128, stages=4)
+    flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=128, stages=4)
   with pytest.raises(ValueError, match="block_tokens"):
-    decode.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=32)
+    flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=32)
 
 
 def test_backend_policy_refuses_what_it_cannot_serve():

@@ -23,19 +23,23 @@ Two backends, neither importing the other, under one launch policy:
   structure vectors and the tile-skipping bounds both backends read;
 - `interface`: `prepare`, the `custom_vjp`, `flash_attention` and the
   un-differentiated `forward_pass` / `backward_pass`;
-- `triton_decode`, `decode`: the decode kernel (split-KV over a paged or
-  dense KV cache, all query heads of a KV head in one program) and
-  `cache_attention`, which serves a KV-cache call with it, or with the
-  general kernels when the call has more new tokens, a bias, a dense mask
-  or dropout (`decode.cache_call_reason`).
+- `triton_decode`, `mosaic_decode`, `decode_launch`, `decode`: the decode
+  kernels (split-KV over a paged or dense KV cache, all query heads of a
+  KV head in one program; Mosaic GPU on Hopper, Triton elsewhere), their
+  launches, and `cache_attention`, which serves a KV-cache call with them,
+  or with the general kernels when the call has more new tokens, a bias, a
+  dense mask or dropout (`decode.cache_call_reason`).
 """
 
 # pylint: disable=g-importing-member
 from flexible_attention.kernels.flash.decode import cache_attention
 from flexible_attention.kernels.flash.decode import decode_attention
-from flexible_attention.kernels.flash.decode import decode_launch
-from flexible_attention.kernels.flash.decode import decode_unsupported_reason
 from flexible_attention.kernels.flash.decode import dense_as_pages
+from flexible_attention.kernels.flash.decode_launch import decode_launch
+from flexible_attention.kernels.flash.decode_launch import (
+    decode_unsupported_reason)
+from flexible_attention.kernels.flash.decode_launch import (
+    mosaic_decode_launch)
 from flexible_attention.kernels.flash.interface import Prepared
 from flexible_attention.kernels.flash.interface import backward_pass
 from flexible_attention.kernels.flash.interface import flash_attention
@@ -71,6 +75,7 @@ __all__ = (
     "cache_attention",
     "decode_attention",
     "decode_launch",
+    "mosaic_decode_launch",
     "decode_unsupported_reason",
     "default_launch_config",
     "dense_as_pages",
