@@ -15,6 +15,9 @@ Writing a mechanism: subclass `AttentionModule`, decorate it with
 - `make_kernel(config, request)` (required): the pure function
   `(AttentionInputs, Dropout | None) -> KernelOutput` of the call; no `hk.*`
   inside. `request` is the call's static description, already accepted.
+  The record's optional parts are the kernel's to apply when it declares
+  them: `sinks`, and `mods` (`score_mod` / `mask_mod`: `core/mods.py`'s
+  `Mods`, whose batch/head offsets the base class sets per shard).
 - `capabilities`: a `fa.Capabilities` record of the platforms, dtypes,
   features, `precision` support and `BlockSizes` fields it supports; the
   default `unsupported_reason`, `auto`, the README's table and the
