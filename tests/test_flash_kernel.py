@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import haiku as hk
 import jax
@@ -30,6 +31,7 @@ import pytest
 import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
@@ -588,6 +590,34 @@ def test_launches_per_gpu_generation(head_dim, causal):
     assert (new.block_q, new.block_k, new.num_warps) == (
         old.block_q, old.block_k, old.num_warps)
     assert new.num_stages == min(old.num_stages, 2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_default_launches_fit_the_shared_memory_of_their_dtype(head_dim,
+                                                               causal):
+  """16-bit defaults are kept as measured; float32 ones shrink until their
+  estimated shared memory is within the 16-bit footprint (or the budget):
+  an H200 refused float32 at D = 128 with the 16-bit tiles (296 KiB)."""
+  choose = functools.partial(
+      flash_launch.choose_launch, head_dim=head_dim,
+      value_dim=head_dim, q_len=4096, kv_len=4096, causal=causal, bias=False,
+      mask=False, dropout=False, precision=None, interpret=False,
+      block_sizes=None, launch=None, float32_results=False)
+  wide, narrow = choose(dtype=jnp.float32), choose(dtype=jnp.bfloat16)
+  measured = flash_kernel.default_launch_config(head_dim, causal)
+  for kernel in ("fwd", "dkv", "dq"):
+    size = lambda launch, itemsize: flash_launch._triton_shared_memory(
+        kernel, getattr(launch, kernel), head_dim, itemsize)
+    assert size(wide, 4) <= max(size(measured, 2),
+                                flash_launch.TRITON_SHARED_MEMORY), kernel
+    if narrow.fwd_backend == "triton" or kernel == "dq":
+      assert getattr(narrow, kernel) == getattr(measured, kernel), kernel
+  if head_dim >= 128:  # Here the 16-bit tiles would not fit in float32.
+    assert any(flash_launch._triton_shared_memory(
+        kernel, getattr(measured, kernel), head_dim, 4) >
+               flash_launch.TRITON_SHARED_MEMORY
+               for kernel in ("fwd", "dkv", "dq"))
 
 
 def test_module_refuses_head_dim_over_256(flash_registered):

@@ -323,18 +323,20 @@ def _triton_shared_memory(kernel: str, launch: Launch, head_dim: int,
 
 def fit_shared_memory(kernel: str, launch: Launch, head_dim: int,
                       itemsize: int) -> Launch:
-  """A default Triton launch shrunk until its estimated shared memory fits
-  (`_triton_shared_memory` <= `TRITON_SHARED_MEMORY`): at most 2 stages,
-  then the streamed tile halved, then the resident one, then 1 stage, never
-  under `MIN_BLOCK`. The 16-bit defaults fit as they are; float32 inputs
-  (twice the bytes) shrink."""
+  """A default Triton launch shrunk until its estimated shared memory
+  (`_triton_shared_memory`) is at most what the same launch needs in 16
+  bits (the measured defaults, which run) or `TRITON_SHARED_MEMORY`: at
+  most 2 stages, then the streamed tile halved, then the resident one, then
+  1 stage, never under `MIN_BLOCK`. 16-bit launches are kept as they are;
+  float32 inputs (twice the bytes) shrink."""
+  limit = max(TRITON_SHARED_MEMORY,
+              _triton_shared_memory(kernel, launch, head_dim, 2))
   streamed = "block_k" if kernel in ("fwd", "dq") else "block_q"
   resident = "block_q" if streamed == "block_k" else "block_k"
   steps = [("num_stages", 2), (streamed, None), (resident, None),
            ("num_stages", 1)]
   for field, value in steps:
-    while _triton_shared_memory(kernel, launch, head_dim,
-                                itemsize) > TRITON_SHARED_MEMORY:
+    while _triton_shared_memory(kernel, launch, head_dim, itemsize) > limit:
       current = getattr(launch, field)
       new = value if value is not None else max(MIN_BLOCK, current // 2)
       if new >= current:
