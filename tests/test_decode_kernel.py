@@ -473,7 +473,8 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
   """The Mosaic kernel (bf16) against the float32 reference: shuffled
   tables with shared prefix pages and -1 entries, ragged lengths (0 and not
   a page multiple), several splits (some empty), windows, soft cap, padded
-  query slots, a dense cache, sinks."""
+  query slots, 64-token slots inside 128-token pages, a dense cache,
+  sinks."""
   lengths = (1000, 0, 357, 3)
   kw, q_valid, sinks = dict(causal=True), None, None
   if case == "gqa_paged16_causal_ragged":
@@ -482,7 +483,7 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
   elif case == "four_new_paged128_window_softcap":
     inputs = _paged(case, h=32, hkv=8, d=128, ps=128, max_pages=8,
                     lengths=lengths, dtype=jnp.bfloat16)
-    kw.update(window=200, softcap=5.0, num_splits=3)
+    kw.update(window=200, softcap=5.0, num_splits=3, block_tokens=64)
   elif case == "mqa_paged8_padded_queries_splits":
     inputs = _paged(case, b=3, sq=16, h=4, hkv=1, d=64, ps=8, max_pages=128,
                     lengths=(1024, 500, 9), dtype=jnp.bfloat16)
@@ -501,7 +502,8 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
                     dtype=jnp.bfloat16)
     sinks = jnp.asarray(helpers.rng_for(case).standard_normal(8),
                         jnp.float32)
-  decode_kw = {k: kw.pop(k) for k in ("num_splits",) if k in kw}
+  decode_kw = {k: kw.pop(k) for k in ("num_splits", "block_tokens")
+               if k in kw}
   res = jax.jit(functools.partial(
       decode.decode_attention, sm_scale=0.125, backend="mosaic", sinks=sinks,
       q_valid=q_valid, **decode_kw, **kw))(*inputs)
