@@ -17,6 +17,7 @@ raises clear errors. Tolerances: `helpers.tolerance` per dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import haiku as hk
@@ -28,6 +29,8 @@ import pytest
 import flexible_attention as fa
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
+from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels import gpu
 from flexible_attention.mechanisms import registry
 import helpers
 
@@ -202,6 +205,14 @@ def test_mods_in_bfloat16():
          False, jnp.bfloat16, dropout=False)
 
 
+def test_flash_mods_match_the_reference():
+  """flash's Triton kernels (interpreted), the same battery: the score_mod
+  (slopes[head] * |q_pos - kv_pos|, scale[batch], sin(score)) and the
+  document mask_mod evaluated per tile (`kernels/flash/mod_lowering.py`),
+  gradients of the [H] slopes and [B] scale computed in-kernel."""
+  _check("flash", S_ODD, _module_fn("flash", interpret=True), True)
+
+
 @pytest.mark.parametrize("mechanism,dims", [
     # dp shards the batch, tp the heads, sp the sequence (ring: zigzag).
     ("ring", (2, 1, 2, 2)),
@@ -372,6 +383,115 @@ def test_document_mask_equals_its_dense_mask():
       lambda d: (d[:, -5:, None] == d[:, None, :])[:, None])
 
 
+def test_flash_named_mods_equal_their_dense_bias_and_mask():
+  """flash (interpreted) with ALiBi (its [H] slopes differentiated) and the
+  prefix-LM mask_mod together, Sq = 5 < Sk = 13 (bottom-right positions),
+  grouped heads, against vanilla with the dense bias and mask: outputs and
+  gradients of q, k, v and the slopes."""
+  q, k, v = _qkv()
+  q = q[:, -5:]  # Positions 8..12.
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  prefix = jnp.asarray([10, 3], jnp.int32)
+  qp, kp = np.arange(8, 13)[:, None], np.arange(S_ODD)[None, :]
+
+  def f(q, k, v, slopes):
+    modded = fa.create_attention(
+        "flash", num_heads=H, head_dim=D, num_kv_heads=HKV, interpret=True,
+        score_mod=lambda *a: fa.alibi_score_mod(*a[:6]),
+        mask_mod=lambda *a: fa.prefix_lm_mask_mod(*a[:4], a[5]))
+    dense = fa.create_attention("vanilla", num_heads=H, head_dim=D,
+                                num_kv_heads=HKV)
+    bias = -slopes[None, :, None, None] * np.abs(qp - kp).astype(np.float32)
+    mask = (kp < prefix[:, None, None, None]) | (kp <= qp)[None, None]
+    return (modded(q, k, v, mod_args=(slopes, prefix)).attention_outputs,
+            dense(q, k, v, bias=bias, mask=mask).attention_outputs)
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  ct = helpers.random_array(helpers.rng_for("flash-named", "ct"), q.shape)
+
+  @helpers.jit
+  def both(q, k, v, slopes):
+    loss = lambda i, *a: jnp.sum(apply({}, *a)[i] * ct)
+    return [(apply({}, q, k, v, slopes)[i],
+             jax.grad(loss, (1, 2, 3, 4))(i, q, k, v, slopes)) for i in (0, 1)]
+
+  (out, grads), (want, want_grads) = both(q, k, v, slopes)
+  helpers.assert_close(out, want, jnp.float32, "flash named: out")
+  for g, w, n in zip(grads, want_grads, ("dq", "dk", "dv", "dslopes")):
+    helpers.assert_close(g, w, jnp.float32, f"flash named: {n}")
+
+
+def _lower_for_cuda(fn, *args) -> str:
+  """`fn`'s StableHLO for CUDA, lowered on any machine: the Pallas ->
+  Triton lowering runs (as in tests/test_decode_kernel.py)."""
+  device = getattr(jax.sharding, "AbstractDevice", None)
+  context = contextlib.nullcontext()
+  if device is not None:
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+    context = jax.sharding.use_abstract_mesh(mesh)
+  with context:
+    return jax.jit(fn).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+def _flash_kernel_fn(mod_kind, mod, grad=True, **call):
+  """`fn(q, k, v, arg)`: the flash kernels (compiled path) with one mod and
+  `mod_args=(arg,)`; the gradients of q, k, v (and a float arg) if `grad`."""
+  def attend(q, k, v, arg):
+    record = inputs_lib.canonicalize(q, k, v, mod_args=(arg,),
+                                     **{mod_kind: mod}, **call)
+    out = flash_kernel.flash_attention(record, sm_scale=0.125).out
+    return jnp.sum(out.astype(jnp.float32))
+
+  def fn(q, k, v, arg):
+    if not grad:
+      return attend(q, k, v, arg)
+    floating = jnp.issubdtype(arg.dtype, jnp.floating)
+    return jax.grad(attend, (0, 1, 2, 3) if floating else (0, 1, 2))(
+        q, k, v, arg)
+  return fn
+
+
+_T5 = fa.T5ScoreMod(num_buckets=8, max_distance=16)
+LOWERED = {  # name: (mod kind, mod, arg, gradients, call)
+    "alibi": ("score_mod", fa.alibi_score_mod, jnp.ones((H,)), True,
+              dict(causal=True)),
+    "t5": ("score_mod", _T5, jnp.ones((8, H)), False, {}),
+    "prefix_lm": ("mask_mod", fa.prefix_lm_mask_mod,
+                  jnp.ones((B,), jnp.int32), True, {}),
+    "documents": ("mask_mod", fa.document_mask_mod,
+                  jnp.ones((B, 64), jnp.int32), True, dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOWERED))
+def test_flash_mods_lower_to_triton_for_cuda(name, monkeypatch):
+  """The compiled path: forward and backward kernels with the mod lower
+  through Pallas' Triton lowering (bf16, D = 64), on Hopper too (mods take
+  the Triton kernels, never the Mosaic ones); T5 forward only."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  kind, mod, arg, grad, call = LOWERED[name]
+  q = jnp.ones((B, 64, H, 64), jnp.bfloat16)
+  kv = jnp.ones((B, 64, HKV, 64), jnp.bfloat16)
+  text = _lower_for_cuda(_flash_kernel_fn(kind, mod, grad, **call), q, kv,
+                         kv, arg)
+  assert "triton" in text and "mosaic_gpu" not in text
+
+
+def test_flash_refuses_the_t5_table_gradient():
+  """[buckets, H] is over H elements: flash's kernels cannot sum its
+  gradient; the differentiated call is refused, naming who can."""
+  q = jnp.ones((B, 64, H, 64), jnp.bfloat16)
+  kv = jnp.ones((B, 64, HKV, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match=(
+      r"gradients of float mod_args of at most H = 4 elements .* leaf 0 of "
+      r"shape \[8, 4\]\. Mechanisms that compute any mod_args gradient: "
+      r"vanilla, blockwise, ring, ulysses")):
+    jax.eval_shape(_flash_kernel_fn("score_mod", _T5), q, kv, kv,
+                   jnp.ones((8, H)))
+
+
 # --- Modules, auto ----------------------------------------------------------
 
 
@@ -492,27 +612,32 @@ def test_misuse_raises_naming_the_argument(options, mod_args, error, match):
     _call(mod_args=mod_args, **options)
 
 
-@pytest.mark.parametrize("mechanism,options", [
-    ("flash", dict(interpret=True)),
-    ("ring", dict(block_kernel="flash", interpret=True)),
-])
-def test_mechanisms_without_mods_refuse_them(mechanism, options):
-  """A mechanism (or option) without mods refuses clearly, naming the
-  mechanisms that take them."""
+def test_ring_with_flash_blocks_refuses_mods():
+  """An option without mods refuses clearly, naming what takes them."""
   for kind, mod, args in (("score_mod", fa.alibi_score_mod, SLOPES),
                           ("mask_mod", fa.prefix_lm_mask_mod,
                            (jnp.ones((B,), jnp.int32),))):
-    want = (rf"feature '{kind}' is not supported by mechanism 'flash'; "
-            r"mechanisms that support it: vanilla, blockwise, ring, "
-            r"ulysses, auto" if mechanism == "flash" else
-            rf"ring's block_kernel='flash' has no {kind}.*block_kernel="
+    want = (rf"ring's block_kernel='flash' has no {kind}.*block_kernel="
             r"'blockwise'")
     with pytest.raises(NotImplementedError, match=want):
-      _call(mechanism, mod_args=args, **{kind: mod}, **options)
+      _call("ring", mod_args=args, **{kind: mod}, block_kernel="flash",
+            interpret=True)
+
+
+@pytest.mark.parametrize("mod,match", [
+    # A primitive Triton cannot lower (erf), and a mod_args array used
+    # whole rather than indexed.
+    (lambda s, b, h, q, k, sl: s + jax.lax.erf(sl[h]), r"the primitive 'erf'"),
+    (lambda s, b, h, q, k, sl: s + jnp.sum(sl), r"mod_args array used whole"),
+])
+def test_flash_refuses_mods_triton_cannot_lower(mod, match):
+  with pytest.raises(NotImplementedError, match=match + r".*mechanisms that "
+                     r"take any score_mod: vanilla, blockwise, ring, ulysses"):
+    _call("flash", mod_args=SLOPES, score_mod=mod, interpret=True)
 
 
 @pytest.mark.parametrize("mechanism,platform", [
-    ("cudnn", "gpu"), ("splash", "tpu"), ("flash", "tpu"), ("flash", "gpu")])
+    ("cudnn", "gpu"), ("splash", "tpu"), ("flash", "tpu")])
 def test_capabilities_refuse_mods_elsewhere(mechanism, platform):
   for feature in ("score_mod", "mask_mod"):
     assert not fa.capabilities(mechanism, platform).supports(feature)

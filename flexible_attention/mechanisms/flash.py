@@ -87,8 +87,12 @@ class FlashAttention(base.AttentionModule):
   window, segment ids, kv lengths, explicit positions, KV caches), with
   fully invisible tiles skipped; grouped-query heads read their KV head
   through the launch's index maps (K/V are never repeated); soft cap, bias
-  (and its gradient), a dense mask when one is passed, and dropout with the
-  library's hash (bit-identical to `vanilla`). Any Sq, Sk and head sizes up
+  (and its gradient), a dense mask when one is passed, dropout with the
+  library's hash (bit-identical to `vanilla`), sinks, and `score_mod` /
+  `mask_mod` evaluated per tile in the Triton kernels
+  (`kernels/flash/mod_lowering.py`: mods that index `mod_args` by point
+  gathers and use primitives Triton lowers; gradients to float `mod_args`
+  leaves of at most H elements, larger ones refused). Any Sq, Sk and head sizes up
   to 256 (padded inside). See `kernels/flash/`.
 
   Runs on GPU. On Hopper (sm_90) the forward and dK/dV kernels of the calls
@@ -121,7 +125,8 @@ class FlashAttention(base.AttentionModule):
   """
 
   capabilities = registry.Capabilities(
-      platforms=("gpu", "tpu"), weights=False, sinks=True,
+      platforms=("gpu", "tpu"), weights=False, sinks=True, score_mod=True,
+      mask_mod=True,
       block_size_fields=BLOCK_FIELDS, sharded_sequence=True,
       notes=("Pallas/Triton fused kernels; D, Dv <= 256; CPU only with "
              "interpret=True; on TPU JAX's Pallas TPU kernel (its own "
@@ -168,9 +173,11 @@ class FlashAttention(base.AttentionModule):
       return functools.partial(flash_tpu.flash_attention,
                                sm_scale=config.scale,
                                block_sizes=config.block_sizes)
-    # A KV-cache call goes to the decode kernel when it can serve it.
+    # A KV-cache call goes to the decode kernel when it can serve it; with
+    # mods, to the general kernels (the decode kernels take none).
+    mods = {"score_mod", "mask_mod"} & request.features
     attend = (flash_kernel.cache_attention if "cache" in request.features
-              else flash_kernel.flash_attention)
+              and not mods else flash_kernel.flash_attention)
     return functools.partial(
         attend, sm_scale=config.scale, softcap=config.logits_soft_cap,
         precision=config.precision, block_sizes=config.block_sizes,

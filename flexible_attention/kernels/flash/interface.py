@@ -32,6 +32,7 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels.flash import launch as launch_lib
+from flexible_attention.kernels.flash import mod_lowering
 from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_fwd
@@ -49,17 +50,27 @@ def _mosaic_operands(st: Static, q, aux, bounds: str):
                                                         q.shape[1])
 
 
-def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None):
+def _with_mods(st: Static, aux, mods):
+  """`aux` with the mods' kernel operands (`mod_lowering.operands`)."""
+  if st.mods is None:
+    return aux
+  return {**aux, **mod_lowering.operands(st.mods, mods)}
+
+
+def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None,
+             mods=None):
   """`out [B, Sqp, H, Dvp]` (out_dtype, default q's) and natural-log
   `lse [B, H, Sqp]` (float32), by the forward's backend (Triton with
-  `sinks [H]`: `launch.choose_launch`)."""
+  `sinks [H]` or `mods`, a `core.mods.Mods`: `launch.choose_launch`)."""
   if st.launch.fwd_backend == "mosaic":
     assert sinks is None, "the Mosaic forward has no sinks"
+    assert st.mods is None, "the Mosaic forward has no mods"
     launch_lib.check_result_dtype("out_dtype", out_dtype, st.launch, "fwd",
                                   q.dtype)
     return mosaic_fwd.forward(st, q, k, v,
                               *_mosaic_operands(st, q, aux, "bounds_fwd"))
-  return triton_fwd.forward(st, q, k, v, bias, aux, out_dtype, sinks)
+  return triton_fwd.forward(st, q, k, v, bias, _with_mods(st, aux, mods),
+                            out_dtype, sinks)
 
 
 def _sum_to(x, shape):
@@ -70,9 +81,11 @@ def _sum_to(x, shape):
 
 
 def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
-              grad_dtype=None):
+              grad_dtype=None, mods=None):
   """Gradients of q, k, v (in grad_dtype, default their own) and bias (all
-  padded)."""
+  padded), and the float32 partial gradients of the small float mod_args
+  (`triton_bwd.dkdv`'s dict; empty without a score_mod)."""
+  aux = _with_mods(st, aux, mods)
   # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
   # One fused multiply-and-reduce over dO and O.
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32),
@@ -81,9 +94,10 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
   dout = dout.astype(q.dtype)
+  parts = {}
   if st.launch.atomic_dq:
-    dk, dv, dq = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2, delta,
-                                 grad_dtype)
+    dk, dv, dq, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
+                                        delta, grad_dtype)
     dq = dq.astype(grad_dtype or q.dtype)
   elif st.launch.dkv_backend == "mosaic":
     launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dkv",
@@ -93,8 +107,8 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=False, grad_dtype=grad_dtype)
   else:
-    dk, dv = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2, delta,
-                             grad_dtype)
+    dk, dv, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
+                                    delta, grad_dtype)
     dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=False, grad_dtype=grad_dtype)
   dbias = None
@@ -102,28 +116,35 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     ds = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=True)
     dbias = _sum_to(ds, bias.shape).astype(bias.dtype)
-  return dq, dk, dv, dbias
+  return dq, dk, dv, dbias, parts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q, k, v, bias, aux, sinks):
-  return _forward(st, q, k, v, bias, aux, sinks=sinks)
+def _flash(st, q, k, v, bias, aux, sinks, mods):
+  return _forward(st, q, k, v, bias, aux, sinks=sinks, mods=mods)
 
 
-def _flash_fwd(st, q, k, v, bias, aux, sinks):
-  out, lse = _forward(st, q, k, v, bias, aux, sinks=sinks)
-  return (out, lse), (q, k, v, bias, aux, sinks, out, lse)
+def _flash_fwd(st, q, k, v, bias, aux, sinks, mods):
+  out, lse = _forward(st, q, k, v, bias, aux, sinks=sinks, mods=mods)
+  return (out, lse), (q, k, v, bias, aux, sinks, mods, out, lse)
 
 
 def _flash_bwd(st, residuals, cotangents):
-  q, k, v, bias, aux, sinks, out, lse = residuals
+  q, k, v, bias, aux, sinks, mods, out, lse = residuals
   dout, dlse = cotangents
+  if st.score_mod:
+    mod_lowering.check_grads(st.mods, q.shape[2])
   # The lse counts the sinks, so the kernels' p = exp(s - lse) and their
   # dq, dk, dv are unchanged; dsinks in XLA (`merge.sink_gradient`).
-  dq, dk, dv, dbias = _backward(st, q, k, v, bias, aux, out, lse, dout, dlse)
+  dq, dk, dv, dbias, parts = _backward(st, q, k, v, bias, aux, out, lse,
+                                       dout, dlse, mods=mods)
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)
-  return dq, dk, dv, dbias, None, dsinks
+  dmods = None
+  if mods is not None:  # mod_args' gradients: the kernels' partials summed.
+    dmods = mods.cotangent(mod_lowering.sum_partials(st.mods, mods, parts)
+                           if st.score_mod else None)
+  return dq, dk, dv, dbias, None, dsinks, dmods
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -189,7 +210,7 @@ def prepare(inputs: AttentionInputs,
       mask=vis.mask is not None, dropout=dropout is not None,
       precision=precision, interpret=interpret, block_sizes=block_sizes,
       launch=launch, float32_results=float32_results,
-      sinks=inputs.sinks is not None)
+      sinks=inputs.sinks is not None, mods=inputs.mods is not None)
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad = structure.round_up(q_len, q_mult)
@@ -212,7 +233,8 @@ def prepare(inputs: AttentionInputs,
       precision=precision, causal=vis.causal, window=vis.window,
       segments=vis.has_segments, mask=vis.mask is not None,
       dropout_rate=None if dropout is None else float(dropout.rate),
-      groups=dims.groups, launch=launch, interpret=bool(interpret))
+      groups=dims.groups, launch=launch, interpret=bool(interpret),
+      mods=mod_lowering.kernel_mods(inputs.mods, dims.num_heads))
   aux.update(structure.tile_bounds(st, aux))
   return Prepared(st, qp, kp, vp, bias, aux, q_len, kv_len, dims.head_dim,
                   dims.value_dim)
@@ -223,6 +245,13 @@ def _pad_rows(call: Prepared, x, axis: int, value=0.0):
   return structure.pad_axis(x, axis, call.q.shape[1], value=value)
 
 
+def _no_mods(call: Prepared):
+  if call.static.mods is not None:
+    raise NotImplementedError(
+        "flash: forward_pass / backward_pass take no score_mod / mask_mod "
+        "(flash_attention does); a ring's block_kernel='blockwise' does.")
+
+
 def forward_pass(call: Prepared, out_dtype=None) -> KernelOutput:
   """The forward kernel alone (not differentiable).
 
@@ -230,6 +259,7 @@ def forward_pass(call: Prepared, out_dtype=None) -> KernelOutput:
     `KernelOutput(out [B, Sq, H, Dv] in out_dtype (default: q's), lse [B, H,
     Sq] float32, None)`; rows that see no key have out 0 and lse -inf.
   """
+  _no_mods(call)
   out, lse = _forward(call.static, call.q, call.k, call.v, call.bias,
                       call.aux, out_dtype)
   return KernelOutput(out[:, :call.q_len, :, :call.value_dim],
@@ -254,15 +284,16 @@ def backward_pass(call: Prepared, out, lse, dout, dlse=None,
     `(dq [B, Sq, H, D], dk [B, Sk, Hkv, D], dv [B, Sk, Hkv, Dv], dbias)`,
     with dbias None unless the call has a bias.
   """
+  _no_mods(call)
   pad_q = lambda x: structure.pad_axis(_pad_rows(call, x, 1), 3,
                                        call.v.shape[3])
   out, dout = pad_q(out), pad_q(dout)
   lse = _pad_rows(call, lse, 2, value=-jnp.inf)
   if dlse is not None:
     dlse = _pad_rows(call, dlse, 2)
-  dq, dk, dv, dbias = _backward(call.static, call.q, call.k, call.v,
-                                call.bias, call.aux, out, lse, dout, dlse,
-                                grad_dtype)
+  dq, dk, dv, dbias, _ = _backward(call.static, call.q, call.k, call.v,
+                                   call.bias, call.aux, out, lse, dout, dlse,
+                                   grad_dtype)
   if dbias is not None:
     dbias = dbias[..., :call.q_len if dbias.shape[-2] > 1 else 1,
                   :call.kv_len if dbias.shape[-1] > 1 else 1]
@@ -305,7 +336,7 @@ def flash_attention(inputs: AttentionInputs,
                  precision=precision, block_sizes=block_sizes, launch=launch,
                  interpret=interpret)
   out, lse = _flash(call.static, call.q, call.k, call.v, call.bias, call.aux,
-                    inputs.sinks)
+                    inputs.sinks, inputs.mods)
   out = out[:, :call.q_len, :, :call.value_dim]
   lse = lse[:, :, :call.q_len]
   return KernelOutput(out, lse, None)

@@ -364,7 +364,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   dropout: bool, precision, interpret: bool,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
-                  float32_results: bool, sinks: bool = False) -> LaunchConfig:
+                  float32_results: bool, sinks: bool = False,
+                  mods: bool = False) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
   kernels wherever they serve the call; Triton tiles clipped to the call.
@@ -383,6 +384,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       into its normalisation (the Mosaic forward has none, so such calls
       take the Triton forward: the same function; the backward kernels,
       Mosaic's dK/dV included, only read the log-sum-exp).
+    mods: the call has a score_mod or mask_mod, which only the Triton
+      kernels evaluate (`mod_lowering`): it takes them for every kernel.
 
   Returns:
     The `LaunchConfig` the call runs with.
@@ -390,6 +393,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   mosaic_reason = mosaic_common.unsupported_reason(
       dtype=dtype, head_dim=head_dim, value_dim=value_dim, bias=bias,
       mask=mask, dropout=dropout, interpret=interpret, precision=precision)
+  if mods and mosaic_reason is None:
+    mosaic_reason = "it has no score_mod / mask_mod (the Triton kernels have)"
   if float32_results and jnp.dtype(dtype) != jnp.float32:
     mosaic_reason = (
         f"it writes the inputs' {jnp.dtype(dtype)}, and the caller wants "

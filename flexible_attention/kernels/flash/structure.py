@@ -55,6 +55,8 @@ class Static:
     groups: G = H // Hkv, query heads per key/value head.
     launch: the kernels' `launch.LaunchConfig` (tiles and backends).
     interpret: run the Triton kernels in Pallas' interpreter.
+    mods: the call's score / mask modifications as the Triton kernels read
+      them (`mod_lowering.KernelMods`), or None.
   """
 
   sm_scale: float
@@ -68,6 +70,15 @@ class Static:
   groups: int
   launch: Any  # launch.LaunchConfig
   interpret: bool
+  mods: Any = None  # mod_lowering.KernelMods
+
+  @property
+  def mask_mod(self) -> bool:
+    return self.mods is not None and self.mods.mask_mod is not None
+
+  @property
+  def score_mod(self) -> bool:
+    return self.mods is not None and self.mods.score_mod is not None
 
   def vectors(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The names of the query and key vectors a masked tile reads (the
@@ -150,7 +161,7 @@ def tile_tables(st: Static, aux, block_q: int, block_k: int):
     skmin, skmax = skmin[:, None, :], skmax[:, None, :]
     maybe &= (skmax >= sqmin) & (skmin <= sqmax)
     full &= (sqmin == sqmax) & (skmin == skmax) & (sqmin == skmin)
-  if st.mask:
+  if st.mask or st.mask_mod:  # Every tile evaluates the mask.
     full = jnp.zeros_like(full)
   return maybe, full & maybe
 

@@ -25,6 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.kernels.flash.mod_lowering import TileMods
+from flexible_attention.kernels.flash.mod_lowering import add_partials
+from flexible_attention.kernels.flash.mod_lowering import partial_sizes
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.triton_common import Call
 from flexible_attention.kernels.flash.triton_common import add_structure
@@ -54,13 +57,14 @@ def _dkdv_kernel(*refs, names, st: Static):
 
   def head(g, carry):
     h = hkv * st.groups + g
+    tm = TileMods(st.mods, r, b, h, True) if st.mods is not None else None
     bias_head = g if "bias" in r and r["bias"].shape[0] > 1 else 0
     mask_head = g if st.mask and r["mask"].shape[0] > 1 else 0
 
     def body(i, carry, masked):
       # Transposed tiles ([bk, bq]): every matmul takes loaded operands in
       # the layout it needs, no register tile is transposed.
-      dk, dv = carry
+      dk, dv, parts = carry
       qs = pl.multiple_of(i * bq, bq)
       rows = pl.ds(qs, bq)
       q = r["q"][rows, g, :]  # [bq, Dp]
@@ -71,12 +75,14 @@ def _dkdv_kernel(*refs, names, st: Static):
       bias = (tile_of(r["bias"], rows, kv_cols, bias_head).T
               if "bias" in r else None)
       s, scale, dcap = scores(st, q, k, bias, transposed=True)  # [bk, bq]
+      if st.score_mod:
+        s, dmod, terms = tm.score_grads(s, q_pos, kv_pos)
       p = exp2(s, scale, lse[None, :])
       if masked:
         vis = visible(st, s.shape, q_pos, kv_pos, kv_ok,
                        r["q_seg"][rows] if st.segments else None, kv_seg,
                        tile_of(r["mask"], rows, kv_cols, mask_head).T
-                       if st.mask else None, transposed=True)
+                       if st.mask else None, transposed=True, mods=tm)
         p = jnp.where(vis, p, 0.0)
       dp = dot(v, do, st, trans_b=True)  # [bk, bq]
       p_applied = p
@@ -87,6 +93,9 @@ def _dkdv_kernel(*refs, names, st: Static):
         dp = jnp.where(keep, dp * inv, 0.0)
       dv = dv + dot(p_applied.astype(do.dtype), do, st)  # [bk, Dvp]
       ds = p * (dp - delta[None, :])
+      if st.score_mod:  # Zero where invisible (whatever the mod's slope).
+        parts = add_partials(dict(parts), ds, terms)
+        ds = jnp.where(ds != 0.0, ds * dmod, 0.0)
       if dcap is not None:
         ds = ds * dcap
       ds = (ds * st.sm_scale).astype(q.dtype)
@@ -95,17 +104,24 @@ def _dkdv_kernel(*refs, names, st: Static):
         plgpu.atomic_add(r["dq"], (rows, jnp.asarray(g, jnp.int32),
                                    slice(None)),
                          dot(ds, k, st, trans_a=True))  # [bq, Dp]
-      return dk, dv
+      return dk, dv, parts
 
     return loops(r["bounds"], j, body, carry)
 
-  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  # Per-program partial gradients of the small float mod_args, [np] each.
+  parts = {} if st.mods is None else {
+      leaf: jnp.zeros((size,), jnp.float32)
+      for leaf, size in partial_sizes(st.mods).items()}
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
+          parts)
   if st.groups == 1:
-    dk, dv = head(0, init)
+    dk, dv, parts = head(0, init)
   else:
-    dk, dv = lax.fori_loop(0, st.groups, head, init)
+    dk, dv, parts = lax.fori_loop(0, st.groups, head, init)
   r["dk"][...] = dk.astype(r["dk"].dtype)
   r["dv"][...] = dv.astype(r["dv"].dtype)
+  for leaf, part in parts.items():
+    r[f"dmod{leaf}"][...] = part
 
 
 
@@ -124,6 +140,7 @@ def _dq_kernel(*refs, names, st: Static, num_q_blocks: int,
   q_pos = r["q_pos"][...]
   q_seg = r["q_seg"][...] if st.segments else None
   q_rows = pl.ds(0, bq)
+  tm = TileMods(st.mods, r, b, h, False) if st.mods is not None else None
 
   def body(j, dq, masked):
     ks = pl.multiple_of(j * bk, bk)
@@ -133,17 +150,22 @@ def _dq_kernel(*refs, names, st: Static, num_q_blocks: int,
     kv_pos = r["kv_pos"][kv]
     bias = tile_of(r["bias"], q_rows, kv) if "bias" in r else None
     s, scale, dcap = scores(st, q, k, bias)
+    if st.score_mod:
+      s, dmod, _ = tm.score_grads(s, q_pos, kv_pos, args=False)
     p = exp2(s, scale, lse[:, None])
     if masked:
       vis = visible(st, s.shape, q_pos, kv_pos, r["kv_ok"][kv], q_seg,
                      r["kv_seg"][kv] if st.segments else None,
-                     tile_of(r["mask"], q_rows, kv) if st.mask else None)
+                     tile_of(r["mask"], q_rows, kv) if st.mask else None,
+                     mods=tm)
       p = jnp.where(vis, p, 0.0)
     dp = dot(do, v, st, trans_b=True)
     if st.dropout_rate is not None:
       keep = keep_mask(st, r["seed"], b, h, q_pos, kv_pos)
       dp = jnp.where(keep, dp * (1.0 / (1.0 - st.dropout_rate)), 0.0)
     ds = p * (dp - delta[:, None])
+    if st.score_mod:  # Zero where invisible (whatever the mod's slope).
+      ds = jnp.where(ds != 0.0, ds * dmod, 0.0)
     if write_ds:
       r["ds"][:, kv] = ds
       return dq
@@ -178,8 +200,11 @@ def dkdv(st: Static, q, k, v, bias, aux, do, lse2, delta, grad_dtype):
     grad_dtype: the gradients' dtype (default the inputs').
 
   Returns:
-    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dvp])`, and with
-    `st.launch.atomic_dq` also `dq [B, Sqp, H, Dp]` float32.
+    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dvp])`, with
+    `st.launch.atomic_dq` also `dq [B, Sqp, H, Dp]` float32, and last the
+    per-program partial gradients of the small float `mod_args` leaves,
+    `{leaf: [B, Hkv, Skp / bk, np]}` float32 (`mod_lowering`; empty
+    without a score_mod).
   """
   batch, q_len, _, d_pad = q.shape
   kv_len, num_kv_heads, dv_pad = k.shape[1], k.shape[2], v.shape[-1]
@@ -217,8 +242,14 @@ def dkdv(st: Static, q, k, v, bias, aux, do, lse2, delta, grad_dtype):
     call.accumulator("dq", jnp.zeros(q.shape, jnp.float32),
                      (None, q_len, groups, d_pad),
                      lambda j, b, hkv: (b, 0, hkv, 0))
-  return call(_dkdv_kernel, (nk, batch, num_kv_heads), st.launch.dkv,
-              st.interpret, "flash_dkdv", st=st)
+  sizes = {} if st.mods is None else partial_sizes(st.mods)
+  for leaf, size in sizes.items():
+    call.output(f"dmod{leaf}", (batch, num_kv_heads, nk, size), jnp.float32,
+                (None, None, None, size), lambda j, b, hkv: (b, hkv, j, 0))
+  results = call(_dkdv_kernel, (nk, batch, num_kv_heads), st.launch.dkv,
+                 st.interpret, "flash_dkdv", st=st)
+  count = len(results) - len(sizes)
+  return tuple(results[:count]) + (dict(zip(sizes, results[count:])),)
 
 
 

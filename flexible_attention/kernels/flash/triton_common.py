@@ -55,16 +55,18 @@ def scores(st: Static, q, k, bias, transposed: bool = False):
   `[bq, bk]`, or `[bk, bq]` when `transposed` (then `bias` must be
   transposed too).
 
-  Without soft cap and bias, `s` is the raw `q k^T` and `scale` folds the
-  softmax scale: the callers apply it in `_exp2`, one FMA with the
+  Without soft cap, bias and score_mod, `s` is the raw `q k^T` and `scale`
+  folds the softmax scale: the callers apply it in `_exp2`, one FMA with the
   subtraction of the row maximum or log-sum-exp, not a multiply of its own
-  per element (`scale > 0`, so row maxima of `s` scale too).
+  per element (`scale > 0`, so row maxima of `s` scale too). With a
+  score_mod, `s` are the natural-unit logits the mod takes (`scale =
+  log2(e)`; the caller applies the mod, `mod_lowering.TileMods`).
   """
   if transposed:
     s = dot(k, q, st, trans_b=True)  # [bk, bq] f32
   else:
     s = dot(q, k, st, trans_b=True)  # [bq, bk] f32
-  if st.softcap is None and bias is None:
+  if st.softcap is None and bias is None and not st.score_mod:
     return s, st.sm_scale * LOG2E, None
   s = s * st.sm_scale
   dcap = None
@@ -74,6 +76,8 @@ def scores(st: Static, q, k, bias, transposed: bool = False):
     dcap = 1.0 - t * t
   if bias is not None:
     s = s + bias.astype(jnp.float32)
+  if st.score_mod:
+    return s, LOG2E, dcap
   return s * LOG2E, 1.0, dcap
 
 
@@ -90,9 +94,10 @@ def _outer(q_vec, kv_vec, transposed: bool):
 
 
 def visible(st: Static, shape, q_pos, kv_pos, kv_ok, q_seg, kv_seg,
-             mask, transposed: bool = False):
+             mask, transposed: bool = False, mods=None):
   """Bool `[bq, bk]` (`[bk, bq]` if `transposed`, with `mask` transposed
-  too): the structured mask of a tile."""
+  too): the structured mask of a tile, and-ed with the mask_mod's when
+  `mods` (the program's `mod_lowering.TileMods`) is given."""
   qp, kp = _outer(q_pos, kv_pos, transposed)
   qs = ks = None
   if st.segments:
@@ -102,6 +107,8 @@ def visible(st: Static, shape, q_pos, kv_pos, kv_ok, q_seg, kv_seg,
                            kv_seg=ks)
   if mask is not None:
     vis = vis & (mask != 0)
+  if mods is not None and st.mask_mod:
+    vis = vis & mods.visible(q_pos, kv_pos)
   return jnp.broadcast_to(vis, shape)
 
 
@@ -211,6 +218,12 @@ def add_structure(call: Call, aux, st: Static, q_block: int,
     call.input("kv_seg", aux["kv_seg"], (None, k_block), k_index)
   if st.dropout_rate is not None:
     call.input("seed", aux["seed"], (4,), lambda *_: (0,))
+  if st.mods is not None:  # Whole (`mod_lowering.operands`).
+    for name in ["mod_offsets"] + [st.mods.name(i) for i in range(
+        len(st.mods.shapes))]:
+      shape = aux[name].shape
+      call.input(name, aux[name], shape,
+                 lambda *_, n=len(shape): (0,) * n)
 
 
 def query_grid_call(st: Static, q, k, v, bias, aux, bq: int,

@@ -5,7 +5,8 @@ with an online softmax (FlashAttention-2); writes the output and the float32
 log-sum-exp, the only residuals besides q, k and v. Attention sinks join
 each row's final normalisation (one more key: logit `sinks[h]`, value 0),
 so the log-sum-exp counts them and the backward kernels need no change.
-See `triton_common` for what the Triton kernels share.
+Score and mask mods are evaluated on each tile (`mod_lowering`). See
+`triton_common` for what the Triton kernels share.
 
 Glossary of shapes: as `triton_common`'s.
 """
@@ -16,6 +17,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from flexible_attention.core.reference import MASK_VALUE
+from flexible_attention.kernels.flash.mod_lowering import TileMods
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
@@ -40,6 +42,7 @@ def _forward_kernel(*refs, names, st: Static, num_q_blocks: int):
   q_seg = r["q_seg"][...] if st.segments else None
   q_rows = pl.ds(0, bq)
   dv_pad = r["v"].shape[-1]
+  tm = TileMods(st.mods, r, b, h, False) if st.mods is not None else None
 
   def body(j, carry, masked):
     acc, m, l = carry
@@ -49,10 +52,13 @@ def _forward_kernel(*refs, names, st: Static, num_q_blocks: int):
     bias = tile_of(r["bias"], q_rows, kv) if "bias" in r else None
     s, scale, _ = scores(st, q, k, bias)  # [bq, bk]
     kv_pos = r["kv_pos"][kv]
+    if st.score_mod:
+      s = tm.score(s, q_pos, kv_pos)
     if masked:
       vis = visible(st, s.shape, q_pos, kv_pos, r["kv_ok"][kv], q_seg,
                      r["kv_seg"][kv] if st.segments else None,
-                     tile_of(r["mask"], q_rows, kv) if st.mask else None)
+                     tile_of(r["mask"], q_rows, kv) if st.mask else None,
+                     mods=tm)
       s = jnp.where(vis, s, MASK_VALUE)
     # The running maximum `m` is in base 2 (scaled), as are `lse` and `m_new`.
     m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
