@@ -115,8 +115,7 @@ EXPECTED_REFUSALS = {
         "window_right_without_causal", "odd_lengths"}),
     # The Triton kernels (CPU only in interpret mode: EXTRA_OPTIONS); on TPU
     # JAX's TPU kernel, which refuses more (`platform_refusals`).
-    # Score / mask mods: not yet traced into the kernels.
-    "flash": frozenset({"cpu", "weights", "score_mod", "mask_mod"}),
+    "flash": frozenset({"cpu", "weights"}),
     # The sequence-parallel ones pass the structured mask along with the
     # K/V blocks or heads; no dense mask or bias.
     "ring": frozenset({"mask", "bias", "weights"}),
