@@ -64,8 +64,8 @@ def test_auto_row_names_the_mechanism_that_served_it():
 
 
 def _run_script(*args):
+  # XLA_FLAGS: tests/conftest.py's 8 CPU devices and fast CPU compiles.
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300,
                           check=False)

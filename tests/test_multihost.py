@@ -19,7 +19,10 @@ def _free_port() -> int:
 def test_two_processes_match_the_single_process_reference():
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)  # The worker sets its own 4 devices.
+  # The worker sets its own 4 devices; it keeps conftest's compile flags.
+  env["XLA_FLAGS"] = " ".join(
+      flag for flag in os.environ.get("XLA_FLAGS", "").split()
+      if "xla_force_host_platform_device_count" not in flag)
   worker = os.path.join(ROOT, "tests", "multihost_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, str(i), str(port)],
                             env=env, stdout=subprocess.PIPE,
