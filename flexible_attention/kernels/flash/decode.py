@@ -60,7 +60,7 @@ from flexible_attention.kernels.flash.decode_launch import (
 from flexible_attention.kernels.flash.decode_launch import (
     mosaic_decode_launch)
 from flexible_attention.kernels.flash.triton_decode import DecodeLaunch  # Exported.
-from flexible_attention.kernels.flash.triton_decode import DecodeStatic
+from flexible_attention.kernels.flash.structure import DecodeStatic
 from flexible_attention.kernels.flash.mosaic_decode import MosaicDecodeLaunch
 
 MAX_PAGE_SIZE = 128  # The largest page `dense_as_pages` makes.
@@ -452,15 +452,16 @@ def cache_call_reason(inputs: AttentionInputs, dropout) -> str | None:
   queries' positions, causal, window, soft cap, grouped heads) for up to
   `MAX_DECODE_QUERIES` new tokens per row, from a paged cache (`pages`) or
   a dense one (`dense_as_pages`), with power-of-two head and page sizes;
-  a bias, a dense mask or dropout go to the general kernels, which compute
-  the same function on the dense view.
+  a bias, a dense mask, dropout or score / mask mods go to the general
+  kernels, which compute the same function on the dense view.
   """
   dims, vis = inputs.dims, inputs.visibility
   if dims.q_len > MAX_DECODE_QUERIES:
     return (f"{dims.q_len} new tokens per row (the decode kernel takes up to "
             f"{MAX_DECODE_QUERIES})")
-  if inputs.bias is not None or vis.mask is not None or dropout is not None:
-    return "a bias, dense mask or dropout"
+  if (inputs.bias is not None or vis.mask is not None or dropout is not None
+      or inputs.mods is not None):
+    return "a bias, dense mask, dropout or score / mask mods"
   page_size = (inputs.pages.page_size if inputs.pages is not None else
                math.gcd(dims.kv_len, MAX_PAGE_SIZE))
   return decode_unsupported_reason(dims.head_dim, dims.value_dim, page_size)

@@ -242,7 +242,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
   """The decode kernel: each split's partial attention.
 
   Args:
-    st: the call's `triton_decode.DecodeStatic`, with a `MosaicDecodeLaunch`
+    st: the call's `structure.DecodeStatic`, with a `MosaicDecodeLaunch`
       (its `precision` None, `softcap` None or positive).
     q: `[B, Hkv, R, D]` bf16 / fp16, row `r` of KV head `h` the query head
       `h * G + r % G` of new token `r // G` (rows past `G * Sq` padding).

@@ -244,3 +244,34 @@ def tile_bounds(st: Static, aux) -> dict[str, Any]:
   maybe, full = tile_tables(st, aux, launch.dkv.block_q, launch.dkv.block_k)
   dkv = bounds_table(maybe.swapaxes(1, 2), full.swapaxes(1, 2))
   return {"bounds_fwd": fwd, "bounds_dq": dq, "bounds_dkv": dkv}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStatic:
+  """Everything static about a decode call, what both decode kernels read
+  (`triton_decode`, `mosaic_decode`; for Triton also what
+  `triton_common.scores` and `dot` read).
+
+  Attributes:
+    sm_scale: the softmax scale (positive).
+    softcap: logits soft cap, or None.
+    precision: matmul precision (None: the backend's default), or a
+      `lax.Precision` (Triton only).
+    causal: key token `t` visible only if `t <= q_pos`.
+    window: `(left, right)` around `q_pos`, or None.
+    launch: the backend's launch, `triton_decode.DecodeLaunch` or
+      `mosaic_decode.MosaicDecodeLaunch`.
+    interpret: run in Pallas' interpreter.
+  """
+
+  sm_scale: float
+  softcap: float | None
+  precision: Any
+  causal: bool
+  window: tuple[int, int] | None
+  launch: Any
+  interpret: bool
+  # What `triton_common.scores` reads of the general kernels' record: the
+  # decode kernels take no mods (cache calls with mods run the general
+  # kernels, `decode.cache_call_reason`).
+  score_mod: bool = dataclasses.field(default=False, init=False)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 from jax import lax
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 from flexible_attention.core import masks
 from flexible_attention.core.reference import MASK_VALUE
 from flexible_attention.kernels.flash.structure import LN2
+from flexible_attention.kernels.flash.structure import DecodeStatic
 from flexible_attention.kernels.flash.triton_common import compiler_params
 from flexible_attention.kernels.flash.triton_common import exp2
 from flexible_attention.kernels.flash.triton_common import scores
@@ -73,31 +73,6 @@ class DecodeLaunch:
   pages_per_split: int
   num_warps: int = 4
   num_stages: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeStatic:
-  """Everything static about a decode call (what `triton_common.scores`
-  and `dot` read, and the mask).
-
-  Attributes:
-    sm_scale: the softmax scale (positive).
-    softcap: logits soft cap, or None.
-    precision: matmul precision (None: Triton's default), or a
-      `lax.Precision`.
-    causal: key token `t` visible only if `t <= q_pos`.
-    window: `(left, right)` around `q_pos`, or None.
-    launch: the `DecodeLaunch`.
-    interpret: run in Pallas' interpreter.
-  """
-
-  sm_scale: float
-  softcap: float | None
-  precision: Any
-  causal: bool
-  window: tuple[int, int] | None
-  launch: DecodeLaunch
-  interpret: bool
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, table_ref, row_pos_ref, row_ok_ref,
