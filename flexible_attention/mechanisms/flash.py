@@ -173,11 +173,10 @@ class FlashAttention(base.AttentionModule):
       return functools.partial(flash_tpu.flash_attention,
                                sm_scale=config.scale,
                                block_sizes=config.block_sizes)
-    # A KV-cache call goes to the decode kernel when it can serve it; with
-    # mods, to the general kernels (the decode kernels take none).
-    mods = {"score_mod", "mask_mod"} & request.features
+    # A KV-cache call goes to the decode kernel when it can serve it
+    # (`decode.cache_call_reason`: with mods, the general kernels).
     attend = (flash_kernel.cache_attention if "cache" in request.features
-              and not mods else flash_kernel.flash_attention)
+              else flash_kernel.flash_attention)
     return functools.partial(
         attend, sm_scale=config.scale, softcap=config.logits_soft_cap,
         precision=config.precision, block_sizes=config.block_sizes,
