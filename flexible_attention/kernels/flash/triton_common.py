@@ -66,8 +66,7 @@ def scores(st: Static, q, k, bias, transposed: bool = False):
     s = dot(k, q, st, trans_b=True)  # [bk, bq] f32
   else:
     s = dot(q, k, st, trans_b=True)  # [bq, bk] f32
-  score_mod = getattr(st, "score_mod", False)  # The decode's has none.
-  if st.softcap is None and bias is None and not score_mod:
+  if st.softcap is None and bias is None and not st.score_mod:
     return s, st.sm_scale * LOG2E, None
   s = s * st.sm_scale
   dcap = None
@@ -77,7 +76,7 @@ def scores(st: Static, q, k, bias, transposed: bool = False):
     dcap = 1.0 - t * t
   if bias is not None:
     s = s + bias.astype(jnp.float32)
-  if score_mod:
+  if st.score_mod:
     return s, LOG2E, dcap
   return s * LOG2E, 1.0, dcap
 
