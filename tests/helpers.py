@@ -375,3 +375,18 @@ def wrong_mechanism(name: str):
     yield name
   finally:
     del registry._REGISTRY[name]  # pylint: disable=protected-access
+
+
+def lower_for_cuda(fn, *args) -> str:
+  """`fn`'s StableHLO for CUDA, lowered on any machine: the Pallas ->
+  Triton and Mosaic GPU lowerings run, so what they refuse fails here
+  (Mosaic GPU reads the device kind of an abstract H100 mesh)."""
+  device = getattr(jax.sharding, "AbstractDevice", None)
+  context = contextlib.nullcontext()
+  if device is not None:
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+    context = jax.sharding.use_abstract_mesh(mesh)
+  with context:
+    return jax.jit(fn).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()

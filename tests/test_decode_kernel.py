@@ -18,7 +18,6 @@ forward does).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -280,20 +279,6 @@ def test_split_rule_fills_the_gpu():
   assert flash_kernel.decode_launch(2, 2, 8, 4, 256).pages_per_block == 8
 
 
-def _lower_for_cuda(fn, *args) -> str:
-  """`fn`'s StableHLO for CUDA, lowered on any machine (the Triton
-  kernel's lowering runs: shapes Triton refuses fail here)."""
-  device = getattr(jax.sharding, "AbstractDevice", None)
-  context = contextlib.nullcontext()
-  if device is not None:
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
-        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
-    context = jax.sharding.use_abstract_mesh(mesh)
-  with context:
-    return jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-
-
 @pytest.mark.parametrize("sq,page_size", [(1, 16), (4, 128)])
 def test_kernel_lowers_for_cuda(sq, page_size):
   """bf16, D = 128, GQA 32/8, window and soft cap: the compiled (Triton)
@@ -307,7 +292,7 @@ def test_kernel_lowers_for_cuda(sq, page_size):
           s((b, sq), jnp.int32))
   fn = functools.partial(decode.decode_attention, sm_scale=0.1, window=64,
                          softcap=30.0, num_splits=4)
-  assert "triton" in _lower_for_cuda(fn, *args)
+  assert "triton" in helpers.lower_for_cuda(fn, *args)
 
 
 # --- Bad inputs -------------------------------------------------------------
@@ -420,7 +405,7 @@ def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
           s((b, sq), jnp.int32))
   fn = functools.partial(decode.decode_attention, sm_scale=0.1, num_splits=3,
                          backend="mosaic", **kw)
-  text = _lower_for_cuda(fn, *args)
+  text = helpers.lower_for_cuda(fn, *args)
   assert "mosaic_gpu" in text and "triton" not in text
 
 

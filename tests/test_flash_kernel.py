@@ -18,7 +18,6 @@ interpreted kernels measure ~1e-6), 2e-2 in bfloat16 and 5e-3 in float16
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -372,19 +371,6 @@ def test_hopper_kernels_match_reference(name):
   _check(f"hopper {name}", call, launch=launch, interpret=False, **shape)
 
 
-def _lower_for_cuda(fn, *args) -> str:
-  """`fn`'s StableHLO for CUDA, lowered on any machine."""
-  device = getattr(jax.sharding, "AbstractDevice", None)
-  context = contextlib.nullcontext()
-  if device is not None:  # Mosaic GPU reads the device kind.
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
-        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
-    context = jax.sharding.use_abstract_mesh(mesh)
-  with context:
-    return jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-
-
 @pytest.mark.parametrize("name", HOPPER_CASES)
 def test_hopper_kernels_lower_for_cuda(name):
   """Forward (Mosaic GPU) and backward (dK/dV through Mosaic GPU, dQ
@@ -399,9 +385,9 @@ def test_hopper_kernels_lower_for_cuda(name):
   def loss(q, k, v):
     return jnp.sum(flash(q, k, v, None).astype(jnp.float32) * ct)
 
-  forward = _lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q, k, v)
+  forward = helpers.lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q, k, v)
   assert "mosaic_gpu" in forward and "triton" not in forward
-  backward = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
+  backward = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
   assert backward.count("mosaic_gpu") >= 2
   assert "triton" in backward
 

@@ -17,7 +17,6 @@ raises clear errors. Tolerances: `helpers.tolerance` per dtype.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import haiku as hk
@@ -421,20 +420,6 @@ def test_flash_named_mods_equal_their_dense_bias_and_mask():
     helpers.assert_close(g, w, jnp.float32, f"flash named: {n}")
 
 
-def _lower_for_cuda(fn, *args) -> str:
-  """`fn`'s StableHLO for CUDA, lowered on any machine: the Pallas ->
-  Triton lowering runs (as in tests/test_decode_kernel.py)."""
-  device = getattr(jax.sharding, "AbstractDevice", None)
-  context = contextlib.nullcontext()
-  if device is not None:
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
-        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
-    context = jax.sharding.use_abstract_mesh(mesh)
-  with context:
-    return jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-
-
 def _flash_kernel_fn(mod_kind, mod, grad=True, **call):
   """`fn(q, k, v, arg)`: the flash kernels (compiled path) with one mod and
   `mod_args=(arg,)`; the gradients of q, k, v (and a float arg) if `grad`."""
@@ -474,7 +459,7 @@ def test_flash_mods_lower_to_triton_for_cuda(name, monkeypatch):
   kind, mod, arg, grad, call = LOWERED[name]
   q = jnp.ones((B, 64, H, 64), jnp.bfloat16)
   kv = jnp.ones((B, 64, HKV, 64), jnp.bfloat16)
-  text = _lower_for_cuda(_flash_kernel_fn(kind, mod, grad, **call), q, kv,
+  text = helpers.lower_for_cuda(_flash_kernel_fn(kind, mod, grad, **call), q, kv,
                          kv, arg)
   assert "triton" in text and "mosaic_gpu" not in text
 
