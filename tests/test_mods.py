@@ -459,8 +459,8 @@ def test_flash_mods_lower_to_triton_for_cuda(name, monkeypatch):
   kind, mod, arg, grad, call = LOWERED[name]
   q = jnp.ones((B, 64, H, 64), jnp.bfloat16)
   kv = jnp.ones((B, 64, HKV, 64), jnp.bfloat16)
-  text = helpers.lower_for_cuda(_flash_kernel_fn(kind, mod, grad, **call), q, kv,
-                         kv, arg)
+  text = helpers.lower_for_cuda(_flash_kernel_fn(kind, mod, grad, **call),
+                               q, kv, kv, arg)
   assert "triton" in text and "mosaic_gpu" not in text
 
 
