@@ -413,7 +413,8 @@ def test_mosaic_launch_rule():
   """Slots per head size; splits of whole blocks and whole pages that
   cover the table, in whole waves of programs; the shared-memory budget is
   checked."""
-  one_row = flash_kernel.mosaic_decode_launch(1, 8, 8192, 16, 128, core_count=132)
+  one_row = flash_kernel.mosaic_decode_launch(1, 8, 8192, 16, 128,
+                                              core_count=132)
   assert (one_row.block_tokens, one_row.stages) == (128, 2)
   assert one_row.num_splits == 16  # 128 programs: one wave.
   eight_rows = flash_kernel.mosaic_decode_launch(8, 8, 2048, 16, 128,
@@ -425,7 +426,8 @@ def test_mosaic_launch_rule():
   assert big_page.tokens_per_split % 128 == 0 and big_page.num_splits == 5
   assert flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 256).stages == 2
   with pytest.raises(ValueError, match="shared memory"):
-    flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=128, stages=4)
+    flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=128,
+                                      stages=4)
   with pytest.raises(ValueError, match="block_tokens"):
     flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=32)
 

@@ -385,7 +385,8 @@ def test_hopper_kernels_lower_for_cuda(name):
   def loss(q, k, v):
     return jnp.sum(flash(q, k, v, None).astype(jnp.float32) * ct)
 
-  forward = helpers.lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q, k, v)
+  forward = helpers.lower_for_cuda(lambda q, k, v: flash(q, k, v, None), q,
+                                   k, v)
   assert "mosaic_gpu" in forward and "triton" not in forward
   backward = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
   assert backward.count("mosaic_gpu") >= 2
