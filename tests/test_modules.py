@@ -19,6 +19,12 @@ _FAST_COMPILE = ({"xla_backend_optimization_level": 0}
                  if jax.default_backend() == "cpu" else None)
 
 
+def _jit(fn):
+  """`jax.jit` with `_FAST_COMPILE` (one compiled program per call site,
+  never op-by-op dispatch)."""
+  return jax.jit(fn, compiler_options=_FAST_COMPILE)
+
+
 def _close(x, ref, rtol=RTOL_F32):
   x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
   scale = max(float(np.max(np.abs(ref))), 1e-6)
@@ -48,8 +54,8 @@ def test_parameter_tree_matches_haiku():
   rng = np.random.default_rng(0)
   q, kv = _embeddings(rng, 2, 5, 16), _embeddings(rng, 2, 7, 10)
   key = jax.random.PRNGKey(0)
-  ours = hk.transform(_our_mha("vanilla")).init(key, q, kv, kv)
-  theirs = hk.transform(_haiku_mha).init(key, q, kv, kv)
+  ours = _jit(hk.transform(_our_mha("vanilla")).init)(key, q, kv, kv)
+  theirs = _jit(hk.transform(_haiku_mha).init)(key, q, kv, kv)
   shapes = lambda p: jax.tree.map(jnp.shape, p)
   assert shapes(ours) == shapes(theirs)
   assert set(ours["mha/query"]) == {"w", "b"}
@@ -66,16 +72,20 @@ def test_output_and_param_grads_match_haiku(mechanism):
   mask[..., 0] = 1  # No fully masked row: there Haiku averages, we give 0.
   theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
   ours_fn = hk.without_apply_rng(hk.transform(_our_mha(mechanism)))
-  params = theirs_fn.init(jax.random.PRNGKey(2), q, kv, kv, mask)
+  params = _jit(theirs_fn.init)(jax.random.PRNGKey(2), q, kv, kv, mask)
   ct = _embeddings(rng, 2, 3, 5, 12)
 
-  def loss(fn):
-    return lambda p: jnp.sum(fn.apply(p, q, kv, kv, jnp.asarray(mask)) * ct)
+  @_jit
+  def outputs_and_grads(params, mask):
+    """Both modules' outputs and parameter gradients (one program)."""
+    def run(fn):
+      loss = lambda p: jnp.sum(fn.apply(p, q, kv, kv, mask) * ct)
+      return fn.apply(params, q, kv, kv, mask), jax.grad(loss)(params)
+    return run(ours_fn), run(theirs_fn)
 
-  _close(ours_fn.apply(params, q, kv, kv, jnp.asarray(mask)),
-         theirs_fn.apply(params, q, kv, kv, jnp.asarray(mask)))
-  ours_grads = jax.grad(loss(ours_fn))(params)
-  theirs_grads = jax.grad(loss(theirs_fn))(params)
+  (ours, ours_grads), (theirs, theirs_grads) = outputs_and_grads(
+      params, jnp.asarray(mask))
+  _close(ours, theirs)
   # One scale for all parameters: the key bias's gradient is zero in exact
   # arithmetic (softmax ignores a per-query constant), so only noise remains.
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(
@@ -89,10 +99,10 @@ def _apply_both(mechanism, *args, **options):
   theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
   ours_fn = hk.without_apply_rng(hk.transform(_our_mha(mechanism,
                                                        **options)))
-  params = jax.jit(theirs_fn.init)(jax.random.PRNGKey(0), *args)
+  params = _jit(theirs_fn.init)(jax.random.PRNGKey(0), *args)
   both = lambda params, *args: (ours_fn.apply(params, *args),
                                 theirs_fn.apply(params, *args))
-  return jax.jit(both, compiler_options=_FAST_COMPILE)(params, *args)
+  return _jit(both)(params, *args)
 
 
 def test_leading_dims_of_masks_and_keys_broadcast_like_haiku():
@@ -117,8 +127,8 @@ def test_leading_dims_of_a_bias_broadcast():
         mechanism="vanilla", name="mha")(q, kv, kv, bias=bias)
 
   fn = hk.without_apply_rng(hk.transform(forward))
-  params = fn.init(jax.random.PRNGKey(0), bias)
-  apply = jax.jit(fn.apply, compiler_options=_FAST_COMPILE)
+  params = _jit(fn.init)(jax.random.PRNGKey(0), bias)
+  apply = _jit(fn.apply)
   _close(apply(params, bias),
          apply(params, jnp.broadcast_to(bias, (2, 3, 1, 5, 7))))
 
@@ -162,17 +172,14 @@ def test_float64_is_refused_clearly_where_it_cannot_be_computed():
 def test_unbatched_inputs_work_like_haiku():
   rng = np.random.default_rng(3)
   q, kv = _embeddings(rng, 5, 16), _embeddings(rng, 7, 10)
-  theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
-  ours_fn = hk.without_apply_rng(hk.transform(_our_mha("vanilla")))
-  params = theirs_fn.init(jax.random.PRNGKey(0), q, kv, kv)
-  _close(ours_fn.apply(params, q, kv, kv), theirs_fn.apply(params, q, kv, kv))
+  _close(*_apply_both("vanilla", q, kv, kv))
 
 
 def test_grouped_query_projections_have_kv_head_sizes():
   rng = np.random.default_rng(4)
   q = _embeddings(rng, 2, 5, 16)
-  params = hk.transform(_our_mha("vanilla", num_kv_heads=2)).init(
-      jax.random.PRNGKey(0), q, q, q)
+  params = jax.eval_shape(hk.transform(_our_mha("vanilla", num_kv_heads=2))
+                          .init, jax.random.PRNGKey(0), q, q, q)
   assert params["mha/query"]["w"].shape == (16, 4 * 8)
   assert params["mha/key"]["w"].shape == (16, 2 * 8)
   assert params["mha/value"]["w"].shape == (16, 2 * 6)
@@ -224,7 +231,7 @@ def test_facade_padding_mask_and_bias_match_reference(mechanism):
             attention_mask=jnp.asarray(padding), causal=True,
             query_sequence_length=s, key_value_sequence_length=s)
 
-  out = hk.without_apply_rng(hk.transform(forward)).apply({}, q, k, v)
+  out = _jit(hk.without_apply_rng(hk.transform(forward)).apply)({}, q, k, v)
   assert isinstance(out, fa.AttentionOutput)
   expected = _reference(q, k, v, bias=bias, causal=True,
                         mask=jnp.asarray(padding, bool)[:, None, None, :])
@@ -234,11 +241,12 @@ def test_facade_padding_mask_and_bias_match_reference(mechanism):
 def test_facade_checks_sequence_lengths_and_block_sizes():
   q = jnp.ones((1, 4, 2, 8))
 
-  def call(**kwargs):
+  def call(**kwargs):  # Traced only: the checks run while tracing.
     length = kwargs.pop("query_sequence_length", None)
-    return hk.transform(lambda q: fa.FlexibleAttentionModule(
+    init = hk.transform(lambda q: fa.FlexibleAttentionModule(
         num_attention_heads=2, head_dims=8, **kwargs)(
-            q, q, q, query_sequence_length=length)).init(None, q)
+            q, q, q, query_sequence_length=length)).init
+    return jax.eval_shape(lambda q: init(None, q), q)
 
   with pytest.raises(ValueError, match="query_sequence_length = 5"):
     call(attn_mechanism="vanilla", query_sequence_length=5)
@@ -261,8 +269,7 @@ def test_facade_seed_only_arguments_have_their_documented_meaning():
     fn = hk.transform(lambda q, k, v: fa.FlexibleAttentionModule(
         num_attention_heads=h, head_dims=d, **kwargs)(
             q, k, v, causal=True).attention_outputs)
-    return jax.jit(fn.apply, compiler_options=_FAST_COMPILE)({}, None, q, k,
-                                                             v)
+    return _jit(fn.apply)({}, None, q, k, v)
 
   expected = _reference(q, k, v, causal=True)
   for mechanism, shard in (("wise_ring", True), ("jax_flash_attn2", False)):
@@ -274,7 +281,8 @@ def test_facade_seed_only_arguments_have_their_documented_meaning():
   fn = hk.transform(lambda q: fa.FlexibleAttentionModule(
       attn_mechanism="vanilla", num_attention_heads=h, head_dims=d,
       force_float32_tpu=True)(q, q, q).attention_outputs)
-  assert fn.apply({}, None, q.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  assert jax.eval_shape(lambda q: fn.apply({}, None, q), q.astype(
+      jnp.bfloat16)).dtype == jnp.bfloat16
   with pytest.raises(TypeError, match="scan_ring_attention"):
     run(scan_ring_attention="yes")
   with pytest.raises(TypeError, match="shard_attention_computation"):
