@@ -62,17 +62,30 @@ def load_vector(ref, layout):
 
 
 
-def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
-                       bias: bool, mask: bool, dropout: bool,
-                       interpret: bool, precision: Any) -> str | None:
-  """Why this kernel cannot serve a call (padded head sizes), or None."""
+def operands_reason(*, dtype, head_dim: int, value_dim: int,
+                    interpret: bool, sizes: str = "head sizes") -> str | None:
+  """Why no Mosaic GPU kernel here can take these operands, or None: every
+  one is compiled (no interpreter), takes 16-bit floats and D == Dv in
+  `HEAD_DIMS` (`sizes` names them in the message)."""
   if interpret:
     return "it has no interpreter (interpret=True)"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"it takes bfloat16 or float16 inputs, not {jnp.dtype(dtype)}"
   if head_dim != value_dim or head_dim not in HEAD_DIMS:
-    return (f"it takes padded head sizes D == Dv in {HEAD_DIMS}, got D = "
+    return (f"it takes {sizes} D == Dv in {HEAD_DIMS}, got D = "
             f"{head_dim}, Dv = {value_dim}")
+  return None
+
+
+def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
+                       bias: bool, mask: bool, dropout: bool,
+                       interpret: bool, precision: Any) -> str | None:
+  """Why this kernel cannot serve a call (padded head sizes), or None."""
+  reason = operands_reason(dtype=dtype, head_dim=head_dim,
+                           value_dim=value_dim, interpret=interpret,
+                           sizes="padded head sizes")
+  if reason is not None:
+    return reason
   if bias or mask or dropout:
     return "it takes no bias, dense mask or dropout"
   if precision is not None:

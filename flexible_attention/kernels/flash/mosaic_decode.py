@@ -52,8 +52,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
-from flexible_attention.kernels.flash.mosaic_common import HEAD_DIMS
 from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import operands_reason
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
@@ -88,13 +88,10 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
                        precision) -> str | None:
   """Why this kernel cannot serve a decode call (`rows = G * Sq` query rows
   per KV head), or None."""
-  if interpret:
-    return "it has no interpreter (interpret=True)"
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"it takes bfloat16 or float16 inputs, not {jnp.dtype(dtype)}"
-  if head_dim != value_dim or head_dim not in HEAD_DIMS:
-    return (f"it takes head sizes D == Dv in {HEAD_DIMS}, got D = "
-            f"{head_dim}, Dv = {value_dim}")
+  reason = operands_reason(dtype=dtype, head_dim=head_dim,
+                           value_dim=value_dim, interpret=interpret)
+  if reason is not None:
+    return reason
   if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
     return (f"it takes power-of-two page sizes >= {MIN_PAGE_SIZE}, got "
             f"{page_size}")
