@@ -10,6 +10,8 @@ pins). Tolerance 2e-5 in float32, relative to the largest reference entry.
 
 from __future__ import annotations
 
+import functools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -55,7 +57,7 @@ def _dense_cache():
 
 
 def _step(mechanism, cache, q, k, v, q_lengths=None, **options):
-  """One module call on the cache: `(out, lse, new cache)`."""
+  """One module call on the cache (compiled): `(out, lse, new cache)`."""
   options = dict(MECHANISMS[mechanism], **options)
 
   def forward(q, k, v, cache, q_lengths):
@@ -64,17 +66,21 @@ def _step(mechanism, cache, q, k, v, q_lengths=None, **options):
     return attention(q, k, v, cache=cache, q_lengths=q_lengths, causal=True,
                      return_lse=True)
 
-  result = hk.without_apply_rng(hk.transform(forward)).apply(
+  result = jax.jit(hk.without_apply_rng(hk.transform(forward)).apply)(
       {}, q, k, v, cache, q_lengths)
   return result.attention_outputs, result.lse, result.cache
 
 
-def _full(q, k, v, **options):
-  """The reference: one causal call over all of a row's tokens."""
-  inputs = fa.canonicalize(q, k, v, causal=True, **options.pop("call", {}))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "softcap"))
+def _full(q, k, v, sliding_window=None, softcap=None):
+  """The reference: one causal call over all of a row's tokens (compiled).
+  Query i of a causal call sees keys 0..i, so the rows of a prefix of the
+  tokens are the first rows of the call over all of them."""
+  inputs = fa.canonicalize(q, k, v, causal=True,
+                           sliding_window=sliding_window)
   return fa.reference_attention(inputs.query, inputs.key, inputs.value,
                                 None, inputs.visibility, None,
-                                sm_scale=D**-0.5, **options)
+                                sm_scale=D**-0.5, softcap=softcap)
 
 
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
@@ -92,8 +98,8 @@ def test_paged_and_dense_decoding_equal_the_full_forward(mechanism):
     for b, n in enumerate(lengths):
       # Row b's prefill rows are the full forward's first n rows (its
       # later slots are padding: zeros, lse -inf).
-      want_b = _full(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n])
-      assert _rel(out[b, :n], want_b.out[0]) <= TOL, (kind, b)
+      assert _rel(out[b, :n], want.out[b, :n]) <= TOL, (kind, b)
+      assert _rel(lse[b, :, :n], want.lse[b, :, :n]) <= TOL, (kind, b)
       np.testing.assert_array_equal(out[b, n:], 0.0)
       assert np.all(np.isneginf(np.asarray(lse[b, :, n:])))
     for step in range(1):  # Row 0 decodes token 9; row 1 token 6.
@@ -101,10 +107,9 @@ def test_paged_and_dense_decoding_equal_the_full_forward(mechanism):
       pick = lambda x: jnp.stack([x[b, i:i + 1] for b, i in enumerate(idx)])
       out, lse, cache = _step(mechanism, cache, pick(q), pick(k), pick(v))
       for b, i in enumerate(idx):
-        want_b = _full(q[b:b + 1, :i + 1], k[b:b + 1, :i + 1],
-                       v[b:b + 1, :i + 1])
-        assert _rel(out[b, 0], want_b.out[0, -1]) <= TOL, (kind, step, b)
-        assert _rel(lse[b, :, 0], want_b.lse[0, :, -1]) <= TOL
+        # Row i of the full forward: token i after the tokens before it.
+        assert _rel(out[b, 0], want.out[b, i]) <= TOL, (kind, step, b)
+        assert _rel(lse[b, :, 0], want.lse[b, :, i]) <= TOL
     results[kind] = cache
   np.testing.assert_array_equal(results["paged"].lengths, [10, 7])
   keys, _ = cache_lib.dense_view(results["paged"])
@@ -123,10 +128,7 @@ def test_several_new_tokens_with_window_and_softcap(mechanism):
                       sliding_window=5, logits_soft_cap=3.0)
   out, lse, _ = _step(mechanism, cache, q[:, 13:], k[:, 13:], v[:, 13:],
                       sliding_window=5, logits_soft_cap=3.0)
-  inputs = fa.canonicalize(q, k, v, causal=True, sliding_window=5)
-  want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
-                                inputs.visibility, None, sm_scale=D**-0.5,
-                                softcap=3.0)
+  want = _full(q, k, v, sliding_window=5, softcap=3.0)
   assert _rel(out, want.out[:, 13:]) <= TOL
   assert _rel(lse, want.lse[:, :, 13:]) <= TOL
 
@@ -152,21 +154,28 @@ def test_merge_attention_of_two_calls_equals_one_call(mechanism):
   q, k, v = _tokens(3, 12)
   q = q[:, :5]
 
-  def call(keys, values):
-    def forward(q, k, v):
-      attention = fa.create_attention(mechanism, num_heads=H, head_dim=D,
-                                      num_kv_heads=HKV,
-                                      **MECHANISMS[mechanism])
-      return attention(q, k, v, return_lse=True)
-    result = hk.without_apply_rng(hk.transform(forward)).apply(
-        {}, q, keys, values)
+  def forward(q, k, v):
+    attention = fa.create_attention(mechanism, num_heads=H, head_dim=D,
+                                    num_kv_heads=HKV, **MECHANISMS[mechanism])
+    result = attention(q, k, v, return_lse=True)
     return result.attention_outputs, result.lse
 
-  parts = [call(k[:, :7], v[:, :7]), call(k[:, 7:], v[:, 7:])]
-  out, lse = fa.merge_attention(*zip(*parts))
-  inputs = fa.canonicalize(q, k, v)
-  want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
-                                inputs.visibility, None, sm_scale=D**-0.5)
+  call = hk.without_apply_rng(hk.transform(forward)).apply
+
+  @jax.jit
+  def merged(q, k, v):  # Both calls and their merge: one program.
+    parts = [call({}, q, k[:, :7], v[:, :7]), call({}, q, k[:, 7:], v[:, 7:])]
+    return fa.merge_attention(*zip(*parts))
+
+  @jax.jit
+  def reference(q, k, v):
+    inputs = fa.canonicalize(q, k, v)
+    return fa.reference_attention(inputs.query, inputs.key, inputs.value,
+                                  None, inputs.visibility, None,
+                                  sm_scale=D**-0.5)
+
+  out, lse = merged(q, k, v)
+  want = reference(q, k, v)
   assert _rel(out, want.out) <= TOL
   assert _rel(lse, want.lse) <= TOL
 
