@@ -643,3 +643,106 @@ def test_t5_options_are_checked():
     fa.T5ScoreMod(bidirectional=1)
   with pytest.raises(ValueError, match=r"num_heads must be a positive int"):
     fa.alibi_slopes(0)
+
+
+# --- Block sparsity from a mask_mod (flash) ----------------------------------
+
+S_TILES = 60  # Four 16-wide tiles, the last one padded.
+TILES = fa.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16,
+                      block_q_dq=16, block_k_dq=16)
+
+
+def _block_diagonal(batch, head, q_pos, kv_pos):
+  """Two 32-position blocks, and every query sees the first 8 keys."""
+  del batch, head
+  return (q_pos // 32 == kv_pos // 32) | (kv_pos < 8)
+
+
+def _fwd_bounds(mask_mod, mod_args=()):
+  """flash's forward bounds `[B, nq, 4]` (`lo, flo, fhi, hi`) of a call of
+  S_TILES with `mask_mod`, prepared under `jit` (as a model traces it)."""
+  q, k, v = helpers.random_qkv(helpers.rng_for("tiles"), B, S_TILES, S_TILES,
+                               H, HKV, D)
+
+  def bounds(q, k, v, mod_args):
+    inputs = inputs_lib.canonicalize(q, k, v, mask_mod=mask_mod,
+                                     mod_args=mod_args)
+    call = flash_kernel.prepare(inputs, None, sm_scale=1.0,
+                                block_sizes=TILES, interpret=True)
+    return call.aux["bounds_fwd"]
+
+  return np.asarray(jax.jit(bounds)(q, k, v, mod_args))
+
+
+def test_flash_static_mask_mod_skips_and_unmasks_tiles():
+  """A mask_mod without mod_args gives tile tables at trace time: query
+  tiles 0-1 never load key tiles 2-3 and need no mask on 0-1; tiles 2-3
+  see key tile 0 masked and 2 unmasked (tile 1 lies inside the run, and
+  is masked)."""
+  bounds = _fwd_bounds(_block_diagonal)
+  # The last key tile holds padding: never full.
+  want = [[0, 0, 2, 2], [0, 0, 2, 2], [0, 2, 3, 4], [0, 2, 3, 4]]
+  for row in bounds:
+    np.testing.assert_array_equal(row, want)
+  # The tables are per batch row and the union over heads.
+  from flexible_attention.kernels.flash import mod_lowering, mod_tables  # pylint: disable=g-import-not-at-top
+  per_head = lambda b, h, q, k: k // 16 == h
+  km = mod_lowering.kernel_mods(inputs_lib.canonicalize(
+      *helpers.random_qkv(helpers.rng_for("tiles"), 1, 64, 64, H, HKV, D),
+      mask_mod=per_head).mods, H)
+  assert mod_tables.dependence(km) == {"head", "kv_pos"}
+  inputs = inputs_lib.canonicalize(
+      *helpers.random_qkv(helpers.rng_for("tiles"), 1, 64, 64, H, HKV, D),
+      mask_mod=per_head)
+  ((maybe, full),) = mod_tables.derive(
+      km, inputs.mods, inputs.visibility, num_heads=H, q_pad=64, kv_pad=64,
+      blocks=((16, 16),)).values()
+  assert maybe.shape == (1, 4, 4) and maybe.all() and not full.any()
+
+
+def test_flash_static_mask_mod_matches_the_dense_mask(monkeypatch):
+  """Through the module (jit): the derived tables are used, and outputs and
+  gradients of q, k, v equal vanilla's with the dense mask."""
+  from flexible_attention.kernels.flash import mod_tables  # pylint: disable=g-import-not-at-top
+  derived = []
+  derive = mod_tables.derive
+  monkeypatch.setattr(mod_tables, "derive", lambda *a, **kw: derived.append(
+      derive(*a, **kw)) or derived[-1])
+  q, k, v = helpers.random_qkv(helpers.rng_for("tiles"), B, S_TILES, S_TILES,
+                               H, HKV, D)
+  pos = np.arange(S_TILES)
+  dense = np.asarray(_block_diagonal(0, 0, pos[:, None], pos[None, :]))
+
+  def f(q, k, v):
+    flash = fa.create_attention("flash", num_heads=H, head_dim=D,
+                                num_kv_heads=HKV, interpret=True,
+                                block_sizes=TILES, mask_mod=_block_diagonal)
+    vanilla = fa.create_attention("vanilla", num_heads=H, head_dim=D,
+                                  num_kv_heads=HKV)
+    return (flash(q, k, v).attention_outputs,
+            vanilla(q, k, v, mask=dense[None, None]).attention_outputs)
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  ct = helpers.random_array(helpers.rng_for("tiles", "ct"), q.shape)
+
+  @helpers.jit
+  def both(q, k, v):
+    loss = lambda i, *a: jnp.sum(jnp.sin(apply({}, *a)[i]) * ct)
+    return [(apply({}, q, k, v)[i], jax.grad(loss, (1, 2, 3))(i, q, k, v))
+            for i in (0, 1)]
+
+  (out, grads), (want, want_grads) = both(q, k, v)
+  assert derived and all(t is not None for t in derived), derived
+  helpers.assert_close(out, want, jnp.float32, "static mask_mod: out")
+  for g, w, n in zip(grads, want_grads, ("dq", "dk", "dv")):
+    helpers.assert_close(g, w, jnp.float32, f"static mask_mod: {n}")
+
+
+def test_flash_mask_mod_reading_mod_args_derives_no_table():
+  """A mask_mod that reads mod_args (prefix-LM's lengths) skips no tile
+  and masks every one: the bounds are the structure's alone (its
+  correctness: test_flash_named_mods_equal_their_dense_bias_and_mask)."""
+  bounds = _fwd_bounds(fa.prefix_lm_mask_mod,
+                       (jnp.asarray([4, 40], jnp.int32),))
+  for row in bounds:
+    np.testing.assert_array_equal(row, [[0, 4, 4, 4]] * 4)

@@ -33,6 +33,7 @@ from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels.flash import launch as launch_lib
 from flexible_attention.kernels.flash import mod_lowering
+from flexible_attention.kernels.flash import mod_tables
 from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_fwd
@@ -235,7 +236,10 @@ def prepare(inputs: AttentionInputs,
       dropout_rate=None if dropout is None else float(dropout.rate),
       groups=dims.groups, launch=launch, interpret=bool(interpret),
       mods=mod_lowering.kernel_mods(inputs.mods, dims.num_heads))
-  aux.update(structure.tile_bounds(st, aux))
+  mod_tiles = mod_tables.derive(
+      st.mods, inputs.mods, vis, num_heads=dims.num_heads, q_pad=q_pad,
+      kv_pad=kv_pad, blocks=structure.kernel_blocks(st))
+  aux.update(structure.tile_bounds(st, aux, mod_tiles))
   return Prepared(st, qp, kp, vp, bias, aux, q_len, kv_len, dims.head_dim,
                   dims.value_dim)
 
@@ -315,7 +319,10 @@ def flash_attention(inputs: AttentionInputs,
       D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
       and the `Visibility` (any of causal, window, segments, kv lengths,
       positions, dense mask), and `sinks [H]` or None (the Triton forward
-      folds them into each row's normalisation).
+      folds them into each row's normalisation), and the `Mods`. A
+      `mask_mod` that reads no `mod_args`, with the static default
+      positions, skips the tiles it hides like the structured mask does
+      (`mod_tables`); any other is evaluated on every tile, skipping none.
     dropout: a `Dropout` (the library's hash), or `None`.
     sm_scale: the softmax scale (positive).
     softcap: logits soft cap, or `None`.

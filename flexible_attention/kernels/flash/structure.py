@@ -130,9 +130,15 @@ def _tile_min_max(x, valid, block: int):
   return lo, hi
 
 
-def tile_tables(st: Static, aux, block_q: int, block_k: int):
+def tile_tables(st: Static, aux, block_q: int, block_k: int,
+                mod_tiles=None):
   """`(maybe, full)`, bool `[B, nq, nk]`: whether tile (i, j) may hold a
-  visible pair / certainly holds only visible pairs."""
+  visible pair / certainly holds only visible pairs.
+
+  `mod_tiles`: the mask_mod's own `{(block_q, block_k): (maybe, full)}`
+  (`mod_tables.derive`, `[B|1, nq, nk]`), and-ed in; without them a call
+  with a mask_mod has no fully visible tile (every tile evaluates it).
+  """
   q_pos, kv_pos, kv_ok = aux["q_pos"], aux["kv_pos"], aux["kv_ok"] != 0
   q_all = jnp.ones(q_pos.shape, bool)
   qmin, qmax = _tile_min_max(q_pos, q_all, block_q)  # [B, nq]
@@ -161,7 +167,13 @@ def tile_tables(st: Static, aux, block_q: int, block_k: int):
     skmin, skmax = skmin[:, None, :], skmax[:, None, :]
     maybe &= (skmax >= sqmin) & (skmin <= sqmax)
     full &= (sqmin == sqmax) & (skmin == skmax) & (sqmin == skmin)
-  if st.mask or st.mask_mod:  # Every tile evaluates the mask.
+  if st.mask_mod and mod_tiles is not None:
+    mod_maybe, mod_full = mod_tiles[(block_q, block_k)]
+    maybe &= jnp.asarray(mod_maybe)
+    full &= jnp.asarray(mod_full)
+  elif st.mask_mod:  # Not static: every tile evaluates the mask_mod.
+    full = jnp.zeros_like(full)
+  if st.mask:  # Every tile evaluates the dense mask.
     full = jnp.zeros_like(full)
   return maybe, full & maybe
 
@@ -232,16 +244,24 @@ def structure_vectors(inputs, dropout, q_pad: int, kv_pad: int
   return aux
 
 
-def tile_bounds(st: Static, aux) -> dict[str, Any]:
+def kernel_blocks(st: Static) -> tuple[tuple[int, int], ...]:
+  """The `(block_q, block_k)` of each kernel of `st.launch` (fwd, dq,
+  dkv)."""
+  return tuple((t.block_q, t.block_k) for t in (
+      st.launch.fwd, st.launch.dq, st.launch.dkv))
+
+
+def tile_bounds(st: Static, aux, mod_tiles=None) -> dict[str, Any]:
   """Each kernel's skipping bounds, int32 `[B, n, 4]` (`bounds_table`):
   `bounds_fwd` and `bounds_dq` per query tile, `bounds_dkv` per key tile,
-  for the tiles of `st.launch`."""
+  for the tiles of `st.launch` (`mod_tiles` as `tile_tables`')."""
   launch = st.launch
   fwd = bounds_table(*tile_tables(st, aux, launch.fwd.block_q,
-                                  launch.fwd.block_k))
+                                  launch.fwd.block_k, mod_tiles))
   dq = bounds_table(*tile_tables(st, aux, launch.dq.block_q,
-                                 launch.dq.block_k))
-  maybe, full = tile_tables(st, aux, launch.dkv.block_q, launch.dkv.block_k)
+                                 launch.dq.block_k, mod_tiles))
+  maybe, full = tile_tables(st, aux, launch.dkv.block_q, launch.dkv.block_k,
+                            mod_tiles)
   dkv = bounds_table(maybe.swapaxes(1, 2), full.swapaxes(1, 2))
   return {"bounds_fwd": fwd, "bounds_dq": dq, "bounds_dkv": dkv}
 
