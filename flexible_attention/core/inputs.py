@@ -258,20 +258,20 @@ def canonicalize(query, key, value, *, mask=None, bias=None, causal=False,
                         "[B, Sk]")
   if kv_lengths is not None:
     kv_lengths = _check_int("kv_lengths", kv_lengths, (batch,), "[B]")
-  # The default positions are concrete even under `jit` (a kernel may read
-  # them at trace time: flash's tile tables from a mask_mod).
+  # The default positions are numpy, concrete even under `jit` (a kernel
+  # may read them at trace time: flash's tile tables from a mask_mod), and
+  # built without dispatching a computation (which an abstract mesh, as in
+  # ahead-of-time lowering, forbids).
   if q_positions is None:
-    with jax.ensure_compile_time_eval():
-      q_positions = jnp.broadcast_to(
-          jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len),
-          (batch, q_len))
+    q_positions = np.broadcast_to(
+        np.arange(q_len, dtype=np.int32) + np.int32(kv_len - q_len),
+        (batch, q_len))
   else:
     q_positions = _check_int("q_positions", q_positions, (batch, q_len),
                              "[B, Sq]")
   if kv_positions is None:
-    with jax.ensure_compile_time_eval():
-      kv_positions = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32),
-                                      (batch, kv_len))
+    kv_positions = np.broadcast_to(np.arange(kv_len, dtype=np.int32),
+                                   (batch, kv_len))
   else:
     kv_positions = _check_int("kv_positions", kv_positions, (batch, kv_len),
                               "[B, Sk]")

@@ -259,8 +259,7 @@ def make_mods(score_mod, mask_mod, mod_args, *, shape: tuple[int, ...],
       raise TypeError(f"mod_args must hold arrays; leaf {i} is "
                       f"{type(leaf).__name__}.")
   args = jax.tree.map(jnp.asarray, tuple(mod_args))
-  with jax.ensure_compile_time_eval():  # Concrete offsets (`mod_tables`).
-    zero = jnp.zeros((), jnp.int32)
+  zero = np.zeros((), np.int32)  # Concrete offsets (`mod_tables`).
   mods = Mods(args, zero, zero, score_mod, mask_mod)
   batch, heads, q_len, kv_len = shape
   positions = (jax.ShapeDtypeStruct((batch, q_len), jnp.int32),

@@ -7,10 +7,13 @@ joins this when its value is KNOWN at trace time, i.e. when
 - it does not depend on `mod_args` (a dependence walk over its jaxpr: no
   output reads a `mod_args` input), and
 - the arguments it does depend on are concrete: the query and key
-  positions (the static default positions are, `core/inputs.py` builds
-  them at trace time; explicit positions, a KV cache's, or positions under
+  positions (the static default positions are: `core/inputs.py` builds
+  them with numpy; explicit positions, a KV cache's, or positions under
   `shard_map` / `ulysses` are traced values) and, if it reads `batch` /
-  `head`, the record's batch / head offsets (concrete outside `shard_map`).
+  `head`, the record's batch / head offsets (concrete outside `shard_map`);
+- no mesh is set as context (`jax.set_mesh`, `use_abstract_mesh`: under an
+  abstract mesh alone JAX runs nothing eagerly, and inside `jit` the two
+  cannot be told apart).
 
 Then the mask_mod is evaluated once, eagerly (`jax.ensure_compile_time_eval`,
 in chunks of query tiles), on the padded positions the kernels use, and
@@ -80,6 +83,15 @@ def _pad(x, size: int, mode: str):
   return np.pad(x, ((0, 0), (0, pad)), mode=mode) if pad else x
 
 
+def _mesh_context() -> bool:
+  """Whether a mesh is set as context (`jax.set_mesh`, or an abstract mesh
+  alone for ahead-of-time lowering, under which JAX refuses to run
+  anything eagerly, so no table could be evaluated; inside `jit` the two
+  cannot be told apart)."""
+  abstract = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+  return abstract is not None and not abstract.empty
+
+
 def derive(km, mods, vis, *, num_heads: int, q_pad: int, kv_pad: int,
            blocks) -> dict[tuple[int, int], tuple[Any, Any]] | None:
   """The mask_mod's tile tables, or None when they are not static.
@@ -96,9 +108,10 @@ def derive(km, mods, vis, *, num_heads: int, q_pad: int, kv_pad: int,
     `{(block_q, block_k): (maybe, full)}`, numpy bool `[B|1, nq, nk]`: tile
     `(i, j)` holds a pair the mask_mod keeps for some head / keeps every
     pair for every head; None without a mask_mod, or when it reads
-    `mod_args` or traced positions or offsets (module docstring).
+    `mod_args` or traced positions or offsets (module docstring), or under
+    a context mesh (`_mesh_context`).
   """
-  if km is None or km.mask_mod is None:
+  if km is None or km.mask_mod is None or _mesh_context():
     return None
   uses = dependence(km)
   if "args" in uses:
