@@ -279,13 +279,19 @@ def test_backward_with_atomic_dq_segments_and_dropout():
 
 def test_log_sum_exp_matches_reference():
   q, k, v, _, _ = _inputs("lse")
-  inputs = fa.canonicalize(q, k, v, causal=True,
-                           kv_lengths=jnp.array([0, 30]))
-  got = flash_kernel.flash_attention(inputs, None, sm_scale=0.25,
-                                     block_sizes=SMALL_BLOCKS,
-                                     interpret=True).lse
-  want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
-                                inputs.visibility, sm_scale=0.25).lse
+
+  @jax.jit
+  def got_and_want(q, k, v):
+    inputs = fa.canonicalize(q, k, v, causal=True,
+                             kv_lengths=jnp.array([0, 30]))
+    got = flash_kernel.flash_attention(inputs, None, sm_scale=0.25,
+                                       block_sizes=SMALL_BLOCKS,
+                                       interpret=True).lse
+    want = fa.reference_attention(inputs.query, inputs.key, inputs.value,
+                                  None, inputs.visibility, sm_scale=0.25).lse
+    return got, want
+
+  got, want = got_and_want(q, k, v)
   assert np.all(np.isneginf(np.asarray(got[0])))
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]),
                              rtol=1e-5, atol=1e-5)
@@ -410,11 +416,20 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
   monkeypatch.setattr(gpu, "compute_capability", lambda: capability)
   q = jnp.zeros((1, q_len, 2, head_dim), dtype)
   k = jnp.zeros((1, 256, 2, head_dim), dtype)
-  prepared = flash_kernel.prepare(
-      fa.canonicalize(q, k, k, **call), sm_scale=0.1,
-      block_sizes=block_sizes, launch=launch, interpret=interpret,
-      float32_results=float32_results)
-  return prepared if full else prepared.static.launch
+
+  def prepare(q, k):
+    return flash_kernel.prepare(
+        fa.canonicalize(q, k, k, **call), sm_scale=0.1,
+        block_sizes=block_sizes, launch=launch, interpret=interpret,
+        float32_results=float32_results)
+
+  if full:
+    return prepare(q, k)
+  # The launch only: traced (its checks run while tracing), not run.
+  launches = []
+  jax.eval_shape(lambda q, k: launches.append(prepare(q, k).static.launch),
+                 q, k)
+  return launches[0]
 
 
 @pytest.mark.parametrize("capability, options, backends", [
@@ -540,9 +555,11 @@ def test_module_dropout_is_bit_identical_to_vanilla(flash_registered):
   del flash_registered
   q, k, v, _, _ = _inputs("module_dropout", h=2, hkv=1)
   rng = jax.random.key(11)
-  flash = _module_out("flash", q, k, v, rng, interpret=True,
-                      dropout_rate=0.4, block_sizes=SMALL_BLOCKS)
-  vanilla = _module_out("vanilla", q, k, v, rng, dropout_rate=0.4)
+  flash = jax.jit(lambda q, k, v: _module_out(
+      "flash", q, k, v, rng, interpret=True, dropout_rate=0.4,
+      block_sizes=SMALL_BLOCKS))(q, k, v)
+  vanilla = jax.jit(lambda q, k, v: _module_out(
+      "vanilla", q, k, v, rng, dropout_rate=0.4))(q, k, v)
   # Same keep decisions: any flipped one would move an output by ~1e-1.
   assert _rel(flash, np.asarray(vanilla)) <= 2e-5
 
@@ -645,6 +662,7 @@ def test_module_launch_sets_every_kernel_and_the_atomic_backward(
         inputs.query, inputs.key, inputs.value, None, inputs.visibility,
         sm_scale=q.shape[-1]**-0.5).out
 
+  @functools.partial(jax.jit, static_argnums=0)
   def out_and_grads(f):
     out, vjp = jax.vjp(f, q, k, v)
     return (out,) + vjp(ct)
