@@ -9,6 +9,7 @@ equals one attention over their union (float32 reference, tolerance 1e-5).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,6 +131,7 @@ def test_init_paged_cache_is_empty_and_unassigned():
     fa.init_paged_cache(7, 0, 2, 8, batch_size=3, max_pages_per_row=4)
 
 
+@jax.jit
 def _reference(q, k, v, **call):
   inputs = fa.canonicalize(q, k, v, **call)
   return fa.reference_attention(inputs.query, inputs.key, inputs.value,
