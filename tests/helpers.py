@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import zlib
 from typing import Any, Callable
@@ -178,35 +179,48 @@ def reference_vjp(q, k, v, ct, *, bias=None, call=None, sliding_window=None,
           if k not in ("return_weights", "deterministic")}
   static_call, arrays = _split_call(call)
   sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
-
-  def f(q, k, v, bias, arrays, dropout):
-    inputs = fa.canonicalize(q, k, v, bias=bias, sliding_window=sliding_window,
-                             **static_call, **arrays)
-    result = fa.reference_attention(
-        inputs.query, inputs.key, inputs.value, inputs.bias,
-        inputs.visibility, dropout, sm_scale=sm_scale,
-        softcap=logits_soft_cap, return_weights=return_weights)
-    return result.out, result.weights, jnp.isneginf(result.lse)
-
-  @jit
-  def fwd_bwd(q, k, v, bias, arrays, dropout, ct):
-    (out, weights, empty), vjp = _vjp_with_aux(
-        lambda q, k, v, bias: f(q, k, v, bias, arrays, dropout), q, k, v,
-        bias)
-    grads = None
-    if ct is not None:
-      grads = vjp((ct, None if weights is None else jnp.zeros_like(weights)))
-    return out, grads, weights, empty
-
   f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
-  out, grads, weights, empty = fwd_bwd(f32(q), f32(k), f32(v), f32(bias),
-                                       arrays, dropout, f32(ct))
+  out, grads, weights, empty = _reference_fwd_bwd(
+      f32(q), f32(k), f32(v), f32(bias), arrays, dropout, f32(ct),
+      static_call=tuple(sorted(static_call.items())),
+      sliding_window=(tuple(sliding_window)
+                      if isinstance(sliding_window, list) else sliding_window),
+      sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+      return_weights=return_weights)
   if grads is not None:
     grads = tuple(np.asarray(g) for g in grads if g is not None)
   return Reference(
       out=np.asarray(out), grads=grads,
       weights=None if weights is None else np.asarray(weights),
       empty_rows=np.moveaxis(np.asarray(empty), 1, 2))
+
+
+# One jitted function for every reference call: calls with the same shapes
+# and static configuration (common across mechanisms and meshes) reuse one
+# compiled program.
+@functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS,
+                   static_argnames=("static_call", "sliding_window",
+                                    "sm_scale", "logits_soft_cap",
+                                    "return_weights"))
+def _reference_fwd_bwd(q, k, v, bias, arrays, dropout, ct, *, static_call,
+                       sliding_window, sm_scale, logits_soft_cap,
+                       return_weights):
+  """`reference_vjp`'s program: out, grads, weights and the empty rows."""
+
+  def f(q, k, v, bias):
+    inputs = fa.canonicalize(q, k, v, bias=bias, sliding_window=sliding_window,
+                             **dict(static_call), **arrays)
+    result = fa.reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, dropout, sm_scale=sm_scale,
+        softcap=logits_soft_cap, return_weights=return_weights)
+    return result.out, result.weights, jnp.isneginf(result.lse)
+
+  (out, weights, empty), vjp = _vjp_with_aux(f, q, k, v, bias)
+  grads = None
+  if ct is not None:
+    grads = vjp((ct, None if weights is None else jnp.zeros_like(weights)))
+  return out, grads, weights, empty
 
 
 def _vjp_with_aux(f, *args):
