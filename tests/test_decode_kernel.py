@@ -279,17 +279,22 @@ def test_split_rule_fills_the_gpu():
   assert flash_kernel.decode_launch(2, 2, 8, 4, 256).pages_per_block == 8
 
 
+def _abstract_decode_args(sq, h, hkv, d, page_size, b=2, pool=64,
+                          max_pages=32):
+  """`decode_attention`'s array arguments as bf16 / int32 shapes (for
+  lowering): q, key and value pages, table, lengths, positions."""
+  s = jax.ShapeDtypeStruct
+  pages = s((pool, page_size, hkv, d), jnp.bfloat16)
+  return (s((b, sq, h, d), jnp.bfloat16), pages, pages,
+          s((b, max_pages), jnp.int32), s((b,), jnp.int32),
+          s((b, sq), jnp.int32))
+
+
 @pytest.mark.parametrize("sq,page_size", [(1, 16), (4, 128)])
 def test_kernel_lowers_for_cuda(sq, page_size):
   """bf16, D = 128, GQA 32/8, window and soft cap: the compiled (Triton)
   path lowers."""
-  s = jax.ShapeDtypeStruct
-  b, h, hkv, d, pool, max_pages = 2, 32, 8, 128, 64, 32
-  args = (s((b, sq, h, d), jnp.bfloat16),
-          s((pool, page_size, hkv, d), jnp.bfloat16),
-          s((pool, page_size, hkv, d), jnp.bfloat16),
-          s((b, max_pages), jnp.int32), s((b,), jnp.int32),
-          s((b, sq), jnp.int32))
+  args = _abstract_decode_args(sq, 32, 8, 128, page_size)
   fn = functools.partial(decode.decode_attention, sm_scale=0.1, window=64,
                          softcap=30.0, num_splits=4)
   assert "triton" in helpers.lower_for_cuda(fn, *args)
@@ -396,13 +401,7 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   """bf16, Hkv = 4 (up to 64 query rows per KV head): the Mosaic GPU
   kernel (and no Triton kernel) lowers."""
-  s = jax.ShapeDtypeStruct
-  b, hkv, pool, max_pages = 2, 4, 64, 32
-  args = (s((b, sq, h, d), jnp.bfloat16),
-          s((pool, page_size, hkv, d), jnp.bfloat16),
-          s((pool, page_size, hkv, d), jnp.bfloat16),
-          s((b, max_pages), jnp.int32), s((b,), jnp.int32),
-          s((b, sq), jnp.int32))
+  args = _abstract_decode_args(sq, h, 4, d, page_size)
   fn = functools.partial(decode.decode_attention, sm_scale=0.1, num_splits=3,
                          backend="mosaic", **kw)
   text = helpers.lower_for_cuda(fn, *args)
