@@ -212,6 +212,15 @@ def test_flash_mods_match_the_reference():
   _check("flash", S_ODD, _module_fn("flash", interpret=True), True)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_flash_mods_compiled_on_a_gpu():
+  """The same battery through flash's compiled Triton kernels, bfloat16
+  inputs (without bias and dropout, as `test_mods_in_bfloat16`): out, lse
+  and the gradients of q, k, v, sinks and the [H] / [B] mod_args."""
+  _check("flash-gpu-bf16", S_ODD, _module_fn("flash", dropout=False), False,
+         jnp.bfloat16, dropout=False)
+
+
 @pytest.mark.parametrize("mechanism,dims", [
     # dp shards the batch, tp the heads, sp the sequence (ring: zigzag).
     ("ring", (2, 1, 2, 2)),

@@ -1,0 +1,263 @@
+"""Score and mask mods on a GPU: the benchmark rows of issue 16.
+
+One command on a GPU (bf16, B * S = `--tokens`, H = 16, D = 128):
+
+  python3 benchmarks/mods_probe.py --lengths=4096,16384 \\
+      --out=$OUT/mods_probe.json
+
+Two cells per S, each timed as forward and forward+backward (`jax.vjp` of
+the output w.r.t. q, k, v, jitted):
+
+- `alibi` (causal): `flash` with ALiBi as `score_mod=fa.alibi_score_mod`
+  (`mod_args=(slopes,)`), against `flash` without a bias, `flash` with the
+  same ALiBi bias materialised densely (`[1, H, S, S]` bf16) and cuDNN
+  (`jax.nn.dot_product_attention(implementation="cudnn")`) with that dense
+  bias and without a bias.
+- `prefix_lm` (a prefix of `--prefix_fraction` of S, then causal): `flash`
+  with the prefix-LM as an args-free `mask_mod` (so its tile table is
+  derived at trace time: block sparsity), against `flash` plain causal,
+  `flash` with the dense `[1, 1, S, S]` mask and cuDNN with that mask and
+  plain causal. The prefix-LM sees more pairs than causal (the prefix's
+  upper triangle); `useful_ratio` divides that out.
+
+Every variant's output and dq / dk / dv are first checked against the
+float32 reference (`core/reference.py`, with the mod or the dense bias /
+mask) on the first batch row and `--check_heads` heads (heads and rows
+are independent, so this bounds the reference's memory); a variant off by
+more than bf16's tolerance is not timed. The variants of a cell are then
+timed round-robin (`timing.median_seconds_each`). `--smoke`: tiny shapes
+in Pallas' interpreter, flash only, no timing (a CPU check of the script).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention import timing
+from flexible_attention.comparison import compare
+from flexible_attention.core import inputs as inputs_lib
+from flexible_attention.core import reference
+
+_LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Sequence lengths.")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S.")
+_HEADS = flags.DEFINE_integer("heads", 16, "H (and Hkv).")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "D.")
+_PREFIX = flags.DEFINE_float("prefix_fraction", 0.125,
+                             "The prefix-LM's prefix, a fraction of S.")
+_CHECK_HEADS = flags.DEFINE_integer("check_heads", 2,
+                                    "Heads checked against the reference.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, interpreted flash "
+                           "kernels, no timing: a CPU check of the script.")
+
+TOL = 1.5e-2  # bf16, relative to the largest entry (tests/helpers.py).
+
+
+def _prefix_mask_mod(prefix: int):
+  """An args-free prefix-LM mask_mod: keys before `prefix` are seen by every
+  query, later keys causally."""
+  def mask_mod(batch, head, q_pos, kv_pos):
+    del batch, head
+    return (kv_pos < prefix) | (kv_pos <= q_pos)
+  return mask_mod
+
+
+def _module(mechanism, h, d, call, **options):
+  """`attend(q, k, v, extra)`: `mechanism` inside `hk.transform`; `extra`
+  is the call's bias / mask / mod_args (named by `call`)."""
+  def f(q, k, v, extra):
+    attn = fa.create_attention(mechanism, num_heads=h, head_dim=d,
+                               interpret=_SMOKE.value, **options)
+    return attn(q, k, v, **call(extra)).attention_outputs
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  return lambda q, k, v, extra: apply({}, q, k, v, extra)
+
+
+def _cudnn(causal, name):
+  def attend(q, k, v, extra):
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn",
+        **({name: extra} if name else {}))
+  return attend
+
+
+def _reference(call, **mods):
+  def attend(q, k, v, extra):
+    record = inputs_lib.canonicalize(q, k, v, **call(extra), **mods)
+    return reference.reference_attention(
+        record.query, record.key, record.value, record.bias,
+        record.visibility, sm_scale=q.shape[-1]**-0.5, mods=record.mods).out
+  return attend
+
+
+def _cells(s: int, h: int, d: int):
+  """`{cell: (reference, extra, {variant: (attend, extra)})}`."""
+  idx = np.arange(s)
+  slopes = jnp.asarray(fa.alibi_slopes(h))
+  distance = np.abs(idx[:, None] - idx[None, :]).astype(np.float32)
+  alibi = (-slopes[:, None, None] * distance)[None].astype(jnp.bfloat16)
+  prefix = max(1, int(s * _PREFIX.value))
+  prefix_mask = jnp.asarray(((idx[None, :] < prefix) |
+                             (idx[None, :] <= idx[:, None]))[None, None])
+  causal = lambda extra: dict(causal=True)
+  with_bias = lambda extra: dict(causal=True, bias=extra)
+  with_mask = lambda extra: dict(mask=extra)
+  alibi_args = lambda extra: dict(causal=True, mod_args=(extra,))
+  no_args = lambda extra: {}
+  alibi_mod = dict(score_mod=fa.alibi_score_mod)
+  prefix_mod = dict(mask_mod=_prefix_mask_mod(prefix))
+  cells = {
+      "alibi": (_reference(with_bias), alibi, {
+          "flash_alibi_mod": (_module("flash", h, d, alibi_args, **alibi_mod),
+                              slopes),
+          "flash_plain": (_module("flash", h, d, causal), None),
+          "flash_alibi_dense": (_module("flash", h, d, with_bias), alibi),
+          "cudnn_alibi_dense": (_cudnn(True, "bias"), alibi),
+          "cudnn_plain": (_cudnn(True, None), None)}),
+      "prefix_lm": (_reference(with_mask), prefix_mask, {
+          "flash_prefix_mod": (_module("flash", h, d, no_args, **prefix_mod),
+                               None),
+          "flash_plain": (_module("flash", h, d, causal), None),
+          "flash_prefix_dense": (_module("flash", h, d, with_mask),
+                                 prefix_mask),
+          "cudnn_prefix_dense": (_cudnn(False, "mask"), prefix_mask),
+          "cudnn_plain": (_cudnn(True, None), None)}),
+  }
+  pairs = {"alibi": s * (s + 1) / 2,
+           "prefix_lm": s * (s + 1) / 2 + prefix * (prefix - 1) / 2}
+  return cells, pairs
+
+
+def _part(x, heads, axis):
+  """The first batch row and `heads` heads of `x` (`axis`: its head axis);
+  a broadcast (size-1) axis is kept."""
+  if x is None:
+    return None
+  x = x[:1]
+  if x.shape[axis] > 1:
+    x = jax.lax.slice_in_dim(x, 0, heads, axis=axis)
+  return x
+
+
+def _measure(s: int, h: int, d: int, tokens: int) -> dict:
+  b = max(1, tokens // s)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, dout = (jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
+                   for key in keys)
+  n = _CHECK_HEADS.value
+  part = lambda x: _part(x, n, 2).astype(jnp.float32)
+  cells, pairs = _cells(s, h, d)
+  rows = {}
+  for cell, (ref, ref_extra, variants) in cells.items():
+    # The dense bias / mask is [1, H, S, S] / [1, 1, S, S]: its heads are
+    # axis 1. The reference's slopes are those of the checked heads.
+    want_out, want_vjp = jax.vjp(
+        lambda q, k, v: ref(q, k, v, _part(ref_extra, n, 1)),
+        part(q), part(k), part(v))
+    want = (want_out, *want_vjp(part(dout)))
+    row = dict(S=s, B=b, H=h, D=d, error={}, fwd_ms={}, fwd_bwd_ms={})
+    calls = []
+    for name, (attend, extra) in variants.items():
+      if _SMOKE.value and not name.startswith("flash"):
+        continue
+      forward = jax.jit(attend)
+      forward_backward = jax.jit(lambda q, k, v, dout, extra, attend=attend:
+                                 jax.vjp(lambda q, k, v: attend(q, k, v, extra),
+                                         q, k, v)[1](dout))
+      try:
+        got = (forward(q, k, v, extra), *forward_backward(q, k, v, dout, extra))
+      except Exception as e:  # pylint: disable=broad-except
+        row["error"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+        continue
+      if name.endswith("plain"):  # Its own reference: plain causal.
+        error = None
+      else:
+        error = max(compare.relative_error(part(x), w)
+                    for x, w in zip(got, want))
+      row["error"][name] = error
+      if error is None or error <= TOL:
+        calls.append((name, forward, forward_backward, extra))
+    if not _SMOKE.value:
+      timed = []
+      for name, forward, forward_backward, extra in calls:
+        timed += [(forward, (q, k, v, extra)),
+                  (forward_backward, (q, k, v, dout, extra))]
+      seconds = timing.median_seconds_each(timed, repeats=_REPEATS.value)
+      for i, (name, *_) in enumerate(calls):
+        row["fwd_ms"][name] = seconds[2 * i] * 1e3
+        row["fwd_bwd_ms"][name] = seconds[2 * i + 1] * 1e3
+    row["pairs_over_causal"] = pairs[cell] / pairs["alibi"]
+    rows[cell] = row
+    print(json.dumps({"cell": cell, **row}), flush=True)
+  return rows
+
+
+def _check_plain(s: int, d: int) -> None:
+  """The `*_plain` rows, checked against plain causal (the cells'
+  references have the bias / mask) on a small separate call."""
+  h = 2
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(key, (1, s, h, d), jnp.bfloat16)
+             for key in keys)
+  want = _reference(lambda extra: dict(causal=True))(
+      *(x.astype(jnp.float32) for x in (q, k, v)), None)
+  got = {"flash_plain": jax.jit(_module("flash", h, d,
+                                        lambda e: dict(causal=True)))}
+  if not _SMOKE.value:
+    got["cudnn_plain"] = jax.jit(_cudnn(True, None))
+  for name, fn in got.items():
+    error = compare.relative_error(fn(q, k, v, None), want)
+    print(json.dumps({"check": name, "S": s, "out_error": error}), flush=True)
+    if error > TOL:
+      raise AssertionError(f"{name}: error {error} over {TOL}")
+
+
+def main(argv):
+  del argv
+  lengths = [int(s) for s in _LENGTHS.value]
+  h, d, tokens = _HEADS.value, _HEAD_DIM.value, _TOKENS.value
+  if _SMOKE.value:
+    lengths, h, d, tokens = [64], 2, 16, 64
+  print(json.dumps({"device": jax.devices()[0].device_kind,
+                    "jax": jax.__version__}), flush=True)
+  results = []
+  for s in lengths:
+    _check_plain(min(s, 2048), d)
+    rows = _measure(s, h, d, tokens)
+    results.append(rows)
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(dict(device=jax.devices()[0].device_kind,
+                       jax=jax.__version__, rows=results), f, indent=1)
+  if _SMOKE.value:
+    return
+  print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; "
+        f"H = {h}, D = {d}, bf16; ms forward / "
+        "forward+backward")
+  for rows in results:
+    for cell, row in rows.items():
+      base = row["fwd_bwd_ms"].get("flash_plain")
+      print(f"\n{cell}, S = {row['S']}, B = {row['B']} "
+            f"(pairs over causal {row['pairs_over_causal']:.3f})")
+      print("| variant | fwd | fwd+bwd | flash_plain's fwd+bwd over it |")
+      print("|---|---|---|---|")
+      for name in row["error"]:
+        f, fb = row["fwd_ms"].get(name), row["fwd_bwd_ms"].get(name)
+        if fb is None:
+          print(f"| {name} | - | - | {row['error'][name]} |")
+          continue
+        print(f"| {name} | {f:.3f} | {fb:.3f} | "
+              f"{base / fb if base else float('nan'):.3f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
