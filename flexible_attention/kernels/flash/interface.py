@@ -96,20 +96,20 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
   dout = dout.astype(q.dtype)
   parts = {}
-  if st.launch.atomic_dq:
-    dk, dv, dq, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
-                                        delta, grad_dtype)
-    dq = dq.astype(grad_dtype or q.dtype)
-  elif st.launch.dkv_backend == "mosaic":
+  # The dK/dV kernel; with `atomic_dq` (either backend) it also adds dQ into
+  # a float32 buffer, else dQ is the Triton kernel's.
+  if st.launch.dkv_backend == "mosaic":
     launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dkv",
                                   k.dtype)
-    dk, dv = mosaic_bwd.dkdv(st, q, k, v, dout, lse2, delta,
-                             *_mosaic_operands(st, q, aux, "bounds_dkv"))
-    dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
-                       write_ds=False, grad_dtype=grad_dtype)
+    grads = mosaic_bwd.dkdv(st, q, k, v, dout, lse2, delta,
+                            *_mosaic_operands(st, q, aux, "bounds_dkv"))
   else:
-    dk, dv, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
+    *grads, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
                                     delta, grad_dtype)
+  dk, dv = grads[:2]
+  if st.launch.atomic_dq:
+    dq = grads[2].astype(grad_dtype or q.dtype)
+  else:
     dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=False, grad_dtype=grad_dtype)
   dbias = None

@@ -19,7 +19,12 @@ Which path serves what (the README has it too):
   Sq and Sk at least one of its tiles; forward tiles not set by the user),
   else Triton;
 - dK/dV: likewise on Hopper (its own tiles), else Triton;
-- dQ and the bias gradient: Triton;
+- dQ: Triton by default; with `LaunchConfig(atomic_dq=True)` (opt-in, not
+  bitwise reproducible) the dK/dV kernel's, added into float32: Triton's
+  atomics with `dkv_backend="triton"`, the fused Mosaic GPU backward's TMA
+  reduce-adds with `dkv_backend="mosaic"` (padded D of 64 or 128; D = 256
+  keeps the split backward: `mosaic_common.fused_dq_reason`);
+- the bias gradient: Triton;
 - GPUs before Hopper and `interpret=True`: Triton for every kernel.
 - decode (a cache call with few new tokens, `decode.py`): on Hopper the
   Mosaic GPU decode kernel (`mosaic_decode`) wherever it serves the call
@@ -69,14 +74,20 @@ class LaunchConfig:
   """The launches of the forward, dK/dV and dQ kernels.
 
   With `atomic_dq`, the backward is one kernel: the dK/dV kernel also adds
-  each tile pair's share of dQ (`ds^T k`) into a float32 buffer with atomic
-  adds, as FlashAttention-2's CUDA backward does, so `dq` (its launch then
-  unused) is not launched: 5 matmuls per tile pair instead of the split
-  backward's 7. The float32 sums then run in the order the GPU schedules
-  the programs, so dQ is not bitwise reproducible from run to run (within
-  float32 rounding of the same sum). Off by default: on an H200 it is 2.7x
-  slower than the split backward at D = 128 (its float32 atomics are
-  acquire-release, with fences; benchmarks/flash_notes.md).
+  each tile pair's share of dQ (`ds k`) into a float32 buffer, so `dq` (its
+  launch then unused) is not launched: 5 matmuls per tile pair instead of
+  the split backward's 7. With `dkv_backend="triton"` the adds are Triton
+  atomics, as FlashAttention-2's CUDA backward does; with
+  `dkv_backend="mosaic"` they are TMA reduce-adds of `[64, Dp]` float32
+  tiles from the Mosaic GPU dK/dV kernel (the fused backward,
+  FlashAttention-3's; padded head sizes 64 and 128 only,
+  `mosaic_common.fused_dq_reason`). Either way the float32 sums run in the
+  order the GPU schedules the programs, so dQ is not bitwise reproducible
+  from run to run (within float32 rounding of the same sum). Off by
+  default: the Triton atomics are 2.7x slower than the split backward on an
+  H200 at D = 128 (acquire-release, with fences;
+  benchmarks/flash_notes.md); the Mosaic one awaits its measurement
+  (`benchmarks/fused_bwd_probe.py`).
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
@@ -88,9 +99,9 @@ class LaunchConfig:
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
   `mosaic_bwd.dkdv` (the calls the forward serves;
-  `dkv=mosaic_dkv_launch(Dp)`; not with `atomic_dq`), and the default
-  launches use it on Hopper wherever it serves the call and the dK/dV
-  tiles are not the user's. dQ is always Triton's.
+  `dkv=mosaic_dkv_launch(Dp)`), and the default launches use it on Hopper
+  wherever it serves the call and the dK/dV tiles are not the user's (with
+  `atomic_dq=False`: dQ through Triton).
 
   The Mosaic kernels write the inputs' dtype: a call prepared with
   `float32_results=True` (a ring's blocks) never uses them by default and
@@ -202,8 +213,6 @@ def check_launch_config(config: LaunchConfig,
     if getattr(config, field) not in BACKENDS:
       raise ValueError(f"LaunchConfig.{field} must be one of {BACKENDS}, "
                        f"got {getattr(config, field)!r}.")
-  if config.dkv_backend == "mosaic" and config.atomic_dq:
-    raise ValueError("LaunchConfig: dkv_backend='mosaic' has no atomic_dq.")
   for kernel in ("fwd", "dkv", "dq"):
     launch = getattr(config, kernel)
     if not isinstance(launch, Launch):
@@ -410,6 +419,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   user_launch = launch is not None
   if launch is not None:
     check_launch_config(launch, block_sizes)
+    if launch.atomic_dq and reasons["dkv"] is None:  # The fused backward.
+      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim)
     for kernel, (fixed, _) in mosaic.items():
       if getattr(launch, f"{kernel}_backend") == "mosaic":
         _check_mosaic_launch(kernel, getattr(launch, kernel), fixed,

@@ -12,7 +12,15 @@ log-sum-exp and `delta`, their structure vectors) into shared-memory slots;
   columns, exchanging `p`, `dp - delta` and `ds` through shared memory
   (FlashAttention-3's hdim-256 layout).
 
-dQ stays Triton's (`triton_bwd.dq`).
+dQ is Triton's (`triton_bwd.dq`), or, with `LaunchConfig.atomic_dq` in the
+rows layout, this kernel's too (the fused backward, FlashAttention-3's one
+kernel: 5 matmuls per tile pair instead of 7): each consumer writes its
+step's `ds^T` to shared memory, takes `ds k` (`[bq, Dp]` float32) from a
+`wgmma` that reads it through a transposed view beside its K tile, and adds
+it into a float32 dQ in global memory with a TMA reduce-add
+(`copy_smem_to_gmem(..., reduction_op="add")`). The adds land in the order
+the GPU runs the programs: dQ is not bitwise reproducible (float32 rounding
+of the same sum).
 
 Glossary of shapes:
 - B: batch size; H, Hkv: query and key/value heads; G = H // Hkv.
@@ -41,6 +49,7 @@ from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
+from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import read_bounds
@@ -77,11 +86,14 @@ def _score_grads(st: Static, p, dcap, dp_minus_delta, dtype):
 
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
-  every warpgroup reads the same way."""
+  every warpgroup reads the same way. `dq` is the float32 dQ the fused
+  backward adds into (`with_dq`), else None."""
 
-  def __init__(self, st: Static, bq: int, operands, scratch):
+  def __init__(self, st: Static, bq: int, operands, scratch, with_dq: bool):
     (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
-     self.kvvec, self.dk, self.dv) = operands
+     self.kvvec) = operands[:8]
+    self.dq = operands[8] if with_dq else None
+    self.dk, self.dv = operands[-2:]
     (self.k_smem, self.v_smem, self.kvvec_smem, self.q_smem, self.do_smem,
      self.stats_smem, self.qvec_smem, self.bounds_smem, self.exchange,
      own_ready, ready, self.free) = scratch
@@ -115,16 +127,18 @@ class _DkdvRefs:
     return visible(self.st, q_vec, kv_vec)
 
   def loop(self, lo, flo, fhi, hi, step, carry):
-    """Runs `step(i, carry, masked, base)` over every query head's tiles
-    `[lo, hi)`, those outside `[flo, fhi)` masked; returns the carry."""
+    """Runs `step(i, carry, masked, base, g)` over every query head g's
+    tiles `[lo, hi)` (of the group), those outside `[flo, fhi)` masked;
+    `base` counts the steps before head g's. Returns the carry."""
     steps = hi - lo
 
     def head(g, carry):
       base = g * steps
-      masked = functools.partial(step, masked=True, base=base)
+      masked = functools.partial(step, masked=True, base=base, g=g)
       carry = lax.fori_loop(lo, flo, masked, carry)
       carry = lax.fori_loop(
-          flo, fhi, functools.partial(step, masked=False, base=base), carry)
+          flo, fhi, functools.partial(step, masked=False, base=base, g=g),
+          carry)
       return lax.fori_loop(fhi, hi, masked, carry)
 
     return lax.fori_loop(0, self.st.groups, head, carry)
@@ -172,10 +186,21 @@ def _zeros(cols: int):
 
 def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
   """Dp <= 128: warpgroup w < 2 owns keys `[64 w, 64 w + 64)` of the
-  program's 128 and all of their dK and dV columns."""
+  program's 128 and all of their dK and dV columns.
+
+  With `r.dq` (the fused backward) each step also adds its keys' share of
+  the step's dQ rows, `ds k = (ds^T)^T k`: `ds^T` goes to the warpgroup's
+  own shared-memory tile (which then also feeds `dk += ds^T q`), a `wgmma`
+  takes it through a transposed view with the K tile as B, and the float32
+  `[bq, Dp]` result leaves by TMA reduce-add from the warpgroup's dQ tile.
+  """
   wg, batch, kv_head, bq = r.wg, r.batch, r.kv_head, r.bq
+  with_dq = r.dq is not None
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
+  if with_dq:
+    ds_smem, dq_smem = r.exchange
+    ds_tile, dq_tile = ds_smem.at[wg], dq_smem.at[wg]  # [64, bq], [bq, Dp]
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
                           r.k_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
@@ -187,7 +212,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
   plgpu.barrier_wait(r.k_ready.at[wg])
   plgpu.barrier_wait(r.v_ready.at[wg])
 
-  def step(i, carry, masked: bool, base):
+  def step(i, carry, masked: bool, base, g):
     dk, dv = carry
     slot = lax.rem(base + i - lo, STAGES)
     plgpu.barrier_wait(r.q_ready.at[slot])
@@ -208,14 +233,32 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
     ds = _score_grads(r.st, p, dcap, dp - r.column(r.stats_smem.at[slot, 1]),
                       r.dtype)
 
-    def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles).
-      dv_ref, dk_ref = refs
-      plgpu.wgmma(dv_ref, p.astype(r.dtype), r.do_smem.at[slot])
-      plgpu.wgmma(dk_ref, ds, r.q_smem.at[slot])
+    def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
+      # and with dQ its share ds k, from a fresh accumulator.
+      plgpu.wgmma(refs[0], p.astype(r.dtype), r.do_smem.at[slot])
+      if not with_dq:
+        plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
+        return
+      # The last step's wgmmas that read ds^T are done (their accumulators
+      # were read); ds's registers are read before any wgmma takes them.
+      ds_tile[...] = ds
+      plgpu.commit_smem()
+      plgpu.wgmma(refs[1], ds_tile, r.q_smem.at[slot])
+      plgpu.wgmma(refs[2], ds_tile.transpose((1, 0)), k_tile)
 
-    dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv),
-                                       plgpu.ACC.init(dk)))
+    accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
+    if with_dq:
+      accumulators += (plgpu.ACC.init(_zeros(k_tile.shape[-1])),)
+    dv, dk, *dq = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
+    if with_dq:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last step's.
+      dq_tile[...] = dq[0]
+      plgpu.commit_smem()
+      head = kv_head * r.st.groups + g
+      plgpu.copy_smem_to_gmem(dq_tile,
+                              r.dq.at[batch, pl.ds(i * bq, bq), head],
+                              reduction_op="add")
     return dk, dv
 
   dk, dv = r.loop(lo, flo, fhi, hi, step, (_zeros(r.k.shape[-1]),
@@ -225,7 +268,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_tile, r.dk.at[batch, keys, kv_head])
   plgpu.copy_smem_to_gmem(v_tile, r.dv.at[batch, keys, kv_head])
-  plgpu.wait_smem_to_gmem(0)
+  plgpu.wait_smem_to_gmem(0)  # With dQ, its last adds too.
 
 
 def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
@@ -261,7 +304,8 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
     plgpu.barrier_wait(r.v_ready.at[0])
     plgpu.barrier_arrive(mm_done)  # The exchange tiles start free.
 
-  def step(i, carry, masked: bool, base):
+  def step(i, carry, masked: bool, base, g):
+    del g  # The query head: dQ is Triton's in this layout.
     dk, dv = carry
     slot = lax.rem(base + i - lo, STAGES)
     plgpu.barrier_wait(r.q_ready.at[slot])
@@ -332,10 +376,11 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_kernel(*refs, st: Static, bq: int):
+def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
-  query head of its group."""
-  r = _DkdvRefs(st, bq, refs[:10], refs[10])
+  query head of its group; `refs` are the operands (dQ's Ref after the
+  inputs `with_dq`), the outputs and last the scratch."""
+  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq)
   lo, flo, fhi, hi = read_bounds(r.bounds.at[r.batch, r.tile],
                                   r.bounds_smem.at[r.wg],
                                   r.bounds_ready.at[r.wg])
@@ -358,7 +403,8 @@ def _dkdv_kernel(*refs, st: Static, bq: int):
 
 def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
          kv_vectors):
-  """dK and dV on padded operands (the Triton dK/dV kernel's function).
+  """dK and dV on padded operands (the Triton dK/dV kernel's function), and
+  with `st.launch.atomic_dq` dQ too (the fused backward; Dp <= 128).
 
   Args:
     st: the call's static structure.
@@ -376,14 +422,20 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     kv_vectors: int32 `[B, Nk, Skp]`.
 
   Returns:
-    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp])` in k's dtype.
+    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp])` in k's dtype; with
+    `st.launch.atomic_dq` also `dq [B, Sqp, H, Dp]` float32 (its float32
+    sums in the order the programs run: not bitwise reproducible).
   """
   batch, q_len, _, d = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   bq, bk = DKV_BLOCK_Q, dkv_block_k(d)
+  with_dq = st.launch.atomic_dq
   if q_len % bq or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {bk}.")
+  reason = fused_dq_reason(d) if with_dq else None
+  if reason is not None:
+    raise ValueError(f"flash (Mosaic GPU): {reason}.")
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
@@ -406,6 +458,11 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       exchange = ((plgpu.SMEM((ROWS, bq), q.dtype, transforms=swizzled),) * 3
                   + (plgpu.Barrier(),) * 4
                   + (plgpu.Barrier(num_arrivals=CONSUMERS),))
+    elif with_dq:  # Per consumer: its ds^T, and its share of dQ's rows.
+      exchange = (plgpu.SMEM((CONSUMERS, ROWS, bq), q.dtype,
+                             transforms=swizzled),
+                  plgpu.SMEM((CONSUMERS, bq, d), jnp.float32,
+                             transforms=wgmma_transforms(jnp.float32)))
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
@@ -413,16 +470,32 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
 
     def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref):
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
-                               ready_refs, free_ref), st=st, bq=bq)
+                               ready_refs, free_ref), st=st, bq=bq,
+                   with_dq=with_dq)
 
     pl.run_scoped(scoped, smem, exchange, own, ready, free,
                   collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype),
               jax.ShapeDtypeStruct(v.shape, v.dtype))
-  return plgpu.kernel(
-      body, out_type=out_type, grid=(kv_len // bk, batch, kv_heads),
-      grid_names=("k", "b", "h"), num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, stats, bounds, q_vectors, kv_vectors)
+  mesh = dict(grid=(kv_len // bk, batch, kv_heads), grid_names=("k", "b", "h"),
+              num_threads=CONSUMERS + 1, thread_name="wg")
+  params = plgpu.CompilerParams(approx_math=True)
+  operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors)
+  if not with_dq:
+    return plgpu.kernel(body, out_type=out_type, compiler_params=params,
+                        **mesh)(*operands)
+
+  def fused(refs):
+    # dQ is a Ref the kernel adds into (aliased in and out of it), so it
+    # starts at zero. jax 0.10's `plgpu.kernel` takes no Ref operand;
+    # `pl.kernel` over a `plgpu.Mesh`, which it wraps, does.
+    dq_ref, dk_ref, dv_ref = refs
+    dk_ref[...], dv_ref[...] = pl.kernel(
+        body, out_type, mesh=plgpu.Mesh(**mesh), compiler_params=params,
+        name="flash_dkdv_dq")(*operands, dq_ref)
+
+  dq, dk, dv = pl.run_state(fused)((jnp.zeros(q.shape, jnp.float32),
+                                    jnp.zeros(k.shape, k.dtype),
+                                    jnp.zeros(v.shape, v.dtype)))
+  return dk, dv, dq

@@ -5,7 +5,8 @@ for sm_90 the way FlashAttention-3 describes it (Shah et al., 2024,
 https://arxiv.org/abs/2407.08608): a producer warpgroup streams tiles into
 shared memory with TMA, two consumer warpgroups of `ROWS` rows run
 asynchronous `wgmma`s. This module holds their fixed tiles (which the launch
-policy reads), `unsupported_reason` (what they cannot serve), and the pieces
+policy reads), `unsupported_reason` and `fused_dq_reason` (what they
+cannot serve), and the pieces
 both kernels use: the swizzled shared-memory layout, the stacked structure
 vectors and the structured mask of a tile (`masks.pair_visible`, the
 library's one mask rule).
@@ -107,6 +108,23 @@ def dkv_block_k(head_dim: int) -> int:
   consumer half of dK's and dV's columns.
   """
   return ROWS if head_dim >= SPLIT_HEAD_DIM else BLOCK_Q
+
+
+def fused_dq_reason(head_dim: int) -> str | None:
+  """Why the dK/dV kernel cannot also compute dQ (the fused backward,
+  `LaunchConfig.atomic_dq`) at a padded head size, or None.
+
+  Only the rows layout (Dp <= 128) has it: each consumer adds a `[64, Dp]`
+  float32 share of dQ per step beside its dK and dV accumulators. At
+  Dp = 256 (the columns layout) those accumulators already take both
+  consumers' registers and the shared memory is full (219 of 227 KiB), so
+  that call keeps the split backward (dQ through Triton).
+  """
+  if head_dim >= SPLIT_HEAD_DIM:
+    return (f"its fused dQ (atomic_dq=True) takes padded head sizes below "
+            f"{SPLIT_HEAD_DIM}, got {head_dim}; use atomic_dq=False (dQ "
+            f"through Triton) there")
+  return None
 
 
 
