@@ -79,29 +79,53 @@ def flash_block_kernel(**flash_options) -> BlockKernel:
   the backward kernels take the whole row's output and log-sum-exp, so each
   block's dq/dk/dv share comes out in float32.
 
+  Each pass is one jitted program per static configuration (the options,
+  shapes and structure of a block), shared by every step of a ring and by
+  every ring with the same configuration: a ring of n devices traces and
+  lowers its kernels once, not n times.
+
   Args:
     **flash_options: `flash_kernel.prepare`'s keyword arguments (`sm_scale`,
-      `softcap`, `precision`, `block_sizes`, `interpret`).
+      `softcap`, `precision`, `block_sizes`, `interpret`; hashable).
 
   It has no score or mask mods (`mechanisms/ring.py` refuses them).
   """
-  prepare = functools.partial(flash_kernel.prepare, float32_results=True,
-                              **flash_options)
+  options = tuple(sorted(flash_options.items()))
 
   def forward(q, k, v, vis, dropout, mods):
     _no_mods(mods)
-    call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
-    out, lse, _ = flash_kernel.forward_pass(call, out_dtype=jnp.float32)
-    return out, lse
+    return _flash_forward_step(q, k, v, vis, dropout, options=options)
 
   def backward(q, k, v, vis, dropout, mods, out, lse, dout, dlse):
     _no_mods(mods)
-    call = prepare(AttentionInputs(q, k, v, None, vis), dropout)
-    dq, dk, dv, _ = flash_kernel.backward_pass(call, out, lse, dout, dlse,
-                                               grad_dtype=jnp.float32)
+    dq, dk, dv = _flash_backward_step(q, k, v, vis, dropout, out, lse, dout,
+                                      dlse, options=options)
     return dq, dk, dv, None
 
   return BlockKernel(forward, backward)
+
+
+def _prepare_flash(q, k, v, vis, dropout, options):
+  return flash_kernel.prepare(AttentionInputs(q, k, v, None, vis), dropout,
+                              float32_results=True, **dict(options))
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _flash_forward_step(q, k, v, vis, dropout, *, options):
+  """One block's `(out [B, Sq, H, Dv], lse [B, H, Sq])`, both float32."""
+  call = _prepare_flash(q, k, v, vis, dropout, options)
+  out, lse, _ = flash_kernel.forward_pass(call, out_dtype=jnp.float32)
+  return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _flash_backward_step(q, k, v, vis, dropout, out, lse, dout, dlse, *,
+                         options):
+  """One block's float32 `(dq, dk, dv)` given the whole row's out and lse."""
+  call = _prepare_flash(q, k, v, vis, dropout, options)
+  dq, dk, dv, _ = flash_kernel.backward_pass(call, out, lse, dout, dlse,
+                                             grad_dtype=jnp.float32)
+  return dq, dk, dv
 
 
 def _no_mods(mods):
