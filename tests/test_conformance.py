@@ -641,6 +641,8 @@ def test_matches_reference(mechanism, case):
   # checked finite above).
   rows = np.broadcast_to(ref.empty_rows, result.out.shape[:3])
   assert np.all(result.out[rows] == 0.0), f"{what}: empty rows are not 0"
+  # Nor does their cotangent reach their queries: dq is exactly 0 there.
+  assert np.all(result.grads[0][rows] == 0.0), f"{what}: dq of empty rows"
   if case.name in CASES_WITH_EMPTY_ROWS:
     assert rows.any(), f"{case.name} is meant to have fully-masked rows"
 

@@ -1,10 +1,15 @@
 """The `flash` Pallas kernels on CPU, in Pallas interpret mode.
 
-Outputs and dq/dk/dv (and dbias) of `kernels/flash`'s `flash_attention`
-against the float32 reference for every feature of the semantics, with
-tiles of 16 so that every case spans several tiles and exercises block
-skipping; plus the module (`create_attention("flash", interpret=True)`),
-dropout bit-identical to `vanilla`, and the refusals.
+Every feature of the semantics runs through the `flash` module in the
+conformance battery (tests/test_conformance.py: outputs, dq/dk/dv and dbias
+against the float32 reference, exact zeros for rows that see no key,
+dropout bit-identical to the reference's). This file pins what the battery
+does not: `kernels/flash`'s `flash_attention` called directly with tiles
+of 16 (every case spans several tiles and exercises block skipping) on a
+large scale, unsorted segment ids, the default tiles, the one-kernel
+(atomic dQ) backward, the log-sum-exp and the skipping tables; the launch
+policy and the Hopper kernels; and the module's launch option and
+refusals.
 
 The Hopper kernels (`kernels/flash/mosaic_*.py`, Mosaic GPU: the forward
 and dK/dV) have no interpreter: on CPU each of their cases is
@@ -112,26 +117,6 @@ def _sorted_ids(name, b, n, num):
 # --- Kernel vs reference ------------------------------------------------------
 
 
-def test_plain():
-  _check("plain")
-
-
-def test_causal_with_fewer_queries_than_keys():
-  # Bottom-right alignment: the 24 queries are the last 24 of 56 positions.
-  _check("causal", dict(causal=True), sq=24, sk=56)
-
-
-def test_causal_with_more_queries_than_keys_has_empty_rows():
-  (out, *_), _ = _check("causal_long_q", dict(causal=True), sq=48, sk=20)
-  # Queries at positions < 0 see no key: zeros.
-  np.testing.assert_array_equal(np.asarray(out[:, :28]), 0.0)
-
-
-def test_sliding_window():
-  _check("window", dict(sliding_window=(7, 3)))
-  _check("window_causal", dict(causal=True, sliding_window=9))
-
-
 def test_large_scale_with_masked_tiles():
   # The forward scales row maxima of the raw logits; with sm_scale * log2(e)
   # > 1 the masked logits' scaled value overflows to -inf, which must still
@@ -146,12 +131,6 @@ def test_kernel_refuses_non_positive_scale():
                                  interpret=True)
 
 
-def test_segment_ids():
-  b, s = 2, 48
-  ids = _sorted_ids("segments", b, s, 4)
-  _check("segments", dict(segment_ids=ids, causal=True), b=b, sq=s, sk=s)
-
-
 def test_segment_ids_unsorted_pair():
   # Unsorted ids: tiles are not skippable, the in-kernel mask must hold.
   rng = helpers.rng_for("segments_pair")
@@ -160,71 +139,9 @@ def test_segment_ids_unsorted_pair():
   _check("segments_pair", dict(segment_ids=(q_ids, kv_ids)), sq=24, sk=40)
 
 
-def test_kv_lengths_including_zero_gives_zero_rows():
-  lengths = jnp.array([0, 21], jnp.int32)
-  (out, dq, *_), _ = _check("kv_lengths", dict(kv_lengths=lengths), sk=40)
-  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
-  np.testing.assert_array_equal(np.asarray(dq[0]), 0.0)
-
-
-def test_explicit_positions():
-  rng = helpers.rng_for("positions")
-  kv_pos = jnp.asarray(np.stack([rng.permutation(40) for _ in range(2)]),
-                       jnp.int32)
-  q_pos = jnp.asarray(rng.integers(0, 40, (2, 24)), jnp.int32)
-  _check("positions", dict(q_positions=q_pos, kv_positions=kv_pos,
-                           causal=True), sq=24, sk=40)
-
-
-def test_grouped_query_heads():
-  _check("gqa", dict(causal=True), h=6, hkv=2, sq=32, sk=48)
-
-
-def test_multi_query_heads_with_window():
-  _check("mqa", dict(sliding_window=(5, 5)), h=2, hkv=1)
-
-
-def test_softcap():
-  _check("softcap", dict(causal=True), softcap=2.0)
-
-
-@pytest.mark.parametrize("bias_shape", [(2, 2, 40, 40), (1, 2, 1, 40)],
-                         ids=["full", "broadcast"])
-def test_bias_and_its_gradient(bias_shape):
-  _check(f"bias{bias_shape}", dict(causal=True), bias_shape=bias_shape)
-
-
-def test_dense_mask():
-  rng = helpers.rng_for("mask")
-  mask = jnp.asarray(rng.random((2, 1, 40, 40)) > 0.3)
-  _check("mask", dict(mask=mask))
-
-
-def test_fully_masked_rows_give_zeros():
-  mask = np.ones((2, 2, 40, 40), bool)
-  mask[0, 1, 5:9] = False  # Four rows of one head see nothing.
-  (out, dq, *_), _ = _check("masked_rows", dict(mask=jnp.asarray(mask)))
-  np.testing.assert_array_equal(np.asarray(out[0, 5:9, 1]), 0.0)
-  np.testing.assert_array_equal(np.asarray(dq[0, 5:9, 1]), 0.0)
-
-
-def test_odd_lengths_and_head_sizes():
-  # Sq, Sk not multiples of the tiles; D, Dv not powers of two, Dv != D.
-  _check("odd", dict(causal=True), sq=37, sk=53, d=12, dv=20, h=3, hkv=1)
-
-
 def test_single_tile_and_default_blocks():
   _check("default_blocks", dict(causal=True), sq=9, sk=13, d=8,
          blocks=None)
-
-
-def test_bfloat16():
-  _check("bf16", dict(causal=True), dtype=jnp.bfloat16)
-
-
-def test_dropout_matches_reference_with_the_same_dropout():
-  dropout = dropout_lib.make_dropout(jax.random.key(3), 0.3)
-  _check("dropout", dict(causal=True), dropout=dropout, h=2, hkv=1)
 
 
 ATOMIC_DQ = dataclasses.replace(flash_kernel.launch_config(16, SMALL_BLOCKS),
@@ -497,8 +414,6 @@ def test_forward_backend_must_be_known():
 
 
 @pytest.mark.parametrize("head_dim, launch, match", [
-    (128, dataclasses.replace(_mosaic(128, False), atomic_dq=True),
-     "has no atomic_dq"),
     (128, dataclasses.replace(_mosaic(128, False), dkv=flash_kernel.Launch(
         32, 128, 4, 3)), "takes dkv tiles 64 x 128"),
     # The tiles right, the warps not: nothing passed may go unused.
@@ -549,19 +464,6 @@ def _module_out(mechanism, q, k, v, rng, **options):
                                **options)
     return attn(q, k, v, causal=True, deterministic=False).attention_outputs
   return hk.transform(f).apply({}, rng, q, k, v)
-
-
-def test_module_dropout_is_bit_identical_to_vanilla(flash_registered):
-  del flash_registered
-  q, k, v, _, _ = _inputs("module_dropout", h=2, hkv=1)
-  rng = jax.random.key(11)
-  flash = jax.jit(lambda q, k, v: _module_out(
-      "flash", q, k, v, rng, interpret=True, dropout_rate=0.4,
-      block_sizes=SMALL_BLOCKS))(q, k, v)
-  vanilla = jax.jit(lambda q, k, v: _module_out(
-      "vanilla", q, k, v, rng, dropout_rate=0.4))(q, k, v)
-  # Same keep decisions: any flipped one would move an output by ~1e-1.
-  assert _rel(flash, np.asarray(vanilla)) <= 2e-5
 
 
 def test_module_refuses_cpu_without_interpret(flash_registered):
