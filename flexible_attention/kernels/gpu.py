@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
 
@@ -12,3 +14,16 @@ def compute_capability() -> float | None:
     return float(jax.devices("gpu")[0].compute_capability)
   except (RuntimeError, AttributeError, ValueError):
     return None
+
+
+def lowering_target(device_kind: str = "NVIDIA H100"):
+  """A context in which `jax.jit(f).trace(...).lower(lowering_platforms=
+  ("cuda",))` lowers for a GPU of `device_kind` on a machine without one:
+  Mosaic GPU reads the GPU from an abstract mesh's device (jax >= 0.11;
+  earlier versions need none). A no-op where a GPU is attached."""
+  device = getattr(jax.sharding, "AbstractDevice", None)
+  if device is None or jax.default_backend() == "gpu":
+    return contextlib.nullcontext()
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
+      device_kind=device_kind, num_cores=None, platform="gpu"))
+  return jax.sharding.use_abstract_mesh(mesh)

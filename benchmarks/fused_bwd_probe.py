@@ -1,0 +1,290 @@
+"""The fused Hopper backward (issue 17, part 1): checked, then timed.
+
+`LaunchConfig(dkv_backend="mosaic", atomic_dq=True)` computes dQ inside the
+Mosaic GPU dK/dV kernel (TMA reduce-adds of float32 `[64, Dp]` tiles; padded
+D of 64 and 128). On an H200:
+
+  python3 benchmarks/fused_bwd_probe.py --out=$OUT/fused_bwd.json
+
+1. Checks (one JSON line each): out, dq, dk, dv (and dsinks) of the fused
+   backward against the float32 reference (bf16 inputs; error = max |x -
+   ref| / max |ref|, tolerance 1.5e-2, the test suite's bf16 GPU one), at
+   D = 64 and 128, causal and not, grouped heads with a window and soft cap,
+   and sinks (Triton forward). Each row also carries the split backward's
+   errors on the same inputs, and the fused backward run twice: dK and dV
+   must be bitwise equal, dQ may differ in float32 rounding (its adds land
+   in the order the programs run). A check that raises prints its exception
+   type and message and the others still run.
+2. Only when every check passed (or with `--time_anyway`): forward+backward
+   (the `jax.vjp` call, jitted; median of `--repeats` samples round-robin
+   after warm-up, `timing.median_seconds_each`) of the split Mosaic path
+   (Mosaic forward and dK/dV, Triton dQ), the fused one and cuDNN, at
+   B * S = 16k, H * D = 2048, bf16; a table last.
+
+Off a GPU, `--smoke` exercises the script: each check's fused program is
+lowered for CUDA (the whole Mosaic GPU lowering runs), and the comparisons
+and the timing run at tiny shapes on the interpreted Triton kernels (the
+Triton `atomic_dq` backward standing for the fused one: the same function).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention import timing
+from flexible_attention.comparison import compare
+from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels import gpu
+
+_SMOKE = flags.DEFINE_bool(
+    "smoke", False, "Tiny shapes, no GPU: lower the fused programs for CUDA, "
+    "run the comparisons and timing on the interpreted Triton kernels.")
+_CELLS = flags.DEFINE_list(
+    "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
+              for m in ("full", "causal")],
+    "Timed cells, `D:S:full` or `D:S:causal`.")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S of a timed cell.")
+_WIDTH = flags.DEFINE_integer("width", 2048, "H * D of a timed cell.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timing samples (>= 20).")
+_TIME_ANYWAY = flags.DEFINE_bool("time_anyway", False,
+                                 "Time even when a check failed.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+
+TOL = 1.5e-2  # bf16 on a GPU (tests/helpers.TOLERANCES["gpu"]).
+
+# name: the check's call (`fa.canonicalize`'s structure and the shape).
+# Lengths that are not multiples of the tiles pad rows and keys.
+CHECKS = {
+    "d64_full": dict(d=64),
+    "d64_causal": dict(d=64, causal=True, sq=900, sk=1000),
+    "d128_full": dict(d=128, sq=1000, sk=1100),
+    "d128_causal": dict(d=128, causal=True),
+    "d64_gqa_window_softcap": dict(d=64, h=8, hkv=2, causal=True,
+                                   sliding_window=(200, 0), softcap=30.0,
+                                   sq=1000, sk=1100),
+    "d128_gqa_window_softcap": dict(d=128, h=8, hkv=2, causal=True,
+                                    sliding_window=(200, 0), softcap=30.0,
+                                    sq=1000, sk=1100),
+    "d128_sinks_kv_lengths": dict(d=128, h=8, hkv=2, causal=True, sinks=True,
+                                  kv_lengths=True),
+    "d64_sinks": dict(d=64, h=4, hkv=4, sinks=True),
+}
+SMOKE_SHAPE = dict(b=1, sq=40, sk=48, d=16)  # Interpreted: any D.
+
+
+def _launch(d: int, causal: bool, *, fused: bool, mosaic_forward: bool = True,
+            interpret: bool = False) -> flash_kernel.LaunchConfig:
+  """The Hopper launches: Mosaic dK/dV with dQ in it (`fused`) or through
+  Triton; the Mosaic forward unless `mosaic_forward=False`. To `interpret`,
+  the Triton kernels, `atomic_dq` for `fused`."""
+  launch = dataclasses.replace(
+      flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused)
+  if interpret:
+    return launch
+  launch = dataclasses.replace(launch, dkv=flash_kernel.mosaic_dkv_launch(d),
+                               dkv_backend="mosaic")
+  if not mosaic_forward:
+    return launch
+  return dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(d),
+                             fwd_backend="mosaic")
+
+
+def _attention(spec: dict, launch, kv_lengths, interpret: bool = False):
+  """`(q, k, v, sinks) -> (out, lse)` of flash with `launch` (its Triton
+  kernels interpreted with `interpret`), or of the float32 reference
+  (`launch=None`)."""
+  call = {key: spec[key] for key in ("causal", "sliding_window")
+          if key in spec}
+  scale, softcap = spec["d"]**-0.5, spec.get("softcap")
+
+  def attend(q, k, v, sinks):
+    inputs = fa.canonicalize(q, k, v, kv_lengths=kv_lengths, sinks=sinks,
+                             **call)
+    if launch is None:
+      return fa.reference_attention(
+          inputs.query, inputs.key, inputs.value, None, inputs.visibility,
+          sm_scale=scale, softcap=softcap, sinks=inputs.sinks)[:2]
+    return flash_kernel.flash_attention(
+        inputs, sm_scale=scale, softcap=softcap, launch=launch,
+        interpret=interpret)[:2]
+  return attend
+
+
+def _check_inputs(name: str, spec: dict):
+  """Random `(q, k, v, sinks, dout, kv_lengths)` of a check, bf16 (sinks
+  float32, or None)."""
+  b, h, hkv, d = spec["b"], spec["h"], spec["hkv"], spec["d"]
+  sq, sk = spec["sq"], spec["sk"]
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  sinks = (jnp.asarray(rng.standard_normal(h), jnp.float32)
+           if spec.get("sinks") else None)
+  kv_lengths = (jnp.asarray([sk - sk // 8 - 1] + [sk] * (b - 1), jnp.int32)
+                if spec.get("kv_lengths") else None)
+  return (arr(b, sq, h, d), arr(b, sk, hkv, d), arr(b, sk, hkv, d), sinks,
+          arr(b, sq, h, d), kv_lengths)
+
+
+def _vjp(attend):
+  """`(q, k, v, sinks, dout) -> (out, dq, dk, dv, dsinks)`, jitted."""
+  def run(q, k, v, sinks, dout):
+    out, pullback = jax.vjp(lambda *a: attend(*a)[0], q, k, v, sinks)
+    return (out, *pullback(dout.astype(out.dtype)))
+  return jax.jit(run)
+
+
+def _errors(got, want) -> dict:
+  names = ("out", "dq", "dk", "dv", "dsinks")
+  return {name: compare.relative_error(x, w)
+          for name, x, w in zip(names, got, want) if w is not None}
+
+
+def _flash(spec: dict, kv_lengths, *, fused: bool, interpret: bool):
+  """A check's flash `(q, k, v, sinks) -> (out, lse)`, the fused or split
+  backward (the Triton forward with sinks: the Mosaic one has none)."""
+  launch = _launch(spec["d"], spec.get("causal", False), fused=fused,
+                   mosaic_forward=not spec.get("sinks"), interpret=interpret)
+  return _attention(spec, launch, kv_lengths, interpret)
+
+
+def _compare(name: str, spec: dict) -> dict:
+  """Runs the fused and split backward and the reference on one check."""
+  q, k, v, sinks, dout, kv_lengths = _check_inputs(name, spec)
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  want = _vjp(_attention(spec, None, kv_lengths))(
+      f32(q), f32(k), f32(v), sinks, f32(dout))
+  fused, split = (_vjp(_flash(spec, kv_lengths, fused=fused,
+                              interpret=_SMOKE.value))
+                  for fused in (True, False))
+  got, again = fused(q, k, v, sinks, dout), fused(q, k, v, sinks, dout)
+  errors = _errors(got, want)
+  # A race moves results from run to run: dK's and dV's sums have a fixed
+  # order (bitwise equal), dQ's differ by float32 rounding at most.
+  dq_run_to_run = compare.relative_error(again[1], got[1])
+  dk_dv_equal = all(np.array_equal(np.asarray(a), np.asarray(b))
+                    for a, b in zip(again[2:4], got[2:4]))
+  ok = (all(e <= TOL for e in errors.values()) and dk_dv_equal
+        and dq_run_to_run <= TOL)
+  return dict(
+      errors=errors, split_errors=_errors(split(q, k, v, sinks, dout), want),
+      status="ok" if ok else "fail", dq_run_to_run=dq_run_to_run,
+      dk_dv_bitwise_equal=bool(dk_dv_equal))
+
+
+def _lower(name: str, spec: dict) -> dict:
+  """Lowers the check's fused forward+backward for CUDA."""
+  q, k, v, sinks, dout, kv_lengths = _check_inputs(name, spec)
+  attend = _flash(spec, kv_lengths, fused=True, interpret=False)
+
+  def run(q, k, v, sinks, dout):
+    return jax.vjp(lambda *a: attend(*a)[0], q, k, v, sinks)[1](dout)
+
+  with gpu.lowering_target():
+    text = jax.jit(run).trace(q, k, v, sinks, dout).lower(
+        lowering_platforms=("cuda",)).as_text()
+  return dict(lowered_for_cuda=True,
+              mosaic_kernels=text.count("stablehlo.custom_call @mosaic_gpu"))
+
+
+def _check(name: str, spec: dict) -> dict:
+  """One check's JSON row (its exception's type and message if it
+  raises)."""
+  spec = dict(dict(b=2, sq=1024, sk=1024, h=4, hkv=4), **spec)
+  row = dict(check=name, **{key: spec[key] for key in (
+      "b", "sq", "sk", "h", "hkv", "d")})
+  try:
+    if _SMOKE.value:  # Lowered at the shape above, compared at this one.
+      row.update(_lower(name, spec), compared_at=SMOKE_SHAPE)
+      spec.update(SMOKE_SHAPE)
+    row.update(_compare(name, spec))
+  except Exception as e:  # pylint: disable=broad-except
+    row.update(status="error", type=type(e).__name__, message=str(e)[:500])
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def _variants(d: int, causal: bool) -> dict:
+  """The timed functions, `(q, k, v) -> out`."""
+  flash = lambda fused: (lambda q, k, v: _flash(
+      dict(d=d, causal=causal), None, fused=fused, interpret=_SMOKE.value)(
+          q, k, v, None)[0])
+  variants = dict(split=flash(False), fused=flash(True))
+  if not _SMOKE.value:
+    variants["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn")
+  return variants
+
+
+def _time(d: int, s: int, causal: bool) -> dict:
+  tokens, width = ((256, 64) if _SMOKE.value else
+                   (_TOKENS.value, _WIDTH.value))
+  b, h = max(1, tokens // s), max(1, width // d)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, dout = (jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
+                   for key in keys)
+  variants = _variants(d, causal)
+  # The vjp's call runs the forward and the backward: what is timed.
+  calls = [(jax.jit(lambda q, k, v, dout, attend=attend: jax.vjp(
+      attend, q, k, v)[1](dout)), (q, k, v, dout))
+           for attend in variants.values()]
+  seconds = timing.median_seconds_each(
+      calls, repeats=2 if _SMOKE.value else _REPEATS.value)
+  return dict(D=d, S=s, B=b, H=h, causal=causal, fwd_bwd_ms={
+      name: t * 1e3 for name, t in zip(variants, seconds)})
+
+
+def _table(rows: list[dict]) -> str:
+  names = list(rows[0]["fwd_bwd_ms"])
+  lines = [f"{jax.devices()[0].device_kind}, jax {jax.__version__}; "
+           "forward+backward ms (fused over split: < 1 is faster)",
+           "| D | S | mask | " + " | ".join(names) + " | fused / split |",
+           "|---|---|---|" + "---|" * (len(names) + 1)]
+  for r in rows:
+    ms = r["fwd_bwd_ms"]
+    lines.append(f"| {r['D']} | {r['S']} | "
+                 f"{'causal' if r['causal'] else 'full'} | "
+                 + " | ".join(f"{ms[n]:.3f}" for n in names)
+                 + f" | {ms['fused'] / ms['split']:.3f} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__}),
+        flush=True)
+  checks = [_check(name, spec) for name, spec in CHECKS.items()]
+  results = dict(checks=checks, timing=[])
+  passed = all(row["status"] == "ok" for row in checks)
+  if passed or _TIME_ANYWAY.value:
+    cells = ["16:128:full", "16:128:causal"] if _SMOKE.value else _CELLS.value
+    for cell in cells:
+      d, s, mask = cell.split(":")
+      try:
+        row = _time(int(d), int(s), mask == "causal")
+        results["timing"].append(row)
+      except Exception as e:  # pylint: disable=broad-except
+        row = dict(cell=cell, status="error", type=type(e).__name__,
+                   message=str(e)[:500])
+      print(json.dumps(row), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind,
+                     jax=jax.__version__, **results), f, indent=1)
+  if results["timing"]:
+    print("\n" + _table(results["timing"]))
+  else:
+    print("\nNot timed: a check failed (see its row; --time_anyway times "
+          "regardless).")
+
+
+if __name__ == "__main__":
+  app.run(main)
