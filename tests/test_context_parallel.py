@@ -4,10 +4,12 @@ Every mechanism that can shard the sequence (capability `sharded_sequence`)
 runs with `sp` in {2, 4, 8}, mixed with dp / fsdp / tp, on the features of
 the semantics; outputs and dq/dk/dv must match the unsharded float32
 reference within the float32 tolerance (1e-5 relative). To keep compile
-time down, the cases cycle the meshes over the features (each mechanism sees
-every mesh and every feature, not their full product; `ring[flash]`, whose
-interpreted kernels cost most, runs its features on sp2 and its larger
-rings in the ring-size test).
+time down, one program checks several features (the structured masks and
+grouped heads together; a non-causal call, a user-permuted layout and
+dropout apart) and the cases cycle the meshes over them (each mechanism
+sees every mesh and every feature, not their full product; `ring[flash]`,
+whose interpreted kernels cost most, runs its features on sp2 and its
+larger rings in the ring-size test).
 """
 
 import contextlib
@@ -30,8 +32,9 @@ import helpers
 # (dp, fsdp, tp, sp) over the 8 devices.
 MESHES = {"sp2": (2, 1, 2, 2), "sp4": (1, 2, 1, 4), "sp8": (1, 1, 1, 8)}
 BATCH, SEQ, HEADS, DIM = 2, 32, 8, 8
-FEATURES = ("plain", "causal", "window", "segments", "kv_lengths", "gqa",
-            "permuted", "dropout")
+# "masks": causal, a sliding window, segment ids, kv lengths and grouped
+# heads in one call (each would change the output on its own).
+FEATURES = ("plain", "masks", "permuted", "dropout")
 
 
 def _sequence_mechanisms():
@@ -53,14 +56,11 @@ def _case(feature: str, rng, num_shards: int):
   call, options, kv_heads, permute = {"causal": True}, {}, HEADS, None
   if feature == "plain":
     call = {}
-  elif feature == "window":
+  elif feature == "masks":
     options = {"sliding_window": 5}
-  elif feature == "segments":
     ids = np.sort(rng.integers(0, 4, (BATCH, SEQ)), axis=1).astype(np.int32)
     call["segment_ids"] = jnp.asarray(ids)
-  elif feature == "kv_lengths":
     call["kv_lengths"] = jnp.asarray([SEQ - 3, 7], jnp.int32)
-  elif feature == "gqa":
     kv_heads = 2
   elif feature == "permuted":
     # The user permutes once (zigzag) and passes the permuted positions.
@@ -77,8 +77,8 @@ def _case(feature: str, rng, num_shards: int):
 def _mesh(mechanism: str, i: int, feature: str) -> str:
   """The mesh of a mechanism's `i`-th feature: the meshes in turn.
 
-  `ring[flash]`'s interpreted kernels are lowered and compiled once per
-  ring step (a program takes ~5 s on sp2, ~10 s on sp4, ~20 s on sp8): its
+  `ring[flash]`'s interpreted kernels are traced once but compiled once per
+  ring step (a program takes ~3 s on sp2, ~4 s on sp4, ~8 s on sp8): its
   features run on sp2, its plain call on sp4; its rings of 2, 4 and 8
   devices are checked against the reference by
   `test_ring_gradient_error_does_not_grow_with_ring_size`.
