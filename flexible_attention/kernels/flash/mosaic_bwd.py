@@ -239,8 +239,9 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
       if not with_dq:
         plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
         return
-      # The last step's wgmmas that read ds^T are done (their accumulators
-      # were read); ds's registers are read before any wgmma takes them.
+      # ds^T to the warpgroup's tile, which feeds both matmuls below (the
+      # last step's wgmmas that read it are done: their accumulators were
+      # read at the end of its run_state).
       ds_tile[...] = ds
       plgpu.commit_smem()
       plgpu.wgmma(refs[1], ds_tile, r.q_smem.at[slot])
@@ -248,7 +249,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
-      accumulators += (plgpu.ACC.init(_zeros(k_tile.shape[-1])),)
+      accumulators += (plgpu.ACC.init(_zeros(r.k.shape[-1])),)
     dv, dk, *dq = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
     if with_dq:
