@@ -529,6 +529,35 @@ def test_default_launches_fit_the_shared_memory_of_their_dtype(head_dim,
                for kernel in ("fwd", "dkv", "dq"))
 
 
+@pytest.mark.parametrize("bias_dtype, mask", [
+    (jnp.bfloat16, False), (jnp.float32, False), (None, True),
+    (jnp.bfloat16, True)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_dense_tiles_count_in_the_shared_memory(head_dim, mask, bias_dtype):
+  """A bias or dense mask streams `[block_q, block_k]` tiles beside K and
+  V: the Triton launches shrink until the sum fits. An H200 refused the
+  16-bit forward at D = 256 (64 x 64, 3 stages) with a bfloat16 bias
+  (246784 bytes) or an int8 mask (238592 of 232448 a block may have)."""
+  for causal in (False, True):
+    launch = flash_launch.choose_launch(
+        dtype=jnp.bfloat16, head_dim=head_dim, value_dim=head_dim,
+        q_len=4096, kv_len=4096, causal=causal, bias=bias_dtype is not None,
+        mask=mask, dropout=False, precision=None, interpret=False,
+        block_sizes=None, launch=None, float32_results=False,
+        bias_dtype=bias_dtype)
+    pair_bytes = (0 if bias_dtype is None else jnp.dtype(bias_dtype).itemsize
+                  ) + int(mask)
+    measured = flash_kernel.default_launch_config(head_dim, causal)
+    for kernel in ("fwd", "dkv", "dq"):
+      size = flash_launch._triton_shared_memory(
+          kernel, getattr(launch, kernel), head_dim, 2, pair_bytes)
+      plain = flash_launch._triton_shared_memory(
+          kernel, getattr(measured, kernel), head_dim, 2)
+      assert size <= max(plain, flash_launch.TRITON_SHARED_MEMORY), kernel
+    if head_dim == 256 and not causal:  # The launch the H200 refused.
+      assert launch.fwd != measured.fwd
+
+
 def test_module_refuses_head_dim_over_256(flash_registered):
   del flash_registered
   q = jnp.ones((1, 8, 1, 264))

@@ -211,7 +211,8 @@ def prepare(inputs: AttentionInputs,
       mask=vis.mask is not None, dropout=dropout is not None,
       precision=precision, interpret=interpret, block_sizes=block_sizes,
       launch=launch, float32_results=float32_results,
-      sinks=inputs.sinks is not None, mods=inputs.mods is not None)
+      sinks=inputs.sinks is not None, mods=inputs.mods is not None,
+      bias_dtype=None if bias is None else bias.dtype)
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
   q_pad = structure.round_up(q_len, q_mult)

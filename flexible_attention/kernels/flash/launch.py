@@ -318,34 +318,47 @@ TRITON_SHARED_MEMORY = 200 * 1024  # The estimate's budget (227 KiB a
 
 
 def _triton_shared_memory(kernel: str, launch: Launch, head_dim: int,
-                          itemsize: int) -> int:
+                          itemsize: int, pair_bytes: int = 0) -> int:
   """A Triton kernel's shared memory, estimated: its resident tiles (fwd: q;
-  dkv: k, v; dq: q, dO) and `num_stages` copies of the streamed ones (fwd,
-  dq: k, v; dkv: q, dO)."""
+  dkv: k, v; dq: q, dO), `num_stages` copies of the streamed ones (fwd, dq:
+  k, v; dkv: q, dO) and `num_stages - 1` copies of the `[block_q, block_k]`
+  dense tiles (bias, mask) of `pair_bytes` bytes a (query, key) pair.
+
+  The dense tiles' count is measured: on an H200 (jax 0.11.2) the forward
+  at D = 256 with tiles 64 x 64 and 3 stages asked for 246784 bytes with a
+  bfloat16 bias and 238592 with an int8 mask, two buffers of each tile
+  over the 230400 of the plain kernel (1 KiB over this estimate's 229376),
+  and so over the 232448 a block may have."""
   resident, streamed = ((launch.block_q, 2 * launch.block_k)
                         if kernel == "fwd" else
                         (2 * launch.block_k, 2 * launch.block_q)
                         if kernel == "dkv" else
                         (2 * launch.block_q, 2 * launch.block_k))
-  return (resident + launch.num_stages * streamed) * head_dim * itemsize
+  dense = (launch.num_stages - 1) * launch.block_q * launch.block_k
+  return ((resident + launch.num_stages * streamed) * head_dim * itemsize
+          + dense * pair_bytes)
 
 
 def fit_shared_memory(kernel: str, launch: Launch, head_dim: int,
-                      itemsize: int) -> Launch:
+                      itemsize: int, pair_bytes: int = 0) -> Launch:
   """A default Triton launch shrunk until its estimated shared memory
   (`_triton_shared_memory`) is at most what the same launch needs in 16
-  bits (the measured defaults, which run) or `TRITON_SHARED_MEMORY`: at
-  most 2 stages, then the streamed tile halved, then the resident one, then
-  1 stage, never under `MIN_BLOCK`. 16-bit launches are kept as they are;
-  float32 inputs (twice the bytes) shrink."""
+  bits without dense tiles (the measured defaults, which run) or
+  `TRITON_SHARED_MEMORY`: at most 2 stages, then the streamed tile halved,
+  then the resident one, then 1 stage, never under `MIN_BLOCK`. 16-bit
+  launches without a bias or mask are kept as they are; float32 inputs
+  (twice the bytes) and the dense tiles (`pair_bytes` a (query, key) pair)
+  shrink them where the sum would not fit."""
   limit = max(TRITON_SHARED_MEMORY,
               _triton_shared_memory(kernel, launch, head_dim, 2))
+  size = lambda launch: _triton_shared_memory(kernel, launch, head_dim,
+                                              itemsize, pair_bytes)
   streamed = "block_k" if kernel in ("fwd", "dq") else "block_q"
   resident = "block_q" if streamed == "block_k" else "block_k"
   steps = [("num_stages", 2), (streamed, None), (resident, None),
            ("num_stages", 1)]
   for field, value in steps:
-    while _triton_shared_memory(kernel, launch, head_dim, itemsize) > limit:
+    while size(launch) > limit:
       current = getattr(launch, field)
       new = value if value is not None else max(MIN_BLOCK, current // 2)
       if new >= current:
@@ -374,7 +387,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
                   float32_results: bool, sinks: bool = False,
-                  mods: bool = False) -> LaunchConfig:
+                  mods: bool = False, bias_dtype=None) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
   kernels wherever they serve the call; Triton tiles clipped to the call.
@@ -395,6 +408,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       Mosaic's dK/dV included, only read the log-sum-exp).
     mods: the call has a score_mod or mask_mod, which only the Triton
       kernels evaluate (`mod_lowering`): it takes them for every kernel.
+    bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
+      kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
 
   Returns:
     The `LaunchConfig` the call runs with.
@@ -439,10 +454,12 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   # Triton tiles shrink to short calls (and the defaults to the shared
   # memory of wider dtypes); a Mosaic kernel's launch is fixed.
   itemsize = jnp.dtype(dtype).itemsize
+  pair_bytes = (jnp.dtype(bias_dtype or dtype).itemsize if bias else 0) + (
+      1 if mask else 0)
   triton = lambda kernel: getattr(launch, f"{kernel}_backend",
                                   "triton") != "mosaic"
   fitted = lambda kernel, x: (x if user_launch else fit_shared_memory(
-      kernel, x, max(head_dim, value_dim), itemsize))
+      kernel, x, max(head_dim, value_dim), itemsize, pair_bytes))
   return dataclasses.replace(launch, **{
       kernel: fitted(kernel, _clip(getattr(launch, kernel), q_len, kv_len))
       if triton(kernel) else getattr(launch, kernel)
