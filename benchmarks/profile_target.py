@@ -1,0 +1,110 @@
+"""One forward+backward of a mechanism, for a kernel profiler to attach to.
+
+Builds `create_attention(mechanism, ...)` inside `hk.transform` at one
+shape (default B = 1, S = 16384, H = 16, D = 128, bf16, the standard grid's
+D = 128, S = 16k cell per head), jits its forward+backward, checks the
+output of the last 128 queries against the float32 reference, then runs
+the program `--runs` times. `--list` runs it once under `jax.profiler`
+instead and prints the device kernels' names, longest first (what to pass
+to the profiler's kernel filter):
+
+  python3 benchmarks/profile_target.py --list
+  ncu --section SpeedOfLight --section WarpStateStats \\
+      -k regex:'<name>' --launch-count 1 \\
+      python3 benchmarks/profile_target.py --runs=1
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+
+from absl import app
+from absl import flags
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention.comparison import compare
+
+_MECHANISM = flags.DEFINE_string("mechanism", "flash", "What to run.")
+_SHAPE = flags.DEFINE_string("shape", "1,16384,16,128", "B,S,H,D.")
+_CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention.")
+_RUNS = flags.DEFINE_integer("runs", 1, "Runs after the check.")
+_LIST = flags.DEFINE_bool("list", False, "Print the kernels' names.")
+
+TOL = 2e-2  # bf16 against the float32 reference.
+
+
+def _program(b, s, h, d):
+  def forward(q, k, v):
+    attention = fa.create_attention(_MECHANISM.value, num_heads=h,
+                                    head_dim=d)
+    return attention(q, k, v, causal=_CAUSAL.value).attention_outputs
+
+  apply = hk.without_apply_rng(hk.transform(forward)).apply
+
+  def step(q, k, v, dout):
+    out, pullback = jax.vjp(lambda *a: apply({}, *a), q, k, v)
+    return (out, *pullback(dout))
+  return jax.jit(step)
+
+
+def _kernel_names(trace_dir: str) -> list[tuple[str, float]]:
+  path, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                    recursive=True)
+  with gzip.open(path, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  processes = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {p for p, n in processes.items()
+            if "/device:" in n and "CPU" not in n.upper()}
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      total[e["name"]] += float(e.get("dur", 0.0))
+  return total.most_common()
+
+
+def main(argv):
+  del argv
+  b, s, h, d = (int(x) for x in _SHAPE.value.split(","))
+  rng = np.random.default_rng(0)
+  arr = lambda: jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16)
+  q, k, v, dout = arr(), arr(), arr(), arr()
+  step = _program(b, s, h, d)
+  out = step(q, k, v, dout)[0]
+  rows = slice(s - 128, s)
+  f32 = lambda x: x.astype(jnp.float32)
+  inputs = fa.canonicalize(f32(q[:, rows]), f32(k), f32(v),
+                           causal=_CAUSAL.value,
+                           q_positions=jnp.arange(s - 128, s)[None])
+  want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
+                                inputs.visibility, sm_scale=d**-0.5)[0]
+  error = compare.relative_error(out[:, rows], want)
+  print(json.dumps({"device": jax.devices()[0].device_kind,
+                    "jax": jax.__version__, "mechanism": _MECHANISM.value,
+                    "shape": [b, s, h, d], "causal": _CAUSAL.value,
+                    "error": error}))
+  if not error <= TOL:
+    raise SystemExit(f"output error {error:.3g} > {TOL}: not profiled")
+  if _LIST.value:
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready(step(q, k, v, dout))
+      for name, us in _kernel_names(trace_dir):
+        print(f"{us:10.1f} us  {name}")
+    return
+  for _ in range(_RUNS.value):
+    jax.block_until_ready(step(q, k, v, dout))
+
+
+if __name__ == "__main__":
+  app.run(main)
