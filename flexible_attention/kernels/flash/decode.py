@@ -127,12 +127,17 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   mosaic = isinstance(launch, MosaicDecodeLaunch)
   rows = (mosaic_decode.ROWS if mosaic else
           max(MIN_BLOCK, next_power_of_2(groups * q_len)))
-  # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
+  # The Mosaic kernel reads (and writes back) only Ro = G * Sq rounded up to
+  # 8 rows of its R-row tile: the rest of the tile is never a real row.
+  rows_out = -(-groups * q_len // 8) * 8
+  # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R (Mosaic: Ro) rows.
   qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
   qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
                                            q_len * groups, head_dim)
   pad = rows - q_len * groups
-  qr = jnp.pad(qr, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  qr = jnp.pad(qr, ((0, 0), (0, 0),
+                    (0, (rows_out if mosaic else rows) - q_len * groups),
+                    (0, 0)))
   row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1), ((0, 0), (0, pad)),
                     mode="edge")
   row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),
@@ -159,8 +164,7 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
     table = structure.pad_axis(
         page_table, 1, launch.num_splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
-        st, qr, key_pages, value_pages, table, row_pos, row_ok, info,
-        rows_out=-(-groups * q_len // 8) * 8)
+        st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
   else:
     table = structure.pad_axis(
         page_table, 1, launch.num_splits * launch.pages_per_split)

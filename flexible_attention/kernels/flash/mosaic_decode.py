@@ -34,7 +34,8 @@ of 128 tokens (one program per multiprocessor), 100 KiB with 2 slots of 64
 Glossary of shapes:
 - B: batch size; Hkv: key/value heads; S: key splits.
 - R: `ROWS` (64), query rows of a program (`G * Sq` real ones);
-  Ro: rows written back (`G * Sq` rounded up to 8).
+  Ro: rows read into the tile and written back (`G * Sq` rounded up to
+  8).
 - P: pages in the pool; ps: tokens per page; M: page-table entries per row.
 - D, Dv: query/key and value head sizes (D == Dv in 64, 128, 256).
 - bk: `block_tokens`, tokens per slot.
@@ -123,7 +124,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
 
   @pl.when(wg == 0)
   def _consumer():
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, head], q_smem, q_ready.at[0])
+    # The real rows (Ro of the tile's R); the others are never visible, so
+    # whatever the tile holds there stays in rows that are not written back
+    # (`wgmma` rows are independent, and they are masked before the softmax).
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, head],
+                            q_smem.at[pl.ds(0, rows_out)], q_ready.at[0])
     plgpu.copy_gmem_to_smem(rowvec_ref.at[batch], vec_smem, q_ready.at[1])
     plgpu.barrier_wait(q_ready.at[1])
     rows = plgpu.Layout.WGMMA.reduce(1)
@@ -235,14 +240,15 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
-                    row_ok, info, *, rows_out: int):
+                    row_ok, info):
   """The decode kernel: each split's partial attention.
 
   Args:
     st: the call's `structure.DecodeStatic`, with a `MosaicDecodeLaunch`
       (its `precision` None, `softcap` None or positive).
-    q: `[B, Hkv, R, D]` bf16 / fp16, row `r` of KV head `h` the query head
-      `h * G + r % G` of new token `r // G` (rows past `G * Sq` padding).
+    q: `[B, Hkv, Ro, D]` bf16 / fp16, row `r` of KV head `h` the query
+      head `h * G + r % G` of new token `r // G` (rows past `G * Sq`
+      padding); the rows of the kernel's R-row tile past Ro are never real.
     key_pages: `[P, ps, Hkv, D]`.
     value_pages: `[P, ps, Hkv, Dv]`.
     page_table: `[B, M]` int32, `M * ps >= S * tokens_per_split`.
@@ -250,7 +256,6 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
     row_ok: `[B, R]` int32, 1 for a real query row.
     info: `[B, 4]` int32: the row's key count, and the token range
       `[lo, hi)` outside which none of its queries sees a key.
-    rows_out: Ro, the rows written back (a multiple of 8, at most R).
 
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
@@ -258,13 +263,13 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
     split holds no visible key).
   """
   launch = st.launch
-  batch, num_kv_heads, rows, head_dim = q.shape
+  batch, num_kv_heads, rows_out, head_dim = q.shape
   value_dim = value_pages.shape[-1]
   bk, stages, splits = (launch.block_tokens, launch.stages,
                         launch.num_splits)
-  if rows != ROWS or rows_out % 8 or not 0 < rows_out <= ROWS:
-    raise ValueError(f"mosaic decode: q must hold R = {ROWS} rows and Ro "
-                     f"a multiple of 8 in (0, {ROWS}], got {rows}, {rows_out}.")
+  if rows_out % 8 or not 0 < rows_out <= ROWS:
+    raise ValueError(f"mosaic decode: q must hold Ro rows, a multiple of 8 "
+                     f"in (0, {ROWS}], got {rows_out}.")
   chunk = min(key_pages.shape[1], bk)
   swizzled = wgmma_transforms(q.dtype)
   rowvec = jnp.stack([row_pos, row_ok], axis=1).astype(jnp.int32)  # [B,2,R]
