@@ -5,13 +5,16 @@ shape (default B = 1, S = 16384, H = 16, D = 128, bf16, the standard grid's
 D = 128, S = 16k cell per head), jits its forward+backward, checks the
 output of the last 128 queries against the float32 reference, then runs
 the program `--runs` times. `--list` runs it once under `jax.profiler`
-instead and prints the device kernels' names, longest first (what to pass
-to the profiler's kernel filter):
+instead and prints the device kernels' names, longest first. Under Nsight
+Compute (every launch of the first run profiled, the check's after them),
+`--summarize` reads its report back as one line per kernel of at least
+`--min_us`:
 
   python3 benchmarks/profile_target.py --list
-  ncu --section SpeedOfLight --section WarpStateStats \\
-      -k regex:'<name>' --launch-count 1 \\
-      python3 benchmarks/profile_target.py --runs=1
+  ncu --section SpeedOfLight --section ComputeWorkloadAnalysis \\
+      --section WarpStateStats --section Occupancy --section LaunchStats \\
+      --launch-count 40 python3 benchmarks/profile_target.py > ncu.txt
+  python3 benchmarks/profile_target.py --summarize=ncu.txt
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ _SHAPE = flags.DEFINE_string("shape", "1,16384,16,128", "B,S,H,D.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention.")
 _RUNS = flags.DEFINE_integer("runs", 1, "Runs after the check.")
 _LIST = flags.DEFINE_bool("list", False, "Print the kernels' names.")
+_SUMMARIZE = flags.DEFINE_string("summarize", None,
+                                 "An Nsight Compute text report to summarise.")
+_MIN_US = flags.DEFINE_float("min_us", 100.0,
+                             "Kernels shorter than this are left out.")
+
+# The report's lines kept per kernel, by their metric names.
+_METRICS = {"Duration": "us", "Compute (SM) Throughput": "sm%",
+            "Memory Throughput": "mem%", "Registers Per Thread": "regs",
+            "Achieved Occupancy": "occ%", "Issue Slots Busy": "issue%",
+            "Warp Cycles Per Issued Instruction": "cyc/inst"}
 
 TOL = 2e-2  # bf16 against the float32 reference.
 
@@ -73,8 +86,39 @@ def _kernel_names(trace_dir: str) -> list[tuple[str, float]]:
   return total.most_common()
 
 
+def summarize(path: str, min_us: float) -> list[dict]:
+  """One dict per kernel launch of an Nsight Compute text report: its name,
+  the `_METRICS` values and its stall advice (the report's first "spends
+  ... cycles being stalled" sentence, cut to the stall's kind)."""
+  launches, current = [], None
+  with open(path) as f:
+    for line in f:
+      text = line.strip()
+      if ", Context " in text and ", Stream " in text:
+        current = {"kernel": text.split(" (")[0]}
+        launches.append(current)
+      elif current is not None:
+        for name, key in _METRICS.items():
+          if text.startswith(name + " ") and key not in current:
+            value = text.split()[-1].replace(",", "")
+            try:
+              current[key] = float(value)
+            except ValueError:
+              continue
+            if name == "Duration":  # In us, ms or ns.
+              unit = text.split()[-2]
+              current[key] *= {"ms": 1e3, "ns": 1e-3}.get(unit, 1.0)
+        if "stalled" in text and "stall" not in current:
+          current["stall"] = text.split("stalled", 1)[1].strip()[:60]
+  return [r for r in launches if r.get("us", 0.0) >= min_us]
+
+
 def main(argv):
   del argv
+  if _SUMMARIZE.value:
+    for row in summarize(_SUMMARIZE.value, _MIN_US.value):
+      print(json.dumps(row))
+    return
   b, s, h, d = (int(x) for x in _SHAPE.value.split(","))
   rng = np.random.default_rng(0)
   arr = lambda: jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16)
