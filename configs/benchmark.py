@@ -21,7 +21,9 @@ Three variants, chosen with ml_collections' `path:argument` syntax:
   bfloat16, dense and paged caches (page sizes 16 and 128), 1 and 4 new
   tokens; rows `mechanisms` and the hand-written XLA decode (`baselines`:
   `xla_decode`). Reports microseconds per call, K/V bytes read per second
-  and the fraction of the card's peak HBM bandwidth. Split a sweep with
+  and the fraction of the card's peak HBM bandwidth, each call timed inside
+  a jitted loop of `calls_per_program` calls, as a decoding loop runs it
+  (1: one dispatch per call). Split a sweep with
   e.g. `--config.decode_heads='((32, 8),)' --config.decode_head_dims='(128,)'`
   or `--config.decode_caches=dense`. `decode_cpu`: the same on tiny cells,
   float32, `vanilla` and `blockwise` (seconds on a CPU).
@@ -136,6 +138,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.interpret = config_dict.placeholder(bool)  # Default: on CPU.
     config.dtype = "bfloat16"
     config.repeats = 20
+    # Calls timed inside one jitted loop, as a decoding loop runs them (1:
+    # one program dispatch per call, which the host's dispatch can outlast
+    # on calls of tens of microseconds).
+    config.calls_per_program = 16
     config.output_name = "{device}-decode"
     if variant == "decode_cpu":
       config.mechanisms = "vanilla,blockwise"
@@ -146,6 +152,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
       config.decode_caches = "dense,paged16"
       config.dtype = "float32"
       config.repeats = 5
+      config.calls_per_program = 2
       config.output_name = "cpu-decode"
   config.lock()
   return config

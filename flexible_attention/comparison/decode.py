@@ -25,7 +25,13 @@ Each row's output is checked against the float32 reference of the cell
 (computed from the cell's arrays, a few rows at a time) and its cache write
 read back (the new keys and values at each row's slots) before any row is
 timed; the rows that pass are timed together (`timing.median_seconds_each`,
-round-robin, median of `repeats`). A row reports microseconds per call, the
+round-robin, median of `repeats`), each as `calls_per_program` calls inside
+one jitted loop (`looped`: a decoding loop's `lax.fori_loop`, the cache
+carried, each call's queries depending on the previous output), the time
+divided by the calls; with 1, one program dispatch per call, whose host-side
+dispatch can take longer than a small call's device time (an H200 trace of
+B = 8, L = 4k: 44 us of kernels in 51-61 us per dispatched call,
+`benchmarks/decode_trace.py`). A row reports microseconds per call, the
 bytes of K and V the call must read (`2 * B * L * Hkv * D * itemsize`) over
 its time in TB/s, and that as a fraction of the card's peak HBM bandwidth
 (`PEAK_HBM_TBPS`; none for an unknown card). A cell whose cache does not fit
@@ -50,6 +56,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import haiku as hk
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -338,6 +345,22 @@ def step_fn(name: str, cell: DecodeCell, *, options=None,
   return lambda cache, q, k, v: apply({}, cache, q, k, v)
 
 
+def looped(step: Callable, calls: int) -> Callable:
+  """`step` run `calls` times in one program, as a jitted decoding loop runs
+  it (`lax.fori_loop`, the cache carried): `(cache, q, k, v) -> (out,
+  cache)` of the last call. Each call's queries depend on the previous
+  call's output (`q + 0 * out`, which XLA does not fold for floats), so no
+  part of a call is hoisted out of the loop."""
+  def program(cache, q, k, v):
+    def body(_, carry):
+      cache, out = carry
+      out, cache = step(cache, q + 0 * out.astype(q.dtype), k, v)
+      return cache, out
+    cache, out = lax.fori_loop(0, calls, body, (cache, jnp.zeros_like(q)))
+    return out, cache
+  return program
+
+
 class FedBack:
   """A jitted `(cache, *args) -> (out, cache)` with its cache fed back:
   each call runs it on the holder's cache, keeps the returned cache there
@@ -449,7 +472,14 @@ def benchmark_decode_cell(names: Sequence[str], config,
       timed.append((row, compiled))
   if not timed:
     return rows
+  calls = config.calls_per_program
   try:
+    if calls > 1:  # The checked step, `calls` times in one program.
+      timed = [(row, jax.jit(looped(step_fn(
+          row.mechanism, cell, options=_mechanism_options(
+              config, row.mechanism)), calls), donate_argnums=(0,)).lower(
+                  holder["cache"], q, k, v).compile())
+               for row, _ in timed]
     seconds = timing.median_seconds_each(
         [(FedBack(holder, compiled, q, k, v), ()) for _, compiled in timed],
         repeats=config.repeats, warmup=2)
@@ -459,6 +489,7 @@ def benchmark_decode_cell(names: Sequence[str], config,
     return rows
   peak = peak_bandwidth_tbps(jax.devices()[0].device_kind)
   for (row, _), s in zip(timed, seconds):
+    s /= calls
     row.microseconds = 1e6 * s
     row.tb_per_second = cell.kv_bytes / s / 1e12
     if peak:
