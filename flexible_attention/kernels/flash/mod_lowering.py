@@ -51,7 +51,7 @@ import numpy as np
 from flexible_attention.kernels.flash.structure import next_power_of_2
 
 MOD_MECHANISMS = "vanilla, blockwise, ring, ulysses"
-_CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
+CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
           "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "remat2",
           "checkpoint")
 # Elementwise primitives Triton lowers, if Pallas' table cannot be read.
@@ -123,7 +123,7 @@ def kernel_mods(mods, num_heads: int) -> KernelMods | None:
   tile = (1, 1, 16, 16)
   for kind in ("score_mod", "mask_mod"):
     if getattr(km, kind) is not None:
-      jaxpr = _make_jaxpr(km, kind, tile).jaxpr
+      jaxpr = make_jaxpr(km, kind, tile).jaxpr
       first = 5 if kind == "score_mod" else 4
       _check_jaxpr(kind, jaxpr, set(range(first, len(jaxpr.invars))))
   return km
@@ -141,7 +141,7 @@ def check_grads(km: KernelMods, num_heads: int):
         f"compute any mod_args gradient: {MOD_MECHANISMS}.")
 
 
-def _make_jaxpr(km: KernelMods, kind: str, tile):
+def make_jaxpr(km: KernelMods, kind: str, tile):
   """The mod's closed jaxpr on a tile of shape `tile` (4-D)."""
   i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   indices = (i32((1, 1, 1, 1)), i32((1, 1, 1, 1)),
@@ -171,7 +171,7 @@ def _is_point_gather(params, ndim: int) -> bool:
           and not getattr(dn, "operand_batching_dims", ()))
 
 
-def _sub_jaxpr(eqn):
+def sub_jaxpr(eqn):
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
     sub = eqn.params.get(key)
     if sub is not None:
@@ -195,8 +195,8 @@ def _check_jaxpr(kind: str, jaxpr, arg_positions):
       if "FILL" in str(eqn.params["mode"]).upper():
         _refuse(kind, "a gather in mode 'fill'")
       continue
-    if name in _CALLS:
-      sub, _ = _sub_jaxpr(eqn)
+    if name in CALLS:
+      sub, _ = sub_jaxpr(eqn)
       _check_jaxpr(kind, sub, {i for i, v in enumerate(eqn.invars)
                                if not hasattr(v, "val") and v in args})
       continue
@@ -286,8 +286,8 @@ class _Evaluator:
       ins = [read(v) for v in eqn.invars]
       if name == "gather":
         outs = [self._gather(eqn, *ins)]
-      elif name in _CALLS:
-        sub, sub_consts = _sub_jaxpr(eqn)
+      elif name in CALLS:
+        sub, sub_consts = sub_jaxpr(eqn)
         outs = self.run(sub, sub_consts, ins)
       elif name == "convert_element_type" and isinstance(ins[0], _Arg):
         outs = [_Arg(ins[0].leaf, eqn.params["new_dtype"])]
@@ -343,7 +343,7 @@ class TileMods:
 
   def _jaxpr(self, kind: str, shape):
     tile = (1, 1) + tuple(shape)
-    closed = _make_jaxpr(self.km, kind, tile)
+    closed = make_jaxpr(self.km, kind, tile)
     return closed.jaxpr, closed.consts
 
   def _leaf_args(self):

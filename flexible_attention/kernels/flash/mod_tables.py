@@ -62,7 +62,7 @@ def _depends(jaxpr, seeds: set) -> bool:
 def dependence(km: mod_lowering.KernelMods) -> frozenset[str]:
   """What the mask_mod's output depends on, of `batch`, `head`, `q_pos`,
   `kv_pos` and `args` (`mod_args`)."""
-  jaxpr = mod_lowering._make_jaxpr(km, "mask_mod", (1, 1, 16, 16)).jaxpr  # pylint: disable=protected-access
+  jaxpr = mod_lowering.make_jaxpr(km, "mask_mod", (1, 1, 16, 16)).jaxpr
   invars = jaxpr.invars
   groups = {"batch": {invars[0]}, "head": {invars[1]},
             "q_pos": {invars[2]}, "kv_pos": {invars[3]},
