@@ -37,6 +37,7 @@ from flexible_attention.kernels.flash import mod_tables
 from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_fwd
+from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.kernels.flash import structure
 from flexible_attention.kernels.flash import triton_bwd
 from flexible_attention.kernels.flash import triton_fwd
@@ -62,14 +63,17 @@ def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None,
              mods=None):
   """`out [B, Sqp, H, Dvp]` (out_dtype, default q's) and natural-log
   `lse [B, H, Sqp]` (float32), by the forward's backend (Triton with
-  `sinks [H]` or `mods`, a `core.mods.Mods`: `launch.choose_launch`)."""
+  `sinks [H]`; `mods`, a `core.mods.Mods`, on either backend:
+  `launch.choose_launch`)."""
   if st.launch.fwd_backend == "mosaic":
     assert sinks is None, "the Mosaic forward has no sinks"
-    assert st.mods is None, "the Mosaic forward has no mods"
     launch_lib.check_result_dtype("out_dtype", out_dtype, st.launch, "fwd",
                                   q.dtype)
+    rows = (None, None) if st.mods is None else mosaic_mods.program_rows(
+        st.mods, mods, q.shape[0], q.shape[2])
     return mosaic_fwd.forward(st, q, k, v,
-                              *_mosaic_operands(st, q, aux, "bounds_fwd"))
+                              *_mosaic_operands(st, q, aux, "bounds_fwd"),
+                              mod_rows=rows)
   return triton_fwd.forward(st, q, k, v, bias, _with_mods(st, aux, mods),
                             out_dtype, sinks)
 
@@ -205,13 +209,14 @@ def prepare(inputs: AttentionInputs,
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = structure.pad_dim(dims.head_dim), structure.pad_dim(
       dims.value_dim)
+  kernel_mods = mod_lowering.kernel_mods(inputs.mods, dims.num_heads)
   launch = launch_lib.choose_launch(
       dtype=q.dtype, head_dim=d_pad, value_dim=dv_pad, q_len=q_len,
       kv_len=kv_len, causal=vis.causal, bias=bias is not None,
       mask=vis.mask is not None, dropout=dropout is not None,
       precision=precision, interpret=interpret, block_sizes=block_sizes,
       launch=launch, float32_results=float32_results,
-      sinks=inputs.sinks is not None, mods=inputs.mods is not None,
+      sinks=inputs.sinks is not None, mods=kernel_mods,
       bias_dtype=None if bias is None else bias.dtype)
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)
@@ -236,7 +241,7 @@ def prepare(inputs: AttentionInputs,
       segments=vis.has_segments, mask=vis.mask is not None,
       dropout_rate=None if dropout is None else float(dropout.rate),
       groups=dims.groups, launch=launch, interpret=bool(interpret),
-      mods=mod_lowering.kernel_mods(inputs.mods, dims.num_heads))
+      mods=kernel_mods)
   mod_tiles = mod_tables.derive(
       st.mods, inputs.mods, vis, num_heads=dims.num_heads, q_pad=q_pad,
       kv_pad=kv_pad, blocks=structure.kernel_blocks(st))

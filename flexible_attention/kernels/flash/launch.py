@@ -15,10 +15,15 @@ Which path serves what (the README has it too):
 
 - forward: on Hopper (sm_90) by default the Mosaic GPU kernel wherever it
   serves the call (`mosaic_common.unsupported_reason`: bf16 / fp16, padded
-  D == Dv in 64, 128, 256, no bias, dense mask, dropout or `precision`;
-  Sq and Sk at least one of its tiles; forward tiles not set by the user),
-  else Triton;
-- dK/dV: likewise on Hopper (its own tiles), else Triton;
+  D == Dv in 64, 128, 256, no bias, dense mask, dropout, sinks or
+  `precision`; Sq and Sk at least one of its tiles; forward tiles not set
+  by the user), with a score_mod / mask_mod too when it reads `mod_args`
+  only at the program's batch row and head and is elementwise in
+  primitives Mosaic GPU lowers (`mosaic_mods.unsupported_reason`: ALiBi,
+  prefix-LM, soft clamps, mask_mods without mod_args; not T5 buckets or
+  document ids, which index `mod_args` per element), else Triton;
+- dK/dV: likewise on Hopper (its own tiles), except calls with mods (the
+  Triton kernel), else Triton;
 - dQ: Triton by default; with `LaunchConfig(atomic_dq=True)` (opt-in, not
   bitwise reproducible) the dK/dV kernel's, added into float32: Triton's
   atomics with `dkv_backend="triton"`, the fused Mosaic GPU backward's TMA
@@ -49,6 +54,7 @@ import jax.numpy as jnp
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
 from flexible_attention.kernels.flash.structure import MIN_BLOCK
 from flexible_attention.kernels.flash.structure import next_power_of_2
@@ -387,7 +393,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
                   float32_results: bool, sinks: bool = False,
-                  mods: bool = False, bias_dtype=None) -> LaunchConfig:
+                  mods=None, bias_dtype=None) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
   kernels wherever they serve the call; Triton tiles clipped to the call.
@@ -406,8 +412,13 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       into its normalisation (the Mosaic forward has none, so such calls
       take the Triton forward: the same function; the backward kernels,
       Mosaic's dK/dV included, only read the log-sum-exp).
-    mods: the call has a score_mod or mask_mod, which only the Triton
-      kernels evaluate (`mod_lowering`): it takes them for every kernel.
+    mods: the call's score_mod / mask_mod as the kernels read them
+      (`mod_lowering.KernelMods`), or None. The Triton kernels evaluate
+      any (`mod_lowering`); the Mosaic forward those whose `mod_args`
+      reads are per program (`mosaic_mods.unsupported_reason`: ALiBi,
+      prefix-LM, mask_mods without mod_args...), the Mosaic dK/dV kernel
+      none (the backward reads the forward's log-sum-exp only, so the
+      Mosaic forward and the Triton backward mix).
     bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
       kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
 
@@ -417,8 +428,6 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   mosaic_reason = mosaic_common.unsupported_reason(
       dtype=dtype, head_dim=head_dim, value_dim=value_dim, bias=bias,
       mask=mask, dropout=dropout, interpret=interpret, precision=precision)
-  if mods and mosaic_reason is None:
-    mosaic_reason = "it has no score_mod / mask_mod (the Triton kernels have)"
   if float32_results and jnp.dtype(dtype) != jnp.float32:
     mosaic_reason = (
         f"it writes the inputs' {jnp.dtype(dtype)}, and the caller wants "
@@ -430,7 +439,10 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                     ("block_q_dkv", "block_k_dkv"))}
   reasons = {"fwd": mosaic_reason or (
       "it has no attention sinks (the Triton forward has)" if sinks
-      else None), "dkv": mosaic_reason}
+      else mosaic_mods.unsupported_reason(mods)),
+             "dkv": mosaic_reason or (
+                 "it has no score_mod / mask_mod (the Triton kernels have)"
+                 if mods is not None else None)}
   user_launch = launch is not None
   if launch is not None:
     check_launch_config(launch, block_sizes)

@@ -52,7 +52,7 @@ from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
-from flexible_attention.kernels.flash.mosaic_common import read_bounds
+from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.structure import LOG2E
@@ -382,9 +382,9 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool):
   query head of its group; `refs` are the operands (dQ's Ref after the
   inputs `with_dq`), the outputs and last the scratch."""
   r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq)
-  lo, flo, fhi, hi = read_bounds(r.bounds.at[r.batch, r.tile],
-                                  r.bounds_smem.at[r.wg],
-                                  r.bounds_ready.at[r.wg])
+  lo, flo, fhi, hi = read_row(r.bounds.at[r.batch, r.tile],
+                               r.bounds_smem.at[r.wg],
+                               r.bounds_ready.at[r.wg], 4)
   columns = r.k.shape[-1] >= SPLIT_HEAD_DIM
 
   @pl.when(r.wg < CONSUMERS)

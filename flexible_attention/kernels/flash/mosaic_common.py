@@ -141,12 +141,13 @@ def pad_bounds(bounds):
   return jnp.pad(bounds, ((0, 0), (0, 0), (0, BOUNDS_ROW - bounds.shape[-1])))
 
 
-def read_bounds(gmem_row, smem_row, ready):
-  """This program's `(lo, flo, fhi, hi)`, read by a warpgroup through its
-  own shared-memory row."""
+def read_row(gmem_row, smem_row, ready, count: int) -> tuple[Any, ...]:
+  """The first `count` scalars of a global-memory row (128 bytes), read by
+  a warpgroup through its own shared-memory row: a tile's bounds (`lo,
+  flo, fhi, hi`), the program's values of the mods (`mosaic_mods`)."""
   plgpu.copy_gmem_to_smem(gmem_row, smem_row, ready)
   plgpu.barrier_wait(ready)
-  return tuple(smem_row[i] for i in range(4))
+  return tuple(smem_row[i] for i in range(count))
 
 
 def visible(st, q_vec: dict, kv_vec: dict):

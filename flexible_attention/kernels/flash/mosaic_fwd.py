@@ -16,7 +16,12 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
 
 It serves the calls `mosaic_common.unsupported_reason` accepts (bf16 /
 fp16, padded head sizes 64, 128 or 256 with D == Dv, no bias, dense mask or
-dropout); the launch policy (`launch.py`) sends every other call to Triton.
+dropout), with the score_mod / mask_mod `mosaic_mods.plan` accepts: the
+score_mod rewrites the logits after scale and soft cap (natural units,
+then `scale = log2(e)`), the mask_mod joins the structured mask in every
+tile the bounds do not certify fully visible, and the mods' reads of
+`mod_args` arrive as per-program scalars (`mosaic_mods.program_rows`); the
+launch policy (`launch.py`) sends every other call to Triton.
 
 Glossary of shapes:
 - B: batch size; H, Hkv: query and key/value heads; G = H // Hkv.
@@ -45,17 +50,25 @@ from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import block_k
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
-from flexible_attention.kernels.flash.mosaic_common import read_bounds
+from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import visible
+from flexible_attention.kernels.flash.mosaic_mods import ROW
+from flexible_attention.kernels.flash.mosaic_mods import TileMods
+from flexible_attention.kernels.flash.mosaic_mods import plan
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 
 
-def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
-            lse_ref, scratch, *, st: Static, bk: int, nq: int):
-  """One program: `BLOCK_Q` query rows of one (batch, head) pair."""
+def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
+            out_ref, lse_ref, scratch, mod_scratch, *, st: Static, bk: int,
+            nq: int):
+  """One program: `BLOCK_Q` query rows of one (batch, head) pair.
+
+  `mod_refs`: the rows of the mods' program values (`mosaic_mods`),
+  `(floats, ints)`, None where the mods read none; `mod_scratch`: their
+  shared-memory rows and barriers."""
   (q_smem, k_smem, v_smem, qvec_smem, kvvec_smem, bounds_smem, lse_smem,
    ready, free, sched) = scratch
   (q_ready, qvec_ready, k_ready, v_ready, kvvec_ready, bounds_ready) = ready
@@ -67,8 +80,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
   wg = lax.axis_index("wg")
 
   # Every warpgroup reads the tile's bounds through shared memory.
-  lo, flo, fhi, hi = read_bounds(bounds_ref.at[batch, tile],
-                                  bounds_smem.at[wg], bounds_ready.at[wg])
+  lo, flo, fhi, hi = read_row(bounds_ref.at[batch, tile],
+                              bounds_smem.at[wg], bounds_ready.at[wg], 4)
 
   def sync():  # Both consumers meet: the ping-pong of FlashAttention-3.
     plgpu.barrier_arrive(sched)
@@ -81,6 +94,15 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head], q_tile,
                             q_ready.at[wg])
+    mods = None
+    if st.mods is not None:  # The program's values, as scalars.
+      scalars = [
+          () if ref is None else read_row(ref.at[batch, head],
+                                          row_smem.at[wg], row_ready.at[wg],
+                                          count)
+          for ref, (row_smem, row_ready), count in zip(
+              mod_refs, mod_scratch, plan(st.mods).counts)]
+      mods = TileMods(st.mods, scalars, (ROWS, bk))
     q_vec = {}
     if q_names:
       plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
@@ -91,7 +113,20 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
         q_vec[name] = lax.broadcast_in_dim(vec, (ROWS, bk), [0])
     plgpu.barrier_wait(q_ready.at[wg])
 
-    scale = st.sm_scale * LOG2E if st.softcap is None else 1.0
+    # `s * scale` are the logits in base 2: the raw `q k^T` with the softmax
+    # scale folded in; base-2 soft-capped logits; or the score_mod's
+    # natural-unit logits.
+    scale = (LOG2E if st.score_mod else
+             st.sm_scale * LOG2E if st.softcap is None else 1.0)
+    # The key vectors an unmasked tile reads: the score_mod's positions.
+    unmasked_kv = ("kv_pos",) if "kv_pos" in (
+        plan(st.mods).reads_of("score_mod") if st.score_mod else ()) else ()
+
+    def kv_vectors(slot, names):
+      return {name: lax.broadcast_in_dim(
+          load_vector(kvvec_smem.at[slot, kv_names.index(name)],
+                      plgpu.Layout.WGMMA.reduce(0)), (ROWS, bk), [1])
+              for name in names}
 
     def step(t, carry, masked: bool):
       acc, m, l = carry
@@ -105,17 +140,20 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
 
       s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
       plgpu.barrier_wait(kvvec_ready.at[slot])
-      vis = None
-      if masked:
-        kv = {name: lax.broadcast_in_dim(
-            load_vector(kvvec_smem.at[slot, n], plgpu.Layout.WGMMA.reduce(0)),
-            (ROWS, bk), [1]) for n, name in enumerate(kv_names)}
-        vis = visible(st, q_vec, kv)
+      kv = kv_vectors(slot, kv_names if masked else unmasked_kv)
+      vis = visible(st, q_vec, kv) if masked else None
       plgpu.barrier_arrive(k_free.at[slot])
-      if st.softcap is not None:
+      if st.score_mod:  # The semantics' logits, after scale and soft cap.
+        s = s * st.sm_scale
+        if st.softcap is not None:
+          s = st.softcap * jnp.tanh(s * (1.0 / st.softcap))
+        s = mods.score(s, q_vec.get("q_pos"), kv.get("kv_pos"))
+      elif st.softcap is not None:
         s = s * st.sm_scale
         s = (st.softcap * LOG2E) * jnp.tanh(s * (1.0 / st.softcap))
       if masked:
+        if st.mask_mod:
+          vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
         s = jnp.where(vis, s, -jnp.inf)
       # Row maxima in base 2; `masked` rows of a tile may all be -inf.
       m_new = jnp.maximum(m, s.max(axis=1) * scale)
@@ -188,7 +226,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
     lax.fori_loop(lo + STAGES, hi, refill, None)
 
 
-def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors):
+def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
+            mod_rows=(None, None)):
   """The forward kernel on padded operands.
 
   Args:
@@ -202,6 +241,9 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors):
     q_vectors: int32 `[B, Nq, Sqp]` (`st.vectors()[0]`, in order; a zero
       `[B, 1, Sqp]` when Nq = 0).
     kv_vectors: int32 `[B, Nk, Skp]` (`st.vectors()[1]`; `kv_ok` first).
+    mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts), their
+      program values `(floats [B, H, ROW] float32, ints [B, H, ROW] int32)`,
+      None where they read none (`mosaic_mods.program_rows`).
 
   Returns:
     `(out [B, Sqp, H, Dp] in q's dtype, lse [B, H, Sqp] float32)`: natural
@@ -217,9 +259,12 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors):
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   bounds = pad_bounds(bounds)
+  rows = tuple(x for x in mod_rows if x is not None)
 
-  def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
-           lse_ref):
+  def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, *refs):
+    refs = list(refs)
+    mod_refs = tuple(None if x is None else refs.pop(0) for x in mod_rows)
+    out_ref, lse_ref = refs
     smem = (
         plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=swizzled),
         plgpu.SMEM((STAGES, bk, d), k.dtype, transforms=swizzled),
@@ -237,14 +282,22 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors):
              plgpu.Barrier(num_barriers=CONSUMERS + 1))
     free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
+    # Each consumer's row of the mods' program values, and its barrier.
+    mod_scratch = tuple(
+        (plgpu.SMEM((CONSUMERS, ROW), x.dtype),
+         plgpu.Barrier(num_barriers=CONSUMERS)) for x in rows)
 
     def scoped(*scratch):
-      (smem_refs, ready_refs, free_refs, sched_ref) = scratch
-      _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, out_ref,
-              lse_ref, (*smem_refs, ready_refs, free_refs, sched_ref),
-              st=st, bk=bk, nq=nq)
+      (smem_refs, ready_refs, free_refs, sched_ref, row_refs) = scratch
+      row_refs = list(row_refs)
+      row_refs = tuple((None, None) if x is None else row_refs.pop(0)
+                       for x in mod_rows)
+      _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
+              out_ref, lse_ref, (*smem_refs, ready_refs, free_refs, sched_ref),
+              row_refs, st=st, bk=bk, nq=nq)
 
-    pl.run_scoped(scoped, smem, ready, free, sched, collective_axes="wg")
+    pl.run_scoped(scoped, smem, ready, free, sched, mod_scratch,
+                  collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
@@ -253,6 +306,4 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors):
       grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, bounds, q_vectors, kv_vectors)
-
-
+  )(q, k, v, bounds, q_vectors, kv_vectors, *rows)

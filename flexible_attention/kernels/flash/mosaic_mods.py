@@ -1,0 +1,453 @@
+"""Score and mask modifications inside flash's Mosaic GPU (Hopper) forward.
+
+The Triton kernels take every mod Triton lowers (`mod_lowering`): each
+`mod_args` leaf whole as a kernel input, one gather load per index. The
+Mosaic GPU forward (`mosaic_fwd`) has no such loads in its consumers, so it
+takes the mods whose `mod_args` reads are the same for a whole program
+(one batch row, one query head): ALiBi's `slopes[head]`, a prefix-LM's
+`prefix_lengths[batch]`, a scalar temperature. The mod's jaxpr, traced on
+a tile of shape `TILE` (rows 8, keys 16: different sizes, so a value's
+shape says along which axis it varies), splits in two:
+
+- the PROGRAM part: every equation that reads only `batch`, `head`,
+  `mod_args` and constants. XLA evaluates it for every (batch row, query
+  head) before the kernel (`program_rows`; any primitive, gathers
+  included), and the values the tile part reads of it, one element each
+  (float32, or int32 / bool), become rows `[B, H, ROW]` (float32, int32)
+  that each consumer copies to shared memory once and reads as scalars;
+- the TILE part: the equations that read the score or the positions. The
+  kernel binds them on `[ROWS, bk]` tiles (`TileMods`): positions broadcast
+  from the structure vectors, the program's values and literals broadcast
+  from scalars, every equation from an allow-list of elementwise
+  primitives (`TILE_PRIMITIVES`, each lowered for CUDA in the tests).
+  Broadcasts and reshapes of tile values are identities: a tile value
+  stands for its broadcast over the whole tile.
+
+A mod whose tile part reads a `mod_args` array per element (T5's
+`table[bucket, head]`, `doc_ids[batch, q_pos]`), uses a primitive off the
+list or a dtype other than float32, int32 and bool, or needs more than
+`ROW` program values of a row, has a reason (`unsupported_reason`): the
+launch policy keeps that call's forward on Triton, and an explicit
+`fwd_backend="mosaic"` is an error naming it. The backward is Triton's
+either way (it reads only the forward's log-sum-exp).
+
+Glossary of shapes:
+- B: batch size; H: query heads.
+- ROWS, bk: a consumer's tile (`mosaic_common.ROWS`, the key tile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from flexible_attention.kernels.flash import mod_lowering
+
+TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
+ROW = 32  # Program values per row: 128 bytes, one TMA copy.
+# Equations that only reshape or broadcast: identities on tile values.
+_SHAPE_OPS = frozenset(("broadcast_in_dim", "reshape", "squeeze", "copy",
+                        "copy_p"))
+# Elementwise primitives the tile part may use: each is lowered through
+# Mosaic GPU by tests/test_mods.py (test_mosaic_forward_lowers_every_tile_
+# primitive), on float32 and, where it applies, int32 and bool tiles.
+TILE_PRIMITIVES = frozenset((
+    "add sub mul div rem neg abs sign max min clamp square integer_pow exp "
+    "exp2 log tanh logistic select_n eq ne lt le gt ge and or not xor "
+    "shift_left shift_right_arithmetic shift_right_logical "
+    "convert_element_type").split())
+# The rows of program values: float32, and int32 (bools as 0 / 1).
+_ROWS = {"float32": 0, "int32": 1, "bool": 1}
+_TILE_DTYPES = frozenset(("float32", "int32", "bool"))
+
+
+class _Refused(Exception):
+  """Why the Mosaic forward cannot evaluate a mod (the message)."""
+
+
+class _Value:
+  """A value of the walk: of the tile part (`tile`) or the program's, what
+  the handler keeps of it (`data`), its aval, and whether it is a literal
+  or a named input (`q_pos`, `kv_pos`)."""
+
+  __slots__ = ("tile", "data", "aval", "literal", "name")
+
+  def __init__(self, tile, data, aval, literal=False, name=None):
+    self.tile, self.data, self.aval = tile, data, aval
+    self.literal, self.name = literal, name
+
+
+def _size(aval) -> int:
+  return int(np.prod(aval.shape))
+
+
+def _pattern(shape) -> tuple[bool, bool] | None:
+  """Whether a tile-shaped value varies along the rows and the keys, or
+  None for a shape that is not the tile's (right-aligned, leading 1s)."""
+  *lead, rows, keys = (1, 1) + tuple(shape)
+  if any(d != 1 for d in lead) or rows not in (1, TILE[2]) or (
+      keys not in (1, TILE[3])):
+    return None
+  return rows != 1, keys != 1
+
+
+def _walk(jaxpr, consts, args, handler):
+  """Runs `jaxpr` on `_Value`s with `handler` (nested calls inlined):
+  equations reading a tile value are the tile part's (`handler.tile`), a
+  broadcast of one program element to a larger shape starts a tile value
+  (`handler.splat`), the rest is the program part (`handler.program`)."""
+  env = {}
+
+  def read(v):
+    if hasattr(v, "val"):  # A literal.
+      return _Value(False, v.val, v.aval, literal=True)
+    return env[v]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = _Value(False, handler.const(c), v.aval)
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    out_aval = eqn.outvars[0].aval if eqn.outvars else None
+    if eqn.primitive.name in mod_lowering.CALLS:
+      sub, sub_consts = mod_lowering.sub_jaxpr(eqn)
+      outs = _walk(sub, sub_consts, ins, handler)
+    elif any(x.tile for x in ins):
+      outs = [_Value(True, handler.tile(eqn, ins), out_aval)]
+    elif (eqn.primitive.name in _SHAPE_OPS and len(ins) == 1
+          and _size(ins[0].aval) == 1 and _size(out_aval) > 1):
+      outs = [_Value(True, handler.splat(ins[0], out_aval), out_aval)]
+    else:
+      outs = [_Value(False, d, v.aval)
+              for v, d in zip(eqn.outvars, handler.program(eqn, ins))]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+class _Handler:
+  """What the walks share: the program values the tile part reads, each
+  given a slot of a row once (`slot`), in the order the walk meets them."""
+
+  def __init__(self, counts=(0, 0)):
+    self.slots = {}  # id(value) -> (value, row, index); keeps it alive.
+    self.counts = list(counts)
+
+  def slot(self, x: _Value) -> tuple[int, int]:
+    if id(x) not in self.slots:
+      row = _ROWS[jnp.dtype(x.aval.dtype).name]
+      self.slots[id(x)] = (x, row, self.counts[row])
+      self.counts[row] += 1
+      self.new_slot(x, row)
+    return self.slots[id(x)][1:]
+
+  def new_slot(self, x: _Value, row: int):
+    del x, row
+
+  def const(self, c):
+    return c
+
+  def program(self, eqn, ins):
+    del ins
+    return [None] * len(eqn.outvars)
+
+  def use(self, x: _Value):
+    """A program value the tile part reads."""
+    if not x.literal:
+      self.slot(x)
+
+  def splat(self, x: _Value, aval):
+    del aval
+    self.use(x)
+
+  def tile(self, eqn, ins):
+    del eqn
+    for x in ins:
+      if not x.tile:
+        self.use(x)
+
+
+class _Check(_Handler):
+  """The walk on avals that finds why a mod cannot run here (`_Refused`)
+  and which positions its tile part reads."""
+
+  def __init__(self, kind: str, counts):
+    super().__init__(counts)
+    self.kind, self.reads = kind, set()
+
+  def refuse(self, what: str):
+    raise _Refused(f"its {self.kind} {what}")
+
+  def use(self, x: _Value):
+    if x.literal:
+      return
+    if _size(x.aval) != 1:
+      self.refuse(f"reads a value of shape {list(x.aval.shape)} computed "
+                  f"from mod_args per element (it loads only single values "
+                  f"at the program's batch row and head)")
+    dtype = jnp.dtype(x.aval.dtype).name
+    if dtype not in _ROWS:
+      self.refuse(f"reads a {dtype} value of mod_args (it loads float32, "
+                  f"int32 and bool)")
+    self.slot(x)
+    if max(self.counts) > ROW:
+      self.refuse(f"reads more than {ROW} values of mod_args of one dtype")
+
+  def splat(self, x: _Value, aval):
+    if _pattern(aval.shape) is None:
+      self.refuse(f"broadcasts to shape {list(aval.shape)}, not the tile's")
+    self.use(x)
+
+  def tile(self, eqn, ins):
+    name = eqn.primitive.name
+    if name == "gather":
+      self.refuse("indexes mod_args per element (at indices computed from "
+                  "q_pos, kv_pos or the score, e.g. table[bucket, head] or "
+                  "doc_ids[batch, q_pos]; it loads mod_args only at the "
+                  "program's batch row and head)")
+    for x in ins:  # A value of another shape: only a gather may read it
+      if x.tile and x.data is not None:  # (an index vector).
+        return x.data
+    if name not in TILE_PRIMITIVES and name not in _SHAPE_OPS:
+      self.refuse(f"uses the primitive {name!r} per element")
+    if len(eqn.outvars) != 1:
+      self.refuse(f"uses {name!r} with {len(eqn.outvars)} results")
+    out = eqn.outvars[0].aval
+    if jnp.dtype(out.dtype).name not in _TILE_DTYPES:
+      self.refuse(f"computes in {jnp.dtype(out.dtype).name} (it takes "
+                  f"float32, int32 and bool)")
+    if name == "rem" and jnp.issubdtype(out.dtype, jnp.floating):
+      self.refuse("uses 'rem' on floats (Mosaic GPU has it on integers)")
+    self.reads.update(x.name for x in ins if x.name in ("q_pos", "kv_pos"))
+    super().tile(eqn, ins)
+    pattern, before = _pattern(out.shape), _pattern(ins[0].aval.shape)
+    if pattern is None or (name in _SHAPE_OPS and (before is None or any(
+        b and not a for a, b in zip(pattern, before)))):
+      # Not the tile's shape, or an axis moved: not elementwise, unless a
+      # gather's index vector (refused above, naming the gather).
+      return (f"makes a value of shape {list(out.shape)} from "
+              f"{list(ins[0].aval.shape)} (not elementwise)")
+    return None
+
+
+class _Program(_Handler):
+  """The walk in XLA on one (batch, head): the program part's values."""
+
+  def __init__(self):
+    super().__init__()
+    self.values = ([], [])
+
+  def new_slot(self, x: _Value, row: int):
+    self.values[row].append(x.data)
+
+  def program(self, eqn, ins):
+    outs = eqn.primitive.bind(*[x.data for x in ins], **eqn.params)
+    return outs if eqn.primitive.multiple_results else [outs]
+
+
+class _Kernel(_Handler):
+  """The walk in the kernel: the tile part on `[ROWS, bk]` tiles."""
+
+  def __init__(self, counts, scalars, shape):
+    super().__init__(counts)
+    self.scalars, self.shape = scalars, shape
+    self.tiles = {}
+
+  def const(self, c):
+    return None
+
+  def full(self, x: _Value):
+    """A program value or literal broadcast over the tile."""
+    dtype = x.aval.dtype
+    if x.literal:
+      return jnp.full(self.shape, x.data, dtype)
+    if id(x) not in self.tiles:
+      row, index = self.slot(x)
+      value = lax.broadcast_in_dim(self.scalars[row][index], self.shape, ())
+      self.tiles[id(x)] = value != 0 if dtype == jnp.bool_ else value
+    return self.tiles[id(x)]
+
+  def splat(self, x: _Value, aval):
+    return self.full(x)
+
+  def tile(self, eqn, ins):
+    name = eqn.primitive.name
+    if name in _SHAPE_OPS:
+      return ins[0].data
+    if name == "not" and ins[0].aval.dtype == jnp.bool_:
+      # Mosaic GPU's `not` on bools fails in jax 0.11; `xor True` lowers.
+      return lax.bitwise_xor(ins[0].data, np.asarray(True))
+    args = [x.data if x.tile else
+            np.asarray(x.data, x.aval.dtype) if x.literal and name != "select_n"
+            else self.full(x) for x in ins]
+    return eqn.primitive.bind(*args, **eqn.params)
+
+
+def _memo(fn):
+  """`fn(km)` cached per `KernelMods` (computed again for an unhashable
+  one, e.g. a mod that is an unhashable callable object)."""
+  cached = functools.lru_cache(maxsize=64)(fn)
+
+  @functools.wraps(fn)
+  def call(km):
+    try:
+      hash(km)
+    except TypeError:
+      return fn(km)
+    return cached(km)
+
+  return call
+
+
+@_memo
+def _jaxprs(km) -> tuple[tuple[str, Any], ...]:
+  """`(kind, closed jaxpr on TILE)` of each mod the call has."""
+  return tuple((kind, mod_lowering.make_jaxpr(km, kind, TILE))
+               for kind in ("score_mod", "mask_mod")
+               if getattr(km, kind) is not None)
+
+
+def _inputs(kind: str, closed, program, tile):
+  """The walk's inputs in the mod's order: score (score_mod only), batch,
+  head, q_pos, kv_pos, the leaves; `tile(name, aval)` makes the score's
+  and positions', `program(i, aval)` the others' (i: 0 batch, 1 head,
+  2 + j leaf j)."""
+  avals = [v.aval for v in closed.jaxpr.invars]
+  names = (("score",) if kind == "score_mod" else ()) + (
+      "batch", "head", "q_pos", "kv_pos")
+  values = [program(("batch", "head").index(n), a)
+            if n in ("batch", "head") else tile(n, a)
+            for n, a in zip(names, avals)]
+  return values + [program(2 + i, a)
+                   for i, a in enumerate(avals[len(names):])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the Mosaic forward knows of a call's mods before tracing it.
+
+  Attributes:
+    reason: why it cannot evaluate them (None: it can).
+    counts: the program values per row (float32, int32).
+    offsets: per mod kind, the slots before its own (float32, int32).
+    reads: per mod kind, the positions (`q_pos`, `kv_pos`) its tile part
+      reads.
+  """
+
+  reason: str | None
+  counts: tuple[int, int] = (0, 0)
+  offsets: tuple[tuple[str, tuple[int, int]], ...] = ()
+  reads: tuple[tuple[str, frozenset[str]], ...] = ()
+
+  def reads_of(self, kind: str) -> frozenset[str]:
+    return dict(self.reads).get(kind, frozenset())
+
+
+@_memo
+def plan(km) -> Plan:
+  """The call's `Plan` (`km`: its `mod_lowering.KernelMods`)."""
+  counts, offsets, reads = (0, 0), [], []
+  for kind, closed in _jaxprs(km):
+    check = _Check(kind, counts)
+    program = lambda i, a: _Value(False, None, a)
+    tile = lambda n, a: _Value(True, None, a, name=n)
+    try:
+      outs = _walk(closed.jaxpr, closed.consts,
+                   _inputs(kind, closed, program, tile), check)
+      for out in outs:
+        if out.tile and out.data is not None:
+          check.refuse(out.data)
+        if not out.tile:
+          check.use(out)
+    except _Refused as e:
+      return Plan(str(e))
+    offsets.append((kind, counts))
+    reads.append((kind, frozenset(check.reads)))
+    counts = tuple(check.counts)
+  return Plan(None, counts, tuple(offsets), tuple(reads))
+
+
+def unsupported_reason(km) -> str | None:
+  """Why the Mosaic forward cannot evaluate the call's mods, or None."""
+  return None if km is None else plan(km).reason
+
+
+def program_rows(km, mods, batch: int, heads: int):
+  """The program values of every (batch row, query head), XLA.
+
+  Args:
+    km: the call's `mod_lowering.KernelMods` (`plan(km).reason` None).
+    mods: the call's `core.mods.Mods` (`mod_args`, offsets).
+    batch, heads: B and H of the kernel's operands.
+
+  Returns:
+    `(floats [B, H, ROW] float32, ints [B, H, ROW] int32)`, each None when
+    the mods read no such value.
+  """
+  p = plan(km)
+  leaves = jax.tree.leaves(mods.args)
+
+  def one(b, h):
+    program = _Program()
+    index = (b.reshape(1, 1, 1, 1), h.reshape(1, 1, 1, 1))
+    for kind, closed in _jaxprs(km):
+      value = lambda i, a: _Value(False, (index + tuple(leaves))[i], a)
+      tile = lambda n, a: _Value(True, None, a, name=n)
+      outs = _walk(closed.jaxpr, closed.consts,
+                   _inputs(kind, closed, value, tile), program)
+      for out in outs:
+        if not out.tile:
+          program.use(out)
+    return tuple(
+        jnp.stack([jnp.reshape(x, ()).astype(dtype) for x in values])
+        if values else jnp.zeros((0,), dtype)
+        for values, dtype in zip(program.values, (jnp.float32, jnp.int32)))
+
+  bs = jnp.arange(batch, dtype=jnp.int32) + mods.batch_offset
+  hs = jnp.arange(heads, dtype=jnp.int32) + mods.head_offset
+  rows = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(
+      bs.astype(jnp.int32), hs.astype(jnp.int32))
+  return tuple(None if n == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, ROW - n)))
+               for x, n in zip(rows, p.counts))
+
+
+class TileMods:
+  """A consumer's view of the mods in the Mosaic forward.
+
+  Args:
+    km: the call's `mod_lowering.KernelMods`.
+    scalars: `(floats, ints)`, the program's values read from its rows
+      (lists of scalars, `plan(km).counts` long).
+    shape: the tile, `(ROWS, bk)`.
+  """
+
+  def __init__(self, km, scalars, shape):
+    self.km, self.scalars, self.shape = km, scalars, shape
+    self.plan = plan(km)
+    self.jaxprs = dict(_jaxprs(km))
+
+  def _run(self, kind: str, score, q_pos, kv_pos):
+    closed = self.jaxprs[kind]
+    handler = _Kernel(dict(self.plan.offsets)[kind], self.scalars,
+                      self.shape)
+    given = {"score": score, "q_pos": q_pos, "kv_pos": kv_pos}
+    program = lambda i, a: _Value(False, None, a)
+    tile = lambda n, a: _Value(True, given[n], a, name=n)
+    (out,) = _walk(closed.jaxpr, closed.consts,
+                   _inputs(kind, closed, program, tile), handler)
+    return out.data if out.tile else handler.full(out)
+
+  def score(self, s, q_pos, kv_pos):
+    """The score_mod on a tile's natural-unit logits `s [ROWS, bk]`
+    (float32); `q_pos`, `kv_pos` int32 `[ROWS, bk]` (None where
+    `plan.reads_of("score_mod")` does not name them)."""
+    return self._run("score_mod", s, q_pos, kv_pos)
+
+  def visible(self, q_pos, kv_pos):
+    """Bool `[ROWS, bk]`: the mask_mod on the tile."""
+    return self._run("mask_mod", None, q_pos, kv_pos)
