@@ -17,7 +17,9 @@ raises clear errors. Tolerances: `helpers.tolerance` per dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
 import haiku as hk
 import jax
@@ -30,6 +32,9 @@ from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import launch as flash_launch
+from flexible_attention.kernels.flash import mod_lowering
+from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.mechanisms import registry
 import helpers
 
@@ -216,9 +221,14 @@ def test_flash_mods_match_the_reference():
 def test_flash_mods_compiled_on_a_gpu():
   """The same battery through flash's compiled Triton kernels, bfloat16
   inputs (without bias and dropout, as `test_mods_in_bfloat16`): out, lse
-  and the gradients of q, k, v, sinks and the [H] / [B] mod_args."""
+  and the gradients of q, k, v, sinks and the [H] / [B] mod_args. Then
+  the mods the Mosaic GPU forward evaluates (on Hopper the policy picks it;
+  asserted) with the Triton backward, over several 128-row tiles
+  (`_check_mosaic_forward_mods`)."""
   _check("flash-gpu-bf16", S_ODD, _module_fn("flash", dropout=False), False,
          jnp.bfloat16, dropout=False)
+  for name in ("alibi", "both", "static"):
+    _check_mosaic_forward_mods(name)
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -755,3 +765,267 @@ def test_flash_mask_mod_reading_mod_args_derives_no_table():
                        (jnp.asarray([4, 40], jnp.int32),))
   for row in bounds:
     np.testing.assert_array_equal(row, [[0, 4, 4, 4]] * 4)
+
+
+# --- The Mosaic GPU forward's mods (Hopper) ----------------------------------
+
+# Mods whose mod_args reads are per program (one batch row, one head): the
+# Mosaic forward evaluates them (`kernels/flash/mosaic_mods.py`).
+
+
+def _hopper_score_mod(score, batch, head, q_pos, kv_pos, slopes, scale,
+                      prefix):
+  """A soft clamp of the score times scale[batch], minus ALiBi's
+  slopes[head] * |q_pos - kv_pos|."""
+  del prefix
+  return (20.0 * jnp.tanh(score * scale[batch] / 20.0)
+          - slopes[head] * jnp.abs(q_pos - kv_pos))
+
+
+def _hopper_mask_mod(batch, head, q_pos, kv_pos, slopes, scale, prefix):
+  """Prefix-LM (prefix[batch]) and a head-dependent hole: a query with
+  (head + q_pos) % 5 == 0 sees only the prefix's keys after it (none past
+  the prefix: zeros, lse -inf)."""
+  del slopes, scale
+  return (((kv_pos < prefix[batch]) | (kv_pos <= q_pos))
+          & (((head + q_pos) % 5 != 0) | (kv_pos > q_pos)))
+
+
+def _hopper_mod_args():
+  rng = helpers.rng_for("hopper-mods")
+  return (jnp.asarray(fa.alibi_slopes(H)),
+          jnp.asarray(1.0 + 0.2 * rng.standard_normal(B), jnp.float32),
+          jnp.asarray([40, 150], jnp.int32))
+
+
+def _every_primitive(score, batch, head, q_pos, kv_pos, slopes, scale,
+                     prefix):
+  """Every primitive of `mosaic_mods.TILE_PRIMITIVES` on the tile (int32,
+  float32, bool), float, int and bool values of the program."""
+  lax = jax.lax
+  i = lax.abs(lax.sub(q_pos, kv_pos))
+  i = lax.rem(lax.div(lax.add(lax.mul(i, 3), 1), 2), 7)
+  i = lax.clamp(0, lax.min(lax.max(i, prefix[batch]), 50), 40)
+  i = lax.neg(i)
+  i = lax.sign(i) + lax.integer_pow(i, 2) + lax.square(i)
+  i = (lax.shift_left(i, 1) + lax.shift_right_arithmetic(i, 1)
+       + lax.shift_right_logical(i, 2))
+  i = lax.bitwise_not(lax.bitwise_xor(i, 3))
+  c = lax.bitwise_and(q_pos >= kv_pos, lax.bitwise_not(kv_pos > q_pos + 99))
+  c = lax.bitwise_xor(lax.bitwise_or(c, i == 0), i != 1)
+  c = c | (i < -3) | (i <= -5) | (head < 1)
+  f = lax.convert_element_type(i, jnp.float32) * 1e-3
+  x = score * slopes[head] / 2.0 + lax.exp(f) + lax.exp2(f) + lax.log(
+      lax.abs(f) + 1.0) + lax.tanh(score) + lax.logistic(score)
+  x = jnp.where(c, x, -1e9)
+  x = lax.min(lax.max(x, -1e8), 1e8) + lax.sign(x) + lax.square(x) * 1e-3
+  x = lax.clamp(-1e4, lax.div(lax.neg(x), scale[batch]), 1e4)
+  return x + lax.integer_pow(lax.abs(x), 3) * 0.0 + lax.convert_element_type(
+      lax.convert_element_type(x, jnp.int32), jnp.float32) * 1e-6
+
+
+def _static_mask_mod(batch, head, q_pos, kv_pos, *args):
+  """Two 128-position blocks, and every query sees the first 8 keys."""
+  del batch, head, args
+  return (q_pos // 128 == kv_pos // 128) | (kv_pos < 8)
+
+
+MOSAIC_MODS = {  # name: (score_mod, mask_mod, structure)
+    "alibi": (lambda s, b, h, q, k, sl, *_: fa.alibi_score_mod(
+        s, b, h, q, k, sl), None, dict(causal=True)),
+    "prefix_lm": (None, lambda b, h, q, k, sl, sc, pre: fa.prefix_lm_mask_mod(
+        b, h, q, k, pre), {}),
+    "static": (None, _static_mask_mod, dict(causal=True)),
+    "both": (_hopper_score_mod, _hopper_mask_mod, dict(sliding_window=200)),
+    "every_primitive": (_every_primitive, _hopper_mask_mod, {}),
+}
+
+
+def _hopper_call(name, q, k, v, mod_args, **options):
+  score_mod, mask_mod, call = MOSAIC_MODS[name]
+  return inputs_lib.canonicalize(q, k, v, score_mod=score_mod,
+                                 mask_mod=mask_mod, mod_args=mod_args,
+                                 **call, **options)
+
+
+def _backends(inputs, **options):
+  """`(fwd_backend, dkv_backend)` that `prepare` picks for a call."""
+  launches = []
+  jax.eval_shape(lambda: launches.append(flash_kernel.prepare(
+      inputs, sm_scale=0.125, **options).static.launch))
+  return launches[0].fwd_backend, launches[0].dkv_backend
+
+
+@pytest.mark.parametrize("name", ["alibi", "prefix_lm", "static",
+                                  "every_primitive"])
+def test_mosaic_forward_with_mods_lowers_for_cuda(name, monkeypatch):
+  """On Hopper the policy gives these mods the Mosaic forward, which lowers
+  through Mosaic GPU (every primitive it allows among them); ALiBi's
+  gradient program holds it and the Triton dK/dV and dQ kernels."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  q = jax.ShapeDtypeStruct((B, 200, H, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, 328, HKV, 64), jnp.bfloat16)
+  args = _hopper_mod_args()
+  grad = name == "alibi"
+
+  def loss(q, k, v, args):
+    out = flash_kernel.flash_attention(_hopper_call(name, q, k, v, args),
+                                       sm_scale=0.125).out
+    return jnp.sum(out.astype(jnp.float32))
+
+  fn = jax.grad(loss, (0, 1, 2)) if grad else loss
+  text = helpers.lower_for_cuda(fn, q, kv, kv, args)
+  targets = re.findall(r"custom_call @\"?([\w$.]+)", text)
+  kinds = sorted("mosaic" if "mosaic_gpu" in t else
+                 "triton" if "triton" in t else t for t in targets)
+  assert kinds == (["mosaic", "triton", "triton"] if grad else ["mosaic"]), (
+      targets)
+
+
+@pytest.mark.parametrize("name,mod_kind,mod,arg,backends", [
+    ("alibi", "score_mod", fa.alibi_score_mod, jnp.ones((H,)), "mosaic"),
+    ("prefix_lm", "mask_mod", fa.prefix_lm_mask_mod,
+     jnp.ones((B,), jnp.int32), "mosaic"),
+    ("static", "mask_mod", lambda b, h, q, k, _: q >= k, None, "mosaic"),
+    ("t5", "score_mod", _T5, jnp.ones((8, H)), "triton"),
+    ("documents", "mask_mod", fa.document_mask_mod,
+     jnp.ones((B, 256), jnp.int32), "triton"),
+])
+def test_policy_gives_per_program_mods_the_mosaic_forward(
+    name, mod_kind, mod, arg, backends, monkeypatch):
+  """`choose_launch` on Hopper: the Mosaic forward for mods that read
+  mod_args per program, Triton's for per-element reads (T5's buckets,
+  document ids); the dK/dV kernel is Triton's with any mod."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  q = jnp.zeros((B, 256, H, 64), jnp.bfloat16)
+  mod_args = (jnp.zeros((1,)) if arg is None else arg,)
+  inputs = inputs_lib.canonicalize(q, q, q, mod_args=mod_args,
+                                   **{mod_kind: mod})
+  kernel_mods = mod_lowering.kernel_mods(inputs.mods, H)
+  launch = flash_launch.choose_launch(
+      dtype=jnp.bfloat16, head_dim=64, value_dim=64, q_len=256, kv_len=256,
+      causal=False, bias=False, mask=False, dropout=False, precision=None,
+      interpret=False, block_sizes=None, launch=None, float32_results=False,
+      mods=kernel_mods)
+  assert (launch.fwd_backend, launch.dkv_backend) == (backends, "triton")
+  reason = mosaic_mods.unsupported_reason(kernel_mods)
+  assert (reason is None) == (backends == "mosaic"), reason
+
+
+@pytest.mark.parametrize("mod_kind,mod,arg,match", [
+    ("score_mod", _T5, jnp.ones((8, H)),
+     r"its score_mod indexes mod_args per element .*table\[bucket, head\]"),
+    ("mask_mod", fa.document_mask_mod, jnp.ones((B, 256), jnp.int32),
+     r"its mask_mod indexes mod_args per element"),
+    ("score_mod", lambda s, b, h, q, k, sl: s + jnp.sin(s), jnp.ones((H,)),
+     r"its score_mod uses the primitive 'sin' per element"),
+    ("score_mod", lambda s, b, h, q, k, sl: jnp.fmod(s, sl[h]),
+     jnp.ones((H,)), r"its score_mod uses 'rem' on floats"),
+])
+def test_explicit_mosaic_forward_refuses_mods_naming_the_reason(
+    mod_kind, mod, arg, match):
+  """`LaunchConfig(fwd_backend="mosaic")` for a mod it cannot evaluate is
+  an error naming why (never a silent Triton forward)."""
+  launch = dataclasses.replace(
+      flash_kernel.default_launch_config(64, False, 9.0),
+      fwd=flash_kernel.mosaic_launch(64), fwd_backend="mosaic")
+  q = jnp.zeros((B, 256, H, 64), jnp.bfloat16)
+  inputs = inputs_lib.canonicalize(q, q, q, mod_args=(arg,),
+                                   **{mod_kind: mod})
+  with pytest.raises(ValueError, match=r"fwd_backend='mosaic' cannot serve "
+                     r"this call: " + match):
+    _backends(inputs, launch=launch)
+
+
+def test_mosaic_mods_evaluator_computes_the_mods():
+  """The Mosaic forward's evaluator (`mosaic_mods.TileMods`: the program
+  part through `program_rows`, the tile part on `[64, 128]` tiles) run on
+  plain arrays equals the mods on the whole call (`core.mods.Mods`), for
+  every (batch row, head) and any positions."""
+  rng = helpers.rng_for("evaluator")
+  s = jnp.asarray(rng.normal(size=(B, H, 64, 128)) * 3, jnp.float32)
+  q_pos = jnp.asarray(rng.integers(0, 300, (B, 64)), jnp.int32)
+  kv_pos = jnp.asarray(rng.integers(0, 300, (B, 128)), jnp.int32)
+
+  def program(km, floats, ints, s, q_pos, kv_pos):  # One (batch row, head).
+    counts = mosaic_mods.plan(km).counts
+    scalars = [tuple(r[:n]) for r, n in zip((floats, ints), counts)]
+    tile = mosaic_mods.TileMods(km, scalars, s.shape)
+    qp = jnp.broadcast_to(q_pos[:, None], s.shape)
+    kp = jnp.broadcast_to(kv_pos[None, :], s.shape)
+    return tile.score(s, qp, kp), tile.visible(qp, kp)
+
+  @jax.jit
+  def got_and_want(mod_args, s, q_pos, kv_pos):
+    q = jnp.zeros((B, 300, H, 8))
+    mods = _hopper_call("every_primitive", q, q, q, mod_args).mods
+    km = mod_lowering.kernel_mods(mods, H)
+    assert mosaic_mods.plan(km).reason is None, mosaic_mods.plan(km).reason
+    rows = [jnp.zeros((B, H, mosaic_mods.ROW)) if r is None else r
+            for r in mosaic_mods.program_rows(km, mods, B, H)]
+    heads = jax.vmap(functools.partial(program, km), (0, 0, 0, None, None))
+    return (jax.vmap(heads)(*rows, s, q_pos, kv_pos),
+            (mods.score(s, q_pos, kv_pos),
+             jnp.broadcast_to(mods.visible(B, H, q_pos, kv_pos), s.shape)))
+
+  (got_s, got_keep), (want_s, want_keep) = got_and_want(
+      _hopper_mod_args(), s, q_pos, kv_pos)
+  np.testing.assert_allclose(got_s, want_s, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got_keep, want_keep)
+
+
+ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
+
+
+def _check_mosaic_forward_mods(name):
+  """`MOSAIC_MODS[name]` through flash's default launches on a GPU
+  (bfloat16, Sq = 260 < Sk = 328: bottom-right positions, padded tiles,
+  grouped heads, soft cap): out, lse (-inf rows included) and the gradients
+  of q, k, v, the [H] slopes and the [B] scale against the float32
+  reference. On Hopper the forward must be the Mosaic GPU kernel."""
+  rng = helpers.rng_for("mosaic-forward-mods", name)
+  q, k, v = (x.astype(jnp.bfloat16) for x in helpers.random_qkv(
+      rng, B, 260, 328, H, HKV, 64))
+  slopes, scale, prefix = _hopper_mod_args()
+  cap = 30.0
+  if ON_HOPPER:
+    assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix)),
+                     softcap=cap) == ("mosaic", "triton"), name
+
+  def flash(q, k, v, slopes, scale):
+    result = flash_kernel.flash_attention(
+        _hopper_call(name, q, k, v, (slopes, scale, prefix)),
+        sm_scale=0.125, softcap=cap)
+    return result.out, result.lse
+
+  def ref(q, k, v, slopes, scale):
+    record = _hopper_call(name, q, k, v, (slopes, scale, prefix))
+    result = reference.reference_attention(
+        record.query, record.key, record.value, None, record.visibility,
+        sm_scale=0.125, softcap=cap, mods=record.mods)
+    return result.out, result.lse
+
+  def value_and_grads(f, *args):
+    def loss(*args):
+      out, lse = f(*args)
+      finite = jnp.where(jnp.isneginf(lse), 0.0, lse)
+      return (jnp.sum(out.astype(jnp.float32) * jnp.cos(out)) +
+              jnp.sum(jnp.sin(finite)), (out, lse))
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(
+        loss, (0, 1, 2, 3, 4), has_aux=True))(*args)
+    return out, lse, grads
+
+  out, lse, grads = value_and_grads(flash, q, k, v, slopes, scale)
+  f32 = lambda x: x.astype(jnp.float32)
+  want_out, want_lse, want_grads = value_and_grads(ref, f32(q), f32(k),
+                                                   f32(v), slopes, scale)
+  what = f"mosaic forward {name}"
+  helpers.assert_close(out, want_out, jnp.bfloat16, f"{what}: out")
+  empty = np.isneginf(np.asarray(want_lse))
+  np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
+  helpers.assert_close(jnp.where(empty, 0.0, lse),
+                       jnp.where(empty, 0.0, want_lse), jnp.bfloat16,
+                       f"{what}: lse")
+  for n, got, want in zip(("dq", "dk", "dv", "dslopes", "dscale"), grads,
+                          want_grads):
+    helpers.assert_close(got, want, jnp.bfloat16, f"{what}: {n}")
