@@ -25,7 +25,11 @@ float32 reference (`core/reference.py`, with the mod or the dense bias /
 mask) on the first batch row and `--check_heads` heads (heads and rows
 are independent, so this bounds the reference's memory); a variant off by
 more than bf16's tolerance is not timed. The variants of a cell are then
-timed round-robin (`timing.median_seconds_each`). `--smoke`: tiny shapes
+timed round-robin (`timing.median_seconds_each`). Each flash variant runs
+the default launch policy; `fwd_backend` records which forward kernel its
+program holds (`mosaic`: the Mosaic GPU forward, which on Hopper evaluates
+ALiBi and the prefix-LM mask_mod itself; `triton`), read off the lowered
+program's kernels. `--smoke`: tiny shapes
 in Pallas' interpreter, flash only, no timing (a CPU check of the script).
 """
 
@@ -148,6 +152,14 @@ def _part(x, heads, axis):
   return x
 
 
+def _forward_backend(forward, *args) -> str:
+  """Which kernel serves a jitted flash forward: `mosaic` (Mosaic GPU) or
+  `triton`, from the custom calls of its lowered program."""
+  text = forward.lower(*args).as_text()
+  return ("mosaic" if "mosaic_gpu" in text else
+          "triton" if "triton" in text else "interpreted")
+
+
 def _measure(s: int, h: int, d: int, tokens: int) -> dict:
   b = max(1, tokens // s)
   keys = jax.random.split(jax.random.key(0), 4)
@@ -164,7 +176,8 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
         lambda q, k, v: ref(q, k, v, _part(ref_extra, n, 1)),
         part(q), part(k), part(v))
     want = (want_out, *want_vjp(part(dout)))
-    row = dict(S=s, B=b, H=h, D=d, error={}, fwd_ms={}, fwd_bwd_ms={})
+    row = dict(S=s, B=b, H=h, D=d, error={}, fwd_ms={}, fwd_bwd_ms={},
+               fwd_backend={})
     calls = []
     for name, (attend, extra) in variants.items():
       if _SMOKE.value and not name.startswith("flash"):
@@ -178,6 +191,8 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
       except Exception as e:  # pylint: disable=broad-except
         row["error"][name] = f"{type(e).__name__}: {str(e)[:300]}"
         continue
+      if name.startswith("flash"):
+        row["fwd_backend"][name] = _forward_backend(forward, q, k, v, extra)
       if name.endswith("plain"):  # Its own reference: plain causal.
         error = None
       else:
@@ -248,14 +263,16 @@ def main(argv):
       base = row["fwd_bwd_ms"].get("flash_plain")
       print(f"\n{cell}, S = {row['S']}, B = {row['B']} "
             f"(pairs over causal {row['pairs_over_causal']:.3f})")
-      print("| variant | fwd | fwd+bwd | flash_plain's fwd+bwd over it |")
-      print("|---|---|---|---|")
+      print("| variant | forward kernel | fwd | fwd+bwd | flash_plain's "
+            "fwd+bwd over it |")
+      print("|---|---|---|---|---|")
       for name in row["error"]:
+        kernel = row["fwd_backend"].get(name, "-")
         f, fb = row["fwd_ms"].get(name), row["fwd_bwd_ms"].get(name)
         if fb is None:
-          print(f"| {name} | - | - | {row['error'][name]} |")
+          print(f"| {name} | {kernel} | - | - | {row['error'][name]} |")
           continue
-        print(f"| {name} | {f:.3f} | {fb:.3f} | "
+        print(f"| {name} | {kernel} | {f:.3f} | {fb:.3f} | "
               f"{base / fb if base else float('nan'):.3f} |")
 
 
