@@ -15,7 +15,9 @@ Two backends, neither importing the other, under one launch policy:
   `interpret=True`, how CI runs them on CPU);
 - `mosaic_common`, `mosaic_fwd`, `mosaic_bwd`: Mosaic GPU kernels for
   Hopper (TMA, warp-specialised `wgmma`), the forward and dK/dV of the calls
-  they serve;
+  they serve; `mosaic_mods`: the score / mask mods the Mosaic forward
+  evaluates (`mod_args` read per program), `mod_lowering` and `mod_tables`:
+  the Triton kernels' mods and the mask_mod's tile tables;
 - `launch`: the launch records, the per-GPU defaults, the checks, and which
   backend serves each kernel of a call (its docstring says which path
   serves what);
