@@ -472,8 +472,10 @@ LOWERED = {  # name: (mod kind, mod, arg, gradients, call)
 @pytest.mark.parametrize("name", sorted(LOWERED))
 def test_flash_mods_lower_to_triton_for_cuda(name, monkeypatch):
   """The compiled path: forward and backward kernels with the mod lower
-  through Pallas' Triton lowering (bf16, D = 64), on Hopper too (mods take
-  the Triton kernels, never the Mosaic ones); T5 forward only."""
+  through Pallas' Triton lowering (bf16, D = 64), on Hopper too (64
+  queries: shorter than the Mosaic forward's tile, so every kernel is
+  Triton's; longer calls: test_mosaic_forward_with_mods_lowers_for_cuda);
+  T5 forward only."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   kind, mod, arg, grad, call = LOWERED[name]
   q = jnp.ones((B, 64, H, 64), jnp.bfloat16)

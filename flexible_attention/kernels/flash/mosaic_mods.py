@@ -312,19 +312,26 @@ def _jaxprs(km) -> tuple[tuple[str, Any], ...]:
                if getattr(km, kind) is not None)
 
 
-def _inputs(kind: str, closed, program, tile):
-  """The walk's inputs in the mod's order: score (score_mod only), batch,
-  head, q_pos, kv_pos, the leaves; `tile(name, aval)` makes the score's
-  and positions', `program(i, aval)` the others' (i: 0 batch, 1 head,
-  2 + j leaf j)."""
+def _run(kind: str, closed, handler, program=(), tiles=None) -> _Value:
+  """Walks one mod with `handler`; its inputs in the mod's order: score
+  (score_mod only), batch, head, q_pos, kv_pos, the leaves, with data
+  `program` (batch, head, the leaves; empty: None) and `tiles` (by name;
+  None: None). Returns its output; one of the program part is one the tile
+  part reads (`handler.use`)."""
   avals = [v.aval for v in closed.jaxpr.invars]
   names = (("score",) if kind == "score_mod" else ()) + (
       "batch", "head", "q_pos", "kv_pos")
-  values = [program(("batch", "head").index(n), a)
-            if n in ("batch", "head") else tile(n, a)
+  program = list(program) or [None] * (len(avals) - len(names) + 2)
+  values = [_Value(False, program[("batch", "head").index(n)], a)
+            if n in ("batch", "head") else
+            _Value(True, (tiles or {}).get(n), a, name=n)
             for n, a in zip(names, avals)]
-  return values + [program(2 + i, a)
-                   for i, a in enumerate(avals[len(names):])]
+  values += [_Value(False, x, a)
+             for x, a in zip(program[2:], avals[len(names):])]
+  (out,) = _walk(closed.jaxpr, closed.consts, values, handler)
+  if not out.tile:
+    handler.use(out)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,16 +361,10 @@ def plan(km) -> Plan:
   counts, offsets, reads = (0, 0), [], []
   for kind, closed in _jaxprs(km):
     check = _Check(kind, counts)
-    program = lambda i, a: _Value(False, None, a)
-    tile = lambda n, a: _Value(True, None, a, name=n)
     try:
-      outs = _walk(closed.jaxpr, closed.consts,
-                   _inputs(kind, closed, program, tile), check)
-      for out in outs:
-        if out.tile and out.data is not None:
-          check.refuse(out.data)
-        if not out.tile:
-          check.use(out)
+      out = _run(kind, closed, check)
+      if out.tile and out.data is not None:
+        check.refuse(out.data)
     except _Refused as e:
       return Plan(str(e))
     offsets.append((kind, counts))
@@ -396,13 +397,7 @@ def program_rows(km, mods, batch: int, heads: int):
     program = _Program()
     index = (b.reshape(1, 1, 1, 1), h.reshape(1, 1, 1, 1))
     for kind, closed in _jaxprs(km):
-      value = lambda i, a: _Value(False, (index + tuple(leaves))[i], a)
-      tile = lambda n, a: _Value(True, None, a, name=n)
-      outs = _walk(closed.jaxpr, closed.consts,
-                   _inputs(kind, closed, value, tile), program)
-      for out in outs:
-        if not out.tile:
-          program.use(out)
+      _run(kind, closed, program, index + tuple(leaves))
     return tuple(
         jnp.stack([jnp.reshape(x, ()).astype(dtype) for x in values])
         if values else jnp.zeros((0,), dtype)
@@ -435,11 +430,8 @@ class TileMods:
     closed = self.jaxprs[kind]
     handler = _Kernel(dict(self.plan.offsets)[kind], self.scalars,
                       self.shape)
-    given = {"score": score, "q_pos": q_pos, "kv_pos": kv_pos}
-    program = lambda i, a: _Value(False, None, a)
-    tile = lambda n, a: _Value(True, given[n], a, name=n)
-    (out,) = _walk(closed.jaxpr, closed.consts,
-                   _inputs(kind, closed, program, tile), handler)
+    out = _run(kind, closed, handler,
+               tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
     return out.data if out.tile else handler.full(out)
 
   def score(self, s, q_pos, kv_pos):
