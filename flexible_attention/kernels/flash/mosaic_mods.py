@@ -47,7 +47,10 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from flexible_attention.kernels.flash import mod_lowering
+from flexible_attention.kernels.flash.mod_lowering import CALLS
+from flexible_attention.kernels.flash.mod_lowering import KernelMods
+from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
+from flexible_attention.kernels.flash.mod_lowering import sub_jaxpr
 
 TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
 ROW = 32  # Program values per row: 128 bytes, one TMA copy.
@@ -115,8 +118,8 @@ def _walk(jaxpr, consts, args, handler):
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
     out_aval = eqn.outvars[0].aval if eqn.outvars else None
-    if eqn.primitive.name in mod_lowering.CALLS:
-      sub, sub_consts = mod_lowering.sub_jaxpr(eqn)
+    if eqn.primitive.name in CALLS:
+      sub, sub_consts = sub_jaxpr(eqn)
       outs = _walk(sub, sub_consts, ins, handler)
     elif any(x.tile for x in ins):
       outs = [_Value(True, handler.tile(eqn, ins), out_aval)]
@@ -307,7 +310,7 @@ def _memo(fn):
 @_memo
 def _jaxprs(km) -> tuple[tuple[str, Any], ...]:
   """`(kind, closed jaxpr on TILE)` of each mod the call has."""
-  return tuple((kind, mod_lowering.make_jaxpr(km, kind, TILE))
+  return tuple((kind, make_jaxpr(km, kind, TILE))
                for kind in ("score_mod", "mask_mod")
                if getattr(km, kind) is not None)
 
@@ -357,7 +360,7 @@ class Plan:
 
 @_memo
 def plan(km) -> Plan:
-  """The call's `Plan` (`km`: its `mod_lowering.KernelMods`)."""
+  """The call's `Plan` (`km`: its `KernelMods`)."""
   counts, offsets, reads = (0, 0), [], []
   for kind, closed in _jaxprs(km):
     check = _Check(kind, counts)
@@ -382,7 +385,7 @@ def program_rows(km, mods, batch: int, heads: int):
   """The program values of every (batch row, query head), XLA.
 
   Args:
-    km: the call's `mod_lowering.KernelMods` (`plan(km).reason` None).
+    km: the call's `KernelMods` (`plan(km).reason` None).
     mods: the call's `core.mods.Mods` (`mod_args`, offsets).
     batch, heads: B and H of the kernel's operands.
 
@@ -415,7 +418,7 @@ class TileMods:
   """A consumer's view of the mods in the Mosaic forward.
 
   Args:
-    km: the call's `mod_lowering.KernelMods`.
+    km: the call's `KernelMods`.
     scalars: `(floats, ints)`, the program's values read from its rows
       (lists of scalars, `plan(km).counts` long).
     shape: the tile, `(ROWS, bk)`.
