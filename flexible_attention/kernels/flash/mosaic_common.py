@@ -31,6 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
+from flexible_attention.kernels.flash.structure import LOG2E
 
 ROWS = 64  # Query rows per consumer warpgroup: wgmma's M.
 CONSUMERS = 2
@@ -159,6 +160,32 @@ def visible(st, q_vec: dict, kv_vec: dict):
       kv_seg=kv_vec.get("kv_seg"))
 
 
+
+
+def probabilities(st, s, lse, visible):
+  """`(p, dcap)` of a score tile (or a transposed one): `p = exp(s - lse)`,
+  0 where not `visible` (None: all are), and the soft cap's derivative
+  `dcap` (None without a cap). `s` is the raw `q k^T`, `lse` the rows'
+  log-sum-exp in base 2, broadcast to the tile."""
+  dcap = None
+  scale = st.sm_scale * LOG2E
+  if st.softcap is not None:
+    t = jnp.tanh(s * (st.sm_scale / st.softcap))
+    s, scale = (st.softcap * LOG2E) * t, 1.0
+    dcap = 1.0 - t * t
+  p = jnp.exp2(s * scale - lse)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  return p, dcap
+
+
+def score_grads(st, p, dcap, dp_minus_delta, dtype):
+  """`ds` of a tile in `dtype`: `p (dp - delta)`, through the soft cap,
+  times the softmax scale (the Triton kernels' `ds`)."""
+  ds = p * dp_minus_delta
+  if dcap is not None:
+    ds = ds * dcap
+  return (ds * st.sm_scale).astype(dtype)
 
 
 def stacked_vectors(st, aux, batch: int, q_len: int):
