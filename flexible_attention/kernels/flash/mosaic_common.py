@@ -24,9 +24,12 @@ Glossary of shapes:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
@@ -186,6 +189,82 @@ def score_grads(st, p, dcap, dp_minus_delta, dtype):
   if dcap is not None:
     ds = ds * dcap
   return (ds * st.sm_scale).astype(dtype)
+
+
+def meet(sched):
+  """Both consumers meet at `sched`: the ping-pong of FlashAttention-3 (one
+  consumer's matmuls run while the other computes on its registers)."""
+  plgpu.barrier_arrive(sched)
+  plgpu.barrier_wait(sched)
+
+
+def query_vectors(st, qvec_ref, qvec_smem, ready, batch, wg, rows, shape):
+  """Consumer `wg`'s query structure vectors (`st.vectors()[0]`) of batch
+  row `batch`, its `ROWS` rows from `rows` on, each broadcast to a `shape`
+  tile; read through its shared-memory rows `qvec_smem.at[wg]` (`[Nq,
+  ROWS]`) and barrier `ready.at[wg]`."""
+  q_names = st.vectors()[0]
+  if not q_names:
+    return {}
+  plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
+                          qvec_smem.at[wg], ready.at[wg])
+  plgpu.barrier_wait(ready.at[wg])
+  return {name: lax.broadcast_in_dim(
+      load_vector(qvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1)), shape,
+      [0]) for n, name in enumerate(q_names)}
+
+
+def key_vectors(st, kvvec_smem, slot, names, shape):
+  """The key structure vectors `names` of the key tile in `slot` of the
+  stream (`kvvec_smem`: `[STAGES, Nk, bk]`), each broadcast to a `shape`
+  tile."""
+  kv_names = st.vectors()[1]
+  return {name: lax.broadcast_in_dim(
+      load_vector(kvvec_smem.at[slot, kv_names.index(name)],
+                  plgpu.Layout.WGMMA.reduce(0)), shape, [1])
+          for name in names}
+
+
+def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
+                lo, hi):
+  """The producer warpgroup of a program over one query tile (the forward,
+  dQ): streams key tiles `[lo, hi)` of K, V and the keys' structure vectors
+  of the program's batch row and KV head (query head // G) into `STAGES`
+  slots, `t`'s into slot `(t - lo) % STAGES`, refilling a slot once both
+  consumers freed its K and its V.
+
+  Args:
+    smem: `(k [STAGES, bk, Dp], v [STAGES, bk, Dp], kv vectors [STAGES, Nk,
+      bk])` in shared memory.
+    ready: their barriers `(k, v, kv vectors)`, `STAGES` each.
+    free: `(k, v)`, `STAGES` barriers of `CONSUMERS` arrivals each.
+  """
+  k_smem, v_smem, kvvec_smem = smem
+  k_ready, v_ready, kvvec_ready = ready
+  k_free, v_free = free
+  plgpu.set_max_registers(40, action="decrease")
+  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
+
+  def load(t, slot):
+    keys = pl.ds(t * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
+                            k_ready.at[slot])
+    plgpu.copy_gmem_to_smem(kvvec_ref.at[batch, :, keys],
+                            kvvec_smem.at[slot], kvvec_ready.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot],
+                            v_ready.at[slot])
+
+  for slot in range(STAGES):
+    pl.when(lo + slot < hi)(functools.partial(load, lo + slot, slot))
+
+  def refill(t, _):
+    slot = lax.rem(t - lo, STAGES)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+    load(t, slot)
+
+  lax.fori_loop(lo + STAGES, hi, refill, None)
 
 
 def stacked_vectors(st, aux, batch: int, q_len: int):
