@@ -114,6 +114,29 @@ def dkv_block_k(head_dim: int) -> int:
   return ROWS if head_dim >= SPLIT_HEAD_DIM else BLOCK_Q
 
 
+def dq_block_k(head_dim: int) -> int:
+  """The key tile of the dQ kernel (`mosaic_dq`) per padded head size: 128
+  at Dp = 64, 64 above (`wgmma` reads K tiles of at least 64 keys). Its
+  consumers hold a float32 `[64, Dp]` dQ and two `[64, bk]` score tiles
+  (`s`, `dp`) in registers, the program q and dO beside `STAGES` slots of K
+  and V in shared memory (the budget is in `mosaic_dq`'s docstring; not yet
+  measured on a GPU)."""
+  return 128 if head_dim <= 64 else 64
+
+
+def dq_reason(head_dim: int) -> str | None:
+  """Why the dQ kernel (`mosaic_dq`) cannot serve a padded head size, or
+  None: at Dp = 256 q and dO (128 KiB) and two slots of 64-key K and V
+  tiles (128 KiB) exceed the 227 KiB of shared memory a block has, and
+  dQ, `s` and `dp` 208 of a consumer thread's 232 registers."""
+  if head_dim >= SPLIT_HEAD_DIM:
+    return (f"its dQ kernel takes padded head sizes below {SPLIT_HEAD_DIM}, "
+            f"got {head_dim} (q, dO and two slots of K and V would take 256 "
+            f"KiB of the 227 KiB of shared memory a block has); use "
+            f"dq_backend='triton' there")
+  return None
+
+
 def fused_dq_reason(head_dim: int) -> str | None:
   """Why the dK/dV kernel cannot also compute dQ (the fused backward,
   `LaunchConfig.atomic_dq`) at a padded head size, or None.
