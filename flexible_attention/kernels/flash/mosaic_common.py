@@ -1,18 +1,20 @@
 """What flash's Mosaic GPU (Hopper) kernels share: tiles, operands, masking.
 
-The forward (`mosaic_fwd`) and the dK/dV kernel (`mosaic_bwd`) are written
-for sm_90 the way FlashAttention-3 describes it (Shah et al., 2024,
-https://arxiv.org/abs/2407.08608): a producer warpgroup streams tiles into
+The forward (`mosaic_fwd`), the dK/dV kernel (`mosaic_bwd`) and the dQ
+kernel (`mosaic_dq`) are written for sm_90 the way FlashAttention-3
+describes it (Shah et al., 2024, https://arxiv.org/abs/2407.08608): a producer warpgroup streams tiles into
 shared memory with TMA, two consumer warpgroups of `ROWS` rows run
 asynchronous `wgmma`s. This module holds their fixed tiles (which the launch
-policy reads), `unsupported_reason` and `fused_dq_reason` (what they
-cannot serve), and the pieces
-both kernels use: the swizzled shared-memory layout, the stacked structure
-vectors and the structured mask of a tile (`masks.pair_visible`, the
-library's one mask rule).
+policy reads), `unsupported_reason`, `fused_dq_reason` and `dq_reason`
+(what they cannot serve), and the pieces they share: the swizzled
+shared-memory layout, the stacked structure vectors and the structured mask
+of a tile (`masks.pair_visible`, the library's one mask rule), a score
+tile's `p` and `ds`, and what the forward and dQ kernels (both over one
+query tile) do alike: the producer that streams K and V, the consumers'
+structure vectors and their ping-pong barrier.
 
 Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
-that both kernels lower for every structure they serve, and the GPU machine
+that the kernels lower for every structure they serve, and the GPU machine
 runs them against the reference (benchmarks/flash_notes.md).
 
 Glossary of shapes:
