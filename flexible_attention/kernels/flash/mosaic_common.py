@@ -2,16 +2,16 @@
 
 The forward (`mosaic_fwd`), the dK/dV kernel (`mosaic_bwd`) and the dQ
 kernel (`mosaic_dq`) are written for sm_90 the way FlashAttention-3
-describes it (Shah et al., 2024, https://arxiv.org/abs/2407.08608): a producer warpgroup streams tiles into
-shared memory with TMA, two consumer warpgroups of `ROWS` rows run
-asynchronous `wgmma`s. This module holds their fixed tiles (which the launch
-policy reads), `unsupported_reason`, `fused_dq_reason` and `dq_reason`
-(what they cannot serve), and the pieces they share: the swizzled
-shared-memory layout, the stacked structure vectors and the structured mask
-of a tile (`masks.pair_visible`, the library's one mask rule), a score
-tile's `p` and `ds`, and what the forward and dQ kernels (both over one
-query tile) do alike: the producer that streams K and V, the consumers'
-structure vectors and their ping-pong barrier.
+describes it (Shah et al., 2024, https://arxiv.org/abs/2407.08608): a
+producer warpgroup streams tiles into shared memory with TMA, two consumer
+warpgroups of `ROWS` rows run asynchronous `wgmma`s. This module holds their
+fixed tiles (which the launch policy reads), `unsupported_reason`,
+`fused_dq_reason` and `dq_reason` (what they cannot serve), and the pieces
+they share: the swizzled shared-memory layout, the stacked structure vectors
+and the structured mask of a tile (`masks.pair_visible`, the library's one
+mask rule), a score tile's `p` and `ds`, and what the forward and dQ kernels
+(both over one query tile) do alike: the producer that streams K and V, the
+consumers' structure vectors and their ping-pong barrier.
 
 Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
 that the kernels lower for every structure they serve, and the GPU machine
@@ -248,6 +248,48 @@ def key_vectors(st, kvvec_smem, slot, names, shape):
       load_vector(kvvec_smem.at[slot, kv_names.index(name)],
                   plgpu.Layout.WGMMA.reduce(0)), shape, [1])
           for name in names}
+
+
+def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int):
+  """Where a program over one query tile (the forward, dQ) is: `(tile,
+  batch, head, wg, (lo, flo, fhi, hi))`, its query tile (the last first:
+  heavy causal rows first), batch row, head, this warpgroup and the tile's
+  bounds, which every warpgroup reads through its own shared-memory row
+  (`bounds_ref`: `[B, nq, BOUNDS_ROW]`)."""
+  tile = nq - 1 - lax.axis_index("q")
+  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  wg = lax.axis_index("wg")
+  bounds = read_row(bounds_ref.at[batch, tile], bounds_smem.at[wg],
+                    bounds_ready.at[wg], 4)
+  return tile, batch, head, wg, bounds
+
+
+def query_tile_loop(step, carry, bounds, sched, wg):
+  """Consumer `wg`'s loop over its program's key tiles (the forward, dQ):
+  `step(t, carry, masked)` over tiles `[lo, hi)` of `bounds = (lo, flo,
+  fhi, hi)`, unmasked in `[flo, fhi)`. Consumer 1 starts one phase behind
+  at `sched` and consumer 0 meets it once more at the end, so both meet
+  there as often (each step meets twice). Returns the carry."""
+  lo, flo, fhi, hi = bounds
+  pl.when(wg == 1)(functools.partial(meet, sched))
+  masked = functools.partial(step, masked=True)
+  carry = lax.fori_loop(lo, flo, masked, carry)
+  carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False),
+                        carry)
+  carry = lax.fori_loop(fhi, hi, masked, carry)
+  pl.when(wg == 0)(functools.partial(meet, sched))
+  return carry
+
+
+def query_tile_kernel(body, out_type, *, nq: int, batch: int, heads: int):
+  """`body` as a Mosaic GPU kernel over the programs `(query tile, batch
+  row, head)` (grid names "q", "b", "h") of `CONSUMERS + 1` warpgroups
+  ("wg"), the last the producer."""
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(nq, batch, heads),
+      grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,

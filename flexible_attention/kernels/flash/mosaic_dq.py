@@ -70,8 +70,10 @@ from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
+from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
+from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
+from flexible_attention.kernels.flash.mosaic_common import query_tile_program
 from flexible_attention.kernels.flash.mosaic_common import query_vectors
-from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
@@ -89,13 +91,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
   k_free, v_free = free
   dtype = q_ref.dtype
   kv_names = st.vectors()[1]
-  tile = nq - 1 - lax.axis_index("q")  # Heavy causal rows first.
-  batch, head = lax.axis_index("b"), lax.axis_index("h")
-  wg = lax.axis_index("wg")
-
-  # Every warpgroup reads the tile's bounds through shared memory.
-  lo, flo, fhi, hi = read_row(bounds_ref.at[batch, tile],
-                              bounds_smem.at[wg], bounds_ready.at[wg], 4)
+  tile, batch, head, wg, (lo, flo, fhi, hi) = query_tile_program(
+      bounds_ref, bounds_smem, bounds_ready, nq)
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
   @pl.when(wg < CONSUMERS)
@@ -150,12 +147,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
 
     dq = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), jnp.float32),
                            plgpu.Layout.WGMMA)
-    pl.when(wg == 1)(sync)  # Consumer 1 starts one phase behind.
-    masked = functools.partial(step, masked=True)
-    dq = lax.fori_loop(lo, flo, masked, dq)
-    dq = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(fhi, hi, masked, dq)
-    pl.when(wg == 0)(sync)
+    dq = query_tile_loop(step, dq, (lo, flo, fhi, hi), sched, wg)
 
     q_tile[...] = dq.astype(dtype)  # The query tile is spent: reuse it.
     plgpu.commit_smem()
@@ -230,9 +222,6 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors):
 
     pl.run_scoped(scoped, smem, ready, free, sched, collective_axes="wg")
 
-  return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(nq, batch, heads), grid_names=("q", "b", "h"),
-      num_threads=CONSUMERS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, stats, bounds, q_vectors, kv_vectors)
+  return query_tile_kernel(
+      body, jax.ShapeDtypeStruct(q.shape, q.dtype), nq=nq, batch=batch,
+      heads=heads)(q, k, v, do, stats, bounds, q_vectors, kv_vectors)

@@ -51,6 +51,9 @@ from flexible_attention.kernels.flash.mosaic_common import block_k
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
 from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
+from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
+from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
+from flexible_attention.kernels.flash.mosaic_common import query_tile_program
 from flexible_attention.kernels.flash.mosaic_common import query_vectors
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
@@ -78,13 +81,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
   k_free, v_free = free
   dtype = q_ref.dtype
   kv_names = st.vectors()[1]
-  tile = nq - 1 - lax.axis_index("q")  # Heavy causal rows first.
-  batch, head = lax.axis_index("b"), lax.axis_index("h")
-  wg = lax.axis_index("wg")
-
-  # Every warpgroup reads the tile's bounds through shared memory.
-  lo, flo, fhi, hi = read_row(bounds_ref.at[batch, tile],
-                              bounds_smem.at[wg], bounds_ready.at[wg], 4)
+  tile, batch, head, wg, (lo, flo, fhi, hi) = query_tile_program(
+      bounds_ref, bounds_smem, bounds_ready, nq)
 
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
@@ -170,13 +168,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
              plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                reduced),
              plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduced))
-    pl.when(wg == 1)(sync)  # Consumer 1 starts one phase behind.
-    masked = functools.partial(step, masked=True)
-    carry = lax.fori_loop(lo, flo, masked, carry)
-    carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False),
-                          carry)
-    acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
-    pl.when(wg == 0)(sync)
+    acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
+                              wg)
 
     nonempty = l > 0.0
     inv_l = 1.0 / jnp.where(nonempty, l, 1.0)
@@ -272,9 +265,6 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
-  return plgpu.kernel(
-      body, out_type=out_type, grid=(nq, batch, heads),
-      grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, bounds, q_vectors, kv_vectors, *rows)
+  return query_tile_kernel(body, out_type, nq=nq, batch=batch,
+                           heads=heads)(q, k, v, bounds, q_vectors,
+                                        kv_vectors, *rows)
