@@ -43,8 +43,8 @@ Which path serves what (the README has it too):
   (`choose_decode_backend`).
 
 `LaunchConfig(fwd_backend=..., dkv_backend=..., dq_backend=...)` asks for a
-backend explicitly; a Mosaic kernel asked for a call it cannot serve is an error
-(never a silent fallback). A call whose results must be float32 (a ring's
+backend explicitly; a Mosaic kernel asked for a call it cannot serve is an
+error (never a silent fallback). A call whose results must be float32 (a ring's
 blocks: `float32_results=True`) stays on Triton, whose kernels write any
 dtype.
 """
@@ -321,9 +321,9 @@ def _mosaic_by_default(capability: float | None, reason: str | None,
 
 def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
                          head_dim: int, reason: str | None):
-  """Raises `ValueError` unless a Mosaic kernel (`"fwd"`, `"dkv"`, `"dq"`) can
-  serve the call with the given launch: its own, fixed one (`want`), so
-  that no tile, warp or stage count passed is left unused."""
+  """Raises `ValueError` unless a Mosaic kernel (`"fwd"`, `"dkv"`, `"dq"`)
+  can serve the call with the given launch: its own, fixed one (`want`),
+  so that no tile, warp or stage count passed is left unused."""
   if reason is not None:
     raise ValueError(f"flash: {kernel}_backend='mosaic' cannot serve this "
                      f"call: {reason}.")
@@ -401,8 +401,8 @@ def fit_shared_memory(kernel: str, launch: Launch, head_dim: int,
 
 def check_result_dtype(name: str, dtype, launch: LaunchConfig, kernel: str,
                        inputs_dtype):
-  """Raises `ValueError` when `kernel`'s (`"fwd"`, `"dkv"`, `"dq"`) Mosaic backend
-  would have to write `dtype`: it writes the inputs' dtype only
+  """Raises `ValueError` when `kernel`'s (`"fwd"`, `"dkv"`, `"dq"`) Mosaic
+  backend would have to write `dtype`: it writes the inputs' dtype only
   (`choose_launch`'s `float32_results` keeps such calls on Triton)."""
   if getattr(launch, f"{kernel}_backend") != "mosaic":
     return
