@@ -1,30 +1,43 @@
-"""The fused Hopper backward (issue 17, part 1): checked, then timed.
+"""The Mosaic GPU backwards on Hopper: checked, then timed.
 
-`LaunchConfig(dkv_backend="mosaic", atomic_dq=True)` computes dQ inside the
-Mosaic GPU dK/dV kernel (TMA reduce-adds of float32 `[64, Dp]` tiles; padded
-D of 64 and 128). On an H200:
+Three variants of the backward (forward and dK/dV through Mosaic GPU in
+each):
 
-  python3 benchmarks/fused_bwd_probe.py --out=$OUT/fused_bwd.json
+- `split`: dQ through the Triton kernel (the default launches);
+- `fused`: `LaunchConfig(dkv_backend="mosaic", atomic_dq=True)`, dQ inside
+  the Mosaic GPU dK/dV kernel (TMA reduce-adds of float32 `[64, Dp]` tiles;
+  padded D of 64 and 128; issue 17, part 1);
+- `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
+  Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128).
 
-1. Checks (one JSON line each): out, dq, dk, dv (and dsinks) of the fused
-   backward against the float32 reference (bf16 inputs; error = max |x -
+On an H200 (`--variants` picks them, all three by default):
+
+  python3 benchmarks/fused_bwd_probe.py --variants=split,mosaic_dq \
+      --out=$OUT/dq.json
+
+1. Checks (one JSON line each): out, dq, dk, dv (and dsinks) of each
+   variant against the float32 reference (bf16 inputs; error = max |x -
    ref| / max |ref|, tolerance 1.5e-2, the test suite's bf16 GPU one), at
    D = 64 and 128, causal and not, grouped heads with a window and soft cap,
-   and sinks (Triton forward). Each row also carries the split backward's
-   errors on the same inputs, and the fused backward run twice: dK and dV
-   must be bitwise equal, dQ may differ in float32 rounding (its adds land
-   in the order the programs run). A check that raises prints its exception
-   type and message and the others still run.
+   and sinks (Triton forward). Each variant runs twice: dK and dV must be
+   bitwise equal run to run, dQ too except the fused one's (its adds land
+   in the order the programs run: float32 rounding, within the tolerance).
+   A check that raises prints its exception type and message and the
+   others still run.
 2. Only when every check passed (or with `--time_anyway`): forward+backward
    (the `jax.vjp` call, jitted; median of `--repeats` samples round-robin
-   after warm-up, `timing.median_seconds_each`) of the split Mosaic path
-   (Mosaic forward and dK/dV, Triton dQ), the fused one and cuDNN, at
-   B * S = 16k, H * D = 2048, bf16; a table last.
+   after warm-up, `timing.median_seconds_each`) of each variant and cuDNN,
+   at B * S = 16k, H * D = 2048, bf16; a table last, each variant's time
+   over split's.
 
-Off a GPU, `--smoke` exercises the script: each check's fused program is
-lowered for CUDA (the whole Mosaic GPU lowering runs), and the comparisons
-and the timing run at tiny shapes on the interpreted Triton kernels (the
-Triton `atomic_dq` backward standing for the fused one: the same function).
+`--out` is rewritten after every row: a run stopped by a time limit keeps
+the rows it finished.
+
+Off a GPU, `--smoke` exercises the script: each check's Mosaic programs
+(fused, mosaic_dq) are lowered for CUDA (the whole Mosaic GPU lowering
+runs), and the comparisons and the timing run at tiny shapes on the
+interpreted Triton kernels (the Triton `atomic_dq` backward standing for
+the fused one, the split one for mosaic_dq: the same functions).
 """
 
 from __future__ import annotations
@@ -45,9 +58,16 @@ from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 
+VARIANTS = ("split", "fused", "mosaic_dq")
+
 _SMOKE = flags.DEFINE_bool(
-    "smoke", False, "Tiny shapes, no GPU: lower the fused programs for CUDA, "
-    "run the comparisons and timing on the interpreted Triton kernels.")
+    "smoke", False, "Tiny shapes, no GPU: lower the Mosaic programs for "
+    "CUDA, run the comparisons and timing on the interpreted Triton kernels.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", list(VARIANTS),
+    f"The backwards to check and time, of {VARIANTS} (split: Triton dQ; "
+    "fused: dQ in the Mosaic dK/dV kernel; mosaic_dq: the Mosaic dQ "
+    "kernel).")
 _CELLS = flags.DEFINE_list(
     "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
               for m in ("full", "causal")],
@@ -57,7 +77,8 @@ _WIDTH = flags.DEFINE_integer("width", 2048, "H * D of a timed cell.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timing samples (>= 20).")
 _TIME_ANYWAY = flags.DEFINE_bool("time_anyway", False,
                                  "Time even when a check failed.")
-_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results "
+                           "(rewritten after every row).")
 
 TOL = 1.5e-2  # bf16 on a GPU (tests/helpers.TOLERANCES["gpu"]).
 
@@ -81,17 +102,23 @@ CHECKS = {
 SMOKE_SHAPE = dict(b=1, sq=40, sk=48, d=16)  # Interpreted: any D.
 
 
-def _launch(d: int, causal: bool, *, fused: bool, mosaic_forward: bool = True,
+def _launch(d: int, causal: bool, *, variant: str,
+            mosaic_forward: bool = True,
             interpret: bool = False) -> flash_kernel.LaunchConfig:
-  """The Hopper launches: Mosaic dK/dV with dQ in it (`fused`) or through
-  Triton; the Mosaic forward unless `mosaic_forward=False`. To `interpret`,
-  the Triton kernels, `atomic_dq` for `fused`."""
+  """A variant's Hopper launches: Mosaic dK/dV with dQ in it (`fused`),
+  through Triton (`split`) or through the Mosaic dQ kernel (`mosaic_dq`);
+  the Mosaic forward unless `mosaic_forward=False`. To `interpret`, the
+  Triton kernels, `atomic_dq` for `fused`."""
   launch = dataclasses.replace(
-      flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused)
+      flash_kernel.default_launch_config(d, causal, 9.0),
+      atomic_dq=variant == "fused")
   if interpret:
     return launch
   launch = dataclasses.replace(launch, dkv=flash_kernel.mosaic_dkv_launch(d),
                                dkv_backend="mosaic")
+  if variant == "mosaic_dq":
+    launch = dataclasses.replace(launch, dq=flash_kernel.mosaic_dq_launch(d),
+                                 dq_backend="mosaic")
   if not mosaic_forward:
     return launch
   return dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(d),
@@ -148,51 +175,67 @@ def _errors(got, want) -> dict:
           for name, x, w in zip(names, got, want) if w is not None}
 
 
-def _flash(spec: dict, kv_lengths, *, fused: bool, interpret: bool):
-  """A check's flash `(q, k, v, sinks) -> (out, lse)`, the fused or split
+def _flash(spec: dict, kv_lengths, *, variant: str, interpret: bool):
+  """A check's flash `(q, k, v, sinks) -> (out, lse)` with a variant's
   backward (the Triton forward with sinks: the Mosaic one has none)."""
-  launch = _launch(spec["d"], spec.get("causal", False), fused=fused,
+  launch = _launch(spec["d"], spec.get("causal", False), variant=variant,
                    mosaic_forward=not spec.get("sinks"), interpret=interpret)
   return _attention(spec, launch, kv_lengths, interpret)
 
 
 def _compare(name: str, spec: dict) -> dict:
-  """Runs the fused and split backward and the reference on one check."""
+  """Runs each variant (twice) and the reference on one check."""
   q, k, v, sinks, dout, kv_lengths = _check_inputs(name, spec)
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   want = _vjp(_attention(spec, None, kv_lengths))(
       f32(q), f32(k), f32(v), sinks, f32(dout))
-  fused, split = (_vjp(_flash(spec, kv_lengths, fused=fused,
-                              interpret=_SMOKE.value))
-                  for fused in (True, False))
-  got, again = fused(q, k, v, sinks, dout), fused(q, k, v, sinks, dout)
-  errors = _errors(got, want)
-  # A race moves results from run to run: dK's and dV's sums have a fixed
-  # order (bitwise equal), dQ's differ by float32 rounding at most.
-  dq_run_to_run = compare.relative_error(again[1], got[1])
-  dk_dv_equal = all(np.array_equal(np.asarray(a), np.asarray(b))
-                    for a, b in zip(again[2:4], got[2:4]))
-  ok = (all(e <= TOL for e in errors.values()) and dk_dv_equal
-        and dq_run_to_run <= TOL)
-  return dict(
-      errors=errors, split_errors=_errors(split(q, k, v, sinks, dout), want),
-      status="ok" if ok else "fail", dq_run_to_run=dq_run_to_run,
-      dk_dv_bitwise_equal=bool(dk_dv_equal))
+  row = dict(errors={}, run_to_run={})
+  ok = True
+  for variant in _VARIANTS.value:
+    run = _vjp(_flash(spec, kv_lengths, variant=variant,
+                      interpret=_SMOKE.value))
+    try:
+      got, again = run(q, k, v, sinks, dout), run(q, k, v, sinks, dout)
+    except Exception as e:  # pylint: disable=broad-except
+      row["errors"][variant] = dict(type=type(e).__name__,
+                                    message=str(e)[:500])
+      ok = False
+      continue
+    errors = _errors(got, want)
+    # A race moves results from run to run: dK's and dV's sums have a fixed
+    # order (bitwise equal), dQ's too except the fused backward's (float32
+    # rounding of its adds, in the order the programs run).
+    equal = {grad: bool(np.array_equal(np.asarray(a), np.asarray(b)))
+             for grad, a, b in zip(("dq", "dk", "dv"), again[1:4], got[1:4])}
+    dq_run_to_run = compare.relative_error(again[1], got[1])
+    steady = (equal["dk"] and equal["dv"] and dq_run_to_run <= TOL
+              if variant == "fused" else all(equal.values()))
+    ok = ok and steady and all(e <= TOL for e in errors.values())
+    row["errors"][variant] = errors
+    row["run_to_run"][variant] = dict(bitwise_equal=equal,
+                                      dq_relative=dq_run_to_run)
+  row["status"] = "ok" if ok else "fail"
+  return row
 
 
 def _lower(name: str, spec: dict) -> dict:
-  """Lowers the check's fused forward+backward for CUDA."""
+  """Lowers the check's forward+backward of each Mosaic variant (fused,
+  mosaic_dq) for CUDA; the Mosaic GPU kernels of each."""
   q, k, v, sinks, dout, kv_lengths = _check_inputs(name, spec)
-  attend = _flash(spec, kv_lengths, fused=True, interpret=False)
+  kernels = {}
+  for variant in _VARIANTS.value:
+    if variant == "split":
+      continue
+    attend = _flash(spec, kv_lengths, variant=variant, interpret=False)
 
-  def run(q, k, v, sinks, dout):
-    return jax.vjp(lambda *a: attend(*a)[0], q, k, v, sinks)[1](dout)
+    def run(q, k, v, sinks, dout, attend=attend):
+      return jax.vjp(lambda *a: attend(*a)[0], q, k, v, sinks)[1](dout)
 
-  with gpu.lowering_target():
-    text = jax.jit(run).trace(q, k, v, sinks, dout).lower(
-        lowering_platforms=("cuda",)).as_text()
-  return dict(lowered_for_cuda=True,
-              mosaic_kernels=text.count("stablehlo.custom_call @mosaic_gpu"))
+    with gpu.lowering_target():
+      text = jax.jit(run).trace(q, k, v, sinks, dout).lower(
+          lowering_platforms=("cuda",)).as_text()
+    kernels[variant] = text.count("stablehlo.custom_call @mosaic_gpu")
+  return dict(lowered_for_cuda=True, mosaic_kernels=kernels)
 
 
 def _check(name: str, spec: dict) -> dict:
@@ -214,10 +257,10 @@ def _check(name: str, spec: dict) -> dict:
 
 def _variants(d: int, causal: bool) -> dict:
   """The timed functions, `(q, k, v) -> out`."""
-  flash = lambda fused: (lambda q, k, v: _flash(
-      dict(d=d, causal=causal), None, fused=fused, interpret=_SMOKE.value)(
-          q, k, v, None)[0])
-  variants = dict(split=flash(False), fused=flash(True))
+  flash = lambda variant: (lambda q, k, v: _flash(
+      dict(d=d, causal=causal), None, variant=variant,
+      interpret=_SMOKE.value)(q, k, v, None)[0])
+  variants = {variant: flash(variant) for variant in _VARIANTS.value}
   if not _SMOKE.value:
     variants["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
@@ -231,39 +274,69 @@ def _time(d: int, s: int, causal: bool) -> dict:
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, dout = (jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
                    for key in keys)
-  variants = _variants(d, causal)
-  # The vjp's call runs the forward and the backward: what is timed.
-  calls = [(jax.jit(lambda q, k, v, dout, attend=attend: jax.vjp(
-      attend, q, k, v)[1](dout)), (q, k, v, dout))
-           for attend in variants.values()]
+  # The vjp's call runs the forward and the backward: what is timed. Each
+  # is compiled first; one that fails is left out of the cell (named).
+  compiled, errors = {}, {}
+  for name, attend in _variants(d, causal).items():
+    try:
+      compiled[name] = jax.jit(lambda q, k, v, dout, attend=attend: jax.vjp(
+          attend, q, k, v)[1](dout)).lower(q, k, v, dout).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
   seconds = timing.median_seconds_each(
-      calls, repeats=2 if _SMOKE.value else _REPEATS.value)
-  return dict(D=d, S=s, B=b, H=h, causal=causal, fwd_bwd_ms={
-      name: t * 1e3 for name, t in zip(variants, seconds)})
+      [(fn, (q, k, v, dout)) for fn in compiled.values()],
+      repeats=2 if _SMOKE.value else _REPEATS.value)
+  row = dict(D=d, S=s, B=b, H=h, causal=causal, fwd_bwd_ms={
+      name: t * 1e3 for name, t in zip(compiled, seconds)})
+  if errors:
+    row["errors"] = errors
+  return row
 
 
 def _table(rows: list[dict]) -> str:
-  names = list(rows[0]["fwd_bwd_ms"])
+  """One line per timed cell: each function's ms, each variant's over
+  split's."""
+  names = list(dict.fromkeys(n for r in rows for n in r["fwd_bwd_ms"]))
+  ratios = [n for n in names if n != "split"] if "split" in names else []
+  ms_of = lambda ms, n: f"{ms[n]:.3f}" if n in ms else "-"
+  ratio_of = lambda ms, n: (f"{ms[n] / ms['split']:.3f}"
+                            if n in ms and "split" in ms else "-")
   lines = [f"{jax.devices()[0].device_kind}, jax {jax.__version__}; "
-           "forward+backward ms (fused over split: < 1 is faster)",
-           "| D | S | mask | " + " | ".join(names) + " | fused / split |",
-           "|---|---|---|" + "---|" * (len(names) + 1)]
+           "forward+backward ms (x / split: < 1 is faster than split)",
+           "| D | S | mask | " + " | ".join(names) + " | "
+           + "".join(f"{n} / split | " for n in ratios),
+           "|---|---|---|" + "---|" * (len(names) + len(ratios))]
   for r in rows:
     ms = r["fwd_bwd_ms"]
     lines.append(f"| {r['D']} | {r['S']} | "
                  f"{'causal' if r['causal'] else 'full'} | "
-                 + " | ".join(f"{ms[n]:.3f}" for n in names)
-                 + f" | {ms['fused'] / ms['split']:.3f} |")
-  return "\n".join(lines)
+                 + " | ".join(ms_of(ms, n) for n in names) + " | "
+                 + "".join(f"{ratio_of(ms, n)} | " for n in ratios))
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def _write(results: dict):
+  """Rewrites `--out` with the rows so far."""
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind,
+                     jax=jax.__version__, variants=_VARIANTS.value,
+                     **results), f, indent=1)
 
 
 def main(argv):
   del argv
-  print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__}),
-        flush=True)
-  checks = [_check(name, spec) for name, spec in CHECKS.items()]
-  results = dict(checks=checks, timing=[])
-  passed = all(row["status"] == "ok" for row in checks)
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown or not _VARIANTS.value:
+    raise app.UsageError(f"--variants takes names of {VARIANTS}, got "
+                         f"{_VARIANTS.value}.")
+  print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__,
+                    "variants": _VARIANTS.value}), flush=True)
+  results = dict(checks=[], timing=[])
+  for name, spec in CHECKS.items():
+    results["checks"].append(_check(name, spec))
+    _write(results)
+  passed = all(row["status"] == "ok" for row in results["checks"])
   if passed or _TIME_ANYWAY.value:
     cells = ["16:128:full", "16:128:causal"] if _SMOKE.value else _CELLS.value
     for cell in cells:
@@ -274,11 +347,9 @@ def main(argv):
       except Exception as e:  # pylint: disable=broad-except
         row = dict(cell=cell, status="error", type=type(e).__name__,
                    message=str(e)[:500])
+        results.setdefault("timing_errors", []).append(row)
       print(json.dumps(row), flush=True)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(dict(device=jax.devices()[0].device_kind,
-                     jax=jax.__version__, **results), f, indent=1)
+      _write(results)
   if results["timing"]:
     print("\n" + _table(results["timing"]))
   else:

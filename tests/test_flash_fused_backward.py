@@ -1,4 +1,5 @@
-"""flash's fused backward on Hopper: dQ inside the Mosaic GPU dK/dV kernel.
+"""flash's Mosaic GPU backward on Hopper: dQ inside the dK/dV kernel (the
+fused backward), and the Mosaic GPU dQ kernel (`mosaic_dq`).
 
 `LaunchConfig(dkv_backend="mosaic", atomic_dq=True)` runs the backward as
 one Mosaic GPU kernel (`mosaic_bwd.dkdv` with dQ: TMA reduce-adds of float32
@@ -6,8 +7,10 @@ one Mosaic GPU kernel (`mosaic_bwd.dkdv` with dQ: TMA reduce-adds of float32
 interpreter, so on CPU each served structure is lowered for CUDA (the whole
 Pallas -> Mosaic GPU lowering runs, shared-memory budget included) and the
 program's kernels are counted; the launch policy's acceptance and refusals
-are traced. On an H200, `benchmarks/fused_bwd_probe.py` checks the gradients
-against the float32 reference and times the kernel.
+are traced. `LaunchConfig(dq_backend="mosaic")` runs dQ through its own
+Mosaic GPU kernel (padded head sizes 64 and 128), checked alike. On an
+H200, `benchmarks/fused_bwd_probe.py` checks the gradients of both against
+the float32 reference and times them.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import jax.numpy as jnp
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
+from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_dq
 import helpers
 
 
@@ -106,14 +112,15 @@ def test_split_backward_keeps_the_triton_dq():
 
 
 def _launch(monkeypatch, *, launch=None, head_dim=128, dtype=jnp.bfloat16,
+            dropout=None, block_sizes=None,
             **call) -> flash_kernel.LaunchConfig:
   """The launches `prepare` picks for a call on an sm_90 GPU (traced)."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
   chosen = []
   jax.eval_shape(lambda q: chosen.append(flash_kernel.prepare(
-      fa.canonicalize(q, q, q, **call), sm_scale=0.1,
-      launch=launch).static.launch), x)
+      fa.canonicalize(q, q, q, **call), dropout, sm_scale=0.1,
+      block_sizes=block_sizes, launch=launch).static.launch), x)
   return chosen[0]
 
 
@@ -171,4 +178,130 @@ def test_kernel_refuses_dq_in_the_columns_layout():
   static = dataclasses.replace(statics[0], launch=_fused(256))
   with pytest.raises(ValueError, match="fused dQ"):
     jax.eval_shape(lambda *a: mosaic_bwd.dkdv(static, *a), x, x, x, x, rows,
+                   rows, bounds, ints, ints)
+
+
+# --- The Mosaic GPU dQ kernel (`LaunchConfig.dq_backend="mosaic"`) ----------
+
+
+def _mosaic_dq(head_dim: int, causal: bool = False,
+               **fields) -> flash_kernel.LaunchConfig:
+  """Hopper launches with every kernel through Mosaic GPU: the split
+  backward, dQ by `mosaic_dq`."""
+  fields = dict(dict(dq=flash_kernel.mosaic_dq_launch(head_dim),
+                     dq_backend="mosaic"), **fields)
+  return dataclasses.replace(_fused(head_dim, causal, atomic_dq=False),
+                             **fields)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", ["plain", "causal_window_softcap_gqa"])
+def test_mosaic_dq_lowers_for_cuda(name, head_dim):
+  """dQ of the backward kernels alone (`backward_pass`, the cheapest to
+  lower: the dK/dV kernel, unused, is dropped) lowers as one Mosaic GPU
+  kernel and no Triton one."""
+  call, options = CASES[name]
+  b, sq, sk, h, hkv = 2, 200, 328, options["h"], options["hkv"]
+  q = jax.ShapeDtypeStruct((b, sq, h, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, sk, hkv, head_dim), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((b, h, sq), jnp.float32)
+  launch = _mosaic_dq(head_dim, call.get("causal", False))
+
+  def backward(q, k, v, out, lse, dout):
+    prepared = flash_kernel.prepare(
+        fa.canonicalize(q, k, v, **call), sm_scale=head_dim**-0.5,
+        softcap=options.get("softcap"), launch=launch)
+    return flash_kernel.backward_pass(prepared, out, lse, dout)[0]
+
+  text = helpers.lower_for_cuda(backward, q, kv, kv, q, lse, q)
+  assert _kernels(text) == dict(mosaic=1, triton=0, aliased=0)
+
+
+def test_mosaic_dq_is_off_by_default(monkeypatch):
+  """Not yet measured: the default launches keep Triton's dQ."""
+  assert not flash_launch.MOSAIC_DQ_BY_DEFAULT
+  chosen = _launch(monkeypatch, causal=True)
+  assert (chosen.dkv_backend, chosen.dq_backend) == ("mosaic", "triton")
+
+
+@pytest.mark.parametrize("head_dim, block_sizes, backend", [
+    (64, None, "mosaic"), (128, None, "mosaic"),
+    (256, None, "triton"),  # Does not fit (mosaic_common.dq_reason).
+    (128, fa.BlockSizes(block_k_dq=32), "triton"),  # The user's tiles.
+])
+def test_mosaic_dq_by_default_is_one_flag(head_dim, block_sizes, backend,
+                                          monkeypatch):
+  """With `MOSAIC_DQ_BY_DEFAULT` set, the default launches take the Mosaic
+  dQ kernel wherever it serves the call, as for the forward and dK/dV."""
+  monkeypatch.setattr(flash_launch, "MOSAIC_DQ_BY_DEFAULT", True)
+  chosen = _launch(monkeypatch, head_dim=head_dim, block_sizes=block_sizes,
+                   causal=True)
+  assert chosen.dq_backend == backend
+  if backend == "mosaic":
+    assert chosen.dq == flash_kernel.mosaic_dq_launch(head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("call", [dict(causal=True), dict(sinks=jnp.zeros(2))],
+                         ids=["causal", "sinks"])
+def test_mosaic_dq_serves_what_the_dkv_kernel_serves(head_dim, call,
+                                                     monkeypatch):
+  """Attention sinks too: the backward reads the lse that counts them."""
+  launch = _mosaic_dq(head_dim, call.get("causal", False))
+  if "sinks" in call:  # The Mosaic forward has none.
+    launch = dataclasses.replace(
+        launch, fwd=flash_kernel.default_launch_config(head_dim).fwd,
+        fwd_backend="triton")
+  chosen = _launch(monkeypatch, launch=launch, head_dim=head_dim, **call)
+  assert (chosen.dq_backend, chosen.dq) == (
+      "mosaic", flash_kernel.mosaic_dq_launch(head_dim))
+
+
+_TRITON_REST = dict(fwd=flash_kernel.default_launch_config(128).fwd,
+                    fwd_backend="triton",
+                    dkv=flash_kernel.default_launch_config(128).dkv,
+                    dkv_backend="triton")
+
+
+@pytest.mark.parametrize("launch, options, match", [
+    (_mosaic_dq(128, **_TRITON_REST), dict(bias=jnp.zeros((1, 2, 256, 256))),
+     "dq_backend='mosaic' cannot serve this call: it takes no bias, dense "
+     "mask or dropout"),
+    (_mosaic_dq(128, **_TRITON_REST), dict(dropout=dropout_lib.Dropout(
+        jnp.zeros(2, jnp.uint32), jnp.int32(0), jnp.int32(0), 0.1)),
+     "dq_backend='mosaic' cannot serve this call: it takes no bias, dense "
+     "mask or dropout"),
+    (_mosaic_dq(256, dkv=flash_kernel.default_launch_config(256).dkv,
+                dkv_backend="triton"), dict(head_dim=256),
+     "dq_backend='mosaic' cannot serve this call: its dQ kernel takes padded "
+     "head sizes below 256, got 256"),
+    (_mosaic_dq(128, **_TRITON_REST), dict(dtype=jnp.float32),
+     "dq_backend='mosaic' cannot serve this call: it takes bfloat16 or "
+     "float16"),
+    (_mosaic_dq(128, atomic_dq=True), {}, "dq_backend='mosaic' cannot serve "
+     "a launch with atomic_dq=True"),
+    (_mosaic_dq(128, dq=flash_kernel.Launch(128, 32, 8, 2)), {},
+     "takes dq tiles 128 x 64"),
+], ids=["bias", "dropout", "head_dim_256", "float32", "atomic_dq", "tiles"])
+def test_mosaic_dq_refusals(launch, options, match, monkeypatch):
+  with pytest.raises(ValueError, match=match):
+    _launch(monkeypatch, launch=launch, **options)
+
+
+def test_mosaic_dq_backend_must_be_known():
+  with pytest.raises(ValueError, match="dq_backend must be one of"):
+    flash_kernel.check_launch_config(_mosaic_dq(128, dq_backend="cuda"))
+
+
+def test_mosaic_dq_kernel_refuses_head_dim_256():
+  """`mosaic_dq.dq` itself, called past the policy at Dp = 256."""
+  x = jax.ShapeDtypeStruct((1, 128, 1, 256), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((1, 1, 128), jnp.float32)
+  ints = jax.ShapeDtypeStruct((1, 1, 128), jnp.int32)
+  bounds = jax.ShapeDtypeStruct((1, 1, 4), jnp.int32)
+  statics = []
+  jax.eval_shape(lambda q: statics.append(flash_kernel.prepare(
+      fa.canonicalize(q, q, q), sm_scale=0.1, interpret=True).static), x)
+  with pytest.raises(ValueError, match="dQ kernel takes padded head sizes"):
+    jax.eval_shape(lambda *a: mosaic_dq.dq(statics[0], *a), x, x, x, x, rows,
                    rows, bounds, ints, ints)

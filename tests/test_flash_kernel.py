@@ -11,8 +11,8 @@ large scale, unsorted segment ids, the default tiles, the one-kernel
 policy and the Hopper kernels; and the module's launch option and
 refusals.
 
-The Hopper kernels (`kernels/flash/mosaic_*.py`, Mosaic GPU: the forward
-and dK/dV) have no interpreter: on CPU each of their cases is
+The Hopper kernels (`kernels/flash/mosaic_*.py`, Mosaic GPU: the forward,
+dK/dV and dQ) have no interpreter: on CPU each of their cases is
 lowered for CUDA; on an sm_90 GPU each is run and compared like the
 others.
 
@@ -237,10 +237,10 @@ def test_skipping_tables_skip_invisible_tiles():
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _mosaic(head_dim: int, causal: bool,
-            dkv: bool = True) -> flash_kernel.LaunchConfig:
+def _mosaic(head_dim: int, causal: bool, dkv: bool = True,
+            dq: bool = False) -> flash_kernel.LaunchConfig:
   """The Hopper launches with the Mosaic forward (padded D) and, with
-  `dkv`, the Mosaic dK/dV kernel."""
+  `dkv`, the Mosaic dK/dV kernel, with `dq` the Mosaic dQ kernel."""
   launch = dataclasses.replace(
       flash_kernel.default_launch_config(head_dim, causal, 9.0),
       fwd=flash_kernel.mosaic_launch(head_dim), fwd_backend="mosaic")
@@ -248,6 +248,10 @@ def _mosaic(head_dim: int, causal: bool,
     launch = dataclasses.replace(
         launch, dkv=flash_kernel.mosaic_dkv_launch(head_dim),
         dkv_backend="mosaic")
+  if dq:
+    launch = dataclasses.replace(
+        launch, dq=flash_kernel.mosaic_dq_launch(head_dim),
+        dq_backend="mosaic")
   return launch
 
 
@@ -293,6 +297,19 @@ def test_hopper_kernels_match_reference(name):
   launch = _mosaic(structure.pad_dim(shape["d"]),
                    call.get("causal", False))
   _check(f"hopper {name}", call, launch=launch, interpret=False, **shape)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", [n for n in HOPPER_CASES
+                                  if n != "head_dim_256"])
+def test_hopper_mosaic_dq_matches_reference(name):
+  """Every kernel through Mosaic GPU, dQ by `mosaic_dq` (padded D of 64
+  and 128; `tests/test_flash_fused_backward.py` lowers it on CPU)."""
+  call, shape = _hopper_case(name)
+  launch = _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False),
+                   dq=True)
+  _check(f"hopper mosaic dq {name}", call, launch=launch, interpret=False,
+         **shape)
 
 
 @pytest.mark.parametrize("name", HOPPER_CASES)
@@ -374,6 +391,7 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
 def test_default_backends(capability, options, backends, monkeypatch):
   launch = _prepare(capability, monkeypatch, **options)
   assert (launch.fwd_backend, launch.dkv_backend) == backends
+  assert launch.dq_backend == "triton"  # launch.MOSAIC_DQ_BY_DEFAULT.
   d = options.get("head_dim", 128)
   if launch.fwd_backend == "mosaic":
     assert launch.fwd == flash_kernel.mosaic_launch(d)

@@ -99,10 +99,11 @@ class FlashAttention(base.AttentionModule):
   they serve run through Mosaic GPU kernels instead
   (`kernels/flash/mosaic_*.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
   head sizes padding to 64, 128 or 256, no bias, dense mask or dropout),
-  the same function; `launch=` with `fwd_backend` / `dkv_backend`
-  `"triton"` or `"mosaic"` picks them explicitly. `interpret=True`
-  runs the Triton kernels in Pallas' interpreter on any backend (slow; for
-  tests on CPU).
+  the same function; `launch=` with `fwd_backend` / `dkv_backend` /
+  `dq_backend` `"triton"` or `"mosaic"` picks them explicitly (the Mosaic
+  dQ kernel only when asked for, head sizes padding to 64 or 128).
+  `interpret=True` runs the Triton kernels in Pallas' interpreter on any
+  backend (slow; for tests on CPU).
 
   On TPU (without `interpret`) it runs JAX's Pallas TPU flash kernel instead
   (`kernels/flash_tpu.py`), which computes fewer features: its own record,

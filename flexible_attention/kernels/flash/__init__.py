@@ -58,6 +58,7 @@ from flexible_attention.kernels.flash.launch import default_launch_config
 from flexible_attention.kernels.flash.launch import head_dim_reason
 from flexible_attention.kernels.flash.launch import launch_config
 from flexible_attention.kernels.flash.launch import mosaic_dkv_launch
+from flexible_attention.kernels.flash.launch import mosaic_dq_launch
 from flexible_attention.kernels.flash.launch import mosaic_launch
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
 from flexible_attention.kernels.flash.triton_decode import DecodeLaunch
@@ -86,6 +87,7 @@ __all__ = (
     "head_dim_reason",
     "launch_config",
     "mosaic_dkv_launch",
+    "mosaic_dq_launch",
     "mosaic_launch",
     "prepare",
 )

@@ -36,6 +36,7 @@ from flexible_attention.kernels.flash import mod_lowering
 from flexible_attention.kernels.flash import mod_tables
 from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_dq
 from flexible_attention.kernels.flash import mosaic_fwd
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.kernels.flash import structure
@@ -101,7 +102,7 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
   dout = dout.astype(q.dtype)
   parts = {}
   # The dK/dV kernel; with `atomic_dq` (either backend) it also adds dQ into
-  # a float32 buffer, else dQ is the Triton kernel's.
+  # a float32 buffer, else dQ is its own kernel's (`dq_backend`).
   if st.launch.dkv_backend == "mosaic":
     launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dkv",
                                   k.dtype)
@@ -113,6 +114,11 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
   dk, dv = grads[:2]
   if st.launch.atomic_dq:
     dq = grads[2].astype(grad_dtype or q.dtype)
+  elif st.launch.dq_backend == "mosaic":
+    launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dq",
+                                  q.dtype)
+    dq = mosaic_dq.dq(st, q, k, v, dout, lse2, delta,
+                      *_mosaic_operands(st, q, aux, "bounds_dq"))
   else:
     dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=False, grad_dtype=grad_dtype)

@@ -24,11 +24,15 @@ Which path serves what (the README has it too):
   document ids, which index `mod_args` per element), else Triton;
 - dK/dV: likewise on Hopper (its own tiles), except calls with mods (the
   Triton kernel), else Triton;
-- dQ: Triton by default; with `LaunchConfig(atomic_dq=True)` (opt-in, not
-  bitwise reproducible) the dK/dV kernel's, added into float32: Triton's
-  atomics with `dkv_backend="triton"`, the fused Mosaic GPU backward's TMA
-  reduce-adds with `dkv_backend="mosaic"` (padded D of 64 or 128; D = 256
-  keeps the split backward: `mosaic_common.fused_dq_reason`);
+- dQ: Triton by default; with `LaunchConfig(dq_backend="mosaic")` (opt-in
+  until measured: `MOSAIC_DQ_BY_DEFAULT`) the Mosaic GPU dQ kernel
+  (`mosaic_dq`) for the calls the dK/dV kernel serves at padded D of 64 or
+  128 (`mosaic_common.dq_reason`); with `LaunchConfig(atomic_dq=True)`
+  (opt-in, not bitwise reproducible) the dK/dV kernel's, added into
+  float32: Triton's atomics with `dkv_backend="triton"`, the fused Mosaic
+  GPU backward's TMA reduce-adds with `dkv_backend="mosaic"` (padded D of
+  64 or 128; D = 256 keeps the split backward:
+  `mosaic_common.fused_dq_reason`);
 - the bias gradient: Triton;
 - GPUs before Hopper and `interpret=True`: Triton for every kernel.
 - decode (a cache call with few new tokens, `decode.py`): on Hopper the
@@ -38,9 +42,9 @@ Which path serves what (the README has it too):
   Triton launch field is set, else Triton's (`triton_decode`)
   (`choose_decode_backend`).
 
-`LaunchConfig(fwd_backend=..., dkv_backend=...)` asks for a backend
-explicitly; a Mosaic kernel asked for a call it cannot serve is an error
-(never a silent fallback). A call whose results must be float32 (a ring's
+`LaunchConfig(fwd_backend=..., dkv_backend=..., dq_backend=...)` asks for a
+backend explicitly; a Mosaic kernel asked for a call it cannot serve is an
+error (never a silent fallback). A call whose results must be float32 (a ring's
 blocks: `float32_results=True`) stays on Triton, whose kernels write any
 dtype.
 """
@@ -62,7 +66,13 @@ from flexible_attention.kernels.flash.structure import next_power_of_2
 # The `fa.BlockSizes` fields the kernels read: (q, k) tiles of each kernel.
 TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                "block_q_dq", "block_k_dq")
-BACKENDS = ("triton", "mosaic")  # Of the forward, dK/dV and decode kernels.
+BACKENDS = ("triton", "mosaic")  # Of the forward, dK/dV, dQ and decode
+# kernels.
+# Whether the default launches on Hopper take the Mosaic GPU dQ kernel
+# (`mosaic_dq`) where it serves the call, as they take the Mosaic forward
+# and dK/dV kernels; off until it is measured against Triton's
+# (`benchmarks/fused_bwd_probe.py --variants=split,mosaic_dq`).
+MOSAIC_DQ_BY_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +119,14 @@ class LaunchConfig:
   wherever it serves the call and the dK/dV tiles are not the user's (with
   `atomic_dq=False`: dQ through Triton).
 
+  `dq_backend="mosaic"` runs the dQ kernel through `mosaic_dq.dq` (the
+  calls the dK/dV kernel serves, at padded head sizes 64 and 128:
+  `mosaic_common.dq_reason`; `dq=mosaic_dq_launch(Dp)`); an error together
+  with `atomic_dq=True`, whose dK/dV kernel computes dQ. The default
+  launches use it on Hopper only with `MOSAIC_DQ_BY_DEFAULT` (off: not yet
+  measured), wherever it serves the call and the dQ tiles are not the
+  user's.
+
   The Mosaic kernels write the inputs' dtype: a call prepared with
   `float32_results=True` (a ring's blocks) never uses them by default and
   refuses them when asked.
@@ -120,6 +138,7 @@ class LaunchConfig:
   atomic_dq: bool = False
   fwd_backend: str = "triton"
   dkv_backend: str = "triton"
+  dq_backend: str = "triton"
 
 
 
@@ -215,7 +234,7 @@ def check_launch_config(config: LaunchConfig,
   if not isinstance(config.atomic_dq, bool):
     raise TypeError(
         f"LaunchConfig.atomic_dq must be a bool, got {config.atomic_dq!r}.")
-  for field in ("fwd_backend", "dkv_backend"):
+  for field in ("fwd_backend", "dkv_backend", "dq_backend"):
     if getattr(config, field) not in BACKENDS:
       raise ValueError(f"LaunchConfig.{field} must be one of {BACKENDS}, "
                        f"got {getattr(config, field)!r}.")
@@ -281,6 +300,13 @@ def mosaic_dkv_launch(head_dim: int) -> Launch:
                 4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
 
 
+def mosaic_dq_launch(head_dim: int) -> Launch:
+  """The Mosaic GPU dQ kernel's fixed launch at a padded head size, as
+  `mosaic_launch`'s: `BLOCK_Q` query rows, `dq_block_k(Dp)` keys."""
+  return Launch(mosaic_common.BLOCK_Q, mosaic_common.dq_block_k(head_dim),
+                4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
+
+
 def _mosaic_by_default(capability: float | None, reason: str | None,
                        user_tiles: bool, q_len: int, kv_len: int,
                        launch: Launch) -> bool:
@@ -295,9 +321,9 @@ def _mosaic_by_default(capability: float | None, reason: str | None,
 
 def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
                          head_dim: int, reason: str | None):
-  """Raises `ValueError` unless a Mosaic kernel (`"fwd"` or `"dkv"`) can
-  serve the call with the given launch: its own, fixed one (`want`), so
-  that no tile, warp or stage count passed is left unused."""
+  """Raises `ValueError` unless a Mosaic kernel (`"fwd"`, `"dkv"`, `"dq"`)
+  can serve the call with the given launch: its own, fixed one (`want`),
+  so that no tile, warp or stage count passed is left unused."""
   if reason is not None:
     raise ValueError(f"flash: {kernel}_backend='mosaic' cannot serve this "
                      f"call: {reason}.")
@@ -375,8 +401,8 @@ def fit_shared_memory(kernel: str, launch: Launch, head_dim: int,
 
 def check_result_dtype(name: str, dtype, launch: LaunchConfig, kernel: str,
                        inputs_dtype):
-  """Raises `ValueError` when `kernel`'s (`"fwd"` / `"dkv"`) Mosaic backend
-  would have to write `dtype`: it writes the inputs' dtype only
+  """Raises `ValueError` when `kernel`'s (`"fwd"`, `"dkv"`, `"dq"`) Mosaic
+  backend would have to write `dtype`: it writes the inputs' dtype only
   (`choose_launch`'s `float32_results` keeps such calls on Triton)."""
   if getattr(launch, f"{kernel}_backend") != "mosaic":
     return
@@ -416,9 +442,9 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       (`mod_lowering.KernelMods`), or None. The Triton kernels evaluate
       any (`mod_lowering`); the Mosaic forward those whose `mod_args`
       reads are per program (`mosaic_mods.unsupported_reason`: ALiBi,
-      prefix-LM, mask_mods without mod_args...), the Mosaic dK/dV kernel
-      none (the backward reads the forward's log-sum-exp only, so the
-      Mosaic forward and the Triton backward mix).
+      prefix-LM, mask_mods without mod_args...), the Mosaic dK/dV and dQ
+      kernels none (the backward reads the forward's log-sum-exp only, so
+      the Mosaic forward and the Triton backward mix).
     bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
       kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
 
@@ -436,16 +462,24 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   # `fa.BlockSizes` fields of the kernel's (Triton) tiles.
   mosaic = {"fwd": (mosaic_launch(head_dim), ("block_q", "block_k")),
             "dkv": (mosaic_dkv_launch(head_dim),
-                    ("block_q_dkv", "block_k_dkv"))}
+                    ("block_q_dkv", "block_k_dkv")),
+            "dq": (mosaic_dq_launch(head_dim), ("block_q_dq", "block_k_dq"))}
+  no_mods = ("it has no score_mod / mask_mod (the Triton kernels have)"
+             if mods is not None else None)
   reasons = {"fwd": mosaic_reason or (
       "it has no attention sinks (the Triton forward has)" if sinks
       else mosaic_mods.unsupported_reason(mods)),
-             "dkv": mosaic_reason or (
-                 "it has no score_mod / mask_mod (the Triton kernels have)"
-                 if mods is not None else None)}
+             "dkv": mosaic_reason or no_mods,
+             "dq": mosaic_reason or no_mods or mosaic_common.dq_reason(
+                 head_dim)}
   user_launch = launch is not None
   if launch is not None:
     check_launch_config(launch, block_sizes)
+    if launch.atomic_dq and launch.dq_backend == "mosaic":
+      raise ValueError(
+          "flash: dq_backend='mosaic' cannot serve a launch with "
+          "atomic_dq=True, whose dK/dV kernel computes dQ (the dq kernel is "
+          "not launched); use one or the other.")
     if launch.atomic_dq and reasons["dkv"] is None:  # The fused backward.
       reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim)
     for kernel, (fixed, _) in mosaic.items():
@@ -457,6 +491,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     launch = launch_config(max(head_dim, value_dim), block_sizes, causal,
                            capability)
     for kernel, (fixed, fields) in mosaic.items():
+      if kernel == "dq" and not MOSAIC_DQ_BY_DEFAULT:
+        continue
       user_tiles = block_sizes is not None and any(
           getattr(block_sizes, field) is not None for field in fields)
       if _mosaic_by_default(capability, reasons[kernel], user_tiles, q_len,

@@ -52,36 +52,12 @@ from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
+from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
+from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import visible
-from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
-
-
-def _probabilities(st: Static, s, lse, visible):
-  """`(p, dcap)` of a transposed score tile: `p = exp(s - lse)`, 0 where
-  not `visible` (None: all are), and the soft cap's derivative `dcap` (None
-  without a cap). `lse` is in base 2, broadcast to the tile."""
-  dcap = None
-  scale = st.sm_scale * LOG2E
-  if st.softcap is not None:
-    t = jnp.tanh(s * (st.sm_scale / st.softcap))
-    s, scale = (st.softcap * LOG2E) * t, 1.0
-    dcap = 1.0 - t * t
-  p = jnp.exp2(s * scale - lse)
-  if visible is not None:
-    p = jnp.where(visible, p, 0.0)
-  return p, dcap
-
-
-def _score_grads(st: Static, p, dcap, dp_minus_delta, dtype):
-  """`ds` of a tile in `dtype`: `p (dp - delta)`, through the soft cap,
-  times the softmax scale."""
-  ds = p * dp_minus_delta
-  if dcap is not None:
-    ds = ds * dcap
-  return (ds * st.sm_scale).astype(dtype)
 
 
 class _DkdvRefs:
@@ -228,9 +204,9 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
                           plgpu.ACC((ROWS, bq), jnp.float32))
     plgpu.barrier_wait(r.stats_ready.at[slot])
     plgpu.barrier_wait(r.qvec_ready.at[slot])
-    p, dcap = _probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
+    p, dcap = probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
                              r.visible(slot, kv_vec) if masked else None)
-    ds = _score_grads(r.st, p, dcap, dp - r.column(r.stats_smem.at[slot, 1]),
+    ds = score_grads(r.st, p, dcap, dp - r.column(r.stats_smem.at[slot, 1]),
                       r.dtype)
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
@@ -323,7 +299,7 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
     if scores:
       s = transposed(k_tile, r.q_smem.at[slot])
       plgpu.barrier_wait(r.qvec_ready.at[slot])
-      p, dcap = _probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
+      p, dcap = probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
                                r.visible(slot, kv_vec) if masked else None)
       p_low = p.astype(dtype)
       plgpu.barrier_wait(mm_done)  # The other has read the last p, ds.
@@ -336,7 +312,7 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
         plgpu.wgmma(dv_ref, p_low, do_cols)
         plgpu.barrier_wait(x_ready)
         x = load_vector(x_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
-        ds = _score_grads(r.st, p, dcap, x, dtype)
+        ds = score_grads(r.st, p, dcap, x, dtype)
         ds_smem[...] = ds
         plgpu.commit_smem()
         plgpu.barrier_arrive(ds_ready)

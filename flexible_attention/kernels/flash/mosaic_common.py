@@ -1,18 +1,20 @@
 """What flash's Mosaic GPU (Hopper) kernels share: tiles, operands, masking.
 
-The forward (`mosaic_fwd`) and the dK/dV kernel (`mosaic_bwd`) are written
-for sm_90 the way FlashAttention-3 describes it (Shah et al., 2024,
-https://arxiv.org/abs/2407.08608): a producer warpgroup streams tiles into
-shared memory with TMA, two consumer warpgroups of `ROWS` rows run
-asynchronous `wgmma`s. This module holds their fixed tiles (which the launch
-policy reads), `unsupported_reason` and `fused_dq_reason` (what they
-cannot serve), and the pieces
-both kernels use: the swizzled shared-memory layout, the stacked structure
-vectors and the structured mask of a tile (`masks.pair_visible`, the
-library's one mask rule).
+The forward (`mosaic_fwd`), the dK/dV kernel (`mosaic_bwd`) and the dQ
+kernel (`mosaic_dq`) are written for sm_90 the way FlashAttention-3
+describes it (Shah et al., 2024, https://arxiv.org/abs/2407.08608): a
+producer warpgroup streams tiles into shared memory with TMA, two consumer
+warpgroups of `ROWS` rows run asynchronous `wgmma`s. This module holds their
+fixed tiles (which the launch policy reads), `unsupported_reason`,
+`fused_dq_reason` and `dq_reason` (what they cannot serve), and the pieces
+they share: the swizzled shared-memory layout, the stacked structure vectors
+and the structured mask of a tile (`masks.pair_visible`, the library's one
+mask rule), a score tile's `p` and `ds`, and what the forward and dQ kernels
+(both over one query tile) do alike: the producer that streams K and V, the
+consumers' structure vectors and their ping-pong barrier.
 
 Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
-that both kernels lower for every structure they serve, and the GPU machine
+that the kernels lower for every structure they serve, and the GPU machine
 runs them against the reference (benchmarks/flash_notes.md).
 
 Glossary of shapes:
@@ -24,13 +26,17 @@ Glossary of shapes:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
+from flexible_attention.kernels.flash.structure import LOG2E
 
 ROWS = 64  # Query rows per consumer warpgroup: wgmma's M.
 CONSUMERS = 2
@@ -110,6 +116,29 @@ def dkv_block_k(head_dim: int) -> int:
   return ROWS if head_dim >= SPLIT_HEAD_DIM else BLOCK_Q
 
 
+def dq_block_k(head_dim: int) -> int:
+  """The key tile of the dQ kernel (`mosaic_dq`) per padded head size: 128
+  at Dp = 64, 64 above (`wgmma` reads K tiles of at least 64 keys). Its
+  consumers hold a float32 `[64, Dp]` dQ and two `[64, bk]` score tiles
+  (`s`, `dp`) in registers, the program q and dO beside `STAGES` slots of K
+  and V in shared memory (the budget is in `mosaic_dq`'s docstring; not yet
+  measured on a GPU)."""
+  return 128 if head_dim <= 64 else 64
+
+
+def dq_reason(head_dim: int) -> str | None:
+  """Why the dQ kernel (`mosaic_dq`) cannot serve a padded head size, or
+  None: at Dp = 256 q and dO (128 KiB) and two slots of 64-key K and V
+  tiles (128 KiB) exceed the 227 KiB of shared memory a block has, and
+  dQ, `s` and `dp` 208 of a consumer thread's 232 registers."""
+  if head_dim >= SPLIT_HEAD_DIM:
+    return (f"its dQ kernel takes padded head sizes below {SPLIT_HEAD_DIM}, "
+            f"got {head_dim} (q, dO and two slots of K and V would take 256 "
+            f"KiB of the 227 KiB of shared memory a block has); use "
+            f"dq_backend='triton' there")
+  return None
+
+
 def fused_dq_reason(head_dim: int) -> str | None:
   """Why the dK/dV kernel cannot also compute dQ (the fused backward,
   `LaunchConfig.atomic_dq`) at a padded head size, or None.
@@ -159,6 +188,150 @@ def visible(st, q_vec: dict, kv_vec: dict):
       kv_seg=kv_vec.get("kv_seg"))
 
 
+
+
+def probabilities(st, s, lse, visible):
+  """`(p, dcap)` of a score tile (or a transposed one): `p = exp(s - lse)`,
+  0 where not `visible` (None: all are), and the soft cap's derivative
+  `dcap` (None without a cap). `s` is the raw `q k^T`, `lse` the rows'
+  log-sum-exp in base 2, broadcast to the tile."""
+  dcap = None
+  scale = st.sm_scale * LOG2E
+  if st.softcap is not None:
+    t = jnp.tanh(s * (st.sm_scale / st.softcap))
+    s, scale = (st.softcap * LOG2E) * t, 1.0
+    dcap = 1.0 - t * t
+  p = jnp.exp2(s * scale - lse)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  return p, dcap
+
+
+def score_grads(st, p, dcap, dp_minus_delta, dtype):
+  """`ds` of a tile in `dtype`: `p (dp - delta)`, through the soft cap,
+  times the softmax scale (the Triton kernels' `ds`)."""
+  ds = p * dp_minus_delta
+  if dcap is not None:
+    ds = ds * dcap
+  return (ds * st.sm_scale).astype(dtype)
+
+
+def meet(sched):
+  """Both consumers meet at `sched`: the ping-pong of FlashAttention-3 (one
+  consumer's matmuls run while the other computes on its registers)."""
+  plgpu.barrier_arrive(sched)
+  plgpu.barrier_wait(sched)
+
+
+def query_vectors(st, qvec_ref, qvec_smem, ready, batch, wg, rows, shape):
+  """Consumer `wg`'s query structure vectors (`st.vectors()[0]`) of batch
+  row `batch`, its `ROWS` rows from `rows` on, each broadcast to a `shape`
+  tile; read through its shared-memory rows `qvec_smem.at[wg]` (`[Nq,
+  ROWS]`) and barrier `ready.at[wg]`."""
+  q_names = st.vectors()[0]
+  if not q_names:
+    return {}
+  plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
+                          qvec_smem.at[wg], ready.at[wg])
+  plgpu.barrier_wait(ready.at[wg])
+  return {name: lax.broadcast_in_dim(
+      load_vector(qvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1)), shape,
+      [0]) for n, name in enumerate(q_names)}
+
+
+def key_vectors(st, kvvec_smem, slot, names, shape):
+  """The key structure vectors `names` of the key tile in `slot` of the
+  stream (`kvvec_smem`: `[STAGES, Nk, bk]`), each broadcast to a `shape`
+  tile."""
+  kv_names = st.vectors()[1]
+  return {name: lax.broadcast_in_dim(
+      load_vector(kvvec_smem.at[slot, kv_names.index(name)],
+                  plgpu.Layout.WGMMA.reduce(0)), shape, [1])
+          for name in names}
+
+
+def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int):
+  """Where a program over one query tile (the forward, dQ) is: `(tile,
+  batch, head, wg, (lo, flo, fhi, hi))`, its query tile (the last first:
+  heavy causal rows first), batch row, head, this warpgroup and the tile's
+  bounds, which every warpgroup reads through its own shared-memory row
+  (`bounds_ref`: `[B, nq, BOUNDS_ROW]`)."""
+  tile = nq - 1 - lax.axis_index("q")
+  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  wg = lax.axis_index("wg")
+  bounds = read_row(bounds_ref.at[batch, tile], bounds_smem.at[wg],
+                    bounds_ready.at[wg], 4)
+  return tile, batch, head, wg, bounds
+
+
+def query_tile_loop(step, carry, bounds, sched, wg):
+  """Consumer `wg`'s loop over its program's key tiles (the forward, dQ):
+  `step(t, carry, masked)` over tiles `[lo, hi)` of `bounds = (lo, flo,
+  fhi, hi)`, unmasked in `[flo, fhi)`. Consumer 1 starts one phase behind
+  at `sched` and consumer 0 meets it once more at the end, so both meet
+  there as often (each step meets twice). Returns the carry."""
+  lo, flo, fhi, hi = bounds
+  pl.when(wg == 1)(functools.partial(meet, sched))
+  masked = functools.partial(step, masked=True)
+  carry = lax.fori_loop(lo, flo, masked, carry)
+  carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False),
+                        carry)
+  carry = lax.fori_loop(fhi, hi, masked, carry)
+  pl.when(wg == 0)(functools.partial(meet, sched))
+  return carry
+
+
+def query_tile_kernel(body, out_type, *, nq: int, batch: int, heads: int):
+  """`body` as a Mosaic GPU kernel over the programs `(query tile, batch
+  row, head)` (grid names "q", "b", "h") of `CONSUMERS + 1` warpgroups
+  ("wg"), the last the producer."""
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(nq, batch, heads),
+      grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
+                lo, hi):
+  """The producer warpgroup of a program over one query tile (the forward,
+  dQ): streams key tiles `[lo, hi)` of K, V and the keys' structure vectors
+  of the program's batch row and KV head (query head // G) into `STAGES`
+  slots, `t`'s into slot `(t - lo) % STAGES`, refilling a slot once both
+  consumers freed its K and its V.
+
+  Args:
+    smem: `(k [STAGES, bk, Dp], v [STAGES, bk, Dp], kv vectors [STAGES, Nk,
+      bk])` in shared memory.
+    ready: their barriers `(k, v, kv vectors)`, `STAGES` each.
+    free: `(k, v)`, `STAGES` barriers of `CONSUMERS` arrivals each.
+  """
+  k_smem, v_smem, kvvec_smem = smem
+  k_ready, v_ready, kvvec_ready = ready
+  k_free, v_free = free
+  plgpu.set_max_registers(40, action="decrease")
+  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
+
+  def load(t, slot):
+    keys = pl.ds(t * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
+                            k_ready.at[slot])
+    plgpu.copy_gmem_to_smem(kvvec_ref.at[batch, :, keys],
+                            kvvec_smem.at[slot], kvvec_ready.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot],
+                            v_ready.at[slot])
+
+  for slot in range(STAGES):
+    pl.when(lo + slot < hi)(functools.partial(load, lo + slot, slot))
+
+  def refill(t, _):
+    slot = lax.rem(t - lo, STAGES)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+    load(t, slot)
+
+  lax.fori_loop(lo + STAGES, hi, refill, None)
 
 
 def stacked_vectors(st, aux, batch: int, q_len: int):

@@ -48,11 +48,17 @@ from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import block_k
-from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import key_vectors
+from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
+from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
+from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
+from flexible_attention.kernels.flash.mosaic_common import query_tile_program
+from flexible_attention.kernels.flash.mosaic_common import query_vectors
 from flexible_attention.kernels.flash.mosaic_common import read_row
-from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
+from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_mods import ROW
 from flexible_attention.kernels.flash.mosaic_mods import TileMods
 from flexible_attention.kernels.flash.mosaic_mods import plan
@@ -74,18 +80,11 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
   (q_ready, qvec_ready, k_ready, v_ready, kvvec_ready, bounds_ready) = ready
   k_free, v_free = free
   dtype = q_ref.dtype
-  q_names, kv_names = st.vectors()
-  tile = nq - 1 - lax.axis_index("q")  # Heavy causal rows first.
-  batch, head = lax.axis_index("b"), lax.axis_index("h")
-  wg = lax.axis_index("wg")
+  kv_names = st.vectors()[1]
+  tile, batch, head, wg, (lo, flo, fhi, hi) = query_tile_program(
+      bounds_ref, bounds_smem, bounds_ready, nq)
 
-  # Every warpgroup reads the tile's bounds through shared memory.
-  lo, flo, fhi, hi = read_row(bounds_ref.at[batch, tile],
-                              bounds_smem.at[wg], bounds_ready.at[wg], 4)
-
-  def sync():  # Both consumers meet: the ping-pong of FlashAttention-3.
-    plgpu.barrier_arrive(sched)
-    plgpu.barrier_wait(sched)
+  sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -103,14 +102,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
           for ref, (row_smem, row_ready), count in zip(
               mod_refs, mod_scratch, plan(st.mods).counts)]
       mods = TileMods(st.mods, scalars, (ROWS, bk))
-    q_vec = {}
-    if q_names:
-      plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
-                              qvec_smem.at[wg], qvec_ready.at[wg])
-      plgpu.barrier_wait(qvec_ready.at[wg])
-      for n, name in enumerate(q_names):
-        vec = load_vector(qvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1))
-        q_vec[name] = lax.broadcast_in_dim(vec, (ROWS, bk), [0])
+    q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
+                          rows, (ROWS, bk))
     plgpu.barrier_wait(q_ready.at[wg])
 
     # `s * scale` are the logits in base 2: the raw `q k^T` with the softmax
@@ -121,12 +114,6 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     # The key vectors an unmasked tile reads: the score_mod's positions.
     unmasked_kv = ("kv_pos",) if "kv_pos" in (
         plan(st.mods).reads_of("score_mod") if st.score_mod else ()) else ()
-
-    def kv_vectors(slot, names):
-      return {name: lax.broadcast_in_dim(
-          load_vector(kvvec_smem.at[slot, kv_names.index(name)],
-                      plgpu.Layout.WGMMA.reduce(0)), (ROWS, bk), [1])
-              for name in names}
 
     def step(t, carry, masked: bool):
       acc, m, l = carry
@@ -140,7 +127,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
       s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
       plgpu.barrier_wait(kvvec_ready.at[slot])
-      kv = kv_vectors(slot, kv_names if masked else unmasked_kv)
+      kv = key_vectors(st, kvvec_smem, slot,
+                       kv_names if masked else unmasked_kv, (ROWS, bk))
       vis = visible(st, q_vec, kv) if masked else None
       plgpu.barrier_arrive(k_free.at[slot])
       if st.score_mod:  # The semantics' logits, after scale and soft cap.
@@ -180,13 +168,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
              plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                reduced),
              plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduced))
-    pl.when(wg == 1)(sync)  # Consumer 1 starts one phase behind.
-    masked = functools.partial(step, masked=True)
-    carry = lax.fori_loop(lo, flo, masked, carry)
-    carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False),
-                          carry)
-    acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
-    pl.when(wg == 0)(sync)
+    acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
+                              wg)
 
     nonempty = l > 0.0
     inv_l = 1.0 / jnp.where(nonempty, l, 1.0)
@@ -202,28 +185,9 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
   @pl.when(wg == CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
-
-    def load(t, slot):
-      keys = pl.ds(t * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
-                              k_ready.at[slot])
-      plgpu.copy_gmem_to_smem(kvvec_ref.at[batch, :, keys],
-                              kvvec_smem.at[slot], kvvec_ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot],
-                              v_ready.at[slot])
-
-    for slot in range(STAGES):
-      pl.when(lo + slot < hi)(functools.partial(load, lo + slot, slot))
-
-    def refill(t, _):
-      slot = lax.rem(t - lo, STAGES)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      load(t, slot)
-
-    lax.fori_loop(lo + STAGES, hi, refill, None)
+    stream_keys(st, k_ref, v_ref, kvvec_ref, (k_smem, v_smem, kvvec_smem),
+                (k_ready, v_ready, kvvec_ready), (k_free, v_free), bk=bk,
+                lo=lo, hi=hi)
 
 
 def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
@@ -301,9 +265,6 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
-  return plgpu.kernel(
-      body, out_type=out_type, grid=(nq, batch, heads),
-      grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, bounds, q_vectors, kv_vectors, *rows)
+  return query_tile_kernel(body, out_type, nq=nq, batch=batch,
+                           heads=heads)(q, k, v, bounds, q_vectors,
+                                        kv_vectors, *rows)
