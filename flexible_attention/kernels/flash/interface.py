@@ -22,6 +22,7 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
+from jax import custom_derivatives
 from jax import lax
 import jax.numpy as jnp
 
@@ -136,14 +137,27 @@ def _flash(st, q, k, v, bias, aux, sinks, mods):
 
 
 def _flash_fwd(st, q, k, v, bias, aux, sinks, mods):
+  # With symbolic zeros every input leaf comes as a `CustomVJPPrimal`,
+  # which says whether it is differentiated: a `mod_args` leaf too large
+  # for the kernels' gradient (`mod_lowering.check_grads`) is refused only
+  # then (a frozen T5 table is served).
+  perturbed = ([p.perturbed for p in jax.tree.leaves(mods.args)]
+               if mods is not None else [])
+  q, k, v, bias, aux, sinks, mods = jax.tree.map(
+      lambda p: p.value, (q, k, v, bias, aux, sinks, mods))
   out, lse = _forward(st, q, k, v, bias, aux, sinks=sinks, mods=mods)
-  return (out, lse), (q, k, v, bias, aux, sinks, mods, out, lse)
+  # A static flag (pytree structure, not a value): `()` to refuse.
+  refuse = (() if st.mods is not None and any(
+      perturbed[i] for i in st.mods.too_large) else None)
+  return (out, lse), (q, k, v, bias, aux, sinks, mods, out, lse, refuse)
 
 
 def _flash_bwd(st, residuals, cotangents):
-  q, k, v, bias, aux, sinks, mods, out, lse = residuals
-  dout, dlse = cotangents
-  if st.score_mod:
+  q, k, v, bias, aux, sinks, mods, out, lse, refuse = residuals
+  dout, dlse = (jnp.zeros(x.shape, x.dtype)
+                if isinstance(ct, custom_derivatives.SymbolicZero) else ct
+                for ct, x in zip(cotangents, (out, lse)))
+  if refuse is not None:
     mod_lowering.check_grads(st.mods, q.shape[2])
   # The lse counts the sinks, so the kernels' p = exp(s - lse) and their
   # dq, dk, dv are unchanged; dsinks in XLA (`merge.sink_gradient`).
@@ -158,7 +172,7 @@ def _flash_bwd(st, residuals, cotangents):
   return dq, dk, dv, dbias, None, dsinks, dmods
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 
 class Prepared(NamedTuple):

@@ -30,7 +30,9 @@ d score` per element (`TileMods.score_grads`), and per gathered float value
 cotangent and scatter-adds into a per-program partial of the leaf
 (`TileMods.add_partials`); `sum_partials` sums the programs' partials in
 XLA. Only leaves of at most H elements (`[H]` or smaller) get gradients
-this way; a larger float leaf that needs one is refused (`check_grads`).
+this way; a larger float leaf that needs one (one the call differentiates:
+`interface._flash_fwd` reads it off the `custom_vjp`'s symbolic zeros) is
+refused (`check_grads`).
 
 Glossary of shapes:
 - B: batch size; H, Hkv: query and key/value heads.
