@@ -21,10 +21,7 @@ Prints one JSON line per cell, then a table per cell.
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
 import json
-import os
 import tempfile
 
 from absl import app
@@ -52,30 +49,6 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny cell, interpreted (CPU).")
 TOL = 2e-2  # bf16 against the float32 reference, relative to its largest.
 
 
-def _device_events(trace_dir: str) -> dict[tuple[str, str], list[float]]:
-  """`{(thread, name): [durations in µs]}` of the device's events in the
-  Perfetto trace under `trace_dir` (the host's threads left out)."""
-  path, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                    recursive=True)
-  with gzip.open(path, "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  processes, threads = {}, {}
-  for e in events:
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      processes[e["pid"]] = e["args"]["name"]
-    if e.get("ph") == "M" and e.get("name") == "thread_name":
-      threads[(e["pid"], e["tid"])] = e["args"]["name"]
-  device = {pid for pid, name in processes.items()
-            if "/device:" in name and "CPU" not in name.upper()}
-  out = collections.defaultdict(list)
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device:
-      thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
-      out[(thread, e["name"])].append(float(e.get("dur", 0.0)))
-  return out
-
-
 def _profile(cell: decode.DecodeCell) -> dict:
   """One cell: checked, timed, traced."""
   options = {"interpret": True} if _SMOKE.value else {}
@@ -98,7 +71,7 @@ def _profile(cell: decode.DecodeCell) -> dict:
       for _ in range(_CALLS.value):
         out = call()
       jax.block_until_ready(out)
-    events = _device_events(trace_dir)
+    events = timing.device_kernel_times(trace_dir)
   kernels = sorted(
       ({"thread": thread, "name": name,
         "per_call": len(durs) / _CALLS.value,

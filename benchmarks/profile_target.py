@@ -20,10 +20,7 @@ Compute (every launch of the first run profiled, the check's after them),
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
 import json
-import os
 import tempfile
 
 from absl import app
@@ -34,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flexible_attention as fa
+from flexible_attention import timing
 from flexible_attention.comparison import compare
 
 _MECHANISM = flags.DEFINE_string("mechanism", "flash", "What to run.")
@@ -67,23 +65,6 @@ def _program(b, s, h, d):
     out, pullback = jax.vjp(lambda *a: apply({}, *a), q, k, v)
     return (out, *pullback(dout))
   return jax.jit(step)
-
-
-def _kernel_names(trace_dir: str) -> list[tuple[str, float]]:
-  path, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                    recursive=True)
-  with gzip.open(path, "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  processes = {e["pid"]: e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {p for p, n in processes.items()
-            if "/device:" in n and "CPU" not in n.upper()}
-  total = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device:
-      total[e["name"]] += float(e.get("dur", 0.0))
-  return total.most_common()
 
 
 def summarize(path: str, min_us: float) -> list[dict]:
@@ -143,7 +124,11 @@ def main(argv):
     with tempfile.TemporaryDirectory() as trace_dir:
       with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         jax.block_until_ready(step(q, k, v, dout))
-      for name, us in _kernel_names(trace_dir):
+      total = collections.Counter()
+      for (_, name), durations in timing.device_kernel_times(
+          trace_dir).items():
+        total[name] += sum(durations)
+      for name, us in total.most_common():
         print(f"{us:10.1f} us  {name}")
     return
   for _ in range(_RUNS.value):

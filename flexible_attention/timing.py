@@ -13,8 +13,13 @@ A leaf module: it imports only the standard library and JAX, so that both
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
+import json
 import math
+import os
 import random
 import statistics
 import time
@@ -118,3 +123,29 @@ def peak_device_bytes(device: jax.Device | None = None) -> int | None:
   if not stats:
     return None
   return stats.get("peak_bytes_in_use")
+
+
+def device_kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:
+  """The device's events of a `jax.profiler.trace(trace_dir,
+  create_perfetto_trace=True)`: `{(thread, name): [durations in µs]}`, the
+  threads being a device's lines (XLA's ops, a stream's kernels), the
+  host's left out (empty on a CPU, whose work is the host's)."""
+  path, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                    recursive=True)
+  with gzip.open(path, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  processes, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      processes[e["pid"]] = e["args"]["name"]
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  device = {pid for pid, name in processes.items()
+            if "/device:" in name and "CPU" not in name.upper()}
+  out = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+      out[(thread, e["name"])].append(float(e.get("dur", 0.0)))
+  return dict(out)

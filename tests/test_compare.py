@@ -1,6 +1,7 @@
 """`fa.compare_attentions`, the benchmark rows and the absl scripts."""
 
 import ast
+import gzip
 import importlib.util
 import json
 import os
@@ -314,3 +315,26 @@ def test_fresh_peak_does_not_import_the_benchmark_that_starts_it():
               for alias in node.names}
   assert not imported & {"flexible_attention.comparison.benchmark",
                          "flexible_attention.comparison.measure"}
+
+
+def test_device_kernel_times_reads_a_perfetto_trace(tmp_path):
+  """The device's kernels per (line, name), the host's events left out."""
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1,
+       "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2,
+       "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+       "args": {"name": "Stream #14(Compute)"}},
+      {"ph": "X", "name": "kernel_a", "pid": 1, "tid": 7, "dur": 3.0},
+      {"ph": "X", "name": "kernel_a", "pid": 1, "tid": 7, "dur": 5.0},
+      {"ph": "X", "name": "kernel_b", "pid": 1, "tid": 7, "dur": 1.5},
+      {"ph": "X", "name": "host_op", "pid": 2, "tid": 1, "dur": 9.0},
+  ]
+  path = tmp_path / "plugins" / "profile" / "run"
+  path.mkdir(parents=True)
+  with gzip.open(path / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  assert timing.device_kernel_times(str(tmp_path)) == {
+      ("Stream #14(Compute)", "kernel_a"): [3.0, 5.0],
+      ("Stream #14(Compute)", "kernel_b"): [1.5]}
