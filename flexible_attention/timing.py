@@ -7,6 +7,10 @@ back-to-back calls waited for with `block_until_ready` (round-robin over
 the programs compared, in a fresh order each round), and report the median
 time of one call.
 
+It also reads a `jax.profiler` trace's device kernels back
+(`device_kernel_times`: where a program's device time goes, for the
+benchmarks' profiles).
+
 A leaf module: it imports only the standard library and JAX, so that both
 `mechanisms/` and `comparison/` import it downward.
 """
