@@ -102,8 +102,9 @@ class LaunchConfig:
   from run to run (within float32 rounding of the same sum). Off by
   default: the Triton atomics are 2.7x slower than the split backward on an
   H200 at D = 128 (acquire-release, with fences;
-  benchmarks/flash_notes.md); the Mosaic one awaits its measurement
-  (`benchmarks/fused_bwd_probe.py`).
+  benchmarks/flash_notes.md); the Mosaic one is correct there but 17%
+  slower than the split backward at D = 64, S = 4k (6.86 ms against 5.85,
+  `benchmarks/fused_bwd_probe.py`).
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
