@@ -63,7 +63,8 @@ def test_rows_are_checked_against_the_reference_then_timed(cache,
 
 def test_the_timing_loop_computes_the_checked_call():
   """`looped` runs the checked step `calls` times (the queries chained
-  through `0 * out`): the last call's output and cache are one call's."""
+  through `0 * out`): the last call's output is the float32 reference's,
+  and it and the cache are exactly one call's."""
   cell = decode.DecodeCell(batch=2, length=24, num_heads=4, num_kv_heads=2,
                            head_dim=8, dtype="float32", cache="paged16",
                            new_tokens=2)
@@ -71,6 +72,9 @@ def test_the_timing_loop_computes_the_checked_call():
   step = decode.step_fn("xla_decode", cell)
   want_out, want_cache = jax.jit(step)(cache, q, k, v)
   out, got_cache = jax.jit(decode.looped(step, 3))(cache, q, k, v)
+  np.testing.assert_allclose(np.asarray(out),
+                             decode.reference_output(cell, cache, q, k, v),
+                             rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
   for got, want in zip(got_cache, want_cache):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
