@@ -112,11 +112,12 @@ def test_split_backward_keeps_the_triton_dq():
 
 
 def _launch(monkeypatch, *, launch=None, head_dim=128, dtype=jnp.bfloat16,
-            dropout=None, block_sizes=None,
+            dropout=None, block_sizes=None, length=256,
             **call) -> flash_kernel.LaunchConfig:
-  """The launches `prepare` picks for a call on an sm_90 GPU (traced)."""
+  """The launches `prepare` picks for a call on an sm_90 GPU (traced; Sq =
+  Sk = `length`)."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
-  x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
+  x = jax.ShapeDtypeStruct((1, length, 2, head_dim), dtype)
   chosen = []
   jax.eval_shape(lambda q: chosen.append(flash_kernel.prepare(
       fa.canonicalize(q, q, q, **call), dropout, sm_scale=0.1,
@@ -217,11 +218,15 @@ def test_mosaic_dq_lowers_for_cuda(name, head_dim):
   assert _kernels(text) == dict(mosaic=1, triton=0, aliased=0)
 
 
-def test_mosaic_dq_is_off_by_default(monkeypatch):
-  """Not yet measured: the default launches keep Triton's dQ."""
-  assert not flash_launch.MOSAIC_DQ_BY_DEFAULT
-  chosen = _launch(monkeypatch, causal=True)
-  assert (chosen.dkv_backend, chosen.dq_backend) == ("mosaic", "triton")
+@pytest.mark.parametrize("kv_len, backend", [
+    (flash_launch.MOSAIC_DQ_MIN_KV_LEN // 2, "triton"),
+    (flash_launch.MOSAIC_DQ_MIN_KV_LEN, "mosaic")])
+def test_mosaic_dq_serves_long_calls_by_default(kv_len, backend,
+                                                monkeypatch):
+  """The Mosaic dQ measured faster than Triton's from 16k keys on, slower
+  at 4k: the default launches take it from `MOSAIC_DQ_MIN_KV_LEN` on."""
+  chosen = _launch(monkeypatch, causal=True, length=kv_len)
+  assert (chosen.dkv_backend, chosen.dq_backend) == ("mosaic", backend)
 
 
 @pytest.mark.parametrize("head_dim, block_sizes, backend", [
@@ -229,11 +234,12 @@ def test_mosaic_dq_is_off_by_default(monkeypatch):
     (256, None, "triton"),  # Does not fit (mosaic_common.dq_reason).
     (128, fa.BlockSizes(block_k_dq=32), "triton"),  # The user's tiles.
 ])
-def test_mosaic_dq_by_default_is_one_flag(head_dim, block_sizes, backend,
-                                          monkeypatch):
-  """With `MOSAIC_DQ_BY_DEFAULT` set, the default launches take the Mosaic
-  dQ kernel wherever it serves the call, as for the forward and dK/dV."""
-  monkeypatch.setattr(flash_launch, "MOSAIC_DQ_BY_DEFAULT", True)
+def test_mosaic_dq_by_default_where_it_serves(head_dim, block_sizes,
+                                              backend, monkeypatch):
+  """From `MOSAIC_DQ_MIN_KV_LEN` keys on, the default launches take the
+  Mosaic dQ kernel wherever it serves the call, as for the forward and
+  dK/dV."""
+  monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 256)
   chosen = _launch(monkeypatch, head_dim=head_dim, block_sizes=block_sizes,
                    causal=True)
   assert chosen.dq_backend == backend

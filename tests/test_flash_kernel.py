@@ -391,7 +391,7 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
 def test_default_backends(capability, options, backends, monkeypatch):
   launch = _prepare(capability, monkeypatch, **options)
   assert (launch.fwd_backend, launch.dkv_backend) == backends
-  assert launch.dq_backend == "triton"  # launch.MOSAIC_DQ_BY_DEFAULT.
+  assert launch.dq_backend == "triton"  # Sk < launch.MOSAIC_DQ_MIN_KV_LEN.
   d = options.get("head_dim", 128)
   if launch.fwd_backend == "mosaic":
     assert launch.fwd == flash_kernel.mosaic_launch(d)

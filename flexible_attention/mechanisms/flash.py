@@ -101,7 +101,8 @@ class FlashAttention(base.AttentionModule):
   head sizes padding to 64, 128 or 256, no bias, dense mask or dropout),
   the same function; `launch=` with `fwd_backend` / `dkv_backend` /
   `dq_backend` `"triton"` or `"mosaic"` picks them explicitly (the Mosaic
-  dQ kernel only when asked for, head sizes padding to 64 or 128).
+  dQ kernel, head sizes padding to 64 or 128, serves by default from 16k
+  keys on: `kernels/flash/launch.py`).
   `interpret=True` runs the Triton kernels in Pallas' interpreter on any
   backend (slow; for tests on CPU).
 

@@ -24,10 +24,11 @@ Which path serves what (the README has it too):
   document ids, which index `mod_args` per element), else Triton;
 - dK/dV: likewise on Hopper (its own tiles), except calls with mods (the
   Triton kernel), else Triton;
-- dQ: Triton by default; with `LaunchConfig(dq_backend="mosaic")` (opt-in
-  until measured: `MOSAIC_DQ_BY_DEFAULT`) the Mosaic GPU dQ kernel
-  (`mosaic_dq`) for the calls the dK/dV kernel serves at padded D of 64 or
-  128 (`mosaic_common.dq_reason`); with `LaunchConfig(atomic_dq=True)`
+- dQ: on Hopper by default the Mosaic GPU dQ kernel (`mosaic_dq`) for the
+  calls the dK/dV kernel serves at padded D of 64 or 128
+  (`mosaic_common.dq_reason`) with Sk >= `MOSAIC_DQ_MIN_KV_LEN` (where it
+  measured faster), else Triton's; `LaunchConfig(dq_backend=...)` picks
+  either explicitly; with `LaunchConfig(atomic_dq=True)`
   (opt-in, not bitwise reproducible) the dK/dV kernel's, added into
   float32: Triton's atomics with `dkv_backend="triton"`, the fused Mosaic
   GPU backward's TMA reduce-adds with `dkv_backend="mosaic"` (padded D of
@@ -68,11 +69,14 @@ TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
                "block_q_dq", "block_k_dq")
 BACKENDS = ("triton", "mosaic")  # Of the forward, dK/dV, dQ and decode
 # kernels.
-# Whether the default launches on Hopper take the Mosaic GPU dQ kernel
-# (`mosaic_dq`) where it serves the call, as they take the Mosaic forward
-# and dK/dV kernels; off until it is measured against Triton's
-# (`benchmarks/fused_bwd_probe.py --variants=split,mosaic_dq`).
-MOSAIC_DQ_BY_DEFAULT = False
+# The default launches on Hopper take the Mosaic GPU dQ kernel (`mosaic_dq`)
+# where it serves the call and each query tile's program runs over at least
+# this many keys (Sk). Measured on an H200 (jax 0.11.2, bf16, B * S = 16k,
+# H * D = 2048; `benchmarks/fused_bwd_probe.py --variants=split,mosaic_dq`):
+# forward+backward 0.91-0.96x the time of the Triton dQ's at S = 16k, 1.02-
+# 1.035x at S = 4k (its fixed cost per program, the q / dO / stats loads
+# and the barriers, weighs on short key loops).
+MOSAIC_DQ_MIN_KV_LEN = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +128,8 @@ class LaunchConfig:
   calls the dK/dV kernel serves, at padded head sizes 64 and 128:
   `mosaic_common.dq_reason`; `dq=mosaic_dq_launch(Dp)`); an error together
   with `atomic_dq=True`, whose dK/dV kernel computes dQ. The default
-  launches use it on Hopper only with `MOSAIC_DQ_BY_DEFAULT` (off: not yet
-  measured), wherever it serves the call and the dQ tiles are not the
-  user's.
+  launches use it on Hopper wherever it serves the call, Sk is at least
+  `MOSAIC_DQ_MIN_KV_LEN` and the dQ tiles are not the user's.
 
   The Mosaic kernels write the inputs' dtype: a call prepared with
   `float32_results=True` (a ring's blocks) never uses them by default and
@@ -492,8 +495,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     launch = launch_config(max(head_dim, value_dim), block_sizes, causal,
                            capability)
     for kernel, (fixed, fields) in mosaic.items():
-      if kernel == "dq" and not MOSAIC_DQ_BY_DEFAULT:
-        continue
+      if kernel == "dq" and kv_len < MOSAIC_DQ_MIN_KV_LEN:
+        continue  # Triton's dQ measured faster there.
       user_tiles = block_sizes is not None and any(
           getattr(block_sizes, field) is not None for field in fields)
       if _mosaic_by_default(capability, reasons[kernel], user_tiles, q_len,
