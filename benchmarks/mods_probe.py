@@ -28,14 +28,16 @@ more than bf16's tolerance is not timed. The variants of a cell are then
 timed round-robin (`timing.median_seconds_each`). Each flash variant runs
 the default launch policy; `fwd_backend` records which forward kernel its
 program holds (`mosaic`: the Mosaic GPU forward, which on Hopper evaluates
-ALiBi and the prefix-LM mask_mod itself; `triton`), read off the lowered
-program's kernels. `--smoke`: tiny shapes
+ALiBi and the prefix-LM mask_mod itself; `triton`) and `fwd_bwd_kernels`
+those of its gradient program, in order (from 16k keys the Mosaic dQ
+kernel evaluates the mods too), read off the lowered programs. `--smoke`: tiny shapes
 in Pallas' interpreter, flash only, no timing (a CPU check of the script).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from absl import app
 from absl import flags
@@ -152,12 +154,15 @@ def _part(x, heads, axis):
   return x
 
 
-def _forward_backend(forward, *args) -> str:
-  """Which kernel serves a jitted flash forward: `mosaic` (Mosaic GPU) or
-  `triton`, from the custom calls of its lowered program."""
-  text = forward.lower(*args).as_text()
-  return ("mosaic" if "mosaic_gpu" in text else
-          "triton" if "triton" in text else "interpreted")
+def _kernels(fn, *args) -> str:
+  """The kernels of a jitted flash program, from the custom calls of its
+  lowered text, in order: `mosaic` (Mosaic GPU) or `triton` each, joined
+  by `+` (`interpreted` without any)."""
+  text = fn.lower(*args).as_text()
+  kinds = ["mosaic" if "mosaic_gpu" in t else "triton"
+           for t in re.findall(r"custom_call @\"?([\w$.]+)", text)
+           if "mosaic_gpu" in t or "triton" in t]
+  return "+".join(kinds) or "interpreted"
 
 
 def _measure(s: int, h: int, d: int, tokens: int) -> dict:
@@ -177,7 +182,7 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
         part(q), part(k), part(v))
     want = (want_out, *want_vjp(part(dout)))
     row = dict(S=s, B=b, H=h, D=d, error={}, fwd_ms={}, fwd_bwd_ms={},
-               fwd_backend={})
+               fwd_backend={}, fwd_bwd_kernels={})
     calls = []
     for name, (attend, extra) in variants.items():
       if _SMOKE.value and not name.startswith("flash"):
@@ -192,7 +197,9 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
         row["error"][name] = f"{type(e).__name__}: {str(e)[:300]}"
         continue
       if name.startswith("flash"):
-        row["fwd_backend"][name] = _forward_backend(forward, q, k, v, extra)
+        row["fwd_backend"][name] = _kernels(forward, q, k, v, extra)
+        row["fwd_bwd_kernels"][name] = _kernels(forward_backward, q, k, v,
+                                                dout, extra)
       if name.endswith("plain"):  # Its own reference: plain causal.
         error = None
       else:
@@ -263,16 +270,18 @@ def main(argv):
       base = row["fwd_bwd_ms"].get("flash_plain")
       print(f"\n{cell}, S = {row['S']}, B = {row['B']} "
             f"(pairs over causal {row['pairs_over_causal']:.3f})")
-      print("| variant | forward kernel | fwd | fwd+bwd | flash_plain's "
-            "fwd+bwd over it |")
-      print("|---|---|---|---|---|")
+      print("| variant | forward kernel | fwd+bwd kernels | fwd | fwd+bwd | "
+            "flash_plain's fwd+bwd over it |")
+      print("|---|---|---|---|---|---|")
       for name in row["error"]:
         kernel = row["fwd_backend"].get(name, "-")
+        kernels = row["fwd_bwd_kernels"].get(name, "-")
         f, fb = row["fwd_ms"].get(name), row["fwd_bwd_ms"].get(name)
         if fb is None:
-          print(f"| {name} | {kernel} | - | - | {row['error'][name]} |")
+          print(f"| {name} | {kernel} | {kernels} | - | - | "
+                f"{row['error'][name]} |")
           continue
-        print(f"| {name} | {kernel} | {f:.3f} | {fb:.3f} | "
+        print(f"| {name} | {kernel} | {kernels} | {f:.3f} | {fb:.3f} | "
               f"{base / fb if base else float('nan'):.3f} |")
 
 

@@ -224,11 +224,16 @@ def test_flash_mods_compiled_on_a_gpu():
   and the gradients of q, k, v, sinks and the [H] / [B] mod_args. Then
   the mods the Mosaic GPU forward evaluates (on Hopper the policy picks it;
   asserted) with the Triton backward, over several 128-row tiles
-  (`_check_mosaic_forward_mods`)."""
+  (`_check_mosaic_forward_mods`), and again with the Mosaic dQ kernel."""
   _check("flash-gpu-bf16", S_ODD, _module_fn("flash", dropout=False), False,
          jnp.bfloat16, dropout=False)
   for name in ("alibi", "both", "static"):
     _check_mosaic_forward_mods(name)
+  # The Mosaic dQ kernel with the same mods (its default from 16k keys).
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
+    for name in ("alibi", "both", "static", "every_primitive"):
+      _check_mosaic_forward_mods(name, "mosaic" if ON_HOPPER else "triton")
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -882,20 +887,30 @@ def _hopper_call(name, q, k, v, mod_args, **options):
 
 
 def _backends(inputs, **options):
-  """`(fwd_backend, dkv_backend)` that `prepare` picks for a call."""
+  """`(fwd_backend, dkv_backend, dq_backend)` that `prepare` picks for a
+  call."""
   launches = []
   jax.eval_shape(lambda: launches.append(flash_kernel.prepare(
       inputs, sm_scale=0.125, **options).static.launch))
-  return launches[0].fwd_backend, launches[0].dkv_backend
+  return (launches[0].fwd_backend, launches[0].dkv_backend,
+          launches[0].dq_backend)
 
 
 @pytest.mark.parametrize("name", ["alibi", "prefix_lm", "static",
                                   "every_primitive"])
-def test_mosaic_forward_with_mods_lowers_for_cuda(name, monkeypatch):
+@pytest.mark.parametrize("long_keys", [False, True],
+                         ids=["short", "mosaic_dq"])
+def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
+                                                  monkeypatch):
   """On Hopper the policy gives these mods the Mosaic forward, which lowers
   through Mosaic GPU (every primitive it allows among them); ALiBi's
-  gradient program holds it and the Triton dK/dV and dQ kernels."""
+  gradient program holds it and the Triton dK/dV and dQ kernels. From
+  `MOSAIC_DQ_MIN_KV_LEN` keys on (lowered at 0 here) the dQ kernel is
+  Mosaic's with every mod, the score_mods' derivatives (the jvp of every
+  allowed primitive) included."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  if long_keys:
+    monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   q = jax.ShapeDtypeStruct((B, 200, H, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, 328, HKV, 64), jnp.bfloat16)
   args = _hopper_mod_args()
@@ -906,13 +921,15 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, monkeypatch):
                                        sm_scale=0.125).out
     return jnp.sum(out.astype(jnp.float32))
 
+  grad = grad or long_keys
   fn = jax.grad(loss, (0, 1, 2)) if grad else loss
   text = helpers.lower_for_cuda(fn, q, kv, kv, args)
   targets = re.findall(r"custom_call @\"?([\w$.]+)", text)
   kinds = sorted("mosaic" if "mosaic_gpu" in t else
                  "triton" if "triton" in t else t for t in targets)
-  assert kinds == (["mosaic", "triton", "triton"] if grad else ["mosaic"]), (
-      targets)
+  want = (["mosaic", "mosaic", "triton"] if long_keys else
+          ["mosaic", "triton", "triton"] if grad else ["mosaic"])
+  assert kinds == want, targets
 
 
 @pytest.mark.parametrize("name,mod_kind,mod,arg,backends", [
@@ -926,21 +943,25 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, monkeypatch):
 ])
 def test_policy_gives_per_program_mods_the_mosaic_forward(
     name, mod_kind, mod, arg, backends, monkeypatch):
-  """`choose_launch` on Hopper: the Mosaic forward for mods that read
-  mod_args per program, Triton's for per-element reads (T5's buckets,
-  document ids); the dK/dV kernel is Triton's with any mod."""
+  """`choose_launch` on Hopper: the Mosaic forward (and, with 16k keys, dQ)
+  for mods that read mod_args per program, Triton's for per-element reads
+  (T5's buckets, document ids); the dK/dV kernel is Triton's with any
+  mod."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   q = jnp.zeros((B, 256, H, 64), jnp.bfloat16)
   mod_args = (jnp.zeros((1,)) if arg is None else arg,)
   inputs = inputs_lib.canonicalize(q, q, q, mod_args=mod_args,
                                    **{mod_kind: mod})
   kernel_mods = mod_lowering.kernel_mods(inputs.mods, H)
-  launch = flash_launch.choose_launch(
-      dtype=jnp.bfloat16, head_dim=64, value_dim=64, q_len=256, kv_len=256,
-      causal=False, bias=False, mask=False, dropout=False, precision=None,
-      interpret=False, block_sizes=None, launch=None, float32_results=False,
-      mods=kernel_mods)
-  assert (launch.fwd_backend, launch.dkv_backend) == (backends, "triton")
+  for kv_len, dq in ((256, "triton"),
+                     (flash_launch.MOSAIC_DQ_MIN_KV_LEN, backends)):
+    launch = flash_launch.choose_launch(
+        dtype=jnp.bfloat16, head_dim=64, value_dim=64, q_len=256,
+        kv_len=kv_len, causal=False, bias=False, mask=False, dropout=False,
+        precision=None, interpret=False, block_sizes=None, launch=None,
+        float32_results=False, mods=kernel_mods)
+    assert (launch.fwd_backend, launch.dkv_backend, launch.dq_backend) == (
+        backends, "triton", dq)
   reason = mosaic_mods.unsupported_reason(kernel_mods)
   assert (reason is None) == (backends == "mosaic"), reason
 
@@ -1010,12 +1031,13 @@ def test_mosaic_mods_evaluator_computes_the_mods():
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _check_mosaic_forward_mods(name):
+def _check_mosaic_forward_mods(name, dq_backend="triton"):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
   (bfloat16, Sq = 260 < Sk = 328: bottom-right positions, padded tiles,
   grouped heads, soft cap): out, lse (-inf rows included) and the gradients
   of q, k, v, the [H] slopes and the [B] scale against the float32
-  reference. On Hopper the forward must be the Mosaic GPU kernel."""
+  reference. On Hopper the forward must be the Mosaic GPU kernel, and dQ
+  `dq_backend`'s."""
   rng = helpers.rng_for("mosaic-forward-mods", name)
   q, k, v = (x.astype(jnp.bfloat16) for x in helpers.random_qkv(
       rng, B, 260, 328, H, HKV, 64))
@@ -1023,7 +1045,7 @@ def _check_mosaic_forward_mods(name):
   cap = 30.0
   if ON_HOPPER:
     assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix)),
-                     softcap=cap) == ("mosaic", "triton"), name
+                     softcap=cap) == ("mosaic", "triton", dq_backend), name
 
   def flash(q, k, v, slopes, scale):
     result = flash_kernel.flash_attention(

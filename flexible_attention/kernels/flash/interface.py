@@ -48,6 +48,14 @@ from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
 from flexible_attention.kernels.flash.structure import Static
 
 
+def _mod_rows(st: Static, q, mods):
+  """The Mosaic kernels' rows of the mods' program values (`mosaic_mods.
+  program_rows`; `(None, None)` without mods)."""
+  if st.mods is None:
+    return (None, None)
+  return mosaic_mods.program_rows(st.mods, mods, q.shape[0], q.shape[2])
+
+
 def _mosaic_operands(st: Static, q, aux, bounds: str):
   """The Mosaic kernels' bounds and stacked structure vectors."""
   return (aux[bounds],) + mosaic_common.stacked_vectors(st, aux, q.shape[0],
@@ -71,11 +79,9 @@ def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None,
     assert sinks is None, "the Mosaic forward has no sinks"
     launch_lib.check_result_dtype("out_dtype", out_dtype, st.launch, "fwd",
                                   q.dtype)
-    rows = (None, None) if st.mods is None else mosaic_mods.program_rows(
-        st.mods, mods, q.shape[0], q.shape[2])
     return mosaic_fwd.forward(st, q, k, v,
                               *_mosaic_operands(st, q, aux, "bounds_fwd"),
-                              mod_rows=rows)
+                              mod_rows=_mod_rows(st, q, mods))
   return triton_fwd.forward(st, q, k, v, bias, _with_mods(st, aux, mods),
                             out_dtype, sinks)
 
@@ -119,7 +125,8 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dq",
                                   q.dtype)
     dq = mosaic_dq.dq(st, q, k, v, dout, lse2, delta,
-                      *_mosaic_operands(st, q, aux, "bounds_dq"))
+                      *_mosaic_operands(st, q, aux, "bounds_dq"),
+                      mod_rows=_mod_rows(st, q, mods))
   else:
     dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=False, grad_dtype=grad_dtype)

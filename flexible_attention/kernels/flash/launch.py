@@ -23,9 +23,9 @@ Which path serves what (the README has it too):
   prefix-LM, soft clamps, mask_mods without mod_args; not T5 buckets or
   document ids, which index `mod_args` per element), else Triton;
 - dK/dV: likewise on Hopper (its own tiles), except calls with mods (the
-  Triton kernel), else Triton;
+  Triton kernel, which writes `mod_args`' gradients), else Triton;
 - dQ: on Hopper by default the Mosaic GPU dQ kernel (`mosaic_dq`) for the
-  calls the dK/dV kernel serves at padded D of 64 or 128
+  calls the forward serves (mods included) at padded D of 64 or 128
   (`mosaic_common.dq_reason`) with Sk >= `MOSAIC_DQ_MIN_KV_LEN` (where it
   measured faster), else Triton's; `LaunchConfig(dq_backend=...)` picks
   either explicitly; with `LaunchConfig(atomic_dq=True)`
@@ -446,9 +446,10 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       (`mod_lowering.KernelMods`), or None. The Triton kernels evaluate
       any (`mod_lowering`); the Mosaic forward those whose `mod_args`
       reads are per program (`mosaic_mods.unsupported_reason`: ALiBi,
-      prefix-LM, mask_mods without mod_args...), the Mosaic dK/dV and dQ
-      kernels none (the backward reads the forward's log-sum-exp only, so
-      the Mosaic forward and the Triton backward mix).
+      prefix-LM, mask_mods without mod_args...), and so does the Mosaic dQ
+      kernel (the dK/dV kernel, Triton's, computes `mod_args`' gradients);
+      the Mosaic dK/dV kernel none (the backward reads the forward's
+      log-sum-exp only, so the Mosaic and Triton kernels mix).
     bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
       kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
 
@@ -474,8 +475,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       "it has no attention sinks (the Triton forward has)" if sinks
       else mosaic_mods.unsupported_reason(mods)),
              "dkv": mosaic_reason or no_mods,
-             "dq": mosaic_reason or no_mods or mosaic_common.dq_reason(
-                 head_dim)}
+             "dq": mosaic_reason or mosaic_mods.unsupported_reason(mods)
+                   or mosaic_common.dq_reason(head_dim)}
   user_launch = launch is not None
   if launch is not None:
     check_launch_config(launch, block_sizes)

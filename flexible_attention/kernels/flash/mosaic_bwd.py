@@ -204,10 +204,11 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
                           plgpu.ACC((ROWS, bq), jnp.float32))
     plgpu.barrier_wait(r.stats_ready.at[slot])
     plgpu.barrier_wait(r.qvec_ready.at[slot])
-    p, dcap = probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
-                             r.visible(slot, kv_vec) if masked else None)
+    p, dcap, _ = probabilities(r.st, s,
+                               r.column(r.stats_smem.at[slot, 0]),
+                               r.visible(slot, kv_vec) if masked else None)
     ds = score_grads(r.st, p, dcap, dp - r.column(r.stats_smem.at[slot, 1]),
-                      r.dtype)
+                     r.dtype)
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
       # and with dQ its share ds k, from a fresh accumulator.
@@ -299,8 +300,9 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
     if scores:
       s = transposed(k_tile, r.q_smem.at[slot])
       plgpu.barrier_wait(r.qvec_ready.at[slot])
-      p, dcap = probabilities(r.st, s, r.column(r.stats_smem.at[slot, 0]),
-                               r.visible(slot, kv_vec) if masked else None)
+      p, dcap, _ = probabilities(r.st, s,
+                                 r.column(r.stats_smem.at[slot, 0]),
+                                 r.visible(slot, kv_vec) if masked else None)
       p_low = p.astype(dtype)
       plgpu.barrier_wait(mm_done)  # The other has read the last p, ds.
       p_smem[...] = p_low

@@ -190,27 +190,37 @@ def visible(st, q_vec: dict, kv_vec: dict):
 
 
 
-def probabilities(st, s, lse, visible):
-  """`(p, dcap)` of a score tile (or a transposed one): `p = exp(s - lse)`,
-  0 where not `visible` (None: all are), and the soft cap's derivative
-  `dcap` (None without a cap). `s` is the raw `q k^T`, `lse` the rows'
-  log-sum-exp in base 2, broadcast to the tile."""
-  dcap = None
+def probabilities(st, s, lse, visible, score_mod=None):
+  """`(p, dcap, dmod)` of a score tile (or a transposed one): `p = exp(s -
+  lse)`, 0 where not `visible` (None: all are), the soft cap's derivative
+  `dcap` (None without a cap) and the score_mod's `dmod` (None without
+  one). `s` is the raw `q k^T`, `lse` the rows' log-sum-exp in base 2,
+  broadcast to the tile; `score_mod` maps the tile's natural-unit logits
+  (scaled, soft-capped) to the modified ones and their derivative
+  (`mosaic_mods.TileMods.score_grads`)."""
+  dcap = dmod = None
   scale = st.sm_scale * LOG2E
   if st.softcap is not None:
     t = jnp.tanh(s * (st.sm_scale / st.softcap))
     s, scale = (st.softcap * LOG2E) * t, 1.0
     dcap = 1.0 - t * t
+  if score_mod is not None:
+    s = s * (scale / LOG2E)  # Natural units.
+    s, dmod = score_mod(s)
+    scale = LOG2E
   p = jnp.exp2(s * scale - lse)
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
-  return p, dcap
+  return p, dcap, dmod
 
 
-def score_grads(st, p, dcap, dp_minus_delta, dtype):
-  """`ds` of a tile in `dtype`: `p (dp - delta)`, through the soft cap,
-  times the softmax scale (the Triton kernels' `ds`)."""
+def score_grads(st, p, dcap, dp_minus_delta, dtype, dmod=None):
+  """`ds` of a tile in `dtype`: `p (dp - delta)`, through the score_mod
+  (`dmod`, zero where invisible whatever the mod's slope) and the soft
+  cap, times the softmax scale (the Triton kernels' `ds`)."""
   ds = p * dp_minus_delta
+  if dmod is not None:
+    ds = jnp.where(ds != 0.0, ds * dmod, 0.0)
   if dcap is not None:
     ds = ds * dcap
   return (ds * st.sm_scale).astype(dtype)

@@ -1,10 +1,13 @@
 """flash's dQ kernel for Hopper, in Mosaic GPU.
 
 Computes what the Triton dQ kernel (`triton_bwd.dq`) computes, for the
-calls the Mosaic forward serves without mods (`mosaic_common.
-unsupported_reason`), from the same padded operands, structure vectors and
-skipping bounds (`bounds_dq`, for this kernel's tiles), and is built like
-the forward (`mosaic_fwd`), of which it is the backward sibling:
+calls the Mosaic forward serves (`mosaic_common.unsupported_reason`), with
+the score / mask mods it evaluates (`mosaic_mods`: the program's values
+read once, the tile part on each tile, and the score_mod's derivative in
+the score in forward mode, `TileMods.score_grads`; `mod_args`' gradients
+are the dK/dV kernel's), from the same padded operands, structure vectors
+and skipping bounds (`bounds_dq`, for this kernel's tiles), and is built
+like the forward (`mosaic_fwd`), of which it is the backward sibling:
 
 - three warpgroups per program of `BLOCK_Q` query rows: a producer that
   streams K, V and the keys' structure vectors into `STAGES` shared-memory
@@ -13,8 +16,8 @@ the forward (`mosaic_fwd`), of which it is the backward sibling:
   memory and their rows' base-2 log-sum-exp and `delta` in registers;
 - per key tile a consumer runs `s = q k^T` and `dp = dO v^T` as
   asynchronous `wgmma`s, forms `p = exp2(s * scale - lse)` (masked as the
-  forward masks) and `ds = p (dp - delta)` (through the soft cap, times the
-  softmax scale: `mosaic_common.probabilities`, `score_grads`, the Mosaic
+  forward masks) and `ds = p (dp - delta)` (through the score_mod and the
+  soft cap, times the softmax scale: `mosaic_common.probabilities`, `score_grads`, the Mosaic
   dK/dV kernel's), and adds `ds k` into its float32 `[64, Dp]` dQ with a
   `wgmma` that takes `ds` from registers (as the forward takes `p`);
 - the consumers ping-pong through a named barrier as the forward's do, so
@@ -78,12 +81,22 @@ from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.mosaic_mods import consumer_mods
+from flexible_attention.kernels.flash.mosaic_mods import plan
+from flexible_attention.kernels.flash.mosaic_mods import row_operands
+from flexible_attention.kernels.flash.mosaic_mods import row_scratch
+from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
+from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
 from flexible_attention.kernels.flash.structure import Static
 
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
-            kvvec_ref, dq_ref, scratch, *, st: Static, bk: int, nq: int):
-  """One program: dQ of `BLOCK_Q` query rows of one (batch, head) pair."""
+            kvvec_ref, mod_refs, dq_ref, scratch, mod_scratch, *, st: Static,
+            bk: int, nq: int):
+  """One program: dQ of `BLOCK_Q` query rows of one (batch, head) pair.
+
+  `mod_refs`, `mod_scratch`: the mods' program values and their
+  shared-memory rows, as the forward's (`mosaic_fwd._kernel`)."""
   (q_smem, do_smem, k_smem, v_smem, qvec_smem, kvvec_smem, stats_smem,
    bounds_smem, ready, free, sched) = scratch
   (q_ready, do_ready, stats_ready, qvec_ready, k_ready, v_ready, kvvec_ready,
@@ -106,6 +119,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
                             do_tile, do_ready.at[wg])
     plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, pl.ds(rows, ROWS)],
                             stats_smem.at[wg], stats_ready.at[wg])
+    mods = consumer_mods(st.mods, mod_refs, mod_scratch, batch, head, wg,
+                         (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))
     plgpu.barrier_wait(stats_ready.at[wg])
@@ -115,6 +130,10 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
         (ROWS, bk), [0]) for n in range(2))
     plgpu.barrier_wait(q_ready.at[wg])
     plgpu.barrier_wait(do_ready.at[wg])
+
+    # The key vectors an unmasked tile reads: the score_mod's positions.
+    unmasked_kv = ("kv_pos",) if "kv_pos" in (
+        plan(st.mods).reads_of("score_mod") if st.score_mod else ()) else ()
 
     def step(t, dq, masked: bool):
       slot = lax.rem(t - lo, STAGES)
@@ -131,10 +150,16 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
                             plgpu.ACC((ROWS, bk), jnp.float32))
       plgpu.barrier_arrive(v_free.at[slot])
       plgpu.barrier_wait(kvvec_ready.at[slot])  # Every phase, as K's.
-      vis = (visible(st, q_vec, key_vectors(st, kvvec_smem, slot, kv_names,
-                                            (ROWS, bk))) if masked else None)
-      p, dcap = probabilities(st, s, lse, vis)
-      ds = score_grads(st, p, dcap, dp - delta, dtype)
+      kv = key_vectors(st, kvvec_smem, slot,
+                       kv_names if masked else unmasked_kv, (ROWS, bk))
+      vis = visible(st, q_vec, kv) if masked else None
+      if masked and st.mask_mod:
+        vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
+      score = (functools.partial(mods.score_grads, q_pos=q_vec.get("q_pos"),
+                                 kv_pos=kv.get("kv_pos"))
+               if st.score_mod else None)
+      p, dcap, dmod = probabilities(st, s, lse, vis, score)
+      ds = score_grads(st, p, dcap, dp - delta, dtype, dmod)
       plgpu.barrier_arrive(sched)  # The elementwise work is done.
       plgpu.barrier_wait(sched)  # The tensor cores are ours again.
 
@@ -161,7 +186,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
                 lo=lo, hi=hi)
 
 
-def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors):
+def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
+       mod_rows=(None, None)):
   """dQ on padded operands (the Triton dQ kernel's function).
 
   Args:
@@ -180,6 +206,8 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors):
       dq_block_k(Dp)`: `bounds_dq` of the launch `mosaic_dq_launch(Dp)`).
     q_vectors: int32 `[B, Nq, Sqp]` (a zero `[B, 1, Sqp]` when Nq = 0).
     kv_vectors: int32 `[B, Nk, Skp]` (`kv_ok` first).
+    mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts), their
+      program values, as the forward's (`mosaic_mods.program_rows`).
 
   Returns:
     `dq [B, Sqp, H, Dp]` in q's dtype (0 for rows that see no key).
@@ -200,6 +228,9 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors):
   bounds = pad_bounds(bounds)
 
   def body(*refs):
+    refs = list(refs)
+    operands, dq_ref = refs[:8], refs[-1]
+    mod_refs = split_row_refs(mod_rows, refs[8:-1])
     smem = (
         plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=swizzled),
         plgpu.SMEM((CONSUMERS, ROWS, d), do.dtype, transforms=swizzled),
@@ -216,12 +247,15 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors):
     free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
 
-    def scoped(smem_refs, ready_refs, free_refs, sched_ref):
-      _kernel(*refs, (*smem_refs, ready_refs, free_refs, sched_ref), st=st,
-              bk=bk, nq=nq)
+    def scoped(smem_refs, ready_refs, free_refs, sched_ref, row_refs):
+      _kernel(*operands, mod_refs, dq_ref,
+              (*smem_refs, ready_refs, free_refs, sched_ref),
+              split_row_scratch(mod_rows, row_refs), st=st, bk=bk, nq=nq)
 
-    pl.run_scoped(scoped, smem, ready, free, sched, collective_axes="wg")
+    pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
+                  collective_axes="wg")
 
   return query_tile_kernel(
       body, jax.ShapeDtypeStruct(q.shape, q.dtype), nq=nq, batch=batch,
-      heads=heads)(q, k, v, do, stats, bounds, q_vectors, kv_vectors)
+      heads=heads)(q, k, v, do, stats, bounds, q_vectors, kv_vectors,
+                   *row_operands(mod_rows))

@@ -55,13 +55,15 @@ from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
 from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
 from flexible_attention.kernels.flash.mosaic_common import query_tile_program
 from flexible_attention.kernels.flash.mosaic_common import query_vectors
-from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
-from flexible_attention.kernels.flash.mosaic_mods import ROW
-from flexible_attention.kernels.flash.mosaic_mods import TileMods
+from flexible_attention.kernels.flash.mosaic_mods import consumer_mods
 from flexible_attention.kernels.flash.mosaic_mods import plan
+from flexible_attention.kernels.flash.mosaic_mods import row_operands
+from flexible_attention.kernels.flash.mosaic_mods import row_scratch
+from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
+from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
@@ -93,15 +95,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head], q_tile,
                             q_ready.at[wg])
-    mods = None
-    if st.mods is not None:  # The program's values, as scalars.
-      scalars = [
-          () if ref is None else read_row(ref.at[batch, head],
-                                          row_smem.at[wg], row_ready.at[wg],
-                                          count)
-          for ref, (row_smem, row_ready), count in zip(
-              mod_refs, mod_scratch, plan(st.mods).counts)]
-      mods = TileMods(st.mods, scalars, (ROWS, bk))
+    mods = consumer_mods(st.mods, mod_refs, mod_scratch, batch, head, wg,
+                         (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))
     plgpu.barrier_wait(q_ready.at[wg])
@@ -223,11 +218,10 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   bounds = pad_bounds(bounds)
-  rows = tuple(x for x in mod_rows if x is not None)
 
   def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, *refs):
     refs = list(refs)
-    mod_refs = tuple(None if x is None else refs.pop(0) for x in mod_rows)
+    mod_refs = split_row_refs(mod_rows, refs)
     out_ref, lse_ref = refs
     smem = (
         plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=swizzled),
@@ -246,25 +240,19 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
              plgpu.Barrier(num_barriers=CONSUMERS + 1))
     free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
-    # Each consumer's row of the mods' program values, and its barrier.
-    mod_scratch = tuple(
-        (plgpu.SMEM((CONSUMERS, ROW), x.dtype),
-         plgpu.Barrier(num_barriers=CONSUMERS)) for x in rows)
 
     def scoped(*scratch):
       (smem_refs, ready_refs, free_refs, sched_ref, row_refs) = scratch
-      row_refs = list(row_refs)
-      row_refs = tuple((None, None) if x is None else row_refs.pop(0)
-                       for x in mod_rows)
+      row_refs = split_row_scratch(mod_rows, row_refs)
       _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
               out_ref, lse_ref, (*smem_refs, ready_refs, free_refs, sched_ref),
               row_refs, st=st, bk=bk, nq=nq)
 
-    pl.run_scoped(scoped, smem, ready, free, sched, mod_scratch,
+    pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
                   collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
   return query_tile_kernel(body, out_type, nq=nq, batch=batch,
                            heads=heads)(q, k, v, bounds, q_vectors,
-                                        kv_vectors, *rows)
+                                        kv_vectors, *row_operands(mod_rows))

@@ -44,9 +44,12 @@ from typing import Any
 
 import jax
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 
+from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mod_lowering import CALLS
 from flexible_attention.kernels.flash.mod_lowering import KernelMods
 from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
@@ -443,6 +446,57 @@ class TileMods:
     `plan.reads_of("score_mod")` does not name them)."""
     return self._run("score_mod", s, q_pos, kv_pos)
 
+  def score_grads(self, s, q_pos, kv_pos):
+    """`(s_mod, dmod)`: the score_mod on `s` (as `score`) and its
+    elementwise derivative in `s`, in forward mode (the tile part's jvp
+    with a tangent of ones: the same allowed primitives, no transposes);
+    the dQ kernel's chain rule."""
+    return jax.jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
+                   (jnp.ones_like(s),))
+
   def visible(self, q_pos, kv_pos):
     """Bool `[ROWS, bk]`: the mask_mod on the tile."""
     return self._run("mask_mod", None, q_pos, kv_pos)
+
+
+# --- The kernels' side: the rows' operands, scratch and reads --------------
+
+
+def row_operands(mod_rows) -> tuple[Any, ...]:
+  """The kernel operands of `program_rows`' result (those not None)."""
+  return tuple(x for x in mod_rows if x is not None)
+
+
+def split_row_refs(mod_rows, refs: list) -> tuple[Any, ...]:
+  """`(floats, ints)` refs (None where `mod_rows` has none), popped from
+  the front of a kernel body's `refs`."""
+  return tuple(None if x is None else refs.pop(0) for x in mod_rows)
+
+
+def row_scratch(mod_rows) -> tuple[Any, ...]:
+  """Each consumer's shared-memory row of the program values and its
+  barrier, per operand of `row_operands`."""
+  return tuple((plgpu.SMEM((CONSUMERS, ROW), x.dtype),
+                plgpu.Barrier(num_barriers=CONSUMERS))
+               for x in row_operands(mod_rows))
+
+
+def split_row_scratch(mod_rows, scratch) -> tuple[Any, ...]:
+  """`row_scratch`'s refs as `((smem, barrier) | (None, None))` per row."""
+  scratch = list(scratch)
+  return tuple((None, None) if x is None else scratch.pop(0)
+               for x in mod_rows)
+
+
+def consumer_mods(km, mod_refs, mod_scratch, batch, head, wg, shape):
+  """Consumer `wg`'s `TileMods` on `shape` tiles, for the program's batch
+  row and head: its values read once through its shared-memory rows
+  (None without mods)."""
+  if km is None:
+    return None
+  scalars = [
+      () if ref is None else read_row(ref.at[batch, head], row_smem.at[wg],
+                                      row_ready.at[wg], count)
+      for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
+                                                   plan(km).counts)]
+  return TileMods(km, scalars, shape)
