@@ -839,7 +839,9 @@ def _hopper_mod_args():
 def _every_primitive(score, batch, head, q_pos, kv_pos, slopes, scale,
                      prefix):
   """Every primitive of `mosaic_mods.TILE_PRIMITIVES` on the tile (int32,
-  float32, bool), float, int and bool values of the program."""
+  float32, bool), float, int and bool values of the program; products and
+  quotients of values a derivative perturbs (the score, the slope), whose
+  jvp JAX writes with `add_any` and `integer_pow(y, -2)`."""
   lax = jax.lax
   i = lax.abs(lax.sub(q_pos, kv_pos))
   i = lax.rem(lax.div(lax.add(lax.mul(i, 3), 1), 2), 7)
@@ -855,6 +857,8 @@ def _every_primitive(score, batch, head, q_pos, kv_pos, slopes, scale,
   f = lax.convert_element_type(i, jnp.float32) * 1e-3
   x = score * slopes[head] / 2.0 + lax.exp(f) + lax.exp2(f) + lax.log(
       lax.abs(f) + 1.0) + lax.tanh(score) + lax.logistic(score)
+  x = x + (score * lax.tanh(score) / (2.0 + lax.abs(score))
+           * slopes[head] * slopes[head])
   x = jnp.where(c, x, -1e9)
   x = lax.min(lax.max(x, -1e8), 1e8) + lax.sign(x) + lax.square(x) * 1e-3
   x = lax.clamp(-1e4, lax.div(lax.neg(x), scale[batch]), 1e4)

@@ -256,6 +256,49 @@ class _Program(_Handler):
     return outs if eqn.primitive.multiple_results else [outs]
 
 
+def _lowerable_jvp(fn, primals, tangents):
+  """`jax.jvp(fn, primals, tangents)` in equations Mosaic GPU lowers.
+
+  JAX's jvp rules emit two it does not: `add_any`, which sums the tangents
+  of an equation with two perturbed operands (`s * tanh(s)`), and
+  `integer_pow(y, -2)`, the divisor's tangent of `x / y`. The jvp is traced
+  to a jaxpr (the values `fn` closes over become its constants) and
+  evaluated with `add` and `1 / y^n` in their place.
+  """
+  flat, tree = jax.tree.flatten((primals, tangents))
+
+  def jvp(*flat):
+    return jax.jvp(fn, *jax.tree.unflatten(tree, flat))
+
+  closed, shapes = jax.make_jaxpr(jvp, return_shape=True)(*flat)
+  return jax.tree.unflatten(jax.tree.structure(shapes), _eval_lowerable(
+      closed.jaxpr, closed.consts, flat))
+
+
+def _eval_lowerable(jaxpr, consts, args):
+  """`jaxpr` on `args`, nested calls inlined, `_lowerable_jvp`'s two
+  rewrites applied."""
+  env = {}
+  read = lambda v: v.val if hasattr(v, "val") else env[v]
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    name, ins = eqn.primitive.name, [read(v) for v in eqn.invars]
+    if name in CALLS:
+      sub, sub_consts = sub_jaxpr(eqn)
+      outs = _eval_lowerable(sub, sub_consts, ins)
+    elif name == "add_any":
+      outs = [lax.add(*ins)]
+    elif name == "integer_pow" and eqn.params["y"] < -1:
+      one = np.asarray(1, eqn.outvars[0].aval.dtype)
+      outs = [lax.div(one, lax.integer_pow(ins[0], -eqn.params["y"]))]
+    else:
+      outs = eqn.primitive.bind(*ins, **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
 class _Kernel(_Handler):
   """The walk in the kernel: the tile part on `[ROWS, bk]` tiles."""
 
@@ -451,8 +494,8 @@ class TileMods:
     elementwise derivative in `s`, in forward mode (the tile part's jvp
     with a tangent of ones: the same allowed primitives, no transposes);
     the dQ kernel's chain rule."""
-    return jax.jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
-                   (jnp.ones_like(s),))
+    return _lowerable_jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
+                          (jnp.ones_like(s),))
 
   def visible(self, q_pos, kv_pos):
     """Bool `[ROWS, bk]`: the mask_mod on the tile."""
