@@ -995,6 +995,60 @@ def test_explicit_mosaic_forward_refuses_mods_naming_the_reason(
     _backends(inputs, launch=launch)
 
 
+@pytest.mark.parametrize("name", ["both", "every_primitive"])
+def test_mosaic_dkv_slot_gradients_give_mod_args_gradients(name):
+  """The Mosaic dK/dV kernel's `mod_args` gradients, emulated on plain
+  arrays: per (batch row, head) and slot of `mosaic_mods.grad_slots`, the
+  sum of a cotangent of the modified logits times the score_mod's
+  derivative in that program value (`TileMods.slot_grads`, forward mode,
+  zero where the cotangent is), then `args_grads` (the vjp of
+  `program_rows`), equal `jax.grad` of the score_mod on the whole call for
+  the [H] slopes and the [B] scale (and None for the int prefix); so does
+  the chain rule in the score (`TileMods.score_grads`)."""
+  rng = helpers.rng_for("slot-gradients", name)
+  sq, sk = 8, 16
+  s = jnp.asarray(rng.normal(size=(B, H, sq, sk)) * 3, jnp.float32)
+  ct = rng.normal(size=(B, H, sq, sk))
+  ct = jnp.asarray(np.where(rng.random((B, H, sq, sk)) < 0.3, 0.0, ct),
+                   jnp.float32)  # Invisible pairs: no cotangent.
+  q_pos = jnp.asarray(rng.integers(0, 300, (B, sq)), jnp.int32)
+  kv_pos = jnp.asarray(rng.integers(0, 300, (B, sk)), jnp.int32)
+
+  def program(km, floats, ints, s, ct, q_pos, kv_pos):  # One (b, h).
+    counts = mosaic_mods.plan(km).counts
+    scalars = [list(r[:n]) for r, n in zip((floats, ints), counts)]
+    tile = mosaic_mods.TileMods(km, scalars, s.shape)
+    qp = jnp.broadcast_to(q_pos[:, None], s.shape)
+    kp = jnp.broadcast_to(kv_pos[None, :], s.shape)
+    dslots = jnp.stack([jnp.sum(jnp.where(ct != 0.0, ct * d, 0.0))
+                        for d in tile.slot_grads(s, qp, kp,
+                                                 mosaic_mods.grad_slots(km))])
+    return dslots, ct * tile.score_grads(s, qp, kp)[1]
+
+  @jax.jit
+  def got_and_want(slopes, scale, prefix):
+    q = jnp.zeros((B, 300, H, 8))
+    mods = _hopper_call(name, q, q, q, (slopes, scale, prefix)).mods
+    km = mod_lowering.kernel_mods(mods, H)
+    floats, ints = mosaic_mods.program_rows(km, mods, B, H)
+    heads = jax.vmap(functools.partial(program, km),
+                     (0, 0, 0, 0, None, None))
+    # [B, H, n], [B, H, Sq, Sk]
+    dslots, ds = jax.vmap(heads)(floats, ints, s, ct, q_pos, kv_pos)
+    want = jax.grad(lambda s, args: jnp.sum(
+        ct * mods.score(s, q_pos, kv_pos, args=args + (prefix,))), (0, 1))(
+            s, (slopes, scale))
+    return (ds, mosaic_mods.args_grads(km, mods, dslots)), want
+
+  (ds, (dslopes, dscale, dprefix)), (want_ds, want) = got_and_want(
+      *_hopper_mod_args())
+  assert dprefix is None
+  helpers.assert_close(ds, want_ds, jnp.float32, f"{name}: ds")
+  for n, got, w in zip(("dslopes", "dscale"), (dslopes, dscale), want):
+    assert got.dtype == jnp.float32, n
+    helpers.assert_close(got, w, jnp.float32, f"{name}: {n}")
+
+
 def test_mosaic_mods_evaluator_computes_the_mods():
   """The Mosaic forward's evaluator (`mosaic_mods.TileMods`: the program
   part through `program_rows`, the tile part on `[64, 128]` tiles) run on

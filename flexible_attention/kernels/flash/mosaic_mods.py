@@ -53,6 +53,7 @@ from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mod_lowering import CALLS
 from flexible_attention.kernels.flash.mod_lowering import KernelMods
 from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
+from flexible_attention.kernels.flash.mod_lowering import sum_partials
 from flexible_attention.kernels.flash.mod_lowering import sub_jaxpr
 
 TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
@@ -403,6 +404,16 @@ class Plan:
   def reads_of(self, kind: str) -> frozenset[str]:
     return dict(self.reads).get(kind, frozenset())
 
+  def float_slots(self, kind: str) -> range:
+    """The float32 slots `kind`'s tile part reads (each walk numbers its
+    slots after the previous mod's)."""
+    kinds = [k for k, _ in self.offsets]
+    if kind not in kinds:
+      return range(0)
+    starts = [o[0] for _, o in self.offsets] + [self.counts[0]]
+    n = kinds.index(kind)
+    return range(starts[n], starts[n + 1])
+
 
 @_memo
 def plan(km) -> Plan:
@@ -427,20 +438,22 @@ def unsupported_reason(km) -> str | None:
   return None if km is None else plan(km).reason
 
 
-def program_rows(km, mods, batch: int, heads: int):
+def program_rows(km, mods, batch: int, heads: int, leaves=None):
   """The program values of every (batch row, query head), XLA.
 
   Args:
     km: the call's `KernelMods` (`plan(km).reason` None).
     mods: the call's `core.mods.Mods` (`mod_args`, offsets).
     batch, heads: B and H of the kernel's operands.
+    leaves: `mod_args`' leaves in place of `mods.args`' (None: those), for
+      differentiating (`args_grads`).
 
   Returns:
     `(floats [B, H, ROW] float32, ints [B, H, ROW] int32)`, each None when
     the mods read no such value.
   """
   p = plan(km)
-  leaves = jax.tree.leaves(mods.args)
+  leaves = jax.tree.leaves(mods.args) if leaves is None else leaves
 
   def one(b, h):
     program = _Program()
@@ -458,6 +471,55 @@ def program_rows(km, mods, batch: int, heads: int):
       bs.astype(jnp.int32), hs.astype(jnp.int32))
   return tuple(None if n == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, ROW - n)))
                for x, n in zip(rows, p.counts))
+
+
+def grad_slots(km) -> range:
+  """The float32 slots whose gradients the dK/dV kernel accumulates: those
+  the score_mod's tile part reads (the first of the row), when a `mod_args`
+  leaf has one (`KernelMods.grads`); empty otherwise."""
+  if km is None or km.score_mod is None or not any(km.grads):
+    return range(0)
+  return plan(km).float_slots("score_mod")
+
+
+def args_grads(km, mods, partials):
+  """`mod_args`' gradients from the slots' (XLA).
+
+  The dK/dV kernel gives, per (batch row, query head), the gradient of the
+  loss in each program value the score_mod's tile part reads (`grad_slots`:
+  the sum over the head's tiles of the modified logits' cotangent times
+  the mod's derivative in that value); they are the cotangent of
+  `program_rows`' float rows, which `jax.vjp` pulls back to the leaves
+  (any program part: gathers, converts, arithmetic).
+
+  Args:
+    km: the call's `KernelMods`.
+    mods: the call's `core.mods.Mods`.
+    partials: float32 `[B, H, n]`, n = `len(grad_slots(km))`, or None
+      (no slot: every gradient is zero).
+
+  Returns:
+    `dargs` like `mods.args`, as `mod_lowering.sum_partials` gives them:
+    float32, None at integer leaves, zeros at float leaves without an
+    in-kernel gradient (`KernelMods.grads`: over H elements).
+  """
+  if partials is None:
+    return sum_partials(km, mods, {})
+  leaves = jax.tree.leaves(mods.args)
+  wrt = [i for i, grad in enumerate(km.grads) if grad]
+  batch, heads, n = partials.shape
+
+  def floats(*values):
+    full = list(leaves)
+    for i, x in zip(wrt, values):
+      full[i] = x
+    return program_rows(km, mods, batch, heads, full)[0]  # [B, H, ROW]
+
+  _, pull = jax.vjp(floats, *[leaves[i] for i in wrt])
+  first = grad_slots(km).start
+  cts = pull(jnp.pad(partials, ((0, 0), (0, 0), (first, ROW - first - n))))
+  return sum_partials(km, mods, {i: ct.astype(jnp.float32).reshape(1, -1)
+                                 for i, ct in zip(wrt, cts)})
 
 
 class TileMods:
@@ -496,6 +558,23 @@ class TileMods:
     the dQ kernel's chain rule."""
     return _lowerable_jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
                           (jnp.ones_like(s),))
+
+  def slot_grads(self, s, q_pos, kv_pos, slots):
+    """Per float32 slot of `slots`, the score_mod's elementwise derivative
+    in that program value on the tile (like `s`): forward mode, the value
+    the jvp's primal with a tangent of 1 (the dK/dV kernel's `mod_args`
+    gradients, `grad_slots`)."""
+    floats, ints = self.scalars
+
+    def score(slot, x):
+      values = list(floats)
+      values[slot] = x
+      return TileMods(self.km, (values, ints), self.shape).score(s, q_pos,
+                                                                 kv_pos)
+
+    return [_lowerable_jvp(functools.partial(score, slot), (floats[slot],),
+                           (jnp.ones_like(floats[slot]),))[1]
+            for slot in slots]
 
   def visible(self, q_pos, kv_pos):
     """Bool `[ROWS, bk]`: the mask_mod on the tile."""
