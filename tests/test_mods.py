@@ -222,13 +222,17 @@ def test_flash_mods_compiled_on_a_gpu():
   """The same battery through flash's compiled Triton kernels, bfloat16
   inputs (without bias and dropout, as `test_mods_in_bfloat16`): out, lse
   and the gradients of q, k, v, sinks and the [H] / [B] mod_args. Then
-  the mods the Mosaic GPU forward evaluates (on Hopper the policy picks it;
-  asserted) with the Triton backward, over several 128-row tiles
-  (`_check_mosaic_forward_mods`), and again with the Mosaic dQ kernel."""
+  the mods the Mosaic GPU forward and dK/dV kernels evaluate (on Hopper the
+  policy picks them; asserted; the dK/dV kernel's mod_args gradients
+  included) with the Triton dQ kernel, over several 128-row tiles
+  (`_check_mosaic_forward_mods`), at D = 64 and 128, and again with the
+  Mosaic dQ kernel."""
   _check("flash-gpu-bf16", S_ODD, _module_fn("flash", dropout=False), False,
          jnp.bfloat16, dropout=False)
   for name in ("alibi", "both", "static"):
     _check_mosaic_forward_mods(name)
+  for name in ("both", "every_primitive"):  # The most registers.
+    _check_mosaic_forward_mods(name, head_dim=128)
   # The Mosaic dQ kernel with the same mods (its default from 16k keys).
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
@@ -906,33 +910,31 @@ def _backends(inputs, **options):
                          ids=["short", "mosaic_dq"])
 def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
                                                   monkeypatch):
-  """On Hopper the policy gives these mods the Mosaic forward, which lowers
-  through Mosaic GPU (every primitive it allows among them); ALiBi's
-  gradient program holds it and the Triton dK/dV and dQ kernels. From
-  `MOSAIC_DQ_MIN_KV_LEN` keys on (lowered at 0 here) the dQ kernel is
-  Mosaic's with every mod, the score_mods' derivatives (the jvp of every
-  allowed primitive) included."""
+  """On Hopper the policy gives these mods the Mosaic forward and dK/dV
+  kernels, whose gradient program (of q, k, v and the float mod_args)
+  lowers through Mosaic GPU: every primitive it allows among them, and the
+  score_mods' derivatives in the score and in the program values they read
+  (the jvp of every allowed primitive) in the dK/dV kernel, beside the
+  Triton dQ kernel. From `MOSAIC_DQ_MIN_KV_LEN` keys on (lowered at 0 here)
+  the dQ kernel is Mosaic's too, with every mod."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   if long_keys:
     monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   q = jax.ShapeDtypeStruct((B, 200, H, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, 328, HKV, 64), jnp.bfloat16)
-  args = _hopper_mod_args()
-  grad = name == "alibi"
 
-  def loss(q, k, v, args):
-    out = flash_kernel.flash_attention(_hopper_call(name, q, k, v, args),
-                                       sm_scale=0.125).out
+  def loss(q, k, v, slopes, scale, prefix):
+    out = flash_kernel.flash_attention(
+        _hopper_call(name, q, k, v, (slopes, scale, prefix)),
+        sm_scale=0.125).out
     return jnp.sum(out.astype(jnp.float32))
 
-  grad = grad or long_keys
-  fn = jax.grad(loss, (0, 1, 2)) if grad else loss
-  text = helpers.lower_for_cuda(fn, q, kv, kv, args)
+  text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3, 4)), q, kv, kv,
+                                *_hopper_mod_args())
   targets = re.findall(r"custom_call @\"?([\w$.]+)", text)
   kinds = sorted("mosaic" if "mosaic_gpu" in t else
                  "triton" if "triton" in t else t for t in targets)
-  want = (["mosaic", "mosaic", "triton"] if long_keys else
-          ["mosaic", "triton", "triton"] if grad else ["mosaic"])
+  want = ["mosaic", "mosaic"] + (["mosaic"] if long_keys else ["triton"])
   assert kinds == want, targets
 
 
@@ -947,10 +949,9 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
 ])
 def test_policy_gives_per_program_mods_the_mosaic_forward(
     name, mod_kind, mod, arg, backends, monkeypatch):
-  """`choose_launch` on Hopper: the Mosaic forward (and, with 16k keys, dQ)
-  for mods that read mod_args per program, Triton's for per-element reads
-  (T5's buckets, document ids); the dK/dV kernel is Triton's with any
-  mod."""
+  """`choose_launch` on Hopper: the Mosaic forward and dK/dV kernels (and,
+  with 16k keys, dQ) for mods that read mod_args per program, Triton's for
+  per-element reads (T5's buckets, document ids)."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   q = jnp.zeros((B, 256, H, 64), jnp.bfloat16)
   mod_args = (jnp.zeros((1,)) if arg is None else arg,)
@@ -965,7 +966,7 @@ def test_policy_gives_per_program_mods_the_mosaic_forward(
         precision=None, interpret=False, block_sizes=None, launch=None,
         float32_results=False, mods=kernel_mods)
     assert (launch.fwd_backend, launch.dkv_backend, launch.dq_backend) == (
-        backends, "triton", dq)
+        backends, backends, dq)
   reason = mosaic_mods.unsupported_reason(kernel_mods)
   assert (reason is None) == (backends == "mosaic"), reason
 
@@ -993,6 +994,36 @@ def test_explicit_mosaic_forward_refuses_mods_naming_the_reason(
   with pytest.raises(ValueError, match=r"fwd_backend='mosaic' cannot serve "
                      r"this call: " + match):
     _backends(inputs, launch=launch)
+
+
+@pytest.mark.parametrize("head_dim,atomic_dq,mod_kind,mod,arg,match", [
+    (256, False, "score_mod", fa.alibi_score_mod, jnp.ones((H,)),
+     r"its dK/dV kernel evaluates score_mod / mask_mod at padded head sizes "
+     r"below 256 \(the rows layout\), got 256"),
+    (64, True, "mask_mod", fa.prefix_lm_mask_mod, jnp.ones((B,), jnp.int32),
+     r"its fused dQ \(atomic_dq=True\) takes no score_mod / mask_mod"),
+    (64, False, "score_mod", _T5, jnp.ones((8, H)),
+     r"its score_mod indexes mod_args per element"),
+])
+def test_explicit_mosaic_dkv_refuses_mods_naming_the_reason(
+    head_dim, atomic_dq, mod_kind, mod, arg, match, monkeypatch):
+  """`LaunchConfig(dkv_backend="mosaic")` with mods it cannot serve (the
+  columns layout at Dp = 256, the fused dQ, per-element reads) is an error
+  naming why; without `atomic_dq` the default launches keep Triton's
+  dK/dV kernel there."""
+  launch = dataclasses.replace(
+      flash_kernel.default_launch_config(head_dim, False, 9.0),
+      dkv=flash_kernel.mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
+      atomic_dq=atomic_dq)
+  q = jnp.zeros((B, 256, H, head_dim), jnp.bfloat16)
+  inputs = inputs_lib.canonicalize(q, q, q, mod_args=(arg,),
+                                   **{mod_kind: mod})
+  with pytest.raises(ValueError, match=r"dkv_backend='mosaic' cannot serve "
+                     r"this call: " + match):
+    _backends(inputs, launch=launch)
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  if not atomic_dq:
+    assert _backends(inputs)[1] == "triton"
 
 
 @pytest.mark.parametrize("name", ["both", "every_primitive"])
@@ -1089,21 +1120,22 @@ def test_mosaic_mods_evaluator_computes_the_mods():
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _check_mosaic_forward_mods(name, dq_backend="triton"):
+def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
   (bfloat16, Sq = 260 < Sk = 328: bottom-right positions, padded tiles,
-  grouped heads, soft cap): out, lse (-inf rows included) and the gradients
-  of q, k, v, the [H] slopes and the [B] scale against the float32
-  reference. On Hopper the forward must be the Mosaic GPU kernel, and dQ
-  `dq_backend`'s."""
-  rng = helpers.rng_for("mosaic-forward-mods", name)
+  grouped heads, soft cap; D = `head_dim`): out, lse (-inf rows included)
+  and the gradients of q, k, v, the [H] slopes and the [B] scale against
+  the float32 reference. On Hopper the forward and dK/dV kernels must be
+  the Mosaic GPU ones (the dK/dV kernel computes the slopes' and the
+  scale's gradients), and dQ `dq_backend`'s."""
+  rng = helpers.rng_for("mosaic-forward-mods", name, head_dim)
   q, k, v = (x.astype(jnp.bfloat16) for x in helpers.random_qkv(
-      rng, B, 260, 328, H, HKV, 64))
+      rng, B, 260, 328, H, HKV, head_dim))
   slopes, scale, prefix = _hopper_mod_args()
   cap = 30.0
   if ON_HOPPER:
     assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix)),
-                     softcap=cap) == ("mosaic", "triton", dq_backend), name
+                     softcap=cap) == ("mosaic", "mosaic", dq_backend), name
 
   def flash(q, k, v, slopes, scale):
     result = flash_kernel.flash_attention(
@@ -1132,7 +1164,7 @@ def _check_mosaic_forward_mods(name, dq_backend="triton"):
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse, want_grads = value_and_grads(ref, f32(q), f32(k),
                                                    f32(v), slopes, scale)
-  what = f"mosaic forward {name}"
+  what = f"mosaic kernels {name}, D = {head_dim}, dq {dq_backend}"
   helpers.assert_close(out, want_out, jnp.bfloat16, f"{what}: out")
   empty = np.isneginf(np.asarray(want_lse))
   np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)

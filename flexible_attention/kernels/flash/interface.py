@@ -96,8 +96,9 @@ def _sum_to(x, shape):
 def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
               grad_dtype=None, mods=None):
   """Gradients of q, k, v (in grad_dtype, default their own) and bias (all
-  padded), and the float32 partial gradients of the small float mod_args
-  (`triton_bwd.dkdv`'s dict; empty without a score_mod)."""
+  padded), and those of `mod_args` (float32, like `mods.args`, None at
+  integer leaves: `mod_lowering.sum_partials`' format), from the dK/dV
+  kernel of either backend; None without a score_mod."""
   aux = _with_mods(st, aux, mods)
   # delta = rowsum(dO * O) - dlse: d(loss)/d(logits) = p * (dp - delta).
   # One fused multiply-and-reduce over dO and O.
@@ -107,20 +108,27 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
   dout = dout.astype(q.dtype)
-  parts = {}
   # The dK/dV kernel; with `atomic_dq` (either backend) it also adds dQ into
-  # a float32 buffer, else dQ is its own kernel's (`dq_backend`).
+  # a float32 buffer, else dQ is its own kernel's (`dq_backend`). Either
+  # gives the gradients of mod_args: Triton's per-program partials of the
+  # small float leaves, Mosaic's of the program values its score_mod reads.
   if st.launch.dkv_backend == "mosaic":
     launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dkv",
                                   k.dtype)
-    grads = mosaic_bwd.dkdv(st, q, k, v, dout, lse2, delta,
-                            *_mosaic_operands(st, q, aux, "bounds_dkv"))
+    dk, dv, dq, dslots = mosaic_bwd.dkdv(
+        st, q, k, v, dout, lse2, delta,
+        *_mosaic_operands(st, q, aux, "bounds_dkv"),
+        mod_rows=_mod_rows(st, q, mods))
+    dargs = (mosaic_mods.args_grads(st.mods, mods, dslots)
+             if st.score_mod else None)
   else:
-    *grads, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
-                                    delta, grad_dtype)
-  dk, dv = grads[:2]
+    dk, dv, *dq, parts = triton_bwd.dkdv(st, q, k, v, bias, aux, dout, lse2,
+                                         delta, grad_dtype)
+    dq = dq[0] if dq else None
+    dargs = (mod_lowering.sum_partials(st.mods, mods, parts)
+             if st.score_mod else None)
   if st.launch.atomic_dq:
-    dq = grads[2].astype(grad_dtype or q.dtype)
+    dq = dq.astype(grad_dtype or q.dtype)
   elif st.launch.dq_backend == "mosaic":
     launch_lib.check_result_dtype("grad_dtype", grad_dtype, st.launch, "dq",
                                   q.dtype)
@@ -135,7 +143,7 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     ds = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=True)
     dbias = _sum_to(ds, bias.shape).astype(bias.dtype)
-  return dq, dk, dv, dbias, parts
+  return dq, dk, dv, dbias, dargs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -168,14 +176,11 @@ def _flash_bwd(st, residuals, cotangents):
     mod_lowering.check_grads(st.mods, q.shape[2])
   # The lse counts the sinks, so the kernels' p = exp(s - lse) and their
   # dq, dk, dv are unchanged; dsinks in XLA (`merge.sink_gradient`).
-  dq, dk, dv, dbias, parts = _backward(st, q, k, v, bias, aux, out, lse,
+  dq, dk, dv, dbias, dargs = _backward(st, q, k, v, bias, aux, out, lse,
                                        dout, dlse, mods=mods)
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)
-  dmods = None
-  if mods is not None:  # mod_args' gradients: the kernels' partials summed.
-    dmods = mods.cotangent(mod_lowering.sum_partials(st.mods, mods, parts)
-                           if st.score_mod else None)
+  dmods = None if mods is None else mods.cotangent(dargs)
   return dq, dk, dv, dbias, None, dsinks, dmods
 
 

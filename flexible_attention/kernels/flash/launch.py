@@ -22,8 +22,15 @@ Which path serves what (the README has it too):
   primitives Mosaic GPU lowers (`mosaic_mods.unsupported_reason`: ALiBi,
   prefix-LM, soft clamps, mask_mods without mod_args; not T5 buckets or
   document ids, which index `mod_args` per element), else Triton;
-- dK/dV: likewise on Hopper (its own tiles), except calls with mods (the
-  Triton kernel, which writes `mod_args`' gradients), else Triton;
+- dK/dV: likewise on Hopper (its own tiles), mods included where the
+  forward takes them, at padded D of 64 or 128 (the kernel's rows layout:
+  it evaluates the mods on its transposed tiles and accumulates the
+  gradients of the program values the score_mod reads, which XLA pulls
+  back to `mod_args`; `mosaic_mods.grad_slots`); at D = 256, or with
+  `atomic_dq=True`, calls with mods keep the Triton kernel
+  (`mosaic_common.dkv_mods_reason`), as do mods the forward cannot take;
+  else Triton. (Lowered for CUDA and tested on CPU; its results with mods
+  are not yet verified on a GPU.)
 - dQ: on Hopper by default the Mosaic GPU dQ kernel (`mosaic_dq`) for the
   calls the forward serves (mods included) at padded D of 64 or 128
   (`mosaic_common.dq_reason`) with Sk >= `MOSAIC_DQ_MIN_KV_LEN` (where it
@@ -119,8 +126,10 @@ class LaunchConfig:
   and the forward tiles are not the user's (`choose_launch`).
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
-  `mosaic_bwd.dkdv` (the calls the forward serves;
-  `dkv=mosaic_dkv_launch(Dp)`), and the default launches use it on Hopper
+  `mosaic_bwd.dkdv` (the calls the forward serves, with mods only at
+  padded head sizes below 256 and without `atomic_dq`:
+  `mosaic_common.dkv_mods_reason`; `dkv=mosaic_dkv_launch(Dp)`), and the
+  default launches use it on Hopper
   wherever it serves the call and the dK/dV tiles are not the user's (with
   `atomic_dq=False`: dQ through Triton).
 
@@ -446,9 +455,10 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       (`mod_lowering.KernelMods`), or None. The Triton kernels evaluate
       any (`mod_lowering`); the Mosaic forward those whose `mod_args`
       reads are per program (`mosaic_mods.unsupported_reason`: ALiBi,
-      prefix-LM, mask_mods without mod_args...), and so does the Mosaic dQ
-      kernel (the dK/dV kernel, Triton's, computes `mod_args`' gradients);
-      the Mosaic dK/dV kernel none (the backward reads the forward's
+      prefix-LM, mask_mods without mod_args...), and so do the Mosaic dQ
+      kernel and, at padded head sizes below 256 without `atomic_dq`, the
+      Mosaic dK/dV kernel (`mosaic_common.dkv_mods_reason`), which then
+      computes `mod_args`' gradients (the backward reads the forward's
       log-sum-exp only, so the Mosaic and Triton kernels mix).
     bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
       kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
@@ -469,13 +479,15 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
             "dkv": (mosaic_dkv_launch(head_dim),
                     ("block_q_dkv", "block_k_dkv")),
             "dq": (mosaic_dq_launch(head_dim), ("block_q_dq", "block_k_dq"))}
-  no_mods = ("it has no score_mod / mask_mod (the Triton kernels have)"
-             if mods is not None else None)
+  mods_reason = mosaic_mods.unsupported_reason(mods)
+  dkv_mods = mods is not None and mods_reason is None
   reasons = {"fwd": mosaic_reason or (
       "it has no attention sinks (the Triton forward has)" if sinks
-      else mosaic_mods.unsupported_reason(mods)),
-             "dkv": mosaic_reason or no_mods,
-             "dq": mosaic_reason or mosaic_mods.unsupported_reason(mods)
+      else mods_reason),
+             "dkv": mosaic_reason or mods_reason or (
+                 mosaic_common.dkv_mods_reason(head_dim) if dkv_mods
+                 else None),
+             "dq": mosaic_reason or mods_reason
                    or mosaic_common.dq_reason(head_dim)}
   user_launch = launch is not None
   if launch is not None:
@@ -486,7 +498,9 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
           "atomic_dq=True, whose dK/dV kernel computes dQ (the dq kernel is "
           "not launched); use one or the other.")
     if launch.atomic_dq and reasons["dkv"] is None:  # The fused backward.
-      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim)
+      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim) or (
+          mosaic_common.dkv_mods_reason(head_dim, atomic_dq=True)
+          if dkv_mods else None)
     for kernel, (fixed, _) in mosaic.items():
       if getattr(launch, f"{kernel}_backend") == "mosaic":
         _check_mosaic_launch(kernel, getattr(launch, kernel), fixed,

@@ -12,15 +12,33 @@ log-sum-exp and `delta`, their structure vectors) into shared-memory slots;
   columns, exchanging `p`, `dp - delta` and `ds` through shared memory
   (FlashAttention-3's hdim-256 layout).
 
-dQ is Triton's (`triton_bwd.dq`), or, with `LaunchConfig.atomic_dq` in the
-rows layout, this kernel's too (the fused backward, FlashAttention-3's one
-kernel: 5 matmuls per tile pair instead of 7): each consumer writes its
+dQ is its own kernel's (Triton's or `mosaic_dq`), or, with
+`LaunchConfig.atomic_dq` in the rows layout, this kernel's too (the fused
+backward, FlashAttention-3's one kernel: 5 matmuls per tile pair instead
+of 7): each consumer writes its
 step's `ds^T` to shared memory, takes `ds k` (`[bq, Dp]` float32) from a
 `wgmma` that reads it through a transposed view beside its K tile, and adds
 it into a float32 dQ in global memory with a TMA reduce-add
 (`copy_smem_to_gmem(..., reduction_op="add")`). The adds land in the order
 the GPU runs the programs: dQ is not bitwise reproducible (float32 rounding
 of the same sum).
+
+In the rows layout it evaluates the score / mask mods the Mosaic forward
+does (`mosaic_mods`; not with the fused dQ): each consumer copies the
+program values of the group's G query heads (`[G, ROW]` float32 and int32
+rows) to its shared memory once, reads head g's as scalars each step and
+evaluates the mods on the transposed tile: the mask_mod where the bounds
+do not certify the tile visible, the score_mod and its derivative in the
+logits on every tile. For the float `mod_args` it sums `p (dp - delta)
+d(score_mod)/d(value)` over head g's tiles per value the score_mod reads
+(`mosaic_mods.grad_slots`), as `[64]` row vectors in registers (2 per
+thread and value), stored per head through a `[n, 64]` float32 tile of
+shared memory (n * 256 bytes per consumer) to a `[B, Hkv, Skp / bk, 2, G,
+n, 64]` output that XLA sums; `mosaic_mods.args_grads` takes them to
+`mod_args`. The columns layout takes no mods
+(`mosaic_common.dkv_mods_reason`: the launch policy keeps such calls on
+Triton's dK/dV kernel). Lowered for CUDA and tested on CPU; the results
+with mods are not yet verified on a GPU.
 
 Glossary of shapes:
 - B: batch size; H, Hkv: query and key/value heads; G = H // Hkv.
@@ -29,6 +47,8 @@ Glossary of shapes:
 - Nq, Nk: the number of query / key structure vectors (`Static.vectors`).
 - bq, bk: `DKV_BLOCK_Q` query rows per step, `dkv_block_k(Dp)` keys per
   program.
+- ROW: the program values of one mod row (`mosaic_mods.ROW`); n: the
+  values whose gradients it sums (`mosaic_mods.grad_slots`).
 """
 
 from __future__ import annotations
@@ -49,6 +69,7 @@ from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
+from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
@@ -57,22 +78,38 @@ from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import visible
+from flexible_attention.kernels.flash.mosaic_mods import grad_slots
+from flexible_attention.kernels.flash.mosaic_mods import group_rows
+from flexible_attention.kernels.flash.mosaic_mods import head_mods
+from flexible_attention.kernels.flash.mosaic_mods import plan
+from flexible_attention.kernels.flash.mosaic_mods import row_operands
+from flexible_attention.kernels.flash.mosaic_mods import row_scratch
+from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
+from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
 from flexible_attention.kernels.flash.structure import Static
 
 
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
   every warpgroup reads the same way. `dq` is the float32 dQ the fused
-  backward adds into (`with_dq`), else None."""
+  backward adds into (`with_dq`), else None; `mod_refs` the rows of the
+  mods' program values (`mod_rows`' operands; None where none), `dslots`
+  the output of their gradients (`grad_slots`), else None."""
 
-  def __init__(self, st: Static, bq: int, operands, scratch, with_dq: bool):
+  def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
+               mod_rows):
+    refs = list(refs)
     (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
-     self.kvvec) = operands[:8]
-    self.dq = operands[8] if with_dq else None
-    self.dk, self.dv = operands[-2:]
+     self.kvvec) = refs[:8]
+    del refs[:8]
+    self.mod_refs = split_row_refs(mod_rows, refs)
+    self.dq = refs.pop(0) if with_dq else None
+    self.dk, self.dv, *dslots = refs
+    self.dslots = dslots[0] if dslots else None
     (self.k_smem, self.v_smem, self.kvvec_smem, self.q_smem, self.do_smem,
      self.stats_smem, self.qvec_smem, self.bounds_smem, self.exchange,
-     own_ready, ready, self.free) = scratch
+     own_ready, ready, self.free, (row_refs, self.dslots_smem)) = scratch
+    self.mod_scratch = split_row_scratch(mod_rows, row_refs)
     (self.k_ready, self.v_ready, self.kvvec_ready,
      self.bounds_ready) = own_ready
     (self.q_ready, self.do_ready, self.stats_ready,
@@ -96,16 +133,22 @@ class _DkdvRefs:
         load_vector(smem.at[n], plgpu.Layout.WGMMA.reduce(1)),
         (ROWS, self.bq), [0]) for n, name in enumerate(self.kv_names)}
 
+  def query_vectors(self, slot, names):
+    """Step `slot`'s query structure vectors `names`, across its `[64, bq]`
+    transposed tile."""
+    return {name: self.column(self.qvec_smem.at[slot,
+                                                self.q_names.index(name)])
+            for name in names}
+
   def visible(self, slot, kv_vec):
     """The structured mask of step `slot`'s transposed tile."""
-    q_vec = {name: self.column(self.qvec_smem.at[slot, n])
-             for n, name in enumerate(self.q_names)}
-    return visible(self.st, q_vec, kv_vec)
+    return visible(self.st, self.query_vectors(slot, self.q_names), kv_vec)
 
-  def loop(self, lo, flo, fhi, hi, step, carry):
+  def loop(self, lo, flo, fhi, hi, step, carry, end=None):
     """Runs `step(i, carry, masked, base, g)` over every query head g's
     tiles `[lo, hi)` (of the group), those outside `[flo, fhi)` masked;
-    `base` counts the steps before head g's. Returns the carry."""
+    `base` counts the steps before head g's; then `end(g, carry)` (None:
+    nothing) gives the next head's carry. Returns the carry."""
     steps = hi - lo
 
     def head(g, carry):
@@ -115,7 +158,8 @@ class _DkdvRefs:
       carry = lax.fori_loop(
           flo, fhi, functools.partial(step, masked=False, base=base, g=g),
           carry)
-      return lax.fori_loop(fhi, hi, masked, carry)
+      carry = lax.fori_loop(fhi, hi, masked, carry)
+      return carry if end is None else end(g, carry)
 
     return lax.fori_loop(0, self.st.groups, head, carry)
 
@@ -154,8 +198,12 @@ class _DkdvRefs:
     lax.fori_loop(STAGES, total, refill, None)
 
 
-def _zeros(cols: int):
-  """A zero `[64, cols]` float32 accumulator in the `wgmma` layout."""
+def _zeros(cols: int | None):
+  """A zero `[64, cols]` float32 accumulator in the `wgmma` layout (cols
+  None: a `[64]` vector of its rows)."""
+  if cols is None:
+    return plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
+                             plgpu.Layout.WGMMA.reduce(1))
   return plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32),
                            plgpu.Layout.WGMMA)
 
@@ -169,7 +217,19 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
   own shared-memory tile (which then also feeds `dk += ds^T q`), a `wgmma`
   takes it through a transposed view with the K tile as B, and the float32
   `[bq, Dp]` result leaves by TMA reduce-add from the warpgroup's dQ tile.
+
+  With mods (`r.st.mods`) the warpgroup first copies the program values of
+  the group's G query heads to its shared memory (`mosaic_mods.
+  group_rows`); each step reads head g's as scalars and evaluates the
+  mods on its transposed tile: the mask_mod on masked tiles, the score_mod
+  and its derivative in the logits (forward mode) on every one. With
+  `r.dslots` it also accumulates, per slot of `grad_slots`, the `[64]` row
+  sums of `p (dp - delta) * d(score_mod)/d(value)` over head g's steps, and
+  after them stores the `[n, 64]` sums through its shared-memory tile to
+  `r.dslots` (TMA; a head's copy has read the tile before the next head
+  overwrites it).
   """
+  st = r.st
   wg, batch, kv_head, bq = r.wg, r.batch, r.kv_head, r.bq
   with_dq = r.dq is not None
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
@@ -183,13 +243,19 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
                           r.v_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.kvvec.at[batch, :, keys], r.kvvec_smem.at[wg],
                           r.kvvec_ready.at[wg])
+  mod_rows = None if st.mods is None else group_rows(
+      r.mod_refs, r.mod_scratch, batch, kv_head, st.groups, wg)
+  slots = grad_slots(st.mods) if r.dslots is not None else range(0)
+  # The query vectors an unmasked tile reads: the score_mod's positions.
+  unmasked_q = ("q_pos",) if "q_pos" in (
+      plan(st.mods).reads_of("score_mod") if st.score_mod else ()) else ()
   plgpu.barrier_wait(r.kvvec_ready.at[wg])
   kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
   plgpu.barrier_wait(r.k_ready.at[wg])
   plgpu.barrier_wait(r.v_ready.at[wg])
 
   def step(i, carry, masked: bool, base, g):
-    dk, dv = carry
+    dk, dv, *dslots = carry
     slot = lax.rem(base + i - lo, STAGES)
     plgpu.barrier_wait(r.q_ready.at[slot])
     plgpu.barrier_wait(r.do_ready.at[slot])
@@ -204,11 +270,29 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
                           plgpu.ACC((ROWS, bq), jnp.float32))
     plgpu.barrier_wait(r.stats_ready.at[slot])
     plgpu.barrier_wait(r.qvec_ready.at[slot])
-    p, dcap, _ = probabilities(r.st, s,
-                               r.column(r.stats_smem.at[slot, 0]),
-                               r.visible(slot, kv_vec) if masked else None)
-    ds = score_grads(r.st, p, dcap, dp - r.column(r.stats_smem.at[slot, 1]),
-                     r.dtype)
+    q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
+    vis = visible(st, q_vec, kv_vec) if masked else None
+    mods = (None if st.mods is None else
+            head_mods(st.mods, mod_rows, g, (ROWS, bq)))
+    q_pos, kv_pos = q_vec.get("q_pos"), kv_vec.get("kv_pos")
+    if masked and st.mask_mod:
+      vis = vis & mods.visible(q_pos, kv_pos)
+    natural = []  # The score_mod's input: the natural-unit logits.
+
+    def score(s):
+      natural.append(s)
+      return mods.score_grads(s, q_pos, kv_pos)
+
+    p, dcap, dmod = probabilities(st, s, r.column(r.stats_smem.at[slot, 0]),
+                                  vis, score if st.score_mod else None)
+    x = dp - r.column(r.stats_smem.at[slot, 1])
+    ds = score_grads(st, p, dcap, x, r.dtype, dmod)
+    if slots:  # p (dp - delta): the modified logits' cotangent, times
+      # d(score_mod)/d(value), one slot at a time (one tile live).
+      post = p * x
+      dslots = [acc + jnp.where(post != 0.0, post * mods.slot_grads(
+          natural[0], q_pos, kv_pos, (n,))[0], 0.0).sum(axis=1)
+                for acc, n in zip(dslots, slots)]
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
       # and with dQ its share ds k, from a fresh accumulator.
@@ -233,20 +317,33 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last step's.
       dq_tile[...] = dq[0]
       plgpu.commit_smem()
-      head = kv_head * r.st.groups + g
+      head = kv_head * st.groups + g
       plgpu.copy_smem_to_gmem(dq_tile,
                               r.dq.at[batch, pl.ds(i * bq, bq), head],
                               reduction_op="add")
-    return dk, dv
+    return (dk, dv, *dslots)
 
-  dk, dv = r.loop(lo, flo, fhi, hi, step, (_zeros(r.k.shape[-1]),
-                                           _zeros(r.v.shape[-1])))
+  def end(g, carry):  # Head g's slot sums out; the next head's from zero.
+    dk, dv, *dslots = carry
+    dslots_tile = r.dslots_smem.at[wg]  # [n, 64]
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last head's.
+    for n, x in enumerate(dslots):
+      dslots_tile.at[n][...] = x
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dslots_tile,
+                            r.dslots.at[batch, kv_head, r.tile, wg, g])
+    return (dk, dv, *(_zeros(None) for _ in dslots))
+
+  dk, dv, *_ = r.loop(
+      lo, flo, fhi, hi, step,
+      (_zeros(r.k.shape[-1]), _zeros(r.v.shape[-1]),
+       *(_zeros(None) for _ in slots)), end if slots else None)
   k_tile[...] = dk.astype(r.dtype)  # K and V are spent: reuse their tiles.
   v_tile[...] = dv.astype(r.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_tile, r.dk.at[batch, keys, kv_head])
   plgpu.copy_smem_to_gmem(v_tile, r.dv.at[batch, keys, kv_head])
-  plgpu.wait_smem_to_gmem(0)  # With dQ, its last adds too.
+  plgpu.wait_smem_to_gmem(0)  # With dQ or the slots, their last copies.
 
 
 def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
@@ -355,11 +452,12 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool):
+def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, mod_rows):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
-  query head of its group; `refs` are the operands (dQ's Ref after the
-  inputs `with_dq`), the outputs and last the scratch."""
-  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq)
+  query head of its group; `refs` are the operands (the mods' rows after
+  the inputs, then dQ's Ref `with_dq`), the outputs and last the
+  scratch."""
+  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, mod_rows)
   lo, flo, fhi, hi = read_row(r.bounds.at[r.batch, r.tile],
                                r.bounds_smem.at[r.wg],
                                r.bounds_ready.at[r.wg], 4)
@@ -381,7 +479,7 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool):
 
 
 def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
-         kv_vectors):
+         kv_vectors, mod_rows=(None, None)):
   """dK and dV on padded operands (the Triton dK/dV kernel's function), and
   with `st.launch.atomic_dq` dQ too (the fused backward; Dp <= 128).
 
@@ -399,20 +497,30 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       tiles (`DKV_BLOCK_Q` rows) that may see it, as `forward`'s.
     q_vectors: int32 `[B, Nq, Sqp]` (a zero `[B, 1, Sqp]` when Nq = 0).
     kv_vectors: int32 `[B, Nk, Skp]`.
+    mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts; Dp
+      <= 128), their program values, as the forward's (`mosaic_mods.
+      program_rows`).
 
   Returns:
-    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp])` in k's dtype; with
-    `st.launch.atomic_dq` also `dq [B, Sqp, H, Dp]` float32 (its float32
-    sums in the order the programs run: not bitwise reproducible).
+    `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp], dq, dslots)`: dk, dv in
+    k's dtype; with `st.launch.atomic_dq` dq `[B, Sqp, H, Dp]` float32 (its
+    float32 sums in the order the programs run: not bitwise reproducible),
+    else None; with `mosaic_mods.grad_slots(st.mods)` (n of them) dslots
+    float32 `[B, H, n]`, the loss' gradient in each program value those
+    slots hold (`mosaic_mods.args_grads` takes it to `mod_args`), else
+    None.
   """
-  batch, q_len, _, d = q.shape
+  batch, q_len, heads, d = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   bq, bk = DKV_BLOCK_Q, dkv_block_k(d)
+  nk = kv_len // bk
   with_dq = st.launch.atomic_dq
   if q_len % bq or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {bk}.")
   reason = fused_dq_reason(d) if with_dq else None
+  if reason is None and st.mods is not None:
+    reason = dkv_mods_reason(d, atomic_dq=with_dq)
   if reason is not None:
     raise ValueError(f"flash (Mosaic GPU): {reason}.")
   swizzled = wgmma_transforms(q.dtype)
@@ -420,6 +528,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
   bounds = pad_bounds(bounds)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
+  n_slots = len(grad_slots(st.mods))
 
   def body(*operands):
     smem = (
@@ -446,35 +555,53 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
     free = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)
+    # Per consumer: the group's rows of program values, and a head's slot
+    # sums on their way out.
+    mods = (row_scratch(mod_rows, (st.groups,)),
+            plgpu.SMEM((CONSUMERS, n_slots, ROWS), jnp.float32)
+            if n_slots else None)
 
-    def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref):
+    def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref,
+               mod_refs):
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
-                               ready_refs, free_ref), st=st, bq=bq,
-                   with_dq=with_dq)
+                               ready_refs, free_ref, mod_refs), st=st, bq=bq,
+                   with_dq=with_dq, mod_rows=mod_rows)
 
-    pl.run_scoped(scoped, smem, exchange, own, ready, free,
+    pl.run_scoped(scoped, smem, exchange, own, ready, free, mods,
                   collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype),
               jax.ShapeDtypeStruct(v.shape, v.dtype))
-  mesh = dict(grid=(kv_len // bk, batch, kv_heads), grid_names=("k", "b", "h"),
+  if n_slots:  # Per program, consumer and head: the [64] rows' slot sums.
+    out_type += (jax.ShapeDtypeStruct(
+        (batch, kv_heads, nk, CONSUMERS, st.groups, n_slots, ROWS),
+        jnp.float32),)
+  mesh = dict(grid=(nk, batch, kv_heads), grid_names=("k", "b", "h"),
               num_threads=CONSUMERS + 1, thread_name="wg")
   params = plgpu.CompilerParams(approx_math=True)
-  operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors)
+  operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors,
+              *row_operands(mod_rows))
   if not with_dq:
-    return plgpu.kernel(body, out_type=out_type, compiler_params=params,
+    dq = None
+    outs = plgpu.kernel(body, out_type=out_type, compiler_params=params,
                         **mesh)(*operands)
+  else:
+    def fused(refs):
+      # dQ is a Ref the kernel adds into (aliased in and out of it), so it
+      # starts at zero. jax 0.10's `plgpu.kernel` takes no Ref operand;
+      # `pl.kernel` over a `plgpu.Mesh`, which it wraps, does.
+      dq_ref, *out_refs = refs
+      outs = pl.kernel(body, out_type, mesh=plgpu.Mesh(**mesh),
+                       compiler_params=params,
+                       name="flash_dkdv_dq")(*operands, dq_ref)
+      for ref, x in zip(out_refs, outs):
+        ref[...] = x
 
-  def fused(refs):
-    # dQ is a Ref the kernel adds into (aliased in and out of it), so it
-    # starts at zero. jax 0.10's `plgpu.kernel` takes no Ref operand;
-    # `pl.kernel` over a `plgpu.Mesh`, which it wraps, does.
-    dq_ref, dk_ref, dv_ref = refs
-    dk_ref[...], dv_ref[...] = pl.kernel(
-        body, out_type, mesh=plgpu.Mesh(**mesh), compiler_params=params,
-        name="flash_dkdv_dq")(*operands, dq_ref)
-
-  dq, dk, dv = pl.run_state(fused)((jnp.zeros(q.shape, jnp.float32),
-                                    jnp.zeros(k.shape, k.dtype),
-                                    jnp.zeros(v.shape, v.dtype)))
-  return dk, dv, dq
+    dq, *outs = pl.run_state(fused)(
+        (jnp.zeros(q.shape, jnp.float32),
+         *(jnp.zeros(x.shape, x.dtype) for x in out_type)))
+  dk, dv, *dslots = outs
+  # Summed over key tiles, consumers and rows: [B, H, n].
+  dslots = (dslots[0].sum(axis=(2, 3, 6)).reshape(batch, heads, n_slots)
+            if dslots else None)
+  return dk, dv, dq, dslots

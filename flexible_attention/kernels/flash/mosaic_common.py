@@ -6,11 +6,12 @@ describes it (Shah et al., 2024, https://arxiv.org/abs/2407.08608): a
 producer warpgroup streams tiles into shared memory with TMA, two consumer
 warpgroups of `ROWS` rows run asynchronous `wgmma`s. This module holds their
 fixed tiles (which the launch policy reads), `unsupported_reason`,
-`fused_dq_reason` and `dq_reason` (what they cannot serve), and the pieces
-they share: the swizzled shared-memory layout, the stacked structure vectors
-and the structured mask of a tile (`masks.pair_visible`, the library's one
-mask rule), a score tile's `p` and `ds`, and what the forward and dQ kernels
-(both over one query tile) do alike: the producer that streams K and V, the
+`fused_dq_reason`, `dkv_mods_reason` and `dq_reason` (what they cannot
+serve), and the pieces they share: the swizzled shared-memory layout, the
+stacked structure vectors and the structured mask of a tile
+(`masks.pair_visible`, the library's one mask rule), a score tile's `p`
+and `ds`, and what the forward and dQ kernels (both over one query tile)
+do alike: the producer that streams K and V, the
 consumers' structure vectors and their ping-pong barrier.
 
 Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
@@ -136,6 +137,29 @@ def dq_reason(head_dim: int) -> str | None:
             f"got {head_dim} (q, dO and two slots of K and V would take 256 "
             f"KiB of the 227 KiB of shared memory a block has); use "
             f"dq_backend='triton' there")
+  return None
+
+
+def dkv_mods_reason(head_dim: int, *, atomic_dq: bool = False) -> str | None:
+  """Why the dK/dV kernel cannot evaluate a call's score_mod / mask_mod
+  (one `mosaic_mods` accepts) at a padded head size, or with its fused dQ
+  (`atomic_dq`), or None.
+
+  Only the rows layout (Dp <= 128) evaluates mods: at Dp = 256 (the columns
+  layout) warpgroup 0 alone forms `p` and `ds` while the other waits, and
+  the mods' values, derivatives and slot sums would join accumulators that
+  already take its registers. The fused backward with mods is refused too:
+  its shared memory (209 of 227 KiB at Dp = 128) leaves too little for the
+  group's rows and the slot sums (up to 20 KiB at G = 8), and it is not
+  measured with them. Those calls keep the Triton dK/dV kernel.
+  """
+  if head_dim >= SPLIT_HEAD_DIM:
+    return (f"its dK/dV kernel evaluates score_mod / mask_mod at padded head "
+            f"sizes below {SPLIT_HEAD_DIM} (the rows layout), got "
+            f"{head_dim}; use dkv_backend='triton' there")
+  if atomic_dq:
+    return ("its fused dQ (atomic_dq=True) takes no score_mod / mask_mod; "
+            "use atomic_dq=False (the split backward) with mods")
   return None
 
 

@@ -1,4 +1,4 @@
-"""Score and mask modifications inside flash's Mosaic GPU (Hopper) forward.
+"""Score and mask modifications inside flash's Mosaic GPU (Hopper) kernels.
 
 The Triton kernels take every mod Triton lowers (`mod_lowering`): each
 `mod_args` leaf whole as a kernel input, one gather load per index. The
@@ -28,12 +28,30 @@ A mod whose tile part reads a `mod_args` array per element (T5's
 list or a dtype other than float32, int32 and bool, or needs more than
 `ROW` program values of a row, has a reason (`unsupported_reason`): the
 launch policy keeps that call's forward on Triton, and an explicit
-`fwd_backend="mosaic"` is an error naming it. The backward is Triton's
-either way (it reads only the forward's log-sum-exp).
+`fwd_backend="mosaic"` is an error naming it.
+
+The backward reads only the forward's log-sum-exp. The Mosaic dQ and
+dK/dV kernels (`mosaic_dq`, `mosaic_bwd`) evaluate the same mods and take
+the score_mod's derivative in the score in forward mode
+(`TileMods.score_grads`: JAX's jvp of the tile part, evaluated with the
+two equations of JAX's rules Mosaic GPU does not lower rewritten,
+`_lowerable_jvp`). `mod_args`' gradients are the dK/dV kernel's: per
+(batch row, head) it sums the loss' gradient in each float32 program
+value the score_mod's tile part reads (`grad_slots`; the tile part's
+derivative in that value, again in forward mode, `TileMods.slot_grads`,
+times the modified logits' cotangent), and XLA pulls those back to the
+leaves through the program part (`args_grads`, a vjp of `program_rows`),
+with `mod_lowering`'s rule: float leaves of at most H elements. Its dK/dV
+kernel does so in its rows layout (padded D <= 128, without the fused
+dQ); other calls with mods keep Triton's dK/dV kernel
+(`mosaic_common.dkv_mods_reason`). Lowered for CUDA and tested on CPU;
+the dK/dV kernel's results with mods are not yet verified on a GPU.
 
 Glossary of shapes:
-- B: batch size; H: query heads.
-- ROWS, bk: a consumer's tile (`mosaic_common.ROWS`, the key tile).
+- B: batch size; H: query heads; G: query heads per KV head.
+- ROWS, bk: a consumer's tile (`mosaic_common.ROWS`, the key tile; the
+  dK/dV kernel's transposed tiles are `[ROWS keys, bq queries]`).
+- n: the slots whose gradients the dK/dV kernel sums (`grad_slots`).
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ from typing import Any
 
 import jax
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
@@ -523,13 +542,15 @@ def args_grads(km, mods, partials):
 
 
 class TileMods:
-  """A consumer's view of the mods in the Mosaic forward.
+  """A consumer's view of the mods in the Mosaic kernels.
 
   Args:
     km: the call's `KernelMods`.
     scalars: `(floats, ints)`, the program's values read from its rows
       (lists of scalars, `plan(km).counts` long).
-    shape: the tile, `(ROWS, bk)`.
+    shape: the tile, `(ROWS, bk)` (the dK/dV kernel's transposed `(ROWS,
+      bq)`: the tile part is elementwise, so it computes the same values
+      on either).
   """
 
   def __init__(self, km, scalars, shape):
@@ -555,7 +576,7 @@ class TileMods:
     """`(s_mod, dmod)`: the score_mod on `s` (as `score`) and its
     elementwise derivative in `s`, in forward mode (the tile part's jvp
     with a tangent of ones: the same allowed primitives, no transposes);
-    the dQ kernel's chain rule."""
+    the dQ and dK/dV kernels' chain rule."""
     return _lowerable_jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
                           (jnp.ones_like(s),))
 
@@ -595,10 +616,11 @@ def split_row_refs(mod_rows, refs: list) -> tuple[Any, ...]:
   return tuple(None if x is None else refs.pop(0) for x in mod_rows)
 
 
-def row_scratch(mod_rows) -> tuple[Any, ...]:
-  """Each consumer's shared-memory row of the program values and its
-  barrier, per operand of `row_operands`."""
-  return tuple((plgpu.SMEM((CONSUMERS, ROW), x.dtype),
+def row_scratch(mod_rows, heads: tuple[int, ...] = ()) -> tuple[Any, ...]:
+  """Each consumer's shared-memory row of the program values (`heads`
+  rows: `(G,)` in the dK/dV kernel, whose programs run every query head of
+  a group) and its barrier, per operand of `row_operands`."""
+  return tuple((plgpu.SMEM((CONSUMERS, *heads, ROW), x.dtype),
                 plgpu.Barrier(num_barriers=CONSUMERS))
                for x in row_operands(mod_rows))
 
@@ -621,4 +643,29 @@ def consumer_mods(km, mod_refs, mod_scratch, batch, head, wg, shape):
                                       row_ready.at[wg], count)
       for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
                                                    plan(km).counts)]
+  return TileMods(km, scalars, shape)
+
+
+def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
+  """Consumer `wg`'s copy of the program values of the `groups` query heads
+  of KV head `kv_head` (the dK/dV kernel's program), batch row `batch`:
+  per operand its shared-memory rows `[G, ROW]` (None where none), copied
+  once by TMA, after their barrier."""
+  rows = []
+  for ref, (row_smem, row_ready) in zip(mod_refs, mod_scratch):
+    if ref is not None:
+      plgpu.copy_gmem_to_smem(ref.at[batch, pl.ds(kv_head * groups, groups)],
+                              row_smem.at[wg], row_ready.at[wg])
+    rows.append(None if ref is None else row_smem.at[wg])
+  for ref, (_, row_ready) in zip(mod_refs, mod_scratch):
+    if ref is not None:
+      plgpu.barrier_wait(row_ready.at[wg])
+  return tuple(rows)
+
+
+def head_mods(km, rows, g, shape):
+  """The `TileMods` of query head `g` of a group (dynamic) on `shape`
+  tiles: its values read as scalars from `group_rows`' rows."""
+  scalars = [() if ref is None else tuple(ref[g, i] for i in range(count))
+             for ref, count in zip(rows, plan(km).counts)]
   return TileMods(km, scalars, shape)
