@@ -30,8 +30,9 @@ the default launch policy; `fwd_backend` records which forward kernel its
 program holds (`mosaic`: the Mosaic GPU forward, which on Hopper evaluates
 ALiBi and the prefix-LM mask_mod itself; `triton`) and `fwd_bwd_kernels`
 those of its gradient program, in order (from 16k keys the Mosaic dQ
-kernel evaluates the mods too), read off the lowered programs. `--smoke`: tiny shapes
-in Pallas' interpreter, flash only, no timing (a CPU check of the script).
+kernel evaluates the mods too), read off the lowered programs. `--smoke`:
+tiny shapes in Pallas' interpreter, flash only, no timing (a CPU check of
+the script).
 """
 
 from __future__ import annotations

@@ -179,7 +179,8 @@ def _ring_errors(dtype, num_shards_list, block_kernel="blockwise"):
 
 @pytest.mark.parametrize("block_kernel", sorted(BLOCK_KERNELS))
 def test_ring_gradient_error_does_not_grow_with_ring_size(block_kernel):
-  errors, _ = _ring_errors(jnp.float32, (1, 2, 4, 8), block_kernel)
+  # One device and rings of 4 and 8: growth with n would show on two sizes.
+  errors, _ = _ring_errors(jnp.float32, (1, 4, 8), block_kernel)
   # Rounding of float32 sums scatters by a few times between programs at
   # this size (jax 0.11.2, flash blocks: 4.0e-7 on one device, 1.8e-6 on a
   # ring of 4, 8.0e-7 on 8), hence the floor; drift would grow with n.
