@@ -221,23 +221,28 @@ def test_flash_mods_match_the_reference():
 def test_flash_mods_compiled_on_a_gpu():
   """The same battery through flash's compiled Triton kernels, bfloat16
   inputs (without bias and dropout, as `test_mods_in_bfloat16`): out, lse
-  and the gradients of q, k, v, sinks and the [H] / [B] mod_args. Then
-  the mods the Mosaic GPU forward and dK/dV kernels evaluate (on Hopper the
-  policy picks them; asserted; the dK/dV kernel's mod_args gradients
-  included) with the Triton dQ kernel, over several 128-row tiles
-  (`_check_mosaic_forward_mods`), at D = 64 and 128, and again with the
-  Mosaic dQ kernel."""
+  and the gradients of q, k, v, sinks and the [H] / [B] mod_args."""
   _check("flash-gpu-bf16", S_ODD, _module_fn("flash", dropout=False), False,
          jnp.bfloat16, dropout=False)
-  for name in ("alibi", "both", "static"):
-    _check_mosaic_forward_mods(name)
-  for name in ("both", "every_primitive"):  # The most registers.
-    _check_mosaic_forward_mods(name, head_dim=128)
-  # The Mosaic dQ kernel with the same mods (its default from 16k keys).
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
-    for name in ("alibi", "both", "static", "every_primitive"):
-      _check_mosaic_forward_mods(name, "mosaic" if ON_HOPPER else "triton")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name,dq_backend,head_dim", [
+    ("alibi", "triton", 64), ("both", "triton", 64), ("static", "triton", 64),
+    ("both", "triton", 128), ("every_primitive", "triton", 128),  # Registers.
+    # The Mosaic dQ kernel with the same mods (its default from 16k keys).
+    ("alibi", "mosaic", 64), ("both", "mosaic", 64), ("static", "mosaic", 64),
+    ("every_primitive", "mosaic", 64)])
+def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
+                                             monkeypatch):
+  """The mods the Mosaic GPU forward and dK/dV kernels evaluate (on Hopper
+  the policy picks them; asserted; the dK/dV kernel's mod_args gradients
+  included), over several 128-row tiles (`_check_mosaic_forward_mods`),
+  with the Triton or the Mosaic dQ kernel."""
+  if dq_backend == "mosaic":
+    monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
+  _check_mosaic_forward_mods(name, dq_backend if ON_HOPPER else "triton",
+                             head_dim)
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -904,10 +909,14 @@ def _backends(inputs, **options):
           launches[0].dq_backend)
 
 
-@pytest.mark.parametrize("name", ["alibi", "prefix_lm", "static",
-                                  "every_primitive"])
-@pytest.mark.parametrize("long_keys", [False, True],
-                         ids=["short", "mosaic_dq"])
+@pytest.mark.parametrize("long_keys,name", [
+    # The Triton dQ beside the Mosaic kernels (the mask mods' dK/dV kernel
+    # lowers in the Mosaic dQ cases below as here).
+    (False, "alibi"), (False, "every_primitive"),
+    (True, "alibi"), (True, "prefix_lm"), (True, "static"),
+    (True, "every_primitive")],
+    ids=lambda x: ("mosaic_dq" if x else "short") if isinstance(x, bool)
+    else x)
 def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
                                                   monkeypatch):
   """On Hopper the policy gives these mods the Mosaic forward and dK/dV
