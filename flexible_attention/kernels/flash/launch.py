@@ -29,8 +29,7 @@ Which path serves what (the README has it too):
   back to `mod_args`; `mosaic_mods.grad_slots`); at D = 256, or with
   `atomic_dq=True`, calls with mods keep the Triton kernel
   (`mosaic_common.dkv_mods_reason`), as do mods the forward cannot take;
-  else Triton. (Lowered for CUDA and tested on CPU; its results with mods
-  are not yet verified on a GPU.)
+  else Triton.
 - dQ: on Hopper by default the Mosaic GPU dQ kernel (`mosaic_dq`) for the
   calls the forward serves (mods included) at padded D of 64 or 128
   (`mosaic_common.dq_reason`) with Sk >= `MOSAIC_DQ_MIN_KV_LEN` (where it
