@@ -543,6 +543,51 @@ def test_flash_serves_a_frozen_t5_table():
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
+def test_flash_sums_the_gradients_of_differentiated_mod_args_only(
+    monkeypatch):
+  """ALiBi's slopes are most often constants: the backward's in-kernel sums
+  (`KernelMods.grads`, read by both dK/dV kernels) run only for the
+  differentiated leaves. Frozen or not, q's, k's and v's gradients (and
+  the slopes' when asked) equal the float32 reference's."""
+  from flexible_attention.kernels.flash import triton_bwd  # pylint: disable=g-import-not-at-top
+  seen = []
+  dkdv = triton_bwd.dkdv
+
+  def spy(st, *args, **kwargs):
+    seen.append(st.mods.grads)
+    return dkdv(st, *args, **kwargs)
+
+  monkeypatch.setattr(triton_bwd, "dkdv", spy)
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((B, 24, H, 16)), jnp.float32)
+  kv = jnp.asarray(rng.standard_normal((B, 40, HKV, 16)), jnp.float32)
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+
+  def flash(q, k, v, slopes):
+    inputs = inputs_lib.canonicalize(q, k, v, causal=True,
+                                     score_mod=fa.alibi_score_mod,
+                                     mod_args=(slopes,))
+    return flash_kernel.flash_attention(inputs, sm_scale=0.25,
+                                        interpret=True).out
+
+  def ref(q, k, v, slopes):
+    record = inputs_lib.canonicalize(q, k, v, causal=True,
+                                     score_mod=fa.alibi_score_mod,
+                                     mod_args=(slopes,))
+    return reference.reference_attention(
+        record.query, record.key, record.value, None, record.visibility,
+        sm_scale=0.25, mods=record.mods).out
+
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * jnp.cos(f(*a)))
+  for argnums, grads in (((0, 1, 2), (False,)), ((0, 1, 2, 3), (True,))):
+    seen.clear()
+    got = jax.grad(loss(flash), argnums)(q, kv, kv, slopes)
+    want = jax.grad(loss(ref), argnums)(q, kv, kv, slopes)
+    assert seen and all(g == grads for g in seen), (argnums, seen)
+    for name, g, w in zip(("dq", "dk", "dv", "dslopes"), got, want):
+      helpers.assert_close(g, w, jnp.float32, f"{argnums}: {name}")
+
+
 # --- Modules, auto ----------------------------------------------------------
 
 
@@ -909,15 +954,18 @@ def _backends(inputs, **options):
           launches[0].dq_backend)
 
 
-@pytest.mark.parametrize("long_keys,name", [
+@pytest.mark.parametrize("long_keys,name,frozen", [
     # The Triton dQ beside the Mosaic kernels (the mask mods' dK/dV kernel
     # lowers in the Mosaic dQ cases below as here).
-    (False, "alibi"), (False, "every_primitive"),
-    (True, "alibi"), (True, "prefix_lm"), (True, "static"),
-    (True, "every_primitive")],
-    ids=lambda x: ("mosaic_dq" if x else "short") if isinstance(x, bool)
-    else x)
-def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
+    (False, "alibi", False), (False, "every_primitive", False),
+    (True, "alibi", False), (True, "prefix_lm", False),
+    (True, "static", False), (True, "every_primitive", False),
+    # Constant mod_args: the dK/dV kernel without the gradient sums.
+    (True, "every_primitive", True)],
+    ids=["short-alibi", "short-every_primitive", "mosaic_dq-alibi",
+         "mosaic_dq-prefix_lm", "mosaic_dq-static",
+         "mosaic_dq-every_primitive", "mosaic_dq-every_primitive-frozen"])
+def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys, frozen,
                                                   monkeypatch):
   """On Hopper the policy gives these mods the Mosaic forward and dK/dV
   kernels, whose gradient program (of q, k, v and the float mod_args)
@@ -925,7 +973,8 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
   score_mods' derivatives in the score and in the program values they read
   (the jvp of every allowed primitive) in the dK/dV kernel, beside the
   Triton dQ kernel. From `MOSAIC_DQ_MIN_KV_LEN` keys on (lowered at 0 here)
-  the dQ kernel is Mosaic's too, with every mod."""
+  the dQ kernel is Mosaic's too, with every mod. With the mod_args not
+  differentiated (`frozen`) the dK/dV kernel skips their sums."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   if long_keys:
     monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
@@ -938,7 +987,8 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys,
         sm_scale=0.125).out
     return jnp.sum(out.astype(jnp.float32))
 
-  text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3, 4)), q, kv, kv,
+  argnums = (0, 1, 2) if frozen else (0, 1, 2, 3, 4)
+  text = helpers.lower_for_cuda(jax.grad(loss, argnums), q, kv, kv,
                                 *_hopper_mod_args())
   targets = re.findall(r"custom_call @\"?([\w$.]+)", text)
   kinds = sorted("mosaic" if "mosaic_gpu" in t else

@@ -18,6 +18,7 @@ Glossary of shapes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -155,25 +156,34 @@ def _flash_fwd(st, q, k, v, bias, aux, sinks, mods):
   # With symbolic zeros every input leaf comes as a `CustomVJPPrimal`,
   # which says whether it is differentiated: a `mod_args` leaf too large
   # for the kernels' gradient (`mod_lowering.check_grads`) is refused only
-  # then (a frozen T5 table is served).
+  # then (a frozen T5 table is served), and the backward computes the
+  # gradients of the differentiated leaves only (ALiBi's slopes are most
+  # often constants: their sums are then skipped).
   perturbed = ([p.perturbed for p in jax.tree.leaves(mods.args)]
                if mods is not None else [])
   q, k, v, bias, aux, sinks, mods = jax.tree.map(
       lambda p: p.value, (q, k, v, bias, aux, sinks, mods))
   out, lse = _forward(st, q, k, v, bias, aux, sinks=sinks, mods=mods)
-  # A static flag (pytree structure, not a value): `()` to refuse.
+  # Static flags (pytree structure, not values): `()` to refuse, and per
+  # leaf `()` where differentiated.
   refuse = (() if st.mods is not None and any(
       perturbed[i] for i in st.mods.too_large) else None)
-  return (out, lse), (q, k, v, bias, aux, sinks, mods, out, lse, refuse)
+  wanted = tuple(() if p else None for p in perturbed)
+  return (out, lse), (q, k, v, bias, aux, sinks, mods, out, lse, refuse,
+                      wanted)
 
 
 def _flash_bwd(st, residuals, cotangents):
-  q, k, v, bias, aux, sinks, mods, out, lse, refuse = residuals
+  q, k, v, bias, aux, sinks, mods, out, lse, refuse, wanted = residuals
   dout, dlse = (jnp.zeros(x.shape, x.dtype)
                 if isinstance(ct, custom_derivatives.SymbolicZero) else ct
                 for ct, x in zip(cotangents, (out, lse)))
   if refuse is not None:
     mod_lowering.check_grads(st.mods, q.shape[2])
+  if st.mods is not None:  # In-kernel gradients of the wanted leaves only.
+    st = dataclasses.replace(st, mods=dataclasses.replace(
+        st.mods, grads=tuple(g and w is not None
+                             for g, w in zip(st.mods.grads, wanted))))
   # The lse counts the sinks, so the kernels' p = exp(s - lse) and their
   # dq, dk, dv are unchanged; dsinks in XLA (`merge.sink_gradient`).
   dq, dk, dv, dbias, dargs = _backward(st, q, k, v, bias, aux, out, lse,

@@ -86,7 +86,9 @@ class KernelMods:
     treedef: the pytree structure of `mod_args`.
     shapes, dtypes: each leaf's shape and dtype name.
     grads: per leaf, whether the backward computes its gradient in-kernel
-      (a float leaf of at most `num_heads` elements, with a score_mod).
+      (a float leaf of at most `num_heads` elements, with a score_mod; the
+      backward narrows it to the leaves the call differentiates,
+      `interface._flash_bwd`).
     too_large: the float leaves (indices) a gradient cannot reach here.
   """
 
