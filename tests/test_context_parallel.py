@@ -79,8 +79,8 @@ def _mesh(mechanism: str, i: int, feature: str) -> str:
 
   `ring[flash]`'s interpreted kernels are traced once but compiled once per
   ring step (a program takes ~3 s on sp2, ~4 s on sp4, ~8 s on sp8): its
-  features run on sp2, its plain call on sp4; its rings of 2, 4 and 8
-  devices are checked against the reference by
+  features run on sp2, its plain call on sp4; its rings of 4 and 8
+  devices are checked against the reference (and one device) by
   `test_ring_gradient_error_does_not_grow_with_ring_size`.
   """
   if mechanism == "ring[flash]":
