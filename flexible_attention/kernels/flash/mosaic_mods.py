@@ -304,9 +304,9 @@ _PASS_THROUGH = frozenset(("reshard", "copy", "copy_p", "convert_element_type",
 
 def _folded_scalar(eqn, ins):
   """The scalar result of a pass-through equation on a literal (jax 0.11's
-  zero tangents: `reshard 0.0`), as a numpy scalar, or None. Mosaic GPU
-  rejects such an equation: its rule hands the literal back as the
-  result."""
+  zero tangents: `reshard 0.0`, seen when lowering for CUDA on a CPU host,
+  whose mesh is abstract), as a numpy scalar, or None. Mosaic GPU rejects
+  such an equation: its rule hands the literal back as the result."""
   aval = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
   if (eqn.primitive.name not in _PASS_THROUGH or len(ins) != 1
       or aval is None or aval.shape != ()
