@@ -960,10 +960,10 @@ def _backends(inputs, **options):
     (True, "alibi", False), (True, "prefix_lm", False),
     (True, "static", False), (True, "every_primitive", False),
     # Constant mod_args: the dK/dV kernel without the gradient sums.
-    (True, "every_primitive", True)],
+    (True, "alibi", True)],
     ids=["short-alibi", "short-every_primitive", "mosaic_dq-alibi",
          "mosaic_dq-prefix_lm", "mosaic_dq-static",
-         "mosaic_dq-every_primitive", "mosaic_dq-every_primitive-frozen"])
+         "mosaic_dq-every_primitive", "mosaic_dq-alibi-frozen"])
 def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys, frozen,
                                                   monkeypatch):
   """On Hopper the policy gives these mods the Mosaic forward and dK/dV
