@@ -82,11 +82,11 @@ from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
 from flexible_attention.kernels.flash.mosaic_mods import group_rows
 from flexible_attention.kernels.flash.mosaic_mods import head_mods
-from flexible_attention.kernels.flash.mosaic_mods import plan
 from flexible_attention.kernels.flash.mosaic_mods import row_operands
 from flexible_attention.kernels.flash.mosaic_mods import row_scratch
 from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
+from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import Static
 
 
@@ -248,8 +248,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
       r.mod_refs, r.mod_scratch, batch, kv_head, st.groups, wg)
   slots = grad_slots(st.mods) if r.dslots is not None else range(0)
   # The query vectors an unmasked tile reads: the score_mod's positions.
-  unmasked_q = ("q_pos",) if "q_pos" in (
-      plan(st.mods).reads_of("score_mod") if st.score_mod else ()) else ()
+  unmasked_q = unmasked_reads(st.mods, "q_pos")
   plgpu.barrier_wait(r.kvvec_ready.at[wg])
   kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
   plgpu.barrier_wait(r.k_ready.at[wg])

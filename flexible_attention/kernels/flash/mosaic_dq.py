@@ -83,11 +83,11 @@ from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_mods import consumer_mods
-from flexible_attention.kernels.flash.mosaic_mods import plan
 from flexible_attention.kernels.flash.mosaic_mods import row_operands
 from flexible_attention.kernels.flash.mosaic_mods import row_scratch
 from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
+from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import Static
 
 
@@ -133,8 +133,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
     plgpu.barrier_wait(do_ready.at[wg])
 
     # The key vectors an unmasked tile reads: the score_mod's positions.
-    unmasked_kv = ("kv_pos",) if "kv_pos" in (
-        plan(st.mods).reads_of("score_mod") if st.score_mod else ()) else ()
+    unmasked_kv = unmasked_reads(st.mods, "kv_pos")
 
     def step(t, dq, masked: bool):
       slot = lax.rem(t - lo, STAGES)

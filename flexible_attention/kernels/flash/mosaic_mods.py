@@ -436,8 +436,7 @@ class Plan:
     reason: why it cannot evaluate them (None: it can).
     counts: the program values per row (float32, int32).
     offsets: per mod kind, the slots before its own (float32, int32).
-    reads: per mod kind, the positions (`q_pos`, `kv_pos`) its tile part
-      reads.
+    reads: per mod kind, the positions (`q_pos`, `kv_pos`) it reads.
   """
 
   reason: str | None
@@ -455,8 +454,7 @@ class Plan:
     if kind not in kinds:
       return range(0)
     starts = [o[0] for _, o in self.offsets] + [self.counts[0]]
-    n = kinds.index(kind)
-    return range(starts[n], starts[n + 1])
+    return range(starts[kinds.index(kind)], starts[kinds.index(kind) + 1])
 
 
 @_memo
@@ -475,6 +473,12 @@ def plan(km) -> Plan:
     reads.append((kind, frozenset(check.reads)))
     counts = tuple(check.counts)
   return Plan(None, counts, tuple(offsets), tuple(reads))
+
+
+def unmasked_reads(km, name: str) -> tuple[str, ...]:
+  """`(name,)` if the score_mod reads position `name` (a structure vector
+  the kernels load on the tiles they do not mask), else `()`."""
+  return (name,) if km and name in plan(km).reads_of("score_mod") else ()
 
 
 def unsupported_reason(km) -> str | None:
