@@ -19,6 +19,12 @@ the output w.r.t. q, k, v, jitted):
   `flash` with the dense `[1, 1, S, S]` mask and cuDNN with that mask and
   plain causal. The prefix-LM sees more pairs than causal (the prefix's
   upper triangle); `useful_ratio` divides that out.
+- `mod_cost` (causal, `--cells=mod_cost`): where a score_mod's time goes,
+  `flash` with ALiBi built up a step at a time, each checked against the
+  reference with the same mod: the identity (`s`: the mod path's fixed
+  cost), a per-head shift (`s - slopes[head]`: a program value), a key-only
+  distance (`s - slopes[head] * kv_pos`: the int position's conversion on
+  every element) and ALiBi itself (`|q_pos - kv_pos|`).
 
 Every variant's output and dq / dk / dv are first checked against the
 float32 reference (`core/reference.py`, with the mod or the dense bias /
@@ -54,6 +60,8 @@ from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
 
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Sequence lengths.")
+_CELLS = flags.DEFINE_list("cells", ["alibi", "prefix_lm"],
+                           "Cells to run: alibi, prefix_lm, mod_cost.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S.")
 _HEADS = flags.DEFINE_integer("heads", 16, "H (and Hkv).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "D.")
@@ -76,6 +84,16 @@ def _prefix_mask_mod(prefix: int):
     del batch, head
     return (kv_pos < prefix) | (kv_pos <= q_pos)
   return mask_mod
+
+
+# The steps of the `mod_cost` cell, each a score_mod of `mod_args=(slopes,)`.
+_COST_MODS = {
+    "identity": lambda s, b, h, q_pos, kv_pos, slopes: s,
+    "head_shift": lambda s, b, h, q_pos, kv_pos, slopes: s - slopes[h],
+    "key_distance": lambda s, b, h, q_pos, kv_pos, slopes: (
+        s - slopes[h] * kv_pos.astype(s.dtype)),
+    "alibi": fa.alibi_score_mod,
+}
 
 
 def _module(mechanism, h, d, call, **options):
@@ -107,7 +125,8 @@ def _reference(call, **mods):
 
 
 def _cells(s: int, h: int, d: int):
-  """`{cell: (reference, extra, {variant: (attend, extra)})}`."""
+  """`{cell: (reference, extra, {variant: (attend, extra[, reference])})}`:
+  a variant's own reference, where it has one, replaces the cell's."""
   idx = np.arange(s)
   slopes = jnp.asarray(fa.alibi_slopes(h))
   distance = np.abs(idx[:, None] - idx[None, :]).astype(np.float32)
@@ -138,8 +157,15 @@ def _cells(s: int, h: int, d: int):
                                  prefix_mask),
           "cudnn_prefix_dense": (_cudnn(False, "mask"), prefix_mask),
           "cudnn_plain": (_cudnn(True, None), None)}),
+      "mod_cost": (None, slopes, {
+          "flash_plain": (_module("flash", h, d, causal), None), **{
+              f"flash_{name}": (
+                  _module("flash", h, d, alibi_args, score_mod=mod), slopes,
+                  _reference(alibi_args, score_mod=mod))
+              for name, mod in _COST_MODS.items()}}),
   }
-  pairs = {"alibi": s * (s + 1) / 2,
+  cells = {name: cells[name] for name in _CELLS.value}
+  pairs = {"alibi": s * (s + 1) / 2, "mod_cost": s * (s + 1) / 2,
            "prefix_lm": s * (s + 1) / 2 + prefix * (prefix - 1) / 2}
   return cells, pairs
 
@@ -176,16 +202,17 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
   cells, pairs = _cells(s, h, d)
   rows = {}
   for cell, (ref, ref_extra, variants) in cells.items():
-    # The dense bias / mask is [1, H, S, S] / [1, 1, S, S]: its heads are
-    # axis 1. The reference's slopes are those of the checked heads.
-    want_out, want_vjp = jax.vjp(
-        lambda q, k, v: ref(q, k, v, _part(ref_extra, n, 1)),
-        part(q), part(k), part(v))
-    want = (want_out, *want_vjp(part(dout)))
+    def wanted(ref, extra):
+      # The dense bias / mask is [1, H, S, S] / [1, 1, S, S]: its heads are
+      # axis 1; slopes [H] are axis 0 (those of the checked heads).
+      extra = extra[:n] if extra.ndim == 1 else _part(extra, n, 1)
+      out, vjp = jax.vjp(lambda q, k, v: ref(q, k, v, extra),
+                         part(q), part(k), part(v))
+      return (out, *vjp(part(dout)))
     row = dict(S=s, B=b, H=h, D=d, error={}, fwd_ms={}, fwd_bwd_ms={},
                fwd_backend={}, fwd_bwd_kernels={})
     calls = []
-    for name, (attend, extra) in variants.items():
+    for name, (attend, extra, *own) in variants.items():
       if _SMOKE.value and not name.startswith("flash"):
         continue
       forward = jax.jit(attend)
@@ -204,6 +231,7 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
       if name.endswith("plain"):  # Its own reference: plain causal.
         error = None
       else:
+        want = wanted(own[0] if own else ref, ref_extra)
         error = max(compare.relative_error(part(x), w)
                     for x, w in zip(got, want))
       row["error"][name] = error
@@ -218,7 +246,7 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
       for i, (name, *_) in enumerate(calls):
         row["fwd_ms"][name] = seconds[2 * i] * 1e3
         row["fwd_bwd_ms"][name] = seconds[2 * i + 1] * 1e3
-    row["pairs_over_causal"] = pairs[cell] / pairs["alibi"]
+    row["pairs_over_causal"] = pairs[cell] / pairs["mod_cost"]
     rows[cell] = row
     print(json.dumps({"cell": cell, **row}), flush=True)
   return rows
