@@ -1175,6 +1175,55 @@ def test_mosaic_mods_evaluator_computes_the_mods():
   np.testing.assert_array_equal(got_keep, want_keep)
 
 
+def _positions_mod(score, batch, head, q_pos, kv_pos, slopes):
+  """ALiBi's distance and more integer arithmetic on the positions (every
+  equation the Mosaic kernels may do in float32: `neg`, `add` of a
+  literal, `min`, `max`, `abs`, `sub`), converted to float32; `1 / +0.0`
+  where q_pos == kv_pos (a `-0.0` would give `-inf`)."""
+  del batch
+  d = jnp.maximum(jnp.minimum(-(q_pos - kv_pos) + 5, 1 << 22), -kv_pos)
+  return (score - slopes[head] * jnp.abs(q_pos - kv_pos).astype(jnp.float32)
+          + (d - 5).astype(jnp.float32) * 1e-7
+          + 1.0 / (-(q_pos - kv_pos)).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("bound,floated", [
+    (None, 0),  # Positions unknown at trace time: int32 all the way.
+    (1 << 22, 3),  # Every conversion in float32, exactly.
+    (1 << 23, 2)])  # |q_pos - kv_pos| may reach 2^24, `d - 5` more: int32.
+def test_mosaic_tile_mods_do_exact_position_arithmetic_in_float32(
+    bound, floated):
+  """With a position bound (`Static.position_bound`), `TileMods` does the
+  integer arithmetic on positions that a mod converts to float32 in
+  float32 (positions converted once), exactly where every value stays
+  within 2^24: the same bits as the int32 way, for positions at the
+  bound; past 2^24 it keeps the int32 way."""
+  rng = helpers.rng_for("float-positions")
+  tile = (64, 128)
+  s = jnp.asarray(rng.normal(size=tile) * 3, jnp.float32)
+  top = (1 << 22) if bound is None else bound
+  q_pos = rng.integers(-top, top + 1, tile[0]).astype(np.int32)
+  kv_pos = rng.integers(-top, top + 1, tile[1]).astype(np.int32)
+  q_pos[:3], kv_pos[:3] = [top, -top, 7], [-top, top, 7]  # Extremes, a tie.
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  q = jnp.zeros((1, tile[0], H, 8))
+  mods = inputs_lib.canonicalize(q, q, q, score_mod=_positions_mod,
+                                 mod_args=(slopes,)).mods
+  km = mod_lowering.kernel_mods(mods, H)
+  assert mosaic_mods.plan(km).reason is None, mosaic_mods.plan(km).reason
+  floats, _ = mosaic_mods.program_rows(km, mods, 1, H)
+  head = 3
+  evaluator = mosaic_mods.TileMods(
+      km, (tuple(floats[0, head, :mosaic_mods.plan(km).counts[0]]), ()),
+      tile, position_bound=bound)
+  qp = jnp.broadcast_to(jnp.asarray(q_pos)[:, None], tile)
+  kp = jnp.broadcast_to(jnp.asarray(kv_pos)[None, :], tile)
+  got = jax.jit(evaluator.score)(s, qp, kp)
+  want = jax.jit(_positions_mod)(s, 0, head, qp, kp, slopes)
+  np.testing.assert_array_equal(got, want)
+  assert evaluator.floated == floated
+
+
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 

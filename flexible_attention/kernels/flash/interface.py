@@ -283,7 +283,8 @@ def prepare(inputs: AttentionInputs,
       segments=vis.has_segments, mask=vis.mask is not None,
       dropout_rate=None if dropout is None else float(dropout.rate),
       groups=dims.groups, launch=launch, interpret=bool(interpret),
-      mods=kernel_mods)
+      mods=kernel_mods, position_bound=None if kernel_mods is None else
+      mod_tables.position_bound(vis))
   mod_tiles = mod_tables.derive(
       st.mods, inputs.mods, vis, num_heads=dims.num_heads, q_pad=q_pad,
       kv_pad=kv_pad, blocks=structure.kernel_blocks(st))

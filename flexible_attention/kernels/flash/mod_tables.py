@@ -78,6 +78,17 @@ def _concrete(x):
   return np.asarray(x)
 
 
+def position_bound(vis) -> int | None:
+  """The largest magnitude of `vis`'s query and key positions when both are
+  concrete (the default ones), else None. The kernels pad them with their
+  edge values or zeros, which it bounds too."""
+  positions = [_concrete(vis.q_positions), _concrete(vis.kv_positions)]
+  if any(x is None for x in positions):
+    return None
+  return max((int(np.abs(x.astype(np.int64)).max()) if x.size else 0)
+             for x in positions)
+
+
 def _pad(x, size: int, mode: str):
   pad = size - x.shape[1]
   return np.pad(x, ((0, 0), (0, pad)), mode=mode) if pad else x

@@ -273,7 +273,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
     q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
     vis = visible(st, q_vec, kv_vec) if masked else None
     mods = (None if st.mods is None else
-            head_mods(st.mods, mod_rows, g, (ROWS, bq)))
+            head_mods(st, mod_rows, g, (ROWS, bq)))
     q_pos, kv_pos = q_vec.get("q_pos"), kv_vec.get("kv_pos")
     if masked and st.mask_mod:
       vis = vis & mods.visible(q_pos, kv_pos)

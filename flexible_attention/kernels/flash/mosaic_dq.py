@@ -120,7 +120,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
                             do_tile, do_ready.at[wg])
     plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, pl.ds(rows, ROWS)],
                             stats_smem.at[wg], stats_ready.at[wg])
-    mods = consumer_mods(st.mods, mod_refs, mod_scratch, batch, head, wg,
+    mods = consumer_mods(st, mod_refs, mod_scratch, batch, head, wg,
                          (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))

@@ -95,7 +95,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head], q_tile,
                             q_ready.at[wg])
-    mods = consumer_mods(st.mods, mod_refs, mod_scratch, batch, head, wg,
+    mods = consumer_mods(st, mod_refs, mod_scratch, batch, head, wg,
                          (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))

@@ -35,7 +35,7 @@ dK/dV kernels (`mosaic_dq`, `mosaic_bwd`) evaluate the same mods and take
 the score_mod's derivative in the score in forward mode
 (`TileMods.score_grads`: JAX's jvp of the tile part, evaluated with the
 two equations of JAX's rules Mosaic GPU does not lower rewritten,
-`_lowerable_jvp`). `mod_args`' gradients are the dK/dV kernel's: per
+`lowerable_jvp`). `mod_args`' gradients are the dK/dV kernel's: per
 (batch row, head) it sums the loss' gradient in each float32 program
 value the score_mod's tile part reads (`grad_slots`; the tile part's
 derivative in that value, again in forward mode, `TileMods.slot_grads`,
@@ -75,6 +75,7 @@ from flexible_attention.kernels.flash.mod_lowering import KernelMods
 from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
 from flexible_attention.kernels.flash.mod_lowering import sum_partials
 from flexible_attention.kernels.flash.mod_lowering import sub_jaxpr
+from flexible_attention.kernels.flash.mosaic_jvp import lowerable_jvp
 
 TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
 ROW = 32  # Program values per row: 128 bytes, one TMA copy.
@@ -89,6 +90,10 @@ TILE_PRIMITIVES = frozenset((
     "exp2 log tanh logistic select_n eq ne lt le gt ge and or not xor "
     "shift_left shift_right_arithmetic shift_right_logical "
     "convert_element_type").split())
+# Integer equations whose float32 result is the int32 one converted, while
+# every value involved is exact in float32 (at most 2^24 in magnitude).
+_EXACT_IN_FLOAT = frozenset(("add", "sub", "neg", "abs", "max", "min"))
+_EXACT = 2**24
 # The rows of program values: float32, and int32 (bools as 0 / 1).
 _ROWS = {"float32": 0, "int32": 1, "bool": 1}
 _TILE_DTYPES = frozenset(("float32", "int32", "bool"))
@@ -277,80 +282,47 @@ class _Program(_Handler):
     return outs if eqn.primitive.multiple_results else [outs]
 
 
-def _lowerable_jvp(fn, primals, tangents):
-  """`jax.jvp(fn, primals, tangents)` in equations Mosaic GPU lowers.
-
-  JAX's jvp rules emit two it does not: `add_any`, which sums the tangents
-  of an equation with two perturbed operands (`s * tanh(s)`), and
-  `integer_pow(y, -2)`, the divisor's tangent of `x / y`; and jax 0.11
-  passes a zero tangent's literal through `reshard` (`_folded_scalar`). The jvp is traced
-  to a jaxpr (the values `fn` closes over become its constants) and
-  evaluated with `add` and `1 / y^n` in their place.
-  """
-  flat, tree = jax.tree.flatten((primals, tangents))
-
-  def jvp(*flat):
-    return jax.jvp(fn, *jax.tree.unflatten(tree, flat))
-
-  closed, shapes = jax.make_jaxpr(jvp, return_shape=True)(*flat)
-  return jax.tree.unflatten(jax.tree.structure(shapes), _eval_lowerable(
-      closed.jaxpr, closed.consts, flat))
-
-
-# Equations that pass their one operand through (its dtype or shape aside).
-_PASS_THROUGH = frozenset(("reshard", "copy", "copy_p", "convert_element_type",
-                           "broadcast_in_dim", "reshape", "squeeze"))
-
-
-def _folded_scalar(eqn, ins):
-  """The scalar result of a pass-through equation on a literal (jax 0.11's
-  zero tangents: `reshard 0.0`, seen when lowering for CUDA on a CPU host,
-  whose mesh is abstract), as a numpy scalar, or None. Mosaic GPU rejects
-  such an equation: its rule hands the literal back as the result."""
-  aval = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
-  if (eqn.primitive.name not in _PASS_THROUGH or len(ins) != 1
-      or aval is None or aval.shape != ()
-      or not isinstance(ins[0], (np.ndarray, np.generic, bool, int, float))
-      or np.size(ins[0]) != 1):
-    return None
-  return np.asarray(np.asarray(ins[0]).reshape(()), aval.dtype)
-
-
-def _eval_lowerable(jaxpr, consts, args):
-  """`jaxpr` on `args`, nested calls inlined, `_lowerable_jvp`'s two
-  rewrites applied and pass-through equations on literals folded
-  (`_folded_scalar`)."""
-  env = {}
-  read = lambda v: v.val if hasattr(v, "val") else env[v]
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
-    name, ins = eqn.primitive.name, [read(v) for v in eqn.invars]
-    folded = _folded_scalar(eqn, ins)
-    if folded is not None:
-      outs = [folded]
-    elif name in CALLS:
-      sub, sub_consts = sub_jaxpr(eqn)
-      outs = _eval_lowerable(sub, sub_consts, ins)
-    elif name == "add_any":
-      outs = [lax.add(*ins)]
-    elif name == "integer_pow" and eqn.params["y"] < -1:
-      one = np.asarray(1, eqn.outvars[0].aval.dtype)
-      outs = [lax.div(one, lax.integer_pow(ins[0], -eqn.params["y"]))]
-    else:
-      outs = eqn.primitive.bind(*ins, **eqn.params)
-      outs = outs if eqn.primitive.multiple_results else [outs]
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars]
-
-
 class _Kernel(_Handler):
   """The walk in the kernel: the tile part on `[ROWS, bk]` tiles."""
 
-  def __init__(self, counts, scalars, shape):
+  def __init__(self, counts, scalars, shape, position_bound=None):
     super().__init__(counts)
-    self.scalars, self.shape = scalars, shape
+    self.scalars, self.shape, self.bound = scalars, shape, position_bound
     self.tiles = {}
+    self.shadows = {}  # id(int tile) -> (int tile, float32 tile, bound).
+    self.floated = 0  # Conversions served by a shadow.
+
+  def shadow(self, x: _Value):
+    """`(float32 value, bound)` equal to the int32 value `x` (exact: every
+    value it was computed from is at most `bound` in magnitude), or None.
+    Int literals and, with a position bound, the positions have one; an
+    exact equation (`_EXACT_IN_FLOAT`) on values that have one does, while
+    its bound stays within `_EXACT`."""
+    if x.literal and np.issubdtype(np.asarray(x.data).dtype, np.integer):
+      return np.float32(x.data), abs(int(x.data))
+    if not x.tile:
+      return None
+    if x.name in ("q_pos", "kv_pos") and self.bound is not None and (
+        id(x.data) not in self.shadows):
+      self.shadows[id(x.data)] = (x.data, x.data.astype(jnp.float32),
+                                  self.bound)
+    entry = self.shadows.get(id(x.data))
+    return None if entry is None else entry[1:]
+
+  def shadow_of(self, name: str, ins, out):
+    """Records `out`'s shadow where `name` on the inputs' shadows is exact."""
+    shadows = [self.shadow(x) for x in ins]
+    if name not in _EXACT_IN_FLOAT or not all(shadows):
+      return
+    values, bounds = zip(*shadows)
+    bound = sum(bounds) if name in ("add", "sub") else max(bounds)
+    if bound > _EXACT:
+      return
+    if name == "neg":  # 0 - x: no -0.0, which the int32 value cannot be.
+      value = np.float32(0) - values[0]
+    else:
+      value = getattr(lax, name)(*values)
+    self.shadows[id(out)] = (out, value, bound)
 
   def const(self, c):
     return None
@@ -376,10 +348,19 @@ class _Kernel(_Handler):
     if name == "not" and ins[0].aval.dtype == jnp.bool_:
       # Mosaic GPU's `not` on bools fails in jax 0.11; `xor True` lowers.
       return lax.bitwise_xor(ins[0].data, np.asarray(True))
+    if name == "convert_element_type" and (
+        eqn.params["new_dtype"] == jnp.float32):
+      shadow = self.shadow(ins[0])
+      if shadow is not None:
+        self.floated += 1
+        return shadow[0]
     args = [x.data if x.tile else
             np.asarray(x.data, x.aval.dtype) if x.literal and name != "select_n"
             else self.full(x) for x in ins]
-    return eqn.primitive.bind(*args, **eqn.params)
+    out = eqn.primitive.bind(*args, **eqn.params)
+    if self.bound is not None and jnp.dtype(out.dtype) == jnp.int32:
+      self.shadow_of(name, ins, out)
+    return out
 
 
 def _memo(fn):
@@ -580,19 +561,30 @@ class TileMods:
     shape: the tile, `(ROWS, bk)` (the dK/dV kernel's transposed `(ROWS,
       bq)`: the tile part is elementwise, so it computes the same values
       on either).
+    position_bound: a bound on the positions' magnitude, known at trace
+      time (`Static.position_bound`), or None. With one, the tile part's
+      integer arithmetic on positions that it converts to float32
+      (ALiBi's `|q_pos - kv_pos|`) is done in float32 where that is exact
+      (`_Kernel.shadow`): positions converted once per vector (the
+      compiler shares the conversion of a broadcast), then one float op
+      per element, where the int32 way costs an integer op per equation
+      and a conversion per element (a quarter-rate instruction, as exp2).
   """
 
-  def __init__(self, km, scalars, shape):
+  def __init__(self, km, scalars, shape, position_bound=None):
     self.km, self.scalars, self.shape = km, scalars, shape
+    self.position_bound = position_bound
     self.plan = plan(km)
     self.jaxprs = dict(_jaxprs(km))
+    self.floated = 0  # Conversions served in float32 (for the tests).
 
   def _run(self, kind: str, score, q_pos, kv_pos):
     closed = self.jaxprs[kind]
     handler = _Kernel(dict(self.plan.offsets)[kind], self.scalars,
-                      self.shape)
+                      self.shape, self.position_bound)
     out = _run(kind, closed, handler,
                tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
+    self.floated += handler.floated
     return out.data if out.tile else handler.full(out)
 
   def score(self, s, q_pos, kv_pos):
@@ -606,7 +598,7 @@ class TileMods:
     elementwise derivative in `s`, in forward mode (the tile part's jvp
     with a tangent of ones: the same allowed primitives, no transposes);
     the dQ and dK/dV kernels' chain rule."""
-    return _lowerable_jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
+    return lowerable_jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
                           (jnp.ones_like(s),))
 
   def slot_grads(self, s, q_pos, kv_pos, slots):
@@ -619,10 +611,10 @@ class TileMods:
     def score(slot, x):
       values = list(floats)
       values[slot] = x
-      return TileMods(self.km, (values, ints), self.shape).score(s, q_pos,
-                                                                 kv_pos)
+      return TileMods(self.km, (values, ints), self.shape,
+                      self.position_bound).score(s, q_pos, kv_pos)
 
-    return [_lowerable_jvp(functools.partial(score, slot), (floats[slot],),
+    return [lowerable_jvp(functools.partial(score, slot), (floats[slot],),
                            (jnp.ones_like(floats[slot]),))[1]
             for slot in slots]
 
@@ -661,18 +653,18 @@ def split_row_scratch(mod_rows, scratch) -> tuple[Any, ...]:
                for x in mod_rows)
 
 
-def consumer_mods(km, mod_refs, mod_scratch, batch, head, wg, shape):
-  """Consumer `wg`'s `TileMods` on `shape` tiles, for the program's batch
-  row and head: its values read once through its shared-memory rows
-  (None without mods)."""
-  if km is None:
+def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
+  """Consumer `wg`'s `TileMods` of the call `st` (`structure.Static`) on
+  `shape` tiles, for the program's batch row and head: its values read
+  once through its shared-memory rows (None without mods)."""
+  if st.mods is None:
     return None
   scalars = [
       () if ref is None else read_row(ref.at[batch, head], row_smem.at[wg],
                                       row_ready.at[wg], count)
       for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
-                                                   plan(km).counts)]
-  return TileMods(km, scalars, shape)
+                                                   plan(st.mods).counts)]
+  return TileMods(st.mods, scalars, shape, st.position_bound)
 
 
 def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
@@ -692,9 +684,10 @@ def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
   return tuple(rows)
 
 
-def head_mods(km, rows, g, shape):
-  """The `TileMods` of query head `g` of a group (dynamic) on `shape`
-  tiles: its values read as scalars from `group_rows`' rows."""
+def head_mods(st, rows, g, shape):
+  """The `TileMods` of the call `st` for query head `g` of a group
+  (dynamic) on `shape` tiles: its values read as scalars from
+  `group_rows`' rows."""
   scalars = [() if ref is None else tuple(ref[g, i] for i in range(count))
-             for ref, count in zip(rows, plan(km).counts)]
-  return TileMods(km, scalars, shape)
+             for ref, count in zip(rows, plan(st.mods).counts)]
+  return TileMods(st.mods, scalars, shape, st.position_bound)

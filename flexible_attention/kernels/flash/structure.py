@@ -57,6 +57,11 @@ class Static:
     interpret: run the Triton kernels in Pallas' interpreter.
     mods: the call's score / mask modifications as the Triton kernels read
       them (`mod_lowering.KernelMods`), or None.
+    position_bound: with mods, the largest magnitude of a query or key
+      position when the positions are known at trace time (the default
+      ones: `mod_tables.position_bound`), else None. The Mosaic kernels
+      then evaluate a score_mod's integer position arithmetic in float32
+      where that is exact (`mosaic_mods.TileMods`).
   """
 
   sm_scale: float
@@ -71,6 +76,7 @@ class Static:
   launch: Any  # launch.LaunchConfig
   interpret: bool
   mods: Any = None  # mod_lowering.KernelMods
+  position_bound: int | None = None
 
   @property
   def mask_mod(self) -> bool:
