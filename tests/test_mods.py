@@ -1224,6 +1224,41 @@ def test_mosaic_tile_mods_do_exact_position_arithmetic_in_float32(
   assert evaluator.floated == floated
 
 
+@pytest.mark.parametrize("mod,unit", [
+    (fa.alibi_score_mod, True),
+    (lambda s, b, h, q, k, sl: s + sl[h] * (q - k).astype(s.dtype), True),
+    (lambda s, b, h, q, k, sl: s * sl[h], False),
+    (lambda s, b, h, q, k, sl: 20.0 * jnp.tanh(s / 20.0), False),
+    (lambda s, b, h, q, k, sl: s + 0.0 * s, False)])
+def test_mosaic_backward_skips_the_unit_derivative_of_additive_mods(mod, unit):
+  """An additive score_mod's derivative in the score is 1: the Mosaic
+  backward kernels' chain rule skips it (`score_grads` gives `dmod` None),
+  and gives every other mod's derivative, equal to `jax.grad`'s."""
+  rng = helpers.rng_for("unit-slope")
+  s = jnp.asarray(rng.normal(size=(64, 128)) * 3, jnp.float32)
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  q = jnp.zeros((1, 64, H, 8))
+  mods = inputs_lib.canonicalize(q, q, q, score_mod=mod,
+                                 mod_args=(slopes,)).mods
+  km = mod_lowering.kernel_mods(mods, H)
+  assert mosaic_mods.unit_slope(km) == unit
+  head = 2
+  floats, _ = mosaic_mods.program_rows(km, mods, 1, H)
+  values = () if floats is None else tuple(
+      floats[0, head, :mosaic_mods.plan(km).counts[0]])
+  evaluator = mosaic_mods.TileMods(km, (values, ()), s.shape)
+  qp = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32)[:, None], s.shape)
+  kp = jnp.broadcast_to(jnp.arange(128, dtype=jnp.int32)[None, :], s.shape)
+  got, dmod = evaluator.score_grads(s, qp, kp)
+  want = jax.vmap(jax.vmap(jax.value_and_grad(
+      lambda x, i, j: mod(x, 0, head, i, j, slopes))))(s, qp, kp)
+  np.testing.assert_allclose(got, want[0], rtol=1e-6, atol=1e-6)
+  if unit:
+    assert dmod is None
+  else:
+    np.testing.assert_allclose(dmod, want[1], rtol=1e-5, atol=1e-6)
+
+
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 

@@ -77,15 +77,15 @@ from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
-from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import visible
+from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
+from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
+from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
+from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
+from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
+from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
-from flexible_attention.kernels.flash.mosaic_mods import group_rows
-from flexible_attention.kernels.flash.mosaic_mods import head_mods
-from flexible_attention.kernels.flash.mosaic_mods import row_operands
-from flexible_attention.kernels.flash.mosaic_mods import row_scratch
-from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
-from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import Static
 

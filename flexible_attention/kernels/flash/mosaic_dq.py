@@ -82,11 +82,11 @@ from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
-from flexible_attention.kernels.flash.mosaic_mods import consumer_mods
-from flexible_attention.kernels.flash.mosaic_mods import row_operands
-from flexible_attention.kernels.flash.mosaic_mods import row_scratch
-from flexible_attention.kernels.flash.mosaic_mods import split_row_refs
-from flexible_attention.kernels.flash.mosaic_mods import split_row_scratch
+from flexible_attention.kernels.flash.mosaic_mod_rows import consumer_mods
+from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
+from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
+from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
+from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import Static
 

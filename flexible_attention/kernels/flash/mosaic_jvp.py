@@ -38,7 +38,7 @@ def lowerable_jvp(fn, primals, tangents):
 
 
 # Equations that pass their one operand through (its dtype or shape aside).
-_PASS_THROUGH = frozenset(("reshard", "copy", "copy_p", "convert_element_type",
+PASS_THROUGH = frozenset(("reshard", "copy", "copy_p", "convert_element_type",
                            "broadcast_in_dim", "reshape", "squeeze"))
 
 
@@ -48,7 +48,7 @@ def _folded_scalar(eqn, ins):
   whose mesh is abstract), as a numpy scalar, or None. Mosaic GPU rejects
   such an equation: its rule hands the literal back as the result."""
   aval = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
-  if (eqn.primitive.name not in _PASS_THROUGH or len(ins) != 1
+  if (eqn.primitive.name not in PASS_THROUGH or len(ins) != 1
       or aval is None or aval.shape != ()
       or not isinstance(ins[0], (np.ndarray, np.generic, bool, int, float))
       or np.size(ins[0]) != 1):

@@ -34,8 +34,9 @@ The backward reads only the forward's log-sum-exp. The Mosaic dQ and
 dK/dV kernels (`mosaic_dq`, `mosaic_bwd`) evaluate the same mods and take
 the score_mod's derivative in the score in forward mode
 (`TileMods.score_grads`: JAX's jvp of the tile part, evaluated with the
-two equations of JAX's rules Mosaic GPU does not lower rewritten,
-`lowerable_jvp`). `mod_args`' gradients are the dK/dV kernel's: per
+equations of JAX's rules Mosaic GPU does not lower rewritten,
+`mosaic_jvp.lowerable_jvp`; none for an additive mod, whose derivative
+is 1: `unit_slope`). `mod_args`' gradients are the dK/dV kernel's: per
 (batch row, head) it sums the loss' gradient in each float32 program
 value the score_mod's tile part reads (`grad_slots`; the tile part's
 derivative in that value, again in forward mode, `TileMods.slot_grads`,
@@ -46,7 +47,8 @@ kernel does so in its rows layout (padded D <= 128, without the fused
 dQ); other calls with mods keep Triton's dK/dV kernel
 (`mosaic_common.dkv_mods_reason`). Lowered for CUDA and tested on CPU,
 and checked against the float32 reference on an H200
-(`tests/test_mods.py::test_flash_mosaic_mods_compiled_on_a_gpu`).
+(`tests/test_mods.py::test_flash_mosaic_mods_compiled_on_a_gpu`). The
+kernels read the program values through `mosaic_mod_rows`.
 
 Glossary of shapes:
 - B: batch size; H: query heads; G: query heads per KV head.
@@ -63,18 +65,15 @@ from typing import Any
 
 import jax
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 
-from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
-from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mod_lowering import CALLS
 from flexible_attention.kernels.flash.mod_lowering import KernelMods
 from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
 from flexible_attention.kernels.flash.mod_lowering import sum_partials
 from flexible_attention.kernels.flash.mod_lowering import sub_jaxpr
+from flexible_attention.kernels.flash.mosaic_jvp import PASS_THROUGH
 from flexible_attention.kernels.flash.mosaic_jvp import lowerable_jvp
 
 TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
@@ -456,6 +455,33 @@ def plan(km) -> Plan:
   return Plan(None, counts, tuple(offsets), tuple(reads))
 
 
+@_memo
+def unit_slope(km) -> bool:
+  """Whether the score_mod's derivative in the score is exactly 1 wherever
+  it is evaluated: its jvp hands the score's tangent back unchanged, or
+  through equations that keep ones ones (`PASS_THROUGH`; jax 0.11 may
+  reshard it). An additive mod, e.g. ALiBi's `s - slopes[head] *
+  |q_pos - kv_pos|`: the backward's chain rule has nothing to multiply
+  (`TileMods.score_grads`)."""
+  if km is None or km.score_mod is None:
+    return False
+  closed = dict(_jaxprs(km))["score_mod"]
+  avals = [v.aval for v in closed.jaxpr.invars]
+
+  def tangent(t, s, *rest):
+    mod = lambda s: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, s,
+                                        *rest)[0]
+    return jax.jvp(mod, (s,), (t,))[1]
+
+  jvp = jax.make_jaxpr(tangent)(avals[0], *avals).jaxpr
+  producers = {id(v): e for e in jvp.eqns for v in e.outvars}
+  out = jvp.outvars[0]
+  while id(out) in producers and (
+      producers[id(out)].primitive.name in PASS_THROUGH):
+    out = producers[id(out)].invars[0]
+  return out is jvp.invars[0]
+
+
 def unmasked_reads(km, name: str) -> tuple[str, ...]:
   """`(name,)` if the score_mod reads position `name` (a structure vector
   the kernels load on the tiles they do not mask), else `()`."""
@@ -597,7 +623,10 @@ class TileMods:
     """`(s_mod, dmod)`: the score_mod on `s` (as `score`) and its
     elementwise derivative in `s`, in forward mode (the tile part's jvp
     with a tangent of ones: the same allowed primitives, no transposes);
-    the dQ and dK/dV kernels' chain rule."""
+    the dQ and dK/dV kernels' chain rule. `dmod` is None where it is 1
+    everywhere (`unit_slope`)."""
+    if unit_slope(self.km):
+      return self.score(s, q_pos, kv_pos), None
     return lowerable_jvp(lambda x: self.score(x, q_pos, kv_pos), (s,),
                           (jnp.ones_like(s),))
 
@@ -621,73 +650,3 @@ class TileMods:
   def visible(self, q_pos, kv_pos):
     """Bool `[ROWS, bk]`: the mask_mod on the tile."""
     return self._run("mask_mod", None, q_pos, kv_pos)
-
-
-# --- The kernels' side: the rows' operands, scratch and reads --------------
-
-
-def row_operands(mod_rows) -> tuple[Any, ...]:
-  """The kernel operands of `program_rows`' result (those not None)."""
-  return tuple(x for x in mod_rows if x is not None)
-
-
-def split_row_refs(mod_rows, refs: list) -> tuple[Any, ...]:
-  """`(floats, ints)` refs (None where `mod_rows` has none), popped from
-  the front of a kernel body's `refs`."""
-  return tuple(None if x is None else refs.pop(0) for x in mod_rows)
-
-
-def row_scratch(mod_rows, heads: tuple[int, ...] = ()) -> tuple[Any, ...]:
-  """Each consumer's shared-memory row of the program values (`heads`
-  rows: `(G,)` in the dK/dV kernel, whose programs run every query head of
-  a group) and its barrier, per operand of `row_operands`."""
-  return tuple((plgpu.SMEM((CONSUMERS, *heads, ROW), x.dtype),
-                plgpu.Barrier(num_barriers=CONSUMERS))
-               for x in row_operands(mod_rows))
-
-
-def split_row_scratch(mod_rows, scratch) -> tuple[Any, ...]:
-  """`row_scratch`'s refs as `((smem, barrier) | (None, None))` per row."""
-  scratch = list(scratch)
-  return tuple((None, None) if x is None else scratch.pop(0)
-               for x in mod_rows)
-
-
-def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
-  """Consumer `wg`'s `TileMods` of the call `st` (`structure.Static`) on
-  `shape` tiles, for the program's batch row and head: its values read
-  once through its shared-memory rows (None without mods)."""
-  if st.mods is None:
-    return None
-  scalars = [
-      () if ref is None else read_row(ref.at[batch, head], row_smem.at[wg],
-                                      row_ready.at[wg], count)
-      for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
-                                                   plan(st.mods).counts)]
-  return TileMods(st.mods, scalars, shape, st.position_bound)
-
-
-def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
-  """Consumer `wg`'s copy of the program values of the `groups` query heads
-  of KV head `kv_head` (the dK/dV kernel's program), batch row `batch`:
-  per operand its shared-memory rows `[G, ROW]` (None where none), copied
-  once by TMA, after their barrier."""
-  rows = []
-  for ref, (row_smem, row_ready) in zip(mod_refs, mod_scratch):
-    if ref is not None:
-      plgpu.copy_gmem_to_smem(ref.at[batch, pl.ds(kv_head * groups, groups)],
-                              row_smem.at[wg], row_ready.at[wg])
-    rows.append(None if ref is None else row_smem.at[wg])
-  for ref, (_, row_ready) in zip(mod_refs, mod_scratch):
-    if ref is not None:
-      plgpu.barrier_wait(row_ready.at[wg])
-  return tuple(rows)
-
-
-def head_mods(st, rows, g, shape):
-  """The `TileMods` of the call `st` for query head `g` of a group
-  (dynamic) on `shape` tiles: its values read as scalars from
-  `group_rows`' rows."""
-  scalars = [() if ref is None else tuple(ref[g, i] for i in range(count))
-             for ref, count in zip(rows, plan(st.mods).counts)]
-  return TileMods(st.mods, scalars, shape, st.position_bound)

@@ -1,0 +1,96 @@
+"""The kernels' side of the mods in the Mosaic GPU kernels: the program
+values' rows as kernel operands, their shared-memory scratch, and each
+consumer's reads of them into a `mosaic_mods.TileMods`.
+
+XLA computes the rows (`mosaic_mods.program_rows`: float32 and int32
+`[B, H, ROW]`, None where a call has none of a dtype); a kernel takes the
+ones that exist as operands (`row_operands`), gives each consumer a
+shared-memory row of them (`row_scratch`) and reads the program's values
+once: one (batch row, head) in the forward and dQ kernels
+(`consumer_mods`), the G query heads of a KV head in the dK/dV kernel
+(`group_rows`, then `head_mods` per head).
+
+Glossary of shapes:
+- B: batch size; H: query heads; G: query heads per KV head.
+- ROW: program values per row (`mosaic_mods.ROW`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import read_row
+from flexible_attention.kernels.flash.mosaic_mods import ROW
+from flexible_attention.kernels.flash.mosaic_mods import TileMods
+from flexible_attention.kernels.flash.mosaic_mods import plan
+
+
+def row_operands(mod_rows) -> tuple[Any, ...]:
+  """The kernel operands of `program_rows`' result (those not None)."""
+  return tuple(x for x in mod_rows if x is not None)
+
+
+def split_row_refs(mod_rows, refs: list) -> tuple[Any, ...]:
+  """`(floats, ints)` refs (None where `mod_rows` has none), popped from
+  the front of a kernel body's `refs`."""
+  return tuple(None if x is None else refs.pop(0) for x in mod_rows)
+
+
+def row_scratch(mod_rows, heads: tuple[int, ...] = ()) -> tuple[Any, ...]:
+  """Each consumer's shared-memory row of the program values (`heads`
+  rows: `(G,)` in the dK/dV kernel, whose programs run every query head of
+  a group) and its barrier, per operand of `row_operands`."""
+  return tuple((plgpu.SMEM((CONSUMERS, *heads, ROW), x.dtype),
+                plgpu.Barrier(num_barriers=CONSUMERS))
+               for x in row_operands(mod_rows))
+
+
+def split_row_scratch(mod_rows, scratch) -> tuple[Any, ...]:
+  """`row_scratch`'s refs as `((smem, barrier) | (None, None))` per row."""
+  scratch = list(scratch)
+  return tuple((None, None) if x is None else scratch.pop(0)
+               for x in mod_rows)
+
+
+def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
+  """Consumer `wg`'s `TileMods` of the call `st` (`structure.Static`) on
+  `shape` tiles, for the program's batch row and head: its values read
+  once through its shared-memory rows (None without mods)."""
+  if st.mods is None:
+    return None
+  scalars = [
+      () if ref is None else read_row(ref.at[batch, head], row_smem.at[wg],
+                                      row_ready.at[wg], count)
+      for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
+                                                   plan(st.mods).counts)]
+  return TileMods(st.mods, scalars, shape, st.position_bound)
+
+
+def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
+  """Consumer `wg`'s copy of the program values of the `groups` query heads
+  of KV head `kv_head` (the dK/dV kernel's program), batch row `batch`:
+  per operand its shared-memory rows `[G, ROW]` (None where none), copied
+  once by TMA, after their barrier."""
+  rows = []
+  for ref, (row_smem, row_ready) in zip(mod_refs, mod_scratch):
+    if ref is not None:
+      plgpu.copy_gmem_to_smem(ref.at[batch, pl.ds(kv_head * groups, groups)],
+                              row_smem.at[wg], row_ready.at[wg])
+    rows.append(None if ref is None else row_smem.at[wg])
+  for ref, (_, row_ready) in zip(mod_refs, mod_scratch):
+    if ref is not None:
+      plgpu.barrier_wait(row_ready.at[wg])
+  return tuple(rows)
+
+
+def head_mods(st, rows, g, shape):
+  """The `TileMods` of the call `st` for query head `g` of a group
+  (dynamic) on `shape` tiles: its values read as scalars from
+  `group_rows`' rows."""
+  scalars = [() if ref is None else tuple(ref[g, i] for i in range(count))
+             for ref, count in zip(rows, plan(st.mods).counts)]
+  return TileMods(st.mods, scalars, shape, st.position_bound)
