@@ -310,8 +310,10 @@ class _Kernel(_Handler):
 
   def shadow_of(self, name: str, ins, out):
     """Records `out`'s shadow where `name` on the inputs' shadows is exact."""
+    if name not in _EXACT_IN_FLOAT:
+      return
     shadows = [self.shadow(x) for x in ins]
-    if name not in _EXACT_IN_FLOAT or not all(shadows):
+    if not all(shadows):
       return
     values, bounds = zip(*shadows)
     bound = sum(bounds) if name in ("add", "sub") else max(bounds)
