@@ -13,11 +13,14 @@ Two backends, neither importing the other, under one launch policy:
 - `triton_common`, `triton_fwd`, `triton_bwd`: the Pallas kernels lowered
   through Triton, which serve every call (any GPU; Pallas' interpreter with
   `interpret=True`, how CI runs them on CPU);
-- `mosaic_common`, `mosaic_fwd`, `mosaic_bwd`: Mosaic GPU kernels for
-  Hopper (TMA, warp-specialised `wgmma`), the forward and dK/dV of the calls
-  they serve; `mosaic_mods`: the score / mask mods the Mosaic forward
-  evaluates (`mod_args` read per program), `mod_lowering` and `mod_tables`:
-  the Triton kernels' mods and the mask_mod's tile tables;
+- `mosaic_common`, `mosaic_fwd`, `mosaic_dq`, `mosaic_bwd`: Mosaic GPU
+  kernels for Hopper (TMA, warp-specialised `wgmma`), the forward, dQ and
+  dK/dV of the calls they serve; `mosaic_mods`: the score / mask mods the
+  Mosaic kernels evaluate (`mod_args` read per program), with
+  `mosaic_mod_rows` (the kernels' reads of the program values) and
+  `mosaic_jvp` (the mods' derivatives in equations Mosaic GPU lowers);
+  `mod_lowering` and `mod_tables`: the Triton kernels' mods and the
+  mask_mod's tile tables;
 - `launch`: the launch records, the per-GPU defaults, the checks, and which
   backend serves each kernel of a call (its docstring says which path
   serves what);
