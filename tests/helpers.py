@@ -96,16 +96,23 @@ def relative_error(actual, expected) -> float:
   return float(err / scale) if scale > 0 else float(err)
 
 
+def to_float32(x) -> np.ndarray:
+  """`x` (a JAX or numpy array of any float dtype) as a float32 numpy array,
+  converted on the host: exact from bfloat16 and float16, and no op-by-op
+  program for XLA to compile per shape and dtype (hundreds in the suite)."""
+  return np.asarray(x).astype(np.float32)
+
+
 def finite_relative_error(actual, expected) -> float:
   """`relative_error` of an `actual` that must be finite."""
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  actual = to_float32(actual)
   assert np.all(np.isfinite(actual)), "non-finite values"
   return relative_error(actual, expected)
 
 
 def assert_close(actual, expected, dtype, what: str):
   """Asserts finite `actual` within `tolerance(dtype)` of `expected`."""
-  actual = np.asarray(jnp.asarray(actual).astype(jnp.float32))
+  actual = to_float32(actual)
   assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
   err = relative_error(actual, expected)
   tol = tolerance(dtype)
@@ -127,8 +134,12 @@ def rng_for(*names: Any) -> np.random.Generator:
 
 def random_array(rng: np.random.Generator, shape, dtype=jnp.float32,
                  scale: float = 1.0) -> jax.Array:
-  """Standard normal values (times `scale`), cast to `dtype`."""
-  return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+  """Standard normal values (times `scale`), cast to `dtype`.
+
+  Cast by numpy and put on the device as they are (the values
+  `jnp.asarray(x, dtype)` gives, without a program compiled per shape)."""
+  dtype = jax.dtypes.canonicalize_dtype(dtype)
+  return jax.device_put(np.asarray(rng.standard_normal(shape) * scale, dtype))
 
 
 def random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim,
@@ -179,7 +190,7 @@ def reference_vjp(q, k, v, ct, *, bias=None, call=None, sliding_window=None,
           if k not in ("return_weights", "deterministic")}
   static_call, arrays = _split_call(call)
   sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
-  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+  f32 = lambda x: None if x is None else jax.device_put(to_float32(x))
   out, grads, weights, empty = _reference_fwd_bwd(
       f32(q), f32(k), f32(v), f32(bias), arrays, dropout, f32(ct),
       static_call=tuple(sorted(static_call.items())),
@@ -337,10 +348,9 @@ def run_mechanism(mechanism: str, q, k, v, ct=None, *, bias=None, call=None,
     fwd_bwd = jit(fwd_bwd)
   (out, weights), grads = fwd_bwd(q, k, v, bias, arrays, ct, rng)
   if grads is not None:
-    grads = tuple(np.asarray(g.astype(jnp.float32)) for g in grads
-                  if g is not None)
+    grads = tuple(to_float32(g) for g in grads if g is not None)
   return MechanismResult(
-      out=np.asarray(out.astype(jnp.float32)), grads=grads,
+      out=to_float32(out), grads=grads,
       weights=None if weights is None else np.asarray(weights),
       dtype=q.dtype)
 

@@ -53,6 +53,11 @@ sequence- and head+sequence-sharded, the last and batch+head with dropout
 kernels in interpret mode on CPU, tiles of 128 for the TPU kernels) get them
 from `EXTRA_OPTIONS`.
 
+A mechanism that hands a call to another one (`DELEGATES`: `auto` on CPU,
+`ulysses` without a sequence axis) runs a few cases in full; on the others it
+is checked to build its delegate's kernel from the delegate's config and
+request (the same program, which the delegate's case runs).
+
 The battery on CPU takes about 30-40 s per mechanism that runs here.
 """
 
@@ -612,6 +617,68 @@ def case_reference(case: Case, dtype: str) -> helpers.Reference:
   return _REFERENCES[case.name, dtype]
 
 
+# --- Mechanisms that hand the call to another one -----------------------------
+#
+# `auto` on CPU serves every call of this battery with `vanilla` (the score
+# matrices are small), and `ulysses` on no sequence-sharded mesh is its local
+# mechanism, `blockwise`: each builds the delegate's kernel from the very
+# config and request the delegate builds it from, so the program is the
+# delegate's (their compiled programs are byte-identical, measured on every
+# case). Running them again compares the same numbers twice; instead, on all
+# but `DELEGATE_CASES`, the battery checks (tracing only, nothing compiled)
+# that the call builds the delegate's kernel exactly as a call of the
+# delegate does, and the delegate's own case checks the numbers. Refusals are
+# checked on every case as before.
+DELEGATES = {"ulysses": "blockwise"}
+if BACKEND == "cpu":
+  DELEGATES["auto"] = "vanilla"
+# The cases a delegating mechanism still runs in full: `weights` and
+# `everything` (auto must pick the one mechanism returning weights; every
+# feature at once); the head sizes (Dv != D) and a causal window with
+# explicit positions for ulysses (which refuses both former).
+DELEGATE_CASES = {"auto": ("weights", "everything"),
+                  "ulysses": ("odd_head_dims", "positions_permuted")}
+
+
+def _kernel_builds(built: str, mechanism: str, q, k, v, *, options, rng=None,
+                   **call):
+  """The `(config, request)` pairs `built`'s kernel is built from by one
+  call of `mechanism` (traced only: building the kernel stops the call)."""
+  seen = []
+
+  def spy(config, request):
+    seen.append((config, request))
+    raise _KernelBuilt
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(registry.get_mechanism(built), "make_kernel",
+                  staticmethod(spy))
+    with pytest.raises(_KernelBuilt):
+      jax.eval_shape(lambda: helpers.call_mechanism(
+          mechanism, q, k, v, options=options, rng=rng, **call))
+  return seen
+
+
+def assert_delegates(mechanism: str, q, k, v, *, options, delegate_options,
+                     rng=None, **call):
+  """`mechanism`'s call builds its delegate's kernel from the config and
+  request a call of the delegate builds it from (the request's options up
+  to those only `mechanism` has, e.g. auto's `autotune`)."""
+  delegate = DELEGATES[mechanism]
+  got = _kernel_builds(delegate, mechanism, q, k, v, options=options,
+                       rng=rng, **call)
+  want = _kernel_builds(delegate, delegate, q, k, v,
+                        options=delegate_options, rng=rng, **call)
+  assert len(got) == len(want) == 1, (got, want)
+  (got_config, got_request), (want_config, want_request) = got[0], want[0]
+  assert got_config == want_config, (got_config, want_config)
+  assert want_request.options.items() <= got_request.options.items(), (
+      got_request.options, want_request.options)
+  strip = lambda r: dataclasses.replace(r, options=registry.Options())
+  assert strip(got_request) == strip(want_request), (got_request,
+                                                     want_request)
+
+
 # Cases built to contain queries that see no key.
 CASES_WITH_EMPTY_ROWS = ("kv_lengths_with_zero", "mask_empty_rows",
                          "causal_sq_longer_than_sk_has_empty_rows",
@@ -628,6 +695,12 @@ def test_matches_reference(mechanism, case):
                     lambda: helpers.call_mechanism(
                         mechanism, q, k, v, options=options, bias=bias,
                         **call)):
+    return
+  if (mechanism in DELEGATES and
+      case.name not in DELEGATE_CASES.get(mechanism, ())):
+    assert_delegates(mechanism, q, k, v, options=options,
+                     delegate_options=case_options(DELEGATES[mechanism],
+                                                   case), bias=bias, **call)
     return
   result = helpers.run_mechanism(mechanism, q, k, v, ct, bias=bias,
                                  call=call, options=options)
@@ -955,6 +1028,9 @@ def mesh_layout(name: str):
 SHARDED_FEATURES = ("causal", "kv_lengths", "bias", "segments", "mask")
 
 
+# The meshes a delegating mechanism (`DELEGATES`) still runs in full.
+DELEGATE_MESHES = {"auto": (("heads_and_sequence", True),)}
+
 # Dropout runs on the meshes that offset several coordinates at once.
 MESH_CASES = (("batch", False), ("heads", False), ("batch_and_heads", False),
               ("batch_and_heads", True), ("sequence", False),
@@ -1012,6 +1088,19 @@ def test_sharded_matches_reference(mechanism, mesh_name, with_dropout):
     call["deterministic"] = False
   if expect_refusal(mechanism, traits, lambda: helpers.call_mechanism(
       mechanism, q, k, v, options=options, rng=rng_key, bias=bias, **call)):
+    return
+  delegate = DELEGATES.get(mechanism)
+  if (delegate and
+      (mesh_name, with_dropout) not in DELEGATE_MESHES.get(mechanism, ()) and
+      not (registry.get_mechanism(mechanism).sequence_parallel and
+           "sequence" in mesh_name) and
+      (with_dropout or features == tuple(
+          f for f in SHARDED_FEATURES if f not in refusals(delegate)))):
+    # The delegate's own case runs this very call on this mesh.
+    assert_delegates(mechanism, q, k, v, rng=rng_key, bias=bias,
+                     options=options, delegate_options=module_options(
+                         delegate, mesh=mesh, value_dim=value_dim,
+                         dropout_rate=options["dropout_rate"]), **call)
     return
   # The kernel really runs under shard_map on this mesh.
   jaxpr = str(jax.make_jaxpr(lambda q, k, v: helpers.call_mechanism(

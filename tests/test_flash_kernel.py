@@ -349,7 +349,7 @@ def test_hopper_default_launches_match_reference(shape):
 
 def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
              head_dim=128, block_sizes=None, launch=None, interpret=False,
-             float32_results=False, full=False, **call):
+             float32_results=False, then=None, **call):
   monkeypatch.setattr(gpu, "compute_capability", lambda: capability)
   q = jnp.zeros((1, q_len, 2, head_dim), dtype)
   k = jnp.zeros((1, 256, 2, head_dim), dtype)
@@ -360,11 +360,11 @@ def _prepare(capability, monkeypatch, *, dtype=jnp.bfloat16, q_len=256,
         block_sizes=block_sizes, launch=launch, interpret=interpret,
         float32_results=float32_results)
 
-  if full:
-    return prepare(q, k)
-  # The launch only: traced (its checks run while tracing), not run.
+  # Traced (the checks run while tracing), never run: the launch, or
+  # `then` applied to the prepared call.
   launches = []
-  jax.eval_shape(lambda q, k: launches.append(prepare(q, k).static.launch),
+  jax.eval_shape(lambda q, k: launches.append(
+      prepare(q, k).static.launch if then is None else then(prepare(q, k))),
                  q, k)
   return launches[0]
 
@@ -418,14 +418,17 @@ def test_mosaic_forward_refuses_what_it_cannot_serve(options, match,
 @pytest.mark.parametrize("kernel", ["forward", "backward"])
 def test_mosaic_kernels_refuse_float32_results_they_were_not_prepared_for(
     kernel, monkeypatch):
-  call = _prepare(9.0, monkeypatch, launch=_mosaic(128, False), full=True)
   rows = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match="float32_results=True"):
+
+  def run(call):
     if kernel == "forward":
-      flash_kernel.forward_pass(call, out_dtype=jnp.float32)
-    else:
-      flash_kernel.backward_pass(call, rows, jnp.zeros((1, 2, 256)), rows,
-                                 grad_dtype=jnp.float32)
+      return flash_kernel.forward_pass(call, out_dtype=jnp.float32)
+    return flash_kernel.backward_pass(call, rows, jnp.zeros((1, 2, 256)),
+                                      rows, grad_dtype=jnp.float32)
+
+  _prepare(9.0, monkeypatch, launch=_mosaic(128, False))  # Prepares.
+  with pytest.raises(ValueError, match="float32_results=True"):
+    _prepare(9.0, monkeypatch, launch=_mosaic(128, False), then=run)
 
 
 def test_forward_backend_must_be_known():
