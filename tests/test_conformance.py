@@ -869,8 +869,10 @@ def test_cache_decode_equals_full_causal_forward(mechanism):
   stateful = hk.without_apply_rng(hk.transform_with_state(
       lambda q, k, v: make(decode=True, max_cache_length=CACHE_LENGTH)(
           q, k, v, causal=True).attention_outputs))
-  _, state = stateful.init(None, q[:, :PREFILL], k[:, :PREFILL],
-                           v[:, :PREFILL])
+  # (Compiled, as the steps: op by op, init ran the module's forward as
+  # dozens of separately compiled programs.)
+  _, state = helpers.jit(lambda *qkv: stateful.init(
+      None, *(x[:, :PREFILL] for x in qkv)))(q, k, v)
   state_step = helpers.jit(
       lambda q, k, v, state: stateful.apply({}, state, q, k, v))
   got = _decode(state_step, q, k, v, state)
@@ -943,6 +945,9 @@ def test_matches_reference_under_remat(mechanism):
 
 
 LAYERS = 3
+# The reference of the layer stack per dtype (its inputs depend on the dtype
+# only): compiled once, shared by the mechanisms.
+_LAYER_STACK_REFERENCES: dict[str, tuple[jax.Array, jax.Array]] = {}
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -992,7 +997,10 @@ def test_layer_stack_matches_reference(mechanism):
     return out, vjp(ct)[0]
 
   out, dx = got_fn(x, ct)
-  want_out, want_dx = want_vjp(x.astype(jnp.float32), ct.astype(jnp.float32))
+  if dtype not in _LAYER_STACK_REFERENCES:
+    _LAYER_STACK_REFERENCES[dtype] = want_vjp(x.astype(jnp.float32),
+                                              ct.astype(jnp.float32))
+  want_out, want_dx = _LAYER_STACK_REFERENCES[dtype]
   helpers.assert_close(out, want_out, dtype, f"{mechanism}: layer_stack out")
   helpers.assert_close(dx, want_dx, dtype, f"{mechanism}: layer_stack dx")
 
