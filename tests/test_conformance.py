@@ -1044,11 +1044,20 @@ MESH_CASES = (("batch", False), ("heads", False), ("batch_and_heads", False),
               ("batch_and_heads", True), ("sequence", False),
               ("heads_and_sequence", True))
 
+# On the `heads` mesh a kernel that never sees the mesh gets the very shards
+# it gets on `batch_and_heads` (one batch row, 2 query heads and 1 KV head
+# per device, with their bias, mask, segment ids and kv length): for these
+# three the compiled per-device programs are the same but for constants XLA
+# folds (measured). What differs between the two meshes is the
+# mechanism-independent sharding wrapper, which vanilla, ring and ulysses
+# still check on both.
+SAME_SHARDS_AS_BATCH_AND_HEADS = ("blockwise", "flash", "splash")
 
-@pytest.mark.parametrize(
-    "mesh_name,with_dropout", MESH_CASES,
-    ids=[f"{m}{'_dropout' if d else ''}" for m, d in MESH_CASES])
-@pytest.mark.parametrize("mechanism", MECHANISMS)
+
+@pytest.mark.parametrize("mechanism,mesh_name,with_dropout", [
+    pytest.param(m, mesh, d, id=f"{m}-{mesh}{'_dropout' if d else ''}")
+    for m in MECHANISMS for mesh, d in MESH_CASES
+    if not (mesh == "heads" and m in SAME_SHARDS_AS_BATCH_AND_HEADS)])
 def test_sharded_matches_reference(mechanism, mesh_name, with_dropout):
   """Sharded over a mesh, a mechanism still computes the semantics, and its
   dropout keep decisions are bit-identical to the unsharded reference's."""
