@@ -41,6 +41,12 @@ def _haiku_mha(q, k, v, mask=None):
       value_size=6, model_size=12, name="mha")(q, k, v, mask=mask)
 
 
+# Haiku's module and its init, jitted once: the tests that initialise it at
+# the same shapes share one compiled program.
+_HAIKU_MHA = hk.without_apply_rng(hk.transform(_haiku_mha))
+_haiku_init = _jit(_HAIKU_MHA.init)
+
+
 def _our_mha(mechanism, **options):
   def forward(q, k, v, mask=None):
     return fa.MultiHeadAttention(
@@ -55,7 +61,7 @@ def test_parameter_tree_matches_haiku():
   q, kv = _embeddings(rng, 2, 5, 16), _embeddings(rng, 2, 7, 10)
   key = jax.random.PRNGKey(0)
   ours = _jit(hk.transform(_our_mha("vanilla")).init)(key, q, kv, kv)
-  theirs = _jit(hk.transform(_haiku_mha).init)(key, q, kv, kv)
+  theirs = _haiku_init(key, q, kv, kv)
   shapes = lambda p: jax.tree.map(jnp.shape, p)
   assert shapes(ours) == shapes(theirs)
   assert set(ours["mha/query"]) == {"w", "b"}
@@ -70,9 +76,9 @@ def test_output_and_param_grads_match_haiku(mechanism):
   q, kv = _embeddings(rng, 2, 3, 5, 16), _embeddings(rng, 2, 3, 7, 10)
   mask = (rng.random((2, 3, 1, 5, 7)) < 0.7).astype(np.int32)
   mask[..., 0] = 1  # No fully masked row: there Haiku averages, we give 0.
-  theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
+  theirs_fn = _HAIKU_MHA
   ours_fn = hk.without_apply_rng(hk.transform(_our_mha(mechanism)))
-  params = _jit(theirs_fn.init)(jax.random.PRNGKey(2), q, kv, kv, mask)
+  params = _haiku_init(jax.random.PRNGKey(2), q, kv, kv, mask)
   ct = _embeddings(rng, 2, 3, 5, 12)
 
   @_jit
@@ -96,10 +102,10 @@ def test_output_and_param_grads_match_haiku(mechanism):
 
 def _apply_both(mechanism, *args, **options):
   """(ours, Haiku's) outputs for the same parameters (Haiku's init)."""
-  theirs_fn = hk.without_apply_rng(hk.transform(_haiku_mha))
+  theirs_fn = _HAIKU_MHA
   ours_fn = hk.without_apply_rng(hk.transform(_our_mha(mechanism,
                                                        **options)))
-  params = _jit(theirs_fn.init)(jax.random.PRNGKey(0), *args)
+  params = _haiku_init(jax.random.PRNGKey(0), *args)
   both = lambda params, *args: (ours_fn.apply(params, *args),
                                 theirs_fn.apply(params, *args))
   return _jit(both)(params, *args)
