@@ -5,8 +5,9 @@ each):
 
 - `split`: dQ through the Triton kernel (the default launches);
 - `fused`: `LaunchConfig(dkv_backend="mosaic", atomic_dq=True)`, dQ inside
-  the Mosaic GPU dK/dV kernel (TMA reduce-adds of float32 `[64, Dp]` tiles;
-  padded D of 64 and 128; issue 17, part 1);
+  the Mosaic GPU dK/dV kernel (per step and program, each consumer
+  reduce-adds a float32 `[64, Dp / 2]` tile: its half of dQ's columns over
+  the program's 128 keys; padded D of 64 and 128; issue 17, part 1);
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
   Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128).
 

@@ -16,10 +16,12 @@ dQ is its own kernel's (Triton's or `mosaic_dq`), or, with
 `LaunchConfig.atomic_dq` in the rows layout, this kernel's too (the fused
 backward, FlashAttention-3's one kernel: 5 matmuls per tile pair instead
 of 7): each consumer writes its
-step's `ds^T` to shared memory, takes `ds k` (`[bq, Dp]` float32) from a
-`wgmma` that reads it through a transposed view beside its K tile, and adds
-it into a float32 dQ in global memory with a TMA reduce-add
-(`copy_smem_to_gmem(..., reduction_op="add")`). The adds land in the order
+step's `ds^T` to shared memory, and, once the other's is there too, takes
+half of dQ's columns of `ds k` over the program's 128 keys (`[bq, Dp / 2]`
+float32) from `wgmma`s that read both through transposed views beside the
+same columns of the K tiles, and adds them into a float32 dQ in global
+memory with a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
+"add")`): one `[bq, Dp]` add per step and program. The adds land in the order
 the GPU runs the programs: dQ is not bitwise reproducible (float32 rounding
 of the same sum).
 
@@ -69,6 +71,7 @@ from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
+from flexible_attention.kernels.flash.mosaic_common import SWIZZLE
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
@@ -209,15 +212,22 @@ def _zeros(cols: int | None):
                            plgpu.Layout.WGMMA)
 
 
-def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
+def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   """Dp <= 128: warpgroup w < 2 owns keys `[64 w, 64 w + 64)` of the
   program's 128 and all of their dK and dV columns.
 
-  With `r.dq` (the fused backward) each step also adds its keys' share of
-  the step's dQ rows, `ds k = (ds^T)^T k`: `ds^T` goes to the warpgroup's
-  own shared-memory tile (which then also feeds `dk += ds^T q`), a `wgmma`
-  takes it through a transposed view with the K tile as B, and the float32
-  `[bq, Dp]` result leaves by TMA reduce-add from the warpgroup's dQ tile.
+  With `r.dq` (the fused backward; `w` then static) each step also adds the
+  program's share of the step's dQ rows, `ds k` over its 128 keys, split by
+  columns: each warpgroup writes its `ds^T` to its tile of the step's
+  exchange buffer (which also feeds its `dk += ds^T q`), signals it, waits
+  for the other's, and takes dQ's columns `[w Dp / 2, (w + 1) Dp / 2)` from
+  two `wgmma`s (A: each tile's transposed view; B: the same columns of its
+  K tile). The float32 `[bq, Dp / 2]` result leaves by TMA reduce-add from
+  the warpgroup's dQ tile: one `[bq, Dp]` add per step and program (not
+  one per warpgroup), and a `[64, Dp / 2]` accumulator beside dK and dV.
+  The exchange has two buffers, used by alternate steps: a warpgroup
+  rewrites one only after the other has signalled the next step's, so
+  after its reads of this one are done.
 
   With mods (`r.st.mods`) the warpgroup first copies the program values of
   the group's G query heads to its shared memory (`mosaic_mods.
@@ -231,13 +241,16 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
   overwrites it).
   """
   st = r.st
-  wg, batch, kv_head, bq = r.wg, r.batch, r.kv_head, r.bq
+  batch, kv_head, bq = r.batch, r.kv_head, r.bq
   with_dq = r.dq is not None
+  wg = r.wg if w is None else w
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
-  if with_dq:
-    ds_smem, dq_smem = r.exchange
-    ds_tile, dq_tile = ds_smem.at[wg], dq_smem.at[wg]  # [64, bq], [bq, Dp]
+  if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
+    ds_smem, dq_smem, ds_ready, both_done = r.exchange
+    dq_tile = dq_smem.at[w]
+    half = r.k.shape[-1] // CONSUMERS
+    cols = pl.ds(w * half, half)
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
                           r.k_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
@@ -295,22 +308,24 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
                 for acc, n in zip(dslots, slots)]
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
-      # and with dQ its share ds k, from a fresh accumulator.
+      # and with dQ its columns of ds k, from a fresh accumulator.
       plgpu.wgmma(refs[0], p.astype(r.dtype), r.do_smem.at[slot])
       if not with_dq:
         plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
         return
-      # ds^T to the warpgroup's tile, which feeds both matmuls below (the
-      # last step's wgmmas that read it are done: their accumulators were
-      # read at the end of its run_state).
-      ds_tile[...] = ds
+      buf = lax.rem(base + i - lo, 2)
+      ds_smem.at[buf, w][...] = ds
       plgpu.commit_smem()
-      plgpu.wgmma(refs[1], ds_tile, r.q_smem.at[slot])
-      plgpu.wgmma(refs[2], ds_tile.transpose((1, 0)), k_tile)
+      plgpu.barrier_arrive(ds_ready.at[buf])
+      plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
+      plgpu.barrier_wait(ds_ready.at[buf])  # The other's ds^T is there.
+      for x in range(CONSUMERS):
+        plgpu.wgmma(refs[2], ds_smem.at[buf, x].transpose((1, 0)),
+                    r.k_smem.at[x, :, cols])
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
-      accumulators += (plgpu.ACC.init(_zeros(r.k.shape[-1])),)
+      accumulators += (plgpu.ACC.init(_zeros(half)),)
     dv, dk, *dq = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
     if with_dq:
@@ -319,7 +334,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
       plgpu.commit_smem()
       head = kv_head * st.groups + g
       plgpu.copy_smem_to_gmem(dq_tile,
-                              r.dq.at[batch, pl.ds(i * bq, bq), head],
+                              r.dq.at[batch, pl.ds(i * bq, bq), head, cols],
                               reduction_op="add")
     return (dk, dv, *dslots)
 
@@ -338,6 +353,9 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi):
       lo, flo, fhi, hi, step,
       (_zeros(r.k.shape[-1]), _zeros(r.v.shape[-1]),
        *(_zeros(None) for _ in slots)), end if slots else None)
+  if with_dq:  # The other's last dQ matmuls have read this K tile.
+    plgpu.barrier_arrive(both_done)
+    plgpu.barrier_wait(both_done)
   k_tile[...] = dk.astype(r.dtype)  # K and V are spent: reuse their tiles.
   v_tile[...] = dv.astype(r.dtype)
   plgpu.commit_smem()
@@ -466,8 +484,12 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, mod_rows):
   @pl.when(r.wg < CONSUMERS)
   def _consumers():
     plgpu.set_max_registers(232, action="increase")
-    if not columns:
+    if not columns and not with_dq:
       _dkdv_rows_consumer(r, lo, flo, fhi, hi)
+    elif not columns:  # Static column halves of dQ.
+      for w in range(CONSUMERS):
+        pl.when(r.wg == w)(functools.partial(
+            _dkdv_rows_consumer, r, lo, flo, fhi, hi, w=w))
     else:
       for w in range(CONSUMERS):
         pl.when(r.wg == w)(functools.partial(
@@ -523,7 +545,11 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     reason = dkv_mods_reason(d, atomic_dq=with_dq)
   if reason is not None:
     raise ValueError(f"flash (Mosaic GPU): {reason}.")
-  swizzled = wgmma_transforms(q.dtype)
+  # With dQ each consumer reads half of K's columns as a `wgmma` operand,
+  # which must be whole rows of the swizzle, as the other operand's: at
+  # Dp = 64 every 16-bit operand takes 64-byte rows.
+  swizzled = wgmma_transforms(q.dtype, min(
+      SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
   bounds = pad_bounds(bounds)
@@ -546,11 +572,14 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       exchange = ((plgpu.SMEM((ROWS, bq), q.dtype, transforms=swizzled),) * 3
                   + (plgpu.Barrier(),) * 4
                   + (plgpu.Barrier(num_arrivals=CONSUMERS),))
-    elif with_dq:  # Per consumer: its ds^T, and its share of dQ's rows.
-      exchange = (plgpu.SMEM((CONSUMERS, ROWS, bq), q.dtype,
+    elif with_dq:  # Two steps' ds^T of each consumer, its dQ columns'
+      # tile; per buffer the signal that both ds^T are in, and the end.
+      exchange = (plgpu.SMEM((2, CONSUMERS, ROWS, bq), q.dtype,
                              transforms=swizzled),
-                  plgpu.SMEM((CONSUMERS, bq, d), jnp.float32,
-                             transforms=wgmma_transforms(jnp.float32)))
+                  plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), jnp.float32,
+                             transforms=wgmma_transforms(jnp.float32)),
+                  plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),
+                  plgpu.Barrier(num_arrivals=CONSUMERS))
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4

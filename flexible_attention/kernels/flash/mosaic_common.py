@@ -182,11 +182,13 @@ def fused_dq_reason(head_dim: int) -> str | None:
 
 
 
-def wgmma_transforms(dtype) -> tuple[Any, ...]:
-  """The shared-memory transforms of a `wgmma` operand: `[8, 64]` tiles of
-  16-bit values, 128-byte swizzle."""
-  return (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(SWIZZLE))
+def wgmma_transforms(dtype, swizzle: int = SWIZZLE) -> tuple[Any, ...]:
+  """The shared-memory transforms of a `wgmma` operand: rows of `swizzle`
+  bytes in tiles of 8 (`[8, 64]` tiles of 16-bit values by default),
+  swizzled. A column slice of such a tile is an operand too where it covers
+  whole rows of the swizzle."""
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
 
 
 def pad_bounds(bounds):
