@@ -54,7 +54,14 @@ CASES = {
     "causal_window_softcap_gqa": (dict(causal=True, sliding_window=(96, 0)),
                                   dict(h=4, hkv=2, softcap=20.0)),
     "sinks": (dict(causal=True), dict(h=2, hkv=1, sinks=True)),
+    "dropout_gqa": (dict(causal=True), dict(h=4, hkv=2, dropout=0.2)),
 }
+
+
+def _dropout(options: dict):
+  """The case's `Dropout`, or None."""
+  rate = options.get("dropout")
+  return rate and dropout_lib.make_dropout(jax.random.key(0), rate)
 
 
 def _kernels(text: str) -> dict[str, int]:
@@ -86,7 +93,8 @@ def test_fused_backward_lowers_for_cuda(name, head_dim):
 
   def loss(q, k, v, sink):
     inputs = fa.canonicalize(q, k, v, sinks=sink if sinks else None, **call)
-    out = flash_kernel.flash_attention(inputs, sm_scale=head_dim**-0.5,
+    out = flash_kernel.flash_attention(inputs, _dropout(options),
+                                       sm_scale=head_dim**-0.5,
                                        softcap=softcap, launch=launch).out
     return jnp.sum(out.astype(jnp.float32))
 
@@ -151,8 +159,8 @@ def test_fused_backward_is_off_by_default(monkeypatch):
      "bfloat16 or float16"),
     (_fused(128, mosaic_forward=False),
      dict(mask=jnp.ones((1, 1, 256, 256), bool)),
-     "dkv_backend='mosaic' cannot serve this call: it takes no bias, dense "
-     "mask or dropout"),
+     "dkv_backend='mosaic' cannot serve this call: it takes no bias or "
+     "dense mask"),
     (dataclasses.replace(_fused(128), dkv=flash_kernel.Launch(32, 128, 4, 3)),
      {}, "takes dkv tiles 64 x 128"),
 ])
@@ -196,7 +204,8 @@ def _mosaic_dq(head_dim: int, causal: bool = False,
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("name", ["plain", "causal_window_softcap_gqa"])
+@pytest.mark.parametrize("name", ["plain", "causal_window_softcap_gqa",
+                                  "dropout_gqa"])
 def test_mosaic_dq_lowers_for_cuda(name, head_dim):
   """dQ of the backward kernels alone (`backward_pass`, the cheapest to
   lower: the dK/dV kernel, unused, is dropped) lowers as one Mosaic GPU
@@ -210,7 +219,8 @@ def test_mosaic_dq_lowers_for_cuda(name, head_dim):
 
   def backward(q, k, v, out, lse, dout):
     prepared = flash_kernel.prepare(
-        fa.canonicalize(q, k, v, **call), sm_scale=head_dim**-0.5,
+        fa.canonicalize(q, k, v, **call), _dropout(options),
+        sm_scale=head_dim**-0.5,
         softcap=options.get("softcap"), launch=launch)
     return flash_kernel.backward_pass(prepared, out, lse, dout)[0]
 
@@ -271,12 +281,12 @@ _TRITON_REST = dict(fwd=flash_kernel.default_launch_config(128).fwd,
 
 @pytest.mark.parametrize("launch, options, match", [
     (_mosaic_dq(128, **_TRITON_REST), dict(bias=jnp.zeros((1, 2, 256, 256))),
-     "dq_backend='mosaic' cannot serve this call: it takes no bias, dense "
-     "mask or dropout"),
-    (_mosaic_dq(128, **_TRITON_REST), dict(dropout=dropout_lib.Dropout(
-        jnp.zeros(2, jnp.uint32), jnp.int32(0), jnp.int32(0), 0.1)),
-     "dq_backend='mosaic' cannot serve this call: it takes no bias, dense "
-     "mask or dropout"),
+     "dq_backend='mosaic' cannot serve this call: it takes no bias or dense "
+     "mask"),
+    (_mosaic_dq(128, **_TRITON_REST), dict(mask=jnp.ones((1, 1, 256, 256),
+                                                          bool)),
+     "dq_backend='mosaic' cannot serve this call: it takes no bias or dense "
+     "mask"),
     (_mosaic_dq(256, dkv=flash_kernel.default_launch_config(256).dkv,
                 dkv_backend="triton"), dict(head_dim=256),
      "dq_backend='mosaic' cannot serve this call: its dQ kernel takes padded "
@@ -288,10 +298,23 @@ _TRITON_REST = dict(fwd=flash_kernel.default_launch_config(128).fwd,
      "a launch with atomic_dq=True"),
     (_mosaic_dq(128, dq=flash_kernel.Launch(128, 32, 8, 2)), {},
      "takes dq tiles 128 x 64"),
-], ids=["bias", "dropout", "head_dim_256", "float32", "atomic_dq", "tiles"])
+], ids=["bias", "mask", "head_dim_256", "float32", "atomic_dq", "tiles"])
 def test_mosaic_dq_refusals(launch, options, match, monkeypatch):
   with pytest.raises(ValueError, match=match):
     _launch(monkeypatch, launch=launch, **options)
+
+
+def test_mosaic_kernels_serve_dropout_by_default(monkeypatch):
+  """Dropout keeps every kernel on Mosaic GPU (the library's hash in each,
+  `mosaic_common.TileDropout`); a bias does not."""
+  dropout = dropout_lib.Dropout(jnp.zeros(2, jnp.uint32), jnp.int32(0),
+                                jnp.int32(0), 0.1)
+  chosen = _launch(monkeypatch, dropout=dropout, causal=True,
+                   length=flash_launch.MOSAIC_DQ_MIN_KV_LEN)
+  assert (chosen.fwd_backend, chosen.dkv_backend, chosen.dq_backend) == (
+      "mosaic", "mosaic", "mosaic")
+  chosen = _launch(monkeypatch, causal=True, bias=jnp.zeros((1, 2, 256, 256)))
+  assert (chosen.fwd_backend, chosen.dkv_backend) == ("triton", "triton")
 
 
 def test_mosaic_dq_backend_must_be_known():

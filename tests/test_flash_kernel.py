@@ -279,6 +279,14 @@ def _hopper_case(name):
                                                hkv=1)),
       "head_dim_256": (dict(causal=True), dict(sq=192, sk=192, d=256)),
       "float16": (dict(causal=True), dict(dtype=jnp.float16)),
+      # The library's dropout hash in every Mosaic kernel: the rows layout
+      # of dK/dV (D = 64 and 128, grouped heads) and the columns one.
+      "dropout_gqa": (dict(causal=True), dict(sq=200, sk=328, h=4, hkv=2,
+                                              dropout=_dropout(0.2))),
+      "dropout_d64_window": (dict(sliding_window=(40, 8)),
+                             dict(sq=260, sk=260, d=64, dropout=_dropout(0.1))),
+      "dropout_head_dim_256": (dict(causal=True), dict(
+          sq=192, sk=192, d=256, dropout=_dropout(0.2))),
   }
   call, shape = cases[name]
   shape = dict(dict(b=b, sq=256, sk=256, d=128, dtype=jnp.bfloat16), **shape)
@@ -287,7 +295,12 @@ def _hopper_case(name):
 
 HOPPER_CASES = ("plain", "causal_fewer_queries", "causal_empty_rows",
                 "window", "segments", "kv_lengths_with_zero", "positions",
-                "mqa_softcap", "odd_head_dim", "head_dim_256", "float16")
+                "mqa_softcap", "odd_head_dim", "head_dim_256", "float16",
+                "dropout_gqa", "dropout_d64_window", "dropout_head_dim_256")
+
+
+def _dropout(rate: float):
+  return dropout_lib.make_dropout(jax.random.key(7), rate)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
@@ -301,7 +314,7 @@ def test_hopper_kernels_match_reference(name):
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 @pytest.mark.parametrize("name", [n for n in HOPPER_CASES
-                                  if n != "head_dim_256"])
+                                  if "head_dim_256" not in n])
 def test_hopper_mosaic_dq_matches_reference(name):
   """Every kernel through Mosaic GPU, dQ by `mosaic_dq` (padded D of 64
   and 128; `tests/test_flash_fused_backward.py` lowers it on CPU)."""
@@ -319,9 +332,10 @@ def test_hopper_kernels_lower_for_cuda(name):
   three kernels, the forward's among them."""
   call, shape = _hopper_case(name)
   softcap = shape.pop("softcap", None)
+  dropout = shape.pop("dropout", None)
   q, k, v, ct, _ = _inputs(name, **shape)
   d = structure.pad_dim(shape["d"])
-  flash = _flash(call, None, 0.125, softcap, None,
+  flash = _flash(call, dropout, 0.125, softcap, None,
                  _mosaic(d, call.get("causal", False)), False)
 
   def loss(q, k, v):

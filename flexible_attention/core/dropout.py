@@ -30,6 +30,25 @@ def _fmix32(h):
   return h ^ (h >> 16)
 
 
+def _u32(x):
+  return jnp.asarray(x).astype(jnp.uint32)
+
+
+def mix(h, coordinate):
+  """The running hash `h` (uint32) with one more integer coordinate.
+
+  `dropout_bits` is `finish(mix(mix(mix(mix(seed[0], batch), head), q_pos),
+  kv_pos), seed[1])`; kernels may mix the coordinates a program or a row
+  shares once and broadcast the result."""
+  return _fmix32((h ^ _u32(coordinate)) * _GOLDEN + _M2)
+
+
+def finish(h, seed1):
+  """The hash's uint32 words from the running hash of all four coordinates
+  and the seed's second word."""
+  return _fmix32(h ^ _u32(seed1))
+
+
 def dropout_bits(seed, batch, head, q_pos, kv_pos):
   """Hashes the coordinates of attention probabilities to uint32 words.
 
@@ -41,11 +60,10 @@ def dropout_bits(seed, batch, head, q_pos, kv_pos):
   Returns:
     uint32 array of the broadcast shape, uniformly distributed.
   """
-  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
-  h = u32(seed[0])
+  h = _u32(seed[0])
   for coordinate in (batch, head, q_pos, kv_pos):
-    h = _fmix32((h ^ u32(coordinate)) * _GOLDEN + _M2)
-  return _fmix32(h ^ u32(seed[1]))
+    h = mix(h, coordinate)
+  return finish(h, seed[1])
 
 
 def keep_threshold(rate: float) -> np.uint32:

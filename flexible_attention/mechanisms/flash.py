@@ -98,7 +98,7 @@ class FlashAttention(base.AttentionModule):
   Runs on GPU. On Hopper (sm_90) the forward and dK/dV kernels of the calls
   they serve run through Mosaic GPU kernels instead
   (`kernels/flash/mosaic_*.py`: TMA, warp-specialised `wgmma`; bf16 / fp16,
-  head sizes padding to 64, 128 or 256, no bias, dense mask or dropout),
+  head sizes padding to 64, 128 or 256, dropout too, no bias or dense mask),
   the same function; `launch=` with `fwd_backend` / `dkv_backend` /
   `dq_backend` `"triton"` or `"mosaic"` picks them explicitly (the Mosaic
   dQ kernel, head sizes padding to 64 or 128, serves by default from 16k

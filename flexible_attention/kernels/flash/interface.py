@@ -82,7 +82,8 @@ def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None,
                                   q.dtype)
     return mosaic_fwd.forward(st, q, k, v,
                               *_mosaic_operands(st, q, aux, "bounds_fwd"),
-                              mod_rows=_mod_rows(st, q, mods))
+                              mod_rows=_mod_rows(st, q, mods),
+                              seed=aux.get("seed"))
   return triton_fwd.forward(st, q, k, v, bias, _with_mods(st, aux, mods),
                             out_dtype, sinks)
 
@@ -119,7 +120,7 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
     dk, dv, dq, dslots = mosaic_bwd.dkdv(
         st, q, k, v, dout, lse2, delta,
         *_mosaic_operands(st, q, aux, "bounds_dkv"),
-        mod_rows=_mod_rows(st, q, mods))
+        mod_rows=_mod_rows(st, q, mods), seed=aux.get("seed"))
     dargs = (mosaic_mods.args_grads(st.mods, mods, dslots)
              if st.score_mod else None)
   else:
@@ -135,7 +136,7 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
                                   q.dtype)
     dq = mosaic_dq.dq(st, q, k, v, dout, lse2, delta,
                       *_mosaic_operands(st, q, aux, "bounds_dq"),
-                      mod_rows=_mod_rows(st, q, mods))
+                      mod_rows=_mod_rows(st, q, mods), seed=aux.get("seed"))
   else:
     dq = triton_bwd.dq(st, q, k, v, bias, aux, dout, lse2, delta,
                        write_ds=False, grad_dtype=grad_dtype)

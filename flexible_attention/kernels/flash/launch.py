@@ -15,7 +15,7 @@ Which path serves what (the README has it too):
 
 - forward: on Hopper (sm_90) by default the Mosaic GPU kernel wherever it
   serves the call (`mosaic_common.unsupported_reason`: bf16 / fp16, padded
-  D == Dv in 64, 128, 256, no bias, dense mask, dropout, sinks or
+  D == Dv in 64, 128, 256, dropout too, no bias, dense mask, sinks or
   `precision`; Sq and Sk at least one of its tiles; forward tiles not set
   by the user), with a score_mod / mask_mod too when it reads `mod_args`
   only at the program's batch row and head and is elementwise in

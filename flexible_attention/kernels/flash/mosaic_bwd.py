@@ -72,6 +72,8 @@ from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import SWIZZLE
+from flexible_attention.kernels.flash.mosaic_common import TileDropout
+from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
@@ -124,6 +126,7 @@ class _DkdvRefs:
     self.tile, self.batch, self.kv_head = (
         lax.axis_index("k"), lax.axis_index("b"), lax.axis_index("h"))
     self.wg = lax.axis_index("wg")
+    self.drop = None  # The program's `TileDropout` with dropout.
 
   def column(self, ref):
     """A per-query `[bq]` vector in shared memory, across a `[64, bq]`
@@ -143,6 +146,15 @@ class _DkdvRefs:
     return {name: self.column(self.qvec_smem.at[slot,
                                                 self.q_names.index(name)])
             for name in names}
+
+  def keep(self, slot, g, kv_vec):
+    """Step `slot`'s dropout keep mask (query head g of the group) on its
+    `[64, bq]` transposed tile."""
+    q_pos = load_vector(self.qvec_smem.at[slot, self.q_names.index("q_pos")],
+                        plgpu.Layout.WGMMA.reduce(0))
+    rows = self.drop.rows(self.kv_head * self.st.groups + g, q_pos,
+                          (ROWS, self.bq), 1)
+    return self.drop.keep(rows, kv_vec["kv_pos"])
 
   def visible(self, slot, kv_vec):
     """The structured mask of step `slot`'s transposed tile."""
@@ -298,6 +310,11 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
 
     p, dcap, dmod = probabilities(st, s, r.column(r.stats_smem.at[slot, 0]),
                                   vis, score if st.score_mod else None)
+    p_kept = p  # dV's: the kept p (its 1 / (1 - rate) once, at the end).
+    if r.drop is not None:  # dp: the gradient of the kept p, scaled.
+      keep = r.keep(slot, g, kv_vec)
+      p_kept = jnp.where(keep, p, 0.0)
+      dp = jnp.where(keep, dp * r.drop.scale, 0.0)
     x = dp - r.column(r.stats_smem.at[slot, 1])
     ds = score_grads(st, p, dcap, x, r.dtype, dmod)
     if slots:  # p (dp - delta): the modified logits' cotangent, times
@@ -309,7 +326,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
       # and with dQ its columns of ds k, from a fresh accumulator.
-      plgpu.wgmma(refs[0], p.astype(r.dtype), r.do_smem.at[slot])
+      plgpu.wgmma(refs[0], p_kept.astype(r.dtype), r.do_smem.at[slot])
       if not with_dq:
         plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
         return
@@ -356,6 +373,8 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   if with_dq:  # The other's last dQ matmuls have read this K tile.
     plgpu.barrier_arrive(both_done)
     plgpu.barrier_wait(both_done)
+  if r.drop is not None:
+    dv = dv * r.drop.scale
   k_tile[...] = dk.astype(r.dtype)  # K and V are spent: reuse their tiles.
   v_tile[...] = dv.astype(r.dtype)
   plgpu.commit_smem()
@@ -394,11 +413,13 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
   else:
     plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
                             r.v_ready.at[0])
+    if r.drop is not None:  # Both hash the keys' positions.
+      plgpu.barrier_wait(r.kvvec_ready.at[0])
+      kv_vec = r.key_vectors(r.kvvec_smem.at[0])
     plgpu.barrier_wait(r.v_ready.at[0])
     plgpu.barrier_arrive(mm_done)  # The exchange tiles start free.
 
   def step(i, carry, masked: bool, base, g):
-    del g  # The query head: dQ is Triton's in this layout.
     dk, dv = carry
     slot = lax.rem(base + i - lo, STAGES)
     plgpu.barrier_wait(r.q_ready.at[slot])
@@ -418,7 +439,9 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
       p, dcap, _ = probabilities(r.st, s,
                                  r.column(r.stats_smem.at[slot, 0]),
                                  r.visible(slot, kv_vec) if masked else None)
-      p_low = p.astype(dtype)
+      # dV's: the kept p (its 1 / (1 - rate) once, at the end).
+      p_low = (p if r.drop is None else
+               jnp.where(r.keep(slot, g, kv_vec), p, 0.0)).astype(dtype)
       plgpu.barrier_wait(mm_done)  # The other has read the last p, ds.
       p_smem[...] = p_low
       plgpu.commit_smem()
@@ -436,6 +459,9 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
         plgpu.wgmma(dk_ref, ds, q_cols)
     else:
       dp = transposed(v_tile, r.do_smem.at[slot])
+      if r.drop is not None:  # The gradient of the kept p, scaled.
+        plgpu.barrier_wait(r.qvec_ready.at[slot])
+        dp = jnp.where(r.keep(slot, g, kv_vec), dp * r.drop.scale, 0.0)
       x_smem[...] = (dp - r.column(r.stats_smem.at[slot, 1])).astype(dtype)
       plgpu.commit_smem()
       plgpu.barrier_arrive(x_ready)
@@ -460,6 +486,8 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
     plgpu.barrier_arrive(both_done)
     plgpu.barrier_wait(both_done)
 
+  if r.drop is not None:
+    dv = dv * r.drop.scale
   meet()  # K and V are spent: both warpgroups write their columns there.
   k_tile.at[:, cols][...] = dk.astype(dtype)
   v_tile.at[:, cols][...] = dv.astype(dtype)
@@ -476,9 +504,12 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, mod_rows):
   the inputs, then dQ's Ref `with_dq`), the outputs and last the
   scratch."""
   r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, mod_rows)
-  lo, flo, fhi, hi = read_row(r.bounds.at[r.batch, r.tile],
-                               r.bounds_smem.at[r.wg],
-                               r.bounds_ready.at[r.wg], 4)
+  lo, flo, fhi, hi, *seed = read_row(r.bounds.at[r.batch, r.tile],
+                                      r.bounds_smem.at[r.wg],
+                                      r.bounds_ready.at[r.wg],
+                                      bounds_count(st))
+  if seed:
+    r.drop = TileDropout(st, seed, r.batch)
   columns = r.k.shape[-1] >= SPLIT_HEAD_DIM
 
   @pl.when(r.wg < CONSUMERS)
@@ -501,7 +532,7 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, mod_rows):
 
 
 def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
-         kv_vectors, mod_rows=(None, None)):
+         kv_vectors, mod_rows=(None, None), seed=None):
   """dK and dV on padded operands (the Triton dK/dV kernel's function), and
   with `st.launch.atomic_dq` dQ too (the fused backward; Dp <= 128).
 
@@ -522,6 +553,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts; Dp
       <= 128), their program values, as the forward's (`mosaic_mods.
       program_rows`).
+    seed: with dropout, uint32 `[4]`, as the forward's.
 
   Returns:
     `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp], dq, dslots)`: dk, dv in
@@ -552,7 +584,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  bounds = pad_bounds(bounds)
+  bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
   n_slots = len(grad_slots(st.mods))
 

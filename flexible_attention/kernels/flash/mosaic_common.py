@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
 from flexible_attention.kernels.flash.structure import LOG2E
 
@@ -94,8 +95,9 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
                            sizes="padded head sizes")
   if reason is not None:
     return reason
-  if bias or mask or dropout:
-    return "it takes no bias, dense mask or dropout"
+  del dropout  # Every Mosaic kernel applies the library's hash.
+  if bias or mask:
+    return "it takes no bias or dense mask"
   if precision is not None:
     return "it has one matmul precision (the inputs' type, float32 sums)"
   return None
@@ -191,9 +193,51 @@ def wgmma_transforms(dtype, swizzle: int = SWIZZLE) -> tuple[Any, ...]:
           plgpu.SwizzleTransform(swizzle))
 
 
-def pad_bounds(bounds):
-  """`[B, n, 4]` -> `[B, n, BOUNDS_ROW]`: rows TMA can copy."""
+def pad_bounds(bounds, seed=None):
+  """`[B, n, 4]` -> `[B, n, BOUNDS_ROW]`: rows TMA can copy; with dropout
+  the seed's words (uint32 `[4]`, `structure.structure_vectors`' `seed`)
+  follow a tile's bounds as int32, so a program reads both in one row."""
+  if seed is not None:
+    words = lax.bitcast_convert_type(seed, jnp.int32)
+    bounds = jnp.concatenate([bounds, jnp.broadcast_to(
+        words, bounds.shape[:-1] + words.shape)], axis=-1)
   return jnp.pad(bounds, ((0, 0), (0, 0), (0, BOUNDS_ROW - bounds.shape[-1])))
+
+
+def bounds_count(st) -> int:
+  """The scalars a program reads from its bounds row: the 4 bounds, then
+  with dropout the seed's 4 words (`pad_bounds`)."""
+  return 4 if st.dropout_rate is None else 8
+
+
+class TileDropout:
+  """The library's dropout keep mask (`core.dropout`) of a program's tiles:
+  the seed, batch row and head hashed once per program (scalars), each
+  query row's position once per row vector, the key position per element.
+
+  `words`: the seed's 4 words read from the bounds row (`pad_bounds`);
+  `batch`: the program's local batch row (the seed's offsets make batch
+  rows and heads global)."""
+
+  def __init__(self, st, words, batch):
+    u32 = lambda x: x.astype(jnp.uint32)
+    seed0, self.seed1, batch_offset, self.head_offset = map(u32, words)
+    self.threshold = dropout_lib.keep_threshold(st.dropout_rate)
+    self.scale = 1.0 / (1.0 - st.dropout_rate)
+    self.prefix = dropout_lib.mix(seed0, u32(batch) + batch_offset)
+
+  def rows(self, head, q_pos, shape, dim: int):
+    """The running hash of query head `head` (local) and positions `q_pos`
+    (a vector), broadcast along `dim` of a `shape` tile."""
+    h = dropout_lib.mix(self.prefix, head.astype(jnp.uint32) +
+                        self.head_offset)
+    return lax.broadcast_in_dim(dropout_lib.mix(h, q_pos), shape, [dim])
+
+  def keep(self, rows, kv_pos):
+    """The keep decisions of a tile from `rows` (`self.rows`) and the key
+    positions, both broadcast to the tile."""
+    return dropout_lib.finish(dropout_lib.mix(rows, kv_pos),
+                              self.seed1) >= self.threshold
 
 
 def read_row(gmem_row, smem_row, ready, count: int) -> tuple[Any, ...]:
@@ -286,17 +330,19 @@ def key_vectors(st, kvvec_smem, slot, names, shape):
           for name in names}
 
 
-def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int):
+def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int,
+                       count: int = 4):
   """Where a program over one query tile (the forward, dQ) is: `(tile,
-  batch, head, wg, (lo, flo, fhi, hi))`, its query tile (the last first:
-  heavy causal rows first), batch row, head, this warpgroup and the tile's
-  bounds, which every warpgroup reads through its own shared-memory row
-  (`bounds_ref`: `[B, nq, BOUNDS_ROW]`)."""
+  batch, head, wg, (lo, flo, fhi, hi, ...))`, its query tile (the last
+  first: heavy causal rows first), batch row, head, this warpgroup and the
+  first `count` scalars of the tile's bounds row (`bounds_count`), which
+  every warpgroup reads through its own shared-memory row (`bounds_ref`:
+  `[B, nq, BOUNDS_ROW]`)."""
   tile = nq - 1 - lax.axis_index("q")
   batch, head = lax.axis_index("b"), lax.axis_index("h")
   wg = lax.axis_index("wg")
   bounds = read_row(bounds_ref.at[batch, tile], bounds_smem.at[wg],
-                    bounds_ready.at[wg], 4)
+                    bounds_ready.at[wg], count)
   return tile, batch, head, wg, bounds
 
 

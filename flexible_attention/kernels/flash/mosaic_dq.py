@@ -67,6 +67,8 @@ from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import STAGES
+from flexible_attention.kernels.flash.mosaic_common import TileDropout
+from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dq_block_k
 from flexible_attention.kernels.flash.mosaic_common import dq_reason
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
@@ -105,8 +107,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
   k_free, v_free = free
   dtype = q_ref.dtype
   kv_names = st.vectors()[1]
-  tile, batch, head, wg, (lo, flo, fhi, hi) = query_tile_program(
-      bounds_ref, bounds_smem, bounds_ready, nq)
+  tile, batch, head, wg, (lo, flo, fhi, hi, *seed) = query_tile_program(
+      bounds_ref, bounds_smem, bounds_ready, nq, bounds_count(st))
+  drop = TileDropout(st, seed, batch) if seed else None
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
   @pl.when(wg < CONSUMERS)
@@ -129,11 +132,16 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
     lse, delta = (lax.broadcast_in_dim(
         load_vector(stats_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1)),
         (ROWS, bk), [0]) for n in range(2))
+    if drop is not None:  # The rows' hash, once.
+      drop_rows = drop.rows(head, load_vector(
+          qvec_smem.at[wg, st.vectors()[0].index("q_pos")],
+          plgpu.Layout.WGMMA.reduce(1)), (ROWS, bk), 0)
     plgpu.barrier_wait(q_ready.at[wg])
     plgpu.barrier_wait(do_ready.at[wg])
 
-    # The key vectors an unmasked tile reads: the score_mod's positions.
-    unmasked_kv = unmasked_reads(st.mods, "kv_pos")
+    # The key vectors an unmasked tile reads: the score_mod's or the
+    # dropout hash's positions.
+    unmasked_kv = unmasked_reads(st.mods, "kv_pos", drop is not None)
 
     def step(t, dq, masked: bool):
       slot = lax.rem(t - lo, STAGES)
@@ -159,6 +167,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
                                  kv_pos=kv.get("kv_pos"))
                if st.score_mod else None)
       p, dcap, dmod = probabilities(st, s, lse, vis, score)
+      if drop is not None:  # The gradient of the kept p, scaled.
+        dp = jnp.where(drop.keep(drop_rows, kv["kv_pos"]), dp * drop.scale,
+                       0.0)
       ds = score_grads(st, p, dcap, dp - delta, dtype, dmod)
       plgpu.barrier_arrive(sched)  # The elementwise work is done.
       plgpu.barrier_wait(sched)  # The tensor cores are ours again.
@@ -187,7 +198,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
 
 
 def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
-       mod_rows=(None, None)):
+       mod_rows=(None, None), seed=None):
   """dQ on padded operands (the Triton dQ kernel's function).
 
   Args:
@@ -208,6 +219,7 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
     kv_vectors: int32 `[B, Nk, Skp]` (`kv_ok` first).
     mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts), their
       program values, as the forward's (`mosaic_mods.program_rows`).
+    seed: with dropout, uint32 `[4]`, as the forward's.
 
   Returns:
     `dq [B, Sqp, H, Dp]` in q's dtype (0 for rows that see no key).
@@ -225,7 +237,7 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  bounds = pad_bounds(bounds)
+  bounds = pad_bounds(bounds, seed)
 
   def body(*refs):
     refs = list(refs)

@@ -15,8 +15,8 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
   per element (as the Triton kernel does).
 
 It serves the calls `mosaic_common.unsupported_reason` accepts (bf16 /
-fp16, padded head sizes 64, 128 or 256 with D == Dv, no bias, dense mask or
-dropout), with the score_mod / mask_mod `mosaic_mods.plan` accepts: the
+fp16, padded head sizes 64, 128 or 256 with D == Dv, no bias or dense
+mask; dropout by the library's hash, `mosaic_common.TileDropout`), with the score_mod / mask_mod `mosaic_mods.plan` accepts: the
 score_mod rewrites the logits after scale and soft cap (natural units,
 then `scale = log2(e)`), the mask_mod joins the structured mask in every
 tile the bounds do not certify fully visible, and the mods' reads of
@@ -47,8 +47,11 @@ from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import STAGES
+from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import block_k
+from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
+from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
@@ -83,8 +86,9 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
   k_free, v_free = free
   dtype = q_ref.dtype
   kv_names = st.vectors()[1]
-  tile, batch, head, wg, (lo, flo, fhi, hi) = query_tile_program(
-      bounds_ref, bounds_smem, bounds_ready, nq)
+  tile, batch, head, wg, (lo, flo, fhi, hi, *seed) = query_tile_program(
+      bounds_ref, bounds_smem, bounds_ready, nq, bounds_count(st))
+  drop = TileDropout(st, seed, batch) if seed else None
 
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
@@ -100,14 +104,20 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))
     plgpu.barrier_wait(q_ready.at[wg])
+    if drop is not None:  # The rows' hash, once.
+      drop_rows = drop.rows(head, load_vector(
+          qvec_smem.at[wg, st.vectors()[0].index("q_pos")],
+          plgpu.Layout.WGMMA.reduce(1)), (ROWS, bk), 0)
 
     # `s * scale` are the logits in base 2: the raw `q k^T` with the softmax
     # scale folded in; base-2 soft-capped logits; or the score_mod's
     # natural-unit logits.
     scale = (LOG2E if st.score_mod else
              st.sm_scale * LOG2E if st.softcap is None else 1.0)
-    # The key vectors an unmasked tile reads: the score_mod's positions.
-    unmasked_kv = unmasked_reads(st.mods, "kv_pos")
+    # The key vectors an unmasked tile reads: the score_mod's or the
+    # dropout hash's positions.
+    unmasked_kv = unmasked_reads(st.mods, "kv_pos",
+                                 drop is not None)
 
     def step(t, carry, masked: bool):
       acc, m, l = carry
@@ -144,6 +154,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
       p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
       l = l * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      if drop is not None:  # Its 1 / (1 - rate) scales the output at the end.
+        p = jnp.where(drop.keep(drop_rows, kv["kv_pos"]), p, 0.0)
       p = p.astype(dtype)
       plgpu.barrier_arrive(sched)  # Softmax done.
       plgpu.barrier_wait(v_ready.at[slot])
@@ -166,7 +178,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
                               wg)
 
     nonempty = l > 0.0
-    inv_l = 1.0 / jnp.where(nonempty, l, 1.0)
+    inv_l = (1.0 if drop is None else drop.scale) / jnp.where(nonempty, l,
+                                                               1.0)
     acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
     q_tile[...] = acc.astype(dtype)  # The query tile is spent: reuse it.
     lse_smem.at[wg][...] = jnp.where(
@@ -185,7 +198,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
 
 def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
-            mod_rows=(None, None)):
+            mod_rows=(None, None), seed=None):
   """The forward kernel on padded operands.
 
   Args:
@@ -202,6 +215,8 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
     mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts), their
       program values `(floats [B, H, ROW] float32, ints [B, H, ROW] int32)`,
       None where they read none (`mosaic_mods.program_rows`).
+    seed: with dropout (`st.dropout_rate`), uint32 `[4]`: the hash's seed
+      and the batch and head offsets (`structure.structure_vectors`).
 
   Returns:
     `(out [B, Sqp, H, Dp] in q's dtype, lse [B, H, Sqp] float32)`: natural
@@ -216,7 +231,7 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
                      f"must be multiples of {BLOCK_Q} and {bk}.")
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
-  bounds = pad_bounds(bounds)
+  bounds = pad_bounds(bounds, seed)
 
   def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, *refs):
     refs = list(refs)

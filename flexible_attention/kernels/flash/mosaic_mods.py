@@ -484,10 +484,12 @@ def unit_slope(km) -> bool:
   return out is jvp.invars[0]
 
 
-def unmasked_reads(km, name: str) -> tuple[str, ...]:
+def unmasked_reads(km, name: str, dropout: bool = False) -> tuple[str, ...]:
   """`(name,)` if the score_mod reads position `name` (a structure vector
-  the kernels load on the tiles they do not mask), else `()`."""
-  return (name,) if km and name in plan(km).reads_of("score_mod") else ()
+  the kernels load on the tiles they do not mask) or the call has dropout
+  (whose hash reads both positions), else `()`."""
+  reads = dropout or (km and name in plan(km).reads_of("score_mod"))
+  return (name,) if reads else ()
 
 
 def unsupported_reason(km) -> str | None:

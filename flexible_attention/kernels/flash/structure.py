@@ -88,10 +88,11 @@ class Static:
 
   def vectors(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The names of the query and key vectors a masked tile reads (the
-    Mosaic kernels stack exactly these): positions with causal, a window
-    or mods (which read them, in every tile for a score_mod)."""
+    Mosaic kernels stack exactly these): positions with causal, a window,
+    mods (which read them, in every tile for a score_mod) or dropout (its
+    hash, every tile)."""
     positions = self.causal or self.window is not None or (
-        self.mods is not None)
+        self.mods is not None) or self.dropout_rate is not None
     q_names = (("q_pos",) if positions else ()) + (
         ("q_seg",) if self.segments else ())
     kv_names = ("kv_ok",) + (("kv_pos",) if positions else ()) + (
