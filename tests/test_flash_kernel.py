@@ -29,6 +29,7 @@ import re
 
 import haiku as hk
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
+from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
@@ -323,6 +325,42 @@ def test_hopper_mosaic_dq_matches_reference(name):
                    dq=True)
   _check(f"hopper mosaic dq {name}", call, launch=launch, interpret=False,
          **shape)
+
+
+@pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])
+def test_mosaic_tile_dropout_is_the_librarys_keep_mask(dim):
+  """What a Mosaic kernel evaluates for a tile (`TileDropout`: the seed's
+  words out of the bounds row, then the program's, the rows' and the
+  elements' stages of the hash) is `core.dropout.dropout_keep` at the
+  global batch row and head (the seed's offsets added), for a tile of
+  rows x keys (forward, dQ) and a transposed one (dK/dV)."""
+  seed = jnp.array([123456789, 4000000000], jnp.uint32)
+  offsets = jnp.array([3, 5], jnp.uint32)
+  bounds = jnp.arange(8, dtype=jnp.int32).reshape(1, 2, 4)
+  row = mosaic_common.pad_bounds(bounds, jnp.concatenate([seed, offsets]))[0, 1]
+  assert row.shape == (mosaic_common.BOUNDS_ROW,)
+  np.testing.assert_array_equal(row[:4], bounds[0, 1])
+  st = dataclasses.replace(_static_with_dropout(), dropout_rate=0.3)
+  count = mosaic_common.bounds_count(st)
+  drop = mosaic_common.TileDropout(st, list(row[4:count]), jnp.int32(1))
+  q_pos = jnp.arange(64, dtype=jnp.int32) * 7 + 1
+  kv_pos = jnp.arange(128, dtype=jnp.int32) * 3 - 40
+  shape = (64, 128) if dim == 0 else (128, 64)
+  rows = drop.rows(jnp.int32(2), q_pos, shape, dim)
+  got = drop.keep(rows, lax.broadcast_in_dim(kv_pos, shape, [1 - dim]))
+  want = dropout_lib.dropout_keep(seed, 1 + 3, 2 + 5, q_pos[:, None],
+                                  kv_pos[None, :], 0.3)
+  np.testing.assert_array_equal(got, want if dim == 0 else want.T)
+  assert 0.6 < float(jnp.mean(got)) < 0.8
+
+
+def _static_with_dropout():
+  """A `Static` of a small call with dropout, as `prepare` builds it."""
+  x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  return flash_kernel.prepare(
+      fa.canonicalize(x, x, x), dropout_lib.make_dropout(jax.random.key(0),
+                                                         0.5),
+      sm_scale=0.125, interpret=True).static
 
 
 @pytest.mark.parametrize("name", HOPPER_CASES)
