@@ -35,18 +35,13 @@ def _u32(x):
 
 
 def mix(h, coordinate):
-  """The running hash `h` (uint32) with one more integer coordinate.
+  """The running hash `h` (uint32) with one more integer coordinate: one
+  multiply-add and MurmurHash3's finaliser.
 
-  `dropout_bits` is `finish(mix(mix(mix(mix(seed[0], batch), head), q_pos),
-  kv_pos), seed[1])`; kernels may mix the coordinates a program or a row
-  shares once and broadcast the result."""
+  `dropout_bits` is `mix(mix(mix(mix(mix(seed[0], seed[1]), batch), head),
+  q_pos), kv_pos)`: kernels mix what a program or a row shares once and
+  broadcast it, so an element costs one `mix`."""
   return _fmix32((h ^ _u32(coordinate)) * _GOLDEN + _M2)
-
-
-def finish(h, seed1):
-  """The hash's uint32 words from the running hash of all four coordinates
-  and the seed's second word."""
-  return _fmix32(h ^ _u32(seed1))
 
 
 def dropout_bits(seed, batch, head, q_pos, kv_pos):
@@ -58,12 +53,14 @@ def dropout_bits(seed, batch, head, q_pos, kv_pos):
       the global batch row, the query head, and the query and key positions.
 
   Returns:
-    uint32 array of the broadcast shape, uniformly distributed.
+    uint32 array of the broadcast shape, uniformly distributed. For a fixed
+    row (seed, batch, head, q_pos) the words are a bijection of `kv_pos`,
+    finalised once (the last `mix`).
   """
-  h = _u32(seed[0])
+  h = mix(_u32(seed[0]), seed[1])
   for coordinate in (batch, head, q_pos, kv_pos):
     h = mix(h, coordinate)
-  return finish(h, seed[1])
+  return h
 
 
 def keep_threshold(rate: float) -> np.uint32:

@@ -212,8 +212,9 @@ def bounds_count(st) -> int:
 
 class TileDropout:
   """The library's dropout keep mask (`core.dropout`) of a program's tiles:
-  the seed, batch row and head hashed once per program (scalars), each
-  query row's position once per row vector, the key position per element.
+  the seed and batch row hashed once per program (scalars), the head and
+  each query row's position once per row vector, the key position per
+  element (one `dropout.mix`: about 11 integer ops).
 
   `words`: the seed's 4 words read from the bounds row (`pad_bounds`);
   `batch`: the program's local batch row (the seed's offsets make batch
@@ -221,10 +222,11 @@ class TileDropout:
 
   def __init__(self, st, words, batch):
     u32 = lambda x: x.astype(jnp.uint32)
-    seed0, self.seed1, batch_offset, self.head_offset = map(u32, words)
+    seed0, seed1, batch_offset, self.head_offset = map(u32, words)
     self.threshold = dropout_lib.keep_threshold(st.dropout_rate)
     self.scale = 1.0 / (1.0 - st.dropout_rate)
-    self.prefix = dropout_lib.mix(seed0, u32(batch) + batch_offset)
+    self.prefix = dropout_lib.mix(dropout_lib.mix(seed0, seed1),
+                                  u32(batch) + batch_offset)
 
   def rows(self, head, q_pos, shape, dim: int):
     """The running hash of query head `head` (local) and positions `q_pos`
@@ -236,8 +238,7 @@ class TileDropout:
   def keep(self, rows, kv_pos):
     """The keep decisions of a tile from `rows` (`self.rows`) and the key
     positions, both broadcast to the tile."""
-    return dropout_lib.finish(dropout_lib.mix(rows, kv_pos),
-                              self.seed1) >= self.threshold
+    return dropout_lib.mix(rows, kv_pos) >= self.threshold
 
 
 def read_row(gmem_row, smem_row, ready, count: int) -> tuple[Any, ...]:
