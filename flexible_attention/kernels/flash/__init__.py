@@ -15,7 +15,8 @@ Two backends, neither importing the other, under one launch policy:
   `interpret=True`, how CI runs them on CPU);
 - `mosaic_common`, `mosaic_fwd`, `mosaic_dq`, `mosaic_bwd`: Mosaic GPU
   kernels for Hopper (TMA, warp-specialised `wgmma`), the forward, dQ and
-  dK/dV of the calls they serve; `mosaic_mods`: the score / mask mods the
+  dK/dV of the calls they serve (dropout too, through the library's hash:
+  `mosaic_common.TileDropout`; not a bias or dense mask); `mosaic_mods`: the score / mask mods the
   Mosaic kernels evaluate (`mod_args` read per program), with
   `mosaic_mod_rows` (the kernels' reads of the program values) and
   `mosaic_jvp` (the mods' derivatives in equations Mosaic GPU lowers);

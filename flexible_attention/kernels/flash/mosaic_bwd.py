@@ -25,6 +25,10 @@ memory with a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
 the GPU runs the programs: dQ is not bitwise reproducible (float32 rounding
 of the same sum).
 
+With dropout (either layout) the kernel hashes each transposed tile's
+keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
+`1 / (1 - rate)` once, at the end), `ds` the gradient of the kept `p`.
+
 In the rows layout it evaluates the score / mask mods the Mosaic forward
 does (`mosaic_mods`; not with the fused dQ): each consumer copies the
 program values of the group's G query heads (`[G, ROW]` float32 and int32
@@ -100,7 +104,9 @@ class _DkdvRefs:
   every warpgroup reads the same way. `dq` is the float32 dQ the fused
   backward adds into (`with_dq`), else None; `mod_refs` the rows of the
   mods' program values (`mod_rows`' operands; None where none), `dslots`
-  the output of their gradients (`grad_slots`), else None."""
+  the output of their gradients (`grad_slots`), else None; `drop` the
+  program's `TileDropout` with dropout (set once the bounds row is read),
+  else None."""
 
   def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
                mod_rows):
@@ -126,7 +132,7 @@ class _DkdvRefs:
     self.tile, self.batch, self.kv_head = (
         lax.axis_index("k"), lax.axis_index("b"), lax.axis_index("h"))
     self.wg = lax.axis_index("wg")
-    self.drop = None  # The program's `TileDropout` with dropout.
+    self.drop = None
 
   def column(self, ref):
     """A per-query `[bq]` vector in shared memory, across a `[64, bq]`

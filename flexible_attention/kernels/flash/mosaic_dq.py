@@ -18,7 +18,8 @@ like the forward (`mosaic_fwd`), of which it is the backward sibling:
   asynchronous `wgmma`s, forms `p = exp2(s * scale - lse)` (masked as the
   forward masks) and `ds = p (dp - delta)` (through the score_mod and the
   soft cap, times the softmax scale: `mosaic_common.probabilities`,
-  `score_grads`, the Mosaic dK/dV kernel's), and adds `ds k` into its
+  `score_grads`, the Mosaic dK/dV kernel's; with dropout `dp` of the kept
+  `p`, `mosaic_common.TileDropout`), and adds `ds k` into its
   float32 `[64, Dp]` dQ with a `wgmma` that takes `ds` from registers (as
   the forward takes `p`);
 - the consumers ping-pong through a named barrier as the forward's do, so
