@@ -81,7 +81,8 @@ def _kernels(text: str) -> dict[str, int]:
 def test_fused_backward_lowers_for_cuda(name, head_dim):
   """The gradient of q, k, v (and sinks) lowers with one backward kernel,
   the fused Mosaic one: no Triton dQ. With sinks the forward is Triton's
-  (the Mosaic forward has none), the backward still the fused kernel."""
+  (the default launches' with sinks), the backward still the fused
+  kernel."""
   call, options = CASES[name]
   options = dict(options)
   softcap, sinks = options.pop("softcap", None), options.pop("sinks", False)
@@ -264,7 +265,7 @@ def test_mosaic_dq_serves_what_the_dkv_kernel_serves(head_dim, call,
                                                      monkeypatch):
   """Attention sinks too: the backward reads the lse that counts them."""
   launch = _mosaic_dq(head_dim, call.get("causal", False))
-  if "sinks" in call:  # The Mosaic forward has none.
+  if "sinks" in call:  # The default forward with sinks (Triton's).
     launch = dataclasses.replace(
         launch, fwd=flash_kernel.default_launch_config(head_dim).fwd,
         fwd_backend="triton")

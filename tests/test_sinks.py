@@ -29,6 +29,7 @@ from flexible_attention.core import reference
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import decode as decode_lib
+from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.mechanisms import registry
 import helpers
 
@@ -357,10 +358,12 @@ def test_modules_learn_sinks():
     assert np.abs(big_out).max() < 1e-3 * np.abs(out).max() + 1e-3
 
 
-def test_calls_with_sinks_take_the_triton_forward_on_hopper(monkeypatch):
-  """The Mosaic GPU forward has no sinks: by default such calls take the
-  Triton forward (the same function) and keep Mosaic's dK/dV (which reads
-  only the lse); asking for the Mosaic forward says why it cannot."""
+def test_calls_with_sinks_take_the_mosaic_forward_only_when_asked(
+    monkeypatch):
+  """The Mosaic GPU forward folds sinks into its softmax, but is not yet
+  checked on a GPU: by default calls with sinks take the Triton forward
+  (the same function) and keep Mosaic's dK/dV (which reads only the lse);
+  `fwd_backend="mosaic"` asks for the Mosaic forward."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   record = inputs_lib.canonicalize(q, q, q, sinks=jnp.zeros((2,)))
@@ -371,10 +374,61 @@ def test_calls_with_sinks_take_the_triton_forward_on_hopper(monkeypatch):
         r, sm_scale=0.1, **options).static.launch), record)
     return launches[0]
 
+  assert not flash_launch.MOSAIC_SINKS_BY_DEFAULT
   launch = launch_of(record)
   assert (launch.fwd_backend, launch.dkv_backend) == ("triton", "mosaic")
   plain = launch_of(dataclasses.replace(record, sinks=None))
   assert plain.fwd_backend == "mosaic"
-  with pytest.raises(ValueError, match="no attention sinks"):
-    launch_of(record, launch=plain)
+  assert launch_of(record, launch=plain).fwd_backend == "mosaic"
 
+
+def _mosaic_sinks_case():
+  """A bf16 causal GQA call whose second row sees no key, with sinks, and
+  the Hopper launches with the Mosaic forward and dK/dV kernels."""
+  rng = np.random.default_rng(11)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  b, s, h, hkv, d = 2, 300, 4, 2, 128
+  args = (arr(b, s, h, d), arr(b, s, hkv, d), arr(b, s, hkv, d),
+          jnp.asarray(rng.normal(size=h), jnp.float32))
+  launch = dataclasses.replace(
+      flash_kernel.default_launch_config(d, True, 9.0),
+      fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
+      dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic")
+
+  def flash(q, k, v, sinks):
+    record = inputs_lib.canonicalize(
+        q, k, v, causal=True, sinks=sinks,
+        kv_lengths=jnp.asarray([s - 7, 0], jnp.int32))
+    if q.dtype == jnp.float32:  # The reference.
+      return reference.reference_attention(
+          record.query, record.key, record.value, None, record.visibility,
+          sm_scale=d**-0.5, sinks=record.sinks)[:2]
+    return flash_kernel.flash_attention(record, sm_scale=d**-0.5,
+                                        launch=launch)[:2]
+  return flash, args
+
+
+def test_mosaic_forward_with_sinks_lowers_for_cuda():
+  """The Mosaic forward with sinks, and the backward's Mosaic dK/dV,
+  lower for CUDA: two Mosaic GPU kernels, the Triton dQ beside them."""
+  flash, args = _mosaic_sinks_case()
+
+  def loss(*a):
+    return _loss(*(x.astype(jnp.float32) for x in flash(*a)))
+
+  text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3)), *args)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2, text[:2000]
+
+
+@pytest.mark.skipif(not 9.0 <= (gpu.compute_capability() or 0) < 10.0,
+                    reason="runs on an sm_90 GPU")
+def test_mosaic_forward_with_sinks_matches_the_reference_on_a_gpu():
+  """Compiled on Hopper: out, lse and the gradients of q, k, v and the
+  sinks against the float32 reference (bf16 tolerance 2e-2)."""
+  flash, args = _mosaic_sinks_case()
+  got = _value_and_grads(flash, *args)
+  want = _value_and_grads(flash, *(x.astype(jnp.float32) for x in args))
+  for name, g, w in zip(("out", "lse"), got[:2], want[:2]):
+    assert _rel(g, w) < 2e-2, name
+  for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got[2], want[2]):
+    assert _rel(g, w) < 2e-2, name

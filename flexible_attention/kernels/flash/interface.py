@@ -77,13 +77,12 @@ def _forward(st: Static, q, k, v, bias, aux, out_dtype=None, sinks=None,
   `sinks [H]`; `mods`, a `core.mods.Mods`, on either backend:
   `launch.choose_launch`)."""
   if st.launch.fwd_backend == "mosaic":
-    assert sinks is None, "the Mosaic forward has no sinks"
     launch_lib.check_result_dtype("out_dtype", out_dtype, st.launch, "fwd",
                                   q.dtype)
     return mosaic_fwd.forward(st, q, k, v,
                               *_mosaic_operands(st, q, aux, "bounds_fwd"),
                               mod_rows=_mod_rows(st, q, mods),
-                              seed=aux.get("seed"))
+                              seed=aux.get("seed"), sinks=sinks)
   return triton_fwd.forward(st, q, k, v, bias, _with_mods(st, aux, mods),
                             out_dtype, sinks)
 

@@ -47,6 +47,7 @@ STAGES = 2  # Shared-memory slots of K and V.
 HEAD_DIMS = (64, 128, 256)
 SWIZZLE = 128  # Bytes; a row of 64 bf16 / fp16 values.
 BOUNDS_ROW = 32  # A tile's 4 bounds, padded: TMA copies 128-byte rows.
+SINK_ROW = 32  # A head's sink logit, padded likewise (the forward's).
 _LOAD_TAKES_INDEX = (
     inspect.signature(plgpu.load).parameters["idx"].default
     is inspect.Parameter.empty)

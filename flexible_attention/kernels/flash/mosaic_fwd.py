@@ -16,7 +16,9 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
 
 It serves the calls `mosaic_common.unsupported_reason` accepts (bf16 /
 fp16, padded head sizes 64, 128 or 256 with D == Dv, no bias or dense
-mask; dropout by the library's hash, `mosaic_common.TileDropout`), with the score_mod / mask_mod `mosaic_mods.plan` accepts: the
+mask; dropout by the library's hash, `mosaic_common.TileDropout`; sinks
+as a first key of value zero, each row's softmax starting from `m = sink,
+l = 1`), with the score_mod / mask_mod `mosaic_mods.plan` accepts: the
 score_mod rewrites the logits after scale and soft cap (natural units,
 then `scale = log2(e)`), the mask_mod joins the structured mask in every
 tile the bounds do not certify fully visible, and the mods' reads of
@@ -46,6 +48,7 @@ from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
+from flexible_attention.kernels.flash.mosaic_common import SINK_ROW
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import block_k
@@ -58,6 +61,7 @@ from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
 from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
 from flexible_attention.kernels.flash.mosaic_common import query_tile_program
 from flexible_attention.kernels.flash.mosaic_common import query_vectors
+from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
@@ -73,13 +77,16 @@ from flexible_attention.kernels.flash.structure import Static
 
 
 def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
-            out_ref, lse_ref, scratch, mod_scratch, *, st: Static, bk: int,
-            nq: int):
+            sink_ref, out_ref, lse_ref, scratch, mod_scratch, sink_scratch, *,
+            st: Static, bk: int, nq: int):
   """One program: `BLOCK_Q` query rows of one (batch, head) pair.
 
   `mod_refs`: the rows of the mods' program values (`mosaic_mods`),
   `(floats, ints)`, None where the mods read none; `mod_scratch`: their
-  shared-memory rows and barriers."""
+  shared-memory rows and barriers. `sink_ref`: with sinks the heads'
+  base-2 sink logits as `[H, SINK_ROW]` rows (the first value), read
+  through `sink_scratch` (a shared-memory row and a barrier per consumer);
+  else None."""
   (q_smem, k_smem, v_smem, qvec_smem, kvvec_smem, bounds_smem, lse_smem,
    ready, free, sched) = scratch
   (q_ready, qvec_ready, k_ready, v_ready, kvvec_ready, bounds_ready) = ready
@@ -103,6 +110,13 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
                          (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))
+    # The softmax starts from the sink when there is one: a key of logit
+    # `sink` and a zero value (m = sink, l = 1, acc = 0).
+    m0, l0 = -jnp.inf, 0.0
+    if sink_ref is not None:
+      sink_smem, sink_ready = sink_scratch
+      m0, l0 = read_row(sink_ref.at[head], sink_smem.at[wg],
+                        sink_ready.at[wg], 1)[0], 1.0
     plgpu.barrier_wait(q_ready.at[wg])
     if drop is not None:  # The rows' hash, once.
       drop_rows = drop.rows(head, load_vector(
@@ -171,9 +185,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     reduced = plgpu.Layout.WGMMA.reduce(1)
     carry = (plgpu.layout_cast(jnp.zeros((ROWS, v_ref.shape[-1]), jnp.float32),
                                plgpu.Layout.WGMMA),
-             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
-                               reduced),
-             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduced))
+             plgpu.layout_cast(jnp.full((ROWS,), m0, jnp.float32), reduced),
+             plgpu.layout_cast(jnp.full((ROWS,), l0, jnp.float32), reduced))
     acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
                               wg)
 
@@ -198,7 +211,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
 
 def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
-            mod_rows=(None, None), seed=None):
+            mod_rows=(None, None), seed=None, sinks=None):
   """The forward kernel on padded operands.
 
   Args:
@@ -217,10 +230,13 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
       None where they read none (`mosaic_mods.program_rows`).
     seed: with dropout (`st.dropout_rate`), uint32 `[4]`: the hash's seed
       and the batch and head offsets (`structure.structure_vectors`).
+    sinks: float32 `[H]`, the heads' sink logits (natural units), or None:
+      each row's softmax denominator gains `exp(sinks[h])`, and its lse
+      counts it (a row that sees no key: out 0, lse `sinks[h]`).
 
   Returns:
     `(out [B, Sqp, H, Dp] in q's dtype, lse [B, H, Sqp] float32)`: natural
-    log, -inf (and out 0) for rows that see no key.
+    log, -inf (and out 0) for rows that see no key (without sinks).
   """
   batch, q_len, heads, d = q.shape
   kv_len = k.shape[1]
@@ -233,9 +249,14 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   bounds = pad_bounds(bounds, seed)
 
+  # Rows TMA can copy: each head's base-2 sink first.
+  sink_rows = None if sinks is None else jnp.pad(
+      (sinks.astype(jnp.float32) * LOG2E)[:, None], ((0, 0), (0, SINK_ROW - 1)))
+
   def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, *refs):
     refs = list(refs)
     mod_refs = split_row_refs(mod_rows, refs)
+    sink_ref = None if sinks is None else refs.pop(0)
     out_ref, lse_ref = refs
     smem = (
         plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=swizzled),
@@ -255,18 +276,26 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
     free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
 
+    sink_scratch = None if sinks is None else (
+        plgpu.SMEM((CONSUMERS, SINK_ROW), jnp.float32),
+        plgpu.Barrier(num_barriers=CONSUMERS))
+
     def scoped(*scratch):
-      (smem_refs, ready_refs, free_refs, sched_ref, row_refs) = scratch
+      (smem_refs, ready_refs, free_refs, sched_ref, row_refs,
+       sink_refs) = scratch
       row_refs = split_row_scratch(mod_rows, row_refs)
       _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
-              out_ref, lse_ref, (*smem_refs, ready_refs, free_refs, sched_ref),
-              row_refs, st=st, bk=bk, nq=nq)
+              sink_ref, out_ref, lse_ref,
+              (*smem_refs, ready_refs, free_refs, sched_ref), row_refs,
+              sink_refs, st=st, bk=bk, nq=nq)
 
     pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
-                  collective_axes="wg")
+                  sink_scratch, collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
   return query_tile_kernel(body, out_type, nq=nq, batch=batch,
                            heads=heads)(q, k, v, bounds, q_vectors,
-                                        kv_vectors, *row_operands(mod_rows))
+                                        kv_vectors, *row_operands(mod_rows),
+                                        *(() if sinks is None else
+                                          (sink_rows,)))
