@@ -54,8 +54,8 @@ def main():
         row["error"] = str(e)[:200]
       launch = launch_lib.choose_launch(
           dtype=jnp.float32, head_dim=d, value_dim=d, q_len=s, kv_len=s,
-          causal=causal, bias=False, mask=False, dropout=False,
-          precision=None, interpret=False, block_sizes=None, launch=None,
+          causal=causal, bias=False, mask=False, precision=None,
+          interpret=False, block_sizes=None, launch=None,
           float32_results=False)
       row["launch"] = str(launch)
       print(json.dumps(row), flush=True)

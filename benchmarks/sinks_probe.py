@@ -74,7 +74,7 @@ def check(dtype, b=2, s=512, h=8, hkv=2, d=128):
             cast(q), cast(k), cast(v), sinks)
   launch = launch_lib.choose_launch(
       dtype=dtype, head_dim=d, value_dim=d, q_len=s, kv_len=s, causal=True,
-      bias=False, mask=False, dropout=False, precision=None,
+      bias=False, mask=False, precision=None,
       interpret=INTERPRET,
       block_sizes=None, launch=None, float32_results=False, sinks=True)
   row = {"check": "flash", "dtype": jnp.dtype(dtype).name,

@@ -584,7 +584,7 @@ def test_default_launches_fit_the_shared_memory_of_their_dtype(head_dim,
   choose = functools.partial(
       flash_launch.choose_launch, head_dim=head_dim,
       value_dim=head_dim, q_len=4096, kv_len=4096, causal=causal, bias=False,
-      mask=False, dropout=False, precision=None, interpret=False,
+      mask=False, precision=None, interpret=False,
       block_sizes=None, launch=None, float32_results=False)
   wide, narrow = choose(dtype=jnp.float32), choose(dtype=jnp.bfloat16)
   measured = flash_kernel.default_launch_config(head_dim, causal)
@@ -615,7 +615,7 @@ def test_dense_tiles_count_in_the_shared_memory(head_dim, mask, bias_dtype):
     launch = flash_launch.choose_launch(
         dtype=jnp.bfloat16, head_dim=head_dim, value_dim=head_dim,
         q_len=4096, kv_len=4096, causal=causal, bias=bias_dtype is not None,
-        mask=mask, dropout=False, precision=None, interpret=False,
+        mask=mask, precision=None, interpret=False,
         block_sizes=None, launch=None, float32_results=False,
         bias_dtype=bias_dtype)
     pair_bytes = (0 if bias_dtype is None else jnp.dtype(bias_dtype).itemsize

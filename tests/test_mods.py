@@ -1020,8 +1020,8 @@ def test_policy_gives_per_program_mods_the_mosaic_forward(
                      (flash_launch.MOSAIC_DQ_MIN_KV_LEN, backends)):
     launch = flash_launch.choose_launch(
         dtype=jnp.bfloat16, head_dim=64, value_dim=64, q_len=256,
-        kv_len=kv_len, causal=False, bias=False, mask=False, dropout=False,
-        precision=None, interpret=False, block_sizes=None, launch=None,
+        kv_len=kv_len, causal=False, bias=False, mask=False, precision=None,
+        interpret=False, block_sizes=None, launch=None,
         float32_results=False, mods=kernel_mods)
     assert (launch.fwd_backend, launch.dkv_backend, launch.dq_backend) == (
         backends, backends, dq)

@@ -255,7 +255,7 @@ def prepare(inputs: AttentionInputs,
   launch = launch_lib.choose_launch(
       dtype=q.dtype, head_dim=d_pad, value_dim=dv_pad, q_len=q_len,
       kv_len=kv_len, causal=vis.causal, bias=bias is not None,
-      mask=vis.mask is not None, dropout=dropout is not None,
+      mask=vis.mask is not None,
       precision=precision, interpret=interpret, block_sizes=block_sizes,
       launch=launch, float32_results=float32_results,
       sinks=inputs.sinks is not None, mods=kernel_mods,

@@ -432,7 +432,7 @@ def check_result_dtype(name: str, dtype, launch: LaunchConfig, kernel: str,
 
 def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   kv_len: int, causal: bool, bias: bool, mask: bool,
-                  dropout: bool, precision, interpret: bool,
+                  precision, interpret: bool,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
                   float32_results: bool, sinks: bool = False,
@@ -445,7 +445,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     dtype: the inputs' dtype.
     head_dim, value_dim: Dp and Dvp, the padded head sizes.
     q_len, kv_len: Sq and Sk.
-    causal, bias, mask, dropout: whether the call has them.
+    causal, bias, mask: whether the call has them (dropout, which every
+      kernel applies, changes no launch).
     precision: the matmul precision asked for, or None.
     interpret: Pallas' interpreter (Triton kernels only).
     block_sizes: the user's `fa.BlockSizes`, or None.
@@ -473,7 +474,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   """
   mosaic_reason = mosaic_common.unsupported_reason(
       dtype=dtype, head_dim=head_dim, value_dim=value_dim, bias=bias,
-      mask=mask, dropout=dropout, interpret=interpret, precision=precision)
+      mask=mask, interpret=interpret, precision=precision)
   if float32_results and jnp.dtype(dtype) != jnp.float32:
     mosaic_reason = (
         f"it writes the inputs' {jnp.dtype(dtype)}, and the caller wants "

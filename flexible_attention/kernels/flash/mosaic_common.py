@@ -88,7 +88,7 @@ def operands_reason(*, dtype, head_dim: int, value_dim: int,
 
 
 def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
-                       bias: bool, mask: bool, dropout: bool,
+                       bias: bool, mask: bool,
                        interpret: bool, precision: Any) -> str | None:
   """Why this kernel cannot serve a call (padded head sizes), or None."""
   reason = operands_reason(dtype=dtype, head_dim=head_dim,
@@ -96,7 +96,6 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
                            sizes="padded head sizes")
   if reason is not None:
     return reason
-  del dropout  # Every Mosaic kernel applies the library's hash.
   if bias or mask:
     return "it takes no bias or dense mask"
   if precision is not None:
