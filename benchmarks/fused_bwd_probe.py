@@ -76,6 +76,9 @@ _CELLS = flags.DEFINE_list(
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S of a timed cell.")
 _WIDTH = flags.DEFINE_integer("width", 2048, "H * D of a timed cell.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timing samples (>= 20).")
+_CHECKS = flags.DEFINE_list(
+    "checks", None, "The checks to run before timing (all by default); a "
+    "subset when the others passed at the same commit in an earlier run.")
 _TIME_ANYWAY = flags.DEFINE_bool("time_anyway", False,
                                  "Time even when a check failed.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results "
@@ -333,8 +336,14 @@ def main(argv):
                          f"{_VARIANTS.value}.")
   print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__,
                     "variants": _VARIANTS.value}), flush=True)
+  checks = list(CHECKS) if _CHECKS.value is None else _CHECKS.value
+  unknown = sorted(set(checks) - set(CHECKS))
+  if unknown:
+    raise app.UsageError(f"--checks takes names of {tuple(CHECKS)}, got "
+                         f"{unknown}.")
   results = dict(checks=[], timing=[])
-  for name, spec in CHECKS.items():
+  for name in checks:
+    spec = CHECKS[name]
     results["checks"].append(_check(name, spec))
     _write(results)
   passed = all(row["status"] == "ok" for row in results["checks"])
