@@ -29,7 +29,6 @@ from flexible_attention.core import reference
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import decode as decode_lib
-from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.mechanisms import registry
 import helpers
 
@@ -358,12 +357,11 @@ def test_modules_learn_sinks():
     assert np.abs(big_out).max() < 1e-3 * np.abs(out).max() + 1e-3
 
 
-def test_calls_with_sinks_take_the_mosaic_forward_only_when_asked(
-    monkeypatch):
-  """The Mosaic GPU forward folds sinks into its softmax, but is not yet
-  checked on a GPU: by default calls with sinks take the Triton forward
-  (the same function) and keep Mosaic's dK/dV (which reads only the lse);
-  `fwd_backend="mosaic"` asks for the Mosaic forward."""
+def test_calls_with_sinks_take_the_mosaic_kernels_on_hopper(monkeypatch):
+  """The Mosaic GPU forward folds sinks into its softmax (checked against
+  the reference on a GPU below): on Hopper calls with sinks take the same
+  Mosaic forward and dK/dV kernels as calls without (the backward reads
+  only the lse), and `fwd_backend="triton"` still asks for Triton's."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   record = inputs_lib.canonicalize(q, q, q, sinks=jnp.zeros((2,)))
@@ -374,12 +372,14 @@ def test_calls_with_sinks_take_the_mosaic_forward_only_when_asked(
         r, sm_scale=0.1, **options).static.launch), record)
     return launches[0]
 
-  assert not flash_launch.MOSAIC_SINKS_BY_DEFAULT
   launch = launch_of(record)
-  assert (launch.fwd_backend, launch.dkv_backend) == ("triton", "mosaic")
+  assert (launch.fwd_backend, launch.dkv_backend) == ("mosaic", "mosaic")
   plain = launch_of(dataclasses.replace(record, sinks=None))
-  assert plain.fwd_backend == "mosaic"
-  assert launch_of(record, launch=plain).fwd_backend == "mosaic"
+  assert launch == plain
+  triton = dataclasses.replace(
+      plain, fwd=flash_kernel.default_launch_config(128, False, 9.0).fwd,
+      fwd_backend="triton")
+  assert launch_of(record, launch=triton).fwd_backend == "triton"
 
 
 def _mosaic_sinks_case():

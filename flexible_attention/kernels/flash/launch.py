@@ -16,8 +16,8 @@ Which path serves what (the README has it too):
 - forward: on Hopper (sm_90) by default the Mosaic GPU kernel wherever it
   serves the call (`mosaic_common.unsupported_reason`: bf16 / fp16, padded
   D == Dv in 64, 128, 256, dropout too, no bias, dense mask or
-  `precision`; sinks only when asked for, `MOSAIC_SINKS_BY_DEFAULT`; Sq and Sk at least one of its tiles; forward tiles not set
-  by the user), with a score_mod / mask_mod too when it reads `mod_args`
+  `precision`; sinks too; Sq and Sk at least one of its tiles; forward
+  tiles not set by the user), with a score_mod / mask_mod too when it reads `mod_args`
   only at the program's batch row and head and is elementwise in
   primitives Mosaic GPU lowers (`mosaic_mods.unsupported_reason`: ALiBi,
   prefix-LM, soft clamps, mask_mods without mod_args; not T5 buckets or
@@ -83,11 +83,6 @@ BACKENDS = ("triton", "mosaic")  # Of the forward, dK/dV, dQ and decode
 # 1.035x at S = 4k (its fixed cost per program, the q / dO / stats loads
 # and the barriers, weighs on short key loops).
 MOSAIC_DQ_MIN_KV_LEN = 16384
-# The Mosaic forward folds attention sinks into its softmax (the sink as a
-# first key of value zero: m = sink, l = 1). It is lowered for CUDA and
-# tested on CPU but not yet run on a GPU, so the default launches keep the
-# Triton forward for calls with sinks; `fwd_backend="mosaic"` asks for it.
-MOSAIC_SINKS_BY_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,7 +430,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   precision, interpret: bool,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
-                  float32_results: bool, sinks: bool = False,
+                  float32_results: bool,
                   mods=None, bias_dtype=None) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
@@ -445,18 +440,13 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     dtype: the inputs' dtype.
     head_dim, value_dim: Dp and Dvp, the padded head sizes.
     q_len, kv_len: Sq and Sk.
-    causal, bias, mask: whether the call has them (dropout, which every
-      kernel applies, changes no launch).
+    causal, bias, mask: whether the call has them (dropout and sinks,
+      which every kernel serves, change no launch).
     precision: the matmul precision asked for, or None.
     interpret: Pallas' interpreter (Triton kernels only).
     block_sizes: the user's `fa.BlockSizes`, or None.
     launch: the user's `LaunchConfig`, or None.
     float32_results: the caller wants float32 outputs and gradients.
-    sinks: the call has attention sinks, which either forward folds into
-      its normalisation (the backward kernels only read the log-sum-exp);
-      the default launches keep the Triton forward for them while
-      `MOSAIC_SINKS_BY_DEFAULT` is False (`fwd_backend="mosaic"` asks for
-      the Mosaic one).
     mods: the call's score_mod / mask_mod as the kernels read them
       (`mod_lowering.KernelMods`), or None. The Triton kernels evaluate
       any (`mod_lowering`); the Mosaic forward those whose `mod_args`
@@ -516,8 +506,6 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     for kernel, (fixed, fields) in mosaic.items():
       if kernel == "dq" and kv_len < MOSAIC_DQ_MIN_KV_LEN:
         continue  # Triton's dQ measured faster there.
-      if kernel == "fwd" and sinks and not MOSAIC_SINKS_BY_DEFAULT:
-        continue  # Asked for explicitly only, until checked on a GPU.
       user_tiles = block_sizes is not None and any(
           getattr(block_sizes, field) is not None for field in fields)
       if _mosaic_by_default(capability, reasons[kernel], user_tiles, q_len,
