@@ -361,13 +361,14 @@ def flash_attention(inputs: AttentionInputs,
                     precision=None, block_sizes: BlockSizes | None = None,
                     launch: launch_lib.LaunchConfig | None = None,
                     interpret: bool = False) -> KernelOutput:
-  """Fused attention (Pallas; Triton on GPU): a pure, differentiable function.
+  """Fused attention (Pallas: Triton, and Mosaic GPU on Hopper): a pure,
+  differentiable function.
 
   Args:
     inputs: the canonical record: `query [B, Sq, H, D]`, `key [B, Sk, Hkv,
       D]`, `value [B, Sk, Hkv, Dv]`, optional `bias [B|1, H|1, Sq|1, Sk|1]`
       and the `Visibility` (any of causal, window, segments, kv lengths,
-      positions, dense mask), and `sinks [H]` or None (the Triton forward
+      positions, dense mask), and `sinks [H]` or None (either forward
       folds them into each row's normalisation), and the `Mods`. A
       `mask_mod` that reads no `mod_args`, with the static default
       positions, skips the tiles it hides like the structured mask does
