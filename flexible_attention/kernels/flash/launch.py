@@ -17,11 +17,12 @@ Which path serves what (the README has it too):
   serves the call (`mosaic_common.unsupported_reason`: bf16 / fp16, padded
   D == Dv in 64, 128, 256, dropout too, no bias, dense mask or
   `precision`; sinks too; Sq and Sk at least one of its tiles; forward
-  tiles not set by the user), with a score_mod / mask_mod too when it reads `mod_args`
-  only at the program's batch row and head and is elementwise in
-  primitives Mosaic GPU lowers (`mosaic_mods.unsupported_reason`: ALiBi,
-  prefix-LM, soft clamps, mask_mods without mod_args; not T5 buckets or
-  document ids, which index `mod_args` per element), else Triton;
+  tiles not set by the user), with a score_mod / mask_mod too when it
+  reads `mod_args` only at the program's batch row and head and is
+  elementwise in primitives Mosaic GPU lowers
+  (`mosaic_mods.unsupported_reason`: ALiBi, prefix-LM, soft clamps,
+  mask_mods without mod_args; not T5 buckets or document ids, which index
+  `mod_args` per element), else Triton;
 - dK/dV: likewise on Hopper (its own tiles), mods included where the
   forward takes them, at padded D of 64 or 128 (the kernel's rows layout:
   it evaluates the mods on its transposed tiles and accumulates the
