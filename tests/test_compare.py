@@ -267,10 +267,13 @@ def test_timing_samples_round_robin_in_shuffled_order_and_batches_short_calls(
   wait = jax.block_until_ready
   monkeypatch.setattr(jax, "block_until_ready",
                       lambda x: (log.append("|"), wait(x))[1])
-  calls = [(make("f", 0.0), ()), (make("a", 2e-3), ()), (make("b", 2e-3), ())]
+  # A 20 ms sample: far above what one call of `f` takes even on a loaded
+  # machine (a 1 ms sample let one slow calibration call leave it unbatched).
+  calls = [(make("f", 0.0), ()), (make("a", 25e-3), ()),
+           (make("b", 25e-3), ())]
   seconds = timing.median_seconds_each(calls, repeats=8, warmup=1,
-                                       min_sample_seconds=1e-3)
-  assert seconds[1] >= 2e-3 and seconds[2] >= 2e-3
+                                       min_sample_seconds=20e-3)
+  assert seconds[1] >= 25e-3 and seconds[2] >= 25e-3
   assert seconds[0] < 1e-3
   samples = "".join(log).split("|")[:-1]
   # Warm-up and one calibration call each, one call per wait.
