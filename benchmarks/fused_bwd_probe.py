@@ -20,7 +20,7 @@ On an H200 (`--variants` picks them, all three by default):
    variant against the float32 reference (bf16 inputs; error = max |x -
    ref| / max |ref|, tolerance 1.5e-2, the test suite's bf16 GPU one), at
    D = 64 and 128, causal and not, grouped heads with a window and soft cap,
-   and sinks (Triton forward). Each variant runs twice: dK and dV must be
+   and sinks. Each variant runs twice: dK and dV must be
    bitwise equal run to run, dQ too except the fused one's (its adds land
    in the order the programs run: float32 rounding, within the tolerance).
    A check that raises prints its exception type and message and the
@@ -107,12 +107,11 @@ SMOKE_SHAPE = dict(b=1, sq=40, sk=48, d=16)  # Interpreted: any D.
 
 
 def _launch(d: int, causal: bool, *, variant: str,
-            mosaic_forward: bool = True,
             interpret: bool = False) -> flash_kernel.LaunchConfig:
-  """A variant's Hopper launches: Mosaic dK/dV with dQ in it (`fused`),
-  through Triton (`split`) or through the Mosaic dQ kernel (`mosaic_dq`);
-  the Mosaic forward unless `mosaic_forward=False`. To `interpret`, the
-  Triton kernels, `atomic_dq` for `fused`."""
+  """A variant's Hopper launches: the Mosaic forward, Mosaic dK/dV with dQ
+  in it (`fused`), through Triton (`split`) or through the Mosaic dQ kernel
+  (`mosaic_dq`). To `interpret`, the Triton kernels, `atomic_dq` for
+  `fused`."""
   launch = dataclasses.replace(
       flash_kernel.default_launch_config(d, causal, 9.0),
       atomic_dq=variant == "fused")
@@ -123,8 +122,6 @@ def _launch(d: int, causal: bool, *, variant: str,
   if variant == "mosaic_dq":
     launch = dataclasses.replace(launch, dq=flash_kernel.mosaic_dq_launch(d),
                                  dq_backend="mosaic")
-  if not mosaic_forward:
-    return launch
   return dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(d),
                              fwd_backend="mosaic")
 
@@ -181,9 +178,9 @@ def _errors(got, want) -> dict:
 
 def _flash(spec: dict, kv_lengths, *, variant: str, interpret: bool):
   """A check's flash `(q, k, v, sinks) -> (out, lse)` with a variant's
-  backward (the Triton forward with sinks: the Mosaic one has none)."""
+  backward."""
   launch = _launch(spec["d"], spec.get("causal", False), variant=variant,
-                   mosaic_forward=not spec.get("sinks"), interpret=interpret)
+                   interpret=interpret)
   return _attention(spec, launch, kv_lengths, interpret)
 
 

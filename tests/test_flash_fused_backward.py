@@ -79,10 +79,8 @@ def _kernels(text: str) -> dict[str, int]:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_backward_lowers_for_cuda(name, head_dim):
-  """The gradient of q, k, v (and sinks) lowers with one backward kernel,
-  the fused Mosaic one: no Triton dQ. With sinks the forward is Triton's
-  (the default launches' with sinks), the backward still the fused
-  kernel."""
+  """The gradient of q, k, v (and sinks) lowers with two Mosaic kernels,
+  the forward and the fused backward: no Triton dQ."""
   call, options = CASES[name]
   options = dict(options)
   softcap, sinks = options.pop("softcap", None), options.pop("sinks", False)
@@ -90,7 +88,7 @@ def test_fused_backward_lowers_for_cuda(name, head_dim):
   q = jax.ShapeDtypeStruct((b, sq, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, sk, hkv, head_dim), jnp.bfloat16)
   sink = jax.ShapeDtypeStruct((h,), jnp.float32)
-  launch = _fused(head_dim, call.get("causal", False), mosaic_forward=not sinks)
+  launch = _fused(head_dim, call.get("causal", False))
 
   def loss(q, k, v, sink):
     inputs = fa.canonicalize(q, k, v, sinks=sink if sinks else None, **call)
@@ -100,9 +98,7 @@ def test_fused_backward_lowers_for_cuda(name, head_dim):
     return jnp.sum(out.astype(jnp.float32))
 
   text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3)), q, kv, kv, sink)
-  forward = dict(mosaic=0, triton=1) if sinks else dict(mosaic=1, triton=0)
-  assert _kernels(text) == dict(mosaic=forward["mosaic"] + 1,
-                                triton=forward["triton"], aliased=1)
+  assert _kernels(text) == dict(mosaic=2, triton=0, aliased=1)
 
 
 def test_split_backward_keeps_the_triton_dq():
