@@ -1,13 +1,16 @@
 """The Mosaic GPU backwards on Hopper: checked, then timed.
 
-Three variants of the backward (forward and dK/dV through Mosaic GPU in
+Four variants of the backward (forward and dK/dV through Mosaic GPU in
 each):
 
 - `split`: dQ through the Triton kernel (the default launches);
 - `fused`: `LaunchConfig(dkv_backend="mosaic", atomic_dq=True)`, dQ inside
   the Mosaic GPU dK/dV kernel (per step and program, each consumer
   reduce-adds a float32 `[64, Dp / 2]` tile: its half of dQ's columns over
-  the program's 128 keys; padded D of 64 and 128; issue 17, part 1);
+  the program's 128 keys; padded D of 64 and 128; issue 17, part 1), the
+  adds into each dQ tile in the key tiles' order (`deterministic_dq`);
+- `fused_any`: the same with `deterministic_dq=False`: the adds land in
+  the order the programs run;
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
   Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128).
 
@@ -16,12 +19,15 @@ On an H200 (`--variants` picks them, all three by default):
   python3 benchmarks/fused_bwd_probe.py --variants=split,mosaic_dq \
       --out=$OUT/dq.json
 
+(`--variants=split,mosaic_dq,fused,fused_any` with `--checks=d128_causal`
+and four cells fits a 10-minute call.)
+
 1. Checks (one JSON line each): out, dq, dk, dv (and dsinks) of each
    variant against the float32 reference (bf16 inputs; error = max |x -
    ref| / max |ref|, tolerance 1.5e-2, the test suite's bf16 GPU one), at
    D = 64 and 128, causal and not, grouped heads with a window and soft cap,
    and sinks. Each variant runs twice: dK and dV must be
-   bitwise equal run to run, dQ too except the fused one's (its adds land
+   bitwise equal run to run, dQ too except `fused_any`'s (its adds land
    in the order the programs run: float32 rounding, within the tolerance).
    A check that raises prints its exception type and message and the
    others still run.
@@ -29,7 +35,9 @@ On an H200 (`--variants` picks them, all three by default):
    (the `jax.vjp` call, jitted; median of `--repeats` samples round-robin
    after warm-up, `timing.median_seconds_each`) of each variant and cuDNN,
    at B * S = 16k, H * D = 2048, bf16; a table last, each variant's time
-   over split's.
+   over split's. Each timed cell also records whether each variant's dQ,
+   dK and dV are bitwise equal over two more calls (`bitwise_run_to_run`):
+   there a dQ tile takes the adds of up to S / 128 key tiles.
 
 `--out` is rewritten after every row: a run stopped by a time limit keeps
 the rows it finished.
@@ -59,7 +67,7 @@ from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 
-VARIANTS = ("split", "fused", "mosaic_dq")
+VARIANTS = ("split", "fused", "mosaic_dq", "fused_any")
 
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny shapes, no GPU: lower the Mosaic programs for "
@@ -67,8 +75,8 @@ _SMOKE = flags.DEFINE_bool(
 _VARIANTS = flags.DEFINE_list(
     "variants", list(VARIANTS),
     f"The backwards to check and time, of {VARIANTS} (split: Triton dQ; "
-    "fused: dQ in the Mosaic dK/dV kernel; mosaic_dq: the Mosaic dQ "
-    "kernel).")
+    "fused: dQ in the Mosaic dK/dV kernel, in a fixed order; mosaic_dq: "
+    "the Mosaic dQ kernel; fused_any: fused, in any order).")
 _CELLS = flags.DEFINE_list(
     "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
               for m in ("full", "causal")],
@@ -110,13 +118,14 @@ def _launch(d: int, causal: bool, *, variant: str,
             interpret: bool = False) -> flash_kernel.LaunchConfig:
   """A variant's Hopper launches: the Mosaic forward, Mosaic dK/dV with dQ
   in it (`fused`), through Triton (`split`) or through the Mosaic dQ kernel
-  (`mosaic_dq`). To `interpret`, the Triton kernels, `atomic_dq` for
-  `fused`."""
+  (`mosaic_dq`). To `interpret`, the Triton kernels, `atomic_dq` (in any
+  order) for either fused variant."""
+  fused = variant in ("fused", "fused_any")
   launch = dataclasses.replace(
-      flash_kernel.default_launch_config(d, causal, 9.0),
-      atomic_dq=variant == "fused")
+      flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused,
+      deterministic_dq=variant != "fused_any")
   if interpret:
-    return launch
+    return dataclasses.replace(launch, deterministic_dq=not fused)
   launch = dataclasses.replace(launch, dkv=flash_kernel.mosaic_dkv_launch(d),
                                dkv_backend="mosaic")
   if variant == "mosaic_dq":
@@ -204,13 +213,13 @@ def _compare(name: str, spec: dict) -> dict:
       continue
     errors = _errors(got, want)
     # A race moves results from run to run: dK's and dV's sums have a fixed
-    # order (bitwise equal), dQ's too except the fused backward's (float32
-    # rounding of its adds, in the order the programs run).
+    # order (bitwise equal), dQ's too except fused_any's (float32 rounding
+    # of its adds, in the order the programs run).
     equal = {grad: bool(np.array_equal(np.asarray(a), np.asarray(b)))
              for grad, a, b in zip(("dq", "dk", "dv"), again[1:4], got[1:4])}
     dq_run_to_run = compare.relative_error(again[1], got[1])
     steady = (equal["dk"] and equal["dv"] and dq_run_to_run <= TOL
-              if variant == "fused" else all(equal.values()))
+              if variant == "fused_any" else all(equal.values()))
     ok = ok and steady and all(e <= TOL for e in errors.values())
     row["errors"][variant] = errors
     row["run_to_run"][variant] = dict(bitwise_equal=equal,
@@ -289,6 +298,10 @@ def _time(d: int, s: int, causal: bool) -> dict:
       repeats=2 if _SMOKE.value else _REPEATS.value)
   row = dict(D=d, S=s, B=b, H=h, causal=causal, fwd_bwd_ms={
       name: t * 1e3 for name, t in zip(compiled, seconds)})
+  row["bitwise_run_to_run"] = {
+      name: all(bool(jnp.array_equal(a, b)) for a, b in zip(
+          fn(q, k, v, dout), fn(q, k, v, dout)))
+      for name, fn in compiled.items() if name != "cudnn"}
   if errors:
     row["errors"] = errors
   return row

@@ -20,6 +20,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import flexible_attention as fa
@@ -34,13 +35,15 @@ import helpers
 
 
 def _fused(head_dim: int, causal: bool = False, atomic_dq: bool = True,
-           mosaic_forward: bool = True) -> flash_kernel.LaunchConfig:
+           mosaic_forward: bool = True,
+           deterministic: bool = True) -> flash_kernel.LaunchConfig:
   """Hopper launches with the Mosaic dK/dV kernel and, with `atomic_dq`, dQ
-  in it; the Mosaic forward unless `mosaic_forward=False` (Triton's)."""
+  in it (its adds in a fixed order unless `deterministic=False`); the
+  Mosaic forward unless `mosaic_forward=False` (Triton's)."""
   launch = dataclasses.replace(
       flash_kernel.default_launch_config(head_dim, causal, 9.0),
       dkv=flash_kernel.mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
-      atomic_dq=atomic_dq)
+      atomic_dq=atomic_dq, deterministic_dq=deterministic)
   if not mosaic_forward:
     return launch
   return dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(head_dim),
@@ -80,7 +83,19 @@ def _kernels(text: str) -> dict[str, int]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_backward_lowers_for_cuda(name, head_dim):
   """The gradient of q, k, v (and sinks) lowers with two Mosaic kernels,
-  the forward and the fused backward: no Triton dQ."""
+  the forward and the fused backward (its dQ adds in a fixed order): no
+  Triton dQ."""
+  _check_fused_lowering(name, head_dim, deterministic=True)
+
+
+@pytest.mark.parametrize("name, head_dim", [
+    ("plain", 128), ("causal_window_softcap_gqa", 64)])
+def test_fused_backward_in_any_order_lowers_for_cuda(name, head_dim):
+  """With `deterministic_dq=False` (no semaphores, no ranks) too."""
+  _check_fused_lowering(name, head_dim, deterministic=False)
+
+
+def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
   call, options = CASES[name]
   options = dict(options)
   softcap, sinks = options.pop("softcap", None), options.pop("sinks", False)
@@ -88,7 +103,8 @@ def test_fused_backward_lowers_for_cuda(name, head_dim):
   q = jax.ShapeDtypeStruct((b, sq, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, sk, hkv, head_dim), jnp.bfloat16)
   sink = jax.ShapeDtypeStruct((h,), jnp.float32)
-  launch = _fused(head_dim, call.get("causal", False))
+  launch = _fused(head_dim, call.get("causal", False),
+                  deterministic=deterministic)
 
   def loss(q, k, v, sink):
     inputs = fa.canonicalize(q, k, v, sinks=sink if sinks else None, **call)
@@ -170,6 +186,36 @@ def test_fused_dq_reason_names_the_head_sizes():
   assert mosaic_common.fused_dq_reason(64) is None
   assert mosaic_common.fused_dq_reason(128) is None
   assert "atomic_dq=False" in mosaic_common.fused_dq_reason(256)
+
+
+def test_fused_dq_reason_bounds_the_ordered_query_length():
+  """In a fixed order each program holds its row of ranks in shared
+  memory: Sq is bounded there, and only there."""
+  limit = mosaic_common.ORDERED_DQ_MAX_Q_LEN
+  assert mosaic_common.fused_dq_reason(128, limit, True) is None
+  assert mosaic_common.fused_dq_reason(128, limit + 1, False) is None
+  assert "deterministic_dq=False" in mosaic_common.fused_dq_reason(
+      128, limit + 1, True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dq_ranks_count_the_earlier_key_tiles_that_add(seed):
+  """Entry [b, t, i]: how many key tiles t' < t hold query tile i in their
+  bounds [lo, hi), against a loop over random bounds (holes, empty
+  ranges, overlaps)."""
+  rng = np.random.default_rng(seed)
+  batch, key_tiles, q_tiles = 2, 7, 150
+  lo = rng.integers(0, q_tiles, (batch, key_tiles))
+  hi = np.minimum(lo + rng.integers(0, 60, (batch, key_tiles)), q_tiles)
+  bounds = np.stack([lo, lo, hi, hi], -1).astype(np.int32)
+  ranks = np.asarray(mosaic_common.dq_ranks(jnp.asarray(bounds), q_tiles))
+  assert ranks.shape == (batch, key_tiles, 2, mosaic_common.RANK_ROW)
+  ranks = ranks.reshape(batch, key_tiles, -1)
+  for b in range(batch):
+    for t in range(key_tiles):
+      for i in range(lo[b, t], hi[b, t]):
+        want = sum(lo[b, u] <= i < hi[b, u] for u in range(t))
+        assert ranks[b, t, i] == want, (b, t, i)
 
 
 def test_kernel_refuses_dq_in_the_columns_layout():

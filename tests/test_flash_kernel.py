@@ -147,8 +147,9 @@ def test_single_tile_and_default_blocks():
          blocks=None)
 
 
+# Triton's atomics add dQ in any order: they need deterministic_dq=False.
 ATOMIC_DQ = dataclasses.replace(flash_kernel.launch_config(16, SMALL_BLOCKS),
-                                atomic_dq=True)
+                                atomic_dq=True, deterministic_dq=False)
 
 
 @pytest.mark.parametrize("case", [
@@ -170,6 +171,17 @@ def test_launch_with_tile_sizes_is_an_error():
     flash_kernel.flash_attention(fa.canonicalize(q, k, v), sm_scale=0.25,
                                  block_sizes=SMALL_BLOCKS, launch=ATOMIC_DQ,
                                  interpret=True)
+
+
+def test_triton_atomic_dq_must_allow_any_order():
+  """Triton's atomics cannot keep dQ's adds in a fixed order: asked for
+  that (the default), the launch is refused, naming the way out."""
+  launch = dataclasses.replace(ATOMIC_DQ, deterministic_dq=True)
+  with pytest.raises(ValueError, match="pass deterministic_dq=False"):
+    flash_kernel.check_launch_config(launch)
+  with pytest.raises(TypeError, match="deterministic_dq must be a bool"):
+    flash_kernel.check_launch_config(
+        dataclasses.replace(ATOMIC_DQ, deterministic_dq=1))
 
 
 def test_atomic_dq_backward_is_one_kernel():
@@ -325,6 +337,30 @@ def test_hopper_mosaic_dq_matches_reference(name):
                    dq=True)
   _check(f"hopper mosaic dq {name}", call, launch=launch, interpret=False,
          **shape)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", [n for n in HOPPER_CASES
+                                  if "head_dim_256" not in n] + ["long_gqa"])
+def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
+  """The fused backward (dQ inside the Mosaic dK/dV kernel, its adds in
+  the key tiles' order): out and grads against the reference, and dQ, dK,
+  dV bitwise equal over two runs. `long_gqa`: 16 key tiles add into each
+  dQ tile, across two query heads per program."""
+  if name == "long_gqa":
+    call, shape = dict(causal=True), dict(b=1, sq=2048, sk=2048, h=4, hkv=2,
+                                          d=128, dtype=jnp.bfloat16)
+  else:
+    call, shape = _hopper_case(name)
+  launch = dataclasses.replace(
+      _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False)),
+      atomic_dq=True)
+  got, _ = _check(f"hopper fused {name}", call, launch=launch,
+                  interpret=False, **shape)
+  again, _ = _check(f"hopper fused {name}", call, launch=launch,
+                    interpret=False, **shape)
+  for what, a, b in zip(("out", "dq", "dk", "dv"), got, again):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), what
 
 
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])
@@ -658,7 +694,8 @@ def test_module_launch_sets_every_kernel_and_the_atomic_backward(
   q, k, v, ct, _ = _inputs("module_launch", sq=40, sk=40, h=4, hkv=2)
   launch = fa.FlashLaunchConfig(
       fwd=fa.FlashLaunch(16, 32, 4, 2), dkv=fa.FlashLaunch(32, 16, 4, 2),
-      dq=fa.FlashLaunch(16, 16, 4, 2), atomic_dq=True)
+      dq=fa.FlashLaunch(16, 16, 4, 2), atomic_dq=True,
+      deterministic_dq=False)
 
   def flash(q, k, v):
     return _module_out("flash", q, k, v, None, interpret=True, launch=launch)

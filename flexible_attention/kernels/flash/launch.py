@@ -108,14 +108,20 @@ class LaunchConfig:
   `dkv_backend="mosaic"` they are TMA reduce-adds of `[64, Dp]` float32
   tiles from the Mosaic GPU dK/dV kernel (the fused backward,
   FlashAttention-3's; padded head sizes 64 and 128 only,
-  `mosaic_common.fused_dq_reason`). Either way the float32 sums run in the
-  order the GPU schedules the programs, so dQ is not bitwise reproducible
-  from run to run (within float32 rounding of the same sum). Off by
-  default: the Triton atomics are 2.7x slower than the split backward on an
-  H200 at D = 128 (acquire-release, with fences;
-  benchmarks/flash_notes.md); the Mosaic one is correct there but 17%
-  slower than the split backward at D = 64, S = 4k (6.86 ms against 5.85,
-  `benchmarks/fused_bwd_probe.py`).
+  `mosaic_common.fused_dq_reason`). Off by default: the Triton atomics are
+  2.7x slower than the split backward on an H200 at D = 128
+  (acquire-release, with fences; benchmarks/flash_notes.md); the Mosaic one
+  is correct there but 17% slower than the split backward at D = 64, S =
+  4k (6.86 ms against 5.85, `benchmarks/fused_bwd_probe.py`).
+
+  `deterministic_dq` (default True) keeps dQ bitwise reproducible, as the
+  split backward is: the fused Mosaic backward then adds each dQ tile's
+  shares in a fixed order, the key tiles' (global semaphores order the TMA
+  adds, `mosaic_bwd`; `mosaic_common.fused_dq_reason` bounds Sq). With
+  False the adds land in the order the GPU runs the programs (float32
+  rounding of the same sum differs from run to run). Triton's atomics have
+  no fixed order: `atomic_dq=True` with `dkv_backend="triton"` needs
+  `deterministic_dq=False` (an error otherwise).
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
@@ -152,6 +158,7 @@ class LaunchConfig:
   fwd_backend: str = "triton"
   dkv_backend: str = "triton"
   dq_backend: str = "triton"
+  deterministic_dq: bool = True
 
 
 
@@ -244,13 +251,22 @@ def check_launch_config(config: LaunchConfig,
         f"both (block_sizes sets {both}).")
   if not isinstance(config, LaunchConfig):
     raise TypeError(f"launch must be a LaunchConfig, got {config!r}.")
-  if not isinstance(config.atomic_dq, bool):
-    raise TypeError(
-        f"LaunchConfig.atomic_dq must be a bool, got {config.atomic_dq!r}.")
+  for field in ("atomic_dq", "deterministic_dq"):
+    if not isinstance(getattr(config, field), bool):
+      raise TypeError(f"LaunchConfig.{field} must be a bool, got "
+                      f"{getattr(config, field)!r}.")
   for field in ("fwd_backend", "dkv_backend", "dq_backend"):
     if getattr(config, field) not in BACKENDS:
       raise ValueError(f"LaunchConfig.{field} must be one of {BACKENDS}, "
                        f"got {getattr(config, field)!r}.")
+  if (config.atomic_dq and config.dkv_backend == "triton"
+      and config.deterministic_dq):
+    raise ValueError(
+        "flash: atomic_dq=True with dkv_backend='triton' adds dQ with "
+        "Triton's atomics, in the order the GPU runs the programs (not "
+        "bitwise reproducible); pass deterministic_dq=False to accept that, "
+        "or use dkv_backend='mosaic' (Hopper), whose adds keep a fixed "
+        "order.")
   for kernel in ("fwd", "dkv", "dq"):
     launch = getattr(config, kernel)
     if not isinstance(launch, Launch):
@@ -493,7 +509,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
           "atomic_dq=True, whose dK/dV kernel computes dQ (the dq kernel is "
           "not launched); use one or the other.")
     if launch.atomic_dq and reasons["dkv"] is None:  # The fused backward.
-      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim) or (
+      reasons["dkv"] = mosaic_common.fused_dq_reason(
+          head_dim, q_len, launch.deterministic_dq) or (
           mosaic_common.dkv_mods_reason(head_dim, atomic_dq=True)
           if dkv_mods else None)
     for kernel, (fixed, _) in mosaic.items():

@@ -72,6 +72,7 @@ from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import RANK_ROW
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
@@ -80,6 +81,7 @@ from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
+from flexible_attention.kernels.flash.mosaic_common import dq_ranks
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
@@ -102,20 +104,24 @@ from flexible_attention.kernels.flash.structure import Static
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
   every warpgroup reads the same way. `dq` is the float32 dQ the fused
-  backward adds into (`with_dq`), else None; `mod_refs` the rows of the
+  backward adds into (`with_dq`), else None; `ranks` (`dq_ranks`) and
+  `sems` (a global int32 semaphore per dQ tile and column half, zero at
+  the start) order its adds (`ordered`), else None; `mod_refs` the rows of the
   mods' program values (`mod_rows`' operands; None where none), `dslots`
   the output of their gradients (`grad_slots`), else None; `drop` the
   program's `TileDropout` with dropout (set once the bounds row is read),
   else None."""
 
   def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
-               mod_rows):
+               ordered: bool, mod_rows):
     refs = list(refs)
     (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
      self.kvvec) = refs[:8]
     del refs[:8]
     self.mod_refs = split_row_refs(mod_rows, refs)
+    self.ranks = refs.pop(0) if ordered else None
     self.dq = refs.pop(0) if with_dq else None
+    self.sems = refs.pop() if ordered else None
     self.dk, self.dv, *dslots = refs
     self.dslots = dslots[0] if dslots else None
     (self.k_smem, self.v_smem, self.kvvec_smem, self.q_smem, self.do_smem,
@@ -247,6 +253,15 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   rewrites one only after the other has signalled the next step's, so
   after its reads of this one are done.
 
+  With `r.sems` the adds into each dQ tile and column half keep a fixed
+  order, that of the key tiles (`dq_ranks`): before its add the warpgroup
+  waits until the tile's semaphore counts the adds of the key tiles before
+  its own (`ranks[i]` of them); it signals its own add once the add has
+  landed in global memory, which it checks at the next step (or after the
+  loop), so that no step waits for its own add. Lower key tiles' programs
+  start first (the grid's key-tile axis is its slowest), so every wait
+  ends.
+
   With mods (`r.st.mods`) the warpgroup first copies the program values of
   the group's G query heads to its shared memory (`mosaic_mods.
   group_rows`); each step reads head g's as scalars and evaluates the
@@ -264,11 +279,21 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   wg = r.wg if w is None else w
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
+  ordered = r.sems is not None
   if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
-    ds_smem, dq_smem, ds_ready, both_done = r.exchange
+    ds_smem, dq_smem, ds_ready, both_done, *order = r.exchange
     dq_tile = dq_smem.at[w]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
+  if ordered:  # The program's ranks, [R, RANK_ROW] int32, read by both.
+    ranks, ranks_ready = order
+    if w == 0:
+      plgpu.copy_gmem_to_smem(r.ranks.at[batch, r.tile], ranks, ranks_ready)
+    q_tiles = r.q.shape[1] // bq
+
+    def semaphore(head, i):  # Of query tile i's dQ rows, this column half.
+      return r.sems.at[((batch * r.q.shape[2] + head) * q_tiles + i)
+                       * CONSUMERS + w]
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
                           r.k_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
@@ -284,6 +309,8 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
   plgpu.barrier_wait(r.k_ready.at[wg])
   plgpu.barrier_wait(r.v_ready.at[wg])
+  if ordered:
+    plgpu.barrier_wait(ranks_ready)
 
   def step(i, carry, masked: bool, base, g):
     dk, dv, *dslots = carry
@@ -352,10 +379,20 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     dv, dk, *dq = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
     if with_dq:
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last step's.
+      head = kv_head * st.groups + g
+      # The last step's add: read out of the tile, and in order landed.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=not ordered)
+      if ordered:  # Signal it: head g's tile i - 1, or the last head's last.
+        first = (i == lo).astype(jnp.int32)
+        pl.when(i - lo + g > 0)(lambda: plgpu.semaphore_signal(
+            semaphore(head - first, i - 1 + first * (hi - lo)),
+            memory_scope="gpu"))
       dq_tile[...] = dq[0]
       plgpu.commit_smem()
-      head = kv_head * st.groups + g
+      if ordered:  # The key tiles before this one have added theirs.
+        plgpu.semaphore_wait(semaphore(head, i),
+                             ranks[lax.div(i, RANK_ROW), lax.rem(i, RANK_ROW)],
+                             decrement=False, memory_scope="gpu")
       plgpu.copy_smem_to_gmem(dq_tile,
                               r.dq.at[batch, pl.ds(i * bq, bq), head, cols],
                               reduction_op="add")
@@ -376,6 +413,11 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       lo, flo, fhi, hi, step,
       (_zeros(r.k.shape[-1]), _zeros(r.v.shape[-1]),
        *(_zeros(None) for _ in slots)), end if slots else None)
+  if ordered:  # The last add landed: signal it.
+    plgpu.wait_smem_to_gmem(0)
+    pl.when(hi > lo)(lambda: plgpu.semaphore_signal(
+        semaphore(kv_head * st.groups + st.groups - 1, hi - 1),
+        memory_scope="gpu"))
   if with_dq:  # The other's last dQ matmuls have read this K tile.
     plgpu.barrier_arrive(both_done)
     plgpu.barrier_wait(both_done)
@@ -504,12 +546,13 @@ def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, mod_rows):
+def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, ordered: bool,
+                 mod_rows):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
   query head of its group; `refs` are the operands (the mods' rows after
-  the inputs, then dQ's Ref `with_dq`), the outputs and last the
-  scratch."""
-  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, mod_rows)
+  the inputs, then `ordered` the ranks and `with_dq` dQ's Ref), the
+  outputs, `ordered` the semaphores, and last the shared-memory scratch."""
+  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, ordered, mod_rows)
   lo, flo, fhi, hi, *seed = read_row(r.bounds.at[r.batch, r.tile],
                                       r.bounds_smem.at[r.wg],
                                       r.bounds_ready.at[r.wg],
@@ -575,10 +618,11 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   bq, bk = DKV_BLOCK_Q, dkv_block_k(d)
   nk = kv_len // bk
   with_dq = st.launch.atomic_dq
+  ordered = with_dq and st.launch.deterministic_dq
   if q_len % bq or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {bk}.")
-  reason = fused_dq_reason(d) if with_dq else None
+  reason = fused_dq_reason(d, q_len, ordered) if with_dq else None
   if reason is None and st.mods is not None:
     reason = dkv_mods_reason(d, atomic_dq=with_dq)
   if reason is not None:
@@ -590,11 +634,16 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
+  ranks = dq_ranks(bounds, q_len // bq) if ordered else None
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
   n_slots = len(grad_slots(st.mods))
 
   def body(*operands):
+    # Ordered: a semaphore per dQ tile and column half, in global memory
+    # shared by every program (zeroed at each launch).
+    sems = (pl.get_global(plgpu.SemaphoreType.REGULAR(
+        (batch * heads * (q_len // bq) * CONSUMERS,))),) if ordered else ()
     smem = (
         plgpu.SMEM((key_tiles, ROWS, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((key_tiles, ROWS, d), v.dtype, transforms=swizzled),
@@ -611,13 +660,16 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                   + (plgpu.Barrier(),) * 4
                   + (plgpu.Barrier(num_arrivals=CONSUMERS),))
     elif with_dq:  # Two steps' ds^T of each consumer, its dQ columns'
-      # tile; per buffer the signal that both ds^T are in, and the end.
+      # tile; per buffer the signal that both ds^T are in, and the end;
+      # `ordered` the program's row of ranks and its signal.
       exchange = (plgpu.SMEM((2, CONSUMERS, ROWS, bq), q.dtype,
                              transforms=swizzled),
                   plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), jnp.float32,
                              transforms=wgmma_transforms(jnp.float32)),
                   plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),
                   plgpu.Barrier(num_arrivals=CONSUMERS))
+      if ordered:
+        exchange += (plgpu.SMEM(ranks.shape[2:], jnp.int32), plgpu.Barrier())
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
@@ -630,9 +682,10 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
 
     def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref,
                mod_refs):
-      _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
-                               ready_refs, free_ref, mod_refs), st=st, bq=bq,
-                   with_dq=with_dq, mod_rows=mod_rows)
+      _dkdv_kernel(*operands, *sems, (*smem_refs, exchange_refs, own_refs,
+                                      ready_refs, free_ref, mod_refs),
+                   st=st, bq=bq, with_dq=with_dq, ordered=ordered,
+                   mod_rows=mod_rows)
 
     pl.run_scoped(scoped, smem, exchange, own, ready, free, mods,
                   collective_axes="wg")
@@ -647,7 +700,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
               num_threads=CONSUMERS + 1, thread_name="wg")
   params = plgpu.CompilerParams(approx_math=True)
   operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors,
-              *row_operands(mod_rows))
+              *row_operands(mod_rows), *([ranks] if ordered else []))
   if not with_dq:
     dq = None
     outs = plgpu.kernel(body, out_type=out_type, compiler_params=params,
@@ -658,8 +711,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       # starts at zero. jax 0.10's `plgpu.kernel` takes no Ref operand;
       # `pl.kernel` over a `plgpu.Mesh`, which it wraps, does.
       dq_ref, *out_refs = refs
-      outs = pl.kernel(body, out_type, mesh=plgpu.Mesh(**mesh),
-                       compiler_params=params,
+      outs = pl.kernel(body, out_type,
+                       mesh=plgpu.Mesh(**mesh), compiler_params=params,
                        name="flash_dkdv_dq")(*operands, dq_ref)
       for ref, x in zip(out_refs, outs):
         ref[...] = x
