@@ -156,8 +156,9 @@ def test_mosaic_dkv_with_atomic_dq_is_the_fused_backward(head_dim,
 
 
 def test_fused_backward_is_off_by_default(monkeypatch):
-  """Not bitwise reproducible and not yet measured: the default launches
-  keep the split backward (dQ through Triton)."""
+  """In a fixed order the fused backward measured 1.5-1.7x the time of the
+  any-order one, slower than the split backward: the default launches keep
+  the split backward (dQ through Triton at this length)."""
   chosen = _launch(monkeypatch, causal=True)
   assert (chosen.dkv_backend, chosen.atomic_dq) == ("mosaic", False)
 

@@ -108,11 +108,7 @@ class LaunchConfig:
   `dkv_backend="mosaic"` they are TMA reduce-adds of `[64, Dp]` float32
   tiles from the Mosaic GPU dK/dV kernel (the fused backward,
   FlashAttention-3's; padded head sizes 64 and 128 only,
-  `mosaic_common.fused_dq_reason`). Off by default: the Triton atomics are
-  2.7x slower than the split backward on an H200 at D = 128
-  (acquire-release, with fences; benchmarks/flash_notes.md); the Mosaic one
-  is correct there but 17% slower than the split backward at D = 64, S =
-  4k (6.86 ms against 5.85, `benchmarks/fused_bwd_probe.py`).
+  `mosaic_common.fused_dq_reason`).
 
   `deterministic_dq` (default True) keeps dQ bitwise reproducible, as the
   split backward is: the fused Mosaic backward then adds each dQ tile's
@@ -121,7 +117,18 @@ class LaunchConfig:
   False the adds land in the order the GPU runs the programs (float32
   rounding of the same sum differs from run to run). Triton's atomics have
   no fixed order: `atomic_dq=True` with `dkv_backend="triton"` needs
-  `deterministic_dq=False` (an error otherwise).
+  `deterministic_dq=False` (an error otherwise). Without `atomic_dq` the
+  field changes nothing: the split backward's dQ is always reproducible.
+
+  Off by default, measured on an H200 (jax 0.11.2, bf16, B * S = 16k, H * D
+  = 2048, forward+backward; benchmarks/flash_notes.md): the Triton atomics
+  are 2.7x slower than the split backward at D = 128. The fused Mosaic
+  backward in any order is the fastest backward from 16k keys (0.87-0.995x
+  the time of the default, Mosaic dQ, one; 0.95-0.99x cuDNN's speed at D =
+  128 full and D = 64 causal) but not at 4k (1.04x), and in the fixed
+  order it takes 1.5-1.7x the any-order time (its semaphore waits and
+  signals sit on the consumers' critical path), slower than the split
+  backward, which stays the default.
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
