@@ -101,8 +101,18 @@ def _cell(d: int, causal: bool, versions) -> list[dict]:
                    for key in keys)
   f32 = lambda x: x.astype(jnp.float32)
   ref_in = fa.canonicalize(f32(q), f32(k), f32(v), causal=causal)
-  reference = lambda q, k, v: fa.reference_attention(
-      q, k, v, None, ref_in.visibility, sm_scale=d**-0.5).out
+
+  def reference(q, k, v):
+    # One head at a time (`lax.map`): all heads' float32 scores at S = 16k
+    # would take 16 GiB, one head's 1 GiB.
+    def head(qkv):
+      return fa.reference_attention(
+          *(x[:, :, None] for x in qkv), None, ref_in.visibility,
+          sm_scale=d**-0.5).out[:, :, 0]
+    heads = lambda x: jnp.moveaxis(x, 2, 0)
+    return jnp.moveaxis(jax.lax.map(head, (heads(q), heads(k), heads(v))),
+                        0, 2)
+
   ref_out, ref_vjp = jax.vjp(reference, ref_in.query, ref_in.key,
                              ref_in.value)
   ref_grads = ref_vjp(f32(dout))
