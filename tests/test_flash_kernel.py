@@ -373,30 +373,39 @@ def test_mosaic_tile_dropout_is_the_librarys_keep_mask(dim):
   seed = jnp.array([123456789, 4000000000], jnp.uint32)
   offsets = jnp.array([3, 5], jnp.uint32)
   bounds = jnp.arange(8, dtype=jnp.int32).reshape(1, 2, 4)
-  row = mosaic_common.pad_bounds(bounds, jnp.concatenate([seed, offsets]))[0, 1]
-  assert row.shape == (mosaic_common.BOUNDS_ROW,)
-  np.testing.assert_array_equal(row[:4], bounds[0, 1])
   st = dataclasses.replace(_static_with_dropout(), dropout_rate=0.3)
   count = mosaic_common.bounds_count(st)
-  drop = mosaic_common.TileDropout(st, list(row[4:count]), jnp.int32(1))
   q_pos = jnp.arange(64, dtype=jnp.int32) * 7 + 1
   kv_pos = jnp.arange(128, dtype=jnp.int32) * 3 - 40
   shape = (64, 128) if dim == 0 else (128, 64)
-  rows = drop.rows(jnp.int32(2), q_pos, shape, dim)
-  got = drop.keep(rows, lax.broadcast_in_dim(kv_pos, shape, [1 - dim]))
-  want = dropout_lib.dropout_keep(seed, 1 + 3, 2 + 5, q_pos[:, None],
-                                  kv_pos[None, :], 0.3)
+
+  @jax.jit  # One program (op by op, the hash's stages were ~90 of them).
+  def row_got_and_want(seed, offsets, bounds, q_pos, kv_pos):
+    row = mosaic_common.pad_bounds(bounds,
+                                   jnp.concatenate([seed, offsets]))[0, 1]
+    drop = mosaic_common.TileDropout(st, list(row[4:count]), jnp.int32(1))
+    rows = drop.rows(jnp.int32(2), q_pos, shape, dim)
+    got = drop.keep(rows, lax.broadcast_in_dim(kv_pos, shape, [1 - dim]))
+    want = dropout_lib.dropout_keep(seed, 1 + 3, 2 + 5, q_pos[:, None],
+                                    kv_pos[None, :], 0.3)
+    return row, got, want
+
+  row, got, want = row_got_and_want(seed, offsets, bounds, q_pos, kv_pos)
+  assert row.shape == (mosaic_common.BOUNDS_ROW,)
+  np.testing.assert_array_equal(row[:4], bounds[0, 1])
   np.testing.assert_array_equal(got, want if dim == 0 else want.T)
   assert 0.6 < float(jnp.mean(got)) < 0.8
 
 
 def _static_with_dropout():
-  """A `Static` of a small call with dropout, as `prepare` builds it."""
+  """A `Static` of a small call with dropout, as `prepare` builds it
+  (traced, never run: the static part is all it returns)."""
   x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-  return flash_kernel.prepare(
-      fa.canonicalize(x, x, x), dropout_lib.make_dropout(jax.random.key(0),
-                                                         0.5),
-      sm_scale=0.125, interpret=True).static
+  statics = []
+  jax.eval_shape(lambda x, key: statics.append(flash_kernel.prepare(
+      fa.canonicalize(x, x, x), dropout_lib.make_dropout(key, 0.5),
+      sm_scale=0.125, interpret=True).static), x, jax.random.key(0))
+  return statics[0]
 
 
 @pytest.mark.parametrize("name", HOPPER_CASES)
