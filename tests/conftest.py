@@ -15,8 +15,16 @@ without them, blockwise's 23 MB instead of 40 MB, both three orders of
 magnitude below vanilla's 5.4 GB, so test_blockwise_memory's 10x pin still
 means what it says. Subprocesses started by the tests inherit the flags.
 GPU and TPU programs keep XLA's default optimisation level.
+
+Python's cyclic garbage collector runs its young generations less often
+than by default (`gc.set_threshold` below): the suite holds hundreds of
+thousands of live objects (JAX's caches of traced and compiled programs),
+which each full collection walks again; with the default thresholds
+(700, 10, 10) collecting took about 5% of the suite's time, with these
+about 1%, and the suite's memory peak (2.9 GB) is unchanged.
 """
 
+import gc
 import importlib.metadata
 import importlib.util
 import os
@@ -57,3 +65,5 @@ os.environ.setdefault("XLA_FLAGS", "")
 for _flag in _FLAGS:
   if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + _flag
+
+gc.set_threshold(10_000, 20, 20)
