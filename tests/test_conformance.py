@@ -49,7 +49,8 @@ dropout off when deterministic, the KV cache (explicit `cache=`, Haiku-state
 `hk.layer_stack`, and meshes of the 8 CPU devices: batch-, head-, both-,
 sequence- and head+sequence-sharded, the last and batch+head with dropout
 (bit-identical keep decisions), each checked to really run under
-`shard_map`. Mechanisms a test needs options for on this backend (Pallas
+`shard_map` (ring's and ulysses' sequence meshes are
+tests/test_context_parallel.py's). Mechanisms a test needs options for on this backend (Pallas
 kernels in interpret mode on CPU, tiles of 128 for the TPU kernels) get them
 from `EXTRA_OPTIONS`.
 
@@ -1048,16 +1049,36 @@ MESH_CASES = (("batch", False), ("heads", False), ("batch_and_heads", False),
 # it gets on `batch_and_heads` (one batch row, 2 query heads and 1 KV head
 # per device, with their bias, mask, segment ids and kv length): for these
 # three the compiled per-device programs are the same but for constants XLA
-# folds (measured). What differs between the two meshes is the
-# mechanism-independent sharding wrapper, which vanilla, ring and ulysses
-# still check on both.
+# folds (measured). On the `batch` mesh it gets one batch row with 4 query
+# and 2 KV heads per device: the same shards with twice the heads in the
+# same groups (the heads the unsharded battery runs). What differs between
+# the meshes is the mechanism-independent sharding wrapper, which vanilla,
+# ring and ulysses still check on each.
 SAME_SHARDS_AS_BATCH_AND_HEADS = ("blockwise", "flash", "splash")
+
+
+def sequence_sharded_elsewhere(mechanism: str) -> bool:
+  """Whether tests/test_context_parallel.py runs `mechanism` on sequence
+  meshes: the mechanisms that shard the sequence themselves (ring, ulysses).
+
+  It runs each of them with every feature (causal, a window, segment ids,
+  kv lengths and grouped heads in one call; plain; user-permuted; dropout)
+  on meshes of 2, 4 and 8 sequence shards beside data and head axes, against
+  the same reference; here the `sequence` and `heads_and_sequence` meshes
+  would run the same ring passes and all-to-alls at other sizes. The
+  mechanisms that gather the sequence (vanilla, blockwise, flash) keep both
+  meshes here, with the bias and mask that file does not shard.
+  """
+  return (registry.get_mechanism(mechanism).sequence_parallel and
+          BACKEND in fa.capabilities(mechanism).platforms)
 
 
 @pytest.mark.parametrize("mechanism,mesh_name,with_dropout", [
     pytest.param(m, mesh, d, id=f"{m}-{mesh}{'_dropout' if d else ''}")
     for m in MECHANISMS for mesh, d in MESH_CASES
-    if not (mesh == "heads" and m in SAME_SHARDS_AS_BATCH_AND_HEADS)])
+    if not (mesh in ("heads", "batch") and
+            m in SAME_SHARDS_AS_BATCH_AND_HEADS)
+    and not ("sequence" in mesh and sequence_sharded_elsewhere(m))])
 def test_sharded_matches_reference(mechanism, mesh_name, with_dropout):
   """Sharded over a mesh, a mechanism still computes the semantics, and its
   dropout keep decisions are bit-identical to the unsharded reference's."""
