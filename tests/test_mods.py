@@ -954,8 +954,8 @@ def _backends(inputs, **options):
 
 
 @pytest.mark.parametrize("long_keys,name,frozen", [
-    # The Triton dQ beside the Mosaic kernels (the mask mods' dK/dV kernel
-    # lowers in the Mosaic dQ cases below as here).
+    # The Triton dQ beside the Mosaic kernels (the dK/dV kernel of every
+    # mod lowers in the Mosaic dQ cases below as here).
     (False, "alibi", False), (False, "every_primitive", False),
     (True, "alibi", False), (True, "prefix_lm", False),
     (True, "static", False), (True, "every_primitive", False),
@@ -973,7 +973,10 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys, frozen,
   (the jvp of every allowed primitive) in the dK/dV kernel, beside the
   Triton dQ kernel. From `MOSAIC_DQ_MIN_KV_LEN` keys on (lowered at 0 here)
   the dQ kernel is Mosaic's too, with every mod. With the mod_args not
-  differentiated (`frozen`) the dK/dV kernel skips their sums."""
+  differentiated (`frozen`) the dK/dV kernel skips their sums. Below that
+  length (`long_keys` False) the gradient of q alone is lowered: the
+  forward and the Triton dQ kernel (the dK/dV kernel, the same as with the
+  Mosaic dQ, is dropped; the policy's choice of it is asserted)."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   if long_keys:
     monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
@@ -987,12 +990,19 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys, frozen,
     return jnp.sum(out.astype(jnp.float32))
 
   argnums = (0, 1, 2) if frozen else (0, 1, 2, 3, 4)
+  if not long_keys:
+    zeros = [jnp.zeros(x.shape, x.dtype) for x in (q, kv)]
+    assert _backends(_hopper_call(name, zeros[0], zeros[1], zeros[1],
+                                  _hopper_mod_args())) == (
+                                      "mosaic", "mosaic", "triton")
+    argnums = 0
   text = helpers.lower_for_cuda(jax.grad(loss, argnums), q, kv, kv,
                                 *_hopper_mod_args())
   targets = re.findall(r"custom_call @\"?([\w$.]+)", text)
   kinds = sorted("mosaic" if "mosaic_gpu" in t else
                  "triton" if "triton" in t else t for t in targets)
-  want = ["mosaic", "mosaic"] + (["mosaic"] if long_keys else ["triton"])
+  want = (["mosaic", "mosaic", "mosaic"] if long_keys else
+          ["mosaic", "triton"])
   assert kinds == want, targets
 
 
