@@ -20,10 +20,19 @@ from flexible_attention.core import merge
 
 B, HKV, D = 3, 2, 4
 
+# The caches' writes and views, compiled (op by op, each call was dozens of
+# small programs): what a model's jitted step runs.
+_write = jax.jit(cache_lib.write)
+_dense_view = jax.jit(cache_lib.dense_view)
 
-def _tokens(seed, batch, count):
+
+def _tokens(seed, batch, count, same_rows=False):
+  """`(keys, values)` of `count` new tokens per row (rows 0 and 1 the same
+  ones if `same_rows`)."""
   rng = np.random.default_rng(seed)
   new = rng.normal(size=(batch, count, HKV, D)).astype(np.float32)
+  if same_rows:
+    new[1] = new[0]
   return jnp.asarray(new), jnp.asarray(new + 100.0)
 
 
@@ -46,9 +55,8 @@ def _dense(lengths, length=20):
 def _fill(cache, lengths, seed=1):
   """Writes a prefix of `lengths[b]` tokens per row in one ragged call, as a
   prefill would; rows 0 and 1 get the same prefix (they may share a page)."""
-  k, v = _tokens(seed, B, max(lengths))
-  k, v = k.at[1].set(k[0]), v.at[1].set(v[0])
-  new, overflow = cache_lib.write(cache, k, v, jnp.asarray(lengths))
+  k, v = _tokens(seed, B, max(lengths), same_rows=True)
+  new, overflow = _write(cache, k, v, jnp.asarray(lengths))
   assert not np.any(overflow)
   return new
 
@@ -59,12 +67,12 @@ def test_paged_and_dense_hold_the_same_tokens_after_ragged_writes():
       _paged(lengths), [4, 4, 0])
   k, v = _tokens(2, B, 3)
   q_lengths = jnp.asarray([2, 0, 3])
-  dense, dense_over = cache_lib.write(dense, k, v, q_lengths)
-  paged, paged_over = cache_lib.write(paged, k, v, q_lengths)
+  dense, dense_over = _write(dense, k, v, q_lengths)
+  paged, paged_over = _write(paged, k, v, q_lengths)
   assert not np.any(dense_over) and not np.any(paged_over)
   np.testing.assert_array_equal(dense.lengths, [6, 4, 3])
   np.testing.assert_array_equal(paged.lengths, [6, 4, 3])
-  keys, values = cache_lib.dense_view(paged)
+  keys, values = _dense_view(paged)
   for b, n in enumerate([6, 4, 3]):
     np.testing.assert_array_equal(keys[b, :n], dense.keys[b, :n])
     np.testing.assert_array_equal(values[b, :n], dense.values[b, :n])
@@ -77,17 +85,17 @@ def test_overflow_is_flagged_and_drops_the_tokens_that_do_not_fit():
   dense = _dense([0, 0, 0], length=4)._replace(
       lengths=jnp.asarray([3, 0, 4], jnp.int32))
   k, v = _tokens(3, B, 2)
-  new, overflow = cache_lib.write(dense, k, v)
+  new, overflow = _write(dense, k, v)
   np.testing.assert_array_equal(overflow, [True, False, True])
   np.testing.assert_array_equal(new.keys[0, 3], k[0, 0])  # What fits.
   paged = _paged([0, 0, 0])
   table = paged.page_table.at[1, 1].set(cache_lib.UNASSIGNED)
   paged = paged._replace(page_table=table,
                          lengths=jnp.asarray([18, 3, 0], jnp.int32))
-  new, overflow = cache_lib.write(paged, k, v)
+  new, overflow = _write(paged, k, v)
   np.testing.assert_array_equal(overflow, [False, True, False])
   # A row whose table lost a page it holds tokens in stays flagged.
-  later, overflow = cache_lib.write(new, k, v, jnp.asarray([0, 0, 1]))
+  later, overflow = _write(new, k, v, jnp.asarray([0, 0, 1]))
   np.testing.assert_array_equal(overflow, [False, True, False])
   np.testing.assert_array_equal(later.lengths, [20, 5, 3])
 
@@ -131,6 +139,11 @@ def test_init_paged_cache_is_empty_and_unassigned():
     fa.init_paged_cache(7, 0, 2, 8, batch_size=3, max_pages_per_row=4)
 
 
+# Compiled, as the caches' writes (op by op, dozens of small programs).
+_merge_attention = jax.jit(fa.merge_attention)
+_merge_pair = jax.jit(merge.merge_pair)
+
+
 @jax.jit
 def _reference(q, k, v, **call):
   inputs = fa.canonicalize(q, k, v, **call)
@@ -141,9 +154,9 @@ def _reference(q, k, v, **call):
 
 def test_merge_attention_equals_one_call_over_the_union():
   rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  q = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)
+  k = rng.normal(size=(2, 12, 2, 8)).astype(np.float32)
+  v = rng.normal(size=(2, 12, 2, 8)).astype(np.float32)
   # Row 1 sees nothing of the middle set (kv_lengths 0 there).
   parts = [(0, 5, None), (5, 9, jnp.asarray([4, 0])), (9, 12, None)]
   outs, lses = [], []
@@ -151,22 +164,23 @@ def test_merge_attention_equals_one_call_over_the_union():
     result = _reference(q, k[:, lo:hi], v[:, lo:hi], kv_lengths=lengths)
     outs.append(result.out)
     lses.append(result.lse)
-  visible = jnp.ones((2, 12), bool).at[1, 5:9].set(False)
+  visible = np.ones((2, 12), bool)
+  visible[1, 5:9] = False
   want = _reference(q, k, v, mask=visible[:, None, None, :])
-  out, lse = fa.merge_attention(outs, lses)
+  out, lse = _merge_attention(outs, lses)
   np.testing.assert_allclose(out, want.out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(lse, want.lse, rtol=1e-5, atol=1e-5)
-  pair_out, pair_lse = merge.merge_pair(outs[0], lses[0], outs[2], lses[2])
-  part = _reference(q, jnp.concatenate([k[:, :5], k[:, 9:]], 1),
-                    jnp.concatenate([v[:, :5], v[:, 9:]], 1))
+  pair_out, pair_lse = _merge_pair(outs[0], lses[0], outs[2], lses[2])
+  part = _reference(q, np.concatenate([k[:, :5], k[:, 9:]], 1),
+                    np.concatenate([v[:, :5], v[:, 9:]], 1))
   np.testing.assert_allclose(pair_out, part.out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pair_lse, part.lse, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_attention_of_empty_sets_gives_zeros():
-  out = jnp.ones((1, 2, 3, 4))
+  out = jnp.zeros((1, 2, 3, 4))
   empty = jnp.full((1, 3, 2), -jnp.inf)
-  merged, lse = fa.merge_attention([out * 0, out * 0], [empty, empty])
+  merged, lse = _merge_attention([out, out], [empty, empty])
   np.testing.assert_array_equal(merged, 0.0)
   assert np.all(np.isneginf(lse))
 
