@@ -228,7 +228,7 @@ def test_reference_dropout_is_keep_times_inverse_rate():
   out, weights = _reference(q, k, v, call, setting, dropout)
   b, sq, h, _ = q.shape
   sk = k.shape[1]
-  keep = np.asarray(dropout.keep(
+  keep = np.asarray(jax.jit(dropout.keep)(  # One program (op by op: ~20).
       np.arange(b)[:, None, None, None], np.arange(h)[None, :, None, None],
       (np.arange(sq) + sk - sq)[None, None, :, None],
       np.arange(sk)[None, None, None, :]))
@@ -244,11 +244,13 @@ def test_dropout_keep_rate_and_key_dependence():
   coords = np.meshgrid(np.arange(4), np.arange(8), np.arange(64),
                        np.arange(64), indexing="ij")
   seed = dropout_lib.seed_from_key(jax.random.key(0))
+  # Compiled once per rate (op by op, each call was ~20 small programs).
+  dropout_keep = jax.jit(dropout_lib.dropout_keep, static_argnums=5)
   for rate in (0.1, 0.5, 0.9):
-    keep = np.asarray(dropout_lib.dropout_keep(seed, *coords, rate))
+    keep = np.asarray(dropout_keep(seed, *coords, rate))
     assert abs(keep.mean() - (1 - rate)) < 0.01, (rate, keep.mean())
-  keep = np.asarray(dropout_lib.dropout_keep(seed, *coords, 0.5))
-  other = np.asarray(dropout_lib.dropout_keep(
+  keep = np.asarray(dropout_keep(seed, *coords, 0.5))
+  other = np.asarray(dropout_keep(
       dropout_lib.seed_from_key(jax.random.key(1)), *coords, 0.5))
   assert abs((keep == other).mean() - 0.5) < 0.01  # Independent keys.
   # Neighbouring coordinates are uncorrelated along every axis.
@@ -264,15 +266,15 @@ def test_dropout_keep_is_a_pure_function_of_coordinates():
   dropout = dropout_lib.make_dropout(jax.random.key(5), 0.5)
   q_pos = np.arange(16)
   perm = helpers.rng_for("perm").permutation(16)
-  keep = lambda qp, kp: np.asarray(dropout.keep(
+  keep = lambda qp, kp: np.asarray(jax.jit(dropout.keep)(
       np.arange(2)[:, None, None, None], np.arange(3)[None, :, None, None],
       qp[None, None, :, None], kp[None, None, None, :]))
   np.testing.assert_array_equal(keep(q_pos[perm], q_pos[perm]),
                                 keep(q_pos, q_pos)[:, :, perm][..., perm])
   # Shard offsets address the same global coordinates.
   shifted = dropout.with_offsets(1, 2)
-  got = np.asarray(shifted.keep(0, 0, 3, 4))
-  want = np.asarray(dropout.keep(1, 2, 3, 4))
+  got = np.asarray(jax.jit(shifted.keep)(0, 0, 3, 4))
+  want = np.asarray(jax.jit(dropout.keep)(1, 2, 3, 4))
   assert got == want
 
 
