@@ -41,18 +41,18 @@ each mask feature, bias and its gradient, fully-masked rows, dtypes), with
 GQA and lengths not divisible by the blocks as the default background so
 those corners are exercised by every case; one `everything` case combines all
 features at once. Cases run in the most precise dtype the mechanism accepts
-(float32 for all but cuDNN) unless the case is about a dtype. Then a few
+(float32 for all but cuDNN) unless the case is about a dtype, jitted unless
+the case is about jit (one runs op by op, one under `hk.remat`). Then a few
 tests per mechanism: dropout (keep decisions bit-identical to the
 reference's, read off the output; with returned weights where supported),
 dropout off when deterministic, the KV cache (explicit `cache=`, Haiku-state
-`decode=True`, and rows at different lengths), jit vs no-jit, `hk.remat`,
-`hk.layer_stack`, and meshes of the 8 CPU devices: batch-, head-, both-,
-sequence- and head+sequence-sharded, the last and batch+head with dropout
-(bit-identical keep decisions), each checked to really run under
-`shard_map` (ring's and ulysses' sequence meshes are
-tests/test_context_parallel.py's). Mechanisms a test needs options for on this backend (Pallas
-kernels in interpret mode on CPU, tiles of 128 for the TPU kernels) get them
-from `EXTRA_OPTIONS`.
+`decode=True`, and rows at different lengths), `hk.layer_stack`, and meshes
+of the 8 CPU devices: batch-, head-, both-, sequence- and
+head+sequence-sharded, the last and batch+head with dropout (bit-identical
+keep decisions), each checked to really run under `shard_map` (ring's and
+ulysses' sequence meshes are tests/test_context_parallel.py's). Mechanisms a
+test needs options for on this backend (Pallas kernels in interpret mode on
+CPU, tiles of 128 for the TPU kernels) get them from `EXTRA_OPTIONS`.
 
 A mechanism that hands a call to another one (`DELEGATES`: `auto` on CPU,
 `ulysses` without a sequence axis) runs a few cases in full; on the others it
@@ -301,6 +301,8 @@ class Case:
     mask: the mask shape, like `bias`.
     empty_rows: query rows the mask makes fully invisible (needs `mask`).
     return_weights: also compare the weights.
+    use_jit: run the forward and backward jitted (else op by op).
+    remat: run the attention under `hk.remat`.
   """
 
   name: str
@@ -322,6 +324,8 @@ class Case:
   mask: str | None = None
   empty_rows: tuple[int, ...] = ()
   return_weights: bool = False
+  use_jit: bool = True
+  remat: bool = False
 
   def traits(self, dtype: str, backend: str = BACKEND) -> frozenset[str]:
     """Everything about the case a mechanism may refuse on `backend`."""
@@ -365,7 +369,8 @@ CASES = (
     Case("one_tile", q_len=8, kv_len=8, head_dim=8, causal=True),
     # Causal, bottom-right aligned.
     Case("causal_square", causal=True),
-    Case("causal_sq_shorter_than_sk", q_len=21, causal=True),
+    # (Not jitted: a mechanism also runs op by op.)
+    Case("causal_sq_shorter_than_sk", q_len=21, causal=True, use_jit=False),
     Case("causal_sq_longer_than_sk_has_empty_rows", kv_len=21, causal=True),
     Case("causal_single_query", q_len=1, causal=True),
     # Sliding windows.
@@ -386,7 +391,8 @@ CASES = (
          causal=True),
     # Bias (gradient checked too).
     Case("bias_full", bias="BHQK", q_len=32, kv_len=32),
-    Case("bias_broadcast", bias="1H1K", q_len=21, causal=True),
+    # (Under `hk.remat`: the forward recomputed in the backward.)
+    Case("bias_broadcast", bias="1H1K", q_len=21, causal=True, remat=True),
     # Boolean masks (broadcast shapes).
     Case("mask_rank2", mask="QK"),
     Case("mask_empty_rows", mask="BHQK", empty_rows=(0, 5, 36)),
@@ -636,9 +642,13 @@ if BACKEND == "cpu":
 # The cases a delegating mechanism still runs in full: `weights` and
 # `everything` (auto must pick the one mechanism returning weights; every
 # feature at once); the head sizes (Dv != D) and a causal window with
-# explicit positions for ulysses (which refuses both former).
-DELEGATE_CASES = {"auto": ("weights", "everything"),
-                  "ulysses": ("odd_head_dims", "positions_permuted")}
+# explicit positions for ulysses (which refuses both former); and the cases
+# about jit (op by op; under `hk.remat` for auto, ulysses refusing the
+# bias), where their own code runs outside jit or is recomputed.
+DELEGATE_CASES = {"auto": ("weights", "everything",
+                           "causal_sq_shorter_than_sk", "bias_broadcast"),
+                  "ulysses": ("odd_head_dims", "positions_permuted",
+                              "causal_sq_shorter_than_sk")}
 
 
 def _kernel_builds(built: str, mechanism: str, q, k, v, *, options, rng=None,
@@ -704,7 +714,9 @@ def test_matches_reference(mechanism, case):
                                                    case), bias=bias, **call)
     return
   result = helpers.run_mechanism(mechanism, q, k, v, ct, bias=bias,
-                                 call=call, options=options)
+                                 call=call, options=options,
+                                 use_jit=case.use_jit,
+                                 wrap=hk.remat if case.remat else None)
   ref = case_reference(case, dtype)
   what = f"{mechanism}/{case.name}/{dtype}"
   helpers.assert_matches_reference(result, ref.out, ref.grads, what)
@@ -905,44 +917,7 @@ def test_cache_decode_equals_full_causal_forward(mechanism):
   helpers.assert_close(out, expected, dtype, f"{mechanism}: ragged decode")
 
 
-# --- Transforms: jit, remat, layer_stack --------------------------------------
-
-
-def _named_case(name: str) -> Case:
-  return next(c for c in CASES if c.name == name)
-
-
-@pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_matches_reference_without_jit(mechanism):
-  case = _named_case("causal_sq_shorter_than_sk")
-  dtype = case.dtype or preferred_dtype(mechanism)
-  q, k, v, ct, bias, call = build_inputs(case, dtype)
-  options = case_options(mechanism, case)
-  if expect_refusal(mechanism, case.traits(dtype), lambda: (
-      helpers.call_mechanism(mechanism, q, k, v, options=options, **call))):
-    return
-  result = helpers.run_mechanism(mechanism, q, k, v, ct, call=call,
-                                 options=options, use_jit=False)
-  ref = case_reference(case, dtype)
-  helpers.assert_matches_reference(result, ref.out, ref.grads,
-                                   f"{mechanism}: no jit")
-
-
-@pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_matches_reference_under_remat(mechanism):
-  case = _named_case("bias_broadcast")
-  dtype = case.dtype or preferred_dtype(mechanism)
-  q, k, v, ct, bias, call = build_inputs(case, dtype)
-  options = case_options(mechanism, case)
-  if expect_refusal(mechanism, case.traits(dtype), lambda: (
-      helpers.call_mechanism(mechanism, q, k, v, options=options, bias=bias,
-                             **call))):
-    return
-  result = helpers.run_mechanism(mechanism, q, k, v, ct, bias=bias, call=call,
-                                 options=options, wrap=hk.remat)
-  ref = case_reference(case, dtype)
-  helpers.assert_matches_reference(result, ref.out, ref.grads,
-                                   f"{mechanism}: hk.remat")
+# --- Transforms: layer_stack (jit and remat are cases of CASES) ---------------
 
 
 LAYERS = 3
