@@ -55,9 +55,10 @@ test needs options for on this backend (Pallas kernels in interpret mode on
 CPU, tiles of 128 for the TPU kernels) get them from `EXTRA_OPTIONS`.
 
 A mechanism that hands a call to another one (`DELEGATES`: `auto` on CPU,
-`ulysses` without a sequence axis) runs a few cases in full; on the others it
-is checked to build its delegate's kernel from the delegate's config and
-request (the same program, which the delegate's case runs).
+`ulysses` without a sequence axis) runs a few cases in full; on the others,
+and in the dropout and layer-stack tests, it is checked to build its
+delegate's kernel from the delegate's config and request (the same program,
+which the delegate's own case or test runs).
 
 The battery on CPU takes about 30-40 s per mechanism that runs here.
 """
@@ -651,10 +652,9 @@ DELEGATE_CASES = {"auto": ("weights", "everything",
                               "causal_sq_shorter_than_sk")}
 
 
-def _kernel_builds(built: str, mechanism: str, q, k, v, *, options, rng=None,
-                   **call):
-  """The `(config, request)` pairs `built`'s kernel is built from by one
-  call of `mechanism` (traced only: building the kernel stops the call)."""
+def _kernel_builds(built: str, run):
+  """The `(config, request)` pairs `built`'s kernel is built from by
+  `run()` (traced only: building the kernel stops it)."""
   seen = []
 
   def spy(config, request):
@@ -665,8 +665,7 @@ def _kernel_builds(built: str, mechanism: str, q, k, v, *, options, rng=None,
     patch.setattr(registry.get_mechanism(built), "make_kernel",
                   staticmethod(spy))
     with pytest.raises(_KernelBuilt):
-      jax.eval_shape(lambda: helpers.call_mechanism(
-          mechanism, q, k, v, options=options, rng=rng, **call))
+      jax.eval_shape(run)
   return seen
 
 
@@ -675,11 +674,19 @@ def assert_delegates(mechanism: str, q, k, v, *, options, delegate_options,
   """`mechanism`'s call builds its delegate's kernel from the config and
   request a call of the delegate builds it from (the request's options up
   to those only `mechanism` has, e.g. auto's `autotune`)."""
+  assert_delegates_in(
+      mechanism, lambda name, options: helpers.call_mechanism(
+          name, q, k, v, options=options, rng=rng, **call),
+      options, delegate_options)
+
+
+def assert_delegates_in(mechanism: str, run, options, delegate_options):
+  """`run(mechanism, options)` (a call inside any transform) builds the
+  delegate's kernel as `run(delegate, delegate_options)` does, like
+  `assert_delegates`."""
   delegate = DELEGATES[mechanism]
-  got = _kernel_builds(delegate, mechanism, q, k, v, options=options,
-                       rng=rng, **call)
-  want = _kernel_builds(delegate, delegate, q, k, v,
-                        options=delegate_options, rng=rng, **call)
+  got = _kernel_builds(delegate, lambda: run(mechanism, options))
+  want = _kernel_builds(delegate, lambda: run(delegate, delegate_options))
   assert len(got) == len(want) == 1, (got, want)
   (got_config, got_request), (want_config, want_request) = got[0], want[0]
   assert got_config == want_config, (got_config, want_config)
@@ -779,6 +786,12 @@ def test_dropout_is_bit_identical_to_reference_with_same_key(mechanism):
   if expect_refusal(mechanism, traits, lambda: helpers.call_mechanism(
       mechanism, q, k, v, options=options, rng=rng, **call)):
     return
+  if mechanism in DELEGATES:  # The delegate's own run checks the program.
+    assert_delegates(mechanism, q, k, v, options=options, rng=rng,
+                     delegate_options=module_options(
+                         DELEGATES[mechanism], dropout_rate=DROPOUT_RATE,
+                         value_dim=value_dim), **call)
+    return
   result = helpers.run_mechanism(mechanism, q, k, v, ct, call=call,
                                  options=options, rng=rng)
   ref = helpers.reference_vjp(
@@ -808,6 +821,11 @@ def test_dropout_is_off_when_deterministic(mechanism):
   options = module_options(mechanism, dropout_rate=0.5)
   if expect_refusal(mechanism, case.traits(dtype), lambda: (
       helpers.call_mechanism(mechanism, q, k, v, options=options, **call))):
+    return
+  if mechanism in DELEGATES:  # The delegate's own run checks the program.
+    assert_delegates(mechanism, q, k, v, options=options,
+                     rng=jax.random.key(0), delegate_options=module_options(
+                         DELEGATES[mechanism], dropout_rate=0.5), **call)
     return
   result = helpers.run_mechanism(mechanism, q, k, v, call=call,
                                  options=options, rng=jax.random.key(0))
@@ -939,19 +957,29 @@ def test_layer_stack_matches_reference(mechanism):
   options = module_options(mechanism)
   split = lambda x: (x, x[:, :, ::heads // kv_heads], -x[:, :, 1::2])
 
-  def layer(x, scale):
-    q, k, v = split(x)
-    attn = fa.create_attention(mechanism, num_heads=heads, head_dim=dim,
-                               num_kv_heads=kv_heads, **options)
-    return x + attn(q * scale, k, v, causal=True).attention_outputs, None
+  def layer_of(name, options):
+    def layer(x, scale):
+      q, k, v = split(x)
+      attn = fa.create_attention(name, num_heads=heads, head_dim=dim,
+                                 num_kv_heads=kv_heads, **options)
+      return x + attn(q * scale, k, v, causal=True).attention_outputs, None
+    return layer
+
+  def stack_of(name, options):
+    return hk.without_apply_rng(hk.transform(
+        lambda x, scales: hk.layer_stack(LAYERS, with_per_layer_inputs=True)(
+            layer_of(name, options))(x, scales)[0]))
 
   traits = {"causal", "gqa", dtype, BACKEND}
   if expect_refusal(mechanism, traits, lambda: hk.transform(
-      lambda x: layer(x, 1.0)).apply({}, None, x)):
+      lambda x: layer_of(mechanism, options)(x, 1.0)).apply({}, None, x)):
     return
-  stacked = hk.without_apply_rng(hk.transform(
-      lambda x, scales: hk.layer_stack(LAYERS, with_per_layer_inputs=True)(
-          layer)(x, scales)[0]))
+  if mechanism in DELEGATES:  # The delegate's own run checks the program.
+    assert_delegates_in(
+        mechanism, lambda name, options: stack_of(name, options).apply(
+            {}, x, scales), options, module_options(DELEGATES[mechanism]))
+    return
+  stacked = stack_of(mechanism, options)
 
   @helpers.jit
   def got_fn(x, ct):
