@@ -408,7 +408,18 @@ def _static_with_dropout():
   return statics[0]
 
 
-@pytest.mark.parametrize("name", HOPPER_CASES)
+# The Hopper cases whose kernels differ. Kv lengths and explicit positions
+# reach the kernels as operands only: lowered at the same lengths, the three
+# kernels of `kv_lengths_with_zero` are byte for byte those of `plain`, and
+# those of `positions` those of `causal_fewer_queries` (measured), so they
+# would lower the same kernels again at other lengths. (On an sm_90 GPU
+# every case runs.)
+HOPPER_LOWERING_CASES = tuple(n for n in HOPPER_CASES
+                              if n not in ("kv_lengths_with_zero",
+                                           "positions"))
+
+
+@pytest.mark.parametrize("name", HOPPER_LOWERING_CASES)
 def test_hopper_kernels_lower_for_cuda(name):
   """Forward (Mosaic GPU) and backward (dK/dV through Mosaic GPU, dQ
   through Triton) of every case lower: the gradient's program holds the
