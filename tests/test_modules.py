@@ -5,6 +5,8 @@ parameters, same outputs and parameter gradients); the facade against the
 float32 reference. Tolerances: float32, 2e-5 relative to the largest value.
 """
 
+import functools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -212,6 +214,10 @@ def test_mha_rejects_a_mask_of_the_wrong_rank():
 # --- The facade ---------------------------------------------------------------
 
 
+# One compiled program per configuration (op by op, a call was dozens of
+# small ones).
+@functools.partial(jax.jit, static_argnames=("causal",),
+                   compiler_options=_FAST_COMPILE)
 def _reference(q, k, v, **kwargs):
   inputs = fa.canonicalize(q, k, v, **kwargs)
   return fa.reference_attention(inputs.query, inputs.key, inputs.value,
