@@ -41,8 +41,10 @@ def _rel(got, want):
 
 
 def _tokens(seed, length):
+  """Random q, k, v of `length` tokens, as numpy arrays (sliced and stacked
+  on the host: no program compiled per slice)."""
   rng = np.random.default_rng(seed)
-  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  arr = lambda *shape: rng.normal(size=shape).astype(np.float32)
   return arr(B, length, H, D), arr(B, length, HKV, D), arr(B, length, HKV, D)
 
 
@@ -106,7 +108,7 @@ def test_paged_and_dense_decoding_equal_the_full_forward(mechanism):
       assert np.all(np.isneginf(np.asarray(lse[b, :, n:])))
     for step in range(1):  # Row 0 decodes token 9; row 1 token 6.
       idx = lengths + step
-      pick = lambda x: jnp.stack([x[b, i:i + 1] for b, i in enumerate(idx)])
+      pick = lambda x: np.stack([x[b, i:i + 1] for b, i in enumerate(idx)])
       out, lse, cache = _step(mechanism, cache, pick(q), pick(k), pick(v))
       for b, i in enumerate(idx):
         # Row i of the full forward: token i after the tokens before it.
@@ -114,7 +116,7 @@ def test_paged_and_dense_decoding_equal_the_full_forward(mechanism):
         assert _rel(lse[b, :, 0], want.lse[b, :, i]) <= TOL
     results[kind] = cache
   np.testing.assert_array_equal(results["paged"].lengths, [10, 7])
-  keys, _ = cache_lib.dense_view(results["paged"])
+  keys, _ = jax.jit(cache_lib.dense_view)(results["paged"])
   for b, n in enumerate([10, 7]):
     np.testing.assert_array_equal(keys[b, :n], results["dense"].keys[b, :n])
   assert want.out.shape == (B, 11, H, D)
