@@ -58,7 +58,9 @@ A mechanism that hands a call to another one (`DELEGATES`: `auto` on CPU,
 `ulysses` without a sequence axis) runs a few cases in full; on the others,
 and in the dropout and layer-stack tests, it is checked to build its
 delegate's kernel from the delegate's config and request (the same program,
-which the delegate's own case or test runs).
+which the delegate's own case or test runs). The few cases a mechanism's own
+tests run with exactly their features at other sizes (`RUN_ELSEWHERE`:
+splash's over several tiles) are left to those.
 
 The battery on CPU takes about 30-40 s per mechanism that runs here.
 """
@@ -703,8 +705,45 @@ CASES_WITH_EMPTY_ROWS = ("kv_lengths_with_zero", "mask_empty_rows",
                          "segments_pair", "everything")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("mechanism", MECHANISMS)
+# Cases a mechanism's own tests run with exactly the case's features at other
+# sizes, against the same reference and tolerances: splash's in
+# tests/test_tpu_kernels.py over several tiles of 128 (the battery's lengths
+# fit in one, which the other cases run).
+RUN_ELSEWHERE = {
+    "splash": {
+        "causal_sq_longer_than_sk_has_empty_rows":
+            "causal_more_queries_empty_rows",
+        "window_pair": "window_pair_padded_keys",
+        "bfloat16": "bfloat16_causal",
+    },
+}
+
+
+def test_cases_run_elsewhere_are_run_there():
+  """Each case of `RUN_ELSEWHERE` names a case of the mechanism's own tests
+  with the same features (dtype, causal, window, grouping, Sq vs Sk)."""
+  import test_tpu_kernels  # pylint: disable=g-import-not-at-top
+  for name, other in RUN_ELSEWHERE["splash"].items():
+    case = next(c for c in CASES if c.name == name)
+    spec = dict(dict(sq=200, sk=200, h=4, hkv=2, dtype="float32"),
+                **test_tpu_kernels.SPLASH_CASES[other])
+    assert spec.get("call", {}).get("causal", False) == case.causal, name
+    assert (spec.get("window") is None) == (case.window is None), name
+    assert isinstance(spec.get("window"), tuple) == isinstance(
+        case.window, tuple), name
+    assert spec["dtype"] == (case.dtype or "float32"), name
+    assert spec["h"] // spec["hkv"] == case.num_heads // case.num_kv_heads
+    assert np.sign(spec["sq"] - spec["sk"]) == np.sign(
+        case.q_len - case.kv_len), name
+    features = ("segments", "kv_lengths", "softcap", "bias_shape", "d", "dv")
+    assert not any(f in spec for f in features), name
+    assert (case.softcap, case.segments, case.kv_lengths, case.positions,
+            case.bias, case.mask, case.value_dim) == (None,) * 7, name
+
+
+@pytest.mark.parametrize("mechanism,case", [
+    pytest.param(m, c, id=f"{m}-{c.name}") for m in MECHANISMS for c in CASES
+    if c.name not in RUN_ELSEWHERE.get(m, {})])
 def test_matches_reference(mechanism, case):
   dtype = case.dtype or preferred_dtype(mechanism)
   q, k, v, ct, bias, call = build_inputs(case, dtype)
