@@ -93,6 +93,8 @@ from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
+from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
+from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
 from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
@@ -227,16 +229,6 @@ class _DkdvRefs:
       load(n, slot)
 
     lax.fori_loop(STAGES, total, refill, None)
-
-
-def _zeros(cols: int | None):
-  """A zero `[64, cols]` float32 accumulator in the `wgmma` layout (cols
-  None: a `[64]` vector of its rows)."""
-  if cols is None:
-    return plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
-                             plgpu.Layout.WGMMA.reduce(1))
-  return plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32),
-                           plgpu.Layout.WGMMA)
 
 
 def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
@@ -378,7 +370,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
-      accumulators += (plgpu.ACC.init(_zeros(half)),)
+      accumulators += (plgpu.ACC.init(wgmma_zeros(half)),)
     dv, dk, *dq = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
     if with_dq:
@@ -410,12 +402,12 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dslots_tile,
                             r.dslots.at[batch, kv_head, r.tile, wg, g])
-    return (dk, dv, *(_zeros(None) for _ in dslots))
+    return (dk, dv, *(wgmma_zeros(None) for _ in dslots))
 
   dk, dv, *_ = r.loop(
       lo, flo, fhi, hi, step,
-      (_zeros(r.k.shape[-1]), _zeros(r.v.shape[-1]),
-       *(_zeros(None) for _ in slots)), end if slots else None)
+      (wgmma_zeros(r.k.shape[-1]), wgmma_zeros(r.v.shape[-1]),
+       *(wgmma_zeros(None) for _ in slots)), end if slots else None)
   if ordered:  # The last add landed: signal it.
     plgpu.wait_smem_to_gmem(0)
     pl.when(hi > lo)(lambda: plgpu.semaphore_signal(
@@ -432,121 +424,6 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   plgpu.copy_smem_to_gmem(k_tile, r.dk.at[batch, keys, kv_head])
   plgpu.copy_smem_to_gmem(v_tile, r.dv.at[batch, keys, kv_head])
   plgpu.wait_smem_to_gmem(0)  # With dQ or the slots, their last copies.
-
-
-def _dkdv_columns_consumer(r: _DkdvRefs, lo, flo, fhi, hi, *, w: int):
-  """Dp = 256: the program's 64 keys; warpgroup w owns dK's and dV's
-  columns `[128 w, 128 w + 128)`.
-
-  Per step, warpgroup 0 computes `s^T = k q^T` and
-  `p^T`, the other `dp^T = v do^T` and passes `dp^T - delta` to it through
-  shared memory; the first forms `ds^T` and passes it and `p^T` back. Each
-  then accumulates its columns: `dv_w += p^T do_w`, `dk_w += ds^T q_w`. The
-  exchange tiles are single: warpgroup 0 writes `p^T` and `ds^T` once the
-  other has read the last ones (`mm_done`).
-  """
-  scores = w == 0
-  (p_smem, x_smem, ds_smem, p_ready, x_ready, ds_ready, mm_done,
-   both_done) = r.exchange
-  batch, kv_head, bq, dtype = r.batch, r.kv_head, r.bq, r.dtype
-  half = r.k.shape[-1] // CONSUMERS
-  cols = pl.ds(w * half, half)
-  keys = pl.ds(r.tile * ROWS, ROWS)
-  k_tile, v_tile = r.k_smem.at[0], r.v_smem.at[0]
-  if scores:
-    plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
-                            r.k_ready.at[0])
-    plgpu.copy_gmem_to_smem(r.kvvec.at[batch, :, keys], r.kvvec_smem.at[0],
-                            r.kvvec_ready.at[0])
-    plgpu.barrier_wait(r.kvvec_ready.at[0])
-    kv_vec = r.key_vectors(r.kvvec_smem.at[0])
-    plgpu.barrier_wait(r.k_ready.at[0])
-  else:
-    plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
-                            r.v_ready.at[0])
-    if r.drop is not None:  # Both hash the keys' positions.
-      plgpu.barrier_wait(r.kvvec_ready.at[0])
-      kv_vec = r.key_vectors(r.kvvec_smem.at[0])
-    plgpu.barrier_wait(r.v_ready.at[0])
-    plgpu.barrier_arrive(mm_done)  # The exchange tiles start free.
-
-  def step(i, carry, masked: bool, base, g):
-    dk, dv = carry
-    slot = lax.rem(base + i - lo, STAGES)
-    plgpu.barrier_wait(r.q_ready.at[slot])
-    plgpu.barrier_wait(r.do_ready.at[slot])
-    plgpu.barrier_wait(r.stats_ready.at[slot])
-    q_cols, do_cols = r.q_smem.at[slot, :, cols], r.do_smem.at[slot, :, cols]
-
-    def transposed(operand, tile):  # operand @ tile^T, [64, bq].
-      def matmul(acc_ref):
-        plgpu.wgmma(acc_ref, operand, tile.transpose((1, 0)))
-        return acc_ref[...]
-      return pl.run_scoped(matmul, plgpu.ACC((ROWS, bq), jnp.float32))
-
-    if scores:
-      s = transposed(k_tile, r.q_smem.at[slot])
-      plgpu.barrier_wait(r.qvec_ready.at[slot])
-      p, dcap, _ = probabilities(r.st, s,
-                                 r.column(r.stats_smem.at[slot, 0]),
-                                 r.visible(slot, kv_vec) if masked else None)
-      # dV's: the kept p (its 1 / (1 - rate) once, at the end).
-      p_low = (p if r.drop is None else
-               jnp.where(r.keep(slot, g, kv_vec), p, 0.0)).astype(dtype)
-      plgpu.barrier_wait(mm_done)  # The other has read the last p, ds.
-      p_smem[...] = p_low
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(p_ready)
-
-      def accumulate(refs):
-        dv_ref, dk_ref = refs
-        plgpu.wgmma(dv_ref, p_low, do_cols)
-        plgpu.barrier_wait(x_ready)
-        x = load_vector(x_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
-        ds = score_grads(r.st, p, dcap, x, dtype)
-        ds_smem[...] = ds
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(ds_ready)
-        plgpu.wgmma(dk_ref, ds, q_cols)
-    else:
-      dp = transposed(v_tile, r.do_smem.at[slot])
-      if r.drop is not None:  # The gradient of the kept p, scaled.
-        plgpu.barrier_wait(r.qvec_ready.at[slot])
-        dp = jnp.where(r.keep(slot, g, kv_vec), dp * r.drop.scale, 0.0)
-      x_smem[...] = (dp - r.column(r.stats_smem.at[slot, 1])).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(x_ready)
-
-      def accumulate(refs):
-        dv_ref, dk_ref = refs
-        plgpu.barrier_wait(p_ready)
-        plgpu.wgmma(dv_ref, p_smem, do_cols)
-        plgpu.barrier_wait(ds_ready)
-        plgpu.wgmma(dk_ref, ds_smem, q_cols)
-
-    dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv),
-                                       plgpu.ACC.init(dk)))
-    if not scores:
-      plgpu.barrier_arrive(mm_done)
-    plgpu.barrier_arrive(r.free.at[slot])
-    return dk, dv
-
-  dk, dv = r.loop(lo, flo, fhi, hi, step, (_zeros(half), _zeros(half)))
-
-  def meet():
-    plgpu.barrier_arrive(both_done)
-    plgpu.barrier_wait(both_done)
-
-  if r.drop is not None:
-    dv = dv * r.drop.scale
-  meet()  # K and V are spent: both warpgroups write their columns there.
-  k_tile.at[:, cols][...] = dk.astype(dtype)
-  v_tile.at[:, cols][...] = dv.astype(dtype)
-  plgpu.commit_smem()
-  meet()
-  out, tile = (r.dk, k_tile) if scores else (r.dv, v_tile)
-  plgpu.copy_smem_to_gmem(tile, out.at[batch, keys, kv_head])
-  plgpu.wait_smem_to_gmem(0)
 
 
 def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, ordered: bool,
@@ -576,7 +453,7 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, ordered: bool,
     else:
       for w in range(CONSUMERS):
         pl.when(r.wg == w)(functools.partial(
-            _dkdv_columns_consumer, r, lo, flo, fhi, hi, w=w))
+            columns_consumer, r, lo, flo, fhi, hi, w=w))
 
   @pl.when(r.wg == CONSUMERS)
   def _producer():

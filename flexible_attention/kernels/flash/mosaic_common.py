@@ -217,6 +217,16 @@ def dq_ranks(bounds, q_tiles: int):
 
 
 
+def wgmma_zeros(cols: int | None):
+  """A zero `[64, cols]` float32 accumulator in the `wgmma` layout (cols
+  None: a `[64]` vector of its rows)."""
+  if cols is None:
+    return plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
+                             plgpu.Layout.WGMMA.reduce(1))
+  return plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32),
+                           plgpu.Layout.WGMMA)
+
+
 def wgmma_transforms(dtype, swizzle: int = SWIZZLE) -> tuple[Any, ...]:
   """The shared-memory transforms of a `wgmma` operand: rows of `swizzle`
   bytes in tiles of 8 (`[8, 64]` tiles of 16-bit values by default),
