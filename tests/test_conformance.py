@@ -377,14 +377,18 @@ CASES = (
     Case("causal_sq_longer_than_sk_has_empty_rows", kv_len=21, causal=True),
     Case("causal_single_query", q_len=1, causal=True),
     # Sliding windows.
-    Case("window_int", window=5),
     Case("window_int_causal", window=5, causal=True),
     Case("window_pair", window=(3, 7), q_len=21),
     # Soft cap.
     Case("softcap", softcap=2.5, causal=True),
     # Segment ids.
     Case("segments_pair", segments="pair", q_len=21),
-    Case("segments_single", segments="single"),
+    # The short forms, which `fa.canonicalize` turns into those of
+    # `window_pair` and `segments_pair` (mechanisms see only these;
+    # tests/test_reference.py pins the conversions): an int window without
+    # causal, (5, 5), and one array of segment ids for queries and keys.
+    # Together: one program, not two.
+    Case("window_int_segments_single", window=5, segments="single"),
     # kv lengths (a zero length: that row gives zeros).
     Case("kv_lengths_with_zero", batch=3, kv_lengths=(0, 17, 37), q_len=21),
     # Explicit positions.
