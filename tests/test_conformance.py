@@ -56,7 +56,7 @@ CPU, tiles of 128 for the TPU kernels) get them from `EXTRA_OPTIONS`.
 
 A mechanism that hands a call to another one (`DELEGATES`: `auto` on CPU,
 `ulysses` without a sequence axis) runs a few cases in full; on the others,
-and in the dropout and layer-stack tests, it is checked to build its
+and in the dropout, cache and layer-stack tests, it is checked to build its
 delegate's kernel from the delegate's config and request (the same program,
 which the delegate's own case or test runs). The few cases a mechanism's own
 tests run with exactly their features at other sizes (`RUN_ELSEWHERE`:
@@ -916,14 +916,31 @@ def test_cache_decode_equals_full_causal_forward(mechanism):
   options = module_options(mechanism)
   h, d, hkv = (CACHE_SHAPE["num_heads"], CACHE_SHAPE["head_dim"],
                CACHE_SHAPE["num_kv_heads"])
-  make = lambda **extra: fa.create_attention(
-      mechanism, num_heads=h, head_dim=d, num_kv_heads=hkv, **options,
-      **extra)
+  make_for = lambda name, options, **extra: fa.create_attention(
+      name, num_heads=h, head_dim=d, num_kv_heads=hkv, **options, **extra)
+  make = lambda **extra: make_for(mechanism, options, **extra)
   empty = fa.init_cache(CACHE_SHAPE["batch"], CACHE_LENGTH, hkv, d, dtype)
   if expect_refusal(mechanism, CACHE_TRAITS | {dtype, BACKEND},
                     lambda: helpers.call_mechanism(
                         mechanism, q, k, v, options=options, causal=True,
                         cache=empty)):
+    return
+  if mechanism in DELEGATES:  # The delegate's own run checks the programs.
+    delegate_options = module_options(DELEGATES[mechanism])
+    # A prefill with `cache=`, one step at ragged lengths, decode=True.
+    ragged = empty._replace(lengths=jnp.asarray([3, 9], jnp.int32))
+    for cache, n in ((empty, PREFILL), (ragged, 1)):
+      assert_delegates(mechanism, q[:, :n], k[:, :n], v[:, :n],
+                       options=options, delegate_options=delegate_options,
+                       causal=True, cache=cache)
+    assert_delegates_in(
+        mechanism, lambda name, options: hk.transform_with_state(
+            lambda q, k, v: make_for(name, options, decode=True,
+                                     max_cache_length=CACHE_LENGTH)(
+                                         q, k, v, causal=True)).init(
+                                             None, q[:, :PREFILL],
+                                             k[:, :PREFILL], v[:, :PREFILL]),
+        options, delegate_options)
     return
   expected = helpers.reference_vjp(q, k, v, None, call=dict(causal=True)).out
 
