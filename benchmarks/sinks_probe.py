@@ -4,16 +4,14 @@ and the cost of sinks in flash's forward+backward (issue 16).
 Prints one JSON line per check. Run on a GPU machine:
   python3 benchmarks/sinks_probe.py
 Off a GPU the kernels run in Pallas' interpreter (`--smoke`: small shapes, no
-timing), which checks the script, not the compiled kernels. Run on an
-H200 with the Triton forward (sinks cost 1.2% of forward+backward at S =
-4k, `benchmarks/BENCHMARKS.md`); the default launches now take the Mosaic
-forward for sinks too, whose cost is what the next run measures.
+timing), which checks the script, not the compiled kernels. The cost is
+timed round-robin against the sinkless program at S = 4k and 16k, causal
+and not (B = 1, H/Hkv = 32/8, D = 128, bf16), each program's output
+checked at the timed shape first.
 """
 
 import json
-import statistics
 import sys
-import time
 
 import haiku as hk
 import jax
@@ -21,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flexible_attention as fa
+from flexible_attention import timing as timing_lib
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
 from flexible_attention.kernels.flash import launch as launch_lib
@@ -125,30 +124,57 @@ def check_decode(dtype, b=2, length=256, new=2, h=8, hkv=2, d=128):
   print(json.dumps(row), flush=True)
 
 
-def timing(b=1, s=4096, h=32, hkv=8, d=128, runs=20):
+def timing(cells=((4096, True), (4096, False), (16384, True),
+                  (16384, False)), b=1, h=32, hkv=8, d=128, repeats=20):
+  """The cost of sinks in flash's forward+backward, per `(S, causal)` cell.
+
+  Both programs (sinks off, and on with random logits) are first checked at
+  the timed shape: with sinks the output must be the sinkless one times
+  `sigmoid(lse_off - sink)` per row (the semantics: the sink adds
+  `exp(sink)` to the denominator), each output against the other's
+  kernels; the sinkless kernels are checked against the float32 reference
+  by `check`. Then both are timed round-robin in shuffled order
+  (`timing.median_seconds_each`), so that drifts of the device fall on
+  both alike.
+  """
   rng = np.random.default_rng(2)
-  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
-  q, k, v = arr(b, s, h, d), arr(b, s, hkv, d), arr(b, s, hkv, d)
-  sinks = jnp.zeros((h,), jnp.float32)
-  rows = {}
-  for name, sk in (("off", None), ("on", sinks)):
-    def f(q, k, v, sk=sk):
+  for s, causal in cells:
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    q, k, v = arr(b, s, h, d), arr(b, s, hkv, d), arr(b, s, hkv, d)
+    sinks = jnp.asarray(rng.normal(size=(h,)), jnp.float32)
+
+    def forward(q, k, v, sk, causal=causal):
       attn = fa.create_attention("flash", num_heads=h, head_dim=d,
-                                 num_kv_heads=hkv)
-      return attn(q, k, v, causal=True, sinks=sk).attention_outputs
-    apply = hk.without_apply_rng(hk.transform(f)).apply
-    step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
-        apply({}, q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
-    jax.block_until_ready(step(q, k, v))
-    times = []
-    for _ in range(runs):
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(q, k, v))
-      times.append(time.perf_counter() - t0)
-    rows[name] = statistics.median(times) * 1e3
-  print(json.dumps({"check": "timing_fwd_bwd_ms", "B": b, "S": s, "H": h,
-                    "Hkv": hkv, "D": d, **rows,
-                    "overhead": rows["on"] / rows["off"] - 1}), flush=True)
+                                 num_kv_heads=hkv, interpret=INTERPRET)
+      r = attn(q, k, v, causal=causal, sinks=sk, return_lse=True)
+      return r.attention_outputs, r.lse
+
+    apply = hk.without_apply_rng(hk.transform(forward)).apply
+    fwd = jax.jit(lambda q, k, v, sk: apply({}, q, k, v, sk))
+    out_off, lse_off = fwd(q, k, v, None)
+    out_on, _ = fwd(q, k, v, sinks)
+    gate = jax.nn.sigmoid(lse_off - sinks[None, :, None])  # [B, H, S]
+    want = out_off.astype(jnp.float32) * jnp.swapaxes(gate, 1, 2)[..., None]
+    err = _rel(out_on.astype(jnp.float32), want)
+    row = {"check": "timing_fwd_bwd_ms", "B": b, "S": s, "H": h, "Hkv": hkv,
+           "D": d, "causal": causal, "out_on_vs_gated_off": err}
+    if not err < 2e-2:
+      print(json.dumps({**row, "error": "sinks output wrong; not timed"}),
+            flush=True)
+      continue
+
+    def step(q, k, v, sk):
+      return jax.grad(lambda q, k, v, sk: jnp.sum(apply(
+          {}, q, k, v, sk)[0].astype(jnp.float32)),
+                      argnums=(0, 1, 2))(q, k, v, sk)
+
+    step_off = jax.jit(lambda q, k, v: step(q, k, v, None))
+    step_on = jax.jit(step)
+    off, on = timing_lib.median_seconds_each(
+        [(step_off, (q, k, v)), (step_on, (q, k, v, sinks))],
+        repeats=repeats)
+    print(json.dumps({**row, "off": off * 1e3, "on": on * 1e3,
+                      "overhead": on / off - 1}), flush=True)
 
 
 if __name__ == "__main__":
@@ -156,6 +182,7 @@ if __name__ == "__main__":
   if "--smoke" in sys.argv:
     check(jnp.float32, s=32, h=4, d=16)
     check_decode(jnp.float32, length=32, h=4, d=16)
+    timing(cells=((64, True),), h=4, hkv=2, d=16, repeats=2)
   else:
     for dtype in (jnp.float32, jnp.bfloat16):
       check(dtype)
