@@ -392,10 +392,12 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 @pytest.mark.parametrize("sq,h,d,page_size,kw", [
     (1, 32, 128, 16, {}),
+    (1, 32, 128, 16, dict(block_tokens=128, stages=3)),
     (1, 32, 128, 128, dict(block_tokens=64)),
     (4, 32, 64, 128, dict(window=64, softcap=30.0)),
     (16, 16, 256, 8, dict(causal=False, window=(8, 8))),
-], ids=["decode_d128_ps16", "decode_d128_ps128_page_slices",
+], ids=["decode_d128_ps16", "decode_d128_ps16_three_slots_of_128",
+        "decode_d128_ps128_page_slices",
         "four_new_d64_ps128_window_softcap",
         "sixteen_new_d256_ps8_two_sided_window"])
 def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):

@@ -26,10 +26,10 @@ split with none writes out 0 and lse -inf. Page ids read from the table are
 clamped to `[0, P)` (as the Triton kernel does).
 
 Shared memory: the query tile `[ROWS, D]`, the slots `stages * block_tokens
-* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 64)]` (wider
-outputs go out 64 columns at a time): 164 KiB at D = Dv = 128 with 2 slots
-of 128 tokens (one program per multiprocessor), 100 KiB with 2 slots of 64
-(two).
+* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 32)]` (wider
+outputs go out 32 columns at a time): 152 KiB at D = Dv = 128 with 2 slots
+of 128 tokens (one program per multiprocessor), 216 KiB with 3, 88 KiB
+with 2 slots of 64 (two).
 
 Glossary of shapes:
 - B: batch size; Hkv: key/value heads; S: key splits.
@@ -61,7 +61,7 @@ from flexible_attention.kernels.flash.structure import LOG2E
 
 ROWS = 64  # Query rows of a program: one wgmma M tile.
 MIN_PAGE_SIZE = 8  # The swizzled slots' row tiling.
-OUT_COLUMNS = 64  # Columns of the float32 output tile in shared memory.
+OUT_COLUMNS = 32  # Columns of the float32 output tile in shared memory.
 MIN_BLOCK_TOKENS = 64  # `p v`'s contraction: one 128-byte swizzle of 16 bits.
 
 
@@ -215,14 +215,17 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
         plgpu.copy_gmem_to_smem(ref.at[page, pl.ds(offset, chunk), head],
                                 smem.at[pl.ds(c * chunk, chunk)], ready)
 
-    def load(j, slot):
-      ids = page_ids(j)
+    def load(j, slot, ids):
       copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
       copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
 
+    # The first slots' page ids (and the loop's first) are read together:
+    # their global-memory latencies overlap instead of adding up.
+    first = lo_block + stages
+    ids = [page_ids(lo_block + slot) for slot in range(stages + 1)]
     for slot in range(stages):
       pl.when(lo_block + slot < hi_block)(
-          functools.partial(load, lo_block + slot, slot))
+          functools.partial(load, lo_block + slot, slot, ids[slot]))
 
     def refill(j, ids):
       slot = lax.rem(j - lo_block, stages)
@@ -235,8 +238,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
       copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
       return next_ids
 
-    first = lo_block + stages
-    lax.fori_loop(first, hi_block, refill, page_ids(first))
+    lax.fori_loop(first, hi_block, refill, ids[stages])
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
