@@ -199,23 +199,27 @@ def test_fused_dq_reason_bounds_the_ordered_query_length():
       128, limit + 1, True)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_dq_ranks_count_the_earlier_key_tiles_that_add(seed):
-  """Entry [b, t, i]: how many key tiles t' < t hold query tile i in their
-  bounds [lo, hi), against a loop over random bounds (holes, empty
-  ranges, overlaps)."""
+@pytest.mark.parametrize("chains", [1, 3, 4])
+@pytest.mark.parametrize("seed", range(2))
+def test_dq_ranks_count_the_earlier_key_tiles_that_add(seed, chains):
+  """Entry [b, t, i]: how many key tiles t' < t of t's chain (t' = t mod
+  chains) hold query tile i in their bounds [lo, hi), against a loop over
+  random bounds (holes, empty ranges, overlaps; 7 key tiles, so chains of
+  unequal lengths)."""
   rng = np.random.default_rng(seed)
   batch, key_tiles, q_tiles = 2, 7, 150
   lo = rng.integers(0, q_tiles, (batch, key_tiles))
   hi = np.minimum(lo + rng.integers(0, 60, (batch, key_tiles)), q_tiles)
   bounds = np.stack([lo, lo, hi, hi], -1).astype(np.int32)
-  ranks = np.asarray(mosaic_common.dq_ranks(jnp.asarray(bounds), q_tiles))
+  ranks = np.asarray(mosaic_common.dq_ranks(jnp.asarray(bounds), q_tiles,
+                                            chains))
   assert ranks.shape == (batch, key_tiles, 2, mosaic_common.RANK_ROW)
   ranks = ranks.reshape(batch, key_tiles, -1)
   for b in range(batch):
     for t in range(key_tiles):
       for i in range(lo[b, t], hi[b, t]):
-        want = sum(lo[b, u] <= i < hi[b, u] for u in range(t))
+        want = sum(lo[b, u] <= i < hi[b, u]
+                   for u in range(t % chains, t, chains))
         assert ranks[b, t, i] == want, (b, t, i)
 
 
