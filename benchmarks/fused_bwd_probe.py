@@ -10,8 +10,8 @@ each):
   the program's 128 keys; padded D of 64 and 128; issue 17, part 1), the
   adds into each dQ tile in the key tiles' order (`deterministic_dq`);
   in `mosaic_common.DQ_CHAINS` chains (key tile t adds into copy t % C of
-  dQ, the copies summed in order after the kernel);
-- `fused_c1`, `fused_c2`: the same with 1 or 2 chains;
+  dQ, the copies summed in order after the kernel; one by default);
+- `fused_c2`, `fused_c4`: the same with 2 or 4 chains;
 - `fused_any`: the same with `deterministic_dq=False`: the adds land in
   the order the programs run;
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
@@ -72,11 +72,11 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
 
-VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_c1",
-            "fused_c2")
-# The fixed-order fused variants with fewer dQ chains than the default
-# (`mosaic_common.DQ_CHAINS`).
-CHAINS = {"fused_c1": 1, "fused_c2": 2}
+VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_c2",
+            "fused_c4")
+# The fixed-order fused variants with other dQ chain counts than the
+# default (`mosaic_common.DQ_CHAINS`).
+CHAINS = {"fused_c2": 2, "fused_c4": 4}
 
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny shapes, no GPU: lower the Mosaic programs for "
@@ -85,8 +85,8 @@ _VARIANTS = flags.DEFINE_list(
     "variants", list(VARIANTS),
     f"The backwards to check and time, of {VARIANTS} (split: Triton dQ; "
     "fused: dQ in the Mosaic dK/dV kernel, in a fixed order; mosaic_dq: "
-    "the Mosaic dQ kernel; fused_any: fused, in any order; fused_c1, "
-    "fused_c2: fused with its fixed-order adds in 1 or 2 chains).")
+    "the Mosaic dQ kernel; fused_any: fused, in any order; fused_c2, "
+    "fused_c4: fused with its fixed-order adds in 2 or 4 chains).")
 _CELLS = flags.DEFINE_list(
     "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
               for m in ("full", "causal")],

@@ -95,6 +95,19 @@ def test_fused_backward_in_any_order_lowers_for_cuda(name, head_dim):
   _check_fused_lowering(name, head_dim, deterministic=False)
 
 
+@pytest.mark.parametrize("name, head_dim", [
+    ("causal_window_softcap_gqa", 128), ("dropout_gqa", 64)])
+def test_fused_backward_in_chains_lowers_for_cuda(name, head_dim,
+                                                  monkeypatch):
+  """With its fixed-order adds in 4 chains (`mosaic_common.DQ_CHAINS`:
+  four float32 copies of dQ, summed after the kernel) too."""
+  monkeypatch.setattr(mosaic_bwd, "DQ_CHAINS", 4)
+  text = _check_fused_lowering(name, head_dim, deterministic=True)
+  padded = 256  # Sq = 200 in whole 64-row tiles.
+  heads = CASES[name][1]["h"]
+  assert f"tensor<4x2x{padded}x{heads}x{head_dim}xf32>" in text
+
+
 def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
   call, options = CASES[name]
   options = dict(options)
@@ -115,6 +128,7 @@ def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
 
   text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3)), q, kv, kv, sink)
   assert _kernels(text) == dict(mosaic=2, triton=0, aliased=1)
+  return text
 
 
 def test_split_backward_keeps_the_triton_dq():

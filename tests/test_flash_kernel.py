@@ -38,6 +38,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
+from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_fwd
 from flexible_attention.kernels import gpu
@@ -362,6 +363,17 @@ def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
                     interpret=False, **shape)
   for what, a, b in zip(("out", "dq", "dk", "dv"), got, again):
     assert np.array_equal(np.asarray(a), np.asarray(b)), what
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", ["long_gqa", "causal_fewer_queries",
+                                  "dropout_gqa", "window"])
+def test_hopper_fused_backward_in_chains_matches_reference_bitwise(
+    name, monkeypatch):
+  """The same with the fixed-order adds in 4 chains
+  (`mosaic_common.DQ_CHAINS`; `long_gqa`: 4 key tiles in each)."""
+  monkeypatch.setattr(mosaic_bwd, "DQ_CHAINS", 4)
+  test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name)
 
 
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])

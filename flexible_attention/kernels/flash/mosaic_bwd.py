@@ -26,10 +26,10 @@ memory with a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
 keep the key tiles' order within `DQ_CHAINS` chains (key tile t adds into
 copy `t % DQ_CHAINS` of dQ after the earlier key tiles of its chain,
 `dq_ranks`, a global semaphore per copy, tile and column half; the copies
-are summed in order afterwards): dQ is bitwise reproducible. Without it
-they land in the order the GPU runs the programs (float32 rounding of the
-same sum differs from run to run), which measured 1.5-1.7x faster on an
-H200 with one chain.
+are summed in order afterwards; one chain, the whole order, by default):
+dQ is bitwise reproducible. Without it they land in the order the GPU
+runs the programs (float32 rounding of the same sum differs from run to
+run), which measured 1.5-1.7x faster on an H200 than one chain.
 
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by

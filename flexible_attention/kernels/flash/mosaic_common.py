@@ -117,7 +117,9 @@ ORDERED_DQ_MAX_Q_LEN = 8192 // 4 * DKV_BLOCK_Q  # 131072 query rows.
 # to land and be signalled (a few microseconds); with one chain the next
 # key tile's program waits for that on every step, with C chains the add
 # it waits for is C key tiles back. Costs C - 1 more float32 copies of dQ.
-DQ_CHAINS = 4
+# One (what the GPU has checked) until more are checked and timed there
+# (benchmarks/flash_notes.md).
+DQ_CHAINS = 1
 SPLIT_HEAD_DIM = 256  # From here on the consumers split dK/dV's columns.
 
 
