@@ -472,7 +472,7 @@ def test_hopper_pipelined_forward_lowers_for_cuda(name, monkeypatch):
   dropout = shape.pop("dropout", None)
   q, k, v, _, _ = _inputs(name, **shape)
   d = structure.pad_dim(shape["d"])
-  assert mosaic_fwd.pipelined(None, d)
+  assert mosaic_fwd.pipelined(d)
   flash = _flash(call, dropout, 0.125, softcap, None,
                  _mosaic(d, call.get("causal", False)), False)
   program = helpers.lower_for_cuda(lambda q, k, v: flash(q, k, v, None),

@@ -87,10 +87,10 @@ from flexible_attention.kernels.flash.structure import Static
 PIPELINED_HEAD_DIMS: tuple[int, ...] = ()
 
 
-def pipelined(st: Static, head_dim: int) -> bool:
-  """Whether the forward of `st` at padded head size `head_dim` runs the
-  pipelined consumers (`PIPELINED_HEAD_DIMS`)."""
-  del st  # Every structure the forward serves runs either schedule.
+def pipelined(head_dim: int) -> bool:
+  """Whether the forward at padded head size `head_dim` runs the pipelined
+  consumers (`PIPELINED_HEAD_DIMS`; every structure it serves runs either
+  schedule)."""
   return head_dim in PIPELINED_HEAD_DIMS
 
 
@@ -319,7 +319,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
                                plgpu.Layout.WGMMA),
              plgpu.layout_cast(jnp.full((ROWS,), m0, jnp.float32), reduced),
              plgpu.layout_cast(jnp.full((ROWS,), l0, jnp.float32), reduced))
-    if not pipelined(st, k_smem.shape[-1]):
+    if not pipelined(k_smem.shape[-1]):
       acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
                                   wg)
     else:
