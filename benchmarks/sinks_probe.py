@@ -128,12 +128,11 @@ def timing(cells=((4096, True), (4096, False), (16384, True),
                   (16384, False)), b=1, h=32, hkv=8, d=128, repeats=20):
   """The cost of sinks in flash's forward+backward, per `(S, causal)` cell.
 
-  Both programs (sinks off, and on with random logits) are first checked at
-  the timed shape: with sinks the output must be the sinkless one times
-  `sigmoid(lse_off - sink)` per row (the semantics: the sink adds
-  `exp(sink)` to the denominator), each output against the other's
-  kernels; the sinkless kernels are checked against the float32 reference
-  by `check`. Then both are timed round-robin in shuffled order
+  The output with sinks (random logits) is first checked at the timed
+  shape against the sinkless output times `sigmoid(lse_off - sink)` per
+  row (the semantics: the sink adds `exp(sink)` to the denominator); the
+  kernels themselves are checked against the float32 reference by
+  `check`, at smaller shapes. Then both are timed round-robin in shuffled order
   (`timing.median_seconds_each`), so that drifts of the device fall on
   both alike.
   """
