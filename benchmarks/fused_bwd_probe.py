@@ -1,6 +1,6 @@
 """The Mosaic GPU backwards on Hopper: checked, then timed.
 
-The variants of the backward (forward and dK/dV through Mosaic GPU in
+Four variants of the backward (forward and dK/dV through Mosaic GPU in
 each):
 
 - `split`: dQ through the Triton kernel (the default launches);
@@ -9,9 +9,6 @@ each):
   reduce-adds a float32 `[64, Dp / 2]` tile: its half of dQ's columns over
   the program's 128 keys; padded D of 64 and 128; issue 17, part 1), the
   adds into each dQ tile in the key tiles' order (`deterministic_dq`);
-  in `mosaic_common.DQ_CHAINS` chains (key tile t adds into copy t % C of
-  dQ, the copies summed in order after the kernel; one by default);
-- `fused_c2`, `fused_c4`: the same with 2 or 4 chains;
 - `fused_any`: the same with `deterministic_dq=False`: the adds land in
   the order the programs run;
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
@@ -54,7 +51,6 @@ the fused one, the split one for mosaic_dq: the same functions).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import zlib
@@ -70,13 +66,8 @@ from flexible_attention import timing
 from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
-from flexible_attention.kernels.flash import mosaic_bwd
 
-VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_c2",
-            "fused_c4")
-# The fixed-order fused variants with other dQ chain counts than the
-# default (`mosaic_common.DQ_CHAINS`).
-CHAINS = {"fused_c2": 2, "fused_c4": 4}
+VARIANTS = ("split", "fused", "mosaic_dq", "fused_any")
 
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny shapes, no GPU: lower the Mosaic programs for "
@@ -85,8 +76,7 @@ _VARIANTS = flags.DEFINE_list(
     "variants", list(VARIANTS),
     f"The backwards to check and time, of {VARIANTS} (split: Triton dQ; "
     "fused: dQ in the Mosaic dK/dV kernel, in a fixed order; mosaic_dq: "
-    "the Mosaic dQ kernel; fused_any: fused, in any order; fused_c2, "
-    "fused_c4: fused with its fixed-order adds in 2 or 4 chains).")
+    "the Mosaic dQ kernel; fused_any: fused, in any order).")
 _CELLS = flags.DEFINE_list(
     "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
               for m in ("full", "causal")],
@@ -130,7 +120,7 @@ def _launch(d: int, causal: bool, *, variant: str,
   in it (`fused`), through Triton (`split`) or through the Mosaic dQ kernel
   (`mosaic_dq`). To `interpret`, the Triton kernels, `atomic_dq` (in any
   order) for either fused variant."""
-  fused = variant.startswith("fused")
+  fused = variant in ("fused", "fused_any")
   launch = dataclasses.replace(
       flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused,
       deterministic_dq=variant != "fused_any")
@@ -164,17 +154,6 @@ def _attention(spec: dict, launch, kv_lengths, interpret: bool = False):
         inputs, sm_scale=scale, softcap=softcap, launch=launch,
         interpret=interpret)[:2]
   return attend
-
-
-@contextlib.contextmanager
-def _dq_chains(variant: str):
-  """Traces under it build a `fused_c*` variant's chains."""
-  saved = mosaic_bwd.DQ_CHAINS
-  mosaic_bwd.DQ_CHAINS = CHAINS.get(variant, saved)
-  try:
-    yield
-  finally:
-    mosaic_bwd.DQ_CHAINS = saved
 
 
 def _check_inputs(name: str, spec: dict):
@@ -226,8 +205,7 @@ def _compare(name: str, spec: dict) -> dict:
     run = _vjp(_flash(spec, kv_lengths, variant=variant,
                       interpret=_SMOKE.value))
     try:
-      with _dq_chains(variant):
-        got, again = run(q, k, v, sinks, dout), run(q, k, v, sinks, dout)
+      got, again = run(q, k, v, sinks, dout), run(q, k, v, sinks, dout)
     except Exception as e:  # pylint: disable=broad-except
       row["errors"][variant] = dict(type=type(e).__name__,
                                     message=str(e)[:500])
@@ -263,7 +241,7 @@ def _lower(name: str, spec: dict) -> dict:
     def run(q, k, v, sinks, dout, attend=attend):
       return jax.vjp(lambda *a: attend(*a)[0], q, k, v, sinks)[1](dout)
 
-    with gpu.lowering_target(), _dq_chains(variant):
+    with gpu.lowering_target():
       text = jax.jit(run).trace(q, k, v, sinks, dout).lower(
           lowering_platforms=("cuda",)).as_text()
     kernels[variant] = text.count("stablehlo.custom_call @mosaic_gpu")
@@ -311,10 +289,8 @@ def _time(d: int, s: int, causal: bool) -> dict:
   compiled, errors = {}, {}
   for name, attend in _variants(d, causal).items():
     try:
-      with _dq_chains(name):
-        compiled[name] = jax.jit(
-            lambda q, k, v, dout, attend=attend: jax.vjp(
-                attend, q, k, v)[1](dout)).lower(q, k, v, dout).compile()
+      compiled[name] = jax.jit(lambda q, k, v, dout, attend=attend: jax.vjp(
+          attend, q, k, v)[1](dout)).lower(q, k, v, dout).compile()
     except Exception as e:  # pylint: disable=broad-except
       errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
   seconds = timing.median_seconds_each(

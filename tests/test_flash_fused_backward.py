@@ -95,19 +95,6 @@ def test_fused_backward_in_any_order_lowers_for_cuda(name, head_dim):
   _check_fused_lowering(name, head_dim, deterministic=False)
 
 
-@pytest.mark.parametrize("name, head_dim", [
-    ("causal_window_softcap_gqa", 128), ("dropout_gqa", 64)])
-def test_fused_backward_in_chains_lowers_for_cuda(name, head_dim,
-                                                  monkeypatch):
-  """With its fixed-order adds in 4 chains (`mosaic_common.DQ_CHAINS`:
-  four float32 copies of dQ, summed after the kernel) too."""
-  monkeypatch.setattr(mosaic_bwd, "DQ_CHAINS", 4)
-  text = _check_fused_lowering(name, head_dim, deterministic=True)
-  padded = 256  # Sq = 200 in whole 64-row tiles.
-  heads = CASES[name][1]["h"]
-  assert f"tensor<4x2x{padded}x{heads}x{head_dim}xf32>" in text
-
-
 def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
   call, options = CASES[name]
   options = dict(options)
@@ -128,7 +115,6 @@ def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
 
   text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3)), q, kv, kv, sink)
   assert _kernels(text) == dict(mosaic=2, triton=0, aliased=1)
-  return text
 
 
 def test_split_backward_keeps_the_triton_dq():
@@ -213,27 +199,23 @@ def test_fused_dq_reason_bounds_the_ordered_query_length():
       128, limit + 1, True)
 
 
-@pytest.mark.parametrize("chains", [1, 3, 4])
-@pytest.mark.parametrize("seed", range(2))
-def test_dq_ranks_count_the_earlier_key_tiles_that_add(seed, chains):
-  """Entry [b, t, i]: how many key tiles t' < t of t's chain (t' = t mod
-  chains) hold query tile i in their bounds [lo, hi), against a loop over
-  random bounds (holes, empty ranges, overlaps; 7 key tiles, so chains of
-  unequal lengths)."""
+@pytest.mark.parametrize("seed", range(3))
+def test_dq_ranks_count_the_earlier_key_tiles_that_add(seed):
+  """Entry [b, t, i]: how many key tiles t' < t hold query tile i in their
+  bounds [lo, hi), against a loop over random bounds (holes, empty
+  ranges, overlaps)."""
   rng = np.random.default_rng(seed)
   batch, key_tiles, q_tiles = 2, 7, 150
   lo = rng.integers(0, q_tiles, (batch, key_tiles))
   hi = np.minimum(lo + rng.integers(0, 60, (batch, key_tiles)), q_tiles)
   bounds = np.stack([lo, lo, hi, hi], -1).astype(np.int32)
-  ranks = np.asarray(mosaic_common.dq_ranks(jnp.asarray(bounds), q_tiles,
-                                            chains))
+  ranks = np.asarray(mosaic_common.dq_ranks(jnp.asarray(bounds), q_tiles))
   assert ranks.shape == (batch, key_tiles, 2, mosaic_common.RANK_ROW)
   ranks = ranks.reshape(batch, key_tiles, -1)
   for b in range(batch):
     for t in range(key_tiles):
       for i in range(lo[b, t], hi[b, t]):
-        want = sum(lo[b, u] <= i < hi[b, u]
-                   for u in range(t % chains, t, chains))
+        want = sum(lo[b, u] <= i < hi[b, u] for u in range(t))
         assert ranks[b, t, i] == want, (b, t, i)
 
 

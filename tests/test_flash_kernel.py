@@ -38,9 +38,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
-from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
-from flexible_attention.kernels.flash import mosaic_fwd
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
@@ -365,17 +363,6 @@ def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
     assert np.array_equal(np.asarray(a), np.asarray(b)), what
 
 
-@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("name", ["long_gqa", "causal_fewer_queries",
-                                  "dropout_gqa", "window"])
-def test_hopper_fused_backward_in_chains_matches_reference_bitwise(
-    name, monkeypatch):
-  """The same with the fixed-order adds in 4 chains
-  (`mosaic_common.DQ_CHAINS`; `long_gqa`: 4 key tiles in each)."""
-  monkeypatch.setattr(mosaic_bwd, "DQ_CHAINS", 4)
-  test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name)
-
-
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])
 def test_mosaic_tile_dropout_is_the_librarys_keep_mask(dim):
   """What a Mosaic kernel evaluates for a tile (`TileDropout`: the seed's
@@ -455,62 +442,6 @@ def test_hopper_kernels_lower_for_cuda(name):
   # Forward and dK/dV through Mosaic GPU, dQ through Triton: a Triton
   # forward would make two Triton kernels and one Mosaic.
   assert kinds == ["mosaic", "mosaic", "triton"], targets
-
-
-# The pipelined forward (`mosaic_fwd.PIPELINED_HEAD_DIMS`, off by default
-# until it is timed on a GPU) serves padded head sizes 64 and 128.
-PIPELINED_CASES = tuple(n for n in HOPPER_LOWERING_CASES if "256" not in n)
-
-
-@pytest.mark.parametrize("name", PIPELINED_CASES)
-def test_hopper_pipelined_forward_lowers_for_cuda(name, monkeypatch):
-  """The forward with the pipelined consumers (the next tile's scores
-  beside this one's `p v`) lowers for every case, as one Mosaic kernel."""
-  monkeypatch.setattr(mosaic_fwd, "PIPELINED_HEAD_DIMS", (64, 128))
-  call, shape = _hopper_case(name)
-  softcap = shape.pop("softcap", None)
-  dropout = shape.pop("dropout", None)
-  q, k, v, _, _ = _inputs(name, **shape)
-  d = structure.pad_dim(shape["d"])
-  assert mosaic_fwd.pipelined(d)
-  flash = _flash(call, dropout, 0.125, softcap, None,
-                 _mosaic(d, call.get("causal", False)), False)
-  program = helpers.lower_for_cuda(lambda q, k, v: flash(q, k, v, None),
-                                   q, k, v)
-  targets = re.findall(r"custom_call @\"?([\w$.]+)", program)
-  assert len(targets) == 1 and "mosaic_gpu" in targets[0], targets
-
-
-def test_pipelined_forward_is_a_kernel_of_its_own(monkeypatch):
-  """`PIPELINED_HEAD_DIMS` changes the forward's kernel (and only where it
-  names the head size). The serialized Mosaic GPU module differs from one
-  lowering to the next under jax 0.11 (its hash and names), so the kernels
-  are told apart by size: the pipelined one is about a third larger."""
-  call, shape = _hopper_case("plain")
-  q, k, v, _, _ = _inputs("plain", **shape)
-  flash = _flash(call, None, 0.125, None, None, _mosaic(128, False), False)
-
-  def lowered(head_dims):
-    monkeypatch.setattr(mosaic_fwd, "PIPELINED_HEAD_DIMS", head_dims)
-    return helpers.lower_for_cuda(lambda q, k, v: flash(q, k, v, None),
-                                  q, k, v)
-
-  plain = len(lowered(()))
-  assert abs(len(lowered((64,))) - plain) < 0.01 * plain
-  assert len(lowered((128,))) > 1.2 * plain
-
-
-@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("name", PIPELINED_CASES + ("kv_lengths_with_zero",
-                                                    "positions"))
-def test_hopper_pipelined_forward_matches_reference(name, monkeypatch):
-  """The pipelined forward against the float32 reference (outputs and the
-  gradients through the Mosaic dK/dV kernel)."""
-  monkeypatch.setattr(mosaic_fwd, "PIPELINED_HEAD_DIMS", (64, 128))
-  call, shape = _hopper_case(name)
-  launch = _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False))
-  _check(f"hopper pipelined {name}", call, launch=launch, interpret=False,
-         **shape)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")

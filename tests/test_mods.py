@@ -34,7 +34,6 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mod_lowering
-from flexible_attention.kernels.flash import mosaic_fwd
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.mechanisms import registry
 import helpers
@@ -954,22 +953,19 @@ def _backends(inputs, **options):
           launches[0].dq_backend)
 
 
-@pytest.mark.parametrize("long_keys,name,frozen,pipelined", [
+@pytest.mark.parametrize("long_keys,name,frozen", [
     # The Triton dQ beside the Mosaic kernels (the dK/dV kernel of every
     # mod lowers in the Mosaic dQ cases below as here).
-    (False, "alibi", False, False), (False, "every_primitive", False, False),
-    (True, "alibi", False, False), (True, "prefix_lm", False, False),
-    (True, "static", False, False), (True, "every_primitive", False, False),
+    (False, "alibi", False), (False, "every_primitive", False),
+    (True, "alibi", False), (True, "prefix_lm", False),
+    (True, "static", False), (True, "every_primitive", False),
     # Constant mod_args: the dK/dV kernel without the gradient sums.
-    (True, "alibi", True, False),
-    # The pipelined forward (`mosaic_fwd.PIPELINED_HEAD_DIMS`).
-    (False, "every_primitive", False, True)],
+    (True, "alibi", True)],
     ids=["short-alibi", "short-every_primitive", "mosaic_dq-alibi",
          "mosaic_dq-prefix_lm", "mosaic_dq-static",
-         "mosaic_dq-every_primitive", "mosaic_dq-alibi-frozen",
-         "short-every_primitive-pipelined"])
+         "mosaic_dq-every_primitive", "mosaic_dq-alibi-frozen"])
 def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys, frozen,
-                                                  pipelined, monkeypatch):
+                                                  monkeypatch):
   """On Hopper the policy gives these mods the Mosaic forward and dK/dV
   kernels, whose gradient program (of q, k, v and the float mod_args)
   lowers through Mosaic GPU: every primitive it allows among them, and the
@@ -984,8 +980,6 @@ def test_mosaic_forward_with_mods_lowers_for_cuda(name, long_keys, frozen,
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   if long_keys:
     monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
-  if pipelined:
-    monkeypatch.setattr(mosaic_fwd, "PIPELINED_HEAD_DIMS", (64,))
   q = jax.ShapeDtypeStruct((B, 200, H, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, 328, HKV, 64), jnp.bfloat16)
 

@@ -29,7 +29,6 @@ from flexible_attention.core import reference
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import decode as decode_lib
-from flexible_attention.kernels.flash import mosaic_fwd
 from flexible_attention.mechanisms import registry
 import helpers
 
@@ -419,14 +418,6 @@ def test_mosaic_forward_with_sinks_lowers_for_cuda():
 
   text = helpers.lower_for_cuda(jax.grad(loss, (0, 1, 2, 3)), *args)
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2, text[:2000]
-
-
-def test_pipelined_mosaic_forward_with_sinks_lowers_for_cuda(monkeypatch):
-  """So does the pipelined forward (`mosaic_fwd.PIPELINED_HEAD_DIMS`)."""
-  monkeypatch.setattr(mosaic_fwd, "PIPELINED_HEAD_DIMS", (64, 128))
-  flash, args = _mosaic_sinks_case()
-  text = helpers.lower_for_cuda(lambda *a: flash(*a)[0], *args)
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1, text[:2000]
 
 
 @pytest.mark.skipif(not 9.0 <= (gpu.compute_capability() or 0) < 10.0,

@@ -23,13 +23,10 @@ same columns of the K tiles, and adds them into a float32 dQ in global
 memory with a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
 "add")`): one `[bq, Dp]` add per step and program. With
 `LaunchConfig.deterministic_dq` (the default) the adds into each dQ tile
-keep the key tiles' order within `DQ_CHAINS` chains (key tile t adds into
-copy `t % DQ_CHAINS` of dQ after the earlier key tiles of its chain,
-`dq_ranks`, a global semaphore per copy, tile and column half; the copies
-are summed in order afterwards; one chain, the whole order, by default):
-dQ is bitwise reproducible. Without it they land in the order the GPU
-runs the programs (float32 rounding of the same sum differs from run to
-run), which measured 1.5-1.7x faster on an H200 than one chain.
+keep the key tiles' order (`dq_ranks`, a global semaphore per tile and
+column half): dQ is bitwise reproducible. Without it they land in the
+order the GPU runs the programs (float32 rounding of the same sum differs
+from run to run), which measured 1.5-1.7x faster on an H200.
 
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
@@ -78,7 +75,6 @@ from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
-from flexible_attention.kernels.flash.mosaic_common import DQ_CHAINS
 from flexible_attention.kernels.flash.mosaic_common import RANK_ROW
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
@@ -113,14 +109,13 @@ from flexible_attention.kernels.flash.structure import Static
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
   every warpgroup reads the same way. `dq` is the float32 dQ the fused
-  backward adds into (`with_dq`; `[C, B, Sqp, H, Dp]`, a copy per chain,
-  C = 1 without `ordered`), else None; `ranks` (`dq_ranks`) and `sems` (a
-  global int32 semaphore per dQ copy, tile and column half, zero at the
-  start) order its adds (`ordered`), else None; `mod_refs` the rows of the
-  mods' program values (`mod_rows`' operands; None where none), `dslots`
-  the output of their gradients (`grad_slots`), else None; `drop` the
-  program's `TileDropout` with dropout (set once the bounds row is read),
-  else None."""
+  backward adds into (`with_dq`), else None; `ranks` (`dq_ranks`) and
+  `sems` (a global int32 semaphore per dQ tile and column half, zero at
+  the start) order its adds (`ordered`), else None; `mod_refs` the rows
+  of the mods' program values (`mod_rows`' operands; None where none),
+  `dslots` the output of their gradients (`grad_slots`), else None; `drop`
+  the program's `TileDropout` with dropout (set once the bounds row is
+  read), else None."""
 
   def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
                ordered: bool, mod_rows):
@@ -285,17 +280,15 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     dq_tile = dq_smem.at[w]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
-    chain = lax.rem(r.tile, r.dq.shape[0])  # The dQ copy it adds into.
   if ordered:  # The program's ranks, [R, RANK_ROW] int32, read by both.
     ranks, ranks_ready = order
     if w == 0:
       plgpu.copy_gmem_to_smem(r.ranks.at[batch, r.tile], ranks, ranks_ready)
     q_tiles = r.q.shape[1] // bq
 
-    def semaphore(head, i):  # Of query tile i's dQ rows in this program's
-      # chain's copy, this column half.
-      return r.sems.at[(((chain * r.q.shape[0] + batch) * r.q.shape[2] + head)
-                        * q_tiles + i) * CONSUMERS + w]
+    def semaphore(head, i):  # Of query tile i's dQ rows, this column half.
+      return r.sems.at[((batch * r.q.shape[2] + head) * q_tiles + i)
+                       * CONSUMERS + w]
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
                           r.k_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
@@ -395,9 +388,9 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
         plgpu.semaphore_wait(semaphore(head, i),
                              ranks[lax.div(i, RANK_ROW), lax.rem(i, RANK_ROW)],
                              decrement=False, memory_scope="gpu")
-      plgpu.copy_smem_to_gmem(
-          dq_tile, r.dq.at[chain, batch, pl.ds(i * bq, bq), head, cols],
-          reduction_op="add")
+      plgpu.copy_smem_to_gmem(dq_tile,
+                              r.dq.at[batch, pl.ds(i * bq, bq), head, cols],
+                              reduction_op="add")
     return (dk, dv, *dslots)
 
   def end(g, carry):  # Head g's slot sums out; the next head's from zero.
@@ -522,18 +515,16 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  chains = DQ_CHAINS if ordered else 1
-  ranks = dq_ranks(bounds, q_len // bq, chains) if ordered else None
+  ranks = dq_ranks(bounds, q_len // bq) if ordered else None
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
   n_slots = len(grad_slots(st.mods))
 
   def body(*operands):
-    # Ordered: a semaphore per dQ copy (chain), tile and column half, in
-    # global memory shared by every program (zeroed at each launch).
+    # Ordered: a semaphore per dQ tile and column half, in global memory
+    # shared by every program (zeroed at each launch).
     sems = (pl.get_global(plgpu.SemaphoreType.REGULAR(
-        (chains * batch * heads * (q_len // bq) * CONSUMERS,))),
-            ) if ordered else ()
+        (batch * heads * (q_len // bq) * CONSUMERS,))),) if ordered else ()
     smem = (
         plgpu.SMEM((key_tiles, ROWS, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((key_tiles, ROWS, d), v.dtype, transforms=swizzled),
@@ -607,12 +598,9 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       for ref, x in zip(out_refs, outs):
         ref[...] = x
 
-    copies, *outs = pl.run_state(fused)(
-        (jnp.zeros((chains, *q.shape), jnp.float32),
+    dq, *outs = pl.run_state(fused)(
+        (jnp.zeros(q.shape, jnp.float32),
          *(jnp.zeros(x.shape, x.dtype) for x in out_type)))
-    dq = copies[0]
-    for c in range(1, chains):  # The chains' sums, in a fixed order.
-      dq = dq + copies[c]
   dk, dv, *dslots = outs
   # Summed over key tiles, consumers and rows: [B, H, n].
   dslots = (dslots[0].sum(axis=(2, 3, 6)).reshape(batch, heads, n_slots)

@@ -110,16 +110,6 @@ DKV_BLOCK_Q = 64  # Query rows per step: `[64, 64]` score tiles.
 # at most 256), at most 8 KiB of it beside the kernel's ~210 KiB at Dp = 128.
 RANK_ROW = 128
 ORDERED_DQ_MAX_Q_LEN = 8192 // 4 * DKV_BLOCK_Q  # 131072 query rows.
-# The fused backward's fixed-order adds into dQ run in this many chains:
-# key tile t adds into copy `t % DQ_CHAINS` of a float32 dQ, after the
-# earlier key tiles of its chain (`dq_ranks`), and the copies are summed in
-# order after the kernel. Each add waits for the one before it in its chain
-# to land and be signalled (a few microseconds); with one chain the next
-# key tile's program waits for that on every step, with C chains the add
-# it waits for is C key tiles back. Costs C - 1 more float32 copies of dQ.
-# One (what the GPU has checked) until more are checked and timed there
-# (benchmarks/flash_notes.md).
-DQ_CHAINS = 1
 SPLIT_HEAD_DIM = 256  # From here on the consumers split dK/dV's columns.
 
 
@@ -207,31 +197,22 @@ def fused_dq_reason(head_dim: int, q_len: int = 0,
   return None
 
 
-def dq_ranks(bounds, q_tiles: int, chains: int = 1):
+def dq_ranks(bounds, q_tiles: int):
   """The fixed order of the fused backward's dQ adds: int32 `[B, nk, R,
   RANK_ROW]` (R * RANK_ROW >= `q_tiles`), entry `[b, t, i]` the number of
-  key tiles before t in t's chain (those `t' < t` with `t' % chains == t %
-  chains`) whose program adds into query tile i's dQ rows (its bounds `[lo,
-  hi)` hold i). Key tile t adds into chain `t % chains`'s copy of dQ after
-  those.
+  key tiles before t whose program adds into query tile i's dQ rows (its
+  bounds `[lo, hi)` hold i). Key tile t adds there after those.
 
   Args:
     bounds: int32 `[B, nk, 4]`, the dK/dV kernel's `(lo, flo, fhi, hi)` per
       key tile (`structure.bounds_table`).
     q_tiles: Sqp // `DKV_BLOCK_Q`.
-    chains: the number of dQ copies (`DQ_CHAINS`), each summing the adds
-      of every `chains`-th key tile.
   """
-  batch, nk = bounds.shape[:2]
   lo, hi = bounds[..., 0:1], bounds[..., 3:4]
   tiles = jnp.arange(-(-q_tiles // RANK_ROW) * RANK_ROW)
   adds = ((tiles >= lo) & (tiles < hi)).astype(jnp.int32)  # [B, nk, R * 128]
-  groups = -(-nk // chains)  # Key tiles per chain, the last padded.
-  adds = jnp.pad(adds, ((0, 0), (0, groups * chains - nk), (0, 0)))
-  adds = adds.reshape(batch, groups, chains, -1)  # [b, t // C, t % C, i]
-  ranks = (jnp.cumsum(adds, axis=1) - adds).reshape(batch, groups * chains,
-                                                      -1)[:, :nk]
-  return ranks.reshape(batch, nk, -1, RANK_ROW)
+  ranks = jnp.cumsum(adds, axis=1) - adds
+  return ranks.reshape(*bounds.shape[:2], -1, RANK_ROW)
 
 
 def wgmma_zeros(cols: int | None):

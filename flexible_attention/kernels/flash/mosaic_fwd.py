@@ -12,12 +12,11 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
   in shared memory and ping-pong through a named barrier, so one
   warpgroup's softmax overlaps the other's matmuls;
 - the softmax keeps the raw logits and the row maxima in base 2, one FMA
-  per element (as the Triton kernel does);
-- optionally (`PIPELINED_HEAD_DIMS`, off until it is timed on a GPU) each
-  consumer also overlaps its own softmax with its `p v` matmul: a step
-  issues the next tile's `q k^T` and this tile's `p v` together and waits
-  for the scores only (`_pipelined_loop`, FlashAttention-3's
-  intra-warpgroup pipelining).
+  per element (as the Triton kernel does).
+
+(FlashAttention-3's intra-warpgroup pipelining, each consumer's softmax
+beside its own `p v`, was built and measured slower on an H200:
+benchmarks/flash_notes.md.)
 
 It serves the calls `mosaic_common.unsupported_reason` accepts (bf16 /
 fp16, padded head sizes 64, 128 or 256 with D == Dv, no bias or dense
@@ -80,122 +79,6 @@ from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 
-# Padded head sizes whose consumers run the pipelined schedule
-# (`_pipelined_loop`): none until it is checked and timed on a GPU
-# (benchmarks/flash_notes.md); at 256 the output accumulator alone takes
-# 128 of a consumer's 232 registers, too many beside a second score tile.
-PIPELINED_HEAD_DIMS: tuple[int, ...] = ()
-
-
-def pipelined(head_dim: int) -> bool:
-  """Whether the forward at padded head size `head_dim` runs the pipelined
-  consumers (`PIPELINED_HEAD_DIMS`; every structure it serves runs either
-  schedule)."""
-  return head_dim in PIPELINED_HEAD_DIMS
-
-
-def _pipelined_loop(softmax, rescale, carry, bounds, sched, wg, slot_refs,
-                    q_tile, shape):
-  """A consumer's key tiles with the next tile's scores overlapping this
-  one's softmax (FlashAttention-3's intra-warpgroup pipelining, beside the
-  consumers' ping-pong): each step issues `s = q k^T` of tile t + 1 and
-  `acc += p v` of tile t together, waits for the scores only
-  (`wgmma_accumulator_load(..., wait_n=1)`), runs tile t + 1's softmax
-  while `p v` is still on the tensor cores, then rescales the output. A
-  prologue takes tile `lo`'s scores and softmax (masked: cheaper than a
-  branch), an epilogue the last `p v`; a program with no tile skips all.
-
-  Both consumers meet at `sched` twice per step, as `query_tile_loop`'s
-  steps do (after issuing the matmuls, and at the step's end), consumer 1
-  one phase behind: one's matmuls run while the other computes.
-
-  Args:
-    softmax: `softmax(t, s, m, l, masked) -> (p, m, l, alpha)`, tile t's.
-    rescale: `rescale(acc, alpha) -> acc`.
-    carry: `(acc [ROWS, Dv] float32, m, l)`, the softmax's start.
-    bounds: `(lo, flo, fhi, hi)`: tiles `[lo, hi)`, unmasked in `[flo,
-      fhi)`.
-    sched: the consumers' barrier; wg: this consumer.
-    slot_refs: `slot -> (k_ready, k, v_ready, v, v_free)` of a stream slot.
-    q_tile: the consumer's query rows in shared memory.
-    shape: the score tile `(ROWS, bk)`.
-
-  Returns:
-    `(acc, m, l)` after tile `hi - 1`.
-  """
-  lo, flo, fhi, hi = bounds
-  sync = functools.partial(meet, sched)
-  slot_of = lambda t: lax.rem(t - lo, STAGES)
-
-  def scores(t, pv=None):
-    """Issues tile t's `q k^T` (and `pv = (p, acc_ref, v)` after it),
-    meets, returns the scores once they are done."""
-    k_ready, k_smem, *_ = slot_refs(slot_of(t))
-    plgpu.barrier_wait(k_ready)
-
-    def issue(s_ref):
-      plgpu.wgmma(s_ref, q_tile, k_smem.transpose((1, 0)))
-      if pv is not None:
-        p, acc_ref, v_smem = pv
-        plgpu.wgmma(acc_ref, p, v_smem)
-      sync()  # The other consumer's matmuls go next.
-      return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None
-                                          else 1)
-
-    return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
-
-  def step(t, carry, masked: bool):  # `masked`: tile t + 1's.
-    acc, p, m, l = carry
-    _, _, v_ready, v_smem, v_free = slot_refs(slot_of(t))
-    plgpu.barrier_wait(v_ready)
-
-    def body(refs):
-      acc_ref, p_ref, m_ref, l_ref = refs
-      s = scores(t + 1, (p_ref[...], acc_ref, v_smem))
-      p_ref[...], m_ref[...], l_new, alpha = softmax(
-          t + 1, s, m_ref[...], l_ref[...], masked)
-      l_ref[...] = l_new
-      acc = plgpu.wgmma_accumulator_load(acc_ref, wait_n=0)
-      plgpu.barrier_arrive(v_free)
-      acc_ref[...] = rescale(acc, alpha)
-
-    carry = pl.run_state(body)((plgpu.ACC.init(acc), p, m, l))
-    sync()  # Step done.
-    return carry
-
-  def tiles(carry):
-    acc, m, l = carry
-    p, m, l, alpha = softmax(lo, scores(lo), m, l, True)
-    acc = rescale(acc, alpha)
-    sync()
-    # Step t's softmax is tile t + 1's: masked outside [flo - 1, fhi - 1).
-    last = hi - 1
-    clamp = lambda x: jnp.clip(x, lo, last)
-    carry = (acc, p, m, l)
-    for start, stop, masked in ((lo, clamp(flo - 1), True),
-                                (clamp(flo - 1), clamp(fhi - 1), False),
-                                (clamp(fhi - 1), last, True)):
-      carry = lax.fori_loop(start, stop, functools.partial(step,
-                                                           masked=masked),
-                            carry)
-    acc, p, m, l = carry
-    _, _, v_ready, v_smem, v_free = slot_refs(slot_of(last))
-    plgpu.barrier_wait(v_ready)
-
-    def values(acc_ref):
-      plgpu.wgmma(acc_ref, p, v_smem)
-      sync()
-
-    acc = pl.run_state(values)(plgpu.ACC.init(acc))
-    plgpu.barrier_arrive(v_free)
-    sync()
-    return acc, m, l
-
-  pl.when(wg == 1)(sync)
-  carry = lax.cond(hi > lo, tiles, lambda carry: carry, carry)
-  pl.when(wg == 0)(sync)
-  return carry
-
 
 def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
             sink_ref, out_ref, lse_ref, scratch, mod_scratch, sink_scratch, *,
@@ -254,12 +137,17 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     unmasked_kv = unmasked_reads(st.mods, "kv_pos",
                                  drop is not None)
 
-    def softmax(t, s, m, l, masked: bool):
-      """Key tile t's raw scores `s` (`q k^T`, `[ROWS, bk]` float32, read
-      out of the tensor cores): `(p, m_new, l_new, alpha)`, `p` in q's dtype
-      (kept by dropout) against the new row maxima, `alpha` the factor that
-      takes the running output to them. Frees the tile's K slot."""
+    def step(t, carry, masked: bool):
+      acc, m, l = carry
       slot = lax.rem(t - lo, STAGES)
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def scores(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+        sync()  # The other consumer's matmuls go next.
+        return acc_ref[...]
+
+      s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
       plgpu.barrier_wait(kvvec_ready.at[slot])
       kv = key_vectors(st, kvvec_smem, slot,
                        kv_names if masked else unmasked_kv, (ROWS, bk))
@@ -283,26 +171,10 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
       alpha = jnp.exp2(m - m_safe)
       p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
       l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       if drop is not None:  # Its 1 / (1 - rate) scales the output at the end.
         p = jnp.where(drop.keep(drop_rows, kv["kv_pos"]), p, 0.0)
-      return p.astype(dtype), m_new, l, alpha
-
-    def rescale(acc, alpha):
-      return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-    def step(t, carry, masked: bool):
-      acc, m, l = carry
-      slot = lax.rem(t - lo, STAGES)
-      plgpu.barrier_wait(k_ready.at[slot])
-
-      def scores(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
-        sync()  # The other consumer's matmuls go next.
-        return acc_ref[...]
-
-      s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
-      p, m_new, l, alpha = softmax(t, s, m, l, masked)
-      acc = rescale(acc, alpha)
+      p = p.astype(dtype)
       plgpu.barrier_arrive(sched)  # Softmax done.
       plgpu.barrier_wait(v_ready.at[slot])
       plgpu.barrier_wait(sched)  # The tensor cores are ours again.
@@ -319,15 +191,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
                                plgpu.Layout.WGMMA),
              plgpu.layout_cast(jnp.full((ROWS,), m0, jnp.float32), reduced),
              plgpu.layout_cast(jnp.full((ROWS,), l0, jnp.float32), reduced))
-    if not pipelined(k_smem.shape[-1]):
-      acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
-                                  wg)
-    else:
-      acc, m, l = _pipelined_loop(
-          softmax, rescale, carry, (lo, flo, fhi, hi), sched, wg,
-          lambda slot: (k_ready.at[slot], k_smem.at[slot], v_ready.at[slot],
-                        v_smem.at[slot], v_free.at[slot]),
-          q_tile, (ROWS, bk))
+    acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
+                              wg)
 
     nonempty = l > 0.0
     inv_l = (1.0 if drop is None else drop.scale) / jnp.where(nonempty, l,
