@@ -88,6 +88,11 @@ def test_overflow_is_flagged_and_drops_the_tokens_that_do_not_fit():
   new, overflow = _write(dense, k, v)
   np.testing.assert_array_equal(overflow, [True, False, True])
   np.testing.assert_array_equal(new.keys[0, 3], k[0, 0])  # What fits.
+  # Row 1 wrote its two; the rest is dropped: nothing else changed.
+  for got, old, x in ((new.keys, dense.keys, k), (new.values, dense.values,
+                                                  v)):
+    np.testing.assert_array_equal(
+        got, old.at[0, 3].set(x[0, 0]).at[1, :2].set(x[1]))
   paged = _paged([0, 0, 0])
   table = paged.page_table.at[1, 1].set(cache_lib.UNASSIGNED)
   paged = paged._replace(page_table=table,
@@ -98,6 +103,19 @@ def test_overflow_is_flagged_and_drops_the_tokens_that_do_not_fit():
   later, overflow = _write(new, k, v, jnp.asarray([0, 0, 1]))
   np.testing.assert_array_equal(overflow, [False, True, False])
   np.testing.assert_array_equal(later.lengths, [20, 5, 3])
+
+
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+def test_writes_scatter_at_unique_indices(cache):
+  """The write's scatters tell XLA their indices are unique (a dropped
+  slot's index is its own, past the end), so a GPU writes them in
+  parallel; with padded slots and overflow both dropping tokens."""
+  cache = _dense([0, 0, 0], length=4) if cache == "dense" else _paged(
+      [0, 0, 0])
+  cache = cache._replace(lengths=jnp.asarray([3, 0, 4], jnp.int32))
+  k, v = _tokens(3, B, 2)
+  text = jax.jit(_write).lower(cache, k, v, jnp.asarray([2, 1, 2])).as_text()
+  assert text.count("unique_indices = true") == 2, text
 
 
 @pytest.mark.parametrize("bad, match", [

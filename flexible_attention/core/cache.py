@@ -7,7 +7,8 @@ them, once:
 - `write`: the call's new keys and values go to each row's slots
   `lengths[b] + i` for its `i < q_lengths[b]` new tokens (all `Sq` without
   `q_lengths`), by a scatter that XLA runs in place when the caller donates
-  the cache; padded query slots write nothing. A row whose new tokens do
+  the cache, at indices it is told are unique (so a GPU need not write them
+  with atomics); padded query slots write nothing. A row whose new tokens do
   not fit (past `L` in a dense cache; past its pages, or through a page-table
   slot that names no page, in a paged one) is *overflowing*: what does not
   fit is dropped and the module returns NaN for that row (a condition a
@@ -303,13 +304,20 @@ def write(cache, key, value, q_lengths=None):
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], positions.shape)
   new_lengths = cache.lengths.astype(jnp.int32) + jnp.sum(valid, 1,
                                                           dtype=jnp.int32)
+  # Every scatter index is unique (a dropped slot gets an index of its own
+  # past the end), so XLA may write the slots in parallel, without atomics.
+  dropped = jnp.arange(batch * new_len, dtype=jnp.int32).reshape(batch,
+                                                                 new_len)
+  scatter = lambda buffer, index, x: buffer.at[index].set(
+      x, mode="drop", unique_indices=True)
   if isinstance(cache, KVCache):
     fits = positions < cache.max_length
-    # Out of range (L) means dropped: padded slots and overflow write nothing.
-    slot = jnp.where(valid & fits, positions, cache.max_length)
-    keys = cache.keys.at[rows, slot].set(key, mode="drop")
-    values = cache.values.at[rows, slot].set(value, mode="drop")
-    new_cache = KVCache(keys, values, new_lengths)
+    # Out of range (from L on) means dropped: padded slots and overflow
+    # write nothing.
+    slot = jnp.where(valid & fits, positions, cache.max_length + dropped)
+    new_cache = KVCache(scatter(cache.keys, (rows, slot), key),
+                        scatter(cache.values, (rows, slot), value),
+                        new_lengths)
   else:
     pages, page_size = cache.key_pages.shape[:2]
     max_pages = cache.page_table.shape[1]
@@ -317,11 +325,12 @@ def write(cache, key, value, q_lengths=None):
     page = jnp.take_along_axis(cache.page_table.astype(jnp.int32),
                                jnp.minimum(index, max_pages - 1), axis=1)
     fits = (index < max_pages) & (page >= 0) & (page < pages)
-    page = jnp.where(valid & fits, page, pages)  # Dropped.
+    # Dropped: from page P on. Rows write no shared page (the contract).
+    page = jnp.where(valid & fits, page, pages + dropped)
     slot = positions % page_size
     new_cache = PagedKVCache(
-        cache.key_pages.at[page, slot].set(key, mode="drop"),
-        cache.value_pages.at[page, slot].set(value, mode="drop"),
+        scatter(cache.key_pages, (page, slot), key),
+        scatter(cache.value_pages, (page, slot), value),
         cache.page_table, new_lengths)
   overflow = jnp.any(valid & ~fits, axis=1)
   if isinstance(cache, PagedKVCache):
