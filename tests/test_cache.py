@@ -99,6 +99,14 @@ def test_overflow_is_flagged_and_drops_the_tokens_that_do_not_fit():
                          lengths=jnp.asarray([18, 3, 0], jnp.int32))
   new, overflow = _write(paged, k, v)
   np.testing.assert_array_equal(overflow, [False, True, False])
+  # Row 0's two land in its 5th page, row 1's first in its 1st (its second
+  # meets the unassigned slot: dropped), row 2's two in its 1st; nothing
+  # else of the pool changed.
+  for got, old, x in ((new.key_pages, paged.key_pages, k),
+                      (new.value_pages, paged.value_pages, v)):
+    np.testing.assert_array_equal(
+        got, old.at[table[0, 4], 2:].set(x[0]).at[table[1, 0], 3].set(
+            x[1, 0]).at[table[2, 0], :2].set(x[2]))
   # A row whose table lost a page it holds tokens in stays flagged.
   later, overflow = _write(new, k, v, jnp.asarray([0, 0, 1]))
   np.testing.assert_array_equal(overflow, [False, True, False])
