@@ -20,6 +20,7 @@ Compute (every launch of the first run profiled, the check's after them),
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import tempfile
 
@@ -33,11 +34,17 @@ import numpy as np
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
+from flexible_attention.kernels import flash as flash_kernel
 
 _MECHANISM = flags.DEFINE_string("mechanism", "flash", "What to run.")
 _SHAPE = flags.DEFINE_string("shape", "1,16384,16,128", "B,S,H,D.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention.")
 _RUNS = flags.DEFINE_integer("runs", 1, "Runs after the check.")
+_BACKWARD = flags.DEFINE_enum(
+    "backward", None, ["fused", "fused_any"],
+    "flash only, on an sm_90 GPU: the Mosaic kernels with dQ inside the "
+    "dK/dV program, its adds in the key tiles' order (fused) or in any "
+    "order (fused_any); unset, flash's default launches.")
 _LIST = flags.DEFINE_bool("list", False, "Print the kernels' names.")
 _SUMMARIZE = flags.DEFINE_string("summarize", None,
                                  "An Nsight Compute text report to summarise.")
@@ -53,10 +60,24 @@ _METRICS = {"Duration": "us", "Compute (SM) Throughput": "sm%",
 TOL = 2e-2  # bf16 against the float32 reference.
 
 
+def _launch(d: int) -> dict:
+  """`create_attention`'s `launch=` for `--backward`, else nothing."""
+  if _BACKWARD.value is None:
+    return {}
+  if _MECHANISM.value != "flash":
+    raise SystemExit("--backward is flash's")
+  launch = dataclasses.replace(
+      flash_kernel.default_launch_config(d, _CAUSAL.value, 9.0),
+      fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
+      dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic",
+      atomic_dq=True, deterministic_dq=_BACKWARD.value == "fused")
+  return dict(launch=launch)
+
+
 def _program(b, s, h, d):
   def forward(q, k, v):
     attention = fa.create_attention(_MECHANISM.value, num_heads=h,
-                                    head_dim=d)
+                                    head_dim=d, **_launch(d))
     return attention(q, k, v, causal=_CAUSAL.value).attention_outputs
 
   apply = hk.without_apply_rng(hk.transform(forward)).apply
