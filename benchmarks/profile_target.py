@@ -8,7 +8,9 @@ the program `--runs` times. `--list` runs it once under `jax.profiler`
 instead and prints the device kernels' names, longest first. Under Nsight
 Compute (every launch of the first run profiled, the check's after them),
 `--summarize` reads its report back as one line per kernel of at least
-`--min_us`:
+`--min_us`. `--backward=fused|fused_any` runs the fused backward instead of
+the default one (dQ inside the Mosaic dK/dV kernel, in a fixed or any
+order):
 
   python3 benchmarks/profile_target.py --list
   ncu --section SpeedOfLight --section ComputeWorkloadAnalysis \\
