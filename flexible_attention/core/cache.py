@@ -23,7 +23,9 @@ them, once:
 The paged cache's contract (the caller allocates pages): row `b`'s token `t`
 lives in page `page_table[b, t // page_size]`, slot `t % page_size`; rows may
 share pages (a common prefix) as long as no call writes into a shared page
-(writes go to slots at and after each row's length); a page-table slot no
+(writes go to slots at and after each row's length; two rows writing one
+slot break the contract, and which value lands there is undefined, as the
+write's scatter is told its indices are unique); a page-table slot no
 token reaches is never read; `UNASSIGNED` (-1) marks a slot with no page
 (`init_paged_cache` fills the table with it).
 
