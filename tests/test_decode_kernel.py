@@ -30,7 +30,10 @@ from flexible_attention.core import merge
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
+from flexible_attention.core import masks
 from flexible_attention.kernels.flash import decode
+from flexible_attention.kernels.flash import mosaic_decode
+from flexible_attention.kernels.flash import structure
 import helpers
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
@@ -408,6 +411,47 @@ def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
                          backend="mosaic", **kw)
   text = helpers.lower_for_cuda(fn, *args)
   assert "mosaic_gpu" in text and "triton" not in text
+
+
+@pytest.mark.parametrize("causal,window", [
+    (True, None), (False, None), (True, (5, 0)), (False, (3, 2))],
+    ids=["causal", "full", "causal_window", "two_sided_window"])
+def test_token_range_holds_every_visible_key(causal, window):
+  """`DecodeStatic.token_range`, which both kernels skip by: the Mosaic
+  kernel's scalar form (`mosaic_decode._token_range`, run here on arrays
+  standing for its refs) equals the `[B]` form the Triton kernel's
+  operands get; every key a real query of the row sees lies in `[lo, hi)`,
+  inside `[0, length]`; a row with no real query has an empty range."""
+  rng = helpers.rng_for(f"token_range_{causal}_{window}")
+  batch, q_len, capacity = 64, 4, 48
+  lengths = jnp.asarray(rng.integers(-2, 60, batch), jnp.int32)
+  positions = jnp.asarray(rng.integers(-8, 70, (batch, q_len)), jnp.int32)
+  valid = jnp.asarray(rng.random((batch, q_len)) < 0.6)
+  assert not valid.all(axis=1).all() and not valid.any(axis=1).all()
+  st = structure.DecodeStatic(sm_scale=1.0, softcap=None, precision=None,
+                              causal=causal, window=window, launch=None,
+                              interpret=True)
+  big = 2**30
+  pos = jnp.clip(positions, -big, big)
+  length, lo, hi = (np.broadcast_to(np.asarray(x), (batch,)) for x in
+                    st.token_range(
+                        lengths, jnp.min(jnp.where(valid, pos, big), axis=1),
+                        jnp.max(jnp.where(valid, pos, -big), axis=1),
+                        jnp.any(valid, axis=1), capacity))
+  tokens = jnp.arange(capacity)
+  for b in range(batch):
+    scalars = mosaic_decode._token_range(st, lengths, positions,
+                                         valid.astype(jnp.int32), b, capacity)
+    assert [int(x) for x in scalars] == [length[b], lo[b], hi[b]]
+    seen = masks.pair_visible(
+        valid[b][:, None] & (tokens < lengths[b])[None, :],
+        positions[b][:, None], tokens[None, :], causal=causal, window=window)
+    seen = np.flatnonzero(np.asarray(seen.any(axis=0)))
+    assert 0 <= length[b] <= capacity
+    assert np.all((seen >= lo[b]) & (seen < hi[b])), b
+    assert lo[b] >= 0 and hi[b] <= length[b]
+    if not valid[b].any():
+      assert hi[b] <= lo[b]
 
 
 def test_mosaic_launch_rule():

@@ -134,38 +134,32 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
   qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
                                            q_len * groups, head_dim)
-  pad = rows - q_len * groups
   qr = jnp.pad(qr, ((0, 0), (0, 0),
                     (0, (rows_out if mosaic else rows) - q_len * groups),
                     (0, 0)))
-  row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1), ((0, 0), (0, pad)),
-                    mode="edge")
-  row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),
-                   ((0, 0), (0, pad)))
-  # Per row: its key count and the token range its queries may see.
   capacity = table_len * page_size
-  big = 2**30
-  length = jnp.clip(kv_lengths, 0, capacity)
-  pos = jnp.clip(q_positions, -big, big)
-  pmax = jnp.max(jnp.where(q_valid, pos, -big), axis=1)
-  pmin = jnp.min(jnp.where(q_valid, pos, big), axis=1)
-  lo, hi = jnp.zeros_like(length), length
-  if st.causal:
-    hi = jnp.minimum(hi, pmax + 1)
-  if st.window is not None:
-    left, right = (min(w, capacity) for w in st.window)
-    lo = jnp.maximum(lo, pmin - left)
-    hi = jnp.minimum(hi, pmax + right + 1)
-  hi = jnp.where(jnp.any(q_valid, axis=1), hi, 0)
-  info = jnp.stack([length, lo, hi, jnp.zeros_like(length)],
-                   axis=1).astype(jnp.int32)
-  # The splits' whole blocks of table entries (no copy when M fills them).
-  if mosaic:
+  if mosaic:  # The kernel works out each row's range and vectors itself.
     table = structure.pad_axis(
         page_table, 1, launch.num_splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
-        st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
+        st, qr, key_pages, value_pages, table, kv_lengths, q_positions,
+        q_valid, groups, capacity)
   else:
+    pad = rows - q_len * groups
+    row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1),
+                      ((0, 0), (0, pad)), mode="edge")
+    row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),
+                     ((0, 0), (0, pad)))
+    # Per row: its key count and the token range its queries may see.
+    big = 2**30
+    pos = jnp.clip(q_positions, -big, big)
+    length, lo, hi = st.token_range(
+        kv_lengths, jnp.min(jnp.where(q_valid, pos, big), axis=1),
+        jnp.max(jnp.where(q_valid, pos, -big), axis=1),
+        jnp.any(q_valid, axis=1), capacity)
+    info = jnp.stack([jnp.broadcast_to(x, (batch,)) for x in
+                      (length, lo, hi, 0)], axis=1).astype(jnp.int32)
+    # The splits' whole blocks of table entries (no copy when M fills them).
     table = structure.pad_axis(
         page_table, 1, launch.num_splits * launch.pages_per_split)
     outs, lses = triton_decode.decode_partials(

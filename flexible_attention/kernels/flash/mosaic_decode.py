@@ -1,8 +1,12 @@
 """flash's decode kernel for Hopper, in Mosaic GPU: split-KV over pages.
 
-Computes what the Triton decode kernel (`triton_decode`) computes, from the
-same operands (`decode.py` lays them out), for sm_90: each split's float32
-partial output and natural log-sum-exp, which `decode.py` merges.
+Computes what the Triton decode kernel (`triton_decode`) computes, for
+sm_90: each split's float32 partial output and natural log-sum-exp, which
+`decode.py` merges. It takes the queries as `decode.py` lays them out and
+the call's kv lengths and query positions as they come: each program works
+out its row's token range (`DecodeStatic.token_range`) and its rows'
+positions from scalars, so no XLA step prepares them (the Triton kernel
+gets them as operands).
 
 Grid `(S, B, Hkv)`; program `(s, b, h)` holds all the query rows of KV head
 `h` in row `b` (`G * Sq` of them, padded to one `wgmma` tile of `ROWS`), so
@@ -32,11 +36,13 @@ of 128 tokens (one program per multiprocessor), 216 KiB with 3, 88 KiB
 with 2 slots of 64 (two).
 
 Glossary of shapes:
-- B: batch size; Hkv: key/value heads; S: key splits.
+- B: batch size; Sq: new queries per row; Hkv: key/value heads; G: query
+  heads per KV head; S: key splits.
 - R: `ROWS` (64), query rows of a program (`G * Sq` real ones);
   Ro: rows read into the tile and written back (`G * Sq` rounded up to
   8).
-- P: pages in the pool; ps: tokens per page; M: page-table entries per row.
+- P: pages in the pool; ps: tokens per page; M: page-table entries per row
+  (M0 before the table is padded to whole splits).
 - D, Dv: query/key and value head sizes (D == Dv in 64, 128, 256).
 - bk: `block_tokens`, tokens per slot.
 """
@@ -53,7 +59,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
-from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import operands_reason
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.structure import LN2
@@ -104,10 +109,47 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
   return None
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
-            lse_ref, scratch, *, st, rows_out: int):
-  (q_smem, k_smem, v_smem, vec_smem, out_smem, lse_smem, q_ready, k_ready,
-   v_ready, k_free, v_free) = scratch
+def _row_queries(pos_ref, valid_ref, batch):
+  """Row `batch`'s query positions and whether each is a real query, as
+  scalars (`Sq` of each, read from global memory)."""
+  q_len = pos_ref.shape[1]
+  return ([pos_ref[batch, i] for i in range(q_len)],
+          [valid_ref[batch, i] != 0 for i in range(q_len)])
+
+
+def _token_range(st, length_ref, pos_ref, valid_ref, batch, capacity: int):
+  """Row `batch`'s `(length, lo, hi)` (`DecodeStatic.token_range`) from its
+  key count and its queries' positions, in scalars."""
+  big = 2**30
+  positions, valid = _row_queries(pos_ref, valid_ref, batch)
+  positions = [jnp.clip(x, -big, big) for x in positions]
+  first = functools.reduce(jnp.minimum, [
+      jnp.where(ok, x, big) for x, ok in zip(positions, valid)])
+  last = functools.reduce(jnp.maximum, [
+      jnp.where(ok, x, -big) for x, ok in zip(positions, valid)])
+  return st.token_range(length_ref[batch], first, last,
+                        functools.reduce(jnp.logical_or, valid), capacity)
+
+
+def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
+  """The `[R]` vectors of the tile's rows (row r: query head `r % G` of
+  new token `r // G`): each row's query position, and 1 for a real query
+  row (0 past the `G * Sq` rows and for padded query slots)."""
+  positions, valid = _row_queries(pos_ref, valid_ref, batch)
+  token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,
+                                         layout=layout), groups)
+  row_pos = row_ok = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.int32), layout)
+  for i, (x, ok) in enumerate(zip(positions, valid)):
+    row_pos = jnp.where(token == i, x, row_pos)
+    row_ok = jnp.where(token == i, ok.astype(jnp.int32), row_ok)
+  return row_pos, row_ok
+
+
+def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
+            out_ref, lse_ref, scratch, *, st, rows_out: int, groups: int,
+            capacity: int):
+  (q_smem, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready, v_ready,
+   k_free, v_free) = scratch
   launch = st.launch
   bk, stages = launch.block_tokens, launch.stages
   num_pages, page_size = k_ref.shape[0], k_ref.shape[1]
@@ -115,7 +157,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
   split, batch = lax.axis_index("s"), lax.axis_index("b")
   head, wg = lax.axis_index("h"), lax.axis_index("wg")
 
-  length, lo_token, hi_token = (info_ref[batch, i] for i in range(3))
+  length, lo_token, hi_token = _token_range(st, length_ref, pos_ref,
+                                            valid_ref, batch, capacity)
   start = split * launch.tokens_per_split
   lo = jnp.maximum(start, lo_token)
   hi = jnp.minimum(start + launch.tokens_per_split, hi_token)
@@ -128,18 +171,15 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
     # whatever the tile holds there stays in rows that are not written back
     # (`wgmma` rows are independent, and they are masked before the softmax).
     plgpu.copy_gmem_to_smem(q_ref.at[batch, head],
-                            q_smem.at[pl.ds(0, rows_out)], q_ready.at[0])
-    plgpu.copy_gmem_to_smem(rowvec_ref.at[batch], vec_smem, q_ready.at[1])
-    plgpu.barrier_wait(q_ready.at[1])
+                            q_smem.at[pl.ds(0, rows_out)], q_ready)
     rows = plgpu.Layout.WGMMA.reduce(1)
     shape = (ROWS, bk)
-    row_pos = lax.broadcast_in_dim(load_vector(vec_smem.at[0], rows),
-                                   shape, [0])
-    row_ok = lax.broadcast_in_dim(load_vector(vec_smem.at[1], rows),
-                                  shape, [0]) != 0
+    row_pos, row_ok = (lax.broadcast_in_dim(x, shape, [0]) for x in
+                       _row_vectors(pos_ref, valid_ref, batch, groups, rows))
+    row_ok = row_ok != 0
     slots = plgpu.broadcasted_iota(jnp.int32, shape, 1,
                                    layout=plgpu.Layout.WGMMA)
-    plgpu.barrier_wait(q_ready.at[0])
+    plgpu.barrier_wait(q_ready)
     scale = st.sm_scale * LOG2E if st.softcap is None else LOG2E
 
     def step(j, carry):
@@ -241,8 +281,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
     lax.fori_loop(first, hi_block, refill, ids[stages])
 
 
-def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
-                    row_ok, info):
+def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
+                    q_positions, q_valid, groups: int, capacity: int):
   """The decode kernel: each split's partial attention.
 
   Args:
@@ -253,11 +293,13 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
       padding); the rows of the kernel's R-row tile past Ro are never real.
     key_pages: `[P, ps, Hkv, D]`.
     value_pages: `[P, ps, Hkv, Dv]`.
-    page_table: `[B, M]` int32, `M * ps >= S * tokens_per_split`.
-    row_pos: `[B, R]` int32, each row's query position.
-    row_ok: `[B, R]` int32, 1 for a real query row.
-    info: `[B, 4]` int32: the row's key count, and the token range
-      `[lo, hi)` outside which none of its queries sees a key.
+    page_table: `[B, M]` int32, the row's `M0` entries padded to `M = S *
+      tokens_per_split / ps` (no key past `M0 * ps` is visible).
+    kv_lengths: `[B]` ints, each row's key count (clipped to `M0 * ps`).
+    q_positions: `[B, Sq]` ints, each query's token index.
+    q_valid: `[B, Sq]` bool, False for padded query slots.
+    groups: G, query heads per KV head.
+    capacity: `M0 * ps`, the tokens the unpadded table holds.
 
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
@@ -266,28 +308,28 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
   """
   launch = st.launch
   batch, num_kv_heads, rows_out, head_dim = q.shape
+  q_len = q_positions.shape[1]
   value_dim = value_pages.shape[-1]
   bk, stages, splits = (launch.block_tokens, launch.stages,
                         launch.num_splits)
-  if rows_out % 8 or not 0 < rows_out <= ROWS:
+  if rows_out % 8 or not groups * q_len <= rows_out <= ROWS:
     raise ValueError(f"mosaic decode: q must hold Ro rows, a multiple of 8 "
-                     f"in (0, {ROWS}], got {rows_out}.")
+                     f"in [G * Sq, {ROWS}] = [{groups * q_len}, {ROWS}], got "
+                     f"{rows_out}.")
   chunk = min(key_pages.shape[1], bk)
   swizzled = wgmma_transforms(q.dtype)
-  rowvec = jnp.stack([row_pos, row_ok], axis=1).astype(jnp.int32)  # [B,2,R]
 
-  def body(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
-           lse_ref):
+  def body(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
+           out_ref, lse_ref):
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, value_dim), q.dtype, transforms=swizzled),
-        plgpu.SMEM((2, ROWS), jnp.int32),
         plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), jnp.float32),
         plgpu.SMEM((ROWS,), jnp.float32),
     )
     barriers = (
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(),
         plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
         plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -295,8 +337,9 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
     )
 
     def scoped(smem_refs, barrier_refs):
-      _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
-              lse_ref, (*smem_refs, *barrier_refs), st=st, rows_out=rows_out)
+      _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
+              out_ref, lse_ref, (*smem_refs, *barrier_refs), st=st,
+              rows_out=rows_out, groups=groups, capacity=capacity)
 
     pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
 
@@ -309,4 +352,5 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
       body, out_type=out_type, grid=(splits, batch, num_kv_heads),
       grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, key_pages, value_pages, page_table, rowvec, info)
+  )(q, key_pages, value_pages, page_table, kv_lengths.astype(jnp.int32),
+    q_positions.astype(jnp.int32), q_valid.astype(jnp.int32))
