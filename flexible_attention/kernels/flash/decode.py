@@ -138,12 +138,15 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
                     (0, (rows_out if mosaic else rows) - q_len * groups),
                     (0, 0)))
   capacity = table_len * page_size
+  splits = launch.num_splits
+  # One Mosaic split without sinks: the kernel writes the attention itself.
+  final = mosaic and splits == 1 and sinks is None
   if mosaic:  # The kernel works out each row's range and vectors itself.
     table = structure.pad_axis(
-        page_table, 1, launch.num_splits * launch.tokens_per_split // page_size)
+        page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
         st, qr, key_pages, value_pages, table, kv_lengths, q_positions,
-        q_valid, groups, capacity)
+        q_valid, groups, capacity, final=final)
   else:
     pad = rows - q_len * groups
     row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1),
@@ -164,16 +167,17 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
         page_table, 1, launch.num_splits * launch.pages_per_split)
     outs, lses = triton_decode.decode_partials(
         st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
-  # [S, B, Hkv, R, Dv] -> [S, B, Sq, H, Dv]; [S, B, Hkv, R] -> [S, B, H, Sq].
-  splits = launch.num_splits
-  outs = outs[:, :, :, :q_len * groups].reshape(
-      splits, batch, num_kv_heads, q_len, groups, value_dim)
-  outs = outs.transpose(0, 1, 3, 2, 4, 5).reshape(splits, batch, q_len,
-                                                  num_heads, value_dim)
+  # [S, B, Hkv, R] -> [S, B, H, Sq]; [S, B, Hkv, R, Dv] -> [S, B, Sq, H, Dv].
   lses = lses[:, :, :, :q_len * groups].reshape(splits, batch, num_kv_heads,
                                                 q_len, groups)
   lses = lses.transpose(0, 1, 2, 4, 3).reshape(splits, batch, num_heads,
                                                q_len)
+  if final:
+    return outs, lses[0]
+  outs = outs[:, :, :, :q_len * groups].reshape(
+      splits, batch, num_kv_heads, q_len, groups, value_dim)
+  outs = outs.transpose(0, 1, 3, 2, 4, 5).reshape(splits, batch, q_len,
+                                                  num_heads, value_dim)
   if splits == 1:
     out, lse = outs[0], lses[0]
   else:

@@ -147,7 +147,7 @@ def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
             out_ref, lse_ref, scratch, *, st, rows_out: int, groups: int,
-            capacity: int):
+            capacity: int, final: bool):
   (q_smem, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready, v_ready,
    k_free, v_free) = scratch
   launch = st.launch
@@ -225,13 +225,19 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
     lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
     cols = out_smem.shape[1]  # The output goes out `cols` columns at a time.
     for c in range(acc.shape[1] // cols):
+      columns = pl.ds(c * cols, cols)
       if c:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      out_smem[...] = acc[:, c * cols:(c + 1) * cols]
+      out_smem[...] = acc[:, c * cols:(c + 1) * cols].astype(out_smem.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(
-          out_smem.at[pl.ds(0, rows_out)],
-          out_ref.at[split, batch, head, :, pl.ds(c * cols, cols)])
+      if final:  # New token t's G rows to its query heads.
+        for t in range(pos_ref.shape[1]):
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[pl.ds(t * groups, groups)],
+              out_ref.at[batch, t, pl.ds(head * groups, groups), columns])
+      else:
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, rows_out)],
+                                out_ref.at[split, batch, head, :, columns])
     plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, rows_out)],
                             lse_ref.at[split, batch, head])
     plgpu.wait_smem_to_gmem(0)
@@ -282,7 +288,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
-                    q_positions, q_valid, groups: int, capacity: int):
+                    q_positions, q_valid, groups: int, capacity: int,
+                    final: bool = False):
   """The decode kernel: each split's partial attention.
 
   Args:
@@ -300,11 +307,14 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     q_valid: `[B, Sq]` bool, False for padded query slots.
     groups: G, query heads per KV head.
     capacity: `M0 * ps`, the tokens the unpadded table holds.
+    final: with one split (S = 1), write the attention itself: `out` in
+      q's dtype and the call's layout, no step after the kernel but the
+      lse's (for a call with sinks, which merge after the kernel: False).
 
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
     split's normalised output and natural log-sum-exp (0 and -inf where the
-    split holds no visible key).
+    split holds no visible key); `final`: out `[B, Sq, H, Dv]` in q's dtype.
   """
   launch = st.launch
   batch, num_kv_heads, rows_out, head_dim = q.shape
@@ -316,8 +326,11 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     raise ValueError(f"mosaic decode: q must hold Ro rows, a multiple of 8 "
                      f"in [G * Sq, {ROWS}] = [{groups * q_len}, {ROWS}], got "
                      f"{rows_out}.")
+  if final and splits != 1:
+    raise ValueError(f"mosaic decode: final takes one split, got {splits}.")
   chunk = min(key_pages.shape[1], bk)
   swizzled = wgmma_transforms(q.dtype)
+  out_dtype = q.dtype if final else jnp.float32
 
   def body(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
            out_ref, lse_ref):
@@ -325,7 +338,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, value_dim), q.dtype, transforms=swizzled),
-        plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), jnp.float32),
+        plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), out_dtype),
         plgpu.SMEM((ROWS,), jnp.float32),
     )
     barriers = (
@@ -339,13 +352,15 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     def scoped(smem_refs, barrier_refs):
       _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
               out_ref, lse_ref, (*smem_refs, *barrier_refs), st=st,
-              rows_out=rows_out, groups=groups, capacity=capacity)
+              rows_out=rows_out, groups=groups, capacity=capacity,
+              final=final)
 
     pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
 
+  out_shape = ((batch, q_len, num_kv_heads * groups, value_dim) if final else
+               (splits, batch, num_kv_heads, rows_out, value_dim))
   out_type = (
-      jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out, value_dim),
-                           jnp.float32),
+      jax.ShapeDtypeStruct(out_shape, out_dtype),
       jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out),
                            jnp.float32))
   return plgpu.kernel(
