@@ -396,14 +396,14 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 @pytest.mark.parametrize("sq,h,d,page_size,kw", [
     (1, 32, 128, 16, {}),
-    (1, 32, 128, 16, dict(block_tokens=128, stages=3)),
+    (1, 32, 64, 16, dict(block_tokens=128, stages=3)),
     (1, 32, 128, 128, dict(block_tokens=64)),
     (4, 32, 64, 128, dict(window=64, softcap=30.0)),
     (16, 16, 256, 8, dict(causal=False, window=(8, 8))),
     (1, 32, 128, 16, dict(num_splits=1)),
     (4, 32, 64, 128, dict(num_splits=1, window=64)),
     (16, 16, 256, 8, dict(num_splits=1, causal=False)),
-], ids=["decode_d128_ps16", "decode_d128_ps16_three_slots_of_128",
+], ids=["decode_d128_ps16", "decode_d64_ps16_three_slots_of_128",
         "decode_d128_ps128_page_slices",
         "four_new_d64_ps128_window_softcap",
         "sixteen_new_d256_ps8_two_sided_window",
@@ -411,15 +411,18 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
         "one_split_sixteen_new_d256"])
 def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   """bf16, Hkv = 4 (up to 64 query rows per KV head): the Mosaic GPU
-  kernel (and no Triton kernel) lowers; with one split it writes the
-  attention in the call's layout and dtype itself (nothing but the lse's
-  relayout after it)."""
+  kernel (and no Triton kernel) lowers, reading the queries as they come;
+  with one split it writes the attention in the call's layout and dtype
+  itself (nothing but the lse's relayout after it)."""
   args = _abstract_decode_args(sq, h, 4, d, page_size)
   kw = {"num_splits": 3, **kw}
   fn = functools.partial(decode.decode_attention, sm_scale=0.1,
                          backend="mosaic", **kw)
   text = helpers.lower_for_cuda(fn, *args)
   assert "mosaic_gpu" in text and "triton" not in text
+  # The kernel reads the queries as they come (it gathers each KV head's
+  # rows itself).
+  assert re.search(r"stablehlo.custom_call @mosaic_gpu\w*\(%arg0,", text)
   if kw["num_splits"] == 1:  # The output is the kernel's, untouched.
     out_only = helpers.lower_for_cuda(lambda *a: fn(*a)[0], *args)
     name = re.search(r"(%\w+):2 = stablehlo.custom_call @mosaic_gpu",

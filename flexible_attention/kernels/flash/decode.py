@@ -125,30 +125,24 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   groups = num_heads // num_kv_heads
   table_len = page_table.shape[1]
   mosaic = isinstance(launch, MosaicDecodeLaunch)
-  rows = (mosaic_decode.ROWS if mosaic else
-          max(MIN_BLOCK, next_power_of_2(groups * q_len)))
-  # The Mosaic kernel reads (and writes back) only Ro = G * Sq rounded up to
-  # 8 rows of its R-row tile: the rest of the tile is never a real row.
-  rows_out = -(-groups * q_len // 8) * 8
-  # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R (Mosaic: Ro) rows.
-  qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
-                                           q_len * groups, head_dim)
-  qr = jnp.pad(qr, ((0, 0), (0, 0),
-                    (0, (rows_out if mosaic else rows) - q_len * groups),
-                    (0, 0)))
   capacity = table_len * page_size
   splits = launch.num_splits
   # One Mosaic split without sinks: the kernel writes the attention itself.
   final = mosaic and splits == 1 and sinks is None
-  if mosaic:  # The kernel works out each row's range and vectors itself.
+  if mosaic:  # The kernel gathers its rows' queries and works out each
+    # row's range and vectors itself.
     table = structure.pad_axis(
         page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
-        st, qr, key_pages, value_pages, table, kv_lengths, q_positions,
-        q_valid, groups, capacity, final=final)
+        st, q, key_pages, value_pages, table, kv_lengths, q_positions,
+        q_valid, capacity, final=final)
   else:
-    pad = rows - q_len * groups
+    # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
+    pad = max(MIN_BLOCK, next_power_of_2(groups * q_len)) - q_len * groups
+    qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
+                                             q_len * groups, head_dim)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, pad), (0, 0)))
     row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1),
                       ((0, 0), (0, pad)), mode="edge")
     row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),

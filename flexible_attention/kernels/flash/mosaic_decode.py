@@ -29,11 +29,13 @@ after its last query under causal, outside the window) are never loaded; a
 split with none writes out 0 and lse -inf. Page ids read from the table are
 clamped to `[0, P)` (as the Triton kernel does).
 
-Shared memory: the query tile `[ROWS, D]`, the slots `stages * block_tokens
-* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 32)]` (wider
-outputs go out 32 columns at a time): 152 KiB at D = Dv = 128 with 2 slots
-of 128 tokens (one program per multiprocessor), 216 KiB with 3, 88 KiB
-with 2 slots of 64 (two).
+Shared memory: the query tile `[ROWS, D]` and its unswizzled stage (the
+new tokens' query heads are copied there from `[B, Sq, H, D]`, then
+through registers into the tile), the slots `stages * block_tokens * (D +
+Dv)` values and an output tile `[ROWS, min(Dv, 32)]` (wider outputs go out
+32 columns at a time): 168 KiB at D = Dv = 128 with 2 slots of 128 tokens
+(one program per multiprocessor; 3 slots of 128 do not fit), 96 KiB with
+2 slots of 64 at D = 64 (two).
 
 Glossary of shapes:
 - B: batch size; Sq: new queries per row; Hkv: key/value heads; G: query
@@ -59,6 +61,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
+from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import operands_reason
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.structure import LN2
@@ -148,8 +151,8 @@ def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
 def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
             out_ref, lse_ref, scratch, *, st, rows_out: int, groups: int,
             capacity: int, final: bool):
-  (q_smem, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready, v_ready,
-   k_free, v_free) = scratch
+  (q_smem, q_stage, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready,
+   v_ready, k_free, v_free) = scratch
   launch = st.launch
   bk, stages = launch.block_tokens, launch.stages
   num_pages, page_size = k_ref.shape[0], k_ref.shape[1]
@@ -167,11 +170,14 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
   @pl.when(wg == 0)
   def _consumer():
-    # The real rows (Ro of the tile's R); the others are never visible, so
-    # whatever the tile holds there stays in rows that are not written back
+    # New token t's G query heads are rows [t G, t G + G) of the tile: one
+    # copy each into the unswizzled stage, then through registers into the
+    # swizzled tile `wgmma` reads. The rows past G * Sq are never visible,
+    # so whatever they hold stays in rows that are not written back
     # (`wgmma` rows are independent, and they are masked before the softmax).
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, head],
-                            q_smem.at[pl.ds(0, rows_out)], q_ready)
+    for t in range(pos_ref.shape[1]):
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, t, pl.ds(head * groups, groups)],
+                              q_stage.at[pl.ds(t * groups, groups)], q_ready)
     rows = plgpu.Layout.WGMMA.reduce(1)
     shape = (ROWS, bk)
     row_pos, row_ok = (lax.broadcast_in_dim(x, shape, [0]) for x in
@@ -180,6 +186,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
     slots = plgpu.broadcasted_iota(jnp.int32, shape, 1,
                                    layout=plgpu.Layout.WGMMA)
     plgpu.barrier_wait(q_ready)
+    q_smem[...] = load_vector(q_stage, plgpu.Layout.WGMMA, optimized=False)
+    plgpu.commit_smem()
     scale = st.sm_scale * LOG2E if st.softcap is None else LOG2E
 
     def step(j, carry):
@@ -288,16 +296,15 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
-                    q_positions, q_valid, groups: int, capacity: int,
-                    final: bool = False):
+                    q_positions, q_valid, capacity: int, final: bool = False):
   """The decode kernel: each split's partial attention.
 
   Args:
     st: the call's `structure.DecodeStatic`, with a `MosaicDecodeLaunch`
       (its `precision` None, `softcap` None or positive).
-    q: `[B, Hkv, Ro, D]` bf16 / fp16, row `r` of KV head `h` the query
-      head `h * G + r % G` of new token `r // G` (rows past `G * Sq`
-      padding); the rows of the kernel's R-row tile past Ro are never real.
+    q: `[B, Sq, H, D]` bf16 / fp16, the call's queries: row `r` of KV head
+      `h`'s tile is query head `h * G + r % G` of new token `r // G` (`G *
+      Sq <= R`; the tile's rows past `G * Sq` are never real).
     key_pages: `[P, ps, Hkv, D]`.
     value_pages: `[P, ps, Hkv, Dv]`.
     page_table: `[B, M]` int32, the row's `M0` entries padded to `M = S *
@@ -305,7 +312,6 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     kv_lengths: `[B]` ints, each row's key count (clipped to `M0 * ps`).
     q_positions: `[B, Sq]` ints, each query's token index.
     q_valid: `[B, Sq]` bool, False for padded query slots.
-    groups: G, query heads per KV head.
     capacity: `M0 * ps`, the tokens the unpadded table holds.
     final: with one split (S = 1), write the attention itself: `out` in
       q's dtype and the call's layout, no step after the kernel but the
@@ -317,15 +323,16 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     split holds no visible key); `final`: out `[B, Sq, H, Dv]` in q's dtype.
   """
   launch = st.launch
-  batch, num_kv_heads, rows_out, head_dim = q.shape
-  q_len = q_positions.shape[1]
-  value_dim = value_pages.shape[-1]
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads, value_dim = value_pages.shape[2:]
+  groups = num_heads // num_kv_heads
+  # Ro: the rows written back, G * Sq rounded up to the 8 rows of a tile.
+  rows_out = -(-groups * q_len // 8) * 8
   bk, stages, splits = (launch.block_tokens, launch.stages,
                         launch.num_splits)
-  if rows_out % 8 or not groups * q_len <= rows_out <= ROWS:
-    raise ValueError(f"mosaic decode: q must hold Ro rows, a multiple of 8 "
-                     f"in [G * Sq, {ROWS}] = [{groups * q_len}, {ROWS}], got "
-                     f"{rows_out}.")
+  if groups * q_len > ROWS:
+    raise ValueError(f"mosaic decode: G * Sq = {groups * q_len} query rows "
+                     f"per KV head, at most {ROWS}.")
   if final and splits != 1:
     raise ValueError(f"mosaic decode: final takes one split, got {splits}.")
   chunk = min(key_pages.shape[1], bk)
@@ -336,13 +343,14 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
            out_ref, lse_ref):
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
+        plgpu.SMEM((ROWS, head_dim), q.dtype),  # The queries' stage.
         plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, value_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), out_dtype),
         plgpu.SMEM((ROWS,), jnp.float32),
     )
     barriers = (
-        plgpu.Barrier(),
+        plgpu.Barrier(num_arrivals=q_len),
         plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
         plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
