@@ -19,6 +19,7 @@ forward does).
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,10 @@ from flexible_attention.core import merge
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
+from flexible_attention.core import masks
 from flexible_attention.kernels.flash import decode
+from flexible_attention.kernels.flash import mosaic_decode
+from flexible_attention.kernels.flash import structure
 import helpers
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
@@ -392,22 +396,79 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 @pytest.mark.parametrize("sq,h,d,page_size,kw", [
     (1, 32, 128, 16, {}),
-    (1, 32, 128, 16, dict(block_tokens=128, stages=3)),
+    (1, 32, 64, 16, dict(block_tokens=128, stages=3)),
     (1, 32, 128, 128, dict(block_tokens=64)),
     (4, 32, 64, 128, dict(window=64, softcap=30.0)),
     (16, 16, 256, 8, dict(causal=False, window=(8, 8))),
-], ids=["decode_d128_ps16", "decode_d128_ps16_three_slots_of_128",
+    (1, 32, 128, 16, dict(num_splits=1)),
+    (4, 32, 64, 128, dict(num_splits=1, window=64)),
+    (16, 16, 256, 8, dict(num_splits=1, causal=False)),
+], ids=["decode_d128_ps16", "decode_d64_ps16_three_slots_of_128",
         "decode_d128_ps128_page_slices",
         "four_new_d64_ps128_window_softcap",
-        "sixteen_new_d256_ps8_two_sided_window"])
+        "sixteen_new_d256_ps8_two_sided_window",
+        "one_split_d128", "one_split_four_new_d64_window",
+        "one_split_sixteen_new_d256"])
 def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   """bf16, Hkv = 4 (up to 64 query rows per KV head): the Mosaic GPU
-  kernel (and no Triton kernel) lowers."""
+  kernel (and no Triton kernel) lowers, reading the queries as they come;
+  with one split it writes the attention in the call's layout and dtype
+  itself (nothing but the lse's relayout after it)."""
   args = _abstract_decode_args(sq, h, 4, d, page_size)
-  fn = functools.partial(decode.decode_attention, sm_scale=0.1, num_splits=3,
+  kw = {"num_splits": 3, **kw}
+  fn = functools.partial(decode.decode_attention, sm_scale=0.1,
                          backend="mosaic", **kw)
   text = helpers.lower_for_cuda(fn, *args)
   assert "mosaic_gpu" in text and "triton" not in text
+  # The kernel reads the queries as they come (it gathers each KV head's
+  # rows itself).
+  assert re.search(r"stablehlo.custom_call @mosaic_gpu\w*\(%arg0,", text)
+  if kw["num_splits"] == 1:  # The output is the kernel's, untouched.
+    out_only = helpers.lower_for_cuda(lambda *a: fn(*a)[0], *args)
+    name = re.search(r"(%\w+):2 = stablehlo.custom_call @mosaic_gpu",
+                     out_only).group(1)
+    assert re.search(rf"return {name}#0 :", out_only)
+
+
+@pytest.mark.parametrize("causal,window", [
+    (True, None), (False, None), (True, (5, 0)), (False, (3, 2))],
+    ids=["causal", "full", "causal_window", "two_sided_window"])
+def test_token_range_holds_every_visible_key(causal, window):
+  """`DecodeStatic.token_range`, which both kernels skip by: the Mosaic
+  kernel's scalar form (`mosaic_decode._token_range`, run here on arrays
+  standing for its refs) equals the `[B]` form the Triton kernel's
+  operands get; every key a real query of the row sees lies in `[lo, hi)`,
+  inside `[0, length]`; a row with no real query has an empty range."""
+  rng = helpers.rng_for(f"token_range_{causal}_{window}")
+  batch, q_len, capacity = 64, 4, 48
+  lengths = jnp.asarray(rng.integers(-2, 60, batch), jnp.int32)
+  positions = jnp.asarray(rng.integers(-8, 70, (batch, q_len)), jnp.int32)
+  valid = jnp.asarray(rng.random((batch, q_len)) < 0.6)
+  assert not valid.all(axis=1).all() and not valid.any(axis=1).all()
+  st = structure.DecodeStatic(sm_scale=1.0, softcap=None, precision=None,
+                              causal=causal, window=window, launch=None,
+                              interpret=True)
+  big = 2**30
+  pos = jnp.clip(positions, -big, big)
+  length, lo, hi = (np.broadcast_to(np.asarray(x), (batch,)) for x in
+                    st.token_range(
+                        lengths, jnp.min(jnp.where(valid, pos, big), axis=1),
+                        jnp.max(jnp.where(valid, pos, -big), axis=1),
+                        jnp.any(valid, axis=1), capacity))
+  tokens = jnp.arange(capacity)
+  for b in range(batch):
+    scalars = mosaic_decode._token_range(st, lengths, positions,
+                                         valid.astype(jnp.int32), b, capacity)
+    assert [int(x) for x in scalars] == [length[b], lo[b], hi[b]]
+    seen = masks.pair_visible(
+        valid[b][:, None] & (tokens < lengths[b])[None, :],
+        positions[b][:, None], tokens[None, :], causal=causal, window=window)
+    seen = np.flatnonzero(np.asarray(seen.any(axis=0)))
+    assert 0 <= length[b] <= capacity
+    assert np.all((seen >= lo[b]) & (seen < hi[b])), b
+    assert lo[b] >= 0 and hi[b] <= length[b]
+    if not valid[b].any():
+      assert hi[b] <= lo[b]
 
 
 def test_mosaic_launch_rule():
@@ -456,13 +517,14 @@ def test_backend_policy_refuses_what_it_cannot_serve():
 @pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("case", [
     "gqa_paged16_causal_ragged", "four_new_paged128_window_softcap",
-    "mqa_paged8_padded_queries_splits", "dense_d64", "sinks_d256"])
+    "mqa_paged8_padded_queries_splits", "dense_d64", "sinks_d256",
+    "one_split_four_new_padded_queries"])
 def test_mosaic_kernel_matches_reference_on_hopper(case):
   """The Mosaic kernel (bf16) against the float32 reference: shuffled
   tables with shared prefix pages and -1 entries, ragged lengths (0 and not
   a page multiple), several splits (some empty), windows, soft cap, padded
   query slots, 64-token slots inside 128-token pages, a dense cache,
-  sinks."""
+  sinks; one split, where the kernel writes the attention itself."""
   lengths = (1000, 0, 357, 3)
   kw, q_valid, sinks = dict(causal=True), None, None
   if case == "gqa_paged16_causal_ragged":
@@ -477,6 +539,12 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
                     lengths=(1024, 500, 9), dtype=jnp.bfloat16)
     q_valid = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [1], [0]]))
     kw.update(num_splits=7)
+  elif case == "one_split_four_new_padded_queries":
+    inputs = _paged(case, h=32, hkv=8, d=128, ps=16, max_pages=64,
+                    lengths=lengths, dtype=jnp.bfloat16)
+    q_valid = jnp.asarray(np.arange(4)[None, :] < np.array([[4], [0], [1],
+                                                            [3]]))
+    kw.update(num_splits=1)
   elif case == "dense_d64":
     rng = helpers.rng_for(case)
     keys, values = (jnp.asarray(rng.standard_normal((3, 768, 2, 64)),

@@ -125,61 +125,53 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   groups = num_heads // num_kv_heads
   table_len = page_table.shape[1]
   mosaic = isinstance(launch, MosaicDecodeLaunch)
-  rows = (mosaic_decode.ROWS if mosaic else
-          max(MIN_BLOCK, next_power_of_2(groups * q_len)))
-  # The Mosaic kernel reads (and writes back) only Ro = G * Sq rounded up to
-  # 8 rows of its R-row tile: the rest of the tile is never a real row.
-  rows_out = -(-groups * q_len // 8) * 8
-  # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R (Mosaic: Ro) rows.
-  qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
-                                           q_len * groups, head_dim)
-  pad = rows - q_len * groups
-  qr = jnp.pad(qr, ((0, 0), (0, 0),
-                    (0, (rows_out if mosaic else rows) - q_len * groups),
-                    (0, 0)))
-  row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1), ((0, 0), (0, pad)),
-                    mode="edge")
-  row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),
-                   ((0, 0), (0, pad)))
-  # Per row: its key count and the token range its queries may see.
   capacity = table_len * page_size
-  big = 2**30
-  length = jnp.clip(kv_lengths, 0, capacity)
-  pos = jnp.clip(q_positions, -big, big)
-  pmax = jnp.max(jnp.where(q_valid, pos, -big), axis=1)
-  pmin = jnp.min(jnp.where(q_valid, pos, big), axis=1)
-  lo, hi = jnp.zeros_like(length), length
-  if st.causal:
-    hi = jnp.minimum(hi, pmax + 1)
-  if st.window is not None:
-    left, right = (min(w, capacity) for w in st.window)
-    lo = jnp.maximum(lo, pmin - left)
-    hi = jnp.minimum(hi, pmax + right + 1)
-  hi = jnp.where(jnp.any(q_valid, axis=1), hi, 0)
-  info = jnp.stack([length, lo, hi, jnp.zeros_like(length)],
-                   axis=1).astype(jnp.int32)
-  # The splits' whole blocks of table entries (no copy when M fills them).
-  if mosaic:
+  splits = launch.num_splits
+  # One Mosaic split without sinks: the kernel writes the attention itself.
+  final = mosaic and splits == 1 and sinks is None
+  if mosaic:  # The kernel gathers its rows' queries and works out each
+    # row's range and vectors itself.
     table = structure.pad_axis(
-        page_table, 1, launch.num_splits * launch.tokens_per_split // page_size)
+        page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
-        st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
+        st, q, key_pages, value_pages, table, kv_lengths, q_positions,
+        q_valid, capacity, final=final)
   else:
+    # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
+    pad = max(MIN_BLOCK, next_power_of_2(groups * q_len)) - q_len * groups
+    qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
+                                             q_len * groups, head_dim)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    row_pos = jnp.pad(jnp.repeat(q_positions, groups, axis=1),
+                      ((0, 0), (0, pad)), mode="edge")
+    row_ok = jnp.pad(jnp.repeat(q_valid, groups, axis=1).astype(jnp.int32),
+                     ((0, 0), (0, pad)))
+    # Per row: its key count and the token range its queries may see.
+    big = 2**30
+    pos = jnp.clip(q_positions, -big, big)
+    length, lo, hi = st.token_range(
+        kv_lengths, jnp.min(jnp.where(q_valid, pos, big), axis=1),
+        jnp.max(jnp.where(q_valid, pos, -big), axis=1),
+        jnp.any(q_valid, axis=1), capacity)
+    info = jnp.stack([jnp.broadcast_to(x, (batch,)) for x in
+                      (length, lo, hi, 0)], axis=1).astype(jnp.int32)
+    # The splits' whole blocks of table entries (no copy when M fills them).
     table = structure.pad_axis(
         page_table, 1, launch.num_splits * launch.pages_per_split)
     outs, lses = triton_decode.decode_partials(
         st, qr, key_pages, value_pages, table, row_pos, row_ok, info)
-  # [S, B, Hkv, R, Dv] -> [S, B, Sq, H, Dv]; [S, B, Hkv, R] -> [S, B, H, Sq].
-  splits = launch.num_splits
-  outs = outs[:, :, :, :q_len * groups].reshape(
-      splits, batch, num_kv_heads, q_len, groups, value_dim)
-  outs = outs.transpose(0, 1, 3, 2, 4, 5).reshape(splits, batch, q_len,
-                                                  num_heads, value_dim)
+  # [S, B, Hkv, R] -> [S, B, H, Sq]; [S, B, Hkv, R, Dv] -> [S, B, Sq, H, Dv].
   lses = lses[:, :, :, :q_len * groups].reshape(splits, batch, num_kv_heads,
                                                 q_len, groups)
   lses = lses.transpose(0, 1, 2, 4, 3).reshape(splits, batch, num_heads,
                                                q_len)
+  if final:
+    return outs, lses[0]
+  outs = outs[:, :, :, :q_len * groups].reshape(
+      splits, batch, num_kv_heads, q_len, groups, value_dim)
+  outs = outs.transpose(0, 1, 3, 2, 4, 5).reshape(splits, batch, q_len,
+                                                  num_heads, value_dim)
   if splits == 1:
     out, lse = outs[0], lses[0]
   else:

@@ -206,7 +206,7 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
     raise ValueError(f"stages must be a positive int or None, got "
                      f"{stages!r}.")
   itemsize = 2  # bf16 / fp16.
-  smem = (mosaic_decode.ROWS * head_dim * itemsize + mosaic_decode.ROWS *
+  smem = (2 * mosaic_decode.ROWS * head_dim * itemsize + mosaic_decode.ROWS *
           min(head_dim, mosaic_decode.OUT_COLUMNS) * 4 +
           stages * bk * 2 * head_dim * itemsize + SHARED_MEMORY_SLACK)
   if smem > SHARED_MEMORY:

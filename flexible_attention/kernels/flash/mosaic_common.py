@@ -64,11 +64,14 @@ def block_k(head_dim: int) -> int:
 
 
 
-def load_vector(ref, layout):
-  """`ref`'s vector in registers (jax 0.10 takes an index argument)."""
+def load_vector(ref, layout, optimized: bool = True):
+  """`ref`'s vector (or tile) in registers, in `layout` (jax 0.10 takes an
+  index argument); `optimized=False` lets Mosaic GPU load a layout it has
+  no bank-conflict-free plan for (e.g. a `wgmma` tile from an unswizzled
+  ref), slower."""
   if _LOAD_TAKES_INDEX:
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
+    return plgpu.load(ref, (), layout=layout, optimized=optimized)
+  return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 

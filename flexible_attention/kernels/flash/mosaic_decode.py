@@ -1,8 +1,12 @@
 """flash's decode kernel for Hopper, in Mosaic GPU: split-KV over pages.
 
-Computes what the Triton decode kernel (`triton_decode`) computes, from the
-same operands (`decode.py` lays them out), for sm_90: each split's float32
-partial output and natural log-sum-exp, which `decode.py` merges.
+Computes what the Triton decode kernel (`triton_decode`) computes, for
+sm_90: each split's float32 partial output and natural log-sum-exp, which
+`decode.py` merges. It takes the queries as `decode.py` lays them out and
+the call's kv lengths and query positions as they come: each program works
+out its row's token range (`DecodeStatic.token_range`) and its rows'
+positions from scalars, so no XLA step prepares them (the Triton kernel
+gets them as operands).
 
 Grid `(S, B, Hkv)`; program `(s, b, h)` holds all the query rows of KV head
 `h` in row `b` (`G * Sq` of them, padded to one `wgmma` tile of `ROWS`), so
@@ -25,18 +29,22 @@ after its last query under causal, outside the window) are never loaded; a
 split with none writes out 0 and lse -inf. Page ids read from the table are
 clamped to `[0, P)` (as the Triton kernel does).
 
-Shared memory: the query tile `[ROWS, D]`, the slots `stages * block_tokens
-* (D + Dv)` values and a float32 output tile `[ROWS, min(Dv, 32)]` (wider
-outputs go out 32 columns at a time): 152 KiB at D = Dv = 128 with 2 slots
-of 128 tokens (one program per multiprocessor), 216 KiB with 3, 88 KiB
-with 2 slots of 64 (two).
+Shared memory: the query tile `[ROWS, D]` and its unswizzled stage (the
+new tokens' query heads are copied there from `[B, Sq, H, D]`, then
+through registers into the tile), the slots `stages * block_tokens * (D +
+Dv)` values and an output tile `[ROWS, min(Dv, 32)]` (wider outputs go out
+32 columns at a time): 168 KiB at D = Dv = 128 with 2 slots of 128 tokens
+(one program per multiprocessor; 3 slots of 128 do not fit), 96 KiB with
+2 slots of 64 at D = 64 (two).
 
 Glossary of shapes:
-- B: batch size; Hkv: key/value heads; S: key splits.
+- B: batch size; Sq: new queries per row; Hkv: key/value heads; G: query
+  heads per KV head; S: key splits.
 - R: `ROWS` (64), query rows of a program (`G * Sq` real ones);
   Ro: rows read into the tile and written back (`G * Sq` rounded up to
   8).
-- P: pages in the pool; ps: tokens per page; M: page-table entries per row.
+- P: pages in the pool; ps: tokens per page; M: page-table entries per row
+  (M0 before the table is padded to whole splits).
 - D, Dv: query/key and value head sizes (D == Dv in 64, 128, 256).
 - bk: `block_tokens`, tokens per slot.
 """
@@ -104,9 +112,46 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
   return None
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
-            lse_ref, scratch, *, st, rows_out: int):
-  (q_smem, k_smem, v_smem, vec_smem, out_smem, lse_smem, q_ready, k_ready,
+def _row_queries(pos_ref, valid_ref, batch):
+  """Row `batch`'s query positions and whether each is a real query, as
+  scalars (`Sq` of each, read from global memory)."""
+  q_len = pos_ref.shape[1]
+  return ([pos_ref[batch, i] for i in range(q_len)],
+          [valid_ref[batch, i] != 0 for i in range(q_len)])
+
+
+def _token_range(st, length_ref, pos_ref, valid_ref, batch, capacity: int):
+  """Row `batch`'s `(length, lo, hi)` (`DecodeStatic.token_range`) from its
+  key count and its queries' positions, in scalars."""
+  big = 2**30
+  positions, valid = _row_queries(pos_ref, valid_ref, batch)
+  positions = [jnp.clip(x, -big, big) for x in positions]
+  first = functools.reduce(jnp.minimum, [
+      jnp.where(ok, x, big) for x, ok in zip(positions, valid)])
+  last = functools.reduce(jnp.maximum, [
+      jnp.where(ok, x, -big) for x, ok in zip(positions, valid)])
+  return st.token_range(length_ref[batch], first, last,
+                        functools.reduce(jnp.logical_or, valid), capacity)
+
+
+def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
+  """The `[R]` vectors of the tile's rows (row r: query head `r % G` of
+  new token `r // G`): each row's query position, and 1 for a real query
+  row (0 past the `G * Sq` rows and for padded query slots)."""
+  positions, valid = _row_queries(pos_ref, valid_ref, batch)
+  token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,
+                                         layout=layout), groups)
+  row_pos = row_ok = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.int32), layout)
+  for i, (x, ok) in enumerate(zip(positions, valid)):
+    row_pos = jnp.where(token == i, x, row_pos)
+    row_ok = jnp.where(token == i, ok.astype(jnp.int32), row_ok)
+  return row_pos, row_ok
+
+
+def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
+            out_ref, lse_ref, scratch, *, st, rows_out: int, groups: int,
+            capacity: int, final: bool):
+  (q_smem, q_stage, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready,
    v_ready, k_free, v_free) = scratch
   launch = st.launch
   bk, stages = launch.block_tokens, launch.stages
@@ -115,7 +160,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
   split, batch = lax.axis_index("s"), lax.axis_index("b")
   head, wg = lax.axis_index("h"), lax.axis_index("wg")
 
-  length, lo_token, hi_token = (info_ref[batch, i] for i in range(3))
+  length, lo_token, hi_token = _token_range(st, length_ref, pos_ref,
+                                            valid_ref, batch, capacity)
   start = split * launch.tokens_per_split
   lo = jnp.maximum(start, lo_token)
   hi = jnp.minimum(start + launch.tokens_per_split, hi_token)
@@ -124,22 +170,24 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
 
   @pl.when(wg == 0)
   def _consumer():
-    # The real rows (Ro of the tile's R); the others are never visible, so
-    # whatever the tile holds there stays in rows that are not written back
+    # New token t's G query heads are rows [t G, t G + G) of the tile: one
+    # copy each into the unswizzled stage, then through registers into the
+    # swizzled tile `wgmma` reads. The rows past G * Sq are never visible,
+    # so whatever they hold stays in rows that are not written back
     # (`wgmma` rows are independent, and they are masked before the softmax).
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, head],
-                            q_smem.at[pl.ds(0, rows_out)], q_ready.at[0])
-    plgpu.copy_gmem_to_smem(rowvec_ref.at[batch], vec_smem, q_ready.at[1])
-    plgpu.barrier_wait(q_ready.at[1])
+    for t in range(pos_ref.shape[1]):
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, t, pl.ds(head * groups, groups)],
+                              q_stage.at[pl.ds(t * groups, groups)], q_ready)
     rows = plgpu.Layout.WGMMA.reduce(1)
     shape = (ROWS, bk)
-    row_pos = lax.broadcast_in_dim(load_vector(vec_smem.at[0], rows),
-                                   shape, [0])
-    row_ok = lax.broadcast_in_dim(load_vector(vec_smem.at[1], rows),
-                                  shape, [0]) != 0
+    row_pos, row_ok = (lax.broadcast_in_dim(x, shape, [0]) for x in
+                       _row_vectors(pos_ref, valid_ref, batch, groups, rows))
+    row_ok = row_ok != 0
     slots = plgpu.broadcasted_iota(jnp.int32, shape, 1,
                                    layout=plgpu.Layout.WGMMA)
-    plgpu.barrier_wait(q_ready.at[0])
+    plgpu.barrier_wait(q_ready)
+    q_smem[...] = load_vector(q_stage, plgpu.Layout.WGMMA, optimized=False)
+    plgpu.commit_smem()
     scale = st.sm_scale * LOG2E if st.softcap is None else LOG2E
 
     def step(j, carry):
@@ -185,13 +233,19 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
     lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
     cols = out_smem.shape[1]  # The output goes out `cols` columns at a time.
     for c in range(acc.shape[1] // cols):
+      columns = pl.ds(c * cols, cols)
       if c:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      out_smem[...] = acc[:, c * cols:(c + 1) * cols]
+      out_smem[...] = acc[:, c * cols:(c + 1) * cols].astype(out_smem.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(
-          out_smem.at[pl.ds(0, rows_out)],
-          out_ref.at[split, batch, head, :, pl.ds(c * cols, cols)])
+      if final:  # New token t's G rows to its query heads.
+        for t in range(pos_ref.shape[1]):
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[pl.ds(t * groups, groups)],
+              out_ref.at[batch, t, pl.ds(head * groups, groups), columns])
+      else:
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, rows_out)],
+                                out_ref.at[split, batch, head, :, columns])
     plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, rows_out)],
                             lse_ref.at[split, batch, head])
     plgpu.wait_smem_to_gmem(0)
@@ -241,53 +295,62 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
     lax.fori_loop(first, hi_block, refill, ids[stages])
 
 
-def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
-                    row_ok, info):
+def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
+                    q_positions, q_valid, capacity: int, final: bool = False):
   """The decode kernel: each split's partial attention.
 
   Args:
     st: the call's `structure.DecodeStatic`, with a `MosaicDecodeLaunch`
       (its `precision` None, `softcap` None or positive).
-    q: `[B, Hkv, Ro, D]` bf16 / fp16, row `r` of KV head `h` the query
-      head `h * G + r % G` of new token `r // G` (rows past `G * Sq`
-      padding); the rows of the kernel's R-row tile past Ro are never real.
+    q: `[B, Sq, H, D]` bf16 / fp16, the call's queries: row `r` of KV head
+      `h`'s tile is query head `h * G + r % G` of new token `r // G` (`G *
+      Sq <= R`; the tile's rows past `G * Sq` are never real).
     key_pages: `[P, ps, Hkv, D]`.
     value_pages: `[P, ps, Hkv, Dv]`.
-    page_table: `[B, M]` int32, `M * ps >= S * tokens_per_split`.
-    row_pos: `[B, R]` int32, each row's query position.
-    row_ok: `[B, R]` int32, 1 for a real query row.
-    info: `[B, 4]` int32: the row's key count, and the token range
-      `[lo, hi)` outside which none of its queries sees a key.
+    page_table: `[B, M]` int32, the row's `M0` entries padded to `M = S *
+      tokens_per_split / ps` (no key past `M0 * ps` is visible).
+    kv_lengths: `[B]` ints, each row's key count (clipped to `M0 * ps`).
+    q_positions: `[B, Sq]` ints, each query's token index.
+    q_valid: `[B, Sq]` bool, False for padded query slots.
+    capacity: `M0 * ps`, the tokens the unpadded table holds.
+    final: with one split (S = 1), write the attention itself: `out` in
+      q's dtype and the call's layout, no step after the kernel but the
+      lse's (for a call with sinks, which merge after the kernel: False).
 
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
     split's normalised output and natural log-sum-exp (0 and -inf where the
-    split holds no visible key).
+    split holds no visible key); `final`: out `[B, Sq, H, Dv]` in q's dtype.
   """
   launch = st.launch
-  batch, num_kv_heads, rows_out, head_dim = q.shape
-  value_dim = value_pages.shape[-1]
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads, value_dim = value_pages.shape[2:]
+  groups = num_heads // num_kv_heads
+  # Ro: the rows written back, G * Sq rounded up to the 8 rows of a tile.
+  rows_out = -(-groups * q_len // 8) * 8
   bk, stages, splits = (launch.block_tokens, launch.stages,
                         launch.num_splits)
-  if rows_out % 8 or not 0 < rows_out <= ROWS:
-    raise ValueError(f"mosaic decode: q must hold Ro rows, a multiple of 8 "
-                     f"in (0, {ROWS}], got {rows_out}.")
+  if groups * q_len > ROWS:
+    raise ValueError(f"mosaic decode: G * Sq = {groups * q_len} query rows "
+                     f"per KV head, at most {ROWS}.")
+  if final and splits != 1:
+    raise ValueError(f"mosaic decode: final takes one split, got {splits}.")
   chunk = min(key_pages.shape[1], bk)
   swizzled = wgmma_transforms(q.dtype)
-  rowvec = jnp.stack([row_pos, row_ok], axis=1).astype(jnp.int32)  # [B,2,R]
+  out_dtype = q.dtype if final else jnp.float32
 
-  def body(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
-           lse_ref):
+  def body(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
+           out_ref, lse_ref):
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
+        plgpu.SMEM((ROWS, head_dim), q.dtype),  # The queries' stage.
         plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, value_dim), q.dtype, transforms=swizzled),
-        plgpu.SMEM((2, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), jnp.float32),
+        plgpu.SMEM((ROWS, min(value_dim, OUT_COLUMNS)), out_dtype),
         plgpu.SMEM((ROWS,), jnp.float32),
     )
     barriers = (
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_arrivals=q_len),
         plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
         plgpu.Barrier(num_arrivals=bk // chunk, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -295,18 +358,22 @@ def decode_partials(st, q, key_pages, value_pages, page_table, row_pos,
     )
 
     def scoped(smem_refs, barrier_refs):
-      _kernel(q_ref, k_ref, v_ref, table_ref, rowvec_ref, info_ref, out_ref,
-              lse_ref, (*smem_refs, *barrier_refs), st=st, rows_out=rows_out)
+      _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
+              out_ref, lse_ref, (*smem_refs, *barrier_refs), st=st,
+              rows_out=rows_out, groups=groups, capacity=capacity,
+              final=final)
 
     pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
 
+  out_shape = ((batch, q_len, num_kv_heads * groups, value_dim) if final else
+               (splits, batch, num_kv_heads, rows_out, value_dim))
   out_type = (
-      jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out, value_dim),
-                           jnp.float32),
+      jax.ShapeDtypeStruct(out_shape, out_dtype),
       jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out),
                            jnp.float32))
   return plgpu.kernel(
       body, out_type=out_type, grid=(splits, batch, num_kv_heads),
       grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, key_pages, value_pages, page_table, rowvec, info)
+  )(q, key_pages, value_pages, page_table, kv_lengths.astype(jnp.int32),
+    q_positions.astype(jnp.int32), q_valid.astype(jnp.int32))

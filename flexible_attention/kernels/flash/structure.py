@@ -304,3 +304,34 @@ class DecodeStatic:
   # decode kernels take no mods (cache calls with mods run the general
   # kernels, `decode.cache_call_reason`).
   score_mod: bool = dataclasses.field(default=False, init=False)
+
+  def token_range(self, kv_length, first_pos, last_pos, any_query,
+                  capacity: int):
+    """The key tokens a row's queries may see: `(length, lo, hi)`, none of
+    them outside `[lo, hi)`.
+
+    What both decode kernels skip by (the Triton kernel's operands, worked
+    out by XLA for every row; the Mosaic kernel works it out for its own
+    row from scalars): the same jnp code on `[B]` arrays or on scalars.
+
+    Args:
+      kv_length: int32, the row's key count (any value: clipped to
+        `[0, capacity]`).
+      first_pos, last_pos: int32, the smallest and largest position of the
+        row's real queries (in `[-2**30, 2**30]`).
+      any_query: bool, whether the row has a real query (if not, `hi` is 0).
+      capacity: the tokens a row's page table holds (`M * ps`).
+
+    Returns:
+      int32 `(length, lo, hi)`: the clipped key count and the token range
+      (`lo` the int 0 without a window).
+    """
+    length = jnp.clip(kv_length, 0, capacity)
+    lo, hi = 0, length
+    if self.causal:
+      hi = jnp.minimum(hi, last_pos + 1)
+    if self.window is not None:
+      left, right = (min(w, capacity) for w in self.window)
+      lo = jnp.maximum(first_pos - left, 0)
+      hi = jnp.minimum(hi, last_pos + right + 1)
+    return length, lo, jnp.where(any_query, hi, 0)
