@@ -214,6 +214,16 @@ def test_dq_copies_exceed_the_programs_of_a_head_at_once(
   assert mosaic_common.dq_copies(batch, kv_heads, key_tiles, cores) == want
 
 
+def test_dq_copies_hold_in_their_memory_budget():
+  """S = 128k, H = 16, D = 128: a float32 dQ is 1 GiB, so 4 copies, not
+  17; one copy past the budget still gets one."""
+  gib = 1 << 30
+  budget = mosaic_common.DQ_COPIES_BYTES
+  assert mosaic_common.dq_copies(1, 16, 1024, 132, gib) == budget // gib
+  assert mosaic_common.dq_copies(1, 16, 1024, 132, budget // 64) == 17
+  assert mosaic_common.dq_copies(1, 16, 1024, 132, 2 * budget) == 1
+
+
 def test_kernel_refuses_dq_in_the_columns_layout():
   """`mosaic_bwd.dkdv` itself, called past the policy at Dp = 256."""
   x = jax.ShapeDtypeStruct((1, 64, 1, 256), jnp.bfloat16)

@@ -511,7 +511,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  copies = dq_copies(batch, kv_heads, nk, gpu.core_count()) if ordered else 1
+  copies = dq_copies(batch, kv_heads, nk, gpu.core_count(),
+                     q.size * 4) if ordered else 1
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
   n_slots = len(grad_slots(st.mods))

@@ -182,8 +182,11 @@ def fused_dq_reason(head_dim: int) -> str | None:
   return None
 
 
+DQ_COPIES_BYTES = 4 << 30  # The fixed order's copies of dQ: at most 4 GiB.
+
+
 def dq_copies(batch: int, kv_heads: int, key_tiles: int,
-              core_count: int | None) -> int:
+              core_count: int | None, dq_bytes: int = 0) -> int:
   """C, the float32 copies of dQ the fused backward adds into in a fixed
   order (`LaunchConfig.deterministic_dq`).
 
@@ -194,15 +197,21 @@ def dq_copies(batch: int, kv_heads: int, key_tiles: int,
   so dQ is bitwise reproducible. For the wait to find its predecessors
   done, C must exceed the programs of one (batch row, KV head) that run at
   once, about `core_count / (B * Hkv)` of them since the key tiles are
-  the grid's slowest axis: twice that, at most `key_tiles`.
+  the grid's slowest axis: twice that, at most `key_tiles`, and no more
+  than `DQ_COPIES_BYTES` hold (fewer copies: programs wait for each other,
+  slower but the same bits).
 
   Args:
     batch, kv_heads: B and Hkv.
     key_tiles: the dK/dV kernel's key tiles, Skp / `dkv_block_k(Dp)`.
     core_count: the GPU's multiprocessors (None: an H100's or H200's 132).
+    dq_bytes: the bytes of one float32 copy of dQ, `B * Sqp * H * Dp * 4`.
   """
   cores = core_count or 132
-  return max(1, min(key_tiles, -(-2 * cores // (batch * kv_heads))))
+  copies = min(key_tiles, -(-2 * cores // (batch * kv_heads)))
+  if dq_bytes:
+    copies = min(copies, DQ_COPIES_BYTES // dq_bytes)
+  return max(1, copies)
 
 
 def wgmma_zeros(cols: int | None):
