@@ -66,6 +66,7 @@ from flexible_attention import timing
 from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import mosaic_bwd
 
 VARIANTS = ("split", "fused", "mosaic_dq", "fused_any")
 
@@ -89,6 +90,10 @@ _CHECKS = flags.DEFINE_list(
     "subset when the others passed at the same commit in an earlier run.")
 _TIME_ANYWAY = flags.DEFINE_bool("time_anyway", False,
                                  "Time even when a check failed.")
+_DQ_COPIES = flags.DEFINE_integer(
+    "dq_copies", None, "The fixed order's copies of dQ for every call "
+    "(`mosaic_common.dq_copies` by default): fewer copies, less memory, "
+    "more waiting.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results "
                            "(rewritten after every row).")
 
@@ -340,12 +345,15 @@ def _write(results: dict):
 
 def main(argv):
   del argv
+  if _DQ_COPIES.value is not None:
+    mosaic_bwd.dq_copies = lambda *args: _DQ_COPIES.value
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown or not _VARIANTS.value:
     raise app.UsageError(f"--variants takes names of {VARIANTS}, got "
                          f"{_VARIANTS.value}.")
   print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__,
-                    "variants": _VARIANTS.value}), flush=True)
+                    "variants": _VARIANTS.value,
+                    "dq_copies": _DQ_COPIES.value}), flush=True)
   checks = list(CHECKS) if _CHECKS.value is None else _CHECKS.value
   unknown = sorted(set(checks) - set(CHECKS))
   if unknown:

@@ -91,8 +91,17 @@ def test_fused_backward_lowers_for_cuda(name, head_dim):
 @pytest.mark.parametrize("name, head_dim", [
     ("plain", 128), ("causal_window_softcap_gqa", 64)])
 def test_fused_backward_in_any_order_lowers_for_cuda(name, head_dim):
-  """With `deterministic_dq=False` (no semaphores, no ranks) too."""
+  """With `deterministic_dq=False` (no semaphores, one dQ) too."""
   _check_fused_lowering(name, head_dim, deterministic=False)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fused_backward_with_fewer_copies_lowers_for_cuda(head_dim,
+                                                         monkeypatch):
+  """In a fixed order with two copies of dQ for more key tiles (each
+  copy's programs then wait their turn)."""
+  monkeypatch.setattr(mosaic_bwd, "dq_copies", lambda *args: 2)
+  _check_fused_lowering("dropout_gqa", head_dim, deterministic=True)
 
 
 def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
@@ -189,34 +198,30 @@ def test_fused_dq_reason_names_the_head_sizes():
   assert "atomic_dq=False" in mosaic_common.fused_dq_reason(256)
 
 
-def test_fused_dq_reason_bounds_the_ordered_query_length():
-  """In a fixed order each program holds its row of ranks in shared
-  memory: Sq is bounded there, and only there."""
-  limit = mosaic_common.ORDERED_DQ_MAX_Q_LEN
-  assert mosaic_common.fused_dq_reason(128, limit, True) is None
-  assert mosaic_common.fused_dq_reason(128, limit + 1, False) is None
-  assert "deterministic_dq=False" in mosaic_common.fused_dq_reason(
-      128, limit + 1, True)
+@pytest.mark.parametrize("batch,kv_heads,key_tiles,cores,want", [
+    (1, 16, 128, 132, 17),  # Two waves' worth of programs per head.
+    (1, 32, 128, 132, 9),
+    (4, 8, 128, 132, 9),
+    (1, 16, 8, 132, 8),  # No more copies than key tiles.
+    (64, 8, 128, 132, 1),  # The grid alone fills the GPU.
+    (2, 2, 128, None, 66),  # Without a GPU: an H100's 132.
+])
+def test_dq_copies_exceed_the_programs_of_a_head_at_once(
+    batch, kv_heads, key_tiles, cores, want):
+  """In a fixed order key tile t adds into copy t % C after the copy's
+  lower key tiles: C is twice the programs of one (batch row, KV head)
+  that run at once, at most the key tiles, at least 1."""
+  assert mosaic_common.dq_copies(batch, kv_heads, key_tiles, cores) == want
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_dq_ranks_count_the_earlier_key_tiles_that_add(seed):
-  """Entry [b, t, i]: how many key tiles t' < t hold query tile i in their
-  bounds [lo, hi), against a loop over random bounds (holes, empty
-  ranges, overlaps)."""
-  rng = np.random.default_rng(seed)
-  batch, key_tiles, q_tiles = 2, 7, 150
-  lo = rng.integers(0, q_tiles, (batch, key_tiles))
-  hi = np.minimum(lo + rng.integers(0, 60, (batch, key_tiles)), q_tiles)
-  bounds = np.stack([lo, lo, hi, hi], -1).astype(np.int32)
-  ranks = np.asarray(mosaic_common.dq_ranks(jnp.asarray(bounds), q_tiles))
-  assert ranks.shape == (batch, key_tiles, 2, mosaic_common.RANK_ROW)
-  ranks = ranks.reshape(batch, key_tiles, -1)
-  for b in range(batch):
-    for t in range(key_tiles):
-      for i in range(lo[b, t], hi[b, t]):
-        want = sum(lo[b, u] <= i < hi[b, u] for u in range(t))
-        assert ranks[b, t, i] == want, (b, t, i)
+def test_dq_copies_hold_in_their_memory_budget():
+  """S = 128k, H = 16, D = 128: a float32 dQ is 1 GiB, so 4 copies, not
+  17; one copy past the budget still gets one."""
+  gib = 1 << 30
+  budget = mosaic_common.DQ_COPIES_BYTES
+  assert mosaic_common.dq_copies(1, 16, 1024, 132, gib) == budget // gib
+  assert mosaic_common.dq_copies(1, 16, 1024, 132, budget // 64) == 17
+  assert mosaic_common.dq_copies(1, 16, 1024, 132, 2 * budget) == 1
 
 
 def test_kernel_refuses_dq_in_the_columns_layout():

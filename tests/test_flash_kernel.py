@@ -38,6 +38,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
+from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
@@ -343,10 +344,10 @@ def test_hopper_mosaic_dq_matches_reference(name):
 @pytest.mark.parametrize("name", [n for n in HOPPER_CASES
                                   if "head_dim_256" not in n] + ["long_gqa"])
 def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
-  """The fused backward (dQ inside the Mosaic dK/dV kernel, its adds in
-  the key tiles' order): out and grads against the reference, and dQ, dK,
-  dV bitwise equal over two runs. `long_gqa`: 16 key tiles add into each
-  dQ tile, across two query heads per program."""
+  """The fused backward (dQ inside the Mosaic dK/dV kernel, its adds in a
+  fixed order: `mosaic_common.dq_copies`): out and grads against the
+  reference, and dQ, dK, dV bitwise equal over two runs. `long_gqa`: 16
+  key tiles add into each dQ tile, across two query heads per program."""
   if name == "long_gqa":
     call, shape = dict(causal=True), dict(b=1, sq=2048, sk=2048, h=4, hkv=2,
                                           d=128, dtype=jnp.bfloat16)
@@ -361,6 +362,19 @@ def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
                     interpret=False, **shape)
   for what, a, b in zip(("out", "dq", "dk", "dv"), got, again):
     assert np.array_equal(np.asarray(a), np.asarray(b)), what
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name,copies", [
+    ("long_gqa", 1), ("long_gqa", 3), ("causal_fewer_queries", 2),
+    ("dropout_d64_window", 2)])
+def test_hopper_fused_backward_with_fewer_copies(name, copies, monkeypatch):
+  """The same with fewer copies of dQ than key tiles (the default gives
+  these small calls a copy per key tile), so that key tile t waits for t -
+  C's programs to land their adds (C = 1: every program for the one
+  before it; 16 key tiles in `long_gqa`, 3 in the others)."""
+  monkeypatch.setattr(mosaic_bwd, "dq_copies", lambda *args: copies)
+  test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name)
 
 
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])

@@ -16,6 +16,15 @@ def compute_capability() -> float | None:
     return None
 
 
+def core_count() -> int | None:
+  """The default GPU's multiprocessors (132 on an H100 SXM or H200), or
+  None when there is no GPU."""
+  try:
+    return int(jax.devices("gpu")[0].core_count)
+  except (RuntimeError, AttributeError, TypeError, ValueError):
+    return None
+
+
 def lowering_target(device_kind: str = "NVIDIA H100"):
   """A context in which `jax.jit(f).trace(...).lower(lowering_platforms=
   ("cuda",))` lowers for a GPU of `device_kind` on a machine without one:

@@ -31,9 +31,9 @@ Glossary of shapes:
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_decode
 from flexible_attention.kernels.flash.mosaic_decode import MosaicDecodeLaunch
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
@@ -62,14 +62,6 @@ def _positive_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x > 0
 
 
-def _sm_count() -> int | None:
-  """Streaming multiprocessors of the default GPU, or None without one."""
-  try:
-    return int(jax.devices("gpu")[0].core_count)
-  except (RuntimeError, AttributeError, TypeError, ValueError):
-    return None
-
-
 def decode_unsupported_reason(head_dim: int, value_dim: int, page_size: int
                        ) -> str | None:
   """Why the decode kernel cannot serve these sizes, or None if it can.
@@ -93,7 +85,7 @@ def _split_count(batch: int, num_kv_heads: int, blocks: int,
   """`(S, blocks per split)` for a row of `blocks` loop steps: the split
   rule (module docstring) or the user's `num_splits`."""
   if num_splits is None:
-    cores = core_count or _sm_count() or 1
+    cores = core_count or gpu.core_count() or 1
     want = -(-waves * cores // (batch * num_kv_heads))
     if batch * num_kv_heads * want < 2 * waves * cores:
       want = max(want, 2)
@@ -220,7 +212,7 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
   if num_splits is None:
     per_core = max(1, SHARED_MEMORY_PER_CORE // (smem + 1024))
     splits = _wave_split(batch * num_kv_heads, blocks,
-                         per_core * (core_count or _sm_count() or 1))
+                         per_core * (core_count or gpu.core_count() or 1))
   elif _positive_int(num_splits):
     splits = int(num_splits)
   else:

@@ -111,9 +111,10 @@ class LaunchConfig:
   `mosaic_common.fused_dq_reason`).
 
   `deterministic_dq` (default True) keeps dQ bitwise reproducible, as the
-  split backward is: the fused Mosaic backward then adds each dQ tile's
-  shares in a fixed order, the key tiles' (global semaphores order the TMA
-  adds, `mosaic_bwd`; `mosaic_common.fused_dq_reason` bounds Sq). With
+  split backward is: the fused Mosaic backward then adds into C float32
+  copies of dQ, each copy's programs one after another in key-tile order
+  (a global semaphore per copy, batch row and KV head; `mosaic_common.
+  dq_copies`), and sums the copies in a fixed order. With
   False the adds land in the order the GPU runs the programs (float32
   rounding of the same sum differs from run to run). Triton's atomics have
   no fixed order: `atomic_dq=True` with `dkv_backend="triton"` needs
@@ -516,8 +517,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
           "atomic_dq=True, whose dK/dV kernel computes dQ (the dq kernel is "
           "not launched); use one or the other.")
     if launch.atomic_dq and reasons["dkv"] is None:  # The fused backward.
-      reasons["dkv"] = mosaic_common.fused_dq_reason(
-          head_dim, q_len, launch.deterministic_dq) or (
+      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim) or (
           mosaic_common.dkv_mods_reason(head_dim, atomic_dq=True)
           if dkv_mods else None)
     for kernel, (fixed, _) in mosaic.items():

@@ -22,11 +22,14 @@ float32) from `wgmma`s that read both through transposed views beside the
 same columns of the K tiles, and adds them into a float32 dQ in global
 memory with a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
 "add")`): one `[bq, Dp]` add per step and program. With
-`LaunchConfig.deterministic_dq` (the default) the adds into each dQ tile
-keep the key tiles' order (`dq_ranks`, a global semaphore per tile and
-column half): dQ is bitwise reproducible. Without it they land in the
-order the GPU runs the programs (float32 rounding of the same sum differs
-from run to run), which measured 1.5-1.7x faster on an H200.
+`LaunchConfig.deterministic_dq` (the default) key tile t adds into float32
+copy `t % C` of dQ (`dq_copies`) once the copy's programs of lower key
+tiles have added theirs (one wait before its first add, one signal once
+its last has landed, on a global semaphore per copy, batch row and KV
+head), and the copies are summed in a fixed order: dQ is bitwise
+reproducible. Without it the adds go into one dQ in the order the GPU
+runs the programs (float32 rounding of the same sum differs from run to
+run).
 
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
@@ -64,6 +67,7 @@ Glossary of shapes:
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 from jax import lax
@@ -71,11 +75,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
-from flexible_attention.kernels.flash.mosaic_common import RANK_ROW
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
@@ -84,7 +88,7 @@ from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
-from flexible_attention.kernels.flash.mosaic_common import dq_ranks
+from flexible_attention.kernels.flash.mosaic_common import dq_copies
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
@@ -109,9 +113,10 @@ from flexible_attention.kernels.flash.structure import Static
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
   every warpgroup reads the same way. `dq` is the float32 dQ the fused
-  backward adds into (`with_dq`), else None; `ranks` (`dq_ranks`) and
-  `sems` (a global int32 semaphore per dQ tile and column half, zero at
-  the start) order its adds (`ordered`), else None; `mod_refs` the rows
+  backward adds into (`with_dq`; `[C, B, Sqp, H, Dp]`, C copies, when
+  `ordered`), else None; `sems` (a global int32 semaphore per copy, batch
+  row and KV head, zero at the start) order its adds (`ordered`), else
+  None; `mod_refs` the rows
   of the mods' program values (`mod_rows`' operands; None where none),
   `dslots` the output of their gradients (`grad_slots`), else None; `drop`
   the program's `TileDropout` with dropout (set once the bounds row is
@@ -124,7 +129,6 @@ class _DkdvRefs:
      self.kvvec) = refs[:8]
     del refs[:8]
     self.mod_refs = split_row_refs(mod_rows, refs)
-    self.ranks = refs.pop(0) if ordered else None
     self.dq = refs.pop(0) if with_dq else None
     self.sems = refs.pop() if ordered else None
     self.dk, self.dv, *dslots = refs
@@ -248,14 +252,15 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   rewrites one only after the other has signalled the next step's, so
   after its reads of this one are done.
 
-  With `r.sems` the adds into each dQ tile and column half keep a fixed
-  order, that of the key tiles (`dq_ranks`): before its add the warpgroup
-  waits until the tile's semaphore counts the adds of the key tiles before
-  its own (`ranks[i]` of them); it signals its own add once the add has
-  landed in global memory, which it checks at the next step (or after the
-  loop), so that no step waits for its own add. Lower key tiles' programs
-  start first (the grid's key-tile axis is its slowest), so every wait
-  ends.
+  With `r.sems` the program adds into copy `t % C` of dQ (key tile t, C
+  copies: `dq_copies`) in turn: before its first add each warpgroup waits
+  until the copy's semaphore (for its batch row and KV head) counts both
+  warpgroups of every lower key tile of the copy, `CONSUMERS * (t // C)`
+  signals; after its last add has landed it signals once. A program with
+  no step waits for its turn too, so that no signal runs ahead of the
+  order. Lower key tiles' programs start first (the grid's key-tile axis
+  is its slowest), so every wait ends, and with C above the programs of
+  one batch row and KV head that run at once it is already met.
 
   With mods (`r.st.mods`) the warpgroup first copies the program values of
   the group's G query heads to its shared memory (`mosaic_mods.
@@ -276,19 +281,20 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
   ordered = r.sems is not None
   if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
-    ds_smem, dq_smem, ds_ready, both_done, *order = r.exchange
+    ds_smem, dq_smem, ds_ready, both_done = r.exchange
     dq_tile = dq_smem.at[w]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
-  if ordered:  # The program's ranks, [R, RANK_ROW] int32, read by both.
-    ranks, ranks_ready = order
-    if w == 0:
-      plgpu.copy_gmem_to_smem(r.ranks.at[batch, r.tile], ranks, ranks_ready)
-    q_tiles = r.q.shape[1] // bq
+    dq = r.dq
+  if ordered:  # The program's copy of dQ, and its turn there.
+    copies = r.dq.shape[0]
+    dq = r.dq.at[lax.rem(r.tile, copies)]
+    semaphore = r.sems.at[(lax.rem(r.tile, copies) * r.q.shape[0] + batch)
+                          * r.k.shape[2] + kv_head]
 
-    def semaphore(head, i):  # Of query tile i's dQ rows, this column half.
-      return r.sems.at[((batch * r.q.shape[2] + head) * q_tiles + i)
-                       * CONSUMERS + w]
+    def wait_turn():  # Every lower key tile of the copy has added.
+      plgpu.semaphore_wait(semaphore, CONSUMERS * lax.div(r.tile, copies),
+                           decrement=False, memory_scope="gpu")
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
                           r.k_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
@@ -304,8 +310,6 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
   plgpu.barrier_wait(r.k_ready.at[wg])
   plgpu.barrier_wait(r.v_ready.at[wg])
-  if ordered:
-    plgpu.barrier_wait(ranks_ready)
 
   def step(i, carry, masked: bool, base, g):
     dk, dv, *dslots = carry
@@ -371,25 +375,17 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
       accumulators += (plgpu.ACC.init(wgmma_zeros(half)),)
-    dv, dk, *dq = pl.run_state(accumulate)(accumulators)
+    dv, dk, *dq_add = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
     if with_dq:
       head = kv_head * st.groups + g
-      # The last step's add: read out of the tile, and in order landed.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=not ordered)
-      if ordered:  # Signal it: head g's tile i - 1, or the last head's last.
-        first = (i == lo).astype(jnp.int32)
-        pl.when(i - lo + g > 0)(lambda: plgpu.semaphore_signal(
-            semaphore(head - first, i - 1 + first * (hi - lo)),
-            memory_scope="gpu"))
-      dq_tile[...] = dq[0]
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
+      dq_tile[...] = dq_add[0]
       plgpu.commit_smem()
-      if ordered:  # The key tiles before this one have added theirs.
-        plgpu.semaphore_wait(semaphore(head, i),
-                             ranks[lax.div(i, RANK_ROW), lax.rem(i, RANK_ROW)],
-                             decrement=False, memory_scope="gpu")
+      if ordered:  # The program's first add waits for its turn.
+        pl.when((i == lo) & (g == 0))(wait_turn)
       plgpu.copy_smem_to_gmem(dq_tile,
-                              r.dq.at[batch, pl.ds(i * bq, bq), head, cols],
+                              dq.at[batch, pl.ds(i * bq, bq), head, cols],
                               reduction_op="add")
     return (dk, dv, *dslots)
 
@@ -408,11 +404,10 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       lo, flo, fhi, hi, step,
       (wgmma_zeros(r.k.shape[-1]), wgmma_zeros(r.v.shape[-1]),
        *(wgmma_zeros(None) for _ in slots)), end if slots else None)
-  if ordered:  # The last add landed: signal it.
+  if ordered:  # The program's adds have landed: the copy's next may go.
     plgpu.wait_smem_to_gmem(0)
-    pl.when(hi > lo)(lambda: plgpu.semaphore_signal(
-        semaphore(kv_head * st.groups + st.groups - 1, hi - 1),
-        memory_scope="gpu"))
+    pl.when(hi <= lo)(wait_turn)
+    plgpu.semaphore_signal(semaphore, memory_scope="gpu")
   if with_dq:  # The other's last dQ matmuls have read this K tile.
     plgpu.barrier_arrive(both_done)
     plgpu.barrier_wait(both_done)
@@ -430,8 +425,8 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, ordered: bool,
                  mod_rows):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
   query head of its group; `refs` are the operands (the mods' rows after
-  the inputs, then `ordered` the ranks and `with_dq` dQ's Ref), the
-  outputs, `ordered` the semaphores, and last the shared-memory scratch."""
+  the inputs, then `with_dq` dQ's Ref), the outputs, `ordered` the
+  semaphores, and last the shared-memory scratch."""
   r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, ordered, mod_rows)
   lo, flo, fhi, hi, *seed = read_row(r.bounds.at[r.batch, r.tile],
                                       r.bounds_smem.at[r.wg],
@@ -487,8 +482,9 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   Returns:
     `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp], dq, dslots)`: dk, dv in
     k's dtype; with `st.launch.atomic_dq` dq `[B, Sqp, H, Dp]` float32 (its
-    float32 sums in the key tiles' order with `st.launch.deterministic_dq`,
-    else in the order the programs run: not bitwise reproducible), else
+    float32 sums in a fixed order with `st.launch.deterministic_dq`: each
+    of its `dq_copies` in key-tile order, then the copies in order; else
+    in the order the programs run: not bitwise reproducible), else
     None; with `mosaic_mods.grad_slots(st.mods)` (n of them) dslots
     float32 `[B, H, n]`, the loss' gradient in each program value those
     slots hold (`mosaic_mods.args_grads` takes it to `mod_args`), else
@@ -503,7 +499,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   if q_len % bq or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {bk}.")
-  reason = fused_dq_reason(d, q_len, ordered) if with_dq else None
+  reason = fused_dq_reason(d) if with_dq else None
   if reason is None and st.mods is not None:
     reason = dkv_mods_reason(d, atomic_dq=with_dq)
   if reason is not None:
@@ -515,7 +511,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  ranks = dq_ranks(bounds, q_len // bq) if ordered else None
+  copies = dq_copies(batch, kv_heads, nk, gpu.core_count(),
+                     q.size * 4) if ordered else 1
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
   n_slots = len(grad_slots(st.mods))
@@ -524,7 +521,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     # Ordered: a semaphore per dQ tile and column half, in global memory
     # shared by every program (zeroed at each launch).
     sems = (pl.get_global(plgpu.SemaphoreType.REGULAR(
-        (batch * heads * (q_len // bq) * CONSUMERS,))),) if ordered else ()
+        (copies * batch * kv_heads,))),) if ordered else ()
     smem = (
         plgpu.SMEM((key_tiles, ROWS, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((key_tiles, ROWS, d), v.dtype, transforms=swizzled),
@@ -541,16 +538,13 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                   + (plgpu.Barrier(),) * 4
                   + (plgpu.Barrier(num_arrivals=CONSUMERS),))
     elif with_dq:  # Two steps' ds^T of each consumer, its dQ columns'
-      # tile; per buffer the signal that both ds^T are in, and the end;
-      # `ordered` the program's row of ranks and its signal.
+      # tile; per buffer the signal that both ds^T are in, and the end.
       exchange = (plgpu.SMEM((2, CONSUMERS, ROWS, bq), q.dtype,
                              transforms=swizzled),
                   plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), jnp.float32,
                              transforms=wgmma_transforms(jnp.float32)),
                   plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),
                   plgpu.Barrier(num_arrivals=CONSUMERS))
-      if ordered:
-        exchange += (plgpu.SMEM(ranks.shape[2:], jnp.int32), plgpu.Barrier())
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
@@ -581,7 +575,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
               num_threads=CONSUMERS + 1, thread_name="wg")
   params = plgpu.CompilerParams(approx_math=True)
   operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors,
-              *row_operands(mod_rows), *([ranks] if ordered else []))
+              *row_operands(mod_rows))
   if not with_dq:
     dq = None
     outs = plgpu.kernel(body, out_type=out_type, compiler_params=params,
@@ -599,8 +593,10 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
         ref[...] = x
 
     dq, *outs = pl.run_state(fused)(
-        (jnp.zeros(q.shape, jnp.float32),
+        (jnp.zeros((copies,) * ordered + q.shape, jnp.float32),
          *(jnp.zeros(x.shape, x.dtype) for x in out_type)))
+    if ordered:  # The copies in a fixed order (elementwise, no reduction).
+      dq = functools.reduce(operator.add, list(dq))
   dk, dv, *dslots = outs
   # Summed over key tiles, consumers and rows: [B, H, n].
   dslots = (dslots[0].sum(axis=(2, 3, 6)).reshape(batch, heads, n_slots)

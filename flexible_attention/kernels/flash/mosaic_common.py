@@ -108,11 +108,6 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
 
 
 DKV_BLOCK_Q = 64  # Query rows per step: `[64, 64]` score tiles.
-# The fused backward's fixed dQ order (`dq_ranks`): a row of ranks per key
-# tile, `[R, RANK_ROW]` int32 in shared memory (a TMA box's dimension holds
-# at most 256), at most 8 KiB of it beside the kernel's ~210 KiB at Dp = 128.
-RANK_ROW = 128
-ORDERED_DQ_MAX_Q_LEN = 8192 // 4 * DKV_BLOCK_Q  # 131072 query rows.
 SPLIT_HEAD_DIM = 256  # From here on the consumers split dK/dV's columns.
 
 
@@ -173,49 +168,53 @@ def dkv_mods_reason(head_dim: int, *, atomic_dq: bool = False) -> str | None:
   return None
 
 
-def fused_dq_reason(head_dim: int, q_len: int = 0,
-                    deterministic: bool = False) -> str | None:
+def fused_dq_reason(head_dim: int) -> str | None:
   """Why the dK/dV kernel cannot also compute dQ (the fused backward,
-  `LaunchConfig.atomic_dq`) at a padded head size and query length, or
-  None.
+  `LaunchConfig.atomic_dq`) at a padded head size, or None.
 
   Only the rows layout (Dp <= 128) has it: each consumer adds a `[64, Dp]`
   float32 share of dQ per step beside its dK and dV accumulators. At
   Dp = 256 (the columns layout) those accumulators already take both
   consumers' registers and the shared memory is full (219 of 227 KiB), so
-  that call keeps the split backward (dQ through Triton). In a fixed order
-  (`deterministic`) each program also holds its row of `dq_ranks` in
-  shared memory, 4 bytes per query tile of `DKV_BLOCK_Q` rows, which
-  bounds Sq at `ORDERED_DQ_MAX_Q_LEN`.
+  that call keeps the split backward (dQ through Triton).
   """
   if head_dim >= SPLIT_HEAD_DIM:
     return (f"its fused dQ (atomic_dq=True) takes padded head sizes below "
             f"{SPLIT_HEAD_DIM}, got {head_dim}; use atomic_dq=False (dQ "
             f"through Triton) there")
-  if deterministic and q_len > ORDERED_DQ_MAX_Q_LEN:
-    return (f"its fused dQ in a fixed order (deterministic_dq=True) takes "
-            f"Sq <= {ORDERED_DQ_MAX_Q_LEN}, got {q_len}; use "
-            f"atomic_dq=False (the split backward, also reproducible) or "
-            f"deterministic_dq=False")
   return None
 
 
-def dq_ranks(bounds, q_tiles: int):
-  """The fixed order of the fused backward's dQ adds: int32 `[B, nk, R,
-  RANK_ROW]` (R * RANK_ROW >= `q_tiles`), entry `[b, t, i]` the number of
-  key tiles before t whose program adds into query tile i's dQ rows (its
-  bounds `[lo, hi)` hold i). Key tile t adds there after those.
+DQ_COPIES_BYTES = 4 << 30  # The fixed order's copies of dQ: at most 4 GiB.
+
+
+def dq_copies(batch: int, kv_heads: int, key_tiles: int,
+              core_count: int | None, dq_bytes: int = 0) -> int:
+  """C, the float32 copies of dQ the fused backward adds into in a fixed
+  order (`LaunchConfig.deterministic_dq`).
+
+  Key tile t's program adds into copy `t % C` after the copy's programs of
+  lower key tiles (of its batch row and KV head) have all added theirs:
+  it waits once, before its first add, and signals once, after its last
+  has landed (`mosaic_bwd`). The copies are then summed in a fixed order,
+  so dQ is bitwise reproducible. For the wait to find its predecessors
+  done, C must exceed the programs of one (batch row, KV head) that run at
+  once, about `core_count / (B * Hkv)` of them since the key tiles are
+  the grid's slowest axis: twice that, at most `key_tiles`, and no more
+  than `DQ_COPIES_BYTES` hold (fewer copies: programs wait for each other,
+  slower but the same bits).
 
   Args:
-    bounds: int32 `[B, nk, 4]`, the dK/dV kernel's `(lo, flo, fhi, hi)` per
-      key tile (`structure.bounds_table`).
-    q_tiles: Sqp // `DKV_BLOCK_Q`.
+    batch, kv_heads: B and Hkv.
+    key_tiles: the dK/dV kernel's key tiles, Skp / `dkv_block_k(Dp)`.
+    core_count: the GPU's multiprocessors (None: an H100's or H200's 132).
+    dq_bytes: the bytes of one float32 copy of dQ, `B * Sqp * H * Dp * 4`.
   """
-  lo, hi = bounds[..., 0:1], bounds[..., 3:4]
-  tiles = jnp.arange(-(-q_tiles // RANK_ROW) * RANK_ROW)
-  adds = ((tiles >= lo) & (tiles < hi)).astype(jnp.int32)  # [B, nk, R * 128]
-  ranks = jnp.cumsum(adds, axis=1) - adds
-  return ranks.reshape(*bounds.shape[:2], -1, RANK_ROW)
+  cores = core_count or 132
+  copies = min(key_tiles, -(-2 * cores // (batch * kv_heads)))
+  if dq_bytes:
+    copies = min(copies, DQ_COPIES_BYTES // dq_bytes)
+  return max(1, copies)
 
 
 def wgmma_zeros(cols: int | None):
