@@ -107,10 +107,14 @@ def test_overflow_is_flagged_and_drops_the_tokens_that_do_not_fit():
     np.testing.assert_array_equal(
         got, old.at[table[0, 4], 2:].set(x[0]).at[table[1, 0], 3].set(
             x[1, 0]).at[table[2, 0], :2].set(x[2]))
-  # A row whose table lost a page it holds tokens in stays flagged.
+  # A row whose table lost a page it holds tokens in stays flagged, with new
+  # tokens or without; so does a dense row past L.
   later, overflow = _write(new, k, v, jnp.asarray([0, 0, 1]))
   np.testing.assert_array_equal(overflow, [False, True, False])
   np.testing.assert_array_equal(later.lengths, [20, 5, 3])
+  past = dense._replace(lengths=jnp.asarray([5, 2, 4], jnp.int32))
+  _, overflow = _write(past, k, v, jnp.asarray([0, 2, 0]))
+  np.testing.assert_array_equal(overflow, [True, False, False])
 
 
 @pytest.mark.parametrize("cache", ["dense", "paged"])

@@ -304,8 +304,11 @@ def write(cache, key, value, q_lengths=None):
   batch, new_len = key.shape[:2]
   positions, valid = query_slots(cache, new_len, q_lengths)  # [B, Sq]
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], positions.shape)
-  new_lengths = cache.lengths.astype(jnp.int32) + jnp.sum(valid, 1,
-                                                          dtype=jnp.int32)
+  # Tokens per row: `q_lengths` clipped to the slots (the count of `valid`,
+  # without a reduction over it).
+  count = (new_len if q_lengths is None else
+           jnp.clip(jnp.asarray(q_lengths, jnp.int32), 0, new_len))
+  new_lengths = cache.lengths.astype(jnp.int32) + count
   # Every scatter index is unique (a dropped slot gets an index of its own
   # past the end), so XLA may write the slots in parallel, without atomics.
   dropped = jnp.arange(batch * new_len, dtype=jnp.int32).reshape(batch,
@@ -334,16 +337,18 @@ def write(cache, key, value, q_lengths=None):
         scatter(cache.key_pages, (page, slot), key),
         scatter(cache.value_pages, (page, slot), value),
         cache.page_table, new_lengths)
-  overflow = jnp.any(valid & ~fits, axis=1)
+  # A row overflows when it holds more tokens than fit: more than `L` (which
+  # covers every new token past the end), or, in a paged cache, a token in
+  # a page-table slot that names no page (which covers every new token that
+  # met one). Either way it stays flagged on every later call, new tokens or
+  # not: its cache lost tokens. One elementwise test and, paged, one
+  # reduction over the table, which XLA fuses with the lengths' add.
+  overflow = new_lengths > cache.max_length
   if isinstance(cache, PagedKVCache):
-    # Every token a row holds needs a page: a row whose table lost one (or
-    # never had it) stays flagged on every later call, as a dense row past
-    # `L` does.
     table = cache.page_table.astype(jnp.int32)
     needed = (jnp.arange(max_pages) * page_size)[None, :] < new_lengths[:,
                                                                         None]
     overflow |= jnp.any(needed & ((table < 0) | (table >= pages)), axis=1)
-    overflow |= new_lengths > cache.max_length
   return new_cache, overflow
 
 
