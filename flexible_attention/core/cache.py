@@ -299,7 +299,9 @@ def write(cache, key, value, q_lengths=None):
 
   Returns:
     `(new_cache, overflow [B] bool)`: the cache with the tokens written and
-    `lengths + q_lengths`, and the rows whose tokens did not all fit.
+    `lengths + q_lengths`, and the rows that hold more tokens than fit (now
+    or on an earlier call: past `L`, or through a page-table slot that
+    names no page).
   """
   batch, new_len = key.shape[:2]
   positions, valid = query_slots(cache, new_len, q_lengths)  # [B, Sq]

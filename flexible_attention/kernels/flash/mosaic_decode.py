@@ -2,8 +2,8 @@
 
 Computes what the Triton decode kernel (`triton_decode`) computes, for
 sm_90: each split's float32 partial output and natural log-sum-exp, which
-`decode.py` merges. It takes the queries as `decode.py` lays them out and
-the call's kv lengths and query positions as they come: each program works
+`decode.py` merges. It takes the call's `[B, Sq, H, D]` queries, kv
+lengths and query positions as they come: each program works
 out its row's token range (`DecodeStatic.token_range`) and its rows'
 positions from scalars, so no XLA step prepares them (the Triton kernel
 gets them as operands).
