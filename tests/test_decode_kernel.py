@@ -35,6 +35,7 @@ from flexible_attention.core import masks
 from flexible_attention.kernels.flash import decode
 from flexible_attention.kernels.flash import mosaic_decode
 from flexible_attention.kernels.flash import structure
+import gpu_interpret
 import helpers
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
@@ -514,11 +515,25 @@ def test_backend_policy_refuses_what_it_cannot_serve():
     decode.decode_attention(**args, backend="cuda", interpret=True)
 
 
+MOSAIC_CASES = ("gqa_paged16_causal_ragged",
+                "four_new_paged128_window_softcap",
+                "mqa_paged8_padded_queries_splits", "dense_d64", "sinks_d256",
+                "one_split_four_new_padded_queries")
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("case", MOSAIC_CASES)
+def test_mosaic_kernel_matches_reference_in_gpu_interpreter(case):
+  """The Hopper cases below on a CPU: the Mosaic decode kernel run by JAX's
+  GPU interpreter (`gpu_interpret`: warpgroups as threads, its barriers and
+  TMA copies simulated)."""
+  with gpu_interpret.mosaic_on_cpu():
+    test_mosaic_kernel_matches_reference_on_hopper(case)
+
+
 @pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("case", [
-    "gqa_paged16_causal_ragged", "four_new_paged128_window_softcap",
-    "mqa_paged8_padded_queries_splits", "dense_d64", "sinks_d256",
-    "one_split_four_new_padded_queries"])
+@pytest.mark.parametrize("case", MOSAIC_CASES)
 def test_mosaic_kernel_matches_reference_on_hopper(case):
   """The Mosaic kernel (bf16) against the float32 reference: shuffled
   tables with shared prefix pages and -1 entries, ragged lengths (0 and not

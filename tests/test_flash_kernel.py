@@ -43,6 +43,7 @@ from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
+import gpu_interpret
 import helpers
 
 # Interpreted on a GPU, float32 matmuls default to TF32 (~1e-3 relative).
@@ -80,9 +81,11 @@ def _flash(call, dropout, scale, softcap, blocks, launch, interpret):
 
 
 def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
-           blocks=SMALL_BLOCKS, launch=None, interpret=True, **shape):
+           blocks=SMALL_BLOCKS, launch=None, interpret=True, jit=True,
+           **shape):
   """Runs flash (interpreted unless told) and the reference; compares out
-  and grads. `launch` (a `LaunchConfig`), when given, replaces `blocks`."""
+  and grads. `launch` (a `LaunchConfig`), when given, replaces `blocks`;
+  `jit=False` runs flash op by op (`gpu_interpret`'s kernels)."""
   q, k, v, ct, bias = _inputs(name, **shape)
   call = dict(call or {})
   scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
@@ -102,7 +105,7 @@ def _check(name, call=None, *, softcap=None, dropout=None, sm_scale=None,
       return (out,) + tuple(g for g in grads if g is not None)
     return run
 
-  got = jax.jit(fwd_bwd(flash))(q, k, v, bias, ct)
+  got = (jax.jit if jit else lambda f: f)(fwd_bwd(flash))(q, k, v, bias, ct)
   want = jax.jit(fwd_bwd(ref))(q, k, v, bias, ct)
   tol = TOL[jnp.dtype(q.dtype).name]
   for what, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
@@ -338,6 +341,30 @@ def test_hopper_mosaic_dq_matches_reference(name):
                    dq=True)
   _check(f"hopper mosaic dq {name}", call, launch=launch, interpret=False,
          **shape)
+
+
+# The cases whose kernels run on a CPU too, in JAX's GPU interpreter
+# (`gpu_interpret`; 12-30 s each there): causal with empty rows, a window,
+# segments with grouped heads, MQA with soft cap, float16 and the dropout
+# hash. D = 256 is left out (no Mosaic dQ), and the fused backward (its
+# semaphores are not modelled there).
+INTERPRETED_CASES = ("causal_empty_rows", "window", "segments",
+                     "mqa_softcap", "float16", "dropout_gqa")
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("name", INTERPRETED_CASES)
+def test_mosaic_kernels_match_reference_in_gpu_interpreter(name):
+  """The Mosaic forward, dK/dV and dQ kernels, run by JAX's GPU interpreter
+  on the CPU (warpgroups as threads, barriers and TMA simulated), against
+  the float32 reference: out and the gradients of q, k, v."""
+  call, shape = _hopper_case(name)
+  launch = _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False),
+                   dq=True)
+  with gpu_interpret.mosaic_on_cpu():
+    _check(f"interpreted {name}", call, launch=launch, interpret=False,
+           jit=False, **shape)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")

@@ -36,6 +36,7 @@ from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mod_lowering
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.mechanisms import registry
+import gpu_interpret
 import helpers
 
 B, H, HKV, D = 2, 4, 2, 8
@@ -243,6 +244,20 @@ def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
     monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   _check_mosaic_forward_mods(name, dq_backend if ON_HOPPER else "triton",
                              head_dim)
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("name,head_dim", [("alibi", 64), ("both", 128)])
+def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, monkeypatch):
+  """The same on a CPU: the policy's Hopper launches (the Mosaic forward,
+  dK/dV and dQ kernels) run by JAX's GPU interpreter (`gpu_interpret`)."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  monkeypatch.setattr(gpu, "core_count", lambda: 132)
+  monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
+  with gpu_interpret.mosaic_on_cpu():
+    _check_mosaic_forward_mods(name, "mosaic", head_dim, hopper=True,
+                               jit=False)
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -1272,20 +1287,22 @@ def test_mosaic_backward_skips_the_unit_derivative_of_additive_mods(mod, unit):
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64):
+def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
+                               hopper=ON_HOPPER, jit=True):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
   (bfloat16, Sq = 260 < Sk = 328: bottom-right positions, padded tiles,
   grouped heads, soft cap; D = `head_dim`): out, lse (-inf rows included)
   and the gradients of q, k, v, the [H] slopes and the [B] scale against
-  the float32 reference. On Hopper the forward and dK/dV kernels must be
-  the Mosaic GPU ones (the dK/dV kernel computes the slopes' and the
-  scale's gradients), and dQ `dq_backend`'s."""
+  the float32 reference. On Hopper (`hopper`) the forward and dK/dV
+  kernels must be the Mosaic GPU ones (the dK/dV kernel computes the
+  slopes' and the scale's gradients), and dQ `dq_backend`'s. `jit=False`
+  runs flash op by op (`gpu_interpret`'s kernels)."""
   rng = helpers.rng_for("mosaic-forward-mods", name, head_dim)
   q, k, v = (x.astype(jnp.bfloat16) for x in helpers.random_qkv(
       rng, B, 260, 328, H, HKV, head_dim))
   slopes, scale, prefix = _hopper_mod_args()
   cap = 30.0
-  if ON_HOPPER:
+  if hopper:
     assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix)),
                      softcap=cap) == ("mosaic", "mosaic", dq_backend), name
 
@@ -1308,8 +1325,9 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64):
       finite = jnp.where(jnp.isneginf(lse), 0.0, lse)
       return (jnp.sum(out.astype(jnp.float32) * jnp.cos(out)) +
               jnp.sum(jnp.sin(finite)), (out, lse))
-    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(
-        loss, (0, 1, 2, 3, 4), has_aux=True))(*args)
+    grad_fn = jax.value_and_grad(loss, (0, 1, 2, 3, 4), has_aux=True)
+    (_, (out, lse)), grads = (jax.jit(grad_fn) if jit or f is ref else
+                              grad_fn)(*args)
     return out, lse, grads
 
   out, lse, grads = value_and_grads(flash, q, k, v, slopes, scale)

@@ -1,0 +1,211 @@
+"""The Mosaic GPU kernels on a CPU: JAX's GPU interpret mode, completed.
+
+jax 0.11's Pallas ships an interpreter for Mosaic GPU kernels
+(`plgpu.InterpretGPUParams`): each warpgroup of a block runs as a CPU
+thread over simulated global and shared memory, with mbarriers, TMA copies
+and WGMMA modelled. It checks more than the hardware does (a thread that
+skips a barrier phase is an error, not a hang), so a kernel that passes
+here has its synchronisation as well as its arithmetic checked. Three
+things the project's kernels use are missing from it; `enable()` adds
+them, each the operation's documented meaning:
+
+- `pl.run_state` over a WGMMA accumulator initialised from registers
+  (`plgpu.ACC.init(acc)`, how the kernels add `p v` into the running
+  output): the accumulator becomes a register allocation holding the
+  initial value, the body runs, the final value is read back.
+- WGMMA with its left operand in registers (`p` of the softmax): `acc +=
+  a @ b` with `a` the value instead of a shared-memory buffer.
+- A barrier freed while a thread has not observed its last completed
+  phase: the consumers' final release of a stage that the producer never
+  waits for again. The interpreter calls that an error; on the hardware
+  it is the normal end of a pipeline. A thread two phases behind (a
+  missed completion, which the hardware cannot tell from the next) still
+  fails.
+
+Kernels run op by op (eagerly): a jitted program that holds an
+interpreted kernel runs it on XLA's CPU thread pool, whose threads a
+blocked warpgroup holds, and on a 2-core machine a fwd+bwd program
+deadlocks that way. Each kernel on its own dispatches from Python's
+threads and runs.
+
+Only the Mosaic GPU kernels run here; Triton kernels keep Pallas'
+`interpret=True`. Global semaphores and TMA reduce-adds (the fused
+backward's dQ) are not modelled.
+"""
+
+import contextlib
+import functools
+
+import jax
+import numpy as np
+
+try:  # jax >= 0.11; jax 0.10's interpreter lacks refs in `plgpu.load`.
+  from jax._src import core as jax_core
+  from jax._src import linear_util
+  from jax._src.pallas.mosaic_gpu import core as mgpu_core
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+  from jax._src.pallas.mosaic_gpu.interpret import shared_memory
+  from jax._src.state import discharge
+  from jax._src.state import types as state_types
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  _PARAMS = plgpu.InterpretGPUParams
+  UNAVAILABLE = None
+except (ImportError, AttributeError) as e:
+  UNAVAILABLE = f"JAX's Mosaic GPU interpret mode needs jax >= 0.11 ({e})"
+if UNAVAILABLE is None and jax.default_backend() != "cpu":
+  UNAVAILABLE = "runs on a CPU (the compiled kernels' tests run here)"
+
+
+def _run_state(interpreter, eqn, token, invals):
+  """`run_state` over register accumulators (see the module docstring)."""
+  jaxpr = eqn.params["jaxpr"]
+  if not all(eqn.params["is_initialized"]):
+    raise NotImplementedError("run_state with uninitialised refs")
+  regs = shared_memory.get_memory_space_idx(mgpu_core.MemorySpace.REGS)
+  args, keys = [], []
+  for value, out in zip(invals, eqn.outvars):
+    if isinstance(out.aval, state_types.AbstractRef):  # A ref closed over.
+      args.append(value)
+      keys.append(None)
+      continue
+    token, request = gpu_callbacks.call_make_allocation_request_array(
+        token=token, compute_unit=interpreter.thread, memory_space_id=regs)
+    token, key = gpu_callbacks.call_allocate_buffer(
+        token, interpreter.mesh_location, interpreter.thread, request, value,
+        eqn.source_info)
+    args.append(key)
+    keys.append(key)
+  token, _ = interpreter.interpret(jaxpr, token, *args)
+  outs = []
+  for value, key, out in zip(invals, keys, eqn.outvars):
+    if key is None:
+      outs.append(value)
+      continue
+    token, final = gpu_callbacks.call_get(
+        token=token, result_shape_and_dtype=out.aval,
+        mesh_location=interpreter.mesh_location, thread=interpreter.thread,
+        allocation_key_as_array=key, transforms=(),
+        source_info=eqn.source_info)
+    token = gpu_callbacks.call_deallocate_buffer(
+        token, interpreter.mesh_location, interpreter.thread, key,
+        eqn.source_info)
+    outs.append(final)
+  return token, outs
+
+
+def _segments(jaxpr):
+  """Splits `jaxpr`'s equations at its `run_state`s: yields each
+  `run_state` equation, and each run of others as a sub-jaxpr with the
+  variables it reads from before and those read after it."""
+  eqns, start = jaxpr.eqns, 0
+  while start < len(eqns):
+    if eqns[start].primitive is discharge.run_state_p:
+      yield eqns[start]
+      start += 1
+      continue
+    end = start
+    while end < len(eqns) and eqns[end].primitive is not discharge.run_state_p:
+      end += 1
+    run = eqns[start:end]
+    made = {v for e in run for v in e.outvars}
+    reads = list(dict.fromkeys(
+        a for e in run for a in e.invars
+        if isinstance(a, jax_core.Var) and a not in made))
+    later = {a for e in eqns[end:] for a in e.invars
+             if isinstance(a, jax_core.Var)}
+    later |= {a for a in jaxpr.outvars if isinstance(a, jax_core.Var)}
+    writes = [v for e in run for v in e.outvars if v in later]
+    yield jax_core.Jaxpr(
+        [], reads, writes, run,
+        jax_core.join_effects(*(e.effects for e in run)),
+        debug_info=linear_util.DebugInfo("gpu_interpret", "a run_state's "
+                                         "neighbours", None, None))
+    start = end
+
+
+def _interpret(self, original, jaxpr, token, *args):
+  if not any(e.primitive is discharge.run_state_p for e in jaxpr.eqns):
+    return original(self, jaxpr, token, *args)
+  env = dict(zip(jaxpr.constvars + jaxpr.invars, args))
+  read = lambda a: a.val if isinstance(a, jax_core.Literal) else env[a]
+  for part in _segments(jaxpr):
+    if isinstance(part, jax_core.JaxprEqn):
+      token, outs = _run_state(self, part, token, [read(a) for a in
+                                                   part.invars])
+      env.update(zip(part.outvars, outs))
+    else:
+      token, outs = original(self, part, token, *map(read, part.invars))
+      env.update(zip(part.outvars, outs))
+  return token, [read(a) for a in jaxpr.outvars]
+
+
+def _wgmma(original, *, token, mesh_location, thread,
+           acc_allocation_key_as_array, acc_transforms,
+           a_allocation_key_as_array, a_transforms, b_allocation_key_as_array,
+           b_transforms, source_info=None):
+  """WGMMA with the left operand in registers (see the module docstring)."""
+  key_shape = gpu_callbacks.HostAllocationKey.shape_and_dtype().shape
+  if np.shape(a_allocation_key_as_array) == tuple(key_shape):
+    return original(
+        token=token, mesh_location=mesh_location, thread=thread,
+        acc_allocation_key_as_array=acc_allocation_key_as_array,
+        acc_transforms=acc_transforms,
+        a_allocation_key_as_array=a_allocation_key_as_array,
+        a_transforms=a_transforms,
+        b_allocation_key_as_array=b_allocation_key_as_array,
+        b_transforms=b_transforms, source_info=source_info)
+  memory = gpu_callbacks._get_shared_memory()  # pylint: disable=protected-access
+  info = shared_memory.GPULoggingInfo(mesh_location, thread, source_info)
+  plain = lambda t: jax.tree.map(
+      int, gpu_callbacks._remove_noop_transforms(t))  # pylint: disable=protected-access
+
+  def region(key_array, transforms):
+    key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+    return key, memory.access(key, plain(transforms))
+
+  b_key, b_range = region(b_allocation_key_as_array, b_transforms)
+  b, _, _ = memory.get_buffer_content(b_key, b_range, thread,
+                                      logging_info=info)
+  acc_key, acc_range = region(acc_allocation_key_as_array, acc_transforms)
+  acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread,
+                                        logging_info=info)
+  acc = acc + np.matmul(np.asarray(a_allocation_key_as_array), b,
+                        dtype=acc.dtype)
+  memory.store_buffer_content(acc_key, acc_range, acc, thread,
+                              logging_info=info)
+  return token
+
+
+def _deallocate(self):
+  """`Barrier.deallocate`, its last phase allowed to go unobserved."""
+  with self.cv:
+    self.ref_count -= 1
+    if self.ref_count > 0:
+      return
+    if self.arrivals_count:
+      raise ValueError(f"barrier {id(self)} freed with "
+                       f"{self.arrivals_count} arrivals pending")
+    for thread, seen in self.last_observed_phase_by_thread.items():
+      if seen < self.phase - 1:
+        raise ValueError(f"barrier {id(self)} freed at phase {self.phase}; "
+                         f"{thread} last observed {seen - 1}")
+
+
+@functools.cache
+def enable():
+  """Adds what the interpreter lacks (idempotent; jax >= 0.11 only)."""
+  if UNAVAILABLE:
+    raise RuntimeError(UNAVAILABLE)
+  cls = jaxpr_interpret.JaxprInterpreter
+  cls.interpret = functools.partialmethod(_interpret, cls.interpret)
+  gpu_callbacks.wgmma = functools.partial(_wgmma, gpu_callbacks.wgmma)
+  shared_memory.Barrier.deallocate = _deallocate
+
+
+@contextlib.contextmanager
+def mosaic_on_cpu():
+  """Runs every Mosaic GPU kernel traced inside under the interpreter."""
+  enable()
+  with plgpu.force_gpu_interpret_mode(_PARAMS()):
+    yield
