@@ -45,6 +45,7 @@ from flexible_attention.core.inputs import canonical_window
 from flexible_attention.core.inputs import check_array
 from flexible_attention.core.inputs import check_sinks
 from flexible_attention.core.inputs import canonicalize
+from flexible_attention.core.inputs import poison_overflow
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels.flash import interface
@@ -115,9 +116,10 @@ class _Config:
 
 
 def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
-             q_positions, q_valid, sinks):
+             q_positions, q_valid, sinks, overflow):
   """`(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`; `sinks
-  [H]` (or None) merge as one more part after the key splits."""
+  [H]` (or None) merge as one more part after the key splits; the rows of
+  `overflow` (`[B]` bool, or None) NaN."""
   st = cfg.static
   launch = st.launch
   batch, q_len, num_heads, head_dim = q.shape
@@ -135,7 +137,8 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
         page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
         st, q, key_pages, value_pages, table, kv_lengths, q_positions,
-        q_valid, capacity, final=final)
+        q_valid, capacity, overflow=overflow, final=final)
+    overflow = None  # The kernel wrote NaN (the merge keeps it).
   else:
     # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
     pad = max(MIN_BLOCK, next_power_of_2(groups * q_len)) - q_len * groups
@@ -178,28 +181,34 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
     out, lse = merge.merge_stacked(outs, lses)
   if sinks is not None:
     out, lse = merge.merge_sinks(out.astype(jnp.float32), lse, sinks)
-  return out.astype(q.dtype), lse
+  return poison_overflow(out.astype(q.dtype), lse, overflow)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _decode(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-            q_positions, q_valid, sinks):
+            q_positions, q_valid, sinks, overflow):
   return _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                  q_positions, q_valid, sinks)
+                  q_positions, q_valid, sinks, overflow)
 
 
 def _decode_fwd(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                q_positions, q_valid, sinks):
+                q_positions, q_valid, sinks, overflow):
   out, lse = _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                      q_positions, q_valid, sinks)
+                      q_positions, q_valid, sinks, overflow)
   return (out, lse), (q, key_pages, value_pages, page_table, kv_lengths,
-                      q_positions, q_valid, sinks, out, lse)
+                      q_positions, q_valid, sinks, overflow, out, lse)
 
 
 def _decode_bwd(cfg, residuals, cotangents):
   (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
-   sinks, out, lse) = residuals
+   sinks, overflow, out, lse) = residuals
   dout, dlse = cotangents
+  if overflow is not None:
+    # An overflowing row's NaN is a constant: no gradient flows from it. As
+    # a query that sees no key it gives out 0 and lse +inf (p = 0) here.
+    q_valid = q_valid & ~overflow[:, None]
+    out = jnp.where(q_valid[:, :, None, None], out, jnp.zeros_like(out))
+    lse = jnp.where(q_valid[:, None, :], lse, jnp.inf)
   st = cfg.static
   (k, v), gather_vjp = jax.vjp(
       lambda kp, vp: cache_lib.dense_view(cache_lib.PagedKVCache(
@@ -218,7 +227,7 @@ def _decode_bwd(cfg, residuals, cotangents):
   dkp, dvp = gather_vjp((dk, dv))
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)
-  return dq, dkp, dvp, None, None, None, None, dsinks
+  return dq, dkp, dvp, None, None, None, None, dsinks, None
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
@@ -290,7 +299,7 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                      backend: str | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool = False,
-                     sinks=None) -> KernelOutput:
+                     sinks=None, overflow=None) -> KernelOutput:
   """Attention of a few new queries per row against a paged KV cache.
 
   Query `i` of row `b` (at token index `q_positions[b, i]`) attends to the
@@ -339,6 +348,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     interpret: run the kernel in Pallas' interpreter (CPU tests).
     sinks: `[H]` float sink logits (semantics step 6), or None; merged
       after the key splits as one more part (out 0, lse `sinks[h]`).
+    overflow: `[B]` bool, rows whose cache overflowed (`core/cache.py`):
+      their out and lse are NaN (the Mosaic kernel writes them so), and no
+      gradient flows from them; or None.
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32,
@@ -432,8 +444,14 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
       launch=launch, interpret=bool(interpret))
   if sinks is not None:
     sinks = check_sinks(sinks, num_heads)
+  if overflow is not None:
+    check_array("overflow", overflow, 1, "[B]")
+    if tuple(overflow.shape) != (batch,) or overflow.dtype != jnp.bool_:
+      raise ValueError(f"overflow must be [B] = ({batch},) bool, got shape "
+                       f"{tuple(overflow.shape)} and dtype {overflow.dtype}.")
   out, lse = _decode(_Config(st, block_sizes), q, key_pages, value_pages,
-                     page_table, kv_lengths, q_positions, q_valid, sinks)
+                     page_table, kv_lengths, q_positions, q_valid, sinks,
+                     overflow)
   return KernelOutput(out, lse, None)
 
 
@@ -484,13 +502,16 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
     launch: a `LaunchConfig` for the general kernels, or None.
 
   Returns:
-    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`.
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`; NaN
+    in the rows of `inputs.overflow` (when given).
   """
   if launch is not None or cache_call_reason(inputs, dropout) is not None:
-    return interface.flash_attention(
+    result = interface.flash_attention(
         inputs, dropout, sm_scale=sm_scale, softcap=softcap,
         precision=precision, block_sizes=block_sizes, launch=launch,
         interpret=interpret)
+    out, lse = poison_overflow(result.out, result.lse, inputs.overflow)
+    return result._replace(out=out, lse=lse)
   vis = inputs.visibility
   if inputs.pages is not None:
     pages = inputs.pages
@@ -502,4 +523,4 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
       inputs.query, key_pages, value_pages, table, vis.kv_lengths,
       vis.q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
       window=vis.window, precision=precision, block_sizes=block_sizes,
-      interpret=interpret, sinks=inputs.sinks)
+      interpret=interpret, sinks=inputs.sinks, overflow=inputs.overflow)

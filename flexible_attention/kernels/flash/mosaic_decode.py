@@ -27,7 +27,10 @@ each key and value is read once per KV head, and runs two warpgroups:
 Blocks outside the tokens the program's rows can see (past the row's length,
 after its last query under causal, outside the window) are never loaded; a
 split with none writes out 0 and lse -inf. Page ids read from the table are
-clamped to `[0, P)` (as the Triton kernel does).
+clamped to `[0, P)` (as the Triton kernel does). A row whose cache
+overflowed gets NaN out and lse from the epilogue (each program reads its
+row's `0` or NaN and adds it to its rows' `1 / l` and lse), so no pass over
+the output follows the kernel.
 
 Shared memory: the query tile `[ROWS, D]` and its unswizzled stage (the
 new tokens' query heads are copied there from `[B, Sq, H, D]`, then
@@ -149,7 +152,8 @@ def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-            out_ref, lse_ref, scratch, *, st, rows_out: int, groups: int,
+            poison_ref, out_ref, lse_ref, scratch, *, st, rows_out: int,
+            groups: int,
             capacity: int, final: bool):
   (q_smem, q_stage, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready,
    v_ready, k_free, v_free) = scratch
@@ -229,8 +233,10 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
     acc, m, l = lax.fori_loop(lo_block, hi_block, step, carry)
     nonempty = l > 0.0
     safe_l = jnp.where(nonempty, l, 1.0)
-    acc = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
-    lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
+    poison = poison_ref[batch]  # 0, or NaN for a row that overflowed.
+    acc = acc * lax.broadcast_in_dim(1.0 / safe_l + poison, acc.shape, [0])
+    lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l),
+                              -jnp.inf) + poison
     cols = out_smem.shape[1]  # The output goes out `cols` columns at a time.
     for c in range(acc.shape[1] // cols):
       columns = pl.ds(c * cols, cols)
@@ -296,7 +302,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
-                    q_positions, q_valid, capacity: int, final: bool = False):
+                    q_positions, q_valid, capacity: int, overflow=None,
+                    final: bool = False):
   """The decode kernel: each split's partial attention.
 
   Args:
@@ -313,6 +320,8 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     q_positions: `[B, Sq]` ints, each query's token index.
     q_valid: `[B, Sq]` bool, False for padded query slots.
     capacity: `M0 * ps`, the tokens the unpadded table holds.
+    overflow: `[B]` bool, rows whose cache overflowed (their out and lse
+      NaN), or None.
     final: with one split (S = 1), write the attention itself: `out` in
       q's dtype and the call's layout, no step after the kernel but the
       lse's (for a call with sinks, which merge after the kernel: False).
@@ -320,7 +329,8 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
     split's normalised output and natural log-sum-exp (0 and -inf where the
-    split holds no visible key); `final`: out `[B, Sq, H, Dv]` in q's dtype.
+    split holds no visible key; NaN for the rows of `overflow`); `final`:
+    out `[B, Sq, H, Dv]` in q's dtype.
   """
   launch = st.launch
   batch, q_len, num_heads, head_dim = q.shape
@@ -340,7 +350,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   out_dtype = q.dtype if final else jnp.float32
 
   def body(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-           out_ref, lse_ref):
+           poison_ref, out_ref, lse_ref):
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((ROWS, head_dim), q.dtype),  # The queries' stage.
@@ -359,12 +369,14 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
 
     def scoped(smem_refs, barrier_refs):
       _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-              out_ref, lse_ref, (*smem_refs, *barrier_refs), st=st,
-              rows_out=rows_out, groups=groups, capacity=capacity,
+              poison_ref, out_ref, lse_ref, (*smem_refs, *barrier_refs),
+              st=st, rows_out=rows_out, groups=groups, capacity=capacity,
               final=final)
 
     pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
 
+  poison = (jnp.zeros((batch,), jnp.float32) if overflow is None else
+            jnp.where(overflow, jnp.nan, 0.0).astype(jnp.float32))
   out_shape = ((batch, q_len, num_kv_heads * groups, value_dim) if final else
                (splits, batch, num_kv_heads, rows_out, value_dim))
   out_type = (
@@ -376,4 +388,4 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
       grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, key_pages, value_pages, page_table, kv_lengths.astype(jnp.int32),
-    q_positions.astype(jnp.int32), q_valid.astype(jnp.int32))
+    q_positions.astype(jnp.int32), q_valid.astype(jnp.int32), poison)
