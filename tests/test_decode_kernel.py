@@ -200,17 +200,19 @@ def test_dense_cache_through_dense_as_pages_matches_reference():
   q_pos = lengths[:, None] - sq + jnp.arange(sq)[None, :]
   kp, vp, table = decode.dense_as_pages(keys, values)
   assert kp.shape == (b * length, 1, hkv, d) and table.shape == (b, length)
-  res = jax.jit(functools.partial(
-      decode.decode_attention, sm_scale=0.25, causal=True, interpret=True),
-                compiler_options=JIT_OPTIONS)(q, kp, vp, table, lengths,
-                                              q_pos)
   inputs = fa.canonicalize(q, keys, values, causal=True, kv_lengths=lengths,
                            q_positions=q_pos)
   want = jax.jit(functools.partial(fa.reference_attention, sm_scale=0.25),
                  compiler_options=JIT_OPTIONS)(
                      inputs.query, inputs.key, inputs.value, None,
                      inputs.visibility)
-  _compare((res.out, res.lse), (want.out, want.lse), TOL["float32"], "dense")
+  # With the table, and without it (page_table=None: the dense pages').
+  for name, t in (("dense", table), ("dense, no table", None)):
+    res = jax.jit(functools.partial(
+        decode.decode_attention, sm_scale=0.25, causal=True, interpret=True,
+        page_table=t), compiler_options=JIT_OPTIONS)(
+            q, kp, vp, kv_lengths=lengths, q_positions=q_pos)
+    _compare((res.out, res.lse), (want.out, want.lse), TOL["float32"], name)
 
 
 def test_dense_as_pages_is_a_reshape():
@@ -456,6 +458,16 @@ def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   # The kernel reads the queries as they come (it gathers each KV head's
   # rows itself).
   assert re.search(r"stablehlo.custom_call @mosaic_gpu\w*\(%arg0,", text)
+  if sq > 1:  # With padded query slots (a `[B, Sq]` operand more).
+    valid = jax.ShapeDtypeStruct(args[0].shape[:2], jnp.bool_)
+    assert "mosaic_gpu" in helpers.lower_for_cuda(
+        lambda *a: fn(*a[:-1], q_valid=a[-1]), *args, valid)
+  else:  # A dense cache's pages (64 = 2 rows of 32), without a table.
+    no_table = helpers.lower_for_cuda(
+        lambda q, kp, vp, table, n, pos: fn(q, kp, vp, None, n, pos), *args)
+    # q, the pages, lengths, positions and the rows' poison: no table.
+    operands = re.search(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", no_table)
+    assert len(operands.group(1).split(",")) == 6, operands.group(1)
   if kw["num_splits"] == 1:  # The output is the kernel's, untouched, with
     # overflowing rows too (the kernel writes their NaN).
     overflow = jax.ShapeDtypeStruct(args[0].shape[:1], jnp.bool_)
@@ -559,10 +571,12 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
   """The Mosaic kernel (bf16) against the float32 reference: shuffled
   tables with shared prefix pages and -1 entries, ragged lengths (0 and not
   a page multiple), several splits (some empty), windows, soft cap, padded
-  query slots, 64-token slots inside 128-token pages, a dense cache,
-  sinks; one split, where the kernel writes the attention itself."""
+  query slots, 64-token slots inside 128-token pages, a dense cache (its
+  pages without a table), sinks, rows that overflowed; one split, where
+  the kernel writes the attention itself."""
   lengths = (1000, 0, 357, 3)
   kw, q_valid, sinks, overflow = dict(causal=True), None, None, None
+  no_table = False
   if case == "gqa_paged16_causal_ragged":
     inputs = _paged(case, d=128, ps=16, max_pages=64, lengths=lengths,
                     dtype=jnp.bfloat16)
@@ -591,6 +605,7 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
     n = jnp.asarray([768, 130, 64], jnp.int32)
     q = jnp.asarray(rng.standard_normal((3, 2, 8, 64)), jnp.bfloat16)
     inputs = (q, kp, vp, table, n, n[:, None] - 2 + jnp.arange(2)[None, :])
+    no_table = True  # The kernel takes the dense pages without it.
   else:
     inputs = _paged(case, d=256, ps=16, max_pages=32, lengths=(500, 0, 37, 3),
                     dtype=jnp.bfloat16)
@@ -600,7 +615,8 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
                if k in kw}
   res = jax.jit(functools.partial(
       decode.decode_attention, sm_scale=0.125, backend="mosaic", sinks=sinks,
-      q_valid=q_valid, overflow=overflow, **decode_kw, **kw))(*inputs)
+      q_valid=q_valid, overflow=overflow, **decode_kw, **kw))(
+          *inputs[:3], None if no_table else inputs[3], *inputs[4:])
   f32 = [x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
          for x in inputs]
   out, lse = _reference(*f32, sm_scale=0.125, q_valid=q_valid,

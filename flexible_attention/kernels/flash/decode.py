@@ -101,9 +101,14 @@ def dense_as_pages(keys, values):
   pages = length // page_size
   key_pages = keys.reshape(batch * pages, page_size, *keys.shape[2:])
   value_pages = values.reshape(batch * pages, page_size, *values.shape[2:])
-  table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * pages +
-           jnp.arange(pages, dtype=jnp.int32)[None, :])
-  return key_pages, value_pages, table
+  return key_pages, value_pages, dense_table(batch, pages)
+
+
+def dense_table(batch: int, pages: int):
+  """The page table of `dense_as_pages`' pages: int32 `[B, M]`, row b's
+  pages `b * M ... b * M + M - 1` (M = `pages`)."""
+  return (jnp.arange(batch, dtype=jnp.int32)[:, None] * pages +
+          jnp.arange(pages, dtype=jnp.int32)[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,21 +130,26 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   batch, q_len, num_heads, head_dim = q.shape
   _, page_size, num_kv_heads, value_dim = value_pages.shape
   groups = num_heads // num_kv_heads
-  table_len = page_table.shape[1]
   mosaic = isinstance(launch, MosaicDecodeLaunch)
+  if page_table is None and not mosaic:  # The Mosaic kernel needs none.
+    page_table = dense_table(batch, value_pages.shape[0] // batch)
+  table_len = (value_pages.shape[0] // batch if page_table is None else
+               page_table.shape[1])
   capacity = table_len * page_size
   splits = launch.num_splits
   # One Mosaic split without sinks: the kernel writes the attention itself.
   final = mosaic and splits == 1 and sinks is None
   if mosaic:  # The kernel gathers its rows' queries and works out each
     # row's range and vectors itself.
-    table = structure.pad_axis(
+    table = None if page_table is None else structure.pad_axis(
         page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
         st, q, key_pages, value_pages, table, kv_lengths, q_positions,
         q_valid, capacity, overflow=overflow, final=final)
     overflow = None  # The kernel wrote NaN (the merge keeps it).
   else:
+    if q_valid is None:
+      q_valid = jnp.ones((batch, q_len), bool)
     # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
     pad = max(MIN_BLOCK, next_power_of_2(groups * q_len)) - q_len * groups
     qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
@@ -203,6 +213,10 @@ def _decode_bwd(cfg, residuals, cotangents):
   (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
    sinks, overflow, out, lse) = residuals
   dout, dlse = cotangents
+  if page_table is None:
+    page_table = dense_table(q.shape[0], key_pages.shape[0] // q.shape[0])
+  if q_valid is None:
+    q_valid = jnp.ones(q_positions.shape, bool)
   if overflow is not None:
     # An overflowing row's NaN is a constant: no gradient flows from it. As
     # a query that sees no key it gives out 0 and lse +inf (p = 0) here.
@@ -321,6 +335,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
       are concrete; under `jit` they cannot be checked, and the kernel (and
       the backward's gather) clamps them into `[0, P)`, so they read another
       page's keys (never out of bounds).
+      Or None for a dense cache's pages (`dense_as_pages`, `B * M` of
+      them): row b's pages are `b * M ... b * M + M - 1`, and the Mosaic
+      kernel reads no table.
     kv_lengths: `[B]` ints, valid tokens per row (the new ones included),
       in `[0, M * ps]` (checked when concrete; clamped under `jit`).
     q_positions: `[B, Sq]` ints, each query's token index.
@@ -393,19 +410,24 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   reason = decode_unsupported_reason(head_dim, value_dim, page_size)
   if reason is not None:
     raise ValueError(f"key_pages / value_pages: {reason}.")
-  check_array("page_table", page_table, 2, "[B, M]")
-  page_table = _check_int("page_table", page_table,
-                          (batch, page_table.shape[1]), "[B, M]")
-  table_len = page_table.shape[1]
-  if table_len == 0:
-    raise ValueError("page_table must have at least one entry per row, got "
-                     f"shape {tuple(page_table.shape)}.")
+  if page_table is None:  # Dense pages: row b's are b M ... b M + M - 1.
+    if num_pages % batch:
+      raise ValueError(f"page_table=None takes a dense cache's pages "
+                       f"(`dense_as_pages`: B * M of them), got P = "
+                       f"{num_pages} for B = {batch}.")
+    table_len = num_pages // batch
+  else:
+    check_array("page_table", page_table, 2, "[B, M]")
+    page_table = _check_int("page_table", page_table,
+                            (batch, page_table.shape[1]), "[B, M]")
+    table_len = page_table.shape[1]
+    if table_len == 0:
+      raise ValueError("page_table must have at least one entry per row, "
+                       f"got shape {tuple(page_table.shape)}.")
   kv_lengths = _check_int("kv_lengths", kv_lengths, (batch,), "[B]")
   q_positions = _check_int("q_positions", q_positions, (batch, q_len),
                            "[B, Sq]")
-  if q_valid is None:
-    q_valid = jnp.ones((batch, q_len), bool)
-  else:
+  if q_valid is not None:
     check_array("q_valid", q_valid, 2, "[B, Sq]")
     if tuple(q_valid.shape) != (batch, q_len):
       raise ValueError(f"q_valid must be [B, Sq] = {(batch, q_len)}, got "
@@ -419,7 +441,8 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   window = canonical_window(window, bool(causal))
   if precision is not None and not isinstance(precision, lax.Precision):
     precision = lax.Precision(precision)
-  _check_table_values(page_table, kv_lengths, num_pages, page_size)
+  _check_table_values(dense_table(batch, table_len) if page_table is None
+                      else page_table, kv_lengths, num_pages, page_size)
   backend = launch_policy.choose_decode_backend(
       backend, mosaic_reason=mosaic_decode.unsupported_reason(
           dtype=q.dtype, head_dim=head_dim, value_dim=value_dim,
@@ -518,7 +541,9 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
     key_pages, value_pages, table = (pages.key_pages, pages.value_pages,
                                      pages.page_table)
   else:
-    key_pages, value_pages, table = dense_as_pages(inputs.key, inputs.value)
+    # The dense cache's pages, without their table: the kernels know it.
+    key_pages, value_pages, _ = dense_as_pages(inputs.key, inputs.value)
+    table = None
   return decode_attention(
       inputs.query, key_pages, value_pages, table, vis.kv_lengths,
       vis.q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,

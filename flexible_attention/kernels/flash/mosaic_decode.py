@@ -117,10 +117,14 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
 
 def _row_queries(pos_ref, valid_ref, batch):
   """Row `batch`'s query positions and whether each is a real query, as
-  scalars (`Sq` of each, read from global memory)."""
+  scalars (`Sq` of each, read from global memory; every query is real
+  without `valid_ref`)."""
   q_len = pos_ref.shape[1]
-  return ([pos_ref[batch, i] for i in range(q_len)],
-          [valid_ref[batch, i] != 0 for i in range(q_len)])
+  if valid_ref is None:
+    valid = [jnp.asarray(True)] * q_len
+  else:
+    valid = [valid_ref[batch, i] != 0 for i in range(q_len)]
+  return [pos_ref[batch, i] for i in range(q_len)], valid
 
 
 def _token_range(st, length_ref, pos_ref, valid_ref, batch, capacity: int):
@@ -258,15 +262,24 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
   @pl.when(wg == 1)
   def _producer():
-    last_block = table_ref.shape[1] * page_size // bk - 1
+    if table_ref is None:  # Dense pages: row b's are b M ... b M + M - 1.
+      row_pages = capacity // page_size
 
-    def page_ids(j):
-      """The page of each copy of block j (any j: the table is read inside
-      its bounds)."""
-      j = jnp.clip(j, 0, last_block)
-      return [jnp.clip(table_ref[batch, lax.div(j * bk + c * chunk,
-                                                page_size)], 0, num_pages - 1)
-              for c in range(bk // chunk)]
+      def page_ids(j):
+        """The page of each copy of block j (any j: inside the row)."""
+        return [batch * row_pages + jnp.clip(
+            lax.div(j * bk + c * chunk, page_size), 0, row_pages - 1)
+                for c in range(bk // chunk)]
+    else:
+      last_block = table_ref.shape[1] * page_size // bk - 1
+
+      def page_ids(j):
+        """The page of each copy of block j (any j: the table is read
+        inside its bounds)."""
+        j = jnp.clip(j, 0, last_block)
+        return [jnp.clip(table_ref[batch, lax.div(j * bk + c * chunk,
+                                                  page_size)],
+                         0, num_pages - 1) for c in range(bk // chunk)]
 
     def copy(ref, smem, ready, j, pages):
       for c, page in enumerate(pages):
@@ -315,10 +328,13 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     key_pages: `[P, ps, Hkv, D]`.
     value_pages: `[P, ps, Hkv, Dv]`.
     page_table: `[B, M]` int32, the row's `M0` entries padded to `M = S *
-      tokens_per_split / ps` (no key past `M0 * ps` is visible).
+      tokens_per_split / ps` (no key past `M0 * ps` is visible); or None
+      for a dense cache's pages (row b's are `b M0 ... b M0 + M0 - 1`, `M0
+      = capacity / ps`: no operand).
     kv_lengths: `[B]` ints, each row's key count (clipped to `M0 * ps`).
     q_positions: `[B, Sq]` ints, each query's token index.
-    q_valid: `[B, Sq]` bool, False for padded query slots.
+    q_valid: `[B, Sq]` bool, False for padded query slots, or None (every
+      slot holds a query: no operand).
     capacity: `M0 * ps`, the tokens the unpadded table holds.
     overflow: `[B]` bool, rows whose cache overflowed (their out and lse
       NaN), or None.
@@ -349,8 +365,13 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   swizzled = wgmma_transforms(q.dtype)
   out_dtype = q.dtype if final else jnp.float32
 
-  def body(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-           poison_ref, out_ref, lse_ref):
+  def body(*refs):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    table_ref = None if page_table is None else refs[3]
+    length_ref, pos_ref = refs[3 + (page_table is not None):][:2]
+    valid_ref = None if q_valid is None else refs[-4]
+    poison_ref, out_ref, lse_ref = refs[-3:]
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((ROWS, head_dim), q.dtype),  # The queries' stage.
@@ -387,5 +408,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
       body, out_type=out_type, grid=(splits, batch, num_kv_heads),
       grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, key_pages, value_pages, page_table, kv_lengths.astype(jnp.int32),
-    q_positions.astype(jnp.int32), q_valid.astype(jnp.int32), poison)
+  )(q, key_pages, value_pages,
+    *(() if page_table is None else (page_table,)),
+    kv_lengths.astype(jnp.int32), q_positions.astype(jnp.int32),
+    *(() if q_valid is None else (q_valid.astype(jnp.int32),)), poison)
