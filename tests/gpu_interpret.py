@@ -22,11 +22,11 @@ them, each the operation's documented meaning:
   missed completion, which the hardware cannot tell from the next) still
   fails.
 
-Kernels run op by op (eagerly): a jitted program that holds an
-interpreted kernel runs it on XLA's CPU thread pool, whose threads a
-blocked warpgroup holds, and on a 2-core machine a fwd+bwd program
-deadlocks that way. Each kernel on its own dispatches from Python's
-threads and runs.
+Flash's tests run its kernels op by op (eagerly): a forward + backward
+under one `jax.jit` deadlocked on a 2-core machine (one warpgroup waiting
+at a barrier, another never scheduled; most likely XLA's CPU thread pool,
+held by the blocked warpgroups, not measured further). A jitted call with
+one kernel (the decode tests) runs.
 
 Only the Mosaic GPU kernels run here; Triton kernels keep Pallas'
 `interpret=True`. Global semaphores and TMA reduce-adds (the fused
