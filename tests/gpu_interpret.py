@@ -28,20 +28,44 @@ at a barrier, another never scheduled; most likely XLA's CPU thread pool,
 held by the blocked warpgroups, not measured further). A jitted call with
 one kernel (the decode tests) runs.
 
+The fused backward's dQ needs two more, which the interpreter does not
+model at all; `enable()` adds them too:
+
+- global semaphores (`pl.get_global`, `plgpu.semaphore_wait` /
+  `semaphore_signal`): counts shared by every program of a launch, zeroed
+  when a kernel starts; a wait blocks until its count is reached (and
+  decrements it when asked). The interpreter runs a grid's programs one
+  after another, in grid order, so a program may only wait for earlier
+  ones (the fused backward's key-tile axis is its slowest: it does);
+- a TMA store with `reduction_op="add"`: the tile added into global
+  memory under a lock, complete when issued (so a missing
+  `wait_smem_to_gmem` before reusing the tile goes unnoticed there).
+
 Only the Mosaic GPU kernels run here; Triton kernels keep Pallas'
-`interpret=True`. Global semaphores and TMA reduce-adds (the fused
-backward's dQ) are not modelled.
+`interpret=True`.
+
+On a 2-core machine a kernel of four warpgroups (branch work: a dQ
+writer warpgroup) sometimes hung here with one warpgroup that had not yet
+run its first operation: the warpgroups' threads share XLA's CPU thread
+pool, and three blocked ones can starve the fourth. Kernels of three
+warpgroups (all of main's) have not.
 """
 
 import contextlib
 import functools
+import itertools
+import threading
 
 import jax
 import numpy as np
 
 try:  # jax >= 0.11; jax 0.10's interpreter lacks refs in `plgpu.load`.
+  from jax._src import callback
   from jax._src import core as jax_core
   from jax._src import linear_util
+  from jax._src import tree_util
+  from jax._src.pallas import primitives as pallas_primitives
+  from jax._src.pallas.mosaic_gpu import primitives as mgpu_primitives
   from jax._src.pallas.mosaic_gpu import core as mgpu_core
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
   from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
@@ -94,18 +118,88 @@ def _run_state(interpreter, eqn, token, invals):
   return token, outs
 
 
+class _Semaphores:
+  """The global semaphores (`pl.get_global`) of the kernel being run: each
+  `get_global` a handle, each of its entries a count, zeroed when a kernel
+  starts (as the hardware's are at each launch)."""
+
+  def __init__(self):
+    self.cv = threading.Condition()
+    self.counts = {}
+    self.handles = itertools.count()
+
+  def reset(self):
+    with self.cv:
+      self.counts.clear()
+
+  def wait(self, token, handle, index, value, *, decrement: bool):
+    key = (int(handle), int(index))
+    with self.cv:
+      while self.counts.get(key, 0) < int(value):
+        self.cv.wait()
+      if decrement:
+        self.counts[key] -= int(value)
+    return token
+
+  def signal(self, token, handle, index, inc):
+    key = (int(handle), int(index))
+    with self.cv:
+      self.counts[key] = self.counts.get(key, 0) + int(inc)
+      self.cv.notify_all()
+    return token
+
+
+_SEMAPHORES = _Semaphores()
+
+
+def _semaphore_entry(ref, transforms):
+  """`(handle, flat index)` of `sems.at[i]` (one integer index)."""
+  index = 0
+  for t in transforms:
+    (i,) = t.indices  # One-dimensional semaphore arrays only.
+    if not hasattr(i, "dtype") and not isinstance(i, int):
+      raise NotImplementedError(f"semaphore index {i}")
+    index = index + i
+  return ref, index
+
+
+def _semaphore_op(eqn, token, invals):
+  """`semaphore_wait` / `semaphore_signal` on a global semaphore."""
+  args = tree_util.tree_unflatten(eqn.params["args_tree"], invals)
+  token_type = gpu_callbacks.TOKEN_SHAPE_DTYPE
+  if eqn.primitive is mgpu_primitives.semaphore_wait_p:
+    ref, transforms, value, decrement = args
+    handle, index = _semaphore_entry(ref, transforms)
+    return callback.io_callback(
+        functools.partial(_SEMAPHORES.wait, decrement=bool(decrement)),
+        token_type, token, handle, index, value, ordered=False), []
+  ref, transforms, inc, device_id, _ = args
+  if device_id is not None:
+    raise NotImplementedError("semaphore_signal to another device")
+  handle, index = _semaphore_entry(ref, transforms)
+  return callback.io_callback(_SEMAPHORES.signal, token_type, token, handle,
+                              index, inc, ordered=False), []
+
+
+def _handled(eqn) -> bool:
+  return eqn.primitive in (discharge.run_state_p,
+                           pallas_primitives.get_global_p,
+                           mgpu_primitives.semaphore_wait_p,
+                           mgpu_primitives.semaphore_signal_p)
+
+
 def _segments(jaxpr):
-  """Splits `jaxpr`'s equations at its `run_state`s: yields each
-  `run_state` equation, and each run of others as a sub-jaxpr with the
-  variables it reads from before and those read after it."""
+  """Splits `jaxpr`'s equations at those handled here (`_handled`): yields
+  each of those, and each run of others as a sub-jaxpr with the variables
+  it reads from before and those read after it."""
   eqns, start = jaxpr.eqns, 0
   while start < len(eqns):
-    if eqns[start].primitive is discharge.run_state_p:
+    if _handled(eqns[start]):
       yield eqns[start]
       start += 1
       continue
     end = start
-    while end < len(eqns) and eqns[end].primitive is not discharge.run_state_p:
+    while end < len(eqns) and not _handled(eqns[end]):
       end += 1
     run = eqns[start:end]
     made = {v for e in run for v in e.outvars}
@@ -125,14 +219,19 @@ def _segments(jaxpr):
 
 
 def _interpret(self, original, jaxpr, token, *args):
-  if not any(e.primitive is discharge.run_state_p for e in jaxpr.eqns):
+  if not any(map(_handled, jaxpr.eqns)):
     return original(self, jaxpr, token, *args)
   env = dict(zip(jaxpr.constvars + jaxpr.invars, args))
   read = lambda a: a.val if isinstance(a, jax_core.Literal) else env[a]
   for part in _segments(jaxpr):
     if isinstance(part, jax_core.JaxprEqn):
-      token, outs = _run_state(self, part, token, [read(a) for a in
-                                                   part.invars])
+      invals = [read(a) for a in part.invars]
+      if part.primitive is discharge.run_state_p:
+        token, outs = _run_state(self, part, token, invals)
+      elif part.primitive is pallas_primitives.get_global_p:
+        outs = [np.int32(next(_SEMAPHORES.handles))]
+      else:
+        token, outs = _semaphore_op(part, token, invals)
       env.update(zip(part.outvars, outs))
     else:
       token, outs = original(self, part, token, *map(read, part.invars))
@@ -177,6 +276,44 @@ def _wgmma(original, *, token, mesh_location, thread,
   return token
 
 
+_REDUCE = threading.Lock()
+
+
+def _copy_smem_to_gmem(original, *, reduction_op=None, **kwargs):
+  """A TMA store with `reduction_op="add"`: the shared-memory tile added
+  into global memory, atomically (done when issued)."""
+  if reduction_op is None:
+    return original(reduction_op=None, **kwargs)
+  if reduction_op != "add" or kwargs["predicate"] is not None:
+    raise NotImplementedError(f"TMA reduction {reduction_op!r}")
+  memory = gpu_callbacks._get_shared_memory()  # pylint: disable=protected-access
+  thread = kwargs["thread"]
+  info = shared_memory.GPULoggingInfo(kwargs["mesh_location"], thread,
+                                      kwargs["source_info"])
+  plain = lambda t: jax.tree.map(
+      int, gpu_callbacks._remove_noop_transforms(t))  # pylint: disable=protected-access
+
+  def region(which):
+    key = gpu_callbacks.HostAllocationKey.from_array(
+        kwargs[f"{which}_allocation_key_as_array"])
+    return key, memory.access(key, plain(kwargs[f"{which}_transforms"]))
+
+  (src, src_range), (dst, dst_range) = region("src"), region("dst")
+  with _REDUCE:
+    x, _, _ = memory.get_buffer_content(src, src_range, thread,
+                                        logging_info=info)
+    y, _, _ = memory.get_buffer_content(dst, dst_range, thread,
+                                        logging_info=info)
+    memory.store_buffer_content(dst, dst_range, y + x.astype(y.dtype),
+                                thread, logging_info=info)
+  return kwargs["token"]
+
+
+def _initialize(original, **kwargs):
+  _SEMAPHORES.reset()
+  return original(**kwargs)
+
+
 def _deallocate(self):
   """`Barrier.deallocate`, its last phase allowed to go unobserved."""
   with self.cv:
@@ -200,6 +337,10 @@ def enable():
   cls = jaxpr_interpret.JaxprInterpreter
   cls.interpret = functools.partialmethod(_interpret, cls.interpret)
   gpu_callbacks.wgmma = functools.partial(_wgmma, gpu_callbacks.wgmma)
+  gpu_callbacks.copy_smem_to_gmem = functools.partial(
+      _copy_smem_to_gmem, gpu_callbacks.copy_smem_to_gmem)
+  gpu_callbacks._initialize_shared_memory = functools.partial(  # pylint: disable=protected-access
+      _initialize, gpu_callbacks._initialize_shared_memory)  # pylint: disable=protected-access
   shared_memory.Barrier.deallocate = _deallocate
 
 

@@ -346,8 +346,7 @@ def test_hopper_mosaic_dq_matches_reference(name):
 # The cases whose kernels run on a CPU too, in JAX's GPU interpreter
 # (`gpu_interpret`; 12-30 s each there): causal with empty rows, a window,
 # segments with grouped heads, MQA with soft cap, float16 and the dropout
-# hash. D = 256 is left out (no Mosaic dQ), and the fused backward (its
-# semaphores are not modelled there).
+# hash. D = 256 is left out (no Mosaic dQ).
 INTERPRETED_CASES = ("causal_empty_rows", "window", "segments",
                      "mqa_softcap", "float16", "dropout_gqa")
 
@@ -365,6 +364,28 @@ def test_mosaic_kernels_match_reference_in_gpu_interpreter(name):
   with gpu_interpret.mosaic_on_cpu():
     _check(f"interpreted {name}", call, launch=launch, interpret=False,
            jit=False, **shape)
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("name,copies", [("causal_fewer_queries", 1),
+                                         ("dropout_d64_window", None)])
+def test_fused_backward_matches_reference_in_gpu_interpreter(name, copies,
+                                                             monkeypatch):
+  """The fused backward (dQ added by TMA inside the Mosaic dK/dV kernel, in
+  a fixed order through global semaphores) in JAX's GPU interpreter: out
+  and grads against the reference. With one copy of dQ every key tile's
+  programs wait for the previous tile's adds (3 key tiles); by default
+  each key tile adds into its own copy."""
+  if copies is not None:
+    monkeypatch.setattr(mosaic_bwd, "dq_copies", lambda *args: copies)
+  call, shape = _hopper_case(name)
+  launch = dataclasses.replace(
+      _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False)),
+      atomic_dq=True)
+  with gpu_interpret.mosaic_on_cpu():
+    _check(f"interpreted fused {name}", call, launch=launch,
+           interpret=False, jit=False, **shape)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
