@@ -46,9 +46,9 @@ Only the Mosaic GPU kernels run here; Triton kernels keep Pallas'
 
 On a 2-core machine a kernel of four warpgroups (branch work: a dQ
 writer warpgroup) sometimes hung here with one warpgroup that had not yet
-run its first operation: the warpgroups' threads share XLA's CPU thread
-pool, and three blocked ones can starve the fourth. Kernels of three
-warpgroups (all of main's) have not.
+run its first operation; most likely the warpgroups' threads share XLA's
+CPU thread pool and three blocked ones starve the fourth (not measured
+further). Kernels of three warpgroups (all of main's) have not.
 """
 
 import contextlib
@@ -135,8 +135,12 @@ class _Semaphores:
   def wait(self, token, handle, index, value, *, decrement: bool):
     key = (int(handle), int(index))
     with self.cv:
-      while self.counts.get(key, 0) < int(value):
-        self.cv.wait()
+      if not self.cv.wait_for(lambda: self.counts.get(key, 0) >= int(value),
+                              timeout=_WAIT_S):
+        raise RuntimeError(
+            f"semaphore {key} waited {_WAIT_S} s for {int(value)} at "
+            f"{self.counts.get(key, 0)}: a program waits for a later one, "
+            "or for a signal that never comes")
       if decrement:
         self.counts[key] -= int(value)
     return token
@@ -150,6 +154,7 @@ class _Semaphores:
 
 
 _SEMAPHORES = _Semaphores()
+_WAIT_S = 300  # A semaphore wait longer than this is a deadlock here.
 
 
 def _semaphore_entry(ref, transforms):
