@@ -44,11 +44,11 @@ model at all; `enable()` adds them too:
 Only the Mosaic GPU kernels run here; Triton kernels keep Pallas'
 `interpret=True`.
 
-On a 2-core machine a kernel of four warpgroups (branch work: a dQ
-writer warpgroup) sometimes hung here with one warpgroup that had not yet
-run its first operation; most likely the warpgroups' threads share XLA's
-CPU thread pool and three blocked ones starve the fourth (not measured
-further). Kernels of three warpgroups (all of main's) have not.
+A kernel of four warpgroups (branch work: a dQ writer warpgroup) once
+hung here in 8 of 13 runs on a 2-core machine, one warpgroup not having
+run its first operation; later runs with this harness (22, some with
+three test processes on the 2 cores) did not hang. The cause was not
+found (benchmarks/flash_notes.md).
 """
 
 import contextlib
