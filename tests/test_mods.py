@@ -1249,6 +1249,44 @@ def test_mosaic_tile_mods_do_exact_position_arithmetic_in_float32(
   assert evaluator.floated == floated
 
 
+@pytest.mark.parametrize("bound", [None, 4096])
+def test_mosaic_tile_mods_drop_the_causal_distances_abs(bound):
+  """In a causal call the kernels keep only pairs with q_pos >= kv_pos, so
+  ALiBi's `|q_pos - kv_pos|` is evaluated as `q_pos - kv_pos` (no `abs`
+  in the tile's program): equal to the mod on every such pair, in the
+  int32 way and in float32 (`position_bound`); not without causal."""
+  rng = helpers.rng_for("causal-distance")
+  tile = (64, 128)
+  s = jnp.asarray(rng.normal(size=tile) * 3, jnp.float32)
+  q_pos = rng.integers(0, 4096, tile[0]).astype(np.int32)
+  kv_pos = rng.integers(0, 4096, tile[1]).astype(np.int32)
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  q = jnp.zeros((1, tile[0], H, 8))
+  mods = inputs_lib.canonicalize(q, q, q, score_mod=fa.alibi_score_mod,
+                                 mod_args=(slopes,)).mods
+  km = mod_lowering.kernel_mods(mods, H)
+  floats, _ = mosaic_mods.program_rows(km, mods, 1, H)
+  head = 5
+  scalars = (tuple(floats[0, head, :mosaic_mods.plan(km).counts[0]]), ())
+  qp = jnp.broadcast_to(jnp.asarray(q_pos)[:, None], tile)
+  kp = jnp.broadcast_to(jnp.asarray(kv_pos)[None, :], tile)
+  want = fa.alibi_score_mod(s, 0, head, qp, kp, slopes)
+  kept = q_pos[:, None] >= kv_pos[None, :]
+  for causal in (True, False):
+    evaluator = mosaic_mods.TileMods(km, scalars, tile, position_bound=bound,
+                                     causal=causal)
+    prims = {e.primitive.name for e in jax.make_jaxpr(evaluator.score)(
+        s, qp, kp).jaxpr.eqns}
+    assert ("abs" in prims) != causal, prims
+    assert evaluator.elided == int(causal)
+    got = jax.jit(evaluator.score)(s, qp, kp)
+    np.testing.assert_allclose(np.where(kept, got, 0.0),
+                               np.where(kept, want, 0.0), rtol=1e-6,
+                               atol=1e-5)
+    if not causal:
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("mod,unit", [
     (fa.alibi_score_mod, True),
     (lambda s, b, h, q, k, sl: s + sl[h] * (q - k).astype(s.dtype), True),

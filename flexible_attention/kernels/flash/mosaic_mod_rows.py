@@ -67,7 +67,7 @@ def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
                                       row_ready.at[wg], count)
       for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
                                                    plan(st.mods).counts)]
-  return TileMods(st.mods, scalars, shape, st.position_bound)
+  return TileMods(st.mods, scalars, shape, st.position_bound, st.causal)
 
 
 def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
@@ -93,4 +93,4 @@ def head_mods(st, rows, g, shape):
   `group_rows`' rows."""
   scalars = [() if ref is None else tuple(ref[g, i] for i in range(count))
              for ref, count in zip(rows, plan(st.mods).counts)]
-  return TileMods(st.mods, scalars, shape, st.position_bound)
+  return TileMods(st.mods, scalars, shape, st.position_bound, st.causal)

@@ -282,14 +282,22 @@ class _Program(_Handler):
 
 
 class _Kernel(_Handler):
-  """The walk in the kernel: the tile part on `[ROWS, bk]` tiles."""
+  """The walk in the kernel: the tile part on `[ROWS, bk]` tiles. With
+  `causal` every pair the kernel keeps has `q_pos >= kv_pos`, so
+  `abs(q_pos - kv_pos)` is `q_pos - kv_pos` wherever it matters (the pairs
+  it changes are masked after the mod): `distances` holds the ids of the
+  tiles that are `q_pos - kv_pos`."""
 
-  def __init__(self, counts, scalars, shape, position_bound=None):
+  def __init__(self, counts, scalars, shape, position_bound=None,
+               causal=False):
     super().__init__(counts)
     self.scalars, self.shape, self.bound = scalars, shape, position_bound
     self.tiles = {}
     self.shadows = {}  # id(int tile) -> (int tile, float32 tile, bound).
     self.floated = 0  # Conversions served by a shadow.
+    self.causal, self.positions = causal, {}
+    self.distances = {}  # id(tile) -> tile, equal to q_pos - kv_pos.
+    self.elided = 0  # Absolute values of a causal distance dropped.
 
   def shadow(self, x: _Value):
     """`(float32 value, bound)` equal to the int32 value `x` (exact: every
@@ -344,7 +352,13 @@ class _Kernel(_Handler):
 
   def tile(self, eqn, ins):
     name = eqn.primitive.name
+    for x in ins:  # The positions' tiles, by identity (shapes keep it).
+      if x.name in ("q_pos", "kv_pos"):
+        self.positions[x.name] = x.data
     if name in _SHAPE_OPS:
+      return ins[0].data
+    if name == "abs" and self.causal and id(ins[0].data) in self.distances:
+      self.elided += 1  # |q - k| = q - k on every pair the kernel keeps.
       return ins[0].data
     if name == "not" and ins[0].aval.dtype == jnp.bool_:
       # Mosaic GPU's `not` on bools fails in jax 0.11; `xor True` lowers.
@@ -361,7 +375,15 @@ class _Kernel(_Handler):
     out = eqn.primitive.bind(*args, **eqn.params)
     if self.bound is not None and jnp.dtype(out.dtype) == jnp.int32:
       self.shadow_of(name, ins, out)
+    if (self.causal and name == "sub" and len(ins) == 2 and
+        self._is(ins[0], "q_pos") and self._is(ins[1], "kv_pos")):
+      self.distances[id(out)] = out
     return out
+
+  def _is(self, x: _Value, name: str) -> bool:
+    """Whether `x` is the `name` positions' tile (or a broadcast of it)."""
+    tile = self.positions.get(name)
+    return x.tile and tile is not None and x.data is tile
 
 
 def _memo(fn):
@@ -599,22 +621,30 @@ class TileMods:
       compiler shares the conversion of a broadcast), then one float op
       per element, where the int32 way costs an integer op per equation
       and a conversion per element (a quarter-rate instruction, as exp2).
+    causal: whether the call is causal (`Static.causal`): every pair the
+      kernel keeps then has `q_pos >= kv_pos`, so the tile part's
+      `abs(q_pos - kv_pos)` (ALiBi's distance) is evaluated as `q_pos -
+      kv_pos`, one operation per element less; the pairs where the two
+      differ are masked after the mod, in every kernel.
   """
 
-  def __init__(self, km, scalars, shape, position_bound=None):
+  def __init__(self, km, scalars, shape, position_bound=None,
+               causal=False):
     self.km, self.scalars, self.shape = km, scalars, shape
-    self.position_bound = position_bound
+    self.position_bound, self.causal = position_bound, causal
     self.plan = plan(km)
     self.jaxprs = dict(_jaxprs(km))
     self.floated = 0  # Conversions served in float32 (for the tests).
+    self.elided = 0  # Causal distances' absolute values dropped (tests).
 
   def _run(self, kind: str, score, q_pos, kv_pos):
     closed = self.jaxprs[kind]
     handler = _Kernel(dict(self.plan.offsets)[kind], self.scalars,
-                      self.shape, self.position_bound)
+                      self.shape, self.position_bound, self.causal)
     out = _run(kind, closed, handler,
                tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
     self.floated += handler.floated
+    self.elided += handler.elided
     return out.data if out.tile else handler.full(out)
 
   def score(self, s, q_pos, kv_pos):
@@ -645,7 +675,8 @@ class TileMods:
       values = list(floats)
       values[slot] = x
       return TileMods(self.km, (values, ints), self.shape,
-                      self.position_bound).score(s, q_pos, kv_pos)
+                      self.position_bound, self.causal).score(s, q_pos,
+                                                              kv_pos)
 
     return [lowerable_jvp(functools.partial(score, slot), (floats[slot],),
                            (jnp.ones_like(floats[slot]),))[1]
