@@ -34,6 +34,7 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mod_lowering
+from flexible_attention.kernels.flash import mosaic_mod_split
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.mechanisms import registry
 import gpu_interpret
@@ -257,7 +258,7 @@ def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, sinks,
   """The same on a CPU: the policy's Hopper launches (the Mosaic forward,
   dK/dV and dQ kernels) run by JAX's GPU interpreter (`gpu_interpret`).
   ALiBi (causal) and `affine` take the kernels' split
-  (`mosaic_mods.split_slot`), in the forward only without sinks."""
+  (`mosaic_mod_split.split_slot`), in the forward only without sinks."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   monkeypatch.setattr(gpu, "core_count", lambda: 132)
   monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
@@ -1342,18 +1343,18 @@ def test_mosaic_split_score_mod_is_the_mod(name):
   idx = mods.indices(batch, H, q_pos, kv_pos)
   want = mod(score, *idx, slopes)
   for causal, split in ((True, causal_split), (False, plain_split)):
-    n = mosaic_mods.split_slot(km, causal)
+    n = mosaic_mod_split.split_slot(km, causal)
     assert (n is not None) == split, (name, causal)
     if n is None:
       continue
-    rows = mosaic_mods.split_rows(
+    rows = mosaic_mod_split.split_rows(
         km, causal, mods, mosaic_mods.program_rows(km, mods, batch, H),
         batch, H)
-    ref = jnp.repeat(q_pos[:, ::mosaic_mods.REF_ROWS], mosaic_mods.REF_ROWS,
+    ref = jnp.repeat(q_pos[:, ::mosaic_mod_split.REF_ROWS], mosaic_mod_split.REF_ROWS,
                      axis=1)
     key = rows[0][:, :, n, None, None] * (
         kv_pos[:, None, None, :] - ref[:, None, :, None]).astype(jnp.float32)
-    got = score + key + mosaic_mods.row_terms(km, causal, rows[0],
+    got = score + key + mosaic_mod_split.row_terms(km, causal, rows[0],
                                                q_pos)[..., None]
     kept = (q_pos[:, None, :, None] >= kv_pos[:, None, None, :]
             if causal else True)

@@ -76,6 +76,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
@@ -100,17 +101,17 @@ from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
-from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
 from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
-from flexible_attention.kernels.flash.mosaic_mods import REF_ROWS
+from flexible_attention.kernels.flash.mosaic_mod_split import REF_ROWS
+from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
+from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
-from flexible_attention.kernels.flash.mosaic_mods import split_lse2
-from flexible_attention.kernels.flash.mosaic_mods import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
@@ -354,7 +355,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     key = None
     if r.split:  # The key terms, relative to the step's first query.
       ref = r.qvec_smem[slot, r.q_names.index("q_pos"), 0]
-      key = lax.broadcast_in_dim(mods.key_terms(kv_rows, ref) * (
+      key = lax.broadcast_in_dim(key_terms(mods, kv_rows, ref) * (
           LOG2E / logit_scale(st)), (ROWS, bq), [0])
       # The slots' derivatives of `score + a q + b k + c` do not read the
       # score: any tile serves as their input.

@@ -92,8 +92,9 @@ from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
-from flexible_attention.kernels.flash.mosaic_mods import split_lse2
-from flexible_attention.kernels.flash.mosaic_mods import split_slot
+from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
+from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
@@ -176,7 +177,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
         vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
       key = score = None
       if split:  # One add per element: the key terms, from a vector.
-        key = lax.broadcast_in_dim(mods.key_terms(key_vector(
+        key = lax.broadcast_in_dim(key_terms(mods, key_vector(
             st, kvvec_smem, slot, "kv_pos"), ref) * (
                 LOG2E / logit_scale(st)), s.shape, [1])
       elif st.score_mod:

@@ -76,8 +76,9 @@ from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
-from flexible_attention.kernels.flash.mosaic_mods import row_terms
-from flexible_attention.kernels.flash.mosaic_mods import split_slot
+from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import row_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
@@ -174,7 +175,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         s = (st.softcap * LOG2E) * jnp.tanh(s * (1.0 / st.softcap))
       if split:  # One add per element: the key terms, from a vector, in
         # the units of `s` (its base-2 logits are `s * scale`).
-        s = s + lax.broadcast_in_dim(mods.key_terms(key_vector(
+        s = s + lax.broadcast_in_dim(key_terms(mods, key_vector(
             st, kvvec_smem, slot, "kv_pos"), ref) * (LOG2E / scale),
                                      s.shape, [1])
       if masked:

@@ -24,9 +24,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import read_row
+from flexible_attention.kernels.flash.mosaic_mod_split import read_counts
 from flexible_attention.kernels.flash.mosaic_mods import ROW
 from flexible_attention.kernels.flash.mosaic_mods import TileMods
-from flexible_attention.kernels.flash.mosaic_mods import read_counts
 
 
 def row_operands(mod_rows) -> tuple[Any, ...]:

@@ -50,17 +50,8 @@ and checked against the float32 reference on an H200
 (`tests/test_mods.py::test_flash_mosaic_mods_compiled_on_a_gpu`). The
 kernels read the program values through `mosaic_mod_rows`.
 
-A score_mod that adds to the score a linear function of the positions,
-`score + a q_pos + b kv_pos + c` with a, b, c program values (ALiBi in a
-causal call; a walk over forms, `_Affine`, finds it), is split instead of
-evaluated per element (`split_slot`): XLA writes `(b, a, c)` into the
-float32 rows (`split_rows`); the forward, dQ and dK/dV kernels add the key
-terms `b (kv_pos - ref)` (a vector per tile, scaled once) to the logits,
-one operation per element, and the row terms, constant along a row, only
-move the log-sum-exp: XLA adds them to the forward's and takes them off
-the one the backward kernels read (`row_terms`, `split_lse2`). The
-forward with sinks evaluates the mod per element (the sink's logit would
-move with the row term).
+A score_mod that adds a linear function of the positions to the score
+(ALiBi in a causal call) is split instead: `mosaic_mod_split`.
 
 Glossary of shapes:
 - B: batch size; H: query heads; G: query heads per KV head.
@@ -85,15 +76,13 @@ from flexible_attention.kernels.flash.mod_lowering import KernelMods
 from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
 from flexible_attention.kernels.flash.mod_lowering import sum_partials
 from flexible_attention.kernels.flash.mod_lowering import sub_jaxpr
-from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_jvp import PASS_THROUGH
 from flexible_attention.kernels.flash.mosaic_jvp import lowerable_jvp
-from flexible_attention.kernels.flash.structure import LOG2E
 
 TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
 ROW = 32  # Program values per row: 128 bytes, one TMA copy.
 # Equations that only reshape or broadcast: identities on tile values.
-_SHAPE_OPS = frozenset(("broadcast_in_dim", "reshape", "squeeze", "copy",
+SHAPE_OPS = frozenset(("broadcast_in_dim", "reshape", "squeeze", "copy",
                         "copy_p"))
 # Elementwise primitives the tile part may use: each is lowered through
 # Mosaic GPU by tests/test_mods.py (test_mosaic_forward_lowers_every_tile_
@@ -112,7 +101,7 @@ _ROWS = {"float32": 0, "int32": 1, "bool": 1}
 _TILE_DTYPES = frozenset(("float32", "int32", "bool"))
 
 
-class _Refused(Exception):
+class Refused(Exception):
   """Why the Mosaic forward cannot evaluate a mod (the message)."""
 
 
@@ -165,7 +154,7 @@ def _walk(jaxpr, consts, args, handler):
       outs = _walk(sub, sub_consts, ins, handler)
     elif any(x.tile for x in ins):
       outs = [_Value(True, handler.tile(eqn, ins), out_aval)]
-    elif (eqn.primitive.name in _SHAPE_OPS and len(ins) == 1
+    elif (eqn.primitive.name in SHAPE_OPS and len(ins) == 1
           and _size(ins[0].aval) == 1 and _size(out_aval) > 1):
       outs = [_Value(True, handler.splat(ins[0], out_aval), out_aval)]
     else:
@@ -218,7 +207,7 @@ class _Handler:
 
 
 class _Check(_Handler):
-  """The walk on avals that finds why a mod cannot run here (`_Refused`)
+  """The walk on avals that finds why a mod cannot run here (`Refused`)
   and which positions its tile part reads."""
 
   def __init__(self, kind: str, counts):
@@ -226,7 +215,7 @@ class _Check(_Handler):
     self.kind, self.reads = kind, set()
 
   def refuse(self, what: str):
-    raise _Refused(f"its {self.kind} {what}")
+    raise Refused(f"its {self.kind} {what}")
 
   def use(self, x: _Value):
     if x.literal:
@@ -258,7 +247,7 @@ class _Check(_Handler):
     for x in ins:  # A value of another shape: only a gather may read it
       if x.tile and x.data is not None:  # (an index vector).
         return x.data
-    if name not in TILE_PRIMITIVES and name not in _SHAPE_OPS:
+    if name not in TILE_PRIMITIVES and name not in SHAPE_OPS:
       self.refuse(f"uses the primitive {name!r} per element")
     if len(eqn.outvars) != 1:
       self.refuse(f"uses {name!r} with {len(eqn.outvars)} results")
@@ -271,7 +260,7 @@ class _Check(_Handler):
     self.reads.update(x.name for x in ins if x.name in ("q_pos", "kv_pos"))
     super().tile(eqn, ins)
     pattern, before = _pattern(out.shape), _pattern(ins[0].aval.shape)
-    if pattern is None or (name in _SHAPE_OPS and (before is None or any(
+    if pattern is None or (name in SHAPE_OPS and (before is None or any(
         b and not a for a, b in zip(pattern, before)))):
       # Not the tile's shape, or an axis moved: not elementwise, unless a
       # gather's index vector (refused above, naming the gather).
@@ -280,7 +269,7 @@ class _Check(_Handler):
     return None
 
 
-class _Program(_Handler):
+class ProgramWalk(_Handler):
   """The walk in XLA on one (batch, head): the program part's values."""
 
   def __init__(self):
@@ -369,7 +358,7 @@ class _Kernel(_Handler):
     for x in ins:  # The positions' tiles, by identity (shapes keep it).
       if x.name in ("q_pos", "kv_pos"):
         self.positions[x.name] = x.data
-    if name in _SHAPE_OPS:
+    if name in SHAPE_OPS:
       return ins[0].data
     if name == "abs" and self.causal and id(ins[0].data) in self.distances:
       self.elided += 1  # |q - k| = q - k on every pair the kernel keeps.
@@ -400,106 +389,7 @@ class _Kernel(_Handler):
     return x.tile and tile is not None and x.data is tile
 
 
-def _number(x):
-  """A python number for a Python or NumPy scalar literal, else x."""
-  if isinstance(x, (bool, np.bool_)):
-    return x
-  if isinstance(x, (int, float, np.integer, np.floating)) or (
-      isinstance(x, np.ndarray) and x.ndim == 0):
-    return np.asarray(x).item()
-  return x
-
-
-def _is_number(x, value=None) -> bool:
-  """Whether `x` is a Python number (equal to `value` when given): a
-  coefficient known at trace time."""
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and (
-      value is None or x == value)
-
-
-def _add(a, b):
-  """`a + b` of two coefficients, exact zeros dropped at trace time."""
-  if _is_number(a, 0):
-    return b
-  if _is_number(b, 0):
-    return a
-  return a + b
-
-
-def _mul(a, b):
-  """`a * b` of two coefficients, exact zeros and ones kept static."""
-  if _is_number(a, 0) or _is_number(b, 0):
-    return 0
-  if _is_number(a, 1):
-    return b
-  if _is_number(b, 1):
-    return a
-  return a * b
-
-
-_BASIS = ("score", "q", "k", "1")  # score + a q_pos + b kv_pos + c.
-
-
-class _Affine(_Program):
-  """The walk in XLA on one (batch, head) that writes the score_mod's tile
-  part as `score + a q_pos + b kv_pos + c`: each tile value is a form
-  `{basis: coefficient}` (`_BASIS`), each coefficient a program value
-  (traced) or a Python number; `_Refused` for any step that leaves that
-  set. With `causal` every pair a kernel keeps has `q_pos >= kv_pos`, so
-  `|q_pos - kv_pos|` (and `|kv_pos - q_pos|`) is `q_pos - kv_pos` there.
-  The program part is evaluated as `_Program` evaluates it."""
-
-  def __init__(self, causal: bool):
-    super().__init__()
-    self.causal = causal
-
-  def form(self, x: _Value) -> dict:
-    if x.tile:
-      return x.data
-    return {"1": _number(x.data) if x.literal else x.data}
-
-  def splat(self, x: _Value, aval):
-    del aval
-    return self.form(x)
-
-  def tile(self, eqn, ins):
-    name = eqn.primitive.name
-    forms = [self.form(x) for x in ins]
-    constant = [set(f) <= {"1"} for f in forms]
-    if name in _SHAPE_OPS:
-      return forms[0]
-    if name in ("add", "sub"):
-      sign = 1 if name == "add" else -1
-      a, b = forms
-      return {k: _add(a.get(k, 0), _mul(sign, b.get(k, 0)))
-              for k in _BASIS if k in a or k in b}
-    if name == "neg":
-      return {k: _mul(-1, c) for k, c in forms[0].items()}
-    if name == "mul" and any(constant):
-      scale_at = constant.index(True)
-      scale, other = forms[scale_at]["1"], forms[1 - scale_at]
-      return {k: _mul(scale, c) for k, c in other.items()}
-    if (name == "div" and constant[1] and
-        jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)):
-      d = forms[1]["1"]
-      inverse = 1.0 / d if _is_number(d) and d != 0 else (
-          None if _is_number(d) else 1.0 / d)
-      if inverse is not None:
-        return {k: _mul(inverse, c) for k, c in forms[0].items()}
-    if name == "convert_element_type" and (
-        eqn.params["new_dtype"] == jnp.float32):
-      return {k: float(c) if _is_number(c) else jnp.asarray(c, jnp.float32)
-              for k, c in forms[0].items()}
-    if name == "abs" and self.causal:
-      f = {k: c for k, c in forms[0].items() if not _is_number(c, 0)}
-      if set(f) == {"q", "k"} and all(_is_number(c) for c in f.values()) and (
-          abs(f["q"]) == 1 and f["k"] == -f["q"]):
-        return {"q": abs(f["q"]), "k": -abs(f["q"])}
-    raise _Refused(f"its score_mod is not score + a q_pos + b kv_pos + c "
-                   f"({name!r})")
-
-
-def _memo(fn):
+def memo(fn):
   """`fn(km, *flags)` cached per `KernelMods` and flags (computed again for
   an unhashable one, e.g. a mod that is an unhashable callable object)."""
   cached = functools.lru_cache(maxsize=64)(fn)
@@ -515,15 +405,15 @@ def _memo(fn):
   return call
 
 
-@_memo
-def _jaxprs(km) -> tuple[tuple[str, Any], ...]:
+@memo
+def mod_jaxprs(km) -> tuple[tuple[str, Any], ...]:
   """`(kind, closed jaxpr on TILE)` of each mod the call has."""
   return tuple((kind, make_jaxpr(km, kind, TILE))
                for kind in ("score_mod", "mask_mod")
                if getattr(km, kind) is not None)
 
 
-def _run(kind: str, closed, handler, program=(), tiles=None) -> _Value:
+def walk_mod(kind: str, closed, handler, program=(), tiles=None) -> _Value:
   """Walks one mod with `handler`; its inputs in the mod's order: score
   (score_mod only), batch, head, q_pos, kv_pos, the leaves, with data
   `program` (batch, head, the leaves; empty: None) and `tiles` (by name;
@@ -574,17 +464,17 @@ class Plan:
     return range(starts[kinds.index(kind)], starts[kinds.index(kind) + 1])
 
 
-@_memo
+@memo
 def plan(km) -> Plan:
   """The call's `Plan` (`km`: its `KernelMods`)."""
   counts, offsets, reads = (0, 0), [], []
-  for kind, closed in _jaxprs(km):
+  for kind, closed in mod_jaxprs(km):
     check = _Check(kind, counts)
     try:
-      out = _run(kind, closed, check)
+      out = walk_mod(kind, closed, check)
       if out.tile and out.data is not None:
         check.refuse(out.data)
-    except _Refused as e:
+    except Refused as e:
       return Plan(str(e))
     offsets.append((kind, counts))
     reads.append((kind, frozenset(check.reads)))
@@ -592,7 +482,7 @@ def plan(km) -> Plan:
   return Plan(None, counts, tuple(offsets), tuple(reads))
 
 
-@_memo
+@memo
 def unit_slope(km) -> bool:
   """Whether the score_mod's derivative in the score is exactly 1 wherever
   it is evaluated: its jvp hands the score's tangent back unchanged, or
@@ -602,7 +492,7 @@ def unit_slope(km) -> bool:
   (`TileMods.score_grads`)."""
   if km is None or km.score_mod is None:
     return False
-  closed = dict(_jaxprs(km))["score_mod"]
+  closed = dict(mod_jaxprs(km))["score_mod"]
   avals = [v.aval for v in closed.jaxpr.invars]
 
   def tangent(t, s, *rest):
@@ -650,137 +540,27 @@ def program_rows(km, mods, batch: int, heads: int, leaves=None):
   leaves = jax.tree.leaves(mods.args) if leaves is None else leaves
 
   def one(b, h):
-    program = _Program()
+    program = ProgramWalk()
     index = (b.reshape(1, 1, 1, 1), h.reshape(1, 1, 1, 1))
-    for kind, closed in _jaxprs(km):
-      _run(kind, closed, program, index + tuple(leaves))
+    for kind, closed in mod_jaxprs(km):
+      walk_mod(kind, closed, program, index + tuple(leaves))
     return tuple(
         jnp.stack([jnp.reshape(x, ()).astype(dtype) for x in values])
         if values else jnp.zeros((0,), dtype)
         for values, dtype in zip(program.values, (jnp.float32, jnp.int32)))
 
-  rows = _per_program(one, mods, batch, heads)
+  rows = per_program(one, mods, batch, heads)
   return tuple(None if n == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, ROW - n)))
                for x, n in zip(rows, p.counts))
 
 
-def _per_program(one, mods, batch: int, heads: int):
+def per_program(one, mods, batch: int, heads: int):
   """`one(b, h)` for every (batch row, query head), the mods' offsets
   added: its results stacked `[B, H, ...]`."""
   bs = jnp.arange(batch, dtype=jnp.int32) + mods.batch_offset
   hs = jnp.arange(heads, dtype=jnp.int32) + mods.head_offset
   return jax.vmap(jax.vmap(one, (None, 0)), (0, None))(
       bs.astype(jnp.int32), hs.astype(jnp.int32))
-
-
-SPLIT_TERMS = 3  # The float32 slots of a split score_mod: b, a, c.
-_POSITIONS = {"score": {"score": 1}, "q_pos": {"q": 1}, "kv_pos": {"k": 1}}
-
-
-def _affine_terms(closed, causal: bool, program):
-  """`(b, a, c)`, float32 scalars: the score_mod of `closed` on one
-  program's values (`_run`'s `program`) is `score + a q_pos + b kv_pos +
-  c` on the pairs a kernel keeps; `_Refused` if it is not (or scales the
-  score)."""
-  out = _run("score_mod", closed, _Affine(causal), program, _POSITIONS)
-  if not out.tile or not _is_number(out.data.get("score"), 1):
-    raise _Refused("its score_mod does not add to the score")
-  return tuple(jnp.asarray(out.data.get(k, 0), jnp.float32).reshape(())
-               for k in ("k", "q", "1"))
-
-
-@_memo
-def split_slot(km, causal: bool) -> int | None:
-  """Where the float32 rows of the mods' program values hold a split
-  score_mod's coefficients `(b, a, c)` (`split_rows`), or None.
-
-  A score_mod that is `score + a q_pos + b kv_pos + c` (a, b, c program
-  values: ALiBi's `-slopes[head] |q_pos - kv_pos|` in a causal call,
-  `a = -slope`, `b = slope`) costs a kernel one operation per element
-  instead of the tile part's equations: the key term `b (kv_pos - ref)`
-  (a vector per key tile, `ref` the position of the first of each group
-  of `REF_ROWS` query rows) joins the scaled logits, and the row term
-  `a (q_pos - ref) + c + (a + b) ref` is constant along a row, so it
-  leaves the softmax unchanged and only moves the log-sum-exp (added to
-  the forward's in XLA, taken off the backward's: `row_terms`).
-  Relative to `ref`, both terms are small wherever a probability is not
-  negligible (nearby keys), so float32 keeps the logits as exact as the
-  per-element evaluation does; relative to position 0 they would not be
-  at a million tokens.
-
-  None when the kernels evaluate the score_mod per element: it is not of
-  that form (with `causal` only, `|q_pos - kv_pos|` is `q_pos - kv_pos`
-  on every pair kept), the Mosaic kernels cannot take the mods (`plan`),
-  or the row has no room for three more values.
-  """
-  if km is None or km.score_mod is None or plan(km).reason is not None:
-    return None
-  n = plan(km).counts[0]
-  if n + SPLIT_TERMS > ROW:
-    return None
-  closed = dict(_jaxprs(km))["score_mod"]
-  avals = [v.aval for v in closed.jaxpr.invars]
-  program = [jax.ShapeDtypeStruct(a.shape, a.dtype)
-             for a in avals[1:3] + avals[5:]]  # batch, head, the leaves.
-  try:
-    jax.eval_shape(lambda *p: _affine_terms(closed, causal, p), *program)
-  except _Refused:
-    return None
-  return n
-
-
-def read_counts(km, causal: bool) -> tuple[int, int]:
-  """The float32 and int32 program values a kernel reads per row: the
-  mods' (`plan`) and a split score_mod's key slope `b` after them."""
-  counts = plan(km).counts
-  n = split_slot(km, causal)
-  return counts if n is None else (n + 1, counts[1])
-
-
-def split_rows(km, causal: bool, mods, rows, batch: int, heads: int):
-  """`program_rows`' rows with a split score_mod's `(b, a, c)` per (batch
-  row, query head) in float32 slots `split_slot(km, causal)` on (`rows`
-  unchanged without one)."""
-  n = split_slot(km, causal)
-  if n is None:
-    return rows
-  closed = dict(_jaxprs(km))["score_mod"]
-  leaves = tuple(jax.tree.leaves(mods.args))
-  terms = _per_program(
-      lambda b, h: jnp.stack(_affine_terms(
-          closed, causal, (b.reshape(1, 1, 1, 1), h.reshape(1, 1, 1, 1)) +
-          leaves)), mods, batch, heads)  # [B, H, 3]
-  floats = rows[0] if rows[0] is not None else jnp.zeros(
-      (batch, heads, ROW), jnp.float32)
-  return (floats.at[:, :, n:n + SPLIT_TERMS].set(terms), rows[1])
-
-
-REF_ROWS = ROWS  # Query rows per reference position of a split score_mod.
-
-
-def row_terms(km, causal: bool, floats, q_pos):
-  """A split score_mod's row terms `a (q_pos - ref) + c + (a + b) ref`,
-  float32 `[B, H, Sqp]` (`split_slot`): what the kernels leave out of the
-  logits and so of the log-sum-exp. `floats`: `split_rows`' float32 rows
-  `[B, H, ROW]`; `q_pos`: int32 `[B, Sqp]`, Sqp a multiple of
-  `REF_ROWS`; `ref` the position of the first row of each group of
-  `REF_ROWS`."""
-  n = split_slot(km, causal)
-  b, a, c = (floats[:, :, n + i, None] for i in range(SPLIT_TERMS))
-  ref = jnp.repeat(q_pos[:, ::REF_ROWS], REF_ROWS, axis=1)
-  offset = (q_pos - ref).astype(jnp.float32)[:, None]
-  return a * offset + c + (a + b) * ref.astype(jnp.float32)[:, None]
-
-
-def split_lse2(st, lse2, mod_rows, q_vectors):
-  """The base-2 log-sum-exp `[B, H, Sqp]` a backward kernel of the call
-  `st` reads with a split score_mod (`split_slot`; `lse2` unchanged
-  without one): its row terms taken off, as the kernel's logits leave
-  them out. `mod_rows`, `q_vectors`: the kernel's operands."""
-  if split_slot(st.mods, st.causal) is None:
-    return lse2
-  q_pos = q_vectors[:, st.vectors()[0].index("q_pos")]
-  return lse2 - LOG2E * row_terms(st.mods, st.causal, mod_rows[0], q_pos)
 
 
 def grad_slots(km) -> range:
@@ -862,7 +642,7 @@ class TileMods:
     self.km, self.scalars, self.shape = km, scalars, shape
     self.position_bound, self.causal = position_bound, causal
     self.plan = plan(km)
-    self.jaxprs = dict(_jaxprs(km))
+    self.jaxprs = dict(mod_jaxprs(km))
     self.floated = 0  # Conversions served in float32 (for the tests).
     self.elided = 0  # Causal distances' absolute values dropped (tests).
 
@@ -870,8 +650,8 @@ class TileMods:
     closed = self.jaxprs[kind]
     handler = _Kernel(dict(self.plan.offsets)[kind], self.scalars,
                       self.shape, self.position_bound, self.causal)
-    out = _run(kind, closed, handler,
-               tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
+    out = walk_mod(kind, closed, handler,
+                   tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
     self.floated += handler.floated
     self.elided += handler.elided
     return out.data if out.tile else handler.full(out)
@@ -915,9 +695,3 @@ class TileMods:
     """Bool `[ROWS, bk]`: the mask_mod on the tile."""
     return self._run("mask_mod", None, q_pos, kv_pos)
 
-  def key_terms(self, kv_pos, ref):
-    """A split score_mod's key terms `b (kv_pos - ref)` (`split_slot`),
-    float32 like the int32 key positions `kv_pos` (a vector), `ref` the
-    int32 position of the tile's first query row of its group."""
-    slope = self.scalars[0][split_slot(self.km, self.causal)]
-    return slope * (kv_pos - ref).astype(jnp.float32)
