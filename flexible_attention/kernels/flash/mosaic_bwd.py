@@ -355,8 +355,8 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     key = None
     if r.split:  # The key terms, relative to the step's first query.
       ref = r.qvec_smem[slot, r.q_names.index("q_pos"), 0]
-      key = lax.broadcast_in_dim(key_terms(mods, kv_rows, ref) * (
-          LOG2E / logit_scale(st)), (ROWS, bq), [0])
+      key = lax.broadcast_in_dim(key_terms(
+          mods, kv_rows, ref, logit_scale(st) / LOG2E), (ROWS, bq), [0])
       # The slots' derivatives of `score + a q + b k + c` do not read the
       # score: any tile serves as their input.
       natural.append(s)

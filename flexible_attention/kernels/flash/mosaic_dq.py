@@ -178,8 +178,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
       key = score = None
       if split:  # One add per element: the key terms, from a vector.
         key = lax.broadcast_in_dim(key_terms(mods, key_vector(
-            st, kvvec_smem, slot, "kv_pos"), ref) * (
-                LOG2E / logit_scale(st)), s.shape, [1])
+            st, kvvec_smem, slot, "kv_pos"), ref, logit_scale(st) / LOG2E),
+                                   s.shape, [1])
       elif st.score_mod:
         score = functools.partial(mods.score_grads, q_pos=q_vec.get("q_pos"),
                                   kv_pos=kv.get("kv_pos"))

@@ -176,8 +176,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
       if split:  # One add per element: the key terms, from a vector, in
         # the units of `s` (its base-2 logits are `s * scale`).
         s = s + lax.broadcast_in_dim(key_terms(mods, key_vector(
-            st, kvvec_smem, slot, "kv_pos"), ref) * (LOG2E / scale),
-                                     s.shape, [1])
+            st, kvvec_smem, slot, "kv_pos"), ref, scale / LOG2E), s.shape,
+                                     [1])
       if masked:
         if st.mask_mod:
           vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))

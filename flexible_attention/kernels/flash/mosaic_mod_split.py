@@ -235,13 +235,16 @@ def row_terms(km, causal: bool, floats, q_pos):
   return a * offset + c + (a + b) * ref.astype(jnp.float32)[:, None]
 
 
-def key_terms(mods, kv_pos, ref):
-  """A split score_mod's key terms `b (kv_pos - ref)` in a kernel, float32
-  like the int32 key positions `kv_pos` (a vector), `ref` the int32
-  position of the first query row of the tile's group; `mods`: the
-  consumer's `mosaic_mods.TileMods` (`b` among its float32 scalars, in
-  slot `split_slot`)."""
-  slope = mods.scalars[0][split_slot(mods.km, mods.causal)]
+def key_terms(mods, kv_pos, ref, unit: float = 1.0):
+  """A split score_mod's key terms `b (kv_pos - ref) / unit` in a kernel,
+  float32 like the int32 key positions `kv_pos` (a vector), `ref` the
+  int32 position of the first query row of the tile's group, `unit` what
+  one unit of the logits it joins is in natural ones (the scale folded
+  into `b` once, a scalar); `mods`: the consumer's `mosaic_mods.TileMods`
+  (`b` among its float32 scalars, in slot `split_slot`). A vector costs
+  each thread a quarter of its tile's columns (`wgmma`'s layout: two rows
+  per thread), so three operations per key: half a tile's element."""
+  slope = mods.scalars[0][split_slot(mods.km, mods.causal)] * (1.0 / unit)
   return slope * (kv_pos - ref).astype(jnp.float32)
 
 
