@@ -241,9 +241,11 @@ def key_terms(mods, kv_pos, ref, unit: float = 1.0):
   int32 position of the first query row of the tile's group, `unit` what
   one unit of the logits it joins is in natural ones (the scale folded
   into `b` once, a scalar); `mods`: the consumer's `mosaic_mods.TileMods`
-  (`b` among its float32 scalars, in slot `split_slot`). A vector costs
-  each thread a quarter of its tile's columns (`wgmma`'s layout: two rows
-  per thread), so three operations per key: half a tile's element."""
+  (`b` among its float32 scalars, in slot `split_slot`). In `wgmma`'s
+  layout a thread holds two rows of a tile and a quarter of its columns,
+  so these three operations on a key vector cost it as much as 1.5
+  elementwise operations on the tile (in the dK/dV kernel, whose keys are
+  rows, two values a thread: next to nothing)."""
   slope = mods.scalars[0][split_slot(mods.km, mods.causal)] * (1.0 / unit)
   return slope * (kv_pos - ref).astype(jnp.float32)
 
