@@ -526,15 +526,23 @@ def test_bad_init_cache_arguments():
     fa.init_cache(2, 0, 2, 8)
 
 
-def test_cache_overflow_rows_give_nan_not_a_silent_result():
+@pytest.mark.parametrize("mechanism", ["vanilla", "flash", "flash_bias"])
+def test_cache_overflow_rows_give_nan_not_a_silent_result(mechanism):
   """Writing past a cache's end cannot raise under jit (lengths are traced):
-  the rows that overflow get NaN outputs; the others are unaffected."""
-  cache = fa.init_cache(2, 4, 2, 8)._replace(lengths=jnp.array([1, 3]))
-  x = helpers.random_array(helpers.rng_for("overflow"), (2, 2, 2, 8))
+  the rows that overflow get NaN outputs and lse; the others are unaffected.
+  (`flash`'s decode kernel writes the NaN itself; with a bias its general
+  kernels serve the call and the NaN follows them.)"""
+  cache = fa.init_cache(2, 16, 2, 16)._replace(lengths=jnp.array([1, 15]))
+  x = helpers.random_array(helpers.rng_for("overflow"), (2, 2, 2, 16))
+  options = dict(interpret=True) if mechanism != "vanilla" else {}
+  bias = jnp.zeros((2, 2, 2, 16)) if mechanism == "flash_bias" else None
   attend = hk.transform(lambda x, cache: fa.create_attention(
-      "vanilla", num_heads=2, head_dim=8)(x, x, x, cache=cache, causal=True))
-  out = jax.jit(attend.apply)({}, None, x, cache).attention_outputs
+      mechanism.split("_")[0], num_heads=2, head_dim=16, **options)(
+          x, x, x, cache=cache, causal=True, bias=bias, return_lse=True))
+  res = jax.jit(attend.apply)({}, None, x, cache)
+  out, lse = res.attention_outputs, res.lse
   assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
+  assert np.all(np.isfinite(lse[0])) and np.all(np.isnan(lse[1]))
 
 
 # --- Empty axes, int32 positions, rank ----------------------------------------

@@ -28,6 +28,7 @@ import pytest
 
 import flexible_attention as fa
 from flexible_attention.core import merge
+from flexible_attention.core.inputs import poison_overflow
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
@@ -76,8 +77,9 @@ def _paged(name, *, b=4, sq=4, h=8, hkv=2, d=16, ps=4, max_pages=8,
 
 
 def _reference(q, kp, vp, table, lengths, q_pos, *, sm_scale, softcap=None,
-               causal=True, window=None, q_valid=None):
-  """The float32 oracle on the pages gathered into a dense cache."""
+               causal=True, window=None, q_valid=None, overflow=None):
+  """The float32 oracle on the pages gathered into a dense cache; the
+  rows of `overflow` NaN."""
   b, max_pages = table.shape
   ids = jnp.clip(table, 0, kp.shape[0] - 1)
   dense = lambda p: p[ids].reshape(b, max_pages * p.shape[1], *p.shape[2:])
@@ -91,7 +93,7 @@ def _reference(q, kp, vp, table, lengths, q_pos, *, sm_scale, softcap=None,
   if q_valid is not None:
     out = jnp.where(q_valid[:, :, None, None], out, 0.0)
     lse = jnp.where(q_valid[:, None, :], lse, -jnp.inf)
-  return out, lse
+  return poison_overflow(out, lse, overflow)
 
 
 # Jitted: eagerly the reference would dominate the file's time.
@@ -100,11 +102,18 @@ _reference_jit = jax.jit(_reference, static_argnames=(
 
 
 def _compare(got, want, tol, name):
+  """Outputs and lse within `tol`; NaN (a row that overflowed) and -inf
+  (a query that sees no key) exactly where the reference has them."""
   (out, lse), (ref_out, ref_lse) = got, want
   assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
-  err = _rel(out, ref_out)
-  assert err <= tol, f"{name}: out error {err:.3g} > {tol}"
+  out, ref_out = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
   lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+  for what, x, ref in (("out", out, ref_out), ("lse", lse, ref_lse)):
+    np.testing.assert_array_equal(np.isnan(x), np.isnan(ref),
+                                  err_msg=f"{name}: NaN {what} differ")
+  real = ~np.isnan(ref_out)
+  err = _rel(out[real], ref_out[real])
+  assert err <= tol, f"{name}: out error {err:.3g} > {tol}"
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse),
                                 err_msg=f"{name}: empty rows differ")
   finite = np.isfinite(ref_lse)
@@ -112,17 +121,18 @@ def _compare(got, want, tol, name):
   assert err <= tol, f"{name}: lse error {err:.3g} > {tol}"
 
 
-def _check(name, inputs, *, q_valid=None, **kw):
+def _check(name, inputs, *, q_valid=None, overflow=None, **kw):
   """Runs the interpreted kernel (jitted) and the reference; compares."""
   kw.setdefault("sm_scale", 0.3)
   options = {k: kw.pop(k) for k in ("num_splits", "pages_per_block")
              if k in kw}
   fn = functools.partial(decode.decode_attention, interpret=True,
                          **options, **kw)
-  res = jax.jit(fn, compiler_options=JIT_OPTIONS)(*inputs, q_valid=q_valid)
+  res = jax.jit(fn, compiler_options=JIT_OPTIONS)(*inputs, q_valid=q_valid,
+                                                  overflow=overflow)
   assert res.out.dtype == inputs[0].dtype and res.lse.dtype == jnp.float32
   assert res.weights is None
-  want = _reference_jit(*inputs, q_valid=q_valid, **kw)
+  want = _reference_jit(*inputs, q_valid=q_valid, overflow=overflow, **kw)
   _compare((res.out, res.lse), want, TOL[jnp.dtype(inputs[0].dtype).name],
            name)
   return res
@@ -157,6 +167,20 @@ def test_window_softcap_mqa_with_padded_queries_matches_reference():
   assert np.all(np.isneginf(np.asarray(res.lse[2])))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_overflowing_rows_are_nan_and_the_others_exact(num_splits):
+  """`overflow` (rows whose cache lost tokens): their out and lse are NaN,
+  padded query slots included; the other rows match the reference."""
+  inputs = _paged("overflow", lengths=(31, 20, 0, 12))
+  q_valid = jnp.asarray(np.arange(4)[None, :] < np.array([[4], [2], [0],
+                                                          [1]]))
+  res = _check(f"overflow {num_splits}", inputs, q_valid=q_valid,
+               overflow=jnp.asarray([False, True, True, False]), causal=True,
+               num_splits=num_splits, pages_per_block=4)
+  assert np.all(np.isnan(np.asarray(res.out[1:3])))
+  assert not np.any(np.isnan(np.asarray(res.out[::3])))
+
+
 def test_non_causal_two_sided_window_matches_reference():
   """Without causal, window (6, 2): keys after the query are visible up to
   the row's length, and blocks before `q_pos - 6` are skipped."""
@@ -177,17 +201,19 @@ def test_dense_cache_through_dense_as_pages_matches_reference():
   q_pos = lengths[:, None] - sq + jnp.arange(sq)[None, :]
   kp, vp, table = decode.dense_as_pages(keys, values)
   assert kp.shape == (b * length, 1, hkv, d) and table.shape == (b, length)
-  res = jax.jit(functools.partial(
-      decode.decode_attention, sm_scale=0.25, causal=True, interpret=True),
-                compiler_options=JIT_OPTIONS)(q, kp, vp, table, lengths,
-                                              q_pos)
   inputs = fa.canonicalize(q, keys, values, causal=True, kv_lengths=lengths,
                            q_positions=q_pos)
   want = jax.jit(functools.partial(fa.reference_attention, sm_scale=0.25),
                  compiler_options=JIT_OPTIONS)(
                      inputs.query, inputs.key, inputs.value, None,
                      inputs.visibility)
-  _compare((res.out, res.lse), (want.out, want.lse), TOL["float32"], "dense")
+  # With the table, and without it (page_table=None: the dense pages').
+  for name, t in (("dense", table), ("dense, no table", None)):
+    res = jax.jit(functools.partial(
+        decode.decode_attention, sm_scale=0.25, causal=True, interpret=True,
+        page_table=t), compiler_options=JIT_OPTIONS)(
+            q, kp, vp, kv_lengths=lengths, q_positions=q_pos)
+    _compare((res.out, res.lse), (want.out, want.lse), TOL["float32"], name)
 
 
 def test_dense_as_pages_is_a_reshape():
@@ -213,14 +239,19 @@ def test_bfloat16_matches_reference():
 # --- Gradients ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["gqa_causal_padded", "mqa_window_softcap"])
+@pytest.mark.parametrize("case", ["gqa_causal_padded", "mqa_window_softcap",
+                                  "overflowing_rows"])
 def test_gradients_match_reference(case):
   """d/dq, d/dkey_pages and d/dvalue_pages of a loss of out and lse (shared
-  pages sum their rows' gradients) against the reference's."""
-  if case == "gqa_causal_padded":
+  pages sum their rows' gradients) against the reference's; a row that
+  overflowed (NaN out and lse) gives none."""
+  overflow = None
+  if case in ("gqa_causal_padded", "overflowing_rows"):
     inputs = _paged(case, b=3, lengths=(22, 0, 13))
     kw = dict(causal=True, window=None, softcap=None)
     q_valid = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], bool)
+    if case == "overflowing_rows":
+      overflow = jnp.asarray([True, False, True])
   else:
     inputs = _paged(case, b=2, h=2, hkv=1, lengths=(27, 11))
     kw = dict(causal=True, window=6, softcap=2.5)
@@ -242,19 +273,23 @@ def test_gradients_match_reference(case):
     res = decode.decode_attention(
         q, kp, vp, table, lengths, q_pos, sm_scale=0.3, q_valid=q_valid,
         num_splits=2, pages_per_block=4, block_sizes=BACKWARD_TILES,
-        interpret=True, **kw)
+        interpret=True, overflow=overflow, **kw)
     return res.out, res.lse
 
   def reference(q, kp, vp):
     return _reference(q, kp, vp, table, lengths, q_pos, sm_scale=0.3,
-                      q_valid=q_valid, **kw)
+                      q_valid=q_valid, overflow=overflow, **kw)
 
   got = jax.jit(jax.grad(loss(kernel), (0, 1, 2)),
                 compiler_options=JIT_OPTIONS)(q, kp, vp)
   want = jax.jit(jax.grad(loss(reference), (0, 1, 2)),
                  compiler_options=JIT_OPTIONS)(q, kp, vp)
+  if overflow is not None:  # The kernel's out and lse are NaN there.
+    out, lse = jax.jit(kernel, compiler_options=JIT_OPTIONS)(q, kp, vp)
+    assert np.all(np.isnan(out[overflow])) and np.all(np.isnan(lse[overflow]))
+    assert not np.any(np.isnan(out[~overflow]))
   for what, g, w in zip(("dq", "dkey_pages", "dvalue_pages"), got, want):
-    assert g.shape == w.shape
+    assert g.shape == w.shape and np.all(np.isfinite(g))
     err = _rel(g, w)
     assert err <= TOL["float32"], f"{case}: {what} error {err:.3g}"
 
@@ -424,8 +459,21 @@ def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   # The kernel reads the queries as they come (it gathers each KV head's
   # rows itself).
   assert re.search(r"stablehlo.custom_call @mosaic_gpu\w*\(%arg0,", text)
-  if kw["num_splits"] == 1:  # The output is the kernel's, untouched.
-    out_only = helpers.lower_for_cuda(lambda *a: fn(*a)[0], *args)
+  if sq > 1:  # With padded query slots (a `[B, Sq]` operand more).
+    valid = jax.ShapeDtypeStruct(args[0].shape[:2], jnp.bool_)
+    assert "mosaic_gpu" in helpers.lower_for_cuda(
+        lambda *a: fn(*a[:-1], q_valid=a[-1]), *args, valid)
+  else:  # A dense cache's pages (64 = 2 rows of 32), without a table.
+    no_table = helpers.lower_for_cuda(
+        lambda q, kp, vp, table, n, pos: fn(q, kp, vp, None, n, pos), *args)
+    # q, the pages, lengths, positions and the rows' poison: no table.
+    operands = re.search(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", no_table)
+    assert len(operands.group(1).split(",")) == 6, operands.group(1)
+  if kw["num_splits"] == 1:  # The output is the kernel's, untouched, with
+    # overflowing rows too (the kernel writes their NaN).
+    overflow = jax.ShapeDtypeStruct(args[0].shape[:1], jnp.bool_)
+    out_only = helpers.lower_for_cuda(
+        lambda *a: fn(*a[:-1], overflow=a[-1])[0], *args, overflow)
     name = re.search(r"(%\w+):2 = stablehlo.custom_call @mosaic_gpu",
                      out_only).group(1)
     assert re.search(rf"return {name}#0 :", out_only)
@@ -517,8 +565,8 @@ def test_backend_policy_refuses_what_it_cannot_serve():
 
 MOSAIC_CASES = ("gqa_paged16_causal_ragged",
                 "four_new_paged128_window_softcap",
-                "mqa_paged8_padded_queries_splits", "dense_d64", "sinks_d256",
-                "one_split_four_new_padded_queries")
+                "mqa_paged8_padded_queries_splits_overflow", "dense_d64",
+                "sinks_d256", "one_split_four_new_padded_queries_overflow")
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
@@ -538,10 +586,12 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
   """The Mosaic kernel (bf16) against the float32 reference: shuffled
   tables with shared prefix pages and -1 entries, ragged lengths (0 and not
   a page multiple), several splits (some empty), windows, soft cap, padded
-  query slots, 64-token slots inside 128-token pages, a dense cache,
-  sinks; one split, where the kernel writes the attention itself."""
+  query slots, 64-token slots inside 128-token pages, a dense cache (its
+  pages without a table), sinks, rows that overflowed; one split, where
+  the kernel writes the attention itself."""
   lengths = (1000, 0, 357, 3)
-  kw, q_valid, sinks = dict(causal=True), None, None
+  kw, q_valid, sinks, overflow = dict(causal=True), None, None, None
+  no_table = False
   if case == "gqa_paged16_causal_ragged":
     inputs = _paged(case, d=128, ps=16, max_pages=64, lengths=lengths,
                     dtype=jnp.bfloat16)
@@ -549,16 +599,18 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
     inputs = _paged(case, h=32, hkv=8, d=128, ps=128, max_pages=8,
                     lengths=lengths, dtype=jnp.bfloat16)
     kw.update(window=200, softcap=5.0, num_splits=3, block_tokens=64)
-  elif case == "mqa_paged8_padded_queries_splits":
+  elif case == "mqa_paged8_padded_queries_splits_overflow":
     inputs = _paged(case, b=3, sq=16, h=4, hkv=1, d=64, ps=8, max_pages=128,
                     lengths=(1024, 500, 9), dtype=jnp.bfloat16)
     q_valid = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [1], [0]]))
+    overflow = jnp.asarray([False, True, False])
     kw.update(num_splits=7)
-  elif case == "one_split_four_new_padded_queries":
+  elif case == "one_split_four_new_padded_queries_overflow":
     inputs = _paged(case, h=32, hkv=8, d=128, ps=16, max_pages=64,
                     lengths=lengths, dtype=jnp.bfloat16)
     q_valid = jnp.asarray(np.arange(4)[None, :] < np.array([[4], [0], [1],
                                                             [3]]))
+    overflow = jnp.asarray([False, False, True, False])
     kw.update(num_splits=1)
   elif case == "dense_d64":
     rng = helpers.rng_for(case)
@@ -568,6 +620,7 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
     n = jnp.asarray([768, 130, 64], jnp.int32)
     q = jnp.asarray(rng.standard_normal((3, 2, 8, 64)), jnp.bfloat16)
     inputs = (q, kp, vp, table, n, n[:, None] - 2 + jnp.arange(2)[None, :])
+    no_table = True  # The kernel takes the dense pages without it.
   else:
     inputs = _paged(case, d=256, ps=16, max_pages=32, lengths=(500, 0, 37, 3),
                     dtype=jnp.bfloat16)
@@ -577,10 +630,12 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
                if k in kw}
   res = jax.jit(functools.partial(
       decode.decode_attention, sm_scale=0.125, backend="mosaic", sinks=sinks,
-      q_valid=q_valid, **decode_kw, **kw))(*inputs)
+      q_valid=q_valid, overflow=overflow, **decode_kw, **kw))(
+          *inputs[:3], None if no_table else inputs[3], *inputs[4:])
   f32 = [x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
          for x in inputs]
-  out, lse = _reference(*f32, sm_scale=0.125, q_valid=q_valid, **kw)
+  out, lse = _reference(*f32, sm_scale=0.125, q_valid=q_valid,
+                        overflow=overflow, **kw)
   if sinks is not None:
     out, lse = merge.merge_sinks(out, lse, sinks)
   _compare((res.out.astype(jnp.float32), res.lse), (out, lse),

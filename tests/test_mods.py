@@ -34,6 +34,7 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mod_lowering
+from flexible_attention.kernels.flash import mosaic_mod_split
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.mechanisms import registry
 import gpu_interpret
@@ -233,7 +234,8 @@ def test_flash_mods_compiled_on_a_gpu():
     ("both", "triton", 128), ("every_primitive", "triton", 128),  # Registers.
     # The Mosaic dQ kernel with the same mods (its default from 16k keys).
     ("alibi", "mosaic", 64), ("both", "mosaic", 64), ("static", "mosaic", 64),
-    ("every_primitive", "mosaic", 64)])
+    ("every_primitive", "mosaic", 64), ("affine", "mosaic", 64),
+    ("alibi", "mosaic", 128)])
 def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
                                              monkeypatch):
   """The mods the Mosaic GPU forward and dK/dV kernels evaluate (on Hopper
@@ -248,16 +250,21 @@ def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("name,head_dim", [("alibi", 64), ("both", 128)])
-def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, monkeypatch):
+@pytest.mark.parametrize("name,head_dim,sinks", [
+    ("alibi", 64, False), ("both", 128, False), ("affine", 64, False),
+    ("alibi", 64, True)])
+def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, sinks,
+                                              monkeypatch):
   """The same on a CPU: the policy's Hopper launches (the Mosaic forward,
-  dK/dV and dQ kernels) run by JAX's GPU interpreter (`gpu_interpret`)."""
+  dK/dV and dQ kernels) run by JAX's GPU interpreter (`gpu_interpret`).
+  ALiBi (causal) and `affine` take the kernels' split
+  (`mosaic_mod_split.split_slot`), in the forward only without sinks."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   monkeypatch.setattr(gpu, "core_count", lambda: 132)
   monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   with gpu_interpret.mosaic_on_cpu():
     _check_mosaic_forward_mods(name, "mosaic", head_dim, hopper=True,
-                               jit=False)
+                               jit=False, sinks=sinks)
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -948,6 +955,12 @@ MOSAIC_MODS = {  # name: (score_mod, mask_mod, structure)
     "static": (None, _static_mask_mod, dict(causal=True)),
     "both": (_hopper_score_mod, _hopper_mask_mod, dict(sliding_window=200)),
     "every_primitive": (_every_primitive, _hopper_mask_mod, {}),
+    # Affine in the positions, not causal: the kernels' split (a key term
+    # per element, the row term in the lse), its slopes products of two
+    # program values, with a constant.
+    "affine": (lambda s, b, h, q, k, sl, sc, _: (
+        s + sl[h] * sc[b] * (k - q).astype(s.dtype) + 3.0 * sc[b]), None,
+               dict(sliding_window=200)),
 }
 
 
@@ -1249,6 +1262,107 @@ def test_mosaic_tile_mods_do_exact_position_arithmetic_in_float32(
   assert evaluator.floated == floated
 
 
+@pytest.mark.parametrize("bound", [None, 4096])
+def test_mosaic_tile_mods_drop_the_causal_distances_abs(bound):
+  """In a causal call the kernels keep only pairs with q_pos >= kv_pos, so
+  ALiBi's `|q_pos - kv_pos|` is evaluated as `q_pos - kv_pos` (no `abs`
+  in the tile's program): equal to the mod on every such pair, in the
+  int32 way and in float32 (`position_bound`); not without causal."""
+  rng = helpers.rng_for("causal-distance")
+  tile = (64, 128)
+  s = jnp.asarray(rng.normal(size=tile) * 3, jnp.float32)
+  q_pos = rng.integers(0, 4096, tile[0]).astype(np.int32)
+  kv_pos = rng.integers(0, 4096, tile[1]).astype(np.int32)
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  q = jnp.zeros((1, tile[0], H, 8))
+  mods = inputs_lib.canonicalize(q, q, q, score_mod=fa.alibi_score_mod,
+                                 mod_args=(slopes,)).mods
+  km = mod_lowering.kernel_mods(mods, H)
+  floats, _ = mosaic_mods.program_rows(km, mods, 1, H)
+  head = 5
+  scalars = (tuple(floats[0, head, :mosaic_mods.plan(km).counts[0]]), ())
+  qp = jnp.broadcast_to(jnp.asarray(q_pos)[:, None], tile)
+  kp = jnp.broadcast_to(jnp.asarray(kv_pos)[None, :], tile)
+  want = fa.alibi_score_mod(s, 0, head, qp, kp, slopes)
+  kept = q_pos[:, None] >= kv_pos[None, :]
+  for causal in (True, False):
+    evaluator = mosaic_mods.TileMods(km, scalars, tile, position_bound=bound,
+                                     causal=causal)
+    prims = {e.primitive.name for e in jax.make_jaxpr(evaluator.score)(
+        s, qp, kp).jaxpr.eqns}
+    assert ("abs" in prims) != causal, prims
+    assert evaluator.elided == int(causal)
+    got = jax.jit(evaluator.score)(s, qp, kp)
+    np.testing.assert_allclose(np.where(kept, got, 0.0),
+                               np.where(kept, want, 0.0), rtol=1e-6,
+                               atol=1e-5)
+    if not causal:
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+_SPLIT_MODS = {  # name: (score_mod, split when causal, split otherwise)
+    "alibi": (fa.alibi_score_mod, True, False),
+    "head_shift": (lambda s, b, h, q, k, sl: s - sl[h], True, True),
+    "key_only": (lambda s, b, h, q, k, sl: s - sl[h] * k.astype(s.dtype),
+                 True, True),
+    "literals": (lambda s, b, h, q, k, sl: (
+        s + 0.25 * (k - q).astype(s.dtype) / 2.0 + 3.0), True, True),
+    "product": (lambda s, b, h, q, k, sl: (
+        s + sl[h] * sl[b] * (q - k).astype(s.dtype)), True, True),
+    "scaled_score": (lambda s, b, h, q, k, sl: s * sl[h], False, False),
+    "integer_div": (lambda s, b, h, q, k, sl: (
+        s + ((k - q) // 2).astype(s.dtype)), False, False),
+    "squared": (lambda s, b, h, q, k, sl: (
+        s - ((q - k) ** 2).astype(s.dtype)), False, False),
+    "abs_of_sum": (lambda s, b, h, q, k, sl: (
+        s - sl[h] * jnp.abs(q + k).astype(s.dtype)), False, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SPLIT_MODS))
+def test_mosaic_split_score_mod_is_the_mod(name):
+  """`split_slot` finds the score_mods that are `score + a q_pos + b kv_pos
+  + c` (ALiBi's `|q - k|` only in a causal call), and the split the
+  kernels compute, the key term `b (kv_pos - ref)` plus the row term
+  (`row_terms`) from the rows (`split_rows`), equals the mod on every
+  pair a kernel keeps, at positions near a million (float32: as exact as
+  the mod's own logits there)."""
+  mod, causal_split, plain_split = _SPLIT_MODS[name]
+  batch, sq, sk = 2, 128, 96
+  slopes = jnp.asarray(fa.alibi_slopes(H))
+  q = jnp.zeros((batch, sq, H, 8))
+  mods = inputs_lib.canonicalize(q, q, q, score_mod=mod,
+                                 mod_args=(slopes,)).mods
+  km = mod_lowering.kernel_mods(mods, H)
+  rng = helpers.rng_for("split", name)
+  q_pos = jnp.asarray(np.sort(rng.integers(2**20, 2**20 + 4096, (batch, sq)),
+                              axis=1), jnp.int32)
+  kv_pos = jnp.asarray(rng.integers(2**20, 2**20 + 4096, (batch, sk)),
+                       jnp.int32)
+  score = jnp.asarray(rng.normal(size=(batch, H, sq, sk)) * 3, jnp.float32)
+  idx = mods.indices(batch, H, q_pos, kv_pos)
+  want = mod(score, *idx, slopes)
+  for causal, split in ((True, causal_split), (False, plain_split)):
+    n = mosaic_mod_split.split_slot(km, causal)
+    assert (n is not None) == split, (name, causal)
+    if n is None:
+      continue
+    rows = mosaic_mod_split.split_rows(
+        km, causal, mods, mosaic_mods.program_rows(km, mods, batch, H),
+        batch, H)
+    ref = jnp.repeat(q_pos[:, ::mosaic_mod_split.REF_ROWS], mosaic_mod_split.REF_ROWS,
+                     axis=1)
+    key = rows[0][:, :, n, None, None] * (
+        kv_pos[:, None, None, :] - ref[:, None, :, None]).astype(jnp.float32)
+    got = score + key + mosaic_mod_split.row_terms(km, causal, rows[0],
+                                               q_pos)[..., None]
+    kept = (q_pos[:, None, :, None] >= kv_pos[:, None, None, :]
+            if causal else True)
+    np.testing.assert_allclose(np.where(kept, got, 0.0),
+                               np.where(kept, want, 0.0), rtol=1e-6,
+                               atol=1e-3)
+
+
 @pytest.mark.parametrize("mod,unit", [
     (fa.alibi_score_mod, True),
     (lambda s, b, h, q, k, sl: s + sl[h] * (q - k).astype(s.dtype), True),
@@ -1288,7 +1402,7 @@ ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
 def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
-                               hopper=ON_HOPPER, jit=True):
+                               hopper=ON_HOPPER, jit=True, sinks=False):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
   (bfloat16, Sq = 260 < Sk = 328: bottom-right positions, padded tiles,
   grouped heads, soft cap; D = `head_dim`): out, lse (-inf rows included)
@@ -1296,27 +1410,31 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   the float32 reference. On Hopper (`hopper`) the forward and dK/dV
   kernels must be the Mosaic GPU ones (the dK/dV kernel computes the
   slopes' and the scale's gradients), and dQ `dq_backend`'s. `jit=False`
-  runs flash op by op (`gpu_interpret`'s kernels)."""
+  runs flash op by op (`gpu_interpret`'s kernels); `sinks`: with sink
+  logits too (fixed; a split score_mod is then evaluated per element in
+  the forward, split in the backward)."""
   rng = helpers.rng_for("mosaic-forward-mods", name, head_dim)
   q, k, v = (x.astype(jnp.bfloat16) for x in helpers.random_qkv(
       rng, B, 260, 328, H, HKV, head_dim))
   slopes, scale, prefix = _hopper_mod_args()
   cap = 30.0
+  extra = dict(sinks=jnp.linspace(-1.0, 2.0, H)) if sinks else {}
   if hopper:
-    assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix)),
+    assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix),
+                                  **extra),
                      softcap=cap) == ("mosaic", "mosaic", dq_backend), name
 
   def flash(q, k, v, slopes, scale):
     result = flash_kernel.flash_attention(
-        _hopper_call(name, q, k, v, (slopes, scale, prefix)),
+        _hopper_call(name, q, k, v, (slopes, scale, prefix), **extra),
         sm_scale=0.125, softcap=cap)
     return result.out, result.lse
 
   def ref(q, k, v, slopes, scale):
-    record = _hopper_call(name, q, k, v, (slopes, scale, prefix))
+    record = _hopper_call(name, q, k, v, (slopes, scale, prefix), **extra)
     result = reference.reference_attention(
         record.query, record.key, record.value, None, record.visibility,
-        sm_scale=0.125, softcap=cap, mods=record.mods)
+        sm_scale=0.125, softcap=cap, mods=record.mods, sinks=record.sinks)
     return result.out, result.lse
 
   def value_and_grads(f, *args):

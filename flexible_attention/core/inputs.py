@@ -68,6 +68,11 @@ class AttentionInputs:
       denominator gains `exp(sinks[h])`), or `None`.
     mods: the call's score / mask modifications (`core/mods.py`: the user's
       functions, `mod_args` and the shard's batch/head offsets), or `None`.
+    overflow: with a KV cache, `[B]` bool: the rows whose cache overflowed
+      (`core/cache.py`), whose outputs and lse the kernel makes NaN itself
+      (`poison_overflow`); given only to the kernels of a mechanism that
+      says it does (`Mechanism.poisons_overflow`), `None` otherwise (the
+      module poisons their outputs).
   """
 
   query: jax.Array
@@ -78,12 +83,26 @@ class AttentionInputs:
   pages: Any = None
   sinks: jax.Array | None = None
   mods: mods_lib.Mods | None = None
+  overflow: jax.Array | None = None
 
   @property
   def dims(self) -> AttentionDims:
     b, sq, h, d = self.query.shape
     _, sk, hkv, _ = self.key.shape
     return AttentionDims(b, sq, sk, h, hkv, d, self.value.shape[-1])
+
+
+def poison_overflow(out, lse, overflow):
+  """The outputs of a cache call whose rows `overflow` (`[B]` bool) lost
+  tokens: NaN there (the semantics' "never silently wrong"; a jitted call
+  cannot raise). `out` is `[B, Sq, H, Dv]`, `lse` `[B, H, Sq]` or None;
+  returns both, unchanged when `overflow` is None."""
+  if overflow is None:
+    return out, lse
+  out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+  if lse is not None:
+    lse = jnp.where(overflow[:, None, None], jnp.nan, lse)
+  return out, lse
 
 
 def _shape(x) -> tuple[int, ...]:

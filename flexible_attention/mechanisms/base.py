@@ -308,6 +308,14 @@ class AttentionModule(hk.Module):
     return None
 
   @classmethod
+  def poisons_overflow(cls, request: registry.AttentionRequest) -> bool:
+    """Whether the kernel of this cache call makes the rows of
+    `AttentionInputs.overflow` NaN itself (`inputs.poison_overflow`'s
+    rule; off a mesh). False: the module does it after the kernel."""
+    del request
+    return False
+
+  @classmethod
   def platforms(cls, request: registry.AttentionRequest) -> tuple[str, ...]:
     """The platforms that can serve `request`: the capabilities', or every
     platform for Pallas mechanisms built with `interpret=True` (their
@@ -411,6 +419,12 @@ class AttentionModule(hk.Module):
                             lse=bool(return_lse))
     mechanism = self._select(request)
     dropout = self._dropout() if apply_dropout else None
+    if (keys.overflow is not None and self.config.mesh is None and
+        mechanism.poisons_overflow(request)):
+      # The kernel makes the overflowing rows NaN itself (no pass over the
+      # output after it).
+      inputs = dataclasses.replace(inputs, overflow=keys.overflow)
+      keys = keys._replace(overflow=None)
     result = self._run(mechanism, request, inputs, dropout)
     return _output(result, keys, out_dtype, bool(return_weights),
                    bool(return_lse))
@@ -580,12 +594,9 @@ def _output(result: KernelOutput, keys: _Keys, out_dtype,
       weights = jnp.where(valid[:, None, :, None], weights, 0)
     if lse is not None:
       lse = jnp.where(valid[:, None, :], lse, -jnp.inf)
-  if keys.overflow is not None:
-    # Rows whose new tokens did not fit the cache: what did not fit was
-    # dropped, so their result would be wrong. NaN says so.
-    overflow = keys.overflow  # [B]
-    out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
-    if lse is not None:
-      lse = jnp.where(overflow[:, None, None], jnp.nan, lse)
+  # Rows whose new tokens did not fit the cache: what did not fit was
+  # dropped, so their result would be wrong. NaN says so (unless the kernel
+  # did: then `keys.overflow` is None here).
+  out, lse = inputs_lib.poison_overflow(out, lse, keys.overflow)
   return AttentionOutput(attention_outputs=out, attention_weights=weights,
                          cache=keys.cache, lse=lse)

@@ -145,6 +145,12 @@ class FlashAttention(base.AttentionModule):
     return caps
 
   @classmethod
+  def poisons_overflow(cls, request):
+    # The GPU's cache calls (`flash_kernel.cache_attention`): the decode
+    # kernels poison in their epilogue, the general kernels' path after.
+    return "cache" in request.features and not _uses_tpu_kernel(request)
+
+  @classmethod
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is not None:

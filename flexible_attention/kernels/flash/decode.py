@@ -45,6 +45,7 @@ from flexible_attention.core.inputs import canonical_window
 from flexible_attention.core.inputs import check_array
 from flexible_attention.core.inputs import check_sinks
 from flexible_attention.core.inputs import canonicalize
+from flexible_attention.core.inputs import poison_overflow
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels.flash import interface
@@ -100,9 +101,14 @@ def dense_as_pages(keys, values):
   pages = length // page_size
   key_pages = keys.reshape(batch * pages, page_size, *keys.shape[2:])
   value_pages = values.reshape(batch * pages, page_size, *values.shape[2:])
-  table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * pages +
-           jnp.arange(pages, dtype=jnp.int32)[None, :])
-  return key_pages, value_pages, table
+  return key_pages, value_pages, dense_table(batch, pages)
+
+
+def dense_table(batch: int, pages: int):
+  """The page table of `dense_as_pages`' pages: int32 `[B, M]`, row b's
+  pages `b * M ... b * M + M - 1` (M = `pages`)."""
+  return (jnp.arange(batch, dtype=jnp.int32)[:, None] * pages +
+          jnp.arange(pages, dtype=jnp.int32)[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,28 +121,35 @@ class _Config:
 
 
 def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
-             q_positions, q_valid, sinks):
+             q_positions, q_valid, sinks, overflow):
   """`(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`; `sinks
-  [H]` (or None) merge as one more part after the key splits."""
+  [H]` (or None) merge as one more part after the key splits; the rows of
+  `overflow` (`[B]` bool, or None) NaN."""
   st = cfg.static
   launch = st.launch
   batch, q_len, num_heads, head_dim = q.shape
   _, page_size, num_kv_heads, value_dim = value_pages.shape
   groups = num_heads // num_kv_heads
-  table_len = page_table.shape[1]
   mosaic = isinstance(launch, MosaicDecodeLaunch)
+  if page_table is None and not mosaic:  # The Mosaic kernel needs none.
+    page_table = dense_table(batch, value_pages.shape[0] // batch)
+  table_len = (value_pages.shape[0] // batch if page_table is None else
+               page_table.shape[1])
   capacity = table_len * page_size
   splits = launch.num_splits
   # One Mosaic split without sinks: the kernel writes the attention itself.
   final = mosaic and splits == 1 and sinks is None
   if mosaic:  # The kernel gathers its rows' queries and works out each
     # row's range and vectors itself.
-    table = structure.pad_axis(
+    table = None if page_table is None else structure.pad_axis(
         page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
         st, q, key_pages, value_pages, table, kv_lengths, q_positions,
-        q_valid, capacity, final=final)
+        q_valid, capacity, overflow=overflow, final=final)
+    overflow = None  # The kernel wrote NaN (the merge keeps it).
   else:
+    if q_valid is None:
+      q_valid = jnp.ones((batch, q_len), bool)
     # [B, Sq, Hkv, G, D] -> [B, Hkv, Sq * G, D], padded to R rows.
     pad = max(MIN_BLOCK, next_power_of_2(groups * q_len)) - q_len * groups
     qr = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
@@ -178,28 +191,38 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
     out, lse = merge.merge_stacked(outs, lses)
   if sinks is not None:
     out, lse = merge.merge_sinks(out.astype(jnp.float32), lse, sinks)
-  return out.astype(q.dtype), lse
+  return poison_overflow(out.astype(q.dtype), lse, overflow)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _decode(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-            q_positions, q_valid, sinks):
+            q_positions, q_valid, sinks, overflow):
   return _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                  q_positions, q_valid, sinks)
+                  q_positions, q_valid, sinks, overflow)
 
 
 def _decode_fwd(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                q_positions, q_valid, sinks):
+                q_positions, q_valid, sinks, overflow):
   out, lse = _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
-                      q_positions, q_valid, sinks)
+                      q_positions, q_valid, sinks, overflow)
   return (out, lse), (q, key_pages, value_pages, page_table, kv_lengths,
-                      q_positions, q_valid, sinks, out, lse)
+                      q_positions, q_valid, sinks, overflow, out, lse)
 
 
 def _decode_bwd(cfg, residuals, cotangents):
   (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
-   sinks, out, lse) = residuals
+   sinks, overflow, out, lse) = residuals
   dout, dlse = cotangents
+  if page_table is None:
+    page_table = dense_table(q.shape[0], key_pages.shape[0] // q.shape[0])
+  if q_valid is None:
+    q_valid = jnp.ones(q_positions.shape, bool)
+  if overflow is not None:
+    # An overflowing row's NaN is a constant: no gradient flows from it. As
+    # a query that sees no key it gives out 0 and lse +inf (p = 0) here.
+    q_valid = q_valid & ~overflow[:, None]
+    out = jnp.where(q_valid[:, :, None, None], out, jnp.zeros_like(out))
+    lse = jnp.where(q_valid[:, None, :], lse, jnp.inf)
   st = cfg.static
   (k, v), gather_vjp = jax.vjp(
       lambda kp, vp: cache_lib.dense_view(cache_lib.PagedKVCache(
@@ -218,7 +241,7 @@ def _decode_bwd(cfg, residuals, cotangents):
   dkp, dvp = gather_vjp((dk, dv))
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)
-  return dq, dkp, dvp, None, None, None, None, dsinks
+  return dq, dkp, dvp, None, None, None, None, dsinks, None
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
@@ -290,7 +313,7 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                      backend: str | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool = False,
-                     sinks=None) -> KernelOutput:
+                     sinks=None, overflow=None) -> KernelOutput:
   """Attention of a few new queries per row against a paged KV cache.
 
   Query `i` of row `b` (at token index `q_positions[b, i]`) attends to the
@@ -312,6 +335,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
       are concrete; under `jit` they cannot be checked, and the kernel (and
       the backward's gather) clamps them into `[0, P)`, so they read another
       page's keys (never out of bounds).
+      Or None for a dense cache's pages (`dense_as_pages`, `B * M` of
+      them): row b's pages are `b * M ... b * M + M - 1`, and the Mosaic
+      kernel reads no table.
     kv_lengths: `[B]` ints, valid tokens per row (the new ones included),
       in `[0, M * ps]` (checked when concrete; clamped under `jit`).
     q_positions: `[B, Sq]` ints, each query's token index.
@@ -339,6 +365,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     interpret: run the kernel in Pallas' interpreter (CPU tests).
     sinks: `[H]` float sink logits (semantics step 6), or None; merged
       after the key splits as one more part (out 0, lse `sinks[h]`).
+    overflow: `[B]` bool, rows whose cache overflowed (`core/cache.py`):
+      their out and lse are NaN (the Mosaic kernel writes them so), and no
+      gradient flows from them; or None.
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32,
@@ -381,19 +410,24 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   reason = decode_unsupported_reason(head_dim, value_dim, page_size)
   if reason is not None:
     raise ValueError(f"key_pages / value_pages: {reason}.")
-  check_array("page_table", page_table, 2, "[B, M]")
-  page_table = _check_int("page_table", page_table,
-                          (batch, page_table.shape[1]), "[B, M]")
-  table_len = page_table.shape[1]
-  if table_len == 0:
-    raise ValueError("page_table must have at least one entry per row, got "
-                     f"shape {tuple(page_table.shape)}.")
+  if page_table is None:  # Dense pages: row b's are b M ... b M + M - 1.
+    if num_pages % batch:
+      raise ValueError(f"page_table=None takes a dense cache's pages "
+                       f"(`dense_as_pages`: B * M of them), got P = "
+                       f"{num_pages} for B = {batch}.")
+    table_len = num_pages // batch
+  else:
+    check_array("page_table", page_table, 2, "[B, M]")
+    page_table = _check_int("page_table", page_table,
+                            (batch, page_table.shape[1]), "[B, M]")
+    table_len = page_table.shape[1]
+    if table_len == 0:
+      raise ValueError("page_table must have at least one entry per row, "
+                       f"got shape {tuple(page_table.shape)}.")
   kv_lengths = _check_int("kv_lengths", kv_lengths, (batch,), "[B]")
   q_positions = _check_int("q_positions", q_positions, (batch, q_len),
                            "[B, Sq]")
-  if q_valid is None:
-    q_valid = jnp.ones((batch, q_len), bool)
-  else:
+  if q_valid is not None:
     check_array("q_valid", q_valid, 2, "[B, Sq]")
     if tuple(q_valid.shape) != (batch, q_len):
       raise ValueError(f"q_valid must be [B, Sq] = {(batch, q_len)}, got "
@@ -407,7 +441,8 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   window = canonical_window(window, bool(causal))
   if precision is not None and not isinstance(precision, lax.Precision):
     precision = lax.Precision(precision)
-  _check_table_values(page_table, kv_lengths, num_pages, page_size)
+  _check_table_values(dense_table(batch, table_len) if page_table is None
+                      else page_table, kv_lengths, num_pages, page_size)
   backend = launch_policy.choose_decode_backend(
       backend, mosaic_reason=mosaic_decode.unsupported_reason(
           dtype=q.dtype, head_dim=head_dim, value_dim=value_dim,
@@ -432,8 +467,14 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
       launch=launch, interpret=bool(interpret))
   if sinks is not None:
     sinks = check_sinks(sinks, num_heads)
+  if overflow is not None:
+    check_array("overflow", overflow, 1, "[B]")
+    if tuple(overflow.shape) != (batch,) or overflow.dtype != jnp.bool_:
+      raise ValueError(f"overflow must be [B] = ({batch},) bool, got shape "
+                       f"{tuple(overflow.shape)} and dtype {overflow.dtype}.")
   out, lse = _decode(_Config(st, block_sizes), q, key_pages, value_pages,
-                     page_table, kv_lengths, q_positions, q_valid, sinks)
+                     page_table, kv_lengths, q_positions, q_valid, sinks,
+                     overflow)
   return KernelOutput(out, lse, None)
 
 
@@ -484,22 +525,27 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
     launch: a `LaunchConfig` for the general kernels, or None.
 
   Returns:
-    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`.
+    `KernelOutput(out [B, Sq, H, Dv], lse [B, H, Sq] float32, None)`; NaN
+    in the rows of `inputs.overflow` (when given).
   """
   if launch is not None or cache_call_reason(inputs, dropout) is not None:
-    return interface.flash_attention(
+    result = interface.flash_attention(
         inputs, dropout, sm_scale=sm_scale, softcap=softcap,
         precision=precision, block_sizes=block_sizes, launch=launch,
         interpret=interpret)
+    out, lse = poison_overflow(result.out, result.lse, inputs.overflow)
+    return result._replace(out=out, lse=lse)
   vis = inputs.visibility
   if inputs.pages is not None:
     pages = inputs.pages
     key_pages, value_pages, table = (pages.key_pages, pages.value_pages,
                                      pages.page_table)
   else:
-    key_pages, value_pages, table = dense_as_pages(inputs.key, inputs.value)
+    # The dense cache's pages, without their table: the kernels know it.
+    key_pages, value_pages, _ = dense_as_pages(inputs.key, inputs.value)
+    table = None
   return decode_attention(
       inputs.query, key_pages, value_pages, table, vis.kv_lengths,
       vis.q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
       window=vis.window, precision=precision, block_sizes=block_sizes,
-      interpret=interpret, sinks=inputs.sinks)
+      interpret=interpret, sinks=inputs.sinks, overflow=inputs.overflow)

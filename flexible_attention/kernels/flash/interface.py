@@ -40,6 +40,7 @@ from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_dq
 from flexible_attention.kernels.flash import mosaic_fwd
+from flexible_attention.kernels.flash import mosaic_mod_split
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.kernels.flash import structure
 from flexible_attention.kernels.flash import triton_bwd
@@ -51,10 +52,13 @@ from flexible_attention.kernels.flash.structure import Static
 
 def _mod_rows(st: Static, q, mods):
   """The Mosaic kernels' rows of the mods' program values (`mosaic_mods.
-  program_rows`; `(None, None)` without mods)."""
+  program_rows`, with a split score_mod's terms: `mosaic_mod_split`; `(None,
+  None)` without mods)."""
   if st.mods is None:
     return (None, None)
-  return mosaic_mods.program_rows(st.mods, mods, q.shape[0], q.shape[2])
+  rows = mosaic_mods.program_rows(st.mods, mods, q.shape[0], q.shape[2])
+  return mosaic_mod_split.split_rows(st.mods, st.causal, mods, rows,
+                                    q.shape[0], q.shape[2])
 
 
 def _mosaic_operands(st: Static, q, aux, bounds: str):

@@ -76,6 +76,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
@@ -90,7 +91,9 @@ from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import dq_copies
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
+from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
@@ -98,15 +101,19 @@ from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
-from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
 from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
+from flexible_attention.kernels.flash.mosaic_mod_split import REF_ROWS
+from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
+from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
+from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 
 
@@ -148,6 +155,11 @@ class _DkdvRefs:
         lax.axis_index("k"), lax.axis_index("b"), lax.axis_index("h"))
     self.wg = lax.axis_index("wg")
     self.drop = None
+    # A split score_mod (`mosaic_mods.split_slot`): each step's logits gain
+    # the key terms relative to its first query's position (its tile is
+    # one group of `REF_ROWS` rows), the stats leave out the row terms.
+    self.split = split_slot(st.mods, st.causal) is not None
+    assert not self.split or bq == REF_ROWS, (bq, REF_ROWS)
 
   def column(self, ref):
     """A per-query `[bq]` vector in shared memory, across a `[64, bq]`
@@ -304,10 +316,14 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   mod_rows = None if st.mods is None else group_rows(
       r.mod_refs, r.mod_scratch, batch, kv_head, st.groups, wg)
   slots = grad_slots(st.mods) if r.dslots is not None else range(0)
-  # The query vectors an unmasked tile reads: the score_mod's positions.
-  unmasked_q = unmasked_reads(st.mods, "q_pos")
+  # The query vectors an unmasked tile reads: the score_mod's positions
+  # (those of its slot gradients only, when split).
+  unmasked_q = unmasked_reads(None if r.split and not slots else st.mods,
+                              "q_pos")
   plgpu.barrier_wait(r.kvvec_ready.at[wg])
   kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
+  if r.split:  # The keys' positions, down the transposed tiles' rows.
+    kv_rows = key_vector(st, r.kvvec_smem, wg, "kv_pos", dim=1)
   plgpu.barrier_wait(r.k_ready.at[wg])
   plgpu.barrier_wait(r.v_ready.at[wg])
 
@@ -336,12 +352,21 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       vis = vis & mods.visible(q_pos, kv_pos)
     natural = []  # The score_mod's input: the natural-unit logits.
 
+    key = None
+    if r.split:  # The key terms, relative to the step's first query.
+      ref = r.qvec_smem[slot, r.q_names.index("q_pos"), 0]
+      key = lax.broadcast_in_dim(key_terms(
+          mods, kv_rows, ref, logit_scale(st) / LOG2E), (ROWS, bq), [0])
+      # The slots' derivatives of `score + a q + b k + c` do not read the
+      # score: any tile serves as their input.
+      natural.append(s)
+
     def score(s):
       natural.append(s)
       return mods.score_grads(s, q_pos, kv_pos)
 
     p, dcap, dmod = probabilities(st, s, r.column(r.stats_smem.at[slot, 0]),
-                                  vis, score if st.score_mod else None)
+                                  vis, score if st.score_mod else None, key)
     p_kept = p  # dV's: the kept p (its 1 / (1 - rate) once, at the end).
     if r.drop is not None:  # dp: the gradient of the kept p, scaled.
       keep = r.keep(slot, g, kv_vec)
@@ -510,6 +535,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   swizzled = wgmma_transforms(q.dtype, min(
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
+  lse2 = split_lse2(st, lse2, mod_rows, q_vectors)  # A split score_mod's.
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
   copies = dq_copies(batch, kv_heads, nk, gpu.core_count(),
                      q.size * 4) if ordered else 1

@@ -304,21 +304,32 @@ def visible(st, q_vec: dict, kv_vec: dict):
 
 
 
-def probabilities(st, s, lse, visible, score_mod=None):
+def logit_scale(st) -> float:
+  """What takes a tile's raw `q k^T` to base-2 logits: `sm_scale log2(e)`;
+  with a soft cap 1 (its tile is then the base-2 capped logits)."""
+  return st.sm_scale * LOG2E if st.softcap is None else 1.0
+
+
+def probabilities(st, s, lse, visible, score_mod=None, key_terms=None):
   """`(p, dcap, dmod)` of a score tile (or a transposed one): `p = exp(s -
   lse)`, 0 where not `visible` (None: all are), the soft cap's derivative
   `dcap` (None without a cap) and the score_mod's `dmod` (None without
   one). `s` is the raw `q k^T`, `lse` the rows' log-sum-exp in base 2,
   broadcast to the tile; `score_mod` maps the tile's natural-unit logits
   (scaled, soft-capped) to the modified ones and their derivative
-  (`mosaic_mods.TileMods.score_grads`)."""
+  (`mosaic_mods.TileMods.score_grads`). `key_terms`, instead: a split
+  score_mod's key terms (`mosaic_mods.split_slot`) in the units of `s`
+  (natural ones times `log2(e) / logit_scale(st)`), added to it: one
+  operation per element, whose derivative in `s` is 1."""
   dcap = dmod = None
-  scale = st.sm_scale * LOG2E
+  scale = logit_scale(st)
   if st.softcap is not None:
     t = jnp.tanh(s * (st.sm_scale / st.softcap))
-    s, scale = (st.softcap * LOG2E) * t, 1.0
+    s = (st.softcap * LOG2E) * t
     dcap = 1.0 - t * t
-  if score_mod is not None:
+  if key_terms is not None:
+    s = s + key_terms
+  elif score_mod is not None:
     s = s * (scale / LOG2E)  # Natural units.
     s, dmod = score_mod(s)
     scale = LOG2E
@@ -367,11 +378,16 @@ def key_vectors(st, kvvec_smem, slot, names, shape):
   """The key structure vectors `names` of the key tile in `slot` of the
   stream (`kvvec_smem`: `[STAGES, Nk, bk]`), each broadcast to a `shape`
   tile."""
-  kv_names = st.vectors()[1]
   return {name: lax.broadcast_in_dim(
-      load_vector(kvvec_smem.at[slot, kv_names.index(name)],
-                  plgpu.Layout.WGMMA.reduce(0)), shape, [1])
-          for name in names}
+      key_vector(st, kvvec_smem, slot, name), shape, [1]) for name in names}
+
+
+def key_vector(st, kvvec_smem, slot, name, dim: int = 0):
+  """Key structure vector `name` of the key tile in `slot` (`key_vectors`'
+  stream), in registers along the tile's columns (`dim` 0: a `[ROWS, bk]`
+  tile's keys) or rows (1: the dK/dV kernel's transposed tile)."""
+  return load_vector(kvvec_smem.at[slot, st.vectors()[1].index(name)],
+                     plgpu.Layout.WGMMA.reduce(dim))
 
 
 def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int,

@@ -27,7 +27,10 @@ each key and value is read once per KV head, and runs two warpgroups:
 Blocks outside the tokens the program's rows can see (past the row's length,
 after its last query under causal, outside the window) are never loaded; a
 split with none writes out 0 and lse -inf. Page ids read from the table are
-clamped to `[0, P)` (as the Triton kernel does).
+clamped to `[0, P)` (as the Triton kernel does). A row whose cache
+overflowed gets NaN out and lse from the epilogue (each program reads its
+row's `0` or NaN and adds it to its rows' `1 / l` and lse), so no pass over
+the output follows the kernel.
 
 Shared memory: the query tile `[ROWS, D]` and its unswizzled stage (the
 new tokens' query heads are copied there from `[B, Sq, H, D]`, then
@@ -114,10 +117,14 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
 
 def _row_queries(pos_ref, valid_ref, batch):
   """Row `batch`'s query positions and whether each is a real query, as
-  scalars (`Sq` of each, read from global memory)."""
+  scalars (`Sq` of each, read from global memory; every query is real
+  without `valid_ref`)."""
   q_len = pos_ref.shape[1]
-  return ([pos_ref[batch, i] for i in range(q_len)],
-          [valid_ref[batch, i] != 0 for i in range(q_len)])
+  if valid_ref is None:
+    valid = [jnp.asarray(True)] * q_len
+  else:
+    valid = [valid_ref[batch, i] != 0 for i in range(q_len)]
+  return [pos_ref[batch, i] for i in range(q_len)], valid
 
 
 def _token_range(st, length_ref, pos_ref, valid_ref, batch, capacity: int):
@@ -149,7 +156,8 @@ def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-            out_ref, lse_ref, scratch, *, st, rows_out: int, groups: int,
+            poison_ref, out_ref, lse_ref, scratch, *, st, rows_out: int,
+            groups: int,
             capacity: int, final: bool):
   (q_smem, q_stage, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready,
    v_ready, k_free, v_free) = scratch
@@ -229,8 +237,10 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
     acc, m, l = lax.fori_loop(lo_block, hi_block, step, carry)
     nonempty = l > 0.0
     safe_l = jnp.where(nonempty, l, 1.0)
-    acc = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
-    lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
+    poison = poison_ref[batch]  # 0, or NaN for a row that overflowed.
+    acc = acc * lax.broadcast_in_dim(1.0 / safe_l + poison, acc.shape, [0])
+    lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l),
+                              -jnp.inf) + poison
     cols = out_smem.shape[1]  # The output goes out `cols` columns at a time.
     for c in range(acc.shape[1] // cols):
       columns = pl.ds(c * cols, cols)
@@ -252,15 +262,24 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
   @pl.when(wg == 1)
   def _producer():
-    last_block = table_ref.shape[1] * page_size // bk - 1
+    if table_ref is None:  # Dense pages: row b's are b M ... b M + M - 1.
+      row_pages = capacity // page_size
 
-    def page_ids(j):
-      """The page of each copy of block j (any j: the table is read inside
-      its bounds)."""
-      j = jnp.clip(j, 0, last_block)
-      return [jnp.clip(table_ref[batch, lax.div(j * bk + c * chunk,
-                                                page_size)], 0, num_pages - 1)
-              for c in range(bk // chunk)]
+      def page_ids(j):
+        """The page of each copy of block j (any j: inside the row)."""
+        return [batch * row_pages + jnp.clip(
+            lax.div(j * bk + c * chunk, page_size), 0, row_pages - 1)
+                for c in range(bk // chunk)]
+    else:
+      last_block = table_ref.shape[1] * page_size // bk - 1
+
+      def page_ids(j):
+        """The page of each copy of block j (any j: the table is read
+        inside its bounds)."""
+        j = jnp.clip(j, 0, last_block)
+        return [jnp.clip(table_ref[batch, lax.div(j * bk + c * chunk,
+                                                  page_size)],
+                         0, num_pages - 1) for c in range(bk // chunk)]
 
     def copy(ref, smem, ready, j, pages):
       for c, page in enumerate(pages):
@@ -296,7 +315,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
-                    q_positions, q_valid, capacity: int, final: bool = False):
+                    q_positions, q_valid, capacity: int, overflow=None,
+                    final: bool = False):
   """The decode kernel: each split's partial attention.
 
   Args:
@@ -308,11 +328,16 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     key_pages: `[P, ps, Hkv, D]`.
     value_pages: `[P, ps, Hkv, Dv]`.
     page_table: `[B, M]` int32, the row's `M0` entries padded to `M = S *
-      tokens_per_split / ps` (no key past `M0 * ps` is visible).
+      tokens_per_split / ps` (no key past `M0 * ps` is visible); or None
+      for a dense cache's pages (row b's are `b M0 ... b M0 + M0 - 1`, `M0
+      = capacity / ps`: no operand).
     kv_lengths: `[B]` ints, each row's key count (clipped to `M0 * ps`).
     q_positions: `[B, Sq]` ints, each query's token index.
-    q_valid: `[B, Sq]` bool, False for padded query slots.
+    q_valid: `[B, Sq]` bool, False for padded query slots, or None (every
+      slot holds a query: no operand).
     capacity: `M0 * ps`, the tokens the unpadded table holds.
+    overflow: `[B]` bool, rows whose cache overflowed (their out and lse
+      NaN), or None.
     final: with one split (S = 1), write the attention itself: `out` in
       q's dtype and the call's layout, no step after the kernel but the
       lse's (for a call with sinks, which merge after the kernel: False).
@@ -320,7 +345,8 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
     split's normalised output and natural log-sum-exp (0 and -inf where the
-    split holds no visible key); `final`: out `[B, Sq, H, Dv]` in q's dtype.
+    split holds no visible key; NaN for the rows of `overflow`); `final`:
+    out `[B, Sq, H, Dv]` in q's dtype.
   """
   launch = st.launch
   batch, q_len, num_heads, head_dim = q.shape
@@ -339,8 +365,13 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   swizzled = wgmma_transforms(q.dtype)
   out_dtype = q.dtype if final else jnp.float32
 
-  def body(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-           out_ref, lse_ref):
+  def body(*refs):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    table_ref = None if page_table is None else refs[3]
+    length_ref, pos_ref = refs[3 + (page_table is not None):][:2]
+    valid_ref = None if q_valid is None else refs[-4]
+    poison_ref, out_ref, lse_ref = refs[-3:]
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((ROWS, head_dim), q.dtype),  # The queries' stage.
@@ -359,12 +390,14 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
 
     def scoped(smem_refs, barrier_refs):
       _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-              out_ref, lse_ref, (*smem_refs, *barrier_refs), st=st,
-              rows_out=rows_out, groups=groups, capacity=capacity,
+              poison_ref, out_ref, lse_ref, (*smem_refs, *barrier_refs),
+              st=st, rows_out=rows_out, groups=groups, capacity=capacity,
               final=final)
 
     pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
 
+  poison = (jnp.zeros((batch,), jnp.float32) if overflow is None else
+            jnp.where(overflow, jnp.nan, 0.0).astype(jnp.float32))
   out_shape = ((batch, q_len, num_kv_heads * groups, value_dim) if final else
                (splits, batch, num_kv_heads, rows_out, value_dim))
   out_type = (
@@ -375,5 +408,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
       body, out_type=out_type, grid=(splits, batch, num_kv_heads),
       grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, key_pages, value_pages, page_table, kv_lengths.astype(jnp.int32),
-    q_positions.astype(jnp.int32), q_valid.astype(jnp.int32))
+  )(q, key_pages, value_pages,
+    *(() if page_table is None else (page_table,)),
+    kv_lengths.astype(jnp.int32), q_positions.astype(jnp.int32),
+    *(() if q_valid is None else (q_valid.astype(jnp.int32),)), poison)

@@ -72,8 +72,10 @@ from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dq_block_k
 from flexible_attention.kernels.flash.mosaic_common import dq_reason
+from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
 from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
@@ -90,17 +92,23 @@ from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
+from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
+from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
+from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
             kvvec_ref, mod_refs, dq_ref, scratch, mod_scratch, *, st: Static,
-            bk: int, nq: int):
+            bk: int, nq: int, split: bool):
   """One program: dQ of `BLOCK_Q` query rows of one (batch, head) pair.
 
   `mod_refs`, `mod_scratch`: the mods' program values and their
-  shared-memory rows, as the forward's (`mosaic_fwd._kernel`)."""
+  shared-memory rows, as the forward's (`mosaic_fwd._kernel`); `split`,
+  as there: the logits gain the key terms, the lse read leaves out the
+  row terms (`mosaic_mods.split_lse2`)."""
   (q_smem, do_smem, k_smem, v_smem, qvec_smem, kvvec_smem, stats_smem,
    bounds_smem, ready, free, sched) = scratch
   (q_ready, do_ready, stats_ready, qvec_ready, k_ready, v_ready, kvvec_ready,
@@ -128,6 +136,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
                          (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))
+    if split:  # The key terms' reference: this consumer's first position.
+      ref = qvec_smem[wg, st.vectors()[0].index("q_pos"), 0]
     plgpu.barrier_wait(stats_ready.at[wg])
     # The rows' base-2 log-sum-exp and delta, across a `[64, bk]` tile.
     lse, delta = (lax.broadcast_in_dim(
@@ -142,7 +152,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
 
     # The key vectors an unmasked tile reads: the score_mod's or the
     # dropout hash's positions.
-    unmasked_kv = unmasked_reads(st.mods, "kv_pos", drop is not None)
+    unmasked_kv = unmasked_reads(None if split else st.mods, "kv_pos",
+                                 drop is not None)
 
     def step(t, dq, masked: bool):
       slot = lax.rem(t - lo, STAGES)
@@ -164,10 +175,15 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
       vis = visible(st, q_vec, kv) if masked else None
       if masked and st.mask_mod:
         vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
-      score = (functools.partial(mods.score_grads, q_pos=q_vec.get("q_pos"),
-                                 kv_pos=kv.get("kv_pos"))
-               if st.score_mod else None)
-      p, dcap, dmod = probabilities(st, s, lse, vis, score)
+      key = score = None
+      if split:  # One add per element: the key terms, from a vector.
+        key = lax.broadcast_in_dim(key_terms(mods, key_vector(
+            st, kvvec_smem, slot, "kv_pos"), ref, logit_scale(st) / LOG2E),
+                                   s.shape, [1])
+      elif st.score_mod:
+        score = functools.partial(mods.score_grads, q_pos=q_vec.get("q_pos"),
+                                  kv_pos=kv.get("kv_pos"))
+      p, dcap, dmod = probabilities(st, s, lse, vis, score, key)
       if drop is not None:  # The gradient of the kept p, scaled.
         dp = jnp.where(drop.keep(drop_rows, kv["kv_pos"]), dp * drop.scale,
                        0.0)
@@ -237,6 +253,8 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
                      f"{kv_len} must be multiples of {BLOCK_Q} and {bk}.")
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
+  split = split_slot(st.mods, st.causal) is not None
+  lse2 = split_lse2(st, lse2, mod_rows, q_vectors)
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
   bounds = pad_bounds(bounds, seed)
 
@@ -263,7 +281,8 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
     def scoped(smem_refs, ready_refs, free_refs, sched_ref, row_refs):
       _kernel(*operands, mod_refs, dq_ref,
               (*smem_refs, ready_refs, free_refs, sched_ref),
-              split_row_scratch(mod_rows, row_refs), st=st, bk=bk, nq=nq)
+              split_row_scratch(mod_rows, row_refs), st=st, bk=bk, nq=nq,
+              split=split)
 
     pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
                   collective_axes="wg")

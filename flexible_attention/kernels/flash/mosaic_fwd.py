@@ -57,8 +57,10 @@ from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import block_k
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
+from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
 from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
@@ -74,6 +76,9 @@ from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
+from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import row_terms
+from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
@@ -82,8 +87,13 @@ from flexible_attention.kernels.flash.structure import Static
 
 def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
             sink_ref, out_ref, lse_ref, scratch, mod_scratch, sink_scratch, *,
-            st: Static, bk: int, nq: int):
+            st: Static, bk: int, nq: int, split: bool):
   """One program: `BLOCK_Q` query rows of one (batch, head) pair.
+
+  With `split` the score_mod is `score + a q_pos + b kv_pos + c`
+  (`mosaic_mods.split_slot`): each logit gains its key term `b (kv_pos -
+  ref)`, `ref` the consumer's first row's position, and the lse it writes
+  leaves out the row term (`forward` adds it).
 
   `mod_refs`: the rows of the mods' program values (`mosaic_mods`),
   `(floats, ints)`, None where the mods read none; `mod_scratch`: their
@@ -114,6 +124,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
                          (ROWS, bk))
     q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
                           rows, (ROWS, bk))
+    if split:  # The key terms' reference: this consumer's first position.
+      ref = qvec_smem[wg, st.vectors()[0].index("q_pos"), 0]
     # The softmax starts from the sink when there is one: a key of logit
     # `sink` and a zero value (m = sink, l = 1, acc = 0).
     m0, l0 = -jnp.inf, 0.0
@@ -129,12 +141,12 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
     # `s * scale` are the logits in base 2: the raw `q k^T` with the softmax
     # scale folded in; base-2 soft-capped logits; or the score_mod's
-    # natural-unit logits.
-    scale = (LOG2E if st.score_mod else
-             st.sm_scale * LOG2E if st.softcap is None else 1.0)
+    # natural-unit logits (a split score_mod's key terms join the first
+    # two in their units).
+    scale = LOG2E if st.score_mod and not split else logit_scale(st)
     # The key vectors an unmasked tile reads: the score_mod's or the
     # dropout hash's positions.
-    unmasked_kv = unmasked_reads(st.mods, "kv_pos",
+    unmasked_kv = unmasked_reads(None if split else st.mods, "kv_pos",
                                  drop is not None)
 
     def step(t, carry, masked: bool):
@@ -153,14 +165,19 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
                        kv_names if masked else unmasked_kv, (ROWS, bk))
       vis = visible(st, q_vec, kv) if masked else None
       plgpu.barrier_arrive(k_free.at[slot])
-      if st.score_mod:  # The semantics' logits, after scale and soft cap.
-        s = s * st.sm_scale
+      if st.score_mod and not split:  # The semantics' logits, after scale
+        s = s * st.sm_scale  # and soft cap.
         if st.softcap is not None:
           s = st.softcap * jnp.tanh(s * (1.0 / st.softcap))
         s = mods.score(s, q_vec.get("q_pos"), kv.get("kv_pos"))
       elif st.softcap is not None:
         s = s * st.sm_scale
         s = (st.softcap * LOG2E) * jnp.tanh(s * (1.0 / st.softcap))
+      if split:  # One add per element: the key terms, from a vector, in
+        # the units of `s` (its base-2 logits are `s * scale`).
+        s = s + lax.broadcast_in_dim(key_terms(mods, key_vector(
+            st, kvvec_smem, slot, "kv_pos"), ref, scale / LOG2E), s.shape,
+                                     [1])
       if masked:
         if st.mask_mod:
           vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
@@ -252,6 +269,8 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   bounds = pad_bounds(bounds, seed)
+  # A split score_mod (not with sinks, whose logit the row term would move).
+  split = sinks is None and split_slot(st.mods, st.causal) is not None
 
   # Rows TMA can copy: each head's base-2 sink first.
   sink_rows = None if sinks is None else jnp.pad(
@@ -291,15 +310,19 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
       _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
               sink_ref, out_ref, lse_ref,
               (*smem_refs, ready_refs, free_refs, sched_ref), row_refs,
-              sink_refs, st=st, bk=bk, nq=nq)
+              sink_refs, st=st, bk=bk, nq=nq, split=split)
 
     pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
                   sink_scratch, collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
-  return query_tile_kernel(body, out_type, nq=nq, batch=batch,
-                           heads=heads)(q, k, v, bounds, q_vectors,
-                                        kv_vectors, *row_operands(mod_rows),
-                                        *(() if sinks is None else
-                                          (sink_rows,)))
+  out, lse = query_tile_kernel(body, out_type, nq=nq, batch=batch,
+                              heads=heads)(
+                                  q, k, v, bounds, q_vectors, kv_vectors,
+                                  *row_operands(mod_rows),
+                                  *(() if sinks is None else (sink_rows,)))
+  if split:  # The rows' constant terms, left out of the kernel's logits.
+    lse = lse + row_terms(st.mods, st.causal, mod_rows[0], q_vectors[
+        :, st.vectors()[0].index("q_pos")])
+  return out, lse

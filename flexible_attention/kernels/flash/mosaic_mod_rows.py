@@ -24,9 +24,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import read_row
+from flexible_attention.kernels.flash.mosaic_mod_split import read_counts
 from flexible_attention.kernels.flash.mosaic_mods import ROW
 from flexible_attention.kernels.flash.mosaic_mods import TileMods
-from flexible_attention.kernels.flash.mosaic_mods import plan
 
 
 def row_operands(mod_rows) -> tuple[Any, ...]:
@@ -65,9 +65,9 @@ def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
   scalars = [
       () if ref is None else read_row(ref.at[batch, head], row_smem.at[wg],
                                       row_ready.at[wg], count)
-      for ref, (row_smem, row_ready), count in zip(mod_refs, mod_scratch,
-                                                   plan(st.mods).counts)]
-  return TileMods(st.mods, scalars, shape, st.position_bound)
+      for ref, (row_smem, row_ready), count in zip(
+          mod_refs, mod_scratch, read_counts(st.mods, st.causal))]
+  return TileMods(st.mods, scalars, shape, st.position_bound, st.causal)
 
 
 def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
@@ -92,5 +92,5 @@ def head_mods(st, rows, g, shape):
   (dynamic) on `shape` tiles: its values read as scalars from
   `group_rows`' rows."""
   scalars = [() if ref is None else tuple(ref[g, i] for i in range(count))
-             for ref, count in zip(rows, plan(st.mods).counts)]
-  return TileMods(st.mods, scalars, shape, st.position_bound)
+             for ref, count in zip(rows, read_counts(st.mods, st.causal))]
+  return TileMods(st.mods, scalars, shape, st.position_bound, st.causal)

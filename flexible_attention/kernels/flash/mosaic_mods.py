@@ -50,6 +50,9 @@ and checked against the float32 reference on an H200
 (`tests/test_mods.py::test_flash_mosaic_mods_compiled_on_a_gpu`). The
 kernels read the program values through `mosaic_mod_rows`.
 
+A score_mod that adds a linear function of the positions to the score
+(ALiBi in a causal call) is split instead: `mosaic_mod_split`.
+
 Glossary of shapes:
 - B: batch size; H: query heads; G: query heads per KV head.
 - ROWS, bk: a consumer's tile (`mosaic_common.ROWS`, the key tile; the
@@ -79,7 +82,7 @@ from flexible_attention.kernels.flash.mosaic_jvp import lowerable_jvp
 TILE = (1, 1, 8, 16)  # The traced tile: [1, 1, rows, keys], rows != keys.
 ROW = 32  # Program values per row: 128 bytes, one TMA copy.
 # Equations that only reshape or broadcast: identities on tile values.
-_SHAPE_OPS = frozenset(("broadcast_in_dim", "reshape", "squeeze", "copy",
+SHAPE_OPS = frozenset(("broadcast_in_dim", "reshape", "squeeze", "copy",
                         "copy_p"))
 # Elementwise primitives the tile part may use: each is lowered through
 # Mosaic GPU by tests/test_mods.py (test_mosaic_forward_lowers_every_tile_
@@ -98,7 +101,7 @@ _ROWS = {"float32": 0, "int32": 1, "bool": 1}
 _TILE_DTYPES = frozenset(("float32", "int32", "bool"))
 
 
-class _Refused(Exception):
+class Refused(Exception):
   """Why the Mosaic forward cannot evaluate a mod (the message)."""
 
 
@@ -151,7 +154,7 @@ def _walk(jaxpr, consts, args, handler):
       outs = _walk(sub, sub_consts, ins, handler)
     elif any(x.tile for x in ins):
       outs = [_Value(True, handler.tile(eqn, ins), out_aval)]
-    elif (eqn.primitive.name in _SHAPE_OPS and len(ins) == 1
+    elif (eqn.primitive.name in SHAPE_OPS and len(ins) == 1
           and _size(ins[0].aval) == 1 and _size(out_aval) > 1):
       outs = [_Value(True, handler.splat(ins[0], out_aval), out_aval)]
     else:
@@ -204,7 +207,7 @@ class _Handler:
 
 
 class _Check(_Handler):
-  """The walk on avals that finds why a mod cannot run here (`_Refused`)
+  """The walk on avals that finds why a mod cannot run here (`Refused`)
   and which positions its tile part reads."""
 
   def __init__(self, kind: str, counts):
@@ -212,7 +215,7 @@ class _Check(_Handler):
     self.kind, self.reads = kind, set()
 
   def refuse(self, what: str):
-    raise _Refused(f"its {self.kind} {what}")
+    raise Refused(f"its {self.kind} {what}")
 
   def use(self, x: _Value):
     if x.literal:
@@ -244,7 +247,7 @@ class _Check(_Handler):
     for x in ins:  # A value of another shape: only a gather may read it
       if x.tile and x.data is not None:  # (an index vector).
         return x.data
-    if name not in TILE_PRIMITIVES and name not in _SHAPE_OPS:
+    if name not in TILE_PRIMITIVES and name not in SHAPE_OPS:
       self.refuse(f"uses the primitive {name!r} per element")
     if len(eqn.outvars) != 1:
       self.refuse(f"uses {name!r} with {len(eqn.outvars)} results")
@@ -257,7 +260,7 @@ class _Check(_Handler):
     self.reads.update(x.name for x in ins if x.name in ("q_pos", "kv_pos"))
     super().tile(eqn, ins)
     pattern, before = _pattern(out.shape), _pattern(ins[0].aval.shape)
-    if pattern is None or (name in _SHAPE_OPS and (before is None or any(
+    if pattern is None or (name in SHAPE_OPS and (before is None or any(
         b and not a for a, b in zip(pattern, before)))):
       # Not the tile's shape, or an axis moved: not elementwise, unless a
       # gather's index vector (refused above, naming the gather).
@@ -266,7 +269,7 @@ class _Check(_Handler):
     return None
 
 
-class _Program(_Handler):
+class ProgramWalk(_Handler):
   """The walk in XLA on one (batch, head): the program part's values."""
 
   def __init__(self):
@@ -282,14 +285,22 @@ class _Program(_Handler):
 
 
 class _Kernel(_Handler):
-  """The walk in the kernel: the tile part on `[ROWS, bk]` tiles."""
+  """The walk in the kernel: the tile part on `[ROWS, bk]` tiles. With
+  `causal` every pair the kernel keeps has `q_pos >= kv_pos`, so
+  `abs(q_pos - kv_pos)` is `q_pos - kv_pos` wherever it matters (the pairs
+  it changes are masked after the mod): `distances` holds the ids of the
+  tiles that are `q_pos - kv_pos`."""
 
-  def __init__(self, counts, scalars, shape, position_bound=None):
+  def __init__(self, counts, scalars, shape, position_bound=None,
+               causal=False):
     super().__init__(counts)
     self.scalars, self.shape, self.bound = scalars, shape, position_bound
     self.tiles = {}
     self.shadows = {}  # id(int tile) -> (int tile, float32 tile, bound).
     self.floated = 0  # Conversions served by a shadow.
+    self.causal, self.positions = causal, {}
+    self.distances = {}  # id(tile) -> tile, equal to q_pos - kv_pos.
+    self.elided = 0  # Absolute values of a causal distance dropped.
 
   def shadow(self, x: _Value):
     """`(float32 value, bound)` equal to the int32 value `x` (exact: every
@@ -344,7 +355,13 @@ class _Kernel(_Handler):
 
   def tile(self, eqn, ins):
     name = eqn.primitive.name
-    if name in _SHAPE_OPS:
+    for x in ins:  # The positions' tiles, by identity (shapes keep it).
+      if x.name in ("q_pos", "kv_pos"):
+        self.positions[x.name] = x.data
+    if name in SHAPE_OPS:
+      return ins[0].data
+    if name == "abs" and self.causal and id(ins[0].data) in self.distances:
+      self.elided += 1  # |q - k| = q - k on every pair the kernel keeps.
       return ins[0].data
     if name == "not" and ins[0].aval.dtype == jnp.bool_:
       # Mosaic GPU's `not` on bools fails in jax 0.11; `xor True` lowers.
@@ -361,34 +378,42 @@ class _Kernel(_Handler):
     out = eqn.primitive.bind(*args, **eqn.params)
     if self.bound is not None and jnp.dtype(out.dtype) == jnp.int32:
       self.shadow_of(name, ins, out)
+    if (self.causal and name == "sub" and len(ins) == 2 and
+        self._is(ins[0], "q_pos") and self._is(ins[1], "kv_pos")):
+      self.distances[id(out)] = out
     return out
 
+  def _is(self, x: _Value, name: str) -> bool:
+    """Whether `x` is the `name` positions' tile (or a broadcast of it)."""
+    tile = self.positions.get(name)
+    return x.tile and tile is not None and x.data is tile
 
-def _memo(fn):
-  """`fn(km)` cached per `KernelMods` (computed again for an unhashable
-  one, e.g. a mod that is an unhashable callable object)."""
+
+def memo(fn):
+  """`fn(km, *flags)` cached per `KernelMods` and flags (computed again for
+  an unhashable one, e.g. a mod that is an unhashable callable object)."""
   cached = functools.lru_cache(maxsize=64)(fn)
 
   @functools.wraps(fn)
-  def call(km):
+  def call(km, *flags):
     try:
       hash(km)
     except TypeError:
-      return fn(km)
-    return cached(km)
+      return fn(km, *flags)
+    return cached(km, *flags)
 
   return call
 
 
-@_memo
-def _jaxprs(km) -> tuple[tuple[str, Any], ...]:
+@memo
+def mod_jaxprs(km) -> tuple[tuple[str, Any], ...]:
   """`(kind, closed jaxpr on TILE)` of each mod the call has."""
   return tuple((kind, make_jaxpr(km, kind, TILE))
                for kind in ("score_mod", "mask_mod")
                if getattr(km, kind) is not None)
 
 
-def _run(kind: str, closed, handler, program=(), tiles=None) -> _Value:
+def walk_mod(kind: str, closed, handler, program=(), tiles=None) -> _Value:
   """Walks one mod with `handler`; its inputs in the mod's order: score
   (score_mod only), batch, head, q_pos, kv_pos, the leaves, with data
   `program` (batch, head, the leaves; empty: None) and `tiles` (by name;
@@ -439,17 +464,17 @@ class Plan:
     return range(starts[kinds.index(kind)], starts[kinds.index(kind) + 1])
 
 
-@_memo
+@memo
 def plan(km) -> Plan:
   """The call's `Plan` (`km`: its `KernelMods`)."""
   counts, offsets, reads = (0, 0), [], []
-  for kind, closed in _jaxprs(km):
+  for kind, closed in mod_jaxprs(km):
     check = _Check(kind, counts)
     try:
-      out = _run(kind, closed, check)
+      out = walk_mod(kind, closed, check)
       if out.tile and out.data is not None:
         check.refuse(out.data)
-    except _Refused as e:
+    except Refused as e:
       return Plan(str(e))
     offsets.append((kind, counts))
     reads.append((kind, frozenset(check.reads)))
@@ -457,7 +482,7 @@ def plan(km) -> Plan:
   return Plan(None, counts, tuple(offsets), tuple(reads))
 
 
-@_memo
+@memo
 def unit_slope(km) -> bool:
   """Whether the score_mod's derivative in the score is exactly 1 wherever
   it is evaluated: its jvp hands the score's tangent back unchanged, or
@@ -467,7 +492,7 @@ def unit_slope(km) -> bool:
   (`TileMods.score_grads`)."""
   if km is None or km.score_mod is None:
     return False
-  closed = dict(_jaxprs(km))["score_mod"]
+  closed = dict(mod_jaxprs(km))["score_mod"]
   avals = [v.aval for v in closed.jaxpr.invars]
 
   def tangent(t, s, *rest):
@@ -515,21 +540,27 @@ def program_rows(km, mods, batch: int, heads: int, leaves=None):
   leaves = jax.tree.leaves(mods.args) if leaves is None else leaves
 
   def one(b, h):
-    program = _Program()
+    program = ProgramWalk()
     index = (b.reshape(1, 1, 1, 1), h.reshape(1, 1, 1, 1))
-    for kind, closed in _jaxprs(km):
-      _run(kind, closed, program, index + tuple(leaves))
+    for kind, closed in mod_jaxprs(km):
+      walk_mod(kind, closed, program, index + tuple(leaves))
     return tuple(
         jnp.stack([jnp.reshape(x, ()).astype(dtype) for x in values])
         if values else jnp.zeros((0,), dtype)
         for values, dtype in zip(program.values, (jnp.float32, jnp.int32)))
 
-  bs = jnp.arange(batch, dtype=jnp.int32) + mods.batch_offset
-  hs = jnp.arange(heads, dtype=jnp.int32) + mods.head_offset
-  rows = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(
-      bs.astype(jnp.int32), hs.astype(jnp.int32))
+  rows = per_program(one, mods, batch, heads)
   return tuple(None if n == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, ROW - n)))
                for x, n in zip(rows, p.counts))
+
+
+def per_program(one, mods, batch: int, heads: int):
+  """`one(b, h)` for every (batch row, query head), the mods' offsets
+  added: its results stacked `[B, H, ...]`."""
+  bs = jnp.arange(batch, dtype=jnp.int32) + mods.batch_offset
+  hs = jnp.arange(heads, dtype=jnp.int32) + mods.head_offset
+  return jax.vmap(jax.vmap(one, (None, 0)), (0, None))(
+      bs.astype(jnp.int32), hs.astype(jnp.int32))
 
 
 def grad_slots(km) -> range:
@@ -599,22 +630,30 @@ class TileMods:
       compiler shares the conversion of a broadcast), then one float op
       per element, where the int32 way costs an integer op per equation
       and a conversion per element (a quarter-rate instruction, as exp2).
+    causal: whether the call is causal (`Static.causal`): every pair the
+      kernel keeps then has `q_pos >= kv_pos`, so the tile part's
+      `abs(q_pos - kv_pos)` (ALiBi's distance) is evaluated as `q_pos -
+      kv_pos`, one operation per element less; the pairs where the two
+      differ are masked after the mod, in every kernel.
   """
 
-  def __init__(self, km, scalars, shape, position_bound=None):
+  def __init__(self, km, scalars, shape, position_bound=None,
+               causal=False):
     self.km, self.scalars, self.shape = km, scalars, shape
-    self.position_bound = position_bound
+    self.position_bound, self.causal = position_bound, causal
     self.plan = plan(km)
-    self.jaxprs = dict(_jaxprs(km))
+    self.jaxprs = dict(mod_jaxprs(km))
     self.floated = 0  # Conversions served in float32 (for the tests).
+    self.elided = 0  # Causal distances' absolute values dropped (tests).
 
   def _run(self, kind: str, score, q_pos, kv_pos):
     closed = self.jaxprs[kind]
     handler = _Kernel(dict(self.plan.offsets)[kind], self.scalars,
-                      self.shape, self.position_bound)
-    out = _run(kind, closed, handler,
-               tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
+                      self.shape, self.position_bound, self.causal)
+    out = walk_mod(kind, closed, handler,
+                   tiles={"score": score, "q_pos": q_pos, "kv_pos": kv_pos})
     self.floated += handler.floated
+    self.elided += handler.elided
     return out.data if out.tile else handler.full(out)
 
   def score(self, s, q_pos, kv_pos):
@@ -645,7 +684,8 @@ class TileMods:
       values = list(floats)
       values[slot] = x
       return TileMods(self.km, (values, ints), self.shape,
-                      self.position_bound).score(s, q_pos, kv_pos)
+                      self.position_bound, self.causal).score(s, q_pos,
+                                                              kv_pos)
 
     return [lowerable_jvp(functools.partial(score, slot), (floats[slot],),
                            (jnp.ones_like(floats[slot]),))[1]
@@ -654,3 +694,4 @@ class TileMods:
   def visible(self, q_pos, kv_pos):
     """Bool `[ROWS, bk]`: the mask_mod on the tile."""
     return self._run("mask_mod", None, q_pos, kv_pos)
+
