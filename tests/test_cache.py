@@ -207,12 +207,51 @@ def test_merge_attention_equals_one_call_over_the_union():
   np.testing.assert_allclose(pair_lse, part.lse, rtol=1e-5, atol=1e-5)
 
 
+def test_merge_attention_gradients_equal_one_call_over_the_union():
+  """The gradients of q, k and v through the merge (of a loss of the
+  merged output and lse) equal those of one call over the union: the
+  merge's derivative (`merge._merge_stacked_jvp`), with a row that sees
+  nothing of the middle set (weight 0, lse -inf there: no NaN)."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((2, 3, 4, 8), (2, 12, 2, 8), (2, 12, 2, 8)))
+  ct_out = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
+  ct_lse = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
+  parts = [(0, 5, None), (5, 9, jnp.asarray([4, 0])), (9, 12, None)]
+  visible = np.ones((2, 12), bool)
+  visible[1, 5:9] = False
+
+  def loss(out, lse):
+    return jnp.sum(out * ct_out) + jnp.sum(lse * ct_lse)
+
+  def merged(q, k, v):
+    results = [_reference(q, k[:, lo:hi], v[:, lo:hi], kv_lengths=lengths)
+               for lo, hi, lengths in parts]
+    return loss(*fa.merge_attention([r.out for r in results],
+                                    [r.lse for r in results]))
+
+  def one_call(q, k, v):
+    result = _reference(q, k, v, mask=visible[:, None, None, :])
+    return loss(result.out, result.lse)
+
+  got = jax.jit(jax.grad(merged, (0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(one_call, (0, 1, 2)))(q, k, v)
+  for what, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=what)
+
+
 def test_merge_attention_of_empty_sets_gives_zeros():
   out = jnp.zeros((1, 2, 3, 4))
   empty = jnp.full((1, 3, 2), -jnp.inf)
   merged, lse = _merge_attention([out, out], [empty, empty])
   np.testing.assert_array_equal(merged, 0.0)
   assert np.all(np.isneginf(lse))
+  # No gradient reaches a set that holds no visible key (and no NaN).
+  grads = jax.grad(lambda o, l: jnp.sum(fa.merge_attention([o, out],
+                                                           [l, empty])[0]),
+                   (0, 1))(out + 1.0, empty)
+  for g in grads:
+    np.testing.assert_array_equal(g, 0.0)
 
 
 @pytest.mark.parametrize("outputs, lses, match", [
