@@ -496,6 +496,14 @@ def test_cache_of_the_wrong_type_or_shape():
   with pytest.raises(ValueError, match=r"cache.lengths must be \[B\]"):
     attend(q, k, v, cache=cache_for()._replace(
         lengths=jnp.zeros((3,), jnp.int32)))
+  with pytest.raises(TypeError, match=r"cache.lengths must hold ints, got "
+                     r"float32"):
+    attend(q, k, v, cache=cache_for()._replace(
+        lengths=jnp.zeros((B,), jnp.float32)))
+  with pytest.raises(ValueError, match=r"cache.lengths must be >= 0 \(tokens "
+                     r"a row holds\), got \[-1, 0\]"):
+    attend(q, k, v, cache=cache_for()._replace(
+        lengths=jnp.array([-1, 0], jnp.int32)))
 
 
 def test_cache_needs_as_many_new_keys_as_queries_and_room_for_them():

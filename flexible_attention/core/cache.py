@@ -199,8 +199,9 @@ def _shape(x) -> tuple[int, ...]:
 def check(cache, query, key, value, q_lengths=None):
   """Raises `TypeError` / `ValueError` unless `cache` can take the call's
   `query [B, Sq, H, D]` and new `key [B, Sq, Hkv, D]` and `value [B, Sq,
-  Hkv, Dv]` (same dtype, shapes that match) and `q_lengths` is `[B]`
-  ints."""
+  Hkv, Dv]` (same dtype, shapes that match), its lengths are `[B]` ints
+  (at least 0 where known at trace time) and `q_lengths` is `[B]` ints (in
+  `[0, Sq]` where known)."""
   if not isinstance(cache, (KVCache, PagedKVCache)):
     raise TypeError("cache must be a fa.KVCache or fa.PagedKVCache, got "
                     f"{type(cache)}.")
@@ -249,6 +250,13 @@ def check(cache, query, key, value, q_lengths=None):
   if _shape(cache.lengths) != (batch,):
     raise ValueError(f"cache.lengths must be [B] = ({batch},), got "
                      f"{_shape(cache.lengths)}.")
+  if not jnp.issubdtype(jnp.asarray(cache.lengths).dtype, jnp.integer):
+    raise TypeError(f"cache.lengths must hold ints, got "
+                    f"{jnp.asarray(cache.lengths).dtype}.")
+  concrete = _concrete(cache.lengths)
+  if concrete is not None and concrete.min(initial=0) < 0:
+    raise ValueError(f"cache.lengths must be >= 0 (tokens a row holds), got "
+                     f"{concrete.tolist()}.")
   if new_len > cache.max_length:
     raise ValueError(f"{new_len} new tokens do not fit a cache of length "
                      f"{cache.max_length}.")
