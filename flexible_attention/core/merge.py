@@ -89,8 +89,11 @@ def _merge_stacked_jvp(primals, tangents):
   d_outs, d_lses = tangents
   out, lse = _merge_stacked(outs, lses)
   weights = _weights(lses, lse[None])  # [N, B, H, Sq]
+  # A part of weight 0 contributes nothing, whatever its tangents hold.
+  d_lses = jnp.where(weights == 0.0, 0.0, d_lses)
   d_lse = jnp.sum(weights * d_lses, axis=0)
   per_value = lambda x: jnp.swapaxes(x, -1, -2)[..., None]  # [..., Sq, H, 1]
+  d_outs = jnp.where(per_value(weights) == 0.0, 0.0, d_outs)
   d_out = (jnp.sum(per_value(weights) * (d_outs + per_value(d_lses) * outs),
                    axis=0) - per_value(d_lse) * out)
   return (out, lse), (d_out, d_lse)
