@@ -252,6 +252,13 @@ def test_merge_attention_of_empty_sets_gives_zeros():
                    (0, 1))(out + 1.0, empty)
   for g in grads:
     np.testing.assert_array_equal(g, 0.0)
+  # Nor a tangent: forward mode with NaN tangents in that set.
+  nan = jnp.full_like(out, jnp.nan)
+  _, (d_out, d_lse) = jax.jvp(
+      lambda o, l: fa.merge_attention([out + 1.0, o], [jnp.zeros_like(l), l]),
+      (out, empty), (nan, jnp.full_like(empty, jnp.nan)))
+  np.testing.assert_array_equal(d_out, 0.0)
+  np.testing.assert_array_equal(d_lse, 0.0)
 
 
 @pytest.mark.parametrize("outputs, lses, match", [
