@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 
@@ -39,12 +38,9 @@ def merge_stacked(outs: jax.Array, lses: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
   """Merges partial results stacked on a leading axis, in float32.
 
-  One pass over the parts: a single reduction over N whose step merges two
-  `(lse, out)` pairs (`_merge_step`, the pair rule of the module docstring;
-  associative, with `(-inf, 0)` its identity), so XLA runs it as one kernel
-  instead of a max, a sum of exponentials and a weighted sum after it (the
-  decode kernels' split merge, on every decoding step). Differentiable: its
-  derivative is the stacked formula's (`_merge_stacked_jvp`).
+  A row whose sets all hold no visible key (every lse -inf) keeps out 0 and
+  lse -inf, and gets no gradient (its log-sum-exp is taken over zeros
+  instead, then discarded, so no `log(0)` reaches the derivative).
 
   Args:
     outs: `[N, B, Sq, H, Dv]`.
@@ -53,50 +49,13 @@ def merge_stacked(outs: jax.Array, lses: jax.Array
   Returns:
     `(out [B, Sq, H, Dv] float32, lse [B, H, Sq] float32)`.
   """
-  return _merge_stacked(outs.astype(jnp.float32), lses.astype(jnp.float32))
-
-
-def _merge_step(a, b):
-  """The merge of two parts `(lse, out)` (scalars, or arrays of one shape):
-  `total = log(exp(lse_a) + exp(lse_b))`, `out = w_a out_a + w_b out_b`."""
-  (lse_a, out_a), (lse_b, out_b) = a, b
-  total = jnp.logaddexp(lse_a, lse_b)
-  return total, out_a * _weights(lse_a, total) + out_b * _weights(lse_b,
-                                                                   total)
-
-
-def _lse_per_value(lses, value_dim: int):
-  """`[..., H, Sq]` -> `[..., Sq, H, Dv]`: each lse beside its row's
-  values."""
-  lses = jnp.swapaxes(lses, -1, -2)[..., None]
-  return jnp.broadcast_to(lses, lses.shape[:-1] + (value_dim,))
-
-
-@jax.custom_jvp
-def _merge_stacked(outs, lses):
-  lse, out = lax.reduce(
-      (_lse_per_value(lses, outs.shape[-1]), outs),
-      (jnp.float32(-jnp.inf), jnp.float32(0.0)), _merge_step, (0,))
-  return out, jnp.swapaxes(lse[..., 0], 1, 2)
-
-
-@_merge_stacked.defjvp
-def _merge_stacked_jvp(primals, tangents):
-  """With `w_i = exp(lse_i - lse)`: `d lse = sum_i w_i d lse_i` and `d out
-  = sum_i w_i (d out_i + d lse_i out_i) - d lse out` (0 for a row with no
-  visible key, whose weights are all 0)."""
-  outs, lses = primals
-  d_outs, d_lses = tangents
-  out, lse = _merge_stacked(outs, lses)
-  weights = _weights(lses, lse[None])  # [N, B, H, Sq]
-  # A part of weight 0 contributes nothing, whatever its tangents hold.
-  d_lses = jnp.where(weights == 0.0, 0.0, d_lses)
-  d_lse = jnp.sum(weights * d_lses, axis=0)
-  per_value = lambda x: jnp.swapaxes(x, -1, -2)[..., None]  # [..., Sq, H, 1]
-  d_outs = jnp.where(per_value(weights) == 0.0, 0.0, d_outs)
-  d_out = (jnp.sum(per_value(weights) * (d_outs + per_value(d_lses) * outs),
-                   axis=0) - per_value(d_lse) * out)
-  return (out, lse), (d_out, d_lse)
+  lses = lses.astype(jnp.float32)
+  empty = jnp.all(jnp.isneginf(lses), axis=0)
+  total = jax.nn.logsumexp(jnp.where(empty[None], 0.0, lses), axis=0)
+  total = jnp.where(empty, -jnp.inf, total)
+  weights = jnp.swapaxes(_weights(lses, total[None]), 2, 3)[..., None]
+  out = jnp.sum(outs.astype(jnp.float32) * weights, axis=0)
+  return out, total
 
 
 def merge_pair(out, lse, other_out, other_lse):
