@@ -252,6 +252,14 @@ def test_merge_attention_of_empty_sets_gives_zeros():
                    (0, 1))(out + 1.0, empty)
   for g in grads:
     np.testing.assert_array_equal(g, 0.0)
+  # The ring's pairwise merge alike.
+  pair_out, pair_lse = _merge_pair(out, empty, out, empty)
+  np.testing.assert_array_equal(pair_out, 0.0)
+  assert np.all(np.isneginf(pair_lse))
+  grads = jax.grad(lambda o, l: jnp.sum(merge.merge_pair(o, l, out, empty)[0]),
+                   (0, 1))(out + 1.0, empty)
+  for g in grads:
+    np.testing.assert_array_equal(g, 0.0)
 
 
 @pytest.mark.parametrize("outputs, lses, match", [

@@ -60,8 +60,12 @@ def merge_stacked(outs: jax.Array, lses: jax.Array
 
 def merge_pair(out, lse, other_out, other_lse):
   """Merges two float32 partial results (`[B, Sq, H, Dv]`, `[B, H, Sq]`);
-  the ring's step, without stacking."""
-  total = jnp.logaddexp(lse, other_lse)
+  the ring's step, without stacking. A row empty in both keeps out 0 and
+  lse -inf, and gets no gradient (as in `merge_stacked`)."""
+  empty = jnp.isneginf(lse) & jnp.isneginf(other_lse)
+  safe = lambda x: jnp.where(empty, 0.0, x)
+  total = jnp.where(empty, -jnp.inf, jnp.logaddexp(safe(lse),
+                                                    safe(other_lse)))
   to_out = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,H,Sq]->[B,Sq,H,1]
   return (out * to_out(_weights(lse, total)) +
           other_out * to_out(_weights(other_lse, total)), total)

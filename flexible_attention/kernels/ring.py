@@ -162,16 +162,6 @@ def _rotate(cfg: RingConfig, tree):
   return jax.tree.map(lambda x: jax.lax.ppermute(x, cfg.axis_name, perm), tree)
 
 
-def _merge(out, lse, block_out, block_lse):
-  """Combines two partial softmax results through their log-sum-exps."""
-  new_lse = jnp.logaddexp(lse, block_lse)
-  safe = jnp.where(jnp.isneginf(new_lse), 0.0, new_lse)
-  weight = lambda x: jnp.where(jnp.isneginf(x), 0.0, jnp.exp(x - safe))
-  to_out = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,H,Sq]->[B,Sq,H,1]
-  return (out * to_out(weight(lse)) + block_out * to_out(weight(block_lse)),
-          new_lse)
-
-
 def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks, mods):
   batch, q_len, num_heads, _ = q.shape
   out = jnp.zeros((batch, q_len, num_heads, v.shape[-1]), jnp.float32)
@@ -186,7 +176,7 @@ def _forward(cfg: RingConfig, q, k, v, vis, dropout, sinks, mods):
     def attend(state, k_blk=k_blk, v_blk=v_blk, vis_blk=vis_blk):
       block_out, block_lse = cfg.block_kernel.forward(q, k_blk, v_blk,
                                                       vis_blk, dropout, mods)
-      return _merge(*state, block_out, block_lse)
+      return merge.merge_pair(*state, block_out, block_lse)
 
     out, lse = jax.lax.cond(vis_blk.maybe_visible(), attend, lambda s: s,
                             (out, lse))
