@@ -239,9 +239,7 @@ def check(cache, query, key, value, q_lengths=None):
     if len(_shape(table)) != 2 or _shape(table)[0] != batch:
       raise ValueError(f"cache.page_table must be [B, max_pages] with B = "
                        f"{batch}, got {_shape(table)}.")
-    if not jnp.issubdtype(jnp.asarray(table).dtype, jnp.integer):
-      raise TypeError("cache.page_table must hold ints, got "
-                      f"{jnp.asarray(table).dtype}.")
+    _check_ints("cache.page_table", table)
   for name, buf, new, _ in stores:
     if jnp.dtype(buf.dtype) != jnp.dtype(new.dtype):
       raise TypeError(f"{name} holds {jnp.dtype(buf.dtype)}, the call's new "
@@ -250,9 +248,7 @@ def check(cache, query, key, value, q_lengths=None):
   if _shape(cache.lengths) != (batch,):
     raise ValueError(f"cache.lengths must be [B] = ({batch},), got "
                      f"{_shape(cache.lengths)}.")
-  if not jnp.issubdtype(jnp.asarray(cache.lengths).dtype, jnp.integer):
-    raise TypeError(f"cache.lengths must hold ints, got "
-                    f"{jnp.asarray(cache.lengths).dtype}.")
+  _check_ints("cache.lengths", cache.lengths)
   concrete = _concrete(cache.lengths)
   if concrete is not None and concrete.min(initial=0) < 0:
     raise ValueError(f"cache.lengths must be >= 0 (tokens a row holds), got "
@@ -264,14 +260,18 @@ def check(cache, query, key, value, q_lengths=None):
     if _shape(q_lengths) != (batch,):
       raise ValueError(f"q_lengths must be [B] = ({batch},), got "
                        f"{_shape(q_lengths)}.")
-    if not jnp.issubdtype(jnp.asarray(q_lengths).dtype, jnp.integer):
-      raise TypeError(f"q_lengths must hold ints, got "
-                      f"{jnp.asarray(q_lengths).dtype}.")
+    _check_ints("q_lengths", q_lengths)
     concrete = _concrete(q_lengths)
     if concrete is not None and (concrete.min() < 0 or
                                  concrete.max() > new_len):
       raise ValueError(f"q_lengths must be in [0, Sq = {new_len}], got "
                        f"{concrete.tolist()}.")
+
+
+def _check_ints(name: str, x):
+  dtype = jnp.asarray(x).dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{name} must hold ints, got {dtype}.")
 
 
 def _concrete(x) -> np.ndarray | None:
