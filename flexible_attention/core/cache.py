@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexible_attention.core.inputs import concrete
+
 
 UNASSIGNED = -1  # A page-table slot that names no page.
 PAGE_ORDERS = ("contiguous", "shuffled")  # `allocate_pages`' orders.
@@ -249,10 +251,10 @@ def check(cache, query, key, value, q_lengths=None):
     raise ValueError(f"cache.lengths must be [B] = ({batch},), got "
                      f"{_shape(cache.lengths)}.")
   _check_ints("cache.lengths", cache.lengths)
-  concrete = _concrete(cache.lengths)
-  if concrete is not None and concrete.min(initial=0) < 0:
+  known = concrete(cache.lengths)
+  if known is not None and known.min(initial=0) < 0:
     raise ValueError(f"cache.lengths must be >= 0 (tokens a row holds), got "
-                     f"{concrete.tolist()}.")
+                     f"{known.tolist()}.")
   if new_len > cache.max_length:
     raise ValueError(f"{new_len} new tokens do not fit a cache of length "
                      f"{cache.max_length}.")
@@ -261,26 +263,16 @@ def check(cache, query, key, value, q_lengths=None):
       raise ValueError(f"q_lengths must be [B] = ({batch},), got "
                        f"{_shape(q_lengths)}.")
     _check_ints("q_lengths", q_lengths)
-    concrete = _concrete(q_lengths)
-    if concrete is not None and (concrete.min() < 0 or
-                                 concrete.max() > new_len):
+    known = concrete(q_lengths)
+    if known is not None and (known.min() < 0 or known.max() > new_len):
       raise ValueError(f"q_lengths must be in [0, Sq = {new_len}], got "
-                       f"{concrete.tolist()}.")
+                       f"{known.tolist()}.")
 
 
 def _check_ints(name: str, x):
   dtype = jnp.asarray(x).dtype
   if not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"{name} must hold ints, got {dtype}.")
-
-
-def _concrete(x) -> np.ndarray | None:
-  """`x` as numpy when it is known at trace time, else None."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return None
 
 
 def query_slots(cache, new_len: int, q_lengths=None):

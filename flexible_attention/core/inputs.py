@@ -109,6 +109,15 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
+def concrete(x) -> np.ndarray | None:
+  """`x` as a numpy array when its value is known at trace time (not a
+  tracer), else None (also for None): what the input checks can read of a
+  value under `jax.jit`."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
 def check_array(name: str, x, rank: int, expected: str):
   """Raises `TypeError` unless `x` is an array, `ValueError` unless it has
   rank `rank` (`expected` describes its shape, e.g. `"[B, Sq, H, D]"`)."""

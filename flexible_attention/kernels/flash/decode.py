@@ -44,6 +44,7 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.inputs import canonical_window
 from flexible_attention.core.inputs import check_array
 from flexible_attention.core.inputs import check_sinks
+from flexible_attention.core.inputs import concrete
 from flexible_attention.core.inputs import canonicalize
 from flexible_attention.core.inputs import poison_overflow
 from flexible_attention.core.types import BlockSizes
@@ -269,19 +270,10 @@ def _positive_float(name: str, x) -> float:
   return value
 
 
-def _concrete(x):
-  """`x` as numpy when it is a concrete value (not traced), else None."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return None
-
-
 def _check_table_values(page_table, kv_lengths, num_pages: int,
                         page_size: int):
   """Checks the table entries of every valid token, when not traced."""
-  table, lengths = _concrete(page_table), _concrete(kv_lengths)
+  table, lengths = concrete(page_table), concrete(kv_lengths)
   if table is None or lengths is None:
     return
   capacity = table.shape[1] * page_size

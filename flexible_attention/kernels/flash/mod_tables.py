@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexible_attention.core.inputs import concrete
 from flexible_attention.kernels.flash import mod_lowering
 
 _CHUNK = 1 << 24  # Mask elements evaluated at once.
@@ -71,18 +72,11 @@ def dependence(km: mod_lowering.KernelMods) -> frozenset[str]:
                    if _depends(jaxpr, seeds))
 
 
-def _concrete(x):
-  """`x` as a numpy array, or None if it is traced."""
-  if x is None or isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
-
-
 def position_bound(vis) -> int | None:
   """The largest magnitude of `vis`'s query and key positions when both are
   concrete (the default ones), else None. The kernels pad them with their
   edge values or zeros, which it bounds too."""
-  positions = [_concrete(vis.q_positions), _concrete(vis.kv_positions)]
+  positions = [concrete(vis.q_positions), concrete(vis.kv_positions)]
   if any(x is None for x in positions):
     return None
   return max((int(np.abs(x.astype(np.int64)).max()) if x.size else 0)
@@ -127,8 +121,8 @@ def derive(km, mods, vis, *, num_heads: int, q_pad: int, kv_pad: int,
   uses = dependence(km)
   if "args" in uses:
     return None
-  q_pos, kv_pos = _concrete(vis.q_positions), _concrete(vis.kv_positions)
-  b_off, h_off = _concrete(mods.batch_offset), _concrete(mods.head_offset)
+  q_pos, kv_pos = concrete(vis.q_positions), concrete(vis.kv_positions)
+  b_off, h_off = concrete(mods.batch_offset), concrete(mods.head_offset)
   if q_pos is None or kv_pos is None or (
       "batch" in uses and b_off is None) or ("head" in uses and h_off is None):
     return None
