@@ -53,26 +53,14 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
+from flexible_attention.kernels.flash.structure import pad_axis
+from flexible_attention.kernels.flash.structure import round_up
 
 LANES = 128  # TPU vector lanes: tiles and head sizes are multiples of it.
 DEFAULT_BLOCK = 128  # JAX's default for every tile of this kernel.
 
 
 # --- Helpers shared with splash_tpu -------------------------------------------
-
-
-def round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def pad_axis(x, axis: int, size: int, value=0):
-  """Pads `x` at the end of `axis` to `size`."""
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def padded_length(length: int, blocks) -> int:
@@ -129,10 +117,10 @@ def segment_ids_with_valid_keys(vis: Visibility, q_len_padded: int,
   else:
     q_ids = jnp.zeros((batch, q_len), jnp.int32)
     kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
-  q_ids = pad_axis(q_ids, 1, q_len_padded, 0)
-  kv_ids = pad_axis(kv_ids, 1, kv_len_padded, 0)
+  q_ids = pad_axis(q_ids, 1, q_len_padded)
+  kv_ids = pad_axis(kv_ids, 1, kv_len_padded)
   if needs_validity:
-    index = pad_axis(vis.kv_indices, 0, kv_len_padded, -1)[None]  # [1, Skp]
+    index = pad_axis(vis.kv_indices, 0, kv_len_padded, value=-1)[None]  # [1, Skp]
     valid = index >= 0
     if vis.kv_lengths is not None:
       valid = valid & (index < vis.kv_lengths[:, None])

@@ -94,6 +94,7 @@ from flexible_attention.core.inputs import AttentionDims
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
+from flexible_attention.kernels.flash.structure import round_up
 
 # JAX's kernel module (`_interpretable` patches two of its names).
 _kernel_module = rpa.kernel
@@ -103,10 +104,6 @@ BLOCK_FIELDS = ("block_q", "block_k")  # The BlockSizes fields it reads.
 DEFAULT_QUERIES_PER_BLOCK = 32  # The kernel's untuned default.
 DEFAULT_KV_TOKENS_PER_BLOCK = 2048  # 128 pages of 16, the kernel's default.
 DENSE_PAGE_SIZE = 128  # The largest page a dense cache is cut into.
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
 
 
 def unsupported_reason(dims: AttentionDims, dtype, *, causal: bool,
@@ -152,7 +149,7 @@ def _dense_pages(keys, values, head: int):
   """A dense cache's fused pages and table: `([B * M, ps, 2 * Hkv, Dp],
   [B, M])`, L padded to `M * ps` in the copy."""
   batch, length = keys.shape[:2]
-  page_size = min(DENSE_PAGE_SIZE, _round_up(length, 8))
+  page_size = min(DENSE_PAGE_SIZE, round_up(length, 8))
   pages = -(-length // page_size)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, pages * page_size - length), (0, 0),
                               (0, 0)])
@@ -334,7 +331,7 @@ def ragged_paged_attention(inputs: AttentionInputs, dropout=None, *,
     raise ValueError("ragged paged attention (TPU) runs on a TPU; pass "
                      "interpret=True elsewhere.")
   b, sq, h = dims.batch, dims.q_len, dims.num_heads
-  head = _round_up(max(dims.head_dim, dims.value_dim), LANES)  # Dp.
+  head = round_up(max(dims.head_dim, dims.value_dim), LANES)  # Dp.
   if inputs.pages is not None:
     kv_pages = fuse_pages(inputs.pages.key_pages, inputs.pages.value_pages,
                           head)  # [P, ps, 2Hkv, Dp]: a copy of the pool.
@@ -370,7 +367,7 @@ def ragged_paged_attention(inputs: AttentionInputs, dropout=None, *,
   queries_per_block, pages_per_block = _tiles(
       block_sizes, b * sq, page_size, pages_per_seq,
       tuned=on_tpu and not interpret)
-  tokens = _round_up(b * sq, queries_per_block or 1)  # T.
+  tokens = round_up(b * sq, queries_per_block or 1)  # T.
   query = jnp.pad(inputs.query,
                   [(0, 0)] * 3 + [(0, head - dims.head_dim)])  # [B, Sq, H, Dp]
   packed = jnp.zeros((tokens, h, head), query.dtype).at[

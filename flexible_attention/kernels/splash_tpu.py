@@ -57,9 +57,9 @@ from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.core.types import KernelOutput
 from flexible_attention.kernels.flash_tpu import check_block
-from flexible_attention.kernels.flash_tpu import pad_axis
 from flexible_attention.kernels.flash_tpu import padded_length
 from flexible_attention.kernels.flash_tpu import segment_ids_with_valid_keys
+from flexible_attention.kernels.flash.structure import pad_axis
 
 # The fa.BlockSizes fields splash reads, and the splash field of each.
 BLOCK_FIELDS = {"block_q": "block_q", "block_k": "block_kv",
