@@ -120,7 +120,8 @@ def segment_ids_with_valid_keys(vis: Visibility, q_len_padded: int,
   q_ids = pad_axis(q_ids, 1, q_len_padded)
   kv_ids = pad_axis(kv_ids, 1, kv_len_padded)
   if needs_validity:
-    index = pad_axis(vis.kv_indices, 0, kv_len_padded, value=-1)[None]  # [1, Skp]
+    # [1, Skp]
+    index = pad_axis(vis.kv_indices, 0, kv_len_padded, value=-1)[None]
     valid = index >= 0
     if vis.kv_lengths is not None:
       valid = valid & (index < vis.kv_lengths[:, None])
