@@ -88,6 +88,10 @@ class Mods:
       head (non-zero inside a head-sharded `shard_map` and in `ulysses`).
     score_mod: static, the user's score modification or None.
     mask_mod: static, the user's mask modification or None.
+    num_heads: static, the call's H (every head, before any sharding: the
+      bound a kernel that differentiates small `mod_args` leaves in place
+      states as "[H] or smaller", the same on one device and on a
+      head-sharded mesh).
   """
 
   args: tuple[Any, ...]
@@ -96,6 +100,8 @@ class Mods:
   score_mod: Callable | None = dataclasses.field(
       default=None, metadata=dict(static=True))
   mask_mod: Callable | None = dataclasses.field(
+      default=None, metadata=dict(static=True))
+  num_heads: int | None = dataclasses.field(
       default=None, metadata=dict(static=True))
 
   def with_offsets(self, batch_offset, head_offset) -> Mods:
@@ -260,8 +266,8 @@ def make_mods(score_mod, mask_mod, mod_args, *, shape: tuple[int, ...],
                       f"{type(leaf).__name__}.")
   args = jax.tree.map(jnp.asarray, tuple(mod_args))
   zero = np.zeros((), np.int32)  # Concrete offsets (`mod_tables`).
-  mods = Mods(args, zero, zero, score_mod, mask_mod)
   batch, heads, q_len, kv_len = shape
+  mods = Mods(args, zero, zero, score_mod, mask_mod, num_heads=heads)
   positions = (jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
                jax.ShapeDtypeStruct((batch, kv_len), jnp.int32))
   full = tuple(shape)

@@ -183,7 +183,7 @@ def _flash_bwd(st, residuals, cotangents):
                 if isinstance(ct, custom_derivatives.SymbolicZero) else ct
                 for ct, x in zip(cotangents, (out, lse)))
   if refuse is not None:
-    mod_lowering.check_grads(st.mods, q.shape[2])
+    mod_lowering.check_grads(st.mods)
   if st.mods is not None:  # In-kernel gradients of the wanted leaves only.
     st = dataclasses.replace(st, mods=dataclasses.replace(
         st.mods, grads=tuple(g and w is not None
@@ -255,7 +255,7 @@ def prepare(inputs: AttentionInputs,
                      f"D = {dims.head_dim}, Dv = {dims.value_dim}.")
   d_pad, dv_pad = structure.pad_dim(dims.head_dim), structure.pad_dim(
       dims.value_dim)
-  kernel_mods = mod_lowering.kernel_mods(inputs.mods, dims.num_heads)
+  kernel_mods = mod_lowering.kernel_mods(inputs.mods)
   launch = launch_lib.choose_launch(
       dtype=q.dtype, head_dim=d_pad, value_dim=dv_pad, q_len=q_len,
       kv_len=kv_len, causal=vis.causal, bias=bias is not None,

@@ -86,10 +86,13 @@ class KernelMods:
     treedef: the pytree structure of `mod_args`.
     shapes, dtypes: each leaf's shape and dtype name.
     grads: per leaf, whether the backward computes its gradient in-kernel
-      (a float leaf of at most `num_heads` elements, with a score_mod; the
-      backward narrows it to the leaves the call differentiates,
+      (a float leaf of at most `max_grad_size` elements, with a score_mod;
+      the backward narrows it to the leaves the call differentiates,
       `interface._flash_bwd`).
     too_large: the float leaves (indices) a gradient cannot reach here.
+    max_grad_size: the call's H (`Mods.num_heads`: all heads, also inside
+      a head-sharded `shard_map`), the most elements of a leaf whose
+      gradient the kernels compute.
   """
 
   score_mod: Callable | None
@@ -99,12 +102,13 @@ class KernelMods:
   dtypes: tuple[str, ...]
   grads: tuple[bool, ...]
   too_large: tuple[int, ...]
+  max_grad_size: int
 
   def name(self, leaf: int) -> str:
     return f"mod_arg{leaf}"
 
 
-def kernel_mods(mods, num_heads: int) -> KernelMods | None:
+def kernel_mods(mods) -> KernelMods | None:
   """`mods` (`core.mods.Mods` or None) checked for the Triton kernels.
 
   Raises:
@@ -115,7 +119,7 @@ def kernel_mods(mods, num_heads: int) -> KernelMods | None:
     return None
   leaves, treedef = jax.tree.flatten(mods.args)
   floats = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
-  small = [int(np.prod(x.shape)) <= num_heads for x in leaves]
+  small = [int(np.prod(x.shape)) <= mods.num_heads for x in leaves]
   has_score = mods.score_mod is not None
   km = KernelMods(
       mods.score_mod, mods.mask_mod, treedef,
@@ -123,7 +127,8 @@ def kernel_mods(mods, num_heads: int) -> KernelMods | None:
       tuple(jnp.dtype(x.dtype).name for x in leaves),
       tuple(has_score and f and s for f, s in zip(floats, small)),
       tuple(i for i, (f, s) in enumerate(zip(floats, small))
-            if has_score and f and not s))
+            if has_score and f and not s),
+      mods.num_heads)
   tile = (1, 1, 16, 16)
   for kind in ("score_mod", "mask_mod"):
     if getattr(km, kind) is not None:
@@ -133,15 +138,15 @@ def kernel_mods(mods, num_heads: int) -> KernelMods | None:
   return km
 
 
-def check_grads(km: KernelMods, num_heads: int):
+def check_grads(km: KernelMods):
   """Refuses the gradient of float `mod_args` leaves over H elements."""
   if km is not None and km.too_large:
     shapes = ", ".join(f"leaf {i} of shape {list(km.shapes[i])}"
                        for i in km.too_large)
     raise NotImplementedError(
         f"mechanism 'flash' computes the gradients of float mod_args of at "
-        f"most H = {num_heads} elements ([H] or smaller) inside its kernels; "
-        f"this call needs the gradient of {shapes}. Mechanisms that "
+        f"most H = {km.max_grad_size} elements ([H] or smaller) inside its "
+        f"kernels; this call needs the gradient of {shapes}. Mechanisms that "
         f"compute any mod_args gradient: {MOD_MECHANISMS}.")
 
 
