@@ -1,0 +1,588 @@
+"""Differential fuzzing: random calls of every CPU mechanism against the
+float32 reference.
+
+The conformance battery pins one feature (or one corner) per case, and one
+`everything` case; this draws whole calls at random — shapes, grouped heads,
+causal, windows, segment ids, kv lengths, explicit positions, a dense mask
+and bias, a soft cap, sinks, a score and a mask modification, small tiles,
+float32 or bfloat16, and KV-cache calls (dense or paged, shuffled and shared
+pages, ragged rows and ragged new tokens) — and checks each mechanism's
+outputs, log-sum-exps and gradients (q, k, v, bias, sinks, the score
+modification's slopes), and the updated cache, against an oracle that does
+not go through the modules: the reference (`fa.reference_attention`) with
+the modifications written out as the dense bias and mask they mean, and a
+cache call written as the full causal call over the row's tokens.
+
+A mechanism may refuse a draw (`NotImplementedError` or `ValueError` naming
+what it lacks: the refusal is recorded, not a failure); any other exception,
+a non-finite value or an error past the dtype's tolerance is a failure.
+
+  python tests/fuzz_mechanisms.py --seeds 0:200 [--mechanisms vanilla,flash]
+
+prints one line per (seed, mechanism) that failed and a summary; exit
+status 1 if any failed. `tests/test_fuzz.py` runs a few seeds in the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+from typing import Any
+
+import conftest  # noqa: F401  (XLA flags before jax: 8 CPU devices.)
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention.core import cache as cache_lib
+import helpers
+
+# Mechanisms fuzzed on CPU, with the options they need here (`auto` and
+# `ulysses` without a mesh build `vanilla`'s / `blockwise`'s kernels).
+MECHANISMS = {
+    "vanilla": {},
+    "blockwise": {},
+    "flash": {"interpret": True},
+    "ring": {},
+    "ulysses": {},
+}
+# Relative-to-max tolerances (`helpers.relative_error`): the suite's CPU
+# ones (`helpers.TOLERANCES`), but bfloat16's doubled: the draws reach
+# logit ranges the battery's cases do not (ALiBi slopes over explicit
+# positions, plus a bias), where the tiled backward's bfloat16
+# dS (as FlashAttention's: it feeds the dK and dQ matmuls) measured up to
+# 1.6e-2 on dK (seed 185 of the first 200, `blockwise` and `flash` alike;
+# `vanilla` 5e-3). A wrong mask, scale or gradient gives 1e-1 to 1.
+TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=3e-2)
+# Mechanisms that read `BlockSizes(block_q, block_k)`.
+TILED = ("blockwise", "flash", "ring")
+# Mechanisms fuzzed only on draws whose mesh has a sequence axis (without
+# one, `ulysses` is its local mechanism, `blockwise`).
+SEQUENCE_ONLY = ("ulysses",)
+# The meshes `(dp, fsdp, tp, sp)` of the 8 CPU devices a draw may use
+# (a cache call only those without a sequence axis).
+MESHES = ((2, 1, 1, 1), (1, 1, 2, 1), (2, 2, 2, 1), (1, 1, 1, 2),
+          (2, 1, 2, 2), (1, 2, 1, 4), (1, 1, 1, 8))
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+  """One random call. Sizes, then features (None / False: not used)."""
+
+  seed: int
+  batch: int
+  q_len: int
+  kv_len: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  value_dim: int
+  dtype: str
+  causal: bool
+  window: Any
+  softcap: float | None
+  segments: bool
+  kv_lengths: bool
+  positions: bool
+  mask: bool
+  bias: bool
+  sinks: bool
+  score_mod: bool
+  mask_mod: str | None  # None, "static" (no mod_args), "prefix" (reads one).
+  blocks: tuple[int, int]
+  cache: str | None  # None, "dense", "paged".
+  page_size: int
+  ragged_q: bool
+  dropout: float  # The rate (0: none).
+  mesh: tuple[int, int, int, int] | None  # (dp, fsdp, tp, sp) or None.
+
+
+def describe(d: Draw) -> str:
+  """The draw in one line: its shapes, then the features it uses."""
+  shapes = (f"B{d.batch} Sq{d.q_len} Sk{d.kv_len} H{d.heads}/{d.kv_heads} "
+            f"D{d.head_dim}/{d.value_dim} {d.dtype} tiles{d.blocks}")
+  features = [f"{f.name}={getattr(d, f.name)}"
+              for f in dataclasses.fields(d)[9:]
+              if f.name not in ("blocks", "page_size") and getattr(
+                  d, f.name) not in (None, False)]
+  if d.cache == "paged":
+    features.append(f"page_size={d.page_size}")
+  return f"{shapes} " + " ".join(features)
+
+
+def draw(seed: int) -> Draw:
+  """The call of `seed`: a cache call one time in two, on a mesh one time in
+  three."""
+  rng = np.random.default_rng(seed)
+  pick = lambda *options: options[rng.integers(len(options))]
+  flip = lambda p=0.5: bool(rng.random() < p)
+  cache = pick(None, None, "dense", "paged")
+  mesh = None
+  if flip(1 / 3):
+    mesh = pick(*(m for m in MESHES if not cache or m[3] == 1))
+  dp, fsdp, tp, sp = mesh or (1, 1, 1, 1)
+  batch = dp * fsdp * int(pick(1, 2)) if mesh else int(pick(1, 2, 3))
+  kv_heads = tp * int(pick(1, 2)) if mesh else int(pick(1, 2, 3))
+  if cache:
+    q_len = int(pick(1, 2, 3, 5, 8, 13, 16))
+    # Sk is the cache's capacity; room for the new tokens and more.
+    kv_len = q_len + int(rng.integers(0, 40))
+  elif sp > 1:
+    # A sequence mesh: lengths the zigzag layout splits (2 sp chunks).
+    q_len = kv_len = 2 * sp * int(rng.integers(1, 5))
+  else:
+    q_len = int(rng.integers(1, 40))
+    kv_len = int(rng.integers(max(1, q_len // 2), 48))
+  window = None
+  if flip(0.3):
+    window = (int(pick(1, 4, 9)) if flip() else
+              (int(rng.integers(0, 12)), int(rng.integers(0, 12))))
+  return Draw(
+      seed=seed,
+      batch=batch,
+      q_len=q_len,
+      kv_len=kv_len,
+      heads=kv_heads * int(pick(1, 2, 4)),
+      kv_heads=kv_heads,
+      head_dim=int(pick(4, 8, 16, 24)),
+      value_dim=int(pick(4, 8, 16, 12)),
+      dtype=pick("float32", "float32", "float32", "bfloat16"),
+      causal=bool(cache) or flip(),
+      window=window,
+      softcap=pick(None, None, 2.0, 30.0),
+      segments=not cache and flip(0.3),
+      kv_lengths=not cache and flip(0.3),
+      positions=not cache and flip(0.25),
+      # Rarely on a sequence mesh, where ring and ulysses refuse them.
+      mask=not cache and flip(0.2 if sp == 1 else 0.05),
+      bias=not cache and flip(0.25 if sp == 1 else 0.05),
+      sinks=flip(0.3),
+      score_mod=flip(0.3),
+      mask_mod=pick(None, None, None, "static", "prefix"),
+      blocks=(int(pick(8, 16)), int(pick(8, 16, 32))),
+      cache=cache,
+      page_size=int(pick(2, 4, 8)),
+      ragged_q=bool(cache) and flip(),
+      dropout=0.0 if cache or not flip(0.15) else float(pick(0.1, 0.5)),
+      mesh=mesh,
+  )
+
+
+# --- The modifications, and what they mean as a dense bias and mask ----------
+
+
+def _score_mod(score, batch, head, q_pos, kv_pos, slopes, prefix):
+  del batch, prefix
+  return score - slopes[head] * jnp.abs(q_pos - kv_pos).astype(score.dtype)
+
+
+def _static_mask_mod(batch, head, q_pos, kv_pos, slopes, prefix):
+  """No mod_args: its visible-tile table is derived at trace time."""
+  del batch, slopes, prefix
+  return ((q_pos - kv_pos + head) % 3 != 1) | (kv_pos == q_pos)
+
+
+def _prefix_mask_mod(batch, head, q_pos, kv_pos, slopes, prefix):
+  """Reads `prefix [B]`: prefix-LM with a head-dependent hole."""
+  del slopes
+  return ((kv_pos < prefix[batch]) | (kv_pos <= q_pos)) & (
+      (q_pos + head) % 7 != 3)
+
+
+_MASK_MODS = {"static": _static_mask_mod, "prefix": _prefix_mask_mod}
+
+
+def _dense_mods(d: Draw, q_pos, kv_pos, slopes, prefix):
+  """`(bias, mask)` `[B, H, Sq, Sk]` of the draw's mods (None if unused),
+  from the positions `[B, Sq]`, `[B, Sk]`."""
+  b = jnp.arange(d.batch)[:, None, None, None]
+  h = jnp.arange(d.heads)[None, :, None, None]
+  qp = q_pos[:, None, :, None]
+  kp = kv_pos[:, None, None, :]
+  bias = mask = None
+  if d.score_mod:
+    bias = -slopes[h] * jnp.abs(qp - kp).astype(jnp.float32)
+    bias = jnp.broadcast_to(bias, (d.batch, d.heads, d.q_len, d.kv_len))
+  if d.mask_mod:
+    mask = jnp.broadcast_to(_MASK_MODS[d.mask_mod](b, h, qp, kp, slopes,
+                                                   prefix),
+                            (d.batch, d.heads, d.q_len, d.kv_len))
+  return bias, mask
+
+
+# --- Inputs --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Inputs:
+  """The draw's arrays: `floats` are differentiated, `call` are not."""
+
+  floats: dict[str, jax.Array]
+  call: dict[str, Any]
+  cache: Any = None  # With a cache call: the cache before the call.
+  tokens: Any = None  # ... and its tokens, dense `(k [B, L, Hkv, D], v)`.
+  lengths: Any = None  # ... and its lengths `[B]` (numpy).
+  q_lengths: Any = None  # ... and the new tokens per row `[B]` (numpy).
+
+
+def make_inputs(d: Draw) -> Inputs:
+  rng = np.random.default_rng(10_000 + d.seed)
+  dtype = jnp.dtype(d.dtype)
+  q, k, v = helpers.random_qkv(rng, d.batch, d.q_len, d.kv_len, d.heads,
+                               d.kv_heads, d.head_dim, d.value_dim, dtype)
+  floats = {"q": q, "k": k, "v": v}
+  if d.bias:
+    # Broadcast over some of B, H, Sq; never over Sk: a bias constant along
+    # a query's keys does not change its softmax (its gradient is 0, and
+    # the reference's is rounding noise).
+    shape = [d.batch, d.heads, d.q_len, d.kv_len]
+    for axis in rng.choice(3, size=int(rng.integers(0, 3)), replace=False):
+      shape[axis] = 1
+    floats["bias"] = helpers.random_array(rng, shape, dtype)
+  if d.sinks:
+    floats["sinks"] = helpers.random_array(rng, (d.heads,))
+  if d.score_mod:
+    floats["slopes"] = jnp.asarray(rng.uniform(0.05, 0.5, d.heads),
+                                   jnp.float32)
+  call = {}
+  if d.mask_mod or d.score_mod:
+    call["prefix"] = jnp.asarray(rng.integers(0, d.kv_len + 1, d.batch),
+                                 jnp.int32)
+  if d.segments:
+    ids = lambda n: np.sort(rng.integers(0, 3, (d.batch, n)), axis=1)
+    call["segment_ids"] = (jnp.asarray(ids(d.q_len), jnp.int32),
+                           jnp.asarray(ids(d.kv_len), jnp.int32))
+  if d.kv_lengths:
+    call["kv_lengths"] = jnp.asarray(
+        rng.integers(0, d.kv_len + 1, d.batch), jnp.int32)
+  if d.positions:
+    # Increasing key positions with gaps and repeats; queries among them
+    # (at a key's position or one past), in any order.
+    kv_pos = np.cumsum(rng.integers(0, 3, (d.batch, d.kv_len)), axis=1)
+    q_pos = np.take_along_axis(
+        kv_pos, rng.integers(0, d.kv_len, (d.batch, d.q_len)), axis=1)
+    q_pos = q_pos + rng.integers(0, 2, q_pos.shape)
+    call["q_positions"] = jnp.asarray(q_pos, jnp.int32)
+    call["kv_positions"] = jnp.asarray(kv_pos, jnp.int32)
+  if d.mask:
+    shape = (d.batch, 1, d.q_len, d.kv_len) if rng.random() < 0.5 else (
+        1, d.heads, d.q_len, d.kv_len)
+    call["mask"] = jnp.asarray(rng.random(shape) < 0.8)
+  if not d.cache:
+    return Inputs(floats, call)
+
+  # A cache of capacity L = kv_len holding `lengths` tokens per row, the
+  # call's q_len new tokens after them (`q_lengths` of them real).
+  capacity = d.kv_len
+  q_lengths = (rng.integers(0, d.q_len + 1, d.batch) if d.ragged_q
+               else np.full(d.batch, d.q_len))
+  lengths = rng.integers(0, capacity - q_lengths + 1)
+  keys = np.zeros((d.batch, capacity, d.kv_heads, d.head_dim), np.float32)
+  values = np.zeros((d.batch, capacity, d.kv_heads, d.value_dim), np.float32)
+  for b, n in enumerate(lengths):
+    keys[b, :n] = rng.standard_normal((n, d.kv_heads, d.head_dim))
+    values[b, :n] = rng.standard_normal((n, d.kv_heads, d.value_dim))
+  keys, values = keys.astype(dtype), values.astype(dtype)
+  if d.cache == "dense":
+    cache = fa.KVCache(jnp.asarray(keys), jnp.asarray(values),
+                       jnp.asarray(lengths, jnp.int32))
+  else:
+    cache = _paged(rng, d, keys, values, lengths)
+  # The new keys/values are the ones drawn above, cut to Sq.
+  floats["k"] = floats["k"][:, :d.q_len]
+  floats["v"] = floats["v"][:, :d.q_len]
+  call["q_lengths"] = jnp.asarray(q_lengths, jnp.int32)
+  return Inputs(floats, call, cache=cache, tokens=(keys, values),
+                lengths=lengths, q_lengths=q_lengths)
+
+
+def _paged(rng, d: Draw, keys, values, lengths):
+  """A paged cache holding `keys`/`values` `[B, L, ...]`: pages shuffled,
+  row 0's first page shared read-only by the rows whose first page is full
+  and equal to it (none here: tokens differ per row), unassigned slots past
+  each row's capacity in pages left at the init value."""
+  page = d.page_size
+  max_pages = -(-d.kv_len // page)
+  num_pages = d.batch * max_pages + 2
+  ids = rng.permutation(num_pages)[:d.batch * max_pages].reshape(
+      d.batch, max_pages)
+  cache = fa.init_paged_cache(num_pages, page, d.kv_heads, d.head_dim,
+                              keys.dtype, batch_size=d.batch,
+                              max_pages_per_row=max_pages,
+                              value_dim=d.value_dim)
+  key_pages = np.array(cache.key_pages)
+  value_pages = np.array(cache.value_pages)
+  for b in range(d.batch):
+    for t in range(int(lengths[b])):
+      key_pages[ids[b, t // page], t % page] = keys[b, t]
+      value_pages[ids[b, t // page], t % page] = values[b, t]
+  # The slots past the dense capacity: the paged row may be longer than L
+  # (whole pages), which the dense comparison does not see.
+  return fa.PagedKVCache(jnp.asarray(key_pages), jnp.asarray(value_pages),
+                         jnp.asarray(ids, jnp.int32),
+                         jnp.asarray(lengths, jnp.int32))
+
+
+# --- The oracle ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+  out: np.ndarray
+  lse: np.ndarray
+  grads: dict[str, np.ndarray]
+  keys: np.ndarray | None = None  # A cache call's updated dense tokens,
+  values: np.ndarray | None = None  # `[B, L, Hkv, D|Dv]`,
+  tokens: np.ndarray | None = None  # ... and each row's count `[B]`.
+
+
+def expected(d: Draw, x: Inputs) -> Result:
+  """The reference of the call, not through the modules."""
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  call = dict(x.call)
+  prefix = call.pop("prefix", None)
+  if d.cache:
+    return _expected_cache(d, x, prefix)
+  q_pos = call.get("q_positions")
+  kv_pos = call.get("kv_positions")
+  if q_pos is None:
+    q_pos = jnp.broadcast_to(jnp.arange(d.q_len) + d.kv_len - d.q_len,
+                             (d.batch, d.q_len))
+    kv_pos = jnp.broadcast_to(jnp.arange(d.kv_len), (d.batch, d.kv_len))
+
+  # The module draws its dropout key from the apply rng (`_rng(d)`); the
+  # reference keeps the same keys.
+  dropout = (helpers.reference_dropout(_rng(d), d.dropout) if d.dropout
+             else None)
+
+  def f(floats):
+    mod_bias, mod_mask = _dense_mods(d, q_pos, kv_pos, floats.get("slopes"),
+                                     prefix)
+    bias = floats.get("bias")
+    bias = None if bias is None else f32(bias)
+    if mod_bias is not None:
+      bias = mod_bias if bias is None else bias + mod_bias
+    mask = call.get("mask")
+    if mod_mask is not None:
+      mask = mod_mask if mask is None else mask & mod_mask
+    rest = {k: v for k, v in call.items() if k != "mask"}
+    inputs = fa.canonicalize(f32(floats["q"]), f32(floats["k"]),
+                             f32(floats["v"]), bias=bias, mask=mask,
+                             causal=d.causal, sliding_window=d.window,
+                             **rest)
+    result = fa.reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, dropout, sm_scale=d.head_dim**-0.5,
+        softcap=d.softcap, sinks=floats.get("sinks"))
+    return result.out, result.lse
+
+  (out, lse), vjp = jax.vjp(f, x.floats)
+  grads = vjp((_cotangent(d), jnp.zeros_like(lse)))[0]
+  return Result(np.asarray(out), np.asarray(lse),
+                {k: np.asarray(g) for k, g in grads.items()})
+
+
+def _expected_cache(d: Draw, x: Inputs, prefix) -> Result:
+  """A cache call: the full causal call over each row's tokens (the old
+  ones, then the new ones written at the row's length), its queries at
+  positions `length + i`; padded query slots zeros (lse -inf)."""
+  keys, values = (np.array(t, np.float32) for t in x.tokens)
+  new_k = np.asarray(x.floats["k"], np.float32)
+  new_v = np.asarray(x.floats["v"], np.float32)
+  for b in range(d.batch):
+    n, m = int(x.lengths[b]), int(x.q_lengths[b])
+    keys[b, n:n + m] = new_k[b, :m]
+    values[b, n:n + m] = new_v[b, :m]
+  q_pos = jnp.asarray(x.lengths[:, None] + np.arange(d.q_len)[None], jnp.int32)
+  kv_pos = jnp.broadcast_to(jnp.arange(d.kv_len), (d.batch, d.kv_len))
+  mod_bias, mod_mask = _dense_mods(d, q_pos, kv_pos, x.floats.get("slopes"),
+                                   prefix)
+  inputs = fa.canonicalize(
+      jnp.asarray(x.floats["q"], jnp.float32), jnp.asarray(keys),
+      jnp.asarray(values), bias=mod_bias, mask=mod_mask, causal=True,
+      sliding_window=d.window,
+      kv_lengths=jnp.asarray(x.lengths + x.q_lengths, jnp.int32),
+      q_positions=q_pos, kv_positions=kv_pos)
+  result = fa.reference_attention(
+      inputs.query, inputs.key, inputs.value, inputs.bias, inputs.visibility,
+      sm_scale=d.head_dim**-0.5, softcap=d.softcap,
+      sinks=x.floats.get("sinks"))
+  out, lse = np.array(result.out), np.array(result.lse)
+  for b in range(d.batch):
+    out[b, x.q_lengths[b]:] = 0.0
+    lse[b, :, x.q_lengths[b]:] = -np.inf
+  return Result(out, lse, {}, keys, values, x.lengths + x.q_lengths)
+
+
+def _rng(d: Draw) -> jax.Array:
+  """The apply rng of the draw's module call (its dropout key's source)."""
+  return jax.random.PRNGKey(d.seed)
+
+
+def _cotangent(d: Draw):
+  rng = np.random.default_rng(20_000 + d.seed)
+  return jnp.asarray(rng.standard_normal(
+      (d.batch, d.q_len, d.heads, d.value_dim)), jnp.float32)
+
+
+# --- A mechanism ---------------------------------------------------------------
+
+
+def actual(mechanism: str, d: Draw, x: Inputs) -> Result:
+  """The mechanism's call through `fa.create_attention` (jitted)."""
+  options = dict(MECHANISMS[mechanism], sliding_window=d.window,
+                 dropout_rate=d.dropout,
+                 logits_soft_cap=d.softcap, value_dim=d.value_dim)
+  if mechanism in TILED:
+    # The flash kernels take tiles of 16 and more.
+    least = 16 if mechanism == "flash" else 1
+    options["block_sizes"] = fa.BlockSizes(*(max(n, least) for n in d.blocks))
+  if d.mesh:
+    options["mesh"] = fa.make_mesh(d.mesh)
+  if d.score_mod:
+    options["score_mod"] = _score_mod
+  if d.mask_mod:
+    options["mask_mod"] = _MASK_MODS[d.mask_mod]
+  call = dict(x.call)
+  prefix = call.pop("prefix", None)
+
+  def forward(floats, call, cache):
+    attention = fa.create_attention(mechanism, num_heads=d.heads,
+                                    head_dim=d.head_dim,
+                                    num_kv_heads=d.kv_heads, **options)
+    kwargs = dict(call, causal=d.causal, return_lse=True,
+                  deterministic=not d.dropout)
+    for name in ("bias", "sinks"):
+      if name in floats:
+        kwargs[name] = floats[name]
+    if prefix is not None:
+      kwargs["mod_args"] = (floats.get("slopes", jnp.zeros(d.heads)), prefix)
+    if cache is not None:
+      kwargs["cache"] = cache
+    return attention(floats["q"], floats["k"], floats["v"], **kwargs)
+
+  transformed = hk.transform(forward)
+  apply = lambda *args: transformed.apply({}, _rng(d), *args)
+  if d.cache:
+    result = jax.jit(apply)(x.floats, call, x.cache)
+    if d.cache == "paged":
+      keys, values = jax.jit(cache_lib.dense_view)(result.cache)
+    else:
+      keys, values = result.cache.keys, result.cache.values
+    return Result(np.asarray(result.attention_outputs, np.float32),
+                  np.asarray(result.lse), {},
+                  np.asarray(keys, np.float32)[:, :d.kv_len],
+                  np.asarray(values, np.float32)[:, :d.kv_len])
+
+  def loss(floats):
+    result = apply(floats, call, None)
+    out = result.attention_outputs
+    return jnp.sum(out.astype(jnp.float32) * _cotangent(d)), (out, result.lse)
+
+  grads, (out, lse) = jax.jit(jax.grad(loss, has_aux=True))(x.floats)
+  return Result(np.asarray(out, np.float32), np.asarray(lse),
+                {k: np.asarray(g, np.float32) for k, g in grads.items()})
+
+
+# --- Comparing -----------------------------------------------------------------
+
+
+def compare(d: Draw, got: Result, want: Result,
+            tolerance: float | None = None) -> tuple[list[str], dict[str, float]]:
+  """`(failures, errors)` of `got` against `want`: what failed (empty: it
+  passed) and the relative error of each quantity compared."""
+  tol = TOLERANCES[d.dtype] if tolerance is None else tolerance
+  failures, errors = [], {}
+
+  def check(what, a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+      failures.append(f"{what}: shape {a.shape} != {b.shape}")
+    elif not np.all(np.isfinite(a)):
+      failures.append(f"{what}: non-finite values")
+    else:
+      errors[what] = helpers.relative_error(a, b)
+      if errors[what] > tol:
+        failures.append(f"{what}: relative error {errors[what]:.3g} > "
+                        f"{tol:.3g}")
+
+  check("out", got.out, want.out)
+  empty = np.isneginf(want.lse)
+  if not np.array_equal(np.isneginf(got.lse), empty):
+    failures.append("lse: -inf on other rows than the reference's")
+  else:
+    check("lse", np.where(empty, 0, got.lse), np.where(empty, 0, want.lse))
+  for name, g in want.grads.items():
+    check(f"d{name}", got.grads.get(name, np.zeros_like(g)), g)
+  if want.keys is not None:
+    # Only each row's tokens are compared: slots past them are unspecified.
+    for b, n in enumerate(want.tokens):
+      check("cache keys", got.keys[b, :n], want.keys[b, :n])
+      check("cache values", got.values[b, :n], want.values[b, :n])
+  return failures, errors
+
+
+@dataclasses.dataclass
+class Outcome:
+  """A mechanism on a draw: `verdict` "pass", "refused" (`details` says
+  why), "skipped" (not fuzzed there) or "fail" (`details` says what), and
+  the relative `errors` of what it computed."""
+
+  verdict: str
+  details: list[str] = dataclasses.field(default_factory=list)
+  errors: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def fuzz(seed: int, mechanism: str) -> Outcome:
+  """Runs `mechanism` on the draw of `seed` and checks it."""
+  d = draw(seed)
+  if mechanism in SEQUENCE_ONLY and (d.mesh or (1,) * 4)[3] == 1:
+    return Outcome("skipped")
+  x = make_inputs(d)
+  want = expected(d, x)
+  try:
+    got = actual(mechanism, d, x)
+  except (NotImplementedError, ValueError) as e:
+    return Outcome("refused", [f"{type(e).__name__}: {e}"])
+  except Exception:  # pylint: disable=broad-except
+    return Outcome("fail", [traceback.format_exc(limit=-3)])
+  failures, errors = compare(d, got, want)
+  return Outcome("fail" if failures else "pass", failures, errors)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--seeds", default="0:20", help="start:stop")
+  parser.add_argument("--mechanisms", default=",".join(MECHANISMS))
+  parser.add_argument("--show_refusals", action="store_true")
+  parser.add_argument("--verbose", action="store_true",
+                      help="one line per (seed, mechanism)")
+  args = parser.parse_args(argv)
+  start, stop = (int(s) for s in args.seeds.split(":"))
+  counts: dict[str, int] = {}
+  worst: dict[tuple[str, str], float] = {}  # (dtype, quantity) -> error
+  for seed in range(start, stop):
+    for mechanism in args.mechanisms.split(","):
+      outcome = fuzz(seed, mechanism)
+      counts[outcome.verdict] = counts.get(outcome.verdict, 0) + 1
+      dtype = draw(seed).dtype
+      for what, err in outcome.errors.items():
+        worst[dtype, what] = max(worst.get((dtype, what), 0.0), err)
+      if (args.verbose or outcome.verdict == "fail" or
+          (outcome.verdict == "refused" and args.show_refusals)):
+        print(f"seed {seed} {mechanism} {outcome.verdict}: "
+              f"{describe(draw(seed))}", flush=True)
+        for line in outcome.details:
+          print("   ", line, flush=True)
+  print("largest errors:", ", ".join(
+      f"{dtype} {what} {err:.2g}" for (dtype, what), err in sorted(worst.items())))
+  print("summary:", counts, flush=True)
+  return int(counts.get("fail", 0) > 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,68 @@
+"""A few seeds of the differential fuzzer (`fuzz_mechanisms.py`) in the suite.
+
+Each seed draws one whole call (shapes and a random mix of the semantics'
+features, a KV-cache call or a mesh among them) that every CPU mechanism
+must compute like the reference, or refuse. The seeds below were picked
+so that together they exercise each kind of call the fuzzer draws: dense
+and paged caches with ragged new tokens, mods and sinks; a sequence mesh
+(ring, ulysses) and batch/head meshes; explicit positions with a bias and
+a mask; dropout; bfloat16. `python tests/fuzz_mechanisms.py --seeds 0:300` runs
+many more.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import fuzz_mechanisms as fuzz
+
+SEEDS = (50, 200, 203, 219, 224, 279)
+
+
+@pytest.mark.parametrize("mechanism", sorted(fuzz.MECHANISMS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_call_matches_reference_or_is_refused(seed, mechanism):
+  outcome = fuzz.fuzz(seed, mechanism)
+  assert outcome.verdict != "fail", "\n".join(
+      [fuzz.describe(fuzz.draw(seed))] + outcome.details)
+  if outcome.verdict == "refused":
+    # A refusal names what the mechanism lacks (never an error of the draw).
+    assert "not supported" in outcome.details[0] or "must" in (
+        outcome.details[0]), outcome.details
+
+
+def test_seeds_cover_every_kind_of_call():
+  draws = [fuzz.draw(seed) for seed in SEEDS]
+  assert {d.cache for d in draws} == {None, "dense", "paged"}
+  assert any(d.mesh and d.mesh[3] > 1 for d in draws)
+  assert any(d.mesh and d.mesh[3] == 1 for d in draws)
+  assert any(d.cache and d.ragged_q for d in draws)
+  assert {d.dtype for d in draws} == {"float32", "bfloat16"}
+  for feature in ("positions", "bias", "mask", "sinks", "score_mod",
+                  "segments", "kv_lengths"):
+    assert any(getattr(d, feature) for d in draws), feature
+  assert {d.mask_mod for d in draws} >= {"static", "prefix"}
+  assert any(d.dropout for d in draws)
+
+
+def test_the_oracle_catches_a_wrong_answer():
+  """The check fails a result one mistake away from the reference: a
+  shifted output, a wrong gradient, a row of -inf lse, a dropped token."""
+  seed = next(s for s in SEEDS if fuzz.draw(s).cache and fuzz.draw(s).sinks)
+  d = fuzz.draw(seed)
+  want = fuzz.expected(d, fuzz.make_inputs(d))
+  assert fuzz.compare(d, want, want)[0] == []
+  wrong = [
+      dataclasses.replace(want, out=want.out + 0.05 * np.abs(want.out).max()),
+      dataclasses.replace(want, lse=np.where(np.isinf(want.lse), 0.0,
+                                             want.lse)),
+      dataclasses.replace(want, keys=np.zeros_like(want.keys)),
+  ]
+  for result in wrong:
+    assert fuzz.compare(d, result, want)[0]
+  seed = next(s for s in SEEDS if not fuzz.draw(s).cache)
+  d = fuzz.draw(seed)
+  want = fuzz.expected(d, fuzz.make_inputs(d))
+  grads = dict(want.grads, k=want.grads["k"] * 1.1)
+  assert fuzz.compare(d, dataclasses.replace(want, grads=grads), want)[0]
