@@ -1218,3 +1218,39 @@ def test_sharded_matches_reference(mechanism, mesh_name, with_dropout):
                                    f"{mechanism}/{mesh_name}")
   if with_dropout:
     np.testing.assert_array_equal(kept(result.out), ref.weights != 0)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_sharded_op_by_op_matches_reference(mechanism):
+  """Called without `jit` on a mesh (as when debugging), a mechanism runs
+  and computes the semantics, gradients included. An eagerly evaluated
+  `shard_map` cannot run a custom_vjp with symbolic zeros: flash on any
+  mesh raised JAX's NotImplementedError this way until the sharding
+  wrapper jitted its `shard_map`."""
+  mesh_name = ("heads_and_sequence" if sequence_sharded_elsewhere(mechanism)
+               else "batch_and_heads")
+  axis_dims, batch, heads, kv_heads = mesh_layout(mesh_name)
+  mesh = fa.make_mesh(axis_dims, devices=mesh_devices())
+  dtype = preferred_dtype(mechanism)
+  traits = {dtype, mesh.devices.flat[0].platform, "causal"}
+  if "sequence" in mesh_name:
+    traits.add("sharded_sequence")
+  if kv_heads != heads:
+    traits.add("gqa")
+  rng = helpers.rng_for("op by op", mesh_name)
+  q, k, v = helpers.random_qkv(rng, batch, 16, 16, heads, kv_heads, 16,
+                               dtype=dtype)
+  ct = helpers.random_array(rng, q.shape, dtype)
+  options = module_options(mechanism, mesh=mesh)
+  call = {"causal": True}
+  if expect_refusal(mechanism, traits, lambda: helpers.call_mechanism(
+      mechanism, q, k, v, options=options, **call)):
+    return
+  what = f"{mechanism}/{mesh_name} op by op"
+  ref = helpers.reference_vjp(q, k, v, ct, call=call)
+  # The forward alone (differentiating traces the shard_map into a jaxpr).
+  out = helpers.call_mechanism(mechanism, q, k, v, options=options, **call)
+  helpers.assert_close(out.attention_outputs, ref.out, dtype, what)
+  result = helpers.run_mechanism(mechanism, q, k, v, ct, call=call,
+                                 options=options, use_jit=False)
+  helpers.assert_matches_reference(result, ref.out, ref.grads, what)

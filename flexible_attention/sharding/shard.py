@@ -239,8 +239,12 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
     result = kernel(inputs, dropout)
     return result if return_lse else result._replace(lse=None)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                       out_specs=out_specs, check_vma=False)(inputs, dropout)
+  # Under `jit`: an eagerly evaluated `shard_map` cannot run a custom_vjp
+  # with symbolic zeros (flash's), so op-by-op calls would fail there; under
+  # an outer `jit` this one is inlined.
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                               out_specs=out_specs, check_vma=False))(
+                                   inputs, dropout)
 
 
 def _replicated(mods: Mods | None) -> Mods | None:
