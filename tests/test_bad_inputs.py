@@ -250,6 +250,30 @@ def test_configs_built_directly_are_validated_like_modules(
     config_class(**options)
 
 
+@pytest.mark.parametrize("options,error,match", [
+    ({"local_mechanism": "ring"}, ValueError,
+     r"local_mechanism must attend a whole sequence on one device, not the "
+     r"context-parallel 'ring'"),
+    ({"local_mechanism": "ulysses"}, ValueError, r"not the context-parallel "
+     r"'ulysses'"),
+    ({"local_mechanism": "nope"}, ValueError, r"unknown attention mechanism "
+     r"'nope'"),
+    ({"local_options": {"interpret": True}}, TypeError,
+     r"local_options \['interpret'\] are not options of local_mechanism "
+     r"'blockwise'; its own options: none"),
+    ({"local_mechanism": "flash", "local_options": [1]}, TypeError,
+     r"local_options must be a mapping of 'flash''s options"),
+    ({"local_mechanism": "flash", "local_options": {"interpret": 1}},
+     TypeError, r"interpret must be a bool, got 1"),
+])
+def test_bad_ulysses_local_mechanism(options, error, match):
+  """Its local mechanism's options are checked when the module is built
+  (`ulysses` around itself once recursed without end)."""
+  with pytest.raises(error, match=match):
+    registry.get_mechanism("ulysses").config_class(
+        num_heads=H, head_dim=D, num_kv_heads=HKV, **options)
+
+
 @pytest.mark.parametrize("mechanism", ["flash", "splash", "ring"])
 def test_interpret_must_be_a_bool(mechanism):
   config_class = registry.get_mechanism(mechanism).config_class

@@ -45,10 +45,15 @@ def _sequence_mechanisms():
 
 
 # Variants of a mechanism run as their own cases: `ring` with the fused
-# flash block kernel (interpreted off GPU).
-VARIANTS = {"ring[flash]": ("ring", {"block_kernel": "flash",
-                                     "interpret": jax.default_backend()
-                                     != "gpu"})}
+# flash block kernel, and `ulysses` around `flash` (interpreted off GPU).
+_INTERPRET = jax.default_backend() != "gpu"
+VARIANTS = {
+    "ring[flash]": ("ring", {"block_kernel": "flash",
+                             "interpret": _INTERPRET}),
+    "ulysses[flash]": ("ulysses", {"local_mechanism": "flash",
+                                   "local_options": {
+                                       "interpret": _INTERPRET}}),
+}
 
 
 def _case(feature: str, rng, num_shards: int):
@@ -86,7 +91,7 @@ def _mesh(mechanism: str, i: int, feature: str) -> str:
   `test_bfloat16_ring_error_no_worse_than_its_dense_block_kernel`.
   """
   del feature
-  if mechanism == "ring[flash]":
+  if mechanism in VARIANTS:
     return "sp2"
   return list(MESHES)[i % len(MESHES)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 from flexible_attention.kernels import ulysses as ulysses_kernel
 from flexible_attention.mechanisms import base
@@ -15,14 +16,48 @@ from flexible_attention.sharding.mesh import shared_sequence_axis
 
 @dataclasses.dataclass(frozen=True)
 class UlyssesConfig(base.AttentionConfig):
-  """`ulysses`'s options: the common ones plus `local_mechanism`.
+  """`ulysses`'s options: the common ones plus its local mechanism's.
 
   Attributes:
     local_mechanism: the mechanism that attends the whole sequence for each
-      device's slice of heads (default `"blockwise"`).
+      device's slice of heads (default `"blockwise"`); not a
+      context-parallel one (`ring`, `ulysses`).
+    local_options: that mechanism's own options (a mapping, e.g.
+      `{"interpret": True}` or `{"launch": ...}` for `flash`); the common
+      ones (heads, window, soft cap, block sizes...) are `ulysses`' own.
   """
 
   local_mechanism: str = "blockwise"
+  local_options: Any = ()
+
+  def __post_init__(self):
+    super().__post_init__()
+    local_cls = registry.get_mechanism(self.local_mechanism)
+    if local_cls.sequence_parallel:
+      raise ValueError(
+          f"ulysses: local_mechanism must attend a whole sequence on one "
+          f"device, not the context-parallel {self.local_mechanism!r}.")
+    try:
+      options = registry.Options(self.local_options)
+    except (TypeError, ValueError):
+      raise TypeError(f"ulysses: local_options must be a mapping of "
+                      f"{self.local_mechanism!r}'s options, got "
+                      f"{self.local_options!r}.") from None
+    own = local_cls.config_class.own_fields()
+    unknown = set(options) - set(own)
+    if unknown:
+      raise TypeError(
+          f"ulysses: local_options {sorted(unknown)} are not options of "
+          f"local_mechanism {self.local_mechanism!r}; its own options: "
+          f"{sorted(own) or 'none'}.")
+    object.__setattr__(self, "local_options", options)
+    self.local_config()  # Checks the options' values now.
+
+  def local_config(self) -> base.AttentionConfig:
+    """The local mechanism's config: the common options and its own."""
+    config_class = registry.get_mechanism(self.local_mechanism).config_class
+    return dataclasses.replace(self.for_mechanism(config_class),
+                               **self.local_options)
 
 
 @registry.register_mechanism("ulysses")
@@ -52,7 +87,7 @@ class UlyssesAttention(base.AttentionModule):
   @classmethod
   def make_kernel(cls, config, request):
     local_cls = registry.get_mechanism(config.local_mechanism)
-    local_config = config.for_mechanism(local_cls.config_class)
+    local_config = config.local_config()
     local_request = dataclasses.replace(
         request, sequence_sharded=False,
         options=local_config.request_options())
