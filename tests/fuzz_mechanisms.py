@@ -41,28 +41,32 @@ import flexible_attention as fa
 from flexible_attention.core import cache as cache_lib
 import helpers
 
-# Mechanisms fuzzed on CPU, with the options they need here (`auto` and
-# `ulysses` without a mesh build `vanilla`'s / `blockwise`'s kernels).
+# What is fuzzed on CPU: a name, and the registered mechanism with the
+# options it needs here (`auto` builds `vanilla`'s kernels on CPU). The
+# context-parallel ones also run with flash's kernels (interpreted).
 MECHANISMS = {
-    "vanilla": {},
-    "blockwise": {},
-    "flash": {"interpret": True},
-    "ring": {},
-    "ulysses": {},
+    "vanilla": ("vanilla", {}),
+    "blockwise": ("blockwise", {}),
+    "flash": ("flash", {"interpret": True}),
+    "ring": ("ring", {}),
+    "ring[flash]": ("ring", {"block_kernel": "flash", "interpret": True}),
+    "ulysses": ("ulysses", {}),
+    "ulysses[flash]": ("ulysses", {"local_mechanism": "flash",
+                                   "local_options": {"interpret": True}}),
 }
 # Relative-to-max tolerances (`helpers.relative_error`): the suite's CPU
 # ones (`helpers.TOLERANCES`), but bfloat16's doubled: the draws reach
 # logit ranges the battery's cases do not (ALiBi slopes over explicit
-# positions, plus a bias), where the tiled backward's bfloat16
-# dS (as FlashAttention's: it feeds the dK and dQ matmuls) measured up to
-# 1.6e-2 on dK (seed 185 of the first 200, `blockwise` and `flash` alike;
-# `vanilla` 5e-3). A wrong mask, scale or gradient gives 1e-1 to 1.
+# positions, a bias, soft caps), where the tiled backward's bfloat16 dS
+# (as FlashAttention's: it feeds the dK and dQ matmuls) and the sinks'
+# gradient from the bfloat16 output measured up to 1.6e-2 (dK) and 1.8e-2
+# (dsinks) over 500 seeds (`vanilla`, which differentiates in float32,
+# 5e-3); float32's largest error was 6.6e-6. A wrong mask, scale or
+# gradient gives 1e-1 to 1.
 TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=3e-2)
-# Mechanisms that read `BlockSizes(block_q, block_k)`.
-TILED = ("blockwise", "flash", "ring")
-# Mechanisms fuzzed only on draws whose mesh has a sequence axis (without
-# one, `ulysses` is its local mechanism, `blockwise`).
-SEQUENCE_ONLY = ("ulysses",)
+# Fuzzed only on draws whose mesh has a sequence axis (without one,
+# `ulysses` is its local mechanism, and `ring[flash]` one flash call).
+SEQUENCE_ONLY = ("ulysses", "ulysses[flash]", "ring[flash]")
 # The meshes `(dp, fsdp, tp, sp)` of the 8 CPU devices a draw may use
 # (a cache call only those without a sequence axis).
 MESHES = ((2, 1, 1, 1), (1, 1, 2, 1), (2, 2, 2, 1), (1, 1, 1, 2),
@@ -434,12 +438,14 @@ def _cotangent(d: Draw):
 
 def actual(mechanism: str, d: Draw, x: Inputs) -> Result:
   """The mechanism's call through `fa.create_attention` (jitted)."""
-  options = dict(MECHANISMS[mechanism], sliding_window=d.window,
+  mechanism, options = MECHANISMS[mechanism]
+  options = dict(options, sliding_window=d.window,
                  dropout_rate=d.dropout,
                  logits_soft_cap=d.softcap, value_dim=d.value_dim)
-  if mechanism in TILED:
+  if mechanism != "vanilla":
     # The flash kernels take tiles of 16 and more.
-    least = 16 if mechanism == "flash" else 1
+    least = 16 if "flash" in (mechanism, options.get("block_kernel"),
+                              options.get("local_mechanism")) else 1
     options["block_sizes"] = fa.BlockSizes(*(max(n, least) for n in d.blocks))
   if d.mesh:
     options["mesh"] = fa.make_mesh(d.mesh)
