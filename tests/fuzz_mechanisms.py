@@ -42,10 +42,11 @@ from flexible_attention.core import cache as cache_lib
 import helpers
 
 # What is fuzzed on CPU: a name, and the registered mechanism with the
-# options it needs here (`auto` builds `vanilla`'s kernels on CPU). The
-# context-parallel ones also run with flash's kernels (interpreted).
+# options it needs here. The context-parallel ones also run with flash's
+# kernels (interpreted).
 MECHANISMS = {
     "vanilla": ("vanilla", {}),
+    "auto": ("auto", {}),
     "blockwise": ("blockwise", {}),
     "flash": ("flash", {"interpret": True}),
     "ring": ("ring", {}),
@@ -64,6 +65,9 @@ MECHANISMS = {
 # 5e-3); float32's largest error was 6.6e-6. A wrong mask, scale or
 # gradient gives 1e-1 to 1.
 TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=3e-2)
+# Never refuse a draw on CPU: `vanilla` computes every feature, and `auto`
+# must find a mechanism for any call `vanilla` serves.
+NEVER_REFUSE = ("vanilla", "auto")
 # Fuzzed only on draws whose mesh has a sequence axis (without one,
 # `ulysses` is its local mechanism, and `ring[flash]` one flash call).
 SEQUENCE_ONLY = ("ulysses", "ulysses[flash]", "ring[flash]")
@@ -442,7 +446,7 @@ def actual(mechanism: str, d: Draw, x: Inputs) -> Result:
   options = dict(options, sliding_window=d.window,
                  dropout_rate=d.dropout,
                  logits_soft_cap=d.softcap, value_dim=d.value_dim)
-  if mechanism != "vanilla":
+  if mechanism not in ("vanilla", "auto"):
     # The flash kernels take tiles of 16 and more.
     least = 16 if "flash" in (mechanism, options.get("block_kernel"),
                               options.get("local_mechanism")) else 1
@@ -553,7 +557,8 @@ def fuzz(seed: int, mechanism: str) -> Outcome:
   try:
     got = actual(mechanism, d, x)
   except (NotImplementedError, ValueError) as e:
-    return Outcome("refused", [f"{type(e).__name__}: {e}"])
+    verdict = "fail" if mechanism in NEVER_REFUSE else "refused"
+    return Outcome(verdict, [f"{type(e).__name__}: {e}"])
   except Exception:  # pylint: disable=broad-except
     return Outcome("fail", [traceback.format_exc(limit=-3)])
   failures, errors = compare(d, got, want)
