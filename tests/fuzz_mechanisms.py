@@ -440,8 +440,10 @@ def _cotangent(d: Draw):
 # --- A mechanism ---------------------------------------------------------------
 
 
-def actual(mechanism: str, d: Draw, x: Inputs) -> Result:
-  """The mechanism's call through `fa.create_attention` (jitted)."""
+def actual(mechanism: str, d: Draw, x: Inputs, jit: bool = True) -> Result:
+  """The mechanism's call through `fa.create_attention` (jitted, or op by
+  op)."""
+  maybe_jit = jax.jit if jit else lambda f: f
   mechanism, options = MECHANISMS[mechanism]
   options = dict(options, sliding_window=d.window,
                  dropout_rate=d.dropout,
@@ -478,7 +480,7 @@ def actual(mechanism: str, d: Draw, x: Inputs) -> Result:
   transformed = hk.transform(forward)
   apply = lambda *args: transformed.apply({}, _rng(d), *args)
   if d.cache:
-    result = jax.jit(apply)(x.floats, call, x.cache)
+    result = maybe_jit(apply)(x.floats, call, x.cache)
     if d.cache == "paged":
       keys, values = jax.jit(cache_lib.dense_view)(result.cache)
     else:
@@ -493,7 +495,9 @@ def actual(mechanism: str, d: Draw, x: Inputs) -> Result:
     out = result.attention_outputs
     return jnp.sum(out.astype(jnp.float32) * _cotangent(d)), (out, result.lse)
 
-  grads, (out, lse) = jax.jit(jax.grad(loss, has_aux=True))(x.floats)
+  if not jit:  # The forward alone too (differentiating traces it).
+    apply(x.floats, call, None)
+  grads, (out, lse) = maybe_jit(jax.grad(loss, has_aux=True))(x.floats)
   return Result(np.asarray(out, np.float32), np.asarray(lse),
                 {k: np.asarray(g, np.float32) for k, g in grads.items()})
 
@@ -547,15 +551,16 @@ class Outcome:
   errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def fuzz(seed: int, mechanism: str) -> Outcome:
-  """Runs `mechanism` on the draw of `seed` and checks it."""
+def fuzz(seed: int, mechanism: str, jit: bool = True) -> Outcome:
+  """Runs `mechanism` on the draw of `seed` (jitted, or op by op) and
+  checks it."""
   d = draw(seed)
   if mechanism in SEQUENCE_ONLY and (d.mesh or (1,) * 4)[3] == 1:
     return Outcome("skipped")
   x = make_inputs(d)
   want = expected(d, x)
   try:
-    got = actual(mechanism, d, x)
+    got = actual(mechanism, d, x, jit)
   except (NotImplementedError, ValueError) as e:
     verdict = "fail" if mechanism in NEVER_REFUSE else "refused"
     return Outcome(verdict, [f"{type(e).__name__}: {e}"])
@@ -570,6 +575,8 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", default="0:20", help="start:stop")
   parser.add_argument("--mechanisms", default=",".join(MECHANISMS))
   parser.add_argument("--show_refusals", action="store_true")
+  parser.add_argument("--op_by_op", action="store_true",
+                      help="call the mechanisms without jit")
   parser.add_argument("--verbose", action="store_true",
                       help="one line per (seed, mechanism)")
   args = parser.parse_args(argv)
@@ -578,7 +585,7 @@ def main(argv=None) -> int:
   worst: dict[tuple[str, str], float] = {}  # (dtype, quantity) -> error
   for seed in range(start, stop):
     for mechanism in args.mechanisms.split(","):
-      outcome = fuzz(seed, mechanism)
+      outcome = fuzz(seed, mechanism, jit=not args.op_by_op)
       counts[outcome.verdict] = counts.get(outcome.verdict, 0) + 1
       dtype = draw(seed).dtype
       for what, err in outcome.errors.items():
