@@ -419,15 +419,15 @@ class AttentionModule(hk.Module):
                             lse=bool(return_lse))
     mechanism = self._select(request)
     dropout = self._dropout() if apply_dropout else None
-    if (keys.overflow is not None and self.config.mesh is None and
-        mechanism.poisons_overflow(request)):
+    kernel_poisons = (keys.overflow is not None and self.config.mesh is None
+                      and mechanism.poisons_overflow(request))
+    if kernel_poisons:
       # The kernel makes the overflowing rows NaN itself (no pass over the
       # output after it).
       inputs = dataclasses.replace(inputs, overflow=keys.overflow)
-      keys = keys._replace(overflow=None)
     result = self._run(mechanism, request, inputs, dropout)
     return _output(result, keys, out_dtype, bool(return_weights),
-                   bool(return_lse))
+                   bool(return_lse), kernel_poisons)
 
   # --- The steps of a call ----------------------------------------------------
 
@@ -577,10 +577,12 @@ class AttentionModule(hk.Module):
 
 
 def _output(result: KernelOutput, keys: _Keys, out_dtype,
-            return_weights: bool, return_lse: bool) -> AttentionOutput:
+            return_weights: bool, return_lse: bool,
+            kernel_poisons: bool) -> AttentionOutput:
   """The call's `AttentionOutput` from its kernel's: padded query slots
   (`q_lengths`) give zeros (weights 0, lse -inf), and rows whose new tokens
-  did not fit the cache give NaN."""
+  did not fit the cache give NaN in every slot, padded or not (here, or in
+  the kernel when `kernel_poisons`)."""
   out = result.out.astype(out_dtype)  # [B, Sq, H, Dv]
   weights = result.weights if return_weights else None  # [B, H, Sq, Sk]
   lse = result.lse if return_lse else None  # [B, H, Sq]
@@ -589,6 +591,8 @@ def _output(result: KernelOutput, keys: _Keys, out_dtype,
                        "although its capabilities say it does.")
   if keys.q_valid is not None:
     valid = keys.q_valid  # [B, Sq]
+    if kernel_poisons:  # Keep the kernel's NaN rows whole.
+      valid = valid | keys.overflow[:, None]
     out = jnp.where(valid[:, :, None, None], out, 0)
     if weights is not None:
       weights = jnp.where(valid[:, None, :, None], weights, 0)
@@ -596,7 +600,8 @@ def _output(result: KernelOutput, keys: _Keys, out_dtype,
       lse = jnp.where(valid[:, None, :], lse, -jnp.inf)
   # Rows whose new tokens did not fit the cache: what did not fit was
   # dropped, so their result would be wrong. NaN says so (unless the kernel
-  # did: then `keys.overflow` is None here).
-  out, lse = inputs_lib.poison_overflow(out, lse, keys.overflow)
+  # did).
+  if not kernel_poisons:
+    out, lse = inputs_lib.poison_overflow(out, lse, keys.overflow)
   return AttentionOutput(attention_outputs=out, attention_weights=weights,
                          cache=keys.cache, lse=lse)
