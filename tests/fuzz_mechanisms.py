@@ -105,6 +105,8 @@ class Draw:
   cache: str | None  # None, "dense", "paged".
   page_size: int
   ragged_q: bool
+  shared_pages: int  # Paged: leading pages every row shares (a prefix).
+  overflow: bool  # A cache call: one row's tokens do not fit.
   dropout: float  # The rate (0: none).
   mesh: tuple[int, int, int, int] | None  # (dp, fsdp, tp, sp) or None.
 
@@ -175,6 +177,8 @@ def draw(seed: int) -> Draw:
       cache=cache,
       page_size=int(pick(2, 4, 8)),
       ragged_q=bool(cache) and flip(),
+      shared_pages=int(pick(1, 2)) if cache == "paged" and flip(0.3) else 0,
+      overflow=bool(cache) and flip(0.15),
       dropout=0.0 if cache or not flip(0.15) else float(pick(0.1, 0.5)),
       mesh=mesh,
   )
@@ -234,7 +238,8 @@ class Inputs:
   cache: Any = None  # With a cache call: the cache before the call.
   tokens: Any = None  # ... and its tokens, dense `(k [B, L, Hkv, D], v)`.
   lengths: Any = None  # ... and its lengths `[B]` (numpy).
-  q_lengths: Any = None  # ... and the new tokens per row `[B]` (numpy).
+  q_lengths: Any = None  # ... and the new tokens per row `[B]` (numpy),
+  overflow: Any = None  # ... and the rows that do not fit `[B]` (numpy).
 
 
 def make_inputs(d: Draw) -> Inputs:
@@ -283,41 +288,66 @@ def make_inputs(d: Draw) -> Inputs:
   if not d.cache:
     return Inputs(floats, call)
 
-  # A cache of capacity L = kv_len holding `lengths` tokens per row, the
-  # call's q_len new tokens after them (`q_lengths` of them real).
+  # A cache of capacity L = kv_len holding `lengths` tokens per row (the
+  # first `shared` the same in every row), the call's q_len new tokens
+  # after them (`q_lengths` of them real).
   capacity = d.kv_len
   q_lengths = (rng.integers(0, d.q_len + 1, d.batch) if d.ragged_q
                else np.full(d.batch, d.q_len))
-  lengths = rng.integers(0, capacity - q_lengths + 1)
+  shared = min(d.shared_pages * d.page_size, capacity - d.q_len)
+  shared -= shared % d.page_size  # Whole pages only.
+  lengths = rng.integers(shared, capacity - q_lengths + 1)
+  overflow = np.zeros(d.batch, bool)
+  if d.overflow:
+    # Row b's last new token lands past L (dense), or in a page its table
+    # does not name (paged).
+    b = int(rng.integers(d.batch))
+    q_lengths[b] = max(q_lengths[b], 1)
+    overflow[b] = True
+    if d.cache == "dense":
+      lengths[b] = capacity - q_lengths[b] + 1
+    else:
+      lengths[b] = rng.integers(shared, capacity - q_lengths[b] + 1)
   keys = np.zeros((d.batch, capacity, d.kv_heads, d.head_dim), np.float32)
   values = np.zeros((d.batch, capacity, d.kv_heads, d.value_dim), np.float32)
   for b, n in enumerate(lengths):
     keys[b, :n] = rng.standard_normal((n, d.kv_heads, d.head_dim))
     values[b, :n] = rng.standard_normal((n, d.kv_heads, d.value_dim))
+  keys[:, :shared], values[:, :shared] = keys[0, :shared], values[0, :shared]
   keys, values = keys.astype(dtype), values.astype(dtype)
   if d.cache == "dense":
     cache = fa.KVCache(jnp.asarray(keys), jnp.asarray(values),
                        jnp.asarray(lengths, jnp.int32))
   else:
-    cache = _paged(rng, d, keys, values, lengths)
+    cache = _paged(rng, d, keys, values, lengths, lengths + q_lengths,
+                   shared // d.page_size, overflow)
   # The new keys/values are the ones drawn above, cut to Sq.
   floats["k"] = floats["k"][:, :d.q_len]
   floats["v"] = floats["v"][:, :d.q_len]
   call["q_lengths"] = jnp.asarray(q_lengths, jnp.int32)
   return Inputs(floats, call, cache=cache, tokens=(keys, values),
-                lengths=lengths, q_lengths=q_lengths)
+                lengths=lengths, q_lengths=q_lengths, overflow=overflow)
 
 
-def _paged(rng, d: Draw, keys, values, lengths):
-  """A paged cache holding `keys`/`values` `[B, L, ...]`: pages shuffled,
-  row 0's first page shared read-only by the rows whose first page is full
-  and equal to it (none here: tokens differ per row), unassigned slots past
-  each row's capacity in pages left at the init value."""
+def _paged(rng, d: Draw, keys, values, lengths, new_lengths, shared: int,
+           overflow):
+  """A paged cache holding `keys`/`values` `[B, L, ...]` (`lengths` tokens
+  per row): pages shuffled; the first `shared` pages of every row the same
+  ones (a common prefix, read only); each row's slots past the pages its
+  `new_lengths` need assigned or, one time in two, `UNASSIGNED`; in an
+  `overflow` row, the page of its last new token unassigned."""
   page = d.page_size
   max_pages = -(-d.kv_len // page)
   num_pages = d.batch * max_pages + 2
   ids = rng.permutation(num_pages)[:d.batch * max_pages].reshape(
       d.batch, max_pages)
+  ids[:, :shared] = ids[0, :shared]
+  for b in range(d.batch):
+    need = -(-int(new_lengths[b]) // page)
+    if rng.random() < 0.5:
+      ids[b, need:] = cache_lib.UNASSIGNED
+    if overflow[b]:
+      ids[b, need - 1] = cache_lib.UNASSIGNED
   cache = fa.init_paged_cache(num_pages, page, d.kv_heads, d.head_dim,
                               keys.dtype, batch_size=d.batch,
                               max_pages_per_row=max_pages,
@@ -326,10 +356,9 @@ def _paged(rng, d: Draw, keys, values, lengths):
   value_pages = np.array(cache.value_pages)
   for b in range(d.batch):
     for t in range(int(lengths[b])):
-      key_pages[ids[b, t // page], t % page] = keys[b, t]
-      value_pages[ids[b, t // page], t % page] = values[b, t]
-  # The slots past the dense capacity: the paged row may be longer than L
-  # (whole pages), which the dense comparison does not see.
+      if ids[b, t // page] != cache_lib.UNASSIGNED:
+        key_pages[ids[b, t // page], t % page] = keys[b, t]
+        value_pages[ids[b, t // page], t % page] = values[b, t]
   return fa.PagedKVCache(jnp.asarray(key_pages), jnp.asarray(value_pages),
                          jnp.asarray(ids, jnp.int32),
                          jnp.asarray(lengths, jnp.int32))
@@ -397,12 +426,14 @@ def expected(d: Draw, x: Inputs) -> Result:
 def _expected_cache(d: Draw, x: Inputs, prefix) -> Result:
   """A cache call: the full causal call over each row's tokens (the old
   ones, then the new ones written at the row's length), its queries at
-  positions `length + i`; padded query slots zeros (lse -inf)."""
+  positions `length + i`; padded query slots zeros (lse -inf); a row that
+  overflows NaN."""
   keys, values = (np.array(t, np.float32) for t in x.tokens)
   new_k = np.asarray(x.floats["k"], np.float32)
   new_v = np.asarray(x.floats["v"], np.float32)
   for b in range(d.batch):
     n, m = int(x.lengths[b]), int(x.q_lengths[b])
+    m = min(m, d.kv_len - n)  # An overflowing row (NaN below) keeps less.
     keys[b, n:n + m] = new_k[b, :m]
     values[b, n:n + m] = new_v[b, :m]
   q_pos = jnp.asarray(x.lengths[:, None] + np.arange(d.q_len)[None], jnp.int32)
@@ -423,7 +454,11 @@ def _expected_cache(d: Draw, x: Inputs, prefix) -> Result:
   for b in range(d.batch):
     out[b, x.q_lengths[b]:] = 0.0
     lse[b, :, x.q_lengths[b]:] = -np.inf
-  return Result(out, lse, {}, keys, values, x.lengths + x.q_lengths)
+  # A row that does not fit: NaN outputs and lse (its cache lost tokens:
+  # not compared).
+  out[x.overflow], lse[x.overflow] = np.nan, np.nan
+  tokens = np.where(x.overflow, 0, x.lengths + x.q_lengths)
+  return Result(out, lse, {}, keys, values, tokens)
 
 
 def _rng(d: Draw) -> jax.Array:
@@ -524,12 +559,19 @@ def compare(d: Draw, got: Result, want: Result,
         failures.append(f"{what}: relative error {errors[what]:.3g} > "
                         f"{tol:.3g}")
 
-  check("out", got.out, want.out)
+  # NaN where the reference is (overflowing rows), and only there.
+  for what, a, b in (("out", got.out, want.out), ("lse", got.lse, want.lse)):
+    if not np.all(np.isnan(a)[np.isnan(b)]):
+      failures.append(f"{what}: not NaN on a row that overflows")
+  nan = np.isnan(want.out)
+  check("out", np.where(nan, 0, got.out), np.where(nan, 0, want.out))
   empty = np.isneginf(want.lse)
+  nan = np.isnan(want.lse)
   if not np.array_equal(np.isneginf(got.lse), empty):
     failures.append("lse: -inf on other rows than the reference's")
   else:
-    check("lse", np.where(empty, 0, got.lse), np.where(empty, 0, want.lse))
+    skip = empty | nan
+    check("lse", np.where(skip, 0, got.lse), np.where(skip, 0, want.lse))
   for name, g in want.grads.items():
     check(f"d{name}", got.grads.get(name, np.zeros_like(g)), g)
   if want.keys is not None:
