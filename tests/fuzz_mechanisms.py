@@ -56,15 +56,16 @@ MECHANISMS = {
                                    "local_options": {"interpret": True}}),
 }
 # Relative-to-max tolerances (`helpers.relative_error`): the suite's CPU
-# ones (`helpers.TOLERANCES`), but bfloat16's doubled: the draws reach
-# logit ranges the battery's cases do not (ALiBi slopes over explicit
-# positions, a bias, soft caps), where the tiled backward's bfloat16 dS
-# (as FlashAttention's: it feeds the dK and dQ matmuls) and the sinks'
-# gradient from the bfloat16 output measured up to 1.6e-2 (dK) and 1.8e-2
-# (dsinks) over 500 seeds (`vanilla`, which differentiates in float32,
-# 5e-3); float32's largest error was 6.6e-6. A wrong mask, scale or
-# gradient gives 1e-1 to 1.
-TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=3e-2)
+# ones (`helpers.TOLERANCES`), but bfloat16's above them: the draws reach
+# gradients the battery's cases do not, small sums of large terms that
+# cancel (dK of a row seeing two keys, ALiBi slopes of a two-query call),
+# where the tiled backward's bfloat16 inputs to dS (as FlashAttention's:
+# delta = rowsum(dO O) from the bfloat16 output, dP from bfloat16 dO and V)
+# measured up to 2.6e-2 (dslopes of seed 413, `blockwise`, `flash` and
+# `ring` alike; `vanilla`, which differentiates in float32, 4e-3) and dK,
+# dsinks up to 1.8e-2 over 600 seeds; float32's largest error was 6.6e-6.
+# A wrong mask, scale or gradient gives 1e-1 to 1.
+TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=5e-2)
 # Never refuse a draw on CPU: `vanilla` computes every feature, and `auto`
 # must find a mechanism for any call `vanilla` serves.
 NEVER_REFUSE = ("vanilla", "auto")
