@@ -4,23 +4,28 @@ float32 reference.
 The conformance battery pins one feature (or one corner) per case, and one
 `everything` case; this draws whole calls at random — shapes, grouped heads,
 causal, windows, segment ids, kv lengths, explicit positions, a dense mask
-and bias, a soft cap, sinks, a score and a mask modification, small tiles,
-float32 or bfloat16, and KV-cache calls (dense or paged, shuffled and shared
-pages, ragged rows and ragged new tokens) — and checks each mechanism's
-outputs, log-sum-exps and gradients (q, k, v, bias, sinks, the score
-modification's slopes), and the updated cache, against an oracle that does
-not go through the modules: the reference (`fa.reference_attention`) with
-the modifications written out as the dense bias and mask they mean, and a
-cache call written as the full causal call over the row's tokens.
+and bias, a soft cap, sinks, a score and a mask modification, dropout, small
+tiles, float32 or bfloat16, a batch / head / sequence mesh of the 8 CPU
+devices, and KV-cache calls (dense or paged: shuffled, shared and
+unassigned pages, ragged rows and ragged new tokens, a row that overflows)
+— and checks each mechanism's outputs, log-sum-exps and gradients (q, k,
+v, bias, sinks, the score modification's slopes), and the updated cache,
+against an oracle that does not go through the modules: the reference
+(`fa.reference_attention`) with the modifications written out as the dense
+bias and mask they mean, and a cache call written as the full causal call
+over the row's tokens (NaN for a row that overflows).
 
 A mechanism may refuse a draw (`NotImplementedError` or `ValueError` naming
-what it lacks: the refusal is recorded, not a failure); any other exception,
-a non-finite value or an error past the dtype's tolerance is a failure.
+what it lacks: the refusal is recorded, not a failure), except `vanilla`
+and `auto`; any other exception, a non-finite value where the reference is
+finite, or an error past the dtype's tolerance is a failure.
 
-  python tests/fuzz_mechanisms.py --seeds 0:200 [--mechanisms vanilla,flash]
+  python tests/fuzz_mechanisms.py --seeds 0:300 [--mechanisms vanilla,flash]
+      [--op_by_op] [--verbose] [--show_refusals]
 
-prints one line per (seed, mechanism) that failed and a summary; exit
-status 1 if any failed. `tests/test_fuzz.py` runs a few seeds in the suite.
+prints one line per (seed, mechanism) that failed, the largest error of
+each quantity and a summary; exit status 1 if any failed.
+`tests/test_fuzz.py` runs a few seeds in the suite.
 """
 
 from __future__ import annotations
