@@ -433,38 +433,47 @@ def _expected_cache(d: Draw, x: Inputs, prefix) -> Result:
   """A cache call: the full causal call over each row's tokens (the old
   ones, then the new ones written at the row's length), its queries at
   positions `length + i`; padded query slots zeros (lse -inf); a row that
-  overflows NaN."""
-  keys, values = (np.array(t, np.float32) for t in x.tokens)
-  new_k = np.asarray(x.floats["k"], np.float32)
-  new_v = np.asarray(x.floats["v"], np.float32)
-  for b in range(d.batch):
-    n, m = int(x.lengths[b]), int(x.q_lengths[b])
-    m = min(m, d.kv_len - n)  # An overflowing row (NaN below) keeps less.
-    keys[b, n:n + m] = new_k[b, :m]
-    values[b, n:n + m] = new_v[b, :m]
+  overflows NaN, a constant (no gradient flows from it)."""
   q_pos = jnp.asarray(x.lengths[:, None] + np.arange(d.q_len)[None], jnp.int32)
   kv_pos = jnp.broadcast_to(jnp.arange(d.kv_len), (d.batch, d.kv_len))
-  mod_bias, mod_mask = _dense_mods(d, q_pos, kv_pos, x.floats.get("slopes"),
-                                   prefix)
-  inputs = fa.canonicalize(
-      jnp.asarray(x.floats["q"], jnp.float32), jnp.asarray(keys),
-      jnp.asarray(values), bias=mod_bias, mask=mod_mask, causal=True,
-      sliding_window=d.window,
-      kv_lengths=jnp.asarray(x.lengths + x.q_lengths, jnp.int32),
-      q_positions=q_pos, kv_positions=kv_pos)
-  result = fa.reference_attention(
-      inputs.query, inputs.key, inputs.value, inputs.bias, inputs.visibility,
-      sm_scale=d.head_dim**-0.5, softcap=d.softcap,
-      sinks=x.floats.get("sinks"))
-  out, lse = np.array(result.out), np.array(result.lse)
-  for b in range(d.batch):
-    out[b, x.q_lengths[b]:] = 0.0
-    lse[b, :, x.q_lengths[b]:] = -np.inf
-  # A row that does not fit: NaN outputs and lse (its cache lost tokens:
-  # not compared).
-  out[x.overflow], lse[x.overflow] = np.nan, np.nan
+  valid = np.arange(d.q_len)[None] < x.q_lengths[:, None]  # [B, Sq]
+  valid &= ~x.overflow[:, None]
+  nan = np.broadcast_to(x.overflow[:, None], valid.shape)  # [B, Sq]
+
+  def f(floats):
+    keys, values = (jnp.asarray(t, jnp.float32) for t in x.tokens)
+    for b in range(d.batch):
+      n, m = int(x.lengths[b]), int(x.q_lengths[b])
+      m = min(m, d.kv_len - n)  # An overflowing row (NaN below) keeps less.
+      keys = keys.at[b, n:n + m].set(floats["k"][b, :m].astype(jnp.float32))
+      values = values.at[b, n:n + m].set(
+          floats["v"][b, :m].astype(jnp.float32))
+    mod_bias, mod_mask = _dense_mods(d, q_pos, kv_pos, floats.get("slopes"),
+                                     prefix)
+    inputs = fa.canonicalize(
+        floats["q"].astype(jnp.float32), keys, values, bias=mod_bias,
+        mask=mod_mask, causal=True, sliding_window=d.window,
+        kv_lengths=jnp.asarray(x.lengths + x.q_lengths, jnp.int32),
+        q_positions=q_pos, kv_positions=kv_pos)
+    result = fa.reference_attention(
+        inputs.query, inputs.key, inputs.value, inputs.bias,
+        inputs.visibility, sm_scale=d.head_dim**-0.5, softcap=d.softcap,
+        sinks=floats.get("sinks"))
+    out = jnp.where(valid[:, :, None, None], result.out, 0.0)
+    out = jnp.where(nan[:, :, None, None], jnp.nan, out)
+    lse = jnp.where(valid[:, None], result.lse, -jnp.inf)
+    lse = jnp.where(nan[:, None], jnp.nan, lse)
+    return out, lse, (keys, values)
+
+  (out, lse, (keys, values)), vjp = jax.vjp(f, x.floats)
+  grads = vjp((_cotangent(d), jnp.zeros_like(lse),
+               (jnp.zeros_like(keys), jnp.zeros_like(values))))[0]
+  # The rows' tokens are compared, not those of a row that overflowed (it
+  # lost tokens).
   tokens = np.where(x.overflow, 0, x.lengths + x.q_lengths)
-  return Result(out, lse, {}, keys, values, tokens)
+  return Result(np.asarray(out), np.asarray(lse),
+                {k: np.asarray(g) for k, g in grads.items()},
+                np.asarray(keys), np.asarray(values), tokens)
 
 
 def _rng(d: Draw) -> jax.Array:
@@ -520,27 +529,28 @@ def actual(mechanism: str, d: Draw, x: Inputs, jit: bool = True) -> Result:
 
   transformed = hk.transform(forward)
   apply = lambda *args: transformed.apply({}, _rng(d), *args)
-  if d.cache:
-    result = maybe_jit(apply)(x.floats, call, x.cache)
-    if d.cache == "paged":
-      keys, values = jax.jit(cache_lib.dense_view)(result.cache)
-    else:
-      keys, values = result.cache.keys, result.cache.values
-    return Result(np.asarray(result.attention_outputs, np.float32),
-                  np.asarray(result.lse), {},
-                  np.asarray(keys, np.float32)[:, :d.kv_len],
-                  np.asarray(values, np.float32)[:, :d.kv_len])
-
   def loss(floats):
-    result = apply(floats, call, None)
-    out = result.attention_outputs
-    return jnp.sum(out.astype(jnp.float32) * _cotangent(d)), (out, result.lse)
+    result = apply(floats, call, x.cache)
+    out = result.attention_outputs.astype(jnp.float32)
+    # An overflowing row's NaN is a constant: it takes no cotangent.
+    out_ct = jnp.where(jnp.isnan(out), 0.0, out) * _cotangent(d)
+    return jnp.sum(out_ct), (out, result.lse, result.cache)
 
   if not jit:  # The forward alone too (differentiating traces it).
-    apply(x.floats, call, None)
-  grads, (out, lse) = maybe_jit(jax.grad(loss, has_aux=True))(x.floats)
+    apply(x.floats, call, x.cache)
+  grads, (out, lse, cache) = maybe_jit(jax.grad(loss, has_aux=True))(
+      x.floats)
+  keys = values = None
+  if d.cache == "paged":
+    keys, values = jax.jit(cache_lib.dense_view)(cache)
+  elif d.cache == "dense":
+    keys, values = cache.keys, cache.values
+  if keys is not None:
+    keys = np.asarray(keys, np.float32)[:, :d.kv_len]
+    values = np.asarray(values, np.float32)[:, :d.kv_len]
   return Result(np.asarray(out, np.float32), np.asarray(lse),
-                {k: np.asarray(g, np.float32) for k, g in grads.items()})
+                {k: np.asarray(g, np.float32) for k, g in grads.items()},
+                keys, values)
 
 
 # --- Comparing -----------------------------------------------------------------
