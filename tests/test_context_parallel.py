@@ -298,14 +298,106 @@ def test_layout_round_trip_and_positions():
 
 
 def test_sequence_not_divisible_by_its_axis_is_a_clear_error():
-  q, k, v = helpers.random_qkv(helpers.rng_for("div"), 1, 30, 30, 4, 4, 8)
-  with pytest.raises(ValueError, match="Sq = 30 is not divisible by the 8"):
-    helpers.call_mechanism("blockwise", q, k, v,
-                           options={"mesh": fa.make_mesh((1, 1, 1, 8))})
+  q, k, v = helpers.random_qkv(helpers.rng_for("div"), 1, 30, 30, 8, 8, 8)
+  mesh = fa.make_mesh((1, 1, 1, 8))
+  with pytest.raises(ValueError, match="Sk = 30 is not divisible by the 8"):
+    helpers.call_mechanism("blockwise", q, k, v, options={"mesh": mesh})
+  # Queries the axis does not divide: the sequence-parallel mechanisms shard
+  # them, and say who takes the call.
+  for mechanism in ("ring", "ulysses"):
+    with pytest.raises(ValueError, match=r"Sq = 30 is not divisible by the "
+                       r"8 shards .* shards the queries; vanilla, blockwise "
+                       r"and flash take such calls"):
+      helpers.call_mechanism(mechanism, q, k[:, :16], v[:, :16],
+                             options={"mesh": mesh})
   with pytest.raises(ValueError, match="divisible by 8"):  # 2n zigzag chunks
     helpers.call_mechanism("ring", q[:, :28], k[:, :28], v[:, :28],
                            options={"mesh": fa.make_mesh((1, 1, 1, 4))},
                            causal=True)
+
+
+# The mechanisms that gather the keys on a sequence mesh, and split them
+# when its axis does not divide the queries (options to run on CPU).
+SPLIT_KEYS = {"vanilla": {}, "blockwise": {},
+              "flash": {"interpret": jax.default_backend() != "gpu"}}
+
+
+@pytest.mark.parametrize("mechanism", sorted(SPLIT_KEYS))
+def test_queries_the_sequence_axis_does_not_divide_split_the_keys(mechanism):
+  """Sq = 3 against Sk = 16 on sp = 4 (and tp = 2): every device attends
+  all the queries to its key shard, the shards merged by their lse (the
+  sinks once): out, lse and the gradients of q, k, v and the sinks equal the
+  reference's, with a window, kv lengths, grouped heads and dropout."""
+  rng = helpers.rng_for("split keys", mechanism)
+  q, k, v = helpers.random_qkv(rng, 2, 3, 16, 4, 2, 16)
+  sinks = helpers.random_array(rng, (4,))
+  ct = helpers.random_array(rng, q.shape)
+  call = {"causal": True, "kv_lengths": jnp.asarray([16, 9], jnp.int32)}
+  apply_rng = jax.random.PRNGKey(5)
+  options = dict(SPLIT_KEYS[mechanism], mesh=fa.make_mesh((1, 1, 2, 4)),
+                 sliding_window=6, dropout_rate=0.2)
+
+  def loss(q, k, v, sinks):
+    def attend(q, k, v, sinks):
+      attention = fa.create_attention(mechanism, num_heads=4, head_dim=16,
+                                      num_kv_heads=2, **options)
+      return attention(q, k, v, sinks=sinks, return_lse=True,
+                       deterministic=False, **call)
+    result = hk.transform(attend).apply({}, apply_rng, q, k, v, sinks)
+    return (jnp.sum(result.attention_outputs * ct),
+            (result.attention_outputs, result.lse))
+
+  grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3),
+                                       has_aux=True))(q, k, v, sinks)
+  dropout = helpers.reference_dropout(apply_rng, 0.2)
+
+  def reference(q, k, v, sinks):
+    inputs = fa.canonicalize(q, k, v, sliding_window=6, **call)
+    result = fa.reference_attention(
+        inputs.query, inputs.key, inputs.value, None, inputs.visibility,
+        dropout, sm_scale=16**-0.5, sinks=sinks)
+    return jnp.sum(result.out * ct), (result.out, result.lse)
+
+  want_grads, (want_out, want_lse) = jax.jit(jax.grad(
+      reference, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, sinks)
+  helpers.assert_close(out, want_out, jnp.float32, "out")
+  helpers.assert_close(lse, want_lse, jnp.float32, "lse")
+  for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads, want_grads):
+    helpers.assert_close(got, want, jnp.float32, name)
+
+
+@pytest.mark.parametrize("mechanism", sorted(SPLIT_KEYS))
+@pytest.mark.parametrize("kind", ["dense", "paged"])
+def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
+                                                               kind):
+  """A prefill of 5 tokens then a step of one on sp = 4 (neither divisible
+  by it: the cache's keys split over the devices) equals the full causal
+  forward; flash serves the shards with its general kernels."""
+  rng = helpers.rng_for("decode on sp", mechanism, kind)
+  q, k, v = helpers.random_qkv(rng, 2, 6, 6, 4, 2, 16)
+  if kind == "dense":
+    cache = fa.init_cache(2, 16, 2, 16)
+  else:
+    cache = fa.init_paged_cache(9, 4, 2, 16, batch_size=2,
+                                max_pages_per_row=4)
+    cache = cache._replace(page_table=jnp.asarray(
+        [[3, 7, 0, 5], [8, 1, 6, 2]], jnp.int32))
+  mesh = fa.make_mesh((1, 1, 1, 4))
+
+  def steps(q, k, v, cache):
+    attention = fa.create_attention(mechanism, num_heads=4, head_dim=16,
+                                    num_kv_heads=2, mesh=mesh,
+                                    **SPLIT_KEYS[mechanism])
+    first = attention(q[:, :5], k[:, :5], v[:, :5], cache=cache,
+                      causal=True)
+    second = attention(q[:, 5:], k[:, 5:], v[:, 5:], cache=first.cache,
+                       causal=True)
+    return jnp.concatenate([first.attention_outputs,
+                            second.attention_outputs], axis=1)
+
+  out = jax.jit(hk.transform(steps).apply)({}, None, q, k, v, cache)
+  want = helpers.reference_vjp(q, k, v, None, call={"causal": True}).out
+  helpers.assert_close(out, want, jnp.float32, f"{mechanism} {kind}")
 
 
 def test_ring_refuses_a_dense_bias_naming_who_supports_it():

@@ -73,6 +73,11 @@ class AttentionInputs:
       (`poison_overflow`); given only to the kernels of a mechanism that
       says it does (`Mechanism.poisons_overflow`), `None` otherwise (the
       module poisons their outputs).
+    key_shard: static, True when `key`/`value` are one device's shard of
+      the call's keys, the queries all of them (`sharding/shard.py`'s
+      split keys): the key positions and indices are then the shard's, not
+      `arange(Sk)` (kernels that assume a KV cache's slot layout must not
+      serve it).
   """
 
   query: jax.Array
@@ -84,6 +89,8 @@ class AttentionInputs:
   sinks: jax.Array | None = None
   mods: mods_lib.Mods | None = None
   overflow: jax.Array | None = None
+  key_shard: bool = dataclasses.field(default=False,
+                                      metadata=dict(static=True))
 
   @property
   def dims(self) -> AttentionDims:

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 
-def _weights(lses, total):
+def part_weights(lses, total):
   """`exp(lse_i - total)`, 0 where `lse_i` is -inf (a set with no visible
-  key), with `total` -inf-safe."""
+  key), with `total` -inf-safe: the weight of a part in the merged result
+  (its softmax weights scale by it too)."""
   safe = jnp.where(jnp.isneginf(total), 0.0, total)
   return jnp.where(jnp.isneginf(lses), 0.0, jnp.exp(lses - safe))
 
@@ -53,7 +54,7 @@ def merge_stacked(outs: jax.Array, lses: jax.Array
   empty = jnp.all(jnp.isneginf(lses), axis=0)
   total = jax.nn.logsumexp(jnp.where(empty[None], 0.0, lses), axis=0)
   total = jnp.where(empty, -jnp.inf, total)
-  weights = jnp.swapaxes(_weights(lses, total[None]), 2, 3)[..., None]
+  weights = jnp.swapaxes(part_weights(lses, total[None]), 2, 3)[..., None]
   out = jnp.sum(outs.astype(jnp.float32) * weights, axis=0)
   return out, total
 
@@ -67,8 +68,8 @@ def merge_pair(out, lse, other_out, other_lse):
   total = jnp.where(empty, -jnp.inf, jnp.logaddexp(safe(lse),
                                                     safe(other_lse)))
   to_out = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,H,Sq]->[B,Sq,H,1]
-  return (out * to_out(_weights(lse, total)) +
-          other_out * to_out(_weights(other_lse, total)), total)
+  return (out * to_out(part_weights(lse, total)) +
+          other_out * to_out(part_weights(other_lse, total)), total)
 
 
 def merge_sinks(out, lse, sinks):
@@ -85,7 +86,7 @@ def merge_sinks(out, lse, sinks):
   """
   sink = jnp.broadcast_to(sinks.astype(lse.dtype)[None, :, None], lse.shape)
   total = jnp.logaddexp(lse, sink)
-  weight = _weights(lse, total)  # [B, H, Sq]
+  weight = part_weights(lse, total)  # [B, H, Sq]
   return out * jnp.swapaxes(weight, 1, 2)[..., None].astype(out.dtype), total
 
 

@@ -322,6 +322,11 @@ def ragged_paged_attention(inputs: AttentionInputs, dropout=None, *,
   if vis.has_segments or vis.kv_lengths is None:
     raise NotImplementedError("ragged paged attention (TPU) serves KV-cache "
                               "calls (kv lengths, no segment ids).")
+  if inputs.key_shard:
+    raise NotImplementedError(
+        "ragged paged attention (TPU) reads a whole cache, not one device's "
+        "shard of its keys (a sequence mesh whose axis does not divide the "
+        "new tokens).")
   reason = unsupported_reason(dims, inputs.query.dtype, causal=vis.causal,
                               window=vis.window)
   if reason is not None:

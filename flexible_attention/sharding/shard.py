@@ -14,7 +14,14 @@ Sequence axes (context parallelism) are handled in one of two ways:
 - every other kernel gets its query shard and all of the keys: K/V and the
   parts of the mask that belong to keys are all-gathered over the key
   sequence axis inside the `shard_map` (exact and simple, but each device
-  then holds the whole K/V).
+  then holds the whole K/V);
+- unless the query sequence axis does not divide the queries (one new token
+  per row when decoding): then every device gets all the queries and its
+  key shard only, and the partial results are merged over the key sequence
+  axis by their log-sum-exps (`core/merge.py`; the sinks once, after), so
+  each device reads only its part of the keys (of a KV cache). The
+  sequence-parallel kernels (`ring`, `ulysses`) shard the queries: they
+  refuse such a call.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from flexible_attention.core import merge
 from flexible_attention.core.dropout import Dropout
 from flexible_attention.core.inputs import AttentionInputs
 from flexible_attention.core.masks import Visibility
@@ -75,9 +83,10 @@ def check_partition(mesh: Mesh, axes: PartitionAxis, inputs: AttentionInputs):
         f"partition_axis.attention_dim_axis={axes.attention_dim_axis!r} "
         "shards the head size D, which attention contracts over; leave it "
         "None or map it to a mesh axis of size 1.")
+  # A query sequence the axis does not divide splits the keys instead
+  # (`run_sharded`).
   for what, size, field in (
       ("number of KV heads Hkv", dims.num_kv_heads, "head_axis"),
-      ("query sequence length Sq", dims.q_len, "query_sequence_axis"),
       ("key sequence length Sk", dims.kv_len, "key_sequence_axis")):
     names = getattr(axes, field)
     shards = axis_size(mesh, names)
@@ -155,18 +164,31 @@ def run_sharded(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   token layout on a sequence mesh), the output put back in natural order."""
   q_shards = axis_size(mesh, axes.query_sequence_axis)
   kv_shards = axis_size(mesh, axes.key_sequence_axis)
+  q_len = inputs.dims.q_len
+  split_keys = q_len % q_shards != 0
+  if split_keys and not gather_keys:
+    raise ValueError(
+        f"the query sequence length Sq = {q_len} is not divisible by the "
+        f"{q_shards} shards of query_sequence_axis "
+        f"{axes.query_sequence_axis!r}, and this sequence-parallel mechanism "
+        f"shards the queries; vanilla, blockwise and flash take such calls "
+        f"(e.g. decoding) on this mesh, each device attending all the "
+        f"queries to its key shard.")
   axes = effective_partition(mesh, axes, inputs.dims.batch)
+  if split_keys:
+    layout = "contiguous"  # Only the keys are split: nothing to balance.
   inputs = permute_inputs(inputs, layout, q_shards, kv_shards)
   result = shard_kernel(kernel, mesh, axes, inputs, dropout,
                         return_weights=return_weights, gather_keys=gather_keys,
-                        return_lse=return_lse)
+                        return_lse=return_lse, split_keys=split_keys)
   return unpermute_output(result, layout, q_shards, kv_shards)
 
 
 def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
                  inputs: AttentionInputs, dropout: Dropout | None, *,
                  return_weights: bool, gather_keys: bool,
-                 return_lse: bool = False) -> KernelOutput:
+                 return_lse: bool = False,
+                 split_keys: bool = False) -> KernelOutput:
   """Runs `kernel(inputs, dropout)` sharded over `mesh`.
 
   Args:
@@ -181,15 +203,19 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
       kernel (for kernels that are not sequence-parallel themselves).
     return_lse: whether the kernel's log-sum-exp comes back (else it is
       dropped).
+    split_keys: give every device all the queries (replicated over the
+      query sequence axis) and its shard of the keys, and merge the partial
+      results over the key sequence axis (the kernel must return its lse).
 
   Returns:
     The kernel's `KernelOutput` as global arrays.
   """
   dims = inputs.dims
   batch, heads = spec_entry(axes.batch_axis), spec_entry(axes.head_axis)
-  q_seq = spec_entry(axes.query_sequence_axis)
+  q_seq = None if split_keys else spec_entry(axes.query_sequence_axis)
   kv_seq = spec_entry(axes.key_sequence_axis)
-  gather = gather_keys and axis_size(mesh, axes.key_sequence_axis) > 1
+  gather = (gather_keys and not split_keys and
+            axis_size(mesh, axes.key_sequence_axis) > 1)
 
   def broadcastable(x):  # [B|1, H|1, Sq|1, Sk|1]
     if x is None:
@@ -197,7 +223,7 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
     return P(batch if x.shape[0] > 1 else None,
              heads if x.shape[1] > 1 else None,
              q_seq if x.shape[2] > 1 else None,
-             kv_seq if x.shape[3] > 1 and not gather_keys else None)
+             kv_seq if x.shape[3] > 1 and not gather else None)
 
   vis = inputs.visibility
   q_rows = lambda x: None if x is None else P(batch, q_seq)
@@ -222,7 +248,8 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   out_specs = KernelOutput(
       out=P(batch, q_seq, heads, None),
       lse=P(batch, heads, q_seq) if return_lse else None,
-      weights=P(batch, heads, q_seq, None) if return_weights else None)
+      weights=(P(batch, heads, q_seq, kv_seq if split_keys else None)
+               if return_weights else None))
   local_batch = dims.batch // axis_size(mesh, axes.batch_axis)
   local_heads = dims.num_heads // axis_size(mesh, axes.head_axis)
 
@@ -236,7 +263,11 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
           b * local_batch, h * local_heads))
     if gather:
       inputs = _gather_keys(inputs, kv_seq)
-    result = kernel(inputs, dropout)
+    if split_keys:
+      shard = dataclasses.replace(inputs, sinks=None, key_shard=True)
+      result = _merge_key_shards(kernel(shard, dropout), inputs.sinks, kv_seq)
+    else:
+      result = kernel(inputs, dropout)
     return result if return_lse else result._replace(lse=None)
 
   # Under `jit`: an eagerly evaluated `shard_map` cannot run a custom_vjp
@@ -245,6 +276,27 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                                out_specs=out_specs, check_vma=False))(
                                    inputs, dropout)
+
+
+def _merge_key_shards(result: KernelOutput, sinks, axis) -> KernelOutput:
+  """The attention of a device's queries to every key shard of `axis`,
+  from its `result` over its own shard (computed without the sinks, which
+  enter once, here): the devices' outputs and lses merged by `merge`'s
+  rule (every device gets the same result); the weights of its keys
+  rescaled from its shard's normaliser to the whole's."""
+  if result.lse is None:
+    raise NotImplementedError(
+        "a query sequence the mesh's sequence axis does not divide is "
+        "attended to key shards merged by their log-sum-exps; this "
+        "mechanism's kernel returns no lse.")
+  gather = lambda x: jax.lax.all_gather(x, axis)  # [n, ...]
+  out, lse = merge.merge_stacked(gather(result.out), gather(result.lse))
+  if sinks is not None:
+    out, lse = merge.merge_sinks(out, lse, sinks)
+  weights = result.weights
+  if weights is not None:  # [B, H, Sq, Sk / n]
+    weights = weights * merge.part_weights(result.lse, lse)[..., None]
+  return KernelOutput(out.astype(result.out.dtype), lse, weights)
 
 
 def _replicated(mods: Mods | None) -> Mods | None:

@@ -482,9 +482,13 @@ def cache_call_reason(inputs: AttentionInputs, dropout) -> str | None:
   `MAX_DECODE_QUERIES` new tokens per row, from a paged cache (`pages`) or
   a dense one (`dense_as_pages`), with power-of-two head and page sizes;
   a bias, a dense mask, dropout or score / mask mods go to the general
-  kernels, which compute the same function on the dense view.
+  kernels, which compute the same function on the dense view, as does one
+  device's shard of the keys (`inputs.key_shard`: its slots are not the
+  cache's from 0).
   """
   dims, vis = inputs.dims, inputs.visibility
+  if inputs.key_shard:
+    return "one shard of the cache's keys (a sequence-sharded mesh)"
   if dims.q_len > MAX_DECODE_QUERIES:
     return (f"{dims.q_len} new tokens per row (the decode kernel takes up to "
             f"{MAX_DECODE_QUERIES})")
