@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import traceback
 from typing import Any
@@ -77,8 +78,7 @@ NEVER_REFUSE = ("vanilla", "auto")
 # Fuzzed only on draws whose mesh has a sequence axis (without one,
 # `ulysses` is its local mechanism, and `ring[flash]` one flash call).
 SEQUENCE_ONLY = ("ulysses", "ulysses[flash]", "ring[flash]")
-# The meshes `(dp, fsdp, tp, sp)` of the 8 CPU devices a draw may use
-# (a cache call only those without a sequence axis).
+# The meshes `(dp, fsdp, tp, sp)` of the 8 CPU devices a draw may use.
 MESHES = ((2, 1, 1, 1), (1, 1, 2, 1), (2, 2, 2, 1), (1, 1, 1, 2),
           (2, 1, 2, 2), (1, 2, 1, 4), (1, 1, 1, 8))
 
@@ -139,17 +139,25 @@ def draw(seed: int) -> Draw:
   cache = pick(None, None, "dense", "paged")
   mesh = None
   if flip(1 / 3):
-    mesh = pick(*(m for m in MESHES if not cache or m[3] == 1))
+    mesh = pick(*MESHES)
   dp, fsdp, tp, sp = mesh or (1, 1, 1, 1)
   batch = dp * fsdp * int(pick(1, 2)) if mesh else int(pick(1, 2, 3))
   kv_heads = tp * int(pick(1, 2)) if mesh else int(pick(1, 2, 3))
+  page_size = int(pick(2, 4, 8))
   if cache:
     q_len = int(pick(1, 2, 3, 5, 8, 13, 16))
-    # Sk is the cache's capacity; room for the new tokens and more.
+    # Sk is the cache's capacity; room for the new tokens and more (on a
+    # sequence mesh whole pages, that the axis divides).
     kv_len = q_len + int(rng.integers(0, 40))
+    if sp > 1:
+      unit = math.lcm(sp, page_size)
+      kv_len = -(-kv_len // unit) * unit
   elif sp > 1:
-    # A sequence mesh: lengths the zigzag layout splits (2 sp chunks).
+    # A sequence mesh: lengths the zigzag layout splits (2 sp chunks), or
+    # (one time in four) queries the axis does not divide: the keys split.
     q_len = kv_len = 2 * sp * int(rng.integers(1, 5))
+    if flip(0.25):
+      q_len = int(rng.integers(1, kv_len))
   else:
     q_len = int(rng.integers(1, 40))
     kv_len = int(rng.integers(max(1, q_len // 2), 48))
@@ -181,7 +189,7 @@ def draw(seed: int) -> Draw:
       mask_mod=pick(None, None, None, "static", "prefix"),
       blocks=(int(pick(8, 16)), int(pick(8, 16, 32))),
       cache=cache,
-      page_size=int(pick(2, 4, 8)),
+      page_size=page_size,
       ragged_q=bool(cache) and flip(),
       shared_pages=int(pick(1, 2)) if cache == "paged" and flip(0.3) else 0,
       overflow=bool(cache) and flip(0.15),
