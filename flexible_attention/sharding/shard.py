@@ -223,7 +223,8 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
     return P(batch if x.shape[0] > 1 else None,
              heads if x.shape[1] > 1 else None,
              q_seq if x.shape[2] > 1 else None,
-             kv_seq if x.shape[3] > 1 and not gather else None)
+             kv_seq if x.shape[3] > 1 and (split_keys or not gather_keys)
+             else None)
 
   vis = inputs.visibility
   q_rows = lambda x: None if x is None else P(batch, q_seq)
