@@ -366,6 +366,29 @@ def test_queries_the_sequence_axis_does_not_divide_split_the_keys(mechanism):
     helpers.assert_close(got, want, jnp.float32, name)
 
 
+def test_split_keys_return_the_whole_softmax_weights():
+  """vanilla's weights on split keys: each device's shard rescaled from its
+  own normaliser to the whole's (sinks included)."""
+  rng = helpers.rng_for("split keys weights")
+  q, k, v = helpers.random_qkv(rng, 2, 3, 16, 4, 2, 16)
+  sinks = helpers.random_array(rng, (4,))
+  call = {"causal": True, "kv_lengths": jnp.asarray([16, 9], jnp.int32)}
+
+  def weights(q, k, v, sinks):
+    attention = fa.create_attention(
+        "vanilla", num_heads=4, head_dim=16, num_kv_heads=2,
+        mesh=fa.make_mesh((1, 1, 2, 4)), sliding_window=6)
+    return attention(q, k, v, sinks=sinks, return_weights=True,
+                     **call).attention_weights
+
+  got = jax.jit(hk.transform(weights).apply)({}, None, q, k, v, sinks)
+  inputs = fa.canonicalize(q, k, v, sliding_window=6, **call)
+  want = fa.reference_attention(
+      inputs.query, inputs.key, inputs.value, None, inputs.visibility,
+      sm_scale=16**-0.5, sinks=sinks, return_weights=True).weights
+  helpers.assert_close(got, want, jnp.float32, "weights")
+
+
 @pytest.mark.parametrize("mechanism", sorted(SPLIT_KEYS))
 @pytest.mark.parametrize("kind", ["dense", "paged"])
 def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
