@@ -214,8 +214,9 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   batch, heads = spec_entry(axes.batch_axis), spec_entry(axes.head_axis)
   q_seq = None if split_keys else spec_entry(axes.query_sequence_axis)
   kv_seq = spec_entry(axes.key_sequence_axis)
-  gather = (gather_keys and not split_keys and
-            axis_size(mesh, axes.key_sequence_axis) > 1)
+  kv_shards = axis_size(mesh, axes.key_sequence_axis)
+  gather = gather_keys and not split_keys and kv_shards > 1
+  merge_keys = split_keys and kv_shards > 1  # Else the keys are whole.
 
   def broadcastable(x):  # [B|1, H|1, Sq|1, Sk|1]
     if x is None:
@@ -264,7 +265,7 @@ def shard_kernel(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
           b * local_batch, h * local_heads))
     if gather:
       inputs = _gather_keys(inputs, kv_seq)
-    if split_keys:
+    if merge_keys:
       shard = dataclasses.replace(inputs, sinks=None, key_shard=True)
       result = _merge_key_shards(kernel(shard, dropout), inputs.sinks, kv_seq)
     else:
