@@ -368,20 +368,19 @@ def test_queries_the_sequence_axis_does_not_divide_split_the_keys(mechanism):
 
 def test_indivisible_queries_with_unsharded_keys_are_replicated():
   """A query sequence axis that does not divide Sq, and no key sequence
-  axis: every device computes the whole call (nothing to merge)."""
-  q, k, v = helpers.random_qkv(helpers.rng_for("no kv axis"), 2, 3, 16, 4,
-                               2, 16)
-
-  def attend(q, k, v):
-    attention = fa.create_attention(
-        "vanilla", num_heads=4, head_dim=16, num_kv_heads=2,
-        mesh=fa.make_mesh((1, 1, 1, 4)),
-        partition_axis=fa.PartitionAxis(key_sequence_axis=None))
-    return attention(q, k, v, causal=True).attention_outputs
-
-  out = jax.jit(hk.transform(attend).apply)({}, None, q, k, v)
-  want = helpers.reference_vjp(q, k, v, None, call={"causal": True}).out
-  helpers.assert_close(out, want, jnp.float32, "replicated queries")
+  axis: every device computes the whole call (nothing to merge); out and
+  the gradients of q, k, v equal the reference's."""
+  rng = helpers.rng_for("no kv axis")
+  q, k, v = helpers.random_qkv(rng, 2, 3, 16, 4, 2, 16)
+  ct = helpers.random_array(rng, q.shape)
+  call = {"causal": True}
+  result = helpers.run_mechanism(
+      "vanilla", q, k, v, ct, call=call, options={
+          "mesh": fa.make_mesh((1, 1, 1, 4)),
+          "partition_axis": fa.PartitionAxis(key_sequence_axis=None)})
+  expected = helpers.reference_vjp(q, k, v, ct, call=call)
+  helpers.assert_matches_reference(result, expected.out, expected.grads,
+                                   "replicated queries")
 
 
 def test_split_keys_return_the_whole_softmax_weights():
