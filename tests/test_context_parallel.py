@@ -411,10 +411,14 @@ def test_split_keys_return_the_whole_softmax_weights():
 def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
                                                                kind):
   """A prefill of 5 tokens then a step of one on sp = 4 (neither divisible
-  by it: the cache's keys split over the devices) equals the full causal
-  forward; flash serves the shards with its general kernels."""
+  by it: the cache's 16 slots split over the devices, 4 each) with a
+  sliding window equals the full causal forward, outputs and the gradients
+  of q, k, v through both steps. Queries before a shard and shards past a
+  row's length see none of its keys; flash serves the shards with its
+  decode kernel, counting from each shard's first slot."""
   rng = helpers.rng_for("decode on sp", mechanism, kind)
   q, k, v = helpers.random_qkv(rng, 2, 6, 6, 4, 2, 16)
+  ct = helpers.random_array(rng, q.shape)
   if kind == "dense":
     cache = fa.init_cache(2, 16, 2, 16)
   else:
@@ -427,7 +431,7 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
   def steps(q, k, v, cache):
     attention = fa.create_attention(mechanism, num_heads=4, head_dim=16,
                                     num_kv_heads=2, mesh=mesh,
-                                    **SPLIT_KEYS[mechanism])
+                                    sliding_window=3, **SPLIT_KEYS[mechanism])
     first = attention(q[:, :5], k[:, :5], v[:, :5], cache=cache,
                       causal=True)
     second = attention(q[:, 5:], k[:, 5:], v[:, 5:], cache=first.cache,
@@ -435,9 +439,22 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
     return jnp.concatenate([first.attention_outputs,
                             second.attention_outputs], axis=1)
 
-  out = jax.jit(hk.transform(steps).apply)({}, None, q, k, v, cache)
-  want = helpers.reference_vjp(q, k, v, None, call={"causal": True}).out
-  helpers.assert_close(out, want, jnp.float32, f"{mechanism} {kind}")
+  apply = hk.transform(steps).apply
+  if mechanism == "flash":
+    jaxpr = str(jax.make_jaxpr(apply)({}, None, q, k, v, cache))
+    assert "flash_decode" in jaxpr and "flash_forward" not in jaxpr
+
+  def loss(q, k, v):
+    out = apply({}, None, q, k, v, cache)
+    return jnp.sum(out * ct), out
+
+  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      q, k, v)
+  want = helpers.reference_vjp(q, k, v, ct, call={"causal": True},
+                               sliding_window=3)
+  helpers.assert_close(out, want.out, jnp.float32, f"{mechanism} {kind}")
+  for name, got, expected in zip(("dq", "dk", "dv"), grads, want.grads):
+    helpers.assert_close(got, expected, jnp.float32, f"{mechanism} {name}")
 
 
 def test_ring_refuses_a_dense_bias_naming_who_supports_it():

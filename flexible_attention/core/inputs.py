@@ -75,9 +75,11 @@ class AttentionInputs:
       module poisons their outputs).
     key_shard: static, True when `key`/`value` are one device's shard of
       the call's keys, the queries all of them (`sharding/shard.py`'s
-      split keys): the key positions and indices are then the shard's, not
-      `arange(Sk)` (kernels that assume a KV cache's slot layout must not
-      serve it).
+      split keys): a contiguous block of them, whose key positions and
+      indices are the shard's (`kv_indices[0] + arange(Sk)` in a cache
+      call), not `arange(Sk)`; kernels that assume a KV cache's slot layout
+      count from the shard's first slot (`flash.decode.shard_slots`) or
+      refuse it.
   """
 
   query: jax.Array

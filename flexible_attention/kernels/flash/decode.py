@@ -482,13 +482,11 @@ def cache_call_reason(inputs: AttentionInputs, dropout) -> str | None:
   `MAX_DECODE_QUERIES` new tokens per row, from a paged cache (`pages`) or
   a dense one (`dense_as_pages`), with power-of-two head and page sizes;
   a bias, a dense mask, dropout or score / mask mods go to the general
-  kernels, which compute the same function on the dense view, as does one
-  device's shard of the keys (`inputs.key_shard`: its slots are not the
-  cache's from 0).
+  kernels, which compute the same function on the dense view. One
+  device's shard of the keys (`inputs.key_shard`) is a dense cache whose
+  slots start at the shard's first (`shard_slots`).
   """
   dims, vis = inputs.dims, inputs.visibility
-  if inputs.key_shard:
-    return "one shard of the cache's keys (a sequence-sharded mesh)"
   if dims.q_len > MAX_DECODE_QUERIES:
     return (f"{dims.q_len} new tokens per row (the decode kernel takes up to "
             f"{MAX_DECODE_QUERIES})")
@@ -498,6 +496,23 @@ def cache_call_reason(inputs: AttentionInputs, dropout) -> str | None:
   page_size = (inputs.pages.page_size if inputs.pages is not None else
                math.gcd(dims.kv_len, MAX_PAGE_SIZE))
   return decode_unsupported_reason(dims.head_dim, dims.value_dim, page_size)
+
+
+def shard_slots(vis, shard_len: int):
+  """A key shard's cache call as a call on a cache of its own: `(kv_lengths
+  [B], q_positions [B, Sq])` counted from the shard's first slot.
+
+  On a sequence mesh that splits the keys (`sharding/shard.py`), a device
+  holds slots `first + arange(L)` of the cache (a contiguous block:
+  `vis.kv_indices`), their positions equal to their slots. Shifting the
+  lengths and the queries' positions by `first` keeps every key's
+  visibility (causal and windows compare positions by their difference):
+  the row's tokens in the shard are `clip(length - first, 0, L)`, and a
+  query before the shard (a negative position) sees none of it.
+  """
+  first = vis.kv_indices[0]
+  return (jnp.clip(vis.kv_lengths - first, 0, shard_len),
+          vis.q_positions - first)
 
 
 def cache_attention(inputs: AttentionInputs, dropout=None, *,
@@ -532,6 +547,9 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
     out, lse = poison_overflow(result.out, result.lse, inputs.overflow)
     return result._replace(out=out, lse=lse)
   vis = inputs.visibility
+  kv_lengths, q_positions = (shard_slots(vis, inputs.dims.kv_len)
+                             if inputs.key_shard else
+                             (vis.kv_lengths, vis.q_positions))
   if inputs.pages is not None:
     pages = inputs.pages
     key_pages, value_pages, table = (pages.key_pages, pages.value_pages,
@@ -541,7 +559,7 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
     key_pages, value_pages, _ = dense_as_pages(inputs.key, inputs.value)
     table = None
   return decode_attention(
-      inputs.query, key_pages, value_pages, table, vis.kv_lengths,
-      vis.q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
+      inputs.query, key_pages, value_pages, table, kv_lengths,
+      q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
       window=vis.window, precision=precision, block_sizes=block_sizes,
       interpret=interpret, sinks=inputs.sinks, overflow=inputs.overflow)
