@@ -23,6 +23,13 @@ Fields:
 - `page_size`, `page_order` (`contiguous` or `shuffled` page ids).
 - `prefill_chunk`: prefill in chunks of this many tokens (0: whole prompt).
 - `interpret`: run Pallas mechanisms in the interpreter (default: on CPU).
+- `mesh_shape`: the `(dp, fsdp, tp, sp)` sizes of the device mesh the
+  attention layers are sharded over (`fa.make_mesh`), e.g. `1,1,2,4`: heads
+  over tp, the cache's length over sp (a decoding step's one query per row
+  is given to every sp device, which reads its shard of the cache; the
+  shards merge by their lse). Empty: no mesh. The check's full forward runs
+  unsharded. On CPU, give the devices with
+  `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 - `attention_fraction`, `repeats`: time a step and its attention calls
   alone (median of `repeats`).
 - `output_path`: also write the results as JSON there (empty: no file).
@@ -56,6 +63,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.mlp_size = 512
   config.dtype = "float32"
   config.interpret = config_dict.placeholder(bool)  # Default: on CPU.
+  config.mesh_shape = ""  # E.g. "1,1,2,4"; empty: no mesh.
   config.attention_fraction = False
   config.repeats = 20
   config.seed = 0

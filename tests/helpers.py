@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import os
 import zlib
 from typing import Any, Callable
@@ -414,3 +415,19 @@ def lower_for_cuda(fn, *args) -> str:
   with context:
     return jax.jit(fn).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_config(name: str, variant: str | None = None, **overrides):
+  """`configs/<name>.py`'s `get_config(variant)` (its default variant when
+  None), unlocked fields updated with `overrides`."""
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config() if variant is None else module.get_config(
+      variant)
+  config.update(overrides)
+  return config

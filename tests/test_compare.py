@@ -23,7 +23,7 @@ from flexible_attention.comparison import measure
 from flexible_attention.comparison import report
 import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 
 @pytest.fixture
@@ -153,13 +153,8 @@ def test_plot_without_matplotlib_writes_nothing(tmp_path, monkeypatch):
 
 def _benchmark_config(**overrides):
   """The cpu variant of configs/benchmark.py with `overrides`."""
-  spec = importlib.util.spec_from_file_location(
-      "benchmark_config", os.path.join(ROOT, "configs", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update(dict(check_rows=16, repeats=1, **overrides))
-  return config
+  return helpers.job_config("benchmark", check_rows=16, repeats=1,
+                            **overrides)
 
 
 # Grouped-query and packed: K/V at the KV-head count, segment ids.

@@ -1,8 +1,6 @@
 """The decode benchmark: cells, the XLA baseline, check before timing."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import numpy as np
@@ -12,18 +10,12 @@ from flexible_attention.comparison import benchmark
 from flexible_attention.comparison import decode
 import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 
 def _config(**overrides):
   """The decode_cpu variant of configs/benchmark.py with `overrides`."""
-  spec = importlib.util.spec_from_file_location(
-      "benchmark_config", os.path.join(ROOT, "configs", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("decode_cpu")
-  config.update(dict(repeats=2, **overrides))
-  return config
+  return helpers.job_config("benchmark", "decode_cpu", repeats=2, **overrides)
 
 
 @pytest.fixture

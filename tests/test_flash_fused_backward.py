@@ -20,7 +20,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import flexible_attention as fa

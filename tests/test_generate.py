@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flexible_attention as fa
 from flexible_attention.generation import generate as gen
 from flexible_attention.generation.transformer import TransformerConfig
+import helpers
 
 # One layer is enough to exercise the cache; two KV heads for four query
 # heads make it grouped-query.
@@ -97,3 +99,36 @@ def test_paged_layers_own_their_buffers():
   assert len(set(buffers)) == len(buffers) == 3 * 4
   assert all((np.asarray(c.page_table) == np.asarray(caches[0].page_table)
               ).all() for c in caches)
+
+
+@pytest.mark.parametrize("mechanism, kind", [("vanilla", "dense"),
+                                             ("flash", "paged")])
+def test_decoding_on_a_head_and_sequence_mesh(mechanism, kind, params,
+                                              prompt):
+  """The attention layers on tp = 2, sp = 4: chunks of 4 prompt tokens
+  shard the queries, each decoded token reads the cache in shards of 6
+  slots (flash: its decode kernel on each shard); the logits equal the
+  unsharded full forward's."""
+  options = {"mesh": fa.make_mesh((1, 1, 2, 4))}
+  if mechanism == "flash":
+    options["interpret"] = True
+  generator = gen.Generator(_MODEL.with_mechanism(mechanism, **options),
+                            kind, batch_size=2, page_size=4,
+                            page_order="shuffled")
+  result = gen.generate(generator, params, prompt, _NEW, check_model=_MODEL,
+                        prefill_chunk=4)
+  assert result.status == "ok", result.status
+  assert result.logit_error < result.logit_tolerance == 1e-4
+
+
+def test_the_job_config_gives_the_mesh():
+  config = helpers.job_config("generate", mesh_shape="1,1,2,4")
+  model = gen.model_config(config, "vanilla")
+  assert dict(model.attention_options)["mesh"].shape == {
+      "dp": 1, "fsdp": 1, "tp": 2, "sp": 4}
+  assert not gen.model_config(config, "vanilla", sharded=False
+                              ).attention_options
+  config.mesh_shape = "2,4"
+  with pytest.raises(ValueError, match="mesh_shape must be four positive "
+                     "sizes.*'2,4'"):
+    gen.model_config(config, "vanilla")

@@ -55,6 +55,7 @@ from flexible_attention.core.cache import KVCache
 from flexible_attention.generation.transformer import Transformer
 from flexible_attention.generation.transformer import TransformerConfig
 from flexible_attention.mechanisms import registry
+from flexible_attention.sharding.mesh import make_mesh
 
 CACHE_KINDS = ("dense", "paged")
 
@@ -432,14 +433,18 @@ def _time_attention_fraction(generator: Generator, params, cache, token,
   result.attention_fraction = attention_ms / step_ms
 
 
-def model_config(config, mechanism: str) -> TransformerConfig:
+def model_config(config, mechanism: str, *,
+                 sharded: bool = True) -> TransformerConfig:
   """The job config's model, attending with `mechanism` (flash and splash
-  run in Pallas' interpreter on CPU unless `config.interpret` says)."""
+  run in Pallas' interpreter on CPU unless `config.interpret` says), its
+  attention layers sharded over `config.mesh_shape` when `sharded`."""
   interpret = config.interpret
   if interpret is None:
     interpret = (jax.default_backend() == "cpu" and
                  mechanism in ("flash", "splash"))
   options = {"interpret": True} if interpret else {}
+  if sharded and config.mesh_shape:
+    options["mesh"] = make_mesh(mesh_shape(config.mesh_shape))
   return TransformerConfig(
       vocab_size=config.vocab_size, num_layers=config.num_layers,
       num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
@@ -447,6 +452,19 @@ def model_config(config, mechanism: str) -> TransformerConfig:
       max_length=config.cache_length, model_size=config.model_size,
       mechanism=mechanism, dtype=config.dtype,
       attention_options=tuple(sorted(options.items())))
+
+
+def mesh_shape(text: str) -> tuple[int, ...]:
+  """`"dp,fsdp,tp,sp"` sizes (e.g. `"1,1,2,4"`) as `fa.make_mesh`'s
+  `axis_dims`."""
+  try:
+    dims = tuple(int(n) for n in _names(text))
+  except ValueError:
+    dims = ()
+  if len(dims) != 4 or any(d < 1 for d in dims):
+    raise ValueError(f"mesh_shape must be four positive sizes (dp, fsdp, tp, "
+                     f"sp), e.g. '1,1,2,4', got {text!r}.")
+  return dims
 
 
 def _names(text: str) -> list[str]:
@@ -471,9 +489,9 @@ def run_generation(config) -> list[GenerationResult]:
   prompt = jnp.asarray(rng.integers(0, config.vocab_size,
                                     (config.batch_size, prompt_length)),
                        jnp.int32)
-  base = model_config(config, "vanilla")
+  base = model_config(config, "vanilla", sharded=False)
   params = init_params(base, seed=config.seed)
-  check_model = model_config(config, config.check_mechanism)
+  check_model = model_config(config, config.check_mechanism, sharded=False)
   results = []
   for mechanism in _names(config.mechanisms):
     for kind in _names(config.caches):
@@ -494,9 +512,11 @@ def run_generation(config) -> list[GenerationResult]:
             f"{str(e)[:300]}")
       logging.info("%s", result)
       results.append(result)
-  logging.info("B = %d, prompt %d tokens, %d new tokens, L = %d, %s:\n%s",
+  logging.info("B = %d, prompt %d tokens, %d new tokens, L = %d, %s%s:\n%s",
                config.batch_size, prompt_length, config.new_tokens,
-               config.cache_length, config.dtype, table(results))
+               config.cache_length, config.dtype,
+               f", mesh {config.mesh_shape}" if config.mesh_shape else "",
+               table(results))
   if config.output_path:
     write_json(config, results)
   failed = [r for r in results if r.status != "ok"]
