@@ -302,39 +302,33 @@ def test_sequence_not_divisible_by_its_axis_is_a_clear_error():
   mesh = fa.make_mesh((1, 1, 1, 8))
   with pytest.raises(ValueError, match="Sk = 30 is not divisible by the 8"):
     helpers.call_mechanism("blockwise", q, k, v, options={"mesh": mesh})
-  # Queries the axis does not divide: the sequence-parallel mechanisms shard
-  # them, and say who takes the call.
-  for mechanism in ("ring", "ulysses"):
-    with pytest.raises(ValueError, match=r"Sq = 30 is not divisible by the "
-                       r"8 shards .* shards the queries; vanilla, blockwise "
-                       r"and flash take such calls"):
-      helpers.call_mechanism(mechanism, q, k[:, :16], v[:, :16],
-                             options={"mesh": mesh})
   with pytest.raises(ValueError, match="divisible by 8"):  # 2n zigzag chunks
     helpers.call_mechanism("ring", q[:, :28], k[:, :28], v[:, :28],
                            options={"mesh": fa.make_mesh((1, 1, 1, 4))},
                            causal=True)
 
 
-# The mechanisms that gather the keys on a sequence mesh, and split them
-# when its axis does not divide the queries (options to run on CPU).
-SPLIT_KEYS = {"vanilla": {}, "blockwise": {},
-              "flash": {"interpret": jax.default_backend() != "gpu"}}
+# Every mechanism splits the keys over a sequence axis that does not divide
+# the queries: (mechanism, options to run on CPU) per case.
+SPLIT_KEYS = {"vanilla": ("vanilla", {}), "blockwise": ("blockwise", {}),
+              "flash": ("flash", {"interpret": _INTERPRET}),
+              "ring": ("ring", {}), "ulysses": ("ulysses", {}), **VARIANTS}
 
 
-@pytest.mark.parametrize("mechanism", sorted(SPLIT_KEYS))
-def test_queries_the_sequence_axis_does_not_divide_split_the_keys(mechanism):
+@pytest.mark.parametrize("case", sorted(SPLIT_KEYS))
+def test_queries_the_sequence_axis_does_not_divide_split_the_keys(case):
   """Sq = 3 against Sk = 16 on sp = 4 (and tp = 2): every device attends
   all the queries to its key shard, the shards merged by their lse (the
   sinks once): out, lse and the gradients of q, k, v and the sinks equal the
   reference's, with a window, kv lengths, grouped heads and dropout."""
-  rng = helpers.rng_for("split keys", mechanism)
+  rng = helpers.rng_for("split keys", case)
   q, k, v = helpers.random_qkv(rng, 2, 3, 16, 4, 2, 16)
   sinks = helpers.random_array(rng, (4,))
   ct = helpers.random_array(rng, q.shape)
   call = {"causal": True, "kv_lengths": jnp.asarray([16, 9], jnp.int32)}
   apply_rng = jax.random.PRNGKey(5)
-  options = dict(SPLIT_KEYS[mechanism], mesh=fa.make_mesh((1, 1, 2, 4)),
+  mechanism, options = SPLIT_KEYS[case]
+  options = dict(options, mesh=fa.make_mesh((1, 1, 2, 4)),
                  sliding_window=6, dropout_rate=0.2)
 
   def loss(q, k, v, sinks):
@@ -406,17 +400,18 @@ def test_split_keys_return_the_whole_softmax_weights():
   helpers.assert_close(got, want, jnp.float32, "weights")
 
 
-@pytest.mark.parametrize("mechanism", sorted(SPLIT_KEYS))
+@pytest.mark.parametrize("case", sorted(SPLIT_KEYS))
 @pytest.mark.parametrize("kind", ["dense", "paged"])
-def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
-                                                               kind):
+def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(case, kind):
   """A prefill of 5 tokens then a step of one on sp = 4 (neither divisible
   by it: the cache's 16 slots split over the devices, 4 each) with a
   sliding window equals the full causal forward, outputs and the gradients
   of q, k, v through both steps. Queries before a shard and shards past a
-  row's length see none of its keys; flash serves the shards with its
-  decode kernel, counting from each shard's first slot."""
-  rng = helpers.rng_for("decode on sp", mechanism, kind)
+  row's length see none of its keys; flash (and ulysses around it) serves
+  the shards with its decode kernel, counting from each shard's first
+  slot."""
+  rng = helpers.rng_for("decode on sp", case, kind)
+  mechanism, options = SPLIT_KEYS[case]
   q, k, v = helpers.random_qkv(rng, 2, 6, 6, 4, 2, 16)
   ct = helpers.random_array(rng, q.shape)
   if kind == "dense":
@@ -431,7 +426,7 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
   def steps(q, k, v, cache):
     attention = fa.create_attention(mechanism, num_heads=4, head_dim=16,
                                     num_kv_heads=2, mesh=mesh,
-                                    sliding_window=3, **SPLIT_KEYS[mechanism])
+                                    sliding_window=3, **options)
     first = attention(q[:, :5], k[:, :5], v[:, :5], cache=cache,
                       causal=True)
     second = attention(q[:, 5:], k[:, 5:], v[:, 5:], cache=first.cache,
@@ -440,7 +435,7 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
                             second.attention_outputs], axis=1)
 
   apply = hk.transform(steps).apply
-  if mechanism == "flash":
+  if case in ("flash", "ulysses[flash]"):
     jaxpr = str(jax.make_jaxpr(apply)({}, None, q, k, v, cache))
     assert "flash_decode" in jaxpr and "flash_forward" not in jaxpr
 
@@ -452,9 +447,9 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(mechanism,
       q, k, v)
   want = helpers.reference_vjp(q, k, v, ct, call={"causal": True},
                                sliding_window=3)
-  helpers.assert_close(out, want.out, jnp.float32, f"{mechanism} {kind}")
+  helpers.assert_close(out, want.out, jnp.float32, f"{case} {kind}")
   for name, got, expected in zip(("dq", "dk", "dv"), grads, want.grads):
-    helpers.assert_close(got, expected, jnp.float32, f"{mechanism} {name}")
+    helpers.assert_close(got, expected, jnp.float32, f"{case} {name}")
 
 
 def test_ring_refuses_a_dense_bias_naming_who_supports_it():

@@ -11,6 +11,7 @@ from flexible_attention.kernels import ring as ring_kernel
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
 from flexible_attention.sharding import layouts
+from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import axis_size
 from flexible_attention.sharding.mesh import shared_sequence_axis
 
@@ -71,7 +72,9 @@ class RingAttention(base.AttentionModule):
   device.
 
   The query and key sequences must be sharded over the same mesh axis.
-  Dense masks and biases are not supported (the structured mask is, and
+  Queries that axis does not divide (decoding) stay whole on every device,
+  which attends them to its key shard with the block kernel alone; the
+  shards merge by their lse (`sharding/shard.py`). Dense masks and biases are not supported (the structured mask is, and
   score / mask mods with the blockwise block kernel: each block's key
   positions travel with it, so the mods see global positions).
   """
@@ -111,10 +114,13 @@ class RingAttention(base.AttentionModule):
   @classmethod
   def make_kernel(cls, config, request):
     axis_name, num_shards = None, 1
-    if request.sequence_sharded:
+    if request.sequence_sharded and not shard_lib.splits_keys(
+        config.mesh, config.partition_axis, request.dims.q_len):
       axes = config.partition_axis
       axis_name = shared_sequence_axis("ring", axes)
       num_shards = axis_size(config.mesh, axes.key_sequence_axis)
+    # Else no ring: the queries are whole on every device and the block
+    # kernel attends them to the device's key shard (`shard.splits_keys`).
     if config.block_kernel == "flash":
       block_kernel = ring_kernel.flash_block_kernel(
           sm_scale=config.scale, softcap=config.logits_soft_cap,

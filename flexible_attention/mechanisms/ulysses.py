@@ -10,6 +10,7 @@ from typing import Any
 from flexible_attention.kernels import ulysses as ulysses_kernel
 from flexible_attention.mechanisms import base
 from flexible_attention.mechanisms import registry
+from flexible_attention.sharding import shard as shard_lib
 from flexible_attention.sharding.mesh import axis_size
 from flexible_attention.sharding.mesh import shared_sequence_axis
 
@@ -70,7 +71,10 @@ class UlyssesAttention(base.AttentionModule):
   than that (Hkv = 2, n = 8), each KV head is repeated r times, the least r
   making Hkv * r divisible by n (K/V then travel r times), which needs the
   query heads divisible by Hkv * r. Without a
-  sequence axis it is its local mechanism. Dense masks and biases are not
+  sequence axis it is its local mechanism; so it is for queries the
+  sequence axis does not divide (decoding), which stay whole on every
+  device: the local mechanism attends them to the device's key shard and
+  the shards merge by their lse (`sharding/shard.py`). Dense masks and biases are not
   supported; the features of the local mechanism are (score / mask mods see
   global head indices and positions).
   """
@@ -95,7 +99,10 @@ class UlyssesAttention(base.AttentionModule):
     if reason is not None:
       raise NotImplementedError(f"ulysses' local mechanism: {reason}")
     local_kernel = local_cls.make_kernel(local_config, local_request)
-    if not request.sequence_sharded:
+    if not request.sequence_sharded or shard_lib.splits_keys(
+        config.mesh, config.partition_axis, request.dims.q_len):
+      # No all-to-all: the whole sequence is local, or the queries are whole
+      # on every device and the keys split (`shard.splits_keys`).
       return local_kernel
     axes = config.partition_axis
     axis_name = shared_sequence_axis("ulysses", axes)

@@ -20,8 +20,9 @@ Sequence axes (context parallelism) are handled in one of two ways:
   key shard only, and the partial results are merged over the key sequence
   axis by their log-sum-exps (`core/merge.py`; the sinks once, after), so
   each device reads only its part of the keys (of a KV cache). The
-  sequence-parallel kernels (`ring`, `ulysses`) shard the queries: they
-  refuse such a call.
+  sequence-parallel mechanisms (`ring`, `ulysses`) then give their kernel
+  no steps over the axis (`splits_keys`): `ring`'s block kernel or
+  `ulysses`' local mechanism on the device's key shard.
 """
 
 from __future__ import annotations
@@ -156,6 +157,16 @@ def unpermute_output(result: KernelOutput, layout: str, q_shards: int,
       weights)
 
 
+def splits_keys(mesh: Mesh, axes: PartitionAxis, q_len: int) -> bool:
+  """Whether a call of `q_len` queries splits the keys rather than the
+  queries over the sequence axes: when the query sequence axis does not
+  divide them (e.g. decoding a token per row). Every device then holds all
+  the queries and its shard of the keys, and the shards' results merge by
+  their lse (`shard_kernel`'s `split_keys`); a sequence-parallel
+  mechanism's kernel runs no steps over the axis there."""
+  return q_len % axis_size(mesh, axes.query_sequence_axis) != 0
+
+
 def run_sharded(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
                 inputs: AttentionInputs, dropout: Dropout | None, *,
                 layout: str, return_weights: bool,
@@ -164,16 +175,7 @@ def run_sharded(kernel: Kernel, mesh: Mesh, axes: PartitionAxis,
   token layout on a sequence mesh), the output put back in natural order."""
   q_shards = axis_size(mesh, axes.query_sequence_axis)
   kv_shards = axis_size(mesh, axes.key_sequence_axis)
-  q_len = inputs.dims.q_len
-  split_keys = q_len % q_shards != 0
-  if split_keys and not gather_keys:
-    raise ValueError(
-        f"the query sequence length Sq = {q_len} is not divisible by the "
-        f"{q_shards} shards of query_sequence_axis "
-        f"{axes.query_sequence_axis!r}, and this sequence-parallel mechanism "
-        f"shards the queries; vanilla, blockwise and flash take such calls "
-        f"(e.g. decoding) on this mesh, each device attending all the "
-        f"queries to its key shard.")
+  split_keys = splits_keys(mesh, axes, inputs.dims.q_len)
   axes = effective_partition(mesh, axes, inputs.dims.batch)
   if split_keys:
     layout = "contiguous"  # Only the keys are split: nothing to balance.
