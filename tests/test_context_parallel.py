@@ -407,9 +407,9 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(case, kind):
   by it: the cache's 16 slots split over the devices, 4 each) with a
   sliding window equals the full causal forward, outputs and the gradients
   of q, k, v through both steps. Queries before a shard and shards past a
-  row's length see none of its keys; flash (and ulysses around it) serves
-  the shards with its decode kernel, counting from each shard's first
-  slot."""
+  row's length see none of its keys; flash (and ring and ulysses around
+  it) serves the shards with its decode kernel, counting from each shard's
+  first slot."""
   rng = helpers.rng_for("decode on sp", case, kind)
   mechanism, options = SPLIT_KEYS[case]
   q, k, v = helpers.random_qkv(rng, 2, 6, 6, 4, 2, 16)
@@ -435,7 +435,7 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(case, kind):
                             second.attention_outputs], axis=1)
 
   apply = hk.transform(steps).apply
-  if case in ("flash", "ulysses[flash]"):
+  if case in ("flash", "ring[flash]", "ulysses[flash]"):
     jaxpr = str(jax.make_jaxpr(apply)({}, None, q, k, v, cache))
     assert "flash_decode" in jaxpr and "flash_forward" not in jaxpr
 

@@ -73,7 +73,8 @@ class RingAttention(base.AttentionModule):
 
   The query and key sequences must be sharded over the same mesh axis.
   Queries that axis does not divide (decoding) stay whole on every device,
-  which attends them to its key shard with the block kernel alone; the
+  which attends them to its key shard with the block kernel alone (with
+  `flash` and a cache, flash's cache kernel: its decode kernel); the
   shards merge by their lse (`sharding/shard.py`). Dense masks and biases are not supported (the structured mask is, and
   score / mask mods with the blockwise block kernel: each block's key
   positions travel with it, so the mods see global positions).
@@ -121,6 +122,14 @@ class RingAttention(base.AttentionModule):
       num_shards = axis_size(config.mesh, axes.key_sequence_axis)
     # Else no ring: the queries are whole on every device and the block
     # kernel attends them to the device's key shard (`shard.splits_keys`).
+    if (config.block_kernel == "flash" and num_shards == 1
+        and "cache" in request.features):
+      # No ring steps over a cache: flash's own cache kernel (its decode
+      # kernel where it serves the call) is the block kernel.
+      return functools.partial(
+          flash_kernel.cache_attention, sm_scale=config.scale,
+          softcap=config.logits_soft_cap, precision=config.precision,
+          block_sizes=config.block_sizes, interpret=config.interpret)
     if config.block_kernel == "flash":
       block_kernel = ring_kernel.flash_block_kernel(
           sm_scale=config.scale, softcap=config.logits_soft_cap,
