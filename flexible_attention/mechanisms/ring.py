@@ -71,13 +71,14 @@ class RingAttention(base.AttentionModule):
   without a sequence axis (or without a mesh) it is that kernel on one
   device.
 
-  The query and key sequences must be sharded over the same mesh axis.
-  Queries that axis does not divide (decoding) stay whole on every device,
-  which attends them to its key shard with the block kernel alone (with
-  `flash` and a cache, flash's cache kernel: its decode kernel); the
-  shards merge by their lse (`sharding/shard.py`). Dense masks and biases are not supported (the structured mask is, and
-  score / mask mods with the blockwise block kernel: each block's key
-  positions travel with it, so the mods see global positions).
+  The query and key sequences must be sharded over the same mesh axis. Queries
+  that axis does not divide (decoding) stay whole on every device, which
+  attends them to its key shard with the block kernel alone (with `flash` and
+  a cache, flash's cache kernel: its decode kernel); the shards merge by their
+  lse (`sharding/shard.py`). Dense masks and biases are not supported (the
+  structured mask is, and score / mask mods with the blockwise block kernel:
+  each block's key positions travel with it, so the mods see global
+  positions).
   """
 
   config_class = RingAttentionConfig

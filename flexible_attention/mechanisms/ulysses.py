@@ -70,13 +70,13 @@ class UlyssesAttention(base.AttentionModule):
   each head shard are split over the n sequence shards: with fewer KV heads
   than that (Hkv = 2, n = 8), each KV head is repeated r times, the least r
   making Hkv * r divisible by n (K/V then travel r times), which needs the
-  query heads divisible by Hkv * r. Without a
-  sequence axis it is its local mechanism; so it is for queries the
-  sequence axis does not divide (decoding), which stay whole on every
-  device: the local mechanism attends them to the device's key shard and
-  the shards merge by their lse (`sharding/shard.py`). Dense masks and biases are not
-  supported; the features of the local mechanism are (score / mask mods see
-  global head indices and positions).
+  query heads divisible by Hkv * r. Without a sequence axis it is its local
+  mechanism; so it is for queries the sequence axis does not divide
+  (decoding), which stay whole on every device: the local mechanism attends
+  them to the device's key shard and the shards merge by their lse
+  (`sharding/shard.py`). Dense masks and biases are not supported; the
+  features of the local mechanism are (score / mask mods see global head
+  indices and positions).
   """
 
   config_class = UlyssesConfig
