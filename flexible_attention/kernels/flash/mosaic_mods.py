@@ -72,7 +72,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexible_attention.kernels.flash.mod_lowering import CALLS
-from flexible_attention.kernels.flash.mod_lowering import KernelMods
 from flexible_attention.kernels.flash.mod_lowering import make_jaxpr
 from flexible_attention.kernels.flash.mod_lowering import sum_partials
 from flexible_attention.kernels.flash.mod_lowering import sub_jaxpr
