@@ -35,7 +35,7 @@ import dataclasses
 import math
 import sys
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import conftest  # noqa: F401  (XLA flags before jax: 8 CPU devices.)
 import haiku as hk
@@ -61,17 +61,23 @@ MECHANISMS = {
     "ulysses[flash]": ("ulysses", {"local_mechanism": "flash",
                                    "local_options": {"interpret": True}}),
 }
-# Relative-to-max tolerances (`helpers.relative_error`): the suite's CPU
-# ones (`helpers.TOLERANCES`), but bfloat16's above them: the draws reach
-# gradients the battery's cases do not, small sums of large terms that
-# cancel (dK of a row seeing two keys, ALiBi slopes of a two-query call),
-# where the tiled backward's bfloat16 inputs to dS (as FlashAttention's:
-# delta = rowsum(dO O) from the bfloat16 output, dP from bfloat16 dO and V)
-# measured up to 2.6e-2 (dslopes of seed 413, `blockwise`, `flash` and
-# `ring` alike; `vanilla`, which differentiates in float32, 4e-3) and dK,
-# dsinks up to 1.8e-2 over 600 seeds; float32's largest error was 6.6e-6.
-# A wrong mask, scale or gradient gives 1e-1 to 1.
-TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=5e-2)
+# Relative-to-max tolerances (`helpers.relative_error`) per dtype: the
+# suite's CPU ones (`helpers.TOLERANCES`), bfloat16's twice theirs. The
+# draws reach quantities the battery's cases do not, small sums of large
+# terms that cancel; in bfloat16 the tiled backwards' delta carries the
+# returned output's rounding into them (up to 7.9e-2 from the exact
+# gradient, seed 2193's slopes), which the check allows for
+# (`_tiled_grads`); what is left measured up to 1.4e-2 (dsinks) over seeds
+# 0:200.
+TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=3e-2)
+# ... and, in float32, for the gradients of parameters each of whose
+# elements sums over the whole call: a few terms can cancel to a result the
+# size of float32's rounding of them. Seed 172's slopes (one head, three
+# queries) are 3.2e-5 from the float64 gradient in the float32 reference
+# itself, 6e-7 in `blockwise`; measured up to 4.4e-5 (seed 127) over seeds
+# 0:200. A wrong mask, scale or gradient gives 1e-1 to 1.
+SUMMED_TOLERANCES = {"float32": 1e-4}
+SUMMED = ("dslopes", "dsinks")
 # Never refuse a draw on CPU: `vanilla` computes every feature, and `auto`
 # must find a mechanism for any call `vanilla` serves.
 NEVER_REFUSE = ("vanilla", "auto")
@@ -389,6 +395,9 @@ class Result:
   keys: np.ndarray | None = None  # A cache call's updated dense tokens,
   values: np.ndarray | None = None  # `[B, L, Hkv, D|Dv]`,
   tokens: np.ndarray | None = None  # ... and each row's count `[B]`.
+  # The reference's: `returned -> grads` with a tiled backward's delta
+  # (`_tiled_grads`).
+  tiled_grads: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
 
 
 def expected(d: Draw, x: Inputs) -> Result:
@@ -433,8 +442,38 @@ def expected(d: Draw, x: Inputs) -> Result:
 
   (out, lse), vjp = jax.vjp(f, x.floats)
   grads = vjp((_cotangent(d), jnp.zeros_like(lse)))[0]
-  return Result(np.asarray(out), np.asarray(lse),
-                {k: np.asarray(g) for k, g in grads.items()})
+  tiled = _tiled_grads(d, out, lambda dout, dlse: vjp((dout, dlse))[0])
+  return Result(np.asarray(out), np.asarray(lse), _numpy(grads),
+                tiled_grads=tiled)
+
+
+def _numpy(grads):
+  return {k: np.asarray(g) for k, g in grads.items()}
+
+
+def _tiled_grads(d: Draw, out, vjp):
+  """`returned -> grads`: the reference's gradients as a tiled backward
+  computes them from the output it `returned` (`[B, Sq, H, Dv]`, float32).
+
+  A mechanism's output is in the call's dtype, so its cotangent dO arrives
+  rounded to it; and the tiled backward (`blockwise`, `flash`, `ring`;
+  FlashAttention's and cuDNN's too) takes `delta = rowsum(dO O)` from the
+  output it returned, not the exact `sum_j P_ij dP_ij`. Its `dS = P (dP -
+  delta)` so differs from the reference's by `-P_ij c_i`, `c_i = dO_i (O_i -
+  Ō_i)` (O returned, Ō the reference's output): the gradient of `-c_i
+  lse_i`. So the reference's vjp with the rounded dO and `-c` as the lse's
+  cotangent is that gradient. In bfloat16 the difference matters where a
+  gradient is a sum whose terms cancel (the slopes of a score_mod, sinks, dK
+  of a key few queries see): `blockwise`'s and `flash`'s slopes of seed
+  2193 are 7.9e-2 from the exact gradient and 2.5e-6 from this one.
+  `vjp(dout [B, Sq, H, Dv], dlse [B, H, Sq])` is the reference's vjp."""
+  dout = jnp.asarray(_cotangent(d), d.dtype).astype(jnp.float32)
+
+  def grads(returned):
+    error = jnp.where(jnp.isnan(out), 0.0, jnp.asarray(returned) - out)
+    return _numpy(vjp(dout, -jnp.einsum("bqhd,bqhd->bhq", dout, error)))
+
+  return grads
 
 
 def _expected_cache(d: Draw, x: Inputs, prefix) -> Result:
@@ -474,14 +513,15 @@ def _expected_cache(d: Draw, x: Inputs, prefix) -> Result:
     return out, lse, (keys, values)
 
   (out, lse, (keys, values)), vjp = jax.vjp(f, x.floats)
-  grads = vjp((_cotangent(d), jnp.zeros_like(lse),
-               (jnp.zeros_like(keys), jnp.zeros_like(values))))[0]
+  no_cache = (jnp.zeros_like(keys), jnp.zeros_like(values))
+  grads = vjp((_cotangent(d), jnp.zeros_like(lse), no_cache))[0]
+  tiled = _tiled_grads(
+      d, out, lambda dout, dlse: vjp((dout, dlse, no_cache))[0])
   # The rows' tokens are compared, not those of a row that overflowed (it
   # lost tokens).
   tokens = np.where(x.overflow, 0, x.lengths + x.q_lengths)
-  return Result(np.asarray(out), np.asarray(lse),
-                {k: np.asarray(g) for k, g in grads.items()},
-                np.asarray(keys), np.asarray(values), tokens)
+  return Result(np.asarray(out), np.asarray(lse), _numpy(grads),
+                np.asarray(keys), np.asarray(values), tokens, tiled)
 
 
 def _rng(d: Draw) -> jax.Array:
@@ -564,21 +604,24 @@ def actual(mechanism: str, d: Draw, x: Inputs, jit: bool = True) -> Result:
 # --- Comparing -----------------------------------------------------------------
 
 
-def compare(d: Draw, got: Result, want: Result,
-            tolerance: float | None = None) -> tuple[list[str], dict[str, float]]:
+def compare(d: Draw, got: Result,
+            want: Result) -> tuple[list[str], dict[str, float]]:
   """`(failures, errors)` of `got` against `want`: what failed (empty: it
   passed) and the relative error of each quantity compared."""
-  tol = TOLERANCES[d.dtype] if tolerance is None else tolerance
   failures, errors = [], {}
 
-  def check(what, a, b):
+  def check(what, a, b, *others):
+    """`a` within the tolerance of `b`, or of one of `others` (as close)."""
+    tol = TOLERANCES[d.dtype]
+    if what in SUMMED:
+      tol = SUMMED_TOLERANCES.get(d.dtype, tol)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
       failures.append(f"{what}: shape {a.shape} != {b.shape}")
     elif not np.all(np.isfinite(a)):
       failures.append(f"{what}: non-finite values")
     else:
-      errors[what] = helpers.relative_error(a, b)
+      errors[what] = min(helpers.relative_error(a, c) for c in (b, *others))
       if errors[what] > tol:
         failures.append(f"{what}: relative error {errors[what]:.3g} > "
                         f"{tol:.3g}")
@@ -596,8 +639,11 @@ def compare(d: Draw, got: Result, want: Result,
   else:
     skip = empty | nan
     check("lse", np.where(skip, 0, got.lse), np.where(skip, 0, want.lse))
+  # A gradient matches the exact one or the one with the delta of the output
+  # the mechanism returned (`_tiled_grads`): both are the reference's.
+  tiled = want.tiled_grads(np.where(np.isnan(got.out), 0, got.out))
   for name, g in want.grads.items():
-    check(f"d{name}", got.grads.get(name, np.zeros_like(g)), g)
+    check(f"d{name}", got.grads.get(name, np.zeros_like(g)), g, tiled[name])
   if want.keys is not None:
     # Only each row's tokens are compared: slots past them are unspecified.
     for b, n in enumerate(want.tokens):

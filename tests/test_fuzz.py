@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fuzz_mechanisms as fuzz
+import helpers
 
 SEEDS = (33, 35, 108, 156, 289, 353)
 
@@ -69,3 +70,22 @@ def test_the_oracle_catches_a_wrong_answer():
   want = fuzz.expected(d, fuzz.make_inputs(d))
   grads = dict(want.grads, k=want.grads["k"] * 1.1)
   assert fuzz.compare(d, dataclasses.replace(want, grads=grads), want)[0]
+
+
+def test_the_tiled_delta_explains_bfloat16_gradients():
+  """Seed 2193 (bfloat16, an ALiBi-like score_mod): `blockwise`'s slopes
+  gradient is past bfloat16's tolerance from the exact reference, and
+  within float32 rounding of the reference's gradient with the delta of
+  the output `blockwise` returned (`fuzz._tiled_grads`), which so accounts
+  for all of it."""
+  d = fuzz.draw(2193)
+  assert d.dtype == "bfloat16" and d.score_mod
+  x = fuzz.make_inputs(d)
+  want = fuzz.expected(d, x)
+  got = fuzz.actual("blockwise", d, x)
+  tiled = want.tiled_grads(got.out)
+  exact_error = helpers.relative_error(got.grads["slopes"],
+                                       want.grads["slopes"])
+  tiled_error = helpers.relative_error(got.grads["slopes"], tiled["slopes"])
+  assert exact_error > fuzz.TOLERANCES["bfloat16"]
+  assert tiled_error < 1e-4
