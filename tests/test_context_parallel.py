@@ -452,6 +452,33 @@ def test_decoding_on_a_sequence_mesh_reads_the_cache_in_shards(case, kind):
     helpers.assert_close(got, expected, jnp.float32, f"{case} {name}")
 
 
+@pytest.mark.parametrize("sp", [2, 4])
+def test_one_token_on_a_sequence_mesh_writes_only_its_slot(sp):
+  """B = 1, one new token at slot 9 of a dense cache whose 16 slots the mesh
+  splits: the returned cache is the old one with that slot written, every
+  other shard unchanged, jitted and differentiated (XLA rewrote the write's
+  one-update scatter into one that put another slot's token into the last
+  slot of each shard before 9's: `cache_lib.write`)."""
+  rng = helpers.rng_for("one token", sp)
+  q, k, v = helpers.random_qkv(rng, 1, 1, 1, 4, 2, 8)
+  keys, values = (helpers.random_array(rng, (1, 16, 2, 8)) for _ in "kv")
+  cache = fa.KVCache(keys, values, jnp.asarray([9], jnp.int32))
+  mesh = fa.make_mesh((1, 1, 1, sp))
+
+  def step(q, k, v):
+    attention = fa.create_attention("vanilla", num_heads=4, head_dim=8,
+                                    num_kv_heads=2, mesh=mesh)
+    result = attention(q, k, v, cache=cache, causal=True)
+    return jnp.sum(result.attention_outputs), result.cache
+
+  loss = lambda *args: hk.transform(step).apply({}, None, *args)
+  for f in (loss, jax.grad(loss, has_aux=True)):
+    _, new = jax.jit(f)(q, k, v)
+    np.testing.assert_array_equal(new.keys, keys.at[0, 9].set(k[0, 0]))
+    np.testing.assert_array_equal(new.values, values.at[0, 9].set(v[0, 0]))
+    np.testing.assert_array_equal(new.lengths, [10])
+
+
 def test_ring_refuses_a_dense_bias_naming_who_supports_it():
   q, k, v = helpers.random_qkv(helpers.rng_for("bias"), 1, 16, 16, 4, 4, 8)
   with pytest.raises(NotImplementedError, match="'bias' is not supported by "

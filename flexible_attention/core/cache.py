@@ -315,8 +315,23 @@ def write(cache, key, value, q_lengths=None):
   # past the end), so XLA may write the slots in parallel, without atomics.
   dropped = jnp.arange(batch * new_len, dtype=jnp.int32).reshape(batch,
                                                                  new_len)
-  scatter = lambda buffer, index, x: buffer.at[index].set(
-      x, mode="drop", unique_indices=True)
+
+  def scatter(buffer, index, x):
+    """`buffer.at[index].set(x)`, `index` `([B, Sq], [B, Sq])`, `x` `[B,
+    Sq, ...]`, out-of-range slots dropped."""
+    index = tuple(i.reshape(-1) for i in index)
+    x = x.reshape((-1,) + x.shape[2:])
+    if x.shape[0] == 1:
+      # XLA (jax 0.10.2 and 0.11.2) rewrites a scatter of one update as a
+      # dynamic-update-slice, and once the buffer is sharded over the slots
+      # (a sequence mesh) a device whose shard does not hold the slot
+      # writes another slot's token into its last slot; a second update,
+      # dropped, keeps the scatter one (`tests/test_context_parallel.py -k
+      # one_token`).
+      index = tuple(jnp.append(i, buffer.shape[n] + 1)  # Past any index.
+                    for n, i in enumerate(index))
+      x = jnp.concatenate([x, jnp.zeros_like(x)])
+    return buffer.at[index].set(x, mode="drop", unique_indices=True)
   if isinstance(cache, KVCache):
     fits = positions < cache.max_length
     # Out of range (from L on) means dropped: padded slots and overflow
