@@ -325,8 +325,8 @@ def write(cache, key, value, q_lengths=None):
       # XLA (jax 0.10.2 and 0.11.2) rewrites a scatter of one update as a
       # dynamic-update-slice, and once the buffer is sharded over the slots
       # (a sequence mesh) a device whose shard does not hold the slot
-      # writes another slot's token into its last slot; a second update,
-      # dropped, keeps the scatter one (`tests/test_context_parallel.py -k
+      # writes another slot's token into its last slot. A second update,
+      # dropped, keeps it a scatter (`tests/test_context_parallel.py -k
       # one_token`).
       index = tuple(jnp.append(i, buffer.shape[n] + 1)  # Past any index.
                     for n, i in enumerate(index))
