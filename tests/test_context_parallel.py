@@ -458,9 +458,11 @@ def test_one_token_on_a_sequence_mesh_writes_only_its_slot(sp):
   splits: the returned cache is the old one with that slot written, every
   other shard unchanged, jitted and differentiated (XLA rewrote the write's
   one-update scatter into one that put another slot's token into the last
-  slot of each shard before 9's: `cache_lib.write`)."""
+  slot of each shard before 9's: `cache_lib.write`); the output and the
+  gradients of q, k, v are the reference's over the row's 10 tokens."""
   rng = helpers.rng_for("one token", sp)
   q, k, v = helpers.random_qkv(rng, 1, 1, 1, 4, 2, 8)
+  ct = helpers.random_array(rng, q.shape)
   keys, values = (helpers.random_array(rng, (1, 16, 2, 8)) for _ in "kv")
   cache = fa.KVCache(keys, values, jnp.asarray([9], jnp.int32))
   mesh = fa.make_mesh((1, 1, 1, sp))
@@ -469,14 +471,25 @@ def test_one_token_on_a_sequence_mesh_writes_only_its_slot(sp):
     attention = fa.create_attention("vanilla", num_heads=4, head_dim=8,
                                     num_kv_heads=2, mesh=mesh)
     result = attention(q, k, v, cache=cache, causal=True)
-    return jnp.sum(result.attention_outputs), result.cache
+    return jnp.sum(result.attention_outputs * ct), (result.attention_outputs,
+                                                    result.cache)
 
   loss = lambda *args: hk.transform(step).apply({}, None, *args)
-  for f in (loss, jax.grad(loss, has_aux=True)):
-    _, new = jax.jit(f)(q, k, v)
+  want = helpers.reference_vjp(
+      q, jnp.concatenate([keys[:, :9], k], 1),
+      jnp.concatenate([values[:, :9], v], 1), ct, call={"causal": True})
+  _, (out, new) = jax.jit(loss)(q, k, v)
+  grads, (_, new_in_grad) = jax.jit(jax.grad(loss, argnums=(0, 1, 2),
+                                             has_aux=True))(q, k, v)
+  for new in (new, new_in_grad):
     np.testing.assert_array_equal(new.keys, keys.at[0, 9].set(k[0, 0]))
     np.testing.assert_array_equal(new.values, values.at[0, 9].set(v[0, 0]))
     np.testing.assert_array_equal(new.lengths, [10])
+  helpers.assert_close(out, want.out, jnp.float32, "out")
+  dq, dk, dv = want.grads
+  for name, got, expected in zip(("dq", "dk", "dv"), grads,
+                                 (dq, dk[:, 9:], dv[:, 9:])):
+    helpers.assert_close(got, expected, jnp.float32, name)
 
 
 def test_ring_refuses_a_dense_bias_naming_who_supports_it():
