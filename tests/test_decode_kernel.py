@@ -181,6 +181,28 @@ def test_overflowing_rows_are_nan_and_the_others_exact(num_splits):
   assert not np.any(np.isnan(np.asarray(res.out[::3])))
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_check_overflow_flags_the_rows_the_cache_write_flags(window):
+  """`check_overflow`: the rows `cache_lib.overflowing_rows` finds (an
+  entry below the length that names no page, a length past the table) are
+  NaN, eagerly (no error for them) and under jit; the others match the
+  reference, -1 entries past their lengths included."""
+  q, kp, vp, table, n, pos = _paged("check_overflow", lengths=(29, 20, 32, 3))
+  table = table.at[1, 2].set(-1).at[3, 5].set(kp.shape[0])
+  n = n.at[2].set(33)  # Capacity 8 pages of 4.
+  fn = functools.partial(decode.decode_attention, sm_scale=0.3, interpret=True,
+                         check_overflow=True, window=window, num_splits=3,
+                         pages_per_block=4)
+  want = _reference_jit(q, kp, vp, table, jnp.minimum(n, 32), pos,
+                        sm_scale=0.3, window=window,
+                        overflow=jnp.asarray([False, True, True, False]))
+  for run in (fn, jax.jit(fn, compiler_options=JIT_OPTIONS)):
+    res = run(q, kp, vp, table, n, pos)
+    _compare((res.out, res.lse), want, TOL["float32"], "check_overflow")
+  with pytest.raises(ValueError, match="overflow or check_overflow"):
+    fn(q, kp, vp, table, n, pos, overflow=jnp.zeros((4,), bool))
+
+
 def test_non_causal_two_sided_window_matches_reference():
   """Without causal, window (6, 2): keys after the query are visible up to
   the row's length, and blocks before `q_pos - 6` are skipped."""
@@ -466,9 +488,9 @@ def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   else:  # A dense cache's pages (64 = 2 rows of 32), without a table.
     no_table = helpers.lower_for_cuda(
         lambda q, kp, vp, table, n, pos: fn(q, kp, vp, None, n, pos), *args)
-    # q, the pages, lengths, positions and the rows' poison: no table.
+    # q, the pages, lengths and positions: no table, no rows' poison.
     operands = re.search(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", no_table)
-    assert len(operands.group(1).split(",")) == 6, operands.group(1)
+    assert len(operands.group(1).split(",")) == 5, operands.group(1)
   if kw["num_splits"] == 1:  # The output is the kernel's, untouched, with
     # overflowing rows too (the kernel writes their NaN).
     overflow = jax.ShapeDtypeStruct(args[0].shape[:1], jnp.bool_)
@@ -563,10 +585,40 @@ def test_backend_policy_refuses_what_it_cannot_serve():
     decode.decode_attention(**args, backend="cuda", interpret=True)
 
 
+@pytest.mark.parametrize("page_size", [16, None], ids=["paged", "dense"])
+def test_mosaic_kernel_tests_the_cache_itself(page_size):
+  """`check_overflow` on the Mosaic kernel: the kernel takes no rows'
+  poison and XLA runs no reduction over the table before it (the lowered
+  program reduces as much as a call without the test); with a window
+  (entries below it are never read) the test is an XLA reduction."""
+  args = _abstract_decode_args(1, 32, 8, 128, page_size or 16)
+
+  def lowered(**kw):
+    fn = functools.partial(decode.decode_attention, sm_scale=0.1,
+                           backend="mosaic", num_splits=3, **kw)
+    if page_size is None:  # A dense cache's pages: no table.
+      return helpers.lower_for_cuda(
+          lambda q, kp, vp, n, pos: fn(q, kp, vp, None, n, pos),
+          *args[:3], *args[4:])
+    return helpers.lower_for_cuda(fn, *args)
+
+  reductions = lambda text: text.count("stablehlo.reduce")
+  plain, checked = lowered(), lowered(check_overflow=True)
+  operands = re.search(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", checked)
+  assert len(operands.group(1).split(",")) == 5 + (page_size is not None)
+  assert reductions(checked) == reductions(plain)
+  if page_size:
+    assert (reductions(lowered(check_overflow=True, window=64)) >
+            reductions(lowered(window=64)))
+
+
 MOSAIC_CASES = ("gqa_paged16_causal_ragged",
                 "four_new_paged128_window_softcap",
                 "mqa_paged8_padded_queries_splits_overflow", "dense_d64",
-                "sinks_d256", "one_split_four_new_padded_queries_overflow")
+                "sinks_d256", "one_split_four_new_padded_queries_overflow",
+                "paged16_splits_check_the_cache",
+                "one_split_checks_the_cache_past_its_queries",
+                "dense_checks_its_length")
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
@@ -592,6 +644,7 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
   lengths = (1000, 0, 357, 3)
   kw, q_valid, sinks, overflow = dict(causal=True), None, None, None
   no_table = False
+  check = None  # The rows `check_overflow` must find (the kernel's test).
   if case == "gqa_paged16_causal_ragged":
     inputs = _paged(case, d=128, ps=16, max_pages=64, lengths=lengths,
                     dtype=jnp.bfloat16)
@@ -621,6 +674,34 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
     q = jnp.asarray(rng.standard_normal((3, 2, 8, 64)), jnp.bfloat16)
     inputs = (q, kp, vp, table, n, n[:, None] - 2 + jnp.arange(2)[None, :])
     no_table = True  # The kernel takes the dense pages without it.
+  elif case == "paged16_splits_check_the_cache":
+    # Row 1: an entry below its length names no page (found by the split
+    # that copies it); row 2: a length past the table's 1024 tokens (the
+    # consumer's test); row 3: -1 entries past its length only.
+    q, kp, vp, table, n, pos = _paged(
+        case, h=32, hkv=8, d=128, ps=16, max_pages=64, sq=1,
+        lengths=(1000, 700, 1024, 3), dtype=jnp.bfloat16)
+    inputs = (q, kp, vp, table.at[1, 40].set(-1), n.at[2].set(1030), pos)
+    check = [False, True, True, False]
+    kw.update(num_splits=3)
+  elif case == "one_split_checks_the_cache_past_its_queries":
+    # The queries stop at token 100 and the bad entry (token 900) is in
+    # blocks no copy reads: the producer's walk past them finds it.
+    q, kp, vp, table, n, pos = _paged(
+        case, b=2, h=32, hkv=8, d=128, ps=16, max_pages=64, sq=1,
+        lengths=(1000, 1000), shared=0, dtype=jnp.bfloat16)
+    inputs = (q, kp, vp, table.at[0, 56].set(-1), n, jnp.full_like(pos, 100))
+    check = [True, False]
+    kw.update(num_splits=1)
+  elif case == "dense_checks_its_length":
+    rng = helpers.rng_for(case)
+    keys, values = (jnp.asarray(rng.standard_normal((2, 512, 2, 64)),
+                                jnp.bfloat16) for _ in range(2))
+    kp, vp, table = decode.dense_as_pages(keys, values)
+    q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.bfloat16)
+    inputs = (q, kp, vp, table, jnp.asarray([513, 300], jnp.int32),
+              jnp.asarray([[511], [299]], jnp.int32))
+    no_table, check = True, [True, False]
   else:
     inputs = _paged(case, d=256, ps=16, max_pages=32, lengths=(500, 0, 37, 3),
                     dtype=jnp.bfloat16)
@@ -630,10 +711,18 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
                if k in kw}
   res = jax.jit(functools.partial(
       decode.decode_attention, sm_scale=0.125, backend="mosaic", sinks=sinks,
-      q_valid=q_valid, overflow=overflow, **decode_kw, **kw))(
+      q_valid=q_valid, overflow=overflow, check_overflow=check is not None,
+      **decode_kw, **kw))(
           *inputs[:3], None if no_table else inputs[3], *inputs[4:])
+  if check is not None:
+    overflow = jnp.asarray(check)
+    np.testing.assert_array_equal(  # The write's flags for this cache.
+        decode._overflowing_rows(None if no_table else inputs[3],
+                                 inputs[4], inputs[1]), overflow)
   f32 = [x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
          for x in inputs]
+  capacity = inputs[3].shape[1] * inputs[1].shape[1]
+  f32[4] = jnp.minimum(f32[4], capacity)  # The reference's range.
   out, lse = _reference(*f32, sm_scale=0.125, q_valid=q_valid,
                         overflow=overflow, **kw)
   if sinks is not None:

@@ -332,7 +332,8 @@ def write(cache, key, value, q_lengths=None):
                     for n, i in enumerate(index))
       x = jnp.concatenate([x, jnp.zeros_like(x)])
     return buffer.at[index].set(x, mode="drop", unique_indices=True)
-  if isinstance(cache, KVCache):
+  paged = isinstance(cache, PagedKVCache)
+  if not paged:
     fits = positions < cache.max_length
     # Out of range (from L on) means dropped: padded slots and overflow
     # write nothing.
@@ -354,19 +355,44 @@ def write(cache, key, value, q_lengths=None):
         scatter(cache.key_pages, (page, slot), key),
         scatter(cache.value_pages, (page, slot), value),
         cache.page_table, new_lengths)
-  # A row overflows when it holds more tokens than fit: more than `L` (which
-  # covers every new token past the end), or, in a paged cache, a token in
-  # a page-table slot that names no page (which covers every new token that
-  # met one). Either way it stays flagged on every later call, new tokens or
-  # not: its cache lost tokens. One elementwise test and, paged, one
-  # reduction over the table, which XLA fuses with the lengths' add.
-  overflow = new_lengths > cache.max_length
-  if isinstance(cache, PagedKVCache):
-    table = cache.page_table.astype(jnp.int32)
-    needed = (jnp.arange(max_pages) * page_size)[None, :] < new_lengths[:,
-                                                                        None]
-    overflow |= jnp.any(needed & ((table < 0) | (table >= pages)), axis=1)
-  return new_cache, overflow
+  return new_cache, overflowing_rows(
+      new_lengths, max_pages * page_size if paged else cache.max_length,
+      cache.page_table if paged else None, pages if paged else None)
+
+
+def overflowing_rows(lengths, capacity: int, page_table=None,
+                     num_pages: int | None = None):
+  """The rows that hold more tokens than their cache fits (`[B]` bool).
+
+  The one definition of an overflowing row (module docstring), for the
+  cache write and for a kernel that tests it itself (flash's decode
+  kernel): more than `capacity` tokens (which covers every new token past
+  the end), or, in a paged cache, a token in a page-table slot that names
+  no page (which covers every new token that met one). Either way the row
+  stays flagged on every later call, new tokens or not: its cache lost
+  tokens. One elementwise test and, paged, one reduction over the table,
+  which XLA fuses with the lengths' add.
+
+  Args:
+    lengths: `[B]` ints, the rows' token counts after the write.
+    capacity: tokens a row fits: `L`, or, paged, `max_pages * page_size`
+      (the page size is `capacity // max_pages`).
+    page_table: `[B, max_pages]` ints, or None for a dense cache.
+    num_pages: P, the pages of the pool (with `page_table`).
+
+  Returns:
+    `[B]` bool.
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  overflow = lengths > capacity
+  if page_table is not None:
+    table = jnp.asarray(page_table, jnp.int32)
+    max_pages = table.shape[1]
+    page_size = capacity // max_pages
+    needed = (jnp.arange(max_pages) * page_size)[None, :] < lengths[:, None]
+    overflow |= jnp.any(needed & ((table < 0) | (table >= num_pages)),
+                        axis=1)
+  return overflow
 
 
 def dense_view(cache) -> tuple[jax.Array, jax.Array]:

@@ -114,11 +114,13 @@ def dense_table(batch: int, pages: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  """The custom_vjp's static argument: the kernel's record and the tiles of
-  the backward's flash kernels."""
+  """The custom_vjp's static argument: the kernel's record, the tiles of
+  the backward's flash kernels, and whether the Mosaic kernel tests which
+  rows overflowed itself (`decode_attention`'s `check_overflow`)."""
 
   static: DecodeStatic
   block_sizes: BlockSizes | None
+  kernel_checks: bool = False
 
 
 def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
@@ -146,7 +148,8 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
         page_table, 1, splits * launch.tokens_per_split // page_size)
     outs, lses = mosaic_decode.decode_partials(
         st, q, key_pages, value_pages, table, kv_lengths, q_positions,
-        q_valid, capacity, overflow=overflow, final=final)
+        q_valid, capacity, overflow=overflow, check_cache=cfg.kernel_checks,
+        final=final)
     overflow = None  # The kernel wrote NaN (the merge keeps it).
   else:
     if q_valid is None:
@@ -214,6 +217,8 @@ def _decode_bwd(cfg, residuals, cotangents):
   (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
    sinks, overflow, out, lse) = residuals
   dout, dlse = cotangents
+  if cfg.kernel_checks:  # The forward's test, in XLA.
+    overflow = _overflowing_rows(page_table, kv_lengths, key_pages)
   if page_table is None:
     page_table = dense_table(q.shape[0], key_pages.shape[0] // q.shape[0])
   if q_valid is None:
@@ -246,6 +251,18 @@ def _decode_bwd(cfg, residuals, cotangents):
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def _overflowing_rows(page_table, kv_lengths, key_pages):
+  """`cache_lib.overflowing_rows` of the call's table (None: a dense
+  cache's pages) and lengths: `[B]` bool."""
+  batch = kv_lengths.shape[0]
+  num_pages, page_size = key_pages.shape[:2]
+  if page_table is None:
+    return cache_lib.overflowing_rows(kv_lengths,
+                                      num_pages // batch * page_size)
+  return cache_lib.overflowing_rows(
+      kv_lengths, page_table.shape[1] * page_size, page_table, num_pages)
 
 
 def _check_int(name: str, x, shape: tuple[int, ...], expected: str):
@@ -305,7 +322,8 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                      backend: str | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool = False,
-                     sinks=None, overflow=None) -> KernelOutput:
+                     sinks=None, overflow=None,
+                     check_overflow: bool = False) -> KernelOutput:
   """Attention of a few new queries per row against a paged KV cache.
 
   Query `i` of row `b` (at token index `q_positions[b, i]`) attends to the
@@ -360,6 +378,16 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     overflow: `[B]` bool, rows whose cache overflowed (`core/cache.py`):
       their out and lse are NaN (the Mosaic kernel writes them so), and no
       gradient flows from them; or None.
+    check_overflow: instead of `overflow`, flag the rows that overflowed
+      by `core/cache.py`'s test (`cache_lib.overflowing_rows`: a length
+      past the table's `M * ps` tokens, or an entry outside `[0, P)` that
+      holds a token below the length), as a cache call whose table and
+      lengths these are: such rows give NaN, no gradient and no error. The
+      Mosaic kernel tests them itself where its loads read every entry the
+      test covers (a dense cache's pages; a table with no window and every
+      query slot real): its producer checks each page id it reads, its
+      consumer the length, and no pass over the table runs before it.
+      Elsewhere, and in the backward, an XLA reduction over the table.
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32,
@@ -433,8 +461,14 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
   window = canonical_window(window, bool(causal))
   if precision is not None and not isinstance(precision, lax.Precision):
     precision = lax.Precision(precision)
-  _check_table_values(dense_table(batch, table_len) if page_table is None
-                      else page_table, kv_lengths, num_pages, page_size)
+  if not isinstance(check_overflow, (bool, np.bool_)):
+    raise TypeError(f"check_overflow must be a python bool, got "
+                    f"{check_overflow!r}.")
+  if check_overflow and overflow is not None:
+    raise ValueError("pass overflow or check_overflow, not both.")
+  if not check_overflow:  # Otherwise a bad entry or length is a NaN row.
+    _check_table_values(dense_table(batch, table_len) if page_table is None
+                        else page_table, kv_lengths, num_pages, page_size)
   backend = launch_policy.choose_decode_backend(
       backend, mosaic_reason=mosaic_decode.unsupported_reason(
           dtype=q.dtype, head_dim=head_dim, value_dim=value_dim,
@@ -464,9 +498,13 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     if tuple(overflow.shape) != (batch,) or overflow.dtype != jnp.bool_:
       raise ValueError(f"overflow must be [B] = ({batch},) bool, got shape "
                        f"{tuple(overflow.shape)} and dtype {overflow.dtype}.")
-  out, lse = _decode(_Config(st, block_sizes), q, key_pages, value_pages,
-                     page_table, kv_lengths, q_positions, q_valid, sinks,
-                     overflow)
+  kernel_checks = check_overflow and backend == "mosaic" and (
+      page_table is None or (window is None and q_valid is None))
+  if check_overflow and not kernel_checks:
+    overflow = _overflowing_rows(page_table, kv_lengths, key_pages)
+  out, lse = _decode(_Config(st, block_sizes, kernel_checks), q, key_pages,
+                     value_pages, page_table, kv_lengths, q_positions,
+                     q_valid, sinks, overflow)
   return KernelOutput(out, lse, None)
 
 
@@ -558,8 +596,15 @@ def cache_attention(inputs: AttentionInputs, dropout=None, *,
     # The dense cache's pages, without their table: the kernels know it.
     key_pages, value_pages, _ = dense_as_pages(inputs.key, inputs.value)
     table = None
+  # The rows of `inputs.overflow` are those `cache_lib.overflowing_rows`
+  # finds in the cache's table and lengths, which the decode call receives:
+  # it tests them again (in the Mosaic kernel, or fused with its XLA steps),
+  # so the write's reduction over the table drops out of the program. A
+  # key shard's lengths are the shard's: its flags come as they are.
+  check = inputs.overflow is not None and not inputs.key_shard
   return decode_attention(
       inputs.query, key_pages, value_pages, table, kv_lengths,
       q_positions, sm_scale=sm_scale, softcap=softcap, causal=vis.causal,
       window=vis.window, precision=precision, block_sizes=block_sizes,
-      interpret=interpret, sinks=inputs.sinks, overflow=inputs.overflow)
+      interpret=interpret, sinks=inputs.sinks, check_overflow=check,
+      overflow=None if check else inputs.overflow)

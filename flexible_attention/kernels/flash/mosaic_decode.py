@@ -28,9 +28,19 @@ Blocks outside the tokens the program's rows can see (past the row's length,
 after its last query under causal, outside the window) are never loaded; a
 split with none writes out 0 and lse -inf. Page ids read from the table are
 clamped to `[0, P)` (as the Triton kernel does). A row whose cache
-overflowed gets NaN out and lse from the epilogue (each program reads its
-row's `0` or NaN and adds it to its rows' `1 / l` and lse), so no pass over
-the output follows the kernel.
+overflowed gets NaN out and lse from the epilogue (it adds the row's `0` or
+NaN to its rows' `1 / l` and lse), so no pass over the output follows the
+kernel. Which rows overflowed comes as an operand (`overflow`), or the
+kernel tests it itself (`check_cache`: `core/cache.py`'s
+`overflowing_rows`): the consumer compares the row's length with the
+capacity, and the producer checks each table entry it reads for a page id
+outside `[0, P)` below the length (one comparison per id it loads anyway;
+then, for a split whose queries stop before the row's length, the entries
+of the rest of its part) and leaves its verdict in shared memory behind a
+barrier the epilogue waits on. The producer reads every entry below the
+length only where the row's queries see every token up to it: no window,
+every query slot real (the caller's contract; `decode.py` tests the other
+calls in XLA).
 
 Shared memory: the query tile `[ROWS, D]` and its unswizzled stage (the
 new tokens' query heads are copied there from `[B, Sq, H, D]`, then
@@ -156,11 +166,17 @@ def _row_vectors(pos_ref, valid_ref, batch, groups: int, layout):
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-            poison_ref, out_ref, lse_ref, scratch, *, st, rows_out: int,
-            groups: int,
-            capacity: int, final: bool):
-  (q_smem, q_stage, k_smem, v_smem, out_smem, lse_smem, q_ready, k_ready,
-   v_ready, k_free, v_free) = scratch
+            poison_ref, out_ref, lse_ref, smem_refs, barrier_refs, *, st,
+            rows_out: int, groups: int, capacity: int, final: bool,
+            check_cache: bool):
+  # With `check_cache` and a table, one more of each: the producer's verdict
+  # on the entries it read (0, or NaN when one names no page) and the
+  # barrier behind it.
+  (q_smem, q_stage, k_smem, v_smem, out_smem, lse_smem,
+   *verdict_smem) = smem_refs
+  q_ready, k_ready, v_ready, k_free, v_free, *verdict_ready = barrier_refs
+  verdict_smem = verdict_smem[0] if verdict_smem else None
+  verdict_ready = verdict_ready[0] if verdict_ready else None
   launch = st.launch
   bk, stages = launch.block_tokens, launch.stages
   num_pages, page_size = k_ref.shape[0], k_ref.shape[1]
@@ -237,10 +253,20 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
     acc, m, l = lax.fori_loop(lo_block, hi_block, step, carry)
     nonempty = l > 0.0
     safe_l = jnp.where(nonempty, l, 1.0)
-    poison = poison_ref[batch]  # 0, or NaN for a row that overflowed.
-    acc = acc * lax.broadcast_in_dim(1.0 / safe_l + poison, acc.shape, [0])
-    lse_smem[...] = jnp.where(nonempty, m * LN2 + jnp.log(safe_l),
-                              -jnp.inf) + poison
+    inv_l = 1.0 / safe_l
+    lse = jnp.where(nonempty, m * LN2 + jnp.log(safe_l), -jnp.inf)
+    poison = None  # 0, or NaN for a row that overflowed.
+    if poison_ref is not None:
+      poison = poison_ref[batch]
+    elif check_cache:
+      poison = jnp.where(length_ref[batch] > capacity, jnp.nan, 0.0)
+      if verdict_smem is not None:
+        plgpu.barrier_wait(verdict_ready)
+        poison = poison + verdict_smem[0]
+    if poison is not None:
+      inv_l, lse = inv_l + poison, lse + poison
+    acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+    lse_smem[...] = lse
     cols = out_smem.shape[1]  # The output goes out `cols` columns at a time.
     for c in range(acc.shape[1] // cols):
       columns = pl.ds(c * cols, cols)
@@ -262,6 +288,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
   @pl.when(wg == 1)
   def _producer():
+    check_table = verdict_smem is not None
     if table_ref is None:  # Dense pages: row b's are b M ... b M + M - 1.
       row_pages = capacity // page_size
 
@@ -269,17 +296,26 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
         """The page of each copy of block j (any j: inside the row)."""
         return [batch * row_pages + jnp.clip(
             lax.div(j * bk + c * chunk, page_size), 0, row_pages - 1)
-                for c in range(bk // chunk)]
+                for c in range(bk // chunk)], None
     else:
       last_block = table_ref.shape[1] * page_size // bk - 1
 
       def page_ids(j):
         """The page of each copy of block j (any j: the table is read
-        inside its bounds)."""
+        inside its bounds) and, with `check_table`, 1 if one of the entries
+        read names no page though a token below the row's length lives
+        there (else 0)."""
         j = jnp.clip(j, 0, last_block)
-        return [jnp.clip(table_ref[batch, lax.div(j * bk + c * chunk,
-                                                  page_size)],
-                         0, num_pages - 1) for c in range(bk // chunk)]
+        ids, bad = [], None
+        for c in range(bk // chunk):
+          entry = lax.div(j * bk + c * chunk, page_size)
+          page = table_ref[batch, entry]
+          ids.append(jnp.clip(page, 0, num_pages - 1))
+          if check_table:
+            wrong = ((entry * page_size < length) &
+                     ((page < 0) | (page >= num_pages))).astype(jnp.int32)
+            bad = wrong if bad is None else bad | wrong
+        return ids, bad
 
     def copy(ref, smem, ready, j, pages):
       for c, page in enumerate(pages):
@@ -292,31 +328,46 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
       copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
       copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
 
+    def either(bad, more):  # Two verdicts (None: not checking) as one.
+      return None if bad is None else bad | more
+
     # The first slots' page ids (and the loop's first) are read together:
     # their global-memory latencies overlap instead of adding up.
     first = lo_block + stages
-    ids = [page_ids(lo_block + slot) for slot in range(stages + 1)]
+    ids, bads = zip(*[page_ids(lo_block + slot) for slot in range(stages + 1)])
     for slot in range(stages):
       pl.when(lo_block + slot < hi_block)(
           functools.partial(load, lo_block + slot, slot, ids[slot]))
 
-    def refill(j, ids):
+    def refill(j, carry):
+      ids, bad = carry
       slot = lax.rem(j - lo_block, stages)
       # The next block's page ids are read a step ahead: their latency
       # overlaps this step's waits and copies.
-      next_ids = page_ids(j + 1)
+      next_ids, next_bad = page_ids(j + 1)
       plgpu.barrier_wait(k_free.at[slot])
       copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
       plgpu.barrier_wait(v_free.at[slot])
       copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
-      return next_ids
+      return next_ids, either(bad, next_bad)
 
-    lax.fori_loop(first, hi_block, refill, ids[stages])
+    bad = functools.reduce(either, bads)
+    _, bad = lax.fori_loop(first, hi_block, refill, (ids[stages], bad))
+    if check_table:
+      # The entries of the split's part below the length that the queries
+      # do not reach (none in a cache call: its last query is the row's
+      # last token), read without copying their pages.
+      stop = jnp.minimum(start + launch.tokens_per_split, length)
+      gap_end = jnp.maximum(lax.div(stop + bk - 1, bk), hi_block)
+      bad = lax.fori_loop(hi_block, gap_end,
+                          lambda j, bad: bad | page_ids(j)[1], bad)
+      verdict_smem[0] = jnp.where(bad != 0, jnp.nan, 0.0)
+      plgpu.barrier_arrive(verdict_ready)
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
                     q_positions, q_valid, capacity: int, overflow=None,
-                    final: bool = False):
+                    check_cache: bool = False, final: bool = False):
   """The decode kernel: each split's partial attention.
 
   Args:
@@ -338,6 +389,11 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
     capacity: `M0 * ps`, the tokens the unpadded table holds.
     overflow: `[B]` bool, rows whose cache overflowed (their out and lse
       NaN), or None.
+    check_cache: instead of `overflow`, test which rows overflowed
+      (`cache_lib.overflowing_rows(kv_lengths, capacity, page_table[:,
+      :M0], P)`) in the kernel. With a table, the call must have no window
+      and no `q_valid` (the producer then reads every entry the test
+      covers).
     final: with one split (S = 1), write the attention itself: `out` in
       q's dtype and the call's layout, no step after the kernel but the
       lse's (for a call with sinks, which merge after the kernel: False).
@@ -345,7 +401,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   Returns:
     `(out [S, B, Hkv, Ro, Dv] float32, lse [S, B, Hkv, Ro] float32)`: each
     split's normalised output and natural log-sum-exp (0 and -inf where the
-    split holds no visible key; NaN for the rows of `overflow`); `final`:
+    split holds no visible key; NaN for the rows that overflowed); `final`:
     out `[B, Sq, H, Dv]` in q's dtype.
   """
   launch = st.launch
@@ -361,17 +417,26 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
                      f"per KV head, at most {ROWS}.")
   if final and splits != 1:
     raise ValueError(f"mosaic decode: final takes one split, got {splits}.")
+  if check_cache and overflow is not None:
+    raise ValueError("mosaic decode: pass overflow or check_cache, not both.")
+  check_table = check_cache and page_table is not None
+  if check_table and (st.window is not None or q_valid is not None):
+    raise ValueError("mosaic decode: check_cache with a page table takes no "
+                     "window and no q_valid (its loads would not read every "
+                     "entry below the lengths).")
   chunk = min(key_pages.shape[1], bk)
   swizzled = wgmma_transforms(q.dtype)
   out_dtype = q.dtype if final else jnp.float32
 
   def body(*refs):
-    refs = list(refs)
-    q_ref, k_ref, v_ref = refs[:3]
-    table_ref = None if page_table is None else refs[3]
-    length_ref, pos_ref = refs[3 + (page_table is not None):][:2]
-    valid_ref = None if q_valid is None else refs[-4]
-    poison_ref, out_ref, lse_ref = refs[-3:]
+    # q, k, v, [table], lengths, positions, [q_valid], [poison], out, lse.
+    refs = iter(refs)
+    q_ref, k_ref, v_ref = next(refs), next(refs), next(refs)
+    table_ref = None if page_table is None else next(refs)
+    length_ref, pos_ref = next(refs), next(refs)
+    valid_ref = None if q_valid is None else next(refs)
+    poison_ref = None if overflow is None else next(refs)
+    out_ref, lse_ref = refs
     smem = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=swizzled),
         plgpu.SMEM((ROWS, head_dim), q.dtype),  # The queries' stage.
@@ -387,17 +452,20 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
     )
+    if check_table:  # The producer's verdict on the table, and its barrier.
+      smem += (plgpu.SMEM((1,), jnp.float32),)
+      barriers += (plgpu.Barrier(),)
 
     def scoped(smem_refs, barrier_refs):
       _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
-              poison_ref, out_ref, lse_ref, (*smem_refs, *barrier_refs),
+              poison_ref, out_ref, lse_ref, smem_refs, barrier_refs,
               st=st, rows_out=rows_out, groups=groups, capacity=capacity,
-              final=final)
+              final=final, check_cache=check_cache)
 
     pl.run_scoped(scoped, smem, barriers, collective_axes="wg")
 
-  poison = (jnp.zeros((batch,), jnp.float32) if overflow is None else
-            jnp.where(overflow, jnp.nan, 0.0).astype(jnp.float32))
+  poison = () if overflow is None else (
+      jnp.where(overflow, jnp.nan, 0.0).astype(jnp.float32),)
   out_shape = ((batch, q_len, num_kv_heads * groups, value_dim) if final else
                (splits, batch, num_kv_heads, rows_out, value_dim))
   out_type = (
@@ -411,4 +479,4 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   )(q, key_pages, value_pages,
     *(() if page_table is None else (page_table,)),
     kv_lengths.astype(jnp.int32), q_positions.astype(jnp.int32),
-    *(() if q_valid is None else (q_valid.astype(jnp.int32),)), poison)
+    *(() if q_valid is None else (q_valid.astype(jnp.int32),)), *poison)
