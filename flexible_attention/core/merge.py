@@ -59,6 +59,42 @@ def merge_stacked(outs: jax.Array, lses: jax.Array
   return out, total
 
 
+def merge_stacked_two_pass(outs: jax.Array, lses: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+  """`merge_stacked`'s value in two reductions over the parts, for forwards
+  whose derivative is defined elsewhere (the decode kernel's custom_vjp).
+
+  One variadic reduction carries each row's running `(max, sum of
+  exponentials)` pair (the pair's combination is the merge's rule, exact
+  with -inf parts and NaN-propagating), the second sums the weighted
+  outputs; XLA runs each as one kernel, where `merge_stacked`'s `all`,
+  max, sum of exponentials and weighted sum take more. Not differentiable
+  (a reduction with its own combination has no derivative rule).
+
+  Args:
+    outs: `[N, B, Sq, H, Dv]`.
+    lses: `[N, B, H, Sq]`, natural log, -inf where a set has no visible key.
+
+  Returns:
+    `(out [B, Sq, H, Dv] float32, lse [B, H, Sq] float32)`, as
+    `merge_stacked`'s.
+  """
+  lses = lses.astype(jnp.float32)
+
+  def combine(a, b):
+    (m1, s1), (m2, s2) = a, b
+    m = jnp.maximum(m1, m2)
+    safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    return m, s1 * jnp.exp(m1 - safe) + s2 * jnp.exp(m2 - safe)
+
+  m, s = jax.lax.reduce((lses, jnp.ones_like(lses)),
+                        (jnp.float32(-jnp.inf), jnp.float32(0.0)), combine,
+                        (0,))
+  total = jnp.where(s == 0.0, -jnp.inf, m + jnp.log(s))  # NaN stays NaN.
+  weights = jnp.swapaxes(part_weights(lses, total[None]), 2, 3)[..., None]
+  return jnp.sum(outs.astype(jnp.float32) * weights, axis=0), total
+
+
 def merge_pair(out, lse, other_out, other_lse):
   """Merges two float32 partial results (`[B, Sq, H, Dv]`, `[B, H, Sq]`);
   the ring's step, without stacking. A row empty in both keeps out 0 and

@@ -192,7 +192,7 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   if splits == 1:
     out, lse = outs[0], lses[0]
   else:
-    out, lse = merge.merge_stacked(outs, lses)
+    out, lse = merge.merge_stacked_two_pass(outs, lses)
   if sinks is not None:
     out, lse = merge.merge_sinks(out.astype(jnp.float32), lse, sinks)
   return poison_overflow(out.astype(q.dtype), lse, overflow)
