@@ -5,8 +5,8 @@ few new tokens runs: it checks its arguments, lays the queries out as one
 block of rows per KV head, chooses the backend and launch (pages per
 block or slots, and the key splits), runs the split-KV kernel
 (`mosaic_decode` on Hopper, `triton_decode` elsewhere), and
-merges the splits by their log-sum-exps (`core.merge.merge_stacked`, a
-small XLA step). A dense cache is served by the same kernel through a free
+merges the splits by their log-sum-exps (`core.merge.merge_stacked_two_pass`:
+two small XLA reductions). A dense cache is served by the same kernel through a free
 reshape (`dense_as_pages`). The backward does not rerun the forward: it
 gathers the pages into a dense `[B, M * ps, Hkv, D]` copy and runs flash's
 general backward kernels with the forward's output and log-sum-exp
