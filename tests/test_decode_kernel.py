@@ -612,6 +612,18 @@ def test_mosaic_kernel_tests_the_cache_itself(page_size):
             reductions(lowered(window=64)))
 
 
+def _dense_bf16(name, *, b, length, sq, h=8, hkv=2, d=64):
+  """bf16 queries `[b, sq, h, d]` and a dense cache's pages
+  (`dense_as_pages` of random keys and values `[b, length, hkv, d]`):
+  `(q, key_pages, value_pages, table)`."""
+  rng = helpers.rng_for(name)
+  keys, values = (jnp.asarray(rng.standard_normal((b, length, hkv, d)),
+                              jnp.bfloat16) for _ in range(2))
+  kp, vp, table = decode.dense_as_pages(keys, values)
+  q = jnp.asarray(rng.standard_normal((b, sq, h, d)), jnp.bfloat16)
+  return q, kp, vp, table
+
+
 MOSAIC_CASES = ("gqa_paged16_causal_ragged",
                 "four_new_paged128_window_softcap",
                 "mqa_paged8_padded_queries_splits_overflow", "dense_d64",
@@ -666,13 +678,9 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
     overflow = jnp.asarray([False, False, True, False])
     kw.update(num_splits=1)
   elif case == "dense_d64":
-    rng = helpers.rng_for(case)
-    keys, values = (jnp.asarray(rng.standard_normal((3, 768, 2, 64)),
-                                jnp.bfloat16) for _ in range(2))
-    kp, vp, table = decode.dense_as_pages(keys, values)
     n = jnp.asarray([768, 130, 64], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((3, 2, 8, 64)), jnp.bfloat16)
-    inputs = (q, kp, vp, table, n, n[:, None] - 2 + jnp.arange(2)[None, :])
+    inputs = (*_dense_bf16(case, b=3, length=768, sq=2), n,
+              n[:, None] - 2 + jnp.arange(2)[None, :])
     no_table = True  # The kernel takes the dense pages without it.
   elif case == "paged16_splits_check_the_cache":
     # Row 1: an entry below its length names no page (found by the split
@@ -694,12 +702,8 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
     check = [True, False]
     kw.update(num_splits=1)
   elif case == "dense_checks_its_length":
-    rng = helpers.rng_for(case)
-    keys, values = (jnp.asarray(rng.standard_normal((2, 512, 2, 64)),
-                                jnp.bfloat16) for _ in range(2))
-    kp, vp, table = decode.dense_as_pages(keys, values)
-    q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.bfloat16)
-    inputs = (q, kp, vp, table, jnp.asarray([513, 300], jnp.int32),
+    inputs = (*_dense_bf16(case, b=2, length=512, sq=1),
+              jnp.asarray([513, 300], jnp.int32),
               jnp.asarray([[511], [299]], jnp.int32))
     no_table, check = True, [True, False]
   else:
