@@ -199,6 +199,25 @@ def test_check_overflow_flags_the_rows_the_cache_write_flags(window):
   for run in (fn, jax.jit(fn, compiler_options=JIT_OPTIONS)):
     res = run(q, kp, vp, table, n, pos)
     _compare((res.out, res.lse), want, TOL["float32"], "check_overflow")
+  # No gradient from the flagged rows; the others' as the reference's.
+  ct = jnp.asarray(helpers.rng_for("check_overflow ct").standard_normal(
+      q.shape), jnp.float32)
+
+  def loss(attend):
+    def run(q, kp, vp):
+      out = attend(q, kp, vp)
+      return jnp.sum(jnp.where(jnp.isnan(out), 0.0, out) * ct)
+    return jax.jit(jax.grad(run, (0, 1, 2)), compiler_options=JIT_OPTIONS)
+
+  got = loss(lambda q, kp, vp: fn(q, kp, vp, table, n, pos,
+                                   block_sizes=BACKWARD_TILES).out)(q, kp, vp)
+  want = loss(lambda q, kp, vp: _reference(
+      q, kp, vp, table, jnp.minimum(n, 32), pos, sm_scale=0.3, window=window,
+      overflow=jnp.asarray([False, True, True, False]))[0])(q, kp, vp)
+  np.testing.assert_array_equal(got[0][1:3], 0.0)
+  for what, g, w in zip(("dq", "dkey_pages", "dvalue_pages"), got, want):
+    err = _rel(g, w)
+    assert err <= TOL["float32"], f"check_overflow: {what} error {err:.3g}"
   with pytest.raises(ValueError, match="overflow or check_overflow"):
     fn(q, kp, vp, table, n, pos, overflow=jnp.zeros((4,), bool))
 

@@ -4,10 +4,10 @@
 few new tokens runs: it checks its arguments, lays the queries out as one
 block of rows per KV head, chooses the backend and launch (pages per
 block or slots, and the key splits), runs the split-KV kernel
-(`mosaic_decode` on Hopper, `triton_decode` elsewhere), and
-merges the splits by their log-sum-exps (`core.merge.merge_stacked_two_pass`:
-two small XLA reductions). A dense cache is served by the same kernel through a free
-reshape (`dense_as_pages`). The backward does not rerun the forward: it
+(`mosaic_decode` on Hopper, `triton_decode` elsewhere), and merges the
+splits by their log-sum-exps (`core.merge.merge_stacked_two_pass`, two
+small XLA reductions). A dense cache is served by the same kernel through
+a free reshape (`dense_as_pages`). The backward does not rerun the forward: it
 gathers the pages into a dense `[B, M * ps, Hkv, D]` copy and runs flash's
 general backward kernels with the forward's output and log-sum-exp
 (`interface.backward_pass`, the structure of the call as `canonicalize`
@@ -209,6 +209,8 @@ def _decode_fwd(cfg, q, key_pages, value_pages, page_table, kv_lengths,
                 q_positions, q_valid, sinks, overflow):
   out, lse = _forward(cfg, q, key_pages, value_pages, page_table, kv_lengths,
                       q_positions, q_valid, sinks, overflow)
+  if cfg.kernel_checks:  # The kernel's test again, in XLA, for the backward.
+    overflow = _overflowing_rows(page_table, kv_lengths, key_pages)
   return (out, lse), (q, key_pages, value_pages, page_table, kv_lengths,
                       q_positions, q_valid, sinks, overflow, out, lse)
 
@@ -217,8 +219,6 @@ def _decode_bwd(cfg, residuals, cotangents):
   (q, key_pages, value_pages, page_table, kv_lengths, q_positions, q_valid,
    sinks, overflow, out, lse) = residuals
   dout, dlse = cotangents
-  if cfg.kernel_checks:  # The forward's test, in XLA.
-    overflow = _overflowing_rows(page_table, kv_lengths, key_pages)
   if page_table is None:
     page_table = dense_table(q.shape[0], key_pages.shape[0] // q.shape[0])
   if q_valid is None:
