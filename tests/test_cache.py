@@ -207,11 +207,11 @@ def test_merge_attention_equals_one_call_over_the_union():
   np.testing.assert_allclose(pair_lse, part.lse, rtol=1e-5, atol=1e-5)
 
 
-def test_two_pass_merge_equals_one_call_over_the_union():
-  """`merge_stacked_two_pass` (the decode kernel's split merge) against one
-  call over the union: a row that sees nothing of the middle set, a row
-  that sees no set (out 0, lse -inf) and a NaN part (a row that
-  overflowed: NaN out and lse)."""
+def test_stacked_merge_equals_one_call_over_the_union():
+  """`merge_stacked` (its two-reduction value: the decode kernel's split
+  merge, the sequence mesh's) against one call over the union: a row that
+  sees nothing of the middle set, a row that sees no set (out 0, lse -inf)
+  and a NaN part (a row that overflowed: NaN out and lse)."""
   rng = np.random.default_rng(2)
   q = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
   k = rng.normal(size=(3, 12, 2, 8)).astype(np.float32) * 3
@@ -226,12 +226,12 @@ def test_two_pass_merge_equals_one_call_over_the_union():
   want = _reference(q, k, v, mask=visible[:, None, None, :])
   outs = jnp.stack([r.out for r in results])
   lses = jnp.stack([r.lse for r in results])
-  out, lse = jax.jit(merge.merge_stacked_two_pass)(outs, lses)
+  out, lse = jax.jit(merge.merge_stacked)(outs, lses)
   np.testing.assert_allclose(out[:2], want.out[:2], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(lse[:2], want.lse[:2], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out[2], 0.0)
   assert np.all(np.isneginf(lse[2]))
-  out, lse = jax.jit(merge.merge_stacked_two_pass)(
+  out, lse = jax.jit(merge.merge_stacked)(
       outs, lses.at[1, 0, 2, 1].set(jnp.nan))
   assert np.all(np.isnan(out[0, 1, 2])) and np.isnan(lse[0, 2, 1])
   finite = np.ones(out.shape, bool)

@@ -35,13 +35,21 @@ def part_weights(lses, total):
   return jnp.where(jnp.isneginf(lses), 0.0, jnp.exp(lses - safe))
 
 
+@jax.custom_jvp
 def merge_stacked(outs: jax.Array, lses: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
   """Merges partial results stacked on a leading axis, in float32.
 
   A row whose sets all hold no visible key (every lse -inf) keeps out 0 and
-  lse -inf, and gets no gradient (its log-sum-exp is taken over zeros
-  instead, then discarded, so no `log(0)` reaches the derivative).
+  lse -inf, and gets no gradient; a NaN part (a row that overflowed) makes
+  the row NaN.
+
+  The value takes two reductions over the parts, which XLA runs as one
+  kernel each: a variadic one carrying each row's running `(max, sum of
+  exponentials)` (the pair's combination is the merge's rule), then the
+  weighted sum of the outputs. A reduction with its own combination has no
+  derivative rule, so the derivative is that of the same merge written
+  with `logsumexp` (`_merge_formula`).
 
   Args:
     outs: `[N, B, Sq, H, Dv]`.
@@ -49,35 +57,6 @@ def merge_stacked(outs: jax.Array, lses: jax.Array
 
   Returns:
     `(out [B, Sq, H, Dv] float32, lse [B, H, Sq] float32)`.
-  """
-  lses = lses.astype(jnp.float32)
-  empty = jnp.all(jnp.isneginf(lses), axis=0)
-  total = jax.nn.logsumexp(jnp.where(empty[None], 0.0, lses), axis=0)
-  total = jnp.where(empty, -jnp.inf, total)
-  weights = jnp.swapaxes(part_weights(lses, total[None]), 2, 3)[..., None]
-  out = jnp.sum(outs.astype(jnp.float32) * weights, axis=0)
-  return out, total
-
-
-def merge_stacked_two_pass(outs: jax.Array, lses: jax.Array
-                           ) -> tuple[jax.Array, jax.Array]:
-  """`merge_stacked`'s value in two reductions over the parts, for forwards
-  whose derivative is defined elsewhere (the decode kernel's custom_vjp).
-
-  One variadic reduction carries each row's running `(max, sum of
-  exponentials)` pair (the pair's combination is the merge's rule, exact
-  with -inf parts and NaN-propagating), the second sums the weighted
-  outputs; XLA runs each as one kernel, where `merge_stacked`'s `all`,
-  max, sum of exponentials and weighted sum take more. Not differentiable
-  (a reduction with its own combination has no derivative rule).
-
-  Args:
-    outs: `[N, B, Sq, H, Dv]`.
-    lses: `[N, B, H, Sq]`, natural log, -inf where a set has no visible key.
-
-  Returns:
-    `(out [B, Sq, H, Dv] float32, lse [B, H, Sq] float32)`, as
-    `merge_stacked`'s.
   """
   lses = lses.astype(jnp.float32)
 
@@ -91,8 +70,29 @@ def merge_stacked_two_pass(outs: jax.Array, lses: jax.Array
                         (jnp.float32(-jnp.inf), jnp.float32(0.0)), combine,
                         (0,))
   total = jnp.where(s == 0.0, -jnp.inf, m + jnp.log(s))  # NaN stays NaN.
+  return _weighted_sum(outs, lses, total), total
+
+
+@merge_stacked.defjvp
+def _merge_stacked_jvp(primals, tangents):
+  return jax.jvp(_merge_formula, primals, tangents)
+
+
+def _weighted_sum(outs, lses, total):
+  """`sum_i exp(lse_i - total) out_i`: `[B, Sq, H, Dv]` float32."""
   weights = jnp.swapaxes(part_weights(lses, total[None]), 2, 3)[..., None]
-  return jnp.sum(outs.astype(jnp.float32) * weights, axis=0), total
+  return jnp.sum(outs.astype(jnp.float32) * weights, axis=0)
+
+
+def _merge_formula(outs, lses):
+  """`merge_stacked` with `logsumexp`, differentiable: its derivative. The
+  log-sum-exp of a row with no visible key is taken over zeros instead,
+  then discarded, so no `log(0)` reaches the derivative."""
+  lses = lses.astype(jnp.float32)
+  empty = jnp.all(jnp.isneginf(lses), axis=0)
+  total = jax.nn.logsumexp(jnp.where(empty[None], 0.0, lses), axis=0)
+  total = jnp.where(empty, -jnp.inf, total)
+  return _weighted_sum(outs, lses, total), total
 
 
 def merge_pair(out, lse, other_out, other_lse):

@@ -5,7 +5,7 @@ few new tokens runs: it checks its arguments, lays the queries out as one
 block of rows per KV head, chooses the backend and launch (pages per
 block or slots, and the key splits), runs the split-KV kernel
 (`mosaic_decode` on Hopper, `triton_decode` elsewhere), and merges the
-splits by their log-sum-exps (`core.merge.merge_stacked_two_pass`, two
+splits by their log-sum-exps (`core.merge.merge_stacked`, two
 small XLA reductions). A dense cache is served by the same kernel through
 a free reshape (`dense_as_pages`). The backward does not rerun the forward: it
 gathers the pages into a dense `[B, M * ps, Hkv, D]` copy and runs flash's
@@ -192,7 +192,7 @@ def _forward(cfg: _Config, q, key_pages, value_pages, page_table, kv_lengths,
   if splits == 1:
     out, lse = outs[0], lses[0]
   else:
-    out, lse = merge.merge_stacked_two_pass(outs, lses)
+    out, lse = merge.merge_stacked(outs, lses)
   if sinks is not None:
     out, lse = merge.merge_sinks(out.astype(jnp.float32), lse, sinks)
   return poison_overflow(out.astype(q.dtype), lse, overflow)

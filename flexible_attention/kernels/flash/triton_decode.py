@@ -13,7 +13,7 @@ copy of the cache is ever made), and runs the online softmax of `triton_fwd`
 the keys the program's rows can see (past the row's length, after the last
 query under causal, outside the window) are never loaded. Each program writes
 its split's float32 partial output and natural log-sum-exp; `decode.py`
-merges the splits (`core.merge.merge_stacked_two_pass`).
+merges the splits (`core.merge.merge_stacked`).
 
 Every block is masked with the library's rule (`masks.pair_visible`): token
 `t` of the block is visible to row `r` iff the row is a real query,
