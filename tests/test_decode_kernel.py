@@ -220,6 +220,8 @@ def test_check_overflow_flags_the_rows_the_cache_write_flags(window):
     assert err <= TOL["float32"], f"check_overflow: {what} error {err:.3g}"
   with pytest.raises(ValueError, match="overflow or check_overflow"):
     fn(q, kp, vp, table, n, pos, overflow=jnp.zeros((4,), bool))
+  with pytest.raises(ValueError, match=r"kv_lengths\[1\] = -1 is negative"):
+    fn(q, kp, vp, table, n.at[1].set(-1), pos)
 
 
 def test_non_causal_two_sided_window_matches_reference():

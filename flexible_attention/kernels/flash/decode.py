@@ -288,13 +288,19 @@ def _positive_float(name: str, x) -> float:
 
 
 def _check_table_values(page_table, kv_lengths, num_pages: int,
-                        page_size: int):
-  """Checks the table entries of every valid token, when not traced."""
+                        page_size: int, overflow_flagged: bool = False):
+  """Checks the table entries of every valid token, when not traced; with
+  `overflow_flagged` (`check_overflow`) only that no length is negative (a
+  length past the table or an entry outside the pool flags its row)."""
   table, lengths = concrete(page_table), concrete(kv_lengths)
   if table is None or lengths is None:
     return
   capacity = table.shape[1] * page_size
   for b, length in enumerate(lengths):
+    if overflow_flagged:
+      if length < 0:
+        raise ValueError(f"kv_lengths[{b}] = {length} is negative.")
+      continue
     if not 0 <= length <= capacity:
       raise ValueError(
           f"kv_lengths[{b}] = {length} is outside [0, {capacity}] (the page "
@@ -466,9 +472,9 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                     f"{check_overflow!r}.")
   if check_overflow and overflow is not None:
     raise ValueError("pass overflow or check_overflow, not both.")
-  if not check_overflow:  # Otherwise a bad entry or length is a NaN row.
-    _check_table_values(dense_table(batch, table_len) if page_table is None
-                        else page_table, kv_lengths, num_pages, page_size)
+  _check_table_values(dense_table(batch, table_len) if page_table is None
+                      else page_table, kv_lengths, num_pages, page_size,
+                      overflow_flagged=check_overflow)
   backend = launch_policy.choose_decode_backend(
       backend, mosaic_reason=mosaic_decode.unsupported_reason(
           dtype=q.dtype, head_dim=head_dim, value_dim=value_dim,
