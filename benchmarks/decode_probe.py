@@ -36,7 +36,8 @@ _CELLS = flags.DEFINE_list(
     "Cells `B:L`.")
 _NEW = flags.DEFINE_list("new_tokens", ["1", "4"], "New tokens per row.")
 _PAGES = flags.DEFINE_list("page_sizes", ["dense", "16", "128"],
-                           "`dense` or a page size.")
+                           "`dense`, a page size (a shuffled table) or a "
+                           "page size and `seq` (pages in order).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
 _SWEEP = flags.DEFINE_list(
     "sweep", ["triton", "mosaic"], "Launches to time: a backend's default "
@@ -79,9 +80,12 @@ def _cell(batch, length, new, page, rng):
   if page == "dense":
     key_pages, value_pages, table = decode.dense_as_pages(keys, values)
   else:
-    ps = int(page)
+    # `16` a shuffled table, `16seq` pages in order (the dense layout read
+    # through a table: what the table costs apart from the pages' spread).
+    ps = int(page.removesuffix("seq"))
     per_row = length // ps
-    order = rng.permutation(batch * per_row)
+    order = (np.arange(batch * per_row) if page.endswith("seq") else
+             rng.permutation(batch * per_row))
     table = jnp.asarray(order.reshape(batch, per_row), jnp.int32)
     # Page p holds the tokens the table sends to it.
     inverse = np.argsort(order)
