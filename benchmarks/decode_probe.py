@@ -42,8 +42,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
 _SWEEP = flags.DEFINE_list(
     "sweep", ["triton", "mosaic"], "Launches to time: a backend's default "
     "(`triton`, `mosaic`) or `triton:warps:stages:block_tokens:factor`, "
-    "`mosaic:block_tokens:stages:factor` (factor multiplies the default "
-    "split count; 0 keeps it).")
+    "`mosaic:block_tokens:stages:factor[:producers]` (factor multiplies "
+    "the default split count; 0 keeps it).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 
 H, HKV, D = 32, 8, 128
@@ -94,8 +94,8 @@ def _cell(batch, length, new, page, rng):
 
   def kernel_with(launch: str):
     """`backend[:fields...]`: `triton:warps:stages:block_tokens:factor` or
-    `mosaic:block_tokens:stages:factor` (factor multiplies the default
-    split count; 0 keeps it)."""
+    `mosaic:block_tokens:stages:factor[:producers]` (factor multiplies the
+    default split count; 0 keeps it)."""
     backend, *fields = launch.split(":")
     fields = [int(x) for x in fields]
     ps = key_pages.shape[1]
@@ -106,9 +106,11 @@ def _cell(batch, length, new, page, rng):
       options.update(num_warps=warps, num_stages=stages,
                      pages_per_block=max(1, tokens // ps))
     elif backend == "mosaic" and fields:
-      tokens, stages, factor = fields
+      tokens, stages, factor, *producers = fields
       default = flash_kernel.mosaic_decode_launch(batch, HKV, table.shape[1], ps, D)
       options.update(block_tokens=tokens, stages=stages)
+      if producers:
+        options.update(producers=producers[0])
     else:
       factor = 0
     if factor:

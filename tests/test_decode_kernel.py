@@ -18,6 +18,7 @@ forward does).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -482,12 +483,13 @@ _HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
     (1, 32, 128, 16, dict(num_splits=1)),
     (4, 32, 64, 128, dict(num_splits=1, window=64)),
     (16, 16, 256, 8, dict(num_splits=1, causal=False)),
+    (1, 32, 128, 16, dict(producers=2)),
 ], ids=["decode_d128_ps16", "decode_d64_ps16_three_slots_of_128",
         "decode_d128_ps128_page_slices",
         "four_new_d64_ps128_window_softcap",
         "sixteen_new_d256_ps8_two_sided_window",
         "one_split_d128", "one_split_four_new_d64_window",
-        "one_split_sixteen_new_d256"])
+        "one_split_sixteen_new_d256", "decode_d128_ps16_two_producers"])
 def test_mosaic_kernel_lowers_for_cuda(sq, h, d, page_size, kw):
   """bf16, Hkv = 4 (up to 64 query rows per KV head): the Mosaic GPU
   kernel (and no Triton kernel) lowers, reading the queries as they come;
@@ -584,6 +586,13 @@ def test_mosaic_launch_rule():
                                       stages=4)
   with pytest.raises(ValueError, match="block_tokens"):
     flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, block_tokens=32)
+  assert one_row.producers == 1  # Keys and values from one warpgroup.
+  assert flash_kernel.mosaic_decode_launch(
+      1, 8, 8192, 16, 128, producers=2, core_count=132) == (
+          dataclasses.replace(one_row, producers=2))
+  for bad in (0, 3, True, 2.0):
+    with pytest.raises(ValueError, match="producers"):
+      flash_kernel.mosaic_decode_launch(2, 2, 8, 16, 128, producers=bad)
 
 
 def test_backend_policy_refuses_what_it_cannot_serve():
@@ -599,6 +608,8 @@ def test_backend_policy_refuses_what_it_cannot_serve():
     decode.decode_attention(**args, backend="mosaic", interpret=True)
   with pytest.raises(ValueError, match="float32"):
     decode.decode_attention(**args, block_tokens=64)
+  with pytest.raises(ValueError, match="float32"):  # A Mosaic field too.
+    decode.decode_attention(**args, producers=2)
   with pytest.raises(ValueError, match="unused"):
     choose("triton", mosaic_reason=None, triton_fields=False,
            mosaic_fields=True, interpret=False)
@@ -651,7 +662,11 @@ MOSAIC_CASES = ("gqa_paged16_causal_ragged",
                 "sinks_d256", "one_split_four_new_padded_queries_overflow",
                 "paged16_splits_check_the_cache",
                 "one_split_checks_the_cache_past_its_queries",
-                "dense_checks_its_length")
+                "dense_checks_its_length",
+                # Keys and values streamed by two producer warpgroups.
+                "gqa_paged16_causal_ragged_two_producers",
+                "paged16_splits_check_the_cache_two_producers",
+                "dense_d64_two_producers")
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
@@ -673,9 +688,14 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
   a page multiple), several splits (some empty), windows, soft cap, padded
   query slots, 64-token slots inside 128-token pages, a dense cache (its
   pages without a table), sinks, rows that overflowed; one split, where
-  the kernel writes the attention itself."""
+  the kernel writes the attention itself; keys and values streamed by a
+  producer warpgroup each (`producers=2`)."""
   lengths = (1000, 0, 357, 3)
   kw, q_valid, sinks, overflow = dict(causal=True), None, None, None
+  if case.endswith("_two_producers"):  # The same case, keys and values
+    # streamed by a warpgroup each.
+    case = case.removesuffix("_two_producers")
+    kw.update(producers=2)
   no_table = False
   check = None  # The rows `check_overflow` must find (the kernel's test).
   if case == "gqa_paged16_causal_ragged":
@@ -732,8 +752,8 @@ def test_mosaic_kernel_matches_reference_on_hopper(case):
                     dtype=jnp.bfloat16)
     sinks = jnp.asarray(helpers.rng_for(case).standard_normal(8),
                         jnp.float32)
-  decode_kw = {k: kw.pop(k) for k in ("num_splits", "block_tokens")
-               if k in kw}
+  decode_kw = {k: kw.pop(k) for k in ("num_splits", "block_tokens",
+                                      "producers") if k in kw}
   res = jax.jit(functools.partial(
       decode.decode_attention, sm_scale=0.125, backend="mosaic", sinks=sinks,
       q_valid=q_valid, overflow=overflow, check_overflow=check is not None,

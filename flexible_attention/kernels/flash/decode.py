@@ -325,6 +325,7 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
                      num_stages: int | None = None,
                      block_tokens: int | None = None,
                      stages: int | None = None,
+                     producers: int | None = None,
                      backend: str | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool = False,
@@ -371,8 +372,10 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
     pages_per_block: pages gathered per loop step (a power of two, at least
       16 tokens), or None.
     num_warps, num_stages: the Triton launch (None: 4 and 2).
-    block_tokens, stages: the Mosaic GPU launch: tokens per shared-memory
-      slot and slots (None: `MOSAIC_BLOCKS`).
+    block_tokens, stages, producers: the Mosaic GPU launch: tokens per
+      shared-memory slot and slots (None: `MOSAIC_BLOCKS`), and the
+      warpgroups that stream them (None: 1; 2 streams keys and values
+      apart).
     backend: `"triton"`, `"mosaic"` (Hopper) or None: the launch policy
       (`launch.choose_decode_backend`: Mosaic GPU on Hopper where it serves
       the call, else Triton).
@@ -482,12 +485,14 @@ def decode_attention(q, key_pages, value_pages, page_table, kv_lengths,
           interpret=bool(interpret), precision=precision),
       triton_fields=any(x is not None for x in
                         (pages_per_block, num_warps, num_stages)),
-      mosaic_fields=block_tokens is not None or stages is not None,
+      mosaic_fields=any(x is not None for x in
+                        (block_tokens, stages, producers)),
       interpret=bool(interpret))
   if backend == "mosaic":
     launch = mosaic_decode_launch(
         batch, num_kv_heads, table_len, page_size, head_dim,
-        num_splits=num_splits, block_tokens=block_tokens, stages=stages)
+        num_splits=num_splits, block_tokens=block_tokens, stages=stages,
+        producers=producers)
   else:
     launch = decode_launch(batch, num_kv_heads, table_len, page_size,
                            max(head_dim, value_dim), num_splits=num_splits,

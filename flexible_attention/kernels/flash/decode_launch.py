@@ -165,6 +165,7 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
                          num_splits: int | None = None,
                          block_tokens: int | None = None,
                          stages: int | None = None,
+                         producers: int | None = None,
                          core_count: int | None = None) -> MosaicDecodeLaunch:
   """The Mosaic GPU decode kernel's launch: `MOSAIC_BLOCKS`' tile and slots
   for the head size and `_wave_split`'s count over blocks of
@@ -180,6 +181,8 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
     block_tokens: tokens per shared-memory slot (a power of two in [64,
       256]), or None.
     stages: shared-memory slots (>= 1), or None.
+    producers: warpgroups streaming the slots, 1 or 2 (keys and values
+      apart), or None (1).
     core_count: the GPU's streaming multiprocessors (default: the default
       GPU's; 1 without a GPU).
 
@@ -197,6 +200,10 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
   if not _positive_int(stages):
     raise ValueError(f"stages must be a positive int or None, got "
                      f"{stages!r}.")
+  if producers is None:
+    producers = 1
+  if not _positive_int(producers) or producers > 2:
+    raise ValueError(f"producers must be 1, 2 or None, got {producers!r}.")
   itemsize = 2  # bf16 / fp16.
   smem = (2 * mosaic_decode.ROWS * head_dim * itemsize + mosaic_decode.ROWS *
           min(head_dim, mosaic_decode.OUT_COLUMNS) * 4 +
@@ -223,4 +230,4 @@ def mosaic_decode_launch(batch: int, num_kv_heads: int, table_len: int,
     splits = -(-table_len * page_size // tokens_per_split)
   return MosaicDecodeLaunch(block_tokens=int(bk), num_splits=splits,
                             tokens_per_split=tokens_per_split,
-                            stages=int(stages))
+                            stages=int(stages), producers=int(producers))

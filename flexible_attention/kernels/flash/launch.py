@@ -564,7 +564,7 @@ def choose_decode_backend(backend: str | None, *, mosaic_reason: str | None,
     mosaic_reason: why the Mosaic kernel cannot serve the call, or None.
     triton_fields, mosaic_fields: whether the caller set launch fields only
       the Triton (`pages_per_block`, `num_warps`, `num_stages`) or only the
-      Mosaic kernel (`block_tokens`, `stages`) reads.
+      Mosaic kernel (`block_tokens`, `stages`, `producers`) reads.
     interpret: Pallas' interpreter (Triton only).
 
   Returns:
@@ -589,7 +589,7 @@ def choose_decode_backend(backend: str | None, *, mosaic_reason: str | None,
       backend == "triton" and mosaic_fields):
     raise ValueError(
         "flash decode: pages_per_block, num_warps and num_stages are the "
-        "Triton kernel's launch fields and block_tokens, stages the Mosaic "
-        f"kernel's; the call runs backend={backend!r}, so the other's "
-        "fields would be unused.")
+        "Triton kernel's launch fields and block_tokens, stages, producers "
+        f"the Mosaic kernel's; the call runs backend={backend!r}, so the "
+        "other's fields would be unused.")
   return backend

@@ -10,7 +10,8 @@ gets them as operands).
 
 Grid `(S, B, Hkv)`; program `(s, b, h)` holds all the query rows of KV head
 `h` in row `b` (`G * Sq` of them, padded to one `wgmma` tile of `ROWS`), so
-each key and value is read once per KV head, and runs two warpgroups:
+each key and value is read once per KV head, and runs two warpgroups (three
+with `producers = 2`):
 
 - a producer that streams the split's keys and values into a ring of
   `stages` shared-memory slots with TMA. A slot holds `block_tokens` tokens:
@@ -18,7 +19,10 @@ each key and value is read once per KV head, and runs two warpgroups:
   the table, in global memory, one block ahead, so that their latency
   overlaps the copies), a slice of one page for larger pages. No dense copy
   of the cache is ever made, and a dense cache is a table of consecutive
-  pages (`decode.dense_as_pages`);
+  pages (`decode.dense_as_pages`). With `producers = 2` a second producer
+  streams the values and the first the keys, so each issues half of a
+  block's copies (one per page for small pages: opt-in, to be timed
+  against the default);
 - a consumer that runs `q k^T` and `p v` as `wgmma`s on the slots and the
   online softmax (base 2, raw logits, as `mosaic_fwd`), masking every block
   with the library's rule (`masks.pair_visible`: a real query row, a token
@@ -97,12 +101,16 @@ class MosaicDecodeLaunch:
     tokens_per_split: tokens of each split (a multiple of bk and of the page
       size).
     stages: shared-memory slots of K and V.
+    producers: warpgroups streaming them: 1 (keys and values), or 2 (one
+      for the keys, one for the values: each issues half of a block's
+      copies, which for small pages are one per page).
   """
 
   block_tokens: int
   num_splits: int
   tokens_per_split: int
   stages: int
+  producers: int = 1
 
 
 def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
@@ -194,6 +202,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
 
   @pl.when(wg == 0)
   def _consumer():
+    if launch.producers > 1:  # Three warpgroups share the registers.
+      plgpu.set_max_registers(232, action="increase")
     # New token t's G query heads are rows [t G, t G + G) of the tile: one
     # copy each into the unswizzled stage, then through registers into the
     # swizzled tile `wgmma` reads. The rows past G * Sq are never visible,
@@ -286,9 +296,10 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
                             lse_ref.at[split, batch, head])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == 1)
-  def _producer():
-    check_table = verdict_smem is not None
+  def produce(streams, check_table: bool):
+    """Streams the split's blocks into the slots of `streams` (`(ref, smem,
+    ready, free)` of the keys and / or the values) and, with
+    `check_table`, leaves the verdict on the table entries it read."""
     if table_ref is None:  # Dense pages: row b's are b M ... b M + M - 1.
       row_pages = capacity // page_size
 
@@ -325,8 +336,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
                                 smem.at[pl.ds(c * chunk, chunk)], ready)
 
     def load(j, slot, ids):
-      copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
-      copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
+      for ref, smem, ready, _ in streams:
+        copy(ref, smem.at[slot], ready.at[slot], j, ids)
 
     def either(bad, more):  # Two verdicts (None: not checking) as one.
       return None if bad is None else bad | more
@@ -345,10 +356,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
       # The next block's page ids are read a step ahead: their latency
       # overlaps this step's waits and copies.
       next_ids, next_bad = page_ids(j + 1)
-      plgpu.barrier_wait(k_free.at[slot])
-      copy(k_ref, k_smem.at[slot], k_ready.at[slot], j, ids)
-      plgpu.barrier_wait(v_free.at[slot])
-      copy(v_ref, v_smem.at[slot], v_ready.at[slot], j, ids)
+      for ref, smem, ready, free in streams:
+        plgpu.barrier_wait(free.at[slot])
+        copy(ref, smem.at[slot], ready.at[slot], j, ids)
       return next_ids, either(bad, next_bad)
 
     bad = functools.reduce(either, bads)
@@ -363,6 +373,22 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
                           lambda j, bad: bad | page_ids(j)[1], bad)
       verdict_smem[0] = jnp.where(bad != 0, jnp.nan, 0.0)
       plgpu.barrier_arrive(verdict_ready)
+
+  keys = (k_ref, k_smem, k_ready, k_free)
+  values = (v_ref, v_smem, v_ready, v_free)
+  check_table = verdict_smem is not None  # By the keys' producer.
+  if launch.producers == 1:
+    pl.when(wg == 1)(lambda: produce((keys, values), check_table))
+  else:  # Each issues half of a block's copies.
+    @pl.when(wg == 1)
+    def _keys():
+      plgpu.set_max_registers(40, action="decrease")
+      produce((keys,), check_table)
+
+    @pl.when(wg == 2)
+    def _values():
+      plgpu.set_max_registers(40, action="decrease")
+      produce((values,), False)
 
 
 def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
@@ -474,7 +500,8 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
                            jnp.float32))
   return plgpu.kernel(
       body, out_type=out_type, grid=(splits, batch, num_kv_heads),
-      grid_names=("s", "b", "h"), num_threads=2, thread_name="wg",
+      grid_names=("s", "b", "h"), num_threads=1 + launch.producers,
+      thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, key_pages, value_pages,
     *(() if page_table is None else (page_table,)),
