@@ -9,6 +9,11 @@ mods and sinks; sequence meshes (ring, ulysses; a cache split over one)
 and batch/head meshes; explicit positions with a bias and a mask;
 dropout; bfloat16. `python tests/fuzz_mechanisms.py --seeds 0:300` runs
 many more.
+
+And a few seeds of the decode kernels' fuzzer (`fuzz_decode_kernel.py`),
+which draws the kernels' launches (splits, slots, producer warpgroups)
+with the calls: Triton's in Pallas' interpreter, the Mosaic GPU kernel's
+in JAX's GPU interpreter (jax 0.11) or compiled on an sm_90 GPU.
 """
 
 import dataclasses
@@ -16,8 +21,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+import fuzz_decode_kernel as decode_fuzz
 import fuzz_mechanisms as fuzz
+import gpu_interpret
 import helpers
+import test_decode_kernel
 
 SEEDS = (33, 35, 108, 156, 289, 353)
 
@@ -89,3 +97,56 @@ def test_the_tiled_delta_explains_bfloat16_gradients():
   tiled_error = helpers.relative_error(got.grads["slopes"], tiled["slopes"])
   assert exact_error > fuzz.TOLERANCES["bfloat16"]
   assert tiled_error < 1e-4
+
+
+# Triton: bfloat16 with padded query slots, a window, sinks and overflow
+# flags in one split; float32, 16 new tokens before the rows' ends over 8
+# splits, window and soft cap; a two-sided window with the call's own
+# overflow test; a dense cache's pages, not causal; 16 new tokens, GQA.
+# Mosaic: two producer warpgroups over four 64-token slots, the kernel's
+# own overflow test, sinks, padded slots; D = 256, a two-sided window, soft
+# cap, queries before the rows' ends, 5 splits.
+DECODE_SEEDS = {"triton": (17, 34, 36, 46, 35), "mosaic": (19, 17)}
+
+
+@pytest.mark.parametrize("backend,seed", [
+    (backend, seed) for backend, seeds in DECODE_SEEDS.items()
+    for seed in seeds])
+def test_random_decode_kernel_call_matches_reference(backend, seed):
+  if (backend == "mosaic" and not decode_fuzz.HOPPER and
+      gpu_interpret.UNAVAILABLE is not None):
+    pytest.skip(gpu_interpret.UNAVAILABLE)
+  verdict, details = decode_fuzz.fuzz(seed, backend)
+  assert verdict == "pass", "\n".join(
+      [decode_fuzz.describe(decode_fuzz.draw(seed, backend))] + details)
+
+
+def test_decode_seeds_cover_the_launch_and_the_call():
+  draws = [decode_fuzz.draw(seed, backend)
+           for backend, seeds in DECODE_SEEDS.items() for seed in seeds]
+  assert {d.overflow for d in draws} >= {"flags", "check"}
+  assert {d.dtype for d in draws if d.backend == "triton"} == {
+      "float32", "bfloat16"}
+  for feature in ("dense", "early", "padded", "sinks", "softcap"):
+    assert any(getattr(d, feature) for d in draws), feature
+  assert any(isinstance(d.window, tuple) for d in draws)
+  assert any(not d.causal for d in draws)
+  mosaic = [dict(d.launch) for d in draws if d.backend == "mosaic"]
+  assert any(launch.get("producers") == 2 for launch in mosaic)
+
+
+def test_the_decode_oracle_catches_a_wrong_answer(monkeypatch):
+  """A kernel one mistake away from the oracle fails: the oracle's scale
+  5% off, or its overflow rows dropped."""
+  seed = DECODE_SEEDS["triton"][0]
+  assert decode_fuzz.draw(seed, "triton").overflow == "flags"
+  reference = test_decode_kernel._reference  # pylint: disable=protected-access
+  monkeypatch.setattr(
+      test_decode_kernel, "_reference",
+      lambda *a, sm_scale, **kw: reference(*a, sm_scale=1.05 * sm_scale,
+                                           **kw))
+  assert decode_fuzz.fuzz(seed, "triton")[0] == "fail"
+  monkeypatch.setattr(
+      test_decode_kernel, "_reference",
+      lambda *a, overflow, **kw: reference(*a, overflow=None, **kw))
+  assert decode_fuzz.fuzz(seed, "triton")[0] == "fail"
