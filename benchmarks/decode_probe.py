@@ -14,7 +14,9 @@ kernel is not timed), then timed (`timing.median_seconds_each`, all rows of
 a cell round-robin). Reported: µs per call and the bytes of K and V the
 call must read (2 B L Hkv D itemsize) per second, as TB/s and as a fraction
 of the card's peak. The cache write is not in this probe (the decode
-benchmark times whole module calls with the donated cache).
+benchmark times whole module calls with the donated cache). Small cells
+need `--calls_per_program` (16, say): one call's dispatch from the host
+(~50 µs on an H100) hides a kernel of a few µs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ _SWEEP = flags.DEFINE_list(
     "(`triton`, `mosaic`) or `triton:warps:stages:block_tokens:factor`, "
     "`mosaic:block_tokens:stages:factor[:producers]` (factor multiplies "
     "the default split count; 0 keeps it).")
+_CALLS = flags.DEFINE_integer(
+    "calls_per_program", 1, "Calls per timed program: more than 1 runs them "
+    "in one jitted `lax.fori_loop`, each call's queries depending on the "
+    "previous output, and reports the time per call without the host's "
+    "dispatch (at B = 1, L = 4k one dispatch takes longer than the kernel).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 
 H, HKV, D = 32, 8, 128
@@ -66,6 +73,20 @@ def _xla_decode(q, keys, values, lengths, q_pos, scale):
   out = jnp.einsum("bkgql,blkd->bqkgd", p, values,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, sq, h, -1).astype(q.dtype)
+
+
+def _looped(fn, calls: int):
+  """`fn(q, *rest) -> out` run `calls` times in one jitted program (the
+  last output); each call's queries are `q + 0 * out` of the one before,
+  which XLA does not fold for floats, so no call is hoisted or merged."""
+  if calls == 1:
+    return fn
+
+  @jax.jit
+  def program(q, *rest):
+    body = lambda _, out: fn(q + 0 * out.astype(q.dtype), *rest)
+    return jax.lax.fori_loop(0, calls, body, jnp.zeros_like(q))
+  return program
 
 
 def _cell(batch, length, new, page, rng):
@@ -128,6 +149,9 @@ def _cell(batch, length, new, page, rng):
   candidates = [(f"flash decode {launch}", kernel_with(launch), kernel_args)
                 for launch in _SWEEP.value]
   candidates.append(("xla einsum", xla, (q, keys, values, lengths, q_pos)))
+  calls = _CALLS.value
+  candidates = [(name, _looped(fn, calls), args)
+                for name, fn, args in candidates]
   for name, fn, args in candidates:
     if name == "xla einsum" and page != "dense":
       continue
@@ -141,7 +165,7 @@ def _cell(batch, length, new, page, rng):
   seconds = iter(timing.median_seconds_each(timed, repeats=_REPEATS.value))
   for row, _, _ in rows:
     if row["status"] == "ok":
-      t = next(seconds)
+      t = next(seconds) / calls
       row["us"] = t * 1e6
       row["tb_s"] = bytes_read / t / 1e12
   return [row for row, _, _ in rows]
@@ -161,6 +185,7 @@ def main(argv):
         if _OUT.value:
           with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
+                           calls_per_program=_CALLS.value,
                            H=H, Hkv=HKV, D=D, dtype="bfloat16",
                            rows=results), f, indent=1)
   print(f"\n{device.device_kind}, jax {jax.__version__}, bf16, H {H}, "
