@@ -13,7 +13,10 @@ capacity). Each draw runs `decode.decode_attention` jitted and is compared
 with `test_decode_kernel`'s oracle (the pages gathered into a dense cache,
 `fa.reference_attention` in float32): outputs and log-sum-exps within the
 dtype's tolerance, NaN (overflow) and -inf (no visible key) exactly where
-the oracle has them.
+the oracle has them. Forward only: a decode call's backward gathers the
+pages and runs flash's general backward kernels with the forward's output
+and log-sum-exp, whatever the decode launch; `fuzz_mechanisms.py`'s cache
+calls check those gradients against the reference.
 
 Backends: `mosaic` (bf16 / fp16; compiled on an sm_90 GPU, else in JAX's
 GPU interpreter, jax 0.11: about 10 s a draw on 2 cores), `triton`
