@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexible_attention import timing
+from flexible_attention.comparison import decode as decode_bench
 from flexible_attention.kernels.flash import decode
 from flexible_attention.kernels import flash as flash_kernel
 
@@ -76,17 +77,14 @@ def _xla_decode(q, keys, values, lengths, q_pos, scale):
 
 
 def _looped(fn, calls: int):
-  """`fn(q, *rest) -> out` run `calls` times in one jitted program (the
-  last output); each call's queries are `q + 0 * out` of the one before,
-  which XLA does not fold for floats, so no call is hoisted or merged."""
+  """`fn(q, *rest) -> out` run `calls` times in one jitted program, as the
+  decode benchmark loops its calls (`comparison.decode.looped`: each call's
+  queries depend on the previous output, so none is hoisted or merged)."""
   if calls == 1:
     return fn
-
-  @jax.jit
-  def program(q, *rest):
-    body = lambda _, out: fn(q + 0 * out.astype(q.dtype), *rest)
-    return jax.lax.fori_loop(0, calls, body, jnp.zeros_like(q))
-  return program
+  step = lambda rest, q, k, v: (fn(q, *rest), rest)
+  program = jax.jit(decode_bench.looped(step, calls))
+  return lambda q, *rest: program(rest, q, None, None)[0]
 
 
 def _cell(batch, length, new, page, rng):
