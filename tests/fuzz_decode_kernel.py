@@ -153,8 +153,12 @@ def describe(d: Draw) -> str:
 
 
 def make_call(seed: int, d: Draw):
-  """`(args, kwargs, oracle inputs, q_valid, overflow, sinks, expected
-  overflow rows or None)` of the draw."""
+  """The draw's call: `(inputs, q_valid, overflow, sinks, check)`, inputs
+  `(q, key_pages, value_pages, table, lengths, q_positions)` (a dense
+  cache's `table` is `dense_as_pages`', which the oracle reads through),
+  `q_valid` `[B, Sq]` or None, `overflow` the given `[B]` flags or None,
+  `sinks` `[H]` or None, and `check` the rows the call's own overflow test
+  must find (`[B]` bool, numpy) or None when it does not test."""
   rng = np.random.default_rng([seed, 0xCA11])
   dtype = jnp.dtype(d.dtype)
   q, kp, vp, table, lengths, pos = kernel_tests._paged(
