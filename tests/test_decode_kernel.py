@@ -576,6 +576,11 @@ def test_mosaic_launch_rule():
   eight_rows = flash_kernel.mosaic_decode_launch(8, 8, 2048, 16, 128,
                                            core_count=132)
   assert eight_rows.num_splits == 2  # 128 programs of 256 blocks.
+  # A short row: as many splits as keep 2 blocks each (64 programs of 4
+  # blocks fill no wave).
+  short_row = flash_kernel.mosaic_decode_launch(1, 8, 256, 16, 128,
+                                                core_count=132)
+  assert (short_row.num_splits, short_row.tokens_per_split) == (16, 256)
   assert one_row.tokens_per_split % 128 == 0
   assert one_row.num_splits * one_row.tokens_per_split >= 8192 * 16
   big_page = flash_kernel.mosaic_decode_launch(8, 8, 32, 128, 128, num_splits=5)

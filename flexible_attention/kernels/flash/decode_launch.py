@@ -17,7 +17,9 @@ dot side).
 Mosaic GPU (`mosaic_decode_launch`): `MOSAIC_BLOCKS` tokens per slot and
 slots per head size (measured on an H200: benchmarks/BENCHMARKS.md), and
 the split count that fills whole waves of programs (`_wave_split`), at
-least `MIN_BLOCKS_PER_SPLIT` blocks each.
+least `MOSAIC_MIN_BLOCKS_PER_SPLIT` (2) blocks each (at B = 1, L = 4k,
+Hkv = 8 on an H100: 16 splits of 2 blocks take 14.1 µs a call dense and
+14.2 paged 16, 8 splits of 4 take 15.4 and 15.9; benchmarks/flash_notes.md).
 
 Both plan on the table's capacity `M * ps` (the lengths are not static);
 splits past a row's length exit at once and merge as empty. `num_splits`
@@ -47,6 +49,7 @@ BLOCK_TOKENS = 128  # Tokens gathered per loop step (64 for D > 128).
 # The Mosaic kernel's default (tokens per slot, slots) per head size: its
 # slots, query and float32 output tiles fill ~176 KiB of shared memory.
 MOSAIC_BLOCKS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
+MOSAIC_MIN_BLOCKS_PER_SPLIT = 2  # The Mosaic kernel's (module docstring).
 MOSAIC_SPLIT_OVERHEAD = 4  # A program's fixed cost, in blocks (a guess).
 SHARED_MEMORY = 227 * 1024  # Bytes of shared memory a Hopper block may use.
 SHARED_MEMORY_SLACK = 4096  # Barriers, row vectors, alignment.
@@ -153,8 +156,8 @@ def _wave_split(rows: int, blocks: int, cores: int) -> int:
   programs that fit in the multiprocessors' shared memory), and the time is
   about `waves * (blocks per split + MOSAIC_SPLIT_OVERHEAD)` blocks; the
   count that minimises it (the smallest on ties), with at least
-  `MIN_BLOCKS_PER_SPLIT` blocks per split."""
-  most = max(1, blocks // MIN_BLOCKS_PER_SPLIT)
+  `MOSAIC_MIN_BLOCKS_PER_SPLIT` blocks per split."""
+  most = max(1, blocks // MOSAIC_MIN_BLOCKS_PER_SPLIT)
   cost = lambda s: (-(-rows * s // cores) *
                     (-(-blocks // s) + MOSAIC_SPLIT_OVERHEAD), s)
   return min(range(1, most + 1), key=cost)
