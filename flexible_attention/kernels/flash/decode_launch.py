@@ -19,7 +19,7 @@ slots per head size (measured on an H200: benchmarks/BENCHMARKS.md), and
 the split count that fills whole waves of programs (`_wave_split`), at
 least `MOSAIC_MIN_BLOCKS_PER_SPLIT` (2) blocks each (at B = 1, L = 4k,
 Hkv = 8 on an H100: 16 splits of 2 blocks take 14.1 µs a call dense and
-14.2 paged 16, 8 splits of 4 take 15.4 and 15.9; benchmarks/flash_notes.md).
+14.2 paged 16, 8 splits of 4 take 15.4 and 15.9; benchmarks/BENCHMARKS.md).
 
 Both plan on the table's capacity `M * ps` (the lengths are not static);
 splits past a row's length exit at once and merge as empty. `num_splits`
