@@ -99,6 +99,28 @@ def test_the_tiled_delta_explains_bfloat16_gradients():
   assert tiled_error < 1e-4
 
 
+def test_the_rounded_cotangent_explains_vanillas_bfloat16_sinks():
+  """Seed 3627 (bfloat16, sinks, one real query row whose `dO . O`
+  cancels): `vanilla` differentiates its own computation, so its dsinks
+  takes dO rounded to the output's bfloat16 with the exact delta. It is past
+  bfloat16's tolerance from the exact reference and within it from the
+  reference's gradient with that dO (`want.tiled_grads` of the reference's
+  own output)."""
+  d = fuzz.draw(3627)
+  assert d.dtype == "bfloat16" and d.sinks
+  x = fuzz.make_inputs(d)
+  want = fuzz.expected(d, x)
+  got = fuzz.actual("vanilla", d, x)
+  rounded = want.tiled_grads(np.where(np.isnan(want.out), 0, want.out))
+  exact_error = helpers.relative_error(got.grads["sinks"],
+                                       want.grads["sinks"])
+  rounded_error = helpers.relative_error(got.grads["sinks"],
+                                         rounded["sinks"])
+  assert exact_error > fuzz.TOLERANCES["bfloat16"]
+  assert rounded_error < exact_error / 2
+  assert not fuzz.compare(d, got, want)[0]
+
+
 # Triton: bfloat16 with padded query slots, a window, sinks and overflow
 # flags in one split; float32, 16 new tokens before the rows' ends over 8
 # splits, window and soft cap; a two-sided window with the call's own
