@@ -1,5 +1,6 @@
 """The decode benchmark: cells, the XLA baseline, check before timing."""
 
+import dataclasses
 import json
 
 import jax
@@ -79,6 +80,29 @@ def test_a_cell_whose_cache_does_not_fit_is_skipped():
   rows = decode.benchmark_decode_cell(["vanilla"], _config(
       memory_fraction=1e-12), cell)
   assert rows[0].status.startswith("skipped: the cache needs")
+
+
+def test_dense_and_paged_cells_are_timed_together():
+  """The cells that differ only in the cache kind form one timing group
+  (one by one where their caches do not fit together), and each checked
+  row says which cells it was timed with."""
+  cells = decode.decode_cells(_config())
+  groups = decode.timing_groups(cells, budget=None)
+  assert len(groups) == len(cells) // 2
+  for group in groups:
+    assert [cell.cache for cell in group] == ["dense", "paged16"]
+    assert len({dataclasses.replace(cell, cache="") for cell in group}) == 1
+  small = min(cells[:2], key=lambda cell: cell.cache_bytes)
+  assert decode.timing_groups(cells[:2], budget=small.cache_bytes + 1) == [
+      [cells[0]], [cells[1]]]
+  pair = [decode.DecodeCell(batch=1, length=24, num_heads=2, num_kv_heads=1,
+                            head_dim=8, dtype="float32", cache=cache,
+                            new_tokens=1) for cache in ("dense", "paged8")]
+  rows = decode.benchmark_decode_cells(["xla_decode"], _config(), pair)
+  assert [r.cache for r in rows] == ["dense", "paged8"]
+  for row in rows:
+    assert row.status == "ok" and row.microseconds > 0
+    assert row.timed_with == [cell.name for cell in pair]
 
 
 def test_cells_cover_every_combination_and_count_bytes():

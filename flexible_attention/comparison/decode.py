@@ -24,11 +24,14 @@ rows:
 Each row's output is checked against the float32 reference of the cell
 (computed from the cell's arrays, a few rows at a time) and its cache write
 read back (the new keys and values at each row's slots) before any row is
-timed; the rows that pass are timed together (`timing.median_seconds_each`,
-round-robin, median of `repeats`), each as `calls_per_program` calls inside
-one jitted loop (`looped`: a decoding loop's `lax.fori_loop`, the cache
-carried, each call's queries depending on the previous output), the time
-divided by the calls; with 1, one program dispatch per call, whose host-side
+timed; the rows that pass are timed together with those of the cells that
+differ only in the cache kind (`timing.median_seconds_each`, round-robin,
+median of `repeats`: paged against dense under the same device drifts;
+each cell apart where their caches do not fit in memory together, and each
+row's `timed_with` names the cells it was timed with), each as
+`calls_per_program` calls inside one jitted loop (`looped`: a decoding
+loop's `lax.fori_loop`, the cache carried, each call's queries depending on
+the previous output), the time divided by the calls; with 1, one program dispatch per call, whose host-side
 dispatch can take longer than a small call's device time (an H200 trace of
 B = 8, L = 4k: 44 us of kernels in 51-61 us per dispatched call,
 `benchmarks/decode_trace.py`). A row reports microseconds per call, the
@@ -175,6 +178,9 @@ class DecodeRow:
   kv_bytes: int | None = None
   tb_per_second: float | None = None
   fraction_of_peak: float | None = None
+  # The cells whose rows were timed round-robin with this one (its own
+  # included): `benchmark_decode_cells`.
+  timed_with: list[str] | None = None
 
 
 # --- The cell's arrays -------------------------------------------------------
@@ -406,22 +412,75 @@ def _mechanism_options(config, name: str) -> dict[str, Any]:
   return {}
 
 
+def benchmark_decode_cells(names: Sequence[str], config,
+                           cells: Sequence[DecodeCell]) -> list[DecodeRow]:
+  """Checks each of `names` on each of `cells`, then times every checked
+  row of every cell together: one row per (cell, name), cell by cell.
+
+  The cells are the ones whose ratios a target compares (`run_decode_benchmark`
+  passes those that differ only in the cache kind): timed round-robin in one
+  `timing.median_seconds_each`, each sample of a paged row has a dense one
+  beside it, under the same device drifts. Every cell's cache stays on the
+  device until the timing ends, so a row is skipped when its program and
+  the other cells' caches do not fit `memory_fraction` of the device's
+  memory together (a cell whose own cache does not fit is skipped whole).
+  """
+  available = _available_bytes()
+  budget = None if available is None else config.memory_fraction * available
+  group_bytes = sum(cell.cache_bytes for cell in cells)
+  all_rows, timed = [], []
+  for cell in cells:
+    rows, checked = _checked_programs(
+        names, config, cell, available, budget,
+        others=group_bytes - cell.cache_bytes)
+    all_rows.extend(rows)
+    timed.extend((row, cell, program) for row, program in checked)
+  if not timed:
+    return all_rows
+  calls = config.calls_per_program
+  try:
+    seconds = timing.median_seconds_each(
+        [(program, ()) for _, _, program in timed], repeats=config.repeats,
+        warmup=2)
+  except Exception as e:  # pylint: disable=broad-except
+    for row, _, _ in timed:
+      row.status = _error(e)
+    return all_rows
+  peak = peak_bandwidth_tbps(jax.devices()[0].device_kind)
+  together = [cell.name for cell in cells]
+  for (row, cell, _), s in zip(timed, seconds):
+    s /= calls
+    row.microseconds = 1e6 * s
+    row.tb_per_second = cell.kv_bytes / s / 1e12
+    row.timed_with = together
+    if peak:
+      row.fraction_of_peak = row.tb_per_second / peak
+  return all_rows
+
+
 def benchmark_decode_cell(names: Sequence[str], config,
                           cell: DecodeCell) -> list[DecodeRow]:
   """Checks, then times each of `names` on `cell`; one row per name."""
+  return benchmark_decode_cells(names, config, [cell])
+
+
+def _checked_programs(names, config, cell: DecodeCell, available, budget,
+                      others: int):
+  """`(rows, checked)`: a row per name with its status, and `(row, program)`
+  for each row that passed its check: `program()` runs the row's timed
+  program (`calls_per_program` calls) on the cell's cache, fed back.
+  `others`: bytes of the other caches kept on the device meanwhile."""
   rows = [DecodeRow(mechanism=name, cell=cell.name, status="ok",
                     batch=cell.batch, length=cell.length,
                     num_heads=cell.num_heads, num_kv_heads=cell.num_kv_heads,
                     head_dim=cell.head_dim, cache=cell.cache,
                     new_tokens=cell.new_tokens, kv_bytes=cell.kv_bytes)
           for name in names]
-  available = _available_bytes()
-  budget = None if available is None else config.memory_fraction * available
   if budget is not None and cell.cache_bytes > budget:
     for row in rows:
       row.status = (f"skipped: the cache needs {cell.cache_bytes / 2**30:.1f}"
                     f" GiB, the device has {available / 2**30:.1f} GiB")
-    return rows
+    return rows, []
   build = lambda: cell_inputs(cell, seed=config.seed,
                               page_order=config.page_order)
   cache, q, k, v = build()
@@ -429,7 +488,7 @@ def benchmark_decode_cell(names: Sequence[str], config,
   positions = cache.lengths[:, None] + jnp.arange(cell.new_tokens)
   tolerance = TOLERANCE[jnp.dtype(cell.dtype).name]
   holder = {"cache": cache}
-  timed = []
+  checked = []
   for row in rows:
     served = []
     try:
@@ -449,8 +508,9 @@ def benchmark_decode_cell(names: Sequence[str], config,
       continue
     row.served_by = served[-1] if served else None
     needed = _program_bytes(compiled)
-    if budget is not None and needed is not None and needed > budget:
-      row.status = (f"skipped: needs {needed / 2**30:.1f} GiB, the device "
+    if budget is not None and needed is not None and needed + others > budget:
+      row.status = (f"skipped: needs {needed / 2**30:.1f} GiB beside the "
+                    f"other timed caches' {others / 2**30:.1f}, the device "
                     f"has {available / 2**30:.1f} GiB")
       continue
     try:
@@ -469,32 +529,21 @@ def benchmark_decode_cell(names: Sequence[str], config,
       row.status = (f"error: differs from the reference (relative error "
                     f"{row.out_error:.1e} > {tolerance:.0e}); not timed")
     else:
-      timed.append((row, compiled))
-  if not timed:
-    return rows
+      checked.append((row, compiled))
   calls = config.calls_per_program
-  try:
+  programs = []
+  for row, compiled in checked:
     if calls > 1:  # The checked step, `calls` times in one program.
-      timed = [(row, jax.jit(looped(step_fn(
-          row.mechanism, cell, options=_mechanism_options(
-              config, row.mechanism)), calls), donate_argnums=(0,)).lower(
-                  holder["cache"], q, k, v).compile())
-               for row, _ in timed]
-    seconds = timing.median_seconds_each(
-        [(FedBack(holder, compiled, q, k, v), ()) for _, compiled in timed],
-        repeats=config.repeats, warmup=2)
-  except Exception as e:  # pylint: disable=broad-except
-    for row, _ in timed:
-      row.status = _error(e)
-    return rows
-  peak = peak_bandwidth_tbps(jax.devices()[0].device_kind)
-  for (row, _), s in zip(timed, seconds):
-    s /= calls
-    row.microseconds = 1e6 * s
-    row.tb_per_second = cell.kv_bytes / s / 1e12
-    if peak:
-      row.fraction_of_peak = row.tb_per_second / peak
-  return rows
+      try:
+        compiled = jax.jit(looped(step_fn(
+            row.mechanism, cell, options=_mechanism_options(
+                config, row.mechanism)), calls), donate_argnums=(0,)).lower(
+                    holder["cache"], q, k, v).compile()
+      except Exception as e:  # pylint: disable=broad-except
+        row.status = _error(e)
+        continue
+    programs.append((row, FedBack(holder, compiled, q, k, v)))
+  return rows, programs
 
 
 @jax.jit
@@ -521,24 +570,44 @@ def _program_bytes(compiled) -> int | None:
 # --- The run and its report ---------------------------------------------------
 
 
+def timing_groups(cells: Sequence[DecodeCell],
+                  budget: float | None) -> list[list[DecodeCell]]:
+  """The cells timed together: those that differ only in the cache kind
+  (dense against paged is a target), in the order of `cells`; one by one
+  where their caches do not fit `budget` bytes together."""
+  groups = {}
+  for cell in cells:
+    groups.setdefault(dataclasses.replace(cell, cache=""), []).append(cell)
+  out = []
+  for group in groups.values():
+    if budget is None or sum(cell.cache_bytes for cell in group) <= budget:
+      out.append(group)
+    else:
+      out.extend([cell] for cell in group)
+  return out
+
+
 def run_decode_benchmark(config) -> list[DecodeRow]:
   """Runs the decode variant of configs/benchmark.py; writes JSON (after
-  every cell) and logs a table; returns the rows."""
+  every group of cells) and logs a table; returns the rows."""
   device = jax.devices()[0]
   peak = peak_bandwidth_tbps(device.device_kind)
   logging.info("Decode benchmark on %s (%s, peak %s TB/s), jax %s",
                device.device_kind, jax.default_backend(), peak,
                jax.__version__)
   names = config_names(config.mechanisms) + config_names(config.baselines)
-  cells = decode_cells(config)
+  available = _available_bytes()
+  groups = timing_groups(decode_cells(config), None if available is None
+                         else config.memory_fraction * available)
   rows = []
   path = None
-  for i, cell in enumerate(cells):
+  for i, group in enumerate(groups):
     start = time.perf_counter()
-    cell_rows = benchmark_decode_cell(names, config, cell)
-    logging.info("Cell %d/%d %s (%.1f s):\n%s", i + 1, len(cells), cell.name,
-                 time.perf_counter() - start, table(cell_rows))
-    rows.extend(cell_rows)
+    group_rows = benchmark_decode_cells(names, config, group)
+    logging.info("Cells %d/%d %s (%.1f s):\n%s", i + 1, len(groups),
+                 ", ".join(cell.name for cell in group),
+                 time.perf_counter() - start, table(group_rows))
+    rows.extend(group_rows)
     path = write_json(config, rows)
   logging.info("Decode results:\n%s", table(rows))
   logging.info("Wrote %s", path)
