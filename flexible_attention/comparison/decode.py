@@ -31,10 +31,10 @@ each cell apart where their caches do not fit in memory together, and each
 row's `timed_with` names the cells it was timed with), each as
 `calls_per_program` calls inside one jitted loop (`looped`: a decoding
 loop's `lax.fori_loop`, the cache carried, each call's queries depending on
-the previous output), the time divided by the calls; with 1, one program dispatch per call, whose host-side
-dispatch can take longer than a small call's device time (an H200 trace of
-B = 8, L = 4k: 44 us of kernels in 51-61 us per dispatched call,
-`benchmarks/decode_trace.py`). A row reports microseconds per call, the
+the previous output), the time divided by the calls; with 1, one program
+dispatch per call, whose host-side dispatch can take longer than a small
+call's device time (an H200 trace of B = 8, L = 4k: 44 us of kernels in
+51-61 us per dispatched call, `benchmarks/decode_trace.py`). A row reports microseconds per call, the
 bytes of K and V the call must read (`2 * B * L * Hkv * D * itemsize`) over
 its time in TB/s, and that as a fraction of the card's peak HBM bandwidth
 (`PEAK_HBM_TBPS`; none for an unknown card). A cell whose cache does not fit
@@ -417,13 +417,15 @@ def benchmark_decode_cells(names: Sequence[str], config,
   """Checks each of `names` on each of `cells`, then times every checked
   row of every cell together: one row per (cell, name), cell by cell.
 
-  The cells are the ones whose ratios a target compares (`run_decode_benchmark`
-  passes those that differ only in the cache kind): timed round-robin in one
-  `timing.median_seconds_each`, each sample of a paged row has a dense one
-  beside it, under the same device drifts. Every cell's cache stays on the
-  device until the timing ends, so a row is skipped when its program and
-  the other cells' caches do not fit `memory_fraction` of the device's
-  memory together (a cell whose own cache does not fit is skipped whole).
+  The cells are the ones whose ratios a target compares
+  (`run_decode_benchmark` passes those that differ only in the cache kind):
+  timed round-robin in one `timing.median_seconds_each`, each sample of a
+  paged row has a dense one beside it, under the same device drifts. Every
+  cell's cache stays on the device until the timing ends, so a row is
+  skipped when its program and the other cells' caches do not fit
+  `memory_fraction` of the device's memory together (a cell whose own cache
+  does not fit is skipped whole). A timed row's `timed_with` names the
+  cells that had rows in its timing.
   """
   available = _available_bytes()
   budget = None if available is None else config.memory_fraction * available
@@ -447,7 +449,7 @@ def benchmark_decode_cells(names: Sequence[str], config,
       row.status = _error(e)
     return all_rows
   peak = peak_bandwidth_tbps(jax.devices()[0].device_kind)
-  together = [cell.name for cell in cells]
+  together = list(dict.fromkeys(cell.name for _, cell, _ in timed))
   for (row, cell, _), s in zip(timed, seconds):
     s /= calls
     row.microseconds = 1e6 * s
