@@ -70,7 +70,10 @@ MECHANISMS = {
 # (`_tiled_grads`), and the cotangent dO arrives rounded to bfloat16 (in
 # seed 3627, one row's `dO . O` cancels: `vanilla`'s dsinks is 6.7e-2 from
 # the exact gradient, 2.4e-2 from the one with dO rounded); what is left
-# measured up to 1.4e-2 (dsinks) over seeds 0:200.
+# measured up to 1.4e-2 (dsinks) over seeds 0:200. Those gradients
+# (`SUMMED`) are compared relative to the largest of the reference's three
+# (`compare`): in seed 3845 the slopes' exact gradient is float32's rounding
+# (3e-6) of terms the output's rounding moves by 0.1-0.2.
 TOLERANCES = dict(helpers.TOLERANCES["cpu"], bfloat16=3e-2)
 # ... and, in float32, for the gradients of parameters each of whose
 # elements sums over the whole call: a few terms can cancel to a result the
@@ -625,7 +628,17 @@ def compare(d: Draw, got: Result,
     elif not np.all(np.isfinite(a)):
       failures.append(f"{what}: non-finite values")
     else:
-      errors[what] = min(helpers.relative_error(a, c) for c in (b, *others))
+      if what in SUMMED:
+        # Relative to the largest of the reference's gradients: where the
+        # terms cancel to float32's rounding of them, the exact gradient is
+        # that rounding, and how far the output's rounding moves the tiled
+        # one is the precision to which the quantity is defined.
+        scale = max(np.max(np.abs(c), initial=0.0) for c in (b, *others))
+        errors[what] = float(min(np.max(np.abs(a - c), initial=0.0)
+                                 for c in (b, *others)) / (scale or 1.0))
+      else:
+        errors[what] = min(helpers.relative_error(a, c)
+                           for c in (b, *others))
       if errors[what] > tol:
         failures.append(f"{what}: relative error {errors[what]:.3g} > "
                         f"{tol:.3g}")

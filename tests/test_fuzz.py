@@ -67,6 +67,8 @@ def test_the_oracle_catches_a_wrong_answer():
   wrong = [
       dataclasses.replace(want,
                           out=want.out + 0.05 * np.nanmax(np.abs(want.out))),
+      dataclasses.replace(want, grads=dict(
+          want.grads, sinks=want.grads["sinks"] * 1.1)),  # A summed one.
       dataclasses.replace(want, lse=np.where(np.isinf(want.lse), 0.0,
                                              want.lse)),
       dataclasses.replace(want, keys=np.zeros_like(want.keys)),
@@ -119,6 +121,26 @@ def test_the_rounded_cotangent_explains_vanillas_bfloat16_sinks():
   assert exact_error > fuzz.TOLERANCES["bfloat16"]
   assert rounded_error < exact_error / 2
   assert not fuzz.compare(d, got, want)[0]
+
+
+def test_summed_gradients_are_relative_to_the_references_largest():
+  """Seed 3845 (bfloat16, an ALiBi-like score_mod over explicit
+  positions): the slopes' exact gradient is float32's rounding of terms
+  that cancel (a few 1e-6), while the output's bfloat16 rounding moves the
+  tiled one by 0.1-0.2. `vanilla`'s slopes are past the tolerance relative
+  to the exact gradient and within it relative to the largest of the
+  reference's gradients."""
+  d = fuzz.draw(3845)
+  assert d.dtype == "bfloat16" and d.score_mod
+  x = fuzz.make_inputs(d)
+  want = fuzz.expected(d, x)
+  got = fuzz.actual("vanilla", d, x)
+  tolerance = fuzz.TOLERANCES["bfloat16"]
+  assert np.abs(want.grads["slopes"]).max() < 1e-4
+  assert helpers.relative_error(got.grads["slopes"],
+                                want.grads["slopes"]) > tolerance
+  failures, errors = fuzz.compare(d, got, want)
+  assert not failures and errors["dslopes"] < tolerance
 
 
 # Triton: bfloat16 with padded query slots, a window, sinks and overflow
