@@ -685,6 +685,20 @@ def test_mosaic_kernel_matches_reference_in_gpu_interpreter(case):
     test_mosaic_kernel_matches_reference_on_hopper(case)
 
 
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+def test_mosaic_default_launch_of_a_hopper_in_gpu_interpreter(monkeypatch):
+  """A default case with the split rule of a 132-multiprocessor Hopper
+  (on a CPU it plans for one multiprocessor: one split): 8 rows of 8
+  blocks take 4 splits of 2 blocks (a wave of 32 programs), in the GPU
+  interpreter."""
+  monkeypatch.setattr(gpu, "core_count", lambda: 132)
+  launch = flash_kernel.mosaic_decode_launch(4, 2, 64, 16, 128)
+  assert (launch.num_splits, launch.tokens_per_split) == (4, 256)
+  with gpu_interpret.mosaic_on_cpu():
+    test_mosaic_kernel_matches_reference_on_hopper("gqa_paged16_causal_ragged")
+
+
 @pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("case", MOSAIC_CASES)
 def test_mosaic_kernel_matches_reference_on_hopper(case):
