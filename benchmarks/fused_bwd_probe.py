@@ -33,11 +33,15 @@ and four cells fits a 10-minute call.)
    others still run.
 2. Only when every check passed (or with `--time_anyway`): forward+backward
    (the `jax.vjp` call, jitted; median of `--repeats` samples round-robin
-   after warm-up, `timing.median_seconds_each`) of each variant and cuDNN,
-   at B * S = 16k, H * D = 2048, bf16; a table last, each variant's time
-   over split's. Each timed cell also records whether each variant's dQ,
-   dK and dV are bitwise equal over two more calls (`bitwise_run_to_run`):
-   there a dQ tile takes the adds of up to S / 128 key tiles.
+   after warm-up, `timing.median_seconds_each`) of each variant and cuDNN
+   (`jax.nn.dot_product_attention(implementation="cudnn")`, as XLA
+   compiles it by default, and `cudnn_deterministic`: compiled with
+   `xla_gpu_deterministic_ops`, which has XLA ask cuDNN for its
+   deterministic backward), at B * S = 16k, H * D = 2048, bf16; a table
+   last, each variant's time over split's. Each timed cell also records
+   whether each function's dQ, dK and dV (cuDNN's too) are bitwise equal
+   over two more calls (`bitwise_run_to_run`): there a dQ tile takes the
+   adds of up to S / 128 key tiles.
 
 `--out` is rewritten after every row: a run stopped by a time limit keeps
 the rows it finished.
@@ -94,8 +98,16 @@ _DQ_COPIES = flags.DEFINE_integer(
     "dq_copies", None, "The fixed order's copies of dQ for every call "
     "(`mosaic_common.dq_copies` by default): fewer copies, less memory, "
     "more waiting.")
+_CUDNN_DETERMINISTIC = flags.DEFINE_bool(
+    "cudnn_deterministic", True, "Also time cuDNN compiled with XLA's "
+    "`xla_gpu_deterministic_ops` (`cudnn_deterministic`): its backward's "
+    "deterministic algorithm, the like-for-like baseline of flash's default "
+    "(bitwise reproducible) backward.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results "
                            "(rewritten after every row).")
+
+# XLA options of the timed functions compiled with other than the defaults.
+COMPILER_OPTIONS = {"cudnn_deterministic": {"xla_gpu_deterministic_ops": True}}
 
 TOL = 1.5e-2  # bf16 on a GPU (tests/helpers.TOLERANCES["gpu"]).
 
@@ -277,8 +289,11 @@ def _variants(d: int, causal: bool) -> dict:
       interpret=_SMOKE.value)(q, k, v, None)[0])
   variants = {variant: flash(variant) for variant in _VARIANTS.value}
   if not _SMOKE.value:
-    variants["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
+    variants["cudnn"] = cudnn
+    if _CUDNN_DETERMINISTIC.value:
+      variants["cudnn_deterministic"] = cudnn
   return variants
 
 
@@ -295,7 +310,8 @@ def _time(d: int, s: int, causal: bool) -> dict:
   for name, attend in _variants(d, causal).items():
     try:
       compiled[name] = jax.jit(lambda q, k, v, dout, attend=attend: jax.vjp(
-          attend, q, k, v)[1](dout)).lower(q, k, v, dout).compile()
+          attend, q, k, v)[1](dout)).lower(q, k, v, dout).compile(
+              compiler_options=COMPILER_OPTIONS.get(name))
     except Exception as e:  # pylint: disable=broad-except
       errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
   seconds = timing.median_seconds_each(
@@ -306,7 +322,7 @@ def _time(d: int, s: int, causal: bool) -> dict:
   row["bitwise_run_to_run"] = {
       name: all(bool(jnp.array_equal(a, b)) for a, b in zip(
           fn(q, k, v, dout), fn(q, k, v, dout)))
-      for name, fn in compiled.items() if name != "cudnn"}
+      for name, fn in compiled.items()}
   if errors:
     row["errors"] = errors
   return row
