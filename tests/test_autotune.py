@@ -95,3 +95,79 @@ def test_autotune_still_refuses_what_nobody_accepts(tmp_path):
         autotune_cache=str(tmp_path / "c.json"),
         block_sizes=fa.BlockSizes(block_b=2))(q, q, q)).init(None, q)
   assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("xla_flags,expected", [
+    (None, False),
+    ("", False),
+    ("--xla_force_host_platform_device_count=8", False),
+    ("--xla_gpu_deterministic_ops", True),
+    ("--xla_gpu_deterministic_ops=true", True),
+    ("--xla_gpu_deterministic_ops=1", True),
+    ("--xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_exclude_nondeterministic_ops=true", True),
+    # The last occurrence of a flag counts, as XLA reads them.
+    ("--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false",
+     False),
+    ("--xla_gpu_deterministic_ops=false "
+     "--xla_gpu_exclude_nondeterministic_ops", True),
+    ("--xla_gpu_deterministic_ops_extra=true", False),
+])
+def test_xla_deterministic_ops_reads_xla_flags(monkeypatch, xla_flags,
+                                               expected):
+  if xla_flags is None:
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+  else:
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  assert tuning.xla_deterministic_ops() is expected
+
+
+def test_deterministic_gpu_ops_put_flash_before_cudnn(monkeypatch):
+  # cuDNN's backward is deterministic only under XLA's deterministic ops,
+  # where it measured slower than flash's fixed-order backward; the rule
+  # then tries flash first. Off a GPU nothing changes.
+  gpu = _request(platform="gpu", dtype="bfloat16", q_len=4096,
+                 head_dim=128)
+  cpu = _request()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+  assert auto.rule_candidates(gpu)[:2] == ("cudnn", "flash")
+  assert fa.select_mechanism(gpu) in ("cudnn", "flash")  # The table's.
+  cpu_default = fa.select_mechanism(cpu)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert auto.rule_candidates(gpu)[:2] == ("flash", "cudnn")
+  assert fa.select_mechanism(gpu) == "flash"
+  assert fa.select_mechanism(cpu) == cpu_default
+  # A feature flash lacks still goes on down the order.
+  weights = _request(platform="gpu", dtype="bfloat16",
+                     features=("causal", "weights"))
+  assert fa.select_mechanism(weights) == "vanilla"
+
+
+def test_gpu_entries_hold_in_the_xla_mode_they_were_measured_in(
+    monkeypatch):
+  entry = dict(platform="gpu", dtype="bfloat16", head_dim=128, causal=True,
+               features=[], seq_range=[1024, 16384], winner="cudnn",
+               source="benchmarks/results/test.json")
+  deterministic_entry = dict(entry, winner="blockwise",
+                             deterministic_ops=True)
+  monkeypatch.setattr(tuning, "_entries",
+                      lambda: (entry, deterministic_entry))
+  request = _request(platform="gpu", dtype="bfloat16", q_len=4096,
+                     head_dim=128)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert tuning.measured_winner(request) == "cudnn"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops")
+  assert tuning.measured_winner(request) == "blockwise"
+  monkeypatch.setattr(tuning, "_entries", lambda: (entry,))
+  assert tuning.measured_winner(request) is None
+
+
+def test_autotune_cache_keys_the_xla_mode_on_gpu(monkeypatch):
+  cfg = auto.AutoConfig(num_heads=4, head_dim=64, num_kv_heads=4)
+  gpu = _request(platform="gpu", dtype="bfloat16")
+  cpu = _request()
+  monkeypatch.setenv("XLA_FLAGS", "")
+  keys = tuning.cache_key(gpu, cfg), tuning.cache_key(cpu, cfg)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert tuning.cache_key(gpu, cfg) != keys[0]
+  assert tuning.cache_key(cpu, cfg) == keys[1]

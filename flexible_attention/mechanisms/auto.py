@@ -3,7 +3,10 @@
 The rule (documented in the README):
 
 - candidates, in order of preference:
-  - GPU: `cudnn`, then `flash`, then `blockwise`, then `vanilla`;
+  - GPU: `cudnn`, then `flash`, then `blockwise`, then `vanilla`; under
+    XLA's deterministic GPU ops (`tuning.xla_deterministic_ops`), where
+    cuDNN's backward runs its slower deterministic algorithm, `flash`
+    first, then `cudnn`;
   - CPU: `vanilla` while the score matrix is small
     (B * H * Sq * Sk <= `DENSE_SCORE_LIMIT`), else `blockwise`, then
     `vanilla`;
@@ -47,6 +50,8 @@ DENSE_SCORE_LIMIT = 2**24
 def rule_candidates(request: registry.AttentionRequest) -> tuple[str, ...]:
   """The rule's order of mechanisms for `request`, best first."""
   if request.platform == "gpu":
+    if tuning.xla_deterministic_ops():
+      return ("flash", "cudnn", "blockwise", "vanilla")
     return ("cudnn", "flash", "blockwise", "vanilla")
   if request.score_elements <= DENSE_SCORE_LIMIT:
     order = ("vanilla", "blockwise")

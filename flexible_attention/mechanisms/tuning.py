@@ -2,7 +2,12 @@
 
 - `measured_winner(request)`: the winner recorded for the call's cell in
   `measured_winners.json` (shipped with the package, filled from the
-  benchmark results in `benchmarks/results/`), or `None`.
+  benchmark results in `benchmarks/results/`), or `None`. A GPU entry
+  holds for the XLA mode it was measured in (`xla_deterministic_ops()`;
+  the entry's `deterministic_ops`, false when absent).
+- `xla_deterministic_ops()`: whether `XLA_FLAGS` asks XLA for
+  deterministic GPU ops, under which cuDNN's attention backward runs its
+  slower deterministic algorithm.
 - `autotune(request, config)`: times every mechanism that accepts the call on
   random inputs of the call's exact shapes, structure and mesh (forward +
   backward, compiled, median of `AUTOTUNE_REPEATS`), and caches the winner on
@@ -45,12 +50,40 @@ def _device_kind(platform: str) -> str | None:
     return None
 
 
+# XLA's options that make its GPU ops deterministic, cuDNN's attention
+# backward included (either one suffices).
+DETERMINISTIC_OPS_FLAGS = ("xla_gpu_deterministic_ops",
+                           "xla_gpu_exclude_nondeterministic_ops")
+
+
+def xla_deterministic_ops() -> bool:
+  """Whether `XLA_FLAGS` turns on XLA's deterministic GPU ops.
+
+  True when `--xla_gpu_deterministic_ops` or
+  `--xla_gpu_exclude_nondeterministic_ops` is given bare or with a true
+  value (the last occurrence of each counts, as XLA reads them). XLA then
+  compiles cuDNN's attention backward with its deterministic algorithm,
+  which `benchmarks/BENCHMARKS.md` measured slower than `flash`'s (whose
+  sums have a fixed order in any mode) in 16 of 18 cells on an H100.
+  Options given to one compilation (`.compile(compiler_options=...)`) do
+  not show here.
+  """
+  values = {}
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    name, has_value, value = flag.lstrip("-").partition("=")
+    if name in DETERMINISTIC_OPS_FLAGS:
+      values[name] = not has_value or value.lower() in ("true", "1")
+  return any(values.values())
+
+
 def measured_winner(request: registry.AttentionRequest) -> str | None:
   """The measured winner of the request's cell, or `None`."""
   dims = request.dims
   extra = sorted(request.features - _STRUCTURAL)
+  deterministic = request.platform == "gpu" and xla_deterministic_ops()
   for entry in _entries():
     if (entry["platform"] != request.platform or
+        entry.get("deterministic_ops", False) != deterministic or
         entry["dtype"] != request.dtype or
         entry["head_dim"] != dims.head_dim or
         entry["causal"] != ("causal" in request.features) or
@@ -72,10 +105,13 @@ def default_cache_path() -> str:
 
 
 def cache_key(request: registry.AttentionRequest, config) -> str:
-  """The cache key: device kind, jax version, the call and the mesh."""
+  """The cache key: device kind, jax version, XLA's deterministic GPU ops
+  (on a GPU), the call and the mesh."""
   mesh = None if config.mesh is None else dict(config.mesh.shape)
+  deterministic = request.platform == "gpu" and xla_deterministic_ops()
   return json.dumps(dict(
       device_kind=_device_kind(request.platform), jax=jax.__version__,
+      deterministic_ops=deterministic,
       platform=request.platform, dims=list(vars(request.dims).values()),
       dtype=request.dtype, features=sorted(request.features),
       window=request.window, mesh=mesh,
