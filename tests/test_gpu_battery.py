@@ -38,6 +38,9 @@ Run on the GPU machine (about 85 jitted forward + backward compiles):
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +190,21 @@ def test_cudnn_computes_the_case_it_serves():
   assert case.name == "even_bias_lengths_gqa"
   for head_dim in (64, 128, 256):
     assert not _cudnn_may_refuse(case, head_dim)
+
+
+def test_auto_serves_flash_and_reproduces_gradients_under_deterministic_ops():
+  """Under `--xla_gpu_deterministic_ops=true` (in a process of its own:
+  XLA reads the flag when the backend starts) `auto` picks `flash`, and
+  `auto`'s and `cudnn`'s gradients are correct and bitwise reproducible
+  (`tests/deterministic_gpu_check.py`)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  flags = os.environ.get("XLA_FLAGS", "")
+  env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_gpu_deterministic_ops=true",
+             PYTHONPATH=os.pathsep.join(
+                 [here, os.path.dirname(here), os.environ.get("PYTHONPATH",
+                                                              "")]))
+  done = subprocess.run(
+      [sys.executable, os.path.join(here, "deterministic_gpu_check.py")],
+      env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+  assert '"served": "flash"' in done.stdout
