@@ -76,11 +76,17 @@ def xla_deterministic_ops() -> bool:
   return any(values.values())
 
 
+def _deterministic_mode(request: registry.AttentionRequest) -> bool:
+  """The XLA mode a GPU measurement of `request` holds for (off a GPU
+  there is one mode: False)."""
+  return request.platform == "gpu" and xla_deterministic_ops()
+
+
 def measured_winner(request: registry.AttentionRequest) -> str | None:
   """The measured winner of the request's cell, or `None`."""
   dims = request.dims
   extra = sorted(request.features - _STRUCTURAL)
-  deterministic = request.platform == "gpu" and xla_deterministic_ops()
+  deterministic = _deterministic_mode(request)
   for entry in _entries():
     if (entry["platform"] != request.platform or
         entry.get("deterministic_ops", False) != deterministic or
@@ -108,7 +114,7 @@ def cache_key(request: registry.AttentionRequest, config) -> str:
   """The cache key: device kind, jax version, XLA's deterministic GPU ops
   (on a GPU), the call and the mesh."""
   mesh = None if config.mesh is None else dict(config.mesh.shape)
-  deterministic = request.platform == "gpu" and xla_deterministic_ops()
+  deterministic = _deterministic_mode(request)
   return json.dumps(dict(
       device_kind=_device_kind(request.platform), jax=jax.__version__,
       deterministic_ops=deterministic,
