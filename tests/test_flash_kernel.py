@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import haiku as hk
 import jax
@@ -423,6 +426,34 @@ def test_hopper_fused_backward_with_fewer_copies(name, copies, monkeypatch):
   before it; 16 key tiles in `long_gqa`, 3 in the others)."""
   monkeypatch.setattr(mosaic_bwd, "dq_copies", lambda *args: copies)
   test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+def test_hopper_fused_backward_does_not_spill():
+  """ptxas keeps the fused dK/dV kernel in registers at Dp = 64 and 128
+  (`tests/spill_gpu_check.py`, in a process of its own: Mosaic GPU reads
+  `MOSAIC_GPU_DUMP_PTXAS` when it starts). At Dp = 128 it spilled 428
+  bytes a thread, the K and V tiles' `wgmma` descriptors kept across the
+  loop, until the kernel tied them to each step (`mosaic_common.
+  step_zero`)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", PYTHONPATH=os.pathsep.join(
+      [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+  done = subprocess.run(
+      [sys.executable, os.path.join(here, "spill_gpu_check.py")], env=env,
+      capture_output=True, text=True, timeout=600, check=False)
+  report = done.stdout + done.stderr
+  assert done.returncode == 0, report[-4000:]
+  # Per compile of the kernel (D = 64, 128), its properties: "Function
+  # properties for <kernel>", then "<n> bytes stack frame, <n> bytes spill
+  # stores, <n> bytes spill loads".
+  lines = report.splitlines()
+  header = "Function properties for flash_dkdv_dq_mosaic_gpu_kernel"
+  properties = [lines[n + 1] for n, line in enumerate(lines[:-1])
+                if line.endswith(header)]
+  assert len(properties) == 2, report[-4000:]
+  for line in properties:
+    assert ", 0 bytes spill stores, 0 bytes spill loads" in line, line
 
 
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])

@@ -29,7 +29,9 @@ its last has landed, on a global semaphore per copy, batch row and KV
 head), and the copies are summed in a fixed order: dQ is bitwise
 reproducible. Without it the adds go into one dQ in the order the GPU
 runs the programs (float32 rounding of the same sum differs from run to
-run).
+run). At Dp = 128 the fused kernel derives its K and V tiles' `wgmma`
+descriptors in each step (`mosaic_common.step_zero`): kept across the
+loop, they did not fit beside the accumulators and spilled.
 
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
@@ -98,6 +100,7 @@ from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
+from flexible_attention.kernels.flash.mosaic_common import step_zero
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
@@ -330,12 +333,22 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   def step(i, carry, masked: bool, base, g):
     dk, dv, *dslots = carry
     slot = lax.rem(base + i - lo, STAGES)
+    # With dQ at Dp = 128 the K and V tiles' descriptors are the step's own
+    # (kept across the loop they spilled). Measured (benchmarks/
+    # flash_notes.md): at Dp = 64, where nothing spilled, per-step ones were
+    # slower; without dQ, where they spill 104 bytes a thread, as fast.
+    zero = 0
+    if with_dq and r.k.shape[-1] > 64:
+      zero = step_zero(i)
+      k_step, v_step = r.k_smem.at[wg + zero], r.v_smem.at[wg + zero]
+    else:
+      k_step, v_step = k_tile, v_tile
     plgpu.barrier_wait(r.q_ready.at[slot])
     plgpu.barrier_wait(r.do_ready.at[slot])
 
     def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
-      plgpu.wgmma(s_ref, k_tile, r.q_smem.at[slot].transpose((1, 0)))
-      plgpu.wgmma(dp_ref, v_tile, r.do_smem.at[slot].transpose((1, 0)))
+      plgpu.wgmma(s_ref, k_step, r.q_smem.at[slot].transpose((1, 0)))
+      plgpu.wgmma(dp_ref, v_step, r.do_smem.at[slot].transpose((1, 0)))
       return s_ref[...], dp_ref[...]
 
     s, dp = pl.run_scoped(transposed_scores,
@@ -395,7 +408,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       plgpu.barrier_wait(ds_ready.at[buf])  # The other's ds^T is there.
       for x in range(CONSUMERS):
         plgpu.wgmma(refs[2], ds_smem.at[buf, x].transpose((1, 0)),
-                    r.k_smem.at[x, :, cols])
+                    r.k_smem.at[x + zero, :, cols])
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:

@@ -351,6 +351,22 @@ def score_grads(st, p, dcap, dp_minus_delta, dtype, dmod=None):
   return (ds * st.sm_scale).astype(dtype)
 
 
+def step_zero(i):
+  """Zero, computed from the loop index `i >= 0` of the step that uses it.
+
+  A `wgmma` operand in shared memory reaches the instruction as one 64-bit
+  descriptor per 16-wide slice of its contracted dimension. For a tile that
+  stays put across a loop (a program's K or V tile), the compiler hoists
+  those descriptors out of the loop and keeps them live through it: 8 per
+  tile at Dp = 128, beyond what the fused dK/dV kernel's consumers have
+  left beside their accumulators, so ptxas spills them and reloads them
+  from local memory before each step's matmuls. Indexing the tile with
+  this zero (`ref.at[n + step_zero(i)]`) ties the descriptors to the step:
+  they are recomputed from the tile's address in it (a few uniform integer
+  operations), and nothing is kept."""
+  return jnp.minimum(i, 0)
+
+
 def meet(sched):
   """Both consumers meet at `sched`: the ping-pong of FlashAttention-3 (one
   consumer's matmuls run while the other computes on its registers)."""
