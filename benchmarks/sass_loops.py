@@ -1,0 +1,167 @@
+"""Registers, spills and step loops of compiled Mosaic GPU kernels, from SASS.
+
+The GPU machine compiles each Mosaic GPU kernel to PTX and hands it to
+ptxas; with two variables set, one run of any script that compiles the
+kernels keeps that PTX (see benchmarks/flash_notes.md):
+
+  MOSAIC_GPU_DUMP_TO=/tmp/ptx MOSAIC_GPU_DUMP_PTX=1 python3 <script>
+
+(skip its `*.mlir-passes.log` files, hundreds of MB each). Any machine then
+reads the kernels with CUDA's `ptxas` and `cuobjdump`, no GPU needed:
+
+  python3 benchmarks/sass_loops.py --ptx=/tmp/ptx/flash_dkdv_dq_1.ptx
+
+Per kernel: ptxas' report for sm_90a (registers, bytes of spill stores and
+loads a thread; the same numbers ptxas gives on the GPU machine), and each
+step loop, a loop of the machine code that issues `HGMMA`s and holds no
+smaller such loop: its instructions per iteration and thread by opcode, and
+the spill reloads (`LDL`) and stores (`STL`) inside it. Spills outside the
+step loops cost once per program; inside, every step. How the fused
+backward's spill was found this way: flash_notes.md, the session of
+2026-12-06 (thirteenth).
+
+`ptxas` and `cuobjdump` come from `--ptxas` and `--cuobjdump`, else the
+PATH, else the copies Triton's wheel carries (`pip install triton`; the
+kernels are not Triton's). ptxas must know the PTX's `.version`: jax
+0.11.2 on the GPU machine writes PTX 9.0, which needs CUDA 13's ptxas
+(Triton 3.9 carries CUDA 12.9's); any cuobjdump reads the cubin.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from absl import app
+from absl import flags
+
+_PTX = flags.DEFINE_list("ptx", None, "PTX files of Mosaic GPU kernels.",
+                         required=True)
+_PTXAS = flags.DEFINE_string("ptxas", None, "CUDA's ptxas.")
+_CUOBJDUMP = flags.DEFINE_string("cuobjdump", None, "CUDA's cuobjdump.")
+_ARCH = flags.DEFINE_string("arch", "sm_90a", "ptxas' target.")
+_TOP = flags.DEFINE_integer("top", 12, "Opcodes listed per loop.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+
+# `/*0a30*/  @!P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;`
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_PREDICATE = re.compile(r"^@!?U?P[T0-9]+\s+")
+_BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def tool(name: str, given: str | None) -> str:
+  """The path of CUDA's `name`: `given`, else the PATH's, else Triton's."""
+  if given:
+    return given
+  found = shutil.which(name)
+  if found:
+    return found
+  try:
+    import triton  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    triton = None
+  if triton is not None:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends",
+                           "nvidia", "bin", name)
+    if os.path.exists(bundled):
+      return bundled
+  raise app.UsageError(f"No {name}: pass --{name}, put CUDA's bin folder "
+                       "on the PATH or install triton.")
+
+
+def opcode(text: str) -> str:
+  """`@!P0 HGMMA.64x64x16.F32.BF16 R24, ...` -> `HGMMA`."""
+  return _PREDICATE.sub("", text).split()[0].split(".")[0]
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+  """`(address, text)` of every instruction of a `cuobjdump -sass` listing."""
+  return [(int(m.group(1), 16), m.group(2))
+          for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  start: int  # The address of its first instruction (a branch's target).
+  end: int  # The address of the branch back.
+  opcodes: dict[str, int]
+
+  @property
+  def size(self) -> int:
+    return sum(self.opcodes.values())
+
+
+def step_loops(code: list[tuple[int, str]]) -> list[Loop]:
+  """The loops that issue `HGMMA`s and hold no smaller such loop, in
+  address order. A loop is an instruction range from a predicated backward
+  branch's target to the branch. (ptxas places a barrier wait's retries
+  out of line, after the kernel's last instruction, and returns from them
+  with an unconditional backward branch: not a loop.)"""
+  loops = []
+  for address, text in code:
+    match = _BRANCH.search(text)
+    if (match and _PREDICATE.match(text)
+        and int(match.group(1), 16) < address):
+      start = int(match.group(1), 16)
+      ops = collections.Counter(opcode(t) for a, t in code
+                                if start <= a <= address)
+      if ops["HGMMA"]:
+        loops.append(Loop(start, address, dict(ops)))
+  inner = [loop for loop in loops
+           if not any(other is not loop and loop.start <= other.start
+                      and other.end <= loop.end for other in loops)]
+  return sorted(inner, key=lambda loop: loop.start)
+
+
+def report(ptx_path: str) -> dict:
+  """ptxas' numbers and the step loops of one kernel's PTX."""
+  with tempfile.TemporaryDirectory() as scratch:
+    cubin = os.path.join(scratch, "kernel.cubin")
+    ptxas = subprocess.run(
+        [tool("ptxas", _PTXAS.value), f"-arch={_ARCH.value}", "-v", ptx_path, "-o", cubin],
+        capture_output=True, text=True, check=True)
+    sass = subprocess.run([tool("cuobjdump", _CUOBJDUMP.value), "-sass",
+                           cubin],
+                          capture_output=True, text=True, check=True).stdout
+  info = ptxas.stdout + ptxas.stderr
+  spills = _SPILLS.search(info)
+  registers = _REGISTERS.search(info)
+  return dict(
+      ptx=os.path.basename(ptx_path),
+      registers=int(registers.group(1)) if registers else None,
+      spill_stores=int(spills.group(1)) if spills else None,
+      spill_loads=int(spills.group(2)) if spills else None,
+      step_loops=[dict(start=hex(loop.start), end=hex(loop.end),
+                       instructions=loop.size, opcodes=loop.opcodes)
+                  for loop in step_loops(instructions(sass))])
+
+
+def main(argv):
+  del argv
+  results = [report(path) for path in _PTX.value]
+  for kernel in results:
+    print(f"\n{kernel['ptx']}: {kernel['registers']} registers at launch, "
+          f"{kernel['spill_stores']} / {kernel['spill_loads']} bytes of spill "
+          "stores / loads a thread")
+    print("| loop | instructions | HGMMA | LDL | STL | most frequent |")
+    print("|---|---|---|---|---|---|")
+    for loop in kernel["step_loops"]:
+      ops = collections.Counter(loop["opcodes"])
+      common = ", ".join(f"{k} {n}" for k, n in ops.most_common(_TOP.value))
+      print(f"| {loop['start']}-{loop['end']} | {loop['instructions']} | "
+            f"{ops['HGMMA']} | {ops['LDL']} | {ops['STL']} | {common} |")
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,44 @@
+"""`benchmarks/sass_loops.py`'s reading of a SASS listing (no CUDA tools
+needed): instructions, opcodes and the step loops."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "benchmarks"))
+import sass_loops  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# As `cuobjdump -sass` prints it: an outer loop [0x10, 0x60] around an inner
+# one [0x20, 0x50]; after EXIT a barrier wait's retry, returning into the
+# inner loop by an unconditional backward branch.
+LISTING = """
+        Function : kernel
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                       /* 0x00000a0000017a02 */
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ; /* 0x00e0000004187 */
+        /*0020*/                   LDL.64 R2, [R1+0x8] ;                        /* 0x0000080001027983 */
+        /*0030*/              @!P2 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ; /* 0x00e0000008187 */
+        /*0040*/                   STL [R1], R2 ;                               /* 0x0000000201007387 */
+        /*0050*/               @P0 BRA 0x20 ;                                   /* 0xfffffffc00f00947 */
+        /*0060*/              @!P1 BRA 0x10 ;                                   /* 0xfffffffc00e89947 */
+        /*0070*/                   EXIT ;                                       /* 0x000000000000794d */
+        /*0080*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3], R4 ; /* 0x0000000403007 */
+        /*0090*/                   BRA 0x30 ;                                   /* 0xffffff9000ec7947 */
+"""
+
+
+def test_opcode_drops_predicate_and_modifiers():
+  assert sass_loops.opcode("@!P2 HGMMA.64x64x16.F32.BF16 R24, R24") == "HGMMA"
+  assert sass_loops.opcode("@UPT LDL.64 R2, [R1+0x8]") == "LDL"
+  assert sass_loops.opcode("FFMA R1, R2, R3, R4") == "FFMA"
+
+
+def test_step_loops_are_the_innermost_predicated_ones_with_hgmma():
+  code = sass_loops.instructions(LISTING)
+  assert [address for address, _ in code] == list(range(0, 0xa0, 0x10))
+  loops = sass_loops.step_loops(code)
+  assert [(loop.start, loop.end) for loop in loops] == [(0x20, 0x50)]
+  (loop,) = loops
+  assert loop.opcodes == {"LDL": 1, "HGMMA": 1, "STL": 1, "BRA": 1}
+  assert loop.size == 4
