@@ -127,7 +127,7 @@ class LaunchConfig:
   backward in any order is the fastest backward from 16k keys (0.87-0.995x
   the time of the default, Mosaic dQ, one; 0.95-0.99x cuDNN's speed at D =
   128 full and D = 64 causal; on an H100, since its Dp = 128 kernel stopped
-  spilling, 0.97-1.02x the speed of cuDNN's default backward, itself not
+  spilling, 0.95-1.02x the speed of cuDNN's default backward, itself not
   reproducible, at D = 128, S = 16k) but not at 4k (1.04x), and in the fixed
   order it takes 1.5-1.7x the any-order time (its semaphore waits and
   signals sit on the consumers' critical path), slower than the split
