@@ -6,11 +6,12 @@ each):
 - `split`: dQ through the Triton kernel (the default launches);
 - `fused`: `LaunchConfig(dkv_backend="mosaic", atomic_dq=True)`, dQ inside
   the Mosaic GPU dK/dV kernel (per step and program, each consumer
-  reduce-adds a float32 `[64, Dp / 2]` tile: its half of dQ's columns over
-  the program's 128 keys; padded D of 64 and 128; issue 17, part 1), the
-  adds into each dQ tile in the key tiles' order (`deterministic_dq`);
-- `fused_any`: the same with `deterministic_dq=False`: the adds land in
-  the order the programs run;
+  reduce-adds a `[64, Dp / 2]` tile: its half of dQ's columns over the
+  program's 128 keys; padded D of 64 and 128; issue 17, part 1), in int32
+  fixed point (`deterministic_dq`: the same bits whatever the order of the
+  adds; `mosaic_common.fixed_point_scales`);
+- `fused_any`: the same with `deterministic_dq=False`: float32 adds,
+  landing in the order the programs run;
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
   Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128).
 
@@ -70,7 +71,6 @@ from flexible_attention import timing
 from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
-from flexible_attention.kernels.flash import mosaic_bwd
 
 VARIANTS = ("split", "fused", "mosaic_dq", "fused_any")
 
@@ -94,10 +94,6 @@ _CHECKS = flags.DEFINE_list(
     "subset when the others passed at the same commit in an earlier run.")
 _TIME_ANYWAY = flags.DEFINE_bool("time_anyway", False,
                                  "Time even when a check failed.")
-_DQ_COPIES = flags.DEFINE_integer(
-    "dq_copies", None, "The fixed order's copies of dQ for every call "
-    "(`mosaic_common.dq_copies` by default): fewer copies, less memory, "
-    "more waiting.")
 _CUDNN_DETERMINISTIC = flags.DEFINE_bool(
     "cudnn_deterministic", True, "Also time cuDNN compiled with XLA's "
     "`xla_gpu_deterministic_ops` (`cudnn_deterministic`): its backward's "
@@ -361,15 +357,12 @@ def _write(results: dict):
 
 def main(argv):
   del argv
-  if _DQ_COPIES.value is not None:
-    mosaic_bwd.dq_copies = lambda *args: _DQ_COPIES.value
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown or not _VARIANTS.value:
     raise app.UsageError(f"--variants takes names of {VARIANTS}, got "
                          f"{_VARIANTS.value}.")
   print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__,
-                    "variants": _VARIANTS.value,
-                    "dq_copies": _DQ_COPIES.value}), flush=True)
+                    "variants": _VARIANTS.value}), flush=True)
   checks = list(CHECKS) if _CHECKS.value is None else _CHECKS.value
   unknown = sorted(set(checks) - set(CHECKS))
   if unknown:

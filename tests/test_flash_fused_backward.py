@@ -94,15 +94,6 @@ def test_fused_backward_in_any_order_lowers_for_cuda(name, head_dim):
   _check_fused_lowering(name, head_dim, deterministic=False)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_fused_backward_with_fewer_copies_lowers_for_cuda(head_dim,
-                                                         monkeypatch):
-  """In a fixed order with two copies of dQ for more key tiles (each
-  copy's programs then wait their turn)."""
-  monkeypatch.setattr(mosaic_bwd, "dq_copies", lambda *args: 2)
-  _check_fused_lowering("dropout_gqa", head_dim, deterministic=True)
-
-
 def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
   call, options = CASES[name]
   options = dict(options)
@@ -164,9 +155,9 @@ def test_mosaic_dkv_with_atomic_dq_is_the_fused_backward(head_dim,
 
 
 def test_fused_backward_is_off_by_default(monkeypatch):
-  """In a fixed order the fused backward measured 1.5-1.7x the time of the
-  any-order one, slower than the split backward: the default launches keep
-  the split backward (dQ through Triton at this length)."""
+  """The default launches keep the split backward (dQ through Triton at
+  this length): the fused one has not measured faster in a fixed order
+  (`LaunchConfig`)."""
   chosen = _launch(monkeypatch, causal=True)
   assert (chosen.dkv_backend, chosen.atomic_dq) == ("mosaic", False)
 
@@ -197,30 +188,82 @@ def test_fused_dq_reason_names_the_head_sizes():
   assert "atomic_dq=False" in mosaic_common.fused_dq_reason(256)
 
 
-@pytest.mark.parametrize("batch,kv_heads,key_tiles,cores,want", [
-    (1, 16, 128, 132, 17),  # Two waves' worth of programs per head.
-    (1, 32, 128, 132, 9),
-    (4, 8, 128, 132, 9),
-    (1, 16, 8, 132, 8),  # No more copies than key tiles.
-    (64, 8, 128, 132, 1),  # The grid alone fills the GPU.
-    (2, 2, 128, None, 66),  # Without a GPU: an H100's 132.
-])
-def test_dq_copies_exceed_the_programs_of_a_head_at_once(
-    batch, kv_heads, key_tiles, cores, want):
-  """In a fixed order key tile t adds into copy t % C after the copy's
-  lower key tiles: C is twice the programs of one (batch row, KV head)
-  that run at once, at most the key tiles, at least 1."""
-  assert mosaic_common.dq_copies(batch, kv_heads, key_tiles, cores) == want
+def _scale_inputs(seed=0, b=2, s=200, h=4, hkv=2, d=64):
+  """Random q, k, v, dO (bf16) with rows of dO spanning six decades, and
+  the float32 reference's output, lse and delta."""
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q, k, v, do = (jax.random.normal(key, shape, jnp.float32)
+                 for key, shape in zip(keys, [(b, s, h, d), (b, s, hkv, d),
+                                              (b, s, hkv, d), (b, s, h, d)]))
+  do = do * 10.0**jax.random.uniform(keys[4], (b, s, h, 1), minval=-3,
+                                     maxval=3)
+  return tuple(x.astype(jnp.bfloat16).astype(jnp.float32)
+               for x in (q, k, v, do))
 
 
-def test_dq_copies_hold_in_their_memory_budget():
-  """S = 128k, H = 16, D = 128: a float32 dQ is 1 GiB, so 4 copies, not
-  17; one copy past the budget still gets one."""
-  gib = 1 << 30
-  budget = mosaic_common.DQ_COPIES_BYTES
-  assert mosaic_common.dq_copies(1, 16, 1024, 132, gib) == budget // gib
-  assert mosaic_common.dq_copies(1, 16, 1024, 132, budget // 64) == 17
-  assert mosaic_common.dq_copies(1, 16, 1024, 132, 2 * budget) == 1
+@pytest.mark.parametrize("causal, rate", [(False, None), (True, 0.3)])
+def test_fixed_point_scales_bound_every_partial_sum(causal, rate):
+  """Every partial sum of a row's dQ over a set of keys (here: every
+  prefix of the keys) times the row's scale stays within
+  2^(FIXED_POINT_BITS - 1), on random rows of dO spanning six decades;
+  the scales are powers of two."""
+  q, k, v, do = _scale_inputs()
+  b, s, h, d = q.shape
+  groups, scale = h // k.shape[2], d**-0.5
+  kk, vv = (jnp.repeat(x, groups, axis=2) for x in (k, v))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+  if causal:
+    logits = jnp.where(jnp.tril(jnp.ones((s, s), bool)), logits, -jnp.inf)
+  p = jax.nn.softmax(logits, axis=-1)
+  keep = 1.0 - (rate or 0.0)
+  # The largest dp a kept element can take: dO . v / (1 - rate).
+  dp = jnp.einsum("bqhd,bkhd->bhqk", do, vv) / keep
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, vv)
+  delta = jnp.einsum("bqhd,bqhd->bhq", do, out)
+  ds = p * (dp - delta[..., None]) * scale
+  terms = jnp.einsum("bhqk,bkhd->bhqkd", ds, kk)  # Each key's share of dQ.
+  prefixes = jnp.cumsum(terms, axis=3)
+  scales = mosaic_common.fixed_point_scales(
+      k, v, do, delta, sm_scale=scale, groups=groups, dropout_rate=rate)
+  assert scales.shape == (b, h, s)
+  assert jnp.all(jnp.exp2(jnp.round(jnp.log2(scales))) == scales)
+  largest = jnp.max(jnp.abs(prefixes), axis=(3, 4)) * scales
+  assert jnp.max(largest) <= 2.0**(mosaic_common.FIXED_POINT_BITS - 1)
+
+
+@pytest.mark.parametrize("rate", [None, 0.5])
+def test_fixed_point_scales_are_tight_where_the_bound_is(rate):
+  """Two keys seen with p = 1/2 each, values c e1 and -c e1, dO = c' e1
+  (both kept under dropout, so dp = dO . v / (1 - rate)): delta = 0, and
+  the partial sum over the first key is a quarter of the bound `2 sm_scale
+  max|k| ||dO|| max||v|| / (1 - rate)`, so times the scale it lies in
+  (2^(BITS - 3), 2^(BITS - 2)]: a scale off by a factor 2 either way fails."""
+  d, c, c2, scale = 64, 1.3, 0.7, 0.125
+  e1 = jnp.zeros((d,)).at[0].set(1.0)
+  k = jnp.full((1, 2, 1, d), 0.9)
+  v = jnp.stack([c * e1, -c * e1])[None, :, None]
+  do = (c2 * e1)[None, None, None]
+  # p = 1/2: equal logits (q = 0); ds_1 = p dp_1 scale, dp_1 = c c2.
+  partial = 0.5 * c * c2 / (1.0 - (rate or 0.0)) * scale * 0.9
+  scales = mosaic_common.fixed_point_scales(
+      k, v, do, jnp.zeros((1, 1, 1)), sm_scale=scale, groups=1,
+      dropout_rate=rate)
+  bits = mosaic_common.FIXED_POINT_BITS
+  assert 2.0**(bits - 3) < partial * scales[0, 0, 0] <= 2.0**(bits - 2)
+
+
+def test_fixed_point_scales_of_zero_and_non_finite_rows():
+  """A row whose bound is 0 gets 1 (its dQ is 0); one whose bound is not
+  finite gets 0, so that XLA's division gives it NaN."""
+  q, k, v, do = _scale_inputs(s=8)
+  do = do.at[0, 3].set(0.0).at[1, 5, 2].set(jnp.nan)
+  delta = jnp.zeros((do.shape[0], do.shape[2], do.shape[1]))  # [B, H, S]
+  scales = mosaic_common.fixed_point_scales(k, v, do, delta, sm_scale=0.125,
+                                            groups=2)
+  assert jnp.all(scales[0, :, 3] == 1.0)
+  assert scales[1, 2, 5] == 0.0
+  assert jnp.all(scales[1, :2, 5] > 0.0) and jnp.all(scales[1, 3:, 5] > 0.0)
+  assert jnp.sum(scales == 0.0) == 1
 
 
 def test_kernel_refuses_dq_in_the_columns_layout():

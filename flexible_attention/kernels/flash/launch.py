@@ -111,12 +111,12 @@ class LaunchConfig:
   `mosaic_common.fused_dq_reason`).
 
   `deterministic_dq` (default True) keeps dQ bitwise reproducible, as the
-  split backward is: the fused Mosaic backward then adds into C float32
-  copies of dQ, each copy's programs one after another in key-tile order
-  (a global semaphore per copy, batch row and KV head; `mosaic_common.
-  dq_copies`), and sums the copies in a fixed order. With
-  False the adds land in the order the GPU runs the programs (float32
-  rounding of the same sum differs from run to run). Triton's atomics have
+  split backward is: the fused Mosaic backward then adds int32 fixed-point
+  values (each row's share times a power of two bounded from the row's
+  inputs, `mosaic_common.fixed_point_scales`; integer sums do not depend
+  on the order of the adds) and scales the sum back to float32. With
+  False the adds are float32 and land in the order the GPU runs the
+  programs (float32 rounding of the same sum differs from run to run). Triton's atomics have
   no fixed order: `atomic_dq=True` with `dkv_backend="triton"` needs
   `deterministic_dq=False` (an error otherwise). Without `atomic_dq` the
   field changes nothing: the split backward's dQ is always reproducible.
@@ -128,10 +128,14 @@ class LaunchConfig:
   the time of the default, Mosaic dQ, one; 0.95-0.99x cuDNN's speed at D =
   128 full and D = 64 causal; on an H100, since its Dp = 128 kernel stopped
   spilling, 0.95-1.02x the speed of cuDNN's default backward, itself not
-  reproducible, at D = 128, S = 16k) but not at 4k (1.04x), and in the fixed
-  order it takes 1.5-1.7x the any-order time (its semaphore waits and
-  signals sit on the consumers' critical path), slower than the split
-  backward, which stays the default.
+  reproducible, at D = 128, S = 16k) but not at 4k (1.04x). In a fixed
+  order (one float32 sum per dQ tile, the programs of a tile's key tiles
+  adding in turn behind semaphores; replaced since) it took 1.4-1.7x the
+  any-order time, slower than the split backward, which stays the
+  default. The fixed point has not been timed in this form; the same
+  design on a branch (before the Dp = 128 kernel stopped spilling) was
+  1.7-2.7% faster than the default at D = 128, S = 16k and 5.5-7.6%
+  slower at D = 64 on an H200 (benchmarks/flash_notes.md).
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp

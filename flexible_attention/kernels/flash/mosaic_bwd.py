@@ -19,16 +19,17 @@ of 7): each consumer writes its
 step's `ds^T` to shared memory, and, once the other's is there too, takes
 half of dQ's columns of `ds k` over the program's 128 keys (`[bq, Dp / 2]`
 float32) from `wgmma`s that read both through transposed views beside the
-same columns of the K tiles, and adds them into a float32 dQ in global
-memory with a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
+same columns of the K tiles, and adds them into dQ in global memory with
+a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
 "add")`): one `[bq, Dp]` add per step and program. With
-`LaunchConfig.deterministic_dq` (the default) key tile t adds into float32
-copy `t % C` of dQ (`dq_copies`) once the copy's programs of lower key
-tiles have added theirs (one wait before its first add, one signal once
-its last has landed, on a global semaphore per copy, batch row and KV
-head), and the copies are summed in a fixed order: dQ is bitwise
-reproducible. Without it the adds go into one dQ in the order the GPU
-runs the programs (float32 rounding of the same sum differs from run to
+`LaunchConfig.deterministic_dq` (the default) the adds are int32: each
+row's share `x` leaves as `trunc(x s)`, s a power of two per query row
+from a bound on every partial sum of the row's dQ (`mosaic_common.
+fixed_point_scales`), and XLA divides the sum by s. Integer addition is
+associative, so dQ is bitwise reproducible whatever order the programs'
+adds land in, at the cost of one multiply and one conversion per element.
+Without it the adds are float32, into one dQ in the order the GPU runs
+the programs (float32 rounding of the same sum differs from run to
 run). At Dp = 128 the fused kernel derives its K and V tiles' `wgmma`
 descriptors in each step (`mosaic_common.step_zero`): kept across the
 loop, they did not fit beside the accumulators and spilled.
@@ -69,7 +70,6 @@ Glossary of shapes:
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 from jax import lax
@@ -77,7 +77,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
@@ -91,7 +90,7 @@ from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
-from flexible_attention.kernels.flash.mosaic_common import dq_copies
+from flexible_attention.kernels.flash.mosaic_common import fixed_point_scales
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import load_vector
@@ -122,25 +121,23 @@ from flexible_attention.kernels.flash.structure import Static
 
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
-  every warpgroup reads the same way. `dq` is the float32 dQ the fused
-  backward adds into (`with_dq`; `[C, B, Sqp, H, Dp]`, C copies, when
-  `ordered`), else None; `sems` (a global int32 semaphore per copy, batch
-  row and KV head, zero at the start) order its adds (`ordered`), else
-  None; `mod_refs` the rows
+  every warpgroup reads the same way. `dq` is the dQ the fused backward
+  adds into (`with_dq`; `[B, Sqp, H, Dp]`, int32 in fixed point when
+  `fixed_point`, else float32), else None; `mod_refs` the rows
   of the mods' program values (`mod_rows`' operands; None where none),
   `dslots` the output of their gradients (`grad_slots`), else None; `drop`
   the program's `TileDropout` with dropout (set once the bounds row is
   read), else None."""
 
   def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
-               ordered: bool, mod_rows):
+               fixed_point: bool, mod_rows):
     refs = list(refs)
     (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
      self.kvvec) = refs[:8]
     del refs[:8]
     self.mod_refs = split_row_refs(mod_rows, refs)
     self.dq = refs.pop(0) if with_dq else None
-    self.sems = refs.pop() if ordered else None
+    self.fixed_point = fixed_point
     self.dk, self.dv, *dslots = refs
     self.dslots = dslots[0] if dslots else None
     (self.k_smem, self.v_smem, self.kvvec_smem, self.q_smem, self.do_smem,
@@ -267,15 +264,10 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   rewrites one only after the other has signalled the next step's, so
   after its reads of this one are done.
 
-  With `r.sems` the program adds into copy `t % C` of dQ (key tile t, C
-  copies: `dq_copies`) in turn: before its first add each warpgroup waits
-  until the copy's semaphore (for its batch row and KV head) counts both
-  warpgroups of every lower key tile of the copy, `CONSUMERS * (t // C)`
-  signals; after its last add has landed it signals once. A program with
-  no step waits for its turn too, so that no signal runs ahead of the
-  order. Lower key tiles' programs start first (the grid's key-tile axis
-  is its slowest), so every wait ends, and with C above the programs of
-  one batch row and KV head that run at once it is already met.
+  With `r.fixed_point` dQ is int32: the warpgroup adds `trunc(x s)`, s the
+  rows' scales (`fixed_point_scales`, a third row of the step's stats),
+  from an int32 tile, so the sum's bits do not depend on the order of the
+  adds.
 
   With mods (`r.st.mods`) the warpgroup first copies the program values of
   the group's G query heads to its shared memory (`mosaic_mods.
@@ -294,22 +286,11 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   wg = r.wg if w is None else w
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
-  ordered = r.sems is not None
   if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
     ds_smem, dq_smem, ds_ready, both_done = r.exchange
     dq_tile = dq_smem.at[w]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
-    dq = r.dq
-  if ordered:  # The program's copy of dQ, and its turn there.
-    copies = r.dq.shape[0]
-    dq = r.dq.at[lax.rem(r.tile, copies)]
-    semaphore = r.sems.at[(lax.rem(r.tile, copies) * r.q.shape[0] + batch)
-                          * r.k.shape[2] + kv_head]
-
-    def wait_turn():  # Every lower key tile of the copy has added.
-      plgpu.semaphore_wait(semaphore, CONSUMERS * lax.div(r.tile, copies),
-                           decrement=False, memory_scope="gpu")
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
                           r.k_ready.at[wg])
   plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
@@ -356,6 +337,10 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
                           plgpu.ACC((ROWS, bq), jnp.float32))
     plgpu.barrier_wait(r.stats_ready.at[slot])
     plgpu.barrier_wait(r.qvec_ready.at[slot])
+    if with_dq and r.fixed_point:  # Read before the slot is freed.
+      dq_scale = lax.broadcast_in_dim(
+          load_vector(r.stats_smem.at[slot, 2], plgpu.Layout.WGMMA.reduce(1)),
+          (bq, half), [0])
     q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
     vis = visible(st, q_vec, kv_vec) if masked else None
     mods = (None if st.mods is None else
@@ -418,12 +403,11 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     if with_dq:
       head = kv_head * st.groups + g
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
-      dq_tile[...] = dq_add[0]
+      dq_tile[...] = ((dq_add[0] * dq_scale).astype(jnp.int32)
+                      if r.fixed_point else dq_add[0])
       plgpu.commit_smem()
-      if ordered:  # The program's first add waits for its turn.
-        pl.when((i == lo) & (g == 0))(wait_turn)
       plgpu.copy_smem_to_gmem(dq_tile,
-                              dq.at[batch, pl.ds(i * bq, bq), head, cols],
+                              r.dq.at[batch, pl.ds(i * bq, bq), head, cols],
                               reduction_op="add")
     return (dk, dv, *dslots)
 
@@ -442,10 +426,6 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       lo, flo, fhi, hi, step,
       (wgmma_zeros(r.k.shape[-1]), wgmma_zeros(r.v.shape[-1]),
        *(wgmma_zeros(None) for _ in slots)), end if slots else None)
-  if ordered:  # The program's adds have landed: the copy's next may go.
-    plgpu.wait_smem_to_gmem(0)
-    pl.when(hi <= lo)(wait_turn)
-    plgpu.semaphore_signal(semaphore, memory_scope="gpu")
   if with_dq:  # The other's last dQ matmuls have read this K tile.
     plgpu.barrier_arrive(both_done)
     plgpu.barrier_wait(both_done)
@@ -459,13 +439,13 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   plgpu.wait_smem_to_gmem(0)  # With dQ or the slots, their last copies.
 
 
-def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool, ordered: bool,
-                 mod_rows):
+def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
+                 fixed_point: bool, mod_rows):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
   query head of its group; `refs` are the operands (the mods' rows after
-  the inputs, then `with_dq` dQ's Ref), the outputs, `ordered` the
-  semaphores, and last the shared-memory scratch."""
-  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, ordered, mod_rows)
+  the inputs, then `with_dq` dQ's Ref), the outputs, and last the
+  shared-memory scratch."""
+  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, fixed_point, mod_rows)
   lo, flo, fhi, hi, *seed = read_row(r.bounds.at[r.batch, r.tile],
                                       r.bounds_smem.at[r.wg],
                                       r.bounds_ready.at[r.wg],
@@ -519,10 +499,11 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
 
   Returns:
     `(dk [B, Skp, Hkv, Dp], dv [B, Skp, Hkv, Dp], dq, dslots)`: dk, dv in
-    k's dtype; with `st.launch.atomic_dq` dq `[B, Sqp, H, Dp]` float32 (its
-    float32 sums in a fixed order with `st.launch.deterministic_dq`: each
-    of its `dq_copies` in key-tile order, then the copies in order; else
-    in the order the programs run: not bitwise reproducible), else
+    k's dtype; with `st.launch.atomic_dq` dq `[B, Sqp, H, Dp]` float32
+    (with `st.launch.deterministic_dq` summed in int32 fixed point, per row
+    on the scale of `fixed_point_scales`, then scaled back: the same bits
+    whatever order the programs' adds land in; else float32 sums in the
+    order the programs run, not bitwise reproducible), else
     None; with `mosaic_mods.grad_slots(st.mods)` (n of them) dslots
     float32 `[B, H, n]`, the loss' gradient in each program value those
     slots hold (`mosaic_mods.args_grads` takes it to `mod_args`), else
@@ -533,7 +514,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   bq, bk = DKV_BLOCK_Q, dkv_block_k(d)
   nk = kv_len // bk
   with_dq = st.launch.atomic_dq
-  ordered = with_dq and st.launch.deterministic_dq
+  fixed_point = with_dq and st.launch.deterministic_dq
   if q_len % bq or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {bk}.")
@@ -548,26 +529,27 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   swizzled = wgmma_transforms(q.dtype, min(
       SWIZZLE, d // CONSUMERS * q.dtype.itemsize) if with_dq else SWIZZLE)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
+  dq_dtype = jnp.int32 if fixed_point else jnp.float32
   lse2 = split_lse2(st, lse2, mod_rows, q_vectors)  # A split score_mod's.
-  stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
-  copies = dq_copies(batch, kv_heads, nk, gpu.core_count(),
-                     q.size * 4) if ordered else 1
+  stats = [lse2, delta]
+  if fixed_point:  # Each row's dQ scale, streamed with its stats.
+    scales = fixed_point_scales(k, v, do, delta, sm_scale=st.sm_scale,
+                                groups=st.groups,
+                                dropout_rate=st.dropout_rate)
+    stats.append(scales)
+  stats = jnp.stack(stats, axis=2)  # [B, H, 2 or 3, Sqp]
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
   n_slots = len(grad_slots(st.mods))
 
   def body(*operands):
-    # Ordered: a semaphore per dQ tile and column half, in global memory
-    # shared by every program (zeroed at each launch).
-    sems = (pl.get_global(plgpu.SemaphoreType.REGULAR(
-        (copies * batch * kv_heads,))),) if ordered else ()
     smem = (
         plgpu.SMEM((key_tiles, ROWS, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((key_tiles, ROWS, d), v.dtype, transforms=swizzled),
         plgpu.SMEM((key_tiles, nkv, ROWS), jnp.int32),
         plgpu.SMEM((STAGES, bq, d), q.dtype, transforms=swizzled),
         plgpu.SMEM((STAGES, bq, d), do.dtype, transforms=swizzled),
-        plgpu.SMEM((STAGES, 2, bq), jnp.float32),
+        plgpu.SMEM((STAGES, stats.shape[2], bq), jnp.float32),
         plgpu.SMEM((STAGES, nqv, bq), jnp.int32),
         plgpu.SMEM((CONSUMERS + 1, BOUNDS_ROW), jnp.int32),
     )
@@ -580,8 +562,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       # tile; per buffer the signal that both ds^T are in, and the end.
       exchange = (plgpu.SMEM((2, CONSUMERS, ROWS, bq), q.dtype,
                              transforms=swizzled),
-                  plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), jnp.float32,
-                             transforms=wgmma_transforms(jnp.float32)),
+                  plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), dq_dtype,
+                             transforms=wgmma_transforms(dq_dtype)),
                   plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),
                   plgpu.Barrier(num_arrivals=CONSUMERS))
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
@@ -596,9 +578,9 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
 
     def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref,
                mod_refs):
-      _dkdv_kernel(*operands, *sems, (*smem_refs, exchange_refs, own_refs,
-                                      ready_refs, free_ref, mod_refs),
-                   st=st, bq=bq, with_dq=with_dq, ordered=ordered,
+      _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
+                               ready_refs, free_ref, mod_refs),
+                   st=st, bq=bq, with_dq=with_dq, fixed_point=fixed_point,
                    mod_rows=mod_rows)
 
     pl.run_scoped(scoped, smem, exchange, own, ready, free, mods,
@@ -632,10 +614,10 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
         ref[...] = x
 
     dq, *outs = pl.run_state(fused)(
-        (jnp.zeros((copies,) * ordered + q.shape, jnp.float32),
+        (jnp.zeros(q.shape, dq_dtype),
          *(jnp.zeros(x.shape, x.dtype) for x in out_type)))
-    if ordered:  # The copies in a fixed order (elementwise, no reduction).
-      dq = functools.reduce(operator.add, list(dq))
+    if fixed_point:  # Exact: the scales are powers of two (0: NaN rows).
+      dq = dq.astype(jnp.float32) / jnp.swapaxes(scales, 1, 2)[..., None]
   dk, dv, *dslots = outs
   # Summed over key tiles, consumers and rows: [B, H, n].
   dslots = (dslots[0].sum(axis=(2, 3, 6)).reshape(batch, heads, n_slots)

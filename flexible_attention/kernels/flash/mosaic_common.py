@@ -185,36 +185,56 @@ def fused_dq_reason(head_dim: int) -> str | None:
   return None
 
 
-DQ_COPIES_BYTES = 4 << 30  # The fixed order's copies of dQ: at most 4 GiB.
+FIXED_POINT_BITS = 30  # |every partial sum of a dQ row| * s <= 2^30.
 
 
-def dq_copies(batch: int, kv_heads: int, key_tiles: int,
-              core_count: int | None, dq_bytes: int = 0) -> int:
-  """C, the float32 copies of dQ the fused backward adds into in a fixed
-  order (`LaunchConfig.deterministic_dq`).
+def fixed_point_scales(k, v, do, delta, *, sm_scale: float, groups: int,
+                       dropout_rate: float | None = None):
+  """s, per query row a power of two that makes the fused backward's dQ
+  sums exact in int32 (`LaunchConfig.deterministic_dq`).
 
-  Key tile t's program adds into copy `t % C` after the copy's programs of
-  lower key tiles (of its batch row and KV head) have all added theirs:
-  it waits once, before its first add, and signals once, after its last
-  has landed (`mosaic_bwd`). The copies are then summed in a fixed order,
-  so dQ is bitwise reproducible. For the wait to find its predecessors
-  done, C must exceed the programs of one (batch row, KV head) that run at
-  once, about `core_count / (B * Hkv)` of them since the key tiles are
-  the grid's slowest axis: twice that, at most `key_tiles`, and no more
-  than `DQ_COPIES_BYTES` hold (fewer copies: programs wait for each other,
-  slower but the same bits).
+  Each step of the fused backward adds its `[bq, Dp / 2]` share of dQ into
+  an int32 dQ as `trunc(x s)` (TMA reduce-adds; integer addition is
+  associative, so the bits do not depend on the order the programs land
+  them), and dQ is the sum over `s`. For row i every partial sum over a
+  set of keys J is bounded by
+
+      B_i = sm_scale * max|k| * (||dO_i|| * max_j ||v_j|| / (1 - rate)
+                                 + |delta_i|)
+
+  (`|ds_ij| <= sm_scale p_ij (|dO_i . v_j| + |delta_i|)`, the soft cap's
+  factor at most 1, `sum_j p_ij <= 1`; max over the row's KV head). With s
+  = 2^(FIXED_POINT_BITS - ceil(log2 2 B_i)), every sum stays below 2^29 in
+  magnitude (a factor 2 for the rounding of `p` and of `ds` to 16 bits), and
+  the n truncations of a row's n steps cost at most `n / s`: under `n 2^-28
+  B_i`, against float32 sums' `n 2^-24 |dQ_i|` or so. A row whose bound is
+  0 gets s = 1 (its dQ is 0); one whose bound is not finite gets s = 0 (XLA
+  then gives its dQ as NaN, as float32 sums of a non-finite term would).
 
   Args:
-    batch, kv_heads: B and Hkv.
-    key_tiles: the dK/dV kernel's key tiles, Skp / `dkv_block_k(Dp)`.
-    core_count: the GPU's multiprocessors (None: an H100's or H200's 132).
-    dq_bytes: the bytes of one float32 copy of dQ, `B * Sqp * H * Dp * 4`.
+    k, v: `[B, Skp, Hkv, Dp]`.
+    do: `[B, Sqp, H, Dp]`.
+    delta: float32 `[B, H, Sqp]`, the backward's `rowsum(dO O)` (less the
+      lse's cotangent).
+    sm_scale: the softmax scale.
+    groups: G = H // Hkv.
+    dropout_rate: the dropout rate, or None.
+
+  Returns:
+    float32 `[B, H, Sqp]`: powers of two in `[2^-97, 2^126]`, or 0.
   """
-  cores = core_count or 132
-  copies = min(key_tiles, -(-2 * cores // (batch * kv_heads)))
-  if dq_bytes:
-    copies = min(copies, DQ_COPIES_BYTES // dq_bytes)
-  return max(1, copies)
+  f32 = lambda x: x.astype(jnp.float32)
+  k_max = jnp.max(jnp.abs(f32(k)), axis=(1, 3))  # [B, Hkv]
+  v_norm = jnp.max(jnp.sqrt(jnp.sum(jnp.square(f32(v)), axis=-1)), axis=1)
+  do_norm = jnp.sqrt(jnp.sum(jnp.square(f32(do)), axis=-1))  # [B, Sqp, H]
+  per_head = lambda x: jnp.repeat(x, groups, axis=1)[..., None]  # [B, H, 1]
+  keep = 1.0 - (dropout_rate or 0.0)
+  bound = 2.0 * sm_scale * per_head(k_max) * (
+      jnp.swapaxes(do_norm, 1, 2) * per_head(v_norm) / keep + jnp.abs(delta))
+  exponent = jnp.clip(jnp.ceil(jnp.log2(bound)), -96.0, 127.0)
+  scale = jnp.exp2(FIXED_POINT_BITS - exponent)
+  scale = jnp.where(bound > 0.0, scale, 1.0)
+  return jnp.where(jnp.isfinite(bound), scale, 0.0)
 
 
 def wgmma_zeros(cols: int | None):
