@@ -5,13 +5,15 @@ Mosaic GPU prints ptxas' report of each kernel it compiles when
 process of its own: `tests/test_flash_kernel.py::
 test_hopper_fused_backward_does_not_spill` starts it with that variable and
 reads the report from its output. It compiles and runs, once each, the
-fused backward (dQ inside the Mosaic dK/dV kernel, in any order) of a bf16
-causal call at padded head sizes 64 and 128 (B = 1, S = 1024, H = 4).
+fused backward (dQ inside the Mosaic dK/dV kernel, in float32 in any order
+and in int32 fixed point) of a bf16 causal call at padded head sizes 64 and
+128 (B = 1, S = 1024, H = 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 
 import jax
@@ -23,12 +25,12 @@ from flexible_attention.kernels import flash as flash_kernel
 
 def main():
   assert jax.default_backend() == "gpu", jax.default_backend()
-  for d in (64, 128):
+  for d, deterministic in itertools.product((64, 128), (False, True)):
     launch = dataclasses.replace(
         flash_kernel.default_launch_config(d, True, 9.0),
         fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
         dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic",
-        atomic_dq=True, deterministic_dq=False)
+        atomic_dq=True, deterministic_dq=deterministic)
     q = jax.random.normal(jax.random.key(d), (1, 1024, 4, d), jnp.bfloat16)
 
     def loss(q, k, v, launch=launch):
@@ -39,7 +41,8 @@ def main():
 
     grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, q, q)
     jax.block_until_ready(grads)
-    print(f"compiled and ran the fused backward at D = {d}", flush=True)
+    print(f"compiled and ran the fused backward at D = {d}, "
+          f"deterministic_dq={deterministic}", flush=True)
 
 
 if __name__ == "__main__":
