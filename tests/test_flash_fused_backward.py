@@ -29,6 +29,7 @@ from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mod_lowering
 from flexible_attention.kernels.flash import mosaic_dq
 import helpers
 
@@ -154,12 +155,59 @@ def test_mosaic_dkv_with_atomic_dq_is_the_fused_backward(head_dim,
   assert (chosen.dkv_backend, chosen.atomic_dq) == ("mosaic", True)
 
 
-def test_fused_backward_is_off_by_default(monkeypatch):
-  """The default launches keep the split backward (dQ through Triton at
-  this length): the fused one has not measured faster in a fixed order
-  (`LaunchConfig`)."""
+def test_fused_backward_is_off_by_default_on_short_keys(monkeypatch):
+  """Below `FUSED_DQ_MIN_KV_LEN` keys the default launches keep the split
+  backward (dQ through Triton at this length)."""
   chosen = _launch(monkeypatch, causal=True)
   assert (chosen.dkv_backend, chosen.atomic_dq) == ("mosaic", False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_backward_serves_long_keys_by_default(causal, monkeypatch):
+  """At Dp = `FUSED_DQ_HEAD_DIM` from `FUSED_DQ_MIN_KV_LEN` keys on, where
+  it measured faster than either dQ kernel, the default launches fuse dQ
+  into the Mosaic dK/dV kernel, reproducible (int32 fixed point); the dQ
+  launch, not launched, stays Triton's default. Dropout changes nothing."""
+  dropout = dropout_lib.Dropout(jnp.zeros(2, jnp.uint32), jnp.int32(0),
+                                jnp.int32(0), 0.1)
+  for options in ({}, dict(dropout=dropout)):
+    chosen = _launch(monkeypatch, causal=causal,
+                     length=flash_launch.FUSED_DQ_MIN_KV_LEN, **options)
+    default = flash_kernel.default_launch_config(128, causal, 9.0)
+    assert (chosen.fwd_backend, chosen.dkv_backend, chosen.dq_backend) == (
+        "mosaic", "mosaic", "triton")
+    assert (chosen.atomic_dq, chosen.deterministic_dq) == (True, True)
+    assert chosen.dq == default.dq
+
+
+@pytest.mark.parametrize("head_dim, length, block_sizes", [
+    (64, flash_launch.FUSED_DQ_MIN_KV_LEN, None),  # Measured slower.
+    (256, flash_launch.FUSED_DQ_MIN_KV_LEN, None),  # fused_dq_reason.
+    (128, flash_launch.FUSED_DQ_MIN_KV_LEN // 2, None),
+    (128, flash_launch.FUSED_DQ_MIN_KV_LEN, fa.BlockSizes(block_q_dq=32)),
+], ids=["head_dim_64", "head_dim_256", "shorter", "user_dq_tiles"])
+def test_fused_backward_not_by_default(head_dim, length, block_sizes,
+                                       monkeypatch):
+  chosen = _launch(monkeypatch, head_dim=head_dim, length=length,
+                   block_sizes=block_sizes, causal=True)
+  assert not chosen.atomic_dq
+
+
+def test_fused_backward_not_by_default_with_mods(monkeypatch):
+  """The fused kernel takes no score_mod / mask_mod (`mosaic_common.
+  dkv_mods_reason`): ALiBi at 16k keys keeps the Mosaic dQ kernel."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  inputs = fa.canonicalize(q, q, q, score_mod=fa.alibi_score_mod,
+                           mod_args=(jnp.ones((2,)),))
+  chosen = flash_launch.choose_launch(
+      dtype=jnp.bfloat16, head_dim=128, value_dim=128, q_len=256,
+      kv_len=flash_launch.MOSAIC_DQ_MIN_KV_LEN, causal=True, bias=False,
+      mask=False, precision=None, interpret=False, block_sizes=None,
+      launch=None, float32_results=False,
+      mods=mod_lowering.kernel_mods(inputs.mods))
+  assert (chosen.dkv_backend, chosen.dq_backend, chosen.atomic_dq) == (
+      "mosaic", "mosaic", False)
 
 
 @pytest.mark.parametrize("launch, call, match", [
@@ -325,8 +373,9 @@ def test_mosaic_dq_lowers_for_cuda(name, head_dim):
 def test_mosaic_dq_serves_long_calls_by_default(kv_len, backend,
                                                 monkeypatch):
   """The Mosaic dQ measured faster than Triton's from 16k keys on, slower
-  at 4k: the default launches take it from `MOSAIC_DQ_MIN_KV_LEN` on."""
-  chosen = _launch(monkeypatch, causal=True, length=kv_len)
+  at 4k: the default launches take it from `MOSAIC_DQ_MIN_KV_LEN` on (at
+  D = 64: at 128 the fused backward serves those calls)."""
+  chosen = _launch(monkeypatch, head_dim=64, causal=True, length=kv_len)
   assert (chosen.dkv_backend, chosen.dq_backend) == ("mosaic", backend)
 
 
@@ -400,7 +449,7 @@ def test_mosaic_kernels_serve_dropout_by_default(monkeypatch):
   `mosaic_common.TileDropout`); a bias does not."""
   dropout = dropout_lib.Dropout(jnp.zeros(2, jnp.uint32), jnp.int32(0),
                                 jnp.int32(0), 0.1)
-  chosen = _launch(monkeypatch, dropout=dropout, causal=True,
+  chosen = _launch(monkeypatch, dropout=dropout, causal=True, head_dim=64,
                    length=flash_launch.MOSAIC_DQ_MIN_KV_LEN)
   assert (chosen.fwd_backend, chosen.dkv_backend, chosen.dq_backend) == (
       "mosaic", "mosaic", "mosaic")

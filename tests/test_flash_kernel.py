@@ -572,12 +572,15 @@ def test_hopper_kernels_lower_for_cuda(name):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("shape", [dict(sq=100, sk=300), dict(sq=300, sk=200)],
-                         ids=["triton_forward", "mosaic_forward"])
+@pytest.mark.parametrize("shape", [
+    dict(sq=100, sk=300), dict(sq=300, sk=200),
+    dict(sq=300, sk=flash_launch.FUSED_DQ_MIN_KV_LEN)],
+                         ids=["triton_forward", "mosaic_forward", "fused"])
 def test_hopper_default_launches_match_reference(shape):
   """The launches `prepare` picks on Hopper: the Mosaic dK/dV kernel beside
   the Triton forward (fewer queries than the Mosaic forward's tile), and
-  beside the Mosaic forward."""
+  beside the Mosaic forward; from `FUSED_DQ_MIN_KV_LEN` keys on at D = 128,
+  the fused backward."""
   _check("hopper default", dict(causal=True), blocks=None, interpret=False,
          b=2, d=128, dtype=jnp.bfloat16, **shape)
 

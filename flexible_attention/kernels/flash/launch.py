@@ -85,6 +85,18 @@ BACKENDS = ("triton", "mosaic")  # Of the forward, dK/dV, dQ and decode
 # and the barriers, weighs on short key loops).
 MOSAIC_DQ_MIN_KV_LEN = 16384
 
+# On Hopper the default launches fuse dQ into the Mosaic dK/dV kernel (the
+# fused backward, `LaunchConfig.atomic_dq`, reproducible in int32 fixed
+# point) at this padded head size, where that kernel serves the call and
+# Sk is at least `FUSED_DQ_MIN_KV_LEN`. Measured on an H100 (jax 0.11.2,
+# bf16, B * S = 16k, H * D = 2048, forward+backward, `benchmarks/
+# fused_bwd_probe.py`): 0.96x the time of the Mosaic dQ kernel's at S =
+# 16k, causal and not; 0.86-0.92x the Triton dQ's at 8k; at 4k 0.97x
+# causal but 1.09x full. At D = 64 it was 1.05x the Mosaic dQ's (16k,
+# causal).
+FUSED_DQ_HEAD_DIM = 128
+FUSED_DQ_MIN_KV_LEN = 8192
+
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
@@ -532,17 +544,25 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                              head_dim, reasons[kernel])
   else:
     capability = None if interpret else gpu.compute_capability()
-    launch = launch_config(max(head_dim, value_dim), block_sizes, causal,
-                           capability)
-    for kernel, (fixed, fields) in mosaic.items():
+    launch = triton = launch_config(max(head_dim, value_dim), block_sizes,
+                                    causal, capability)
+    user_tiles = {kernel: block_sizes is not None and any(
+        getattr(block_sizes, field) is not None for field in fields)
+                  for kernel, (_, fields) in mosaic.items()}
+    for kernel, (fixed, _) in mosaic.items():
       if kernel == "dq" and kv_len < MOSAIC_DQ_MIN_KV_LEN:
         continue  # Triton's dQ measured faster there.
-      user_tiles = block_sizes is not None and any(
-          getattr(block_sizes, field) is not None for field in fields)
-      if _mosaic_by_default(capability, reasons[kernel], user_tiles, q_len,
-                            kv_len, fixed):
+      if _mosaic_by_default(capability, reasons[kernel], user_tiles[kernel],
+                            q_len, kv_len, fixed):
         launch = dataclasses.replace(
             launch, **{kernel: fixed, f"{kernel}_backend": "mosaic"})
+    if (launch.dkv_backend == "mosaic" and head_dim == FUSED_DQ_HEAD_DIM
+        and kv_len >= FUSED_DQ_MIN_KV_LEN and not dkv_mods
+        and not user_tiles["dq"]):
+      # The fused backward measured faster there: no dQ kernel (its launch,
+      # unused, stays Triton's default).
+      launch = dataclasses.replace(
+          launch, atomic_dq=True, dq=triton.dq, dq_backend="triton")
   # Triton tiles shrink to short calls (and the defaults to the shared
   # memory of wider dtypes); a Mosaic kernel's launch is fixed.
   itemsize = jnp.dtype(dtype).itemsize
