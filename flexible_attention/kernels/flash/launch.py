@@ -31,15 +31,18 @@ Which path serves what (the README has it too):
   `atomic_dq=True`, calls with mods keep the Triton kernel
   (`mosaic_common.dkv_mods_reason`), as do mods the forward cannot take;
   else Triton.
-- dQ: on Hopper by default the Mosaic GPU dQ kernel (`mosaic_dq`) for the
-  calls the forward serves (mods included) at padded D of 64 or 128
-  (`mosaic_common.dq_reason`) with Sk >= `MOSAIC_DQ_MIN_KV_LEN` (where it
-  measured faster), else Triton's; `LaunchConfig(dq_backend=...)` picks
-  either explicitly; with `LaunchConfig(atomic_dq=True)`
-  (opt-in, not bitwise reproducible) the dK/dV kernel's, added into
-  float32: Triton's atomics with `dkv_backend="triton"`, the fused Mosaic
-  GPU backward's TMA reduce-adds with `dkv_backend="mosaic"` (padded D of
-  64 or 128; D = 256 keeps the split backward:
+- dQ: on Hopper by default, at padded D = `FUSED_DQ_HEAD_DIM` (128) with
+  Sk >= `FUSED_DQ_MIN_KV_LEN` where the Mosaic dK/dV kernel serves the
+  call without mods, inside that kernel (the fused backward,
+  `atomic_dq=True`, reproducible in int32 fixed point); else the Mosaic
+  GPU dQ kernel (`mosaic_dq`) for the calls the forward serves (mods
+  included) at padded D of 64 or 128 (`mosaic_common.dq_reason`) with Sk
+  >= `MOSAIC_DQ_MIN_KV_LEN`; else Triton's (each where it measured
+  fastest). `LaunchConfig(dq_backend=...)` picks a dQ kernel explicitly;
+  `LaunchConfig(atomic_dq=True)` the dK/dV kernel's dQ: Triton's float32
+  atomics with `dkv_backend="triton"` (not reproducible), the fused
+  Mosaic GPU backward's TMA reduce-adds with `dkv_backend="mosaic"`
+  (padded D of 64 or 128; D = 256 keeps the split backward:
   `mosaic_common.fused_dq_reason`);
 - the bias gradient: Triton;
 - GPUs before Hopper and `interpret=True`: Triton for every kernel.
@@ -133,21 +136,21 @@ class LaunchConfig:
   `deterministic_dq=False` (an error otherwise). Without `atomic_dq` the
   field changes nothing: the split backward's dQ is always reproducible.
 
-  Off by default, measured on an H200 (jax 0.11.2, bf16, B * S = 16k, H * D
-  = 2048, forward+backward; benchmarks/flash_notes.md): the Triton atomics
-  are 2.7x slower than the split backward at D = 128. The fused Mosaic
-  backward in any order is the fastest backward from 16k keys (0.87-0.995x
-  the time of the default, Mosaic dQ, one; 0.95-0.99x cuDNN's speed at D =
-  128 full and D = 64 causal; on an H100, since its Dp = 128 kernel stopped
-  spilling, 0.95-1.02x the speed of cuDNN's default backward, itself not
-  reproducible, at D = 128, S = 16k) but not at 4k (1.04x). In a fixed
-  order (one float32 sum per dQ tile, the programs of a tile's key tiles
-  adding in turn behind semaphores; replaced since) it took 1.4-1.7x the
-  any-order time, slower than the split backward, which stays the
-  default. The fixed point has not been timed in this form; the same
-  design on a branch (before the Dp = 128 kernel stopped spilling) was
-  1.7-2.7% faster than the default at D = 128, S = 16k and 5.5-7.6%
-  slower at D = 64 on an H200 (benchmarks/flash_notes.md).
+  A user's `LaunchConfig` has `atomic_dq=False` unless set; the default
+  launches (`choose_launch`) set it on Hopper at Dp = 128 from
+  `FUSED_DQ_MIN_KV_LEN` keys, with `deterministic_dq` (the fixed point).
+  Measured on an H100 (jax 0.11.2, bf16, B * S = 16k, H * D = 2048,
+  forward+backward, `benchmarks/fused_bwd_probe.py`) that backward takes
+  0.96x the time of the Mosaic dQ kernel's at S = 16k, 0.86-0.92x the
+  Triton dQ's at 8k, but 1.09x at 4k (full; 0.97x causal) and 1.05x the
+  Mosaic dQ's at D = 64 (16k causal), where the split backward stays. In
+  any order (`deterministic_dq=False`) it is faster still (0.89-0.91x the
+  fixed point's time at D = 128, 16k: 0.95-1.02x the speed of cuDNN's
+  default backward, itself not reproducible). The Triton atomics are 2.7x
+  slower than the split backward at D = 128 (H200). Fixed orders of
+  float32 adds (a chain of semaphores per dQ tile, or float32 copies of
+  dQ) took 1.4-1.7x the any-order time and were replaced by the fixed
+  point (benchmarks/flash_notes.md).
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
