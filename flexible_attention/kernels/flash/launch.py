@@ -32,8 +32,9 @@ Which path serves what (the README has it too):
   (`mosaic_common.dkv_mods_reason`), as do mods the forward cannot take;
   else Triton.
 - dQ: on Hopper by default, at padded D = `FUSED_DQ_HEAD_DIM` (128) with
-  Sk >= `FUSED_DQ_MIN_KV_LEN` where the Mosaic dK/dV kernel serves the
-  call without mods, inside that kernel (the fused backward,
+  `FUSED_DQ_MIN_KV_LEN` <= Sk <= `FUSED_DQ_MAX_KV_LEN` (by dtype: speed
+  below, precision above) where the Mosaic dK/dV kernel serves the call
+  without mods, inside that kernel (the fused backward,
   `atomic_dq=True`, reproducible in int32 fixed point); else the Mosaic
   GPU dQ kernel (`mosaic_dq`) for the calls the forward serves (mods
   included) at padded D of 64 or 128 (`mosaic_common.dq_reason`) with Sk
@@ -91,14 +92,20 @@ MOSAIC_DQ_MIN_KV_LEN = 16384
 # On Hopper the default launches fuse dQ into the Mosaic dK/dV kernel (the
 # fused backward, `LaunchConfig.atomic_dq`, reproducible in int32 fixed
 # point) at this padded head size, where that kernel serves the call and
-# Sk is at least `FUSED_DQ_MIN_KV_LEN`. Measured on an H100 (jax 0.11.2,
-# bf16, B * S = 16k, H * D = 2048, forward+backward, `benchmarks/
-# fused_bwd_probe.py`): 0.96x the time of the Mosaic dQ kernel's at S =
-# 16k, causal and not; 0.86-0.92x the Triton dQ's at 8k; at 4k 0.97x
-# causal but 1.09x full. At D = 64 it was 1.05x the Mosaic dQ's (16k,
-# causal).
+# FUSED_DQ_MIN_KV_LEN <= Sk <= FUSED_DQ_MAX_KV_LEN[dtype]. Measured on an
+# H100 (jax 0.11.2, bf16, B * S = 16k, H * D = 2048, forward+backward,
+# `benchmarks/fused_bwd_probe.py`): 0.96x the time of the Mosaic dQ
+# kernel's at S = 16k, causal and not; 0.86-0.92x the Triton dQ's at 8k;
+# at 4k 0.97x causal but 1.09x full. At D = 64 it was 1.05x the Mosaic
+# dQ's (16k, causal). The upper bound is precision: the fixed point's
+# summation error grows about linearly with Sk (`mosaic_common.
+# fixed_point_scales`: ~4e-4 of a row's largest entry at 128k keys on
+# random rows), and the default keeps it under a fifth of the rounding of
+# the dtype dQ is returned in (bf16 2^-9, fp16 2^-12).
 FUSED_DQ_HEAD_DIM = 128
 FUSED_DQ_MIN_KV_LEN = 8192
+FUSED_DQ_MAX_KV_LEN = {jnp.dtype(jnp.bfloat16): 131072,
+                       jnp.dtype(jnp.float16): 16384}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +145,8 @@ class LaunchConfig:
 
   A user's `LaunchConfig` has `atomic_dq=False` unless set; the default
   launches (`choose_launch`) set it on Hopper at Dp = 128 from
-  `FUSED_DQ_MIN_KV_LEN` keys, with `deterministic_dq` (the fixed point).
+  `FUSED_DQ_MIN_KV_LEN` to `FUSED_DQ_MAX_KV_LEN` keys, with
+  `deterministic_dq` (the fixed point).
   Measured on an H100 (jax 0.11.2, bf16, B * S = 16k, H * D = 2048,
   forward+backward, `benchmarks/fused_bwd_probe.py`) that backward takes
   0.96x the time of the Mosaic dQ kernel's at S = 16k, 0.86-0.92x the
@@ -560,8 +568,9 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
         launch = dataclasses.replace(
             launch, **{kernel: fixed, f"{kernel}_backend": "mosaic"})
     if (launch.dkv_backend == "mosaic" and head_dim == FUSED_DQ_HEAD_DIM
-        and kv_len >= FUSED_DQ_MIN_KV_LEN and not dkv_mods
-        and not user_tiles["dq"]):
+        and FUSED_DQ_MIN_KV_LEN <= kv_len
+        <= FUSED_DQ_MAX_KV_LEN.get(jnp.dtype(dtype), 0)
+        and not dkv_mods and not user_tiles["dq"]):
       # The fused backward measured faster there: no dQ kernel (its launch,
       # unused, stays Triton's default).
       launch = dataclasses.replace(
