@@ -127,16 +127,19 @@ class LaunchConfig:
   launch then unused) is not launched: 5 matmuls per tile pair instead of
   the split backward's 7. With `dkv_backend="triton"` the adds are Triton
   atomics, as FlashAttention-2's CUDA backward does; with
-  `dkv_backend="mosaic"` they are TMA reduce-adds of `[64, Dp]` float32
-  tiles from the Mosaic GPU dK/dV kernel (the fused backward,
-  FlashAttention-3's; padded head sizes 64 and 128 only,
-  `mosaic_common.fused_dq_reason`).
+  `dkv_backend="mosaic"` they are TMA reduce-adds of `[64, Dp / 2]`
+  float32 (or int32, below) tiles from the Mosaic GPU dK/dV kernel's
+  consumers (the fused backward, FlashAttention-3's; padded head sizes 64
+  and 128 only, `mosaic_common.fused_dq_reason`).
 
   `deterministic_dq` (default True) keeps dQ bitwise reproducible, as the
   split backward is: the fused Mosaic backward then adds int32 fixed-point
   values (each row's share times a power of two bounded from the row's
   inputs, `mosaic_common.fixed_point_scales`; integer sums do not depend
-  on the order of the adds) and scales the sum back to float32. With
+  on the order of the adds) and scales the sum back to float32. Its
+  summation error grows about linearly with Sk (~5e-5 of a row's largest
+  entry at 16k keys, ~4e-4 at 128k on random rows; float32 sums ~1e-6),
+  which is why the default launches stop at `FUSED_DQ_MAX_KV_LEN`. With
   False the adds are float32 and land in the order the GPU runs the
   programs (float32 rounding of the same sum differs from run to run). Triton's atomics have
   no fixed order: `atomic_dq=True` with `dkv_backend="triton"` needs
