@@ -3,7 +3,9 @@
 Four variants of the backward (forward and dK/dV through Mosaic GPU in
 each):
 
-- `split`: dQ through the Triton kernel (the default launches);
+- `split`: dQ through the Triton kernel (the default launches below 16k
+  keys, except where the fused one serves by default: `launch.
+  FUSED_DQ_MIN_KV_LEN`);
 - `fused`: `LaunchConfig(dkv_backend="mosaic", atomic_dq=True)`, dQ inside
   the Mosaic GPU dK/dV kernel (per step and program, each consumer
   reduce-adds a `[64, Dp / 2]` tile: its half of dQ's columns over the
@@ -13,9 +15,13 @@ each):
 - `fused_any`: the same with `deterministic_dq=False`: float32 adds,
   landing in the order the programs run;
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
-  Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128).
+  Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128; the default
+  from 16k keys where the fused one does not serve by default).
 
-On an H200 (`--variants` picks them, all three by default):
+Each variant's launch is explicit (`_launch`), whatever the default
+launches pick for the cell.
+
+On an H200 (`--variants` picks them, all four by default):
 
   python3 benchmarks/fused_bwd_probe.py --variants=split,mosaic_dq \
       --out=$OUT/dq.json
