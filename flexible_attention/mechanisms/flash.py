@@ -122,8 +122,12 @@ class FlashAttention(base.AttentionModule):
   `block_q_dq`/`block_k_dq` the dQ kernel; defaults depend on the head size
   and GPU generation (`flash_kernel.default_launch_config`). `launch=`
   (`fa.FlashLaunchConfig`) sets tiles, warps and stages of every kernel at
-  once, and can select the one-kernel backward (`atomic_dq=True`: dQ by
-  float32 atomic adds, not bitwise reproducible run to run).
+  once, and can select the one-kernel backward (`atomic_dq=True`: dQ
+  added by the dK/dV kernel; with the Triton kernel as float32 atomics,
+  not bitwise reproducible run to run, which `deterministic_dq=False` must
+  accept; with the Hopper kernel in int32 fixed point, reproducible, which
+  the default launches use at D = 128 from 8k keys:
+  `kernels/flash/launch.py`).
   """
 
   capabilities = registry.Capabilities(
