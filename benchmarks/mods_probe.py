@@ -38,7 +38,10 @@ ALiBi and the prefix-LM mask_mod itself; `triton`) and `fwd_bwd_kernels`
 those of its gradient program, in order (from 16k keys the Mosaic dQ
 kernel evaluates the mods too), read off the lowered programs. `--smoke`:
 tiny shapes in Pallas' interpreter, flash only, no timing (a CPU check of
-the script).
+the script). `--fused` (Hopper) adds `flash_alibi_mod_fused` and
+`flash_prefix_mod_fused`: the same mods with an explicit launch that puts
+dQ inside the Mosaic dK/dV kernel (the fused backward, which the default
+launches use without mods at D = 128 from 8k keys, not yet with them).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from flexible_attention import timing
 from flexible_attention.comparison import compare
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
+from flexible_attention.kernels import flash as flash_kernel
 
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Sequence lengths.")
 _CELLS = flags.DEFINE_list("cells", ["alibi", "prefix_lm"],
@@ -71,6 +75,10 @@ _CHECK_HEADS = flags.DEFINE_integer("check_heads", 2,
                                     "Heads checked against the reference.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+_FUSED = flags.DEFINE_bool(
+    "fused", False, "Also time the mods with dQ inside the Mosaic dK/dV "
+    "kernel (`flash_*_mod_fused`: an explicit fused launch, Hopper only), "
+    "which the default launches do not pick for mods.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, interpreted flash "
                            "kernels, no timing: a CPU check of the script.")
 
@@ -105,6 +113,15 @@ def _module(mechanism, h, d, call, **options):
     return attn(q, k, v, **call(extra)).attention_outputs
   apply = hk.without_apply_rng(hk.transform(f)).apply
   return lambda q, k, v, extra: apply({}, q, k, v, extra)
+
+
+def _fused_launch(d: int) -> fa.FlashLaunchConfig:
+  """Hopper launches with dQ inside the Mosaic dK/dV kernel (reproducible:
+  int32 fixed point), the Mosaic forward."""
+  return fa.FlashLaunchConfig(
+      fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
+      dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic",
+      dq=flash_kernel.default_launch_config(d).dq, atomic_dq=True)
 
 
 def _cudnn(causal, name):
@@ -164,6 +181,12 @@ def _cells(s: int, h: int, d: int):
                   _reference(alibi_args, score_mod=mod))
               for name, mod in _COST_MODS.items()}}),
   }
+  if _FUSED.value:
+    fused = _fused_launch(d)
+    cells["alibi"][2]["flash_alibi_mod_fused"] = (
+        _module("flash", h, d, alibi_args, launch=fused, **alibi_mod), slopes)
+    cells["prefix_lm"][2]["flash_prefix_mod_fused"] = (
+        _module("flash", h, d, no_args, launch=fused, **prefix_mod), None)
   cells = {name: cells[name] for name in _CELLS.value}
   pairs = {"alibi": s * (s + 1) / 2, "mod_cost": s * (s + 1) / 2,
            "prefix_lm": s * (s + 1) / 2 + prefix * (prefix - 1) / 2}

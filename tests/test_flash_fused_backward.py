@@ -181,6 +181,59 @@ def test_fused_backward_serves_long_keys_by_default(causal, monkeypatch):
     assert chosen.dq == default.dq
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mod", ["alibi", "prefix_lm"])
+def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim):
+  """An explicit fused launch runs ALiBi (a score_mod whose [H] slopes get
+  their gradient in the kernel) and a prefix-LM mask_mod in the dK/dV
+  kernel that adds dQ: the gradients of q, k, v (and the slopes) lower as
+  the Mosaic forward and one Mosaic dK/dV kernel, aliased to dQ."""
+  b, s, h, hkv = 2, 256, 4, 2
+  q = jax.ShapeDtypeStruct((b, s, h, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)
+  if mod == "alibi":
+    call = dict(causal=True, score_mod=fa.alibi_score_mod)
+    args = jnp.asarray(fa.alibi_slopes(h))
+  else:
+    call = dict(mask_mod=fa.prefix_lm_mask_mod)
+    args = jnp.asarray([40, 150], jnp.int32)
+  launch = _fused(head_dim, call.get("causal", False))
+
+  def loss(q, k, v, args):
+    inputs = fa.canonicalize(q, k, v, mod_args=(args,), **call)
+    out = flash_kernel.flash_attention(inputs, sm_scale=0.125,
+                                       launch=launch).out
+    return jnp.sum(out.astype(jnp.float32))
+
+  argnums = (0, 1, 2, 3) if mod == "alibi" else (0, 1, 2)
+  text = helpers.lower_for_cuda(jax.grad(loss, argnums), q, kv, kv, args)
+  # The forward and the fused dK/dV kernel (no dQ kernel).
+  assert _kernels(text) == dict(mosaic=2, triton=0, aliased=1)
+
+
+def test_fused_backward_refuses_mods_beyond_its_shared_memory():
+  """128 query heads a KV head: the consumers' rows of ALiBi's slopes (128
+  bytes a head each) exceed what the fused kernel leaves to mods at Dp =
+  128 (`mosaic_common.FUSED_MODS_SMEM`): an error naming `atomic_dq`."""
+  b, s, h, d = 1, 128, 128, 128
+  q = jnp.zeros((b, s, h, d), jnp.bfloat16)
+  kv = jnp.zeros((b, s, 1, d), jnp.bfloat16)
+
+  def loss(q, k, v):
+    inputs = fa.canonicalize(q, k, v, causal=True,
+                             score_mod=fa.alibi_score_mod,
+                             mod_args=(jnp.ones((h,)),))
+    return flash_kernel.flash_attention(
+        inputs, sm_scale=0.125, launch=_fused(d, True)).out.sum()
+
+  with pytest.raises(ValueError, match=(
+      r"its fused dQ \(atomic_dq=True\) leaves 24576 bytes of shared "
+      r"memory to score_mod / mask_mod at padded head size 128, and this "
+      r"call's take \d+ .* of the "
+      r"group's 128 query heads .*use atomic_dq=False")):
+    jax.eval_shape(jax.grad(loss, (0, 1, 2)), q, kv, kv)
+
+
 _LONGEST = flash_launch.FUSED_DQ_MAX_KV_LEN
 
 
@@ -210,8 +263,9 @@ def test_fused_backward_by_default_only_where_it_measured_fastest_and_exact(
 
 
 def test_fused_backward_not_by_default_with_mods(monkeypatch):
-  """The fused kernel takes no score_mod / mask_mod (`mosaic_common.
-  dkv_mods_reason`): ALiBi at 16k keys keeps the Mosaic dQ kernel."""
+  """The default launches do not fuse calls with score_mod / mask_mod (the
+  fused kernel runs them, not yet timed): ALiBi at 16k keys keeps the
+  Mosaic dQ kernel."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   inputs = fa.canonicalize(q, q, q, score_mod=fa.alibi_score_mod,

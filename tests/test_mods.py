@@ -235,13 +235,16 @@ def test_flash_mods_compiled_on_a_gpu():
     # The Mosaic dQ kernel with the same mods (its default from 16k keys).
     ("alibi", "mosaic", 64), ("both", "mosaic", 64), ("static", "mosaic", 64),
     ("every_primitive", "mosaic", 64), ("affine", "mosaic", 64),
-    ("alibi", "mosaic", 128)])
+    ("alibi", "mosaic", 128),
+    # dQ inside the dK/dV kernel (an explicit launch: `_fused_launch`).
+    ("alibi", "fused", 64), ("alibi", "fused", 128), ("both", "fused", 128),
+    ("every_primitive", "fused", 128)])
 def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
                                              monkeypatch):
   """The mods the Mosaic GPU forward and dK/dV kernels evaluate (on Hopper
   the policy picks them; asserted; the dK/dV kernel's mod_args gradients
   included), over several 128-row tiles (`_check_mosaic_forward_mods`),
-  with the Triton or the Mosaic dQ kernel."""
+  with the Triton or the Mosaic dQ kernel, or dQ in the dK/dV kernel."""
   if dq_backend == "mosaic":
     monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   _check_mosaic_forward_mods(name, dq_backend if ON_HOPPER else "triton",
@@ -250,21 +253,23 @@ def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("name,head_dim,sinks", [
-    ("alibi", 64, False), ("both", 128, False), ("affine", 64, False),
-    ("alibi", 64, True)])
-def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, sinks,
+@pytest.mark.parametrize("name,head_dim,sinks,fused", [
+    ("alibi", 64, False, False), ("both", 128, False, False),
+    ("affine", 64, False, False), ("alibi", 64, True, False),
+    ("alibi", 128, False, True), ("both", 128, False, True)])
+def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, sinks, fused,
                                               monkeypatch):
   """The same on a CPU: the policy's Hopper launches (the Mosaic forward,
-  dK/dV and dQ kernels) run by JAX's GPU interpreter (`gpu_interpret`).
-  ALiBi (causal) and `affine` take the kernels' split
-  (`mosaic_mod_split.split_slot`), in the forward only without sinks."""
+  dK/dV and dQ kernels; with `fused`, dQ inside the dK/dV kernel instead)
+  run by JAX's GPU interpreter (`gpu_interpret`). ALiBi (causal) and
+  `affine` take the kernels' split (`mosaic_mod_split.split_slot`), in the
+  forward only without sinks."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   monkeypatch.setattr(gpu, "core_count", lambda: 132)
   monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   with gpu_interpret.mosaic_on_cpu():
-    _check_mosaic_forward_mods(name, "mosaic", head_dim, hopper=True,
-                               jit=False, sinks=sinks)
+    _check_mosaic_forward_mods(name, "fused" if fused else "mosaic",
+                               head_dim, hopper=True, jit=False, sinks=sinks)
 
 
 @pytest.mark.parametrize("mechanism,dims", [
@@ -977,12 +982,13 @@ def _hopper_call(name, q, k, v, mod_args, **options):
 
 def _backends(inputs, **options):
   """`(fwd_backend, dkv_backend, dq_backend)` that `prepare` picks for a
-  call."""
+  call; dq_backend "fused" where the dK/dV kernel computes dQ."""
   launches = []
   jax.eval_shape(lambda: launches.append(flash_kernel.prepare(
       inputs, sm_scale=0.125, **options).static.launch))
-  return (launches[0].fwd_backend, launches[0].dkv_backend,
-          launches[0].dq_backend)
+  launch = launches[0]
+  return (launch.fwd_backend, launch.dkv_backend,
+          "fused" if launch.atomic_dq else launch.dq_backend)
 
 
 @pytest.mark.parametrize("long_keys,name,frozen", [
@@ -1100,17 +1106,14 @@ def test_explicit_mosaic_forward_refuses_mods_naming_the_reason(
     (256, False, "score_mod", fa.alibi_score_mod, jnp.ones((H,)),
      r"its dK/dV kernel evaluates score_mod / mask_mod at padded head sizes "
      r"below 256 \(the rows layout\), got 256"),
-    (64, True, "mask_mod", fa.prefix_lm_mask_mod, jnp.ones((B,), jnp.int32),
-     r"its fused dQ \(atomic_dq=True\) takes no score_mod / mask_mod"),
     (64, False, "score_mod", _T5, jnp.ones((8, H)),
      r"its score_mod indexes mod_args per element"),
 ])
 def test_explicit_mosaic_dkv_refuses_mods_naming_the_reason(
     head_dim, atomic_dq, mod_kind, mod, arg, match, monkeypatch):
   """`LaunchConfig(dkv_backend="mosaic")` with mods it cannot serve (the
-  columns layout at Dp = 256, the fused dQ, per-element reads) is an error
-  naming why; without `atomic_dq` the default launches keep Triton's
-  dK/dV kernel there."""
+  columns layout at Dp = 256, per-element reads) is an error naming why;
+  the default launches keep Triton's dK/dV kernel there."""
   launch = dataclasses.replace(
       flash_kernel.default_launch_config(head_dim, False, 9.0),
       dkv=flash_kernel.mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
@@ -1405,6 +1408,16 @@ def test_mosaic_backward_skips_the_unit_derivative_of_additive_mods(mod, unit):
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
+def _fused_launch(head_dim: int) -> flash_kernel.LaunchConfig:
+  """Hopper launches with dQ inside the Mosaic dK/dV kernel (the fused
+  backward, which the default launches do not pick for mods)."""
+  return dataclasses.replace(
+      flash_kernel.default_launch_config(head_dim, False, 9.0),
+      fwd=flash_kernel.mosaic_launch(head_dim), fwd_backend="mosaic",
+      dkv=flash_kernel.mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
+      atomic_dq=True)
+
+
 def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
                                hopper=ON_HOPPER, jit=True, sinks=False):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
@@ -1413,7 +1426,8 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   and the gradients of q, k, v, the [H] slopes and the [B] scale against
   the float32 reference. On Hopper (`hopper`) the forward and dK/dV
   kernels must be the Mosaic GPU ones (the dK/dV kernel computes the
-  slopes' and the scale's gradients), and dQ `dq_backend`'s. `jit=False`
+  slopes' and the scale's gradients), and dQ `dq_backend`'s ("fused":
+  the dK/dV kernel's, `_fused_launch`). `jit=False`
   runs flash op by op (`gpu_interpret`'s kernels); `sinks`: with sink
   logits too (fixed; a split score_mod is then evaluated per element in
   the forward, split in the backward)."""
@@ -1423,15 +1437,16 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   slopes, scale, prefix = _hopper_mod_args()
   cap = 30.0
   extra = dict(sinks=jnp.linspace(-1.0, 2.0, H)) if sinks else {}
+  launch = _fused_launch(head_dim) if dq_backend == "fused" else None
   if hopper:
     assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix),
-                                  **extra),
-                     softcap=cap) == ("mosaic", "mosaic", dq_backend), name
+                                  **extra), softcap=cap, launch=launch) == (
+                                      "mosaic", "mosaic", dq_backend), name
 
   def flash(q, k, v, slopes, scale):
     result = flash_kernel.flash_attention(
         _hopper_call(name, q, k, v, (slopes, scale, prefix), **extra),
-        sm_scale=0.125, softcap=cap)
+        sm_scale=0.125, softcap=cap, launch=launch)
     return result.out, result.lse
 
   def ref(q, k, v, slopes, scale):

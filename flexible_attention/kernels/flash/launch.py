@@ -27,10 +27,12 @@ Which path serves what (the README has it too):
   forward takes them, at padded D of 64 or 128 (the kernel's rows layout:
   it evaluates the mods on its transposed tiles and accumulates the
   gradients of the program values the score_mod reads, which XLA pulls
-  back to `mod_args`; `mosaic_mods.grad_slots`); at D = 256, or with
-  `atomic_dq=True`, calls with mods keep the Triton kernel
-  (`mosaic_common.dkv_mods_reason`), as do mods the forward cannot take;
-  else Triton.
+  back to `mod_args`; `mosaic_mods.grad_slots`); at D = 256 calls with
+  mods keep the Triton kernel (`mosaic_common.dkv_mods_reason`), as do
+  mods the forward cannot take; else Triton. A launch with `atomic_dq=True`
+  runs mods in the fused kernel where their shared memory fits
+  (`mosaic_common.FUSED_MODS_SMEM`, an error otherwise); the default
+  launches do not fuse calls with mods (not yet timed).
 - dQ: on Hopper by default, at padded D = `FUSED_DQ_HEAD_DIM` (128) with
   `FUSED_DQ_MIN_KV_LEN` <= Sk <= `FUSED_DQ_MAX_KV_LEN` (by dtype: speed
   below, precision above) where the Mosaic dK/dV kernel serves the call
@@ -173,8 +175,9 @@ class LaunchConfig:
 
   `dkv_backend="mosaic"` likewise runs the dK/dV kernel through
   `mosaic_bwd.dkdv` (the calls the forward serves, with mods only at
-  padded head sizes below 256 and without `atomic_dq`:
-  `mosaic_common.dkv_mods_reason`; `dkv=mosaic_dkv_launch(Dp)`), and the
+  padded head sizes below 256, `mosaic_common.dkv_mods_reason`, and with
+  `atomic_dq` only where their shared memory fits `mosaic_common.
+  FUSED_MODS_SMEM`; `dkv=mosaic_dkv_launch(Dp)`), and the
   default launches use it on Hopper
   wherever it serves the call and the dK/dV tiles are not the user's (with
   `atomic_dq=False`: dQ through Triton).
@@ -549,9 +552,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
           "atomic_dq=True, whose dK/dV kernel computes dQ (the dq kernel is "
           "not launched); use one or the other.")
     if launch.atomic_dq and reasons["dkv"] is None:  # The fused backward.
-      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim) or (
-          mosaic_common.dkv_mods_reason(head_dim, atomic_dq=True)
-          if dkv_mods else None)
+      reasons["dkv"] = mosaic_common.fused_dq_reason(head_dim)
     for kernel, (fixed, _) in mosaic.items():
       if getattr(launch, f"{kernel}_backend") == "mosaic":
         _check_mosaic_launch(kernel, getattr(launch, kernel), fixed,

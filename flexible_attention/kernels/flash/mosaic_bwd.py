@@ -39,7 +39,8 @@ keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
 `1 / (1 - rate)` once, at the end), `ds` the gradient of the kept `p`.
 
 In the rows layout it evaluates the score / mask mods the Mosaic forward
-does (`mosaic_mods`; not with the fused dQ): each consumer copies the
+does (`mosaic_mods`; with the fused dQ too where their shared memory fits
+`mosaic_common.FUSED_MODS_SMEM`, else an error): each consumer copies the
 program values of the group's G query heads (`[G, ROW]` float32 and int32
 rows) to its shared memory once, reads head g's as scalars each step and
 evaluates the mods on the transposed tile: the mask_mod where the bounds
@@ -82,6 +83,7 @@ from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import FUSED_MODS_SMEM
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
@@ -99,6 +101,7 @@ from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
+from flexible_attention.kernels.flash.mosaic_common import smem_bytes
 from flexible_attention.kernels.flash.mosaic_common import step_zero
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
@@ -520,9 +523,24 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                      f"must be multiples of {bq} and {bk}.")
   reason = fused_dq_reason(d) if with_dq else None
   if reason is None and st.mods is not None:
-    reason = dkv_mods_reason(d, atomic_dq=with_dq)
+    reason = dkv_mods_reason(d)
   if reason is not None:
     raise ValueError(f"flash (Mosaic GPU): {reason}.")
+  n_slots = len(grad_slots(st.mods))
+  # Per consumer: the group's rows of program values, and a head's slot
+  # sums on their way out.
+  mods_scratch = (row_scratch(mod_rows, (st.groups,)),
+                  plgpu.SMEM((CONSUMERS, n_slots, ROWS), jnp.float32)
+                  if n_slots else None)
+  if with_dq and smem_bytes(mods_scratch) > FUSED_MODS_SMEM[d]:
+    raise ValueError(
+        f"flash (Mosaic GPU): its fused dQ (atomic_dq=True) leaves "
+        f"{FUSED_MODS_SMEM[d]} bytes of shared memory to score_mod / mask_mod "
+        f"at padded head size {d}, "
+        f"and this call's take {smem_bytes(mods_scratch)} (each consumer's "
+        f"program values of the group's {st.groups} query heads and its "
+        f"{n_slots} gradient sums); use atomic_dq=False (the split "
+        f"backward).")
   # With dQ each consumer reads half of K's columns as a `wgmma` operand,
   # which must be whole rows of the swizzle, as the other operand's: at
   # Dp = 64 every 16-bit operand takes 64-byte rows.
@@ -540,7 +558,6 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   stats = jnp.stack(stats, axis=2)  # [B, H, 2 or 3, Sqp]
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
-  n_slots = len(grad_slots(st.mods))
 
   def body(*operands):
     smem = (
@@ -570,12 +587,6 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
     free = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)
-    # Per consumer: the group's rows of program values, and a head's slot
-    # sums on their way out.
-    mods = (row_scratch(mod_rows, (st.groups,)),
-            plgpu.SMEM((CONSUMERS, n_slots, ROWS), jnp.float32)
-            if n_slots else None)
-
     def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref,
                mod_refs):
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
@@ -583,7 +594,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                    st=st, bq=bq, with_dq=with_dq, fixed_point=fixed_point,
                    mod_rows=mod_rows)
 
-    pl.run_scoped(scoped, smem, exchange, own, ready, free, mods,
+    pl.run_scoped(scoped, smem, exchange, own, ready, free, mods_scratch,
                   collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype),

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any
 
+import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -145,27 +147,40 @@ def dq_reason(head_dim: int) -> str | None:
   return None
 
 
-def dkv_mods_reason(head_dim: int, *, atomic_dq: bool = False) -> str | None:
+def dkv_mods_reason(head_dim: int) -> str | None:
   """Why the dK/dV kernel cannot evaluate a call's score_mod / mask_mod
-  (one `mosaic_mods` accepts) at a padded head size, or with its fused dQ
-  (`atomic_dq`), or None.
+  (one `mosaic_mods` accepts) at a padded head size, or None.
 
   Only the rows layout (Dp <= 128) evaluates mods: at Dp = 256 (the columns
   layout) warpgroup 0 alone forms `p` and `ds` while the other waits, and
   the mods' values, derivatives and slot sums would join accumulators that
-  already take its registers. The fused backward with mods is refused too:
-  its shared memory (209 of 227 KiB at Dp = 128) leaves too little for the
-  group's rows and the slot sums (up to 20 KiB at G = 8), and it is not
-  measured with them. Those calls keep the Triton dK/dV kernel.
+  already take its registers. Those calls keep the Triton dK/dV kernel.
+  With its fused dQ (`atomic_dq`) the kernel also needs the mods' shared
+  memory to fit in `FUSED_MODS_SMEM[Dp]` (`mosaic_bwd.dkdv` checks it).
   """
   if head_dim >= SPLIT_HEAD_DIM:
     return (f"its dK/dV kernel evaluates score_mod / mask_mod at padded head "
             f"sizes below {SPLIT_HEAD_DIM} (the rows layout), got "
             f"{head_dim}; use dkv_backend='triton' there")
-  if atomic_dq:
-    return ("its fused dQ (atomic_dq=True) takes no score_mod / mask_mod; "
-            "use atomic_dq=False (the split backward) with mods")
   return None
+
+
+# The shared memory the fused dK/dV kernel (`atomic_dq`) leaves to score_mod
+# / mask_mod, by padded head size: each consumer's rows of the program
+# values of the group's query heads, and its gradient sums (`mosaic_bwd.
+# dkdv`). Without mods the kernel takes 197 KiB at Dp = 128 and 117 KiB at
+# 64 of the 227 KiB a block may have; the rest covers the structure vectors
+# (1 KiB each) and the alignment of the buffers. ALiBi takes 0.5 KiB plus
+# 0.25 KiB a query head of the group.
+FUSED_MODS_SMEM = {64: 96 * 1024, 128: 24 * 1024}
+
+
+def smem_bytes(scratch) -> int:
+  """The bytes of the shared-memory buffers (`plgpu.SMEM`) of a pytree of
+  scratch specs (barriers and None count nothing)."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(scratch)
+             if isinstance(x, pl.MemoryRef))
 
 
 def fused_dq_reason(head_dim: int) -> str | None:
