@@ -140,18 +140,13 @@ def _launch(d: int, causal: bool, *, variant: str,
   (`mosaic_dq`). To `interpret`, the Triton kernels, `atomic_dq` (in any
   order) for either fused variant."""
   fused = variant in ("fused", "fused_any")
-  launch = dataclasses.replace(
-      flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused,
-      deterministic_dq=variant != "fused_any")
   if interpret:
-    return dataclasses.replace(launch, deterministic_dq=not fused)
-  launch = dataclasses.replace(launch, dkv=flash_kernel.mosaic_dkv_launch(d),
-                               dkv_backend="mosaic")
-  if variant == "mosaic_dq":
-    launch = dataclasses.replace(launch, dq=flash_kernel.mosaic_dq_launch(d),
-                                 dq_backend="mosaic")
-  return dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(d),
-                             fwd_backend="mosaic")
+    return dataclasses.replace(
+        flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused,
+        deterministic_dq=not fused)
+  dq = {"split": "triton", "mosaic_dq": "mosaic"}.get(variant, "fused")
+  return flash_kernel.hopper_launch_config(
+      d, causal, dq=dq, deterministic_dq=variant != "fused_any")
 
 
 def _attention(spec: dict, launch, kv_lengths, interpret: bool = False):

@@ -115,15 +115,6 @@ def _module(mechanism, h, d, call, **options):
   return lambda q, k, v, extra: apply({}, q, k, v, extra)
 
 
-def _fused_launch(d: int) -> fa.FlashLaunchConfig:
-  """Hopper launches with dQ inside the Mosaic dK/dV kernel (reproducible:
-  int32 fixed point), the Mosaic forward."""
-  return fa.FlashLaunchConfig(
-      fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
-      dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic",
-      dq=flash_kernel.default_launch_config(d).dq, atomic_dq=True)
-
-
 def _cudnn(causal, name):
   def attend(q, k, v, extra):
     return jax.nn.dot_product_attention(
@@ -182,7 +173,7 @@ def _cells(s: int, h: int, d: int):
               for name, mod in _COST_MODS.items()}}),
   }
   if _FUSED.value:
-    fused = _fused_launch(d)
+    fused = flash_kernel.hopper_launch_config(d, True, dq="fused")
     cells["alibi"][2]["flash_alibi_mod_fused"] = (
         _module("flash", h, d, alibi_args, launch=fused, **alibi_mod), slopes)
     cells["prefix_lm"][2]["flash_prefix_mod_fused"] = (

@@ -39,16 +39,15 @@ def _fused(head_dim: int, causal: bool = False, atomic_dq: bool = True,
            mosaic_forward: bool = True,
            deterministic: bool = True) -> flash_kernel.LaunchConfig:
   """Hopper launches with the Mosaic dK/dV kernel and, with `atomic_dq`, dQ
-  in it (its adds in a fixed order unless `deterministic=False`); the
-  Mosaic forward unless `mosaic_forward=False` (Triton's)."""
-  launch = dataclasses.replace(
-      flash_kernel.default_launch_config(head_dim, causal, 9.0),
-      dkv=flash_kernel.mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
-      atomic_dq=atomic_dq, deterministic_dq=deterministic)
-  if not mosaic_forward:
+  in it (int32 fixed point unless `deterministic=False`); the Mosaic
+  forward unless `mosaic_forward=False` (Triton's)."""
+  launch = flash_kernel.hopper_launch_config(
+      head_dim, causal, dq="fused" if atomic_dq else "triton",
+      deterministic_dq=deterministic)
+  if mosaic_forward:
     return launch
-  return dataclasses.replace(launch, fwd=flash_kernel.mosaic_launch(head_dim),
-                             fwd_backend="mosaic")
+  triton = flash_kernel.default_launch_config(head_dim, causal, 9.0)
+  return dataclasses.replace(launch, fwd=triton.fwd, fwd_backend="triton")
 
 
 # name: (canonicalize's structure, shape and options). Lengths are not
@@ -232,6 +231,29 @@ def test_fused_backward_refuses_mods_beyond_its_shared_memory():
       r"call's take \d+ .* of the "
       r"group's 128 query heads .*use atomic_dq=False")):
     jax.eval_shape(jax.grad(loss, (0, 1, 2)), q, kv, kv)
+
+
+@pytest.mark.parametrize("dq", flash_launch.DQ_PATHS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_launch_config_pins_the_mosaic_kernels(dq, head_dim,
+                                                      monkeypatch):
+  """`hopper_launch_config` gives every kernel's fixed Mosaic launch, and
+  the policy takes it as it is (checked, unchanged)."""
+  launch = flash_kernel.hopper_launch_config(head_dim, True, dq=dq)
+  flash_kernel.check_launch_config(launch)
+  assert (launch.fwd, launch.dkv) == (flash_kernel.mosaic_launch(head_dim),
+                                      flash_kernel.mosaic_dkv_launch(head_dim))
+  assert (launch.fwd_backend, launch.dkv_backend) == ("mosaic", "mosaic")
+  assert launch.atomic_dq == (dq == "fused")
+  assert launch.dq_backend == ("mosaic" if dq == "mosaic" else "triton")
+  assert _launch(monkeypatch, launch=launch, head_dim=head_dim,
+                 causal=True) == launch
+
+
+def test_hopper_launch_config_refuses_an_unknown_dq():
+  with pytest.raises(ValueError, match=r"dq must be one of \('triton', "
+                     r"'mosaic', 'fused'\), got 'cuda'"):
+    flash_kernel.hopper_launch_config(128, dq="cuda")
 
 
 _LONGEST = flash_launch.FUSED_DQ_MAX_KV_LEN
@@ -439,10 +461,9 @@ def _mosaic_dq(head_dim: int, causal: bool = False,
                **fields) -> flash_kernel.LaunchConfig:
   """Hopper launches with every kernel through Mosaic GPU: the split
   backward, dQ by `mosaic_dq`."""
-  fields = dict(dict(dq=flash_kernel.mosaic_dq_launch(head_dim),
-                     dq_backend="mosaic"), **fields)
-  return dataclasses.replace(_fused(head_dim, causal, atomic_dq=False),
-                             **fields)
+  return dataclasses.replace(
+      flash_kernel.hopper_launch_config(head_dim, causal, dq="mosaic"),
+      **fields)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

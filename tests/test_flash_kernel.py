@@ -259,22 +259,12 @@ def test_skipping_tables_skip_invisible_tiles():
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _mosaic(head_dim: int, causal: bool, dkv: bool = True,
+def _mosaic(head_dim: int, causal: bool,
             dq: bool = False) -> flash_kernel.LaunchConfig:
-  """The Hopper launches with the Mosaic forward (padded D) and, with
-  `dkv`, the Mosaic dK/dV kernel, with `dq` the Mosaic dQ kernel."""
-  launch = dataclasses.replace(
-      flash_kernel.default_launch_config(head_dim, causal, 9.0),
-      fwd=flash_kernel.mosaic_launch(head_dim), fwd_backend="mosaic")
-  if dkv:
-    launch = dataclasses.replace(
-        launch, dkv=flash_kernel.mosaic_dkv_launch(head_dim),
-        dkv_backend="mosaic")
-  if dq:
-    launch = dataclasses.replace(
-        launch, dq=flash_kernel.mosaic_dq_launch(head_dim),
-        dq_backend="mosaic")
-  return launch
+  """The Hopper launches with the Mosaic forward and dK/dV kernels (padded
+  D), with `dq` the Mosaic dQ kernel (else Triton's)."""
+  return flash_kernel.hopper_launch_config(
+      head_dim, causal, dq="mosaic" if dq else "triton")
 
 
 def _hopper_case(name):

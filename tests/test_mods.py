@@ -236,7 +236,7 @@ def test_flash_mods_compiled_on_a_gpu():
     ("alibi", "mosaic", 64), ("both", "mosaic", 64), ("static", "mosaic", 64),
     ("every_primitive", "mosaic", 64), ("affine", "mosaic", 64),
     ("alibi", "mosaic", 128),
-    # dQ inside the dK/dV kernel (an explicit launch: `_fused_launch`).
+    # dQ inside the dK/dV kernel (an explicit launch).
     ("alibi", "fused", 64), ("alibi", "fused", 128), ("both", "fused", 128),
     ("every_primitive", "fused", 128)])
 def test_flash_mosaic_mods_compiled_on_a_gpu(name, dq_backend, head_dim,
@@ -1408,16 +1408,6 @@ def test_mosaic_backward_skips_the_unit_derivative_of_additive_mods(mod, unit):
 ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
-def _fused_launch(head_dim: int) -> flash_kernel.LaunchConfig:
-  """Hopper launches with dQ inside the Mosaic dK/dV kernel (the fused
-  backward, which the default launches do not pick for mods)."""
-  return dataclasses.replace(
-      flash_kernel.default_launch_config(head_dim, False, 9.0),
-      fwd=flash_kernel.mosaic_launch(head_dim), fwd_backend="mosaic",
-      dkv=flash_kernel.mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
-      atomic_dq=True)
-
-
 def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
                                hopper=ON_HOPPER, jit=True, sinks=False):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
@@ -1427,7 +1417,8 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   the float32 reference. On Hopper (`hopper`) the forward and dK/dV
   kernels must be the Mosaic GPU ones (the dK/dV kernel computes the
   slopes' and the scale's gradients), and dQ `dq_backend`'s ("fused":
-  the dK/dV kernel's, `_fused_launch`). `jit=False`
+  the dK/dV kernel's, an explicit launch: the default launches do not
+  fuse calls with mods). `jit=False`
   runs flash op by op (`gpu_interpret`'s kernels); `sinks`: with sink
   logits too (fixed; a split score_mod is then evaluated per element in
   the forward, split in the backward)."""
@@ -1437,7 +1428,8 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   slopes, scale, prefix = _hopper_mod_args()
   cap = 30.0
   extra = dict(sinks=jnp.linspace(-1.0, 2.0, H)) if sinks else {}
-  launch = _fused_launch(head_dim) if dq_backend == "fused" else None
+  launch = (flash_kernel.hopper_launch_config(head_dim, dq="fused")
+            if dq_backend == "fused" else None)
   if hopper:
     assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix),
                                   **extra), softcap=cap, launch=launch) == (

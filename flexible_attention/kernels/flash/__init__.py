@@ -61,6 +61,7 @@ from flexible_attention.kernels.flash.launch import check_block_size
 from flexible_attention.kernels.flash.launch import check_launch_config
 from flexible_attention.kernels.flash.launch import default_launch_config
 from flexible_attention.kernels.flash.launch import head_dim_reason
+from flexible_attention.kernels.flash.launch import hopper_launch_config
 from flexible_attention.kernels.flash.launch import launch_config
 from flexible_attention.kernels.flash.launch import mosaic_dkv_launch
 from flexible_attention.kernels.flash.launch import mosaic_dq_launch
@@ -90,6 +91,7 @@ __all__ = (
     "flash_attention",
     "forward_pass",
     "head_dim_reason",
+    "hopper_launch_config",
     "launch_config",
     "mosaic_dkv_launch",
     "mosaic_dq_launch",

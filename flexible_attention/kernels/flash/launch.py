@@ -379,6 +379,44 @@ def mosaic_dq_launch(head_dim: int) -> Launch:
                 4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
 
 
+DQ_PATHS = ("triton", "mosaic", "fused")  # `hopper_launch_config`'s dq.
+
+
+def hopper_launch_config(head_dim: int, causal: bool = False, *,
+                         dq: str = "triton",
+                         deterministic_dq: bool = True) -> LaunchConfig:
+  """Launches that pin the Mosaic GPU kernels (Hopper), each with its fixed
+  launch: the forward, the dK/dV kernel and dQ by `dq`: `"triton"` (the
+  Triton dQ kernel: the split backward), `"mosaic"` (the Mosaic dQ kernel,
+  padded D of 64 or 128) or `"fused"` (inside the dK/dV kernel,
+  `atomic_dq=True`, padded D of 64 or 128; `deterministic_dq` as
+  `LaunchConfig`'s). Passed as `launch=`, a call these kernels cannot
+  serve is an error saying why (`choose_launch`), never a Triton kernel in
+  their place; the default launches choose per call instead.
+
+  Args:
+    head_dim: Dp, the padded head size (64, 128 or 256).
+    causal: whether the calls are causal (the Triton dQ kernel's tiles).
+    dq: one of `DQ_PATHS`.
+    deterministic_dq: with `dq="fused"`, dQ's adds in int32 fixed point
+      (bitwise reproducible) rather than float32 in any order.
+
+  Returns:
+    The `LaunchConfig`.
+  """
+  if dq not in DQ_PATHS:
+    raise ValueError(f"flash: dq must be one of {DQ_PATHS}, got {dq!r}.")
+  launch = dataclasses.replace(
+      default_launch_config(head_dim, causal, 9.0),
+      fwd=mosaic_launch(head_dim), fwd_backend="mosaic",
+      dkv=mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
+      atomic_dq=dq == "fused", deterministic_dq=deterministic_dq)
+  if dq == "mosaic":
+    launch = dataclasses.replace(launch, dq=mosaic_dq_launch(head_dim),
+                                 dq_backend="mosaic")
+  return launch
+
+
 def _mosaic_by_default(capability: float | None, reason: str | None,
                        user_tiles: bool, q_len: int, kv_len: int,
                        launch: Launch) -> bool:
