@@ -143,10 +143,11 @@ class LaunchConfig:
   entry at 16k keys, ~4e-4 at 128k on random rows; float32 sums ~1e-6),
   which is why the default launches stop at `FUSED_DQ_MAX_KV_LEN`. With
   False the adds are float32 and land in the order the GPU runs the
-  programs (float32 rounding of the same sum differs from run to run). Triton's atomics have
-  no fixed order: `atomic_dq=True` with `dkv_backend="triton"` needs
-  `deterministic_dq=False` (an error otherwise). Without `atomic_dq` the
-  field changes nothing: the split backward's dQ is always reproducible.
+  programs (float32 rounding of the same sum differs from run to run).
+  Triton's atomics have no fixed order: `atomic_dq=True` with
+  `dkv_backend="triton"` needs `deterministic_dq=False` (an error
+  otherwise). Without `atomic_dq` the field changes nothing: the split
+  backward's dQ is always reproducible.
 
   A user's `LaunchConfig` has `atomic_dq=False` unless set; the default
   launches (`choose_launch`) set it on Hopper at Dp = 128 from
