@@ -425,6 +425,28 @@ def test_fixed_point_sums_stay_near_float32s():
   assert np.max(error) < 2.0**-13
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_round_to_int32_is_exact(jit):
+  """`round_to_int32` against float64 rounding (ties to even) on the whole
+  range the fixed point uses (up to 2^31 / FIXED_POINT_MARGIN), small
+  values, halves and the 2^9 steps of its split; jitted too (XLA would
+  fold the rounding constant's add and subtract without the barrier)."""
+  rng = np.random.default_rng(0)
+  top = 2.0**mosaic_common.FIXED_POINT_BITS / mosaic_common.FIXED_POINT_MARGIN
+  edges = np.array([0.0, -0.0, 0.5, -0.5, 1.5, 2.5, -2.5, 255.5, 256.0,
+                    256.5, -256.5, 511.5, 512.0, 767.5, 2.0**22, 2.0**30,
+                    top, -top])
+  y = np.concatenate([rng.uniform(-top, top, 200_000),
+                      rng.uniform(-600.0, 600.0, 50_000),
+                      rng.standard_normal(10_000) * 1e-3, edges])
+  y = y.astype(np.float32)
+  convert = jax.jit(mosaic_common.round_to_int32) if jit else (
+      mosaic_common.round_to_int32)
+  got = np.asarray(convert(jnp.asarray(y)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.rint(y.astype(np.float64)))
+
+
 def test_fixed_point_scales_of_zero_and_non_finite_rows():
   """A row whose bound is 0 gets 1 (its dQ is 0); one whose bound is not
   finite gets 0, so that XLA's division gives it NaN."""

@@ -100,6 +100,7 @@ from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
+from flexible_attention.kernels.flash.mosaic_common import round_to_int32
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import smem_bytes
 from flexible_attention.kernels.flash.mosaic_common import step_zero
@@ -406,7 +407,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     if with_dq:
       head = kv_head * st.groups + g
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
-      dq_tile[...] = ((dq_add[0] * dq_scale).astype(jnp.int32)
+      dq_tile[...] = (round_to_int32(dq_add[0] * dq_scale)
                       if r.fixed_point else dq_add[0])
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(dq_tile,

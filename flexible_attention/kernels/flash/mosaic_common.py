@@ -265,6 +265,34 @@ def fixed_point_scales(k, v, do, delta, *, sm_scale: float, groups: int,
   return jnp.where(jnp.isfinite(bound), scale, 0.0)
 
 
+_ROUNDING = 1.5 * 2.0**32  # x + it lies in [2^32, 2^33): a multiple of 2^9.
+_MAGIC = 1.5 * 2.0**23  # n + it, for an integer |n| < 2^22, has n's bits.
+_MAGIC_BITS = 0x4B400000  # _MAGIC's bits as an int32.
+
+
+def round_to_int32(y):
+  """`y` (float32, |y| < 2^31 - 2^9) rounded to the nearest int32 (ties to
+  even), in five float32 and two int32 operations instead of one
+  float-to-int conversion (16 a clock on sm_90 against 128 float32
+  operations, and beside the step's exponentials on the same unit).
+
+  `hi`, y rounded to a multiple of 2^9 (adding `_ROUNDING` and taking it
+  off again, kept apart by an optimization barrier so that no compiler
+  folds them), and `lo = y - hi` (exact, |lo| <= 2^8) each become an
+  integer below 2^22 in magnitude (`hi 2^-9` and `round(lo)`) whose bits,
+  added to `_MAGIC`, are `_MAGIC_BITS` plus it; the result is `2^9
+  hi_int + lo_int`, computed in int32 (the products wrap; the result
+  fits)."""
+  hi = lax.optimization_barrier(y + jnp.float32(_ROUNDING)) - jnp.float32(
+      _ROUNDING)
+  lo = y - hi
+  bits = lambda x: lax.bitcast_convert_type(x + jnp.float32(_MAGIC),
+                                            jnp.int32)
+  offset = (_MAGIC_BITS * 513 + 2**31) % 2**32 - 2**31  # As an int32.
+  return (bits(hi * jnp.float32(2.0**-9)) * 512 + bits(lo)
+          - jnp.int32(offset))
+
+
 def wgmma_zeros(cols: int | None):
   """A zero `[64, cols]` float32 accumulator in the `wgmma` layout (cols
   None: a `[64]` vector of its rows)."""
