@@ -41,7 +41,8 @@ tiny shapes in Pallas' interpreter, flash only, no timing (a CPU check of
 the script). `--fused` (Hopper) adds `flash_alibi_mod_fused` and
 `flash_prefix_mod_fused`: the same mods with an explicit launch that puts
 dQ inside the Mosaic dK/dV kernel (the fused backward, which the default
-launches use without mods at D = 128 from 8k keys, not yet with them).
+launches use at D = 128 from 8k keys, mods included where they fit: below
+8k the flag is the only way to time it).
 """
 
 from __future__ import annotations

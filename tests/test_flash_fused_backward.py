@@ -32,6 +32,7 @@ from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mod_lowering
 from flexible_attention.kernels.flash import mosaic_dq
+from flexible_attention.kernels.flash import mosaic_mod_rows
 import helpers
 
 
@@ -213,7 +214,8 @@ def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim):
 def test_fused_backward_refuses_mods_beyond_its_shared_memory():
   """128 query heads a KV head: the consumers' rows of ALiBi's slopes (128
   bytes a head each) exceed what the fused kernel leaves to mods at Dp =
-  128 (`mosaic_common.FUSED_MODS_SMEM`): an error naming `atomic_dq`."""
+  128 (`mosaic_common.FUSED_MODS_SMEM`): an explicit fused launch is an
+  error naming `atomic_dq`."""
   b, s, h, d = 1, 128, 128, 128
   q = jnp.zeros((b, s, h, d), jnp.bfloat16)
   kv = jnp.zeros((b, s, 1, d), jnp.bfloat16)
@@ -284,22 +286,32 @@ def test_fused_backward_by_default_only_where_it_measured_fastest_and_exact(
   assert chosen.atomic_dq == fused
 
 
-def test_fused_backward_not_by_default_with_mods(monkeypatch):
-  """The default launches do not fuse calls with score_mod / mask_mod (the
-  fused kernel runs them, not yet timed): ALiBi at 16k keys keeps the
-  Mosaic dQ kernel."""
+@pytest.mark.parametrize("heads, kv_heads, fused", [
+    (2, 2, True), (8, 2, True),
+    # 128 query heads a KV head: their rows of ALiBi's slopes exceed the
+    # shared memory the fused kernel leaves to mods.
+    (128, 1, False)])
+def test_fused_backward_by_default_with_mods_that_fit(heads, kv_heads, fused,
+                                                      monkeypatch):
+  """The default launches fuse calls with score_mod / mask_mod (ALiBi, its
+  slopes' gradient in the kernel) where the mods' shared memory fits
+  (`mosaic_mod_rows.fused_mods_reason`); elsewhere the Mosaic dQ kernel
+  serves them at this length, never a launch the kernel refuses."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
-  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
-  inputs = fa.canonicalize(q, q, q, score_mod=fa.alibi_score_mod,
-                           mod_args=(jnp.ones((2,)),))
+  q = jnp.zeros((1, 256, heads, 128), jnp.bfloat16)
+  kv = jnp.zeros((1, 256, kv_heads, 128), jnp.bfloat16)
+  inputs = fa.canonicalize(q, kv, kv, score_mod=fa.alibi_score_mod,
+                           mod_args=(jnp.ones((heads,)),))
+  km = mod_lowering.kernel_mods(inputs.mods)
+  groups = heads // kv_heads
+  assert (mosaic_mod_rows.fused_mods_reason(km, 128, groups) is None) == fused
   chosen = flash_launch.choose_launch(
       dtype=jnp.bfloat16, head_dim=128, value_dim=128, q_len=256,
       kv_len=flash_launch.MOSAIC_DQ_MIN_KV_LEN, causal=True, bias=False,
       mask=False, precision=None, interpret=False, block_sizes=None,
-      launch=None, float32_results=False,
-      mods=mod_lowering.kernel_mods(inputs.mods))
-  assert (chosen.dkv_backend, chosen.dq_backend, chosen.atomic_dq) == (
-      "mosaic", "mosaic", False)
+      launch=None, float32_results=False, mods=km, groups=groups)
+  assert (chosen.dkv_backend, chosen.atomic_dq) == ("mosaic", fused)
+  assert chosen.dq_backend == ("triton" if fused else "mosaic")
 
 
 @pytest.mark.parametrize("launch, call, match", [

@@ -262,7 +262,7 @@ def prepare(inputs: AttentionInputs,
       mask=vis.mask is not None,
       precision=precision, interpret=interpret, block_sizes=block_sizes,
       launch=launch, float32_results=float32_results,
-      mods=kernel_mods,
+      mods=kernel_mods, groups=dims.groups,
       bias_dtype=None if bias is None else bias.dtype)
   q_mult = max(launch.fwd.block_q, launch.dkv.block_q, launch.dq.block_q)
   k_mult = max(launch.fwd.block_k, launch.dkv.block_k, launch.dq.block_k)

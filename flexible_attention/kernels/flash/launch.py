@@ -29,15 +29,16 @@ Which path serves what (the README has it too):
   gradients of the program values the score_mod reads, which XLA pulls
   back to `mod_args`; `mosaic_mods.grad_slots`); at D = 256 calls with
   mods keep the Triton kernel (`mosaic_common.dkv_mods_reason`), as do
-  mods the forward cannot take; else Triton. A launch with `atomic_dq=True`
-  runs mods in the fused kernel where their shared memory fits
-  (`mosaic_common.FUSED_MODS_SMEM`, an error otherwise); the default
-  launches do not fuse calls with mods (not yet timed).
+  mods the forward cannot take; else Triton. The fused kernel
+  (`atomic_dq=True`) runs mods where their shared memory fits
+  (`mosaic_mod_rows.fused_mods_reason`: `mosaic_common.FUSED_MODS_SMEM`;
+  an error for a launch that asks beyond it).
 - dQ: on Hopper by default, at padded D = `FUSED_DQ_HEAD_DIM` (128) with
   `FUSED_DQ_MIN_KV_LEN` <= Sk <= `FUSED_DQ_MAX_KV_LEN` (by dtype: speed
   below, precision above) where the Mosaic dK/dV kernel serves the call
-  without mods, inside that kernel (the fused backward,
-  `atomic_dq=True`, reproducible in int32 fixed point); else the Mosaic
+  (with mods where the fused kernel fits them), inside that kernel (the
+  fused backward, `atomic_dq=True`, reproducible in int32 fixed point);
+  else the Mosaic
   GPU dQ kernel (`mosaic_dq`) for the calls the forward serves (mods
   included) at padded D of 64 or 128 (`mosaic_common.dq_reason`) with Sk
   >= `MOSAIC_DQ_MIN_KV_LEN`; else Triton's (each where it measured
@@ -72,6 +73,7 @@ import jax.numpy as jnp
 from flexible_attention.core.types import BlockSizes
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_mod_rows
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
 from flexible_attention.kernels.flash.structure import MIN_BLOCK
@@ -530,7 +532,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
                   float32_results: bool,
-                  mods=None, bias_dtype=None) -> LaunchConfig:
+                  mods=None, bias_dtype=None, groups: int = 1) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
   kernels wherever they serve the call; Triton tiles clipped to the call.
@@ -551,12 +553,15 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       any (`mod_lowering`); the Mosaic forward those whose `mod_args`
       reads are per program (`mosaic_mods.unsupported_reason`: ALiBi,
       prefix-LM, mask_mods without mod_args...), and so do the Mosaic dQ
-      kernel and, at padded head sizes below 256 without `atomic_dq`, the
-      Mosaic dK/dV kernel (`mosaic_common.dkv_mods_reason`), which then
-      computes `mod_args`' gradients (the backward reads the forward's
-      log-sum-exp only, so the Mosaic and Triton kernels mix).
+      kernel and, at padded head sizes below 256, the Mosaic dK/dV kernel
+      (`mosaic_common.dkv_mods_reason`), which then computes `mod_args`'
+      gradients (the backward reads the forward's log-sum-exp only, so the
+      Mosaic and Triton kernels mix); with dQ too where the mods' shared
+      memory fits (`mosaic_mod_rows.fused_mods_reason`).
     bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
       kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
+    groups: G, query heads per KV head: the fused backward keeps the mods'
+      program values of a group's heads in shared memory.
 
   Returns:
     The `LaunchConfig` the call runs with.
@@ -613,9 +618,12 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
     if (launch.dkv_backend == "mosaic" and head_dim == FUSED_DQ_HEAD_DIM
         and FUSED_DQ_MIN_KV_LEN <= kv_len
         <= FUSED_DQ_MAX_KV_LEN.get(jnp.dtype(dtype), 0)
-        and not dkv_mods and not user_tiles["dq"]):
-      # The fused backward measured faster there: no dQ kernel (its launch,
-      # unused, stays Triton's default).
+        and not user_tiles["dq"] and not (
+            dkv_mods and mosaic_mod_rows.fused_mods_reason(
+                mods, head_dim, groups))):
+      # The fused backward measured faster there, with mods too where their
+      # shared memory fits: no dQ kernel (its launch, unused, stays
+      # Triton's default).
       launch = dataclasses.replace(
           launch, atomic_dq=True, dq=triton.dq, dq_backend="triton")
   # Triton tiles shrink to short calls (and the defaults to the shared

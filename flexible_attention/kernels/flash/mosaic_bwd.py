@@ -83,7 +83,6 @@ from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
-from flexible_attention.kernels.flash.mosaic_common import FUSED_MODS_SMEM
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
@@ -102,15 +101,15 @@ from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import round_to_int32
 from flexible_attention.kernels.flash.mosaic_common import score_grads
-from flexible_attention.kernels.flash.mosaic_common import smem_bytes
 from flexible_attention.kernels.flash.mosaic_common import step_zero
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
+from flexible_attention.kernels.flash.mosaic_mod_rows import dkv_mods_scratch
+from flexible_attention.kernels.flash.mosaic_mod_rows import fused_mods_reason
 from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
 from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
-from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_split import REF_ROWS
@@ -524,24 +523,12 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                      f"must be multiples of {bq} and {bk}.")
   reason = fused_dq_reason(d) if with_dq else None
   if reason is None and st.mods is not None:
-    reason = dkv_mods_reason(d)
+    reason = dkv_mods_reason(d) or (
+        fused_mods_reason(st.mods, d, st.groups) if with_dq else None)
   if reason is not None:
     raise ValueError(f"flash (Mosaic GPU): {reason}.")
+  mods_scratch = dkv_mods_scratch(st.mods, st.groups)
   n_slots = len(grad_slots(st.mods))
-  # Per consumer: the group's rows of program values, and a head's slot
-  # sums on their way out.
-  mods_scratch = (row_scratch(mod_rows, (st.groups,)),
-                  plgpu.SMEM((CONSUMERS, n_slots, ROWS), jnp.float32)
-                  if n_slots else None)
-  if with_dq and smem_bytes(mods_scratch) > FUSED_MODS_SMEM[d]:
-    raise ValueError(
-        f"flash (Mosaic GPU): its fused dQ (atomic_dq=True) leaves "
-        f"{FUSED_MODS_SMEM[d]} bytes of shared memory to score_mod / mask_mod "
-        f"at padded head size {d}, "
-        f"and this call's take {smem_bytes(mods_scratch)} (each consumer's "
-        f"program values of the group's {st.groups} query heads and its "
-        f"{n_slots} gradient sums); use atomic_dq=False (the split "
-        f"backward).")
   # With dQ each consumer reads half of K's columns as a `wgmma` operand,
   # which must be whole rows of the swizzle, as the other operand's: at
   # Dp = 64 every 16-bit operand takes 64-byte rows.

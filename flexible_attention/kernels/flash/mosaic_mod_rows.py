@@ -19,14 +19,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import FUSED_MODS_SMEM
+from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import read_row
+from flexible_attention.kernels.flash.mosaic_common import smem_bytes
 from flexible_attention.kernels.flash.mosaic_mod_split import read_counts
 from flexible_attention.kernels.flash.mosaic_mods import ROW
 from flexible_attention.kernels.flash.mosaic_mods import TileMods
+from flexible_attention.kernels.flash.mosaic_mods import grad_slots
+from flexible_attention.kernels.flash.mosaic_mods import plan
 
 
 def row_operands(mod_rows) -> tuple[Any, ...]:
@@ -47,6 +54,37 @@ def row_scratch(mod_rows, heads: tuple[int, ...] = ()) -> tuple[Any, ...]:
   return tuple((plgpu.SMEM((CONSUMERS, *heads, ROW), x.dtype),
                 plgpu.Barrier(num_barriers=CONSUMERS))
                for x in row_operands(mod_rows))
+
+
+def dkv_mods_scratch(km, groups: int) -> tuple[Any, Any]:
+  """The dK/dV kernel's shared memory for the mods of `km` (its
+  `KernelMods`, which `plan` accepts; None: no mods): each consumer's rows
+  of the program values of a group's `groups` query heads (`row_scratch`)
+  and its sums of one head's `grad_slots` gradients (None without)."""
+  if km is None:
+    return (), None
+  rows = tuple(None if n == 0 else jax.ShapeDtypeStruct((ROW,), dtype)
+               for n, dtype in zip(plan(km).counts, (jnp.float32, jnp.int32)))
+  n_slots = len(grad_slots(km))
+  return (row_scratch(rows, (groups,)),
+          plgpu.SMEM((CONSUMERS, n_slots, ROWS), jnp.float32)
+          if n_slots else None)
+
+
+def fused_mods_reason(km, head_dim: int, groups: int) -> str | None:
+  """Why the fused backward (the dK/dV kernel with dQ, padded head size
+  `head_dim` <= 128) cannot run the mods of `km` with `groups` query heads
+  per KV head: their shared memory (`dkv_mods_scratch`) over what the
+  kernel leaves them (`FUSED_MODS_SMEM`), or None."""
+  used = smem_bytes(dkv_mods_scratch(km, groups))
+  if used <= FUSED_MODS_SMEM[head_dim]:
+    return None
+  return (f"its fused dQ (atomic_dq=True) leaves {FUSED_MODS_SMEM[head_dim]} "
+          f"bytes of shared memory to score_mod / mask_mod at padded head "
+          f"size {head_dim}, and this call's take {used} (each consumer's "
+          f"program values of the group's {groups} query heads and its "
+          f"{len(grad_slots(km))} gradient sums); use atomic_dq=False (the "
+          f"split backward)")
 
 
 def split_row_scratch(mod_rows, scratch) -> tuple[Any, ...]:
