@@ -34,20 +34,18 @@ Which path serves what (the README has it too):
   (`mosaic_mod_rows.fused_mods_reason`: `mosaic_common.FUSED_MODS_SMEM`;
   an error for a launch that asks beyond it).
 - dQ: on Hopper by default, at padded D = `FUSED_DQ_HEAD_DIM` (128) with
-  `FUSED_DQ_MIN_KV_LEN` <= Sk <= `FUSED_DQ_MAX_KV_LEN` (by dtype: speed
-  below, precision above) where the Mosaic dK/dV kernel serves the call
-  (with mods where the fused kernel fits them), inside that kernel (the
-  fused backward, `atomic_dq=True`, reproducible in int32 fixed point);
-  else the Mosaic
-  GPU dQ kernel (`mosaic_dq`) for the calls the forward serves (mods
-  included) at padded D of 64 or 128 (`mosaic_common.dq_reason`) with Sk
-  >= `MOSAIC_DQ_MIN_KV_LEN`; else Triton's (each where it measured
-  fastest). `LaunchConfig(dq_backend=...)` picks a dQ kernel explicitly;
+  `FUSED_DQ_MIN_KV_LEN` <= Sk <= `FUSED_DQ_MAX_KV_LEN` (by dtype: speed below,
+  precision above) where the Mosaic dK/dV kernel serves the call (with mods
+  where the fused kernel fits them), inside that kernel (the fused backward,
+  `atomic_dq=True`, reproducible in int32 fixed point); else the Mosaic GPU dQ
+  kernel (`mosaic_dq`) for the calls the forward serves (mods included) at
+  padded D of 64 or 128 (`mosaic_common.dq_reason`) with Sk >=
+  `MOSAIC_DQ_MIN_KV_LEN`; else Triton's (each where it measured fastest).
+  `LaunchConfig(dq_backend=...)` picks a dQ kernel explicitly;
   `LaunchConfig(atomic_dq=True)` the dK/dV kernel's dQ: Triton's float32
-  atomics with `dkv_backend="triton"` (not reproducible), the fused
-  Mosaic GPU backward's TMA reduce-adds with `dkv_backend="mosaic"`
-  (padded D of 64 or 128; D = 256 keeps the split backward:
-  `mosaic_common.fused_dq_reason`);
+  atomics with `dkv_backend="triton"` (not reproducible), the fused Mosaic GPU
+  backward's TMA reduce-adds with `dkv_backend="mosaic"` (padded D of 64 or
+  128; D = 256 keeps the split backward: `mosaic_common.fused_dq_reason`);
 - the bias gradient: Triton;
 - GPUs before Hopper and `interpret=True`: Triton for every kernel.
 - decode (a cache call with few new tokens, `decode.py`): on Hopper the
