@@ -56,7 +56,7 @@ def main():
           dtype=jnp.float32, head_dim=d, value_dim=d, q_len=s, kv_len=s,
           causal=causal, bias=False, mask=False, precision=None,
           interpret=False, block_sizes=None, launch=None,
-          float32_results=False)
+          float32_results=False, groups=1)
       row["launch"] = str(launch)
       print(json.dumps(row), flush=True)
 

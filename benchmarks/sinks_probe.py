@@ -77,7 +77,8 @@ def check(dtype, b=2, s=512, h=8, hkv=2, d=128):
       dtype=dtype, head_dim=d, value_dim=d, q_len=s, kv_len=s, causal=True,
       bias=False, mask=False, precision=None,
       interpret=INTERPRET,
-      block_sizes=None, launch=None, float32_results=False)
+      block_sizes=None, launch=None, float32_results=False,
+      groups=h // hkv)
   row = {"check": "flash", "dtype": jnp.dtype(dtype).name,
          "fwd_backend": launch.fwd_backend,
          "dkv_backend": launch.dkv_backend,

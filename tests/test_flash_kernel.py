@@ -761,7 +761,7 @@ def test_default_launches_fit_the_shared_memory_of_their_dtype(head_dim,
       flash_launch.choose_launch, head_dim=head_dim,
       value_dim=head_dim, q_len=4096, kv_len=4096, causal=causal, bias=False,
       mask=False, precision=None, interpret=False,
-      block_sizes=None, launch=None, float32_results=False)
+      block_sizes=None, launch=None, float32_results=False, groups=1)
   wide, narrow = choose(dtype=jnp.float32), choose(dtype=jnp.bfloat16)
   measured = flash_kernel.default_launch_config(head_dim, causal)
   for kernel in ("fwd", "dkv", "dq"):
@@ -792,7 +792,7 @@ def test_dense_tiles_count_in_the_shared_memory(head_dim, mask, bias_dtype):
         dtype=jnp.bfloat16, head_dim=head_dim, value_dim=head_dim,
         q_len=4096, kv_len=4096, causal=causal, bias=bias_dtype is not None,
         mask=mask, precision=None, interpret=False,
-        block_sizes=None, launch=None, float32_results=False,
+        block_sizes=None, launch=None, float32_results=False, groups=1,
         bias_dtype=bias_dtype)
     pair_bytes = (0 if bias_dtype is None else jnp.dtype(bias_dtype).itemsize
                   ) + int(mask)

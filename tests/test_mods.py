@@ -1070,7 +1070,7 @@ def test_policy_gives_per_program_mods_the_mosaic_forward(
         dtype=jnp.bfloat16, head_dim=64, value_dim=64, q_len=256,
         kv_len=kv_len, causal=False, bias=False, mask=False, precision=None,
         interpret=False, block_sizes=None, launch=None,
-        float32_results=False, mods=kernel_mods)
+        float32_results=False, mods=kernel_mods, groups=1)
     assert (launch.fwd_backend, launch.dkv_backend, launch.dq_backend) == (
         backends, backends, dq)
   reason = mosaic_mods.unsupported_reason(kernel_mods)

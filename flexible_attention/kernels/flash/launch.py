@@ -530,7 +530,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
                   block_sizes: BlockSizes | None,
                   launch: LaunchConfig | None,
                   float32_results: bool,
-                  mods=None, bias_dtype=None, groups: int = 1) -> LaunchConfig:
+                  groups: int, mods=None, bias_dtype=None) -> LaunchConfig:
   """The launches that serve a call: the user's `launch` (checked), or the
   defaults for the GPU with the user's tiles and, on Hopper, the Mosaic
   kernels wherever they serve the call; Triton tiles clipped to the call.
@@ -558,8 +558,9 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       memory fits (`mosaic_mod_rows.fused_mods_reason`).
     bias_dtype: the bias' dtype (default: `dtype`), whose tiles the Triton
       kernels stream beside the mask's (int8) ones (`fit_shared_memory`).
-    groups: G, query heads per KV head: the fused backward keeps the mods'
-      program values of a group's heads in shared memory.
+    groups: G, query heads per KV head (required: the fused backward keeps
+      the mods' program values of a group's heads in shared memory, so
+      whether they fit depends on it).
 
   Returns:
     The `LaunchConfig` the call runs with.

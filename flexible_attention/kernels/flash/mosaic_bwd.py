@@ -575,6 +575,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4
     free = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)
+
     def scoped(smem_refs, exchange_refs, own_refs, ready_refs, free_ref,
                mod_refs):
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
