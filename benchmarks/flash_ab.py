@@ -22,7 +22,8 @@ default launches of each version):
 2. the forward pass (`forward_pass`, with its `prepare`) and the backward
    (`backward_pass`: delta, dK/dV, dQ) of every version are timed
    round-robin (`timing.median_seconds_each`), so drifts of the device fall
-   on all alike.
+   on all alike; with `--cudnn` cuDNN's forward and forward+backward too
+   (checked first likewise), the baseline of the project's targets.
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ _BASELINES = flags.DEFINE_list(
     "kernels/flash package (each named after its parent folders).",
     required=True)
 _CELLS = flags.DEFINE_list("cells", ["128:full", "128:causal"],
-                           "Cells, `D:full` or `D:causal`.")
+                           "Cells, `D:full` or `D:causal`, optionally "
+                           "`:S` after (else --seq).")
 _SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Samples per timing.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+_CUDNN = flags.DEFINE_bool(
+    "cudnn", False, "Time cuDNN (`jax.nn.dot_product_attention`, checked "
+    "against the reference too) in the same round-robin: its forward and "
+    "its forward+backward (a vjp under one jit).")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "Run the kernels in Pallas' interpreter (a CPU smoke "
     "test of this script; the timings then mean nothing).")
@@ -93,8 +99,7 @@ def _passes(kernels, d: int, causal: bool):
   return forward, backward
 
 
-def _cell(d: int, causal: bool, versions) -> list[dict]:
-  s = _SEQ.value
+def _cell(d: int, causal: bool, s: int, versions) -> list[dict]:
   b, h = max(1, _TOKENS.value // s), 2048 // d
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, dout = (jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
@@ -118,6 +123,21 @@ def _cell(d: int, causal: bool, versions) -> list[dict]:
   ref_grads = ref_vjp(f32(dout))
 
   rows, calls = [], []
+  if _CUDNN.value:
+    attend = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=d**-0.5, is_causal=causal, implementation="cudnn")
+    forward = jax.jit(attend)
+    both = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))
+    out, grads = forward(q, k, v), both(q, k, v, dout)
+    error = max(compare.relative_error(x, want) for x, want in
+                zip((out, *grads), (ref_out, *ref_grads)))
+    row = dict(version="cudnn", D=d, causal=causal, S=s, B=b, H=h,
+               error=error, status="ok" if error <= TOL else
+               "differs from the reference: not timed")
+    rows.append(row)
+    if row["status"] == "ok":
+      calls += [(row, "forward_ms", forward, (q, k, v)),
+                (row, "fwd_bwd_ms", both, (q, k, v, dout))]
   for name, kernels in versions:
     forward, backward = _passes(kernels, d, causal)
     out, lse = forward(q, k, v)
@@ -137,6 +157,9 @@ def _cell(d: int, causal: bool, versions) -> list[dict]:
                                        repeats=_REPEATS.value)
   for (row, key, *_), t in zip(calls, seconds):
     row[key] = t * 1e3
+  for row in rows:
+    if "backward_ms" in row:
+      row["fwd_bwd_ms"] = row["forward_ms"] + row["backward_ms"]
   return rows
 
 
@@ -147,20 +170,23 @@ def main(argv):
   versions.append(("this tree", flash_kernel))
   rows = []
   for cell in _CELLS.value:
-    d, mask = cell.split(":")
-    rows += _cell(int(d), mask == "causal", versions)
+    d, mask, *seq = cell.split(":")
+    rows += _cell(int(d), mask == "causal", int(seq[0]) if seq else
+                  _SEQ.value, versions)
     if _OUT.value:
       with open(_OUT.value, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind,
                        jax=jax.__version__, rows=rows), f, indent=1)
   print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}")
-  print("| D | mask | version | error | forward ms | backward ms |")
-  print("|---|---|---|---|---|---|")
+  print("| D | S | mask | version | error | forward ms | backward ms | "
+        "fwd+bwd ms |")
+  print("|---|---|---|---|---|---|---|---|")
   fmt = lambda x: "-" if x is None else f"{x:.3f}"
   for r in rows:
-    print(f"| {r['D']} | {'causal' if r['causal'] else 'full'} | "
-          f"{r['version']} | {r['error']:.1e} | {fmt(r.get('forward_ms'))} | "
-          f"{fmt(r.get('backward_ms'))} |")
+    print(f"| {r['D']} | {r['S']} | {'causal' if r['causal'] else 'full'} "
+          f"| {r['version']} | {r['error']:.1e} | "
+          f"{fmt(r.get('forward_ms'))} | {fmt(r.get('backward_ms'))} | "
+          f"{fmt(r.get('fwd_bwd_ms'))} |")
 
 
 if __name__ == "__main__":

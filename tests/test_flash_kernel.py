@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import re
 import subprocess
@@ -360,6 +361,76 @@ def test_mosaic_kernels_match_reference_in_gpu_interpreter(name):
            jit=False, **shape)
 
 
+@pytest.mark.parametrize("batch,heads,tiles,causal,cores", [
+    (2, 3, 4, True, 5), (1, 1, 1, True, 132), (3, 2, 5, True, 4),
+    (2, 2, 8, False, 3), (1, 4, 7, True, 3), (4, 16, 4, True, 132),
+    (1, 1, 3, False, None)])
+def test_work_order_runs_each_item_once_and_balances_causal_calls(
+    batch, heads, tiles, causal, cores):
+  """`mosaic_common.WorkOrder`: the programs run every (query tile, batch
+  row, head) once, head by head, and under a causal mask (a tile's work
+  grows with its index) no program has more than one heaviest pair of
+  tiles over the lightest program's work."""
+  order = mosaic_common.WorkOrder(batch, heads, tiles, causal, cores)
+  assert order.programs == min(order.chunks, cores or order.chunks)
+  seen, work = [], []
+  for p in range(order.programs):
+    count = int(order.count(jnp.int32(p)))
+    assert count >= 1
+    items = [tuple(map(int, order.item(jnp.int32(p), jnp.int32(n))))
+             for n in range(count)]
+    seen += items
+    work.append(sum(tile + 1 for tile, _, _ in items))
+  assert sorted(seen) == sorted(itertools.product(
+      range(tiles), range(batch), range(heads)))
+  if causal:
+    assert max(work) - min(work) <= 2 * tiles, work
+  # The programs running at once (each one's first chunk) share few heads.
+  first = {(b, h) for p in range(order.programs)
+           for _, b, h in [map(int, order.item(jnp.int32(p), jnp.int32(0)))]}
+  assert len(first) <= -(-order.programs * order.per_chunk // tiles) + 1
+
+
+# Cases of several items a program (3 multiprocessors): empty query tiles,
+# grouped heads with segments, the dropout hash (bounds rows with the
+# seed), a batch row without keys. On the GPU also D = 256 (one buffer of
+# query rows; no Mosaic dQ there, so not in the interpreter) and MQA.
+PERSISTENT_CASES = ("causal_empty_rows", "segments", "dropout_gqa",
+                    "kv_lengths_with_zero")
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("name", PERSISTENT_CASES)
+def test_persistent_forward_loops_over_work_items_in_gpu_interpreter(
+    name, monkeypatch):
+  """The persistent Mosaic forward with 3 programs (`gpu.core_count`), so
+  each runs several query tiles, some without a key tile: its key-tile
+  stream, prefetched bounds and double-buffered query rows carry across
+  them (out and the grads of q, k, v against the reference; the backward is
+  the Mosaic one)."""
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
+  call, shape = _hopper_case(name)
+  launch = _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False),
+                   dq=True)
+  with gpu_interpret.mosaic_on_cpu():
+    _check(f"interpreted persistent {name}", call, launch=launch,
+           interpret=False, jit=False, **shape)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", PERSISTENT_CASES + ("head_dim_256",
+                                                    "mqa_softcap"))
+def test_hopper_persistent_forward_loops_over_work_items(name, monkeypatch):
+  """The same compiled on the GPU, with 3 programs instead of one per
+  multiprocessor."""
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
+  call, shape = _hopper_case(name)
+  launch = _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False))
+  _check(f"hopper persistent {name}", call, launch=launch, interpret=False,
+         **shape)
+
+
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
 @pytest.mark.parametrize("name", ["causal_fewer_queries", "dropout_d64_window"])
@@ -454,7 +525,8 @@ def test_hopper_fused_backward_keeps_each_rows_precision():
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 def test_hopper_fused_backward_does_not_spill():
   """ptxas keeps the fused dK/dV kernel in registers at Dp = 64 and 128,
-  with float32 and fixed-point dQ (`tests/spill_gpu_check.py`, in a process of its own: Mosaic GPU reads
+  with float32 and fixed-point dQ, and the persistent forward at 64, 128
+  and 256 (`tests/spill_gpu_check.py`, in a process of its own: Mosaic GPU reads
   `MOSAIC_GPU_DUMP_PTXAS` when it starts). At Dp = 128 it spilled 428
   bytes a thread, the K and V tiles' `wgmma` descriptors kept across the
   loop, until the kernel tied them to each step (`mosaic_common.
@@ -467,17 +539,24 @@ def test_hopper_fused_backward_does_not_spill():
       capture_output=True, text=True, timeout=600, check=False)
   report = done.stdout + done.stderr
   assert done.returncode == 0, report[-4000:]
-  # Per compile of the kernel (D = 64, 128; float32 in any order, int32
-  # fixed point), its properties: "Function
-  # properties for <kernel>", then "<n> bytes stack frame, <n> bytes spill
-  # stores, <n> bytes spill loads".
+  # Per compile of a kernel, its properties: "Function properties for
+  # <kernel>", then "<n> bytes stack frame, <n> bytes spill stores, <n>
+  # bytes spill loads". The fused backward's: D = 64, 128; float32 in any
+  # order, int32 fixed point. The forward's: D = 64, 128, 256.
   lines = report.splitlines()
-  header = "Function properties for flash_dkdv_dq_mosaic_gpu_kernel"
-  properties = [lines[n + 1] for n, line in enumerate(lines[:-1])
-                if line.endswith(header)]
-  assert len(properties) == 4, report[-4000:]
-  for line in properties:
-    assert ", 0 bytes spill stores, 0 bytes spill loads" in line, line
+  properties = {}
+  for n, line in enumerate(lines[:-1]):
+    if "Function properties for " in line:
+      name = line.split("Function properties for ")[-1]
+      properties.setdefault(name, []).append(lines[n + 1])
+  assert len(properties.get("flash_dkdv_dq_mosaic_gpu_kernel", [])) == 4, (
+      report[-4000:])
+  assert len(properties.get("flash_forward_mosaic_gpu_kernel", [])) == 3, (
+      sorted(properties))
+  for name, found in properties.items():
+    for line in found:
+      assert ", 0 bytes spill stores, 0 bytes spill loads" in line, (name,
+                                                                    line)
 
 
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "transposed"])

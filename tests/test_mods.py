@@ -265,7 +265,9 @@ def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, sinks, fused,
   `affine` take the kernels' split (`mosaic_mod_split.split_slot`), in the
   forward only without sinks."""
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
-  monkeypatch.setattr(gpu, "core_count", lambda: 132)
+  # Three multiprocessors: the persistent forward's programs run several
+  # query tiles each.
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
   monkeypatch.setattr(flash_launch, "MOSAIC_DQ_MIN_KV_LEN", 0)
   with gpu_interpret.mosaic_on_cpu():
     _check_mosaic_forward_mods(name, "fused" if fused else "mosaic",

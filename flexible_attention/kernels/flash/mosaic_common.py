@@ -27,6 +27,7 @@ Glossary of shapes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -450,20 +451,36 @@ def meet(sched):
   plgpu.barrier_wait(sched)
 
 
+def fetch_query_vectors(st, qvec_ref, qvec_row, ready, batch, rows):
+  """Starts the copy of a consumer's query structure vectors
+  (`st.vectors()[0]`) of batch row `batch`, its `ROWS` rows from `rows` on,
+  into its shared-memory rows `qvec_row` (`[Nq, ROWS]`), completing
+  `ready` (nothing without vectors)."""
+  if st.vectors()[0]:
+    plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
+                            qvec_row, ready)
+
+
+def loaded_query_vectors(st, qvec_row, ready, shape):
+  """The vectors `fetch_query_vectors` copied into `qvec_row`, once `ready`
+  completes, each broadcast to a `shape` tile: `{name: tile}`."""
+  q_names = st.vectors()[0]
+  if not q_names:
+    return {}
+  plgpu.barrier_wait(ready)
+  return {name: lax.broadcast_in_dim(
+      load_vector(qvec_row.at[n], plgpu.Layout.WGMMA.reduce(1)), shape,
+      [0]) for n, name in enumerate(q_names)}
+
+
 def query_vectors(st, qvec_ref, qvec_smem, ready, batch, wg, rows, shape):
   """Consumer `wg`'s query structure vectors (`st.vectors()[0]`) of batch
   row `batch`, its `ROWS` rows from `rows` on, each broadcast to a `shape`
   tile; read through its shared-memory rows `qvec_smem.at[wg]` (`[Nq,
   ROWS]`) and barrier `ready.at[wg]`."""
-  q_names = st.vectors()[0]
-  if not q_names:
-    return {}
-  plgpu.copy_gmem_to_smem(qvec_ref.at[batch, :, pl.ds(rows, ROWS)],
-                          qvec_smem.at[wg], ready.at[wg])
-  plgpu.barrier_wait(ready.at[wg])
-  return {name: lax.broadcast_in_dim(
-      load_vector(qvec_smem.at[wg, n], plgpu.Layout.WGMMA.reduce(1)), shape,
-      [0]) for n, name in enumerate(q_names)}
+  fetch_query_vectors(st, qvec_ref, qvec_smem.at[wg], ready.at[wg], batch,
+                      rows)
+  return loaded_query_vectors(st, qvec_smem.at[wg], ready.at[wg], shape)
 
 
 def key_vectors(st, kvvec_smem, slot, names, shape):
@@ -484,7 +501,7 @@ def key_vector(st, kvvec_smem, slot, name, dim: int = 0):
 
 def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int,
                        count: int = 4):
-  """Where a program over one query tile (the forward, dQ) is: `(tile,
+  """Where a program over one query tile (dQ) is: `(tile,
   batch, head, wg, (lo, flo, fhi, hi, ...))`, its query tile (the last
   first: heavy causal rows first), batch row, head, this warpgroup and the
   first `count` scalars of the tile's bounds row (`bounds_count`), which
@@ -499,7 +516,7 @@ def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int,
 
 
 def query_tile_loop(step, carry, bounds, sched, wg):
-  """Consumer `wg`'s loop over its program's key tiles (the forward, dQ):
+  """Consumer `wg`'s loop over a query tile's key tiles (the forward, dQ):
   `step(t, carry, masked)` over tiles `[lo, hi)` of `bounds = (lo, flo,
   fhi, hi)`, unmasked in `[flo, fhi)`. Consumer 1 starts one phase behind
   at `sched` and consumer 0 meets it once more at the end, so both meet
@@ -526,13 +543,79 @@ def query_tile_kernel(body, out_type, *, nq: int, batch: int, heads: int):
       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
-                lo, hi):
-  """The producer warpgroup of a program over one query tile (the forward,
-  dQ): streams key tiles `[lo, hi)` of K, V and the keys' structure vectors
-  of the program's batch row and KV head (query head // G) into `STAGES`
-  slots, `t`'s into slot `(t - lo) % STAGES`, refilling a slot once both
-  consumers freed its K and its V.
+@dataclasses.dataclass(frozen=True)
+class WorkOrder:
+  """Which query tiles the programs of the persistent forward run, in order.
+
+  The work items are the `(query tile, batch row, head)` triples, numbered
+  head by head (batch row by batch row) and, within a head, in zigzag
+  (last tile, first, second last, second, ...). Consecutive items make a
+  chunk: two under a causal mask (a heavy tile and its light mirror, about
+  as heavy together as any other pair), else one. Program p runs chunks p,
+  p + P, p + 2 P, ... of the P programs: one per multiprocessor (`cores`;
+  every chunk its own program where it is None), so the programs running
+  at once work on a few heads' K and V (which stay in L2), and a causal
+  call is balanced statically, where the block scheduler balanced one
+  program per tile. Items of `[0, count(p))` of a program are numbered n.
+  """
+  batch: int
+  heads: int
+  tiles: int  # nq, the query tiles of a (batch row, head).
+  causal: bool
+  cores: int | None = None
+
+  @property
+  def per_chunk(self) -> int:
+    return 2 if self.causal else 1
+
+  @property
+  def items(self) -> int:
+    return self.batch * self.heads * self.tiles
+
+  @property
+  def chunks(self) -> int:
+    return -(-self.items // self.per_chunk)
+
+  @property
+  def programs(self) -> int:
+    return min(self.chunks, self.cores or self.chunks)
+
+  def count(self, p):
+    """The items of program `p` (int32 scalar, < `programs`): at least 1."""
+    per, chunks, programs = self.per_chunk, self.chunks, self.programs
+    n = (chunks - p + programs - 1) // programs * per
+    if self.items % per:  # The last chunk is one item short.
+      n = n - ((chunks - 1) % programs == p).astype(n.dtype)
+    return n
+
+  def item(self, p, n):
+    """`(tile, batch, head)` of program `p`'s `n`-th item (int32 scalars)."""
+    per = self.per_chunk
+    j = (p + n // per * self.programs) * per + n % per
+    bh, r = j // self.tiles, j % self.tiles
+    tile = jnp.where(r % 2 == 0, self.tiles - 1 - r // 2, r // 2)
+    return tile, bh // self.heads, bh % self.heads
+
+
+def persistent_kernel(body, out_type, order: WorkOrder):
+  """`body` as a Mosaic GPU kernel of `order.programs` programs (grid name
+  "p") of `CONSUMERS + 1` warpgroups ("wg"), the last the producer."""
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(order.programs,), grid_names=("p",),
+      num_threads=CONSUMERS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def stream_tiles(k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
+                 batch, kv_head, lo, hi, base):
+  """Streams key tiles `[lo, hi)` of K, V and the keys' structure vectors
+  of batch row `batch` and KV head `kv_head` into `STAGES` shared-memory
+  slots, as the `base`-th and later tiles of a producer's stream: tile `t`
+  goes into slot `(base + t - lo) % STAGES`, once both consumers freed the
+  slot's K and V (from the stream's `STAGES`-th tile on). A program that
+  runs several query tiles (the persistent forward) streams them one after
+  another, so a tile's first key tiles load under the last steps of the
+  one before. Returns the stream's count after these tiles.
 
   Args:
     smem: `(k [STAGES, bk, Dp], v [STAGES, bk, Dp], kv vectors [STAGES, Nk,
@@ -543,11 +626,16 @@ def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
   k_smem, v_smem, kvvec_smem = smem
   k_ready, v_ready, kvvec_ready = ready
   k_free, v_free = free
-  plgpu.set_max_registers(40, action="decrease")
-  batch, head = lax.axis_index("b"), lax.axis_index("h")
-  kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
 
-  def load(t, slot):
+  def load(t, _):
+    n = base + t - lo
+    slot = lax.rem(n, STAGES)
+
+    @pl.when(n >= STAGES)
+    def _():
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+
     keys = pl.ds(t * bk, bk)
     plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
                             k_ready.at[slot])
@@ -556,16 +644,20 @@ def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
     plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot],
                             v_ready.at[slot])
 
-  for slot in range(STAGES):
-    pl.when(lo + slot < hi)(functools.partial(load, lo + slot, slot))
+  lax.fori_loop(lo, hi, load, None)
+  return base + (hi - lo)  # lo <= hi (`structure.bounds_table`).
 
-  def refill(t, _):
-    slot = lax.rem(t - lo, STAGES)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
-    load(t, slot)
 
-  lax.fori_loop(lo + STAGES, hi, refill, None)
+def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
+                lo, hi):
+  """The producer warpgroup of a program over one query tile (dQ): streams
+  key tiles `[lo, hi)` of the program's batch row and KV head (query head
+  // G) as `stream_tiles` does, tile `t` into slot `(t - lo) % STAGES`."""
+  plgpu.set_max_registers(40, action="decrease")
+  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
+  stream_tiles(k_ref, v_ref, kvvec_ref, smem, ready, free, bk=bk,
+               batch=batch, kv_head=kv_head, lo=lo, hi=hi, base=0)
 
 
 def stacked_vectors(st, aux, batch: int, q_len: int):

@@ -5,9 +5,16 @@ padded operands, structure vectors and skipping bounds, with the same `out`
 and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
 (Shah et al., 2024, https://arxiv.org/abs/2407.08608):
 
+- a persistent kernel: one program per multiprocessor, each running query
+  tiles of `BLOCK_Q` rows one after another in the order
+  `mosaic_common.WorkOrder` gives (head by head; a heavy causal tile beside
+  its light mirror), the next tile's bounds, query rows and values fetched
+  during this one, so that a short call does not pay each tile's start,
+  loads and store in sequence;
 - three warpgroups per program: a producer that streams K, V (and the keys'
-  structure vectors) into a ring of shared-memory slots with TMA, and two
-  consumers of 64 query rows each (one `wgmma` M tile);
+  structure vectors) of every tile the program runs into a ring of
+  shared-memory slots with TMA, and two consumers of 64 query rows each
+  (one `wgmma` M tile);
 - the consumers run `q k^T` and `p v` as asynchronous `wgmma`s on operands
   in shared memory and ping-pong through a named barrier, so one
   warpgroup's softmax overlaps the other's matmuls;
@@ -48,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
@@ -55,23 +63,24 @@ from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SINK_ROW
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
+from flexible_attention.kernels.flash.mosaic_common import WorkOrder
 from flexible_attention.kernels.flash.mosaic_common import block_k
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
+from flexible_attention.kernels.flash.mosaic_common import fetch_query_vectors
 from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
 from flexible_attention.kernels.flash.mosaic_common import load_vector
+from flexible_attention.kernels.flash.mosaic_common import loaded_query_vectors
 from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
-from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
+from flexible_attention.kernels.flash.mosaic_common import persistent_kernel
 from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
-from flexible_attention.kernels.flash.mosaic_common import query_tile_program
-from flexible_attention.kernels.flash.mosaic_common import query_vectors
-from flexible_attention.kernels.flash.mosaic_common import read_row
-from flexible_attention.kernels.flash.mosaic_common import stream_keys
+from flexible_attention.kernels.flash.mosaic_common import stream_tiles
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
-from flexible_attention.kernels.flash.mosaic_mod_rows import consumer_mods
+from flexible_attention.kernels.flash.mosaic_mod_rows import fetch_rows
+from flexible_attention.kernels.flash.mosaic_mod_rows import fetched_mods
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
@@ -87,8 +96,19 @@ from flexible_attention.kernels.flash.structure import Static
 
 def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
             sink_ref, out_ref, lse_ref, scratch, mod_scratch, sink_scratch, *,
-            st: Static, bk: int, nq: int, split: bool):
-  """One program: `BLOCK_Q` query rows of one (batch, head) pair.
+            st: Static, bk: int, order: WorkOrder, buffers: int, split: bool):
+  """One program: the query tiles `order` gives it, one after another, each
+  `BLOCK_Q` query rows of one (batch, head) pair (an item).
+
+  Each warpgroup reads an item's bounds row through its own two
+  shared-memory rows, the next item's arriving during this one. The
+  consumers' query rows, query vectors, mods' values and sink live in
+  `buffers` copies: with two, the next item's are fetched once this item's
+  first scores are issued (by then the stores of the item before, from the
+  buffer they reuse, have left shared memory); with one (Dp = 256, where a
+  second does not fit), when the item starts. The producer streams every
+  item's key tiles as one stream (`stream_tiles`), so an item's first tiles
+  load under the last steps of the one before.
 
   With `split` the score_mod is `score + a q_pos + b kv_pos + c`
   (`mosaic_mods.split_slot`): each logit gains its key term `b (kv_pos -
@@ -97,138 +117,195 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
   `mod_refs`: the rows of the mods' program values (`mosaic_mods`),
   `(floats, ints)`, None where the mods read none; `mod_scratch`: their
-  shared-memory rows and barriers. `sink_ref`: with sinks the heads'
-  base-2 sink logits as `[H, SINK_ROW]` rows (the first value), read
-  through `sink_scratch` (a shared-memory row and a barrier per consumer);
+  shared-memory rows and barriers, `buffers` per consumer. `sink_ref`: with
+  sinks the heads' base-2 sink logits as `[H, SINK_ROW]` rows (the first
+  value), read through `sink_scratch` (rows and barriers as the mods');
   else None."""
   (q_smem, k_smem, v_smem, qvec_smem, kvvec_smem, bounds_smem, lse_smem,
    ready, free, sched) = scratch
   (q_ready, qvec_ready, k_ready, v_ready, kvvec_ready, bounds_ready) = ready
-  k_free, v_free = free
   dtype = q_ref.dtype
-  kv_names = st.vectors()[1]
-  tile, batch, head, wg, (lo, flo, fhi, hi, *seed) = query_tile_program(
-      bounds_ref, bounds_smem, bounds_ready, nq, bounds_count(st))
-  drop = TileDropout(st, seed, batch) if seed else None
-
+  q_names, kv_names = st.vectors()
+  program, wg = lax.axis_index("p"), lax.axis_index("wg")
+  count = order.count(program)
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
+
+  def fetch_bounds(n):  # Item n's bounds row, into row n % 2 of this wg's.
+    tile, batch, _ = order.item(program, n)
+    row = wg * 2 + lax.rem(n, 2)
+    plgpu.copy_gmem_to_smem(bounds_ref.at[batch, tile], bounds_smem.at[row],
+                            bounds_ready.at[row])
+
+  def read_bounds(n):  # `(lo, flo, fhi, hi, *seed)`; fetches item n + 1's.
+    row = wg * 2 + lax.rem(n, 2)
+    plgpu.barrier_wait(bounds_ready.at[row])
+    values = tuple(bounds_smem[row, i] for i in range(bounds_count(st)))
+    pl.when(n + 1 < count)(functools.partial(fetch_bounds, n + 1))
+    return values
+
+  fetch_bounds(0)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    rows = tile * BLOCK_Q + wg * ROWS
-    q_tile = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head], q_tile,
-                            q_ready.at[wg])
-    mods = consumer_mods(st, mod_refs, mod_scratch, batch, head, wg,
-                         (ROWS, bk))
-    q_vec = query_vectors(st, qvec_ref, qvec_smem, qvec_ready, batch, wg,
-                          rows, (ROWS, bk))
-    if split:  # The key terms' reference: this consumer's first position.
-      ref = qvec_smem[wg, st.vectors()[0].index("q_pos"), 0]
-    # The softmax starts from the sink when there is one: a key of logit
-    # `sink` and a zero value (m = sink, l = 1, acc = 0).
-    m0, l0 = -jnp.inf, 0.0
-    if sink_ref is not None:
-      sink_smem, sink_ready = sink_scratch
-      m0, l0 = read_row(sink_ref.at[head], sink_smem.at[wg],
-                        sink_ready.at[wg], 1)[0], 1.0
-    plgpu.barrier_wait(q_ready.at[wg])
-    if drop is not None:  # The rows' hash, once.
-      drop_rows = drop.rows(head, load_vector(
-          qvec_smem.at[wg, st.vectors()[0].index("q_pos")],
-          plgpu.Layout.WGMMA.reduce(1)), (ROWS, bk), 0)
 
-    # `s * scale` are the logits in base 2: the raw `q k^T` with the softmax
-    # scale folded in; base-2 soft-capped logits; or the score_mod's
-    # natural-unit logits (a split score_mod's key terms join the first
-    # two in their units).
-    scale = LOG2E if st.score_mod and not split else logit_scale(st)
-    # The key vectors an unmasked tile reads: the score_mod's or the
-    # dropout hash's positions.
-    unmasked_kv = unmasked_reads(None if split else st.mods, "kv_pos",
-                                 drop is not None)
+    def fetch(n, buf):  # Item n's query rows and values into buffer `buf`.
+      tile, batch, head = order.item(program, n)
+      rows = tile * BLOCK_Q + wg * ROWS
+      i = buf * CONSUMERS + wg
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head],
+                              q_smem.at[i], q_ready.at[i])
+      fetch_query_vectors(st, qvec_ref, qvec_smem.at[i], qvec_ready.at[i],
+                          batch, rows)
+      fetch_rows(mod_refs, mod_scratch, batch, head, i)
+      if sink_ref is not None:
+        sink_smem, sink_ready = sink_scratch
+        plgpu.copy_gmem_to_smem(sink_ref.at[head], sink_smem.at[i],
+                                sink_ready.at[i])
 
-    def step(t, carry, masked: bool):
-      acc, m, l = carry
-      slot = lax.rem(t - lo, STAGES)
-      plgpu.barrier_wait(k_ready.at[slot])
+    def prefetch(n):  # At item n's first scores (two buffers).
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2)))
 
-      def scores(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
-        sync()  # The other consumer's matmuls go next.
-        return acc_ref[...]
+    if buffers == 2:
+      fetch(0, 0)
 
-      s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
-      plgpu.barrier_wait(kvvec_ready.at[slot])
-      kv = key_vectors(st, kvvec_smem, slot,
-                       kv_names if masked else unmasked_kv, (ROWS, bk))
-      vis = visible(st, q_vec, kv) if masked else None
-      plgpu.barrier_arrive(k_free.at[slot])
-      if st.score_mod and not split:  # The semantics' logits, after scale
-        s = s * st.sm_scale  # and soft cap.
-        if st.softcap is not None:
-          s = st.softcap * jnp.tanh(s * (1.0 / st.softcap))
-        s = mods.score(s, q_vec.get("q_pos"), kv.get("kv_pos"))
-      elif st.softcap is not None:
-        s = s * st.sm_scale
-        s = (st.softcap * LOG2E) * jnp.tanh(s * (1.0 / st.softcap))
-      if split:  # One add per element: the key terms, from a vector, in
-        # the units of `s` (its base-2 logits are `s * scale`).
-        s = s + lax.broadcast_in_dim(key_terms(mods, key_vector(
-            st, kvvec_smem, slot, "kv_pos"), ref, scale / LOG2E), s.shape,
-                                     [1])
-      if masked:
-        if st.mask_mod:
-          vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
-        s = jnp.where(vis, s, -jnp.inf)
-      # Row maxima in base 2; `masked` rows of a tile may all be -inf.
-      m_new = jnp.maximum(m, s.max(axis=1) * scale)
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha = jnp.exp2(m - m_safe)
-      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-      l = l * alpha + p.sum(axis=1)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      if drop is not None:  # Its 1 / (1 - rate) scales the output at the end.
-        p = jnp.where(drop.keep(drop_rows, kv["kv_pos"]), p, 0.0)
-      p = p.astype(dtype)
-      plgpu.barrier_arrive(sched)  # Softmax done.
-      plgpu.barrier_wait(v_ready.at[slot])
-      plgpu.barrier_wait(sched)  # The tensor cores are ours again.
+    def item(n, base):
+      tile, batch, head = order.item(program, n)
+      lo, flo, fhi, hi, *seed = read_bounds(n)
+      drop = TileDropout(st, seed, batch) if seed else None
+      if buffers == 1:  # The last item's output has left the buffer.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        fetch(n, 0)
+      i = (lax.rem(n, 2) if buffers == 2 else 0) * CONSUMERS + wg
+      release = functools.partial(prefetch, n) if buffers == 2 else None
+      q_tile = q_smem.at[i]
+      mods = fetched_mods(st, mod_scratch, i, (ROWS, bk))
+      q_vec = loaded_query_vectors(st, qvec_smem.at[i], qvec_ready.at[i],
+                                   (ROWS, bk))
+      if split:  # The key terms' reference: this consumer's first position.
+        ref = qvec_smem[i, q_names.index("q_pos"), 0]
+      # The softmax starts from the sink when there is one: a key of logit
+      # `sink` and a zero value (m = sink, l = 1, acc = 0).
+      m0, l0 = -jnp.inf, 0.0
+      if sink_ref is not None:
+        sink_smem, sink_ready = sink_scratch
+        plgpu.barrier_wait(sink_ready.at[i])
+        m0, l0 = sink_smem[i, 0], 1.0
+      plgpu.barrier_wait(q_ready.at[i])
+      if drop is not None:  # The rows' hash, once.
+        drop_rows = drop.rows(head, load_vector(
+            qvec_smem.at[i, q_names.index("q_pos")],
+            plgpu.Layout.WGMMA.reduce(1)), (ROWS, bk), 0)
 
-      def values(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+      # `s * scale` are the logits in base 2: the raw `q k^T` with the
+      # softmax scale folded in; base-2 soft-capped logits; or the
+      # score_mod's natural-unit logits (a split score_mod's key terms join
+      # the first two in their units).
+      scale = LOG2E if st.score_mod and not split else logit_scale(st)
+      # The key vectors an unmasked tile reads: the score_mod's or the
+      # dropout hash's positions.
+      unmasked_kv = unmasked_reads(None if split else st.mods, "kv_pos",
+                                   drop is not None)
 
-      acc = pl.run_state(values)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l
+      def step(t, carry, masked: bool):
+        acc, m, l = carry
+        slot = lax.rem(base + t - lo, STAGES)
+        plgpu.barrier_wait(k_ready.at[slot])
 
-    reduced = plgpu.Layout.WGMMA.reduce(1)
-    carry = (plgpu.layout_cast(jnp.zeros((ROWS, v_ref.shape[-1]), jnp.float32),
-                               plgpu.Layout.WGMMA),
-             plgpu.layout_cast(jnp.full((ROWS,), m0, jnp.float32), reduced),
-             plgpu.layout_cast(jnp.full((ROWS,), l0, jnp.float32), reduced))
-    acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched,
-                              wg)
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+          if release is not None:
+            pl.when(t == lo)(release)
+          sync()  # The other consumer's matmuls go next.
+          return acc_ref[...]
 
-    nonempty = l > 0.0
-    inv_l = (1.0 if drop is None else drop.scale) / jnp.where(nonempty, l,
-                                                               1.0)
-    acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-    q_tile[...] = acc.astype(dtype)  # The query tile is spent: reuse it.
-    lse_smem.at[wg][...] = jnp.where(
-        nonempty, m * LN2 + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, pl.ds(rows, ROWS), head])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg],
-                            lse_ref.at[batch, head, pl.ds(rows, ROWS)])
+        s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
+        plgpu.barrier_wait(kvvec_ready.at[slot])
+        kv = key_vectors(st, kvvec_smem, slot,
+                         kv_names if masked else unmasked_kv, (ROWS, bk))
+        vis = visible(st, q_vec, kv) if masked else None
+        plgpu.barrier_arrive(free[0].at[slot])
+        if st.score_mod and not split:  # The semantics' logits, after scale
+          s = s * st.sm_scale  # and soft cap.
+          if st.softcap is not None:
+            s = st.softcap * jnp.tanh(s * (1.0 / st.softcap))
+          s = mods.score(s, q_vec.get("q_pos"), kv.get("kv_pos"))
+        elif st.softcap is not None:
+          s = s * st.sm_scale
+          s = (st.softcap * LOG2E) * jnp.tanh(s * (1.0 / st.softcap))
+        if split:  # One add per element: the key terms, from a vector, in
+          # the units of `s` (its base-2 logits are `s * scale`).
+          s = s + lax.broadcast_in_dim(key_terms(mods, key_vector(
+              st, kvvec_smem, slot, "kv_pos"), ref, scale / LOG2E), s.shape,
+                                       [1])
+        if masked:
+          if st.mask_mod:
+            vis = vis & mods.visible(q_vec.get("q_pos"), kv.get("kv_pos"))
+          s = jnp.where(vis, s, -jnp.inf)
+        # Row maxima in base 2; `masked` rows of a tile may all be -inf.
+        m_new = jnp.maximum(m, s.max(axis=1) * scale)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if drop is not None:  # Its 1 / (1 - rate) scales the output at the
+          p = jnp.where(drop.keep(drop_rows, kv["kv_pos"]), p, 0.0)  # end.
+        p = p.astype(dtype)
+        plgpu.barrier_arrive(sched)  # Softmax done.
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(sched)  # The tensor cores are ours again.
+
+        def values(acc_ref):
+          plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+        acc = pl.run_state(values)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(free[1].at[slot])
+        return acc, m_new, l
+
+      reduced = plgpu.Layout.WGMMA.reduce(1)
+      carry = (
+          plgpu.layout_cast(jnp.zeros((ROWS, v_ref.shape[-1]), jnp.float32),
+                            plgpu.Layout.WGMMA),
+          plgpu.layout_cast(jnp.full((ROWS,), m0, jnp.float32), reduced),
+          plgpu.layout_cast(jnp.full((ROWS,), l0, jnp.float32), reduced))
+      acc, m, l = query_tile_loop(step, carry, (lo, flo, fhi, hi), sched, wg)
+      if release is not None:  # An item without key tiles fetches here.
+        pl.when(lo == hi)(release)
+
+      nonempty = l > 0.0
+      inv_l = (1.0 if drop is None else drop.scale) / jnp.where(nonempty, l,
+                                                                 1.0)
+      acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+      q_tile[...] = acc.astype(dtype)  # The query rows are spent: reuse.
+      lse_smem.at[wg][...] = jnp.where(
+          nonempty, m * LN2 + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+      plgpu.commit_smem()
+      rows = tile * BLOCK_Q + wg * ROWS
+      plgpu.copy_smem_to_gmem(q_tile,
+                              out_ref.at[batch, pl.ds(rows, ROWS), head])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                              lse_ref.at[batch, head, pl.ds(rows, ROWS)])
+      return base + (hi - lo)
+
+    lax.fori_loop(0, count, item, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == CONSUMERS)
   def _producer():
-    stream_keys(st, k_ref, v_ref, kvvec_ref, (k_smem, v_smem, kvvec_smem),
-                (k_ready, v_ready, kvvec_ready), (k_free, v_free), bk=bk,
-                lo=lo, hi=hi)
+    plgpu.set_max_registers(40, action="decrease")
+
+    def item(n, base):
+      _, batch, head = order.item(program, n)
+      lo, _, _, hi, *_ = read_bounds(n)
+      return stream_tiles(
+          k_ref, v_ref, kvvec_ref, (k_smem, v_smem, kvvec_smem),
+          (k_ready, v_ready, kvvec_ready), free, bk=bk, batch=batch,
+          kv_head=lax.div(head, jnp.array(st.groups, head.dtype)), lo=lo,
+          hi=hi, base=base)
+
+    lax.fori_loop(0, count, item, jnp.int32(0))
 
 
 def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
@@ -276,32 +353,38 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
   sink_rows = None if sinks is None else jnp.pad(
       (sinks.astype(jnp.float32) * LOG2E)[:, None], ((0, 0), (0, SINK_ROW - 1)))
 
-  def body(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, *refs):
+  order = WorkOrder(batch, heads, nq, st.causal, gpu.core_count())
+  buffers = 2 if d <= 128 else 1  # Two don't fit at Dp = 256.
+  rows_of = lambda n: buffers * n  # A buffer's rows and barriers, per wg.
+
+  def flash_forward(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref,
+                    *refs):  # The kernel's name in profiles, ptxas' report.
     refs = list(refs)
     mod_refs = split_row_refs(mod_rows, refs)
     sink_ref = None if sinks is None else refs.pop(0)
     out_ref, lse_ref = refs
     smem = (
-        plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=swizzled),
+        plgpu.SMEM((rows_of(CONSUMERS), ROWS, d), q.dtype,
+                   transforms=swizzled),
         plgpu.SMEM((STAGES, bk, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((STAGES, bk, d), v.dtype, transforms=swizzled),
-        plgpu.SMEM((CONSUMERS, nqv, ROWS), jnp.int32),
+        plgpu.SMEM((rows_of(CONSUMERS), nqv, ROWS), jnp.int32),
         plgpu.SMEM((STAGES, nkv, bk), jnp.int32),
-        plgpu.SMEM((CONSUMERS + 1, BOUNDS_ROW), jnp.int32),
+        plgpu.SMEM((2 * (CONSUMERS + 1), BOUNDS_ROW), jnp.int32),
         plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
     )
-    ready = (plgpu.Barrier(num_barriers=CONSUMERS),
-             plgpu.Barrier(num_barriers=CONSUMERS),
+    ready = (plgpu.Barrier(num_barriers=rows_of(CONSUMERS)),
+             plgpu.Barrier(num_barriers=rows_of(CONSUMERS)),
              plgpu.Barrier(num_barriers=STAGES),
              plgpu.Barrier(num_barriers=STAGES),
              plgpu.Barrier(num_barriers=STAGES),
-             plgpu.Barrier(num_barriers=CONSUMERS + 1))
+             plgpu.Barrier(num_barriers=2 * (CONSUMERS + 1)))
     free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
 
     sink_scratch = None if sinks is None else (
-        plgpu.SMEM((CONSUMERS, SINK_ROW), jnp.float32),
-        plgpu.Barrier(num_barriers=CONSUMERS))
+        plgpu.SMEM((rows_of(CONSUMERS), SINK_ROW), jnp.float32),
+        plgpu.Barrier(num_barriers=rows_of(CONSUMERS)))
 
     def scoped(*scratch):
       (smem_refs, ready_refs, free_refs, sched_ref, row_refs,
@@ -310,18 +393,18 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
       _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
               sink_ref, out_ref, lse_ref,
               (*smem_refs, ready_refs, free_refs, sched_ref), row_refs,
-              sink_refs, st=st, bk=bk, nq=nq, split=split)
+              sink_refs, st=st, bk=bk, order=order, buffers=buffers,
+              split=split)
 
-    pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
-                  sink_scratch, collective_axes="wg")
+    pl.run_scoped(scoped, smem, ready, free, sched,
+                  row_scratch(mod_rows, copies=buffers), sink_scratch,
+                  collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
-  out, lse = query_tile_kernel(body, out_type, nq=nq, batch=batch,
-                              heads=heads)(
-                                  q, k, v, bounds, q_vectors, kv_vectors,
-                                  *row_operands(mod_rows),
-                                  *(() if sinks is None else (sink_rows,)))
+  out, lse = persistent_kernel(flash_forward, out_type, order)(
+      q, k, v, bounds, q_vectors, kv_vectors, *row_operands(mod_rows),
+      *(() if sinks is None else (sink_rows,)))
   if split:  # The rows' constant terms, left out of the kernel's logits.
     lse = lse + row_terms(st.mods, st.causal, mod_rows[0], q_vectors[
         :, st.vectors()[0].index("q_pos")])

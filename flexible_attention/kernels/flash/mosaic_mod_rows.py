@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import FUSED_MODS_SMEM
 from flexible_attention.kernels.flash.mosaic_common import ROWS
-from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import smem_bytes
 from flexible_attention.kernels.flash.mosaic_mod_split import read_counts
 from flexible_attention.kernels.flash.mosaic_mods import ROW
@@ -47,12 +46,15 @@ def split_row_refs(mod_rows, refs: list) -> tuple[Any, ...]:
   return tuple(None if x is None else refs.pop(0) for x in mod_rows)
 
 
-def row_scratch(mod_rows, heads: tuple[int, ...] = ()) -> tuple[Any, ...]:
+def row_scratch(mod_rows, heads: tuple[int, ...] = (),
+                copies: int = 1) -> tuple[Any, ...]:
   """Each consumer's shared-memory row of the program values (`heads`
   rows: `(G,)` in the dK/dV kernel, whose programs run every query head of
-  a group) and its barrier, per operand of `row_operands`."""
-  return tuple((plgpu.SMEM((CONSUMERS, *heads, ROW), x.dtype),
-                plgpu.Barrier(num_barriers=CONSUMERS))
+  a group) and its barrier, per operand of `row_operands`; `copies` of
+  each (the persistent forward fetches the next item's values during this
+  one's): row and barrier `copy * CONSUMERS + wg`."""
+  return tuple((plgpu.SMEM((copies * CONSUMERS, *heads, ROW), x.dtype),
+                plgpu.Barrier(num_barriers=copies * CONSUMERS))
                for x in row_operands(mod_rows))
 
 
@@ -94,18 +96,40 @@ def split_row_scratch(mod_rows, scratch) -> tuple[Any, ...]:
                for x in mod_rows)
 
 
-def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
-  """Consumer `wg`'s `TileMods` of the call `st` (`structure.Static`) on
-  `shape` tiles, for the program's batch row and head: its values read
-  once through its shared-memory rows (None without mods)."""
+def fetch_rows(mod_refs, mod_scratch, batch, head, index):
+  """Starts the copies of the program values of (batch row, head) into the
+  shared-memory rows `index` of `mod_scratch` (`row_scratch`'s)."""
+  for ref, (row_smem, row_ready) in zip(mod_refs, mod_scratch):
+    if ref is not None:
+      plgpu.copy_gmem_to_smem(ref.at[batch, head], row_smem.at[index],
+                              row_ready.at[index])
+
+
+def fetched_mods(st, mod_scratch, index, shape):
+  """The `TileMods` of the call `st` (`structure.Static`) on `shape` tiles
+  from the values `fetch_rows` copied into rows `index`, once they arrive
+  (None without mods)."""
   if st.mods is None:
     return None
-  scalars = [
-      () if ref is None else read_row(ref.at[batch, head], row_smem.at[wg],
-                                      row_ready.at[wg], count)
-      for ref, (row_smem, row_ready), count in zip(
-          mod_refs, mod_scratch, read_counts(st.mods, st.causal))]
+  scalars = []
+  for (row_smem, row_ready), count in zip(mod_scratch,
+                                          read_counts(st.mods, st.causal)):
+    if row_smem is None:
+      scalars.append(())
+      continue
+    plgpu.barrier_wait(row_ready.at[index])
+    scalars.append(tuple(row_smem[index, i] for i in range(count)))
   return TileMods(st.mods, scalars, shape, st.position_bound, st.causal)
+
+
+def consumer_mods(st, mod_refs, mod_scratch, batch, head, wg, shape):
+  """Consumer `wg`'s `TileMods` of the call `st` on `shape` tiles, for the
+  program's batch row and head: its values read once through its
+  shared-memory rows (None without mods)."""
+  if st.mods is None:
+    return None
+  fetch_rows(mod_refs, mod_scratch, batch, head, wg)
+  return fetched_mods(st, mod_scratch, wg, shape)
 
 
 def group_rows(mod_refs, mod_scratch, batch, kv_head, groups: int, wg):
