@@ -79,7 +79,8 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _FUSED = flags.DEFINE_bool(
     "fused", False, "Also time the mods with dQ inside the Mosaic dK/dV "
     "kernel (`flash_*_mod_fused`: an explicit fused launch, Hopper only), "
-    "which the default launches do not pick for mods.")
+    "which the default launches pick only where the mods' shared memory "
+    "fits (`mosaic_mod_rows.fused_mods_reason`).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, interpreted flash "
                            "kernels, no timing: a CPU check of the script.")
 

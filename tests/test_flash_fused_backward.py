@@ -459,6 +459,22 @@ def test_round_to_int32_is_exact(jit):
   np.testing.assert_array_equal(got, np.rint(y.astype(np.float64)))
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_small_int_to_float_is_exact(jit):
+  """`small_int_to_float` against numpy's conversion on the whole range it
+  serves (|n| < 2^22), its edges and small values; jitted too."""
+  top = mosaic_common.SMALL_INT - 1
+  rng = np.random.default_rng(1)
+  n = np.concatenate([rng.integers(-top, top + 1, 200_000),
+                      np.arange(-1000, 1000), [top, -top, 2**21, -2**21]])
+  n = n.astype(np.int32)
+  convert = (jax.jit(mosaic_common.small_int_to_float) if jit else
+             mosaic_common.small_int_to_float)
+  got = np.asarray(convert(jnp.asarray(n)))
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, n.astype(np.float32))
+
+
 def test_fixed_point_scales_of_zero_and_non_finite_rows():
   """A row whose bound is 0 gets 1 (its dQ is 0); one whose bound is not
   finite gets 0, so that XLA's division gives it NaN."""

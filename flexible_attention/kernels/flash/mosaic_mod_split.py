@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexible_attention.kernels.flash.mosaic_common import ROWS
+from flexible_attention.kernels.flash.mosaic_common import SMALL_INT
+from flexible_attention.kernels.flash.mosaic_common import small_int_to_float
 from flexible_attention.kernels.flash.mosaic_mods import ProgramWalk
 from flexible_attention.kernels.flash.mosaic_mods import ROW
 from flexible_attention.kernels.flash.mosaic_mods import Refused
@@ -245,8 +247,16 @@ def key_terms(mods, kv_pos, ref, unit: float = 1.0):
   layout a thread holds two rows of a tile and a quarter of its columns,
   so these three operations on a key vector cost it as much as 1.5
   elementwise operations on the tile (in the dK/dV kernel, whose keys are
-  rows, two values a thread: next to nothing)."""
+  rows, two values a thread: next to nothing). Where the positions are
+  known to be small (`position_bound`, the default positions below 2^21)
+  the difference becomes float32 without a conversion instruction
+  (`mosaic_common.small_int_to_float`): the forward's exp2 shares its unit
+  with conversions, and a conversion per column is half an exp2 per
+  element."""
   slope = mods.scalars[0][split_slot(mods.km, mods.causal)] * (1.0 / unit)
+  bound = mods.position_bound
+  if bound is not None and 2 * bound < SMALL_INT:
+    return slope * small_int_to_float(kv_pos - ref)
   return slope * (kv_pos - ref).astype(jnp.float32)
 
 
