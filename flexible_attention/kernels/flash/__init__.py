@@ -14,7 +14,8 @@ Two backends, neither importing the other, under one launch policy:
   through Triton, which serve every call (any GPU; Pallas' interpreter with
   `interpret=True`, how CI runs them on CPU);
 - `mosaic_common`, `mosaic_fwd`, `mosaic_dq`, `mosaic_bwd`: Mosaic GPU
-  kernels for Hopper (TMA, warp-specialised `wgmma`), the forward, dQ and
+  kernels for Hopper (TMA, warp-specialised `wgmma`; the forward a
+  persistent kernel, `mosaic_common.WorkOrder`), the forward, dQ and
   dK/dV of the calls they serve (dropout too, through the library's hash:
   `mosaic_common.TileDropout`; sinks in the forward; not a bias or dense
   mask); `mosaic_mods`: the score / mask mods the Mosaic kernels evaluate

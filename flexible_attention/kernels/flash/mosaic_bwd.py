@@ -82,7 +82,9 @@ from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
@@ -218,7 +220,7 @@ class _DkdvRefs:
   def produce(self, lo, hi):
     """The producer warpgroup: streams every step's q, dO, stats and query
     vectors into the `STAGES` slots."""
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     steps = hi - lo
     per_head = jnp.maximum(steps, 1)
     bq = self.bq
@@ -459,7 +461,7 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
 
   @pl.when(r.wg < CONSUMERS)
   def _consumers():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     if not columns and not with_dq:
       _dkdv_rows_consumer(r, lo, flo, fhi, hi)
     elif not columns:  # Static column halves of dQ.

@@ -10,13 +10,15 @@ fixed tiles (which the launch policy reads), `unsupported_reason`,
 serve), and the pieces they share: the swizzled shared-memory layout, the
 stacked structure vectors and the structured mask of a tile
 (`masks.pair_visible`, the library's one mask rule), a score tile's `p`
-and `ds`, and what the forward and dQ kernels (both over one query tile)
-do alike: the producer that streams K and V, the
-consumers' structure vectors and their ping-pong barrier.
+and `ds`, and what the forward and dQ kernels (both over query tiles) do
+alike: the producer that streams K and V (`stream_tiles`), the consumers'
+structure vectors and their ping-pong barrier; and the persistent
+forward's `WorkOrder`.
 
-Mosaic GPU has no interpreter that runs such a kernel on CPU, so CI checks
-that the kernels lower for every structure they serve, and the GPU machine
-runs them against the reference (benchmarks/flash_notes.md).
+CI checks that the kernels lower for CUDA for every structure they serve
+(any jax), runs them in JAX's GPU interpreter on the CPU (jax >= 0.11,
+`tests/gpu_interpret.py`), and the GPU machine runs them compiled against
+the reference (benchmarks/flash_notes.md).
 
 Glossary of shapes:
 - B: batch size.
@@ -47,6 +49,11 @@ ROWS = 64  # Query rows per consumer warpgroup: wgmma's M.
 CONSUMERS = 2
 BLOCK_Q = ROWS * CONSUMERS
 STAGES = 2  # Shared-memory slots of K and V.
+# Registers a thread of a consumer warpgroup / of a producer asks for
+# (`plgpu.set_max_registers`): two consumers and a producer take 2 * 128 *
+# 232 + 128 * 40 = 64512 of a multiprocessor's 65536.
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
 HEAD_DIMS = (64, 128, 256)
 SWIZZLE = 128  # Bytes; a row of 64 bf16 / fp16 values.
 BOUNDS_ROW = 32  # A tile's 4 bounds, padded: TMA copies 128-byte rows.
@@ -665,7 +672,7 @@ def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
   """The producer warpgroup of a program over one query tile (dQ): streams
   key tiles `[lo, hi)` of the program's batch row and KV head (query head
   // G) as `stream_tiles` does, tile `t` into slot `(t - lo) % STAGES`."""
-  plgpu.set_max_registers(40, action="decrease")
+  plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
   batch, head = lax.axis_index("b"), lax.axis_index("h")
   kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
   stream_tiles(k_ref, v_ref, kvvec_ref, smem, ready, free, bk=bk,

@@ -78,6 +78,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
+from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
+from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import operands_reason
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
@@ -203,7 +205,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
   @pl.when(wg == 0)
   def _consumer():
     if launch.producers > 1:  # Three warpgroups share the registers.
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     # New token t's G query heads are rows [t G, t G + G) of the tile: one
     # copy each into the unswizzled stage, then through registers into the
     # swizzled tile `wgmma` reads. The rows past G * Sq are never visible,
@@ -382,12 +384,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, pos_ref, valid_ref,
   else:  # Each issues half of a block's copies.
     @pl.when(wg == 1)
     def _keys():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
       produce((keys,), check_table)
 
     @pl.when(wg == 2)
     def _values():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
       produce((values,), False)
 
 

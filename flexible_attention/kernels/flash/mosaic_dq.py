@@ -66,6 +66,7 @@ import jax.numpy as jnp
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
@@ -123,7 +124,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     rows = tile * BLOCK_Q + wg * ROWS
     q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head], q_tile,

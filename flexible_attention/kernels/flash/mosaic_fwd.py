@@ -59,6 +59,8 @@ from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
+from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SINK_ROW
 from flexible_attention.kernels.flash.mosaic_common import STAGES
@@ -147,7 +149,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
 
     def fetch(n, buf):  # Item n's query rows and values into buffer `buf`.
       tile, batch, head = order.item(program, n)
@@ -294,7 +296,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
 
   @pl.when(wg == CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
     def item(n, base):
       _, batch, head = order.item(program, n)
@@ -355,7 +357,7 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
 
   order = WorkOrder(batch, heads, nq, st.causal, gpu.core_count())
   buffers = 2 if d <= 128 else 1  # Two don't fit at Dp = 256.
-  rows_of = lambda n: buffers * n  # A buffer's rows and barriers, per wg.
+  copies = buffers * CONSUMERS  # Consumer wg's rows in buffer b: b * 2 + wg.
 
   def flash_forward(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref,
                     *refs):  # The kernel's name in profiles, ptxas' report.
@@ -364,17 +366,17 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
     sink_ref = None if sinks is None else refs.pop(0)
     out_ref, lse_ref = refs
     smem = (
-        plgpu.SMEM((rows_of(CONSUMERS), ROWS, d), q.dtype,
+        plgpu.SMEM((copies, ROWS, d), q.dtype,
                    transforms=swizzled),
         plgpu.SMEM((STAGES, bk, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((STAGES, bk, d), v.dtype, transforms=swizzled),
-        plgpu.SMEM((rows_of(CONSUMERS), nqv, ROWS), jnp.int32),
+        plgpu.SMEM((copies, nqv, ROWS), jnp.int32),
         plgpu.SMEM((STAGES, nkv, bk), jnp.int32),
         plgpu.SMEM((2 * (CONSUMERS + 1), BOUNDS_ROW), jnp.int32),
         plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
     )
-    ready = (plgpu.Barrier(num_barriers=rows_of(CONSUMERS)),
-             plgpu.Barrier(num_barriers=rows_of(CONSUMERS)),
+    ready = (plgpu.Barrier(num_barriers=copies),
+             plgpu.Barrier(num_barriers=copies),
              plgpu.Barrier(num_barriers=STAGES),
              plgpu.Barrier(num_barriers=STAGES),
              plgpu.Barrier(num_barriers=STAGES),
@@ -383,8 +385,8 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
 
     sink_scratch = None if sinks is None else (
-        plgpu.SMEM((rows_of(CONSUMERS), SINK_ROW), jnp.float32),
-        plgpu.Barrier(num_barriers=rows_of(CONSUMERS)))
+        plgpu.SMEM((copies, SINK_ROW), jnp.float32),
+        plgpu.Barrier(num_barriers=copies))
 
     def scoped(*scratch):
       (smem_refs, ready_refs, free_refs, sched_ref, row_refs,
