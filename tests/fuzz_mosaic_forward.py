@@ -1,0 +1,166 @@
+"""Differential fuzzing of flash's persistent Mosaic forward against the
+float32 oracle.
+
+The forward runs as one program per multiprocessor, each over the query
+tiles `mosaic_common.WorkOrder` gives it, carrying a key-tile stream,
+prefetched bounds rows and double-buffered query rows from tile to tile.
+This draws what that machinery depends on: the multiprocessors (1 to 7,
+`gpu.core_count` patched, so programs run from one to dozens of tiles), the
+batch, heads and groups, query and key lengths (tiles with no visible key
+among them), padded head size 64, 128 or 256 (one buffer of query rows),
+dtype, and the structure: causal or not, a one- or two-sided window,
+segment ids, kv lengths (empty rows too), soft cap, dropout. Each draw runs
+`flash_kernel.forward_pass` with the Hopper launches
+(`hopper_launch_config`) op by op, compiled on an sm_90 GPU, else in JAX's
+GPU interpreter (jax >= 0.11; 10-60 s a draw on 2 cores; under `jit` it
+deadlocks there, `gpu_interpret.py`), and compares out and lse with
+`fa.reference_attention` (float32): within the dtype's tolerance relative
+to the largest entry, lse -inf exactly where the oracle's is.
+
+  python tests/fuzz_mosaic_forward.py --seeds 0:20 [--verbose]
+
+prints one line per failed seed and a summary; exit status 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import traceback
+
+import conftest  # noqa: F401  (XLA flags before jax: 8 CPU devices.)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexible_attention as fa
+from flexible_attention.core import dropout as dropout_lib
+from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import structure
+import gpu_interpret
+
+HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # Relative to the largest.
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+  """One forward call and the multiprocessors it runs on."""
+  cores: int
+  b: int
+  sq: int
+  sk: int
+  hkv: int
+  groups: int
+  d: int
+  dtype: type
+  causal: bool
+  window: tuple[int, int] | None
+  segments: bool
+  kv_lengths: bool
+  softcap: float | None
+  dropout: float | None
+
+
+def draw(seed: int) -> Draw:
+  rng = np.random.default_rng(seed)
+  return Draw(
+      cores=int(rng.integers(1, 8)), b=int(rng.integers(1, 3)),
+      # At least a query tile and a key tile (256 keys at Dp = 64): the
+      # pinned launches refuse shorter calls.
+      sq=int(rng.integers(1, 4) * 128 + rng.integers(0, 100)),
+      sk=int(rng.integers(2, 5) * 128 + rng.integers(0, 100)),
+      hkv=int(rng.integers(1, 3)), groups=int(rng.choice([1, 2, 4])),
+      d=int(rng.choice([40, 64, 96, 128, 256])),
+      dtype=[jnp.bfloat16, jnp.float16][int(rng.integers(0, 2))],
+      causal=bool(rng.random() < 0.6),
+      window=(tuple(int(x) for x in rng.integers(0, 200, 2))
+              if rng.random() < 0.25 else None),
+      segments=bool(rng.random() < 0.25),
+      kv_lengths=bool(rng.random() < 0.3),
+      softcap=float(rng.uniform(5, 30)) if rng.random() < 0.25 else None,
+      dropout=float(rng.choice([0.1, 0.3])) if rng.random() < 0.2 else None)
+
+
+def run(x: Draw, seed: int) -> float:
+  """The draw's largest error relative to the oracle's largest entry;
+  raises AssertionError where the lse's -inf rows differ."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  h = x.hkv * x.groups
+  q = jax.random.normal(keys[0], (x.b, x.sq, h, x.d), x.dtype)
+  k = jax.random.normal(keys[1], (x.b, x.sk, x.hkv, x.d), x.dtype)
+  v = jax.random.normal(keys[2], (x.b, x.sk, x.hkv, x.d), x.dtype)
+  rng = np.random.default_rng(seed)
+  call = dict(causal=x.causal, sliding_window=x.window)
+  if x.segments:
+    ids = lambda s: jnp.asarray(np.sort(rng.integers(0, 4, (x.b, s)), -1),
+                                jnp.int32)
+    call["segment_ids"] = (ids(x.sq), ids(x.sk))
+  if x.kv_lengths:
+    call["kv_lengths"] = jnp.asarray(rng.integers(0, x.sk + 1, x.b),
+                                     jnp.int32)
+  drop = (dropout_lib.make_dropout(keys[3], x.dropout) if x.dropout else
+          None)
+  scale = x.d**-0.5
+  inputs = fa.canonicalize(q, k, v, **call)
+  launch = flash_kernel.hopper_launch_config(structure.pad_dim(x.d),
+                                             x.causal)
+  with contextlib.ExitStack() as stack:
+    if not HOPPER:
+      stack.enter_context(gpu_interpret.mosaic_on_cpu())
+    original = gpu.core_count
+    gpu.core_count = lambda: x.cores
+    try:
+      got = flash_kernel.forward_pass(flash_kernel.prepare(
+          inputs, drop, sm_scale=scale, softcap=x.softcap, launch=launch))
+    finally:
+      gpu.core_count = original
+  f32 = lambda a: a.astype(jnp.float32)
+  ref_in = fa.canonicalize(f32(q), f32(k), f32(v), **call)
+  want = fa.reference_attention(ref_in.query, ref_in.key, ref_in.value, None,
+                                ref_in.visibility, drop, sm_scale=scale,
+                                softcap=x.softcap)
+  empty = np.isneginf(np.asarray(want.lse))
+  if not np.array_equal(np.isneginf(np.asarray(got.lse)), empty):
+    raise AssertionError("lse is -inf at other rows than the oracle's")
+  size = float(jnp.max(jnp.abs(want.out))) or 1.0
+  out_err = float(jnp.max(jnp.abs(f32(got.out) - want.out))) / size
+  got_lse, want_lse = (np.where(empty, 0.0, np.asarray(a))
+                       for a in (got.lse, want.lse))
+  lse_err = float(np.max(np.abs(got_lse - want_lse), initial=0.0)) / max(
+      1.0, float(np.max(np.abs(want_lse), initial=0.0)))
+  return max(out_err, lse_err)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seeds", default="0:20", help="start:stop")
+  parser.add_argument("--verbose", action="store_true")
+  args = parser.parse_args(argv)
+  if not HOPPER and gpu_interpret.UNAVAILABLE:
+    print(f"skipped: {gpu_interpret.UNAVAILABLE}")
+    return 0
+  start, stop = map(int, args.seeds.split(":"))
+  failed = 0
+  for seed in range(start, stop):
+    x = draw(seed)
+    try:
+      error = run(x, seed)
+      ok = error <= TOL[x.dtype]
+      message = f"error {error:.2e}"
+    except Exception:  # pylint: disable=broad-except
+      ok, message = False, traceback.format_exc(limit=-3)
+    failed += not ok
+    if args.verbose or not ok:
+      print(f"seed {seed}: {'ok' if ok else 'FAILED'} {message} {x}",
+            flush=True)
+  print(f"{stop - start - failed} passed, {failed} failed "
+        f"({'compiled' if HOPPER else 'interpreted'})")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
