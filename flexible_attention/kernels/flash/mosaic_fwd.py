@@ -165,7 +165,9 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         plgpu.copy_gmem_to_smem(sink_ref.at[head], sink_smem.at[i],
                                 sink_ready.at[i])
 
-    def prefetch(n):  # At item n's first scores (two buffers).
+    def prefetch(n):  # At item n's first scores (two buffers): item n - 1's
+      # stores (its output, from the buffer item n + 1 takes, and its lse,
+      # whose row item n rewrites) have left shared memory.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2)))
 
