@@ -12,9 +12,11 @@ policy and the Hopper kernels; and the module's launch option and
 refusals.
 
 The Hopper kernels (`kernels/flash/mosaic_*.py`, Mosaic GPU: the forward,
-dK/dV and dQ) have no interpreter: on CPU each of their cases is
-lowered for CUDA; on an sm_90 GPU each is run and compared like the
-others.
+dK/dV and dQ): on CPU each of their cases is lowered for CUDA, and under
+jax >= 0.11 a selection runs in JAX's GPU interpreter (`gpu_interpret.py`;
+the persistent forward with 3 multiprocessors, so that its programs loop
+over several query tiles); on an sm_90 GPU each is run and compared like
+the others.
 
 Tolerance: relative to the largest reference magnitude, 2e-5 in float32 (the
 interpreted kernels measure ~1e-6), 2e-2 in bfloat16 and 5e-3 in float16
