@@ -21,7 +21,6 @@ need `--calls_per_program` (16, say): one call's dispatch from the host
 
 from __future__ import annotations
 
-import json
 
 from absl import app
 from absl import flags
@@ -31,6 +30,7 @@ import numpy as np
 
 from flexible_attention import timing
 from flexible_attention.comparison import decode as decode_bench
+from flexible_attention.comparison import report
 from flexible_attention.kernels.flash import decode
 from flexible_attention.kernels import flash as flash_kernel
 
@@ -180,12 +180,9 @@ def main(argv):
     for page in _PAGES.value:
       for new in _NEW.value:
         results += _cell(batch, length, int(new), page, rng)
-        if _OUT.value:
-          with open(_OUT.value, "w") as f:
-            json.dump(dict(device=device.device_kind, jax=jax.__version__,
-                           calls_per_program=_CALLS.value,
-                           H=H, Hkv=HKV, D=D, dtype="bfloat16",
-                           rows=results), f, indent=1)
+        report.write_probe_rows(_OUT.value, results,
+                                calls_per_program=_CALLS.value, H=H,
+                                Hkv=HKV, D=D, dtype="bfloat16")
   print(f"\n{device.device_kind}, jax {jax.__version__}, bf16, H {H}, "
         f"Hkv {HKV}, D {D}")
   print("| B | L | new | cache | mechanism | error | us | TB/s | of peak |")

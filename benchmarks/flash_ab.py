@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import glob
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -45,6 +44,7 @@ import numpy as np
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
+from flexible_attention.comparison import report
 from flexible_attention.kernels import flash as flash_kernel
 
 _BASELINES = flags.DEFINE_list(
@@ -173,10 +173,7 @@ def main(argv):
     d, mask, *seq = cell.split(":")
     rows += _cell(int(d), mask == "causal", int(seq[0]) if seq else
                   _SEQ.value, versions)
-    if _OUT.value:
-      with open(_OUT.value, "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind,
-                       jax=jax.__version__, rows=rows), f, indent=1)
+    report.write_probe_rows(_OUT.value, rows)
   print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}")
   print("| D | S | mask | version | error | forward ms | backward ms | "
         "fwd+bwd ms |")

@@ -24,7 +24,6 @@ fall on all alike. Ratios printed are cuDNN's time over each variant's.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from absl import app
 from absl import flags
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
+from flexible_attention.comparison import report
 from flexible_attention.kernels import flash as flash_kernel
 
 _CELLS = flags.DEFINE_list(
@@ -116,10 +116,7 @@ def main(argv):
   for cell in _CELLS.value:
     d, s, mask = cell.split(":")
     rows.append(_cell(int(d), int(s), mask == "causal"))
-    if _OUT.value:
-      with open(_OUT.value, "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind,
-                       jax=jax.__version__, rows=rows), f, indent=1)
+    report.write_probe_rows(_OUT.value, rows)
   print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; "
         "forward+backward ms (cuDNN's time over each)")
   print("| D | S | mask | " + " | ".join(rows[0]["error"]) + " |")

@@ -22,7 +22,6 @@ heads), then every checked variant of a cell is timed round-robin
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
+from flexible_attention.comparison import report
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import mosaic_fwd
 
@@ -135,10 +135,7 @@ def main(argv):
   for d in map(int, _HEAD_DIMS.value):
     for s in map(int, _SEQS.value):
       rows += _cell(d, s, splits)
-      if _OUT.value:
-        with open(_OUT.value, "w") as f:
-          json.dump(dict(device=jax.devices()[0].device_kind,
-                         jax=jax.__version__, rows=rows), f, indent=1)
+      report.write_probe_rows(_OUT.value, rows)
   print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}")
   print("| D | S | consumer:producer | ptxas (each compile) | error | "
         "forward ms |")

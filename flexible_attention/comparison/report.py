@@ -149,6 +149,18 @@ def environment() -> dict[str, Any]:
       machine=platform.machine())
 
 
+def write_probe_rows(path: str | None, rows: list[dict], **extra) -> None:
+  """Writes a probe's rows so far (`benchmarks/*_probe.py`, `flash_ab.py`)
+  as JSON at `path` (nothing when None): the device kind, the jax version,
+  `extra` and the rows. Probes call it after every cell, so a run stopped
+  by its time limit keeps the cells it finished."""
+  if path is None:
+    return
+  with open(path, "w") as f:
+    json.dump(dict(device=jax.devices()[0].device_kind,
+                   jax=jax.__version__, **extra, rows=rows), f, indent=1)
+
+
 def write_json(config, rows: Sequence[BenchmarkRow]) -> str:
   """Writes the rows so far and their summary as JSON; returns the path
   (`output_path`)."""
