@@ -109,7 +109,10 @@ def _cell(d: int, causal: bool, s: int, versions) -> list[dict]:
 
   def reference(q, k, v):
     # One head at a time (`lax.map`): all heads' float32 scores at S = 16k
-    # would take 16 GiB, one head's 1 GiB.
+    # would take 16 GiB, one head's 1 GiB. Rematerialised in the backward
+    # (`jax.checkpoint`): else the vjp keeps every head's probabilities
+    # (16 GiB again; out of an H100's memory at 16k).
+    @jax.checkpoint
     def head(qkv):
       return fa.reference_attention(
           *(x[:, :, None] for x in qkv), None, ref_in.visibility,

@@ -24,7 +24,11 @@ backward's spill was found this way: flash_notes.md, the session of
 PATH, else the copies Triton's wheel carries (`pip install triton`; the
 kernels are not Triton's). ptxas must know the PTX's `.version`: jax
 0.11.2 on the GPU machine writes PTX 9.0, which needs CUDA 13's ptxas
-(Triton 3.9 carries CUDA 12.9's); any cuobjdump reads the cubin.
+(Triton 3.9 carries CUDA 12.9's); any cuobjdump reads the cubin, and
+`cuobjdump -sass` runs CUDA's `nvdisasm`, which must be on the PATH (or in
+`NVDISASM_PATH`). Without a CUDA toolkit, the wheels `nvidia-cuda-nvcc`,
+`nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` carry all three (their
+`nvidia/cu13/bin`).
 """
 
 from __future__ import annotations
@@ -128,9 +132,11 @@ def report(ptx_path: str) -> dict:
     ptxas = subprocess.run(
         [tool("ptxas", _PTXAS.value), f"-arch={_ARCH.value}", "-v", ptx_path, "-o", cubin],
         capture_output=True, text=True, check=True)
-    sass = subprocess.run([tool("cuobjdump", _CUOBJDUMP.value), "-sass",
-                           cubin],
-                          capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run([tool("cuobjdump", _CUOBJDUMP.value), "-sass",
+                           cubin], capture_output=True, text=True, check=False)
+    if dump.returncode != 0:  # E.g. no nvdisasm beside it (docstring).
+      raise RuntimeError(f"cuobjdump -sass failed: {dump.stderr.strip()}")
+    sass = dump.stdout
   info = ptxas.stdout + ptxas.stderr
   spills = _SPILLS.search(info)
   registers = _REGISTERS.search(info)
