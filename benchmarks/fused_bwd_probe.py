@@ -1,6 +1,6 @@
 """The Mosaic GPU backwards on Hopper: checked, then timed.
 
-Four variants of the backward (forward and dK/dV through Mosaic GPU in
+Five variants of the backward (forward and dK/dV through Mosaic GPU in
 each):
 
 - `split`: dQ through the Triton kernel (the default launches below 16k
@@ -12,7 +12,10 @@ each):
   program's 128 keys; padded D of 64 and 128; issue 17, part 1), in int32
   fixed point (`deterministic_dq`: the same bits whatever the order of the
   adds; `mosaic_common.fixed_point_scales`);
-- `fused_any`: the same with `deterministic_dq=False`: float32 adds,
+- `fused_rotated`: `fused` with `rotate_dq=True` (each program whose
+  query tiles are all unmasked walks them from its key tile's index on:
+  the programs running at once add into different dQ tiles);
+- `fused_any`: the same as `fused` with `deterministic_dq=False`: float32 adds,
   landing in the order the programs run;
 - `mosaic_dq`: `LaunchConfig(dq_backend="mosaic")`, dQ through its own
   Mosaic GPU kernel (`mosaic_dq`; padded D of 64 and 128; the default
@@ -78,7 +81,7 @@ from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 
-VARIANTS = ("split", "fused", "mosaic_dq", "fused_any")
+VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_rotated")
 
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny shapes, no GPU: lower the Mosaic programs for "
@@ -87,7 +90,8 @@ _VARIANTS = flags.DEFINE_list(
     "variants", list(VARIANTS),
     f"The backwards to check and time, of {VARIANTS} (split: Triton dQ; "
     "fused: dQ in the Mosaic dK/dV kernel, in a fixed order; mosaic_dq: "
-    "the Mosaic dQ kernel; fused_any: fused, in any order).")
+    "the Mosaic dQ kernel; fused_any: fused, in any order; "
+    "fused_rotated: fused, each unmasked program from its own query tile).")
 _CELLS = flags.DEFINE_list(
     "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
               for m in ("full", "causal")],
@@ -139,14 +143,15 @@ def _launch(d: int, causal: bool, *, variant: str,
   in it (`fused`), through Triton (`split`) or through the Mosaic dQ kernel
   (`mosaic_dq`). To `interpret`, the Triton kernels, `atomic_dq` (in any
   order) for either fused variant."""
-  fused = variant in ("fused", "fused_any")
+  fused = variant in ("fused", "fused_any", "fused_rotated")
   if interpret:
     return dataclasses.replace(
         flash_kernel.default_launch_config(d, causal, 9.0), atomic_dq=fused,
         deterministic_dq=not fused)
   dq = {"split": "triton", "mosaic_dq": "mosaic"}.get(variant, "fused")
-  return flash_kernel.hopper_launch_config(
-      d, causal, dq=dq, deterministic_dq=variant != "fused_any")
+  return dataclasses.replace(flash_kernel.hopper_launch_config(
+      d, causal, dq=dq, deterministic_dq=variant != "fused_any"),
+                             rotate_dq=variant == "fused_rotated")
 
 
 def _attention(spec: dict, launch, kv_lengths, interpret: bool = False):

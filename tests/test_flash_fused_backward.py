@@ -96,7 +96,16 @@ def test_fused_backward_in_any_order_lowers_for_cuda(name, head_dim):
   _check_fused_lowering(name, head_dim, deterministic=False)
 
 
-def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
+@pytest.mark.parametrize("name, head_dim", [
+    ("plain", 128), ("dropout_gqa", 64)])
+def test_fused_backward_with_rotated_steps_lowers_for_cuda(name, head_dim):
+  """With `rotate_dq=True` (each unmasked program starts at its key tile's
+  index) too."""
+  _check_fused_lowering(name, head_dim, deterministic=True, rotate=True)
+
+
+def _check_fused_lowering(name: str, head_dim: int, deterministic: bool,
+                          rotate: bool = False):
   call, options = CASES[name]
   options = dict(options)
   softcap, sinks = options.pop("softcap", None), options.pop("sinks", False)
@@ -104,8 +113,9 @@ def _check_fused_lowering(name: str, head_dim: int, deterministic: bool):
   q = jax.ShapeDtypeStruct((b, sq, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, sk, hkv, head_dim), jnp.bfloat16)
   sink = jax.ShapeDtypeStruct((h,), jnp.float32)
-  launch = _fused(head_dim, call.get("causal", False),
-                  deterministic=deterministic)
+  launch = dataclasses.replace(
+      _fused(head_dim, call.get("causal", False), deterministic=deterministic),
+      rotate_dq=rotate)
 
   def loss(q, k, v, sink):
     inputs = fa.canonicalize(q, k, v, sinks=sink if sinks else None, **call)
@@ -328,6 +338,14 @@ def test_fused_backward_by_default_with_mods_that_fit(heads, kv_heads, fused,
      "dense mask"),
     (dataclasses.replace(_fused(128), dkv=flash_kernel.Launch(32, 128, 4, 3)),
      {}, "takes dkv tiles 64 x 128"),
+    # rotate_dq orders the fused Mosaic backward's adds: nothing else has it.
+    (dataclasses.replace(_fused(128, atomic_dq=False), rotate_dq=True), {},
+     "rotate_dq=True .* needs atomic_dq=True and dkv_backend='mosaic', got "
+     "atomic_dq=False"),
+    (dataclasses.replace(_fused(128), dkv_backend="triton",
+                         deterministic_dq=False, rotate_dq=True), {},
+     "needs atomic_dq=True and dkv_backend='mosaic', got atomic_dq=True and "
+     "dkv_backend='triton'"),
 ])
 def test_fused_backward_refusals(launch, call, match, monkeypatch):
   with pytest.raises(ValueError, match=match):

@@ -166,6 +166,12 @@ class LaunchConfig:
   dQ) took 1.4-1.7x the any-order time and were replaced by the fixed
   point (benchmarks/flash_notes.md).
 
+  `rotate_dq` (the fused Mosaic backward only, an error elsewhere; opt-in
+  until timed) starts each program whose query tiles are all unmasked at
+  its own key tile's index (`mosaic_bwd`): the programs that run at once
+  add into different dQ tiles. dK and dV sum in another fixed order; the
+  fixed point's dQ bits do not change.
+
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
   specialisation, asynchronous `wgmma`; persistent, one program per
@@ -206,6 +212,7 @@ class LaunchConfig:
   dkv_backend: str = "triton"
   dq_backend: str = "triton"
   deterministic_dq: bool = True
+  rotate_dq: bool = False
 
 
 
@@ -298,7 +305,7 @@ def check_launch_config(config: LaunchConfig,
         f"both (block_sizes sets {both}).")
   if not isinstance(config, LaunchConfig):
     raise TypeError(f"launch must be a LaunchConfig, got {config!r}.")
-  for field in ("atomic_dq", "deterministic_dq"):
+  for field in ("atomic_dq", "deterministic_dq", "rotate_dq"):
     if not isinstance(getattr(config, field), bool):
       raise TypeError(f"LaunchConfig.{field} must be a bool, got "
                       f"{getattr(config, field)!r}.")
@@ -314,6 +321,12 @@ def check_launch_config(config: LaunchConfig,
         "bitwise reproducible); pass deterministic_dq=False to accept that, "
         "or use dkv_backend='mosaic' (Hopper), whose adds keep a fixed "
         "order.")
+  if config.rotate_dq and not (config.atomic_dq
+                               and config.dkv_backend == "mosaic"):
+    raise ValueError(
+        "flash: rotate_dq=True orders the fused Mosaic backward's dQ adds; it "
+        "needs atomic_dq=True and dkv_backend='mosaic', got atomic_dq="
+        f"{config.atomic_dq} and dkv_backend={config.dkv_backend!r}.")
   for kernel in ("fwd", "dkv", "dq"):
     launch = getattr(config, kernel)
     if not isinstance(launch, Launch):

@@ -34,6 +34,17 @@ run). At Dp = 128 the fused kernel derives its K and V tiles' `wgmma`
 descriptors in each step (`mosaic_common.step_zero`): kept across the
 loop, they did not fit beside the accumulators and spilled.
 
+The programs that run at once are consecutive key tiles of one (batch, KV
+head) (the grid's key-tile axis is CUDA's x). In a call without causal,
+window or segment structure in reach, every one of them walks the same
+query tiles from the first, so in the fused backward they add into the
+same dQ tile together. With `LaunchConfig.rotate_dq` such a program (no
+masked tile in its range) starts at its key tile's index instead and
+wraps around: the programs of one head add into different dQ tiles. Its
+dK and dV then sum their steps in another (fixed) order; the fixed
+point's dQ is the same bits either way. Opt-in until timed
+(benchmarks/flash_notes.md).
+
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
 `1 / (1 - rate)` once, at the end), `ds` the gradient of the kept `p`.
@@ -160,11 +171,31 @@ class _DkdvRefs:
         lax.axis_index("k"), lax.axis_index("b"), lax.axis_index("h"))
     self.wg = lax.axis_index("wg")
     self.drop = None
+    self.rotation = 0  # `rotate`'s, once the bounds row is read.
     # A split score_mod (`mosaic_mods.split_slot`): each step's logits gain
     # the key terms relative to its first query's position (its tile is
     # one group of `REF_ROWS` rows), the stats leave out the row terms.
     self.split = split_slot(st.mods, st.causal) is not None
     assert not self.split or bq == REF_ROWS, (bq, REF_ROWS)
+
+  def rotate(self, lo, flo, fhi, hi):
+    """Sets the offset from which this program walks its query tiles
+    `[lo, hi)` (`query_tile`): with `st.launch.rotate_dq` (the fused
+    backward) and no masked tile among them, its key tile's index modulo
+    their count; else 0."""
+    if not (self.dq is not None and self.st.launch.rotate_dq):
+      return
+    steps = jnp.maximum(hi - lo, 1)
+    unmasked = (lo == flo) & (fhi == hi)
+    self.rotation = jnp.where(unmasked, lax.rem(self.tile, steps), 0)
+
+  def query_tile(self, i, lo, hi):
+    """The query tile of the step the loop numbers `i` in `[lo, hi)`: `i`
+    moved on by `rotation` within the range, wrapping."""
+    if isinstance(self.rotation, int):  # Not rotating.
+      return i
+    t = i + self.rotation
+    return jnp.where(t >= hi, t - (hi - lo), t)
 
   def column(self, ref):
     """A per-query `[bq]` vector in shared memory, across a `[64, bq]`
@@ -226,7 +257,8 @@ class _DkdvRefs:
     bq = self.bq
 
     def load(n, slot):  # The n-th step: query head g, query tile i.
-      g, i = lax.div(n, per_head), lo + lax.rem(n, per_head)
+      g = lax.div(n, per_head)
+      i = self.query_tile(lo + lax.rem(n, per_head), lo, hi)
       head = self.kv_head * self.st.groups + g
       rows = pl.ds(i * bq, bq)
       plgpu.copy_gmem_to_smem(self.q.at[self.batch, rows, head],
@@ -411,8 +443,8 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       dq_tile[...] = (round_to_int32(dq_add[0] * dq_scale)
                       if r.fixed_point else dq_add[0])
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dq_tile,
-                              r.dq.at[batch, pl.ds(i * bq, bq), head, cols],
+      rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)
+      plgpu.copy_smem_to_gmem(dq_tile, r.dq.at[batch, rows, head, cols],
                               reduction_op="add")
     return (dk, dv, *dslots)
 
@@ -457,6 +489,7 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
                                       bounds_count(st))
   if seed:
     r.drop = TileDropout(st, seed, r.batch)
+  r.rotate(lo, flo, fhi, hi)
   columns = r.k.shape[-1] >= SPLIT_HEAD_DIM
 
   @pl.when(r.wg < CONSUMERS)
