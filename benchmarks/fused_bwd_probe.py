@@ -53,6 +53,14 @@ and four cells fits a 10-minute call.)
    over two more calls (`bitwise_run_to_run`): there a dQ tile takes the
    adds of up to S / 128 key tiles.
 
+`--fixed_point=fma` puts `fma_fixed_point` in place of the kernel's
+conversion (`mosaic_common.to_fixed_point`, as `mosaic_bwd` calls it)
+for the whole process: the same
+rounding of `x s` in 4 float32 and 2 int32 operations per dQ element
+(three of them fused multiply-adds) instead of 7 and 2. Time it against
+`--fixed_point=round` in separate processes, A B A B; cuDNN, re-run in
+each, gives the processes a common reference.
+
 `--out` is rewritten after every row: a run stopped by a time limit keeps
 the rows it finished.
 
@@ -75,11 +83,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax import lax
+
 import flexible_attention as fa
 from flexible_attention import timing
 from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import mosaic_bwd
 
 VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_rotated")
 
@@ -96,6 +107,9 @@ _CELLS = flags.DEFINE_list(
     "cells", [f"{d}:{s}:{m}" for d in (64, 128) for s in (4096, 16384)
               for m in ("full", "causal")],
     "Timed cells, `D:S:full` or `D:S:causal`.")
+_FIXED_POINT = flags.DEFINE_enum(
+    "fixed_point", "round", ["round", "fma"], "The fused backward's int32 "
+    "conversion: the kernel's own (`round`) or `fma_fixed_point`.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S of a timed cell.")
 _WIDTH = flags.DEFINE_integer("width", 2048, "H * D of a timed cell.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timing samples (>= 20).")
@@ -152,6 +166,29 @@ def _launch(d: int, causal: bool, *, variant: str,
   return dataclasses.replace(flash_kernel.hopper_launch_config(
       d, causal, dq=dq, deterministic_dq=variant != "fused_any"),
                              rotate_dq=variant == "fused_rotated")
+
+
+def fma_fixed_point(x, scale):
+  """`mosaic_common.to_fixed_point`'s value (`x * scale` rounded to the
+  nearest int32, ties to even; `scale` a power of two, `|x scale| < 2^31 -
+  2^9`) in three multiply-adds, one add and two int32 operations.
+
+  With M = 1.5 2^23 (a float32 whose bits, plus an integer n below 2^22
+  in magnitude, are those of M + n): `t = x (scale / 512) + M` holds `hi =
+  round(x scale / 512)` (`x scale / 512` is exact: a power of two); `c =
+  t (-512) + 512 M` is exactly `-512 hi`; `lo = x scale + c` is exactly
+  `x scale - 512 hi` (at most 256 in magnitude, a multiple of `x scale`'s
+  ulp in 24 bits); `round(lo)` comes out of `lo + M`'s bits. Then
+  `round(x scale) = 512 hi + round(lo)` (512 hi is even: the ties agree),
+  in int32. The barrier keeps t's rounding from being folded away."""
+  magic = jnp.float32(1.5 * 2.0**23)
+  magic_bits = 0x4B400000  # magic's bits.
+  t = lax.optimization_barrier(x * (scale * jnp.float32(2.0**-9)) + magic)
+  c = t * jnp.float32(-512.0) + jnp.float32(512.0 * 1.5 * 2.0**23)
+  lo = x * scale + c
+  bits = lambda f: lax.bitcast_convert_type(f, jnp.int32)
+  offset = (magic_bits * 513 + 2**31) % 2**32 - 2**31  # As an int32.
+  return bits(t) * 512 + bits(lo + magic) - jnp.int32(offset)
 
 
 def _attention(spec: dict, launch, kv_lengths, interpret: bool = False):
@@ -358,7 +395,7 @@ def _write(results: dict):
     with open(_OUT.value, "w") as f:
       json.dump(dict(device=jax.devices()[0].device_kind,
                      jax=jax.__version__, variants=_VARIANTS.value,
-                     **results), f, indent=1)
+                     fixed_point=_FIXED_POINT.value, **results), f, indent=1)
 
 
 def main(argv):
@@ -367,8 +404,11 @@ def main(argv):
   if unknown or not _VARIANTS.value:
     raise app.UsageError(f"--variants takes names of {VARIANTS}, got "
                          f"{_VARIANTS.value}.")
+  if _FIXED_POINT.value == "fma":  # Before anything is traced.
+    mosaic_bwd.to_fixed_point = fma_fixed_point
   print(json.dumps({"devices": str(jax.devices()), "jax": jax.__version__,
-                    "variants": _VARIANTS.value}), flush=True)
+                    "variants": _VARIANTS.value,
+                    "fixed_point": _FIXED_POINT.value}), flush=True)
   checks = list(CHECKS) if _CHECKS.value is None else _CHECKS.value
   unknown = sorted(set(checks) - set(CHECKS))
   if unknown:

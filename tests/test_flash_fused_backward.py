@@ -16,7 +16,9 @@ the float32 reference and times them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -666,3 +668,32 @@ def test_mosaic_dq_kernel_refuses_head_dim_256():
   with pytest.raises(ValueError, match="dQ kernel takes padded head sizes"):
     jax.eval_shape(lambda *a: mosaic_dq.dq(statics[0], *a), x, x, x, x, rows,
                    rows, bounds, ints, ints)
+
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_fused_bwd_probes_fma_conversion_is_the_kernels(jit):
+  """`benchmarks/fused_bwd_probe.py`'s `fma_fixed_point` (the candidate it
+  times in place of `mosaic_common.to_fixed_point`) gives the same int32,
+  bit for bit, as the kernel's conversion: shares over the fixed point's
+  whole range, small ones, halves (ties), the 2^9 steps of the split and
+  their neighbours, and zeros, each as x * scale for random powers of two
+  scale."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
+      __file__)), "..", "benchmarks"))
+  import fused_bwd_probe  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  top = 2.0**mosaic_common.FIXED_POINT_BITS / mosaic_common.FIXED_POINT_MARGIN
+  steps = np.arange(-64, 64) * 512.0
+  y = np.concatenate([
+      rng.uniform(-top, top, 100_000), rng.uniform(-600.0, 600.0, 50_000),
+      np.arange(-2048, 2048) * 0.5,
+      (steps[:, None] + np.array([-0.5, 0.0, 0.5])).ravel(), np.zeros(100)])
+  scale = 2.0**rng.integers(-40, 40, y.size)
+  x = jnp.asarray((y / scale).astype(np.float32))
+  scale = jnp.asarray(scale.astype(np.float32))
+  want = jax.jit(mosaic_common.to_fixed_point)(x, scale)
+  convert = (jax.jit(fused_bwd_probe.fma_fixed_point) if jit
+             else fused_bwd_probe.fma_fixed_point)
+  np.testing.assert_array_equal(np.asarray(convert(x, scale)),
+                                np.asarray(want))

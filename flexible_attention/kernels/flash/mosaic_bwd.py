@@ -112,9 +112,9 @@ from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
-from flexible_attention.kernels.flash.mosaic_common import round_to_int32
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import step_zero
+from flexible_attention.kernels.flash.mosaic_common import to_fixed_point
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
@@ -440,7 +440,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     if with_dq:
       head = kv_head * st.groups + g
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
-      dq_tile[...] = (round_to_int32(dq_add[0] * dq_scale)
+      dq_tile[...] = (to_fixed_point(dq_add[0], dq_scale)
                       if r.fixed_point else dq_add[0])
       plgpu.commit_smem()
       rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)

@@ -301,6 +301,15 @@ def round_to_int32(y):
           - jnp.int32(offset))
 
 
+def to_fixed_point(x, scale):
+  """The fused backward's int32 share of a dQ partial sum: `x * scale`
+  (`scale` a row's power of two, `fixed_point_scales`) rounded to the
+  nearest int32 (`round_to_int32`). `mosaic_bwd` calls it once
+  (`benchmarks/fused_bwd_probe.py --fixed_point=fma` puts another in its
+  place there)."""
+  return round_to_int32(x * scale)
+
+
 SMALL_INT = 2**22  # `small_int_to_float` is exact below it in magnitude.
 
 
