@@ -91,6 +91,7 @@ from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
+from flexible_attention.kernels.flash import mosaic_common
 
 VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_rotated")
 
@@ -181,10 +182,11 @@ def fma_fixed_point(x, scale):
   ulp in 24 bits); `round(lo)` comes out of `lo + M`'s bits. Then
   `round(x scale) = 512 hi + round(lo)` (512 hi is even: the ties agree),
   in int32. The barrier keeps t's rounding from being folded away."""
-  magic = jnp.float32(1.5 * 2.0**23)
-  magic_bits = 0x4B400000  # magic's bits.
+  # The kernel's own magic number and its bits (`round_to_int32`'s).
+  magic = jnp.float32(mosaic_common._MAGIC)  # pylint: disable=protected-access
+  magic_bits = mosaic_common._MAGIC_BITS  # pylint: disable=protected-access
   t = lax.optimization_barrier(x * (scale * jnp.float32(2.0**-9)) + magic)
-  c = t * jnp.float32(-512.0) + jnp.float32(512.0 * 1.5 * 2.0**23)
+  c = t * jnp.float32(-512.0) + jnp.float32(512.0) * magic
   lo = x * scale + c
   bits = lambda f: lax.bitcast_convert_type(f, jnp.int32)
   offset = (magic_bits * 513 + 2**31) % 2**32 - 2**31  # As an int32.
