@@ -133,7 +133,8 @@ def main(argv):
   f32 = lambda x: x.astype(jnp.float32)
   inputs = fa.canonicalize(f32(q[:, rows]), f32(k), f32(v),
                            causal=_CAUSAL.value,
-                           q_positions=jnp.arange(s - 128, s)[None])
+                           q_positions=jnp.broadcast_to(
+                               jnp.arange(s - 128, s), (b, 128)))
   want = fa.reference_attention(inputs.query, inputs.key, inputs.value, None,
                                 inputs.visibility, sm_scale=d**-0.5)[0]
   error = compare.relative_error(out[:, rows], want)
