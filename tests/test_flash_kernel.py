@@ -363,6 +363,23 @@ def test_mosaic_kernels_match_reference_in_gpu_interpreter(name):
            jit=False, **shape)
 
 
+def _work_per_program(order) -> list[int]:
+  """Each program's work under a work order (tile t costs t + 1 key
+  tiles), after checking that the programs run every (query tile, batch
+  row, head) once, each at least one."""
+  seen, work = [], []
+  for p in range(order.programs):
+    count = int(order.count(jnp.int32(p)))
+    assert count >= 1
+    items = [tuple(map(int, order.item(jnp.int32(p), jnp.int32(n))))
+             for n in range(count)]
+    seen += items
+    work.append(sum(tile + 1 for tile, _, _ in items))
+  assert sorted(seen) == sorted(itertools.product(
+      range(order.tiles), range(order.batch), range(order.heads)))
+  return work
+
+
 @pytest.mark.parametrize("batch,heads,tiles,causal,cores", [
     (2, 3, 4, True, 5), (1, 1, 1, True, 132), (3, 2, 5, True, 4),
     (2, 2, 8, False, 3), (1, 4, 7, True, 3), (4, 16, 4, True, 132),
@@ -375,16 +392,7 @@ def test_work_order_runs_each_item_once_and_balances_causal_calls(
   tiles over the lightest program's work."""
   order = mosaic_common.WorkOrder(batch, heads, tiles, causal, cores)
   assert order.programs == min(order.chunks, cores or order.chunks)
-  seen, work = [], []
-  for p in range(order.programs):
-    count = int(order.count(jnp.int32(p)))
-    assert count >= 1
-    items = [tuple(map(int, order.item(jnp.int32(p), jnp.int32(n))))
-             for n in range(count)]
-    seen += items
-    work.append(sum(tile + 1 for tile, _, _ in items))
-  assert sorted(seen) == sorted(itertools.product(
-      range(tiles), range(batch), range(heads)))
+  work = _work_per_program(order)
   if causal:
     assert max(work) - min(work) <= 2 * tiles, work
   # The programs running at once (each one's first chunk) share few heads.
@@ -412,16 +420,7 @@ def test_snake_work_order_runs_each_item_once_and_balances(
   within 0.3% of the mean, where `WorkOrder`'s chunks leave 3%."""
   order = _snake_order()(batch, heads, tiles, True, cores)
   assert order.programs == min(batch * heads * tiles, cores)
-  seen, work = [], []
-  for p in range(order.programs):
-    count = int(order.count(jnp.int32(p)))
-    assert count >= 1
-    items = [tuple(map(int, order.item(jnp.int32(p), jnp.int32(n))))
-             for n in range(count)]
-    seen += items
-    work.append(sum(tile + 1 for tile, _, _ in items))
-  assert sorted(seen) == sorted(itertools.product(
-      range(tiles), range(batch), range(heads)))
+  work = _work_per_program(order)
   assert max(work) - min(work) <= tiles, work
   if tiles == 128:
     assert max(work) / np.mean(work) < 1.003, (max(work), np.mean(work))
