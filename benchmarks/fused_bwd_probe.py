@@ -11,7 +11,7 @@ each):
   reduce-adds a `[64, Dp / 2]` tile: its half of dQ's columns over the
   program's 128 keys; padded D of 64 and 128; issue 17, part 1), in int32
   fixed point (`deterministic_dq`: the same bits whatever the order of the
-  adds; `mosaic_common.fixed_point_scales`);
+  adds; `mosaic_numerics.fixed_point_scales`);
 - `fused_rotated`: `fused` with `rotate_dq=True` (each program whose
   query tiles are all unmasked walks them from its key tile's index on:
   the programs running at once add into different dQ tiles);
@@ -54,7 +54,7 @@ and four cells fits a 10-minute call.)
    adds of up to S / 128 key tiles.
 
 `--fixed_point=fma` puts `fma_fixed_point` in place of the kernel's
-conversion (`mosaic_common.to_fixed_point`, as `mosaic_bwd` calls it)
+conversion (`mosaic_numerics.to_fixed_point`, as `mosaic_bwd` calls it)
 for the whole process: the same
 rounding of `x s` in 4 float32 and 2 int32 operations per dQ element
 (three of them fused multiply-adds) instead of 7 and 2. Time it against
@@ -93,7 +93,7 @@ from flexible_attention.comparison import compare
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
-from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_numerics
 
 VARIANTS = ("split", "fused", "mosaic_dq", "fused_any", "fused_rotated")
 
@@ -172,7 +172,7 @@ def _launch(d: int, causal: bool, *, variant: str,
 
 
 def fma_fixed_point(x, scale):
-  """`mosaic_common.to_fixed_point`'s value (`x * scale` rounded to the
+  """`mosaic_numerics.to_fixed_point`'s value (`x * scale` rounded to the
   nearest int32, ties to even; `scale` a power of two, `|x scale| < 2^31 -
   2^9`) in three multiply-adds, one add and two int32 operations.
 
@@ -185,8 +185,8 @@ def fma_fixed_point(x, scale):
   `round(x scale) = 512 hi + round(lo)` (512 hi is even: the ties agree),
   in int32. The barrier keeps t's rounding from being folded away."""
   # The kernel's own magic number and its bits (`round_to_int32`'s).
-  magic = jnp.float32(mosaic_common._MAGIC)  # pylint: disable=protected-access
-  magic_bits = mosaic_common._MAGIC_BITS  # pylint: disable=protected-access
+  magic = jnp.float32(mosaic_numerics._MAGIC)  # pylint: disable=protected-access
+  magic_bits = mosaic_numerics._MAGIC_BITS  # pylint: disable=protected-access
   t = lax.optimization_barrier(x * (scale * jnp.float32(2.0**-9)) + magic)
   c = t * jnp.float32(-512.0) + jnp.float32(512.0) * magic
   lo = x * scale + c

@@ -32,6 +32,7 @@ from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_numerics
 from flexible_attention.kernels.flash import mod_lowering
 from flexible_attention.kernels.flash import mosaic_dq
 from flexible_attention.kernels.flash import mosaic_mod_rows
@@ -395,13 +396,13 @@ def test_fixed_point_scales_bound_every_partial_sum(causal, rate):
   ds = p * (dp - delta[..., None]) * scale
   terms = jnp.einsum("bhqk,bkhd->bhqkd", ds, kk)  # Each key's share of dQ.
   prefixes = jnp.cumsum(terms, axis=3)
-  scales = mosaic_common.fixed_point_scales(
+  scales = mosaic_numerics.fixed_point_scales(
       k, v, do, delta, sm_scale=scale, groups=groups, dropout_rate=rate)
   assert scales.shape == (b, h, s)
   assert jnp.all(jnp.exp2(jnp.round(jnp.log2(scales))) == scales)
   largest = jnp.max(jnp.abs(prefixes), axis=(3, 4)) * scales
-  assert jnp.max(largest) <= (2.0**mosaic_common.FIXED_POINT_BITS
-                              / mosaic_common.FIXED_POINT_MARGIN) < 2**31
+  assert jnp.max(largest) <= (2.0**mosaic_numerics.FIXED_POINT_BITS
+                              / mosaic_numerics.FIXED_POINT_MARGIN) < 2**31
 
 
 @pytest.mark.parametrize("rate", [None, 0.5])
@@ -419,10 +420,10 @@ def test_fixed_point_scales_are_tight_where_the_bound_is(rate):
   do = (c2 * e1)[None, None, None]
   # p = 1/2: equal logits (q = 0); ds_1 = p dp_1 scale, dp_1 = c c2.
   partial = 0.5 * c * c2 / (1.0 - (rate or 0.0)) * scale * 0.9
-  scales = mosaic_common.fixed_point_scales(
+  scales = mosaic_numerics.fixed_point_scales(
       k, v, do, jnp.zeros((1, 1, 1)), sm_scale=scale, groups=1,
       dropout_rate=rate)
-  top = 2.0**mosaic_common.FIXED_POINT_BITS / mosaic_common.FIXED_POINT_MARGIN
+  top = 2.0**mosaic_numerics.FIXED_POINT_BITS / mosaic_numerics.FIXED_POINT_MARGIN
   assert top / 4 < partial * scales[0, 0, 0] <= top / 2
 
 
@@ -446,7 +447,7 @@ def test_fixed_point_sums_stay_near_float32s():
   shares = np.stack([sm_scale * ds[:, t:t + 128] @ k[t:t + 128]
                      for t in range(0, keys, 128)])  # [keys / 128, rows, d]
   exact = shares.sum(axis=0)
-  scales = np.asarray(mosaic_common.fixed_point_scales(
+  scales = np.asarray(mosaic_numerics.fixed_point_scales(
       jnp.asarray(k[None, :, None], jnp.float32),
       jnp.asarray(v[None, :, None], jnp.float32),
       jnp.asarray(do[None, :, None], jnp.float32),
@@ -464,7 +465,7 @@ def test_round_to_int32_is_exact(jit):
   values, halves and the 2^9 steps of its split; jitted too (XLA would
   fold the rounding constant's add and subtract without the barrier)."""
   rng = np.random.default_rng(0)
-  top = 2.0**mosaic_common.FIXED_POINT_BITS / mosaic_common.FIXED_POINT_MARGIN
+  top = 2.0**mosaic_numerics.FIXED_POINT_BITS / mosaic_numerics.FIXED_POINT_MARGIN
   edges = np.array([0.0, -0.0, 0.5, -0.5, 1.5, 2.5, -2.5, 255.5, 256.0,
                     256.5, -256.5, 511.5, 512.0, 767.5, 2.0**22, 2.0**30,
                     top, -top])
@@ -472,8 +473,8 @@ def test_round_to_int32_is_exact(jit):
                       rng.uniform(-600.0, 600.0, 50_000),
                       rng.standard_normal(10_000) * 1e-3, edges])
   y = y.astype(np.float32)
-  convert = jax.jit(mosaic_common.round_to_int32) if jit else (
-      mosaic_common.round_to_int32)
+  convert = jax.jit(mosaic_numerics.round_to_int32) if jit else (
+      mosaic_numerics.round_to_int32)
   got = np.asarray(convert(jnp.asarray(y)))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, np.rint(y.astype(np.float64)))
@@ -483,13 +484,13 @@ def test_round_to_int32_is_exact(jit):
 def test_small_int_to_float_is_exact(jit):
   """`small_int_to_float` against numpy's conversion on the whole range it
   serves (|n| < 2^22), its edges and small values; jitted too."""
-  top = mosaic_common.SMALL_INT - 1
+  top = mosaic_numerics.SMALL_INT - 1
   rng = np.random.default_rng(1)
   n = np.concatenate([rng.integers(-top, top + 1, 200_000),
                       np.arange(-1000, 1000), [top, -top, 2**21, -2**21]])
   n = n.astype(np.int32)
-  convert = (jax.jit(mosaic_common.small_int_to_float) if jit else
-             mosaic_common.small_int_to_float)
+  convert = (jax.jit(mosaic_numerics.small_int_to_float) if jit else
+             mosaic_numerics.small_int_to_float)
   got = np.asarray(convert(jnp.asarray(n)))
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, n.astype(np.float32))
@@ -501,7 +502,7 @@ def test_fixed_point_scales_of_zero_and_non_finite_rows():
   q, k, v, do = _scale_inputs(s=8)
   do = do.at[0, 3].set(0.0).at[1, 5, 2].set(jnp.nan)
   delta = jnp.zeros((do.shape[0], do.shape[2], do.shape[1]))  # [B, H, S]
-  scales = mosaic_common.fixed_point_scales(k, v, do, delta, sm_scale=0.125,
+  scales = mosaic_numerics.fixed_point_scales(k, v, do, delta, sm_scale=0.125,
                                             groups=2)
   assert jnp.all(scales[0, :, 3] == 1.0)
   assert scales[1, 2, 5] == 0.0
@@ -674,7 +675,7 @@ def test_mosaic_dq_kernel_refuses_head_dim_256():
 @pytest.mark.parametrize("jit", [False, True])
 def test_fused_bwd_probes_fma_conversion_is_the_kernels(jit):
   """`benchmarks/fused_bwd_probe.py`'s `fma_fixed_point` (the candidate it
-  times in place of `mosaic_common.to_fixed_point`) gives the same int32,
+  times in place of `mosaic_numerics.to_fixed_point`) gives the same int32,
   bit for bit, as the kernel's conversion: shares over the fixed point's
   whole range, small ones, halves (ties), the 2^9 steps of the split and
   their neighbours, and zeros, each as x * scale for random powers of two
@@ -683,7 +684,7 @@ def test_fused_bwd_probes_fma_conversion_is_the_kernels(jit):
       __file__)), "..", "benchmarks"))
   import fused_bwd_probe  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
-  top = 2.0**mosaic_common.FIXED_POINT_BITS / mosaic_common.FIXED_POINT_MARGIN
+  top = 2.0**mosaic_numerics.FIXED_POINT_BITS / mosaic_numerics.FIXED_POINT_MARGIN
   steps = np.arange(-64, 64) * 512.0
   y = np.concatenate([
       rng.uniform(-top, top, 100_000), rng.uniform(-600.0, 600.0, 50_000),
@@ -692,7 +693,7 @@ def test_fused_bwd_probes_fma_conversion_is_the_kernels(jit):
   scale = 2.0**rng.integers(-40, 40, y.size)
   x = jnp.asarray((y / scale).astype(np.float32))
   scale = jnp.asarray(scale.astype(np.float32))
-  want = jax.jit(mosaic_common.to_fixed_point)(x, scale)
+  want = jax.jit(mosaic_numerics.to_fixed_point)(x, scale)
   convert = (jax.jit(fused_bwd_probe.fma_fixed_point) if jit
              else fused_bwd_probe.fma_fixed_point)
   np.testing.assert_array_equal(np.asarray(convert(x, scale)),

@@ -489,7 +489,7 @@ def test_hopper_persistent_forward_loops_over_work_items(name, monkeypatch):
 @pytest.mark.parametrize("name", ["causal_fewer_queries", "dropout_d64_window"])
 def test_fused_backward_matches_reference_in_gpu_interpreter(name):
   """The fused backward (dQ added by TMA inside the Mosaic dK/dV kernel, in
-  int32 fixed point: `mosaic_common.fixed_point_scales`) in JAX's GPU
+  int32 fixed point: `mosaic_numerics.fixed_point_scales`) in JAX's GPU
   interpreter: out and grads against the reference."""
   call, shape = _hopper_case(name)
   launch = dataclasses.replace(
@@ -546,7 +546,7 @@ def test_hopper_rotated_fused_backward_matches_reference_bitwise(name):
                                   if "head_dim_256" not in n] + ["long_gqa"])
 def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
   """The fused backward (dQ inside the Mosaic dK/dV kernel, added in int32
-  fixed point: `mosaic_common.fixed_point_scales`): out and grads against
+  fixed point: `mosaic_numerics.fixed_point_scales`): out and grads against
   the reference, and dQ, dK, dV bitwise equal over two runs. `long_gqa`:
   16 key tiles add into each dQ tile, across two query heads per
   program."""

@@ -18,10 +18,12 @@ Two backends, neither importing the other, under one launch policy:
   persistent kernel, `mosaic_common.WorkOrder`), the forward, dQ and
   dK/dV of the calls they serve (dropout too, through the library's hash:
   `mosaic_common.TileDropout`; sinks in the forward; not a bias or dense
-  mask); `mosaic_mods`: the score / mask mods the Mosaic kernels evaluate
-  (`mod_args` read per program), with `mosaic_mod_rows` (the kernels'
-  reads of the program values) and
-  `mosaic_jvp` (the mods' derivatives in equations Mosaic GPU lowers);
+  mask); `mosaic_numerics`: their exact number formats (the fused
+  backward's int32 fixed point, conversions without `cvt`); `mosaic_mods`:
+  the score / mask mods the Mosaic kernels evaluate (`mod_args` read per
+  program), with `mosaic_mod_rows` (the kernels' reads of the program
+  values) and `mosaic_jvp` (the mods' derivatives in equations Mosaic GPU
+  lowers);
   `mod_lowering` and `mod_tables`: the Triton kernels' mods and the
   mask_mod's tile tables;
 - `launch`: the launch records, the per-GPU defaults, the checks, and which

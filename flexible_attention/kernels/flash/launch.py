@@ -137,7 +137,7 @@ class LaunchConfig:
   `deterministic_dq` (default True) keeps dQ bitwise reproducible, as the
   split backward is: the fused Mosaic backward then adds int32 fixed-point
   values (each row's share times a power of two bounded from the row's
-  inputs, `mosaic_common.fixed_point_scales`; integer sums do not depend
+  inputs, `mosaic_numerics.fixed_point_scales`; integer sums do not depend
   on the order of the adds) and scales the sum back to float32. Its
   summation error grows about linearly with Sk (~5e-5 of a row's largest
   entry at 16k keys, ~4e-4 at 128k on random rows; float32 sums ~1e-6),

@@ -24,7 +24,7 @@ a TMA reduce-add (`copy_smem_to_gmem(..., reduction_op=
 "add")`): one `[bq, Dp]` add per step and program. With
 `LaunchConfig.deterministic_dq` (the default) the adds are int32: each
 row's share `x` leaves as `trunc(x s)`, s a power of two per query row
-from a bound on every partial sum of the row's dQ (`mosaic_common.
+from a bound on every partial sum of the row's dQ (`mosaic_numerics.
 fixed_point_scales`), and XLA divides the sum by s. Integer addition is
 associative, so dQ is bitwise reproducible whatever order the programs'
 adds land in, at the cost of one multiply and one conversion per element.
@@ -104,7 +104,6 @@ from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
-from flexible_attention.kernels.flash.mosaic_common import fixed_point_scales
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import load_vector
@@ -114,7 +113,6 @@ from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import step_zero
-from flexible_attention.kernels.flash.mosaic_common import to_fixed_point
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
@@ -131,6 +129,8 @@ from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
 from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
+from flexible_attention.kernels.flash.mosaic_numerics import fixed_point_scales
+from flexible_attention.kernels.flash.mosaic_numerics import to_fixed_point
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 

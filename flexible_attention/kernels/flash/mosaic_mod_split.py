@@ -40,8 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexible_attention.kernels.flash.mosaic_common import ROWS
-from flexible_attention.kernels.flash.mosaic_common import SMALL_INT
-from flexible_attention.kernels.flash.mosaic_common import small_int_to_float
 from flexible_attention.kernels.flash.mosaic_mods import ProgramWalk
 from flexible_attention.kernels.flash.mosaic_mods import ROW
 from flexible_attention.kernels.flash.mosaic_mods import Refused
@@ -51,6 +49,8 @@ from flexible_attention.kernels.flash.mosaic_mods import mod_jaxprs
 from flexible_attention.kernels.flash.mosaic_mods import per_program
 from flexible_attention.kernels.flash.mosaic_mods import plan
 from flexible_attention.kernels.flash.mosaic_mods import walk_mod
+from flexible_attention.kernels.flash.mosaic_numerics import SMALL_INT
+from flexible_attention.kernels.flash.mosaic_numerics import small_int_to_float
 from flexible_attention.kernels.flash.structure import LOG2E
 
 
@@ -250,7 +250,7 @@ def key_terms(mods, kv_pos, ref, unit: float = 1.0):
   rows, two values a thread: next to nothing). Where the positions are
   known to be small (`position_bound`, the default positions below 2^21)
   the difference becomes float32 without a conversion instruction
-  (`mosaic_common.small_int_to_float`): the forward's exp2 shares its unit
+  (`mosaic_numerics.small_int_to_float`): the forward's exp2 shares its unit
   with conversions, and a conversion per column is half an exp2 per
   element."""
   slope = mods.scalars[0][split_slot(mods.km, mods.causal)] * (1.0 / unit)
