@@ -726,6 +726,15 @@ def test_hopper_kernels_lower_for_cuda(name):
   assert kinds == ["mosaic", "mosaic", "triton"], targets
 
 
+def test_persistent_forward_in_the_snake_order_lowers_for_cuda(monkeypatch):
+  """`benchmarks/work_orders.SnakeOrder`'s item arithmetic lowers inside
+  the Mosaic forward (a causal case, 3 programs)."""
+  from flexible_attention.kernels.flash import mosaic_fwd  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
+  monkeypatch.setattr(mosaic_fwd, "WorkOrder", _snake_order())
+  test_hopper_kernels_lower_for_cuda("causal_empty_rows")
+
+
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 @pytest.mark.parametrize("shape", [
     dict(sq=100, sk=300), dict(sq=300, sk=200),
