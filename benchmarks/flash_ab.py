@@ -24,9 +24,6 @@ default launches of each version):
    round-robin (`timing.median_seconds_each`), so drifts of the device fall
    on all alike; with `--cudnn` cuDNN's forward and forward+backward too
    (checked first likewise), the baseline of the project's targets.
-
-`--snake` adds this tree's kernels with another forward work order
-(`work_orders.py`), copied like a baseline.
 """
 
 from __future__ import annotations
@@ -49,7 +46,6 @@ from flexible_attention import timing
 from flexible_attention.comparison import compare
 from flexible_attention.comparison import report
 from flexible_attention.kernels import flash as flash_kernel
-import work_orders
 
 _BASELINES = flags.DEFINE_list(
     "baselines", [], "Folders holding other versions of the "
@@ -65,10 +61,6 @@ _CUDNN = flags.DEFINE_bool(
     "cudnn", False, "Time cuDNN (`jax.nn.dot_product_attention`, checked "
     "against the reference too) in the same round-robin: its forward and "
     "its forward+backward (a vjp under one jit).")
-_SNAKE = flags.DEFINE_bool(
-    "snake", False, "Also time this tree's kernels with the forward's work "
-    "order `work_orders.SnakeOrder` (a copy of the package whose "
-    "`mosaic_fwd.WorkOrder` is it), as the version `this tree, snake`.")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "Run the kernels in Pallas' interpreter (a CPU smoke "
     "test of this script; the timings then mean nothing).")
@@ -177,11 +169,6 @@ def main(argv):
   del argv
   versions = [(os.path.normpath(path), _load(path, i))
               for i, path in enumerate(_BASELINES.value)]
-  if _SNAKE.value:
-    snake = _load(os.path.dirname(flash_kernel.__file__), len(versions))
-    importlib.import_module(
-        f"{snake.__name__}.mosaic_fwd").WorkOrder = work_orders.SnakeOrder
-    versions.append(("this tree, snake", snake))
   versions.append(("this tree", flash_kernel))
   rows = []
   for cell in _CELLS.value:

@@ -401,24 +401,18 @@ def test_work_order_runs_each_item_once_and_balances_causal_calls(
   assert len(first) <= -(-order.programs * order.per_chunk // tiles) + 1
 
 
-def _snake_order():
-  """`benchmarks/work_orders.SnakeOrder`, the work order a probe times."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
-      __file__)), "..", "benchmarks"))
-  import work_orders  # pylint: disable=g-import-not-at-top
-  return work_orders.SnakeOrder
-
-
 @pytest.mark.parametrize("batch,heads,tiles,cores", [
     (2, 3, 4, 5), (1, 1, 1, 132), (3, 2, 5, 4), (1, 4, 7, 3),
     (4, 16, 4, 132), (1, 16, 128, 132), (2, 16, 64, 132)])
 def test_snake_work_order_runs_each_item_once_and_balances(
     batch, heads, tiles, cores):
-  """The candidate causal order: every (query tile, batch row, head) once,
+  """`WorkOrder`'s snake order: every (query tile, batch row, head) once,
   and the busiest program's work (tile t costs t + 1) within one tile's of
   the least busy one's: at 128 tiles a head, 16 heads and 132 programs
-  within 0.3% of the mean, where `WorkOrder`'s chunks leave 3%."""
-  order = _snake_order()(batch, heads, tiles, True, cores)
+  within 0.3% of the mean, where the chunks leave 3%."""
+  order = mosaic_common.WorkOrder(batch, heads, tiles, True, cores,
+                                  snake=True)
+  assert order.snakes
   assert order.programs == min(batch * heads * tiles, cores)
   work = _work_per_program(order)
   assert max(work) - min(work) <= tiles, work
@@ -426,17 +420,31 @@ def test_snake_work_order_runs_each_item_once_and_balances(
     assert max(work) / np.mean(work) < 1.003, (max(work), np.mean(work))
 
 
+@pytest.mark.parametrize("batch,heads,tiles,causal,snakes", [
+    (1, 16, 128, True, True), (1, 32, 128, True, True),
+    (2, 16, 64, True, True), (4, 16, 32, True, False),
+    (8, 16, 16, True, False), (1, 16, 128, False, False)])
+def test_work_order_deals_singly_where_heads_are_few(
+    batch, heads, tiles, causal, snakes):
+  """The rule on 132 multiprocessors (an H100): the snake order for causal
+  calls of at most 33 heads (`SNAKE_PROGRAMS_PER_HEAD` = 4 programs a
+  head), the chunks otherwise and for calls without a causal mask."""
+  order = mosaic_common.WorkOrder(batch, heads, tiles, causal, 132)
+  assert order.snakes == snakes
+  assert order.per_chunk == (2 if causal and not snakes else 1)
+  assert not dataclasses.replace(order, snake=False).snakes
+
+
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
 @pytest.mark.parametrize("name", ["causal_empty_rows", "dropout_gqa"])
 def test_persistent_forward_in_the_snake_order_in_gpu_interpreter(
     name, monkeypatch):
-  """The persistent forward with its items in `SnakeOrder` (3 programs;
+  """The persistent forward with its items in the snake order (3 programs;
   heads interleaved, tiles heaviest first): out and grads against the
   reference."""
-  from flexible_attention.kernels.flash import mosaic_fwd  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_fwd, "WorkOrder", _snake_order())
+  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0)
   call, shape = _hopper_case(name)
   launch = _mosaic(structure.pad_dim(shape["d"]), True, dq=True)
   with gpu_interpret.mosaic_on_cpu():
@@ -727,11 +735,10 @@ def test_hopper_kernels_lower_for_cuda(name):
 
 
 def test_persistent_forward_in_the_snake_order_lowers_for_cuda(monkeypatch):
-  """`benchmarks/work_orders.SnakeOrder`'s item arithmetic lowers inside
-  the Mosaic forward (a causal case, 3 programs)."""
-  from flexible_attention.kernels.flash import mosaic_fwd  # pylint: disable=g-import-not-at-top
+  """The snake order's item arithmetic lowers inside the Mosaic forward (a
+  causal case, 3 programs)."""
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_fwd, "WorkOrder", _snake_order())
+  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0)
   test_hopper_kernels_lower_for_cuda("causal_empty_rows")
 
 

@@ -457,30 +457,62 @@ def query_tile_kernel(body, out_type, *, nq: int, batch: int, heads: int):
       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
+# A causal call whose heads are few against the programs (at least this
+# many programs a head) has its items dealt singly, heaviest first over
+# all heads, boustrophedon over the programs (`WorkOrder`). Measured on an
+# H100 (benchmarks/flash_notes.md, nineteenth session): 3-5% faster
+# forwards at 16k tokens with 16 and 32 heads (4-8 programs a head), equal
+# at 8k with 32; 3-5% slower at 4k with 64 heads and 46% at 2k with 128,
+# where the programs running at once read every head's K and V (about one
+# program a head) and L2 no longer serves them.
+SNAKE_PROGRAMS_PER_HEAD = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkOrder:
   """Which query tiles the programs of the persistent forward run, in order.
 
-  The work items are the `(query tile, batch row, head)` triples, numbered
-  head by head (batch row by batch row) and, within a head, in zigzag
-  (last tile, first, second last, second, ...). Consecutive items make a
-  chunk: two under a causal mask (a heavy tile and its light mirror, about
-  as heavy together as any other pair), else one. Program p runs chunks p,
-  p + P, p + 2 P, ... of the P programs: one per multiprocessor (`cores`;
-  every chunk its own program where it is None), so the programs running
-  at once work on a few heads' K and V (which stay in L2), and a causal
-  call is balanced statically, where the block scheduler balanced one
-  program per tile. Items of `[0, count(p))` of a program are numbered n.
+  The work items are the `(query tile, batch row, head)` triples. Two
+  orders:
+  - chunks (the default): items numbered head by head (batch row by batch
+    row) and, within a head, in zigzag (last tile, first, second last,
+    second, ...); consecutive items make a chunk, two under a causal mask
+    (a heavy tile and its light mirror, about as heavy together as any
+    other pair), else one; program p runs chunks p, p + P, p + 2 P, ... of
+    the P programs. The programs running at once work on a few heads' K
+    and V (which stay in L2), and a causal call is balanced to within a
+    chunk: at the standard causal cells (1024 chunks over 132 programs)
+    the busiest program runs 8 where the mean is 7.76, 3% idle in the
+    tail.
+  - snake (causal calls with at least `SNAKE_PROGRAMS_PER_HEAD` programs a
+    head, or `snake=True`): single items, level by level from every head's
+    last (heaviest) tile to its first, dealt to programs 0 to P - 1, then
+    P - 1 to 0, and so on, so that each program's items pair heavy with
+    light: the busiest program within 0.2% of the mean from 4k tokens up
+    (tile t costing t + 1 key tiles). The programs running at once work on
+    all heads, each head's K and V shared by P / (B H) of them in L2.
+
+  One program per multiprocessor (`cores`; every chunk its own program
+  where it is None). Items of `[0, count(p))` of a program are numbered n.
   """
   batch: int
   heads: int
   tiles: int  # nq, the query tiles of a (batch row, head).
   causal: bool
   cores: int | None = None
+  snake: bool | None = None  # None: `SNAKE_PROGRAMS_PER_HEAD`'s rule.
+
+  @property
+  def snakes(self) -> bool:
+    """Whether the items go in the snake order."""
+    if not self.causal or self.snake is False:
+      return False
+    return self.snake or (self.cores is not None and SNAKE_PROGRAMS_PER_HEAD
+                          * self.batch * self.heads <= self.cores)
 
   @property
   def per_chunk(self) -> int:
-    return 2 if self.causal else 1
+    return 2 if self.causal and not self.snakes else 1
 
   @property
   def items(self) -> int:
@@ -494,8 +526,15 @@ class WorkOrder:
   def programs(self) -> int:
     return min(self.chunks, self.cores or self.chunks)
 
+  def _position(self, p, n):
+    """Program `p`'s place in the snake's `n`-th pass over the programs."""
+    return jnp.where(n % 2 == 0, p, self.programs - 1 - p)
+
   def count(self, p):
     """The items of program `p` (int32 scalar, < `programs`): at least 1."""
+    if self.snakes:
+      passes, rest = divmod(self.items, self.programs)
+      return passes + (self._position(p, passes) < rest).astype(jnp.int32)
     per, chunks, programs = self.per_chunk, self.chunks, self.programs
     n = (chunks - p + programs - 1) // programs * per
     if self.items % per:  # The last chunk is one item short.
@@ -504,6 +543,10 @@ class WorkOrder:
 
   def item(self, p, n):
     """`(tile, batch, head)` of program `p`'s `n`-th item (int32 scalars)."""
+    if self.snakes:
+      g = n * self.programs + self._position(p, n)
+      level, bh = g // (self.batch * self.heads), g % (self.batch * self.heads)
+      return self.tiles - 1 - level, bh // self.heads, bh % self.heads
     per = self.per_chunk
     j = (p + n // per * self.programs) * per + n % per
     bh, r = j // self.tiles, j % self.tiles

@@ -7,10 +7,11 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
 
 - a persistent kernel: one program per multiprocessor, each running query
   tiles of `BLOCK_Q` rows one after another in the order
-  `mosaic_common.WorkOrder` gives (head by head; a heavy causal tile beside
-  its light mirror), the next tile's bounds, query rows and values fetched
-  during this one, so that a short call does not pay each tile's start,
-  loads and store in sequence;
+  `mosaic_common.WorkOrder` gives (head by head, a heavy causal tile beside
+  its light mirror; or, for causal calls of few heads, single tiles
+  heaviest first over all heads), the next tile's bounds, query rows and
+  values fetched during this one, so that a short call does not pay each
+  tile's start, loads and store in sequence;
 - three warpgroups per program: a producer that streams K, V (and the keys'
   structure vectors) of every tile the program runs into a ring of
   shared-memory slots with TMA, and two consumers of 64 query rows each
