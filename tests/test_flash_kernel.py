@@ -460,6 +460,21 @@ PERSISTENT_CASES = ("causal_empty_rows", "segments", "dropout_gqa",
                     "kv_lengths_with_zero")
 
 
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", ["causal_empty_rows", "dropout_gqa",
+                                  "segments", "head_dim_256"])
+def test_hopper_persistent_forward_in_the_snake_order(name, monkeypatch):
+  """The snake order compiled on the GPU with several items a program (3
+  programs; the default launches take it only from 4 programs a head, where
+  each program of these small cases runs one item)."""
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
+  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0)
+  call, shape = _hopper_case(name)
+  launch = _mosaic(structure.pad_dim(shape["d"]), True)
+  _check(f"hopper snake {name}", call, launch=launch, interpret=False,
+         **shape)
+
+
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
 @pytest.mark.parametrize("name", PERSISTENT_CASES)
