@@ -35,10 +35,12 @@ descriptors in each step (`mosaic_common.step_zero`): kept across the
 loop, they did not fit beside the accumulators and spilled.
 
 The programs that run at once are consecutive key tiles of one (batch, KV
-head) (the grid's key-tile axis is CUDA's x). In a call without causal,
-window or segment structure in reach, every one of them walks the same
-query tiles from the first, so in the fused backward they add into the
-same dQ tile together. With `LaunchConfig.rotate_dq` such a program (no
+head) (the grid's key-tile axis is CUDA's x; `mosaic_common.KeyTileOrder`,
+whose grouped order, a causal call's heavy key tiles first over a group
+of heads, is opt-in until timed: `GROUPED_CAUSAL_DKV`). In a call without
+causal, window or segment structure in reach, every one of them walks
+the same query tiles from the first, so in the fused backward they add
+into the same dQ tile together. With `LaunchConfig.rotate_dq` such a program (no
 masked tile in its range) starts at its key tile's index instead and
 wraps around: the programs of one head add into different dQ tiles. Its
 dK and dV then sum their steps in another (fixed) order; the fixed
@@ -89,12 +91,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import KeyTileOrder
 from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
@@ -146,7 +150,7 @@ class _DkdvRefs:
   read), else None."""
 
   def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
-               fixed_point: bool, mod_rows):
+               fixed_point: bool, mod_rows, order: KeyTileOrder):
     refs = list(refs)
     (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
      self.kvvec) = refs[:8]
@@ -167,8 +171,7 @@ class _DkdvRefs:
     self.st, self.bq = st, bq
     self.dtype = self.q.dtype
     self.q_names, self.kv_names = st.vectors()
-    self.tile, self.batch, self.kv_head = (
-        lax.axis_index("k"), lax.axis_index("b"), lax.axis_index("h"))
+    self.tile, self.batch, self.kv_head = order.program()
     self.wg = lax.axis_index("wg")
     self.drop = None
     self.rotation = 0  # `rotate`'s, once the bounds row is read.
@@ -477,12 +480,13 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
 
 
 def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
-                 fixed_point: bool, mod_rows):
+                 fixed_point: bool, mod_rows, order: KeyTileOrder):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
   query head of its group; `refs` are the operands (the mods' rows after
   the inputs, then `with_dq` dQ's Ref), the outputs, and last the
   shared-memory scratch."""
-  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, fixed_point, mod_rows)
+  r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, fixed_point, mod_rows,
+                order)
   lo, flo, fhi, hi, *seed = read_row(r.bounds.at[r.batch, r.tile],
                                       r.bounds_smem.at[r.wg],
                                       r.bounds_ready.at[r.wg],
@@ -581,6 +585,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   stats = jnp.stack(stats, axis=2)  # [B, H, 2 or 3, Sqp]
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
+  order = KeyTileOrder.choose(batch, kv_heads, nk, st.causal,
+                              gpu.core_count())
 
   def body(*operands):
     smem = (
@@ -616,7 +622,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
                                ready_refs, free_ref, mod_refs),
                    st=st, bq=bq, with_dq=with_dq, fixed_point=fixed_point,
-                   mod_rows=mod_rows)
+                   mod_rows=mod_rows, order=order)
 
     pl.run_scoped(scoped, smem, exchange, own, ready, free, mods_scratch,
                   collective_axes="wg")
@@ -627,8 +633,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     out_type += (jax.ShapeDtypeStruct(
         (batch, kv_heads, nk, CONSUMERS, st.groups, n_slots, ROWS),
         jnp.float32),)
-  mesh = dict(grid=(nk, batch, kv_heads), grid_names=("k", "b", "h"),
-              num_threads=CONSUMERS + 1, thread_name="wg")
+  mesh = dict(**order.mesh(), num_threads=CONSUMERS + 1, thread_name="wg")
   params = plgpu.CompilerParams(approx_math=True)
   operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors,
               *row_operands(mod_rows))

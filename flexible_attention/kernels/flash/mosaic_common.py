@@ -554,6 +554,66 @@ class WorkOrder:
     return tile, bh // self.heads, bh % self.heads
 
 
+# Whether a causal call's dK/dV programs start in groups of heads, key
+# tile by key tile (`KeyTileOrder`), instead of head by head. Off until
+# timed on a GPU (benchmarks/flash_notes.md, nineteenth session).
+GROUPED_CAUSAL_DKV = False
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyTileOrder:
+  """The order in which the dK/dV kernel's programs `(key tile, batch row,
+  KV head)` start.
+
+  CUDA starts a grid's programs about in the order of their linear index
+  (x fastest), each as a multiprocessor frees. Head by head (`group` = 1,
+  grid `(Nk, B, Hkv)`), under a causal mask each head's programs go from
+  its heaviest key tile (the first, which every query tile sees) to its
+  lightest, so the last heads' heavy tiles start late and the programs end
+  unevenly: in a model of the work (key tile t costs the query tiles that
+  see it; list scheduling on 132 multiprocessors), 5.9% over an even
+  split at 8k tokens (B = 2, 16 heads) and 7.0% at 4k (B = 4), 0.9% at
+  16k. In groups of `group` heads (grid `(group, Nk, B Hkv / group)`) a
+  group's programs go key tile by key tile, each over the group's heads:
+  heaviest first within the group, within 0.2% of the even split in the
+  model at 4k and 8k (1.6% at 2k, B = 8, against 6.9%), while the programs
+  running at once still share a few heads' q and dO in L2.
+  """
+  batch: int
+  heads: int  # Hkv.
+  tiles: int  # Nk.
+  group: int = 1
+
+  @classmethod
+  def choose(cls, batch: int, heads: int, tiles: int, causal: bool,
+             cores: int | None) -> KeyTileOrder:
+    """Head by head, unless `GROUPED_CAUSAL_DKV`, causal and `cores` (the
+    multiprocessors; None off a GPU) known: then groups of the fewest heads
+    (a divisor of B Hkv) with at least `cores` programs."""
+    n, group = batch * heads, 1
+    if causal and GROUPED_CAUSAL_DKV and cores:
+      group = next(g for g in range(1, n + 1)
+                   if n % g == 0 and (g * tiles >= cores or g == n))
+    return cls(batch, heads, tiles, group)
+
+  def mesh(self) -> dict[str, Any]:
+    """The kernel's `grid` and `grid_names`."""
+    if self.group == 1:
+      return dict(grid=(self.tiles, self.batch, self.heads),
+                  grid_names=("k", "b", "h"))
+    return dict(grid=(self.group, self.tiles,
+                      self.batch * self.heads // self.group),
+                grid_names=("g", "k", "c"))
+
+  def program(self, axis_index=lax.axis_index):
+    """`(key tile, batch row, KV head)` of the running program (int32), from
+    its grid indices (`axis_index(name)`)."""
+    if self.group == 1:
+      return axis_index("k"), axis_index("b"), axis_index("h")
+    bh = axis_index("c") * self.group + axis_index("g")
+    return axis_index("k"), bh // self.heads, bh % self.heads
+
+
 def persistent_kernel(body, out_type, order: WorkOrder):
   """`body` as a Mosaic GPU kernel of `order.programs` programs (grid name
   "p") of `CONSUMERS + 1` warpgroups ("wg"), the last the producer."""
