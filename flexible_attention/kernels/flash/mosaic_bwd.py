@@ -40,8 +40,8 @@ whose grouped order, a causal call's heavy key tiles first over a group
 of heads, is opt-in until timed: `GROUPED_CAUSAL_DKV`). In a call without
 causal, window or segment structure in reach, every one of them walks
 the same query tiles from the first, so in the fused backward they add
-into the same dQ tile together. With `LaunchConfig.rotate_dq` such a program (no
-masked tile in its range) starts at its key tile's index instead and
+into the same dQ tile together. With `LaunchConfig.rotate_dq` such a
+program (no masked tile in its range) starts at its key tile's index and
 wraps around: the programs of one head add into different dQ tiles. Its
 dK and dV then sum their steps in another (fixed) order; the fixed
 point's dQ is the same bits either way (checked on an H100). Opt-in: its

@@ -461,10 +461,11 @@ def query_tile_kernel(body, out_type, *, nq: int, batch: int, heads: int):
 # many programs a head) has its items dealt singly, heaviest first over
 # all heads, boustrophedon over the programs (`WorkOrder`). Measured on an
 # H100 (benchmarks/flash_notes.md, nineteenth session): 3-5% faster
-# forwards at 16k tokens with 16 and 32 heads (4-8 programs a head), equal
-# at 8k with 32; 3-5% slower at 4k with 64 heads and 46% at 2k with 128,
-# where the programs running at once read every head's K and V (about one
-# program a head) and L2 no longer serves them.
+# forwards at 16k tokens with 16 and 32 heads (4-8 programs a head), 0.5%
+# slower and 4.4% faster in two runs at 8k with 32; 3-5% slower at 4k with
+# 64 heads and 46% at 2k with 128, where the programs running at once read
+# every head's K and V (about one program a head) and L2 no longer serves
+# them.
 SNAKE_PROGRAMS_PER_HEAD = 4
 
 
