@@ -8,7 +8,8 @@ This draws what that machinery depends on: the multiprocessors (1 to 7,
 `gpu.core_count` patched, so programs run from one to dozens of tiles), the
 batch, heads and groups, query and key lengths (tiles with no visible key
 among them), padded head size 64, 128 or 256 (one buffer of query rows),
-dtype, and the structure: causal or not, a one- or two-sided window,
+dtype, the order of causal items (the snake order forced in half the
+draws), and the structure: causal or not, a one- or two-sided window,
 segment ids, kv lengths (empty rows too), soft cap, dropout. Each draw runs
 `flash_kernel.forward_pass` with the Hopper launches
 (`hopper_launch_config`) op by op, compiled on an sm_90 GPU, else in JAX's
@@ -39,6 +40,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
+from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import structure
 import gpu_interpret
 
@@ -63,6 +65,7 @@ class Draw:
   kv_lengths: bool
   softcap: float | None
   dropout: float | None
+  snake: bool  # Causal items in the snake order whatever the heads.
 
 
 def draw(seed: int) -> Draw:
@@ -82,7 +85,8 @@ def draw(seed: int) -> Draw:
       segments=bool(rng.random() < 0.25),
       kv_lengths=bool(rng.random() < 0.3),
       softcap=float(rng.uniform(5, 30)) if rng.random() < 0.25 else None,
-      dropout=float(rng.choice([0.1, 0.3])) if rng.random() < 0.2 else None)
+      dropout=float(rng.choice([0.1, 0.3])) if rng.random() < 0.2 else None,
+      snake=bool(rng.random() < 0.5))
 
 
 def run(x: Draw, seed: int) -> float:
@@ -111,13 +115,15 @@ def run(x: Draw, seed: int) -> float:
   with contextlib.ExitStack() as stack:
     if not HOPPER:
       stack.enter_context(gpu_interpret.mosaic_on_cpu())
-    original = gpu.core_count
+    original = gpu.core_count, mosaic_common.SNAKE_PROGRAMS_PER_HEAD
     gpu.core_count = lambda: x.cores
+    if x.snake:
+      mosaic_common.SNAKE_PROGRAMS_PER_HEAD = 0
     try:
       got = flash_kernel.forward_pass(flash_kernel.prepare(
           inputs, drop, sm_scale=scale, softcap=x.softcap, launch=launch))
     finally:
-      gpu.core_count = original
+      gpu.core_count, mosaic_common.SNAKE_PROGRAMS_PER_HEAD = original
   f32 = lambda a: a.astype(jnp.float32)
   ref_in = fa.canonicalize(f32(q), f32(k), f32(v), **call)
   want = fa.reference_attention(ref_in.query, ref_in.key, ref_in.value, None,
