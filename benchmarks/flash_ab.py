@@ -10,7 +10,7 @@ One command on the GPU machine (see benchmarks/flash_notes.md):
 `--patch=module.NAME=value` (repeatable) adds a copy of this tree's
 package with those module constants set (the value a Python literal), as
 the version `this tree, patched`: an opt-in choice such as
-`mosaic_common.GROUPED_CAUSAL_DKV=True` timed beside the default.
+`structure.GROUPED_CAUSAL_DKV=True` timed beside the default.
 
 `--baselines` are other versions of the `kernels/flash/` package (folders,
 e.g. from `git archive` as above); each is copied under a name of its own,

@@ -525,12 +525,16 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
 
 
 def _launch_order(order) -> list[tuple[int, int, int]]:
-  """`KeyTileOrder`'s `(key tile, batch row, KV head)` per program, in the
-  order CUDA starts them (linear index, the grid's first axis fastest)."""
-  names, grid = order.mesh()["grid_names"], order.mesh()["grid"]
-  return [tuple(int(x) for x in order.program(
-      lambda name: jnp.int32(idx[::-1][names.index(name)])))
-          for idx in itertools.product(*map(range, grid[::-1]))]
+  """`TileOrder`'s `(tile, batch row, head)` per program, in the order CUDA
+  starts them (linear index, the grid's first axis fastest), once through
+  the named grid (Mosaic GPU's) and once through grid indices (Triton's)."""
+  programs = []
+  for idx in itertools.product(*map(range, order.grid[::-1])):
+    ids = [jnp.int32(i) for i in idx[::-1]]
+    named = order.program(lambda name: ids[order.names.index(name)])
+    assert [int(x) for x in named] == [int(x) for x in order.at(*ids)]
+    programs.append(tuple(int(x) for x in named))
+  return programs
 
 
 def _makespan(works, cores: int) -> float:
@@ -541,28 +545,37 @@ def _makespan(works, cores: int) -> float:
   return max(free)
 
 
+@pytest.mark.parametrize("kernel", ["dkv", "dq"])
 @pytest.mark.parametrize("batch,heads,tiles", [
     (2, 16, 64), (4, 16, 32), (8, 16, 16), (1, 16, 128), (2, 3, 5)])
-def test_grouped_key_tile_order_starts_heavy_tiles_first(
-    batch, heads, tiles, monkeypatch):
-  """`KeyTileOrder`: head by head by default (the grid `(Nk, B, Hkv)`);
-  with `GROUPED_CAUSAL_DKV` a causal call's programs in groups of heads,
-  each program once, and in a model of the causal work (key tile t of 128
-  keys costs the 64-row query tiles from 2 t on) list-scheduled on 132
-  multiprocessors within 2% of an even split (0.2% at 4k and 8k tokens)
-  where head by head is 1-7% over it."""
-  cores, nq = 132, 2 * tiles
-  work = {t: nq - 2 * t for t in range(tiles)}
-  default = mosaic_common.KeyTileOrder.choose(batch, heads, tiles, True,
-                                              cores)
+def test_grouped_tile_order_starts_heavy_tiles_first(
+    kernel, batch, heads, tiles, monkeypatch):
+  """`structure.TileOrder`: head by head by default (the grid `(tiles, B,
+  heads)`); with the kernel's flag a causal call's programs in groups of
+  heads, each program once, and in a model of the causal work list-scheduled
+  on 132 multiprocessors within 2% of an even split (0.2% at 4k and 8k
+  tokens) where head by head is 1-7% over it. dK/dV: key tile t of 128
+  keys costs the 64-row query tiles from 2 t on; dQ: grid tile t is query
+  tile `tiles - 1 - t` (heavy first), which costs the key tiles up to it."""
+  cores = 132
+  if kernel == "dkv":
+    work = {t: 2 * tiles - 2 * t for t in range(tiles)}
+  else:
+    work = {t: tiles - t for t in range(tiles)}
+  flag = {"dkv": "GROUPED_CAUSAL_DKV", "dq": "GROUPED_CAUSAL_DQ"}[kernel]
+  choose = functools.partial(structure.TileOrder.choose, batch, heads, tiles,
+                             cores=cores, kernel=kernel)
+  default = choose(True)
   assert default.group == 1
   assert _launch_order(default) == [
       (t, b, h) for h in range(heads) for b in range(batch)
       for t in range(tiles)]
-  monkeypatch.setattr(mosaic_common, "GROUPED_CAUSAL_DKV", True)
-  assert mosaic_common.KeyTileOrder.choose(batch, heads, tiles, False,
-                                           cores).group == 1
-  order = mosaic_common.KeyTileOrder.choose(batch, heads, tiles, True, cores)
+  monkeypatch.setattr(structure, flag, True)
+  assert choose(False).group == 1
+  other = {"dkv": "dq", "dq": "dkv"}[kernel]  # Each kernel its own flag.
+  assert structure.TileOrder.choose(batch, heads, tiles, True, cores,
+                                    kernel=other).group == 1
+  order = choose(True)
   programs = _launch_order(order)
   assert sorted(programs) == sorted(itertools.product(
       range(tiles), range(batch), range(heads)))
@@ -572,22 +585,45 @@ def test_grouped_key_tile_order_starts_heavy_tiles_first(
                       cores) / even
   if batch * heads * tiles >= 4 * cores:
     assert grouped < min(by_head, 1.02), (grouped, by_head)
-  if tiles in (32, 64):  # 4k and 8k tokens.
-    assert grouped < 1.002 < 1.05 < by_head, (grouped, by_head)
+  if tiles in (32, 64):  # 4k and 8k tokens (dK/dV), 2k and 4k (dQ).
+    assert grouped < 1.002 < 1.02 < by_head, (grouped, by_head)
+
+
+def _grouped(monkeypatch, kernels=("dkv", "dq"), cores=6):
+  """The flags of `kernels` on, the GPU of `cores` multiprocessors (the
+  grids sized for it; a GPU runs them on all of its own)."""
+  for kernel in kernels:
+    monkeypatch.setattr(structure, f"GROUPED_CAUSAL_{kernel.upper()}", True)
+  monkeypatch.setattr(gpu, "core_count", lambda: cores)
+
+
+def test_grouped_dq_order_in_triton_interpreter(monkeypatch):
+  """The Triton dQ kernel (and the bias gradient's, which shares it) with
+  its programs in groups of heads: out and grads against the reference (a
+  causal case, B H = 8 pairs in groups of 2 over 3 query tiles)."""
+  _grouped(monkeypatch, ["dq"])
+  shape = dict(b=2, h=4, hkv=2, sq=40, sk=56, d=32)
+  nq = -(-shape["sq"] // SMALL_BLOCKS.block_q_dq)
+  assert structure.TileOrder.choose(shape["b"], shape["h"], nq, True, 6,
+                                    kernel="dq").group == 2
+  _check("grouped_dq", dict(causal=True), bias_shape=(2, 4, 40, 56),
+         **shape)
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
 @pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
-def test_grouped_key_tile_order_in_gpu_interpreter(fused, monkeypatch):
-  """The dK/dV kernel (and the fused one) with its programs in groups of
-  heads (`KeyTileOrder`, 2 of the 4 (batch row, KV head) pairs a group, 6
-  multiprocessors): out and grads against the reference."""
-  monkeypatch.setattr(mosaic_common, "GROUPED_CAUSAL_DKV", True)
-  monkeypatch.setattr(gpu, "core_count", lambda: 6)
+def test_grouped_tile_order_in_gpu_interpreter(fused, monkeypatch):
+  """The Mosaic dK/dV kernel (and the fused one) with its programs in
+  groups of heads (2 of the 4 (batch row, KV head) pairs a group), and
+  split, the Mosaic dQ kernel's too (2 of 8): out and grads against the
+  reference."""
+  _grouped(monkeypatch)
   call, shape = _hopper_case("dropout_gqa")  # B Hkv = 4, Nk = 3.
-  assert mosaic_common.KeyTileOrder.choose(
-      shape["b"], shape["hkv"], 3, True, 6).group == 2
+  assert structure.TileOrder.choose(
+      shape["b"], shape["hkv"], 3, True, 6, kernel="dkv").group == 2
+  assert structure.TileOrder.choose(
+      shape["b"], shape["h"], 2, True, 6, kernel="dq").group == 4
   launch = dataclasses.replace(
       _mosaic(structure.pad_dim(shape["d"]), True, dq=not fused),
       atomic_dq=fused)
@@ -597,17 +633,15 @@ def test_grouped_key_tile_order_in_gpu_interpreter(fused, monkeypatch):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
-def test_hopper_grouped_key_tile_order_matches_reference(fused, monkeypatch):
-  """The same compiled on the GPU (the grid sized for 6 multiprocessors;
-  the GPU runs it on all of its own)."""
-  monkeypatch.setattr(mosaic_common, "GROUPED_CAUSAL_DKV", True)
-  monkeypatch.setattr(gpu, "core_count", lambda: 6)
+@pytest.mark.parametrize("dq", ["fused", "mosaic", "triton"])
+def test_hopper_grouped_tile_order_matches_reference(dq, monkeypatch):
+  """The same compiled on the GPU, with each dQ kernel."""
+  _grouped(monkeypatch)
   call, shape = _hopper_case("dropout_gqa")
   launch = dataclasses.replace(
-      _mosaic(structure.pad_dim(shape["d"]), True, dq=not fused),
-      atomic_dq=fused)
-  _check(f"hopper grouped {fused}", call, launch=launch, interpret=False,
+      _mosaic(structure.pad_dim(shape["d"]), True, dq=dq == "mosaic"),
+      atomic_dq=dq == "fused")
+  _check(f"hopper grouped {dq}", call, launch=launch, interpret=False,
          **shape)
 
 
@@ -837,11 +871,10 @@ def test_hopper_kernels_lower_for_cuda(name):
   assert kinds == ["mosaic", "mosaic", "triton"], targets
 
 
-def test_grouped_key_tile_order_lowers_for_cuda(monkeypatch):
-  """The dK/dV kernel's grid in groups of heads (`KeyTileOrder`) lowers (a
-  causal case, 2 of the 4 (batch row, KV head) pairs a group)."""
-  monkeypatch.setattr(mosaic_common, "GROUPED_CAUSAL_DKV", True)
-  monkeypatch.setattr(gpu, "core_count", lambda: 6)
+def test_grouped_tile_order_lowers_for_cuda(monkeypatch):
+  """The dK/dV and Triton dQ kernels' grids in groups of heads
+  (`structure.TileOrder`) lower (a causal case)."""
+  _grouped(monkeypatch)
   test_hopper_kernels_lower_for_cuda("dropout_gqa")
 
 

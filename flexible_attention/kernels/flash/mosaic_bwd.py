@@ -35,9 +35,9 @@ descriptors in each step (`mosaic_common.step_zero`): kept across the
 loop, they did not fit beside the accumulators and spilled.
 
 The programs that run at once are consecutive key tiles of one (batch, KV
-head) (the grid's key-tile axis is CUDA's x; `mosaic_common.KeyTileOrder`,
+head) (the grid's key-tile axis is CUDA's x; `structure.TileOrder`,
 whose grouped order, a causal call's heavy key tiles first over a group
-of heads, is opt-in until timed: `GROUPED_CAUSAL_DKV`). In a call without
+of heads, is opt-in until timed: `structure.GROUPED_CAUSAL_DKV`). In a call without
 causal, window or segment structure in reach, every one of them walks
 the same query tiles from the first, so in the fused backward they add
 into the same dQ tile together. With `LaunchConfig.rotate_dq` such a
@@ -98,7 +98,6 @@ from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
-from flexible_attention.kernels.flash.mosaic_common import KeyTileOrder
 from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
@@ -137,6 +136,7 @@ from flexible_attention.kernels.flash.mosaic_numerics import fixed_point_scales
 from flexible_attention.kernels.flash.mosaic_numerics import to_fixed_point
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
+from flexible_attention.kernels.flash.structure import TileOrder
 
 
 class _DkdvRefs:
@@ -150,7 +150,7 @@ class _DkdvRefs:
   read), else None."""
 
   def __init__(self, st: Static, bq: int, refs, scratch, with_dq: bool,
-               fixed_point: bool, mod_rows, order: KeyTileOrder):
+               fixed_point: bool, mod_rows, order: TileOrder):
     refs = list(refs)
     (self.q, self.k, self.v, self.do, self.stats, self.bounds, self.qvec,
      self.kvvec) = refs[:8]
@@ -480,7 +480,7 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
 
 
 def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
-                 fixed_point: bool, mod_rows, order: KeyTileOrder):
+                 fixed_point: bool, mod_rows, order: TileOrder):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
   query head of its group; `refs` are the operands (the mods' rows after
   the inputs, then `with_dq` dQ's Ref), the outputs, and last the
@@ -585,8 +585,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   stats = jnp.stack(stats, axis=2)  # [B, H, 2 or 3, Sqp]
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
-  order = KeyTileOrder.choose(batch, kv_heads, nk, st.causal,
-                              gpu.core_count())
+  order = TileOrder.choose(batch, kv_heads, nk, st.causal,
+                           gpu.core_count(), kernel="dkv")
 
   def body(*operands):
     smem = (
@@ -633,7 +633,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     out_type += (jax.ShapeDtypeStruct(
         (batch, kv_heads, nk, CONSUMERS, st.groups, n_slots, ROWS),
         jnp.float32),)
-  mesh = dict(**order.mesh(), num_threads=CONSUMERS + 1, thread_name="wg")
+  mesh = dict(grid=order.grid, grid_names=order.names,
+              num_threads=CONSUMERS + 1, thread_name="wg")
   params = plgpu.CompilerParams(approx_math=True)
   operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors,
               *row_operands(mod_rows))

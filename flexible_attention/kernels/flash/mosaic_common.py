@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
 from flexible_attention.kernels.flash.structure import LOG2E
+from flexible_attention.kernels.flash.structure import TileOrder
 
 ROWS = 64  # Query rows per consumer warpgroup: wgmma's M.
 CONSUMERS = 2
@@ -413,16 +414,16 @@ def key_vector(st, kvvec_smem, slot, name, dim: int = 0):
                      plgpu.Layout.WGMMA.reduce(dim))
 
 
-def query_tile_program(bounds_ref, bounds_smem, bounds_ready, nq: int,
-                       count: int = 4):
+def query_tile_program(bounds_ref, bounds_smem, bounds_ready,
+                       order: TileOrder, count: int = 4):
   """Where a program over one query tile (dQ) is: `(tile,
-  batch, head, wg, (lo, flo, fhi, hi, ...))`, its query tile (the last
-  first: heavy causal rows first), batch row, head, this warpgroup and the
-  first `count` scalars of the tile's bounds row (`bounds_count`), which
-  every warpgroup reads through its own shared-memory row (`bounds_ref`:
-  `[B, nq, BOUNDS_ROW]`)."""
-  tile = nq - 1 - lax.axis_index("q")
-  batch, head = lax.axis_index("b"), lax.axis_index("h")
+  batch, head, wg, (lo, flo, fhi, hi, ...))`, its query tile (the grid's
+  tile axis backwards: heavy causal rows first), batch row, head (in
+  `order`), this warpgroup and the first `count` scalars of the tile's
+  bounds row (`bounds_count`), which every warpgroup reads through its own
+  shared-memory row (`bounds_ref`: `[B, nq, BOUNDS_ROW]`)."""
+  t, batch, head = order.program()
+  tile = order.tiles - 1 - t
   wg = lax.axis_index("wg")
   bounds = read_row(bounds_ref.at[batch, tile], bounds_smem.at[wg],
                     bounds_ready.at[wg], count)
@@ -446,14 +447,13 @@ def query_tile_loop(step, carry, bounds, sched, wg):
   return carry
 
 
-def query_tile_kernel(body, out_type, *, nq: int, batch: int, heads: int):
+def query_tile_kernel(body, out_type, order: TileOrder):
   """`body` as a Mosaic GPU kernel over the programs `(query tile, batch
-  row, head)` (grid names "q", "b", "h") of `CONSUMERS + 1` warpgroups
-  ("wg"), the last the producer."""
+  row, head)` in `order` (its grid) of `CONSUMERS + 1` warpgroups ("wg"),
+  the last the producer."""
   return plgpu.kernel(
-      body, out_type=out_type, grid=(nq, batch, heads),
-      grid_names=("q", "b", "h"), num_threads=CONSUMERS + 1,
-      thread_name="wg",
+      body, out_type=out_type, grid=order.grid, grid_names=order.names,
+      num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
@@ -555,66 +555,6 @@ class WorkOrder:
     return tile, bh // self.heads, bh % self.heads
 
 
-# Whether a causal call's dK/dV programs start in groups of heads, key
-# tile by key tile (`KeyTileOrder`), instead of head by head. Off until
-# timed on a GPU (benchmarks/flash_notes.md, nineteenth session).
-GROUPED_CAUSAL_DKV = False
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyTileOrder:
-  """The order in which the dK/dV kernel's programs `(key tile, batch row,
-  KV head)` start.
-
-  CUDA starts a grid's programs about in the order of their linear index
-  (x fastest), each as a multiprocessor frees. Head by head (`group` = 1,
-  grid `(Nk, B, Hkv)`), under a causal mask each head's programs go from
-  its heaviest key tile (the first, which every query tile sees) to its
-  lightest, so the last heads' heavy tiles start late and the programs end
-  unevenly: in a model of the work (key tile t costs the query tiles that
-  see it; list scheduling on 132 multiprocessors), 5.9% over an even
-  split at 8k tokens (B = 2, 16 heads) and 7.0% at 4k (B = 4), 0.9% at
-  16k. In groups of `group` heads (grid `(group, Nk, B Hkv / group)`) a
-  group's programs go key tile by key tile, each over the group's heads:
-  heaviest first within the group, within 0.2% of the even split in the
-  model at 4k and 8k (1.6% at 2k, B = 8, against 6.9%), while the programs
-  running at once still share a few heads' q and dO in L2.
-  """
-  batch: int
-  heads: int  # Hkv.
-  tiles: int  # Nk.
-  group: int = 1
-
-  @classmethod
-  def choose(cls, batch: int, heads: int, tiles: int, causal: bool,
-             cores: int | None) -> KeyTileOrder:
-    """Head by head, unless `GROUPED_CAUSAL_DKV`, causal and `cores` (the
-    multiprocessors; None off a GPU) known: then groups of the fewest heads
-    (a divisor of B Hkv) with at least `cores` programs."""
-    n, group = batch * heads, 1
-    if causal and GROUPED_CAUSAL_DKV and cores:
-      group = next(g for g in range(1, n + 1)
-                   if n % g == 0 and (g * tiles >= cores or g == n))
-    return cls(batch, heads, tiles, group)
-
-  def mesh(self) -> dict[str, Any]:
-    """The kernel's `grid` and `grid_names`."""
-    if self.group == 1:
-      return dict(grid=(self.tiles, self.batch, self.heads),
-                  grid_names=("k", "b", "h"))
-    return dict(grid=(self.group, self.tiles,
-                      self.batch * self.heads // self.group),
-                grid_names=("g", "k", "c"))
-
-  def program(self, axis_index=lax.axis_index):
-    """`(key tile, batch row, KV head)` of the running program (int32), from
-    its grid indices (`axis_index(name)`)."""
-    if self.group == 1:
-      return axis_index("k"), axis_index("b"), axis_index("h")
-    bh = axis_index("c") * self.group + axis_index("g")
-    return axis_index("k"), bh // self.heads, bh % self.heads
-
-
 def persistent_kernel(body, out_type, order: WorkOrder):
   """`body` as a Mosaic GPU kernel of `order.programs` programs (grid name
   "p") of `CONSUMERS + 1` warpgroups ("wg"), the last the producer."""
@@ -667,12 +607,12 @@ def stream_tiles(k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
 
 
 def stream_keys(st, k_ref, v_ref, kvvec_ref, smem, ready, free, *, bk: int,
-                lo, hi):
+                batch, head, lo, hi):
   """The producer warpgroup of a program over one query tile (dQ): streams
-  key tiles `[lo, hi)` of the program's batch row and KV head (query head
-  // G) as `stream_tiles` does, tile `t` into slot `(t - lo) % STAGES`."""
+  key tiles `[lo, hi)` of batch row `batch` and the KV head of query head
+  `head` (`head // G`) as `stream_tiles` does, tile `t` into slot `(t -
+  lo) % STAGES`."""
   plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-  batch, head = lax.axis_index("b"), lax.axis_index("h")
   kv_head = lax.div(head, jnp.array(st.groups, head.dtype))
   stream_tiles(k_ref, v_ref, kvvec_ref, smem, ready, free, bk=bk,
                batch=batch, kv_head=kv_head, lo=lo, hi=hi, base=0)

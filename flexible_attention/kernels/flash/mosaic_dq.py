@@ -23,7 +23,10 @@ like the forward (`mosaic_fwd`), of which it is the backward sibling:
   float32 `[64, Dp]` dQ with a `wgmma` that takes `ds` from registers (as
   the forward takes `p`);
 - the consumers ping-pong through a named barrier as the forward's do, so
-  one's elementwise work overlaps the other's matmuls.
+  one's elementwise work overlaps the other's matmuls;
+- the programs start head by head, heavy causal query tiles first, or (a
+  causal call, opt-in: `structure.GROUPED_CAUSAL_DQ`) tile by tile over
+  groups of heads (`structure.TileOrder`, the dK/dV kernels' order).
 
 dQ is written in the inputs' dtype (the Triton kernel writes any
 `grad_dtype`; the launch policy keeps float32 results on Triton).
@@ -63,6 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
@@ -99,11 +103,12 @@ from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
+from flexible_attention.kernels.flash.structure import TileOrder
 
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
             kvvec_ref, mod_refs, dq_ref, scratch, mod_scratch, *, st: Static,
-            bk: int, nq: int, split: bool):
+            bk: int, order: TileOrder, split: bool):
   """One program: dQ of `BLOCK_Q` query rows of one (batch, head) pair.
 
   `mod_refs`, `mod_scratch`: the mods' program values and their
@@ -118,7 +123,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
   dtype = q_ref.dtype
   kv_names = st.vectors()[1]
   tile, batch, head, wg, (lo, flo, fhi, hi, *seed) = query_tile_program(
-      bounds_ref, bounds_smem, bounds_ready, nq, bounds_count(st))
+      bounds_ref, bounds_smem, bounds_ready, order, bounds_count(st))
   drop = TileDropout(st, seed, batch) if seed else None
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
@@ -212,7 +217,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
   def _producer():
     stream_keys(st, k_ref, v_ref, kvvec_ref, (k_smem, v_smem, kvvec_smem),
                 (k_ready, v_ready, kvvec_ready), (k_free, v_free), bk=bk,
-                lo=lo, hi=hi)
+                batch=batch, head=head, lo=lo, hi=hi)
 
 
 def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
@@ -258,6 +263,8 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
   lse2 = split_lse2(st, lse2, mod_rows, q_vectors)
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
   bounds = pad_bounds(bounds, seed)
+  order = TileOrder.choose(batch, heads, nq, st.causal, gpu.core_count(),
+                           kernel="dq")
 
   def body(*refs):
     refs = list(refs)
@@ -282,13 +289,13 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
     def scoped(smem_refs, ready_refs, free_refs, sched_ref, row_refs):
       _kernel(*operands, mod_refs, dq_ref,
               (*smem_refs, ready_refs, free_refs, sched_ref),
-              split_row_scratch(mod_rows, row_refs), st=st, bk=bk, nq=nq,
-              split=split)
+              split_row_scratch(mod_rows, row_refs), st=st, bk=bk,
+              order=order, split=split)
 
     pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
                   collective_axes="wg")
 
   return query_tile_kernel(
-      body, jax.ShapeDtypeStruct(q.shape, q.dtype), nq=nq, batch=batch,
-      heads=heads)(q, k, v, do, stats, bounds, q_vectors, kv_vectors,
-                   *row_operands(mod_rows))
+      body, jax.ShapeDtypeStruct(q.shape, q.dtype), order)(
+          q, k, v, do, stats, bounds, q_vectors, kv_vectors,
+          *row_operands(mod_rows))

@@ -12,6 +12,9 @@ through the same two things, built here before any kernel runs:
   tiles of the other that may hold a visible pair and, inside it, the run
   `[flo, fhi)` that certainly holds only visible pairs (no mask needed).
 
+The order in which a backward kernel's programs `(tile, batch row, head)`
+start (`TileOrder`) lives here too: the Triton and Mosaic kernels share it.
+
 Padding to whole tiles also lives here: the backends take the same padded
 operands.
 
@@ -27,6 +30,7 @@ import dataclasses
 import math
 from typing import Any
 
+from jax import lax
 import jax.numpy as jnp
 
 from flexible_attention.core import masks
@@ -273,6 +277,85 @@ def tile_bounds(st: Static, aux, mod_tiles=None) -> dict[str, Any]:
                             mod_tiles)
   dkv = bounds_table(maybe.swapaxes(1, 2), full.swapaxes(1, 2))
   return {"bounds_fwd": fwd, "bounds_dq": dq, "bounds_dkv": dkv}
+
+
+# --- The backward kernels' program order -------------------------------------
+
+
+# Whether a causal call's backward programs start in groups of heads, tile
+# by tile (`TileOrder`), instead of head by head: the Mosaic dK/dV kernels'
+# (split and fused) and the dQ kernels' (Triton and Mosaic). Off until timed
+# on a GPU (benchmarks/flash_notes.md, nineteenth and twentieth sessions).
+GROUPED_CAUSAL_DKV = False
+GROUPED_CAUSAL_DQ = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TileOrder:
+  """The order in which a backward kernel's programs `(tile, batch row,
+  head)` start: the dK/dV kernels' (key tile, KV head) and the dQ kernels'
+  (query tile, query head; the caller maps the grid's tile axis to the tile,
+  heavy causal rows first).
+
+  CUDA starts a grid's programs about in the order of their linear index
+  (the first axis fastest), each as a multiprocessor frees. Head by head
+  (`group` = 1, grid `(tiles, B, heads)`, names "t", "b", "h"), under a
+  causal mask each head's programs go from its heaviest tile to its
+  lightest, so the last heads' heavy tiles start late and the programs end
+  unevenly: in a model of the dK/dV work (key tile t costs the query tiles
+  that see it; list scheduling on 132 multiprocessors), 5.9% over an even
+  split at 8k tokens (B = 2, 16 heads) and 7.0% at 4k (B = 4), 0.9% at
+  16k; the Triton dQ kernel's, 3-7% at 4k-8k with one program a
+  multiprocessor and 7-16% with two. In groups of `group` heads (grid
+  `(group, tiles, B heads / group)`, names "g", "t", "c") a group's
+  programs go tile by tile, each over the group's heads: heaviest first
+  within the group, within 0.2% of the even split in the dK/dV model at 4k
+  and 8k (1.6% at 2k, B = 8, against 6.9%), while the programs running at
+  once still share a few heads' operands in L2.
+  """
+  batch: int
+  heads: int
+  tiles: int
+  group: int = 1
+
+  @classmethod
+  def choose(cls, batch: int, heads: int, tiles: int, causal: bool,
+             cores: int | None, *, kernel: str) -> TileOrder:
+    """Head by head, unless `causal`, the `kernel`'s flag on ("dkv":
+    `GROUPED_CAUSAL_DKV`, "dq": `GROUPED_CAUSAL_DQ`) and `cores` (the
+    multiprocessors; None off a GPU) known: then groups of the fewest heads
+    (a divisor of B heads) with at least `cores` programs."""
+    grouped = {"dkv": GROUPED_CAUSAL_DKV, "dq": GROUPED_CAUSAL_DQ}[kernel]
+    n, group = batch * heads, 1
+    if causal and grouped and cores:
+      group = next(g for g in range(1, n + 1)
+                   if n % g == 0 and (g * tiles >= cores or g == n))
+    return cls(batch, heads, tiles, group)
+
+  @property
+  def grid(self) -> tuple[int, int, int]:
+    if self.group == 1:
+      return (self.tiles, self.batch, self.heads)
+    return (self.group, self.tiles, self.batch * self.heads // self.group)
+
+  @property
+  def names(self) -> tuple[str, str, str]:
+    return ("t", "b", "h") if self.group == 1 else ("g", "t", "c")
+
+  def at(self, *ids):
+    """`(tile, batch row, head)` of the program at grid indices `ids` (a
+    Triton kernel's `pl.program_id`s, a `BlockSpec`'s index map's
+    arguments)."""
+    if self.group == 1:
+      return ids
+    g, tile, c = ids
+    bh = c * self.group + g
+    return tile, bh // self.heads, bh % self.heads
+
+  def program(self, axis_index=lax.axis_index):
+    """`(tile, batch row, head)` of the running program of a kernel over
+    the named grid `names` (Mosaic GPU's `axis_index(name)`)."""
+    return self.at(*map(axis_index, self.names))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,10 @@
   program); with `LaunchConfig.atomic_dq` it also adds each tile pair's
   share of dQ into a float32 buffer with atomic adds (one kernel, 5
   matmuls per tile pair, not bitwise reproducible);
-- dQ, grid `(Sq / bq, B, H)`: one query tile against its key tiles; the
-  same kernel writes `d(loss)/d(logits)` tiles for the bias gradient
+- dQ, grid `(Sq / bq, B, H)` (or a causal call's in groups of heads,
+  `structure.TileOrder`, opt-in: `structure.GROUPED_CAUSAL_DQ`): one query
+  tile against its key tiles, heavy causal rows first; the same kernel
+  writes `d(loss)/d(logits)` tiles for the bias gradient
   (`write_ds`), a launch of its own that XLA drops when nobody needs it.
 
 `delta = rowsum(dO * O)` comes from the caller (`interface.py`). See
@@ -25,10 +27,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mod_lowering import TileMods
 from flexible_attention.kernels.flash.mod_lowering import add_partials
 from flexible_attention.kernels.flash.mod_lowering import partial_sizes
 from flexible_attention.kernels.flash.structure import Static
+from flexible_attention.kernels.flash.structure import TileOrder
 from flexible_attention.kernels.flash.triton_common import Call
 from flexible_attention.kernels.flash.triton_common import add_structure
 from flexible_attention.kernels.flash.triton_common import broadcast_block
@@ -125,14 +129,13 @@ def _dkdv_kernel(*refs, names, st: Static):
 
 
 
-def _dq_kernel(*refs, names, st: Static, num_q_blocks: int,
-               write_ds: bool):
+def _dq_kernel(*refs, names, st: Static, order: TileOrder, write_ds: bool):
   """dQ, or (`write_ds`) the logits' gradient tiles for the bias."""
   r = dict(zip(names, refs))
   launch = st.launch.dq
   bq, bk = launch.block_q, launch.block_k
-  i = num_q_blocks - 1 - pl.program_id(0)
-  b, h = pl.program_id(1), pl.program_id(2)
+  t, b, h = order.at(*(pl.program_id(axis) for axis in range(3)))
+  i = order.tiles - 1 - t  # Heavy causal rows first.
   q = r["q"][...]
   do = r["do"][...]
   lse = r["lse"][...]
@@ -267,7 +270,9 @@ def dq(st: Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool,
   kv_len, dv_pad = k.shape[1], v.shape[-1]
   bq = st.launch.dq.block_q
   nq = q_len // bq
-  call, qi = query_grid_call(st, q, k, v, bias, aux, bq, "bounds_dq")
+  order = TileOrder.choose(batch, num_heads, nq, st.causal, gpu.core_count(),
+                           kernel="dq")
+  call, qi = query_grid_call(st, q, k, v, bias, aux, bq, "bounds_dq", order)
   call.input("do", do, (None, bq, None, dv_pad),
              lambda i, b, h: (b, qi(i), h, 0))
   call.input("lse", lse2, (None, None, bq), lambda i, b, h: (b, h, qi(i)))
@@ -281,9 +286,8 @@ def dq(st: Static, q, k, v, bias, aux, do, lse2, delta, write_ds: bool,
     call.output("dq", q.shape, grad_dtype or q.dtype, (None, bq, None, d_pad),
                 lambda i, b, h: (b, qi(i), h, 0))
     name = "flash_dq"
-  (result,) = call(_dq_kernel, (nq, batch, num_heads), st.launch.dq,
-                   st.interpret, name, st=st, num_q_blocks=nq,
-                   write_ds=write_ds)
+  (result,) = call(_dq_kernel, order.grid, st.launch.dq, st.interpret, name,
+                   st=st, order=order, write_ds=write_ds)
   return result
 
 

@@ -40,6 +40,7 @@ from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.core import masks
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
+from flexible_attention.kernels.flash.structure import TileOrder
 
 
 def dot(a, b, st: Static, *, trans_a: bool = False, trans_b: bool = False):
@@ -157,24 +158,34 @@ def compiler_params(launch, interpret: bool):
 
 
 class Call:
-  """Collects the named inputs and outputs of one `pallas_call`."""
+  """Collects the named inputs and outputs of one `pallas_call`.
 
-  def __init__(self):
+  With an `order` (`structure.TileOrder`) the index maps are written over
+  `(tile, batch row, head)` and the call runs over the order's grid, each
+  map composed with `order.at`."""
+
+  def __init__(self, order: TileOrder | None = None):
+    self.order = order
     self.names, self.arrays, self.specs = [], [], []
     self.out_names, self.out_shapes, self.out_specs = [], [], []
     self.aliases = {}
+
+  def _spec(self, block_shape, index_map):
+    if self.order is not None and self.order.group > 1:
+      index_map = lambda *ids, f=index_map: f(*self.order.at(*ids))
+    return pl.BlockSpec(block_shape, index_map)
 
   def input(self, name, array, block_shape, index_map):
     if array is None:
       return
     self.names.append(name)
     self.arrays.append(array)
-    self.specs.append(pl.BlockSpec(block_shape, index_map))
+    self.specs.append(self._spec(block_shape, index_map))
 
   def output(self, name, shape, dtype, block_shape, index_map):
     self.out_names.append(name)
     self.out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
-    self.out_specs.append(pl.BlockSpec(block_shape, index_map))
+    self.out_specs.append(self._spec(block_shape, index_map))
 
   def accumulator(self, name, array, block_shape, index_map):
     """An output that starts as `array` (aliased to it: the kernel adds
@@ -227,10 +238,12 @@ def add_structure(call: Call, aux, st: Static, q_block: int,
 
 
 def query_grid_call(st: Static, q, k, v, bias, aux, bq: int,
-                     bounds: str) -> tuple[Call, Any]:
-  """A `_Call` over the grid (query block, batch, head) with the inputs the
-  forward and dQ kernels share: a query tile, its KV head's whole K/V, the
-  structure vectors, bias and mask tiles and the tile-skipping bounds.
+                     bounds: str, order: TileOrder | None = None
+                     ) -> tuple[Call, Any]:
+  """A `Call` over the programs (query block, batch, head) (in `order`, if
+  given) with the inputs the forward and dQ kernels share: a query tile,
+  its KV head's whole K/V, the structure vectors, bias and mask tiles and
+  the tile-skipping bounds.
 
   Returns the call and the query block index map `qi` (heavy causal rows
   first).
@@ -240,7 +253,7 @@ def query_grid_call(st: Static, q, k, v, bias, aux, bq: int,
   nq = q_len // bq
   groups = st.groups
   qi = lambda i: nq - 1 - i
-  call = Call()
+  call = Call(order)
   call.input("q", q, (None, bq, None, d_pad),
              lambda i, b, h: (b, qi(i), h, 0))
   call.input("k", k, (None, kv_len, None, d_pad),
