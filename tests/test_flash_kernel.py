@@ -597,16 +597,24 @@ def _grouped(monkeypatch, kernels=("dkv", "dq"), cores=6):
   monkeypatch.setattr(gpu, "core_count", lambda: cores)
 
 
-def test_grouped_dq_order_in_triton_interpreter(monkeypatch):
-  """The Triton dQ kernel (and the bias gradient's, which shares it) with
-  its programs in groups of heads: out and grads against the reference (a
-  causal case, B H = 8 pairs in groups of 2 over 3 query tiles)."""
-  _grouped(monkeypatch, ["dq"])
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["split", "atomic"])
+def test_grouped_order_in_triton_interpreter(atomic_dq, monkeypatch):
+  """The Triton dK/dV and dQ kernels (and the bias gradient's, which shares
+  dQ's) with their programs in groups of heads: out and grads against the
+  reference (a causal case: dK/dV's B Hkv = 4 pairs in groups of 2 over 4
+  key tiles, dQ's B H = 8 in groups of 2 over 3 query tiles; the dropout
+  hash reads each program's batch row and head); `atomic`, dQ added by
+  the dK/dV kernel."""
+  _grouped(monkeypatch)
   shape = dict(b=2, h=4, hkv=2, sq=40, sk=56, d=32)
   nq = -(-shape["sq"] // SMALL_BLOCKS.block_q_dq)
-  assert structure.TileOrder.choose(shape["b"], shape["h"], nq, True, 6,
-                                    kernel="dq").group == 2
-  _check("grouped_dq", dict(causal=True), bias_shape=(2, 4, 40, 56),
+  nk = -(-shape["sk"] // SMALL_BLOCKS.block_k_dkv)
+  choose = functools.partial(structure.TileOrder.choose, causal=True,
+                             cores=6)
+  assert choose(shape["b"], shape["h"], nq, kernel="dq").group == 2
+  assert choose(shape["b"], shape["hkv"], nk, kernel="dkv").group == 2
+  _check("grouped_triton", dict(causal=True), bias_shape=(2, 4, 40, 56),
+         dropout=_dropout(0.2), launch=ATOMIC_DQ if atomic_dq else None,
          **shape)
 
 

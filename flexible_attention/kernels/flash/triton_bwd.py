@@ -6,11 +6,14 @@
   program); with `LaunchConfig.atomic_dq` it also adds each tile pair's
   share of dQ into a float32 buffer with atomic adds (one kernel, 5
   matmuls per tile pair, not bitwise reproducible);
-- dQ, grid `(Sq / bq, B, H)` (or a causal call's in groups of heads,
-  `structure.TileOrder`, opt-in: `structure.GROUPED_CAUSAL_DQ`): one query
-  tile against its key tiles, heavy causal rows first; the same kernel
-  writes `d(loss)/d(logits)` tiles for the bias gradient
-  (`write_ds`), a launch of its own that XLA drops when nobody needs it.
+- dQ, grid `(Sq / bq, B, H)`: one query tile against its key tiles, heavy
+  causal rows first; the same kernel writes `d(loss)/d(logits)` tiles for
+  the bias gradient (`write_ds`), a launch of its own that XLA drops when
+  nobody needs it.
+
+Both grids start head by head, or a causal call's in groups of heads, tile
+by tile (`structure.TileOrder`; opt-in: `structure.GROUPED_CAUSAL_DKV`,
+`GROUPED_CAUSAL_DQ`).
 
 `delta = rowsum(dO * O)` comes from the caller (`interface.py`). See
 `triton_common` for what the Triton kernels share.
@@ -47,11 +50,11 @@ from flexible_attention.kernels.flash.triton_common import tile_of
 from flexible_attention.kernels.flash.triton_common import visible
 
 
-def _dkdv_kernel(*refs, names, st: Static):
+def _dkdv_kernel(*refs, names, st: Static, order: TileOrder):
   r = dict(zip(names, refs))
   launch = st.launch.dkv
   bq, bk = launch.block_q, launch.block_k
-  j, b, hkv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  j, b, hkv = order.at(*(pl.program_id(axis) for axis in range(3)))
   k = r["k"][...]  # [bk, Dp]
   v = r["v"][...]  # [bk, Dvp]
   kv_pos = r["kv_pos"][...]
@@ -214,7 +217,9 @@ def dkdv(st: Static, q, k, v, bias, aux, do, lse2, delta, grad_dtype):
   bk = st.launch.dkv.block_k
   nk = kv_len // bk
   groups = st.groups
-  call = Call()
+  order = TileOrder.choose(batch, num_kv_heads, nk, st.causal,
+                           gpu.core_count(), kernel="dkv")
+  call = Call(order)
   call.input("q", q, (None, q_len, groups, d_pad),
              lambda j, b, hkv: (b, 0, hkv, 0))
   call.input("k", k, (None, bk, None, d_pad), lambda j, b, hkv: (b, j, hkv, 0))
@@ -249,8 +254,8 @@ def dkdv(st: Static, q, k, v, bias, aux, do, lse2, delta, grad_dtype):
   for leaf, size in sizes.items():
     call.output(f"dmod{leaf}", (batch, num_kv_heads, nk, size), jnp.float32,
                 (None, None, None, size), lambda j, b, hkv: (b, hkv, j, 0))
-  results = call(_dkdv_kernel, (nk, batch, num_kv_heads), st.launch.dkv,
-                 st.interpret, "flash_dkdv", st=st)
+  results = call(_dkdv_kernel, order.grid, st.launch.dkv, st.interpret,
+                 "flash_dkdv", st=st, order=order)
   count = len(results) - len(sizes)
   return tuple(results[:count]) + (dict(zip(sizes, results[count:])),)
 
