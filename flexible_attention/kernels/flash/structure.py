@@ -283,9 +283,10 @@ def tile_bounds(st: Static, aux, mod_tiles=None) -> dict[str, Any]:
 
 
 # Whether a causal call's backward programs start in groups of heads, tile
-# by tile (`TileOrder`), instead of head by head: the Mosaic dK/dV kernels'
-# (split and fused) and the dQ kernels' (Triton and Mosaic). Off until timed
-# on a GPU (benchmarks/flash_notes.md, nineteenth and twentieth sessions).
+# by tile (`TileOrder`), instead of head by head: the dK/dV kernels'
+# (Triton's, Mosaic's split and fused) and the dQ kernels' (Triton's, also
+# the bias gradient's, and Mosaic's). Off until timed on a GPU
+# (benchmarks/flash_notes.md, nineteenth and twentieth sessions).
 GROUPED_CAUSAL_DKV = False
 GROUPED_CAUSAL_DQ = False
 
