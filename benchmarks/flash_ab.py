@@ -7,10 +7,17 @@ One command on the GPU machine (see benchmarks/flash_notes.md):
       --baselines=/tmp/old/flexible_attention/kernels/flash \\
       --cells=128:full,128:causal,256:full --out=$OUT/flash_ab.json
 
-`--patch=module.NAME=value` (repeatable) adds a copy of this tree's
-package with those module constants set (the value a Python literal), as
-the version `this tree, patched`: an opt-in choice such as
-`structure.GROUPED_CAUSAL_DKV=True` timed beside the default.
+`--patch='module.NAME=value;...'` adds a copy of this tree's package with
+those module constants set (each value a Python literal), as the version
+`patched: module.NAME=value;...`: an opt-in choice such as
+`structure.GROUPED_CAUSAL_DKV=True` timed beside the default. Each
+`--patch` is a version of its own, so several choices and their
+combination time in one command:
+
+  python3 benchmarks/flash_ab.py --cudnn \
+      --patch=structure.GROUPED_CAUSAL_DKV=True \
+      --patch=structure.GROUPED_CAUSAL_DQ=True \
+      --patch='structure.GROUPED_CAUSAL_DKV=True;structure.GROUPED_CAUSAL_DQ=True'
 
 `--baselines` are other versions of the `kernels/flash/` package (folders,
 e.g. from `git archive` as above); each is copied under a name of its own,
@@ -68,8 +75,8 @@ _CUDNN = flags.DEFINE_bool(
     "against the reference too) in the same round-robin: its forward and "
     "its forward+backward (a vjp under one jit).")
 _PATCH = flags.DEFINE_multi_string(
-    "patch", [], "`module.NAME=value`: a constant of this tree's package set "
-    "in a copy of it, timed as the version `this tree, patched`.")
+    "patch", [], "`module.NAME=value;...`: constants of this tree's package "
+    "set in a copy of it, timed as a version of its own (one per --patch).")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "Run the kernels in Pallas' interpreter (a CPU smoke "
     "test of this script; the timings then mean nothing).")
@@ -178,16 +185,16 @@ def main(argv):
   del argv
   versions = [(os.path.normpath(path), _load(path, i))
               for i, path in enumerate(_BASELINES.value)]
-  if _PATCH.value:
+  for patches in _PATCH.value:
     patched = _load(os.path.dirname(flash_kernel.__file__), len(versions))
-    for patch in _PATCH.value:
-      target, value = patch.split("=", 1)
+    for patch in patches.split(";"):
+      target, value = patch.strip().split("=", 1)
       module, name = target.rsplit(".", 1)
       module = importlib.import_module(f"{patched.__name__}.{module}")
       if not hasattr(module, name):
         raise ValueError(f"--patch: {target} does not exist.")
       setattr(module, name, ast.literal_eval(value))
-    versions.append(("this tree, patched", patched))
+    versions.append((f"patched: {patches}", patched))
   versions.append(("this tree", flash_kernel))
   rows = []
   for cell in _CELLS.value:
