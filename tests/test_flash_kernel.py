@@ -565,9 +565,11 @@ def test_grouped_tile_order_starts_heavy_tiles_first(
   flag = {"dkv": "GROUPED_CAUSAL_DKV", "dq": "GROUPED_CAUSAL_DQ"}[kernel]
   choose = functools.partial(structure.TileOrder.choose, batch, heads, tiles,
                              cores=cores, kernel=kernel)
-  default = choose(True)
-  assert default.group == 1
-  assert _launch_order(default) == [
+  for name in ("GROUPED_CAUSAL_DKV", "GROUPED_CAUSAL_DQ"):  # Head by head.
+    monkeypatch.setattr(structure, name, False)
+  head_by_head = choose(True)
+  assert head_by_head.group == 1
+  assert _launch_order(head_by_head) == [
       (t, b, h) for h in range(heads) for b in range(batch)
       for t in range(tiles)]
   monkeypatch.setattr(structure, flag, True)
@@ -581,7 +583,7 @@ def test_grouped_tile_order_starts_heavy_tiles_first(
       range(tiles), range(batch), range(heads)))
   even = sum(work[t] for t, _, _ in programs) / cores
   grouped = _makespan([work[t] for t, _, _ in programs], cores) / even
-  by_head = _makespan([work[t] for t, _, _ in _launch_order(default)],
+  by_head = _makespan([work[t] for t, _, _ in _launch_order(head_by_head)],
                       cores) / even
   if batch * heads * tiles >= 4 * cores:
     assert grouped < min(by_head, 1.02), (grouped, by_head)
