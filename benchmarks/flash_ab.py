@@ -9,15 +9,15 @@ One command on the GPU machine (see benchmarks/flash_notes.md):
 
 `--patch='module.NAME=value;...'` adds a copy of this tree's package with
 those module constants set (each value a Python literal), as the version
-`patched: module.NAME=value;...`: a choice such as
-`structure.GROUPED_CAUSAL_DKV=False` timed beside the default. Each
+`patched: module.NAME=value;...`: an opt-in choice such as
+`structure.GROUPED_CAUSAL_DKV=True` timed beside the default. Each
 `--patch` is a version of its own, so several choices and their
 combination time in one command:
 
   python3 benchmarks/flash_ab.py --cudnn \
-      --patch=structure.GROUPED_CAUSAL_DKV=False \
-      --patch=structure.GROUPED_CAUSAL_DQ=False \
-      --patch='structure.GROUPED_CAUSAL_DKV=False;structure.GROUPED_CAUSAL_DQ=False'
+      --patch=structure.GROUPED_CAUSAL_DKV=True \
+      --patch=structure.GROUPED_CAUSAL_DQ=True \
+      --patch='structure.GROUPED_CAUSAL_DKV=True;structure.GROUPED_CAUSAL_DQ=True'
 
 `--baselines` are other versions of the `kernels/flash/` package (folders,
 e.g. from `git archive` as above); each is copied under a name of its own,

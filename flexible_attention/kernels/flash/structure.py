@@ -285,11 +285,12 @@ def tile_bounds(st: Static, aux, mod_tiles=None) -> dict[str, Any]:
 # Whether a causal call's backward programs start in groups of heads, tile
 # by tile (`TileOrder`), instead of head by head: the dK/dV kernels'
 # (Triton's, Mosaic's split and fused) and the dQ kernels' (Triton's, also
-# the bias gradient's, and Mosaic's). Both on since timed on an H200
-# (benchmarks/BENCHMARKS.md, 2026-12-07): the causal backward at 4k tokens
-# 3.9% faster, no cell slower; False restores head by head.
-GROUPED_CAUSAL_DKV = True
-GROUPED_CAUSAL_DQ = True
+# the bias gradient's, and Mosaic's). Timed on an H200 (benchmarks/
+# BENCHMARKS.md, 2026-12-07; one run): the causal backward at 4k tokens
+# 3.9% faster, no cell slower. Off until the compiled GPU battery has run
+# with them on (it has not yet).
+GROUPED_CAUSAL_DKV = False
+GROUPED_CAUSAL_DQ = False
 
 
 @dataclasses.dataclass(frozen=True)

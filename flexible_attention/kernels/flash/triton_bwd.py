@@ -12,7 +12,7 @@
   nobody needs it.
 
 Both grids start head by head, or a causal call's in groups of heads, tile
-by tile (`structure.TileOrder`; the default, `structure.GROUPED_CAUSAL_DKV`,
+by tile (`structure.TileOrder`; opt-in: `structure.GROUPED_CAUSAL_DKV`,
 `GROUPED_CAUSAL_DQ`).
 
 `delta = rowsum(dO * O)` comes from the caller (`interface.py`). See
