@@ -61,13 +61,14 @@ MECHANISMS = {
     "ulysses[flash]": ("ulysses", {"local_mechanism": "flash",
                                    "local_options": {"interpret": True}}),
 }
-# Relative-to-max tolerances (`helpers.relative_error`) per dtype: twice
-# the suite's CPU ones (`helpers.TOLERANCES`). In float32 the reference is
-# itself float32: in seed 6446 (softcap 30, causal, a paged cache) its dk is
-# 8.3e-6 from the float64 gradient and the tiled mechanisms' 8.1e-6 on the
-# other side, 1.6e-5 apart, so the suite's 1e-5 would fail a mechanism as
-# exact as the reference. The draws reach quantities the battery's cases
-# do not, small sums of large terms that cancel; in bfloat16 the tiled backwards' delta carries the
+# Relative-to-max tolerances (`helpers.relative_error`) of the two dtypes
+# drawn: twice the suite's CPU ones (`helpers.TOLERANCES`). In float32 the
+# reference is itself float32: in seed 6446 (softcap 30, causal, a paged
+# cache) its dk is 8.3e-6 from the float64 gradient and the tiled
+# mechanisms' 8.1e-6 on the other side, 1.6e-5 apart, so the suite's 1e-5
+# would fail a mechanism as exact as the reference. The draws reach
+# quantities the battery's cases do not, small sums of large terms that
+# cancel; in bfloat16 the tiled backwards' delta carries the
 # returned output's rounding into them (up to 7.9e-2 from the exact
 # gradient, seed 2193's slopes), which the check allows for
 # (`_tiled_grads`), and the cotangent dO arrives rounded to bfloat16 (in
@@ -77,7 +78,8 @@ MECHANISMS = {
 # (`SUMMED`) are compared relative to the largest of the reference's three
 # (`compare`): in seed 3845 the slopes' exact gradient is float32's rounding
 # (3e-6) of terms the output's rounding moves by 0.1-0.2.
-TOLERANCES = {k: 2 * v for k, v in helpers.TOLERANCES["cpu"].items()}
+TOLERANCES = {dtype: 2 * helpers.TOLERANCES["cpu"][dtype]
+              for dtype in ("float32", "bfloat16")}
 # ... and, in float32, for the gradients of parameters each of whose
 # elements sums over the whole call: a few terms can cancel to a result the
 # size of float32's rounding of them. Seed 172's slopes (one head, three
