@@ -274,21 +274,23 @@ def test_flash_mosaic_mods_in_gpu_interpreter(name, head_dim, sinks, fused,
                                head_dim, hopper=True, jit=False, sinks=sinks)
 
 
-@pytest.mark.parametrize("mechanism,dims", [
+@pytest.mark.parametrize("mechanism,dims,options", [
     # dp shards the batch, tp the heads, sp the sequence (ring: zigzag).
-    ("ring", (2, 1, 2, 2)),
+    ("ring", (2, 1, 2, 2), {}),
+    # The same with the flash kernels at each step: the mods in the kernels
+    # see each block's key positions, the blocks' mod_args gradients add up.
+    ("ring", (2, 1, 2, 2), {"block_kernel": "flash", "interpret": True}),
     # fsdp = 2 shards the batch, ulysses' head slices on top of tp's.
-    ("ulysses", (1, 2, 2, 2)),
+    ("ulysses", (1, 2, 2, 2), {}),
     # flash's kernels see H / tp heads, and still differentiate the [H]
     # slopes in place (the bound is the module's H: it refused this once).
-    ("flash", (2, 1, 2, 1)),
+    ("flash", (2, 1, 2, 1), {"interpret": True}),
 ])
-def test_mods_on_a_mesh(mechanism, dims):
+def test_mods_on_a_mesh(mechanism, dims, options):
   """The mods see global batch / head indices and positions on every
   shard; the gradients of mod_args are summed over the devices."""
   mesh = fa.make_mesh(axis_dims=dims, axis_names=("dp", "fsdp", "tp", "sp"))
-  options = {"interpret": True} if mechanism == "flash" else {}
-  _check(f"{mechanism}{dims}", S_MESH,
+  _check(f"{mechanism}{dims}{options}", S_MESH,
          _module_fn(mechanism, mesh=mesh, **options), False)
 
 
@@ -740,16 +742,28 @@ def test_misuse_raises_naming_the_argument(options, mod_args, error, match):
     _call(mod_args=mod_args, **options)
 
 
-def test_ring_with_flash_blocks_refuses_mods():
-  """An option without mods refuses clearly, naming what takes them."""
-  for kind, mod, args in (("score_mod", fa.alibi_score_mod, SLOPES),
-                          ("mask_mod", fa.prefix_lm_mask_mod,
-                           (jnp.ones((B,), jnp.int32),))):
-    want = (rf"ring's block_kernel='flash' has no {kind}.*block_kernel="
-            r"'blockwise'")
-    with pytest.raises(NotImplementedError, match=want):
-      _call("ring", mod_args=args, **{kind: mod}, block_kernel="flash",
-            interpret=True)
+def test_ring_with_flash_blocks_refuses_a_large_mod_args_gradient():
+  """ring's flash blocks differentiate every float mod_args leaf, and the
+  kernels only those of at most H elements: a T5 table is refused in the
+  backward, frozen or not, naming who computes it; the forward runs."""
+  q, k, v = _qkv()
+  table = jnp.ones((8, H))
+
+  def f(q, k, v, table):
+    attn = fa.create_attention("ring", num_heads=H, head_dim=D,
+                               num_kv_heads=HKV, score_mod=_T5,
+                               block_kernel="flash", interpret=True)
+    return attn(q, k, v, causal=True, mod_args=(table,)).attention_outputs
+
+  apply = hk.without_apply_rng(hk.transform(f)).apply
+  out = apply({}, q, k, v, table)
+  assert out.shape == q.shape
+  with pytest.raises(NotImplementedError, match=(
+      r"ring's block_kernel='flash'\) compute the gradients of float "
+      r"mod_args of at most H = 4 elements .* leaf 0 of shape \[8, 4\]\. "
+      r"Mechanisms that compute any mod_args gradient: vanilla, blockwise, "
+      r"ring, ulysses")):
+    jax.grad(lambda q: jnp.sum(apply({}, q, k, v, table)))(q)
 
 
 @pytest.mark.parametrize("mod,match", [

@@ -88,50 +88,46 @@ def flash_block_kernel(**flash_options) -> BlockKernel:
     **flash_options: `flash_kernel.prepare`'s keyword arguments (`sm_scale`,
       `softcap`, `precision`, `block_sizes`, `interpret`; hashable).
 
-  It has no score or mask mods (`mechanisms/ring.py` refuses them).
+  Score and mask mods run inside the kernels, within the flash kernels'
+  limits (`kernels/flash/mod_lowering.py`); as the ring differentiates
+  every float `mod_args` leaf, its backward refuses a leaf of more than H
+  elements (the kernels compute only those gradients), differentiated or
+  not.
   """
   options = tuple(sorted(flash_options.items()))
 
   def forward(q, k, v, vis, dropout, mods):
-    _no_mods(mods)
-    return _flash_forward_step(q, k, v, vis, dropout, options=options)
+    return _flash_forward_step(q, k, v, vis, dropout, mods, options=options)
 
   def backward(q, k, v, vis, dropout, mods, out, lse, dout, dlse):
-    _no_mods(mods)
-    dq, dk, dv = _flash_backward_step(q, k, v, vis, dropout, out, lse, dout,
-                                      dlse, options=options)
-    return dq, dk, dv, None
+    return _flash_backward_step(q, k, v, vis, dropout, mods, out, lse, dout,
+                                dlse, options=options)
 
   return BlockKernel(forward, backward)
 
 
-def _prepare_flash(q, k, v, vis, dropout, options):
-  return flash_kernel.prepare(AttentionInputs(q, k, v, None, vis), dropout,
-                              float32_results=True, **dict(options))
+def _prepare_flash(q, k, v, vis, dropout, mods, options):
+  return flash_kernel.prepare(AttentionInputs(q, k, v, None, vis, mods=mods),
+                              dropout, float32_results=True, **dict(options))
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
-def _flash_forward_step(q, k, v, vis, dropout, *, options):
+def _flash_forward_step(q, k, v, vis, dropout, mods, *, options):
   """One block's `(out [B, Sq, H, Dv], lse [B, H, Sq])`, both float32."""
-  call = _prepare_flash(q, k, v, vis, dropout, options)
+  call = _prepare_flash(q, k, v, vis, dropout, mods, options)
   out, lse, _ = flash_kernel.forward_pass(call, out_dtype=jnp.float32)
   return out, lse
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
-def _flash_backward_step(q, k, v, vis, dropout, out, lse, dout, dlse, *,
-                         options):
-  """One block's float32 `(dq, dk, dv)` given the whole row's out and lse."""
-  call = _prepare_flash(q, k, v, vis, dropout, options)
-  dq, dk, dv, _ = flash_kernel.backward_pass(call, out, lse, dout, dlse,
-                                             grad_dtype=jnp.float32)
-  return dq, dk, dv
-
-
-def _no_mods(mods):
-  if mods is not None:
-    raise NotImplementedError("ring: block_kernel='flash' has no score or "
-                              "mask mods; use block_kernel='blockwise'.")
+def _flash_backward_step(q, k, v, vis, dropout, mods, out, lse, dout, dlse,
+                         *, options):
+  """One block's float32 `(dq, dk, dv, dargs)` given the whole row's out and
+  lse (dargs: the block's share of the `mod_args` gradient, or None)."""
+  call = _prepare_flash(q, k, v, vis, dropout, mods, options)
+  dq, dk, dv, _, dargs = flash_kernel.backward_pass(
+      call, out, lse, dout, dlse, grad_dtype=jnp.float32)
+  return dq, dk, dv, dargs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,9 +76,10 @@ class RingAttention(base.AttentionModule):
   attends them to its key shard with the block kernel alone (with `flash` and
   a cache, flash's cache kernel: its decode kernel); the shards merge by their
   lse (`sharding/shard.py`). Dense masks and biases are not supported (the
-  structured mask is, and score / mask mods with the blockwise block kernel:
-  each block's key positions travel with it, so the mods see global
-  positions).
+  structured mask is, and score / mask mods: each block's key positions
+  travel with it, so the mods see global positions; with `flash`, within its
+  kernels' limits, and a float `mod_args` leaf of more than H elements is
+  refused in the backward whether or not it is differentiated).
   """
 
   config_class = RingAttentionConfig
@@ -101,11 +102,6 @@ class RingAttention(base.AttentionModule):
   def unsupported_reason(cls, request):
     reason = super().unsupported_reason(request)
     if reason is None and request.options.get("block_kernel") == "flash":
-      mods = sorted(request.features & {"score_mod", "mask_mod"})
-      if mods:
-        return (f"ring's block_kernel='flash' has no {' or '.join(mods)} "
-                "(the fused kernels take no mods yet); use "
-                "block_kernel='blockwise' (the default).")
       return flash_kernel.head_dim_reason(request.dims, "ring")
     return reason
 

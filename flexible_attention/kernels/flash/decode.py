@@ -243,7 +243,7 @@ def _decode_bwd(cfg, residuals, cotangents):
   dout = jnp.where(q_valid[:, :, None, None], dout, jnp.zeros_like(dout))
   dlse = jnp.where(q_valid[:, None, :], dlse, 0.0)
   # With sinks the lse counts them: dq, dk, dv unchanged (p = exp(s - lse)).
-  dq, dk, dv, _ = interface.backward_pass(call, out, lse, dout, dlse)
+  dq, dk, dv, _, _ = interface.backward_pass(call, out, lse, dout, dlse)
   dkp, dvp = gather_vjp((dk, dv))
   dsinks = None if sinks is None else merge.sink_gradient(
       sinks, out, lse, dout, dlse)

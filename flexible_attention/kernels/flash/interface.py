@@ -213,6 +213,8 @@ class Prepared(NamedTuple):
     aux: the structure vectors (`[B, Sqp]` / `[B, Skp]` int32), dense mask,
       dropout seed and the tile-skipping bounds of each kernel.
     q_len, kv_len, head_dim, value_dim: Sq, Sk, D, Dv before padding.
+    mods: the call's `core.mods.Mods` (the `mod_args` the kernels read), or
+      None.
   """
 
   static: Static
@@ -225,6 +227,7 @@ class Prepared(NamedTuple):
   kv_len: int
   head_dim: int
   value_dim: int
+  mods: Any = None
 
 
 def prepare(inputs: AttentionInputs,
@@ -294,7 +297,7 @@ def prepare(inputs: AttentionInputs,
       kv_pad=kv_pad, blocks=structure.kernel_blocks(st))
   aux.update(structure.tile_bounds(st, aux, mod_tiles))
   return Prepared(st, qp, kp, vp, bias, aux, q_len, kv_len, dims.head_dim,
-                  dims.value_dim)
+                  dims.value_dim, inputs.mods)
 
 
 def _pad_rows(call: Prepared, x, axis: int, value=0.0):
@@ -302,23 +305,18 @@ def _pad_rows(call: Prepared, x, axis: int, value=0.0):
   return structure.pad_axis(x, axis, call.q.shape[1], value=value)
 
 
-def _no_mods(call: Prepared):
-  if call.static.mods is not None:
-    raise NotImplementedError(
-        "flash: forward_pass / backward_pass take no score_mod / mask_mod "
-        "(flash_attention does); a ring's block_kernel='blockwise' does.")
-
-
 def forward_pass(call: Prepared, out_dtype=None) -> KernelOutput:
   """The forward kernel alone (not differentiable).
+
+  The call's mods, if any, are applied (`call.mods`); its sinks are not
+  (a caller merges them once over all its blocks: `merge.merge_sinks`).
 
   Returns:
     `KernelOutput(out [B, Sq, H, Dv] in out_dtype (default: q's), lse [B, H,
     Sq] float32, None)`; rows that see no key have out 0 and lse -inf.
   """
-  _no_mods(call)
   out, lse = _forward(call.static, call.q, call.k, call.v, call.bias,
-                      call.aux, out_dtype)
+                      call.aux, out_dtype, mods=call.mods)
   return KernelOutput(out[:, :call.q_len, :, :call.value_dim],
                       lse[:, :, :call.q_len], None)
 
@@ -338,25 +336,34 @@ def backward_pass(call: Prepared, out, lse, dout, dlse=None,
     grad_dtype: dtype of the gradients (default: the inputs').
 
   Returns:
-    `(dq [B, Sq, H, D], dk [B, Sk, Hkv, D], dv [B, Sk, Hkv, Dv], dbias)`,
-    with dbias None unless the call has a bias.
+    `(dq [B, Sq, H, D], dk [B, Sk, Hkv, D], dv [B, Sk, Hkv, Dv], dbias,
+    dargs)`, with dbias None unless the call has a bias, and dargs, with a
+    score_mod, this call's share of the gradient of every float `mod_args`
+    leaf (float32, like `call.mods.args`, None at integer leaves), else
+    None.
+
+  Raises:
+    NotImplementedError: with a score_mod, a float `mod_args` leaf has more
+      than H elements (`mod_lowering.check_grads`): its gradient is not
+      computed inside the kernels, and this function computes them all.
   """
-  _no_mods(call)
+  if call.static.score_mod:
+    mod_lowering.check_grads(call.static.mods)
   pad_q = lambda x: structure.pad_axis(_pad_rows(call, x, 1), 3,
                                        call.v.shape[3])
   out, dout = pad_q(out), pad_q(dout)
   lse = _pad_rows(call, lse, 2, value=-jnp.inf)
   if dlse is not None:
     dlse = _pad_rows(call, dlse, 2)
-  dq, dk, dv, dbias, _ = _backward(call.static, call.q, call.k, call.v,
-                                   call.bias, call.aux, out, lse, dout, dlse,
-                                   grad_dtype)
+  dq, dk, dv, dbias, dargs = _backward(call.static, call.q, call.k, call.v,
+                                       call.bias, call.aux, out, lse, dout,
+                                       dlse, grad_dtype, mods=call.mods)
   if dbias is not None:
     dbias = dbias[..., :call.q_len if dbias.shape[-2] > 1 else 1,
                   :call.kv_len if dbias.shape[-1] > 1 else 1]
   return (dq[:, :call.q_len, :, :call.head_dim],
           dk[:, :call.kv_len, :, :call.head_dim],
-          dv[:, :call.kv_len, :, :call.value_dim], dbias)
+          dv[:, :call.kv_len, :, :call.value_dim], dbias, dargs)
 
 
 def flash_attention(inputs: AttentionInputs,

@@ -144,10 +144,11 @@ def check_grads(km: KernelMods):
     shapes = ", ".join(f"leaf {i} of shape {list(km.shapes[i])}"
                        for i in km.too_large)
     raise NotImplementedError(
-        f"mechanism 'flash' computes the gradients of float mod_args of at "
-        f"most H = {km.max_grad_size} elements ([H] or smaller) inside its "
-        f"kernels; this call needs the gradient of {shapes}. Mechanisms that "
-        f"compute any mod_args gradient: {MOD_MECHANISMS}.")
+        f"the flash kernels (mechanism 'flash', ring's block_kernel='flash') "
+        f"compute the gradients of float mod_args of at most H = "
+        f"{km.max_grad_size} elements ([H] or smaller) inside the kernels; "
+        f"this call needs the gradient of {shapes}. Mechanisms that compute "
+        f"any mod_args gradient: {MOD_MECHANISMS}.")
 
 
 def make_jaxpr(km: KernelMods, kind: str, tile):
@@ -167,9 +168,9 @@ def make_jaxpr(km: KernelMods, kind: str, tile):
 
 def _refuse(kind: str, what: str):
   raise NotImplementedError(
-      f"mechanism 'flash' evaluates {kind} inside its Triton kernels, which "
-      f"cannot lower {what}; mechanisms that take any {kind}: "
-      f"{MOD_MECHANISMS}.")
+      f"the flash kernels (mechanism 'flash', ring's block_kernel='flash') "
+      f"evaluate {kind} inside their Triton kernels, which cannot lower "
+      f"{what}; mechanisms that take any {kind}: {MOD_MECHANISMS}.")
 
 
 def _is_point_gather(params, ndim: int) -> bool:
