@@ -16,8 +16,8 @@ combination time in one command:
 
   python3 benchmarks/flash_ab.py --cudnn \
       --patch=structure.GROUPED_CAUSAL_DKV=True \
-      --patch=structure.GROUPED_CAUSAL_DQ=True \
-      --patch='structure.GROUPED_CAUSAL_DKV=True;structure.GROUPED_CAUSAL_DQ=True'
+      --patch=structure.GROUPED_CAUSAL_DQ=False \
+      --patch='structure.GROUPED_CAUSAL_DKV=True;structure.GROUPED_CAUSAL_DQ=False'
 
 `--baselines` are other versions of the `kernels/flash/` package (folders,
 e.g. from `git archive` as above); each is copied under a name of its own,

@@ -37,7 +37,7 @@ loop, they did not fit beside the accumulators and spilled.
 The programs that run at once are consecutive key tiles of one (batch, KV
 head) (the grid's key-tile axis is CUDA's x; `structure.TileOrder`, whose
 grouped order, a causal call's heavy key tiles first over a group of
-heads, is opt-in until timed: `structure.GROUPED_CAUSAL_DKV`). In a call
+heads, is opt-in (timed no faster: `structure.GROUPED_CAUSAL_DKV`). In a call
 without causal, window or segment structure in reach, every one of them walks
 the same query tiles from the first, so in the fused backward they add
 into the same dQ tile together. With `LaunchConfig.rotate_dq` such a

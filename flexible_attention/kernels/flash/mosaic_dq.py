@@ -25,7 +25,7 @@ like the forward (`mosaic_fwd`), of which it is the backward sibling:
 - the consumers ping-pong through a named barrier as the forward's do, so
   one's elementwise work overlaps the other's matmuls;
 - the programs start head by head, heavy causal query tiles first, or (a
-  causal call, opt-in: `structure.GROUPED_CAUSAL_DQ`) tile by tile over
+  causal call, by default: `structure.GROUPED_CAUSAL_DQ`) tile by tile over
   groups of heads (`structure.TileOrder`, the dK/dV kernels' order).
 
 dQ is written in the inputs' dtype (the Triton kernel writes any

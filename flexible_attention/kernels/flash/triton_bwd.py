@@ -12,8 +12,9 @@
   nobody needs it.
 
 Both grids start head by head, or a causal call's in groups of heads, tile
-by tile (`structure.TileOrder`; opt-in: `structure.GROUPED_CAUSAL_DKV`,
-`GROUPED_CAUSAL_DQ`).
+by tile (`structure.TileOrder`; the dQ grid's by default,
+`structure.GROUPED_CAUSAL_DQ`; the dK/dV grid's opt-in,
+`GROUPED_CAUSAL_DKV`).
 
 `delta = rowsum(dO * O)` comes from the caller (`interface.py`). See
 `triton_common` for what the Triton kernels share.
