@@ -745,9 +745,10 @@ def test_misuse_raises_naming_the_argument(options, mod_args, error, match):
 def test_ring_with_flash_blocks_refuses_a_large_mod_args_gradient():
   """ring's flash blocks differentiate every float mod_args leaf, and the
   kernels only those of at most H elements: a T5 table is refused in the
-  backward, frozen or not, naming who computes it; the forward runs."""
+  backward, frozen or not, naming who computes it; the forward it serves
+  equals the float32 reference."""
   q, k, v = _qkv()
-  table = jnp.ones((8, H))
+  table = helpers.random_array(helpers.rng_for("ring-t5"), (8, H))
 
   def f(q, k, v, table):
     attn = fa.create_attention("ring", num_heads=H, head_dim=D,
@@ -756,8 +757,13 @@ def test_ring_with_flash_blocks_refuses_a_large_mod_args_gradient():
     return attn(q, k, v, causal=True, mod_args=(table,)).attention_outputs
 
   apply = hk.without_apply_rng(hk.transform(f)).apply
-  out = apply({}, q, k, v, table)
-  assert out.shape == q.shape
+  rec = inputs_lib.canonicalize(q, k, v, causal=True, score_mod=_T5,
+                                mod_args=(table,))
+  want = reference.reference_attention(
+      rec.query, rec.key, rec.value, None, rec.visibility, sm_scale=D**-0.5,
+      mods=rec.mods).out
+  helpers.assert_close(apply({}, q, k, v, table), want, jnp.float32,
+                       "ring[flash] T5 forward")
   with pytest.raises(NotImplementedError, match=(
       r"ring's block_kernel='flash'\) compute the gradients of float "
       r"mod_args of at most H = 4 elements .* leaf 0 of shape \[8, 4\]\. "
