@@ -537,6 +537,40 @@ def _launch_order(order) -> list[tuple[int, int, int]]:
   return programs
 
 
+def _mosaic_launch_order(order) -> list[tuple[int, int, int]]:
+  """As `_launch_order`, for a Mosaic GPU kernel over `order.mosaic_grid()`:
+  Mosaic GPU launches a grid's last axis as CUDA's x (its Pallas lowering
+  reverses the grid), so CUDA starts the programs with the last axis
+  fastest."""
+  mesh = order.mosaic_grid()
+  names, programs = mesh["grid_names"], []
+  for idx in itertools.product(*map(range, mesh["grid"])):  # Last fastest.
+    named = order.program(lambda name: jnp.int32(idx[names.index(name)]))
+    programs.append(tuple(int(x) for x in named))
+  return programs
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_mosaic_kernels_start_programs_in_tile_order(group, monkeypatch):
+  """`structure.MOSAIC_TILES_FIRST`: a Mosaic GPU kernel launched over
+  `TileOrder.mosaic_grid()` starts its programs in the order a Triton
+  kernel over `TileOrder.grid` does, so head by head the first programs are
+  the tiles of one (batch row, head), which share its operands in L2; with
+  the flag off the first programs are one tile of every head."""
+  order = structure.TileOrder(batch=2, heads=8, tiles=5, group=group)
+  programs = _mosaic_launch_order(order)
+  assert programs == _launch_order(order)
+  assert sorted(programs) == sorted(itertools.product(range(5), range(2),
+                                                      range(8)))
+  if group == 1:
+    assert [p[1:] for p in programs[:5]] == [(0, 0)] * 5
+  monkeypatch.setattr(structure, "MOSAIC_TILES_FIRST", False)
+  heads_first = _mosaic_launch_order(order)
+  assert heads_first != programs
+  if group == 1:
+    assert [p[0] for p in heads_first[:16]] == [0] * 16
+
+
 def _makespan(works, cores: int) -> float:
   """Programs started in order, each on the first free multiprocessor."""
   free = [0.0] * cores

@@ -96,16 +96,18 @@ MOSAIC_DQ_MIN_KV_LEN = 16384
 # point) at this padded head size, where that kernel serves the call and
 # FUSED_DQ_MIN_KV_LEN <= Sk <= FUSED_DQ_MAX_KV_LEN[dtype]. Measured on an
 # H100 (jax 0.11.2, bf16, B * S = 16k, H * D = 2048, forward+backward,
-# `benchmarks/fused_bwd_probe.py`): 0.96x the time of the Mosaic dQ
-# kernel's at S = 16k, causal and not; 0.86-0.92x the Triton dQ's at 8k;
-# at 4k 0.97x causal but 1.09x full. At D = 64 it was 1.05x the Mosaic
-# dQ's (16k, causal). The upper bound is precision: the fixed point's
-# summation error grows about linearly with Sk (`mosaic_common.
-# fixed_point_scales`: ~4e-4 of a row's largest entry at 128k keys on
-# random rows), and the default keeps it under a fifth of the rounding of
-# the dtype dQ is returned in (bf16 2^-9, fp16 2^-12).
+# `benchmarks/fused_bwd_probe.py`, `flash_ab.py`): 0.96x the time of the
+# Mosaic dQ kernel's at S = 16k; 0.86-0.92x the Triton dQ's at 8k and,
+# since the Mosaic kernels launch tile by tile (`structure.
+# MOSAIC_TILES_FIRST`; heads first it was 1.09x), 0.88-0.94x at 4k (2k
+# not measured). At D = 64 it was 1.05x the Mosaic dQ's (16k, causal).
+# The upper bound is precision: the fixed point's summation error grows
+# about linearly with Sk (`mosaic_common.fixed_point_scales`: ~4e-4 of a
+# row's largest entry at 128k keys on random rows), and the default keeps
+# it under a fifth of the rounding of the dtype dQ is returned in (bf16
+# 2^-9, fp16 2^-12).
 FUSED_DQ_HEAD_DIM = 128
-FUSED_DQ_MIN_KV_LEN = 8192
+FUSED_DQ_MIN_KV_LEN = 4096
 FUSED_DQ_MAX_KV_LEN = {jnp.dtype(jnp.bfloat16): 131072,
                        jnp.dtype(jnp.float16): 16384}
 
@@ -153,11 +155,8 @@ class LaunchConfig:
   launches (`choose_launch`) set it on Hopper at Dp = 128 from
   `FUSED_DQ_MIN_KV_LEN` to `FUSED_DQ_MAX_KV_LEN` keys, with
   `deterministic_dq` (the fixed point).
-  Measured on an H100 (jax 0.11.2, bf16, B * S = 16k, H * D = 2048,
-  forward+backward, `benchmarks/fused_bwd_probe.py`) that backward takes
-  0.96x the time of the Mosaic dQ kernel's at S = 16k, 0.86-0.92x the
-  Triton dQ's at 8k, but 1.09x at 4k (full; 0.97x causal) and 1.05x the
-  Mosaic dQ's at D = 64 (16k causal), where the split backward stays. In
+  Its speed against the split backward's: at `FUSED_DQ_MIN_KV_LEN`'s
+  comment; at D = 64 1.05x the time, so the split backward stays there. In
   any order (`deterministic_dq=False`) it is faster still (0.89-0.91x the
   fixed point's time at D = 128, 16k: 0.95-1.02x the speed of cuDNN's
   default backward, itself not reproducible). The Triton atomics are 2.7x
@@ -167,10 +166,11 @@ class LaunchConfig:
   point (benchmarks/flash_notes.md).
 
   `rotate_dq` (the fused Mosaic backward only, an error elsewhere; opt-in:
-  on an H100 its gain at 4k-8k full, 4.5-5.8% in one call, was within the
-  noise in the next) starts each program whose query tiles are unmasked at
-  its key tile's index (`mosaic_bwd`): the programs that run at once add
-  into different dQ tiles. dK, dV sum in another order; dQ's bits stay.
+  on an H100, with the kernels launched heads first, its gain at 4k-8k
+  full, 4.5-5.8% in one call, was noise in the next) starts each program
+  whose query tiles are unmasked at its key tile's index (`mosaic_bwd`):
+  the programs that run at once add into different dQ tiles. dK, dV sum
+  in another order; dQ's bits stay.
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp

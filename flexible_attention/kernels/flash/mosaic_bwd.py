@@ -35,17 +35,20 @@ descriptors in each step (`mosaic_common.step_zero`): kept across the
 loop, they did not fit beside the accumulators and spilled.
 
 The programs that run at once are consecutive key tiles of one (batch, KV
-head) (the grid's key-tile axis is CUDA's x; `structure.TileOrder`, whose
-grouped order, a causal call's heavy key tiles first over a group of
-heads, is opt-in (timed no faster: `structure.GROUPED_CAUSAL_DKV`). In a call
-without causal, window or segment structure in reach, every one of them walks
-the same query tiles from the first, so in the fused backward they add
-into the same dQ tile together. With `LaunchConfig.rotate_dq` such a
-program (no masked tile in its range) starts at its key tile's index and
-wraps around: the programs of one head add into different dQ tiles. Its
-dK and dV then sum their steps in another (fixed) order; the fixed
-point's dQ is the same bits either way (checked on an H100). Opt-in: its
-gain did not repeat from one GPU call to the next (benchmarks/BENCHMARKS.md).
+head) (`structure.TileOrder`, launched through `mosaic_grid` so that the
+key-tile axis is CUDA's x: `structure.MOSAIC_TILES_FIRST`), so they share
+the head's q / dO tiles in L2; a causal call's heavy key tiles go first
+over a group of heads (`structure.GROUPED_CAUSAL_DKV`). In a call without
+causal, window or segment structure in reach, every one of them walks the
+same query tiles from the first, so in the fused backward they add into
+the same dQ tile together. With `LaunchConfig.rotate_dq` such a program
+(no masked tile in its range) starts at its key tile's index and wraps
+around: the programs of one head add into different dQ tiles. Its dK and
+dV then sum their steps in another (fixed) order; the fixed point's dQ is
+the same bits either way (checked on an H100). Opt-in: timed only while
+the kernels launched heads first (so the programs running at once were
+of different heads anyway), where its gain did not repeat from one GPU
+call to the next (benchmarks/BENCHMARKS.md).
 
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
@@ -633,7 +636,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     out_type += (jax.ShapeDtypeStruct(
         (batch, kv_heads, nk, CONSUMERS, st.groups, n_slots, ROWS),
         jnp.float32),)
-  mesh = dict(grid=order.grid, grid_names=order.names,
+  mesh = dict(**order.mosaic_grid(),
               num_threads=CONSUMERS + 1, thread_name="wg")
   params = plgpu.CompilerParams(approx_math=True)
   operands = (q, k, v, do, stats, bounds, q_vectors, kv_vectors,

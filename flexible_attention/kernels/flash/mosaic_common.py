@@ -452,7 +452,7 @@ def query_tile_kernel(body, out_type, order: TileOrder):
   row, head)` in `order` (its grid) of `CONSUMERS + 1` warpgroups ("wg"),
   the last the producer."""
   return plgpu.kernel(
-      body, out_type=out_type, grid=order.grid, grid_names=order.names,
+      body, out_type=out_type, **order.mosaic_grid(),
       num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))
 

@@ -286,14 +286,33 @@ def tile_bounds(st: Static, aux, mod_tiles=None) -> dict[str, Any]:
 # by tile (`TileOrder`), instead of head by head: the dK/dV kernels'
 # (Triton's, Mosaic's split and fused) and the dQ kernels' (Triton's, also
 # the bias gradient's, and Mosaic's). The compiled GPU battery passed with
-# both on (H100, 2026-12-07). Timed in two runs (H200, then H100; benchmarks/
+# both on (H100, 2026-12-07, twice). Timed on an H100 (benchmarks/
 # BENCHMARKS.md): the dQ order makes the causal backward at D = 128, 4k
-# tokens 3.9-4.3% faster (Triton's dQ), 1.1% at D = 64, 16k (Mosaic's),
-# and is the default; the dK/dV order adds nothing measurable (within
-# +-1.5% of head by head in every cell) and stays opt-in. False restores
+# tokens 3.9-4.3% faster (Triton's dQ; H200 and H100). The dK/dV order
+# added nothing while the Mosaic kernels launched heads first (below);
+# launched tile by tile, it is 2.5-5% faster at 4k causal in two runs
+# (mixed at 16k: -2.5%, +1.7%), and is the default too. False restores
 # head by head.
-GROUPED_CAUSAL_DKV = False
+GROUPED_CAUSAL_DKV = True
 GROUPED_CAUSAL_DQ = True
+
+# Whether the Mosaic GPU backward kernels (dK/dV, fused or split, and dQ)
+# launch their grid in `TileOrder`'s order. Mosaic GPU launches a grid's
+# *last* axis as CUDA's x (`plgpu.kernel` reverses the grid: Pallas grids
+# are row-major, CUDA's column-major), so `TileOrder.grid` as given puts
+# the head first and the tile last: the programs running at once are one
+# tile of every (batch row, head), each streaming its own head's operands
+# through L2. Nsight Compute on an H100 (the fused backward, D = 128, not
+# causal, B * S = 16k) measured that: its q / dO loads hit L2 for 0.6% of
+# their sectors at 2k tokens (128 heads: one program a head at once), 16%
+# at 4k and 56% at 8k, and the kernel was bound by DRAM at 4k (72% of its
+# bandwidth, 4.0 ms against 6.3 at 8k for twice the work). With the flag
+# the grid is reversed back (`TileOrder.mosaic_grid`) and the programs of
+# one head run together, sharing them: the fused backward at 4k tokens
+# became the fastest (the backward 9-12% faster than the split one's,
+# `launch.FUSED_DQ_MIN_KV_LEN`); elsewhere within +-2% (D = 64, 16k causal,
+# split: +1.5-2.2% in two runs). False restores the heads-first launch.
+MOSAIC_TILES_FIRST = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +323,9 @@ class TileOrder:
   heavy causal rows first).
 
   CUDA starts a grid's programs about in the order of their linear index
-  (the first axis fastest), each as a multiprocessor frees. Head by head
+  (the first axis fastest), each as a multiprocessor frees. A Triton
+  kernel's grid is `grid`; a Mosaic GPU kernel's is `mosaic_grid()`, the
+  same order (Mosaic GPU makes a grid's last axis CUDA's x). Head by head
   (`group` = 1, grid `(tiles, B, heads)`, names "t", "b", "h"), under a
   causal mask each head's programs go from its heaviest tile to its
   lightest, so the last heads' heavy tiles start late and the programs end
@@ -347,6 +368,15 @@ class TileOrder:
   @property
   def names(self) -> tuple[str, str, str]:
     return ("t", "b", "h") if self.group == 1 else ("g", "t", "c")
+
+  def mosaic_grid(self) -> dict[str, tuple]:
+    """`grid` and `grid_names` for a Mosaic GPU kernel (`plgpu.kernel`,
+    `plgpu.Mesh`): with `MOSAIC_TILES_FIRST` reversed, since Mosaic GPU
+    launches a grid's last axis as CUDA's x, so that CUDA starts the
+    programs in this order as it does a Triton kernel's `grid`."""
+    if not MOSAIC_TILES_FIRST:
+      return dict(grid=self.grid, grid_names=self.names)
+    return dict(grid=self.grid[::-1], grid_names=self.names[::-1])
 
   def at(self, *ids):
     """`(tile, batch row, head)` of the program at grid indices `ids` (a
