@@ -309,7 +309,7 @@ GROUPED_CAUSAL_DQ = True
 # bandwidth, 4.0 ms against 6.3 at 8k for twice the work). With the flag
 # the grid is reversed back (`TileOrder.mosaic_grid`) and the programs of
 # one head run together, sharing them: the fused backward at 4k tokens
-# became the fastest (the backward 9-12% faster than the split one's,
+# became the fastest (the backward 8-12% faster than the split one's,
 # `launch.FUSED_DQ_MIN_KV_LEN`); elsewhere within +-2% (D = 64, 16k causal,
 # split: +1.5-2.2% in two runs). False restores the heads-first launch.
 MOSAIC_TILES_FIRST = True
