@@ -192,6 +192,17 @@ def test_fused_backward_serves_long_keys_by_default(causal, monkeypatch):
         "mosaic", "mosaic", "triton")
     assert (chosen.atomic_dq, chosen.deterministic_dq) == (True, True)
     assert chosen.dq == default.dq
+    assert not chosen.rotate_dq  # Rotated only from ROTATE_DQ_MIN_KV_LEN.
+
+
+def test_fused_backward_rotates_its_steps_on_long_keys(monkeypatch):
+  """From `ROTATE_DQ_MIN_KV_LEN` keys (where it measured faster) the
+  default fused backward walks each unmasked program's query tiles from
+  its own key tile's index (`rotate_dq`); at half that length it does not."""
+  rotated = flash_launch.ROTATE_DQ_MIN_KV_LEN
+  for length, rotate in ((rotated // 2, False), (rotated, True)):
+    chosen = _launch(monkeypatch, causal=False, length=length)
+    assert (chosen.atomic_dq, chosen.rotate_dq) == (True, rotate), length
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

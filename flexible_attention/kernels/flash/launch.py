@@ -110,6 +110,11 @@ FUSED_DQ_HEAD_DIM = 128
 FUSED_DQ_MIN_KV_LEN = 4096
 FUSED_DQ_MAX_KV_LEN = {jnp.dtype(jnp.bfloat16): 131072,
                        jnp.dtype(jnp.float16): 16384}
+# The fused backward's default has `rotate_dq` from this many keys: on an
+# H100 (tiles first) 0.976-0.985x its time at 16k full, 0.979x causal; at
+# 4k-8k within +1% of none (`fused_bwd_probe.py --variants=fused,
+# fused_rotated`, benchmarks/flash_notes.md).
+ROTATE_DQ_MIN_KV_LEN = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,22 +160,16 @@ class LaunchConfig:
   launches (`choose_launch`) set it on Hopper at Dp = 128 from
   `FUSED_DQ_MIN_KV_LEN` to `FUSED_DQ_MAX_KV_LEN` keys, with
   `deterministic_dq` (the fixed point).
-  Its speed against the split backward's: at `FUSED_DQ_MIN_KV_LEN`'s
-  comment; at D = 64 1.05x the time, so the split backward stays there. In
-  any order (`deterministic_dq=False`) it is faster still (0.89-0.91x the
-  fixed point's time at D = 128, 16k: 0.95-1.02x the speed of cuDNN's
-  default backward, itself not reproducible). The Triton atomics are 2.7x
-  slower than the split backward at D = 128 (H200). Fixed orders of
-  float32 adds (a chain of semaphores per dQ tile, or float32 copies of
-  dQ) took 1.4-1.7x the any-order time and were replaced by the fixed
-  point (benchmarks/flash_notes.md).
+  Its speed: at `FUSED_DQ_MIN_KV_LEN`'s comment (at D = 64 1.05x the split
+  backward's time). In any order 0.89-0.91x the fixed point's (D = 128,
+  16k); Triton's atomics 2.7x the split backward's (H200); fixed orders of
+  float32 adds 1.4-1.7x the any order's (benchmarks/flash_notes.md).
 
-  `rotate_dq` (the fused Mosaic backward only, an error elsewhere; opt-in:
-  on an H100, with the kernels launched heads first, its gain at 4k-8k
-  full, 4.5-5.8% in one call, was noise in the next) starts each program
-  whose query tiles are unmasked at its key tile's index (`mosaic_bwd`):
-  the programs that run at once add into different dQ tiles. dK, dV sum
-  in another order; dQ's bits stay.
+  `rotate_dq` (the fused Mosaic backward only, an error elsewhere; the
+  default launches set it from `ROTATE_DQ_MIN_KV_LEN` keys) starts each
+  program whose query tiles are unmasked at its key tile's index
+  (`mosaic_bwd`): the programs that run at once add into different dQ
+  tiles. dK, dV sum in another fixed order; dQ's bits stay.
 
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
@@ -640,7 +639,8 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       # shared memory fits: no dQ kernel (its launch, unused, stays
       # Triton's default).
       launch = dataclasses.replace(
-          launch, atomic_dq=True, dq=triton.dq, dq_backend="triton")
+          launch, atomic_dq=True, dq=triton.dq, dq_backend="triton",
+          rotate_dq=kv_len >= ROTATE_DQ_MIN_KV_LEN)
   # Triton tiles shrink to short calls (and the defaults to the shared
   # memory of wider dtypes); a Mosaic kernel's launch is fixed.
   itemsize = jnp.dtype(dtype).itemsize
