@@ -29,11 +29,27 @@ kernels are not Triton's). ptxas must know the PTX's `.version`: jax
 `NVDISASM_PATH`). Without a CUDA toolkit, the wheels `nvidia-cuda-nvcc`,
 `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` carry all three (their
 `nvidia/cu13/bin`).
+
+`--stalls` reads where a kernel's warps wait instead, from Nsight Compute's
+warp-state samples per SASS instruction (on the GPU machine; the page
+exported as CSV is read anywhere):
+
+  ncu --section SourceCounters --section WarpStateStats -k regex:dkdv \
+      --launch-count 1 -o rep python3 benchmarks/profile_target.py
+  ncu --import rep.ncu-rep --page source --csv --print-source sass > page.csv
+  python3 benchmarks/sass_loops.py --stalls=page.csv
+
+It prints the share of the samples by stall reason, by the kind of
+instruction the warps were at (`WAIT_KINDS`; a barrier's retry loop is the
+branch after `SYNCS.PHASECHK`) and the `--top` instructions. Every warp is
+sampled, the producer's too: a producer waiting for a free slot is idle by
+design, so read the shares of the consumers' code.
 """
 
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import json
 import os
@@ -45,12 +61,14 @@ import tempfile
 from absl import app
 from absl import flags
 
-_PTX = flags.DEFINE_list("ptx", None, "PTX files of Mosaic GPU kernels.",
-                         required=True)
+_PTX = flags.DEFINE_list("ptx", [], "PTX files of Mosaic GPU kernels.")
+_STALLS = flags.DEFINE_string(
+    "stalls", None, "An Nsight Compute source page (CSV, SASS) to read.")
 _PTXAS = flags.DEFINE_string("ptxas", None, "CUDA's ptxas.")
 _CUOBJDUMP = flags.DEFINE_string("cuobjdump", None, "CUDA's cuobjdump.")
 _ARCH = flags.DEFINE_string("arch", "sm_90a", "ptxas' target.")
-_TOP = flags.DEFINE_integer("top", 12, "Opcodes listed per loop.")
+_TOP = flags.DEFINE_integer("top", 12, "Opcodes listed per loop, or "
+                            "instructions with --stalls.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 
 # `/*0a30*/  @!P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;`
@@ -125,6 +143,49 @@ def step_loops(code: list[tuple[int, str]]) -> list[Loop]:
   return sorted(inner, key=lambda loop: loop.start)
 
 
+# The instructions warps are sampled at, by kind: (name, opcode prefix).
+WAIT_KINDS = (("wgmma wait", "WARPGROUP.DEPBAR"), ("wgmma issue", "HGMMA"),
+              ("named barrier", "BAR.SYNC"), ("memory fence", "MEMBAR"))
+
+
+def stall_samples(page: str, top: int = 12) -> dict:
+  """Warp-state samples of one kernel's Nsight Compute source page (`ncu
+  --page source --csv --print-source sass`'s text): their count, the share
+  of each stall reason and of each `WAIT_KINDS` kind ("barrier wait": the
+  branch that retries a `SYNCS.PHASECHK` wait; "other": the rest), and the
+  `top` instructions by samples."""
+  rows = list(csv.reader(page.splitlines()))
+  start = next(i for i, row in enumerate(rows) if row[:2] == ["Address",
+                                                              "Source"])
+  names = {name: i for i, name in enumerate(rows[start])}
+  code = [row for row in rows[start + 1:] if len(row) == len(names)]
+  count = lambda row, name: int(row[names[name]] or 0)
+  samples = [count(row, "Warp Stall Sampling (All Samples)") for row in code]
+  total = sum(samples) or 1
+  reasons = {name[len("stall_"):]: sum(count(row, name) for row in code)
+             / total for name in names
+             if name.startswith("stall_") and "(" not in name}
+  kinds, previous = collections.Counter(), ""
+  for row, n in zip(code, samples):
+    text = _PREDICATE.sub("", row[names["Source"]].strip())
+    kind = next((k for k, prefix in WAIT_KINDS if text.startswith(prefix)),
+                "barrier wait" if text.startswith("BRA")
+                and "SYNCS.PHASECHK" in previous else "other")
+    kinds[kind] += n / total
+    previous = text
+  order = sorted(range(len(code)), key=lambda i: -samples[i])[:top]
+  return dict(
+      samples=sum(samples),
+      reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+      kinds=dict(kinds.most_common()),
+      top=[dict(address=code[i][names["Address"]],
+                source=code[i][names["Source"]].strip(),
+                share=samples[i] / total,
+                reason=max(reasons, key=lambda r: count(code[i],
+                                                        "stall_" + r)))
+           for i in order])
+
+
 def report(ptx_path: str) -> dict:
   """ptxas' numbers and the step loops of one kernel's PTX."""
   with tempfile.TemporaryDirectory() as scratch:
@@ -152,6 +213,22 @@ def report(ptx_path: str) -> dict:
 
 def main(argv):
   del argv
+  if not _PTX.value and not _STALLS.value:
+    raise app.UsageError("Give --ptx files or a --stalls page.")
+  if _STALLS.value:
+    with open(_STALLS.value) as f:
+      stalls = stall_samples(f.read(), _TOP.value)
+    share = lambda d: ", ".join(f"{k} {v:.1%}" for k, v in d.items() if v)
+    print(f"{stalls['samples']} samples\nby reason: "
+          f"{share(stalls['reasons'])}\nby kind: {share(stalls['kinds'])}")
+    print("| address | share | reason | instruction |\n|---|---|---|---|")
+    for row in stalls["top"]:
+      print(f"| {row['address']} | {row['share']:.1%} | {row['reason']} | "
+            f"`{row['source']}` |")
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(stalls, f, indent=1)
+    return
   results = [report(path) for path in _PTX.value]
   for kernel in results:
     print(f"\n{kernel['ptx']}: {kernel['registers']} registers at launch, "

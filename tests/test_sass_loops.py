@@ -42,3 +42,26 @@ def test_step_loops_are_the_innermost_predicated_ones_with_hgmma():
   (loop,) = loops
   assert loop.opcodes == {"LDL": 1, "HGMMA": 1, "STL": 1, "BRA": 1}
   assert loop.size == 4
+
+
+# An Nsight Compute source page as `--page source --csv` writes it (columns
+# cut to those read): a wgmma wait, a barrier's retry branch after its
+# PHASECHK, and a plain branch.
+PAGE = '''"Kernel Name","kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","stall_barrier","stall_long_sb","stall_long_sb (Not Issued)"
+"0x10","      WARPGROUP.DEPBAR.LE gsb0, 0x0","30","30","0","0"
+"0x20","      SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR8], R2","0","0","0","0"
+"0x30","      @!P1  BRA 0x90","60","0","60","60"
+"0x40","      @P0   BRA 0x10","10","0","10","10"
+'''
+
+
+def test_stall_samples_shares_by_reason_kind_and_instruction():
+  stalls = sass_loops.stall_samples(PAGE, top=2)
+  assert stalls["samples"] == 100
+  assert stalls["reasons"] == {"long_sb": 0.7, "barrier": 0.3}
+  assert stalls["kinds"] == {"barrier wait": 0.6, "wgmma wait": 0.3,
+                             "other": 0.1}
+  assert [(row["address"], row["share"], row["reason"])
+          for row in stalls["top"]] == [("0x30", 0.6, "long_sb"),
+                                        ("0x10", 0.3, "barrier")]
