@@ -524,6 +524,43 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
            interpret=False, jit=False, **shape)
 
 
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("name, fused", [("segments", False),
+                                         ("dropout_d64_window", True)])
+def test_exp_beside_dp_matches_reference_in_gpu_interpreter(name, fused,
+                                                            monkeypatch):
+  """`mosaic_bwd.EXP_BESIDE_DP` (each dK/dV step waits for s^T's wgmma
+  only and computes p while dp^T's runs): the split backward (Mosaic dQ)
+  and the fused one in JAX's GPU interpreter, against the reference. The
+  interpreter runs each wgmma at once (it ignores `wait_n`), so this
+  checks the step's values; the compiled test below checks the wait."""
+  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
+  _check_exp_beside_dp(name, fused, interpreted=True)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["plain", "segments", "mqa_softcap",
+                                  "dropout_gqa", "dropout_d64_window"])
+def test_hopper_exp_beside_dp_matches_reference(name, fused, monkeypatch):
+  """`mosaic_bwd.EXP_BESIDE_DP` compiled: p read while dp^T's wgmma may
+  still run (a wrong wait reads a partial dp^T), split and fused."""
+  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
+  _check_exp_beside_dp(name, fused, interpreted=False)
+
+
+def _check_exp_beside_dp(name: str, fused: bool, interpreted: bool):
+  call, shape = _hopper_case(name)
+  launch = dataclasses.replace(_mosaic(
+      structure.pad_dim(shape["d"]), call.get("causal", False),
+      dq=not fused), atomic_dq=fused)
+  with (gpu_interpret.mosaic_on_cpu() if interpreted
+        else contextlib.nullcontext()):
+    _check(f"exp beside dp {name}", call, launch=launch, interpret=False,
+           jit=not interpreted, **shape)
+
+
 def _launch_order(order) -> list[tuple[int, int, int]]:
   """`TileOrder`'s `(tile, batch row, head)` per program, in the order CUDA
   starts them (linear index, the grid's first axis fastest), once through

@@ -142,6 +142,14 @@ from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder
 
 
+# Whether each dK/dV step waits only for s^T's wgmma and computes p while
+# dp^T's still runs (FlashAttention-3's overlap of the softmax with a
+# matmul, within one step). Off: both wgmmas are waited for first. Nsight
+# Compute put a fifth of the fused backward's consumer samples on wgmma
+# waits (D = 128, 16k; benchmarks/flash_notes.md); not yet timed on a GPU.
+EXP_BESIDE_DP = False
+
+
 class _DkdvRefs:
   """The operands, outputs and scratch of one dK/dV program, and what
   every warpgroup reads the same way. `dq` is the dQ the fused backward
@@ -370,44 +378,60 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     plgpu.barrier_wait(r.q_ready.at[slot])
     plgpu.barrier_wait(r.do_ready.at[slot])
 
+    def step_inputs():  # What p needs besides s^T: stats, query vectors.
+      plgpu.barrier_wait(r.stats_ready.at[slot])
+      plgpu.barrier_wait(r.qvec_ready.at[slot])
+      dq_scale = None
+      if with_dq and r.fixed_point:  # Read before the slot is freed.
+        dq_scale = lax.broadcast_in_dim(load_vector(
+            r.stats_smem.at[slot, 2], plgpu.Layout.WGMMA.reduce(1)),
+                                        (bq, half), [0])
+      q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
+      vis = visible(st, q_vec, kv_vec) if masked else None
+      mods = (None if st.mods is None else
+              head_mods(st, mod_rows, g, (ROWS, bq)))
+      q_pos, kv_pos = q_vec.get("q_pos"), kv_vec.get("kv_pos")
+      if masked and st.mask_mod:
+        vis = vis & mods.visible(q_pos, kv_pos)
+      return dq_scale, vis, mods, q_pos, kv_pos
+
+    def softmax(s, vis, mods, q_pos, kv_pos):  # p, dcap, dmod, natural.
+      natural = []  # The score_mod's input: the natural-unit logits.
+      key = None
+      if r.split:  # The key terms, relative to the step's first query.
+        ref = r.qvec_smem[slot, r.q_names.index("q_pos"), 0]
+        key = lax.broadcast_in_dim(key_terms(
+            mods, kv_rows, ref, logit_scale(st) / LOG2E), (ROWS, bq), [0])
+        # The slots' derivatives of `score + a q + b k + c` do not read
+        # the score: any tile serves as their input.
+        natural.append(s)
+
+      def score(s):
+        natural.append(s)
+        return mods.score_grads(s, q_pos, kv_pos)
+
+      return (*probabilities(st, s, r.column(r.stats_smem.at[slot, 0]), vis,
+                             score if st.score_mod else None, key), natural)
+
+    if EXP_BESIDE_DP:
+      dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
+
     def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
       plgpu.wgmma(s_ref, k_step, r.q_smem.at[slot].transpose((1, 0)))
       plgpu.wgmma(dp_ref, v_step, r.do_smem.at[slot].transpose((1, 0)))
-      return s_ref[...], dp_ref[...]
+      if not EXP_BESIDE_DP:
+        return s_ref[...], dp_ref[...]
+      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dp^T's runs on.
+      return softmax(s, vis, mods, q_pos, kv_pos), dp_ref[...]
 
-    s, dp = pl.run_scoped(transposed_scores,
-                          plgpu.ACC((ROWS, bq), jnp.float32),
-                          plgpu.ACC((ROWS, bq), jnp.float32))
-    plgpu.barrier_wait(r.stats_ready.at[slot])
-    plgpu.barrier_wait(r.qvec_ready.at[slot])
-    if with_dq and r.fixed_point:  # Read before the slot is freed.
-      dq_scale = lax.broadcast_in_dim(
-          load_vector(r.stats_smem.at[slot, 2], plgpu.Layout.WGMMA.reduce(1)),
-          (bq, half), [0])
-    q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
-    vis = visible(st, q_vec, kv_vec) if masked else None
-    mods = (None if st.mods is None else
-            head_mods(st, mod_rows, g, (ROWS, bq)))
-    q_pos, kv_pos = q_vec.get("q_pos"), kv_vec.get("kv_pos")
-    if masked and st.mask_mod:
-      vis = vis & mods.visible(q_pos, kv_pos)
-    natural = []  # The score_mod's input: the natural-unit logits.
-
-    key = None
-    if r.split:  # The key terms, relative to the step's first query.
-      ref = r.qvec_smem[slot, r.q_names.index("q_pos"), 0]
-      key = lax.broadcast_in_dim(key_terms(
-          mods, kv_rows, ref, logit_scale(st) / LOG2E), (ROWS, bq), [0])
-      # The slots' derivatives of `score + a q + b k + c` do not read the
-      # score: any tile serves as their input.
-      natural.append(s)
-
-    def score(s):
-      natural.append(s)
-      return mods.score_grads(s, q_pos, kv_pos)
-
-    p, dcap, dmod = probabilities(st, s, r.column(r.stats_smem.at[slot, 0]),
-                                  vis, score if st.score_mod else None, key)
+    score_tiles = [plgpu.ACC((ROWS, bq), jnp.float32)] * 2
+    if EXP_BESIDE_DP:
+      (p, dcap, dmod, natural), dp = pl.run_scoped(transposed_scores,
+                                                   *score_tiles)
+    else:
+      s, dp = pl.run_scoped(transposed_scores, *score_tiles)
+      dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
+      p, dcap, dmod, natural = softmax(s, vis, mods, q_pos, kv_pos)
     p_kept = p  # dV's: the kept p (its 1 / (1 - rate) once, at the end).
     if r.drop is not None:  # dp: the gradient of the kept p, scaled.
       keep = r.keep(slot, g, kv_vec)
