@@ -17,6 +17,7 @@ raises clear errors. Tolerances: `helpers.tolerance` per dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -986,6 +987,9 @@ MOSAIC_MODS = {  # name: (score_mod, mask_mod, structure)
     "static": (None, _static_mask_mod, dict(causal=True)),
     "both": (_hopper_score_mod, _hopper_mask_mod, dict(sliding_window=200)),
     "every_primitive": (_every_primitive, _hopper_mask_mod, {}),
+    # Not causal, no mask: every dK/dV tile unmasked (`rotate_dq` acts).
+    "alibi_full": (lambda s, b, h, q, k, sl, *_: fa.alibi_score_mod(
+        s, b, h, q, k, sl), None, {}),
     # Affine in the positions, not causal: the kernels' split (a key term
     # per element, the row term in the lse), its slopes products of two
     # program values, with a constant.
@@ -1431,7 +1435,8 @@ ON_HOPPER = 9.0 <= (gpu.compute_capability() or 0.0) < 10.0
 
 
 def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
-                               hopper=ON_HOPPER, jit=True, sinks=False):
+                               hopper=ON_HOPPER, jit=True, sinks=False,
+                               lengths=(260, 328), rotate=False):
   """`MOSAIC_MODS[name]` through flash's default launches on a GPU
   (bfloat16, Sq = 260 < Sk = 328: bottom-right positions, padded tiles,
   grouped heads, soft cap; D = `head_dim`): out, lse (-inf rows included)
@@ -1443,14 +1448,16 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   fuse calls with mods). `jit=False`
   runs flash op by op (`gpu_interpret`'s kernels); `sinks`: with sink
   logits too (fixed; a split score_mod is then evaluated per element in
-  the forward, split in the backward)."""
+  the forward, split in the backward); `lengths`: (Sq, Sk); `rotate`: the
+  fused launch with `rotate_dq`."""
   rng = helpers.rng_for("mosaic-forward-mods", name, head_dim)
   q, k, v = (x.astype(jnp.bfloat16) for x in helpers.random_qkv(
-      rng, B, 260, 328, H, HKV, head_dim))
+      rng, B, *lengths, H, HKV, head_dim))
   slopes, scale, prefix = _hopper_mod_args()
   cap = 30.0
   extra = dict(sinks=jnp.linspace(-1.0, 2.0, H)) if sinks else {}
-  launch = (flash_kernel.hopper_launch_config(head_dim, dq="fused")
+  launch = (dataclasses.replace(flash_kernel.hopper_launch_config(
+      head_dim, dq="fused"), rotate_dq=rotate)
             if dq_backend == "fused" else None)
   if hopper:
     assert _backends(_hopper_call(name, q, k, v, (slopes, scale, prefix),
@@ -1495,3 +1502,19 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
   for n, got, want in zip(("dq", "dk", "dv", "dslopes", "dscale"), grads,
                           want_grads):
     helpers.assert_close(got, want, jnp.bfloat16, f"{what}: {n}")
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None and not ON_HOPPER,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+def test_rotated_fused_backward_with_mods_and_sinks(monkeypatch):
+  """`rotate_dq` (the default fused backward's from 16k keys) with ALiBi,
+  whose slopes get their gradient in the dK/dV kernel, and sinks: lengths
+  in whole tiles and no mask, so each program walks its 4 query tiles from
+  its key tile's index; compiled on Hopper, else in JAX's GPU interpreter."""
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
+  with (contextlib.nullcontext() if ON_HOPPER
+        else gpu_interpret.mosaic_on_cpu()):
+    _check_mosaic_forward_mods("alibi_full", "fused", 128, hopper=True,
+                               jit=ON_HOPPER, sinks=True,
+                               lengths=(256, 384), rotate=True)
