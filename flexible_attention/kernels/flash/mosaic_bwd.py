@@ -45,10 +45,8 @@ the same dQ tile together. With `LaunchConfig.rotate_dq` such a program
 (no masked tile in its range) starts at its key tile's index and wraps
 around: the programs of one head add into different dQ tiles. Its dK and
 dV then sum their steps in another (fixed) order; the fixed point's dQ is
-the same bits either way (checked on an H100). Opt-in: timed only while
-the kernels launched heads first (so the programs running at once were
-of different heads anyway), where its gain did not repeat from one GPU
-call to the next (benchmarks/BENCHMARKS.md).
+the same bits either way (checked on an H100). The default launches set
+it from `launch.ROTATE_DQ_MIN_KV_LEN` keys, where it measured faster.
 
 With dropout (either layout) the kernel hashes each transposed tile's
 keep mask (`mosaic_common.TileDropout`): dV takes the kept `p` (scaled by
