@@ -21,10 +21,10 @@ adds or float32 ones, with or without `rotate_dq`; on a GPU also Triton's
 dQ kernel), and the programs' order of the dK/dV and dQ kernels
 (`structure.GROUPED_CAUSAL_DKV` / `GROUPED_CAUSAL_DQ`, each on in three
 draws of four, on 1-16 multiprocessors, which set the group size), and
-the dK/dV step's schedule (`mosaic_bwd.EXP_BESIDE_DP`, on in half the
-draws). On a CPU the Triton dQ kernel cannot run beside the interpreted
-Mosaic ones, so a draw of padded D = 256 (whose only dQ is Triton's) runs
-at 128 there.
+the dK/dV step's schedules (`mosaic_bwd.EXP_BESIDE_DP` and
+`DQ_ADD_BESIDE_DK`, each on in half the draws). On a CPU the Triton dQ
+kernel cannot run beside the interpreted Mosaic ones, so a draw of padded
+D = 256 (whose only dQ is Triton's) runs at 128 there.
 
 Each draw runs `flash_kernel` with the Hopper launches op by op, compiled
 on an sm_90 GPU, else in JAX's GPU interpreter (jax >= 0.11; 10-60 s a
@@ -90,6 +90,7 @@ class Draw:
   rotate_dq: bool = False  # The fused dQ's rotated steps.
   grouped: tuple[bool, bool] = (False, False)  # dK/dV's, dQ's.
   exp_beside_dp: bool = False  # `mosaic_bwd.EXP_BESIDE_DP`.
+  dq_add_beside_dk: bool = False  # `mosaic_bwd.DQ_ADD_BESIDE_DK`.
 
 
 def draw(seed: int, backward: bool = False) -> Draw:
@@ -122,13 +123,15 @@ def draw(seed: int, backward: bool = False) -> Draw:
   rotate_dq = dq != "mosaic" and bool(rng.random() < 0.3)
   grouped = tuple(bool(g) for g in rng.random(2) < 0.75)
   exp_beside_dp = bool(rng.random() < 0.5)
+  dq_add_beside_dk = bool(rng.random() < 0.5)
   d = x.d
   if structure.pad_dim(d) == 256:  # Only Triton's dQ kernel serves it.
     d, dq, rotate_dq = (256, "triton", False) if HOPPER else (128, dq,
                                                               rotate_dq)
   return dataclasses.replace(x, cores=cores, d=d, dq=dq,
                              rotate_dq=rotate_dq, grouped=grouped,
-                             exp_beside_dp=exp_beside_dp)
+                             exp_beside_dp=exp_beside_dp,
+                             dq_add_beside_dk=dq_add_beside_dk)
 
 
 def _launch(x: Draw) -> flash_kernel.LaunchConfig:
@@ -152,7 +155,8 @@ def _kernels_of(x: Draw):
     patched = [(gpu, "core_count", lambda: x.cores),
                (structure, "GROUPED_CAUSAL_DKV", x.grouped[0]),
                (structure, "GROUPED_CAUSAL_DQ", x.grouped[1]),
-               (mosaic_bwd, "EXP_BESIDE_DP", x.exp_beside_dp)]
+               (mosaic_bwd, "EXP_BESIDE_DP", x.exp_beside_dp),
+               (mosaic_bwd, "DQ_ADD_BESIDE_DK", x.dq_add_beside_dk)]
     if x.snake:
       patched.append((mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0))
     original = [(m, n, getattr(m, n)) for m, n, _ in patched]

@@ -205,28 +205,33 @@ def test_fused_backward_rotates_its_steps_on_long_keys(monkeypatch):
     assert (chosen.atomic_dq, chosen.rotate_dq) == (True, rotate), length
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("flag", ["EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"])
 @pytest.mark.parametrize("name, head_dim", [
     ("plain", 128), ("causal_window_softcap_gqa", 64), ("sinks", 128),
     ("dropout_gqa", 64)])
-def test_fused_backward_with_exp_beside_dp_lowers_for_cuda(name, head_dim,
-                                                            monkeypatch):
-  """With `mosaic_bwd.EXP_BESIDE_DP` (each step's p computed while dp^T's
-  wgmma runs) too."""
-  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
-  _check_fused_lowering(name, head_dim, deterministic=True)
+def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flag,
+                                                      deterministic,
+                                                      monkeypatch):
+  """With `mosaic_bwd`'s opt-in step schedules too: p computed while dp^T's
+  wgmma runs (`EXP_BESIDE_DP`), dQ added while dK's runs
+  (`DQ_ADD_BESIDE_DK`), its adds in fixed point or float32."""
+  monkeypatch.setattr(mosaic_bwd, flag, True)
+  _check_fused_lowering(name, head_dim, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("exp_beside_dp", [False, True])
+@pytest.mark.parametrize("schedules", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mod", ["alibi", "prefix_lm"])
 def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,
-                                                  exp_beside_dp, monkeypatch):
+                                                  schedules, monkeypatch):
   """An explicit fused launch runs ALiBi (a score_mod whose [H] slopes get
   their gradient in the kernel) and a prefix-LM mask_mod in the dK/dV
   kernel that adds dQ: the gradients of q, k, v (and the slopes) lower as
   the Mosaic forward and one Mosaic dK/dV kernel, aliased to dQ; with
-  `mosaic_bwd.EXP_BESIDE_DP` or without."""
-  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", exp_beside_dp)
+  `mosaic_bwd`'s opt-in step schedules or without."""
+  for flag in ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"):
+    monkeypatch.setattr(mosaic_bwd, flag, schedules)
   b, s, h, hkv = 2, 256, 4, 2
   q = jax.ShapeDtypeStruct((b, s, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)

@@ -524,41 +524,52 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
            interpret=False, jit=False, **shape)
 
 
+# The opt-in schedules of the Mosaic dK/dV step (`mosaic_bwd`), alone and
+# together: names of its flags.
+SCHEDULES = {"exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
+             "both": ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK")}
+
+
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("name, fused", [("segments", False),
-                                         ("dropout_d64_window", True)])
-def test_exp_beside_dp_matches_reference_in_gpu_interpreter(name, fused,
-                                                            monkeypatch):
+@pytest.mark.parametrize("schedule, name, fused", [
+    ("exp", "segments", False), ("exp", "dropout_d64_window", True),
+    ("dq_add", "dropout_d64_window", True),
+    ("both", "causal_fewer_queries", True)])
+def test_step_schedules_match_reference_in_gpu_interpreter(
+    schedule, name, fused, monkeypatch):
   """`mosaic_bwd.EXP_BESIDE_DP` (each dK/dV step waits for s^T's wgmma
-  only and computes p while dp^T's runs): the split backward (Mosaic dQ)
-  and the fused one in JAX's GPU interpreter, against the reference. The
-  interpreter runs each wgmma at once (it ignores `wait_n`), so this
-  checks the step's values; the compiled test below checks the wait."""
-  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
-  _check_exp_beside_dp(name, fused, interpreted=True)
+  only and computes p while dp^T's runs) and `DQ_ADD_BESIDE_DK` (the
+  fused step adds dQ while dK's wgmma runs): the split backward (Mosaic
+  dQ) or the fused one in JAX's GPU interpreter, against the reference.
+  The interpreter runs each wgmma at once (it ignores `wait_n`), so this
+  checks the step's values; the compiled test below checks the waits."""
+  _check_schedule(schedule, name, fused, monkeypatch, interpreted=True)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("schedule, fused", [
+    ("exp", False), ("exp", True), ("dq_add", True), ("both", True)])
 @pytest.mark.parametrize("name", ["plain", "segments", "mqa_softcap",
                                   "dropout_gqa", "dropout_d64_window"])
-def test_hopper_exp_beside_dp_matches_reference(name, fused, monkeypatch):
-  """`mosaic_bwd.EXP_BESIDE_DP` compiled: p read while dp^T's wgmma may
-  still run (a wrong wait reads a partial dp^T), split and fused."""
-  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
-  _check_exp_beside_dp(name, fused, interpreted=False)
+def test_hopper_step_schedules_match_reference(name, schedule, fused,
+                                               monkeypatch):
+  """The same compiled: a wrong wait reads a partial dp^T or dQ."""
+  _check_schedule(schedule, name, fused, monkeypatch, interpreted=False)
 
 
-def _check_exp_beside_dp(name: str, fused: bool, interpreted: bool):
+def _check_schedule(schedule: str, name: str, fused: bool, monkeypatch,
+                    interpreted: bool):
+  for flag in SCHEDULES[schedule]:
+    monkeypatch.setattr(mosaic_bwd, flag, True)
   call, shape = _hopper_case(name)
   launch = dataclasses.replace(_mosaic(
       structure.pad_dim(shape["d"]), call.get("causal", False),
       dq=not fused), atomic_dq=fused)
   with (gpu_interpret.mosaic_on_cpu() if interpreted
         else contextlib.nullcontext()):
-    _check(f"exp beside dp {name}", call, launch=launch, interpret=False,
-           jit=not interpreted, **shape)
+    _check(f"schedule {schedule} {name}", call, launch=launch,
+           interpret=False, jit=not interpreted, **shape)
 
 
 def _launch_order(order) -> list[tuple[int, int, int]]:

@@ -140,12 +140,15 @@ from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder
 
 
-# Whether each dK/dV step waits only for s^T's wgmma and computes p while
-# dp^T's still runs (FlashAttention-3's overlap of the softmax with a
-# matmul, within one step). Off: both wgmmas are waited for first. Nsight
-# Compute put a fifth of the fused backward's consumer samples on wgmma
-# waits (D = 128, 16k; benchmarks/flash_notes.md); not yet timed on a GPU.
+# Two schedules of the rows layout's step, off until timed on a GPU (a
+# profile of the fused backward, D = 128, 16k, put a fifth of its
+# consumers' samples on wgmma waits: benchmarks/flash_notes.md):
+# EXP_BESIDE_DP waits for s^T's wgmma only and computes p while dp^T's
+# runs; DQ_ADD_BESIDE_DK (with dQ) issues dK's wgmma after dQ's and adds
+# dQ (fixed point, store, TMA) while dK's runs, instead of after both (the
+# other's ds^T is then waited for behind dV's wgmma only).
 EXP_BESIDE_DP = False
+DQ_ADD_BESIDE_DK = False
 
 
 class _DkdvRefs:
@@ -337,7 +340,6 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
   if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
     ds_smem, dq_smem, ds_ready, both_done = r.exchange
-    dq_tile = dq_smem.at[w]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
@@ -363,10 +365,8 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
   def step(i, carry, masked: bool, base, g):
     dk, dv, *dslots = carry
     slot = lax.rem(base + i - lo, STAGES)
-    # With dQ at Dp = 128 the K and V tiles' descriptors are the step's own
-    # (kept across the loop they spilled). Measured (benchmarks/
-    # flash_notes.md): at Dp = 64, where nothing spilled, per-step ones were
-    # slower; without dQ, where they spill 104 bytes a thread, as fast.
+    # With dQ at Dp = 128, per-step K / V descriptors (module docstring;
+    # at Dp = 64 they were slower, without dQ as fast: flash_notes.md).
     zero = 0
     if with_dq and r.k.shape[-1] > 64:
       zero = step_zero(i)
@@ -454,26 +454,35 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
       ds_smem.at[buf, w][...] = ds
       plgpu.commit_smem()
       plgpu.barrier_arrive(ds_ready.at[buf])
-      plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
+      if not DQ_ADD_BESIDE_DK:
+        plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
       plgpu.barrier_wait(ds_ready.at[buf])  # The other's ds^T is there.
       for x in range(CONSUMERS):
         plgpu.wgmma(refs[2], ds_smem.at[buf, x].transpose((1, 0)),
                     r.k_smem.at[x + zero, :, cols])
+      if DQ_ADD_BESIDE_DK:  # dK's wgmma runs while dQ is added.
+        plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
+        add_dq(plgpu.wgmma_accumulator_load(refs[2], wait_n=1))
+
+    def add_dq(dq):  # The step's dQ columns into r.dq (TMA reduce-add). Its
+      # views are made here: one made outside a run_state body (where this
+      # may run) and closed over does not lower (jax 0.11.2).
+      tile = dq_smem.at[w]
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
+      tile[...] = to_fixed_point(dq, dq_scale) if r.fixed_point else dq
+      plgpu.commit_smem()
+      rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)
+      plgpu.copy_smem_to_gmem(
+          tile, r.dq.at[batch, rows, kv_head * st.groups + g, cols],
+          reduction_op="add")
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
       accumulators += (plgpu.ACC.init(wgmma_zeros(half)),)
     dv, dk, *dq_add = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
-    if with_dq:
-      head = kv_head * st.groups + g
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
-      dq_tile[...] = (to_fixed_point(dq_add[0], dq_scale)
-                      if r.fixed_point else dq_add[0])
-      plgpu.commit_smem()
-      rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)
-      plgpu.copy_smem_to_gmem(dq_tile, r.dq.at[batch, rows, head, cols],
-                              reduction_op="add")
+    if with_dq and not DQ_ADD_BESIDE_DK:
+      add_dq(dq_add[0])
     return (dk, dv, *dslots)
 
   def end(g, carry):  # Head g's slot sums out; the next head's from zero.
