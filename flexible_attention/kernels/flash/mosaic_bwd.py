@@ -467,14 +467,13 @@ def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
     def add_dq(dq):  # The step's dQ columns into r.dq (TMA reduce-add). Its
       # views are made here: one made outside a run_state body (where this
       # may run) and closed over does not lower (jax 0.11.2).
-      tile = dq_smem.at[w]
+      head, tile = kv_head * st.groups + g, dq_smem.at[w]
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
       tile[...] = to_fixed_point(dq, dq_scale) if r.fixed_point else dq
       plgpu.commit_smem()
       rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)
-      plgpu.copy_smem_to_gmem(
-          tile, r.dq.at[batch, rows, kv_head * st.groups + g, cols],
-          reduction_op="add")
+      plgpu.copy_smem_to_gmem(tile, r.dq.at[batch, rows, head, cols],
+                              reduction_op="add")
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
