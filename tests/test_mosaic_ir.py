@@ -1,0 +1,25 @@
+"""`benchmarks/mosaic_ir.py`: its digests tell kernels apart by their IR,
+whatever the source lines (the lowering runs on a CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from flexible_attention.kernels.flash import mosaic_bwd
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "benchmarks"))
+import mosaic_ir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_digests_follow_the_kernels_not_the_source(monkeypatch):
+  """The fused backward's call lowers the forward and the fused dK/dV
+  kernel; the same call gives the same digests, and a change of the dK/dV
+  step's schedule changes that kernel's digest only."""
+  name = "d128_full_fused"
+  forward, backward = mosaic_ir.call_digests(name)
+  assert mosaic_ir.call_digests(name) == [forward, backward]
+  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
+  changed = mosaic_ir.call_digests(name)
+  assert changed[0] == forward and changed[1] != backward
