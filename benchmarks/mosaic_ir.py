@@ -18,10 +18,11 @@ the program calls them. Triton kernels are not covered.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
+import os
 import re
+import sys
 
 from absl import app
 import jax
@@ -50,18 +51,13 @@ CALLS = {
 
 
 def kernel_texts(fn, *args) -> list[str]:
-  """The Mosaic GPU kernels of `fn`'s program lowered for CUDA (an
-  abstract H100 where this jax has abstract devices), as MLIR text without
-  locations or dump names."""
-  device = getattr(jax.sharding, "AbstractDevice", None)
-  context = contextlib.nullcontext()
-  if device is not None:
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device(
-        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
-    context = jax.sharding.use_abstract_mesh(mesh)
-  with context:
-    module = jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+  """The Mosaic GPU kernels of `fn`'s program lowered for CUDA
+  (`helpers.lower_for_cuda`), as MLIR text without locations or dump
+  names."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
+      __file__)), "..", "tests"))
+  import helpers  # pylint: disable=g-import-not-at-top
+  text = helpers.lower_for_cuda(fn, *args)
   texts = []
 
   def walk(operation):
@@ -77,13 +73,14 @@ def kernel_texts(fn, *args) -> list[str]:
               context.allow_unregistered_dialects = True
               if mosaic_gpu_dialect is not None:
                 mosaic_gpu_dialect.register_dialect(context)
-              text = ir.Module.parse(data).operation.get_asm(
+              kernel = ir.Module.parse(data).operation.get_asm(
                   enable_debug_info=False)
             # The dump name counts the kernels lowered in the process.
-            texts.append(re.sub(r'dump_basename = "[^"]*"', "", text))
+            texts.append(re.sub(r'dump_basename = "[^"]*"', "", kernel))
           walk(op)
 
-  walk(module.operation)
+  with jax_mlir.make_ir_context():
+    walk(ir.Module.parse(text).operation)
   return texts
 
 
