@@ -21,7 +21,7 @@ adds or float32 ones, with or without `rotate_dq`; on a GPU also Triton's
 dQ kernel), and the programs' order of the dK/dV and dQ kernels
 (`structure.GROUPED_CAUSAL_DKV` / `GROUPED_CAUSAL_DQ`, each on in three
 draws of four, on 1-16 multiprocessors, which set the group size), and
-the dK/dV step's schedules (`mosaic_bwd.EXP_BESIDE_DP` and
+the dK/dV step's schedules (`mosaic_bwd_rows.EXP_BESIDE_DP` and
 `DQ_ADD_BESIDE_DK`, each on in half the draws). On a CPU the Triton dQ
 kernel cannot run beside the interpreted Mosaic ones, so a draw of padded
 D = 256 (whose only dQ is Triton's) runs at 128 there.
@@ -54,7 +54,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
-from flexible_attention.kernels.flash import mosaic_bwd
+from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import structure
 import gpu_interpret
@@ -89,8 +89,8 @@ class Draw:
   dq: str | None = None  # One of DQ_PATHS.
   rotate_dq: bool = False  # The fused dQ's rotated steps.
   grouped: tuple[bool, bool] = (False, False)  # dK/dV's, dQ's.
-  exp_beside_dp: bool = False  # `mosaic_bwd.EXP_BESIDE_DP`.
-  dq_add_beside_dk: bool = False  # `mosaic_bwd.DQ_ADD_BESIDE_DK`.
+  exp_beside_dp: bool = False  # `mosaic_bwd_rows.EXP_BESIDE_DP`.
+  dq_add_beside_dk: bool = False  # `mosaic_bwd_rows.DQ_ADD_BESIDE_DK`.
 
 
 def draw(seed: int, backward: bool = False) -> Draw:
@@ -155,8 +155,8 @@ def _kernels_of(x: Draw):
     patched = [(gpu, "core_count", lambda: x.cores),
                (structure, "GROUPED_CAUSAL_DKV", x.grouped[0]),
                (structure, "GROUPED_CAUSAL_DQ", x.grouped[1]),
-               (mosaic_bwd, "EXP_BESIDE_DP", x.exp_beside_dp),
-               (mosaic_bwd, "DQ_ADD_BESIDE_DK", x.dq_add_beside_dk)]
+               (mosaic_bwd_rows, "EXP_BESIDE_DP", x.exp_beside_dp),
+               (mosaic_bwd_rows, "DQ_ADD_BESIDE_DK", x.dq_add_beside_dk)]
     if x.snake:
       patched.append((mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0))
     original = [(m, n, getattr(m, n)) for m, n, _ in patched]

@@ -30,6 +30,7 @@ from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
+from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_numerics
@@ -213,10 +214,10 @@ def test_fused_backward_rotates_its_steps_on_long_keys(monkeypatch):
 def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flag,
                                                       deterministic,
                                                       monkeypatch):
-  """With `mosaic_bwd`'s opt-in step schedules too: p computed while dp^T's
+  """With `mosaic_bwd_rows`' opt-in step schedules too: p computed while dp^T's
   wgmma runs (`EXP_BESIDE_DP`), dQ added while dK's runs
   (`DQ_ADD_BESIDE_DK`), its adds in fixed point or float32."""
-  monkeypatch.setattr(mosaic_bwd, flag, True)
+  monkeypatch.setattr(mosaic_bwd_rows, flag, True)
   _check_fused_lowering(name, head_dim, deterministic=deterministic)
 
 
@@ -229,9 +230,9 @@ def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,
   their gradient in the kernel) and a prefix-LM mask_mod in the dK/dV
   kernel that adds dQ: the gradients of q, k, v (and the slopes) lower as
   the Mosaic forward and one Mosaic dK/dV kernel, aliased to dQ; with
-  `mosaic_bwd`'s opt-in step schedules or without."""
+  `mosaic_bwd_rows`' opt-in step schedules or without."""
   for flag in ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"):
-    monkeypatch.setattr(mosaic_bwd, flag, schedules)
+    monkeypatch.setattr(mosaic_bwd_rows, flag, schedules)
   b, s, h, hkv = 2, 256, 4, 2
   q = jax.ShapeDtypeStruct((b, s, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)

@@ -46,7 +46,7 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
-from flexible_attention.kernels.flash import mosaic_bwd
+from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
@@ -524,7 +524,7 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
            interpret=False, jit=False, **shape)
 
 
-# The opt-in schedules of the Mosaic dK/dV step (`mosaic_bwd`), alone and
+# The opt-in schedules of the Mosaic dK/dV step (`mosaic_bwd_rows`), alone and
 # together: names of its flags.
 SCHEDULES = {"exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
              "both": ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK")}
@@ -538,7 +538,7 @@ SCHEDULES = {"exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
     ("both", "causal_fewer_queries", True)])
 def test_step_schedules_match_reference_in_gpu_interpreter(
     schedule, name, fused, monkeypatch):
-  """`mosaic_bwd.EXP_BESIDE_DP` (each dK/dV step waits for s^T's wgmma
+  """`mosaic_bwd_rows.EXP_BESIDE_DP` (each dK/dV step waits for s^T's wgmma
   only and computes p while dp^T's runs) and `DQ_ADD_BESIDE_DK` (the
   fused step adds dQ while dK's wgmma runs): the split backward (Mosaic
   dQ) or the fused one in JAX's GPU interpreter, against the reference.
@@ -561,7 +561,7 @@ def test_hopper_step_schedules_match_reference(name, schedule, fused,
 def _check_schedule(schedule: str, name: str, fused: bool, monkeypatch,
                     interpreted: bool):
   for flag in SCHEDULES[schedule]:
-    monkeypatch.setattr(mosaic_bwd, flag, True)
+    monkeypatch.setattr(mosaic_bwd_rows, flag, True)
   call, shape = _hopper_case(name)
   launch = dataclasses.replace(_mosaic(
       structure.pad_dim(shape["d"]), call.get("causal", False),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from flexible_attention.kernels.flash import mosaic_bwd
+from flexible_attention.kernels.flash import mosaic_bwd_rows
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "benchmarks"))
@@ -20,6 +20,6 @@ def test_digests_follow_the_kernels_not_the_source(monkeypatch):
   name = "d128_full_fused"
   forward, backward = mosaic_ir.call_digests(name)
   assert mosaic_ir.call_digests(name) == [forward, backward]
-  monkeypatch.setattr(mosaic_bwd, "EXP_BESIDE_DP", True)
+  monkeypatch.setattr(mosaic_bwd_rows, "EXP_BESIDE_DP", True)
   changed = mosaic_ir.call_digests(name)
   assert changed[0] == forward and changed[1] != backward

@@ -5,11 +5,12 @@ calls the Mosaic forward serves, in the same style (`mosaic_fwd`): a
 producer warpgroup streams the query-side tiles (q, dO, the rows' base-2
 log-sum-exp and `delta`, their structure vectors) into shared-memory slots;
 
-- at Dp <= 128 ("rows" layout) two consumers own 64 keys each and
-  accumulate their dK and dV with `wgmma`;
-- at Dp = 256 ("columns" layout), where those accumulators fill both
-  consumers' registers, the consumers share 64 keys and split dK's and dV's
-  columns, exchanging `p`, `dp - delta` and `ds` through shared memory
+- at Dp <= 128 ("rows" layout, `mosaic_bwd_rows`) two consumers own 64
+  keys each and accumulate their dK and dV with `wgmma`;
+- at Dp = 256 ("columns" layout, `mosaic_bwd_columns`), where those
+  accumulators fill both consumers' registers, the consumers share 64 keys
+  and split dK's and dV's columns, exchanging `p`, `dp - delta` and `ds`
+  through shared memory
   (FlashAttention-3's hdim-256 layout).
 
 dQ is its own kernel's (Triton's or `mosaic_dq`), or, with
@@ -94,7 +95,7 @@ import jax.numpy as jnp
 
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
-from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_bwd_rows import rows_consumer
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
@@ -109,46 +110,23 @@ from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
-from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import load_vector
-from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
-from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import read_row
-from flexible_attention.kernels.flash.mosaic_common import score_grads
-from flexible_attention.kernels.flash.mosaic_common import step_zero
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
-from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
 from flexible_attention.kernels.flash.mosaic_mod_rows import dkv_mods_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import fused_mods_reason
-from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
-from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
 from flexible_attention.kernels.flash.mosaic_mod_rows import row_operands
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_refs
 from flexible_attention.kernels.flash.mosaic_mod_rows import split_row_scratch
 from flexible_attention.kernels.flash.mosaic_mod_split import REF_ROWS
-from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
 from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
 from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
-from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
 from flexible_attention.kernels.flash.mosaic_numerics import fixed_point_scales
-from flexible_attention.kernels.flash.mosaic_numerics import to_fixed_point
-from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder
-
-
-# Two schedules of the rows layout's step, off until timed on a GPU (a
-# profile of the fused backward, D = 128, 16k, put a fifth of its
-# consumers' samples on wgmma waits: benchmarks/flash_notes.md):
-# EXP_BESIDE_DP waits for s^T's wgmma only and computes p while dp^T's
-# runs; DQ_ADD_BESIDE_DK (with dQ) issues dK's wgmma after dQ's and adds
-# dQ (fixed point, store, TMA) while dK's runs, instead of after both (the
-# other's ds^T is then waited for behind dV's wgmma only).
-EXP_BESIDE_DP = False
-DQ_ADD_BESIDE_DK = False
 
 
 class _DkdvRefs:
@@ -299,219 +277,6 @@ class _DkdvRefs:
     lax.fori_loop(STAGES, total, refill, None)
 
 
-def _dkdv_rows_consumer(r: _DkdvRefs, lo, flo, fhi, hi, w=None):
-  """Dp <= 128: warpgroup w < 2 owns keys `[64 w, 64 w + 64)` of the
-  program's 128 and all of their dK and dV columns.
-
-  With `r.dq` (the fused backward; `w` then static) each step also adds the
-  program's share of the step's dQ rows, `ds k` over its 128 keys, split by
-  columns: each warpgroup writes its `ds^T` to its tile of the step's
-  exchange buffer (which also feeds its `dk += ds^T q`), signals it, waits
-  for the other's, and takes dQ's columns `[w Dp / 2, (w + 1) Dp / 2)` from
-  two `wgmma`s (A: each tile's transposed view; B: the same columns of its
-  K tile). The float32 `[bq, Dp / 2]` result leaves by TMA reduce-add from
-  the warpgroup's dQ tile: one `[bq, Dp]` add per step and program (not
-  one per warpgroup), and a `[64, Dp / 2]` accumulator beside dK and dV.
-  The exchange has two buffers, used by alternate steps: a warpgroup
-  rewrites one only after the other has signalled the next step's, so
-  after its reads of this one are done.
-
-  With `r.fixed_point` dQ is int32: the warpgroup adds `trunc(x s)`, s the
-  rows' scales (`fixed_point_scales`, a third row of the step's stats),
-  from an int32 tile, so the sum's bits do not depend on the order of the
-  adds.
-
-  With mods (`r.st.mods`) the warpgroup first copies the program values of
-  the group's G query heads to its shared memory (`mosaic_mods.
-  group_rows`); each step reads head g's as scalars and evaluates the
-  mods on its transposed tile: the mask_mod on masked tiles, the score_mod
-  and its derivative in the logits (forward mode) on every one. With
-  `r.dslots` it also accumulates, per slot of `grad_slots`, the `[64]` row
-  sums of `p (dp - delta) * d(score_mod)/d(value)` over head g's steps, and
-  after them stores the `[n, 64]` sums through its shared-memory tile to
-  `r.dslots` (TMA; a head's copy has read the tile before the next head
-  overwrites it).
-  """
-  st = r.st
-  batch, kv_head, bq = r.batch, r.kv_head, r.bq
-  with_dq = r.dq is not None
-  wg = r.wg if w is None else w
-  keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
-  k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
-  if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
-    ds_smem, dq_smem, ds_ready, both_done = r.exchange
-    half = r.k.shape[-1] // CONSUMERS
-    cols = pl.ds(w * half, half)
-  plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
-                          r.k_ready.at[wg])
-  plgpu.copy_gmem_to_smem(r.v.at[batch, keys, kv_head], v_tile,
-                          r.v_ready.at[wg])
-  plgpu.copy_gmem_to_smem(r.kvvec.at[batch, :, keys], r.kvvec_smem.at[wg],
-                          r.kvvec_ready.at[wg])
-  mod_rows = None if st.mods is None else group_rows(
-      r.mod_refs, r.mod_scratch, batch, kv_head, st.groups, wg)
-  slots = grad_slots(st.mods) if r.dslots is not None else range(0)
-  # The query vectors an unmasked tile reads: the score_mod's positions
-  # (those of its slot gradients only, when split).
-  unmasked_q = unmasked_reads(None if r.split and not slots else st.mods,
-                              "q_pos")
-  plgpu.barrier_wait(r.kvvec_ready.at[wg])
-  kv_vec = r.key_vectors(r.kvvec_smem.at[wg])
-  if r.split:  # The keys' positions, down the transposed tiles' rows.
-    kv_rows = key_vector(st, r.kvvec_smem, wg, "kv_pos", dim=1)
-  plgpu.barrier_wait(r.k_ready.at[wg])
-  plgpu.barrier_wait(r.v_ready.at[wg])
-
-  def step(i, carry, masked: bool, base, g):
-    dk, dv, *dslots = carry
-    slot = lax.rem(base + i - lo, STAGES)
-    # With dQ at Dp = 128, per-step K / V descriptors (module docstring;
-    # at Dp = 64 they were slower, without dQ as fast: flash_notes.md).
-    zero = 0
-    if with_dq and r.k.shape[-1] > 64:
-      zero = step_zero(i)
-      k_step, v_step = r.k_smem.at[wg + zero], r.v_smem.at[wg + zero]
-    else:
-      k_step, v_step = k_tile, v_tile
-    plgpu.barrier_wait(r.q_ready.at[slot])
-    plgpu.barrier_wait(r.do_ready.at[slot])
-
-    def step_inputs():  # What p needs besides s^T: stats, query vectors.
-      plgpu.barrier_wait(r.stats_ready.at[slot])
-      plgpu.barrier_wait(r.qvec_ready.at[slot])
-      dq_scale = None
-      if with_dq and r.fixed_point:  # Read before the slot is freed.
-        dq_scale = lax.broadcast_in_dim(load_vector(
-            r.stats_smem.at[slot, 2], plgpu.Layout.WGMMA.reduce(1)),
-                                        (bq, half), [0])
-      q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
-      vis = visible(st, q_vec, kv_vec) if masked else None
-      mods = (None if st.mods is None else
-              head_mods(st, mod_rows, g, (ROWS, bq)))
-      q_pos, kv_pos = q_vec.get("q_pos"), kv_vec.get("kv_pos")
-      if masked and st.mask_mod:
-        vis = vis & mods.visible(q_pos, kv_pos)
-      return dq_scale, vis, mods, q_pos, kv_pos
-
-    def softmax(s, vis, mods, q_pos, kv_pos):  # p, dcap, dmod, natural.
-      natural = []  # The score_mod's input: the natural-unit logits.
-      key = None
-      if r.split:  # The key terms, relative to the step's first query.
-        ref = r.qvec_smem[slot, r.q_names.index("q_pos"), 0]
-        key = lax.broadcast_in_dim(key_terms(
-            mods, kv_rows, ref, logit_scale(st) / LOG2E), (ROWS, bq), [0])
-        # The slots' derivatives of `score + a q + b k + c` do not read
-        # the score: any tile serves as their input.
-        natural.append(s)
-
-      def score(s):
-        natural.append(s)
-        return mods.score_grads(s, q_pos, kv_pos)
-
-      return (*probabilities(st, s, r.column(r.stats_smem.at[slot, 0]), vis,
-                             score if st.score_mod else None, key), natural)
-
-    if EXP_BESIDE_DP:
-      dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
-
-    def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
-      plgpu.wgmma(s_ref, k_step, r.q_smem.at[slot].transpose((1, 0)))
-      plgpu.wgmma(dp_ref, v_step, r.do_smem.at[slot].transpose((1, 0)))
-      if not EXP_BESIDE_DP:
-        return s_ref[...], dp_ref[...]
-      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dp^T's runs on.
-      return softmax(s, vis, mods, q_pos, kv_pos), dp_ref[...]
-
-    score_tiles = [plgpu.ACC((ROWS, bq), jnp.float32)] * 2
-    if EXP_BESIDE_DP:
-      (p, dcap, dmod, natural), dp = pl.run_scoped(transposed_scores,
-                                                   *score_tiles)
-    else:
-      s, dp = pl.run_scoped(transposed_scores, *score_tiles)
-      dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
-      p, dcap, dmod, natural = softmax(s, vis, mods, q_pos, kv_pos)
-    p_kept = p  # dV's: the kept p (its 1 / (1 - rate) once, at the end).
-    if r.drop is not None:  # dp: the gradient of the kept p, scaled.
-      keep = r.keep(slot, g, kv_vec)
-      p_kept = jnp.where(keep, p, 0.0)
-      dp = jnp.where(keep, dp * r.drop.scale, 0.0)
-    x = dp - r.column(r.stats_smem.at[slot, 1])
-    ds = score_grads(st, p, dcap, x, r.dtype, dmod)
-    if slots:  # p (dp - delta): the modified logits' cotangent, times
-      # d(score_mod)/d(value), one slot at a time (one tile live).
-      post = p * x
-      dslots = [acc + jnp.where(post != 0.0, post * mods.slot_grads(
-          natural[0], q_pos, kv_pos, (n,))[0], 0.0).sum(axis=1)
-                for acc, n in zip(dslots, slots)]
-
-    def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
-      # and with dQ its columns of ds k, from a fresh accumulator.
-      plgpu.wgmma(refs[0], p_kept.astype(r.dtype), r.do_smem.at[slot])
-      if not with_dq:
-        plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
-        return
-      buf = lax.rem(base + i - lo, 2)
-      ds_smem.at[buf, w][...] = ds
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(ds_ready.at[buf])
-      if not DQ_ADD_BESIDE_DK:
-        plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
-      plgpu.barrier_wait(ds_ready.at[buf])  # The other's ds^T is there.
-      for x in range(CONSUMERS):
-        plgpu.wgmma(refs[2], ds_smem.at[buf, x].transpose((1, 0)),
-                    r.k_smem.at[x + zero, :, cols])
-      if DQ_ADD_BESIDE_DK:  # dK's wgmma runs while dQ is added.
-        plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
-        add_dq(plgpu.wgmma_accumulator_load(refs[2], wait_n=1))
-
-    def add_dq(dq):  # The step's dQ columns into r.dq (TMA reduce-add). Its
-      # views are made here: one made outside a run_state body (where this
-      # may run) and closed over does not lower (jax 0.11.2).
-      head, tile = kv_head * st.groups + g, dq_smem.at[w]
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
-      tile[...] = to_fixed_point(dq, dq_scale) if r.fixed_point else dq
-      plgpu.commit_smem()
-      rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)
-      plgpu.copy_smem_to_gmem(tile, r.dq.at[batch, rows, head, cols],
-                              reduction_op="add")
-
-    accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
-    if with_dq:
-      accumulators += (plgpu.ACC.init(wgmma_zeros(half)),)
-    dv, dk, *dq_add = pl.run_state(accumulate)(accumulators)
-    plgpu.barrier_arrive(r.free.at[slot])
-    if with_dq and not DQ_ADD_BESIDE_DK:
-      add_dq(dq_add[0])
-    return (dk, dv, *dslots)
-
-  def end(g, carry):  # Head g's slot sums out; the next head's from zero.
-    dk, dv, *dslots = carry
-    dslots_tile = r.dslots_smem.at[wg]  # [n, 64]
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last head's.
-    for n, x in enumerate(dslots):
-      dslots_tile.at[n][...] = x
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dslots_tile,
-                            r.dslots.at[batch, kv_head, r.tile, wg, g])
-    return (dk, dv, *(wgmma_zeros(None) for _ in dslots))
-
-  dk, dv, *_ = r.loop(
-      lo, flo, fhi, hi, step,
-      (wgmma_zeros(r.k.shape[-1]), wgmma_zeros(r.v.shape[-1]),
-       *(wgmma_zeros(None) for _ in slots)), end if slots else None)
-  if with_dq:  # The other's last dQ matmuls have read this K tile.
-    plgpu.barrier_arrive(both_done)
-    plgpu.barrier_wait(both_done)
-  if r.drop is not None:
-    dv = dv * r.drop.scale
-  k_tile[...] = dk.astype(r.dtype)  # K and V are spent: reuse their tiles.
-  v_tile[...] = dv.astype(r.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(k_tile, r.dk.at[batch, keys, kv_head])
-  plgpu.copy_smem_to_gmem(v_tile, r.dv.at[batch, keys, kv_head])
-  plgpu.wait_smem_to_gmem(0)  # With dQ or the slots, their last copies.
-
-
 def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
                  fixed_point: bool, mod_rows, order: TileOrder):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
@@ -533,11 +298,11 @@ def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
   def _consumers():
     plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     if not columns and not with_dq:
-      _dkdv_rows_consumer(r, lo, flo, fhi, hi)
+      rows_consumer(r, lo, flo, fhi, hi)
     elif not columns:  # Static column halves of dQ.
       for w in range(CONSUMERS):
         pl.when(r.wg == w)(functools.partial(
-            _dkdv_rows_consumer, r, lo, flo, fhi, hi, w=w))
+            rows_consumer, r, lo, flo, fhi, hi, w=w))
     else:
       for w in range(CONSUMERS):
         pl.when(r.wg == w)(functools.partial(
