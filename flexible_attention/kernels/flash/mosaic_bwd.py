@@ -95,7 +95,9 @@ import jax.numpy as jnp
 
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
+from flexible_attention.kernels.flash.mosaic_bwd_rows import exchange_buffers
 from flexible_attention.kernels.flash.mosaic_bwd_rows import rows_consumer
+from flexible_attention.kernels.flash.mosaic_bwd_rows import staggered
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
@@ -402,14 +404,19 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       exchange = ((plgpu.SMEM((ROWS, bq), q.dtype, transforms=swizzled),) * 3
                   + (plgpu.Barrier(),) * 4
                   + (plgpu.Barrier(num_arrivals=CONSUMERS),))
-    elif with_dq:  # Two steps' ds^T of each consumer, its dQ columns'
-      # tile; per buffer the signal that both ds^T are in, and the end.
-      exchange = (plgpu.SMEM((2, CONSUMERS, ROWS, bq), q.dtype,
+    elif with_dq:  # Two (lagged: three) steps' ds^T of each consumer, its
+      # dQ columns' tile; per buffer the signal that both ds^T are in, the
+      # end (staggered: and consumer 0's start).
+      buffers = exchange_buffers(st)
+      exchange = (plgpu.SMEM((buffers, CONSUMERS, ROWS, bq), q.dtype,
                              transforms=swizzled),
                   plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), dq_dtype,
                              transforms=wgmma_transforms(dq_dtype)),
-                  plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),
+                  plgpu.Barrier(num_arrivals=CONSUMERS,
+                                num_barriers=buffers),
                   plgpu.Barrier(num_arrivals=CONSUMERS))
+      if staggered(st):
+        exchange += (plgpu.Barrier(),)
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4

@@ -47,7 +47,35 @@ from flexible_attention.kernels.flash.structure import LOG2E
 # other's ds^T is then waited for behind dV's wgmma only).
 EXP_BESIDE_DP = False
 DQ_ADD_BESIDE_DK = False
+# Two more, for the consumers' meet (the same profile: a third of their
+# barrier waits were for the other's ds^T): with DQ_LAG (dQ, no mods: the
+# mods have the shared memory it takes) each step takes the dQ of the step
+# before, from three exchange buffers, so a consumer waits for the other's
+# ds^T of the step before its own, not of the same step; with STAGGER too,
+# consumer 1 starts once consumer 0's first s^T and dp^T are in, so that
+# the two may run half a step apart (one's exp while the other's wgmmas
+# run, as FlashAttention-3's ping-pong forward). DQ_LAG's step replaces
+# DQ_ADD_BESIDE_DK's.
+DQ_LAG = False
+STAGGER = False
 
+
+def lagged(st) -> bool:
+  """Whether the fused dK/dV kernel of `st` takes each step's dQ a step
+  late (`DQ_LAG`)."""
+  return DQ_LAG and st.mods is None and st.launch.atomic_dq
+
+
+def exchange_buffers(st) -> int:
+  """The steps' ds^T buffers of the fused dK/dV kernel's exchange."""
+  return 3 if lagged(st) else 2
+
+
+def staggered(st) -> bool:
+  """Whether consumer 1 of the fused dK/dV kernel starts half a step
+  after consumer 0 (`STAGGER`, with `DQ_LAG`); the exchange then has a
+  barrier for it."""
+  return STAGGER and lagged(st)
 
 
 def rows_consumer(r, lo, flo, fhi, hi, w=None):
@@ -65,7 +93,11 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
   one per warpgroup), and a `[64, Dp / 2]` accumulator beside dK and dV.
   The exchange has two buffers, used by alternate steps: a warpgroup
   rewrites one only after the other has signalled the next step's, so
-  after its reads of this one are done.
+  after its reads of this one are done. Lagged (`lagged`), it has three,
+  step n's dQ columns come from step n + 1's matmuls (a zero ds^T in the
+  last buffer stands for step -1's, the last step's after the loop), and a
+  warpgroup waits for the other's ds^T of step n - 1 before writing its
+  own of step n: the other has then read step n - 3's, the buffer's last.
 
   With `r.fixed_point` dQ is int32: the warpgroup adds `trunc(x s)`, s the
   rows' scales (`fixed_point_scales`, a third row of the step's stats),
@@ -89,8 +121,11 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
   wg = r.wg if w is None else w
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
-  if with_dq:  # [2, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
-    ds_smem, dq_smem, ds_ready, both_done = r.exchange
+  lag = with_dq and lagged(st)
+  lead = ()  # Staggered: consumer 0's start.
+  if with_dq:  # [2 or 3, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
+    ds_smem, dq_smem, ds_ready, both_done, *lead = r.exchange
+    buffers = ds_smem.shape[0]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
   plgpu.copy_gmem_to_smem(r.k.at[batch, keys, kv_head], k_tile,
@@ -114,8 +149,9 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
   plgpu.barrier_wait(r.v_ready.at[wg])
 
   def step(i, carry, masked: bool, base, g):
-    dk, dv, *dslots = carry
-    slot = lax.rem(base + i - lo, STAGES)
+    dk, dv, prev, dslots = carry
+    n = base + i - lo  # The program's step.
+    slot = lax.rem(n, STAGES)
     # With dQ at Dp = 128, per-step K / V descriptors (module docstring;
     # at Dp = 64 they were slower, without dQ as fast: flash_notes.md).
     zero = 0
@@ -132,9 +168,10 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       plgpu.barrier_wait(r.qvec_ready.at[slot])
       dq_scale = None
       if with_dq and r.fixed_point:  # Read before the slot is freed.
-        dq_scale = lax.broadcast_in_dim(load_vector(
-            r.stats_smem.at[slot, 2], plgpu.Layout.WGMMA.reduce(1)),
-                                        (bq, half), [0])
+        dq_scale = load_vector(r.stats_smem.at[slot, 2],
+                               plgpu.Layout.WGMMA.reduce(1))
+        if not lag:  # Lagged, the [bq] scales wait a step.
+          dq_scale = lax.broadcast_in_dim(dq_scale, (bq, half), [0])
       q_vec = r.query_vectors(slot, r.q_names if masked else unmasked_q)
       vis = visible(st, q_vec, kv_vec) if masked else None
       mods = (None if st.mods is None else
@@ -179,6 +216,9 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
                                                    *score_tiles)
     else:
       s, dp = pl.run_scoped(transposed_scores, *score_tiles)
+    if lead and w == 0:  # Consumer 1 may start its first step.
+      pl.when(n == 0)(lambda: plgpu.barrier_arrive(lead[0]))
+    if not EXP_BESIDE_DP:
       dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
       p, dcap, dmod, natural = softmax(s, vis, mods, q_pos, kv_pos)
     p_kept = p  # dV's: the kept p (its 1 / (1 - rate) once, at the end).
@@ -201,42 +241,59 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       if not with_dq:
         plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
         return
-      buf = lax.rem(base + i - lo, 2)
+      buf = lax.rem(base + i - lo, buffers)
+      if lag:  # The other's ds^T of step n - 1 (its reads of buf done).
+        last = lax.rem(n + buffers - 1, buffers)
+        plgpu.barrier_wait(ds_ready.at[last])
       ds_smem.at[buf, w][...] = ds
       plgpu.commit_smem()
       plgpu.barrier_arrive(ds_ready.at[buf])
+      if lag:  # dK's, then step n - 1's dQ columns.
+        plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
+        dq_columns(refs[2], last, zero)
+        return
       if not DQ_ADD_BESIDE_DK:
         plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
       plgpu.barrier_wait(ds_ready.at[buf])  # The other's ds^T is there.
-      for x in range(CONSUMERS):
-        plgpu.wgmma(refs[2], ds_smem.at[buf, x].transpose((1, 0)),
-                    r.k_smem.at[x + zero, :, cols])
+      dq_columns(refs[2], buf, zero)
       if DQ_ADD_BESIDE_DK:  # dK's wgmma runs while dQ is added.
         plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
-        add_dq(plgpu.wgmma_accumulator_load(refs[2], wait_n=1))
-
-    def add_dq(dq):  # The step's dQ columns into r.dq (TMA reduce-add). Its
-      # views are made here: one made outside a run_state body (where this
-      # may run) and closed over does not lower (jax 0.11.2).
-      head, tile = kv_head * st.groups + g, dq_smem.at[w]
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
-      tile[...] = to_fixed_point(dq, dq_scale) if r.fixed_point else dq
-      plgpu.commit_smem()
-      rows = pl.ds(r.query_tile(i, lo, hi) * bq, bq)
-      plgpu.copy_smem_to_gmem(tile, r.dq.at[batch, rows, head, cols],
-                              reduction_op="add")
+        add_dq(plgpu.wgmma_accumulator_load(refs[2], wait_n=1),
+               r.query_tile(i, lo, hi), g, dq_scale)
 
     accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
     if with_dq:
       accumulators += (plgpu.ACC.init(wgmma_zeros(half)),)
     dv, dk, *dq_add = pl.run_state(accumulate)(accumulators)
     plgpu.barrier_arrive(r.free.at[slot])
-    if with_dq and not DQ_ADD_BESIDE_DK:
-      add_dq(dq_add[0])
-    return (dk, dv, *dslots)
+    if lag:  # Step n - 1's; this step's waits for the next.
+      pl.when(n > 0)(lambda: add_dq(dq_add[0], *prev))
+      prev = (r.query_tile(i, lo, hi), g, dq_scale)
+    elif with_dq and not DQ_ADD_BESIDE_DK:
+      add_dq(dq_add[0], r.query_tile(i, lo, hi), g, dq_scale)
+    return (dk, dv, prev, dslots)
+
+  def dq_columns(acc, buf, zero):  # += ds k: the columns of both ds^T.
+    for x in range(CONSUMERS):
+      plgpu.wgmma(acc, ds_smem.at[buf, x].transpose((1, 0)),
+                  r.k_smem.at[x + zero, :, cols])
+
+  def add_dq(dq, tile_index, g, dq_scale):  # A step's dQ columns (query
+    # tile `tile_index`, query head g of the group) into r.dq (TMA
+    # reduce-add). Its views are made here: one made outside a run_state
+    # body (where this may run) and closed over does not lower (jax 0.11.2).
+    head, tile = kv_head * st.groups + g, dq_smem.at[w]
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add's read.
+    if r.fixed_point and dq_scale.ndim == 1:  # [bq] (lagged).
+      dq_scale = lax.broadcast_in_dim(dq_scale, (bq, half), [0])
+    tile[...] = to_fixed_point(dq, dq_scale) if r.fixed_point else dq
+    plgpu.commit_smem()
+    rows = pl.ds(tile_index * bq, bq)
+    plgpu.copy_smem_to_gmem(tile, r.dq.at[batch, rows, head, cols],
+                            reduction_op="add")
 
   def end(g, carry):  # Head g's slot sums out; the next head's from zero.
-    dk, dv, *dslots = carry
+    dk, dv, prev, dslots = carry
     dslots_tile = r.dslots_smem.at[wg]  # [n, 64]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last head's.
     for n, x in enumerate(dslots):
@@ -244,12 +301,28 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dslots_tile,
                             r.dslots.at[batch, kv_head, r.tile, wg, g])
-    return (dk, dv, *(wgmma_zeros(None) for _ in dslots))
+    return (dk, dv, prev, tuple(wgmma_zeros(None) for _ in dslots))
 
-  dk, dv, *_ = r.loop(
+  prev = ()  # Lagged: the last step's query tile, head and dQ scales.
+  if lag:
+    total = st.groups * (hi - lo)  # The program's steps.
+    # Step -1's zero ds^T; consumer 1 waits for consumer 0's start.
+    ds_smem.at[buffers - 1, w][...] = wgmma_zeros(bq).astype(r.dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(ds_ready.at[buffers - 1])
+    if lead and w == 1:
+      pl.when(total > 0)(lambda: plgpu.barrier_wait(lead[0]))
+    prev = (lo, jnp.int32(0), wgmma_zeros(None) if r.fixed_point else None)
+  dk, dv, prev, _ = r.loop(
       lo, flo, fhi, hi, step,
-      (wgmma_zeros(r.k.shape[-1]), wgmma_zeros(r.v.shape[-1]),
-       *(wgmma_zeros(None) for _ in slots)), end if slots else None)
+      (wgmma_zeros(r.k.shape[-1]), wgmma_zeros(r.v.shape[-1]), prev,
+       tuple(wgmma_zeros(None) for _ in slots)), end if slots else None)
+  if lag:  # The last step's dQ (step -1's zero one without steps).
+    last = lax.rem(total + buffers - 1, buffers)
+    plgpu.barrier_wait(ds_ready.at[last])
+    (dq,) = pl.run_state(lambda refs: dq_columns(refs[0], last, 0))(
+        (plgpu.ACC.init(wgmma_zeros(half)),))
+    pl.when(total > 0)(lambda: add_dq(dq, *prev))
   if with_dq:  # The other's last dQ matmuls have read this K tile.
     plgpu.barrier_arrive(both_done)
     plgpu.barrier_wait(both_done)
