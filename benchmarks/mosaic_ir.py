@@ -47,6 +47,9 @@ CALLS = {
     "d128_causal_fused": (128, "fused", dict(causal=True)),
     "d128_segments_dropout": (128, "mosaic", dict(segments=True, dropout=0.1)),
     "d128_alibi_fused": (128, "fused", dict(causal=True, alibi=True)),
+    # ... and the slopes' gradient (the kernel's per-head sums).
+    "d128_alibi_slopes_fused": (128, "fused", dict(causal=True, alibi=True,
+                                                   slopes_grad=True)),
 }
 
 
@@ -97,23 +100,26 @@ def call_digests(name: str) -> list[str]:
     ids = jnp.asarray(np.sort(np.random.default_rng(0).integers(
         0, 3, (2, 384)), -1), jnp.int32)
     call["segment_ids"] = (ids, ids)
+  slopes = jnp.asarray(fa.alibi_slopes(4))
   if options.pop("alibi", False):
-    call.update(score_mod=fa.alibi_score_mod,
-                mod_args=(jnp.asarray(fa.alibi_slopes(4)),))
+    call.update(score_mod=fa.alibi_score_mod)
+  argnums = (0, 1, 2, 3) if options.pop("slopes_grad", False) else (0, 1, 2)
   rate = options.pop("dropout", None)
   drop = rate and dropout_lib.make_dropout(jax.random.key(0), rate)
   assert not options, options
 
-  def loss(q, k, v):
+  def loss(q, k, v, slopes):
+    mods = dict(mod_args=(slopes,)) if "score_mod" in call else {}
     out = flash_kernel.flash_attention(
-        fa.canonicalize(q, k, v, **call), drop, sm_scale=0.1,
+        fa.canonicalize(q, k, v, **call, **mods), drop, sm_scale=0.1,
         launch=launch).out
     return jnp.sum(out.astype(jnp.float32))
 
   q = jax.ShapeDtypeStruct((2, 384, 4, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 384, 2, head_dim), jnp.bfloat16)
   return [hashlib.sha256(text.encode()).hexdigest()[:16]
-          for text in kernel_texts(jax.grad(loss, (0, 1, 2)), q, kv, kv)]
+          for text in kernel_texts(jax.grad(loss, argnums), q, kv, kv,
+                                   slopes)]
 
 
 def main(argv):

@@ -231,9 +231,9 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     if slots:  # p (dp - delta): the modified logits' cotangent, times
       # d(score_mod)/d(value), one slot at a time (one tile live).
       post = p * x
-      dslots = [acc + jnp.where(post != 0.0, post * mods.slot_grads(
+      dslots = tuple(acc + jnp.where(post != 0.0, post * mods.slot_grads(
           natural[0], q_pos, kv_pos, (n,))[0], 0.0).sum(axis=1)
-                for acc, n in zip(dslots, slots)]
+                     for acc, n in zip(dslots, slots))
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
       # and with dQ its columns of ds k, from a fresh accumulator.
