@@ -225,7 +225,8 @@ def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flags,
   _check_fused_lowering(name, head_dim, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("schedules", [False, True])
+@pytest.mark.parametrize("schedules", [
+    "", "EXP_BESIDE_DP+DQ_ADD_BESIDE_DK", "EXP_BESIDE_DP+DQ_LAG+STAGGER"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mod", ["alibi", "prefix_lm"])
 def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,
@@ -234,9 +235,10 @@ def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,
   their gradient in the kernel) and a prefix-LM mask_mod in the dK/dV
   kernel that adds dQ: the gradients of q, k, v (and the slopes) lower as
   the Mosaic forward and one Mosaic dK/dV kernel, aliased to dQ; with
-  `mosaic_bwd_rows`' opt-in step schedules or without."""
-  for flag in ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"):
-    monkeypatch.setattr(mosaic_bwd_rows, flag, schedules)
+  `mosaic_bwd_rows`' opt-in step schedules (`schedules`, "+"-separated)
+  or without."""
+  for flag in filter(None, schedules.split("+")):
+    monkeypatch.setattr(mosaic_bwd_rows, flag, True)
   b, s, h, hkv = 2, 256, 4, 2
   q = jax.ShapeDtypeStruct((b, s, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)

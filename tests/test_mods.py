@@ -35,6 +35,7 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mod_lowering
+from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import mosaic_mod_split
 from flexible_attention.kernels.flash import mosaic_mods
 from flexible_attention.mechanisms import registry
@@ -1506,11 +1507,20 @@ def _check_mosaic_forward_mods(name, dq_backend="triton", head_dim=64,
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None and not ON_HOPPER,
                     reason=gpu_interpret.UNAVAILABLE or "")
-def test_rotated_fused_backward_with_mods_and_sinks(monkeypatch):
+@pytest.mark.parametrize("lagged", [False, True])
+def test_rotated_fused_backward_with_mods_and_sinks(lagged, monkeypatch):
   """`rotate_dq` (the default fused backward's from 16k keys) with ALiBi,
   whose slopes get their gradient in the dK/dV kernel, and sinks: lengths
   in whole tiles and no mask, so each program walks its 4 query tiles from
-  its key tile's index; compiled on Hopper, else in JAX's GPU interpreter."""
+  its key tile's index; compiled on Hopper, else in JAX's GPU interpreter.
+  `lagged`: with `mosaic_bwd_rows.DQ_LAG` and `STAGGER` (each step's dQ a
+  step late, the consumers half a step apart), which ALiBi's shared memory
+  leaves room for."""
+  for flag in ("DQ_LAG", "STAGGER"):
+    monkeypatch.setattr(mosaic_bwd_rows, flag, lagged)
+  chosen, lagged_of = [], mosaic_bwd_rows.lagged
+  monkeypatch.setattr(mosaic_bwd_rows, "lagged",
+                      lambda *a: chosen.append(lagged_of(*a)) or chosen[-1])
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
   with (contextlib.nullcontext() if ON_HOPPER
@@ -1518,3 +1528,4 @@ def test_rotated_fused_backward_with_mods_and_sinks(monkeypatch):
     _check_mosaic_forward_mods("alibi_full", "fused", 128, hopper=True,
                                jit=ON_HOPPER, sinks=True,
                                lengths=(256, 384), rotate=True)
+  assert chosen and all(x == lagged for x in chosen), chosen

@@ -407,7 +407,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     elif with_dq:  # Two (lagged: three) steps' ds^T of each consumer, its
       # dQ columns' tile; per buffer the signal that both ds^T are in, the
       # end (staggered: and consumer 0's start).
-      buffers = exchange_buffers(st)
+      buffers = exchange_buffers(st, d)
       exchange = (plgpu.SMEM((buffers, CONSUMERS, ROWS, bq), q.dtype,
                              transforms=swizzled),
                   plgpu.SMEM((CONSUMERS, bq, d // CONSUMERS), dq_dtype,
@@ -415,7 +415,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                   plgpu.Barrier(num_arrivals=CONSUMERS,
                                 num_barriers=buffers),
                   plgpu.Barrier(num_arrivals=CONSUMERS))
-      if staggered(st):
+      if staggered(st, d):
         exchange += (plgpu.Barrier(),)
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)

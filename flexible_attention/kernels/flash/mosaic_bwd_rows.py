@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from flexible_attention.kernels.flash.mosaic_common import BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
+from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
+from flexible_attention.kernels.flash.mosaic_common import FUSED_MODS_SMEM
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import key_vector
@@ -26,9 +28,11 @@ from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import probabilities
 from flexible_attention.kernels.flash.mosaic_common import score_grads
+from flexible_attention.kernels.flash.mosaic_common import smem_bytes
 from flexible_attention.kernels.flash.mosaic_common import step_zero
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_zeros
+from flexible_attention.kernels.flash.mosaic_mod_rows import dkv_mods_scratch
 from flexible_attention.kernels.flash.mosaic_mod_rows import group_rows
 from flexible_attention.kernels.flash.mosaic_mod_rows import head_mods
 from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
@@ -48,9 +52,9 @@ from flexible_attention.kernels.flash.structure import LOG2E
 EXP_BESIDE_DP = False
 DQ_ADD_BESIDE_DK = False
 # Two more, for the consumers' meet (the same profile: a third of their
-# barrier waits were for the other's ds^T): with DQ_LAG (dQ, no mods: the
-# mods have the shared memory it takes) each step takes the dQ of the step
-# before, from three exchange buffers, so a consumer waits for the other's
+# barrier waits were for the other's ds^T): with DQ_LAG (dQ; with mods
+# where theirs fits beside the third buffer) each step takes the dQ of the
+# step before, from three exchange buffers, so a consumer waits for the other's
 # ds^T of the step before its own, not of the same step; with STAGGER too,
 # consumer 1 starts once consumer 0's first s^T and dp^T are in, so that
 # the two may run half a step apart (one's exp while the other's wgmmas
@@ -60,22 +64,29 @@ DQ_LAG = False
 STAGGER = False
 
 
-def lagged(st) -> bool:
-  """Whether the fused dK/dV kernel of `st` takes each step's dQ a step
-  late (`DQ_LAG`)."""
-  return DQ_LAG and st.mods is None and st.launch.atomic_dq
+def lagged(st, head_dim: int) -> bool:
+  """Whether the fused dK/dV kernel of `st` at padded head size `head_dim`
+  takes each step's dQ a step late (`DQ_LAG`): where the mods' shared
+  memory (`dkv_mods_scratch`) fits beside the third exchange buffer in
+  what the kernel leaves them (`FUSED_MODS_SMEM`; else it keeps two)."""
+  if not (DQ_LAG and st.launch.atomic_dq):
+    return False
+  third = CONSUMERS * ROWS * DKV_BLOCK_Q * 2  # 16-bit ds^T tiles.
+  return st.mods is None or (
+      smem_bytes(dkv_mods_scratch(st.mods, st.groups)) + third
+      <= FUSED_MODS_SMEM[head_dim])
 
 
-def exchange_buffers(st) -> int:
+def exchange_buffers(st, head_dim: int) -> int:
   """The steps' ds^T buffers of the fused dK/dV kernel's exchange."""
-  return 3 if lagged(st) else 2
+  return 3 if lagged(st, head_dim) else 2
 
 
-def staggered(st) -> bool:
+def staggered(st, head_dim: int) -> bool:
   """Whether consumer 1 of the fused dK/dV kernel starts half a step
   after consumer 0 (`STAGGER`, with `DQ_LAG`); the exchange then has a
   barrier for it."""
-  return STAGGER and lagged(st)
+  return STAGGER and lagged(st, head_dim)
 
 
 def rows_consumer(r, lo, flo, fhi, hi, w=None):
@@ -121,7 +132,7 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
   wg = r.wg if w is None else w
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
-  lag = with_dq and lagged(st)
+  lag = with_dq and lagged(st, r.k.shape[-1])
   lead = ()  # Staggered: consumer 0's start.
   if with_dq:  # [2 or 3, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
     ds_smem, dq_smem, ds_ready, both_done, *lead = r.exchange
