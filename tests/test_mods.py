@@ -1513,10 +1513,10 @@ def test_rotated_fused_backward_with_mods_and_sinks(lagged, monkeypatch):
   whose slopes get their gradient in the dK/dV kernel, and sinks: lengths
   in whole tiles and no mask, so each program walks its 4 query tiles from
   its key tile's index; compiled on Hopper, else in JAX's GPU interpreter.
-  `lagged`: with `mosaic_bwd_rows.DQ_LAG` and `STAGGER` (each step's dQ a
-  step late, the consumers half a step apart), which ALiBi's shared memory
-  leaves room for."""
-  for flag in ("DQ_LAG", "STAGGER"):
+  `lagged`: with `mosaic_bwd_rows.DQ_LAG`, `STAGGER` and `ALTERNATE` (each
+  step's dQ a step late, the consumers half a step apart, taking turns to
+  issue their matmuls), which ALiBi's shared memory leaves room for."""
+  for flag in ("DQ_LAG", "STAGGER", "ALTERNATE"):
     monkeypatch.setattr(mosaic_bwd_rows, flag, lagged)
   chosen, lagged_of = [], mosaic_bwd_rows.lagged
   monkeypatch.setattr(mosaic_bwd_rows, "lagged",

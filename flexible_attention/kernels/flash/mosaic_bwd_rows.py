@@ -64,6 +64,11 @@ DQ_ADD_BESIDE_DK = False
 # the GPU battery has run with them.
 DQ_LAG = False
 STAGGER = False
+# With DQ_LAG: the consumers take turns to issue their matmuls (s^T and
+# dp^T; dV's, dK's and dQ's), so that one's exp and ds work overlaps the
+# other's matmuls each step (FlashAttention-3's ping-pong, enforced where
+# STAGGER only sets the start). Off until timed.
+ALTERNATE = False
 
 
 def lagged(st, head_dim: int) -> bool:
@@ -82,6 +87,13 @@ def lagged(st, head_dim: int) -> bool:
 def exchange_buffers(st, head_dim: int) -> int:
   """The steps' ds^T buffers of the fused dK/dV kernel's exchange."""
   return 3 if lagged(st, head_dim) else 2
+
+
+def alternating(st, head_dim: int) -> bool:
+  """Whether the consumers of the fused dK/dV kernel issue their matmuls in
+  turns (`ALTERNATE`, with `DQ_LAG`); the exchange then has two barriers,
+  one a consumer, for it."""
+  return ALTERNATE and lagged(st, head_dim)
 
 
 def staggered(st, head_dim: int) -> bool:
@@ -136,8 +148,13 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
   lag = with_dq and lagged(st, r.k.shape[-1])
   lead = ()  # Staggered: consumer 0's start.
+  turns = None  # Alternating: each consumer's turn to issue matmuls.
   if with_dq:  # [2 or 3, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
-    ds_smem, dq_smem, ds_ready, both_done, *lead = r.exchange
+    ds_smem, dq_smem, ds_ready, both_done, *extra = r.exchange
+    if staggered(st, r.k.shape[-1]):
+      lead = (extra.pop(0),)
+    if alternating(st, r.k.shape[-1]):
+      turns = extra.pop(0)
     buffers = ds_smem.shape[0]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
@@ -216,8 +233,10 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
 
     def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
+      take_turn()
       plgpu.wgmma(s_ref, k_step, r.q_smem.at[slot].transpose((1, 0)))
       plgpu.wgmma(dp_ref, v_step, r.do_smem.at[slot].transpose((1, 0)))
+      pass_turn()
       if not EXP_BESIDE_DP:
         return s_ref[...], dp_ref[...]
       s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dp^T's runs on.
@@ -250,6 +269,7 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
       # and with dQ its columns of ds k, from a fresh accumulator.
+      take_turn()
       plgpu.wgmma(refs[0], p_kept.astype(r.dtype), r.do_smem.at[slot])
       if not with_dq:
         plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
@@ -264,6 +284,7 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       if lag:  # dK's, then step n - 1's dQ columns.
         plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
         dq_columns(refs[2], last, zero)
+        pass_turn()
         return
       if not DQ_ADD_BESIDE_DK:
         plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
@@ -285,6 +306,14 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     elif with_dq and not DQ_ADD_BESIDE_DK:
       add_dq(dq_add[0], r.query_tile(i, lo, hi), g, dq_scale)
     return (dk, dv, prev, dslots)
+
+  def take_turn():  # Alternating: the other has issued its matmuls.
+    if turns is not None:
+      plgpu.barrier_wait(turns.at[w])
+
+  def pass_turn():  # ... and this one's are issued.
+    if turns is not None:
+      plgpu.barrier_arrive(turns.at[1 - w])
 
   def dq_columns(acc, buf, zero):  # += ds k: the columns of both ds^T.
     for x in range(CONSUMERS):
@@ -323,6 +352,8 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     ds_smem.at[buffers - 1, w][...] = wgmma_zeros(bq).astype(r.dtype)
     plgpu.commit_smem()
     plgpu.barrier_arrive(ds_ready.at[buffers - 1])
+    if turns is not None and w == 1:  # Consumer 0 issues first.
+      plgpu.barrier_arrive(turns.at[0])
     if lead and w == 1:
       pl.when(total > 0)(lambda: plgpu.barrier_wait(lead[0]))
     prev = (lo, jnp.int32(0), wgmma_zeros(None) if r.fixed_point else None)
