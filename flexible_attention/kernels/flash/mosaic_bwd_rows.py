@@ -182,7 +182,7 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     dk, dv, prev, dslots = carry
     n = base + i - lo  # The program's step.
     slot = lax.rem(n, STAGES)
-    # With dQ at Dp = 128, per-step K / V descriptors (module docstring;
+    # With dQ at Dp = 128, per-step K / V descriptors (`mosaic_bwd`;
     # at Dp = 64 they were slower, without dQ as fast: flash_notes.md).
     zero = 0
     if with_dq and r.k.shape[-1] > 64:
