@@ -402,6 +402,24 @@ def wrong_mechanism(name: str):
     del registry._REGISTRY[name]  # pylint: disable=protected-access
 
 
+# `mosaic_bwd_rows`' flags that choose the schedule of the Mosaic dK/dV step.
+STEP_SCHEDULE_FLAGS = ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK", "DQ_LAG",
+                       "STAGGER", "ALTERNATE")
+
+
+def use_step_schedule(monkeypatch, flags):
+  """Sets the step schedule flags named in `flags` (an iterable of
+  `STEP_SCHEDULE_FLAGS`, or a "+"-separated string of them) and clears the
+  others, whatever their defaults."""
+  from flexible_attention.kernels.flash import mosaic_bwd_rows  # pylint: disable=g-import-not-at-top
+  if isinstance(flags, str):
+    flags = tuple(filter(None, flags.split("+")))
+  unknown = set(flags) - set(STEP_SCHEDULE_FLAGS)
+  assert not unknown, unknown
+  for flag in STEP_SCHEDULE_FLAGS:
+    monkeypatch.setattr(mosaic_bwd_rows, flag, flag in flags)
+
+
 def lower_for_cuda(fn, *args) -> str:
   """`fn`'s StableHLO for CUDA, lowered on any machine: the Pallas ->
   Triton and Mosaic GPU lowerings run, so what they refuse fails here

@@ -30,7 +30,6 @@ from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd
-from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels.flash import mosaic_numerics
@@ -216,18 +215,18 @@ def test_fused_backward_rotates_its_steps_on_long_keys(monkeypatch):
 def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flags,
                                                       deterministic,
                                                       monkeypatch):
-  """With `mosaic_bwd_rows`' opt-in step schedules too: p computed while
+  """With each of `mosaic_bwd_rows`' step schedules (the flags named on,
+  the others off; the default is `DQ_LAG+STAGGER`): p computed while
   dp^T's wgmma runs (`EXP_BESIDE_DP`), dQ added while dK's runs
   (`DQ_ADD_BESIDE_DK`), each step's dQ a step late (`DQ_LAG`), the
   consumers half a step apart (`STAGGER`) and issuing their matmuls in
   turns (`ALTERNATE`), its adds in fixed point or float32."""
-  for flag in flags.split("+"):
-    monkeypatch.setattr(mosaic_bwd_rows, flag, True)
+  helpers.use_step_schedule(monkeypatch, flags)
   _check_fused_lowering(name, head_dim, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("schedules", [
-    "", "EXP_BESIDE_DP+DQ_ADD_BESIDE_DK",
+    "", "EXP_BESIDE_DP+DQ_ADD_BESIDE_DK", "DQ_LAG+STAGGER",
     "EXP_BESIDE_DP+DQ_LAG+STAGGER+ALTERNATE"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mod", ["alibi", "prefix_lm"])
@@ -237,10 +236,9 @@ def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,
   their gradient in the kernel) and a prefix-LM mask_mod in the dK/dV
   kernel that adds dQ: the gradients of q, k, v (and the slopes) lower as
   the Mosaic forward and one Mosaic dK/dV kernel, aliased to dQ; with
-  `mosaic_bwd_rows`' opt-in step schedules (`schedules`, "+"-separated)
-  or without."""
-  for flag in filter(None, schedules.split("+")):
-    monkeypatch.setattr(mosaic_bwd_rows, flag, True)
+  `mosaic_bwd_rows`' step schedules (`schedules`, the flags on,
+  "+"-separated; none: the step before `DQ_LAG`)."""
+  helpers.use_step_schedule(monkeypatch, schedules)
   b, s, h, hkv = 2, 256, 4, 2
   q = jax.ShapeDtypeStruct((b, s, h, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)

@@ -46,7 +46,6 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
-from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
@@ -524,9 +523,10 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
            interpret=False, jit=False, **shape)
 
 
-# The opt-in schedules of the Mosaic dK/dV step (`mosaic_bwd_rows`), alone and
-# together: names of its flags.
-SCHEDULES = {"exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
+# The schedules of the Mosaic dK/dV step (`mosaic_bwd_rows`), alone and
+# together: names of its flags that are on (the others off, whatever their
+# defaults); "unlagged" is the fused step before `DQ_LAG`.
+SCHEDULES = {"unlagged": (), "exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
              "both": ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"),
              "lag": ("DQ_LAG",), "stagger": ("DQ_LAG", "STAGGER"),
              "exp_stagger": ("EXP_BESIDE_DP", "DQ_LAG", "STAGGER"),
@@ -540,7 +540,8 @@ SCHEDULES = {"exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
 @pytest.mark.parametrize("schedule, name, fused", [
     ("exp", "segments", False), ("exp", "dropout_d64_window", True),
     ("dq_add", "dropout_d64_window", True),
-    ("both", "causal_fewer_queries", True), ("lag", "plain", True),
+    ("both", "causal_fewer_queries", True), ("unlagged", "plain", True),
+    ("lag", "plain", True),
     ("lag", "dropout_d64_window", True),
     ("stagger", "causal_fewer_queries", True),
     ("exp_stagger", "segments", True),
@@ -563,7 +564,7 @@ def test_step_schedules_match_reference_in_gpu_interpreter(
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 @pytest.mark.parametrize("schedule, fused", [
     ("exp", False), ("exp", True), ("dq_add", True), ("both", True),
-    ("lag", True), ("stagger", True), ("exp_stagger", True),
+    ("unlagged", True), ("lag", True), ("stagger", True), ("exp_stagger", True),
     ("alternate", True), ("all_lagged", True)])
 @pytest.mark.parametrize("name", ["plain", "segments", "mqa_softcap",
                                   "dropout_gqa", "dropout_d64_window"])
@@ -575,8 +576,7 @@ def test_hopper_step_schedules_match_reference(name, schedule, fused,
 
 def _check_schedule(schedule: str, name: str, fused: bool, monkeypatch,
                     interpreted: bool):
-  for flag in SCHEDULES[schedule]:
-    monkeypatch.setattr(mosaic_bwd_rows, flag, True)
+  helpers.use_step_schedule(monkeypatch, SCHEDULES[schedule])
   call, shape = _hopper_case(name)
   launch = dataclasses.replace(_mosaic(
       structure.pad_dim(shape["d"]), call.get("causal", False),

@@ -1516,8 +1516,8 @@ def test_rotated_fused_backward_with_mods_and_sinks(lagged, monkeypatch):
   `lagged`: with `mosaic_bwd_rows.DQ_LAG`, `STAGGER` and `ALTERNATE` (each
   step's dQ a step late, the consumers half a step apart, taking turns to
   issue their matmuls), which ALiBi's shared memory leaves room for."""
-  for flag in ("DQ_LAG", "STAGGER", "ALTERNATE"):
-    monkeypatch.setattr(mosaic_bwd_rows, flag, lagged)
+  helpers.use_step_schedule(
+      monkeypatch, ("DQ_LAG", "STAGGER", "ALTERNATE") if lagged else ())
   chosen, lagged_of = [], mosaic_bwd_rows.lagged
   monkeypatch.setattr(mosaic_bwd_rows, "lagged",
                       lambda *a: chosen.append(lagged_of(*a)) or chosen[-1])
