@@ -529,10 +529,7 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
 SCHEDULES = {"unlagged": (), "exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
              "both": ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"),
              "lag": ("DQ_LAG",), "stagger": ("DQ_LAG", "STAGGER"),
-             "exp_stagger": ("EXP_BESIDE_DP", "DQ_LAG", "STAGGER"),
-             "alternate": ("DQ_LAG", "ALTERNATE"),
-             "all_lagged": ("EXP_BESIDE_DP", "DQ_LAG", "STAGGER",
-                            "ALTERNATE")}
+             "exp_stagger": ("EXP_BESIDE_DP", "DQ_LAG", "STAGGER")}
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
@@ -544,17 +541,14 @@ SCHEDULES = {"unlagged": (), "exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESID
     ("lag", "plain", True),
     ("lag", "dropout_d64_window", True),
     ("stagger", "causal_fewer_queries", True),
-    ("exp_stagger", "segments", True),
-    ("alternate", "causal_fewer_queries", True),
-    ("all_lagged", "dropout_gqa", True)])
+    ("exp_stagger", "segments", True), ("stagger", "dropout_gqa", True)])
 def test_step_schedules_match_reference_in_gpu_interpreter(
     schedule, name, fused, monkeypatch):
   """`mosaic_bwd_rows.EXP_BESIDE_DP` (each dK/dV step waits for s^T's wgmma
   only and computes p while dp^T's runs) and `DQ_ADD_BESIDE_DK` (the
   fused step adds dQ while dK's wgmma runs), `DQ_LAG` (each fused step
-  takes the dQ of the step before), `STAGGER` (its consumers half a step
-  apart) and `ALTERNATE` (they take turns to issue their matmuls): the
-  split backward (Mosaic dQ) or the fused one in JAX's GPU
+  takes the dQ of the step before; the default, with `STAGGER`: its
+  consumers half a step apart): the split backward (Mosaic dQ) or the fused one in JAX's GPU
   interpreter, against the reference. The interpreter runs each wgmma at
   once (it ignores `wait_n`), so this checks the step's values; the
   compiled test below checks the waits."""
@@ -564,8 +558,8 @@ def test_step_schedules_match_reference_in_gpu_interpreter(
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 @pytest.mark.parametrize("schedule, fused", [
     ("exp", False), ("exp", True), ("dq_add", True), ("both", True),
-    ("unlagged", True), ("lag", True), ("stagger", True), ("exp_stagger", True),
-    ("alternate", True), ("all_lagged", True)])
+    ("unlagged", True), ("lag", True), ("stagger", True),
+    ("exp_stagger", True)])
 @pytest.mark.parametrize("name", ["plain", "segments", "mqa_softcap",
                                   "dropout_gqa", "dropout_d64_window"])
 def test_hopper_step_schedules_match_reference(name, schedule, fused,

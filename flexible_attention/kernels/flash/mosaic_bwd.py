@@ -95,7 +95,6 @@ import jax.numpy as jnp
 
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash.mosaic_bwd_columns import columns_consumer
-from flexible_attention.kernels.flash.mosaic_bwd_rows import alternating
 from flexible_attention.kernels.flash.mosaic_bwd_rows import exchange_buffers
 from flexible_attention.kernels.flash.mosaic_bwd_rows import rows_consumer
 from flexible_attention.kernels.flash.mosaic_bwd_rows import staggered
@@ -418,8 +417,6 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
                   plgpu.Barrier(num_arrivals=CONSUMERS))
       if staggered(st, d):
         exchange += (plgpu.Barrier(),)
-      if alternating(st, d):  # Each consumer's turn to issue matmuls.
-        exchange += (plgpu.Barrier(num_barriers=CONSUMERS),)
     own = (plgpu.Barrier(num_barriers=key_tiles),) * 3 + (
         plgpu.Barrier(num_barriers=CONSUMERS + 1),)
     ready = (plgpu.Barrier(num_barriers=STAGES),) * 4

@@ -52,23 +52,21 @@ from flexible_attention.kernels.flash.structure import LOG2E
 EXP_BESIDE_DP = False
 DQ_ADD_BESIDE_DK = False
 # Two more, for the consumers' meet (the same profile: a third of their
-# barrier waits were for the other's ds^T): with DQ_LAG (dQ; with mods
-# where theirs fits beside the third buffer) each step takes the dQ of the
-# step before, from three exchange buffers, so a consumer waits for the
-# other's ds^T of the step before its own, not of the same step; with
-# STAGGER too, consumer 1 starts once consumer 0's first s^T and dp^T are
-# in, so that the two may run half a step apart (one's exp while the
+# barrier waits were for the other's ds^T), on by default: with DQ_LAG (dQ;
+# with mods where theirs fits beside the third buffer) each step takes the
+# dQ of the step before, from three exchange buffers, so a consumer waits
+# for the other's ds^T of the step before its own, not of the same step;
+# with STAGGER too, consumer 1 starts once consumer 0's first s^T and dp^T
+# are in, so that the two may run half a step apart (one's exp while the
 # other's wgmmas run, as FlashAttention-3's ping-pong forward). DQ_LAG's
 # step replaces DQ_ADD_BESIDE_DK's. Both together made the fused backward
-# 4-7% faster on an H100 (benchmarks/BENCHMARKS.md); they stay off until
-# the GPU battery has run with them.
-DQ_LAG = False
-STAGGER = False
-# With DQ_LAG: the consumers take turns to issue their matmuls (s^T and
-# dp^T; dV's, dK's and dQ's), so that one's exp and ds work overlaps the
-# other's matmuls each step (FlashAttention-3's ping-pong, enforced where
-# STAGGER only sets the start). Off until timed.
-ALTERNATE = False
+# 4-7% faster on an H100 (benchmarks/BENCHMARKS.md).
+DQ_LAG = True
+STAGGER = True
+# (A third, the consumers taking turns each step to issue their matmuls,
+# FlashAttention-3's ping-pong enforced where STAGGER only sets the start,
+# made the backward 6.5% slower on an H100 and was removed; d877edf has
+# it.)
 
 
 def lagged(st, head_dim: int) -> bool:
@@ -87,13 +85,6 @@ def lagged(st, head_dim: int) -> bool:
 def exchange_buffers(st, head_dim: int) -> int:
   """The steps' ds^T buffers of the fused dK/dV kernel's exchange."""
   return 3 if lagged(st, head_dim) else 2
-
-
-def alternating(st, head_dim: int) -> bool:
-  """Whether the consumers of the fused dK/dV kernel issue their matmuls in
-  turns (`ALTERNATE`, with `DQ_LAG`); the exchange then has two barriers,
-  one a consumer, for it."""
-  return ALTERNATE and lagged(st, head_dim)
 
 
 def staggered(st, head_dim: int) -> bool:
@@ -147,14 +138,9 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
   keys = pl.ds(r.tile * BLOCK_Q + wg * ROWS, ROWS)
   k_tile, v_tile = r.k_smem.at[wg], r.v_smem.at[wg]
   lag = with_dq and lagged(st, r.k.shape[-1])
-  lead = ()  # Staggered: consumer 0's start.
-  turns = None  # Alternating: each consumer's turn to issue matmuls.
+  lead = ()  # Staggered (`staggered`): consumer 0's start.
   if with_dq:  # [2 or 3, CONSUMERS, 64, bq], [CONSUMERS, bq, Dp / 2].
-    ds_smem, dq_smem, ds_ready, both_done, *extra = r.exchange
-    if staggered(st, r.k.shape[-1]):
-      lead = (extra.pop(0),)
-    if alternating(st, r.k.shape[-1]):
-      turns = extra.pop(0)
+    ds_smem, dq_smem, ds_ready, both_done, *lead = r.exchange
     buffers = ds_smem.shape[0]
     half = r.k.shape[-1] // CONSUMERS
     cols = pl.ds(w * half, half)
@@ -233,10 +219,8 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
 
     def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
-      take_turn()
       plgpu.wgmma(s_ref, k_step, r.q_smem.at[slot].transpose((1, 0)))
       plgpu.wgmma(dp_ref, v_step, r.do_smem.at[slot].transpose((1, 0)))
-      pass_turn()
       if not EXP_BESIDE_DP:
         return s_ref[...], dp_ref[...]
       s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dp^T's runs on.
@@ -269,7 +253,6 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
 
     def accumulate(refs):  # dv += p^T do, dk += ds^T q (transposed tiles),
       # and with dQ its columns of ds k, from a fresh accumulator.
-      take_turn()
       plgpu.wgmma(refs[0], p_kept.astype(r.dtype), r.do_smem.at[slot])
       if not with_dq:
         plgpu.wgmma(refs[1], ds, r.q_smem.at[slot])
@@ -284,7 +267,6 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       if lag:  # dK's, then step n - 1's dQ columns.
         plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
         dq_columns(refs[2], last, zero)
-        pass_turn()
         return
       if not DQ_ADD_BESIDE_DK:
         plgpu.wgmma(refs[1], ds_smem.at[buf, w], r.q_smem.at[slot])
@@ -306,14 +288,6 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     elif with_dq and not DQ_ADD_BESIDE_DK:
       add_dq(dq_add[0], r.query_tile(i, lo, hi), g, dq_scale)
     return (dk, dv, prev, dslots)
-
-  def take_turn():  # Alternating: the other has issued its matmuls.
-    if turns is not None:
-      plgpu.barrier_wait(turns.at[w])
-
-  def pass_turn():  # ... and this one's are issued.
-    if turns is not None:
-      plgpu.barrier_arrive(turns.at[1 - w])
 
   def dq_columns(acc, buf, zero):  # += ds k: the columns of both ds^T.
     for x in range(CONSUMERS):
@@ -352,8 +326,6 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
     ds_smem.at[buffers - 1, w][...] = wgmma_zeros(bq).astype(r.dtype)
     plgpu.commit_smem()
     plgpu.barrier_arrive(ds_ready.at[buffers - 1])
-    if turns is not None and w == 1:  # Consumer 0 issues first.
-      plgpu.barrier_arrive(turns.at[0])
     if lead and w == 1:
       pl.when(total > 0)(lambda: plgpu.barrier_wait(lead[0]))
     prev = (lo, jnp.int32(0), wgmma_zeros(None) if r.fixed_point else None)
