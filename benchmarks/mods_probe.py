@@ -25,6 +25,15 @@ the output w.r.t. q, k, v, jitted):
   cost), a per-head shift (`s - slopes[head]`: a program value), a key-only
   distance (`s - slopes[head] * kv_pos`: the int position's conversion on
   every element) and ALiBi itself (`|q_pos - kv_pos|`).
+- `features` (causal, `--cells=features`; issue 17's "no loss per useful
+  FLOP against the plain causal cell"): `flash` plain causal against
+  `flash` with grouped-query heads (`--groups` query heads per KV head:
+  K and V are the first of each group's heads, sliced inside the timed
+  program), packed documents (segment ids of 64..2048-token documents,
+  `comparison.cells.packed_segment_ids`), a sliding window of `--window`
+  keys and a soft cap of `--softcap`. `useful_ratio` is each variant's
+  time per visible (query, key) pair over plain causal's: at most 1 is no
+  loss.
 
 Every variant's output and dq / dk / dv are first checked against the
 float32 reference (`core/reference.py`, with the mod or the dense bias /
@@ -59,6 +68,7 @@ import numpy as np
 
 import flexible_attention as fa
 from flexible_attention import timing
+from flexible_attention.comparison import cells as comparison_cells
 from flexible_attention.comparison import compare
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
@@ -66,7 +76,8 @@ from flexible_attention.kernels import flash as flash_kernel
 
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Sequence lengths.")
 _CELLS = flags.DEFINE_list("cells", ["alibi", "prefix_lm"],
-                           "Cells to run: alibi, prefix_lm, mod_cost.")
+                           "Cells to run: alibi, prefix_lm, mod_cost, "
+                           "features.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "B * S.")
 _HEADS = flags.DEFINE_integer("heads", 16, "H (and Hkv).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "D.")
@@ -81,6 +92,11 @@ _FUSED = flags.DEFINE_bool(
     "kernel (`flash_*_mod_fused`: an explicit fused launch, Hopper only), "
     "which the default launches pick only where the mods' shared memory "
     "fits (`mosaic_mod_rows.fused_mods_reason`).")
+_GROUPS = flags.DEFINE_integer("groups", 4, "features: query heads per KV "
+                               "head of the grouped-query variant.")
+_WINDOW = flags.DEFINE_integer("window", 1024, "features: the sliding "
+                               "window's keys before each query.")
+_SOFTCAP = flags.DEFINE_float("softcap", 30.0, "features: the soft cap.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, interpreted flash "
                            "kernels, no timing: a CPU check of the script.")
 
@@ -117,6 +133,13 @@ def _module(mechanism, h, d, call, **options):
   return lambda q, k, v, extra: apply({}, q, k, v, extra)
 
 
+def _grouped(attend, groups: int):
+  """`attend` on the first K / V head of each group of `groups` heads (a
+  grouped-query call: query head h reads KV head h // groups)."""
+  return lambda q, k, v, extra: attend(q, k[:, :, ::groups],
+                                       v[:, :, ::groups], extra)
+
+
 def _cudnn(causal, name):
   def attend(q, k, v, extra):
     return jax.nn.dot_product_attention(
@@ -125,18 +148,23 @@ def _cudnn(causal, name):
   return attend
 
 
-def _reference(call, **mods):
+def _reference(call, softcap=None, **options):
+  """The float32 reference of `call(extra)`, with the soft cap and the
+  call options (`canonicalize`'s: mods, the sliding window) given."""
   def attend(q, k, v, extra):
-    record = inputs_lib.canonicalize(q, k, v, **call(extra), **mods)
+    record = inputs_lib.canonicalize(q, k, v, **call(extra), **options)
     return reference.reference_attention(
         record.query, record.key, record.value, record.bias,
-        record.visibility, sm_scale=q.shape[-1]**-0.5, mods=record.mods).out
+        record.visibility, sm_scale=q.shape[-1]**-0.5, softcap=softcap,
+        mods=record.mods).out
   return attend
 
 
-def _cells(s: int, h: int, d: int):
-  """`{cell: (reference, extra, {variant: (attend, extra[, reference])})}`:
-  a variant's own reference, where it has one, replaces the cell's."""
+def _cells(s: int, h: int, d: int, b: int):
+  """`({cell: (reference, extra, {variant: (attend, extra[, reference])})},
+  {cell: visible pairs per row}, {variant: visible pairs per row})`: a
+  variant's own reference, where it has one, replaces the cell's; its own
+  pair count, where it has one, the cell's."""
   idx = np.arange(s)
   slopes = jnp.asarray(fa.alibi_slopes(h))
   distance = np.abs(idx[:, None] - idx[None, :]).astype(np.float32)
@@ -180,10 +208,37 @@ def _cells(s: int, h: int, d: int):
         _module("flash", h, d, alibi_args, launch=fused, **alibi_mod), slopes)
     cells["prefix_lm"][2]["flash_prefix_mod_fused"] = (
         _module("flash", h, d, no_args, launch=fused, **prefix_mod), None)
+  # Features: segment ids as [B, 1, S] (a size-1 head axis, which the
+  # check's slicing keeps whole).
+  ids = comparison_cells.packed_segment_ids(b, s, seed=0)
+  documents = lambda extra: dict(causal=True, segment_ids=extra[:, 0])
+  window = min(_WINDOW.value, max(1, s // 4))  # A window at any S.
+  groups = min(_GROUPS.value, h)
+  features = {
+      "flash_plain": (_module("flash", h, d, causal), None),
+      "flash_gqa": (_grouped(_module("flash", h, d, causal,
+                                     num_kv_heads=h // groups), groups),
+                    None, _grouped(_reference(causal), groups)),
+      "flash_packed": (_module("flash", h, d, documents),
+                       jnp.asarray(ids)[:, None], _reference(documents)),
+      "flash_window": (_module("flash", h, d, causal, sliding_window=window),
+                       None, _reference(causal, sliding_window=window)),
+      "flash_softcap": (_module("flash", h, d, causal,
+                                logits_soft_cap=_SOFTCAP.value), None,
+                        _reference(causal, softcap=_SOFTCAP.value))}
+  cells["features"] = (_reference(causal), None, features)
   cells = {name: cells[name] for name in _CELLS.value}
-  pairs = {"alibi": s * (s + 1) / 2, "mod_cost": s * (s + 1) / 2,
-           "prefix_lm": s * (s + 1) / 2 + prefix * (prefix - 1) / 2}
-  return cells, pairs
+  causal_pairs = s * (s + 1) / 2
+  pairs = {"alibi": causal_pairs, "mod_cost": causal_pairs,
+           "features": causal_pairs,
+           "prefix_lm": causal_pairs + prefix * (prefix - 1) / 2}
+  _, sizes = np.unique(ids * s + np.arange(b)[:, None] * s * s,
+                       return_counts=True)  # Documents' lengths, all rows.
+  own_pairs = {"flash_plain": causal_pairs, "cudnn_plain": causal_pairs,
+               "flash_packed": float((sizes * (sizes + 1) / 2).sum()) / b,
+               "flash_window": float(np.minimum(np.arange(s), window).sum()
+                                     + s)}
+  return cells, pairs, own_pairs
 
 
 def _part(x, heads, axis):
@@ -215,13 +270,14 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
                    for key in keys)
   n = _CHECK_HEADS.value
   part = lambda x: _part(x, n, 2).astype(jnp.float32)
-  cells, pairs = _cells(s, h, d)
+  cells, pairs, own_pairs = _cells(s, h, d, b)
   rows = {}
   for cell, (ref, ref_extra, variants) in cells.items():
     def wanted(ref, extra):
       # The dense bias / mask is [1, H, S, S] / [1, 1, S, S]: its heads are
       # axis 1; slopes [H] are axis 0 (those of the checked heads).
-      extra = extra[:n] if extra.ndim == 1 else _part(extra, n, 1)
+      if extra is not None:
+        extra = extra[:n] if extra.ndim == 1 else _part(extra, n, 1)
       out, vjp = jax.vjp(lambda q, k, v: ref(q, k, v, extra),
                          part(q), part(k), part(v))
       return (out, *vjp(part(dout)))
@@ -247,7 +303,7 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
       if name.endswith("plain"):  # Its own reference: plain causal.
         error = None
       else:
-        want = wanted(own[0] if own else ref, ref_extra)
+        want = (wanted(own[0], extra) if own else wanted(ref, ref_extra))
         error = max(compare.relative_error(part(x), w)
                     for x, w in zip(got, want))
       row["error"][name] = error
@@ -263,6 +319,12 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
         row["fwd_ms"][name] = seconds[2 * i] * 1e3
         row["fwd_bwd_ms"][name] = seconds[2 * i + 1] * 1e3
     row["pairs_over_causal"] = pairs[cell] / pairs["mod_cost"]
+    # Time per visible pair over plain flash's (at most 1: no loss).
+    base = row["fwd_bwd_ms"].get("flash_plain")
+    row["useful_ratio"] = {
+        name: ms / own_pairs.get(name, pairs[cell]) / (
+            base / pairs["mod_cost"]) for name, ms in row["fwd_bwd_ms"].items()
+    } if base else {}
     rows[cell] = row
     print(json.dumps({"cell": cell, **row}), flush=True)
   return rows
@@ -316,18 +378,20 @@ def main(argv):
       print(f"\n{cell}, S = {row['S']}, B = {row['B']} "
             f"(pairs over causal {row['pairs_over_causal']:.3f})")
       print("| variant | forward kernel | fwd+bwd kernels | fwd | fwd+bwd | "
-            "flash_plain's fwd+bwd over it |")
-      print("|---|---|---|---|---|---|")
+            "flash_plain's fwd+bwd over it | time per pair over "
+            "flash_plain's |")
+      print("|---|---|---|---|---|---|---|")
       for name in row["error"]:
         kernel = row["fwd_backend"].get(name, "-")
         kernels = row["fwd_bwd_kernels"].get(name, "-")
         f, fb = row["fwd_ms"].get(name), row["fwd_bwd_ms"].get(name)
         if fb is None:
           print(f"| {name} | {kernel} | {kernels} | - | - | "
-                f"{row['error'][name]} |")
+                f"{row['error'][name]} | - |")
           continue
         print(f"| {name} | {kernel} | {kernels} | {f:.3f} | {fb:.3f} | "
-              f"{base / fb if base else float('nan'):.3f} |")
+              f"{base / fb if base else float('nan'):.3f} | "
+              f"{row['useful_ratio'].get(name, float('nan')):.3f} |")
 
 
 if __name__ == "__main__":
