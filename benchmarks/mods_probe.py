@@ -228,16 +228,15 @@ def _cells(s: int, h: int, d: int, b: int):
                         _reference(causal, softcap=_SOFTCAP.value))}
   cells["features"] = (_reference(causal), None, features)
   cells = {name: cells[name] for name in _CELLS.value}
-  causal_pairs = s * (s + 1) / 2
+  causal_pairs = comparison_cells.causal_pairs(s)
   pairs = {"alibi": causal_pairs, "mod_cost": causal_pairs,
            "features": causal_pairs,
            "prefix_lm": causal_pairs + prefix * (prefix - 1) / 2}
-  _, sizes = np.unique(ids * s + np.arange(b)[:, None] * s * s,
-                       return_counts=True)  # Documents' lengths, all rows.
   own_pairs = {"flash_plain": causal_pairs, "cudnn_plain": causal_pairs,
-               "flash_packed": float((sizes * (sizes + 1) / 2).sum()) / b,
-               "flash_window": float(np.minimum(np.arange(s), window).sum()
-                                     + s)}
+               "flash_packed": comparison_cells.causal_pairs(
+                   s, segment_ids=ids),
+               "flash_window": comparison_cells.causal_pairs(
+                   s, window=window)}
   return cells, pairs, own_pairs
 
 

@@ -171,6 +171,23 @@ def test_minimum_bytes_counts_fused_inputs_outputs_and_logsumexp():
       4 * (4 * 4096 + 4 * 2048) + 4 * 512)
 
 
+@pytest.mark.parametrize("window, packed", [(None, False), (37, False),
+                                             (None, True)])
+def test_causal_pairs_count_the_visible_pairs(window, packed):
+  """`cells.causal_pairs` against the visible pairs of the mask the
+  semantics builds: causal, with a window, or within packed documents."""
+  s, b = 4096, 2
+  ids = cells.packed_segment_ids(b, s, seed=3) if packed else None
+  got = cells.causal_pairs(s, window=window, segment_ids=ids)
+  q = jnp.zeros((b, s, 1, 8))
+  record = fa.canonicalize(
+      q, q, q, causal=True, sliding_window=window,
+      segment_ids=None if ids is None else jnp.asarray(ids))
+  visible = np.asarray(record.visibility.dense())  # [B, 1, S, S]
+  assert got == visible.sum() / b
+  assert (got < s * (s + 1) / 2) == (packed or window is not None)
+
+
 def test_forward_backward_program_holds_q_k_v_ct_and_returns_grads():
   forward = baselines.forward_fn("vanilla", _TINY)
   q = jnp.ones((2, 64, 4, 8), jnp.bfloat16)

@@ -83,6 +83,24 @@ def packed_segment_ids(batch: int, seq_len: int, seed: int) -> np.ndarray:
   return ids
 
 
+def causal_pairs(seq_len: int, *, window: int | None = None,
+                 segment_ids: np.ndarray | None = None) -> float:
+  """The visible (query, key) pairs per batch row of a causal self-attention
+  call of `seq_len` tokens: with a sliding `window` (keys `[i - window,
+  i]`), or with `segment_ids` (`[B, S]`: within each document), the mean
+  over the rows. The useful work a kernel that skips invisible tiles is
+  measured against."""
+  if segment_ids is not None:
+    ids = np.asarray(segment_ids, np.int64)
+    rows = ids.shape[0]
+    _, sizes = np.unique(ids + np.arange(rows)[:, None] * (ids.max() + 1),
+                         return_counts=True)  # Each row's documents.
+    return float((sizes * (sizes + 1) / 2).sum()) / rows
+  if window is not None:
+    return float(np.minimum(np.arange(seq_len), window).sum() + seq_len)
+  return seq_len * (seq_len + 1) / 2
+
+
 def attention_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
   """Forward FLOPs, 4 B H Sq Sk D, halved for causal (BENCH.md)."""
   flops = 4.0 * batch * heads * q_len * kv_len * head_dim
