@@ -19,11 +19,17 @@ the float32 reference (`helpers.reference_vjp`, the same dropout):
 - `long_causal_window_softcap`: Sq = 200, Sk = 333, H = Hkv = 4, causal,
   window 100, soft cap 30: on Hopper at D = 64, 128, 256 the Mosaic GPU
   forward and dK/dV kernels serve it (structure only, Sq >= 128).
+- `fused_documents_dropout_gqa` (D = 111 and 128 only): Sq = Sk =
+  `launch.FUSED_DQ_MIN_KV_LEN` + 37 (4133), H = 4, Hkv = 2, causal, segment
+  ids, dropout 0.1: on Hopper the default launches run the fused backward
+  (dQ inside the Mosaic dK/dV kernel, its lagged step: padded D = 128 from
+  `launch.FUSED_DQ_MIN_KV_LEN` keys), which the shorter cases never reach.
 
-Lengths are multiples of no tile (except the last case's, for cuDNN). A
-refusal (`NotImplementedError`) is an acceptable outcome only for `cudnn`,
-and only where its capabilities say so (a feature its record lacks, D not a
-multiple of 8, odd lengths); `flash` and `auto` must compute every case, and
+Lengths are multiples of no tile (except `even_bias_lengths_gqa`'s, for
+cuDNN). A refusal (`NotImplementedError`) is an acceptable outcome only for
+`cudnn`, and only where its capabilities say so (a feature its record
+lacks, D not a multiple of 8, odd lengths); `flash` and `auto` must compute
+every case, and
 `cudnn` must compute `even_bias_lengths_gqa` at D = 64, 128, 256. `auto`
 runs every case in bfloat16 and the cuDNN case in float16 too (elsewhere it
 picks `flash`, which the battery already compiled in float16).
@@ -31,7 +37,7 @@ picks `flash`, which the battery already compiled in float16).
 Tolerances (relative to the largest reference magnitude,
 `helpers.TOLERANCES["gpu"]`): bfloat16 1.5e-2, float16 2e-3.
 
-Run on the GPU machine (about 85 jitted forward + backward compiles):
+Run on the GPU machine (about 90 jitted forward + backward compiles):
   python -m pytest -q tests/test_gpu_battery.py
 """
 
@@ -48,6 +54,7 @@ import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.kernels.flash import launch as flash_launch
 
 import helpers
 
@@ -72,8 +79,10 @@ class Case:
   window: int | None = None
   softcap: float | None = None
   dropout: float = 0.0
+  head_dims: tuple[int, ...] = HEAD_DIMS  # Those it runs at.
 
 
+_FUSED_LEN = flash_launch.FUSED_DQ_MIN_KV_LEN + 37  # The fused backward's.
 CASES = (
     Case("bias", 2, 113, 211, 4, 4, frozenset({"bias"})),
     Case("mask_segments_softcap_gqa", 2, 97, 161, 8, 2,
@@ -86,6 +95,9 @@ CASES = (
     Case("long_causal_window_softcap", 1, 200, 333, 4, 4,
          frozenset({"causal", "window", "softcap"}), causal=True, window=100,
          softcap=30.0),
+    Case("fused_documents_dropout_gqa", 1, _FUSED_LEN, _FUSED_LEN, 4, 2,
+         frozenset({"causal", "segments", "dropout", "gqa"}), causal=True,
+         dropout=0.1, head_dims=(111, 128)),
 )
 
 
@@ -138,8 +150,9 @@ def _runs(case: Case, dtype):
     yield mechanism
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case, head_dim", [
+    pytest.param(c, d, id=f"{d}-{c.name}") for c in CASES for d in HEAD_DIMS
+    if d in c.head_dims])
 def test_gpu_battery(case, head_dim):
   failures = []
   for dtype in DTYPES:
