@@ -411,6 +411,8 @@ def use_step_schedule(monkeypatch, flags):
   """Sets the step schedule flags named in `flags` (an iterable of
   `STEP_SCHEDULE_FLAGS`, or a "+"-separated string of them) and clears the
   others, whatever their defaults."""
+  # Imported here: the Mosaic GPU modules load only for the tests that
+  # set a schedule.
   from flexible_attention.kernels.flash import mosaic_bwd_rows  # pylint: disable=g-import-not-at-top
   if isinstance(flags, str):
     flags = tuple(filter(None, flags.split("+")))

@@ -526,7 +526,8 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
 # The schedules of the Mosaic dK/dV step (`mosaic_bwd_rows`), alone and
 # together: names of its flags that are on (the others off, whatever their
 # defaults); "unlagged" is the fused step before `DQ_LAG`.
-SCHEDULES = {"unlagged": (), "exp": ("EXP_BESIDE_DP",), "dq_add": ("DQ_ADD_BESIDE_DK",),
+SCHEDULES = {"unlagged": (), "exp": ("EXP_BESIDE_DP",),
+             "dq_add": ("DQ_ADD_BESIDE_DK",),
              "both": ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"),
              "lag": ("DQ_LAG",), "stagger": ("DQ_LAG", "STAGGER"),
              "exp_stagger": ("EXP_BESIDE_DP", "DQ_LAG", "STAGGER")}
@@ -548,10 +549,10 @@ def test_step_schedules_match_reference_in_gpu_interpreter(
   only and computes p while dp^T's runs) and `DQ_ADD_BESIDE_DK` (the
   fused step adds dQ while dK's wgmma runs), `DQ_LAG` (each fused step
   takes the dQ of the step before; the default, with `STAGGER`: its
-  consumers half a step apart): the split backward (Mosaic dQ) or the fused one in JAX's GPU
-  interpreter, against the reference. The interpreter runs each wgmma at
-  once (it ignores `wait_n`), so this checks the step's values; the
-  compiled test below checks the waits."""
+  consumers half a step apart): the split backward (Mosaic dQ) or the
+  fused one in JAX's GPU interpreter, against the reference. The
+  interpreter runs each wgmma at once (it ignores `wait_n`), so this checks
+  the step's values; the compiled test below checks the waits."""
   _check_schedule(schedule, name, fused, monkeypatch, interpreted=True)
 
 
