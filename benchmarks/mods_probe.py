@@ -33,7 +33,12 @@ the output w.r.t. q, k, v, jitted):
   `comparison.cells.packed_segment_ids`), a sliding window of `--window`
   keys and a soft cap of `--softcap`. `useful_ratio` is each variant's
   time per visible (query, key) pair over plain causal's: at most 1 is no
-  loss.
+  loss. `tile_ratio` is its time per visible tile (the Mosaic forward's
+  `[BLOCK_Q, block_k]` tiles with a visible pair, `comparison.cells.
+  visible_tiles`) over plain causal's: what is left of `useful_ratio`
+  once the pairs a kernel that skips whole tiles must compute anyway (the
+  partly visible tiles along a window's or a document's edges) are
+  divided out, i.e. the cost per computed tile.
 
 Every variant's output and dq / dk / dv are first checked against the
 float32 reference (`core/reference.py`, with the mod or the dense bias /
@@ -51,13 +56,20 @@ the script). `--fused` (Hopper) adds `flash_alibi_mod_fused` and
 `flash_prefix_mod_fused`: the same mods with an explicit launch that puts
 dQ inside the Mosaic dK/dV kernel (the fused backward, which the default
 launches use at D = 128 from 8k keys, mods included where they fit: below
-8k the flag is the only way to time it).
+8k the flag is the only way to time it). `--trace=N` then runs each timed
+variant's forward+backward N times under the profiler and reports the
+microseconds per call of each kernel on each device line: the attention
+kernels against the XLA ops around them (the backward's per-token passes
+cost the same however few pairs are visible).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import re
+import tempfile
 
 from absl import app
 from absl import flags
@@ -73,6 +85,8 @@ from flexible_attention.comparison import compare
 from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
 from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash.structure import pad_dim
 
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Sequence lengths.")
 _CELLS = flags.DEFINE_list("cells", ["alibi", "prefix_lm"],
@@ -97,6 +111,10 @@ _GROUPS = flags.DEFINE_integer("groups", 4, "features: query heads per KV "
 _WINDOW = flags.DEFINE_integer("window", 1024, "features: the sliding "
                                "window's keys before each query.")
 _SOFTCAP = flags.DEFINE_float("softcap", 30.0, "features: the soft cap.")
+_TRACE = flags.DEFINE_integer(
+    "trace", 0, "Then run each timed variant's forward+backward this many "
+    "times under `jax.profiler.trace`: microseconds per call of each "
+    "kernel (the attention kernels and the XLA ops around them).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, interpreted flash "
                            "kernels, no timing: a CPU check of the script.")
 
@@ -133,6 +151,11 @@ def _module(mechanism, h, d, call, **options):
   return lambda q, k, v, extra: apply({}, q, k, v, extra)
 
 
+def _groups(h: int) -> int:
+  """Query heads per KV head of the `flash_gqa` variant."""
+  return min(_GROUPS.value, h)
+
+
 def _grouped(attend, groups: int):
   """`attend` on the first K / V head of each group of `groups` heads (a
   grouped-query call: query head h reads KV head h // groups)."""
@@ -162,9 +185,11 @@ def _reference(call, softcap=None, **options):
 
 def _cells(s: int, h: int, d: int, b: int):
   """`({cell: (reference, extra, {variant: (attend, extra[, reference])})},
-  {cell: visible pairs per row}, {variant: visible pairs per row})`: a
-  variant's own reference, where it has one, replaces the cell's; its own
-  pair count, where it has one, the cell's."""
+  {cell: visible pairs per row}, {variant: visible pairs per row},
+  {variant: visible tiles per row})`: a variant's own reference, where it
+  has one, replaces the cell's; its own pair count, where it has one, the
+  cell's; the tile counts are the features cell's (plain causal's where a
+  variant has none of its own)."""
   idx = np.arange(s)
   slopes = jnp.asarray(fa.alibi_slopes(h))
   distance = np.abs(idx[:, None] - idx[None, :]).astype(np.float32)
@@ -213,7 +238,7 @@ def _cells(s: int, h: int, d: int, b: int):
   ids = comparison_cells.packed_segment_ids(b, s, seed=0)
   documents = lambda extra: dict(causal=True, segment_ids=extra[:, 0])
   window = min(_WINDOW.value, max(1, s // 4))  # A window at any S.
-  groups = min(_GROUPS.value, h)
+  groups = _groups(h)
   features = {
       "flash_plain": (_module("flash", h, d, causal), None),
       "flash_gqa": (_grouped(_module("flash", h, d, causal,
@@ -237,7 +262,13 @@ def _cells(s: int, h: int, d: int, b: int):
                    s, segment_ids=ids),
                "flash_window": comparison_cells.causal_pairs(
                    s, window=window)}
-  return cells, pairs, own_pairs
+  tiles = functools.partial(comparison_cells.visible_tiles, s,
+                            mosaic_common.BLOCK_Q,
+                            mosaic_common.block_k(pad_dim(d)))
+  own_tiles = {"flash_plain": tiles(),
+               "flash_packed": tiles(segment_ids=ids),
+               "flash_window": tiles(window=window)}
+  return cells, pairs, own_pairs, own_tiles
 
 
 def _part(x, heads, axis):
@@ -267,9 +298,12 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, dout = (jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
                    for key in keys)
-  n = _CHECK_HEADS.value
+  # Whole groups of query heads: a KV head's gradient sums over its group,
+  # so a check of part of a group would miss the rest's share.
+  groups = _groups(h)
+  n = min(h, -(-_CHECK_HEADS.value // groups) * groups)
   part = lambda x: _part(x, n, 2).astype(jnp.float32)
-  cells, pairs, own_pairs = _cells(s, h, d, b)
+  cells, pairs, own_pairs, own_tiles = _cells(s, h, d, b)
   rows = {}
   for cell, (ref, ref_extra, variants) in cells.items():
     def wanted(ref, extra):
@@ -317,6 +351,11 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
       for i, (name, *_) in enumerate(calls):
         row["fwd_ms"][name] = seconds[2 * i] * 1e3
         row["fwd_bwd_ms"][name] = seconds[2 * i + 1] * 1e3
+      if _TRACE.value:
+        row["fwd_bwd_kernel_us"] = {
+            name: _kernel_times(forward_backward, (q, k, v, dout, extra),
+                                _TRACE.value)
+            for name, _, forward_backward, extra in calls}
     row["pairs_over_causal"] = pairs[cell] / pairs["mod_cost"]
     # Time per visible pair over plain flash's (at most 1: no loss).
     base = row["fwd_bwd_ms"].get("flash_plain")
@@ -324,9 +363,30 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
         name: ms / own_pairs.get(name, pairs[cell]) / (
             base / pairs["mod_cost"]) for name, ms in row["fwd_bwd_ms"].items()
     } if base else {}
+    if cell == "features" and base:  # Time per visible tile, likewise.
+      plain = own_tiles["flash_plain"]
+      row["tile_ratio"] = {
+          name: ms / own_tiles.get(name, plain) / (base / plain)
+          for name, ms in row["fwd_bwd_ms"].items()}
     rows[cell] = row
     print(json.dumps({"cell": cell, **row}), flush=True)
   return rows
+
+
+def _kernel_times(fn, args, calls: int) -> dict:
+  """`{"thread": {kernel: µs per call}}` of `calls` runs of `fn(*args)`
+  under the profiler (the device's lines only)."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    events = timing.device_kernel_times(trace_dir)
+  threads = collections.defaultdict(dict)
+  for (thread, name), durations in events.items():
+    threads[thread][name] = sum(durations) / calls
+  return dict(threads)
 
 
 def _check_plain(s: int, d: int) -> None:
@@ -354,7 +414,7 @@ def main(argv):
   lengths = [int(s) for s in _LENGTHS.value]
   h, d, tokens = _HEADS.value, _HEAD_DIM.value, _TOKENS.value
   if _SMOKE.value:
-    lengths, h, d, tokens = [64], 2, 16, 64
+    lengths, h, d, tokens = [64], 4, 16, 64
   print(json.dumps({"device": jax.devices()[0].device_kind,
                     "jax": jax.__version__}), flush=True)
   results = []
@@ -376,21 +436,31 @@ def main(argv):
       base = row["fwd_bwd_ms"].get("flash_plain")
       print(f"\n{cell}, S = {row['S']}, B = {row['B']} "
             f"(pairs over causal {row['pairs_over_causal']:.3f})")
+      tile_ratio = row.get("tile_ratio", {})
       print("| variant | forward kernel | fwd+bwd kernels | fwd | fwd+bwd | "
             "flash_plain's fwd+bwd over it | time per pair over "
-            "flash_plain's |")
-      print("|---|---|---|---|---|---|---|")
+            "flash_plain's |" + (" time per tile over flash_plain's |"
+                                 if tile_ratio else ""))
+      print("|---|---|---|---|---|---|---|" + ("---|" if tile_ratio else ""))
       for name in row["error"]:
         kernel = row["fwd_backend"].get(name, "-")
         kernels = row["fwd_bwd_kernels"].get(name, "-")
         f, fb = row["fwd_ms"].get(name), row["fwd_bwd_ms"].get(name)
+        tiles = (f" {tile_ratio[name]:.3f} |" if name in tile_ratio else
+                 " - |" if tile_ratio else "")
         if fb is None:
           print(f"| {name} | {kernel} | {kernels} | - | - | "
-                f"{row['error'][name]} | - |")
+                f"{row['error'][name]} | - |" + tiles)
           continue
         print(f"| {name} | {kernel} | {kernels} | {f:.3f} | {fb:.3f} | "
               f"{base / fb if base else float('nan'):.3f} | "
-              f"{row['useful_ratio'].get(name, float('nan')):.3f} |")
+              f"{row['useful_ratio'].get(name, float('nan')):.3f} |" + tiles)
+      for name, threads in row.get("fwd_bwd_kernel_us", {}).items():
+        print(f"\n{name}: forward+backward, µs per call by device line")
+        for thread, kernels in threads.items():
+          top = sorted(kernels.items(), key=lambda x: -x[1])
+          print(f"  {thread[:30]}: busy {sum(kernels.values()):.1f}; " +
+                "; ".join(f"{us:.1f} {kernel[:60]}" for kernel, us in top[:6]))
 
 
 if __name__ == "__main__":

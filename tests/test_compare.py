@@ -188,6 +188,27 @@ def test_causal_pairs_count_the_visible_pairs(window, packed):
   assert (got < s * (s + 1) / 2) == (packed or window is not None)
 
 
+@pytest.mark.parametrize("window, packed, blocks", [
+    (None, False, (128, 128)), (37, False, (64, 32)),
+    (300, False, (128, 128)), (None, True, (128, 64))])
+def test_visible_tiles_count_the_tiles_with_a_visible_pair(window, packed,
+                                                           blocks):
+  """`cells.visible_tiles` against the tiles of the semantics' mask that
+  hold a visible pair (S not a multiple of the tiles)."""
+  s, b = 3000, 2  # Packed: 3 and 4 documents.
+  ids = cells.packed_segment_ids(b, s, seed=1) if packed else None
+  got = cells.visible_tiles(s, *blocks, window=window, segment_ids=ids)
+  q = jnp.zeros((b, s, 1, 8))
+  record = fa.canonicalize(
+      q, q, q, causal=True, sliding_window=window,
+      segment_ids=None if ids is None else jnp.asarray(ids))
+  visible = np.asarray(record.visibility.dense())[:, 0]  # [B, S, S]
+  bq, bk = blocks
+  padded = np.pad(visible, ((0, 0), (0, -s % bq), (0, -s % bk)))
+  tiles = padded.reshape(b, padded.shape[1] // bq, bq, -1, bk).any((2, 4))
+  assert got == tiles.sum() / b
+
+
 def test_forward_backward_program_holds_q_k_v_ct_and_returns_grads():
   forward = baselines.forward_fn("vanilla", _TINY)
   q = jnp.ones((2, 64, 4, 8), jnp.bfloat16)

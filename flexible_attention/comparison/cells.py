@@ -101,6 +101,40 @@ def causal_pairs(seq_len: int, *, window: int | None = None,
   return seq_len * (seq_len + 1) / 2
 
 
+def _first_keys(seq_len: int, window: int | None,
+                segment_ids: np.ndarray | None) -> np.ndarray:
+  """`[B, S]` (or `[1, S]`): each causal row's first visible key; its last
+  is the row itself."""
+  rows = np.arange(seq_len)
+  if segment_ids is not None:
+    ids = np.asarray(segment_ids)
+    starts = np.concatenate(  # Where each row's document begins.
+        [np.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    return np.maximum.accumulate(np.where(starts, rows, 0), axis=1)
+  if window is not None:
+    return np.maximum(rows - window, 0)[None]
+  return np.zeros((1, seq_len), np.int64)
+
+
+def visible_tiles(seq_len: int, block_q: int, block_k: int, *,
+                  window: int | None = None,
+                  segment_ids: np.ndarray | None = None) -> float:
+  """The `[block_q, block_k]` tiles with a visible pair per batch row of a
+  causal self-attention call (`causal_pairs`' cases), the mean over the
+  rows: the tiles a kernel that skips invisible ones computes. A row's
+  visible keys are one run (its first key to itself), so a query tile's
+  visible key tiles run from its rows' first key to its last row."""
+  first = _first_keys(seq_len, window, segment_ids)
+  rows = first.shape[0]
+  pad = -seq_len % block_q
+  first = np.pad(first, ((0, 0), (0, pad)), mode="edge")
+  lo = first.reshape(rows, -1, block_q).min(axis=2) // block_k
+  last_row = np.minimum(np.arange(0, seq_len, block_q) + block_q,
+                        seq_len) - 1
+  hi = last_row // block_k
+  return float((hi - lo + 1).sum()) / rows
+
+
 def attention_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
   """Forward FLOPs, 4 B H Sq Sk D, halved for causal (BENCH.md)."""
   flops = 4.0 * batch * heads * q_len * kv_len * head_dim
