@@ -100,7 +100,10 @@ MOSAIC_DQ_MIN_KV_LEN = 16384
 # Mosaic dQ kernel's at S = 16k; 0.86-0.92x the Triton dQ's at 8k and,
 # since the Mosaic kernels launch tile by tile (`structure.
 # MOSAIC_TILES_FIRST`; heads first it was 1.09x), 0.88-0.94x at 4k (2k
-# not measured). At D = 64 it was 1.05x the Mosaic dQ's (16k, causal).
+# not measured). At D = 64 it was 1.05x the Mosaic dQ's (16k, causal);
+# with its consumers a step apart (`mosaic_bwd_rows.DQ_LAG`), 1.00x the
+# default split backward's at 4k full, 0.99x at 8k causal, 1.05x at 16k
+# full (H100).
 # The upper bound is precision: the fixed point's summation error grows
 # about linearly with Sk (`mosaic_common.fixed_point_scales`: ~4e-4 of a
 # row's largest entry at 128k keys on random rows), and the default keeps

@@ -42,12 +42,13 @@ from flexible_attention.kernels.flash.mosaic_numerics import to_fixed_point
 from flexible_attention.kernels.flash.structure import LOG2E
 
 
-# Two schedules of the rows layout's step, off until timed on a GPU (a
-# profile of the fused backward, D = 128, 16k, put a fifth of its
-# consumers' samples on wgmma waits: benchmarks/flash_notes.md):
-# EXP_BESIDE_DP waits for s^T's wgmma only and computes p while dp^T's
-# runs; DQ_ADD_BESIDE_DK (with dQ) issues dK's wgmma after dQ's and adds
-# dQ (fixed point, store, TMA) while dK's runs, instead of after both (the
+# Two schedules of the rows layout's step, off (a profile of the fused
+# backward, D = 128, 16k, put a fifth of its consumers' samples on wgmma
+# waits: benchmarks/flash_notes.md): EXP_BESIDE_DP waits for s^T's wgmma
+# only and computes p while dp^T's runs (on the lagged default below it
+# made the fused backward 1.9-2.3% slower on an H100); DQ_ADD_BESIDE_DK
+# (with dQ; the unlagged step's) issues dK's wgmma after dQ's and adds dQ
+# (fixed point, store, TMA) while dK's runs, instead of after both (the
 # other's ds^T is then waited for behind dV's wgmma only).
 EXP_BESIDE_DP = False
 DQ_ADD_BESIDE_DK = False
