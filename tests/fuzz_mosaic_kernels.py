@@ -23,7 +23,9 @@ dQ kernel), and the programs' order of the dK/dV and dQ kernels
 draws of four, on 1-16 multiprocessors, which set the group size), and
 the dK/dV step's schedules (`mosaic_bwd_rows.EXP_BESIDE_DP`,
 `DQ_ADD_BESIDE_DK` and `DQ_LAG`, each on in half the draws; `STAGGER` in
-half of those with `DQ_LAG`). On a CPU the Triton dQ
+half of those with `DQ_LAG`), and the split dK/dV kernel's 128-row steps
+at padded D = 64 (`mosaic_common.WIDE_DKV_STEPS`, half the draws; the
+fused backward and calls with mods keep 64). On a CPU the Triton dQ
 kernel cannot run beside the interpreted Mosaic ones, so a draw of padded
 D = 256 (whose only dQ is Triton's) runs at 128 there.
 
@@ -94,6 +96,7 @@ class Draw:
   dq_add_beside_dk: bool = False  # `mosaic_bwd_rows.DQ_ADD_BESIDE_DK`.
   dq_lag: bool = False  # `mosaic_bwd_rows.DQ_LAG`.
   stagger: bool = False  # `mosaic_bwd_rows.STAGGER`.
+  wide_dkv: bool = False  # `mosaic_common.WIDE_DKV_STEPS`.
 
 
 def draw(seed: int, backward: bool = False) -> Draw:
@@ -129,6 +132,7 @@ def draw(seed: int, backward: bool = False) -> Draw:
   dq_add_beside_dk = bool(rng.random() < 0.5)
   dq_lag = bool(rng.random() < 0.5)
   stagger = dq_lag and bool(rng.random() < 0.5)
+  wide_dkv = bool(rng.random() < 0.5)
   d = x.d
   if structure.pad_dim(d) == 256:  # Only Triton's dQ kernel serves it.
     d, dq, rotate_dq = (256, "triton", False) if HOPPER else (128, dq,
@@ -137,7 +141,8 @@ def draw(seed: int, backward: bool = False) -> Draw:
                              rotate_dq=rotate_dq, grouped=grouped,
                              exp_beside_dp=exp_beside_dp,
                              dq_add_beside_dk=dq_add_beside_dk,
-                             dq_lag=dq_lag, stagger=stagger)
+                             dq_lag=dq_lag, stagger=stagger,
+                             wide_dkv=wide_dkv)
 
 
 def _launch(x: Draw) -> flash_kernel.LaunchConfig:
@@ -164,7 +169,8 @@ def _kernels_of(x: Draw):
                (mosaic_bwd_rows, "EXP_BESIDE_DP", x.exp_beside_dp),
                (mosaic_bwd_rows, "DQ_ADD_BESIDE_DK", x.dq_add_beside_dk),
                (mosaic_bwd_rows, "DQ_LAG", x.dq_lag),
-               (mosaic_bwd_rows, "STAGGER", x.stagger)]
+               (mosaic_bwd_rows, "STAGGER", x.stagger),
+               (mosaic_common, "WIDE_DKV_STEPS", x.wide_dkv)]
     if x.snake:
       patched.append((mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0))
     original = [(m, n, getattr(m, n)) for m, n, _ in patched]

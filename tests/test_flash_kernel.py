@@ -523,6 +523,71 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
            interpret=False, jit=False, **shape)
 
 
+# `mosaic_common.WIDE_DKV_STEPS`: the split dK/dV kernel at D = 64 in steps
+# of 128 query rows; the cases at D = 64 (causal with empty rows, a window
+# with dropout, segments with grouped heads, MQA with a soft cap).
+WIDE_CASES = ("causal_empty_rows", "dropout_d64_window", "segments",
+              "mqa_softcap")
+
+
+def _wide_case(name, monkeypatch):
+  """`(call, shape, launch)` of a `WIDE_CASES` case at D = 64 with the wide
+  steps on: the Mosaic kernels, dQ by `mosaic_dq` (`_mosaic`)."""
+  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", True)
+  call, shape = _hopper_case(name)
+  shape["d"] = 64
+  launch = _mosaic(64, call.get("causal", False), dq=True)
+  assert launch.dkv.block_q == mosaic_common.WIDE_DKV_BLOCK_Q
+  return call, shape, launch
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("name", WIDE_CASES)
+def test_wide_dkv_steps_match_reference_in_gpu_interpreter(name,
+                                                           monkeypatch):
+  """The dK/dV kernel's 128-row steps at D = 64 in JAX's GPU interpreter:
+  out and the gradients of q, k, v against the float32 reference."""
+  call, shape, launch = _wide_case(name, monkeypatch)
+  with gpu_interpret.mosaic_on_cpu():
+    _check(f"interpreted wide {name}", call, launch=launch, interpret=False,
+           jit=False, **shape)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("name", WIDE_CASES)
+def test_hopper_wide_dkv_steps_match_reference(name, monkeypatch):
+  """As the interpreter's test, compiled: registers and waits included."""
+  call, shape, launch = _wide_case(name, monkeypatch)
+  _check(f"hopper wide {name}", call, launch=launch, interpret=False,
+         **shape)
+
+
+@pytest.mark.parametrize("wide, head_dim, options, rows", [
+    (False, 64, {}, 64), (True, 64, {}, 128), (True, 128, {}, 64),
+    (True, 64, dict(mask_mod=lambda b, h, q, k: q >= k), 64),
+    (True, 64, dict(launch=flash_kernel.hopper_launch_config(64, dq="fused")),
+     64)], ids=["off", "d64", "d128", "mods", "fused"])
+def test_wide_dkv_steps_where_the_split_kernel_serves_d64(
+    wide, head_dim, options, rows, monkeypatch):
+  """`WIDE_DKV_STEPS` widens the dK/dV kernel's steps at D = 64 only, and
+  neither with mods nor in the fused backward; the default launches and
+  the bounds table follow it (the dK/dV kernel refuses a launch whose rows
+  are not its own)."""
+  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", wide)
+  monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
+  launch = options.pop("launch", None)
+  q = jnp.zeros((1, 256, 2, head_dim), jnp.bfloat16)
+  call = flash_kernel.prepare(fa.canonicalize(q, q, q, **options),
+                              sm_scale=0.1, launch=launch)
+  assert call.static.launch.dkv_backend == "mosaic"
+  assert call.static.launch.dkv.block_q == rows
+  # Per key tile the query tiles `[lo, hi)` that see it, in tiles of the
+  # kernel's rows: every key tile of these calls is seen by the last query.
+  hi = np.asarray(call.aux["bounds_dkv"][..., 3])
+  assert (hi == 256 // rows).all(), hi
+
+
 # The schedules of the Mosaic dK/dV step (`mosaic_bwd_rows`), alone and
 # together: names of its flags that are on (the others off, whatever their
 # defaults); "unlagged" is the fused step before `DQ_LAG`.

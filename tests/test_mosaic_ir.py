@@ -7,6 +7,7 @@ import os
 import sys
 
 from flexible_attention.kernels.flash import mosaic_bwd_rows
+from flexible_attention.kernels.flash import mosaic_common
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "benchmarks"))
@@ -23,3 +24,13 @@ def test_digests_follow_the_kernels_not_the_source(monkeypatch):
   monkeypatch.setattr(mosaic_bwd_rows, "EXP_BESIDE_DP", True)
   changed = mosaic_ir.call_digests(name)
   assert changed[0] == forward and changed[1] != backward
+
+
+def test_wide_dkv_steps_lower_and_change_the_dkv_kernel_only(monkeypatch):
+  """`mosaic_common.WIDE_DKV_STEPS` (128-row steps at D = 64): the dK/dV
+  kernel lowers for CUDA with them, and the forward and dQ kernels of the
+  call are the ones without."""
+  forward, dkv, dq = mosaic_ir.call_digests("d64_causal")
+  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", True)
+  wide = mosaic_ir.call_digests("d64_causal")
+  assert wide[0] == forward and wide[2] == dq and wide[1] != dkv

@@ -101,9 +101,7 @@ MOSAIC_DQ_MIN_KV_LEN = 16384
 # since the Mosaic kernels launch tile by tile (`structure.
 # MOSAIC_TILES_FIRST`; heads first it was 1.09x), 0.88-0.94x at 4k (2k
 # not measured). At D = 64 it was 1.05x the Mosaic dQ's (16k, causal);
-# with its consumers a step apart (`mosaic_bwd_rows.DQ_LAG`), 1.00x the
-# default split backward's at 4k full, 0.99x at 8k causal, 1.05x at 16k
-# full (H100).
+# lagged (`mosaic_bwd_rows.DQ_LAG`), 0.99-1.05x the split's (4k-16k, H100).
 # The upper bound is precision: the fixed point's summation error grows
 # about linearly with Sk (`mosaic_common.fixed_point_scales`: ~4e-4 of a
 # row's largest entry at 128k keys on random rows), and the default keeps
@@ -217,7 +215,6 @@ class LaunchConfig:
   rotate_dq: bool = False
 
 
-
 def default_launch_config(head_dim: int, causal: bool = False,
                           capability: float | None = None) -> LaunchConfig:
   """Tiles, warps and stages per (padded) head size and GPU generation.
@@ -257,7 +254,6 @@ def _hopper_launch_config(head_dim: int, causal: bool) -> LaunchConfig:
                       dq=Launch(128, 32, 8, 2))
 
 
-
 def head_dim_reason(dims, mechanism: str = "flash") -> str | None:
   """The kernels' head size limit as a refusal for `mechanism` (or None)."""
   if max(dims.head_dim, dims.value_dim) > MAX_HEAD_DIM:
@@ -265,7 +261,6 @@ def head_dim_reason(dims, mechanism: str = "flash") -> str | None:
             f"sizes up to {MAX_HEAD_DIM}, got D = {dims.head_dim}, Dv = "
             f"{dims.value_dim}.")
   return None
-
 
 
 def _warps_for(block_q: int, block_k: int, head_dim: int) -> int:
@@ -384,10 +379,12 @@ def mosaic_launch(head_dim: int) -> Launch:
                 4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
 
 
-def mosaic_dkv_launch(head_dim: int) -> Launch:
+def mosaic_dkv_launch(head_dim: int, *, fused: bool = False,
+                      mods: bool = False) -> Launch:
   """The Mosaic GPU dK/dV kernel's fixed launch at a padded head size, as
-  `mosaic_launch`'s."""
-  return Launch(mosaic_common.DKV_BLOCK_Q, mosaic_common.dkv_block_k(head_dim),
+  `mosaic_launch`'s; `fused` and `mods` as `mosaic_common.dkv_block_q`'s."""
+  return Launch(mosaic_common.dkv_block_q(head_dim, fused=fused, mods=mods),
+                mosaic_common.dkv_block_k(head_dim),
                 4 * mosaic_common.CONSUMERS, mosaic_common.STAGES)
 
 
@@ -428,8 +425,9 @@ def hopper_launch_config(head_dim: int, causal: bool = False, *,
   launch = dataclasses.replace(
       default_launch_config(head_dim, causal, 9.0),
       fwd=mosaic_launch(head_dim), fwd_backend="mosaic",
-      dkv=mosaic_dkv_launch(head_dim), dkv_backend="mosaic",
-      atomic_dq=dq == "fused", deterministic_dq=deterministic_dq)
+      dkv=mosaic_dkv_launch(head_dim, fused=dq == "fused"),
+      dkv_backend="mosaic", atomic_dq=dq == "fused",
+      deterministic_dq=deterministic_dq)
   if dq == "mosaic":
     launch = dataclasses.replace(launch, dq=mosaic_dq_launch(head_dim),
                                  dq_backend="mosaic")
@@ -464,14 +462,11 @@ def _check_mosaic_launch(kernel: str, launch: Launch, want: Launch,
         f"launch), got {launch}.")
 
 
-
 def _clip(launch: Launch, q_len: int, kv_len: int) -> Launch:
   """Shrinks tiles to the (power-of-two rounded) sequence lengths."""
   fit = lambda block, n: min(block, max(MIN_BLOCK, next_power_of_2(n)))
   return dataclasses.replace(launch, block_q=fit(launch.block_q, q_len),
                              block_k=fit(launch.block_k, kv_len))
-
-
 
 
 TRITON_SHARED_MEMORY = 200 * 1024  # The estimate's budget (227 KiB a
@@ -593,7 +588,9 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
   # The kernels with a Mosaic GPU version: its fixed launch, and the
   # `fa.BlockSizes` fields of the kernel's (Triton) tiles.
   mosaic = {"fwd": (mosaic_launch(head_dim), ("block_q", "block_k")),
-            "dkv": (mosaic_dkv_launch(head_dim),
+            "dkv": (mosaic_dkv_launch(
+                head_dim, fused=launch is not None and launch.atomic_dq,
+                mods=mods is not None),
                     ("block_q_dkv", "block_k_dkv")),
             "dq": (mosaic_dq_launch(head_dim), ("block_q_dq", "block_k_dq"))}
   mods_reason = mosaic_mods.unsupported_reason(mods)
@@ -643,6 +640,7 @@ def choose_launch(*, dtype, head_dim: int, value_dim: int, q_len: int,
       # Triton's default).
       launch = dataclasses.replace(
           launch, atomic_dq=True, dq=triton.dq, dq_backend="triton",
+          dkv=mosaic_dkv_launch(head_dim, fused=True, mods=mods is not None),
           rotate_dq=kv_len >= ROTATE_DQ_MIN_KV_LEN)
   # Triton tiles shrink to short calls (and the defaults to the shared
   # memory of wider dtypes); a Mosaic kernel's launch is fixed.

@@ -77,7 +77,7 @@ Glossary of shapes:
 - Sqp, Skp: query and key lengths padded to whole tiles.
 - Dp: the padded head size (64, 128 or 256).
 - Nq, Nk: the number of query / key structure vectors (`Static.vectors`).
-- bq, bk: `DKV_BLOCK_Q` query rows per step, `dkv_block_k(Dp)` keys per
+- bq, bk: `dkv_block_q(Dp)` query rows per step, `dkv_block_k(Dp)` keys per
   program.
 - ROW: the program values of one mod row (`mosaic_mods.ROW`); n: the
   values whose gradients it sums (`mosaic_mods.grad_slots`).
@@ -101,7 +101,6 @@ from flexible_attention.kernels.flash.mosaic_bwd_rows import staggered
 from flexible_attention.kernels.flash.mosaic_common import BOUNDS_ROW
 from flexible_attention.kernels.flash.mosaic_common import CONSUMERS
 from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
-from flexible_attention.kernels.flash.mosaic_common import DKV_BLOCK_Q
 from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
@@ -110,6 +109,7 @@ from flexible_attention.kernels.flash.mosaic_common import SWIZZLE
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
+from flexible_attention.kernels.flash.mosaic_common import dkv_block_q
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
@@ -322,7 +322,8 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
 
   Args:
     st: the call's static structure.
-    q: `[B, Sqp, H, Dp]`, bf16 or fp16, Sqp a multiple of `DKV_BLOCK_Q`.
+    q: `[B, Sqp, H, Dp]`, bf16 or fp16, Sqp a multiple of bq
+      (`dkv_block_q`).
     k: `[B, Skp, Hkv, Dp]`, Skp a multiple of `dkv_block_k(Dp)`.
     v: `[B, Skp, Hkv, Dp]`.
     do: `[B, Sqp, H, Dp]`, the output's cotangent.
@@ -331,7 +332,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
     delta: float32 `[B, H, Sqp]`, `rowsum(dO * O)` (less the lse's
       cotangent).
     bounds: int32 `[B, Skp // dkv_block_k(Dp), 4]`, per key tile the query
-      tiles (`DKV_BLOCK_Q` rows) that may see it, as `forward`'s.
+      tiles (bq rows) that may see it, as `forward`'s.
     q_vectors: int32 `[B, Nq, Sqp]` (a zero `[B, 1, Sqp]` when Nq = 0).
     kv_vectors: int32 `[B, Nk, Skp]`.
     mod_rows: with mods (`st.mods`, which `mosaic_mods.plan` accepts; Dp
@@ -353,10 +354,14 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   """
   batch, q_len, heads, d = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
-  bq, bk = DKV_BLOCK_Q, dkv_block_k(d)
-  nk = kv_len // bk
   with_dq = st.launch.atomic_dq
   fixed_point = with_dq and st.launch.deterministic_dq
+  bq = dkv_block_q(d, fused=with_dq, mods=st.mods is not None)
+  bk = dkv_block_k(d)
+  nk = kv_len // bk
+  if st.launch.dkv.block_q != bq:  # The rows its bounds table counts.
+    raise ValueError(f"flash (Mosaic GPU): the dK/dV kernel takes {bq} query "
+                     f"rows a step here, its launch {st.launch.dkv.block_q}.")
   if q_len % bq or kv_len % bk:
     raise ValueError(f"flash (Mosaic GPU): Sqp = {q_len} and Skp = {kv_len} "
                      f"must be multiples of {bq} and {bk}.")
