@@ -30,7 +30,9 @@ the output w.r.t. q, k, v, jitted):
   `flash` with grouped-query heads (`--groups` query heads per KV head:
   K and V are the first of each group's heads, sliced inside the timed
   program), packed documents (segment ids of 64..2048-token documents,
-  `comparison.cells.packed_segment_ids`), a sliding window of `--window`
+  `comparison.cells.packed_segment_ids`; and the same documents with
+  their starts moved to whole 128-token tiles, so that only the tiles on
+  a document's diagonal are masked), a sliding window of `--window`
   keys and a soft cap of `--softcap`. `useful_ratio` is each variant's
   time per visible (query, key) pair over plain causal's: at most 1 is no
   loss. `tile_ratio` is its time per visible tile (the Mosaic forward's
@@ -236,6 +238,12 @@ def _cells(s: int, h: int, d: int, b: int):
   # Features: segment ids as [B, 1, S] (a size-1 head axis, which the
   # check's slicing keeps whole).
   ids = comparison_cells.packed_segment_ids(b, s, seed=0)
+  # The same documents with their starts moved to whole query / key tiles
+  # (each tile takes its first token's document): about as many visible
+  # pairs, and every tile off the diagonal unmasked (`flash_packed`'s
+  # cross the documents' edges).
+  block = mosaic_common.BLOCK_Q
+  aligned = np.repeat(ids[:, ::block], block, axis=1)[:, :s]
   documents = lambda extra: dict(causal=True, segment_ids=extra[:, 0])
   window = min(_WINDOW.value, max(1, s // 4))  # A window at any S.
   groups = _groups(h)
@@ -246,6 +254,9 @@ def _cells(s: int, h: int, d: int, b: int):
                     None, _grouped(_reference(causal), groups)),
       "flash_packed": (_module("flash", h, d, documents),
                        jnp.asarray(ids)[:, None], _reference(documents)),
+      "flash_packed_aligned": (_module("flash", h, d, documents),
+                               jnp.asarray(aligned)[:, None],
+                               _reference(documents)),
       "flash_window": (_module("flash", h, d, causal, sliding_window=window),
                        None, _reference(causal, sliding_window=window)),
       "flash_softcap": (_module("flash", h, d, causal,
@@ -260,6 +271,8 @@ def _cells(s: int, h: int, d: int, b: int):
   own_pairs = {"flash_plain": causal_pairs, "cudnn_plain": causal_pairs,
                "flash_packed": comparison_cells.causal_pairs(
                    s, segment_ids=ids),
+               "flash_packed_aligned": comparison_cells.causal_pairs(
+                   s, segment_ids=aligned),
                "flash_window": comparison_cells.causal_pairs(
                    s, window=window)}
   tiles = functools.partial(comparison_cells.visible_tiles, s,
@@ -267,6 +280,7 @@ def _cells(s: int, h: int, d: int, b: int):
                             mosaic_common.block_k(pad_dim(d)))
   own_tiles = {"flash_plain": tiles(),
                "flash_packed": tiles(segment_ids=ids),
+               "flash_packed_aligned": tiles(segment_ids=aligned),
                "flash_window": tiles(window=window)}
   return cells, pairs, own_pairs, own_tiles
 
