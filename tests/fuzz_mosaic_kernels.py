@@ -21,8 +21,8 @@ adds or float32 ones, with or without `rotate_dq`; on a GPU also Triton's
 dQ kernel), and the programs' order of the dK/dV and dQ kernels
 (`structure.GROUPED_CAUSAL_DKV` / `GROUPED_CAUSAL_DQ`, each on in three
 draws of four, on 1-16 multiprocessors, which set the group size), and
-the dK/dV step's schedules (`mosaic_bwd_rows.EXP_BESIDE_DP`,
-`DQ_ADD_BESIDE_DK` and `DQ_LAG`, each on in half the draws; `STAGGER` in
+the dK/dV step's schedules (`mosaic_bwd_rows.DQ_ADD_BESIDE_DK` and
+`DQ_LAG`, each on in half the draws; `STAGGER` in
 half of those with `DQ_LAG`), and the split dK/dV kernel's 128-row steps
 at padded D = 64 (`mosaic_common.WIDE_DKV_STEPS`, half the draws; the
 fused backward and calls with mods keep 64). On a CPU the Triton dQ
@@ -92,7 +92,6 @@ class Draw:
   dq: str | None = None  # One of DQ_PATHS.
   rotate_dq: bool = False  # The fused dQ's rotated steps.
   grouped: tuple[bool, bool] = (False, False)  # dK/dV's, dQ's.
-  exp_beside_dp: bool = False  # `mosaic_bwd_rows.EXP_BESIDE_DP`.
   dq_add_beside_dk: bool = False  # `mosaic_bwd_rows.DQ_ADD_BESIDE_DK`.
   dq_lag: bool = False  # `mosaic_bwd_rows.DQ_LAG`.
   stagger: bool = False  # `mosaic_bwd_rows.STAGGER`.
@@ -128,7 +127,7 @@ def draw(seed: int, backward: bool = False) -> Draw:
   dq = DQ_PATHS[int(rng.integers(0, len(DQ_PATHS)))]
   rotate_dq = dq != "mosaic" and bool(rng.random() < 0.3)
   grouped = tuple(bool(g) for g in rng.random(2) < 0.75)
-  exp_beside_dp = bool(rng.random() < 0.5)
+  rng.random()  # A removed schedule's draw: each seed keeps its draws.
   dq_add_beside_dk = bool(rng.random() < 0.5)
   dq_lag = bool(rng.random() < 0.5)
   stagger = dq_lag and bool(rng.random() < 0.5)
@@ -139,7 +138,6 @@ def draw(seed: int, backward: bool = False) -> Draw:
                                                               rotate_dq)
   return dataclasses.replace(x, cores=cores, d=d, dq=dq,
                              rotate_dq=rotate_dq, grouped=grouped,
-                             exp_beside_dp=exp_beside_dp,
                              dq_add_beside_dk=dq_add_beside_dk,
                              dq_lag=dq_lag, stagger=stagger,
                              wide_dkv=wide_dkv)
@@ -166,7 +164,6 @@ def _kernels_of(x: Draw):
     patched = [(gpu, "core_count", lambda: x.cores),
                (structure, "GROUPED_CAUSAL_DKV", x.grouped[0]),
                (structure, "GROUPED_CAUSAL_DQ", x.grouped[1]),
-               (mosaic_bwd_rows, "EXP_BESIDE_DP", x.exp_beside_dp),
                (mosaic_bwd_rows, "DQ_ADD_BESIDE_DK", x.dq_add_beside_dk),
                (mosaic_bwd_rows, "DQ_LAG", x.dq_lag),
                (mosaic_bwd_rows, "STAGGER", x.stagger),

@@ -403,8 +403,7 @@ def wrong_mechanism(name: str):
 
 
 # `mosaic_bwd_rows`' flags that choose the schedule of the Mosaic dK/dV step.
-STEP_SCHEDULE_FLAGS = ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK", "DQ_LAG",
-                       "STAGGER")
+STEP_SCHEDULE_FLAGS = ("DQ_ADD_BESIDE_DK", "DQ_LAG", "STAGGER")
 
 
 def use_step_schedule(monkeypatch, flags):

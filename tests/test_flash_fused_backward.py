@@ -206,9 +206,8 @@ def test_fused_backward_rotates_its_steps_on_long_keys(monkeypatch):
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("flags", ["EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK",
-                                   "DQ_LAG", "DQ_LAG+STAGGER",
-                                   "EXP_BESIDE_DP+DQ_LAG+STAGGER"])
+@pytest.mark.parametrize("flags", ["DQ_ADD_BESIDE_DK", "DQ_LAG",
+                                   "DQ_LAG+STAGGER"])
 @pytest.mark.parametrize("name, head_dim", [
     ("plain", 128), ("causal_window_softcap_gqa", 64), ("sinks", 128),
     ("dropout_gqa", 64)])
@@ -216,8 +215,7 @@ def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flags,
                                                       deterministic,
                                                       monkeypatch):
   """With each of `mosaic_bwd_rows`' step schedules (the flags named on,
-  the others off; the default is `DQ_LAG+STAGGER`): p computed while
-  dp^T's wgmma runs (`EXP_BESIDE_DP`), dQ added while dK's runs
+  the others off; the default is `DQ_LAG+STAGGER`): dQ added while dK's runs
   (`DQ_ADD_BESIDE_DK`), each step's dQ a step late (`DQ_LAG`), the
   consumers half a step apart (`STAGGER`), its adds in fixed point or
   float32."""
@@ -226,8 +224,7 @@ def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flags,
 
 
 @pytest.mark.parametrize("schedules", [
-    "", "EXP_BESIDE_DP+DQ_ADD_BESIDE_DK", "DQ_LAG+STAGGER",
-    "EXP_BESIDE_DP+DQ_LAG+STAGGER"])
+    "", "DQ_ADD_BESIDE_DK", "DQ_LAG+STAGGER"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mod", ["alibi", "prefix_lm"])
 def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,

@@ -591,56 +591,44 @@ def test_wide_dkv_steps_where_the_split_kernel_serves_d64(
 # The schedules of the Mosaic dK/dV step (`mosaic_bwd_rows`), alone and
 # together: names of its flags that are on (the others off, whatever their
 # defaults); "unlagged" is the fused step before `DQ_LAG`.
-SCHEDULES = {"unlagged": (), "exp": ("EXP_BESIDE_DP",),
-             "dq_add": ("DQ_ADD_BESIDE_DK",),
-             "both": ("EXP_BESIDE_DP", "DQ_ADD_BESIDE_DK"),
-             "lag": ("DQ_LAG",), "stagger": ("DQ_LAG", "STAGGER"),
-             "exp_stagger": ("EXP_BESIDE_DP", "DQ_LAG", "STAGGER")}
+SCHEDULES = {"unlagged": (), "dq_add": ("DQ_ADD_BESIDE_DK",),
+             "lag": ("DQ_LAG",), "stagger": ("DQ_LAG", "STAGGER")}
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("schedule, name, fused", [
-    ("exp", "segments", False), ("exp", "dropout_d64_window", True),
-    ("dq_add", "dropout_d64_window", True),
-    ("both", "causal_fewer_queries", True), ("unlagged", "plain", True),
-    ("lag", "plain", True),
-    ("lag", "dropout_d64_window", True),
-    ("stagger", "causal_fewer_queries", True),
-    ("exp_stagger", "segments", True), ("stagger", "dropout_gqa", True)])
+@pytest.mark.parametrize("schedule, name", [
+    ("dq_add", "dropout_d64_window"), ("dq_add", "causal_fewer_queries"),
+    ("unlagged", "plain"), ("lag", "plain"), ("lag", "dropout_d64_window"),
+    ("stagger", "causal_fewer_queries"), ("stagger", "segments"),
+    ("stagger", "dropout_gqa")])
 def test_step_schedules_match_reference_in_gpu_interpreter(
-    schedule, name, fused, monkeypatch):
-  """`mosaic_bwd_rows.EXP_BESIDE_DP` (each dK/dV step waits for s^T's wgmma
-  only and computes p while dp^T's runs) and `DQ_ADD_BESIDE_DK` (the
-  fused step adds dQ while dK's wgmma runs), `DQ_LAG` (each fused step
-  takes the dQ of the step before; the default, with `STAGGER`: its
-  consumers half a step apart): the split backward (Mosaic dQ) or the
-  fused one in JAX's GPU interpreter, against the reference. The
+    schedule, name, monkeypatch):
+  """`mosaic_bwd_rows.DQ_ADD_BESIDE_DK` (the fused step adds dQ while dK's
+  wgmma runs), `DQ_LAG` (each fused step takes the dQ of the step before;
+  the default, with `STAGGER`: its consumers half a step apart): the fused
+  backward in JAX's GPU interpreter, against the reference. The
   interpreter runs each wgmma at once (it ignores `wait_n`), so this checks
   the step's values; the compiled test below checks the waits."""
-  _check_schedule(schedule, name, fused, monkeypatch, interpreted=True)
+  _check_schedule(schedule, name, monkeypatch, interpreted=True)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("schedule, fused", [
-    ("exp", False), ("exp", True), ("dq_add", True), ("both", True),
-    ("unlagged", True), ("lag", True), ("stagger", True),
-    ("exp_stagger", True)])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("name", ["plain", "segments", "mqa_softcap",
                                   "dropout_gqa", "dropout_d64_window"])
-def test_hopper_step_schedules_match_reference(name, schedule, fused,
-                                               monkeypatch):
+def test_hopper_step_schedules_match_reference(name, schedule, monkeypatch):
   """The same compiled: a wrong wait reads a partial dp^T or dQ."""
-  _check_schedule(schedule, name, fused, monkeypatch, interpreted=False)
+  _check_schedule(schedule, name, monkeypatch, interpreted=False)
 
 
-def _check_schedule(schedule: str, name: str, fused: bool, monkeypatch,
+def _check_schedule(schedule: str, name: str, monkeypatch,
                     interpreted: bool):
   helpers.use_step_schedule(monkeypatch, SCHEDULES[schedule])
   call, shape = _hopper_case(name)
   launch = dataclasses.replace(_mosaic(
-      structure.pad_dim(shape["d"]), call.get("causal", False),
-      dq=not fused), atomic_dq=fused)
+      structure.pad_dim(shape["d"]), call.get("causal", False)),
+      atomic_dq=True)
   with (gpu_interpret.mosaic_on_cpu() if interpreted
         else contextlib.nullcontext()):
     _check(f"schedule {schedule} {name}", call, launch=launch,

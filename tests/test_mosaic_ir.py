@@ -21,7 +21,7 @@ def test_digests_follow_the_kernels_not_the_source(monkeypatch):
   name = "d128_full_fused"
   forward, backward = mosaic_ir.call_digests(name)
   assert mosaic_ir.call_digests(name) == [forward, backward]
-  monkeypatch.setattr(mosaic_bwd_rows, "EXP_BESIDE_DP", True)
+  monkeypatch.setattr(mosaic_bwd_rows, "STAGGER", False)
   changed = mosaic_ir.call_digests(name)
   assert changed[0] == forward and changed[1] != backward
 

@@ -42,15 +42,14 @@ from flexible_attention.kernels.flash.mosaic_numerics import to_fixed_point
 from flexible_attention.kernels.flash.structure import LOG2E
 
 
-# Two schedules of the rows layout's step, off (a profile of the fused
+# A schedule of the rows layout's fused step, off (a profile of the fused
 # backward, D = 128, 16k, put a fifth of its consumers' samples on wgmma
-# waits: benchmarks/flash_notes.md): EXP_BESIDE_DP waits for s^T's wgmma
-# only and computes p while dp^T's runs (on the lagged default below it
-# made the fused backward 1.9-2.3% slower on an H100); DQ_ADD_BESIDE_DK
-# (with dQ; the unlagged step's) issues dK's wgmma after dQ's and adds dQ
-# (fixed point, store, TMA) while dK's runs, instead of after both (the
-# other's ds^T is then waited for behind dV's wgmma only).
-EXP_BESIDE_DP = False
+# waits: benchmarks/flash_notes.md): DQ_ADD_BESIDE_DK issues dK's wgmma
+# after dQ's and adds dQ (fixed point, store, TMA) while dK's runs,
+# instead of after both (the other's ds^T is then waited for behind dV's
+# wgmma only). (Another, the step waiting for s^T's wgmma only and
+# computing p while dp^T's runs, made the lagged fused backward 1.9-2.3%
+# slower on an H100 and was removed; bb0b955 has it as EXP_BESIDE_DP.)
 DQ_ADD_BESIDE_DK = False
 # Two more, for the consumers' meet (the same profile: a third of their
 # barrier waits were for the other's ds^T), on by default: with DQ_LAG (dQ;
@@ -216,28 +215,17 @@ def rows_consumer(r, lo, flo, fhi, hi, w=None):
       return (*probabilities(st, s, r.column(r.stats_smem.at[slot, 0]), vis,
                              score if st.score_mod else None, key), natural)
 
-    if EXP_BESIDE_DP:
-      dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
-
     def transposed_scores(s_ref, dp_ref):  # s^T = k q^T, dp^T = v do^T.
       plgpu.wgmma(s_ref, k_step, r.q_smem.at[slot].transpose((1, 0)))
       plgpu.wgmma(dp_ref, v_step, r.do_smem.at[slot].transpose((1, 0)))
-      if not EXP_BESIDE_DP:
-        return s_ref[...], dp_ref[...]
-      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dp^T's runs on.
-      return softmax(s, vis, mods, q_pos, kv_pos), dp_ref[...]
+      return s_ref[...], dp_ref[...]
 
     score_tiles = [plgpu.ACC((ROWS, bq), jnp.float32)] * 2
-    if EXP_BESIDE_DP:
-      (p, dcap, dmod, natural), dp = pl.run_scoped(transposed_scores,
-                                                   *score_tiles)
-    else:
-      s, dp = pl.run_scoped(transposed_scores, *score_tiles)
+    s, dp = pl.run_scoped(transposed_scores, *score_tiles)
     if lead and w == 0:  # Consumer 1 may start its first step.
       pl.when(n == 0)(lambda: plgpu.barrier_arrive(lead[0]))
-    if not EXP_BESIDE_DP:
-      dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
-      p, dcap, dmod, natural = softmax(s, vis, mods, q_pos, kv_pos)
+    dq_scale, vis, mods, q_pos, kv_pos = step_inputs()
+    p, dcap, dmod, natural = softmax(s, vis, mods, q_pos, kv_pos)
     p_kept = p  # dV's: the kept p (its 1 / (1 - rate) once, at the end).
     if r.drop is not None:  # dp: the gradient of the kept p, scaled.
       keep = r.keep(slot, g, kv_vec)
