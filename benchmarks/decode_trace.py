@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import json
-import tempfile
 
 from absl import app
 from absl import flags
@@ -65,13 +64,7 @@ def _profile(cell: decode.DecodeCell) -> dict:
   call = decode.FedBack(holder, fn, q, k, v)
   wall = timing.median_seconds_each([(call, ())],
                                    repeats=_REPEATS.value)[0] * 1e6
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.block_until_ready(call())
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(_CALLS.value):
-        out = call()
-      jax.block_until_ready(out)
-    events = timing.device_kernel_times(trace_dir)
+  events = timing.traced_kernel_times(call, _CALLS.value)
   kernels = sorted(
       ({"thread": thread, "name": name,
         "per_call": len(durs) / _CALLS.value,

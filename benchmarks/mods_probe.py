@@ -71,7 +71,6 @@ import collections
 import functools
 import json
 import re
-import tempfile
 
 from absl import app
 from absl import flags
@@ -390,13 +389,7 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
 def _kernel_times(fn, args, calls: int) -> dict:
   """`{"thread": {kernel: µs per call}}` of `calls` runs of `fn(*args)`
   under the profiler (the device's lines only)."""
-  jax.block_until_ready(fn(*args))
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(calls):
-        out = fn(*args)
-      jax.block_until_ready(out)
-    events = timing.device_kernel_times(trace_dir)
+  events = timing.traced_kernel_times(lambda: fn(*args), calls)
   threads = collections.defaultdict(dict)
   for (thread, name), durations in events.items():
     threads[thread][name] = sum(durations) / calls

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import tempfile
 
 from absl import app
 from absl import flags
@@ -145,15 +144,12 @@ def main(argv):
   if not error <= TOL:
     raise SystemExit(f"output error {error:.3g} > {TOL}: not profiled")
   if _LIST.value:
-    with tempfile.TemporaryDirectory() as trace_dir:
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        jax.block_until_ready(step(q, k, v, dout))
-      total = collections.Counter()
-      for (_, name), durations in timing.device_kernel_times(
-          trace_dir).items():
-        total[name] += sum(durations)
-      for name, us in total.most_common():
-        print(f"{us:10.1f} us  {name}")
+    total = collections.Counter()
+    for (_, name), durations in timing.traced_kernel_times(
+        lambda: step(q, k, v, dout), 1).items():
+      total[name] += sum(durations)
+    for name, us in total.most_common():
+      print(f"{us:10.1f} us  {name}")
     return
   for _ in range(_RUNS.value):
     jax.block_until_ready(step(q, k, v, dout))

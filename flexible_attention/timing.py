@@ -8,8 +8,8 @@ the programs compared, in a fresh order each round), and report the median
 time of one call.
 
 It also reads a `jax.profiler` trace's device kernels back
-(`device_kernel_times`: where a program's device time goes, for the
-benchmarks' profiles).
+(`device_kernel_times`; `traced_kernel_times` traces a program's calls and
+reads them: where its device time goes, for the benchmarks' profiles).
 
 A leaf module: it imports only the standard library and JAX, so that both
 `mechanisms/` and `comparison/` import it downward.
@@ -26,6 +26,7 @@ import math
 import os
 import random
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -127,6 +128,19 @@ def peak_device_bytes(device: jax.Device | None = None) -> int | None:
   if not stats:
     return None
   return stats.get("peak_bytes_in_use")
+
+
+def traced_kernel_times(fn: Callable[[], Any], calls: int
+                        ) -> dict[tuple[str, str], list[float]]:
+  """`device_kernel_times` of `calls` calls of `fn()` (after one untraced
+  call, its warm-up), each waited for at the end."""
+  jax.block_until_ready(fn())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        out = fn()
+      jax.block_until_ready(out)
+    return device_kernel_times(trace_dir)
 
 
 def device_kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:

@@ -171,6 +171,16 @@ def test_minimum_bytes_counts_fused_inputs_outputs_and_logsumexp():
       4 * (4 * 4096 + 4 * 2048) + 4 * 512)
 
 
+def _causal_visible(b, s, window, ids) -> np.ndarray:
+  """`[B, S, S]`: the mask the semantics builds for a causal call with a
+  sliding window or segment ids."""
+  q = jnp.zeros((b, s, 1, 8))
+  record = fa.canonicalize(
+      q, q, q, causal=True, sliding_window=window,
+      segment_ids=None if ids is None else jnp.asarray(ids))
+  return np.asarray(record.visibility.dense())[:, 0]
+
+
 @pytest.mark.parametrize("window, packed", [(None, False), (37, False),
                                              (None, True)])
 def test_causal_pairs_count_the_visible_pairs(window, packed):
@@ -179,12 +189,7 @@ def test_causal_pairs_count_the_visible_pairs(window, packed):
   s, b = 4096, 2
   ids = cells.packed_segment_ids(b, s, seed=3) if packed else None
   got = cells.causal_pairs(s, window=window, segment_ids=ids)
-  q = jnp.zeros((b, s, 1, 8))
-  record = fa.canonicalize(
-      q, q, q, causal=True, sliding_window=window,
-      segment_ids=None if ids is None else jnp.asarray(ids))
-  visible = np.asarray(record.visibility.dense())  # [B, 1, S, S]
-  assert got == visible.sum() / b
+  assert got == _causal_visible(b, s, window, ids).sum() / b
   assert (got < s * (s + 1) / 2) == (packed or window is not None)
 
 
@@ -198,11 +203,7 @@ def test_visible_tiles_count_the_tiles_with_a_visible_pair(window, packed,
   s, b = 3000, 2  # Packed: 3 and 4 documents.
   ids = cells.packed_segment_ids(b, s, seed=1) if packed else None
   got = cells.visible_tiles(s, *blocks, window=window, segment_ids=ids)
-  q = jnp.zeros((b, s, 1, 8))
-  record = fa.canonicalize(
-      q, q, q, causal=True, sliding_window=window,
-      segment_ids=None if ids is None else jnp.asarray(ids))
-  visible = np.asarray(record.visibility.dense())[:, 0]  # [B, S, S]
+  visible = _causal_visible(b, s, window, ids)
   bq, bk = blocks
   padded = np.pad(visible, ((0, 0), (0, -s % bq), (0, -s % bk)))
   tiles = padded.reshape(b, padded.shape[1] // bq, bq, -1, bk).any((2, 4))
@@ -374,3 +375,17 @@ def test_device_kernel_times_reads_a_perfetto_trace(tmp_path):
   assert timing.device_kernel_times(str(tmp_path)) == {
       ("Stream #14(Compute)", "kernel_a"): [3.0, 5.0],
       ("Stream #14(Compute)", "kernel_b"): [1.5]}
+
+
+def test_traced_kernel_times_traces_the_calls_after_a_warm_up():
+  """`timing.traced_kernel_times` calls the program once untraced, then
+  `calls` times in the trace it reads back (no device lines on a CPU)."""
+  seen = []
+  fn = jax.jit(lambda x: x * 2)
+
+  def call():
+    seen.append(1)
+    return fn(jnp.ones(4))
+
+  assert timing.traced_kernel_times(call, 3) == {}
+  assert len(seen) == 4

@@ -83,24 +83,6 @@ def packed_segment_ids(batch: int, seq_len: int, seed: int) -> np.ndarray:
   return ids
 
 
-def causal_pairs(seq_len: int, *, window: int | None = None,
-                 segment_ids: np.ndarray | None = None) -> float:
-  """The visible (query, key) pairs per batch row of a causal self-attention
-  call of `seq_len` tokens: with a sliding `window` (keys `[i - window,
-  i]`), or with `segment_ids` (`[B, S]`: within each document), the mean
-  over the rows. The useful work a kernel that skips invisible tiles is
-  measured against."""
-  if segment_ids is not None:
-    ids = np.asarray(segment_ids, np.int64)
-    rows = ids.shape[0]
-    _, sizes = np.unique(ids + np.arange(rows)[:, None] * (ids.max() + 1),
-                         return_counts=True)  # Each row's documents.
-    return float((sizes * (sizes + 1) / 2).sum()) / rows
-  if window is not None:
-    return float(np.minimum(np.arange(seq_len), window).sum() + seq_len)
-  return seq_len * (seq_len + 1) / 2
-
-
 def _first_keys(seq_len: int, window: int | None,
                 segment_ids: np.ndarray | None) -> np.ndarray:
   """`[B, S]` (or `[1, S]`): each causal row's first visible key; its last
@@ -114,6 +96,18 @@ def _first_keys(seq_len: int, window: int | None,
   if window is not None:
     return np.maximum(rows - window, 0)[None]
   return np.zeros((1, seq_len), np.int64)
+
+
+def causal_pairs(seq_len: int, *, window: int | None = None,
+                 segment_ids: np.ndarray | None = None) -> float:
+  """The visible (query, key) pairs per batch row of a causal self-attention
+  call of `seq_len` tokens: with a sliding `window` (keys `[i - window,
+  i]`), or with `segment_ids` (`[B, S]`: within each document, each one
+  run of tokens, as `packed_segment_ids` makes them), the mean
+  over the rows. The useful work a kernel that skips invisible tiles is
+  measured against."""
+  first = _first_keys(seq_len, window, segment_ids)
+  return float((np.arange(seq_len) - first + 1).sum()) / first.shape[0]
 
 
 def visible_tiles(seq_len: int, block_q: int, block_k: int, *,
