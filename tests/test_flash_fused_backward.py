@@ -205,12 +205,16 @@ def test_fused_backward_rotates_its_steps_on_long_keys(monkeypatch):
     assert (chosen.atomic_dq, chosen.rotate_dq) == (True, rotate), length
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("flags", ["DQ_ADD_BESIDE_DK", "DQ_LAG",
-                                   "DQ_LAG+STAGGER"])
-@pytest.mark.parametrize("name, head_dim", [
-    ("plain", 128), ("causal_window_softcap_gqa", 64), ("sinks", 128),
-    ("dropout_gqa", 64)])
+# Every schedule with every case once, its adds in fixed point and float32
+# alternately (each schedule meets both, and each case): a covering set of
+# the three factors, not their product.
+@pytest.mark.parametrize("name, head_dim, flags, deterministic", [
+    (name, head_dim, flags, (i + j) % 2 == 0)
+    for i, (name, head_dim) in enumerate([
+        ("plain", 128), ("causal_window_softcap_gqa", 64), ("sinks", 128),
+        ("dropout_gqa", 64)])
+    for j, flags in enumerate([
+        "DQ_ADD_BESIDE_DK", "DQ_LAG", "DQ_LAG+STAGGER"])])
 def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flags,
                                                       deterministic,
                                                       monkeypatch):
@@ -223,10 +227,12 @@ def test_fused_backward_step_schedules_lower_for_cuda(name, head_dim, flags,
   _check_fused_lowering(name, head_dim, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("schedules", [
-    "", "DQ_ADD_BESIDE_DK", "DQ_LAG+STAGGER"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("mod", ["alibi", "prefix_lm"])
+# Each mod with each schedule once, the head sizes alternating (each
+# schedule at both, each mod at both).
+@pytest.mark.parametrize("mod, head_dim, schedules", [
+    (mod, 64 if (i + j) % 2 else 128, schedules)
+    for i, mod in enumerate(["alibi", "prefix_lm"])
+    for j, schedules in enumerate(["", "DQ_ADD_BESIDE_DK", "DQ_LAG+STAGGER"])])
 def test_fused_backward_with_mods_lowers_for_cuda(mod, head_dim,
                                                   schedules, monkeypatch):
   """An explicit fused launch runs ALiBi (a score_mod whose [H] slopes get

@@ -635,17 +635,28 @@ def _check_schedule(schedule: str, name: str, monkeypatch,
            interpret=False, jit=not interpreted, **shape)
 
 
+def _grid_indices(grid, fastest: str):
+  """Every program's grid indices, int32 `[programs]` per axis, in the order
+  CUDA starts them: the grid's `fastest` ("first" or "last") axis fastest."""
+  axes = grid[::-1] if fastest == "first" else grid
+  idx = [a.ravel() for a in np.meshgrid(*map(np.arange, axes), indexing="ij")]
+  return [jnp.asarray(i, jnp.int32) for i in
+          (idx[::-1] if fastest == "first" else idx)]
+
+
+def _programs(named) -> list[tuple[int, int, int]]:
+  return list(zip(*(np.asarray(x).tolist() for x in named)))
+
+
 def _launch_order(order) -> list[tuple[int, int, int]]:
   """`TileOrder`'s `(tile, batch row, head)` per program, in the order CUDA
   starts them (linear index, the grid's first axis fastest), once through
-  the named grid (Mosaic GPU's) and once through grid indices (Triton's)."""
-  programs = []
-  for idx in itertools.product(*map(range, order.grid[::-1])):
-    ids = [jnp.int32(i) for i in idx[::-1]]
-    named = order.program(lambda name: ids[order.names.index(name)])
-    assert [int(x) for x in named] == [int(x) for x in order.at(*ids)]
-    programs.append(tuple(int(x) for x in named))
-  return programs
+  the named grid (Mosaic GPU's) and once through grid indices (Triton's);
+  every program at once, as int32 vectors."""
+  ids = _grid_indices(order.grid, "first")
+  named = order.program(lambda name: ids[order.names.index(name)])
+  assert _programs(named) == _programs(order.at(*ids))
+  return _programs(named)
 
 
 def _mosaic_launch_order(order) -> list[tuple[int, int, int]]:
@@ -654,11 +665,9 @@ def _mosaic_launch_order(order) -> list[tuple[int, int, int]]:
   reverses the grid), so CUDA starts the programs with the last axis
   fastest."""
   mesh = order.mosaic_grid()
-  names, programs = mesh["grid_names"], []
-  for idx in itertools.product(*map(range, mesh["grid"])):  # Last fastest.
-    named = order.program(lambda name: jnp.int32(idx[names.index(name)]))
-    programs.append(tuple(int(x) for x in named))
-  return programs
+  ids = _grid_indices(mesh["grid"], "last")
+  return _programs(order.program(
+      lambda name: ids[mesh["grid_names"].index(name)]))
 
 
 @pytest.mark.parametrize("group", [1, 4])
