@@ -1,25 +1,34 @@
-"""Runs the test suite on every core: one pytest process per test file.
+"""Runs the test suite on every core: pytest processes over the test files.
 
 Most tests compile one XLA program after another, which keeps one core
 busy, so `python -m pytest -q tests` leaves the other cores of a CI machine
 idle. This runs the same files with the same `conftest.py` (each process
-gets its 8 virtual CPU devices), `--workers` at a time (default: the CPUs
-this process may run on, at most `MAX_WORKERS`: each process holds a few
-GiB), the largest files first so that the last ones to start are short.
-On a 2-core machine the suite takes about 520 s this way (jax 0.10.2)
-against 800 s in one process.
-Arguments after the options go to every pytest process (`-k dropout`,
-`-x`). Each file's summary line is printed as it finishes, its whole output
-too if it failed; the exit status is the worst file's (a file whose tests
-`-k` deselects entirely counts as passed).
+gets its 8 virtual CPU devices), `--workers` processes at a time (default:
+the CPUs this process may run on, at most `MAX_WORKERS`: each process holds
+a few GiB).
 
-  python tests/run_suite.py [--workers N] [pytest arguments...]
+The processes start longest first, so that the last ones to start are
+short, by each file's seconds in `suite_durations.json` (as `--record`
+measured them, one process per file; a file it does not list counts as
+the longest, and with no record a file's size ranks it). Each process pays
+2-4 s to start Python and import JAX and the project before its first
+test, so the files that take under `SMALL_SECONDS` share processes of at
+most `PACK_SECONDS` (first fit, longest first). The record only orders and
+packs the files: a stale one makes the suite slower, never skips a test.
+
+Arguments after the options go to every pytest process (`-k dropout`,
+`-x`). Each process's summary line is printed as it finishes, its whole
+output too if it failed; the exit status is the worst process's (one
+whose tests `-k` deselects entirely counts as passed).
+
+  python tests/run_suite.py [--workers N] [--record] [pytest arguments...]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import pathlib
 import re
@@ -28,17 +37,20 @@ import sys
 import time
 
 TESTS = pathlib.Path(__file__).resolve().parent
+DURATIONS = TESTS / "suite_durations.json"
 NO_TESTS_COLLECTED = 5  # pytest's exit status when `-k` deselects a file.
 MAX_WORKERS = 4
+SMALL_SECONDS = 50.0
+PACK_SECONDS = 100.0
 
 
-def _run(path: pathlib.Path, pytest_args: list[str]):
+def _run(paths: list[pathlib.Path], pytest_args: list[str]):
   start = time.monotonic()
   result = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       str(path), *pytest_args],
+       *map(str, paths), *pytest_args],
       cwd=TESTS.parent, capture_output=True, text=True, check=False)
-  return path, result, time.monotonic() - start
+  return paths, result, time.monotonic() - start
 
 
 def _summary(output: str) -> str:
@@ -46,32 +58,71 @@ def _summary(output: str) -> str:
   return lines[-1].strip("= ") if lines else "(no output)"
 
 
+def plan(files: list[pathlib.Path], seconds: dict[str, float],
+         pack: bool = True) -> list[list[pathlib.Path]]:
+  """The pytest processes to run, longest first: lists of files.
+
+  `seconds`: recorded seconds per file name; a file it lacks counts as the
+  longest (with an empty record, files rank by size). With `pack`, the
+  files under `SMALL_SECONDS` share processes of at most `PACK_SECONDS`.
+  """
+  if seconds:
+    longest = max(seconds.values()) + 1.0
+    cost = {f: seconds.get(f.name, longest) for f in files}
+  else:  # Sizes rank the files; nothing is packed.
+    cost = {f: float(f.stat().st_size) for f in files}
+    pack = False
+  order = sorted(files, key=lambda f: (-cost[f], f.name))
+  runs = [[f] for f in order if not pack or cost[f] >= SMALL_SECONDS]
+  packs: list[list[pathlib.Path]] = []
+  for f in (order if pack else []):
+    if cost[f] >= SMALL_SECONDS:
+      continue
+    fits = [p for p in packs
+            if sum(cost[g] for g in p) + cost[f] <= PACK_SECONDS]
+    if fits:
+      fits[0].append(f)
+    else:
+      packs.append([f])
+  return sorted(runs + packs, key=lambda run: -sum(cost[f] for f in run))
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workers", type=int, default=min(
       len(os.sched_getaffinity(0)), MAX_WORKERS))
+  parser.add_argument("--record", action="store_true", help=(
+      f"One process per file; write each file's seconds to {DURATIONS.name}."))
   args, pytest_args = parser.parse_known_args()
-  files = sorted(TESTS.glob("test_*.py"), key=lambda p: -p.stat().st_size)
-  counts, status, start = {}, 0, time.monotonic()
+  seconds = (json.loads(DURATIONS.read_text()) if DURATIONS.exists()
+             else {})
+  runs = plan(sorted(TESTS.glob("test_*.py")), seconds,
+              pack=not args.record)
+  counts, status, start, measured = {}, 0, time.monotonic(), {}
   with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-    runs = [pool.submit(_run, path, pytest_args) for path in files]
-    for run in concurrent.futures.as_completed(runs):
-      path, result, seconds = run.result()
+    futures = [pool.submit(_run, paths, pytest_args) for paths in runs]
+    for future in concurrent.futures.as_completed(futures):
+      paths, result, took = future.result()
       code = 0 if result.returncode == NO_TESTS_COLLECTED else (
           result.returncode)
       summary = _summary(result.stdout + result.stderr)
-      print(f"{path.relative_to(TESTS.parent)}: {summary} ({seconds:.0f} s)",
-            flush=True)
+      names = " ".join(str(p.relative_to(TESTS.parent)) for p in paths)
+      print(f"{names}: {summary} ({took:.0f} s)", flush=True)
       if code:
         print(result.stdout + result.stderr, flush=True)
       status = max(status, code)
       for number, word in re.findall(r"(\d+) (passed|failed|skipped|error)",
                                      summary):
         counts[word] = counts.get(word, 0) + int(number)
+      if len(paths) == 1:
+        measured[paths[0].name] = round(took, 1)
   total = ", ".join(f"{n} {word}" for word, n in sorted(counts.items())
                     ) or "no tests ran"
   print(f"{total} in {time.monotonic() - start:.0f} s over {args.workers} "
-        f"workers", flush=True)
+        f"workers, {len(runs)} processes", flush=True)
+  if args.record:
+    DURATIONS.write_text(json.dumps(dict(sorted(measured.items())),
+                                    indent=1) + "\n")
   return status
 
 
