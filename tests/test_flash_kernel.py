@@ -638,10 +638,10 @@ def _check_schedule(schedule: str, name: str, monkeypatch,
 def _grid_indices(grid, fastest: str):
   """Every program's grid indices, int32 `[programs]` per axis, in the order
   CUDA starts them: the grid's `fastest` ("first" or "last") axis fastest."""
-  axes = grid[::-1] if fastest == "first" else grid
-  idx = [a.ravel() for a in np.meshgrid(*map(np.arange, axes), indexing="ij")]
-  return [jnp.asarray(i, jnp.int32) for i in
-          (idx[::-1] if fastest == "first" else idx)]
+  if fastest == "first":  # The reversed grid's last axis fastest.
+    return _grid_indices(grid[::-1], "last")[::-1]
+  return [jnp.asarray(i.ravel(), jnp.int32) for i in
+          np.meshgrid(*map(np.arange, grid), indexing="ij")]
 
 
 def _programs(named) -> list[tuple[int, int, int]]:
