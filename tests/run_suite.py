@@ -94,6 +94,9 @@ def main() -> int:
   parser.add_argument("--record", action="store_true", help=(
       f"One process per file; write each file's seconds to {DURATIONS.name}."))
   args, pytest_args = parser.parse_known_args()
+  if args.record and pytest_args:
+    parser.error("--record times the whole suite; it takes no pytest "
+                 f"arguments (got {' '.join(pytest_args)})")
   seconds = (json.loads(DURATIONS.read_text()) if DURATIONS.exists()
              else {})
   runs = plan(sorted(TESTS.glob("test_*.py")), seconds,
