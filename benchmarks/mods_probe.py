@@ -62,7 +62,17 @@ launches use at D = 128 from 8k keys, mods included where they fit: below
 variant's forward+backward N times under the profiler and reports the
 microseconds per call of each kernel on each device line: the attention
 kernels against the XLA ops around them (the backward's per-token passes
-cost the same however few pairs are visible).
+cost the same however few pairs are visible). `--features_dq=triton,
+mosaic,fused,fused_any` (Hopper) adds to the features cell plain causal,
+the window and the packed documents with the backward's dQ pinned to each
+path (`flash_kernel.hopper_launch_config`: the split backwards with
+Triton's or Mosaic's dQ kernel, the fused one, and the fused one with
+float32 adds in any order instead of int32 fixed point), their ratios
+taken against the plain causal of the same launch: whether the window's
+and the documents' loss per tile belongs to the default (fused, fixed
+point) backward, whose per-token passes (the fixed-point scales, dQ's
+int32 zeros and conversion) and per-program ends weigh more where a
+program has few tiles.
 """
 
 from __future__ import annotations
@@ -112,6 +122,12 @@ _GROUPS = flags.DEFINE_integer("groups", 4, "features: query heads per KV "
 _WINDOW = flags.DEFINE_integer("window", 1024, "features: the sliding "
                                "window's keys before each query.")
 _SOFTCAP = flags.DEFINE_float("softcap", 30.0, "features: the soft cap.")
+_FEATURES_DQ = flags.DEFINE_list(
+    "features_dq", [], "features: also time plain causal, the window and the "
+    "packed documents with the backward's dQ pinned to each path named "
+    "(`flash_<variant>_<path>`; `triton`, `mosaic`: split backwards, "
+    "`fused`, `fused_any`: the fused one with float32 adds in any order; "
+    "Hopper only), each against its own plain causal.")
 _TRACE = flags.DEFINE_integer(
     "trace", 0, "Then run each timed variant's forward+backward this many "
     "times under `jax.profiler.trace`: microseconds per call of each "
@@ -261,6 +277,20 @@ def _cells(s: int, h: int, d: int, b: int):
       "flash_softcap": (_module("flash", h, d, causal,
                                 logits_soft_cap=_SOFTCAP.value), None,
                         _reference(causal, softcap=_SOFTCAP.value))}
+  for path in _FEATURES_DQ.value:
+    launch = flash_kernel.hopper_launch_config(
+        pad_dim(d), True, dq=path.removesuffix("_any"),
+        deterministic_dq=not path.endswith("_any"))
+    features.update({
+        f"flash_plain_{path}": (_module("flash", h, d, causal,
+                                        launch=launch), None),
+        f"flash_window_{path}": (_module("flash", h, d, causal,
+                                         sliding_window=window,
+                                         launch=launch),
+                                 *features["flash_window"][1:]),
+        f"flash_packed_{path}": (_module("flash", h, d, documents,
+                                         launch=launch),
+                                 *features["flash_packed"][1:])})
   cells["features"] = (_reference(causal), None, features)
   cells = {name: cells[name] for name in _CELLS.value}
   causal_pairs = comparison_cells.causal_pairs(s)
@@ -282,6 +312,15 @@ def _cells(s: int, h: int, d: int, b: int):
                "flash_packed_aligned": tiles(segment_ids=aligned),
                "flash_window": tiles(window=window)}
   return cells, pairs, own_pairs, own_tiles
+
+
+def _pinned(name: str) -> tuple[str, str]:
+  """`(variant, suffix)`: a features variant's name without the `_<path>`
+  of `--features_dq`, and that suffix ("" for the default launch)."""
+  for path in _FEATURES_DQ.value:
+    if name.endswith("_" + path):
+      return name[:-len(path) - 1], "_" + path
+  return name, ""
 
 
 def _part(x, heads, axis):
@@ -370,17 +409,21 @@ def _measure(s: int, h: int, d: int, tokens: int) -> dict:
                                 _TRACE.value)
             for name, _, forward_backward, extra in calls}
     row["pairs_over_causal"] = pairs[cell] / pairs["mod_cost"]
-    # Time per visible pair over plain flash's (at most 1: no loss).
-    base = row["fwd_bwd_ms"].get("flash_plain")
+    # Time per visible pair over plain flash's (at most 1: no loss); a
+    # variant with a pinned dQ path over the plain one with that path.
+    times = row["fwd_bwd_ms"]
+    plains = {name: times.get("flash_plain" + _pinned(name)[1])
+              for name in times}
     row["useful_ratio"] = {
-        name: ms / own_pairs.get(name, pairs[cell]) / (
-            base / pairs["mod_cost"]) for name, ms in row["fwd_bwd_ms"].items()
-    } if base else {}
-    if cell == "features" and base:  # Time per visible tile, likewise.
+        name: ms / own_pairs.get(_pinned(name)[0], pairs[cell]) / (
+            plains[name] / pairs["mod_cost"])
+        for name, ms in times.items() if plains[name]}
+    if cell == "features":  # Time per visible tile, likewise.
       plain = own_tiles["flash_plain"]
       row["tile_ratio"] = {
-          name: ms / own_tiles.get(name, plain) / (base / plain)
-          for name, ms in row["fwd_bwd_ms"].items()}
+          name: ms / own_tiles.get(_pinned(name)[0], plain) / (
+              plains[name] / plain)
+          for name, ms in times.items() if plains[name]}
     rows[cell] = row
     print(json.dumps({"cell": cell, **row}), flush=True)
   return rows
