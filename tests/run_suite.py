@@ -72,18 +72,18 @@ def plan(files: list[pathlib.Path], seconds: dict[str, float],
   else:  # Sizes rank the files; nothing is packed.
     cost = {f: float(f.stat().st_size) for f in files}
     pack = False
-  order = sorted(files, key=lambda f: (-cost[f], f.name))
-  runs = [[f] for f in order if not pack or cost[f] >= SMALL_SECONDS]
+  runs: list[list[pathlib.Path]] = []
   packs: list[list[pathlib.Path]] = []
-  for f in (order if pack else []):
-    if cost[f] >= SMALL_SECONDS:
+  for f in sorted(files, key=lambda f: (-cost[f], f.name)):
+    if not pack or cost[f] >= SMALL_SECONDS:
+      runs.append([f])
       continue
-    fits = [p for p in packs
-            if sum(cost[g] for g in p) + cost[f] <= PACK_SECONDS]
-    if fits:
-      fits[0].append(f)
-    else:
+    fit = next((p for p in packs
+                if sum(cost[g] for g in p) + cost[f] <= PACK_SECONDS), None)
+    if fit is None:
       packs.append([f])
+    else:
+      fit.append(f)
   return sorted(runs + packs, key=lambda run: -sum(cost[f] for f in run))
 
 
