@@ -8,9 +8,10 @@ the CPUs this process may run on, at most `MAX_WORKERS`: each process holds
 a few GiB).
 
 The processes start longest first, so that the last ones to start are
-short, by each file's seconds in `suite_durations.json` (as `--record`
-measured them, one process per file; a file it does not list counts as
-the longest, and with no record a file's size ranks it). Each process pays
+short, by each file's seconds in `suite_durations.json` under the
+installed jaxlib's version (as `--record` measured them, one process per
+file; a file it does not list counts as the longest, and without a record
+for the version a file's size ranks it, nothing packed). Each process pays
 2-4 s to start Python and import JAX and the project before its first
 test, so the files that take under `SMALL_SECONDS` share processes of at
 most `PACK_SECONDS` (first fit, longest first). The record only orders and
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -56,6 +58,13 @@ def _run(paths: list[pathlib.Path], pytest_args: list[str]):
 def _summary(output: str) -> str:
   lines = [line for line in output.splitlines() if line.strip()]
   return lines[-1].strip("= ") if lines else "(no output)"
+
+
+def jax_version() -> str:
+  """The installed jaxlib's "major.minor", the key of its record (jax 0.11
+  runs the Mosaic GPU kernels in its interpreter, so its files take other
+  times), read without importing jax."""
+  return ".".join(importlib.metadata.version("jaxlib").split(".")[:2])
 
 
 def plan(files: list[pathlib.Path], seconds: dict[str, float],
@@ -97,8 +106,8 @@ def main() -> int:
   if args.record and pytest_args:
     parser.error("--record times the whole suite; it takes no pytest "
                  f"arguments (got {' '.join(pytest_args)})")
-  seconds = (json.loads(DURATIONS.read_text()) if DURATIONS.exists()
-             else {})
+  records = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+  seconds = records.get(jax_version(), {})
   runs = plan(sorted(TESTS.glob("test_*.py")), seconds,
               pack=not args.record)
   counts, status, start, measured = {}, 0, time.monotonic(), {}
@@ -124,8 +133,8 @@ def main() -> int:
   print(f"{total} in {time.monotonic() - start:.0f} s over {args.workers} "
         f"workers, {len(runs)} processes", flush=True)
   if args.record:
-    DURATIONS.write_text(json.dumps(dict(sorted(measured.items())),
-                                    indent=1) + "\n")
+    records[jax_version()] = dict(sorted(measured.items()))
+    DURATIONS.write_text(json.dumps(records, indent=1) + "\n")
   return status
 
 
