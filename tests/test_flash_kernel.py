@@ -524,43 +524,49 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
 
 
 # `mosaic_common.WIDE_DKV_STEPS`: the split dK/dV kernel at D = 64 in steps
-# of 128 query rows; the cases at D = 64 (causal with empty rows, a window
-# with dropout, segments with grouped heads, MQA with a soft cap).
-WIDE_CASES = ("causal_empty_rows", "dropout_d64_window", "segments",
-              "mqa_softcap")
+# of 128 query rows (the default) and of 64 (off); the cases at D = 64
+# (causal with empty rows, a window with dropout, segments with grouped
+# heads, MQA with a soft cap).
+STEPS_CASES = [(name, wide) for name in (
+    "causal_empty_rows", "dropout_d64_window", "segments", "mqa_softcap")
+               for wide in (True, False)]
+STEPS_IDS = [f"{name}-{'wide' if wide else 'narrow'}"
+             for name, wide in STEPS_CASES]
 
 
-def _wide_case(name, monkeypatch):
-  """`(call, shape, launch)` of a `WIDE_CASES` case at D = 64 with the wide
-  steps on: the Mosaic kernels, dQ by `mosaic_dq` (`_mosaic`)."""
-  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", True)
+def _steps_case(name, wide, monkeypatch):
+  """`(call, shape, launch)` of a `STEPS_CASES` case at D = 64 with the
+  wide steps on or off: the Mosaic kernels, dQ by `mosaic_dq` (`_mosaic`)."""
+  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", wide)
   call, shape = _hopper_case(name)
   shape["d"] = 64
   launch = _mosaic(64, call.get("causal", False), dq=True)
-  assert launch.dkv.block_q == mosaic_common.WIDE_DKV_BLOCK_Q
+  assert launch.dkv.block_q == (mosaic_common.WIDE_DKV_BLOCK_Q if wide else
+                                mosaic_common.DKV_BLOCK_Q)
   return call, shape, launch
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("name", WIDE_CASES)
-def test_wide_dkv_steps_match_reference_in_gpu_interpreter(name,
-                                                           monkeypatch):
-  """The dK/dV kernel's 128-row steps at D = 64 in JAX's GPU interpreter:
-  out and the gradients of q, k, v against the float32 reference."""
-  call, shape, launch = _wide_case(name, monkeypatch)
+@pytest.mark.parametrize("name, wide", STEPS_CASES, ids=STEPS_IDS)
+def test_d64_dkv_steps_match_reference_in_gpu_interpreter(name, wide,
+                                                          monkeypatch):
+  """The dK/dV kernel's 128- and 64-row steps at D = 64 in JAX's GPU
+  interpreter: out and the gradients of q, k, v against the float32
+  reference."""
+  call, shape, launch = _steps_case(name, wide, monkeypatch)
   with gpu_interpret.mosaic_on_cpu():
-    _check(f"interpreted wide {name}", call, launch=launch, interpret=False,
-           jit=False, **shape)
+    _check(f"interpreted d64 steps {name} {wide}", call, launch=launch,
+           interpret=False, jit=False, **shape)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("name", WIDE_CASES)
-def test_hopper_wide_dkv_steps_match_reference(name, monkeypatch):
+@pytest.mark.parametrize("name, wide", STEPS_CASES, ids=STEPS_IDS)
+def test_hopper_d64_dkv_steps_match_reference(name, wide, monkeypatch):
   """As the interpreter's test, compiled: registers and waits included."""
-  call, shape, launch = _wide_case(name, monkeypatch)
-  _check(f"hopper wide {name}", call, launch=launch, interpret=False,
-         **shape)
+  call, shape, launch = _steps_case(name, wide, monkeypatch)
+  _check(f"hopper d64 steps {name} {wide}", call, launch=launch,
+         interpret=False, **shape)
 
 
 @pytest.mark.parametrize("wide, head_dim, options, rows", [
@@ -570,10 +576,10 @@ def test_hopper_wide_dkv_steps_match_reference(name, monkeypatch):
      64)], ids=["off", "d64", "d128", "mods", "fused"])
 def test_wide_dkv_steps_where_the_split_kernel_serves_d64(
     wide, head_dim, options, rows, monkeypatch):
-  """`WIDE_DKV_STEPS` widens the dK/dV kernel's steps at D = 64 only, and
-  neither with mods nor in the fused backward; the default launches and
-  the bounds table follow it (the dK/dV kernel refuses a launch whose rows
-  are not its own)."""
+  """`WIDE_DKV_STEPS` (on by default) widens the dK/dV kernel's steps at
+  D = 64 only, and neither with mods nor in the fused backward; the default
+  launches and the bounds table follow it (the dK/dV kernel refuses a
+  launch whose rows are not its own)."""
   monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", wide)
   monkeypatch.setattr(gpu, "compute_capability", lambda: 9.0)
   launch = options.pop("launch", None)

@@ -26,11 +26,11 @@ def test_digests_follow_the_kernels_not_the_source(monkeypatch):
   assert changed[0] == forward and changed[1] != backward
 
 
-def test_wide_dkv_steps_lower_and_change_the_dkv_kernel_only(monkeypatch):
-  """`mosaic_common.WIDE_DKV_STEPS` (128-row steps at D = 64): the dK/dV
-  kernel lowers for CUDA with them, and the forward and dQ kernels of the
-  call are the ones without."""
+def test_narrow_dkv_steps_lower_and_change_the_dkv_kernel_only(monkeypatch):
+  """`mosaic_common.WIDE_DKV_STEPS` off (64-row steps at D = 64, the
+  default's 128): the dK/dV kernel lowers for CUDA with them, and the
+  forward and dQ kernels of the call are the default's."""
   forward, dkv, dq = mosaic_ir.call_digests("d64_causal")
-  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", True)
-  wide = mosaic_ir.call_digests("d64_causal")
-  assert wide[0] == forward and wide[2] == dq and wide[1] != dkv
+  monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", False)
+  narrow = mosaic_ir.call_digests("d64_causal")
+  assert narrow[0] == forward and narrow[2] == dq and narrow[1] != dkv

@@ -120,23 +120,26 @@ def unsupported_reason(*, dtype, head_dim: int, value_dim: int,
 
 DKV_BLOCK_Q = 64  # Query rows per step: `[64, 64]` score tiles.
 SPLIT_HEAD_DIM = 256  # From here on the consumers split dK/dV's columns.
-# With WIDE_DKV_STEPS the split dK/dV kernel at Dp = 64 takes steps of
-# WIDE_DKV_BLOCK_Q query rows (`dkv_block_q`): `[64, 128]` score tiles, so
-# that each step's waits and barriers serve twice the matmuls, whose N
-# reaches the forward's 128 (at Dp = 64 a step's matmuls are half those
-# of Dp = 128's; the tiles hold the registers Dp = 128's dK and dV take
-# there). Off until timed on a GPU (benchmarks/flash_notes.md).
-WIDE_DKV_STEPS = False
+# With WIDE_DKV_STEPS (the default) the split dK/dV kernel at Dp = 64 takes
+# steps of WIDE_DKV_BLOCK_Q query rows (`dkv_block_q`): `[64, 128]` score
+# tiles, so that each step's waits and barriers serve twice the matmuls,
+# whose N reaches the forward's 128 (at Dp = 64 a step's matmuls are half
+# those of Dp = 128's; the tiles hold the registers Dp = 128's dK and dV
+# take there). On an H100 (jax 0.11.2, bf16, B * S = 16k, H = 32) the
+# backward took 0.92-0.97x the 64-row steps' time in each of 8 cells (S =
+# 1k to 16k, causal and full; benchmarks/flash_notes.md); False keeps
+# 64-row steps, as the fused backward and calls with mods always do.
+WIDE_DKV_STEPS = True
 WIDE_DKV_BLOCK_Q = 128
 
 
 def dkv_block_q(head_dim: int, *, fused: bool = False,
                 mods: bool = False) -> int:
   """Query rows per step of the dK/dV kernel at a padded head size: 64, or
-  with `WIDE_DKV_STEPS` `WIDE_DKV_BLOCK_Q` at Dp = 64 for calls without
-  mods (a split score_mod's key terms are per 64 rows) in the split
-  backward (`fused`: the fused one's exchange buffers and dQ tiles would
-  not fit twice the rows)."""
+  with `WIDE_DKV_STEPS` (the default) `WIDE_DKV_BLOCK_Q` at Dp = 64 for
+  calls without mods (a split score_mod's key terms are per 64 rows) in
+  the split backward (`fused`: the fused one's exchange buffers and dQ
+  tiles would not fit twice the rows)."""
   if WIDE_DKV_STEPS and head_dim == 64 and not fused and not mods:
     return WIDE_DKV_BLOCK_Q
   return DKV_BLOCK_Q
