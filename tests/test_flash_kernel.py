@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 
 import flexible_attention as fa
+from flexible_attention.comparison import cells as comparison_cells
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import launch as flash_launch
@@ -420,6 +421,75 @@ def test_snake_work_order_runs_each_item_once_and_balances(
     assert max(work) / np.mean(work) < 1.003, (max(work), np.mean(work))
 
 
+def _documents_work(tiles: int, seed: int = 0) -> np.ndarray:
+  """Key tiles per query tile of causal packed documents (128-token tiles;
+  `comparison.cells.packed_segment_ids`): each tile's first row's document
+  start to its last row."""
+  ids = np.asarray(comparison_cells.packed_segment_ids(1, tiles * 128,
+                                                       seed=seed))[0]
+  starts = np.searchsorted(ids, ids[::128])  # Each tile's first document.
+  return np.arange(tiles) - starts // 128 + 1
+
+
+@pytest.mark.parametrize("batch,heads,tiles,causal,cores", [
+    (1, 16, 128, True, 132), (1, 16, 128, True, 20), (2, 3, 5, False, 4),
+    (1, 4, 7, True, 3)])
+def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
+                                                 cores):
+  """`WorkOrder(ranked=True)` with `ranked_bounds`: every (tile, batch row,
+  head) once, dealt by rank; on packed documents' tiles (work not growing
+  with the index) the busiest program within 3% of the mean at 16 heads
+  and 132 programs, where the order by index leaves it 25% over."""
+  work = np.stack([_documents_work(tiles, seed=b) for b in range(batch)])
+  bounds = np.zeros((batch, tiles, 4), np.int32)
+  bounds[..., 3] = work  # lo = 0, hi = the tile's key tiles.
+  table = np.asarray(mosaic_common.ranked_bounds(
+      mosaic_common.pad_bounds(jnp.asarray(bounds))))
+  loads = {}
+  for ranked in (True, False):
+    order = mosaic_common.WorkOrder(batch, heads, tiles, causal, cores,
+                                    ranked=ranked)
+    assert order.snakes == (mosaic_common.SNAKE_PROGRAMS_PER_HEAD * batch
+                            * heads <= cores)
+    seen, load = [], []
+    for p in range(order.programs):
+      items = [tuple(map(int, order.item(jnp.int32(p), jnp.int32(n))))
+               for n in range(int(order.count(jnp.int32(p))))]
+      if ranked:  # The row of rank r names its tile.
+        items = [(table[b, r, mosaic_common.TILE_COLUMN], b, h)
+                 for r, b, h in items]
+      seen += items
+      load.append(sum(work[b, t] for t, b, _ in items))
+    assert sorted(seen) == sorted(itertools.product(
+        range(tiles), range(batch), range(heads)))
+    loads[ranked] = max(load) / np.mean(load)
+  # Sorted by work, most first, each row keeping its own bounds.
+  ranked_work = table[..., 3] - table[..., 0]
+  assert (np.diff(ranked_work, axis=1) <= 0).all()
+  np.testing.assert_array_equal(np.take_along_axis(
+      work, table[..., mosaic_common.TILE_COLUMN], 1), ranked_work)
+  if tiles == 128 and cores == 132:
+    assert loads[True] < 1.03 < 1.25 < loads[False], loads
+
+
+def test_ranked_order_follows_the_structure(monkeypatch):
+  """`ranked_order`: with `RANKED_ORDER`, calls with segment ids or a
+  mask_mod; never plain causal or a window (whose tiles' work the index
+  already orders)."""
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  ids = jnp.zeros((1, 256), jnp.int32)
+  calls = {"causal": dict(causal=True), "window": dict(sliding_window=(8, 0)),
+           "segments": dict(segment_ids=ids, causal=True),
+           "mask_mod": dict(mask_mod=lambda b, h, i, j: i >= j)}
+  for on in (False, True):
+    monkeypatch.setattr(mosaic_common, "RANKED_ORDER", on)
+    ranked = {name: mosaic_common.ranked_order(flash_kernel.prepare(
+        fa.canonicalize(q, q, q, **call), sm_scale=0.1).static)
+              for name, call in calls.items()}
+    assert ranked == {"causal": False, "window": False, "segments": on,
+                      "mask_mod": on}, ranked
+
+
 @pytest.mark.parametrize("batch,heads,tiles,causal,snakes", [
     (1, 16, 128, True, True), (1, 32, 128, True, True),
     (2, 16, 64, True, True), (4, 16, 32, True, False),
@@ -450,6 +520,47 @@ def test_persistent_forward_in_the_snake_order_in_gpu_interpreter(
   with gpu_interpret.mosaic_on_cpu():
     _check(f"interpreted snake {name}", call, launch=launch,
            interpret=False, jit=False, **shape)
+
+
+# `mosaic_common.RANKED_ORDER`: the forward's query tiles dealt by rank
+# (`WorkOrder.ranked`), segments with grouped heads on 3 programs (8 items
+# each): in the snake and in the chunks, causal and not.
+RANKED_CASES = {"snake": (True, 0), "chunks": (True, 1000),
+                "bidirectional": (False, 1000)}
+
+
+def _ranked_case(variant, monkeypatch):
+  """`(call, shape, launch)` of a `RANKED_CASES` variant: the Mosaic
+  kernels, dQ by `mosaic_dq`."""
+  causal, per_head = RANKED_CASES[variant]
+  monkeypatch.setattr(gpu, "core_count", lambda: 3)
+  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", per_head)
+  monkeypatch.setattr(mosaic_common, "RANKED_ORDER", True)
+  call, shape = _hopper_case("segments")
+  call = dict(call, causal=causal)
+  return call, shape, _mosaic(structure.pad_dim(shape["d"]), causal, dq=True)
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("variant", RANKED_CASES)
+def test_persistent_forward_by_rank_in_gpu_interpreter(variant, monkeypatch):
+  """The persistent forward with its query tiles dealt by rank: each item's
+  tile read from its bounds row (a ring of 3 rows), out and grads against
+  the reference."""
+  call, shape, launch = _ranked_case(variant, monkeypatch)
+  with gpu_interpret.mosaic_on_cpu():
+    _check(f"interpreted ranked {variant}", call, launch=launch,
+           interpret=False, jit=False, **shape)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("variant", RANKED_CASES)
+def test_hopper_persistent_forward_by_rank(variant, monkeypatch):
+  """As the interpreter's test, compiled."""
+  call, shape, launch = _ranked_case(variant, monkeypatch)
+  _check(f"hopper ranked {variant}", call, launch=launch, interpret=False,
+         **shape)
 
 
 # Cases of several items a program (3 multiprocessors): empty query tiles,

@@ -34,3 +34,14 @@ def test_narrow_dkv_steps_lower_and_change_the_dkv_kernel_only(monkeypatch):
   monkeypatch.setattr(mosaic_common, "WIDE_DKV_STEPS", False)
   narrow = mosaic_ir.call_digests("d64_causal")
   assert narrow[0] == forward and narrow[2] == dq and narrow[1] != dkv
+
+
+def test_ranked_order_lowers_and_changes_the_forward_only(monkeypatch):
+  """`mosaic_common.RANKED_ORDER` (the forward's tiles by rank, with segment
+  ids): the forward lowers for CUDA with it and the backward's kernels are
+  the ones without."""
+  name = "d128_segments_dropout"
+  forward, *backward = mosaic_ir.call_digests(name)
+  monkeypatch.setattr(mosaic_common, "RANKED_ORDER", True)
+  ranked, *ranked_backward = mosaic_ir.call_digests(name)
+  assert ranked != forward and ranked_backward == backward

@@ -262,6 +262,27 @@ def pad_bounds(bounds, seed=None):
   return jnp.pad(bounds, ((0, 0), (0, 0), (0, BOUNDS_ROW - bounds.shape[-1])))
 
 
+TILE_COLUMN = BOUNDS_ROW - 1  # A ranked bounds row's tile (`ranked_bounds`).
+
+
+def ranked_bounds(bounds):
+  """A padded bounds table `[B, nq, BOUNDS_ROW]` (`pad_bounds`) with each
+  batch row's tiles sorted by their key tiles `hi - lo`, most first (ties
+  by tile), and each row's tile in its `TILE_COLUMN`: row `r` of batch row
+  b is the tile of rank r (`WorkOrder.ranked`)."""
+  work = bounds[..., 3] - bounds[..., 0]
+  ranks = jnp.argsort(-work, axis=1, stable=True).astype(jnp.int32)
+  rows = jnp.take_along_axis(bounds, ranks[..., None], axis=1)
+  return rows.at[..., TILE_COLUMN].set(ranks)
+
+
+def ranked_order(st) -> bool:
+  """Whether the persistent forward deals a call's query tiles by rank
+  (`WorkOrder.ranked`): with `RANKED_ORDER`, where segment ids or a
+  mask_mod make a tile's work other than its index says."""
+  return RANKED_ORDER and (st.segments or st.mask_mod)
+
+
 def bounds_count(st) -> int:
   """The scalars a program reads from its bounds row: the 4 bounds, then
   with dropout the seed's 4 words (`pad_bounds`)."""
@@ -490,6 +511,10 @@ def query_tile_kernel(body, out_type, order: TileOrder):
 # every head's K and V (about one program a head) and L2 no longer serves
 # them.
 SNAKE_PROGRAMS_PER_HEAD = 4
+# The forward's query tiles dealt by rank where the structure makes their
+# work uneven (`ranked_order`). Off until timed on a GPU
+# (benchmarks/flash_notes.md).
+RANKED_ORDER = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,6 +541,16 @@ class WorkOrder:
     (tile t costing t + 1 key tiles). The programs running at once work on
     all heads, each head's K and V shared by P / (B H) of them in L2.
 
+  Both assume that a causal tile's work grows with its index. Where the
+  structure says otherwise (packed documents, a mask_mod's blocks), with
+  `ranked` the orders place a batch row's tiles by rank instead, rank 0
+  the heaviest (`ranked_bounds`: the bounds table sorted by each tile's
+  key tiles, whose rows then name their tile), and deal them as a causal
+  call's, under or without a causal mask: where tile `nq - 1 - r` would
+  go, rank `r` goes. At 16k tokens of packed documents (16 heads, 132
+  programs) the snake left its busiest program 1.28-1.40x the mean work;
+  by rank 1.01-1.02x.
+
   One program per multiprocessor (`cores`; every chunk its own program
   where it is None). Items of `[0, count(p))` of a program are numbered n.
   """
@@ -525,18 +560,25 @@ class WorkOrder:
   causal: bool
   cores: int | None = None
   snake: bool | None = None  # None: `SNAKE_PROGRAMS_PER_HEAD`'s rule.
+  ranked: bool = False
+
+  @property
+  def heavy_first(self) -> bool:
+    """Whether a tile's work is known to fall with its rank (causal, or
+    `ranked`), which both orders balance."""
+    return self.causal or self.ranked
 
   @property
   def snakes(self) -> bool:
     """Whether the items go in the snake order."""
-    if not self.causal or self.snake is False:
+    if not self.heavy_first or self.snake is False:
       return False
     return self.snake or (self.cores is not None and SNAKE_PROGRAMS_PER_HEAD
                           * self.batch * self.heads <= self.cores)
 
   @property
   def per_chunk(self) -> int:
-    return 2 if self.causal and not self.snakes else 1
+    return 2 if self.heavy_first and not self.snakes else 1
 
   @property
   def items(self) -> int:
@@ -566,15 +608,21 @@ class WorkOrder:
     return n
 
   def item(self, p, n):
-    """`(tile, batch, head)` of program `p`'s `n`-th item (int32 scalars)."""
+    """`(tile, batch, head)` of program `p`'s `n`-th item (int32 scalars);
+    with `ranked` `(rank, batch, head)`: the item's row of the ranked
+    bounds table, which names its tile."""
     if self.snakes:
       g = n * self.programs + self._position(p, n)
       level, bh = g // (self.batch * self.heads), g % (self.batch * self.heads)
-      return self.tiles - 1 - level, bh // self.heads, bh % self.heads
+      tile = level if self.ranked else self.tiles - 1 - level
+      return tile, bh // self.heads, bh % self.heads
     per = self.per_chunk
     j = (p + n // per * self.programs) * per + n % per
     bh, r = j // self.tiles, j % self.tiles
-    tile = jnp.where(r % 2 == 0, self.tiles - 1 - r // 2, r // 2)
+    if self.ranked:  # The heavy one (by rank) first.
+      tile = jnp.where(r % 2 == 0, r // 2, self.tiles - 1 - r // 2)
+    else:  # By tile: the heavy one last.
+      tile = jnp.where(r % 2 == 0, self.tiles - 1 - r // 2, r // 2)
     return tile, bh // self.heads, bh % self.heads
 
 

@@ -9,9 +9,11 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
   tiles of `BLOCK_Q` rows one after another in the order
   `mosaic_common.WorkOrder` gives (head by head, a heavy causal tile beside
   its light mirror; or, for causal calls of few heads, single tiles
-  heaviest first over all heads), the next tile's bounds, query rows and
-  values fetched during this one, so that a short call does not pay each
-  tile's start, loads and store in sequence;
+  heaviest first over all heads; with `mosaic_common.RANKED_ORDER`, for
+  packed documents and mask_mods, by each tile's work, read from its
+  bounds row), the next tile's bounds, query rows and values fetched
+  during this one, so that a short call does not pay each tile's start,
+  loads and store in sequence;
 - three warpgroups per program: a producer that streams K, V (and the keys'
   structure vectors) of every tile the program runs into a ring of
   shared-memory slots with TMA, and two consumers of 64 query rows each
@@ -65,6 +67,7 @@ from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SINK_ROW
 from flexible_attention.kernels.flash.mosaic_common import STAGES
+from flexible_attention.kernels.flash.mosaic_common import TILE_COLUMN
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
 from flexible_attention.kernels.flash.mosaic_common import WorkOrder
 from flexible_attention.kernels.flash.mosaic_common import block_k
@@ -79,6 +82,8 @@ from flexible_attention.kernels.flash.mosaic_common import meet
 from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import persistent_kernel
 from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
+from flexible_attention.kernels.flash.mosaic_common import ranked_bounds
+from flexible_attention.kernels.flash.mosaic_common import ranked_order
 from flexible_attention.kernels.flash.mosaic_common import stream_tiles
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
@@ -132,28 +137,41 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
   program, wg = lax.axis_index("p"), lax.axis_index("wg")
   count = order.count(program)
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
+  # Each warpgroup's bounds rows: a ring of 2 (the next item's arrives
+  # during this one), of 3 by rank (the consumers read the next item's
+  # tile at this one's first scores, so it is fetched an item earlier).
+  ring = 3 if order.ranked else 2
+  ranked_tile = lambda n: bounds_smem[wg * ring + lax.rem(n, ring),
+                                      TILE_COLUMN]
 
-  def fetch_bounds(n):  # Item n's bounds row, into row n % 2 of this wg's.
+  def fetch_bounds(n):  # Item n's bounds row, into row n % ring of this wg's.
     tile, batch, _ = order.item(program, n)
-    row = wg * 2 + lax.rem(n, 2)
+    row = wg * ring + lax.rem(n, ring)
     plgpu.copy_gmem_to_smem(bounds_ref.at[batch, tile], bounds_smem.at[row],
                             bounds_ready.at[row])
 
-  def read_bounds(n):  # `(lo, flo, fhi, hi, *seed)`; fetches item n + 1's.
-    row = wg * 2 + lax.rem(n, 2)
-    plgpu.barrier_wait(bounds_ready.at[row])
+  def read_bounds(n, wait: bool = True):  # `(lo, flo, fhi, hi, *seed)`;
+    # fetches item n + ring - 1's (`wait`: its row's wait is still due).
+    row = wg * ring + lax.rem(n, ring)
+    if wait:
+      plgpu.barrier_wait(bounds_ready.at[row])
     values = tuple(bounds_smem[row, i] for i in range(bounds_count(st)))
-    pl.when(n + 1 < count)(functools.partial(fetch_bounds, n + 1))
+    pl.when(n + (ring - 1) < count)(functools.partial(fetch_bounds,
+                                                      n + (ring - 1)))
     return values
 
   fetch_bounds(0)
+  if order.ranked:
+    pl.when(1 < count)(functools.partial(fetch_bounds, 1))
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
 
-    def fetch(n, buf):  # Item n's query rows and values into buffer `buf`.
-      tile, batch, head = order.item(program, n)
+    def fetch(n, buf, tile=None):  # Item n's query rows and values into
+      # buffer `buf`; by rank `tile` is its tile (from its bounds row).
+      rank_or_tile, batch, head = order.item(program, n)
+      tile = rank_or_tile if tile is None else tile
       rows = tile * BLOCK_Q + wg * ROWS
       i = buf * CONSUMERS + wg
       plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(rows, ROWS), head],
@@ -166,22 +184,38 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         plgpu.copy_gmem_to_smem(sink_ref.at[head], sink_smem.at[i],
                                 sink_ready.at[i])
 
+    # By rank with two buffers, an item's bounds row is waited for where
+    # its tile is first needed: before its query rows are fetched.
+    early = order.ranked and buffers == 2
+
+    def fetch_ranked(n):  # Item n's query rows, n >= 1 (`early`).
+      plgpu.barrier_wait(bounds_ready.at[wg * ring + lax.rem(n, ring)])
+      fetch(n, lax.rem(n, 2), ranked_tile(n))
+
     def prefetch(n):  # At item n's first scores (two buffers): item n - 1's
       # stores (its output, from the buffer item n + 1 takes, and its lse,
       # whose row item n rewrites) have left shared memory.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2)))
+      if early:
+        pl.when(n + 1 < count)(functools.partial(fetch_ranked, n + 1))
+      else:
+        pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2)))
 
-    if buffers == 2:
+    if early:
+      plgpu.barrier_wait(bounds_ready.at[wg * ring])
+      fetch(0, 0, ranked_tile(0))
+    elif buffers == 2:
       fetch(0, 0)
 
     def item(n, base):
       tile, batch, head = order.item(program, n)
-      lo, flo, fhi, hi, *seed = read_bounds(n)
+      lo, flo, fhi, hi, *seed = read_bounds(n, wait=not early)
+      if order.ranked:
+        tile = ranked_tile(n)
       drop = TileDropout(st, seed, batch) if seed else None
       if buffers == 1:  # The last item's output has left the buffer.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        fetch(n, 0)
+        fetch(n, 0, tile if order.ranked else None)
       i = (lax.rem(n, 2) if buffers == 2 else 0) * CONSUMERS + wg
       release = functools.partial(prefetch, n) if buffers == 2 else None
       q_tile = q_smem.at[i]
@@ -351,6 +385,9 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
   swizzled = wgmma_transforms(q.dtype)
   nqv, nkv = q_vectors.shape[1], kv_vectors.shape[1]
   bounds = pad_bounds(bounds, seed)
+  ranked = ranked_order(st)
+  if ranked:  # Rows by rank, each naming its tile.
+    bounds = ranked_bounds(bounds)
   # A split score_mod (not with sinks, whose logit the row term would move).
   split = sinks is None and split_slot(st.mods, st.causal) is not None
 
@@ -358,7 +395,9 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
   sink_rows = None if sinks is None else jnp.pad(
       (sinks.astype(jnp.float32) * LOG2E)[:, None], ((0, 0), (0, SINK_ROW - 1)))
 
-  order = WorkOrder(batch, heads, nq, st.causal, gpu.core_count())
+  order = WorkOrder(batch, heads, nq, st.causal, gpu.core_count(),
+                    ranked=ranked)
+  ring = 3 if ranked else 2  # Each warpgroup's bounds rows (`_kernel`).
   buffers = 2 if d <= 128 else 1  # Two don't fit at Dp = 256.
   copies = buffers * CONSUMERS  # Consumer wg's rows in buffer b: b * 2 + wg.
 
@@ -375,7 +414,7 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
         plgpu.SMEM((STAGES, bk, d), v.dtype, transforms=swizzled),
         plgpu.SMEM((copies, nqv, ROWS), jnp.int32),
         plgpu.SMEM((STAGES, nkv, bk), jnp.int32),
-        plgpu.SMEM((2 * (CONSUMERS + 1), BOUNDS_ROW), jnp.int32),
+        plgpu.SMEM((ring * (CONSUMERS + 1), BOUNDS_ROW), jnp.int32),
         plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
     )
     ready = (plgpu.Barrier(num_barriers=copies),
@@ -383,7 +422,7 @@ def forward(st: Static, q, k, v, bounds, q_vectors, kv_vectors,
              plgpu.Barrier(num_barriers=STAGES),
              plgpu.Barrier(num_barriers=STAGES),
              plgpu.Barrier(num_barriers=STAGES),
-             plgpu.Barrier(num_barriers=2 * (CONSUMERS + 1)))
+             plgpu.Barrier(num_barriers=ring * (CONSUMERS + 1)))
     free = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),) * 2
     sched = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1)
 
