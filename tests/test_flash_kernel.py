@@ -46,6 +46,7 @@ import flexible_attention as fa
 from flexible_attention.comparison import cells as comparison_cells
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
+from flexible_attention.kernels.flash import interface as flash_interface
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
 from flexible_attention.kernels import gpu
@@ -137,6 +138,32 @@ def test_large_scale_with_masked_tiles():
   # > 1 the masked logits' scaled value overflows to -inf, which must still
   # give exact zeros.
   _check("large_scale", dict(causal=True, sliding_window=9), sm_scale=3.0)
+
+
+def test_delta_barrier_changes_no_gradient(monkeypatch):
+  """`interface.DELTA_BARRIER` keeps the backward's `delta` a fusion of its
+  own (an `optimization_barrier` in the split Mosaic backward's program
+  lowered for CUDA) and changes no gradient (the Triton kernels in the
+  interpreter, bit for bit)."""
+  q, k, v, _, _ = _inputs("delta_barrier")
+
+  def grads(launch=None):
+    loss = lambda q, k, v: jnp.sum(flash_kernel.flash_attention(
+        fa.canonicalize(q, k, v, causal=True), sm_scale=0.3,
+        interpret=launch is None, launch=launch).out ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+  x = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  split = flash_kernel.hopper_launch_config(128, True, dq="mosaic")
+  texts, results = {}, {}
+  for on in (False, True):
+    monkeypatch.setattr(flash_interface, "DELTA_BARRIER", on)
+    texts[on] = helpers.lower_for_cuda(grads(split), x, x, x)
+    results[on] = grads()(q, k, v)
+  assert "optimization_barrier" in texts[True]
+  assert "optimization_barrier" not in texts[False]
+  for off, on in zip(results[False], results[True]):
+    np.testing.assert_array_equal(off, on)
 
 
 def test_kernel_refuses_non_positive_scale():

@@ -49,6 +49,18 @@ from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import MAX_HEAD_DIM
 from flexible_attention.kernels.flash.structure import Static
 
+# With DELTA_BARRIER the backward's `delta` is computed by a fusion of its
+# own before anything consumes it (`lax.optimization_barrier`). Where the
+# Mosaic kernels' row statistics are `[lse, delta]` alone (the split Mosaic
+# backward, the fused one in float32), an H100 trace shows a concatenate
+# fusion of 231-238 us beside them (B = 1, S = 16k, H = 16, D = 128),
+# where the fixed point's call, whose scales read delta too, has delta's
+# reduction alone at 48 us: XLA fusing the reduction over D into the
+# stack's concatenate, each output element summing its row, would explain
+# it (a CPU compilation fuses it so). Off until timed on a GPU
+# (benchmarks/flash_notes.md).
+DELTA_BARRIER = False
+
 
 def _mod_rows(st: Static, q, mods):
   """The Mosaic kernels' rows of the mods' program values (`mosaic_mods.
@@ -111,6 +123,8 @@ def _backward(st: Static, q, k, v, bias, aux, out, lse, dout, dlse,
                   axis=-1).transpose(0, 2, 1)
   if dlse is not None:
     delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse)
+  if DELTA_BARRIER:
+    delta = lax.optimization_barrier(delta)
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # Empty rows: p = 0.
   dout = dout.astype(q.dtype)
   # The dK/dV kernel; with `atomic_dq` (either backend) it also adds dQ into
