@@ -72,7 +72,10 @@ taken against the plain causal of the same launch: whether the window's
 and the documents' loss per tile belongs to the default (fused, fixed
 point) backward, whose per-token passes (the fixed-point scales, dQ's
 int32 zeros and conversion) and per-program ends weigh more where a
-program has few tiles.
+program has few tiles. `--features_ranked` adds the packed documents (and
+the aligned ones) with the persistent forward's query tiles dealt by rank
+of their work (`mosaic_common.RANKED_ORDER`), against the same plain
+causal as the default's.
 """
 
 from __future__ import annotations
@@ -128,6 +131,12 @@ _FEATURES_DQ = flags.DEFINE_list(
     "(`flash_<variant>_<path>`; `triton`, `mosaic`: split backwards, "
     "`fused`, `fused_any`: the fused one with float32 adds in any order; "
     "Hopper only), each against its own plain causal.")
+_FEATURES_RANKED = flags.DEFINE_bool(
+    "features_ranked", False, "features: also time the packed documents "
+    "(and the aligned ones) with the Mosaic forward's query tiles dealt by "
+    "rank of their work (`flash_packed_ranked`: `mosaic_common."
+    "RANKED_ORDER` set while the variant traces), against the same plain "
+    "causal as the default's.")
 _TRACE = flags.DEFINE_integer(
     "trace", 0, "Then run each timed variant's forward+backward this many "
     "times under `jax.profiler.trace`: microseconds per call of each "
@@ -291,6 +300,10 @@ def _cells(s: int, h: int, d: int, b: int):
         f"flash_packed_{path}": (_module("flash", h, d, documents,
                                          launch=launch),
                                  *features["flash_packed"][1:])})
+  if _FEATURES_RANKED.value:
+    for name in ("flash_packed", "flash_packed_aligned"):
+      attend, *rest = features[name]
+      features[f"{name}_ranked"] = (_ranked(attend), *rest)
   cells["features"] = (_reference(causal), None, features)
   cells = {name: cells[name] for name in _CELLS.value}
   causal_pairs = comparison_cells.causal_pairs(s)
@@ -314,9 +327,24 @@ def _cells(s: int, h: int, d: int, b: int):
   return cells, pairs, own_pairs, own_tiles
 
 
+def _ranked(attend):
+  """`attend` traced with the forward's tiles dealt by rank."""
+  def ranked(*args):
+    saved = mosaic_common.RANKED_ORDER
+    mosaic_common.RANKED_ORDER = True
+    try:
+      return attend(*args)
+    finally:
+      mosaic_common.RANKED_ORDER = saved
+  return ranked
+
+
 def _pinned(name: str) -> tuple[str, str]:
   """`(variant, suffix)`: a features variant's name without the `_<path>`
-  of `--features_dq`, and that suffix ("" for the default launch)."""
+  of `--features_dq` (or the `_ranked` of `--features_ranked`), and that
+  suffix ("" for the default launch)."""
+  if name.endswith("_ranked"):
+    return name.removesuffix("_ranked"), ""
   for path in _FEATURES_DQ.value:
     if name.endswith("_" + path):
       return name[:-len(path) - 1], "_" + path
