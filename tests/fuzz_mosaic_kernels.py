@@ -25,7 +25,9 @@ the dK/dV step's schedules (`mosaic_bwd_rows.DQ_ADD_BESIDE_DK` and
 `DQ_LAG`, each on in half the draws; `STAGGER` in
 half of those with `DQ_LAG`), and the split dK/dV kernel's 128-row steps
 at padded D = 64 (`mosaic_common.WIDE_DKV_STEPS`, half the draws; the
-fused backward and calls with mods keep 64). On a CPU the Triton dQ
+fused backward and calls with mods keep 64), and the forward's query
+tiles dealt by rank (`mosaic_common.RANKED_ORDER`, half the draws, forward
+and backward; it changes the calls with segment ids). On a CPU the Triton dQ
 kernel cannot run beside the interpreted Mosaic ones, so a draw of padded
 D = 256 (whose only dQ is Triton's) runs at 128 there.
 
@@ -96,6 +98,7 @@ class Draw:
   dq_lag: bool = False  # `mosaic_bwd_rows.DQ_LAG`.
   stagger: bool = False  # `mosaic_bwd_rows.STAGGER`.
   wide_dkv: bool = False  # `mosaic_common.WIDE_DKV_STEPS`.
+  ranked: bool = False  # `mosaic_common.RANKED_ORDER`.
 
 
 def draw(seed: int, backward: bool = False) -> Draw:
@@ -117,8 +120,8 @@ def draw(seed: int, backward: bool = False) -> Draw:
       softcap=float(rng.uniform(5, 30)) if rng.random() < 0.25 else None,
       dropout=float(rng.choice([0.1, 0.3])) if rng.random() < 0.2 else None,
       snake=bool(rng.random() < 0.5))
-  if not backward:
-    return x
+  if not backward:  # (The last draw of each kind: a seed keeps the rest.)
+    return dataclasses.replace(x, ranked=bool(rng.random() < 0.5))
   # The backward kernels' grids do not depend on the multiprocessors, but
   # their program order does: grouped only where a head has fewer tiles
   # than there are multiprocessors (`structure.TileOrder.choose`), so up
@@ -132,6 +135,7 @@ def draw(seed: int, backward: bool = False) -> Draw:
   dq_lag = bool(rng.random() < 0.5)
   stagger = dq_lag and bool(rng.random() < 0.5)
   wide_dkv = bool(rng.random() < 0.5)
+  ranked = bool(rng.random() < 0.5)
   d = x.d
   if structure.pad_dim(d) == 256:  # Only Triton's dQ kernel serves it.
     d, dq, rotate_dq = (256, "triton", False) if HOPPER else (128, dq,
@@ -140,7 +144,7 @@ def draw(seed: int, backward: bool = False) -> Draw:
                              rotate_dq=rotate_dq, grouped=grouped,
                              dq_add_beside_dk=dq_add_beside_dk,
                              dq_lag=dq_lag, stagger=stagger,
-                             wide_dkv=wide_dkv)
+                             wide_dkv=wide_dkv, ranked=ranked)
 
 
 def _launch(x: Draw) -> flash_kernel.LaunchConfig:
@@ -167,7 +171,8 @@ def _kernels_of(x: Draw):
                (mosaic_bwd_rows, "DQ_ADD_BESIDE_DK", x.dq_add_beside_dk),
                (mosaic_bwd_rows, "DQ_LAG", x.dq_lag),
                (mosaic_bwd_rows, "STAGGER", x.stagger),
-               (mosaic_common, "WIDE_DKV_STEPS", x.wide_dkv)]
+               (mosaic_common, "WIDE_DKV_STEPS", x.wide_dkv),
+               (mosaic_common, "RANKED_ORDER", x.ranked)]
     if x.snake:
       patched.append((mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0))
     original = [(m, n, getattr(m, n)) for m, n, _ in patched]

@@ -296,8 +296,9 @@ def test_hopper_launch_config_pins_the_mosaic_kernels(dq, head_dim,
   the policy takes it as it is (checked, unchanged)."""
   launch = flash_kernel.hopper_launch_config(head_dim, True, dq=dq)
   flash_kernel.check_launch_config(launch)
-  assert (launch.fwd, launch.dkv) == (flash_kernel.mosaic_launch(head_dim),
-                                      flash_kernel.mosaic_dkv_launch(head_dim))
+  assert (launch.fwd, launch.dkv) == (
+      flash_kernel.mosaic_launch(head_dim),
+      flash_kernel.mosaic_dkv_launch(head_dim, fused=dq == "fused"))
   assert (launch.fwd_backend, launch.dkv_backend) == ("mosaic", "mosaic")
   assert launch.atomic_dq == (dq == "fused")
   assert launch.dq_backend == ("mosaic" if dq == "mosaic" else "triton")
