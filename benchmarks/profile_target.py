@@ -70,7 +70,7 @@ def _launch(d: int) -> dict:
   launch = dataclasses.replace(
       flash_kernel.default_launch_config(d, _CAUSAL.value, 9.0),
       fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
-      dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic",
+      dkv=flash_kernel.mosaic_dkv_launch(d, fused=True), dkv_backend="mosaic",
       atomic_dq=True, deterministic_dq=_BACKWARD.value == "fused")
   return dict(launch=launch)
 

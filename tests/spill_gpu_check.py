@@ -29,8 +29,8 @@ def main():
     launch = dataclasses.replace(
         flash_kernel.default_launch_config(d, True, 9.0),
         fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
-        dkv=flash_kernel.mosaic_dkv_launch(d), dkv_backend="mosaic",
-        atomic_dq=True, deterministic_dq=deterministic)
+        dkv=flash_kernel.mosaic_dkv_launch(d, fused=True),
+        dkv_backend="mosaic", atomic_dq=True, deterministic_dq=deterministic)
     q = jax.random.normal(jax.random.key(d), (1, 1024, 4, d), jnp.bfloat16)
 
     def loss(q, k, v, launch=launch):

@@ -298,6 +298,12 @@ def _mosaic(head_dim: int, causal: bool,
       head_dim, causal, dq="mosaic" if dq else "triton")
 
 
+def _fused(head_dim: int, causal: bool) -> flash_kernel.LaunchConfig:
+  """The Hopper launches with dQ inside the Mosaic dK/dV kernel (the fused
+  backward, in fixed point) at a padded D."""
+  return flash_kernel.hopper_launch_config(head_dim, causal, dq="fused")
+
+
 def _hopper_case(name):
   """`(call, shape and options)` of a Hopper case; every structure the
   kernels serve, at lengths over one 128-row tile and not multiples of it."""
@@ -653,9 +659,7 @@ def test_fused_backward_matches_reference_in_gpu_interpreter(name):
   int32 fixed point: `mosaic_numerics.fixed_point_scales`) in JAX's GPU
   interpreter: out and grads against the reference."""
   call, shape = _hopper_case(name)
-  launch = dataclasses.replace(
-      _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False)),
-      atomic_dq=True)
+  launch = _fused(structure.pad_dim(shape["d"]), call.get("causal", False))
   with gpu_interpret.mosaic_on_cpu():
     _check(f"interpreted fused {name}", call, launch=launch,
            interpret=False, jit=False, **shape)
@@ -770,9 +774,7 @@ def _check_schedule(schedule: str, name: str, monkeypatch,
                     interpreted: bool):
   helpers.use_step_schedule(monkeypatch, SCHEDULES[schedule])
   call, shape = _hopper_case(name)
-  launch = dataclasses.replace(_mosaic(
-      structure.pad_dim(shape["d"]), call.get("causal", False)),
-      atomic_dq=True)
+  launch = _fused(structure.pad_dim(shape["d"]), call.get("causal", False))
   with (gpu_interpret.mosaic_on_cpu() if interpreted
         else contextlib.nullcontext()):
     _check(f"schedule {schedule} {name}", call, launch=launch,
@@ -933,9 +935,8 @@ def test_grouped_tile_order_in_gpu_interpreter(fused, monkeypatch):
       shape["b"], shape["hkv"], 3, True, 6, kernel="dkv").group == 2
   assert structure.TileOrder.choose(
       shape["b"], shape["h"], 2, True, 6, kernel="dq").group == 4
-  launch = dataclasses.replace(
-      _mosaic(structure.pad_dim(shape["d"]), True, dq=not fused),
-      atomic_dq=fused)
+  d = structure.pad_dim(shape["d"])
+  launch = _fused(d, True) if fused else _mosaic(d, True, dq=True)
   with gpu_interpret.mosaic_on_cpu():
     _check(f"interpreted grouped {fused}", call, launch=launch,
            interpret=False, jit=False, **shape)
@@ -970,8 +971,7 @@ def test_fused_backward_with_rotated_steps_in_gpu_interpreter(name):
   offsets 0, 1, 2, wrapping), the producer's stream and the consumers' dQ
   rows alike; out and grads against the reference."""
   shape = ROTATED_CASES[name]
-  launch = dataclasses.replace(_mosaic(shape["d"], False), atomic_dq=True,
-                               rotate_dq=True)
+  launch = dataclasses.replace(_fused(shape["d"], False), rotate_dq=True)
   with gpu_interpret.mosaic_on_cpu():
     _check(f"interpreted rotated {name}", {}, launch=launch,
            interpret=False, jit=False, **shape)
@@ -984,7 +984,7 @@ def test_hopper_rotated_fused_backward_matches_reference_bitwise(name):
   dK, dV bitwise equal over two runs, and dQ the same bits as without the
   rotation (the fixed point's sum does not depend on the order)."""
   shape = ROTATED_CASES[name]
-  fused = dataclasses.replace(_mosaic(shape["d"], False), atomic_dq=True)
+  fused = _fused(shape["d"], False)
   rotated = dataclasses.replace(fused, rotate_dq=True)
   label = f"hopper rotated {name}"  # Seeds the inputs: the same for all.
   got, _ = _check(label, {}, launch=rotated, interpret=False, **shape)
@@ -1009,9 +1009,7 @@ def test_hopper_fused_backward_matches_reference_bitwise_run_to_run(name):
                                           d=128, dtype=jnp.bfloat16)
   else:
     call, shape = _hopper_case(name)
-  launch = dataclasses.replace(
-      _mosaic(structure.pad_dim(shape["d"]), call.get("causal", False)),
-      atomic_dq=True)
+  launch = _fused(structure.pad_dim(shape["d"]), call.get("causal", False))
   got, _ = _check(f"hopper fused {name}", call, launch=launch,
                   interpret=False, **shape)
   again, _ = _check(f"hopper fused {name}", call, launch=launch,
@@ -1031,7 +1029,7 @@ def _fused_dq_per_row(interpret_on_cpu: bool):
                  for key in keys)
   do = do * 10.0**jnp.linspace(-3, 3, 200)[None, :, None, None]
   q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
-  launch = dataclasses.replace(_mosaic(64, True), atomic_dq=True)
+  launch = _fused(64, True)
 
   def dq_of(attend, q, do):
     return jax.vjp(attend, q)[1](do)[0].astype(jnp.float32)
