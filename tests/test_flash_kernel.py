@@ -454,14 +454,17 @@ def test_snake_work_order_runs_each_item_once_and_balances(
     assert max(work) / np.mean(work) < 1.003, (max(work), np.mean(work))
 
 
-def _documents_work(tiles: int, seed: int = 0) -> np.ndarray:
-  """Key tiles per query tile of causal packed documents (128-token tiles;
-  `comparison.cells.packed_segment_ids`): each tile's first row's document
-  start to its last row."""
-  ids = np.asarray(comparison_cells.packed_segment_ids(1, tiles * 128,
-                                                       seed=seed))[0]
-  starts = np.searchsorted(ids, ids[::128])  # Each tile's first document.
-  return np.arange(tiles) - starts // 128 + 1
+def _documents_bounds(batch: int, tiles: int) -> jnp.ndarray:
+  """The forward's bounds table (`structure.tile_bounds`, the Mosaic
+  forward's 128-row tiles) of causal packed documents
+  (`comparison.cells.packed_segment_ids`), `[B, tiles, 4]`."""
+  ids = jnp.asarray(comparison_cells.packed_segment_ids(
+      batch, tiles * mosaic_common.BLOCK_Q, seed=0), jnp.int32)
+  q = jnp.zeros((batch, tiles * mosaic_common.BLOCK_Q, 1, 128), jnp.bfloat16)
+  call = flash_kernel.prepare(
+      fa.canonicalize(q, q, q, causal=True, segment_ids=ids), sm_scale=0.1,
+      launch=flash_kernel.hopper_launch_config(128, True))
+  return call.aux["bounds_fwd"]
 
 
 @pytest.mark.parametrize("batch,heads,tiles,causal,cores", [
@@ -473,11 +476,10 @@ def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
   head) once, dealt by rank; on packed documents' tiles (work not growing
   with the index) the busiest program within 3% of the mean at 16 heads
   and 132 programs, where the order by index leaves it 25% over."""
-  work = np.stack([_documents_work(tiles, seed=b) for b in range(batch)])
-  bounds = np.zeros((batch, tiles, 4), np.int32)
-  bounds[..., 3] = work  # lo = 0, hi = the tile's key tiles.
+  bounds = _documents_bounds(batch, tiles)
+  work = np.asarray(bounds[..., 3] - bounds[..., 0])  # Key tiles per tile.
   table = np.asarray(mosaic_common.ranked_bounds(
-      mosaic_common.pad_bounds(jnp.asarray(bounds))))
+      mosaic_common.pad_bounds(bounds)))
   loads = {}
   for ranked in (True, False):
     order = mosaic_common.WorkOrder(batch, heads, tiles, causal, cores,
@@ -500,7 +502,8 @@ def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
   ranked_work = table[..., 3] - table[..., 0]
   assert (np.diff(ranked_work, axis=1) <= 0).all()
   np.testing.assert_array_equal(np.take_along_axis(
-      work, table[..., mosaic_common.TILE_COLUMN], 1), ranked_work)
+      np.asarray(bounds), table[..., mosaic_common.TILE_COLUMN, None], 1),
+      table[..., :4])
   if tiles == 128 and cores == 132:
     assert loads[True] < 1.03 < 1.25 < loads[False], loads
 
