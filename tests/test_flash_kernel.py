@@ -144,7 +144,8 @@ def test_delta_barrier_changes_no_gradient(monkeypatch):
   """`interface.DELTA_BARRIER` keeps the backward's `delta` a fusion of its
   own (an `optimization_barrier` in the split Mosaic backward's program
   lowered for CUDA) and changes no gradient (the Triton kernels in the
-  interpreter, bit for bit)."""
+  interpreter: against the reference, and bit for bit against the
+  gradients without it)."""
   q, k, v, _, _ = _inputs("delta_barrier")
 
   def grads(launch=None):
@@ -164,6 +165,7 @@ def test_delta_barrier_changes_no_gradient(monkeypatch):
   assert "optimization_barrier" not in texts[False]
   for off, on in zip(results[False], results[True]):
     np.testing.assert_array_equal(off, on)
+  _check("delta_barrier", dict(causal=True), sm_scale=0.3)  # Still on.
 
 
 def test_kernel_refuses_non_positive_scale():
