@@ -15,6 +15,14 @@ needed:
   python3 benchmarks/sass_loops.py --dump=dump.txt   # Or `dump.txt.gz`.
   python3 benchmarks/sass_loops.py --ptx=flash_dkdv_dq_1.ptx
 
+`--compile` is such a script: on the GPU machine it compiles `flash`'s
+forward and backward (default launches, bf16, B = 1, H = 2, D = 128,
+causal) for each cell of `--compile`, at `--seq` tokens, and runs nothing
+else:
+
+  MOSAIC_GPU_DUMP_PTX=1 python3 benchmarks/sass_loops.py \
+      --compile=plain,window,documents > dump.txt
+
 Per kernel: ptxas' report for sm_90a (registers, bytes of spill stores and
 loads a thread; the same numbers ptxas gives on the GPU machine), and each
 step loop, a loop of the machine code that issues `HGMMA`s and holds no
@@ -61,10 +69,16 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from absl import app
 from absl import flags
+
+# `--compile`'s cells: `flash_attention`'s structure arguments (the
+# documents' ids filled in by `compile_cells`).
+COMPILE_CELLS = {"plain": {}, "window": {"sliding_window": 1024},
+                 "documents": {"segment_ids": None}}
 
 _PTX = flags.DEFINE_list("ptx", [], "PTX files of Mosaic GPU kernels.")
 _DUMP = flags.DEFINE_list(
@@ -72,6 +86,10 @@ _DUMP = flags.DEFINE_list(
     "`MOSAIC_GPU_DUMP_PTX=1`: every PTX module in them is read.")
 _STALLS = flags.DEFINE_string(
     "stalls", None, "An Nsight Compute source page (CSV, SASS) to read.")
+_COMPILE = flags.DEFINE_list(
+    "compile", [], "Cells to compile (and only compile) on a GPU: "
+    f"{', '.join(COMPILE_CELLS)}.")
+_SEQ = flags.DEFINE_integer("seq", 16384, "Tokens of `--compile`'s calls.")
 _PTXAS = flags.DEFINE_string("ptxas", None, "CUDA's ptxas.")
 _CUOBJDUMP = flags.DEFINE_string("cuobjdump", None, "CUDA's cuobjdump.")
 _ARCH = flags.DEFINE_string("arch", "sm_90a", "ptxas' target.")
@@ -255,8 +273,42 @@ def report(ptx_path: str) -> dict:
                   for loop in step_loops(instructions(sass))])
 
 
+def compile_cells(names, seq: int, heads: int = 2, head_dim: int = 128):
+  """Compiles the forward and backward of `flash` (causal, default
+  launches) for each of `COMPILE_CELLS`' `names` (on a CPU, the Triton
+  kernels in Pallas' interpreter); returns their number."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import flexible_attention as fa  # pylint: disable=g-import-not-at-top
+  from flexible_attention.comparison import cells  # pylint: disable=g-import-not-at-top
+  from flexible_attention.kernels import flash  # pylint: disable=g-import-not-at-top
+  unknown = set(names) - set(COMPILE_CELLS)
+  if unknown:
+    raise app.UsageError(f"--compile cells are {sorted(COMPILE_CELLS)}, got "
+                         f"{sorted(unknown)}.")
+  x = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.bfloat16)
+  interpret = jax.default_backend() == "cpu"  # Checks the script anywhere.
+  for name in names:
+    call = dict(COMPILE_CELLS[name])
+    if "segment_ids" in call:
+      call["segment_ids"] = jnp.asarray(cells.packed_segment_ids(1, seq, 0))
+
+    def loss(q, k, v, call=call):
+      inputs = fa.canonicalize(q, k, v, causal=True, **call)
+      out = flash.flash_attention(inputs, None, sm_scale=head_dim**-0.5,
+                                  interpret=interpret).out
+      return jnp.sum(out.astype(jnp.float32))
+
+    jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).compile()
+    print(f"compiled {name}", file=sys.stderr)
+  return len(names)
+
+
 def main(argv):
   del argv
+  if _COMPILE.value:
+    compile_cells(_COMPILE.value, _SEQ.value)
+    return
   if not _PTX.value and not _DUMP.value and not _STALLS.value:
     raise app.UsageError("Give --ptx or --dump files or a --stalls page.")
   if _STALLS.value:
