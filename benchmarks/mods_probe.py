@@ -74,7 +74,7 @@ point) backward, whose per-token passes (the fixed-point scales, dQ's
 int32 zeros and conversion) and per-program ends weigh more where a
 program has few tiles. `--features_ranked` adds the packed documents (and
 the aligned ones) with the persistent forward's query tiles dealt by rank
-of their work (`mosaic_common.RANKED_ORDER`), against the same plain
+of their work (`mosaic_schedule.RANKED_ORDER`), against the same plain
 causal as the default's.
 """
 
@@ -100,6 +100,7 @@ from flexible_attention.core import inputs as inputs_lib
 from flexible_attention.core import reference
 from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_schedule
 from flexible_attention.kernels.flash.structure import pad_dim
 
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Sequence lengths.")
@@ -330,12 +331,12 @@ def _cells(s: int, h: int, d: int, b: int):
 def _ranked(attend):
   """`attend` traced with the forward's tiles dealt by rank."""
   def ranked(*args):
-    saved = mosaic_common.RANKED_ORDER
-    mosaic_common.RANKED_ORDER = True
+    saved = mosaic_schedule.RANKED_ORDER
+    mosaic_schedule.RANKED_ORDER = True
     try:
       return attend(*args)
     finally:
-      mosaic_common.RANKED_ORDER = saved
+      mosaic_schedule.RANKED_ORDER = saved
   return ranked
 
 

@@ -2,7 +2,7 @@
 float32 oracle.
 
 Forward (the default): the forward runs as one program per multiprocessor,
-each over the query tiles `mosaic_common.WorkOrder` gives it, carrying a
+each over the query tiles `mosaic_schedule.WorkOrder` gives it, carrying a
 key-tile stream, prefetched bounds rows and double-buffered query rows
 from tile to tile. This draws what that machinery depends on: the
 multiprocessors (1 to 7, `gpu.core_count` patched, so programs run from one
@@ -26,7 +26,7 @@ the dK/dV step's schedules (`mosaic_bwd_rows.DQ_ADD_BESIDE_DK` and
 half of those with `DQ_LAG`), and the split dK/dV kernel's 128-row steps
 at padded D = 64 (`mosaic_common.WIDE_DKV_STEPS`, half the draws; the
 fused backward and calls with mods keep 64), and the forward's query
-tiles dealt by rank (`mosaic_common.RANKED_ORDER`, half the draws, forward
+tiles dealt by rank (`mosaic_schedule.RANKED_ORDER`, half the draws, forward
 and backward; it changes the calls with segment ids). On a CPU the Triton dQ
 kernel cannot run beside the interpreted Mosaic ones, so a draw of padded
 D = 256 (whose only dQ is Triton's) runs at 128 there.
@@ -61,6 +61,7 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_schedule
 from flexible_attention.kernels.flash import structure
 import gpu_interpret
 
@@ -98,7 +99,7 @@ class Draw:
   dq_lag: bool = False  # `mosaic_bwd_rows.DQ_LAG`.
   stagger: bool = False  # `mosaic_bwd_rows.STAGGER`.
   wide_dkv: bool = False  # `mosaic_common.WIDE_DKV_STEPS`.
-  ranked: bool = False  # `mosaic_common.RANKED_ORDER`.
+  ranked: bool = False  # `mosaic_schedule.RANKED_ORDER`.
 
 
 def draw(seed: int, backward: bool = False) -> Draw:
@@ -172,9 +173,9 @@ def _kernels_of(x: Draw):
                (mosaic_bwd_rows, "DQ_LAG", x.dq_lag),
                (mosaic_bwd_rows, "STAGGER", x.stagger),
                (mosaic_common, "WIDE_DKV_STEPS", x.wide_dkv),
-               (mosaic_common, "RANKED_ORDER", x.ranked)]
+               (mosaic_schedule, "RANKED_ORDER", x.ranked)]
     if x.snake:
-      patched.append((mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0))
+      patched.append((mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", 0))
     original = [(m, n, getattr(m, n)) for m, n, _ in patched]
     try:
       for m, n, value in patched:

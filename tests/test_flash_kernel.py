@@ -49,6 +49,7 @@ from flexible_attention.kernels import flash as flash_kernel
 from flexible_attention.kernels.flash import interface as flash_interface
 from flexible_attention.kernels.flash import launch as flash_launch
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_schedule
 from flexible_attention.kernels import gpu
 from flexible_attention.kernels.flash import structure
 from flexible_attention.mechanisms import registry
@@ -422,11 +423,11 @@ def _work_per_program(order) -> list[int]:
     (1, 1, 3, False, None)])
 def test_work_order_runs_each_item_once_and_balances_causal_calls(
     batch, heads, tiles, causal, cores):
-  """`mosaic_common.WorkOrder`: the programs run every (query tile, batch
+  """`mosaic_schedule.WorkOrder`: the programs run every (query tile, batch
   row, head) once, head by head, and under a causal mask (a tile's work
   grows with its index) no program has more than one heaviest pair of
   tiles over the lightest program's work."""
-  order = mosaic_common.WorkOrder(batch, heads, tiles, causal, cores)
+  order = mosaic_schedule.WorkOrder(batch, heads, tiles, causal, cores)
   assert order.programs == min(order.chunks, cores or order.chunks)
   work = _work_per_program(order)
   if causal:
@@ -446,7 +447,7 @@ def test_snake_work_order_runs_each_item_once_and_balances(
   and the busiest program's work (tile t costs t + 1) within one tile's of
   the least busy one's: at 128 tiles a head, 16 heads and 132 programs
   within 0.3% of the mean, where the chunks leave 3%."""
-  order = mosaic_common.WorkOrder(batch, heads, tiles, True, cores,
+  order = mosaic_schedule.WorkOrder(batch, heads, tiles, True, cores,
                                   snake=True)
   assert order.snakes
   assert order.programs == min(batch * heads * tiles, cores)
@@ -480,20 +481,20 @@ def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
   and 132 programs, where the order by index leaves it 25% over."""
   bounds = _documents_bounds(batch, tiles)
   work = np.asarray(bounds[..., 3] - bounds[..., 0])  # Key tiles per tile.
-  table = np.asarray(mosaic_common.ranked_bounds(
-      mosaic_common.pad_bounds(bounds)))
+  table = np.asarray(mosaic_schedule.ranked_bounds(
+      mosaic_schedule.pad_bounds(bounds)))
   loads = {}
   for ranked in (True, False):
-    order = mosaic_common.WorkOrder(batch, heads, tiles, causal, cores,
+    order = mosaic_schedule.WorkOrder(batch, heads, tiles, causal, cores,
                                     ranked=ranked)
-    assert order.snakes == (mosaic_common.SNAKE_PROGRAMS_PER_HEAD * batch
+    assert order.snakes == (mosaic_schedule.SNAKE_PROGRAMS_PER_HEAD * batch
                             * heads <= cores)
     seen, load = [], []
     for p in range(order.programs):
       items = [tuple(map(int, order.item(jnp.int32(p), jnp.int32(n))))
                for n in range(int(order.count(jnp.int32(p))))]
       if ranked:  # The row of rank r names its tile.
-        items = [(table[b, r, mosaic_common.TILE_COLUMN], b, h)
+        items = [(table[b, r, mosaic_schedule.TILE_COLUMN], b, h)
                  for r, b, h in items]
       seen += items
       load.append(sum(work[b, t] for t, b, _ in items))
@@ -504,7 +505,7 @@ def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
   ranked_work = table[..., 3] - table[..., 0]
   assert (np.diff(ranked_work, axis=1) <= 0).all()
   np.testing.assert_array_equal(np.take_along_axis(
-      np.asarray(bounds), table[..., mosaic_common.TILE_COLUMN, None], 1),
+      np.asarray(bounds), table[..., mosaic_schedule.TILE_COLUMN, None], 1),
       table[..., :4])
   if tiles == 128 and cores == 132:
     assert loads[True] < 1.03 < 1.25 < loads[False], loads
@@ -520,8 +521,8 @@ def test_ranked_order_follows_the_structure(monkeypatch):
            "segments": dict(segment_ids=ids, causal=True),
            "mask_mod": dict(mask_mod=lambda b, h, i, j: i >= j)}
   for on in (False, True):
-    monkeypatch.setattr(mosaic_common, "RANKED_ORDER", on)
-    ranked = {name: mosaic_common.ranked_order(flash_kernel.prepare(
+    monkeypatch.setattr(mosaic_schedule, "RANKED_ORDER", on)
+    ranked = {name: mosaic_schedule.ranked_order(flash_kernel.prepare(
         fa.canonicalize(q, q, q, **call), sm_scale=0.1).static)
               for name, call in calls.items()}
     assert ranked == {"causal": False, "window": False, "segments": on,
@@ -537,7 +538,7 @@ def test_work_order_deals_singly_where_heads_are_few(
   """The rule on 132 multiprocessors (an H100): the snake order for causal
   calls of at most 33 heads (`SNAKE_PROGRAMS_PER_HEAD` = 4 programs a
   head), the chunks otherwise and for calls without a causal mask."""
-  order = mosaic_common.WorkOrder(batch, heads, tiles, causal, 132)
+  order = mosaic_schedule.WorkOrder(batch, heads, tiles, causal, 132)
   assert order.snakes == snakes
   assert order.per_chunk == (2 if causal and not snakes else 1)
   assert not dataclasses.replace(order, snake=False).snakes
@@ -552,7 +553,7 @@ def test_persistent_forward_in_the_snake_order_in_gpu_interpreter(
   heads interleaved, tiles heaviest first): out and grads against the
   reference."""
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0)
+  monkeypatch.setattr(mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", 0)
   call, shape = _hopper_case(name)
   launch = _mosaic(structure.pad_dim(shape["d"]), True, dq=True)
   with gpu_interpret.mosaic_on_cpu():
@@ -560,7 +561,7 @@ def test_persistent_forward_in_the_snake_order_in_gpu_interpreter(
            interpret=False, jit=False, **shape)
 
 
-# `mosaic_common.RANKED_ORDER`: the forward's query tiles dealt by rank
+# `mosaic_schedule.RANKED_ORDER`: the forward's query tiles dealt by rank
 # (`WorkOrder.ranked`), segments with grouped heads on 3 programs (8 items
 # each): in the snake and in the chunks, causal and not.
 RANKED_CASES = {"snake": (True, 0), "chunks": (True, 1000),
@@ -572,8 +573,8 @@ def _ranked_case(variant, monkeypatch):
   kernels, dQ by `mosaic_dq`."""
   causal, per_head = RANKED_CASES[variant]
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", per_head)
-  monkeypatch.setattr(mosaic_common, "RANKED_ORDER", True)
+  monkeypatch.setattr(mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", per_head)
+  monkeypatch.setattr(mosaic_schedule, "RANKED_ORDER", True)
   call, shape = _hopper_case("segments")
   call = dict(call, causal=causal)
   return call, shape, _mosaic(structure.pad_dim(shape["d"]), causal, dq=True)
@@ -617,7 +618,7 @@ def test_hopper_persistent_forward_in_the_snake_order(name, monkeypatch):
   programs; the default launches take it only from 4 programs a head, where
   each program of these small cases runs one item)."""
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0)
+  monkeypatch.setattr(mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", 0)
   call, shape = _hopper_case(name)
   launch = _mosaic(structure.pad_dim(shape["d"]), True)
   _check(f"hopper snake {name}", call, launch=launch, interpret=False,
@@ -1113,14 +1114,14 @@ def test_mosaic_tile_dropout_is_the_librarys_keep_mask(dim):
   offsets = jnp.array([3, 5], jnp.uint32)
   bounds = jnp.arange(8, dtype=jnp.int32).reshape(1, 2, 4)
   st = dataclasses.replace(_static_with_dropout(), dropout_rate=0.3)
-  count = mosaic_common.bounds_count(st)
+  count = mosaic_schedule.bounds_count(st)
   q_pos = jnp.arange(64, dtype=jnp.int32) * 7 + 1
   kv_pos = jnp.arange(128, dtype=jnp.int32) * 3 - 40
   shape = (64, 128) if dim == 0 else (128, 64)
 
   @jax.jit  # One program (op by op, the hash's stages were ~90 of them).
   def row_got_and_want(seed, offsets, bounds, q_pos, kv_pos):
-    row = mosaic_common.pad_bounds(bounds,
+    row = mosaic_schedule.pad_bounds(bounds,
                                    jnp.concatenate([seed, offsets]))[0, 1]
     drop = mosaic_common.TileDropout(st, list(row[4:count]), jnp.int32(1))
     rows = drop.rows(jnp.int32(2), q_pos, shape, dim)
@@ -1194,7 +1195,7 @@ def test_persistent_forward_in_the_snake_order_lowers_for_cuda(monkeypatch):
   """The snake order's item arithmetic lowers inside the Mosaic forward (a
   causal case, 3 programs)."""
   monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_common, "SNAKE_PROGRAMS_PER_HEAD", 0)
+  monkeypatch.setattr(mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", 0)
   test_hopper_kernels_lower_for_cuda("causal_empty_rows")
 
 

@@ -8,6 +8,7 @@ import sys
 
 from flexible_attention.kernels.flash import mosaic_bwd_rows
 from flexible_attention.kernels.flash import mosaic_common
+from flexible_attention.kernels.flash import mosaic_schedule
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "benchmarks"))
@@ -37,11 +38,11 @@ def test_narrow_dkv_steps_lower_and_change_the_dkv_kernel_only(monkeypatch):
 
 
 def test_ranked_order_lowers_and_changes_the_forward_only(monkeypatch):
-  """`mosaic_common.RANKED_ORDER` (the forward's tiles by rank, with segment
+  """`mosaic_schedule.RANKED_ORDER` (the forward's tiles by rank, with segment
   ids): the forward lowers for CUDA with it and the backward's kernels are
   the ones without."""
   name = "d128_segments_dropout"
   forward, *backward = mosaic_ir.call_digests(name)
-  monkeypatch.setattr(mosaic_common, "RANKED_ORDER", True)
+  monkeypatch.setattr(mosaic_schedule, "RANKED_ORDER", True)
   ranked, *ranked_backward = mosaic_ir.call_digests(name)
   assert ranked != forward and ranked_backward == backward

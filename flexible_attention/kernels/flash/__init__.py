@@ -15,11 +15,13 @@ Two backends, neither importing the other, under one launch policy:
   `interpret=True`, how CI runs them on CPU);
 - `mosaic_common`, `mosaic_fwd`, `mosaic_dq`, `mosaic_bwd`: Mosaic GPU
   kernels for Hopper (TMA, warp-specialised `wgmma`; the forward a
-  persistent kernel, `mosaic_common.WorkOrder`), the forward, dQ and
-  dK/dV of the calls they serve (dropout too, through the library's hash:
-  `mosaic_common.TileDropout`; sinks in the forward; not a bias or dense
-  mask); `mosaic_numerics`: their exact number formats (the fused
-  backward's int32 fixed point, conversions without `cvt`); `mosaic_mods`:
+  persistent kernel), the forward, dQ and dK/dV of the calls they serve
+  (dropout too, through the library's hash: `mosaic_common.TileDropout`;
+  sinks in the forward; not a bias or dense mask); `mosaic_schedule`:
+  which tiles their programs run, in what order (the bounds table's rows,
+  the persistent forward's `WorkOrder`); `mosaic_numerics`: their exact
+  number formats (the fused backward's int32 fixed point, conversions
+  without `cvt`); `mosaic_mods`:
   the score / mask mods the Mosaic kernels evaluate (`mod_args` read per
   program), with `mosaic_mod_rows` (the kernels' reads of the program
   values) and `mosaic_jvp` (the mods' derivatives in equations Mosaic GPU

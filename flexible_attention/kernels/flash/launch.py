@@ -175,7 +175,7 @@ class LaunchConfig:
   `fwd_backend` picks the forward kernel: `"triton"` (this module's), or
   `"mosaic"`, the Hopper kernel of `mosaic_fwd` (Mosaic GPU: TMA, warp
   specialisation, asynchronous `wgmma`; persistent, one program per
-  multiprocessor over `mosaic_common.WorkOrder`'s query tiles: on an H100
+  multiprocessor over `mosaic_schedule.WorkOrder`'s query tiles: on an H100
   1.04-1.76x the speed of one program per tile at 512 to 4k tokens,
   benchmarks/BENCHMARKS.md), for the calls it serves
   (`mosaic_common.unsupported_reason`; an error otherwise), with

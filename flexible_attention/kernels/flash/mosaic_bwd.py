@@ -107,13 +107,11 @@ from flexible_attention.kernels.flash.mosaic_common import SPLIT_HEAD_DIM
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import SWIZZLE
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
-from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_k
 from flexible_attention.kernels.flash.mosaic_common import dkv_block_q
 from flexible_attention.kernels.flash.mosaic_common import dkv_mods_reason
 from flexible_attention.kernels.flash.mosaic_common import fused_dq_reason
 from flexible_attention.kernels.flash.mosaic_common import load_vector
-from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import read_row
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
@@ -127,6 +125,8 @@ from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
 from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import grad_slots
 from flexible_attention.kernels.flash.mosaic_numerics import fixed_point_scales
+from flexible_attention.kernels.flash.mosaic_schedule import bounds_count
+from flexible_attention.kernels.flash.mosaic_schedule import pad_bounds
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder
 

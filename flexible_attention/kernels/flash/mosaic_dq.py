@@ -74,7 +74,6 @@ from flexible_attention.kernels.flash.mosaic_common import CONSUMER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import STAGES
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
-from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import dq_block_k
 from flexible_attention.kernels.flash.mosaic_common import dq_reason
 from flexible_attention.kernels.flash.mosaic_common import key_vector
@@ -82,11 +81,7 @@ from flexible_attention.kernels.flash.mosaic_common import key_vectors
 from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import meet
-from flexible_attention.kernels.flash.mosaic_common import pad_bounds
 from flexible_attention.kernels.flash.mosaic_common import probabilities
-from flexible_attention.kernels.flash.mosaic_common import query_tile_kernel
-from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
-from flexible_attention.kernels.flash.mosaic_common import query_tile_program
 from flexible_attention.kernels.flash.mosaic_common import query_vectors
 from flexible_attention.kernels.flash.mosaic_common import score_grads
 from flexible_attention.kernels.flash.mosaic_common import stream_keys
@@ -101,6 +96,11 @@ from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
 from flexible_attention.kernels.flash.mosaic_mod_split import split_lse2
 from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
+from flexible_attention.kernels.flash.mosaic_schedule import bounds_count
+from flexible_attention.kernels.flash.mosaic_schedule import pad_bounds
+from flexible_attention.kernels.flash.mosaic_schedule import query_tile_kernel
+from flexible_attention.kernels.flash.mosaic_schedule import query_tile_loop
+from flexible_attention.kernels.flash.mosaic_schedule import query_tile_program
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder

@@ -7,9 +7,9 @@ and natural-log `lse`, written for sm_90 as FlashAttention-3 describes it
 
 - a persistent kernel: one program per multiprocessor, each running query
   tiles of `BLOCK_Q` rows one after another in the order
-  `mosaic_common.WorkOrder` gives (head by head, a heavy causal tile beside
+  `mosaic_schedule.WorkOrder` gives (head by head, a heavy causal tile beside
   its light mirror; or, for causal calls of few heads, single tiles
-  heaviest first over all heads; with `mosaic_common.RANKED_ORDER`, for
+  heaviest first over all heads; with `mosaic_schedule.RANKED_ORDER`, for
   packed documents and mask_mods, by each tile's work, read from its
   bounds row), the next tile's bounds, query rows and values fetched
   during this one, so that a short call does not pay each tile's start,
@@ -67,11 +67,8 @@ from flexible_attention.kernels.flash.mosaic_common import PRODUCER_REGISTERS
 from flexible_attention.kernels.flash.mosaic_common import ROWS
 from flexible_attention.kernels.flash.mosaic_common import SINK_ROW
 from flexible_attention.kernels.flash.mosaic_common import STAGES
-from flexible_attention.kernels.flash.mosaic_common import TILE_COLUMN
 from flexible_attention.kernels.flash.mosaic_common import TileDropout
-from flexible_attention.kernels.flash.mosaic_common import WorkOrder
 from flexible_attention.kernels.flash.mosaic_common import block_k
-from flexible_attention.kernels.flash.mosaic_common import bounds_count
 from flexible_attention.kernels.flash.mosaic_common import fetch_query_vectors
 from flexible_attention.kernels.flash.mosaic_common import key_vector
 from flexible_attention.kernels.flash.mosaic_common import key_vectors
@@ -79,11 +76,6 @@ from flexible_attention.kernels.flash.mosaic_common import load_vector
 from flexible_attention.kernels.flash.mosaic_common import loaded_query_vectors
 from flexible_attention.kernels.flash.mosaic_common import logit_scale
 from flexible_attention.kernels.flash.mosaic_common import meet
-from flexible_attention.kernels.flash.mosaic_common import pad_bounds
-from flexible_attention.kernels.flash.mosaic_common import persistent_kernel
-from flexible_attention.kernels.flash.mosaic_common import query_tile_loop
-from flexible_attention.kernels.flash.mosaic_common import ranked_bounds
-from flexible_attention.kernels.flash.mosaic_common import ranked_order
 from flexible_attention.kernels.flash.mosaic_common import stream_tiles
 from flexible_attention.kernels.flash.mosaic_common import visible
 from flexible_attention.kernels.flash.mosaic_common import wgmma_transforms
@@ -97,6 +89,14 @@ from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
 from flexible_attention.kernels.flash.mosaic_mod_split import row_terms
 from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
+from flexible_attention.kernels.flash.mosaic_schedule import TILE_COLUMN
+from flexible_attention.kernels.flash.mosaic_schedule import WorkOrder
+from flexible_attention.kernels.flash.mosaic_schedule import bounds_count
+from flexible_attention.kernels.flash.mosaic_schedule import pad_bounds
+from flexible_attention.kernels.flash.mosaic_schedule import persistent_kernel
+from flexible_attention.kernels.flash.mosaic_schedule import query_tile_loop
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_bounds
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_order
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
