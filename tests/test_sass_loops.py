@@ -1,10 +1,13 @@
-"""`benchmarks/sass_loops.py`'s reading of a SASS listing (no CUDA tools
-needed): instructions, opcodes and the step loops."""
+"""`benchmarks/sass_loops.py` without CUDA tools: its reading of a SASS
+listing (instructions, opcodes, the step loops), of a PTX dump (the
+modules) and `--compile`'s check of its cells."""
 
 from __future__ import annotations
 
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "benchmarks"))
@@ -107,3 +110,8 @@ def test_ptx_modules_are_split_at_their_headers_and_named_by_entry():
     assert "compiled" not in text  # The run's own lines stay out.
   assert ".param .u64 p" in modules[0][1]
   assert sass_loops.ptx_modules("no kernels here") == []
+
+
+def test_compile_refuses_an_unknown_cell_before_compiling():
+  with pytest.raises(sass_loops.app.UsageError, match="documents"):
+    sass_loops.compile_cells(["plain", "docs"], seq=128)
