@@ -74,6 +74,12 @@ import tempfile
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+
+import flexible_attention as fa
+from flexible_attention.comparison import cells
+from flexible_attention.kernels import flash
 
 # `--compile`'s cells: `flash_attention`'s structure arguments (the
 # documents' ids filled in by `compile_cells`).
@@ -277,11 +283,6 @@ def compile_cells(names, seq: int, heads: int = 2, head_dim: int = 128):
   """Compiles the forward and backward of `flash` (causal, default
   launches) for each of `COMPILE_CELLS`' `names` (on a CPU, the Triton
   kernels in Pallas' interpreter); returns their number."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import flexible_attention as fa  # pylint: disable=g-import-not-at-top
-  from flexible_attention.comparison import cells  # pylint: disable=g-import-not-at-top
-  from flexible_attention.kernels import flash  # pylint: disable=g-import-not-at-top
   unknown = set(names) - set(COMPILE_CELLS)
   if unknown:
     raise app.UsageError(f"--compile cells are {sorted(COMPILE_CELLS)}, got "
