@@ -1,10 +1,11 @@
 """Which tiles the programs of flash's Mosaic GPU kernels run, in what order.
 
-- The bounds table's rows: per query tile, the key tiles `[lo, hi)` it
-  reads and those it reads unmasked `[flo, fhi)` (`structure.bounds_table`),
-  padded to rows TMA copies (`pad_bounds`), with dropout the seed's words
-  beside them; for the persistent forward, optionally sorted by work
-  (`ranked_bounds`, `ranked_order`).
+- The bounds table's rows (`structure.bounds_table`): per tile of a
+  program, the tiles `[lo, hi)` its loop runs and those it runs unmasked
+  `[flo, fhi)` (a query tile's key tiles; in the dK/dV kernel a key
+  tile's query tiles), padded to rows TMA copies (`pad_bounds`), with
+  dropout the seed's words beside them; for the persistent forward,
+  optionally sorted by work (`ranked_bounds`, `ranked_order`).
 - Programs over one query tile (the dQ kernel): the grid of a
   `structure.TileOrder` (`query_tile_kernel`, `query_tile_program`) and the
   consumers' loop over the tile's key tiles (`query_tile_loop`, which the
