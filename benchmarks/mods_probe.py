@@ -84,6 +84,7 @@ import collections
 import functools
 import json
 import re
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -135,7 +136,7 @@ _FEATURES_DQ = flags.DEFINE_list(
 _FEATURES_RANKED = flags.DEFINE_bool(
     "features_ranked", False, "features: also time the packed documents "
     "(and the aligned ones) with the Mosaic forward's query tiles dealt by "
-    "rank of their work (`flash_packed_ranked`: `mosaic_common."
+    "rank of their work (`flash_packed_ranked`: `mosaic_schedule."
     "RANKED_ORDER` set while the variant traces), against the same plain "
     "causal as the default's.")
 _TRACE = flags.DEFINE_integer(
@@ -331,12 +332,8 @@ def _cells(s: int, h: int, d: int, b: int):
 def _ranked(attend):
   """`attend` traced with the forward's tiles dealt by rank."""
   def ranked(*args):
-    saved = mosaic_schedule.RANKED_ORDER
-    mosaic_schedule.RANKED_ORDER = True
-    try:
+    with mock.patch.object(mosaic_schedule, "RANKED_ORDER", True):
       return attend(*args)
-    finally:
-      mosaic_schedule.RANKED_ORDER = saved
   return ranked
 
 

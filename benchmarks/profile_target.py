@@ -22,7 +22,6 @@ order):
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 
 from absl import app
@@ -67,12 +66,9 @@ def _launch(d: int) -> dict:
     return {}
   if _MECHANISM.value != "flash":
     raise SystemExit("--backward is flash's")
-  launch = dataclasses.replace(
-      flash_kernel.default_launch_config(d, _CAUSAL.value, 9.0),
-      fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
-      dkv=flash_kernel.mosaic_dkv_launch(d, fused=True), dkv_backend="mosaic",
-      atomic_dq=True, deterministic_dq=_BACKWARD.value == "fused")
-  return dict(launch=launch)
+  return dict(launch=flash_kernel.hopper_launch_config(
+      d, _CAUSAL.value, dq="fused",
+      deterministic_dq=_BACKWARD.value == "fused"))
 
 
 def _program(b, s, h, d):

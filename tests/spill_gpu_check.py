@@ -12,7 +12,6 @@ and in int32 fixed point) of a bf16 causal call at padded head sizes 64 and
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import sys
 
@@ -26,11 +25,8 @@ from flexible_attention.kernels import flash as flash_kernel
 def main():
   assert jax.default_backend() == "gpu", jax.default_backend()
   for d, deterministic in itertools.product((64, 128), (False, True)):
-    launch = dataclasses.replace(
-        flash_kernel.default_launch_config(d, True, 9.0),
-        fwd=flash_kernel.mosaic_launch(d), fwd_backend="mosaic",
-        dkv=flash_kernel.mosaic_dkv_launch(d, fused=True),
-        dkv_backend="mosaic", atomic_dq=True, deterministic_dq=deterministic)
+    launch = flash_kernel.hopper_launch_config(
+        d, True, dq="fused", deterministic_dq=deterministic)
     q = jax.random.normal(jax.random.key(d), (1, 1024, 4, d), jnp.bfloat16)
 
     def loss(q, k, v, launch=launch):
