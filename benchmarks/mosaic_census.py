@@ -15,8 +15,8 @@ kernel, in all its copies of the step (the masked and unmasked loops).
 
 This is a static count before LLVM's optimisations, not a timing: LLVM may
 fold or fuse some of it (an add after a multiply into an FMA), and it says
-nothing of registers or spills (ptxas', which needs the GPU machine:
-`MOSAIC_GPU_DUMP_PTXAS=1` there).
+nothing of registers or spills (ptxas': `MOSAIC_GPU_DUMP_PTXAS=1` on the
+GPU machine, or `sass_loops.py --compile=... --deviceless` on any).
 
 Cells: `plain` (causal, no mod); `alibi` (causal ALiBi as a score_mod,
 split by the kernels: `mosaic_mod_split`); `alibi_per_element` (the same,
