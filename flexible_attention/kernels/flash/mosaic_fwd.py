@@ -188,18 +188,13 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     # its tile is first needed: before its query rows are fetched.
     early = order.ranked and buffers == 2
 
-    def fetch_ranked(n):  # Item n's query rows, n >= 1 (`early`).
-      plgpu.barrier_wait(bounds_ready.at[wg * ring + lax.rem(n, ring)])
-      fetch(n, lax.rem(n, 2), ranked_tile(n))
-
-    def prefetch(n):  # At item n's first scores (two buffers): item n - 1's
-      # stores (its output, from the buffer item n + 1 takes, and its lse,
-      # whose row item n rewrites) have left shared memory.
+    def prefetch(n, next_tile=None):  # At item n's first scores (two
+      # buffers): item n - 1's stores (its output, from the buffer item n + 1
+      # takes, and its lse, whose row item n rewrites) have left shared
+      # memory. `next_tile`: by rank, item n + 1's (`early`).
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      if early:
-        pl.when(n + 1 < count)(functools.partial(fetch_ranked, n + 1))
-      else:
-        pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2)))
+      pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2),
+                                           next_tile))
 
     if early:
       plgpu.barrier_wait(bounds_ready.at[wg * ring])
@@ -217,7 +212,14 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         fetch(n, 0, tile if order.ranked else None)
       i = (lax.rem(n, 2) if buffers == 2 else 0) * CONSUMERS + wg
-      release = functools.partial(prefetch, n) if buffers == 2 else None
+      next_tile = None
+      if early:  # Item n + 1's tile, from its bounds row (fetched an item
+        # before this one), read here rather than inside the first step.
+        pl.when(n + 1 < count)(lambda: plgpu.barrier_wait(
+            bounds_ready.at[wg * ring + lax.rem(n + 1, ring)]))
+        next_tile = ranked_tile(n + 1)
+      release = (functools.partial(prefetch, n, next_tile) if buffers == 2
+                 else None)
       q_tile = q_smem.at[i]
       mods = fetched_mods(st, mod_scratch, i, (ROWS, bk))
       q_vec = loaded_query_vectors(st, qvec_smem.at[i], qvec_ready.at[i],
@@ -287,6 +289,8 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+        if masked and __import__("os").environ.get("X1"):
+          p = jnp.where(vis, p, 0.0)
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         if drop is not None:  # Its 1 / (1 - rate) scales the output at the
