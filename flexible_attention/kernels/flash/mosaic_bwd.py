@@ -393,7 +393,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   order = TileOrder.choose(batch, kv_heads, nk, st.causal,
                            gpu.core_count(), kernel="dkv")
 
-  def body(*operands):
+  def flash_dkdv(*operands):
     smem = (
         plgpu.SMEM((key_tiles, ROWS, d), k.dtype, transforms=swizzled),
         plgpu.SMEM((key_tiles, ROWS, d), v.dtype, transforms=swizzled),
@@ -450,7 +450,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
               *row_operands(mod_rows))
   if not with_dq:
     dq = None
-    outs = plgpu.kernel(body, out_type=out_type, compiler_params=params,
+    outs = plgpu.kernel(flash_dkdv, out_type=out_type, compiler_params=params,
                         **mesh)(*operands)
   else:
     def fused(refs):
@@ -458,7 +458,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       # starts at zero. jax 0.10's `plgpu.kernel` takes no Ref operand;
       # `pl.kernel` over a `plgpu.Mesh`, which it wraps, does.
       dq_ref, *out_refs = refs
-      outs = pl.kernel(body, out_type,
+      outs = pl.kernel(flash_dkdv, out_type,
                        mesh=plgpu.Mesh(**mesh), compiler_params=params,
                        name="flash_dkdv_dq")(*operands, dq_ref)
       for ref, x in zip(out_refs, outs):

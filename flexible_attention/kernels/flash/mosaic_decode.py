@@ -456,7 +456,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
   swizzled = wgmma_transforms(q.dtype)
   out_dtype = q.dtype if final else jnp.float32
 
-  def body(*refs):
+  def flash_decode(*refs):
     # q, k, v, [table], lengths, positions, [q_valid], [poison], out, lse.
     refs = iter(refs)
     q_ref, k_ref, v_ref = next(refs), next(refs), next(refs)
@@ -501,7 +501,7 @@ def decode_partials(st, q, key_pages, value_pages, page_table, kv_lengths,
       jax.ShapeDtypeStruct((splits, batch, num_kv_heads, rows_out),
                            jnp.float32))
   return plgpu.kernel(
-      body, out_type=out_type, grid=(splits, batch, num_kv_heads),
+      flash_decode, out_type=out_type, grid=(splits, batch, num_kv_heads),
       grid_names=("s", "b", "h"), num_threads=1 + launch.producers,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -266,7 +266,7 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
   order = TileOrder.choose(batch, heads, nq, st.causal, gpu.core_count(),
                            kernel="dq")
 
-  def body(*refs):
+  def flash_dq(*refs):
     refs = list(refs)
     operands, dq_ref = refs[:8], refs[-1]
     mod_refs = split_row_refs(mod_rows, refs[8:-1])
@@ -296,6 +296,6 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
                   collective_axes="wg")
 
   return query_tile_kernel(
-      body, jax.ShapeDtypeStruct(q.shape, q.dtype), order)(
+      flash_dq, jax.ShapeDtypeStruct(q.shape, q.dtype), order)(
           q, k, v, do, stats, bounds, q_vectors, kv_vectors,
           *row_operands(mod_rows))
