@@ -74,8 +74,9 @@ point) backward, whose per-token passes (the fixed-point scales, dQ's
 int32 zeros and conversion) and per-program ends weigh more where a
 program has few tiles. `--features_ranked` adds the packed documents (and
 the aligned ones) with the persistent forward's query tiles dealt by rank
-of their work (`mosaic_schedule.RANKED_ORDER`), against the same plain
-causal as the default's.
+of their work (`mosaic_schedule.RANKED_ORDER`) and, as `_ranked_dkv`,
+with the dK/dV kernel's key tiles dealt so (`RANKED_DKV_ORDER`), against
+the same plain causal as the default's.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ _FEATURES_RANKED = flags.DEFINE_bool(
     "features_ranked", False, "features: also time the packed documents "
     "(and the aligned ones) with the Mosaic forward's query tiles dealt by "
     "rank of their work (`flash_packed_ranked`: `mosaic_schedule."
-    "RANKED_ORDER` set while the variant traces), against the same plain "
-    "causal as the default's.")
+    "RANKED_ORDER` set while the variant traces) and with the dK/dV "
+    "kernel's key tiles dealt so (`flash_packed_ranked_dkv`: "
+    "`RANKED_DKV_ORDER`), against the same plain causal as the default's.")
 _TRACE = flags.DEFINE_integer(
     "trace", 0, "Then run each timed variant's forward+backward this many "
     "times under `jax.profiler.trace`: microseconds per call of each "
@@ -305,7 +307,8 @@ def _cells(s: int, h: int, d: int, b: int):
   if _FEATURES_RANKED.value:
     for name in ("flash_packed", "flash_packed_aligned"):
       attend, *rest = features[name]
-      features[f"{name}_ranked"] = (_ranked(attend), *rest)
+      for suffix, flag in RANKED_FLAGS.items():
+        features[f"{name}{suffix}"] = (_ranked(attend, flag), *rest)
   cells["features"] = (_reference(causal), None, features)
   cells = {name: cells[name] for name in _CELLS.value}
   causal_pairs = comparison_cells.causal_pairs(s)
@@ -329,20 +332,27 @@ def _cells(s: int, h: int, d: int, b: int):
   return cells, pairs, own_pairs, own_tiles
 
 
-def _ranked(attend):
-  """`attend` traced with the forward's tiles dealt by rank."""
+# `--features_ranked`'s variants: name suffix -> the `mosaic_schedule`
+# flag set while the variant traces (the forward's query tiles by rank; the
+# dK/dV kernel's key tiles by rank).
+RANKED_FLAGS = {"_ranked": "RANKED_ORDER", "_ranked_dkv": "RANKED_DKV_ORDER"}
+
+
+def _ranked(attend, flag: str):
+  """`attend` traced with `mosaic_schedule.<flag>` on."""
   def ranked(*args):
-    with mock.patch.object(mosaic_schedule, "RANKED_ORDER", True):
+    with mock.patch.object(mosaic_schedule, flag, True):
       return attend(*args)
   return ranked
 
 
 def _pinned(name: str) -> tuple[str, str]:
   """`(variant, suffix)`: a features variant's name without the `_<path>`
-  of `--features_dq` (or the `_ranked` of `--features_ranked`), and that
-  suffix ("" for the default launch)."""
-  if name.endswith("_ranked"):
-    return name.removesuffix("_ranked"), ""
+  of `--features_dq` (or a `RANKED_FLAGS` suffix of `--features_ranked`),
+  and that suffix ("" for the default launch)."""
+  for suffix in RANKED_FLAGS:
+    if name.endswith(suffix):
+      return name.removesuffix(suffix), ""
   for path in _FEATURES_DQ.value:
     if name.endswith("_" + path):
       return name[:-len(path) - 1], "_" + path

@@ -511,22 +511,71 @@ def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
     assert loads[True] < 1.03 < 1.25 < loads[False], loads
 
 
-def test_ranked_order_follows_the_structure(monkeypatch):
-  """`ranked_order`: with `RANKED_ORDER`, calls with segment ids or a
+@pytest.mark.parametrize("flag,kernel", [("RANKED_ORDER", "fwd"),
+                                         ("RANKED_DKV_ORDER", "dkv")])
+def test_ranked_order_follows_the_structure(flag, kernel, monkeypatch):
+  """`ranked_order`: with the kernel's flag, calls with segment ids or a
   mask_mod; never plain causal or a window (whose tiles' work the index
-  already orders)."""
+  already orders); the other kernel's flag leaves it off."""
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   ids = jnp.zeros((1, 256), jnp.int32)
   calls = {"causal": dict(causal=True), "window": dict(sliding_window=(8, 0)),
            "segments": dict(segment_ids=ids, causal=True),
            "mask_mod": dict(mask_mod=lambda b, h, i, j: i >= j)}
+  other = {"fwd": "dkv", "dkv": "fwd"}[kernel]
   for on in (False, True):
-    monkeypatch.setattr(mosaic_schedule, "RANKED_ORDER", on)
-    ranked = {name: mosaic_schedule.ranked_order(flash_kernel.prepare(
-        fa.canonicalize(q, q, q, **call), sm_scale=0.1).static)
-              for name, call in calls.items()}
+    monkeypatch.setattr(mosaic_schedule, flag, on)
+    statics = {name: flash_kernel.prepare(
+        fa.canonicalize(q, q, q, **call), sm_scale=0.1).static
+               for name, call in calls.items()}
+    ranked = {name: mosaic_schedule.ranked_order(st, kernel)
+              for name, st in statics.items()}
     assert ranked == {"causal": False, "window": False, "segments": on,
                       "mask_mod": on}, ranked
+    assert not any(mosaic_schedule.ranked_order(st, other)
+                   for st in statics.values())
+
+
+def _list_schedule(work, cores: int) -> float:
+  """The last end over the mean of `work` (program costs in start order)
+  started each on the first of `cores` multiprocessors to free."""
+  ends = [0.0] * cores
+  for w in work:
+    heapq.heapreplace(ends, ends[0] + w)
+  return max(ends) / (sum(work) / cores)
+
+
+def test_ranked_dkv_order_balances_documents_key_tiles():
+  """`ranked_tile_order` with `ranked_bounds` on the dK/dV kernel's bounds
+  (key tiles of causal packed documents, 16k tokens, 16 heads): every
+  (tile, batch row, head) once, each program's row naming its tile; its
+  programs, started in CUDA's order on 132 multiprocessors (cost: the
+  query tiles a key tile visits), end within 2% of an even split, where
+  the default grouped order ends 5% or more over it."""
+  batch, heads, tiles = 1, 16, 128
+  ids = jnp.asarray(comparison_cells.packed_segment_ids(
+      batch, tiles * mosaic_common.dkv_block_k(128), seed=0), jnp.int32)
+  q = jnp.zeros((batch, ids.shape[1], 1, 128), jnp.bfloat16)
+  bounds = flash_kernel.prepare(
+      fa.canonicalize(q, q, q, causal=True, segment_ids=ids), sm_scale=0.1,
+      launch=flash_kernel.hopper_launch_config(128, True)).aux["bounds_dkv"]
+  assert bounds.shape == (batch, tiles, 4)
+  work = np.asarray(bounds[..., 3] - bounds[..., 0])
+  table = np.asarray(mosaic_schedule.ranked_bounds(
+      mosaic_schedule.pad_bounds(bounds)))
+  orders = {"ranked": mosaic_schedule.ranked_tile_order(batch, heads, tiles),
+            "grouped": structure.TileOrder.choose(batch, heads, tiles, True,
+                                                  132, kernel="dkv")}
+  spans = {}
+  for name, order in orders.items():
+    programs = _launch_order(order)  # CUDA's order.
+    if name == "ranked":  # The row of rank r names its tile.
+      programs = [(int(table[b, r, mosaic_schedule.TILE_COLUMN]), b, h)
+                  for r, b, h in programs]
+    assert sorted(programs) == sorted(itertools.product(
+        range(tiles), range(batch), range(heads)))
+    spans[name] = _list_schedule([work[b, t] for t, b, _ in programs], 132)
+  assert spans["ranked"] < 1.02 < 1.05 < spans["grouped"], spans
 
 
 @pytest.mark.parametrize("batch,heads,tiles,causal,snakes", [
@@ -600,6 +649,45 @@ def test_hopper_persistent_forward_by_rank(variant, monkeypatch):
   call, shape, launch = _ranked_case(variant, monkeypatch)
   _check(f"hopper ranked {variant}", call, launch=launch, interpret=False,
          **shape)
+
+
+# `mosaic_schedule.RANKED_DKV_ORDER`: the dK/dV kernel's key tiles dealt by
+# rank (`ranked_tile_order`), segments with grouped heads, causal and not:
+# the split backward (dQ by `mosaic_dq`) and the fused one (dQ inside the
+# dK/dV kernel, fixed point).
+RANKED_DKV_CASES = {"split_causal": (True, False), "split_full": (False, False),
+                    "fused_causal": (True, True)}
+
+
+def _ranked_dkv_case(variant, monkeypatch):
+  """`(call, shape, launch)` of a `RANKED_DKV_CASES` variant."""
+  causal, fused = RANKED_DKV_CASES[variant]
+  monkeypatch.setattr(mosaic_schedule, "RANKED_DKV_ORDER", True)
+  call, shape = _hopper_case("segments")
+  d = structure.pad_dim(shape["d"])
+  launch = _fused(d, causal) if fused else _mosaic(d, causal, dq=True)
+  return dict(call, causal=causal), shape, launch
+
+
+@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
+                    reason=gpu_interpret.UNAVAILABLE or "")
+@pytest.mark.parametrize("variant", RANKED_DKV_CASES)
+def test_dkdv_by_rank_in_gpu_interpreter(variant, monkeypatch):
+  """The dK/dV kernel with its key tiles dealt by rank: each program's tile
+  read from its bounds row; out and grads against the reference."""
+  call, shape, launch = _ranked_dkv_case(variant, monkeypatch)
+  with gpu_interpret.mosaic_on_cpu():
+    _check(f"interpreted ranked dK/dV {variant}", call, launch=launch,
+           interpret=False, jit=False, **shape)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("variant", RANKED_DKV_CASES)
+def test_hopper_dkdv_by_rank(variant, monkeypatch):
+  """As the interpreter's test, compiled."""
+  call, shape, launch = _ranked_dkv_case(variant, monkeypatch)
+  _check(f"hopper ranked dK/dV {variant}", call, launch=launch,
+         interpret=False, **shape)
 
 
 # Cases of several items a program (3 multiprocessors): empty query tiles,

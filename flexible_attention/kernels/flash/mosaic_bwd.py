@@ -127,6 +127,10 @@ from flexible_attention.kernels.flash.mosaic_mods import grad_slots
 from flexible_attention.kernels.flash.mosaic_numerics import fixed_point_scales
 from flexible_attention.kernels.flash.mosaic_schedule import bounds_count
 from flexible_attention.kernels.flash.mosaic_schedule import pad_bounds
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_bounds
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_order
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_tile_order
+from flexible_attention.kernels.flash.mosaic_schedule import row_tile
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder
 
@@ -280,17 +284,21 @@ class _DkdvRefs:
 
 
 def _dkdv_kernel(*refs, st: Static, bq: int, with_dq: bool,
-                 fixed_point: bool, mod_rows, order: TileOrder):
+                 fixed_point: bool, mod_rows, order: TileOrder,
+                 ranked: bool):
   """One program: `dkv_block_k(Dp)` keys of one (batch, KV head), every
   query head of its group; `refs` are the operands (the mods' rows after
   the inputs, then `with_dq` dQ's Ref), the outputs, and last the
-  shared-memory scratch."""
+  shared-memory scratch. `ranked`: the grid's tile axis is a rank, the
+  program's key tile in its bounds row (`ranked_tile_order`)."""
   r = _DkdvRefs(st, bq, refs[:-1], refs[-1], with_dq, fixed_point, mod_rows,
                 order)
   lo, flo, fhi, hi, *seed = read_row(r.bounds.at[r.batch, r.tile],
                                       r.bounds_smem.at[r.wg],
                                       r.bounds_ready.at[r.wg],
                                       bounds_count(st))
+  if ranked:
+    r.tile = row_tile(r.bounds_smem, r.wg)
   if seed:
     r.drop = TileDropout(st, seed, r.batch)
   r.rotate(lo, flo, fhi, hi)
@@ -390,8 +398,13 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
   stats = jnp.stack(stats, axis=2)  # [B, H, 2 or 3, Sqp]
   bounds = pad_bounds(bounds, seed)
   key_tiles = bk // ROWS  # One per warpgroup of 64 keys.
-  order = TileOrder.choose(batch, kv_heads, nk, st.causal,
-                           gpu.core_count(), kernel="dkv")
+  ranked = ranked_order(st, "dkv")
+  if ranked:  # Heavy key tiles first over every (batch row, KV head).
+    bounds = ranked_bounds(bounds)
+    order = ranked_tile_order(batch, kv_heads, nk)
+  else:
+    order = TileOrder.choose(batch, kv_heads, nk, st.causal,
+                             gpu.core_count(), kernel="dkv")
 
   def flash_dkdv(*operands):
     smem = (
@@ -432,7 +445,7 @@ def dkdv(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors,
       _dkdv_kernel(*operands, (*smem_refs, exchange_refs, own_refs,
                                ready_refs, free_ref, mod_refs),
                    st=st, bq=bq, with_dq=with_dq, fixed_point=fixed_point,
-                   mod_rows=mod_rows, order=order)
+                   mod_rows=mod_rows, order=order, ranked=ranked)
 
     pl.run_scoped(scoped, smem, exchange, own, ready, free, mods_scratch,
                   collective_axes="wg")

@@ -89,7 +89,6 @@ from flexible_attention.kernels.flash.mosaic_mod_split import key_terms
 from flexible_attention.kernels.flash.mosaic_mod_split import row_terms
 from flexible_attention.kernels.flash.mosaic_mod_split import split_slot
 from flexible_attention.kernels.flash.mosaic_mods import unmasked_reads
-from flexible_attention.kernels.flash.mosaic_schedule import TILE_COLUMN
 from flexible_attention.kernels.flash.mosaic_schedule import WorkOrder
 from flexible_attention.kernels.flash.mosaic_schedule import bounds_count
 from flexible_attention.kernels.flash.mosaic_schedule import pad_bounds
@@ -97,6 +96,7 @@ from flexible_attention.kernels.flash.mosaic_schedule import persistent_kernel
 from flexible_attention.kernels.flash.mosaic_schedule import query_tile_loop
 from flexible_attention.kernels.flash.mosaic_schedule import ranked_bounds
 from flexible_attention.kernels.flash.mosaic_schedule import ranked_order
+from flexible_attention.kernels.flash.mosaic_schedule import row_tile
 from flexible_attention.kernels.flash.structure import LN2
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
@@ -141,8 +141,7 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
   # during this one), of 3 by rank (the consumers read the next item's
   # tile at this one's first scores, so it is fetched an item earlier).
   ring = 3 if order.ranked else 2
-  ranked_tile = lambda n: bounds_smem[wg * ring + lax.rem(n, ring),
-                                      TILE_COLUMN]
+  ranked_tile = lambda n: row_tile(bounds_smem, wg * ring + lax.rem(n, ring))
 
   def fetch_bounds(n):  # Item n's bounds row, into row n % ring of this wg's.
     tile, batch, _ = order.item(program, n)

@@ -54,21 +54,39 @@ TILE_COLUMN = BOUNDS_ROW - 1  # A ranked bounds row's tile (`ranked_bounds`).
 
 
 def ranked_bounds(bounds):
-  """A padded bounds table `[B, nq, BOUNDS_ROW]` (`pad_bounds`) with each
-  batch row's tiles sorted by their key tiles `hi - lo`, most first (ties
-  by tile), and each row's tile in its `TILE_COLUMN`: row `r` of batch row
-  b is the tile of rank r (`WorkOrder.ranked`)."""
+  """A padded bounds table `[B, n, BOUNDS_ROW]` (`pad_bounds`) with each
+  batch row's tiles sorted by `hi - lo` (the forward's query tiles by
+  their key tiles, the dK/dV kernel's key tiles by their query tiles),
+  most first (ties by tile), and each row's tile in its `TILE_COLUMN`: row
+  `r` of batch row b is the tile of rank r (`WorkOrder.ranked`,
+  `ranked_tile_order`)."""
   work = bounds[..., 3] - bounds[..., 0]
   ranks = jnp.argsort(-work, axis=1, stable=True).astype(jnp.int32)
   rows = jnp.take_along_axis(bounds, ranks[..., None], axis=1)
   return rows.at[..., TILE_COLUMN].set(ranks)
 
 
-def ranked_order(st) -> bool:
-  """Whether the persistent forward deals a call's query tiles by rank
-  (`WorkOrder.ranked`): with `RANKED_ORDER`, where segment ids or a
-  mask_mod make a tile's work other than its index says."""
-  return RANKED_ORDER and (st.segments or st.mask_mod)
+def ranked_order(st, kernel: str = "fwd") -> bool:
+  """Whether `kernel` deals a call's tiles by rank, where segment ids or a
+  mask_mod make a tile's work other than its index says: the persistent
+  forward its query tiles (`"fwd"`, `WorkOrder.ranked`; `RANKED_ORDER`),
+  the dK/dV kernel its key tiles (`"dkv"`, `ranked_tile_order`;
+  `RANKED_DKV_ORDER`)."""
+  flag = {"fwd": RANKED_ORDER, "dkv": RANKED_DKV_ORDER}[kernel]
+  return flag and bool(st.segments or st.mask_mod)
+
+
+def ranked_tile_order(batch: int, heads: int, tiles: int) -> TileOrder:
+  """A grid kernel's programs by rank: rank r of every (batch row, head)
+  before rank r + 1 (`TileOrder` in one group of all `batch * heads`), its
+  tile axis the rank, with the bounds table sorted by `ranked_bounds` (the
+  program reads its tile from its row: `row_tile`)."""
+  return TileOrder(batch, heads, tiles, group=batch * heads)
+
+
+def row_tile(bounds_smem, row):
+  """The tile of a ranked bounds row already read into shared memory."""
+  return bounds_smem[row, TILE_COLUMN]
 
 
 def bounds_count(st) -> int:
@@ -134,6 +152,14 @@ SNAKE_PROGRAMS_PER_HEAD = 4
 # work uneven (`ranked_order`). Off until timed on a GPU
 # (benchmarks/flash_notes.md).
 RANKED_ORDER = False
+# The dK/dV kernel's key tiles dealt by rank likewise (`ranked_order(st,
+# "dkv")`): its grid's programs, heaviest first over all (batch row, KV
+# head) pairs, each reading its key tile from its bounds row. In a list-
+# scheduling model of packed documents (16k tokens, 16 heads, 128-key
+# tiles, 132 multiprocessors, a masked tile costing one or two full ones)
+# the grouped order's last program ends 1.09-1.17x the mean work, by
+# rank 1.01x. Off until timed on a GPU (benchmarks/flash_notes.md).
+RANKED_DKV_ORDER = False
 
 
 @dataclasses.dataclass(frozen=True)
