@@ -74,9 +74,9 @@ point) backward, whose per-token passes (the fixed-point scales, dQ's
 int32 zeros and conversion) and per-program ends weigh more where a
 program has few tiles. `--features_ranked` adds the packed documents (and
 the aligned ones) with the persistent forward's query tiles dealt by rank
-of their work (`mosaic_schedule.RANKED_ORDER`) and, as `_ranked_dkv`,
-with the dK/dV kernel's key tiles dealt so (`RANKED_DKV_ORDER`), against
-the same plain causal as the default's.
+of their work (`mosaic_schedule.RANKED_ORDER`) and, as `_ranked_bwd`,
+with the backward's dK/dV and dQ kernels' tiles dealt so
+(`RANKED_BWD_ORDER`), against the same plain causal as the default's.
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ _FEATURES_RANKED = flags.DEFINE_bool(
     "features_ranked", False, "features: also time the packed documents "
     "(and the aligned ones) with the Mosaic forward's query tiles dealt by "
     "rank of their work (`flash_packed_ranked`: `mosaic_schedule."
-    "RANKED_ORDER` set while the variant traces) and with the dK/dV "
-    "kernel's key tiles dealt so (`flash_packed_ranked_dkv`: "
-    "`RANKED_DKV_ORDER`), against the same plain causal as the default's.")
+    "RANKED_ORDER` set while the variant traces) and with the backward's "
+    "dK/dV and dQ kernels' tiles dealt so (`flash_packed_ranked_bwd`: "
+    "`RANKED_BWD_ORDER`), against the same plain causal as the default's.")
 _TRACE = flags.DEFINE_integer(
     "trace", 0, "Then run each timed variant's forward+backward this many "
     "times under `jax.profiler.trace`: microseconds per call of each "
@@ -334,8 +334,8 @@ def _cells(s: int, h: int, d: int, b: int):
 
 # `--features_ranked`'s variants: name suffix -> the `mosaic_schedule`
 # flag set while the variant traces (the forward's query tiles by rank; the
-# dK/dV kernel's key tiles by rank).
-RANKED_FLAGS = {"_ranked": "RANKED_ORDER", "_ranked_dkv": "RANKED_DKV_ORDER"}
+# backward's grid kernels' tiles by rank).
+RANKED_FLAGS = {"_ranked": "RANKED_ORDER", "_ranked_bwd": "RANKED_BWD_ORDER"}
 
 
 def _ranked(attend, flag: str):

@@ -27,10 +27,11 @@ half of those with `DQ_LAG`), and the split dK/dV kernel's 128-row steps
 at padded D = 64 (`mosaic_common.WIDE_DKV_STEPS`, half the draws; the
 fused backward and calls with mods keep 64), and the forward's query
 tiles dealt by rank (`mosaic_schedule.RANKED_ORDER`, half the draws, forward
-and backward; it changes the calls with segment ids), and the dK/dV kernel's
-key tiles dealt by rank (`RANKED_DKV_ORDER`, half the backward draws). On a
-CPU the Triton dQ kernel cannot run beside the interpreted Mosaic ones, so a
-draw of padded D = 256 (whose only dQ is Triton's) runs at 128 there.
+and backward; it changes the calls with segment ids), and the dK/dV
+and dQ kernels' tiles dealt by rank (`RANKED_BWD_ORDER`, half the backward
+draws). On a CPU the Triton dQ kernel cannot run beside the interpreted
+Mosaic ones, so a draw of padded D = 256 (whose only dQ is Triton's) runs at
+128 there.
 
 Each draw runs `flash_kernel` with the Hopper launches op by op, compiled
 on an sm_90 GPU, else in JAX's GPU interpreter (jax >= 0.11; 10-60 s a
@@ -101,7 +102,7 @@ class Draw:
   stagger: bool = False  # `mosaic_bwd_rows.STAGGER`.
   wide_dkv: bool = False  # `mosaic_common.WIDE_DKV_STEPS`.
   ranked: bool = False  # `mosaic_schedule.RANKED_ORDER`.
-  ranked_dkv: bool = False  # `mosaic_schedule.RANKED_DKV_ORDER`.
+  ranked_bwd: bool = False  # `mosaic_schedule.RANKED_BWD_ORDER`.
 
 
 def draw(seed: int, backward: bool = False) -> Draw:
@@ -139,7 +140,7 @@ def draw(seed: int, backward: bool = False) -> Draw:
   stagger = dq_lag and bool(rng.random() < 0.5)
   wide_dkv = bool(rng.random() < 0.5)
   ranked = bool(rng.random() < 0.5)
-  ranked_dkv = bool(rng.random() < 0.5)
+  ranked_bwd = bool(rng.random() < 0.5)
   d = x.d
   if structure.pad_dim(d) == 256:  # Only Triton's dQ kernel serves it.
     d, dq, rotate_dq = (256, "triton", False) if HOPPER else (128, dq,
@@ -149,7 +150,7 @@ def draw(seed: int, backward: bool = False) -> Draw:
                              dq_add_beside_dk=dq_add_beside_dk,
                              dq_lag=dq_lag, stagger=stagger,
                              wide_dkv=wide_dkv, ranked=ranked,
-                             ranked_dkv=ranked_dkv)
+                             ranked_bwd=ranked_bwd)
 
 
 def _launch(x: Draw) -> flash_kernel.LaunchConfig:
@@ -178,7 +179,7 @@ def _kernels_of(x: Draw):
                (mosaic_bwd_rows, "STAGGER", x.stagger),
                (mosaic_common, "WIDE_DKV_STEPS", x.wide_dkv),
                (mosaic_schedule, "RANKED_ORDER", x.ranked),
-               (mosaic_schedule, "RANKED_DKV_ORDER", x.ranked_dkv)]
+               (mosaic_schedule, "RANKED_BWD_ORDER", x.ranked_bwd)]
     if x.snake:
       patched.append((mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", 0))
     original = [(m, n, getattr(m, n)) for m, n, _ in patched]

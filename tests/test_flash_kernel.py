@@ -512,7 +512,8 @@ def test_ranked_work_order_balances_uneven_tiles(batch, heads, tiles, causal,
 
 
 @pytest.mark.parametrize("flag,kernel", [("RANKED_ORDER", "fwd"),
-                                         ("RANKED_DKV_ORDER", "dkv")])
+                                         ("RANKED_BWD_ORDER", "dkv"),
+                                         ("RANKED_BWD_ORDER", "dq")])
 def test_ranked_order_follows_the_structure(flag, kernel, monkeypatch):
   """`ranked_order`: with the kernel's flag, calls with segment ids or a
   mask_mod; never plain causal or a window (whose tiles' work the index
@@ -522,7 +523,7 @@ def test_ranked_order_follows_the_structure(flag, kernel, monkeypatch):
   calls = {"causal": dict(causal=True), "window": dict(sliding_window=(8, 0)),
            "segments": dict(segment_ids=ids, causal=True),
            "mask_mod": dict(mask_mod=lambda b, h, i, j: i >= j)}
-  other = {"fwd": "dkv", "dkv": "fwd"}[kernel]
+  other = {"fwd": "dkv", "dkv": "fwd", "dq": "fwd"}[kernel]
   for on in (False, True):
     monkeypatch.setattr(mosaic_schedule, flag, on)
     statics = {name: flash_kernel.prepare(
@@ -545,33 +546,38 @@ def _list_schedule(work, cores: int) -> float:
   return max(ends) / (sum(work) / cores)
 
 
-def test_ranked_dkv_order_balances_documents_key_tiles():
-  """`ranked_tile_order` with `ranked_bounds` on the dK/dV kernel's bounds
-  (key tiles of causal packed documents, 16k tokens, 16 heads): every
-  (tile, batch row, head) once, each program's row naming its tile; its
-  programs, started in CUDA's order on 132 multiprocessors (cost: the
-  query tiles a key tile visits), end within 2% of an even split, where
-  the default grouped order ends 5% or more over it."""
-  batch, heads, tiles = 1, 16, 128
-  ids = jnp.asarray(comparison_cells.packed_segment_ids(
-      batch, tiles * mosaic_common.dkv_block_k(128), seed=0), jnp.int32)
-  q = jnp.zeros((batch, ids.shape[1], 1, 128), jnp.bfloat16)
+@pytest.mark.parametrize("kernel", ["dkv", "dq"])
+def test_ranked_tile_order_balances_documents(kernel):
+  """`ranked_tile_order` with `ranked_bounds` on a backward grid kernel's
+  bounds (the dK/dV kernel's key tiles, the dQ kernel's query tiles; causal
+  packed documents, 16k tokens, 16 heads): every (tile, batch row, head)
+  once, each program's row naming its tile; its programs, started in
+  CUDA's order on 132 multiprocessors (cost: the tiles a tile visits), end
+  within 2% of an even split, where the default grouped order ends 5% or
+  more over it."""
+  batch, heads, seq = 1, 16, 16384
+  ids = jnp.asarray(comparison_cells.packed_segment_ids(batch, seq, seed=0),
+                    jnp.int32)
+  q = jnp.zeros((batch, seq, 1, 128), jnp.bfloat16)
   bounds = flash_kernel.prepare(
       fa.canonicalize(q, q, q, causal=True, segment_ids=ids), sm_scale=0.1,
-      launch=flash_kernel.hopper_launch_config(128, True)).aux["bounds_dkv"]
-  assert bounds.shape == (batch, tiles, 4)
+      launch=flash_kernel.hopper_launch_config(128, True, dq="mosaic")
+  ).aux[f"bounds_{kernel}"]
+  tiles = bounds.shape[1]
   work = np.asarray(bounds[..., 3] - bounds[..., 0])
   table = np.asarray(mosaic_schedule.ranked_bounds(
       mosaic_schedule.pad_bounds(bounds)))
   orders = {"ranked": mosaic_schedule.ranked_tile_order(batch, heads, tiles),
             "grouped": structure.TileOrder.choose(batch, heads, tiles, True,
-                                                  132, kernel="dkv")}
+                                                  132, kernel=kernel)}
   spans = {}
   for name, order in orders.items():
     programs = _launch_order(order)  # CUDA's order.
     if name == "ranked":  # The row of rank r names its tile.
       programs = [(int(table[b, r, mosaic_schedule.TILE_COLUMN]), b, h)
                   for r, b, h in programs]
+    elif kernel == "dq":  # Its grid's tile axis runs backwards.
+      programs = [(tiles - 1 - t, b, h) for t, b, h in programs]
     assert sorted(programs) == sorted(itertools.product(
         range(tiles), range(batch), range(heads)))
     spans[name] = _list_schedule([work[b, t] for t, b, _ in programs], 132)
@@ -651,18 +657,18 @@ def test_hopper_persistent_forward_by_rank(variant, monkeypatch):
          **shape)
 
 
-# `mosaic_schedule.RANKED_DKV_ORDER`: the dK/dV kernel's key tiles dealt by
-# rank (`ranked_tile_order`), segments with grouped heads, causal and not:
-# the split backward (dQ by `mosaic_dq`) and the fused one (dQ inside the
-# dK/dV kernel, fixed point).
-RANKED_DKV_CASES = {"split_causal": (True, False), "split_full": (False, False),
+# `mosaic_schedule.RANKED_BWD_ORDER`: the backward's grid kernels' tiles
+# dealt by rank (`ranked_tile_order`), segments with grouped heads, causal
+# and not: the split backward (the dK/dV and `mosaic_dq` kernels, both by
+# rank) and the fused one (dQ inside the dK/dV kernel, fixed point).
+RANKED_BWD_CASES = {"split_causal": (True, False), "split_full": (False, False),
                     "fused_causal": (True, True)}
 
 
-def _ranked_dkv_case(variant, monkeypatch):
-  """`(call, shape, launch)` of a `RANKED_DKV_CASES` variant."""
-  causal, fused = RANKED_DKV_CASES[variant]
-  monkeypatch.setattr(mosaic_schedule, "RANKED_DKV_ORDER", True)
+def _ranked_bwd_case(variant, monkeypatch):
+  """`(call, shape, launch)` of a `RANKED_BWD_CASES` variant."""
+  causal, fused = RANKED_BWD_CASES[variant]
+  monkeypatch.setattr(mosaic_schedule, "RANKED_BWD_ORDER", True)
   call, shape = _hopper_case("segments")
   d = structure.pad_dim(shape["d"])
   launch = _fused(d, causal) if fused else _mosaic(d, causal, dq=True)
@@ -671,22 +677,23 @@ def _ranked_dkv_case(variant, monkeypatch):
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("variant", RANKED_DKV_CASES)
-def test_dkdv_by_rank_in_gpu_interpreter(variant, monkeypatch):
-  """The dK/dV kernel with its key tiles dealt by rank: each program's tile
-  read from its bounds row; out and grads against the reference."""
-  call, shape, launch = _ranked_dkv_case(variant, monkeypatch)
+@pytest.mark.parametrize("variant", RANKED_BWD_CASES)
+def test_backward_by_rank_in_gpu_interpreter(variant, monkeypatch):
+  """The backward's grid kernels with their tiles dealt by rank: each
+  program's tile read from its bounds row; out and grads against the
+  reference."""
+  call, shape, launch = _ranked_bwd_case(variant, monkeypatch)
   with gpu_interpret.mosaic_on_cpu():
-    _check(f"interpreted ranked dK/dV {variant}", call, launch=launch,
+    _check(f"interpreted ranked backward {variant}", call, launch=launch,
            interpret=False, jit=False, **shape)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("variant", RANKED_DKV_CASES)
-def test_hopper_dkdv_by_rank(variant, monkeypatch):
+@pytest.mark.parametrize("variant", RANKED_BWD_CASES)
+def test_hopper_backward_by_rank(variant, monkeypatch):
   """As the interpreter's test, compiled."""
-  call, shape, launch = _ranked_dkv_case(variant, monkeypatch)
-  _check(f"hopper ranked dK/dV {variant}", call, launch=launch,
+  call, shape, launch = _ranked_bwd_case(variant, monkeypatch)
+  _check(f"hopper ranked backward {variant}", call, launch=launch,
          interpret=False, **shape)
 
 

@@ -48,13 +48,12 @@ def test_ranked_order_lowers_and_changes_the_forward_only(monkeypatch):
   assert ranked != forward and ranked_backward == backward
 
 
-def test_ranked_dkv_order_lowers_and_changes_the_dkdv_kernel_only(
-    monkeypatch):
-  """`mosaic_schedule.RANKED_DKV_ORDER` (the dK/dV kernel's key tiles by
-  rank, with segment ids): the dK/dV kernel lowers for CUDA with it, the
-  forward and the dQ kernel are the ones without."""
+def test_ranked_bwd_order_lowers_and_changes_the_backward_only(monkeypatch):
+  """`mosaic_schedule.RANKED_BWD_ORDER` (the dK/dV and dQ kernels' tiles
+  by rank, with segment ids): both lower for CUDA with it, the forward is
+  the one without."""
   name = "d128_segments_dropout"
   forward, dkv, dq = mosaic_ir.call_digests(name)
-  monkeypatch.setattr(mosaic_schedule, "RANKED_DKV_ORDER", True)
+  monkeypatch.setattr(mosaic_schedule, "RANKED_BWD_ORDER", True)
   ranked = mosaic_ir.call_digests(name)
-  assert ranked[0] == forward and ranked[2] == dq and ranked[1] != dkv
+  assert ranked[0] == forward and ranked[1] != dkv and ranked[2] != dq

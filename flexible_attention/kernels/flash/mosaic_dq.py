@@ -101,6 +101,9 @@ from flexible_attention.kernels.flash.mosaic_schedule import pad_bounds
 from flexible_attention.kernels.flash.mosaic_schedule import query_tile_kernel
 from flexible_attention.kernels.flash.mosaic_schedule import query_tile_loop
 from flexible_attention.kernels.flash.mosaic_schedule import query_tile_program
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_bounds
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_order
+from flexible_attention.kernels.flash.mosaic_schedule import ranked_tile_order
 from flexible_attention.kernels.flash.structure import LOG2E
 from flexible_attention.kernels.flash.structure import Static
 from flexible_attention.kernels.flash.structure import TileOrder
@@ -108,7 +111,7 @@ from flexible_attention.kernels.flash.structure import TileOrder
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
             kvvec_ref, mod_refs, dq_ref, scratch, mod_scratch, *, st: Static,
-            bk: int, order: TileOrder, split: bool):
+            bk: int, order: TileOrder, split: bool, ranked: bool):
   """One program: dQ of `BLOCK_Q` query rows of one (batch, head) pair.
 
   `mod_refs`, `mod_scratch`: the mods' program values and their
@@ -123,7 +126,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, bounds_ref, qvec_ref,
   dtype = q_ref.dtype
   kv_names = st.vectors()[1]
   tile, batch, head, wg, (lo, flo, fhi, hi, *seed) = query_tile_program(
-      bounds_ref, bounds_smem, bounds_ready, order, bounds_count(st))
+      bounds_ref, bounds_smem, bounds_ready, order, bounds_count(st),
+      ranked)
   drop = TileDropout(st, seed, batch) if seed else None
   sync = functools.partial(meet, sched)  # The consumers' ping-pong.
 
@@ -263,8 +267,13 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
   lse2 = split_lse2(st, lse2, mod_rows, q_vectors)
   stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Sqp]
   bounds = pad_bounds(bounds, seed)
-  order = TileOrder.choose(batch, heads, nq, st.causal, gpu.core_count(),
-                           kernel="dq")
+  ranked = ranked_order(st, "dq")
+  if ranked:  # Heavy query tiles first over every (batch row, head).
+    bounds = ranked_bounds(bounds)
+    order = ranked_tile_order(batch, heads, nq)
+  else:
+    order = TileOrder.choose(batch, heads, nq, st.causal, gpu.core_count(),
+                             kernel="dq")
 
   def flash_dq(*refs):
     refs = list(refs)
@@ -290,7 +299,7 @@ def dq(st: Static, q, k, v, do, lse2, delta, bounds, q_vectors, kv_vectors,
       _kernel(*operands, mod_refs, dq_ref,
               (*smem_refs, ready_refs, free_refs, sched_ref),
               split_row_scratch(mod_rows, row_refs), st=st, bk=bk,
-              order=order, split=split)
+              order=order, split=split, ranked=ranked)
 
     pl.run_scoped(scoped, smem, ready, free, sched, row_scratch(mod_rows),
                   collective_axes="wg")

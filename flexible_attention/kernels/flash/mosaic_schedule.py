@@ -70,9 +70,10 @@ def ranked_order(st, kernel: str = "fwd") -> bool:
   """Whether `kernel` deals a call's tiles by rank, where segment ids or a
   mask_mod make a tile's work other than its index says: the persistent
   forward its query tiles (`"fwd"`, `WorkOrder.ranked`; `RANKED_ORDER`),
-  the dK/dV kernel its key tiles (`"dkv"`, `ranked_tile_order`;
-  `RANKED_DKV_ORDER`)."""
-  flag = {"fwd": RANKED_ORDER, "dkv": RANKED_DKV_ORDER}[kernel]
+  the backward's grid kernels their programs' tiles (`"dkv"`: key tiles,
+  `"dq"`: query tiles; `ranked_tile_order`; `RANKED_BWD_ORDER`)."""
+  flag = {"fwd": RANKED_ORDER, "dkv": RANKED_BWD_ORDER,
+          "dq": RANKED_BWD_ORDER}[kernel]
   return flag and bool(st.segments or st.mask_mod)
 
 
@@ -96,18 +97,22 @@ def bounds_count(st) -> int:
 
 
 def query_tile_program(bounds_ref, bounds_smem, bounds_ready,
-                       order: TileOrder, count: int = 4):
+                       order: TileOrder, count: int = 4,
+                       ranked: bool = False):
   """Where a program over one query tile (dQ) is: `(tile,
   batch, head, wg, (lo, flo, fhi, hi, ...))`, its query tile (the grid's
-  tile axis backwards: heavy causal rows first), batch row, head (in
+  tile axis backwards: heavy causal rows first; `ranked`: the axis is a
+  rank, the tile in its row, `ranked_tile_order`), batch row, head (in
   `order`), this warpgroup and the first `count` scalars of the tile's
   bounds row (`bounds_count`), which every warpgroup reads through its own
   shared-memory row (`bounds_ref`: `[B, nq, BOUNDS_ROW]`)."""
   t, batch, head = order.program()
-  tile = order.tiles - 1 - t
+  tile = t if ranked else order.tiles - 1 - t
   wg = lax.axis_index("wg")
   bounds = read_row(bounds_ref.at[batch, tile], bounds_smem.at[wg],
                     bounds_ready.at[wg], count)
+  if ranked:
+    tile = row_tile(bounds_smem, wg)
   return tile, batch, head, wg, bounds
 
 
@@ -152,14 +157,15 @@ SNAKE_PROGRAMS_PER_HEAD = 4
 # work uneven (`ranked_order`). Off until timed on a GPU
 # (benchmarks/flash_notes.md).
 RANKED_ORDER = False
-# The dK/dV kernel's key tiles dealt by rank likewise (`ranked_order(st,
-# "dkv")`): its grid's programs, heaviest first over all (batch row, KV
-# head) pairs, each reading its key tile from its bounds row. In a list-
-# scheduling model of packed documents (16k tokens, 16 heads, 128-key
-# tiles, 132 multiprocessors, a masked tile costing one or two full ones)
-# the grouped order's last program ends 1.09-1.17x the mean work, by
-# rank 1.01x. Off until timed on a GPU (benchmarks/flash_notes.md).
-RANKED_DKV_ORDER = False
+# The backward's grid kernels (the Mosaic dK/dV and dQ kernels) deal their
+# programs by rank likewise (`ranked_order(st, "dkv" | "dq")`): heaviest
+# first over all (batch row, head) pairs, each program reading its tile
+# from its bounds row. In a list-scheduling model of packed documents (16k
+# tokens, 16 heads, 128-row tiles, 132 multiprocessors) the grouped
+# order's last program ends 1.09-1.17x the mean work in the dK/dV kernel
+# (a masked tile costing one or two full ones) and 1.08x in the dQ kernel,
+# by rank 1.01x. Off until timed on a GPU (benchmarks/flash_notes.md).
+RANKED_BWD_ORDER = False
 
 
 @dataclasses.dataclass(frozen=True)
