@@ -288,8 +288,6 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-        if masked and __import__("os").environ.get("X1"):
-          p = jnp.where(vis, p, 0.0)
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         if drop is not None:  # Its 1 / (1 - rate) scales the output at the

@@ -55,9 +55,10 @@ TILE_COLUMN = BOUNDS_ROW - 1  # A ranked bounds row's tile (`ranked_bounds`).
 
 def ranked_bounds(bounds):
   """A padded bounds table `[B, n, BOUNDS_ROW]` (`pad_bounds`) with each
-  batch row's tiles sorted by `hi - lo` (the forward's query tiles by
-  their key tiles, the dK/dV kernel's key tiles by their query tiles),
-  most first (ties by tile), and each row's tile in its `TILE_COLUMN`: row
+  batch row's tiles sorted by `hi - lo` (the forward's and the dQ
+  kernel's query tiles by their key tiles, the dK/dV kernel's key tiles by
+  their query tiles), most first (ties by tile), and each row's tile in
+  its `TILE_COLUMN`: row
   `r` of batch row b is the tile of rank r (`WorkOrder.ranked`,
   `ranked_tile_order`)."""
   work = bounds[..., 3] - bounds[..., 0]
