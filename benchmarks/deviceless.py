@@ -202,7 +202,8 @@ def compile_ptx(modules, *, plugin: str | None = None,
   kernels = []
   with tempfile.TemporaryDirectory() as folder:
     env = dict(os.environ,
-               LD_LIBRARY_PATH=build_stub(folder),
+               LD_LIBRARY_PATH=os.pathsep.join(filter(None, (
+                   build_stub(folder), os.environ.get("LD_LIBRARY_PATH")))),
                MOSAIC_GPU_CUDA_ROOT=cuda_root,
                PATH=os.path.join(cuda_root, "bin") + os.pathsep +
                os.environ.get("PATH", ""),
