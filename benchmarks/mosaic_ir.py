@@ -35,6 +35,8 @@ import flexible_attention as fa
 from flexible_attention.core import dropout as dropout_lib
 from flexible_attention.kernels import flash as flash_kernel
 
+import deviceless  # pylint: disable=g-bad-import-order
+
 try:  # Parses the kernels' own dialect where this jaxlib has it.
   from jax._src.lib import mosaic_gpu_dialect  # pylint: disable=g-import-not-at-top
 except ImportError:
@@ -60,30 +62,16 @@ def kernel_texts(fn, *args) -> list[str]:
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
       __file__)), "..", "tests"))
   import helpers  # pylint: disable=g-import-not-at-top
-  text = helpers.lower_for_cuda(fn, *args)
   texts = []
-
-  def walk(operation):
-    for region in operation.regions:
-      for block in region.blocks:
-        for op in block.operations:
-          op = op.operation
-          if (op.name == "stablehlo.custom_call" and "mosaic_gpu" in
-              ir.StringAttr(op.attributes["call_target_name"]).value):
-            config = op.attributes["mhlo.backend_config"]
-            data = ir.StringAttr(config["module"]).value_bytes
-            with jax_mlir.make_ir_context() as context:
-              context.allow_unregistered_dialects = True
-              if mosaic_gpu_dialect is not None:
-                mosaic_gpu_dialect.register_dialect(context)
-              kernel = ir.Module.parse(data).operation.get_asm(
-                  enable_debug_info=False)
-            # The dump name counts the kernels lowered in the process.
-            texts.append(re.sub(r'dump_basename = "[^"]*"', "", kernel))
-          walk(op)
-
-  with jax_mlir.make_ir_context():
-    walk(ir.Module.parse(text).operation)
+  for data in deviceless.mosaic_modules(helpers.lower_for_cuda(fn, *args)):
+    with jax_mlir.make_ir_context() as context:
+      context.allow_unregistered_dialects = True
+      if mosaic_gpu_dialect is not None:
+        mosaic_gpu_dialect.register_dialect(context)
+      kernel = ir.Module.parse(data).operation.get_asm(
+          enable_debug_info=False)
+    # The dump name counts the kernels lowered in the process.
+    texts.append(re.sub(r'dump_basename = "[^"]*"', "", kernel))
   return texts
 
 

@@ -616,32 +616,45 @@ def test_persistent_forward_in_the_snake_order_in_gpu_interpreter(
            interpret=False, jit=False, **shape)
 
 
-# `mosaic_schedule.RANKED_ORDER`: the forward's query tiles dealt by rank
-# (`WorkOrder.ranked`), segments with grouped heads on 3 programs (8 items
-# each): in the snake and in the chunks, causal and not.
-RANKED_CASES = {"snake": (True, 0), "chunks": (True, 1000),
-                "bidirectional": (False, 1000)}
+# Tiles dealt by rank, segments with grouped heads. The persistent forward's
+# query tiles (`mosaic_schedule.RANKED_ORDER`, `WorkOrder.ranked`) on 3
+# programs (8 items each), in the snake and in the chunks, causal and not
+# (dQ by `mosaic_dq`); the backward grid kernels' tiles (`RANKED_BWD_ORDER`,
+# `ranked_tile_order`): the split backward (the dK/dV and `mosaic_dq`
+# kernels, both by rank), causal and not, and the fused one (dQ inside the
+# dK/dV kernel, fixed point). name: (flag, causal, snake programs a head or
+# None, dQ path).
+RANKED_CASES = {
+    "fwd_snake": ("RANKED_ORDER", True, 0, "mosaic"),
+    "fwd_chunks": ("RANKED_ORDER", True, 1000, "mosaic"),
+    "fwd_bidirectional": ("RANKED_ORDER", False, 1000, "mosaic"),
+    "bwd_split_causal": ("RANKED_BWD_ORDER", True, None, "mosaic"),
+    "bwd_split_full": ("RANKED_BWD_ORDER", False, None, "mosaic"),
+    "bwd_fused_causal": ("RANKED_BWD_ORDER", True, None, "fused"),
+}
 
 
 def _ranked_case(variant, monkeypatch):
   """`(call, shape, launch)` of a `RANKED_CASES` variant: the Mosaic
-  kernels, dQ by `mosaic_dq`."""
-  causal, per_head = RANKED_CASES[variant]
-  monkeypatch.setattr(gpu, "core_count", lambda: 3)
-  monkeypatch.setattr(mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", per_head)
-  monkeypatch.setattr(mosaic_schedule, "RANKED_ORDER", True)
+  kernels, dQ by the variant's path."""
+  flag, causal, per_head, dq = RANKED_CASES[variant]
+  monkeypatch.setattr(mosaic_schedule, flag, True)
+  if per_head is not None:
+    monkeypatch.setattr(gpu, "core_count", lambda: 3)
+    monkeypatch.setattr(mosaic_schedule, "SNAKE_PROGRAMS_PER_HEAD", per_head)
   call, shape = _hopper_case("segments")
-  call = dict(call, causal=causal)
-  return call, shape, _mosaic(structure.pad_dim(shape["d"]), causal, dq=True)
+  launch = flash_kernel.hopper_launch_config(structure.pad_dim(shape["d"]),
+                                             causal, dq=dq)
+  return dict(call, causal=causal), shape, launch
 
 
 @pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
                     reason=gpu_interpret.UNAVAILABLE or "")
 @pytest.mark.parametrize("variant", RANKED_CASES)
-def test_persistent_forward_by_rank_in_gpu_interpreter(variant, monkeypatch):
-  """The persistent forward with its query tiles dealt by rank: each item's
-  tile read from its bounds row (a ring of 3 rows), out and grads against
-  the reference."""
+def test_tiles_by_rank_in_gpu_interpreter(variant, monkeypatch):
+  """The kernels with their tiles dealt by rank: each item's or program's
+  tile read from its bounds row (the forward's ring of 3 rows), out and
+  grads against the reference."""
   call, shape, launch = _ranked_case(variant, monkeypatch)
   with gpu_interpret.mosaic_on_cpu():
     _check(f"interpreted ranked {variant}", call, launch=launch,
@@ -650,51 +663,11 @@ def test_persistent_forward_by_rank_in_gpu_interpreter(variant, monkeypatch):
 
 @pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
 @pytest.mark.parametrize("variant", RANKED_CASES)
-def test_hopper_persistent_forward_by_rank(variant, monkeypatch):
+def test_hopper_tiles_by_rank(variant, monkeypatch):
   """As the interpreter's test, compiled."""
   call, shape, launch = _ranked_case(variant, monkeypatch)
   _check(f"hopper ranked {variant}", call, launch=launch, interpret=False,
          **shape)
-
-
-# `mosaic_schedule.RANKED_BWD_ORDER`: the backward's grid kernels' tiles
-# dealt by rank (`ranked_tile_order`), segments with grouped heads, causal
-# and not: the split backward (the dK/dV and `mosaic_dq` kernels, both by
-# rank) and the fused one (dQ inside the dK/dV kernel, fixed point).
-RANKED_BWD_CASES = {"split_causal": (True, False), "split_full": (False, False),
-                    "fused_causal": (True, True)}
-
-
-def _ranked_bwd_case(variant, monkeypatch):
-  """`(call, shape, launch)` of a `RANKED_BWD_CASES` variant."""
-  causal, fused = RANKED_BWD_CASES[variant]
-  monkeypatch.setattr(mosaic_schedule, "RANKED_BWD_ORDER", True)
-  call, shape = _hopper_case("segments")
-  d = structure.pad_dim(shape["d"])
-  launch = _fused(d, causal) if fused else _mosaic(d, causal, dq=True)
-  return dict(call, causal=causal), shape, launch
-
-
-@pytest.mark.skipif(gpu_interpret.UNAVAILABLE is not None,
-                    reason=gpu_interpret.UNAVAILABLE or "")
-@pytest.mark.parametrize("variant", RANKED_BWD_CASES)
-def test_backward_by_rank_in_gpu_interpreter(variant, monkeypatch):
-  """The backward's grid kernels with their tiles dealt by rank: each
-  program's tile read from its bounds row; out and grads against the
-  reference."""
-  call, shape, launch = _ranked_bwd_case(variant, monkeypatch)
-  with gpu_interpret.mosaic_on_cpu():
-    _check(f"interpreted ranked backward {variant}", call, launch=launch,
-           interpret=False, jit=False, **shape)
-
-
-@pytest.mark.skipif(not ON_HOPPER, reason="runs on an sm_90 GPU")
-@pytest.mark.parametrize("variant", RANKED_BWD_CASES)
-def test_hopper_backward_by_rank(variant, monkeypatch):
-  """As the interpreter's test, compiled."""
-  call, shape, launch = _ranked_bwd_case(variant, monkeypatch)
-  _check(f"hopper ranked backward {variant}", call, launch=launch,
-         interpret=False, **shape)
 
 
 # Cases of several items a program (3 multiprocessors): empty query tiles,
