@@ -188,9 +188,10 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
     early = order.ranked and buffers == 2
 
     def prefetch(n, next_tile=None):  # At item n's first scores (two
-      # buffers): item n - 1's stores (its output, from the buffer item n + 1
+      # buffers; by rank at its start, `early`, `next_tile` item n + 1's
+      # tile): item n - 1's stores (its output, from the buffer item n + 1
       # takes, and its lse, whose row item n rewrites) have left shared
-      # memory. `next_tile`: by rank, item n + 1's (`early`).
+      # memory.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       pl.when(n + 1 < count)(lambda: fetch(n + 1, lax.rem(n + 1, 2),
                                            next_tile))
@@ -211,14 +212,17 @@ def _kernel(q_ref, k_ref, v_ref, bounds_ref, qvec_ref, kvvec_ref, mod_refs,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         fetch(n, 0, tile if order.ranked else None)
       i = (lax.rem(n, 2) if buffers == 2 else 0) * CONSUMERS + wg
-      next_tile = None
-      if early:  # Item n + 1's tile, from its bounds row (fetched an item
-        # before this one), read here rather than inside the first step.
+      release = functools.partial(prefetch, n) if buffers == 2 else None
+      if early:  # Item n + 1's query rows, fetched here from its tile (its
+        # bounds row arrived an item earlier) rather than inside the first
+        # step: there the fetch's values held across the step loop spill
+        # at Dp = 64 (26 loads and stores a masked step), here it waits for
+        # item n - 1's output to leave shared memory (flash_notes.md,
+        # thirty-second session).
         pl.when(n + 1 < count)(lambda: plgpu.barrier_wait(
             bounds_ready.at[wg * ring + lax.rem(n + 1, ring)]))
-        next_tile = ranked_tile(n + 1)
-      release = (functools.partial(prefetch, n, next_tile) if buffers == 2
-                 else None)
+        release(ranked_tile(n + 1))
+        release = None
       q_tile = q_smem.at[i]
       mods = fetched_mods(st, mod_scratch, i, (ROWS, bk))
       q_vec = loaded_query_vectors(st, qvec_smem.at[i], qvec_ready.at[i],
