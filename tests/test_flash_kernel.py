@@ -537,15 +537,6 @@ def test_ranked_order_follows_the_structure(flag, kernel, monkeypatch):
                    for st in statics.values())
 
 
-def _list_schedule(work, cores: int) -> float:
-  """The last end over the mean of `work` (program costs in start order)
-  started each on the first of `cores` multiprocessors to free."""
-  ends = [0.0] * cores
-  for w in work:
-    heapq.heapreplace(ends, ends[0] + w)
-  return max(ends) / (sum(work) / cores)
-
-
 @pytest.mark.parametrize("kernel", ["dkv", "dq"])
 def test_ranked_tile_order_balances_documents(kernel):
   """`ranked_tile_order` with `ranked_bounds` on a backward grid kernel's
@@ -580,7 +571,8 @@ def test_ranked_tile_order_balances_documents(kernel):
       programs = [(tiles - 1 - t, b, h) for t, b, h in programs]
     assert sorted(programs) == sorted(itertools.product(
         range(tiles), range(batch), range(heads)))
-    spans[name] = _list_schedule([work[b, t] for t, b, _ in programs], 132)
+    costs = [work[b, t] for t, b, _ in programs]
+    spans[name] = _makespan(costs, 132) / (sum(costs) / 132)
   assert spans["ranked"] < 1.02 < 1.05 < spans["grouped"], spans
 
 
