@@ -114,6 +114,15 @@ def ptx_modules(dump: str) -> list[tuple[str, str]]:
   return modules
 
 
+def lower_for_cuda(fn, *args) -> str:
+  """`fn`'s StableHLO lowered for CUDA on this machine: the tests'
+  `helpers.lower_for_cuda` (tests/helpers.py), the one definition."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
+      __file__)), "..", "tests"))
+  import helpers  # pylint: disable=g-import-not-at-top
+  return helpers.lower_for_cuda(fn, *args)
+
+
 def mosaic_modules(stablehlo: str) -> list[bytes]:
   """The serialized Mosaic GPU modules of a program's StableHLO text (as
   `helpers.lower_for_cuda` returns it), in program order."""

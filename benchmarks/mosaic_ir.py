@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import re
-import sys
 
 from absl import app
 import jax
@@ -59,11 +57,8 @@ def kernel_texts(fn, *args) -> list[str]:
   """The Mosaic GPU kernels of `fn`'s program lowered for CUDA
   (`helpers.lower_for_cuda`), as MLIR text without locations or dump
   names."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
-      __file__)), "..", "tests"))
-  import helpers  # pylint: disable=g-import-not-at-top
   texts = []
-  for data in deviceless.mosaic_modules(helpers.lower_for_cuda(fn, *args)):
+  for data in deviceless.mosaic_modules(deviceless.lower_for_cuda(fn, *args)):
     with jax_mlir.make_ir_context() as context:
       context.allow_unregistered_dialects = True
       if mosaic_gpu_dialect is not None:

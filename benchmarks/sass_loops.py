@@ -316,21 +316,14 @@ def compile_cells(names, seq: int, heads: int = 2, head_dim: int = 128,
     if without_gpu:  # The default launches of an H100 or H200.
       with mock.patch.object(gpu, "compute_capability", lambda: 9.0), \
           mock.patch.object(gpu, "core_count", lambda: 132):
-        modules = deviceless.mosaic_modules(_lower_for_cuda(grad, x, x, x))
+        modules = deviceless.mosaic_modules(
+            deviceless.lower_for_cuda(grad, x, x, x))
       kernels += [(name, kernel) for kernel in deviceless.compile_ptx(
           modules, plugin=_PLUGIN.value, cuda_root=_CUDA_ROOT.value)]
     else:
       jax.jit(grad).lower(x, x, x).compile()
     print(f"compiled {name}", file=sys.stderr)
   return kernels
-
-
-def _lower_for_cuda(fn, *args) -> str:
-  """`helpers.lower_for_cuda` (tests/helpers.py), the one definition."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
-      __file__)), "..", "tests"))
-  import helpers  # pylint: disable=g-import-not-at-top
-  return helpers.lower_for_cuda(fn, *args)
 
 
 def main(argv):
